@@ -1,0 +1,289 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * kvcomp: compressed KV cache for LLM inference.
+ *
+ * One block of the KV cache (num_tokens x head_dim elements of K or of V, for one kv-head) is
+ * quantized with an error bound and entropy coded into a self-delimiting byte block
+ * (docs/format.md). This header is the whole public C ABI; it compiles as C99 and as C++.
+ *
+ * Conventions, for every function unless its comment says otherwise:
+ *   - It returns a kvc_status_t; KVC_SUCCESS is 0. On failure, kvc_last_error() holds a message
+ *     naming the function, the argument, the value and the limit, and every output argument and
+ *     handle is left exactly as it was.
+ *   - Memory space follows the codec's backend: KVC_BACKEND_CPU takes host pointers and a NULL
+ *     stream; KVC_BACKEND_CUDA takes device pointers (pointer arrays included) and a cudaStream_t
+ *     passed as void*. Handles, configs and size queries are always host-side.
+ *   - Handles are not internally locked: one handle must not be used by two threads at once.
+ *     Distinct handles are independent. Read-only calls (queries, encode/decode with a const
+ *     codebook) may share a codebook between threads.
+ *   - Nothing crosses the ABI but statuses: no exception, abort, exit or printing.
+ */
+#ifndef KVCOMP_KVCOMP_H_
+#define KVCOMP_KVCOMP_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32)
+#if defined(KVC_BUILDING_LIBRARY)
+#define KVC_API __declspec(dllexport)
+#else
+#define KVC_API
+#endif
+#elif defined(__GNUC__)
+#define KVC_API __attribute__((visibility("default")))
+#else
+#define KVC_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- Versions ---------------------------------------------------------------------------- */
+
+#define KVC_VERSION_MAJOR 0
+#define KVC_VERSION_MINOR 1
+#define KVC_VERSION_PATCH 0
+#define KVC_VERSION_NUMBER \
+  (KVC_VERSION_MAJOR * 10000 + KVC_VERSION_MINOR * 100 + KVC_VERSION_PATCH)
+
+/* Version of the config-struct ABI. Every config struct carries the value its caller was
+ * compiled with; the library rejects another value with KVC_ERROR_ABI_MISMATCH. */
+#define KVC_ABI_VERSION 1
+
+/* Version of the compressed block format written by this library (docs/format.md). */
+#define KVC_FORMAT_VERSION 1
+
+/* Run-time version of the loaded library, as KVC_VERSION_NUMBER. Cannot fail. */
+KVC_API uint32_t kvc_version_number(void);
+/* "MAJOR.MINOR.PATCH" of the loaded library; static storage. Cannot fail. */
+KVC_API const char* kvc_version_string(void);
+
+/* ---- Status and errors ------------------------------------------------------------------- */
+
+/* Numbered in ranges by cause; values are never renumbered. */
+typedef enum kvc_status {
+  KVC_SUCCESS = 0,
+  /* 1xx: the caller's arguments */
+  KVC_ERROR_INVALID_ARGUMENT = 100, /* a value out of its documented range */
+  KVC_ERROR_NULL_POINTER = 101,     /* a required pointer is NULL */
+  KVC_ERROR_BUFFER_TOO_SMALL = 102, /* an output buffer is smaller than needed */
+  KVC_ERROR_ABI_MISMATCH = 103,     /* struct_size or abi_version of a config is not accepted */
+  KVC_ERROR_NOT_SUPPORTED = 104,    /* valid, but not supported by this build or backend */
+  KVC_ERROR_NONFINITE_INPUT = 105,  /* an input element is inf or NaN */
+  /* 2xx: the data */
+  KVC_ERROR_CORRUPT_DATA = 200,        /* a block or serialized codebook is malformed */
+  KVC_ERROR_CODEBOOK_MISMATCH = 201,   /* a block was encoded with another codebook */
+  KVC_ERROR_FORMAT_VERSION = 202,      /* data written by an unknown format version */
+  KVC_ERROR_CONFIG_MISMATCH = 203,     /* a block's shape or kind differs from the codec's */
+  /* 3xx: resources */
+  KVC_ERROR_OUT_OF_MEMORY = 300,
+  /* 4xx: the CUDA runtime */
+  KVC_ERROR_CUDA = 400,     /* a CUDA call failed; kvc_last_error() names the CUDA error */
+  KVC_ERROR_NO_DEVICE = 401, /* the CUDA backend was asked for where no GPU is usable */
+  /* 5xx: a bug in kvcomp; please report it with kvc_last_error() */
+  KVC_ERROR_INTERNAL = 500
+} kvc_status;
+typedef kvc_status kvc_status_t;
+
+/* A short constant description of a status ("invalid argument"); static storage, never NULL,
+ * "unknown status" for values outside the enum. Cannot fail. */
+KVC_API const char* kvc_status_string(kvc_status_t status);
+
+/* The detailed message of the last failed call on this thread ("" if none since the thread
+ * began or since kvc_clear_last_error). Valid until the next kvcomp call on this thread. */
+KVC_API const char* kvc_last_error(void);
+KVC_API void kvc_clear_last_error(void);
+
+/* ---- Enumerations ------------------------------------------------------------------------ */
+
+typedef enum kvc_dtype {
+  KVC_DTYPE_FP16 = 1,
+  KVC_DTYPE_BF16 = 2,
+  KVC_DTYPE_FP32 = 3
+} kvc_dtype;
+
+/* Which tensor a block holds; it decides the quantization groups (docs/format.md). */
+typedef enum kvc_kind {
+  KVC_KIND_KEY = 0,  /* one group per channel, over the block's tokens */
+  KVC_KIND_VALUE = 1 /* one group per token and channel group */
+} kvc_kind;
+
+typedef enum kvc_bound_mode {
+  KVC_BOUND_ABSOLUTE = 0, /* |x - x_hat| <= error_bound */
+  KVC_BOUND_RELATIVE = 1  /* |x - x_hat| <= error_bound * (max - min of the element's group) */
+} kvc_bound_mode;
+
+/* Which entropy stage the encoder may choose per block. */
+typedef enum kvc_entropy {
+  KVC_ENTROPY_AUTO = 0,    /* the smaller of Huffman (if a codebook is given) and fixed width */
+  KVC_ENTROPY_FIXED = 1,   /* fixed-width bit packing only */
+  KVC_ENTROPY_HUFFMAN = 2  /* Huffman only; needs a codebook */
+} kvc_entropy;
+
+typedef enum kvc_backend {
+  KVC_BACKEND_CPU = 0, /* host memory, synchronous */
+  KVC_BACKEND_CUDA = 1 /* device memory, asynchronous on the given stream */
+} kvc_backend;
+
+/* Per-block encoding, as recorded in the block header. */
+typedef enum kvc_block_encoding {
+  KVC_ENCODING_RAW = 0,     /* elements verbatim in the input dtype (bound not reachable) */
+  KVC_ENCODING_FIXED = 1,   /* fixed-width quantization codes */
+  KVC_ENCODING_HUFFMAN = 2  /* canonical Huffman coded quantization codes */
+} kvc_block_encoding;
+
+/* ---- Limits ------------------------------------------------------------------------------ */
+
+#define KVC_MAX_NUM_TOKENS 1024       /* tokens per block */
+#define KVC_MAX_HEAD_DIM 1024
+#define KVC_MAX_CODE_LENGTH 15        /* longest Huffman code, bits */
+#define KVC_MAX_CODEBOOK_SYMBOLS 4095 /* symbols of a codebook, escape excluded */
+
+/* ---- Codebooks --------------------------------------------------------------------------- */
+
+/* A histogram of quantization symbols (the signed code minus its group's centre), gathered
+ * from representative blocks (the prefill) to build a codebook. */
+typedef struct kvc_histogram_s* kvc_histogram_t;
+/* A frozen canonical Huffman code over a range of symbols, plus an escape for the rest. */
+typedef struct kvc_codebook_s* kvc_codebook_t;
+
+KVC_API kvc_status_t kvc_histogram_create(kvc_histogram_t* histogram);
+/* NULL is a no-op. */
+KVC_API kvc_status_t kvc_histogram_destroy(kvc_histogram_t histogram);
+/* Adds counts[i] occurrences of symbol (first_symbol + i), i < num_symbols. counts: host. */
+KVC_API kvc_status_t kvc_histogram_add_counts(kvc_histogram_t histogram, int32_t first_symbol,
+                                              int32_t num_symbols, const uint64_t* counts);
+/* Total number of symbols counted so far. */
+KVC_API kvc_status_t kvc_histogram_total(kvc_histogram_t histogram, uint64_t* total);
+
+typedef struct kvc_codebook_config {
+  uint32_t struct_size;       /* sizeof(kvc_codebook_config) */
+  uint32_t abi_version;       /* KVC_ABI_VERSION */
+  int32_t max_code_length;    /* 2..KVC_MAX_CODE_LENGTH; the decoder's table has 2^this entries */
+  int32_t max_symbols;        /* 1..KVC_MAX_CODEBOOK_SYMBOLS; the most frequent symbols kept */
+} kvc_codebook_config;
+#define KVC_CODEBOOK_CONFIG_INIT {sizeof(kvc_codebook_config), KVC_ABI_VERSION, 12, 255}
+
+/* Builds a length-limited canonical Huffman code from a histogram. The codebook covers the
+ * contiguous symbol range around the most frequent symbols (at most max_symbols wide); symbols
+ * outside it, or never seen, are coded through the escape. An empty histogram gives a codebook
+ * that escapes everything. config may be NULL for the defaults. */
+KVC_API kvc_status_t kvc_codebook_build(kvc_histogram_t histogram,
+                                        const kvc_codebook_config* config,
+                                        kvc_codebook_t* codebook);
+/* NULL is a no-op. */
+KVC_API kvc_status_t kvc_codebook_destroy(kvc_codebook_t codebook);
+/* Identifier written into every Huffman block: a hash of the serialized codebook. */
+KVC_API kvc_status_t kvc_codebook_id(kvc_codebook_t codebook, uint32_t* id);
+/* Code length in bits of a symbol; 0 if the symbol goes through the escape. */
+KVC_API kvc_status_t kvc_codebook_code_length(kvc_codebook_t codebook, int32_t symbol,
+                                              int32_t* length_bits);
+/* Exact size of the serialized codebook. */
+KVC_API kvc_status_t kvc_codebook_serialized_size(kvc_codebook_t codebook, size_t* size_bytes);
+/* Writes the serialized codebook (docs/format.md) to h_dst. */
+KVC_API kvc_status_t kvc_codebook_serialize(kvc_codebook_t codebook, void* h_dst,
+                                            size_t dst_capacity_bytes, size_t* written_bytes);
+/* Parses a serialized codebook; any malformed input gives KVC_ERROR_CORRUPT_DATA. */
+KVC_API kvc_status_t kvc_codebook_deserialize(const void* h_src, size_t src_bytes,
+                                              kvc_codebook_t* codebook);
+
+/* ---- Codec ------------------------------------------------------------------------------- */
+
+typedef struct kvc_codec_s* kvc_codec_t;
+
+typedef struct kvc_codec_config {
+  uint32_t struct_size;     /* sizeof(kvc_codec_config) */
+  uint32_t abi_version;     /* KVC_ABI_VERSION */
+  int32_t backend;          /* kvc_backend */
+  int32_t kind;             /* kvc_kind */
+  int32_t num_tokens;       /* tokens per block T: 1..KVC_MAX_NUM_TOKENS (16, 32, 64, 128 usual) */
+  int32_t head_dim;         /* channels D: 1..KVC_MAX_HEAD_DIM (64, 128, 256 usual) */
+  int32_t value_group_size; /* V only: channels per group, dividing head_dim; 0 = head_dim */
+  int32_t bound_mode;       /* kvc_bound_mode */
+  float error_bound;        /* absolute: > 0; relative: in (0, 1] */
+  int32_t entropy;          /* kvc_entropy */
+  int32_t num_substreams;   /* Huffman sub-streams per block, dividing the group size; 0 = auto */
+} kvc_codec_config;
+#define KVC_CODEC_CONFIG_INIT                                                            \
+  {sizeof(kvc_codec_config), KVC_ABI_VERSION, KVC_BACKEND_CPU, KVC_KIND_KEY, 64, 128, 0, \
+   KVC_BOUND_RELATIVE, 0.05f, KVC_ENTROPY_AUTO, 0}
+
+/* Creates a codec for one block shape. codebook may be NULL (fixed width only); the codec
+ * keeps its own reference, so the caller may destroy its codebook handle afterwards. */
+KVC_API kvc_status_t kvc_codec_create(const kvc_codec_config* config, kvc_codebook_t codebook,
+                                      kvc_codec_t* codec);
+/* NULL is a no-op. */
+KVC_API kvc_status_t kvc_codec_destroy(kvc_codec_t codec);
+
+/* Worst-case size of one compressed block for this codec and input dtype (like
+ * ZSTD_compressBound): every block the codec writes from src_dtype input fits in this many bytes
+ * (never more than a verbatim copy plus the 32-byte header). A multiple of 4. */
+KVC_API kvc_status_t kvc_codec_max_block_bytes(kvc_codec_t codec, kvc_dtype src_dtype,
+                                               size_t* size_bytes);
+
+/* Compresses num_blocks blocks.
+ *   src_blocks[i]: pointer to block i, elements [num_tokens, head_dim] of src_dtype, row r
+ *                  starting src_token_stride elements after row r-1 (>= head_dim). For a cache
+ *                  laid out [tokens, kv_heads, head_dim] the stride is kv_heads * head_dim.
+ *   dst_blocks[i]: where block i is written; dst_capacity_bytes each, 4-byte aligned.
+ *   block_bytes[i]: out, the size written for block i.
+ * Memory space per backend (see top). On the CPU backend, stream must be NULL and the call is
+ * synchronous. Inputs must be finite (else KVC_ERROR_NONFINITE_INPUT). If
+ * dst_capacity_bytes >= kvc_codec_max_block_bytes() no block can fail for lack of space.
+ * Deterministic: the same input and codebook give the same bytes on every backend. */
+KVC_API kvc_status_t kvc_codec_encode(kvc_codec_t codec, int32_t num_blocks,
+                                      const void* const* src_blocks, int64_t src_token_stride,
+                                      kvc_dtype src_dtype, void* const* dst_blocks,
+                                      size_t dst_capacity_bytes, uint32_t* block_bytes,
+                                      void* stream);
+
+/* Decompresses num_blocks blocks.
+ *   src_blocks[i], src_bytes[i]: block i and the bytes available there. The decoder never
+ *                  reads beyond min(src_bytes[i], the block's stated length).
+ *   dst_blocks[i]: out, elements [num_tokens, head_dim] of dst_dtype, rows dst_token_stride
+ *                  elements apart (>= head_dim).
+ *   block_status[i]: out, may be NULL; the status of each block. The call returns the first
+ *                  failure; blocks that decode are written either way.
+ * A corrupt block gives KVC_ERROR_CORRUPT_DATA (or a more specific data status), never a crash
+ * or an out-of-bounds access. */
+KVC_API kvc_status_t kvc_codec_decode(kvc_codec_t codec, int32_t num_blocks,
+                                      const void* const* src_blocks, const uint32_t* src_bytes,
+                                      kvc_dtype dst_dtype, void* const* dst_blocks,
+                                      int64_t dst_token_stride, kvc_status_t* block_status,
+                                      void* stream);
+
+/* Adds the symbols the codec would Huffman-code for these blocks to a histogram (same input
+ * conventions as kvc_codec_encode; CPU backend: host memory). */
+KVC_API kvc_status_t kvc_codec_histogram(kvc_codec_t codec, int32_t num_blocks,
+                                         const void* const* src_blocks, int64_t src_token_stride,
+                                         kvc_dtype src_dtype, kvc_histogram_t histogram,
+                                         void* stream);
+
+/* What a block header says, parsed and checked against the buffer (host memory). */
+typedef struct kvc_block_info {
+  uint32_t struct_size;    /* sizeof(kvc_block_info), set by the caller */
+  uint32_t abi_version;    /* KVC_ABI_VERSION, set by the caller */
+  uint32_t format_version; /* KVC_FORMAT_VERSION */
+  uint32_t block_bytes;    /* exact length of the block */
+  int32_t encoding;        /* kvc_block_encoding */
+  int32_t kind;            /* kvc_kind */
+  int32_t num_tokens;
+  int32_t head_dim;
+  int32_t group_size;
+  int32_t num_groups;
+  int32_t num_substreams;
+  int32_t code_bits;      /* fixed-width code bits, or Huffman escape payload bits */
+  uint32_t codebook_id;   /* Huffman blocks; 0 otherwise */
+} kvc_block_info;
+#define KVC_BLOCK_INFO_INIT {sizeof(kvc_block_info), KVC_ABI_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+
+/* Parses and validates a block header in h_block (src_bytes available). */
+KVC_API kvc_status_t kvc_block_inspect(const void* h_block, size_t src_bytes, kvc_block_info* info);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* KVCOMP_KVCOMP_H_ */

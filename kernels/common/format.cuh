@@ -1,0 +1,425 @@
+// SPDX-License-Identifier: Apache-2.0
+// The compressed block format (docs/format.md), defined once for the CPU backend and the CUDA
+// kernels. Everything here is __host__ __device__ so that the CPU tests exercise the exact
+// per-element logic the kernels run.
+#pragma once
+
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define KVC_HD __host__ __device__ __forceinline__
+#else
+#define KVC_HD inline
+#endif
+
+namespace kvc::format {
+
+// ---- Block header: 32 bytes, little-endian -------------------------------------------------
+constexpr uint32_t kBlockMagic = 0x6263766Bu;  // bytes "kvcb"
+constexpr uint32_t kVersion = 1;
+constexpr uint32_t kHeaderBytes = 32;
+
+namespace offset {
+constexpr uint32_t kMagic = 0;         // u32
+constexpr uint32_t kVersion = 4;       // u8
+constexpr uint32_t kEncoding = 5;      // u8: 0 raw, 1 fixed, 2 huffman
+constexpr uint32_t kFlags = 6;         // u8: see flag::
+constexpr uint32_t kCodeBits = 7;      // u8: fixed code width, or Huffman escape payload width
+constexpr uint32_t kNumTokens = 8;     // u16
+constexpr uint32_t kHeadDim = 10;      // u16
+constexpr uint32_t kGroupSize = 12;    // u16
+constexpr uint32_t kSubstreams = 14;   // u16: Huffman sub-streams; 0 otherwise
+constexpr uint32_t kBlockBytes = 16;   // u32: whole block, a multiple of 4
+constexpr uint32_t kCodebookId = 20;   // u32: Huffman blocks; 0 otherwise
+constexpr uint32_t kCenterBase = 24;   // i32
+constexpr uint32_t kCenterBits = 28;   // u8; bytes 29..31 are zero
+}  // namespace offset
+
+namespace flag {
+constexpr uint32_t kValue = 1u << 0;         // kind: 0 K, 1 V
+constexpr uint32_t kPerGroupStep = 1u << 1;  // bf16 step per group, else one f32 step
+constexpr uint32_t kRawDtypeShift = 2;       // 2 bits: raw blocks' element dtype (kvc_dtype)
+constexpr uint32_t kKnown = 0x0Fu;
+}  // namespace flag
+
+enum Encoding : uint32_t { kRaw = 0, kFixed = 1, kHuffman = 2 };
+
+constexpr uint32_t kMaxCodeBits = 26;      // fixed widths and centre offsets never need more
+constexpr uint32_t kMaxEscapeBits = 27;
+constexpr int32_t kMaxAbsCode = 1 << 24;   // |code| < 2^24: codes convert to float exactly
+
+KVC_HD uint32_t align4(uint32_t bytes) { return (bytes + 3u) & ~3u; }
+
+// Number of bits needed for an unsigned value (0 for 0).
+KVC_HD uint32_t bit_width(uint32_t v) {
+  uint32_t n = 0;
+  while (v != 0) {
+    ++n;
+    v >>= 1;
+  }
+  return n;
+}
+
+// ---- Little-endian field access ------------------------------------------------------------
+KVC_HD uint32_t load_u8(const uint8_t* p) { return p[0]; }
+KVC_HD uint32_t load_u16(const uint8_t* p) { return uint32_t(p[0]) | (uint32_t(p[1]) << 8); }
+KVC_HD uint32_t load_u32(const uint8_t* p) {
+  return uint32_t(p[0]) | (uint32_t(p[1]) << 8) | (uint32_t(p[2]) << 16) | (uint32_t(p[3]) << 24);
+}
+KVC_HD void store_u8(uint8_t* p, uint32_t v) { p[0] = uint8_t(v); }
+KVC_HD void store_u16(uint8_t* p, uint32_t v) {
+  p[0] = uint8_t(v);
+  p[1] = uint8_t(v >> 8);
+}
+KVC_HD void store_u32(uint8_t* p, uint32_t v) {
+  p[0] = uint8_t(v);
+  p[1] = uint8_t(v >> 8);
+  p[2] = uint8_t(v >> 16);
+  p[3] = uint8_t(v >> 24);
+}
+
+// ---- Floating point, bit-exact on host and device -------------------------------------------
+KVC_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  return __builtin_bit_cast(uint32_t, f);
+#endif
+}
+KVC_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  return __builtin_bit_cast(float, u);
+#endif
+}
+
+KVC_HD float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1Fu;
+  uint32_t mant = h & 0x3FFu;
+  if (exp == 0x1Fu) return bits_float(sign | 0x7F800000u | (mant << 13));
+  if (exp != 0) return bits_float(sign | ((exp + 112u) << 23) | (mant << 13));
+  if (mant == 0) return bits_float(sign);
+  // Subnormal half: normalise into a float.
+  uint32_t e = 113;
+  while ((mant & 0x400u) == 0) {
+    mant <<= 1;
+    --e;
+  }
+  return bits_float(sign | (e << 23) | ((mant & 0x3FFu) << 13));
+}
+
+// Round to nearest even; overflow gives inf, NaN stays NaN.
+KVC_HD uint16_t float_to_half(float f) {
+  const uint32_t u = float_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t abs = u & 0x7FFFFFFFu;
+  if (abs >= 0x7F800000u) return uint16_t(sign | 0x7C00u | (abs > 0x7F800000u ? 0x200u : 0u));
+  if (abs >= 0x477FF000u) return uint16_t(sign | 0x7C00u);  // rounds to >= 65520: inf
+  if (abs < 0x38800000u) {                                    // below the smallest normal half
+    if (abs < 0x33000000u) return uint16_t(sign);             // below half the smallest subnormal
+    const uint32_t exp = abs >> 23;
+    const uint32_t mant = (abs & 0x7FFFFFu) | 0x800000u;
+    const uint32_t shift = 126u - exp;  // 14..24: to units of 2^-24
+    uint32_t q = mant >> shift;
+    const uint32_t rem = mant & ((1u << shift) - 1u);
+    const uint32_t half = 1u << (shift - 1u);
+    if (rem > half || (rem == half && (q & 1u))) ++q;
+    return uint16_t(sign | q);
+  }
+  uint32_t q = (abs - 0x38000000u) >> 13;  // rebias exponent, drop 13 mantissa bits
+  const uint32_t rem = abs & 0x1FFFu;
+  if (rem > 0x1000u || (rem == 0x1000u && (q & 1u))) ++q;
+  return uint16_t(sign | q);
+}
+
+KVC_HD float bf16_to_float(uint16_t b) { return bits_float(uint32_t(b) << 16); }
+
+// Round to nearest even; NaN stays NaN.
+KVC_HD uint16_t float_to_bf16(float f) {
+  const uint32_t u = float_bits(f);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x40u);
+  return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Largest bf16 not above a non-negative float (steps are rounded down so the bound holds).
+KVC_HD uint16_t float_to_bf16_down(float f) { return uint16_t(float_bits(f) >> 16); }
+
+// ---- Quantization ----------------------------------------------------------------------------
+// A code q stands for the value fl(float(q) * step): one IEEE product, so every backend
+// reconstructs the same float. |q| < kMaxAbsCode keeps float(q) exact.
+KVC_HD float dequantize(int32_t code, float step) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(__int2float_rn(code), step);
+#else
+  return float(code) * step;
+#endif
+}
+
+// Nearest code to x / step (ties to even); the caller checks the bound with within_bound.
+KVC_HD float quantize_ratio(float x, float step) {
+#if defined(__CUDA_ARCH__)
+  return rintf(__fdiv_rn(x, step));
+#else
+  return __builtin_rintf(x / step);
+#endif
+}
+
+// |x - x_hat| <= bound, decided exactly: doubles hold the difference of two floats exactly
+// whenever it is close enough to the bound to matter.
+KVC_HD bool within_bound(float x, float x_hat, float bound) {
+  const double d = double(x) - double(x_hat);
+  return (d < 0 ? -d : d) <= double(bound);
+}
+
+// The step of a constant group in relative mode, where the bound is 0: the float ulp of x, so
+// that x is an exact integer multiple of it (1 for x == 0). A power of two, exact in bf16 when
+// it is at least 2^-133.
+KVC_HD float constant_group_step(float x) {
+  const uint32_t exp = (float_bits(x) >> 23) & 0xFFu;
+  if (exp == 0) return x == 0.0f ? 1.0f : bits_float(1u);  // subnormal: ulp 2^-149
+  return exp > 23 ? bits_float((exp - 23u) << 23) : bits_float(1u << (exp - 1u));
+}
+
+// Nearest code to x / step (ties to even), or a neighbour when float rounding of the product
+// pushes that one past the bound. False when no code within kMaxAbsCode meets the bound: the
+// encoder then stores the block verbatim.
+KVC_HD bool quantize_element(float x, float step, float bound, int32_t& code) {
+  const float r = quantize_ratio(x, step);
+  if (!(r > -float(kMaxAbsCode) && r < float(kMaxAbsCode))) return false;  // NaN too
+  const int32_t q = int32_t(r);
+  if (within_bound(x, dequantize(q, step), bound)) {
+    code = q;
+    return true;
+  }
+  for (int32_t c = q - 1; c <= q + 1; c += 2) {
+    if (c > -kMaxAbsCode && c < kMaxAbsCode && within_bound(x, dequantize(c, step), bound)) {
+      code = c;
+      return true;
+    }
+  }
+  return false;
+}
+
+// Step and bound of a group in relative mode: the bound is rel * (hi - lo); the step, 2 * bound
+// rounded down to bf16 (the stored width). A constant group gets the exact step of its value.
+struct GroupStep {
+  float step;
+  float bound;
+};
+KVC_HD GroupStep relative_group_step(float rel, float lo, float hi) {
+  const float bound = rel * (hi - lo);
+  const float wanted = hi == lo ? constant_group_step(lo) : 2.0f * bound;
+  return {bf16_to_float(float_to_bf16_down(wanted)), bound};
+}
+
+// Huffman centre of a group: its mean code, rounded half up, computed exactly in integers.
+KVC_HD int32_t mean_center(int64_t sum, uint32_t n) {
+  const int64_t a = sum + int64_t(n / 2);
+  int64_t q = a / int64_t(n);
+  if (a % int64_t(n) != 0 && a < 0) --q;  // floor, not truncation
+  return int32_t(q);
+}
+
+// Bits of a two's complement field that holds s.
+KVC_HD uint32_t signed_bit_width(int32_t s) {
+  return (s >= 0 ? bit_width(uint32_t(s)) : bit_width(~uint32_t(s))) + 1u;
+}
+
+// ---- Element order ----------------------------------------------------------------------------
+// Groups: K has one group per channel (group_size = num_tokens); V has one group per token and
+// channel segment (group_size = channels per segment). Element p of group g sits at:
+struct Coord {
+  uint32_t token;
+  uint32_t channel;
+};
+KVC_HD Coord element_coord(bool is_value, uint32_t head_dim, uint32_t group_size, uint32_t g,
+                           uint32_t p) {
+  if (!is_value) return {p, g};
+  const uint32_t segments = head_dim / group_size;
+  return {g / segments, (g % segments) * group_size + p};
+}
+
+// ---- Bit streams: LSB-first within little-endian bytes, as in DEFLATE -------------------------
+// A reader that never touches bytes outside [data, data + size_bytes): missing bytes read as 0
+// and overrun() reports that more bits were consumed than the stream holds.
+struct BitReader {
+  const uint8_t* data;
+  uint32_t size_bytes;
+  uint32_t next_byte;
+  uint64_t buffer;
+  uint32_t buffered;  // valid bits in buffer
+  uint64_t consumed;  // bits consumed in total
+
+  KVC_HD BitReader(const uint8_t* d, uint32_t n)
+      : data(d), size_bytes(n), next_byte(0), buffer(0), buffered(0), consumed(0) {}
+
+  KVC_HD void refill() {
+    while (buffered <= 56) {
+      const uint64_t byte = next_byte < size_bytes ? data[next_byte] : 0u;
+      buffer |= byte << buffered;
+      ++next_byte;
+      buffered += 8;
+    }
+  }
+  // Up to 32 bits without consuming them; refills first.
+  KVC_HD uint32_t peek(uint32_t bits) {
+    if (buffered < bits) refill();
+    return bits == 0 ? 0u : uint32_t(buffer & ((uint64_t(1) << bits) - 1u));
+  }
+  KVC_HD void skip(uint32_t bits) {
+    buffer >>= bits;
+    buffered -= bits;
+    consumed += bits;
+  }
+  KVC_HD uint32_t read(uint32_t bits) {
+    const uint32_t v = peek(bits);
+    skip(bits);
+    return v;
+  }
+  KVC_HD bool overrun() const { return consumed > uint64_t(size_bytes) * 8u; }
+};
+
+// Writer into a zeroed or overwritable buffer sized for the bits it gets; flush() writes the
+// last partial byte.
+struct BitWriter {
+  uint8_t* data;
+  uint32_t next_byte;
+  uint64_t acc;
+  uint32_t pending;  // bits in acc
+
+  KVC_HD explicit BitWriter(uint8_t* d) : data(d), next_byte(0), acc(0), pending(0) {}
+  KVC_HD void write(uint32_t value, uint32_t bits) {
+    if (bits == 0) return;
+    const uint64_t v = bits >= 32 ? value : (value & ((1u << bits) - 1u));
+    acc |= v << pending;
+    pending += bits;
+    while (pending >= 8) {
+      data[next_byte++] = uint8_t(acc);
+      acc >>= 8;
+      pending -= 8;
+    }
+  }
+  KVC_HD void flush() {
+    if (pending > 0) data[next_byte++] = uint8_t(acc);
+    acc = 0;
+    pending = 0;
+  }
+};
+
+KVC_HD int32_t sign_extend(uint32_t v, uint32_t bits) {
+  if (bits == 0) return 0;
+  if (bits >= 32) return int32_t(v);
+  const uint32_t m = 1u << (bits - 1u);
+  return int32_t((v ^ m) - m);
+}
+
+// ---- Block layout ------------------------------------------------------------------------------
+// Where each section of a block lies, parsed from its header and checked against the bytes
+// available, so that decoders index only inside the block.
+enum class ParseError : uint32_t {
+  kNone = 0,
+  kTruncatedHeader,  // fewer than 32 bytes
+  kBadMagic,
+  kBadVersion,
+  kBadField,     // a header field outside its range
+  kTruncated,    // the stated length exceeds the bytes available
+  kBadSections,  // sections do not fit in the stated length
+};
+
+struct BlockLayout {
+  uint32_t encoding;
+  bool is_value;
+  bool per_group_step;
+  uint32_t raw_dtype;  // kvc_dtype of raw blocks
+  uint32_t code_bits;
+  uint32_t num_tokens, head_dim, group_size, num_groups, num_substreams;
+  uint32_t block_bytes;
+  uint32_t codebook_id;
+  int32_t center_base;
+  uint32_t center_bits;
+  // Byte offsets from the block start.
+  uint32_t steps_offset, centers_offset, stream_ends_offset, payload_offset;
+  uint32_t payload_bytes;  // block_bytes - payload_offset
+};
+
+KVC_HD uint32_t dtype_bytes(uint32_t dtype) { return dtype == 3 ? 4u : 2u; }
+
+// Sections after the header: steps, centres, sub-stream ends, payload, each 4-byte aligned.
+// Shared by the encoder (to size) and the decoders (to check); 64-bit so no field can overflow.
+KVC_HD void place_sections(BlockLayout& b) {
+  const uint64_t g = b.num_groups;
+  uint64_t at = kHeaderBytes;
+  b.steps_offset = uint32_t(at);
+  if (b.encoding != kRaw) at += b.per_group_step ? align4(uint32_t(2 * g)) : 4u;
+  b.centers_offset = uint32_t(at);
+  if (b.encoding != kRaw) at += (g * b.center_bits + 31u) / 32u * 4u;
+  b.stream_ends_offset = uint32_t(at);
+  if (b.encoding == kHuffman) at += align4(2u * b.num_substreams);
+  b.payload_offset = uint32_t(at);
+}
+
+KVC_HD ParseError parse_block(const uint8_t* p, uint64_t available, BlockLayout& b) {
+  if (available < kHeaderBytes) return ParseError::kTruncatedHeader;
+  if (load_u32(p + offset::kMagic) != kBlockMagic) return ParseError::kBadMagic;
+  if (load_u8(p + offset::kVersion) != kVersion) return ParseError::kBadVersion;
+  b.encoding = load_u8(p + offset::kEncoding);
+  const uint32_t flags = load_u8(p + offset::kFlags);
+  b.is_value = (flags & flag::kValue) != 0;
+  b.per_group_step = (flags & flag::kPerGroupStep) != 0;
+  b.raw_dtype = (flags >> flag::kRawDtypeShift) & 3u;
+  b.code_bits = load_u8(p + offset::kCodeBits);
+  b.num_tokens = load_u16(p + offset::kNumTokens);
+  b.head_dim = load_u16(p + offset::kHeadDim);
+  b.group_size = load_u16(p + offset::kGroupSize);
+  b.num_substreams = load_u16(p + offset::kSubstreams);
+  b.block_bytes = load_u32(p + offset::kBlockBytes);
+  b.codebook_id = load_u32(p + offset::kCodebookId);
+  b.center_base = int32_t(load_u32(p + offset::kCenterBase));
+  b.center_bits = load_u8(p + offset::kCenterBits);
+  const uint32_t reserved = load_u8(p + 29) | load_u8(p + 30) | load_u8(p + 31);
+
+  bool ok = b.encoding <= kHuffman && (flags & ~flag::kKnown) == 0 && reserved == 0 &&
+            b.num_tokens >= 1 && b.num_tokens <= 1024 && b.head_dim >= 1 && b.head_dim <= 1024 &&
+            b.group_size >= 1;
+  if (ok) {
+    ok = b.is_value ? (b.head_dim % b.group_size == 0) : (b.group_size == b.num_tokens);
+  }
+  if (ok && b.encoding == kRaw) {
+    ok = b.raw_dtype >= 1 && b.per_group_step == false && b.code_bits == 0 &&
+         b.num_substreams == 0 && b.codebook_id == 0 && b.center_base == 0 && b.center_bits == 0;
+  } else if (ok) {
+    ok = b.raw_dtype == 0 && b.center_bits <= kMaxCodeBits &&
+         (b.encoding == kFixed ? (b.code_bits <= kMaxCodeBits && b.num_substreams == 0 &&
+                                  b.codebook_id == 0)
+                               : (b.code_bits <= kMaxEscapeBits && b.num_substreams >= 1 &&
+                                  b.group_size % b.num_substreams == 0));
+  }
+  if (!ok) return ParseError::kBadField;
+  if (b.block_bytes % 4u != 0 || b.block_bytes < kHeaderBytes) return ParseError::kBadField;
+  if (b.block_bytes > available) return ParseError::kTruncated;
+
+  b.num_groups = b.num_tokens * b.head_dim / b.group_size;
+  place_sections(b);
+  if (b.payload_offset > b.block_bytes) return ParseError::kBadSections;
+  b.payload_bytes = b.block_bytes - b.payload_offset;
+  const uint64_t elements = uint64_t(b.num_tokens) * b.head_dim;
+  uint64_t need = 0;
+  if (b.encoding == kRaw) need = elements * dtype_bytes(b.raw_dtype);
+  if (b.encoding == kFixed) need = (elements * b.code_bits + 7u) / 8u;
+  if (b.encoding == kHuffman) {
+    // Stream ends are non-decreasing and inside the payload.
+    uint32_t prev = 0;
+    for (uint32_t s = 0; s < b.num_substreams; ++s) {
+      const uint32_t end = load_u16(p + b.stream_ends_offset + 2u * s);
+      if (end < prev) return ParseError::kBadSections;
+      prev = end;
+    }
+    need = prev;
+  }
+  if (need > b.payload_bytes) return ParseError::kBadSections;
+  return ParseError::kNone;
+}
+
+}  // namespace kvc::format

@@ -1,0 +1,374 @@
+// SPDX-License-Identifier: Apache-2.0
+// The C ABI: argument validation and the translation of every failure into a status. The only
+// place with extern "C" definitions.
+#include <kvcomp/kvcomp.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "codec/codebook.hpp"
+#include "codec/codec_params.hpp"
+#include "core/error.hpp"
+#include "cpu/codec_cpu.hpp"
+#include "kernels/common/format.cuh"
+
+struct kvc_histogram_s {
+  kvc::Histogram histogram;
+};
+
+struct kvc_codebook_s {
+  std::shared_ptr<const kvc::Codebook> book;
+};
+
+struct kvc_codec_s {
+  kvc::CodecParams params;
+  std::shared_ptr<const kvc::Codebook> book;  // may be null
+};
+
+namespace {
+
+using kvc::fail;
+using kvc::require;
+using kvc::require_not_null;
+
+void require_dtype(int32_t dtype, const char* name) {
+  require(kvc::is_valid_dtype(dtype), KVC_ERROR_INVALID_ARGUMENT, name, " = ", dtype,
+          " is not a kvc_dtype (KVC_DTYPE_FP16 = 1, KVC_DTYPE_BF16 = 2, KVC_DTYPE_FP32 = 3)");
+}
+
+// The checks every batched codec call shares; returns the codec's parameters.
+const kvc::CodecParams& check_batch(kvc_codec_t codec, int32_t num_blocks, const void* blocks,
+                                    const char* blocks_name, void* stream) {
+  require_not_null(codec, "codec");
+  require(num_blocks >= 0, KVC_ERROR_INVALID_ARGUMENT, "num_blocks = ", num_blocks,
+          " is negative");
+  require(num_blocks == 0 || blocks != nullptr, KVC_ERROR_NULL_POINTER, blocks_name,
+          " is NULL");
+  if (codec->params.backend == KVC_BACKEND_CPU) {
+    require(stream == nullptr, KVC_ERROR_INVALID_ARGUMENT,
+            "stream must be NULL on the CPU backend");
+  }
+  return codec->params;
+}
+
+void require_stride(int64_t stride, const kvc::CodecParams& p, const char* name) {
+  require(stride >= int64_t(p.head_dim) && stride <= (int64_t(1) << 40),
+          KVC_ERROR_INVALID_ARGUMENT, name, " = ", stride, " is out of range [head_dim = ",
+          p.head_dim, ", 2^40]");
+}
+
+void require_cpu(const kvc::CodecParams& p) {
+  if (p.backend != KVC_BACKEND_CPU) {
+    fail(KVC_ERROR_NOT_SUPPORTED, "the CUDA codec is not available in this build");
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+uint32_t kvc_version_number(void) { return KVC_VERSION_NUMBER; }
+
+const char* kvc_version_string(void) {
+#define KVC_STR2(x) #x
+#define KVC_STR(x) KVC_STR2(x)
+  return KVC_STR(KVC_VERSION_MAJOR) "." KVC_STR(KVC_VERSION_MINOR) "." KVC_STR(KVC_VERSION_PATCH);
+#undef KVC_STR
+#undef KVC_STR2
+}
+
+const char* kvc_status_string(kvc_status_t status) {
+  switch (status) {
+    case KVC_SUCCESS: return "success";
+    case KVC_ERROR_INVALID_ARGUMENT: return "invalid argument";
+    case KVC_ERROR_NULL_POINTER: return "null pointer";
+    case KVC_ERROR_BUFFER_TOO_SMALL: return "buffer too small";
+    case KVC_ERROR_ABI_MISMATCH: return "config struct ABI mismatch";
+    case KVC_ERROR_NOT_SUPPORTED: return "not supported";
+    case KVC_ERROR_NONFINITE_INPUT: return "non-finite input";
+    case KVC_ERROR_CORRUPT_DATA: return "corrupt data";
+    case KVC_ERROR_CODEBOOK_MISMATCH: return "codebook mismatch";
+    case KVC_ERROR_FORMAT_VERSION: return "unsupported format version";
+    case KVC_ERROR_CONFIG_MISMATCH: return "block does not match the codec's configuration";
+    case KVC_ERROR_OUT_OF_MEMORY: return "out of memory";
+    case KVC_ERROR_CUDA: return "CUDA error";
+    case KVC_ERROR_NO_DEVICE: return "no CUDA device";
+    case KVC_ERROR_INTERNAL: return "internal error";
+  }
+  return "unknown status";
+}
+
+const char* kvc_last_error(void) { return kvc::last_error(); }
+
+void kvc_clear_last_error(void) { kvc::clear_last_error(); }
+
+// ---- Histograms and codebooks ---------------------------------------------------------------
+
+kvc_status_t kvc_histogram_create(kvc_histogram_t* histogram) {
+  return kvc::api_call(__func__, [&] {
+    require_not_null(histogram, "histogram");
+    *histogram = new kvc_histogram_s{};
+  });
+}
+
+kvc_status_t kvc_histogram_destroy(kvc_histogram_t histogram) {
+  delete histogram;
+  return KVC_SUCCESS;
+}
+
+kvc_status_t kvc_histogram_add_counts(kvc_histogram_t histogram, int32_t first_symbol,
+                                      int32_t num_symbols, const uint64_t* counts) {
+  return kvc::api_call(__func__, [&] {
+    require_not_null(histogram, "histogram");
+    require(num_symbols >= 0, KVC_ERROR_INVALID_ARGUMENT, "num_symbols = ", num_symbols,
+            " is negative");
+    require(num_symbols == 0 || counts != nullptr, KVC_ERROR_NULL_POINTER, "counts is NULL");
+    require(int64_t(first_symbol) + num_symbols - 1 <= INT32_MAX, KVC_ERROR_INVALID_ARGUMENT,
+            "first_symbol + num_symbols - 1 = ", int64_t(first_symbol) + num_symbols - 1,
+            " overflows int32");
+    uint64_t added = 0;
+    for (int32_t i = 0; i < num_symbols; ++i) {
+      require(counts[i] <= UINT64_MAX - histogram->histogram.total() - added,
+              KVC_ERROR_INVALID_ARGUMENT, "counts would overflow the histogram's 64-bit total");
+      added += counts[i];
+    }
+    kvc::Histogram updated = histogram->histogram;  // all or nothing
+    for (int32_t i = 0; i < num_symbols; ++i) {
+      if (counts[i] != 0) updated.add(first_symbol + i, counts[i]);
+    }
+    histogram->histogram = std::move(updated);
+  });
+}
+
+kvc_status_t kvc_histogram_total(kvc_histogram_t histogram, uint64_t* total) {
+  return kvc::api_call(__func__, [&] {
+    require_not_null(histogram, "histogram");
+    *require_not_null(total, "total") = histogram->histogram.total();
+  });
+}
+
+kvc_status_t kvc_codebook_build(kvc_histogram_t histogram, const kvc_codebook_config* config,
+                                kvc_codebook_t* codebook) {
+  return kvc::api_call(__func__, [&] {
+    require_not_null(histogram, "histogram");
+    require_not_null(codebook, "codebook");
+    const kvc_codebook_config defaults = KVC_CODEBOOK_CONFIG_INIT;
+    const kvc_codebook_config& c = config ? *config : defaults;
+    kvc::check_struct_header(c, "config");
+    require(c.max_code_length >= 2 && c.max_code_length <= KVC_MAX_CODE_LENGTH,
+            KVC_ERROR_INVALID_ARGUMENT, "config->max_code_length = ", c.max_code_length,
+            " is out of range [2, ", KVC_MAX_CODE_LENGTH, "]");
+    require(c.max_symbols >= 1 && c.max_symbols <= KVC_MAX_CODEBOOK_SYMBOLS,
+            KVC_ERROR_INVALID_ARGUMENT, "config->max_symbols = ", c.max_symbols,
+            " is out of range [1, ", KVC_MAX_CODEBOOK_SYMBOLS, "]");
+    auto book = std::make_shared<const kvc::Codebook>(
+        kvc::Codebook::build(histogram->histogram, c.max_code_length, c.max_symbols));
+    *codebook = new kvc_codebook_s{std::move(book)};
+  });
+}
+
+kvc_status_t kvc_codebook_destroy(kvc_codebook_t codebook) {
+  delete codebook;
+  return KVC_SUCCESS;
+}
+
+kvc_status_t kvc_codebook_id(kvc_codebook_t codebook, uint32_t* id) {
+  return kvc::api_call(__func__, [&] {
+    require_not_null(codebook, "codebook");
+    *require_not_null(id, "id") = codebook->book->id();
+  });
+}
+
+kvc_status_t kvc_codebook_code_length(kvc_codebook_t codebook, int32_t symbol,
+                                      int32_t* length_bits) {
+  return kvc::api_call(__func__, [&] {
+    require_not_null(codebook, "codebook");
+    require_not_null(length_bits, "length_bits");
+    const kvc::Codebook& book = *codebook->book;
+    const uint32_t index = book.index_of(symbol);
+    *length_bits = index == book.escape_index() ? 0 : int32_t(book.length(index));
+  });
+}
+
+kvc_status_t kvc_codebook_serialized_size(kvc_codebook_t codebook, size_t* size_bytes) {
+  return kvc::api_call(__func__, [&] {
+    require_not_null(codebook, "codebook");
+    *require_not_null(size_bytes, "size_bytes") = codebook->book->serialized().size();
+  });
+}
+
+kvc_status_t kvc_codebook_serialize(kvc_codebook_t codebook, void* h_dst,
+                                    size_t dst_capacity_bytes, size_t* written_bytes) {
+  return kvc::api_call(__func__, [&] {
+    require_not_null(codebook, "codebook");
+    require_not_null(h_dst, "h_dst");
+    require_not_null(written_bytes, "written_bytes");
+    const std::vector<uint8_t>& bytes = codebook->book->serialized();
+    require(dst_capacity_bytes >= bytes.size(), KVC_ERROR_BUFFER_TOO_SMALL,
+            "dst_capacity_bytes = ", dst_capacity_bytes, " but the codebook needs ",
+            bytes.size(), " bytes (kvc_codebook_serialized_size)");
+    std::copy(bytes.begin(), bytes.end(), static_cast<uint8_t*>(h_dst));
+    *written_bytes = bytes.size();
+  });
+}
+
+kvc_status_t kvc_codebook_deserialize(const void* h_src, size_t src_bytes,
+                                      kvc_codebook_t* codebook) {
+  return kvc::api_call(__func__, [&] {
+    require_not_null(h_src, "h_src");
+    require_not_null(codebook, "codebook");
+    auto book = std::make_shared<const kvc::Codebook>(
+        kvc::Codebook::parse(static_cast<const uint8_t*>(h_src), src_bytes));
+    *codebook = new kvc_codebook_s{std::move(book)};
+  });
+}
+
+// ---- Codec ---------------------------------------------------------------------------------
+
+kvc_status_t kvc_codec_create(const kvc_codec_config* config, kvc_codebook_t codebook,
+                              kvc_codec_t* codec) {
+  return kvc::api_call(__func__, [&] {
+    require_not_null(config, "config");
+    require_not_null(codec, "codec");
+    const kvc::CodecParams params = kvc::CodecParams::from_config(*config, codebook != nullptr);
+    require_cpu(params);
+    *codec = new kvc_codec_s{params, codebook ? codebook->book : nullptr};
+  });
+}
+
+kvc_status_t kvc_codec_destroy(kvc_codec_t codec) {
+  delete codec;
+  return KVC_SUCCESS;
+}
+
+kvc_status_t kvc_codec_max_block_bytes(kvc_codec_t codec, kvc_dtype src_dtype,
+                                       size_t* size_bytes) {
+  return kvc::api_call(__func__, [&] {
+    require_not_null(codec, "codec");
+    require_dtype(src_dtype, "src_dtype");
+    *require_not_null(size_bytes, "size_bytes") = codec->params.max_block_bytes(src_dtype);
+  });
+}
+
+kvc_status_t kvc_codec_encode(kvc_codec_t codec, int32_t num_blocks,
+                              const void* const* src_blocks, int64_t src_token_stride,
+                              kvc_dtype src_dtype, void* const* dst_blocks,
+                              size_t dst_capacity_bytes, uint32_t* block_bytes, void* stream) {
+  return kvc::api_call(__func__, [&] {
+    const kvc::CodecParams& p = check_batch(codec, num_blocks, src_blocks, "src_blocks", stream);
+    require(num_blocks == 0 || dst_blocks != nullptr, KVC_ERROR_NULL_POINTER,
+            "dst_blocks is NULL");
+    require(num_blocks == 0 || block_bytes != nullptr, KVC_ERROR_NULL_POINTER,
+            "block_bytes is NULL");
+    require_stride(src_token_stride, p, "src_token_stride");
+    require_dtype(src_dtype, "src_dtype");
+    for (int32_t i = 0; i < num_blocks; ++i) {
+      require(src_blocks[i] != nullptr, KVC_ERROR_NULL_POINTER, "src_blocks[", i, "] is NULL");
+      require(dst_blocks[i] != nullptr, KVC_ERROR_NULL_POINTER, "dst_blocks[", i, "] is NULL");
+      require(reinterpret_cast<uintptr_t>(dst_blocks[i]) % 4 == 0, KVC_ERROR_INVALID_ARGUMENT,
+              "dst_blocks[", i, "] is not 4-byte aligned");
+    }
+    require_cpu(p);
+    // Every input is checked before the first block is written.
+    for (int32_t i = 0; i < num_blocks; ++i) {
+      kvc::cpu::check_finite(p, i, src_blocks[i], src_token_stride, src_dtype);
+    }
+    for (int32_t i = 0; i < num_blocks; ++i) {
+      try {
+        block_bytes[i] = kvc::cpu::encode_block(p, codec->book.get(), src_blocks[i],
+                                                src_token_stride, src_dtype,
+                                                static_cast<uint8_t*>(dst_blocks[i]),
+                                                dst_capacity_bytes);
+      } catch (const kvc::Error& e) {
+        fail(e.status(), "block ", i, ": ", e.what());
+      }
+    }
+  });
+}
+
+kvc_status_t kvc_codec_decode(kvc_codec_t codec, int32_t num_blocks,
+                              const void* const* src_blocks, const uint32_t* src_bytes,
+                              kvc_dtype dst_dtype, void* const* dst_blocks,
+                              int64_t dst_token_stride, kvc_status_t* block_status,
+                              void* stream) {
+  return kvc::api_call(__func__, [&] {
+    const kvc::CodecParams& p = check_batch(codec, num_blocks, src_blocks, "src_blocks", stream);
+    require(num_blocks == 0 || src_bytes != nullptr, KVC_ERROR_NULL_POINTER,
+            "src_bytes is NULL");
+    require(num_blocks == 0 || dst_blocks != nullptr, KVC_ERROR_NULL_POINTER,
+            "dst_blocks is NULL");
+    require_stride(dst_token_stride, p, "dst_token_stride");
+    require_dtype(dst_dtype, "dst_dtype");
+    for (int32_t i = 0; i < num_blocks; ++i) {
+      require(src_blocks[i] != nullptr, KVC_ERROR_NULL_POINTER, "src_blocks[", i, "] is NULL");
+      require(dst_blocks[i] != nullptr, KVC_ERROR_NULL_POINTER, "dst_blocks[", i, "] is NULL");
+    }
+    require_cpu(p);
+    kvc_status_t first_status = KVC_SUCCESS;
+    std::string first_message;
+    for (int32_t i = 0; i < num_blocks; ++i) {
+      kvc_status_t status = KVC_SUCCESS;
+      try {
+        kvc::cpu::decode_block(p, codec->book.get(), static_cast<const uint8_t*>(src_blocks[i]),
+                               src_bytes[i], dst_dtype, dst_blocks[i], dst_token_stride);
+      } catch (const kvc::Error& e) {
+        status = e.status();
+        if (first_status == KVC_SUCCESS) {
+          first_status = status;
+          first_message = "block " + std::to_string(i) + ": " + e.what();
+        }
+      }
+      if (block_status != nullptr) block_status[i] = status;
+    }
+    if (first_status != KVC_SUCCESS) fail(first_status, first_message);
+  });
+}
+
+kvc_status_t kvc_codec_histogram(kvc_codec_t codec, int32_t num_blocks,
+                                 const void* const* src_blocks, int64_t src_token_stride,
+                                 kvc_dtype src_dtype, kvc_histogram_t histogram, void* stream) {
+  return kvc::api_call(__func__, [&] {
+    const kvc::CodecParams& p = check_batch(codec, num_blocks, src_blocks, "src_blocks", stream);
+    require_not_null(histogram, "histogram");
+    require_stride(src_token_stride, p, "src_token_stride");
+    require_dtype(src_dtype, "src_dtype");
+    for (int32_t i = 0; i < num_blocks; ++i) {
+      require(src_blocks[i] != nullptr, KVC_ERROR_NULL_POINTER, "src_blocks[", i, "] is NULL");
+    }
+    require_cpu(p);
+    for (int32_t i = 0; i < num_blocks; ++i) {
+      kvc::cpu::check_finite(p, i, src_blocks[i], src_token_stride, src_dtype);
+    }
+    kvc::Histogram updated = histogram->histogram;  // all or nothing
+    for (int32_t i = 0; i < num_blocks; ++i) {
+      kvc::cpu::histogram_block(p, src_blocks[i], src_token_stride, src_dtype, updated);
+    }
+    histogram->histogram = std::move(updated);
+  });
+}
+
+kvc_status_t kvc_block_inspect(const void* h_block, size_t src_bytes, kvc_block_info* info) {
+  return kvc::api_call(__func__, [&] {
+    require_not_null(h_block, "h_block");
+    require_not_null(info, "info");
+    kvc::check_struct_header(*info, "info");
+    const kvc::format::BlockLayout b =
+        kvc::cpu::parse_header(static_cast<const uint8_t*>(h_block), src_bytes);
+    kvc_block_info out = *info;
+    out.format_version = kvc::format::kVersion;
+    out.block_bytes = b.block_bytes;
+    out.encoding = int32_t(b.encoding);
+    out.kind = b.is_value ? KVC_KIND_VALUE : KVC_KIND_KEY;
+    out.num_tokens = int32_t(b.num_tokens);
+    out.head_dim = int32_t(b.head_dim);
+    out.group_size = int32_t(b.group_size);
+    out.num_groups = int32_t(b.num_groups);
+    out.num_substreams = int32_t(b.num_substreams);
+    out.code_bits = int32_t(b.code_bits);
+    out.codebook_id = b.codebook_id;
+    *info = out;
+  });
+}
+
+}  // extern "C"

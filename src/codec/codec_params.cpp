@@ -1,0 +1,102 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "codec/codec_params.hpp"
+
+#include <cmath>
+
+#include "core/error.hpp"
+#include "kernels/common/format.cuh"
+
+namespace kvc {
+
+bool is_valid_dtype(int32_t dtype) {
+  return dtype == KVC_DTYPE_FP16 || dtype == KVC_DTYPE_BF16 || dtype == KVC_DTYPE_FP32;
+}
+
+size_t dtype_size(kvc_dtype dtype) { return dtype == KVC_DTYPE_FP32 ? 4 : 2; }
+
+const char* dtype_name(int32_t dtype) {
+  switch (dtype) {
+    case KVC_DTYPE_FP16: return "fp16";
+    case KVC_DTYPE_BF16: return "bf16";
+    case KVC_DTYPE_FP32: return "fp32";
+    default: return "unknown";
+  }
+}
+
+namespace {
+
+// Auto sub-streams: the largest divisor of the group size up to 32, one per GPU lane.
+uint32_t default_substreams(uint32_t group_size) {
+  for (uint32_t s = 32; s > 1; --s) {
+    if (group_size % s == 0) return s;
+  }
+  return 1;
+}
+
+}  // namespace
+
+CodecParams CodecParams::from_config(const kvc_codec_config& c, bool has_codebook) {
+  check_struct_header(c, "config");
+  require(c.backend == KVC_BACKEND_CPU || c.backend == KVC_BACKEND_CUDA,
+          KVC_ERROR_INVALID_ARGUMENT, "config->backend = ", c.backend,
+          " is not a kvc_backend (KVC_BACKEND_CPU = 0, KVC_BACKEND_CUDA = 1)");
+  require(c.kind == KVC_KIND_KEY || c.kind == KVC_KIND_VALUE, KVC_ERROR_INVALID_ARGUMENT,
+          "config->kind = ", c.kind, " is not a kvc_kind (KVC_KIND_KEY = 0, KVC_KIND_VALUE = 1)");
+  require(c.num_tokens >= 1 && c.num_tokens <= KVC_MAX_NUM_TOKENS, KVC_ERROR_INVALID_ARGUMENT,
+          "config->num_tokens = ", c.num_tokens, " is out of range [1, ", KVC_MAX_NUM_TOKENS, "]");
+  require(c.head_dim >= 1 && c.head_dim <= KVC_MAX_HEAD_DIM, KVC_ERROR_INVALID_ARGUMENT,
+          "config->head_dim = ", c.head_dim, " is out of range [1, ", KVC_MAX_HEAD_DIM, "]");
+  require(c.bound_mode == KVC_BOUND_ABSOLUTE || c.bound_mode == KVC_BOUND_RELATIVE,
+          KVC_ERROR_INVALID_ARGUMENT, "config->bound_mode = ", c.bound_mode,
+          " is not a kvc_bound_mode");
+  if (c.bound_mode == KVC_BOUND_ABSOLUTE) {
+    require(c.error_bound > 0.0f && std::isfinite(2.0f * c.error_bound),
+            KVC_ERROR_INVALID_ARGUMENT, "config->error_bound = ", c.error_bound,
+            " must be > 0 and finite (absolute bound)");
+  } else {
+    require(c.error_bound > 0.0f && c.error_bound <= 1.0f, KVC_ERROR_INVALID_ARGUMENT,
+            "config->error_bound = ", c.error_bound, " must be in (0, 1] (relative bound)");
+  }
+  require(c.entropy >= KVC_ENTROPY_AUTO && c.entropy <= KVC_ENTROPY_HUFFMAN,
+          KVC_ERROR_INVALID_ARGUMENT, "config->entropy = ", c.entropy, " is not a kvc_entropy");
+  require(c.entropy != KVC_ENTROPY_HUFFMAN || has_codebook, KVC_ERROR_INVALID_ARGUMENT,
+          "config->entropy = KVC_ENTROPY_HUFFMAN needs a codebook, but codebook is NULL");
+
+  CodecParams p{};
+  p.backend = kvc_backend(c.backend);
+  p.is_value = c.kind == KVC_KIND_VALUE;
+  p.num_tokens = uint32_t(c.num_tokens);
+  p.head_dim = uint32_t(c.head_dim);
+  if (p.is_value) {
+    const int32_t g = c.value_group_size == 0 ? c.head_dim : c.value_group_size;
+    require(g >= 1 && g <= c.head_dim && c.head_dim % g == 0, KVC_ERROR_INVALID_ARGUMENT,
+            "config->value_group_size = ", c.value_group_size, " must divide head_dim = ",
+            c.head_dim, " (or be 0 for head_dim)");
+    p.group_size = uint32_t(g);
+  } else {
+    require(c.value_group_size == 0, KVC_ERROR_INVALID_ARGUMENT,
+            "config->value_group_size = ", c.value_group_size,
+            " must be 0 for keys (key groups are channels over the block's tokens)");
+    p.group_size = p.num_tokens;
+  }
+  p.num_groups = p.num_elements() / p.group_size;
+  if (c.num_substreams == 0) {
+    p.num_substreams = default_substreams(p.group_size);
+  } else {
+    require(c.num_substreams >= 1 && uint32_t(c.num_substreams) <= p.group_size &&
+                p.group_size % uint32_t(c.num_substreams) == 0,
+            KVC_ERROR_INVALID_ARGUMENT, "config->num_substreams = ", c.num_substreams,
+            " must divide the group size ", p.group_size, " (or be 0 for automatic)");
+    p.num_substreams = uint32_t(c.num_substreams);
+  }
+  p.relative = c.bound_mode == KVC_BOUND_RELATIVE;
+  p.error_bound = c.error_bound;
+  p.entropy = kvc_entropy(c.entropy);
+  return p;
+}
+
+size_t CodecParams::max_block_bytes(kvc_dtype dtype) const {
+  return format::kHeaderBytes + format::align4(uint32_t(num_elements() * dtype_size(dtype)));
+}
+
+}  // namespace kvc

@@ -1,0 +1,36 @@
+// SPDX-License-Identifier: Apache-2.0
+// A codec's validated configuration, shared by the backends.
+#pragma once
+
+#include <kvcomp/kvcomp.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace kvc {
+
+struct CodecParams {
+  kvc_backend backend;
+  bool is_value;
+  uint32_t num_tokens;
+  uint32_t head_dim;
+  uint32_t group_size;
+  uint32_t num_groups;
+  uint32_t num_substreams;
+  bool relative;
+  float error_bound;
+  kvc_entropy entropy;
+
+  // Validates a public config; throws kvc::Error naming the offending field.
+  static CodecParams from_config(const kvc_codec_config& config, bool has_codebook);
+
+  uint32_t num_elements() const { return num_tokens * head_dim; }
+  // Largest block for this input dtype: the verbatim encoding, which the encoder always weighs.
+  size_t max_block_bytes(kvc_dtype dtype) const;
+};
+
+size_t dtype_size(kvc_dtype dtype);
+const char* dtype_name(int32_t dtype);
+bool is_valid_dtype(int32_t dtype);
+
+}  // namespace kvc

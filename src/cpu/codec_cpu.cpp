@@ -1,0 +1,429 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "cpu/codec_cpu.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "core/error.hpp"
+#include "kernels/common/format.cuh"
+
+namespace kvc::cpu {
+namespace f = format;
+
+namespace {
+
+float load_element(const void* src, kvc_dtype dtype, size_t i) {
+  switch (dtype) {
+    case KVC_DTYPE_FP16: return f::half_to_float(static_cast<const uint16_t*>(src)[i]);
+    case KVC_DTYPE_BF16: return f::bf16_to_float(static_cast<const uint16_t*>(src)[i]);
+    default: return static_cast<const float*>(src)[i];
+  }
+}
+
+void store_element(void* dst, kvc_dtype dtype, size_t i, float v) {
+  switch (dtype) {
+    case KVC_DTYPE_FP16: static_cast<uint16_t*>(dst)[i] = f::float_to_half(v); break;
+    case KVC_DTYPE_BF16: static_cast<uint16_t*>(dst)[i] = f::float_to_bf16(v); break;
+    default: static_cast<float*>(dst)[i] = v; break;
+  }
+}
+
+// The block as floats in group order: element p of group g at [g * group_size + p].
+std::vector<float> gather_groups(const CodecParams& p, const void* src, int64_t stride,
+                                 kvc_dtype dtype) {
+  std::vector<float> x(p.num_elements());
+  for (uint32_t g = 0; g < p.num_groups; ++g) {
+    for (uint32_t e = 0; e < p.group_size; ++e) {
+      const f::Coord c = f::element_coord(p.is_value, p.head_dim, p.group_size, g, e);
+      x[size_t(g) * p.group_size + e] = load_element(src, dtype, size_t(c.token * stride) + c.channel);
+    }
+  }
+  return x;
+}
+
+// Quantization of one block: codes in group order and each group's step, or !ok when some
+// element cannot meet its bound with a code (the block is then stored verbatim).
+struct Quantized {
+  bool ok = true;
+  std::vector<float> steps;    // [num_groups]
+  std::vector<int32_t> codes;  // [num_groups, group_size]
+};
+
+Quantized quantize(const CodecParams& p, const std::vector<float>& x) {
+  Quantized q;
+  q.steps.resize(p.num_groups);
+  q.codes.resize(x.size());
+  for (uint32_t g = 0; g < p.num_groups && q.ok; ++g) {
+    const float* xs = &x[size_t(g) * p.group_size];
+    f::GroupStep gs{2.0f * p.error_bound, p.error_bound};
+    if (p.relative) {
+      const auto [lo, hi] = std::minmax_element(xs, xs + p.group_size);
+      gs = f::relative_group_step(p.error_bound, *lo, *hi);
+    }
+    q.steps[g] = gs.step;
+    for (uint32_t e = 0; e < p.group_size && q.ok; ++e) {
+      q.ok = f::quantize_element(xs[e], gs.step, gs.bound, q.codes[size_t(g) * p.group_size + e]);
+    }
+  }
+  return q;
+}
+
+// Each group's centre: its smallest code (fixed width) or its mean code (Huffman).
+std::vector<int32_t> group_centers(const CodecParams& p, const Quantized& q, bool mean) {
+  std::vector<int32_t> centers(p.num_groups);
+  for (uint32_t g = 0; g < p.num_groups; ++g) {
+    const int32_t* c = &q.codes[size_t(g) * p.group_size];
+    if (mean) {
+      int64_t sum = 0;
+      for (uint32_t e = 0; e < p.group_size; ++e) sum += c[e];
+      centers[g] = f::mean_center(sum, p.group_size);
+    } else {
+      centers[g] = *std::min_element(c, c + p.group_size);
+    }
+  }
+  return centers;
+}
+
+// A candidate encoding, sized before anything is written.
+struct Plan {
+  f::BlockLayout layout{};
+  std::vector<int32_t> centers;
+  std::vector<uint32_t> stream_ends;  // Huffman
+  bool eligible = false;
+};
+
+f::BlockLayout base_layout(const CodecParams& p, uint32_t encoding) {
+  f::BlockLayout b{};
+  b.encoding = encoding;
+  b.is_value = p.is_value;
+  b.per_group_step = encoding != f::kRaw && p.relative;
+  b.num_tokens = p.num_tokens;
+  b.head_dim = p.head_dim;
+  b.group_size = p.group_size;
+  b.num_groups = p.num_groups;
+  return b;
+}
+
+void set_centers(Plan& plan) {
+  const auto [lo, hi] = std::minmax_element(plan.centers.begin(), plan.centers.end());
+  plan.layout.center_base = *lo;
+  plan.layout.center_bits = f::bit_width(uint32_t(int64_t(*hi) - *lo));
+}
+
+void finish_size(Plan& plan, uint64_t payload_bytes) {
+  f::place_sections(plan.layout);
+  plan.layout.payload_bytes = uint32_t(payload_bytes);
+  plan.layout.block_bytes = plan.layout.payload_offset + f::align4(uint32_t(payload_bytes));
+}
+
+Plan plan_fixed(const CodecParams& p, const Quantized& q) {
+  Plan plan;
+  plan.layout = base_layout(p, f::kFixed);
+  plan.centers = group_centers(p, q, /*mean=*/false);
+  uint32_t width = 0;
+  for (uint32_t g = 0; g < p.num_groups; ++g) {
+    const int32_t* c = &q.codes[size_t(g) * p.group_size];
+    const int32_t hi = *std::max_element(c, c + p.group_size);
+    width = std::max(width, f::bit_width(uint32_t(int64_t(hi) - plan.centers[g])));
+  }
+  plan.layout.code_bits = width;
+  set_centers(plan);
+  finish_size(plan, (uint64_t(p.num_elements()) * width + 7) / 8);
+  plan.eligible = true;
+  return plan;
+}
+
+int32_t symbol_of(const Quantized& q, const Plan& plan, uint32_t group_size, uint32_t g,
+                  uint32_t e) {
+  return q.codes[size_t(g) * group_size + e] - plan.centers[g];
+}
+
+Plan plan_huffman(const CodecParams& p, const Codebook& book, const Quantized& q) {
+  Plan plan;
+  plan.layout = base_layout(p, f::kHuffman);
+  plan.layout.num_substreams = p.num_substreams;
+  plan.layout.codebook_id = book.id();
+  plan.centers = group_centers(p, q, /*mean=*/true);
+  set_centers(plan);
+  uint32_t escape_bits = 0;
+  for (uint32_t g = 0; g < p.num_groups; ++g) {
+    for (uint32_t e = 0; e < p.group_size; ++e) {
+      const int32_t s = symbol_of(q, plan, p.group_size, g, e);
+      if (book.index_of(s) == book.escape_index()) {
+        escape_bits = std::max(escape_bits, f::signed_bit_width(s));
+      }
+    }
+  }
+  plan.layout.code_bits = escape_bits;
+  // Stream s holds positions [s * per, (s + 1) * per) of every group, position-major.
+  const uint32_t per = p.group_size / p.num_substreams;
+  uint64_t end = 0;
+  for (uint32_t s = 0; s < p.num_substreams; ++s) {
+    uint64_t bits = 0;
+    for (uint32_t e = s * per; e < (s + 1) * per; ++e) {
+      for (uint32_t g = 0; g < p.num_groups; ++g) {
+        const uint32_t index = book.index_of(symbol_of(q, plan, p.group_size, g, e));
+        bits += book.length(index) + (index == book.escape_index() ? escape_bits : 0);
+      }
+    }
+    end += (bits + 7) / 8;
+    plan.stream_ends.push_back(uint32_t(std::min<uint64_t>(end, UINT32_MAX)));
+  }
+  plan.eligible = end <= 0xFFFF;  // stream ends are 16-bit
+  finish_size(plan, end);
+  return plan;
+}
+
+Plan plan_raw(const CodecParams& p, kvc_dtype dtype) {
+  Plan plan;
+  plan.layout = base_layout(p, f::kRaw);
+  plan.layout.raw_dtype = uint32_t(dtype);
+  finish_size(plan, uint64_t(p.num_elements()) * dtype_size(dtype));
+  plan.eligible = true;
+  return plan;
+}
+
+void write_header(const f::BlockLayout& b, uint8_t* dst) {
+  std::memset(dst, 0, f::kHeaderBytes);
+  f::store_u32(dst + f::offset::kMagic, f::kBlockMagic);
+  f::store_u8(dst + f::offset::kVersion, f::kVersion);
+  f::store_u8(dst + f::offset::kEncoding, b.encoding);
+  const uint32_t flags = (b.is_value ? f::flag::kValue : 0u) |
+                         (b.per_group_step ? f::flag::kPerGroupStep : 0u) |
+                         (b.raw_dtype << f::flag::kRawDtypeShift);
+  f::store_u8(dst + f::offset::kFlags, flags);
+  f::store_u8(dst + f::offset::kCodeBits, b.code_bits);
+  f::store_u16(dst + f::offset::kNumTokens, b.num_tokens);
+  f::store_u16(dst + f::offset::kHeadDim, b.head_dim);
+  f::store_u16(dst + f::offset::kGroupSize, b.group_size);
+  f::store_u16(dst + f::offset::kSubstreams, b.num_substreams);
+  f::store_u32(dst + f::offset::kBlockBytes, b.block_bytes);
+  f::store_u32(dst + f::offset::kCodebookId, b.codebook_id);
+  f::store_u32(dst + f::offset::kCenterBase, uint32_t(b.center_base));
+  f::store_u8(dst + f::offset::kCenterBits, b.center_bits);
+}
+
+void write_steps_and_centers(const CodecParams& p, const Quantized& q, const Plan& plan,
+                             uint8_t* dst) {
+  const f::BlockLayout& b = plan.layout;
+  if (b.per_group_step) {
+    for (uint32_t g = 0; g < p.num_groups; ++g) {
+      f::store_u16(dst + b.steps_offset + 2 * g, f::float_to_bf16_down(q.steps[g]));
+    }
+  } else {
+    f::store_u32(dst + b.steps_offset, f::float_bits(q.steps[0]));
+  }
+  f::BitWriter centers(dst + b.centers_offset);
+  for (uint32_t g = 0; g < p.num_groups; ++g) {
+    centers.write(uint32_t(int64_t(plan.centers[g]) - b.center_base), b.center_bits);
+  }
+  centers.flush();
+}
+
+void write_block(const CodecParams& p, const Codebook* book, const Quantized& q,
+                 const void* src, int64_t stride, kvc_dtype dtype, const Plan& plan,
+                 uint8_t* dst) {
+  const f::BlockLayout& b = plan.layout;
+  std::memset(dst, 0, b.block_bytes);
+  write_header(b, dst);
+  uint8_t* payload = dst + b.payload_offset;
+  if (b.encoding == f::kRaw) {
+    // Row-major [num_tokens, head_dim], verbatim bytes of the input dtype (a little-endian
+    // host's bytes are the format's).
+    const size_t es = dtype_size(dtype);
+    for (uint32_t t = 0; t < p.num_tokens; ++t) {
+      std::memcpy(payload + size_t(t) * p.head_dim * es,
+                  static_cast<const uint8_t*>(src) + size_t(t) * size_t(stride) * es,
+                  p.head_dim * es);
+    }
+    return;
+  }
+  write_steps_and_centers(p, q, plan, dst);
+  if (b.encoding == f::kFixed) {
+    f::BitWriter out(payload);
+    for (uint32_t e = 0; e < p.group_size; ++e) {
+      for (uint32_t g = 0; g < p.num_groups; ++g) {
+        out.write(uint32_t(symbol_of(q, plan, p.group_size, g, e)), b.code_bits);
+      }
+    }
+    out.flush();
+    return;
+  }
+  const uint32_t per = p.group_size / p.num_substreams;
+  for (uint32_t s = 0; s < p.num_substreams; ++s) {
+    f::store_u16(dst + b.stream_ends_offset + 2 * s, plan.stream_ends[s]);
+    f::BitWriter out(payload + (s == 0 ? 0 : plan.stream_ends[s - 1]));
+    for (uint32_t e = s * per; e < (s + 1) * per; ++e) {
+      for (uint32_t g = 0; g < p.num_groups; ++g) {
+        const int32_t sym = symbol_of(q, plan, p.group_size, g, e);
+        const uint32_t index = book->index_of(sym);
+        out.write(book->reversed_code(index), book->length(index));
+        if (index == book->escape_index()) out.write(uint32_t(sym), b.code_bits);
+      }
+    }
+    out.flush();
+  }
+}
+
+}  // namespace
+
+void check_finite(const CodecParams& p, int32_t block, const void* src, int64_t stride,
+                  kvc_dtype dtype) {
+  for (uint32_t t = 0; t < p.num_tokens; ++t) {
+    for (uint32_t c = 0; c < p.head_dim; ++c) {
+      const float v = load_element(src, dtype, size_t(t * stride) + c);
+      require(std::isfinite(v), KVC_ERROR_NONFINITE_INPUT, "src_blocks[", block, "] token ", t,
+              " channel ", c, " is ", v, " (inputs must be finite)");
+    }
+  }
+}
+
+uint32_t encode_block(const CodecParams& p, const Codebook* book, const void* src,
+                      int64_t stride, kvc_dtype dtype, uint8_t* dst, size_t capacity) {
+  const std::vector<float> x = gather_groups(p, src, stride, dtype);
+  const Quantized q = quantize(p, x);
+  // Candidates in order of preference on equal size: fixed, Huffman, verbatim.
+  std::vector<Plan> plans;
+  if (q.ok && p.entropy != KVC_ENTROPY_HUFFMAN) plans.push_back(plan_fixed(p, q));
+  if (q.ok && book != nullptr && p.entropy != KVC_ENTROPY_FIXED) {
+    plans.push_back(plan_huffman(p, *book, q));
+  }
+  plans.push_back(plan_raw(p, dtype));
+  const Plan* best = nullptr;
+  for (const Plan& plan : plans) {
+    if (plan.eligible && (best == nullptr || plan.layout.block_bytes < best->layout.block_bytes)) {
+      best = &plan;
+    }
+  }
+  require(best->layout.block_bytes <= capacity, KVC_ERROR_BUFFER_TOO_SMALL, "the block needs ",
+          best->layout.block_bytes, " bytes but dst_capacity_bytes = ", capacity,
+          " (kvc_codec_max_block_bytes gives a capacity that always suffices)");
+  write_block(p, book, q, src, stride, dtype, *best, dst);
+  return best->layout.block_bytes;
+}
+
+namespace {
+
+[[noreturn]] void corrupt(const char* what) { fail(KVC_ERROR_CORRUPT_DATA, "corrupt block: ", what); }
+
+const char* parse_error_text(f::ParseError e) {
+  switch (e) {
+    case f::ParseError::kTruncatedHeader: return "fewer bytes than the 32-byte header";
+    case f::ParseError::kBadMagic: return "bad magic (not a kvcomp block)";
+    case f::ParseError::kBadField: return "a header field is out of range";
+    case f::ParseError::kTruncated: return "its stated length exceeds the bytes available";
+    case f::ParseError::kBadSections: return "its sections do not fit in its stated length";
+    default: return "unreadable header";
+  }
+}
+
+}  // namespace
+
+f::BlockLayout parse_header(const uint8_t* src, uint64_t available) {
+  f::BlockLayout b{};
+  const f::ParseError err = f::parse_block(src, available, b);
+  if (err == f::ParseError::kBadVersion) {
+    fail(KVC_ERROR_FORMAT_VERSION, "block format version ", f::load_u8(src + f::offset::kVersion),
+         " is not supported (this library reads version ", f::kVersion, ")");
+  }
+  if (err != f::ParseError::kNone) corrupt(parse_error_text(err));
+  return b;
+}
+
+void decode_block(const CodecParams& p, const Codebook* book, const uint8_t* src,
+                  uint64_t available, kvc_dtype dtype, void* dst, int64_t stride) {
+  const f::BlockLayout b = parse_header(src, available);
+  require(b.is_value == p.is_value && b.num_tokens == p.num_tokens && b.head_dim == p.head_dim &&
+              b.group_size == p.group_size,
+          KVC_ERROR_CONFIG_MISMATCH, "block is ", b.is_value ? "V" : "K", " ", b.num_tokens,
+          "x", b.head_dim, " in groups of ", b.group_size, " but the codec is ",
+          p.is_value ? "V" : "K", " ", p.num_tokens, "x", p.head_dim, " in groups of ",
+          p.group_size);
+  if (b.encoding == f::kHuffman) {
+    require(book != nullptr && book->id() == b.codebook_id, KVC_ERROR_CODEBOOK_MISMATCH,
+            "block was encoded with codebook ", b.codebook_id, " but the codec has ",
+            book ? "codebook " + std::to_string(book->id()) : std::string("none"));
+  }
+
+  auto out = [&](uint32_t g, uint32_t e, float v) {
+    const f::Coord c = f::element_coord(b.is_value, b.head_dim, b.group_size, g, e);
+    store_element(dst, dtype, size_t(c.token * stride) + c.channel, v);
+  };
+  const uint8_t* payload = src + b.payload_offset;
+  if (b.encoding == f::kRaw) {
+    const uint32_t es = f::dtype_bytes(b.raw_dtype);
+    for (uint32_t t = 0; t < b.num_tokens; ++t) {
+      for (uint32_t c = 0; c < b.head_dim; ++c) {
+        const uint8_t* at = payload + (size_t(t) * b.head_dim + c) * es;
+        const float v = b.raw_dtype == KVC_DTYPE_FP32 ? f::bits_float(f::load_u32(at))
+                        : b.raw_dtype == KVC_DTYPE_BF16 ? f::bf16_to_float(f::load_u16(at))
+                                                        : f::half_to_float(f::load_u16(at));
+        store_element(dst, dtype, size_t(t * stride) + c, v);
+      }
+    }
+    return;
+  }
+
+  std::vector<float> steps(b.num_groups);
+  for (uint32_t g = 0; g < b.num_groups; ++g) {
+    steps[g] = b.per_group_step ? f::bf16_to_float(f::load_u16(src + b.steps_offset + 2 * g))
+                                : f::bits_float(f::load_u32(src + b.steps_offset));
+  }
+  std::vector<uint32_t> centers(b.num_groups);  // uint32: corrupt values wrap, never overflow
+  f::BitReader center_bits(src + b.centers_offset, b.stream_ends_offset - b.centers_offset);
+  for (uint32_t g = 0; g < b.num_groups; ++g) {
+    centers[g] = uint32_t(b.center_base) + center_bits.read(b.center_bits);
+  }
+  auto value = [&](uint32_t g, uint32_t symbol) {
+    return f::dequantize(int32_t(centers[g] + symbol), steps[g]);
+  };
+
+  if (b.encoding == f::kFixed) {
+    f::BitReader in(payload, b.payload_bytes);
+    for (uint32_t e = 0; e < b.group_size; ++e) {
+      for (uint32_t g = 0; g < b.num_groups; ++g) out(g, e, value(g, in.read(b.code_bits)));
+    }
+    return;
+  }
+
+  const std::vector<uint32_t>& table = book->decode_table();
+  const uint32_t table_bits = book->max_code_length();
+  const uint32_t per = b.group_size / b.num_substreams;
+  uint32_t start = 0;
+  for (uint32_t s = 0; s < b.num_substreams; ++s) {
+    const uint32_t end = f::load_u16(src + b.stream_ends_offset + 2 * s);
+    f::BitReader in(payload + start, end - start);
+    for (uint32_t e = s * per; e < (s + 1) * per; ++e) {
+      for (uint32_t g = 0; g < b.num_groups; ++g) {
+        const uint32_t entry = table[in.peek(table_bits)];
+        const uint32_t length = entry & 0xFFu;
+        if (length == 0) corrupt("a bit pattern that is no code of the codebook");
+        in.skip(length);
+        uint32_t symbol = uint32_t(book->first_symbol()) + (entry >> 8);
+        if ((entry >> 8) == book->escape_index()) {
+          if (b.code_bits == 0) corrupt("an escape in a block without escape bits");
+          symbol = uint32_t(f::sign_extend(in.read(b.code_bits), b.code_bits));
+        }
+        out(g, e, value(g, symbol));
+      }
+    }
+    if (in.overrun()) corrupt("a sub-stream is shorter than its symbols");
+    start = end;
+  }
+}
+
+void histogram_block(const CodecParams& p, const void* src, int64_t stride, kvc_dtype dtype,
+                     Histogram& histogram) {
+  const Quantized q = quantize(p, gather_groups(p, src, stride, dtype));
+  if (!q.ok) return;
+  const std::vector<int32_t> centers = group_centers(p, q, /*mean=*/true);
+  for (uint32_t g = 0; g < p.num_groups; ++g) {
+    for (uint32_t e = 0; e < p.group_size; ++e) {
+      histogram.add(q.codes[size_t(g) * p.group_size + e] - centers[g]);
+    }
+  }
+}
+
+}  // namespace kvc::cpu

@@ -1,0 +1,38 @@
+// SPDX-License-Identifier: Apache-2.0
+// The CPU codec: the reference implementation of docs/format.md and the oracle of the tests.
+// Deliberately plain: one block at a time, each step in the order the format describes.
+#pragma once
+
+#include <kvcomp/kvcomp.h>
+
+#include <cstdint>
+
+#include "codec/codebook.hpp"
+#include "codec/codec_params.hpp"
+#include "kernels/common/format.cuh"
+
+namespace kvc::cpu {
+
+// Throws KVC_ERROR_NONFINITE_INPUT naming the block, token and channel of the first inf/NaN.
+void check_finite(const CodecParams& p, int32_t block, const void* src, int64_t token_stride,
+                  kvc_dtype dtype);
+
+// Encodes one block (finite input, already checked) into dst; returns the bytes written.
+// Throws KVC_ERROR_BUFFER_TOO_SMALL if the chosen encoding does not fit in capacity.
+uint32_t encode_block(const CodecParams& p, const Codebook* codebook, const void* src,
+                      int64_t token_stride, kvc_dtype dtype, uint8_t* dst, size_t capacity);
+
+// Parses and checks a block header against the bytes available (any decoder's first step);
+// throws KVC_ERROR_CORRUPT_DATA or KVC_ERROR_FORMAT_VERSION.
+format::BlockLayout parse_header(const uint8_t* src, uint64_t available);
+
+// Decodes one block; throws a data status (corrupt, codebook or config mismatch) on bad input.
+// Reads only src[0, min(available, stated length)).
+void decode_block(const CodecParams& p, const Codebook* codebook, const uint8_t* src,
+                  uint64_t available, kvc_dtype dtype, void* dst, int64_t token_stride);
+
+// Adds the block's Huffman symbols to a histogram (blocks stored verbatim add nothing).
+void histogram_block(const CodecParams& p, const void* src, int64_t token_stride,
+                     kvc_dtype dtype, Histogram& histogram);
+
+}  // namespace kvc::cpu
