@@ -146,6 +146,17 @@ KVC_HD uint16_t float_to_bf16(float f) {
 // Largest bf16 not above a non-negative float (steps are rounded down so the bound holds).
 KVC_HD uint16_t float_to_bf16_down(float f) { return uint16_t(float_bits(f) >> 16); }
 
+// Decoders convert with saturation: a reconstruction within the bound of a representable input
+// may lie past the type's largest finite value, and clamping only brings it closer.
+KVC_HD uint16_t float_to_half_saturate(float f) {
+  const float m = 65504.0f;
+  return float_to_half(f > m ? m : (f < -m ? -m : f));
+}
+KVC_HD uint16_t float_to_bf16_saturate(float f) {
+  const float m = 3.38953139e38f;  // 0x1.fep127, bf16's largest finite value
+  return float_to_bf16(f > m ? m : (f < -m ? -m : f));
+}
+
 // ---- Quantization ----------------------------------------------------------------------------
 // A code q stands for the value fl(float(q) * step): one IEEE product, so every backend
 // reconstructs the same float. |q| < kMaxAbsCode keeps float(q) exact.
@@ -173,13 +184,27 @@ KVC_HD bool within_bound(float x, float x_hat, float bound) {
   return (d < 0 ? -d : d) <= double(bound);
 }
 
-// The step of a constant group in relative mode, where the bound is 0: the float ulp of x, so
-// that x is an exact integer multiple of it (1 for x == 0). A power of two, exact in bf16 when
-// it is at least 2^-133.
-KVC_HD float constant_group_step(float x) {
+// Spacing of floats at |x| (a power of two; the smallest subnormal for 0).
+KVC_HD float float_ulp(float x) {
   const uint32_t exp = (float_bits(x) >> 23) & 0xFFu;
-  if (exp == 0) return x == 0.0f ? 1.0f : bits_float(1u);  // subnormal: ulp 2^-149
+  if (exp == 0) return bits_float(1u);
   return exp > 23 ? bits_float((exp - 23u) << 23) : bits_float(1u << (exp - 1u));
+}
+
+// The step of a constant group in relative mode, where the bound is 0: the ulp of x, so that x
+// is an exact multiple of it (1 for x == 0). A power of two, exact in bf16 from 2^-133 up.
+KVC_HD float constant_group_step(float x) { return x == 0.0f ? 1.0f : float_ulp(x); }
+
+// The largest step that keeps every element with |x| <= max_abs within bound: the nearest code
+// is at most step/2 away, and rounding the product code * step adds at most half an ulp of the
+// result, so step <= 2 * (bound - ulp(max_abs + bound)). The subtraction may round up by half
+// an ulp, which the factor 2 on the full ulp absorbs. 0 when the bound is below float
+// resolution at max_abs (the block is then stored verbatim).
+KVC_HD float step_for_bound(float bound, float max_abs) {
+  const float reach = max_abs + bound;
+  if (!(reach <= 3.4028234e38f)) return 0.0f;  // overflow or NaN
+  const float half = bound - float_ulp(reach);
+  return half > 0.0f ? 2.0f * half : 0.0f;
 }
 
 // Nearest code to x / step (ties to even), or a neighbour when float rounding of the product
@@ -202,15 +227,19 @@ KVC_HD bool quantize_element(float x, float step, float bound, int32_t& code) {
   return false;
 }
 
-// Step and bound of a group in relative mode: the bound is rel * (hi - lo); the step, 2 * bound
-// rounded down to bf16 (the stored width). A constant group gets the exact step of its value.
+// Step and bound of a group in relative mode: the bound is rel * (hi - lo); the step, from
+// step_for_bound rounded down to bf16 (the stored width). A constant group gets the exact step
+// of its value.
 struct GroupStep {
   float step;
   float bound;
 };
 KVC_HD GroupStep relative_group_step(float rel, float lo, float hi) {
   const float bound = rel * (hi - lo);
-  const float wanted = hi == lo ? constant_group_step(lo) : 2.0f * bound;
+  const float abs_lo = bits_float(float_bits(lo) & 0x7FFFFFFFu);
+  const float abs_hi = bits_float(float_bits(hi) & 0x7FFFFFFFu);
+  const float max_abs = abs_lo > abs_hi ? abs_lo : abs_hi;
+  const float wanted = hi == lo ? constant_group_step(lo) : step_for_bound(bound, max_abs);
   return {bf16_to_float(float_to_bf16_down(wanted)), bound};
 }
 

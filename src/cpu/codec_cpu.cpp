@@ -24,8 +24,8 @@ float load_element(const void* src, kvc_dtype dtype, size_t i) {
 
 void store_element(void* dst, kvc_dtype dtype, size_t i, float v) {
   switch (dtype) {
-    case KVC_DTYPE_FP16: static_cast<uint16_t*>(dst)[i] = f::float_to_half(v); break;
-    case KVC_DTYPE_BF16: static_cast<uint16_t*>(dst)[i] = f::float_to_bf16(v); break;
+    case KVC_DTYPE_FP16: static_cast<uint16_t*>(dst)[i] = f::float_to_half_saturate(v); break;
+    case KVC_DTYPE_BF16: static_cast<uint16_t*>(dst)[i] = f::float_to_bf16_saturate(v); break;
     default: static_cast<float*>(dst)[i] = v; break;
   }
 }
@@ -55,9 +55,13 @@ Quantized quantize(const CodecParams& p, const std::vector<float>& x) {
   Quantized q;
   q.steps.resize(p.num_groups);
   q.codes.resize(x.size());
+  // Absolute mode: one step for the block, sized for its largest magnitude.
+  float max_abs = 0.0f;
+  for (float v : x) max_abs = std::max(max_abs, std::fabs(v));
+  const f::GroupStep block_step{f::step_for_bound(p.error_bound, max_abs), p.error_bound};
   for (uint32_t g = 0; g < p.num_groups && q.ok; ++g) {
     const float* xs = &x[size_t(g) * p.group_size];
-    f::GroupStep gs{2.0f * p.error_bound, p.error_bound};
+    f::GroupStep gs = block_step;
     if (p.relative) {
       const auto [lo, hi] = std::minmax_element(xs, xs + p.group_size);
       gs = f::relative_group_step(p.error_bound, *lo, *hi);

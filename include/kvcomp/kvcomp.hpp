@@ -1,0 +1,179 @@
+// SPDX-License-Identifier: Apache-2.0
+// Header-only C++20 wrapper over the kvcomp C ABI: RAII handles, spans for buffers, and
+// kvcomp::Error (status + kvc_last_error() message) thrown for every failed call. It adds no
+// behaviour of its own: each method is one C call.
+#pragma once
+
+#include <kvcomp/kvcomp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace kvcomp {
+
+class Error : public std::runtime_error {
+ public:
+  Error(kvc_status_t status, const std::string& message)
+      : std::runtime_error(message), status_(status) {}
+  kvc_status_t status() const noexcept { return status_; }
+
+ private:
+  kvc_status_t status_;
+};
+
+// Throws kvcomp::Error for any status but KVC_SUCCESS.
+inline void check(kvc_status_t status) {
+  if (status != KVC_SUCCESS) {
+    throw Error(status, std::string(kvc_status_string(status)) + ": " + kvc_last_error());
+  }
+}
+
+namespace detail {
+template <class Handle, kvc_status_t (*Destroy)(Handle)>
+struct Deleter {
+  void operator()(Handle h) const noexcept { Destroy(h); }
+};
+template <class Handle, kvc_status_t (*Destroy)(Handle)>
+using Owned = std::unique_ptr<std::remove_pointer_t<Handle>, Deleter<Handle, Destroy>>;
+}  // namespace detail
+
+class Histogram {
+ public:
+  Histogram() {
+    kvc_histogram_t h = nullptr;
+    check(kvc_histogram_create(&h));
+    handle_.reset(h);
+  }
+  void add_counts(int32_t first_symbol, std::span<const uint64_t> counts) {
+    check(kvc_histogram_add_counts(get(), first_symbol, int32_t(counts.size()), counts.data()));
+  }
+  uint64_t total() const {
+    uint64_t t = 0;
+    check(kvc_histogram_total(get(), &t));
+    return t;
+  }
+  kvc_histogram_t get() const noexcept { return handle_.get(); }
+
+ private:
+  detail::Owned<kvc_histogram_t, kvc_histogram_destroy> handle_;
+};
+
+class Codebook {
+ public:
+  static Codebook build(const Histogram& histogram, const kvc_codebook_config* config = nullptr) {
+    kvc_codebook_t h = nullptr;
+    check(kvc_codebook_build(histogram.get(), config, &h));
+    return Codebook(h);
+  }
+  static Codebook deserialize(std::span<const uint8_t> bytes) {
+    kvc_codebook_t h = nullptr;
+    check(kvc_codebook_deserialize(bytes.data(), bytes.size(), &h));
+    return Codebook(h);
+  }
+  uint32_t id() const {
+    uint32_t id = 0;
+    check(kvc_codebook_id(get(), &id));
+    return id;
+  }
+  int32_t code_length(int32_t symbol) const {
+    int32_t bits = 0;
+    check(kvc_codebook_code_length(get(), symbol, &bits));
+    return bits;
+  }
+  std::vector<uint8_t> serialize() const {
+    size_t size = 0;
+    check(kvc_codebook_serialized_size(get(), &size));
+    std::vector<uint8_t> bytes(size);
+    check(kvc_codebook_serialize(get(), bytes.data(), bytes.size(), &size));
+    return bytes;
+  }
+  kvc_codebook_t get() const noexcept { return handle_.get(); }
+
+ private:
+  explicit Codebook(kvc_codebook_t h) : handle_(h) {}
+  detail::Owned<kvc_codebook_t, kvc_codebook_destroy> handle_;
+};
+
+// A codec on the CPU backend works on host memory; the single-block helpers below are for it.
+// The batched methods forward to the C calls and work on either backend.
+class Codec {
+ public:
+  explicit Codec(const kvc_codec_config& config, const Codebook* codebook = nullptr) {
+    kvc_codec_t h = nullptr;
+    check(kvc_codec_create(&config, codebook ? codebook->get() : nullptr, &h));
+    handle_.reset(h);
+  }
+  size_t max_block_bytes(kvc_dtype src_dtype) const {
+    size_t bytes = 0;
+    check(kvc_codec_max_block_bytes(get(), src_dtype, &bytes));
+    return bytes;
+  }
+  // One block [num_tokens, head_dim] at src (rows token_stride elements apart) into dst;
+  // returns the bytes written.
+  size_t encode(const void* src, kvc_dtype src_dtype, int64_t token_stride,
+                std::span<uint8_t> dst) const {
+    void* dst_ptr = dst.data();
+    uint32_t written = 0;
+    check(kvc_codec_encode(get(), 1, &src, token_stride, src_dtype, &dst_ptr, dst.size(),
+                           &written, nullptr));
+    return written;
+  }
+  // One block into a new buffer of exactly its size.
+  std::vector<uint8_t> encode(const void* src, kvc_dtype src_dtype, int64_t token_stride) const {
+    std::vector<uint8_t> out(max_block_bytes(src_dtype));
+    out.resize(encode(src, src_dtype, token_stride, out));
+    return out;
+  }
+  void decode(std::span<const uint8_t> block, kvc_dtype dst_dtype, void* dst,
+              int64_t token_stride) const {
+    const void* src = block.data();
+    const uint32_t bytes = uint32_t(std::min<size_t>(block.size(), UINT32_MAX));
+    check(kvc_codec_decode(get(), 1, &src, &bytes, dst_dtype, &dst, token_stride, nullptr,
+                           nullptr));
+  }
+  void add_to_histogram(const void* src, kvc_dtype src_dtype, int64_t token_stride,
+                        Histogram& histogram) const {
+    check(kvc_codec_histogram(get(), 1, &src, token_stride, src_dtype, histogram.get(), nullptr));
+  }
+
+  void encode_batch(std::span<const void* const> src_blocks, int64_t src_token_stride,
+                    kvc_dtype src_dtype, std::span<void* const> dst_blocks,
+                    size_t dst_capacity_bytes, uint32_t* block_bytes,
+                    void* stream = nullptr) const {
+    require_same_size(src_blocks.size(), dst_blocks.size());
+    check(kvc_codec_encode(get(), int32_t(src_blocks.size()), src_blocks.data(), src_token_stride,
+                           src_dtype, dst_blocks.data(), dst_capacity_bytes, block_bytes, stream));
+  }
+  void decode_batch(std::span<const void* const> src_blocks, const uint32_t* src_bytes,
+                    kvc_dtype dst_dtype, std::span<void* const> dst_blocks,
+                    int64_t dst_token_stride, kvc_status_t* block_status = nullptr,
+                    void* stream = nullptr) const {
+    require_same_size(src_blocks.size(), dst_blocks.size());
+    check(kvc_codec_decode(get(), int32_t(src_blocks.size()), src_blocks.data(), src_bytes,
+                           dst_dtype, dst_blocks.data(), dst_token_stride, block_status, stream));
+  }
+  kvc_codec_t get() const noexcept { return handle_.get(); }
+
+ private:
+  static void require_same_size(size_t a, size_t b) {
+    if (a != b || a > size_t(INT32_MAX)) {
+      throw Error(KVC_ERROR_INVALID_ARGUMENT,
+                  "kvcomp::Codec: source and destination block spans differ in size");
+    }
+  }
+  detail::Owned<kvc_codec_t, kvc_codec_destroy> handle_;
+};
+
+inline kvc_block_info inspect(std::span<const uint8_t> block) {
+  kvc_block_info info = KVC_BLOCK_INFO_INIT;
+  check(kvc_block_inspect(block.data(), block.size(), &info));
+  return info;
+}
+
+}  // namespace kvcomp

@@ -1,0 +1,188 @@
+// SPDX-License-Identifier: Apache-2.0
+// The shared __host__ __device__ primitives of kernels/common/format.cuh, checked against
+// independent oracles: the compiler's own _Float16, exhaustive enumeration, exact arithmetic.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "kernels/common/format.cuh"
+
+namespace kvc::format {
+namespace {
+
+uint16_t compiler_half_bits(float v) {
+  const _Float16 h = static_cast<_Float16>(v);
+  uint16_t bits;
+  std::memcpy(&bits, &h, 2);
+  return bits;
+}
+
+TEST(Format, HalfToFloatIsExactForEveryHalf) {
+  for (uint32_t h = 0; h < 65536; ++h) {
+    _Float16 ref;
+    const uint16_t bits = uint16_t(h);
+    std::memcpy(&ref, &bits, 2);
+    const float expected = static_cast<float>(ref);
+    const float got = half_to_float(bits);
+    if (std::isnan(expected)) {
+      ASSERT_TRUE(std::isnan(got)) << h;
+    } else {
+      ASSERT_EQ(float_bits(got), float_bits(expected)) << h;
+      ASSERT_EQ(float_to_half(got), bits) << h;  // and back
+    }
+  }
+}
+
+TEST(Format, FloatToHalfRoundsLikeTheCompiler) {
+  std::mt19937 rng(1);
+  for (int i = 0; i < 2000000; ++i) {
+    // Random bit patterns concentrated on half's range, plus everything else.
+    uint32_t u = rng();
+    if (i % 2) u = (u & 0x807FFFFFu) | ((100u + rng() % 50u) << 23);
+    float v;
+    std::memcpy(&v, &u, 4);
+    if (std::isnan(v)) continue;
+    ASSERT_EQ(float_to_half(v), compiler_half_bits(v)) << std::hexfloat << v;
+  }
+  // Ties at the subnormal/normal boundaries and at overflow.
+  for (float v : {65504.0f, 65519.99f, 65520.0f, 0x1.0p-24f, 0x1.0p-25f, 0x1.8p-25f, 0x1.0p-14f,
+                  0x1.ffcp-15f, 0x1.ffep-15f}) {
+    EXPECT_EQ(float_to_half(v), compiler_half_bits(v)) << std::hexfloat << v;
+    EXPECT_EQ(float_to_half(-v), compiler_half_bits(-v)) << std::hexfloat << v;
+  }
+}
+
+TEST(Format, Bf16RoundsToNearestEven) {
+  std::mt19937 rng(2);
+  for (int i = 0; i < 1000000; ++i) {
+    const uint32_t u = rng();
+    float v;
+    std::memcpy(&v, &u, 4);
+    if (!std::isfinite(v)) continue;
+    const uint16_t b = float_to_bf16(v);
+    if (std::fabs(v) >= 0x1.ffp127f) {  // past bf16's largest finite value and the midpoint
+      ASSERT_TRUE(std::isinf(bf16_to_float(b))) << std::hexfloat << v;
+      continue;
+    }
+    const double err = std::fabs(double(bf16_to_float(b)) - double(v));
+    // The two bf16 neighbours of v: no one closer, and ties go to the even one.
+    const uint16_t down = uint16_t(u >> 16);
+    const uint16_t up = uint16_t(down + 1);
+    const double err_down = std::fabs(double(bf16_to_float(down)) - double(v));
+    const double err_up = std::fabs(double(bf16_to_float(up)) - double(v));
+    ASSERT_LE(err, std::min(err_down, err_up)) << std::hexfloat << v;
+    if (err_down == err_up) ASSERT_EQ(b & 1u, 0u) << std::hexfloat << v;
+    // Rounding down never exceeds the magnitude.
+    ASSERT_LE(std::fabs(bf16_to_float(float_to_bf16_down(std::fabs(v)))), std::fabs(v));
+  }
+}
+
+TEST(Format, ConstantGroupStepDividesTheValueExactly) {
+  std::mt19937 rng(3);
+  for (int i = 0; i < 200000; ++i) {
+    const uint32_t u = rng() & 0x7F7FFFFFu;  // finite
+    float x;
+    std::memcpy(&x, &u, 4);
+    const float step = constant_group_step(x);
+    const double q = double(x) / double(step);
+    ASSERT_EQ(q, std::floor(q)) << std::hexfloat << x;
+    ASSERT_LT(std::fabs(q), double(kMaxAbsCode)) << std::hexfloat << x;
+    int e = 0;
+    ASSERT_EQ(std::frexp(step, &e), 0.5f) << "a power of two: " << std::hexfloat << step;
+  }
+  EXPECT_EQ(constant_group_step(0.0f), 1.0f);
+}
+
+TEST(Format, QuantizeElementMeetsTheBoundOrRefuses) {
+  std::mt19937 rng(4);
+  std::uniform_real_distribution<float> value(-100.0f, 100.0f);
+  for (int i = 0; i < 500000; ++i) {
+    const float x = value(rng);
+    const float bound = std::ldexp(1.0f, -int(rng() % 30)) * (1.0f + float(rng() % 100) / 100);
+    const float step = step_for_bound(bound, std::fabs(x));
+    int32_t code = 0;
+    if (quantize_element(x, step, bound, code)) {
+      ASSERT_LE(std::fabs(double(x) - double(dequantize(code, step))), double(bound));
+      ASSERT_LT(std::abs(code), kMaxAbsCode);
+      ASSERT_GE(step, 2.0 * bound - 3.0 * double(float_ulp(std::fabs(x) + bound)));
+    } else {
+      // With a step from step_for_bound, refusal happens only when the code would not fit
+      // or no positive step exists.
+      ASSERT_TRUE(step == 0.0f || std::fabs(x) / step >= float(kMaxAbsCode) - 1)
+          << x << " " << bound << " " << step;
+    }
+  }
+}
+
+TEST(Format, MeanCenterIsTheRoundedMean) {
+  for (int64_t sum = -1000; sum <= 1000; ++sum) {
+    for (uint32_t n : {1u, 2u, 3u, 7u, 64u}) {
+      EXPECT_EQ(mean_center(sum, n), int32_t(std::floor(double(sum) / n + 0.5))) << sum << "/" << n;
+    }
+  }
+}
+
+TEST(Format, SignedBitWidthHoldsTheValue) {
+  for (int32_t s = -70000; s <= 70000; ++s) {
+    const uint32_t w = signed_bit_width(s);
+    ASSERT_EQ(sign_extend(uint32_t(s) & ((w >= 32 ? 0u : (1u << w)) - 1u), w), s) << s;
+    if (w > 1) ASSERT_NE(sign_extend(uint32_t(s) & ((1u << (w - 1)) - 1u), w - 1), s) << s;
+  }
+}
+
+TEST(Format, BitWriterAndReaderAgree) {
+  std::mt19937 rng(5);
+  std::vector<std::pair<uint32_t, uint32_t>> fields;
+  uint64_t bits = 0;
+  for (int i = 0; i < 20000; ++i) {
+    const uint32_t w = rng() % 33;
+    const uint32_t v = w == 32 ? rng() : (w == 0 ? 0 : rng() & ((1u << w) - 1u));
+    fields.emplace_back(v, w);
+    bits += w;
+  }
+  std::vector<uint8_t> buffer((bits + 7) / 8, 0);
+  BitWriter out(buffer.data());
+  for (auto [v, w] : fields) out.write(v, w);
+  out.flush();
+  EXPECT_EQ(out.next_byte, buffer.size());
+  BitReader in(buffer.data(), uint32_t(buffer.size()));
+  for (auto [v, w] : fields) {
+    ASSERT_EQ(in.peek(w), v);
+    in.skip(w);
+  }
+  EXPECT_FALSE(in.overrun());
+  in.read(8);
+  EXPECT_TRUE(in.overrun());
+  // LSB-first: the first bit written is bit 0 of byte 0.
+  std::vector<uint8_t> one(1, 0);
+  BitWriter w1(one.data());
+  w1.write(1, 1);
+  w1.write(0, 1);
+  w1.write(1, 1);
+  w1.flush();
+  EXPECT_EQ(one[0], 0x05);
+}
+
+TEST(Format, ElementCoordsCoverTheBlockOnce) {
+  for (bool is_value : {false, true}) {
+    for (uint32_t group : {4u, 8u, 16u}) {
+      const uint32_t tokens = 16, dim = 16;
+      const uint32_t gs = is_value ? group : tokens;
+      std::vector<int> seen(tokens * dim, 0);
+      for (uint32_t g = 0; g < tokens * dim / gs; ++g) {
+        for (uint32_t e = 0; e < gs; ++e) {
+          const Coord c = element_coord(is_value, dim, gs, g, e);
+          ASSERT_LT(c.token, tokens);
+          ASSERT_LT(c.channel, dim);
+          seen[c.token * dim + c.channel]++;
+        }
+      }
+      for (int s : seen) ASSERT_EQ(s, 1);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace kvc::format
