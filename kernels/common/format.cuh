@@ -451,4 +451,64 @@ KVC_HD ParseError parse_block(const uint8_t* p, uint64_t available, BlockLayout&
   return ParseError::kNone;
 }
 
+// ---- Writing a block: shared by the CPU and CUDA encoders so their sizes and headers agree ----
+
+constexpr uint32_t kMaxStreamEnd = 0xFFFFu;  // sub-stream ends are 16-bit
+
+// The layout of a candidate encoding, sized before anything is written.
+KVC_HD BlockLayout make_layout(bool is_value, uint32_t num_tokens, uint32_t head_dim,
+                               uint32_t group_size, uint32_t encoding, bool relative,
+                               uint32_t code_bits, int32_t center_base, uint32_t center_bits,
+                               uint32_t num_substreams, uint32_t codebook_id,
+                               uint32_t raw_dtype, uint64_t payload_bytes) {
+  BlockLayout b{};
+  b.encoding = encoding;
+  b.is_value = is_value;
+  b.per_group_step = encoding != kRaw && relative;
+  b.raw_dtype = encoding == kRaw ? raw_dtype : 0u;
+  b.code_bits = code_bits;
+  b.num_tokens = num_tokens;
+  b.head_dim = head_dim;
+  b.group_size = group_size;
+  b.num_groups = num_tokens * head_dim / group_size;
+  b.num_substreams = encoding == kHuffman ? num_substreams : 0u;
+  b.codebook_id = encoding == kHuffman ? codebook_id : 0u;
+  b.center_base = encoding == kRaw ? 0 : center_base;
+  b.center_bits = encoding == kRaw ? 0u : center_bits;
+  place_sections(b);
+  b.payload_bytes = uint32_t(payload_bytes);
+  b.block_bytes = b.payload_offset + align4(uint32_t(payload_bytes));
+  return b;
+}
+
+KVC_HD void write_header(const BlockLayout& b, uint8_t* dst) {
+  for (uint32_t i = 0; i < kHeaderBytes; ++i) dst[i] = 0;
+  store_u32(dst + offset::kMagic, kBlockMagic);
+  store_u8(dst + offset::kVersion, kVersion);
+  store_u8(dst + offset::kEncoding, b.encoding);
+  const uint32_t flags = (b.is_value ? flag::kValue : 0u) |
+                         (b.per_group_step ? flag::kPerGroupStep : 0u) |
+                         (b.raw_dtype << flag::kRawDtypeShift);
+  store_u8(dst + offset::kFlags, flags);
+  store_u8(dst + offset::kCodeBits, b.code_bits);
+  store_u16(dst + offset::kNumTokens, b.num_tokens);
+  store_u16(dst + offset::kHeadDim, b.head_dim);
+  store_u16(dst + offset::kGroupSize, b.group_size);
+  store_u16(dst + offset::kSubstreams, b.num_substreams);
+  store_u32(dst + offset::kBlockBytes, b.block_bytes);
+  store_u32(dst + offset::kCodebookId, b.codebook_id);
+  store_u32(dst + offset::kCenterBase, uint32_t(b.center_base));
+  store_u8(dst + offset::kCenterBits, b.center_bits);
+}
+
+// Group of an element at (token, channel), and its position inside the group.
+KVC_HD uint32_t group_of(bool is_value, uint32_t head_dim, uint32_t group_size, uint32_t token,
+                         uint32_t channel) {
+  return is_value ? token * (head_dim / group_size) + channel / group_size : channel;
+}
+KVC_HD uint32_t position_of(bool is_value, uint32_t group_size, uint32_t token,
+                            uint32_t channel) {
+  return is_value ? channel % group_size : token;
+}
+
 }  // namespace kvc::format

@@ -14,6 +14,9 @@ class Histogram {
  public:
   Histogram();
   void add(int32_t symbol, uint64_t count = 1);
+  // Occurrences of symbols too far out to bin (the GPU histogram's window is +-2^15): they can
+  // only ever be escapes, so they weigh the escape and nothing else.
+  void add_unbinned(uint64_t count) { total_ += count; }
   uint64_t total() const { return total_; }
   // Non-zero counts in increasing symbol order.
   std::vector<std::pair<int32_t, uint64_t>> nonzero() const;

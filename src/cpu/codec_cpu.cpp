@@ -98,33 +98,23 @@ struct Plan {
   bool eligible = false;
 };
 
-f::BlockLayout base_layout(const CodecParams& p, uint32_t encoding) {
-  f::BlockLayout b{};
-  b.encoding = encoding;
-  b.is_value = p.is_value;
-  b.per_group_step = encoding != f::kRaw && p.relative;
-  b.num_tokens = p.num_tokens;
-  b.head_dim = p.head_dim;
-  b.group_size = p.group_size;
-  b.num_groups = p.num_groups;
-  return b;
-}
-
-void set_centers(Plan& plan) {
-  const auto [lo, hi] = std::minmax_element(plan.centers.begin(), plan.centers.end());
-  plan.layout.center_base = *lo;
-  plan.layout.center_bits = f::bit_width(uint32_t(int64_t(*hi) - *lo));
-}
-
-void finish_size(Plan& plan, uint64_t payload_bytes) {
-  f::place_sections(plan.layout);
-  plan.layout.payload_bytes = uint32_t(payload_bytes);
-  plan.layout.block_bytes = plan.layout.payload_offset + f::align4(uint32_t(payload_bytes));
+f::BlockLayout layout_of(const CodecParams& p, uint32_t encoding, uint32_t code_bits,
+                         const std::vector<int32_t>& centers, uint32_t codebook_id,
+                         uint32_t raw_dtype, uint64_t payload_bytes) {
+  int32_t base = 0;
+  uint32_t bits = 0;
+  if (!centers.empty()) {
+    const auto [lo, hi] = std::minmax_element(centers.begin(), centers.end());
+    base = *lo;
+    bits = f::bit_width(uint32_t(int64_t(*hi) - *lo));
+  }
+  return f::make_layout(p.is_value, p.num_tokens, p.head_dim, p.group_size, encoding,
+                        p.relative, code_bits, base, bits, p.num_substreams, codebook_id,
+                        raw_dtype, payload_bytes);
 }
 
 Plan plan_fixed(const CodecParams& p, const Quantized& q) {
   Plan plan;
-  plan.layout = base_layout(p, f::kFixed);
   plan.centers = group_centers(p, q, /*mean=*/false);
   uint32_t width = 0;
   for (uint32_t g = 0; g < p.num_groups; ++g) {
@@ -132,9 +122,8 @@ Plan plan_fixed(const CodecParams& p, const Quantized& q) {
     const int32_t hi = *std::max_element(c, c + p.group_size);
     width = std::max(width, f::bit_width(uint32_t(int64_t(hi) - plan.centers[g])));
   }
-  plan.layout.code_bits = width;
-  set_centers(plan);
-  finish_size(plan, (uint64_t(p.num_elements()) * width + 7) / 8);
+  plan.layout = layout_of(p, f::kFixed, width, plan.centers, 0, 0,
+                          (uint64_t(p.num_elements()) * width + 7) / 8);
   plan.eligible = true;
   return plan;
 }
@@ -146,11 +135,7 @@ int32_t symbol_of(const Quantized& q, const Plan& plan, uint32_t group_size, uin
 
 Plan plan_huffman(const CodecParams& p, const Codebook& book, const Quantized& q) {
   Plan plan;
-  plan.layout = base_layout(p, f::kHuffman);
-  plan.layout.num_substreams = p.num_substreams;
-  plan.layout.codebook_id = book.id();
   plan.centers = group_centers(p, q, /*mean=*/true);
-  set_centers(plan);
   uint32_t escape_bits = 0;
   for (uint32_t g = 0; g < p.num_groups; ++g) {
     for (uint32_t e = 0; e < p.group_size; ++e) {
@@ -160,7 +145,6 @@ Plan plan_huffman(const CodecParams& p, const Codebook& book, const Quantized& q
       }
     }
   }
-  plan.layout.code_bits = escape_bits;
   // Stream s holds positions [s * per, (s + 1) * per) of every group, position-major.
   const uint32_t per = p.group_size / p.num_substreams;
   uint64_t end = 0;
@@ -175,38 +159,17 @@ Plan plan_huffman(const CodecParams& p, const Codebook& book, const Quantized& q
     end += (bits + 7) / 8;
     plan.stream_ends.push_back(uint32_t(std::min<uint64_t>(end, UINT32_MAX)));
   }
-  plan.eligible = end <= 0xFFFF;  // stream ends are 16-bit
-  finish_size(plan, end);
+  plan.eligible = end <= f::kMaxStreamEnd;
+  plan.layout = layout_of(p, f::kHuffman, escape_bits, plan.centers, book.id(), 0, end);
   return plan;
 }
 
 Plan plan_raw(const CodecParams& p, kvc_dtype dtype) {
   Plan plan;
-  plan.layout = base_layout(p, f::kRaw);
-  plan.layout.raw_dtype = uint32_t(dtype);
-  finish_size(plan, uint64_t(p.num_elements()) * dtype_size(dtype));
+  plan.layout = layout_of(p, f::kRaw, 0, {}, 0, uint32_t(dtype),
+                          uint64_t(p.num_elements()) * dtype_size(dtype));
   plan.eligible = true;
   return plan;
-}
-
-void write_header(const f::BlockLayout& b, uint8_t* dst) {
-  std::memset(dst, 0, f::kHeaderBytes);
-  f::store_u32(dst + f::offset::kMagic, f::kBlockMagic);
-  f::store_u8(dst + f::offset::kVersion, f::kVersion);
-  f::store_u8(dst + f::offset::kEncoding, b.encoding);
-  const uint32_t flags = (b.is_value ? f::flag::kValue : 0u) |
-                         (b.per_group_step ? f::flag::kPerGroupStep : 0u) |
-                         (b.raw_dtype << f::flag::kRawDtypeShift);
-  f::store_u8(dst + f::offset::kFlags, flags);
-  f::store_u8(dst + f::offset::kCodeBits, b.code_bits);
-  f::store_u16(dst + f::offset::kNumTokens, b.num_tokens);
-  f::store_u16(dst + f::offset::kHeadDim, b.head_dim);
-  f::store_u16(dst + f::offset::kGroupSize, b.group_size);
-  f::store_u16(dst + f::offset::kSubstreams, b.num_substreams);
-  f::store_u32(dst + f::offset::kBlockBytes, b.block_bytes);
-  f::store_u32(dst + f::offset::kCodebookId, b.codebook_id);
-  f::store_u32(dst + f::offset::kCenterBase, uint32_t(b.center_base));
-  f::store_u8(dst + f::offset::kCenterBits, b.center_bits);
 }
 
 void write_steps_and_centers(const CodecParams& p, const Quantized& q, const Plan& plan,
@@ -231,7 +194,7 @@ void write_block(const CodecParams& p, const Codebook* book, const Quantized& q,
                  uint8_t* dst) {
   const f::BlockLayout& b = plan.layout;
   std::memset(dst, 0, b.block_bytes);
-  write_header(b, dst);
+  f::write_header(b, dst);
   uint8_t* payload = dst + b.payload_offset;
   if (b.encoding == f::kRaw) {
     // Row-major [num_tokens, head_dim], verbatim bytes of the input dtype (a little-endian
