@@ -12,6 +12,9 @@
 #include "core/error.hpp"
 #include "cpu/codec_cpu.hpp"
 #include "kernels/common/format.cuh"
+#if defined(KVC_WITH_CUDA)
+#include "kernels/codec/cuda_codec.hpp"
+#endif
 
 struct kvc_histogram_s {
   kvc::Histogram histogram;
@@ -24,6 +27,10 @@ struct kvc_codebook_s {
 struct kvc_codec_s {
   kvc::CodecParams params;
   std::shared_ptr<const kvc::Codebook> book;  // may be null
+#if defined(KVC_WITH_CUDA)
+  kvc::cuda::DeviceCodecPtr device;  // the CUDA backend's tables
+#endif
+  bool on_cuda() const { return params.backend == KVC_BACKEND_CUDA; }
 };
 
 namespace {
@@ -58,9 +65,23 @@ void require_stride(int64_t stride, const kvc::CodecParams& p, const char* name)
           p.head_dim, ", 2^40]");
 }
 
-void require_cpu(const kvc::CodecParams& p) {
-  if (p.backend != KVC_BACKEND_CPU) {
-    fail(KVC_ERROR_NOT_SUPPORTED, "the CUDA codec is not available in this build");
+#if !defined(KVC_WITH_CUDA)
+[[noreturn]] void no_cuda() {
+  fail(KVC_ERROR_NOT_SUPPORTED,
+       "this build of kvcomp has no CUDA backend (it was built without a CUDA compiler)");
+}
+#endif
+
+// Host-side checks of each block pointer: only where the arrays are host memory.
+void require_block_pointers(const kvc_codec_s& codec, int32_t num_blocks,
+                            const void* const* src, void* const* dst, bool check_alignment) {
+  if (codec.on_cuda()) return;
+  for (int32_t i = 0; i < num_blocks; ++i) {
+    require(src[i] != nullptr, KVC_ERROR_NULL_POINTER, "src_blocks[", i, "] is NULL");
+    if (dst == nullptr) continue;
+    require(dst[i] != nullptr, KVC_ERROR_NULL_POINTER, "dst_blocks[", i, "] is NULL");
+    require(!check_alignment || reinterpret_cast<uintptr_t>(dst[i]) % 4 == 0,
+            KVC_ERROR_INVALID_ARGUMENT, "dst_blocks[", i, "] is not 4-byte aligned");
   }
 }
 
@@ -232,8 +253,17 @@ kvc_status_t kvc_codec_create(const kvc_codec_config* config, kvc_codebook_t cod
     require_not_null(config, "config");
     require_not_null(codec, "codec");
     const kvc::CodecParams params = kvc::CodecParams::from_config(*config, codebook != nullptr);
-    require_cpu(params);
-    *codec = new kvc_codec_s{params, codebook ? codebook->book : nullptr};
+    auto made = std::make_unique<kvc_codec_s>();
+    made->params = params;
+    made->book = codebook ? codebook->book : nullptr;
+    if (made->on_cuda()) {
+#if defined(KVC_WITH_CUDA)
+      made->device = kvc::cuda::create_device_codec(params, made->book.get());
+#else
+      no_cuda();
+#endif
+    }
+    *codec = made.release();
   });
 }
 
@@ -263,26 +293,37 @@ kvc_status_t kvc_codec_encode(kvc_codec_t codec, int32_t num_blocks,
             "block_bytes is NULL");
     require_stride(src_token_stride, p, "src_token_stride");
     require_dtype(src_dtype, "src_dtype");
-    for (int32_t i = 0; i < num_blocks; ++i) {
-      require(src_blocks[i] != nullptr, KVC_ERROR_NULL_POINTER, "src_blocks[", i, "] is NULL");
-      require(dst_blocks[i] != nullptr, KVC_ERROR_NULL_POINTER, "dst_blocks[", i, "] is NULL");
-      require(reinterpret_cast<uintptr_t>(dst_blocks[i]) % 4 == 0, KVC_ERROR_INVALID_ARGUMENT,
-              "dst_blocks[", i, "] is not 4-byte aligned");
+    require_block_pointers(*codec, num_blocks, src_blocks, dst_blocks, /*check_alignment=*/true);
+    if (codec->on_cuda()) {
+      // Sizes are known only on the device: every block must fit whatever it becomes.
+      require(dst_capacity_bytes >= p.max_block_bytes(src_dtype), KVC_ERROR_BUFFER_TOO_SMALL,
+              "dst_capacity_bytes = ", dst_capacity_bytes, " but the CUDA backend needs ",
+              p.max_block_bytes(src_dtype), " (kvc_codec_max_block_bytes)");
+#if defined(KVC_WITH_CUDA)
+      kvc::cuda::encode(*codec->device, num_blocks, src_blocks, src_token_stride, src_dtype,
+                        dst_blocks, block_bytes, stream);
+      return;
+#else
+      no_cuda();
+#endif
     }
-    require_cpu(p);
-    // Every input is checked before the first block is written.
+    // Every input is checked, and every block sized, before the first block is written.
     for (int32_t i = 0; i < num_blocks; ++i) {
       kvc::cpu::check_finite(p, i, src_blocks[i], src_token_stride, src_dtype);
     }
-    for (int32_t i = 0; i < num_blocks; ++i) {
-      try {
-        block_bytes[i] = kvc::cpu::encode_block(p, codec->book.get(), src_blocks[i],
-                                                src_token_stride, src_dtype,
-                                                static_cast<uint8_t*>(dst_blocks[i]),
-                                                dst_capacity_bytes);
-      } catch (const kvc::Error& e) {
-        fail(e.status(), "block ", i, ": ", e.what());
+    if (dst_capacity_bytes < p.max_block_bytes(src_dtype)) {
+      for (int32_t i = 0; i < num_blocks; ++i) {
+        const uint32_t need = kvc::cpu::encoded_size(p, codec->book.get(), src_blocks[i],
+                                                     src_token_stride, src_dtype);
+        require(need <= dst_capacity_bytes, KVC_ERROR_BUFFER_TOO_SMALL, "block ", i, " needs ",
+                need, " bytes but dst_capacity_bytes = ", dst_capacity_bytes,
+                " (kvc_codec_max_block_bytes gives a capacity that always suffices)");
       }
+    }
+    for (int32_t i = 0; i < num_blocks; ++i) {
+      block_bytes[i] = kvc::cpu::encode_block(p, codec->book.get(), src_blocks[i],
+                                              src_token_stride, src_dtype,
+                                              static_cast<uint8_t*>(dst_blocks[i]));
     }
   });
 }
@@ -300,11 +341,18 @@ kvc_status_t kvc_codec_decode(kvc_codec_t codec, int32_t num_blocks,
             "dst_blocks is NULL");
     require_stride(dst_token_stride, p, "dst_token_stride");
     require_dtype(dst_dtype, "dst_dtype");
-    for (int32_t i = 0; i < num_blocks; ++i) {
-      require(src_blocks[i] != nullptr, KVC_ERROR_NULL_POINTER, "src_blocks[", i, "] is NULL");
-      require(dst_blocks[i] != nullptr, KVC_ERROR_NULL_POINTER, "dst_blocks[", i, "] is NULL");
+    require_block_pointers(*codec, num_blocks, src_blocks, dst_blocks, /*check_alignment=*/false);
+    if (codec->on_cuda()) {
+      require(num_blocks == 0 || block_status != nullptr, KVC_ERROR_NULL_POINTER,
+              "block_status is NULL (the CUDA backend reports corrupt blocks only there)");
+#if defined(KVC_WITH_CUDA)
+      kvc::cuda::decode(*codec->device, num_blocks, src_blocks, src_bytes, dst_dtype, dst_blocks,
+                        dst_token_stride, block_status, stream);
+      return;
+#else
+      no_cuda();
+#endif
     }
-    require_cpu(p);
     kvc_status_t first_status = KVC_SUCCESS;
     std::string first_message;
     for (int32_t i = 0; i < num_blocks; ++i) {
@@ -333,16 +381,22 @@ kvc_status_t kvc_codec_histogram(kvc_codec_t codec, int32_t num_blocks,
     require_not_null(histogram, "histogram");
     require_stride(src_token_stride, p, "src_token_stride");
     require_dtype(src_dtype, "src_dtype");
-    for (int32_t i = 0; i < num_blocks; ++i) {
-      require(src_blocks[i] != nullptr, KVC_ERROR_NULL_POINTER, "src_blocks[", i, "] is NULL");
-    }
-    require_cpu(p);
-    for (int32_t i = 0; i < num_blocks; ++i) {
-      kvc::cpu::check_finite(p, i, src_blocks[i], src_token_stride, src_dtype);
-    }
+    require_block_pointers(*codec, num_blocks, src_blocks, nullptr, false);
     kvc::Histogram updated = histogram->histogram;  // all or nothing
-    for (int32_t i = 0; i < num_blocks; ++i) {
-      kvc::cpu::histogram_block(p, src_blocks[i], src_token_stride, src_dtype, updated);
+    if (codec->on_cuda()) {
+#if defined(KVC_WITH_CUDA)
+      kvc::cuda::histogram(*codec->device, num_blocks, src_blocks, src_token_stride, src_dtype,
+                           updated, stream);
+#else
+      no_cuda();
+#endif
+    } else {
+      for (int32_t i = 0; i < num_blocks; ++i) {
+        kvc::cpu::check_finite(p, i, src_blocks[i], src_token_stride, src_dtype);
+      }
+      for (int32_t i = 0; i < num_blocks; ++i) {
+        kvc::cpu::histogram_block(p, src_blocks[i], src_token_stride, src_dtype, updated);
+      }
     }
     histogram->histogram = std::move(updated);
   });

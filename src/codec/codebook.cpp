@@ -9,25 +9,18 @@
 
 namespace kvc {
 
-Histogram::Histogram() : dense_(2 * kDenseHalf, 0) {}
+Histogram::Histogram() : bins_(2 * kHalfWidth, 0) {}
 
 void Histogram::add(int32_t symbol, uint64_t count) {
-  if (symbol >= -kDenseHalf && symbol < kDenseHalf) {
-    dense_[size_t(symbol + kDenseHalf)] += count;
-  } else {
-    sparse_[symbol] += count;
-  }
+  if (symbol >= -kHalfWidth && symbol < kHalfWidth) bins_[size_t(symbol + kHalfWidth)] += count;
   total_ += count;
 }
 
 std::vector<std::pair<int32_t, uint64_t>> Histogram::nonzero() const {
   std::vector<std::pair<int32_t, uint64_t>> out;
-  auto sparse = sparse_.begin();
-  for (; sparse != sparse_.end() && sparse->first < -kDenseHalf; ++sparse) out.push_back(*sparse);
-  for (size_t i = 0; i < dense_.size(); ++i) {
-    if (dense_[i] != 0) out.emplace_back(int32_t(i) - kDenseHalf, dense_[i]);
+  for (size_t i = 0; i < bins_.size(); ++i) {
+    if (bins_[i] != 0) out.emplace_back(int32_t(i) - kHalfWidth, bins_[i]);
   }
-  for (; sparse != sparse_.end(); ++sparse) out.push_back(*sparse);
   return out;
 }
 

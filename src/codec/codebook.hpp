@@ -5,27 +5,26 @@
 #include <kvcomp/kvcomp.h>
 
 #include <cstdint>
-#include <map>
 #include <vector>
 
 namespace kvc {
 
+// Counts of the symbols in [-2^15, 2^15): a codebook's window always lies there. Symbols
+// outside can only ever be escaped, so they add to the total (the escape's weight) and nothing
+// else. The CPU and GPU histograms bin the same way, so they build the same codebooks.
 class Histogram {
  public:
+  static constexpr int32_t kHalfWidth = 1 << 15;
+
   Histogram();
   void add(int32_t symbol, uint64_t count = 1);
-  // Occurrences of symbols too far out to bin (the GPU histogram's window is +-2^15): they can
-  // only ever be escapes, so they weigh the escape and nothing else.
   void add_unbinned(uint64_t count) { total_ += count; }
   uint64_t total() const { return total_; }
-  // Non-zero counts in increasing symbol order.
+  // Non-zero bins in increasing symbol order.
   std::vector<std::pair<int32_t, uint64_t>> nonzero() const;
 
  private:
-  // Symbols near 0 are nearly all of them: a dense window, and a map for the rest.
-  static constexpr int32_t kDenseHalf = 1 << 15;
-  std::vector<uint64_t> dense_;
-  std::map<int32_t, uint64_t> sparse_;
+  std::vector<uint64_t> bins_;
   uint64_t total_ = 0;
 };
 

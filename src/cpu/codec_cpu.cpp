@@ -247,15 +247,22 @@ void check_finite(const CodecParams& p, int32_t block, const void* src, int64_t 
   }
 }
 
-uint32_t encode_block(const CodecParams& p, const Codebook* book, const void* src,
-                      int64_t stride, kvc_dtype dtype, uint8_t* dst, size_t capacity) {
-  const std::vector<float> x = gather_groups(p, src, stride, dtype);
-  const Quantized q = quantize(p, x);
-  // Candidates in order of preference on equal size: fixed, Huffman, verbatim.
+namespace {
+
+// The chosen encoding of a block: the smallest candidate, preferring fixed, then Huffman, then
+// verbatim on equal size.
+struct Choice {
+  Quantized q;
+  Plan plan;
+};
+
+Choice choose(const CodecParams& p, const Codebook* book, const void* src, int64_t stride,
+              kvc_dtype dtype) {
+  Choice c{quantize(p, gather_groups(p, src, stride, dtype)), {}};
   std::vector<Plan> plans;
-  if (q.ok && p.entropy != KVC_ENTROPY_HUFFMAN) plans.push_back(plan_fixed(p, q));
-  if (q.ok && book != nullptr && p.entropy != KVC_ENTROPY_FIXED) {
-    plans.push_back(plan_huffman(p, *book, q));
+  if (c.q.ok && p.entropy != KVC_ENTROPY_HUFFMAN) plans.push_back(plan_fixed(p, c.q));
+  if (c.q.ok && book != nullptr && p.entropy != KVC_ENTROPY_FIXED) {
+    plans.push_back(plan_huffman(p, *book, c.q));
   }
   plans.push_back(plan_raw(p, dtype));
   const Plan* best = nullptr;
@@ -264,11 +271,22 @@ uint32_t encode_block(const CodecParams& p, const Codebook* book, const void* sr
       best = &plan;
     }
   }
-  require(best->layout.block_bytes <= capacity, KVC_ERROR_BUFFER_TOO_SMALL, "the block needs ",
-          best->layout.block_bytes, " bytes but dst_capacity_bytes = ", capacity,
-          " (kvc_codec_max_block_bytes gives a capacity that always suffices)");
-  write_block(p, book, q, src, stride, dtype, *best, dst);
-  return best->layout.block_bytes;
+  c.plan = *best;
+  return c;
+}
+
+}  // namespace
+
+uint32_t encoded_size(const CodecParams& p, const Codebook* book, const void* src,
+                      int64_t stride, kvc_dtype dtype) {
+  return choose(p, book, src, stride, dtype).plan.layout.block_bytes;
+}
+
+uint32_t encode_block(const CodecParams& p, const Codebook* book, const void* src,
+                      int64_t stride, kvc_dtype dtype, uint8_t* dst) {
+  const Choice c = choose(p, book, src, stride, dtype);
+  write_block(p, book, c.q, src, stride, dtype, c.plan, dst);
+  return c.plan.layout.block_bytes;
 }
 
 namespace {

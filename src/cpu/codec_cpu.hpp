@@ -17,10 +17,14 @@ namespace kvc::cpu {
 void check_finite(const CodecParams& p, int32_t block, const void* src, int64_t token_stride,
                   kvc_dtype dtype);
 
-// Encodes one block (finite input, already checked) into dst; returns the bytes written.
-// Throws KVC_ERROR_BUFFER_TOO_SMALL if the chosen encoding does not fit in capacity.
+// The size encode_block will write for this block (finite input, already checked).
+uint32_t encoded_size(const CodecParams& p, const Codebook* codebook, const void* src,
+                      int64_t token_stride, kvc_dtype dtype);
+
+// Encodes one block (finite input, already checked) into dst, which holds at least
+// encoded_size() bytes; returns the bytes written.
 uint32_t encode_block(const CodecParams& p, const Codebook* codebook, const void* src,
-                      int64_t token_stride, kvc_dtype dtype, uint8_t* dst, size_t capacity);
+                      int64_t token_stride, kvc_dtype dtype, uint8_t* dst);
 
 // Parses and checks a block header against the bytes available (any decoder's first step);
 // throws KVC_ERROR_CORRUPT_DATA or KVC_ERROR_FORMAT_VERSION.

@@ -96,7 +96,6 @@ TEST(Api, CodecCreateRejectsEachBadField) {
        KVC_ERROR_INVALID_ARGUMENT, "must divide head_dim"},
       {with([](auto& c) { c.num_substreams = 3; }), KVC_ERROR_INVALID_ARGUMENT,
        "num_substreams = 3"},
-      {with([](auto& c) { c.backend = KVC_BACKEND_CUDA; }), KVC_ERROR_NOT_SUPPORTED, "CUDA"},
   };
   for (const Case& k : cases) {
     EXPECT_FAILS(kvc_codec_create(&k.config, nullptr, &untouched), k.status, k.needle);
@@ -105,6 +104,23 @@ TEST(Api, CodecCreateRejectsEachBadField) {
   EXPECT_FAILS(kvc_codec_create(nullptr, nullptr, &untouched), KVC_ERROR_NULL_POINTER, "config");
   const kvc_codec_config good = valid_config();
   EXPECT_FAILS(kvc_codec_create(&good, nullptr, nullptr), KVC_ERROR_NULL_POINTER, "codec");
+}
+
+TEST(Api, CudaBackendWithoutAGpuIsAClearError) {
+  kvc_codec_config c = valid_config();
+  c.backend = KVC_BACKEND_CUDA;
+  kvc_codec_t codec = nullptr;
+  const kvc_status_t s = kvc_codec_create(&c, nullptr, &codec);
+  if (s == KVC_SUCCESS) {
+    kvc_codec_destroy(codec);
+    GTEST_SKIP() << "a GPU is present: the CUDA backend is tested in tests/gpu";
+  }
+  // A CPU-only build says so; a CUDA build on a machine without a GPU says that.
+  EXPECT_TRUE(s == KVC_ERROR_NOT_SUPPORTED || s == KVC_ERROR_NO_DEVICE) << kvc_status_string(s);
+  EXPECT_NE(std::string(kvc_last_error()).find(s == KVC_ERROR_NO_DEVICE ? "GPU" : "CUDA"),
+            std::string::npos)
+      << kvc_last_error();
+  EXPECT_EQ(codec, nullptr);
 }
 
 class CodecApi : public ::testing::Test {
@@ -168,6 +184,26 @@ TEST_F(CodecApi, EncodeRejectsBadArguments) {
   EXPECT_EQ(written_, 777u);
   EXPECT_EQ(encode(1, 64, KVC_DTYPE_FP32, capacity_), KVC_SUCCESS);
   EXPECT_LE(written_, capacity_);
+}
+
+TEST_F(CodecApi, TooSmallCapacityWritesNoBlock) {
+  // Block 0 compresses to little; block 1 (noise at a tiny bound) stays nearly verbatim.
+  std::vector<float> noise(16 * 64);
+  for (size_t i = 0; i < noise.size(); ++i) noise[i] = float((i * 2654435761u) % 1000) * 1.37f;
+  kvc_codec_config c = valid_config();
+  c.bound_mode = KVC_BOUND_ABSOLUTE;
+  c.error_bound = 1e-4f;
+  kvc_codec_t codec = nullptr;
+  ASSERT_EQ(kvc_codec_create(&c, nullptr, &codec), KVC_SUCCESS);
+  const void* src[2] = {input_.data(), noise.data()};
+  std::vector<uint8_t> a(capacity_, 0x11), b(capacity_, 0x22);
+  void* dst[2] = {a.data(), b.data()};
+  uint32_t sizes[2] = {5, 5};
+  EXPECT_FAILS(kvc_codec_encode(codec, 2, src, 64, KVC_DTYPE_FP32, dst, 512, sizes, nullptr),
+               KVC_ERROR_BUFFER_TOO_SMALL, "block 1 needs");
+  EXPECT_EQ(sizes[0], 5u);
+  EXPECT_TRUE(std::all_of(a.begin(), a.end(), [](uint8_t v) { return v == 0x11; }));
+  kvc_codec_destroy(codec);
 }
 
 TEST_F(CodecApi, DecodeRejectsBadArguments) {

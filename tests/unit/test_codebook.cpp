@@ -125,11 +125,14 @@ TEST(Codebook, EmptyHistogramGivesAnEscapeOnlyCode) {
   expect_consistent(b);
 }
 
-TEST(Codebook, SymbolsFarFromZeroUseTheSparseHistogram) {
-  const Histogram h = histogram_of({{-2000000, 7}, {-1999999, 3}, {1 << 20, 1}});
+TEST(Codebook, FarSymbolsOnlyWeighTheEscape) {
+  const Histogram h = histogram_of({{-2000000, 700}, {1 << 20, 100}, {3, 5}, {4, 1}});
+  EXPECT_EQ(h.total(), 806u);
   const Codebook b = Codebook::build(h, 12, 16);
-  EXPECT_EQ(b.first_symbol(), -2000000);
-  EXPECT_EQ(h.total(), 11u);
+  EXPECT_EQ(b.first_symbol(), 3);
+  EXPECT_EQ(b.num_symbols(), 2u);
+  // The escape carries the 800 far occurrences: the shortest code.
+  EXPECT_EQ(b.length(b.escape_index()), 1u);
 }
 
 TEST(Codebook, SerializationRoundTripsAndIsDeterministic) {

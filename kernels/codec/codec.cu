@@ -1,0 +1,152 @@
+// SPDX-License-Identifier: Apache-2.0
+// Host side of the CUDA codec: device tables, launch configuration, dtype dispatch, and the
+// translation of CUDA errors into kvc::Error.
+#include <cuda_runtime.h>
+
+#include <vector>
+
+#include "core/error.hpp"
+#include "kernels/codec/cuda_codec.hpp"
+#include "kernels/codec/decode.cuh"
+#include "kernels/codec/encode.cuh"
+#include "kernels/codec/histogram.cuh"
+
+namespace kvc::cuda {
+namespace k = kvc::kernels;
+
+namespace {
+
+void check_cuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    fail(KVC_ERROR_CUDA, what, " failed: ", cudaGetErrorName(e), " (", cudaGetErrorString(e),
+         ")");
+  }
+}
+
+// Runtime dtype -> compile-time constant; the one switch every launcher goes through.
+template <class F>
+void dispatch_dtype(kvc_dtype dtype, F&& f) {
+  switch (dtype) {
+    case KVC_DTYPE_FP16: f(std::integral_constant<kvc_dtype, KVC_DTYPE_FP16>{}); break;
+    case KVC_DTYPE_BF16: f(std::integral_constant<kvc_dtype, KVC_DTYPE_BF16>{}); break;
+    case KVC_DTYPE_FP32: f(std::integral_constant<kvc_dtype, KVC_DTYPE_FP32>{}); break;
+    default: fail(KVC_ERROR_NOT_SUPPORTED, "dtype ", int(dtype), " has no CUDA kernel");
+  }
+}
+
+// Raises a kernel's dynamic shared memory limit when it needs more than the default 48 KiB.
+template <class Kernel, class... Args>
+void launch(Kernel kernel, int32_t blocks, size_t smem, cudaStream_t stream, Args... args) {
+  if (blocks == 0) return;
+  if (smem > 48 * 1024) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    int(smem)),
+               "cudaFuncSetAttribute");
+  }
+  kernel<<<blocks, k::kThreads, smem, stream>>>(args...);
+  check_cuda(cudaGetLastError(), "kernel launch");
+}
+
+}  // namespace
+
+class DeviceCodec {
+ public:
+  k::Shape shape{};
+  k::BookView book{};
+  uint32_t* d_tables = nullptr;  // decode table, then per-index codes
+  k::HistogramCounts* d_counts = nullptr;
+
+  ~DeviceCodec() {
+    cudaFree(d_tables);
+    cudaFree(d_counts);
+  }
+};
+
+void DeviceCodecDeleter::operator()(DeviceCodec* d) const noexcept { delete d; }
+
+DeviceCodecPtr create_device_codec(const CodecParams& p, const Codebook* codebook) {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    cudaGetLastError();  // clear the sticky "no device" error
+    fail(KVC_ERROR_NO_DEVICE, "the CUDA backend needs a GPU, and none is usable");
+  }
+  int device = 0, smem_limit = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "cudaDeviceGetAttribute");
+  const size_t need = std::max(k::encode_smem_bytes(p.num_elements(), p.num_groups,
+                                                    p.num_substreams),
+                               k::decode_smem_bytes(p.num_groups));
+  require(need + 4096 <= size_t(smem_limit), KVC_ERROR_NOT_SUPPORTED, "a ", p.num_tokens, "x",
+          p.head_dim, " block in groups of ", p.group_size, " needs ", need,
+          " bytes of shared memory per thread block; this GPU allows ", smem_limit);
+
+  DeviceCodecPtr d(new DeviceCodec);
+  d->shape = {p.is_value, p.num_tokens, p.head_dim, p.group_size, p.num_groups,
+              p.num_substreams, p.relative, p.error_bound, uint32_t(p.entropy)};
+  if (codebook != nullptr) {
+    std::vector<uint32_t> tables = codebook->decode_table();
+    const size_t codes_at = tables.size();
+    for (uint32_t i = 0; i <= codebook->num_symbols(); ++i) {
+      tables.push_back(codebook->reversed_code(i) | (codebook->length(i) << 24));
+    }
+    check_cuda(cudaMalloc(&d->d_tables, tables.size() * 4), "cudaMalloc (codebook tables)");
+    check_cuda(cudaMemcpy(d->d_tables, tables.data(), tables.size() * 4, cudaMemcpyHostToDevice),
+               "cudaMemcpy (codebook tables)");
+    d->book = {d->d_tables, d->d_tables + codes_at, codebook->first_symbol(),
+               codebook->num_symbols(), codebook->max_code_length(), codebook->id()};
+  }
+  check_cuda(cudaMalloc(&d->d_counts, sizeof(k::HistogramCounts)), "cudaMalloc (histogram)");
+  return d;
+}
+
+void encode(const DeviceCodec& d, int32_t num_blocks, const void* const* d_src_blocks,
+            int64_t src_token_stride, kvc_dtype src_dtype, void* const* d_dst_blocks,
+            uint32_t* d_block_bytes, void* stream) {
+  const k::Shape& sh = d.shape;
+  const size_t smem = k::encode_smem_bytes(sh.num_tokens * sh.head_dim, sh.num_groups,
+                                           sh.num_substreams);
+  dispatch_dtype(src_dtype, [&](auto dt) {
+    launch(k::encode_kernel<decltype(dt)::value>, num_blocks, smem,
+           static_cast<cudaStream_t>(stream), sh, d.book, d_src_blocks, src_token_stride,
+           d_dst_blocks, d_block_bytes);
+  });
+}
+
+void decode(const DeviceCodec& d, int32_t num_blocks, const void* const* d_src_blocks,
+            const uint32_t* d_src_bytes, kvc_dtype dst_dtype, void* const* d_dst_blocks,
+            int64_t dst_token_stride, kvc_status_t* d_block_status, void* stream) {
+  const k::Shape& sh = d.shape;
+  dispatch_dtype(dst_dtype, [&](auto dt) {
+    launch(k::decode_kernel<decltype(dt)::value>, num_blocks, k::decode_smem_bytes(sh.num_groups),
+           static_cast<cudaStream_t>(stream), sh, d.book, d_src_blocks, d_src_bytes,
+           d_dst_blocks, dst_token_stride, d_block_status);
+  });
+}
+
+void histogram(const DeviceCodec& d, int32_t num_blocks, const void* const* d_src_blocks,
+               int64_t src_token_stride, kvc_dtype src_dtype, Histogram& histogram,
+               void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  const k::Shape& sh = d.shape;
+  check_cuda(cudaMemsetAsync(d.d_counts, 0, sizeof(k::HistogramCounts), s), "cudaMemsetAsync");
+  dispatch_dtype(src_dtype, [&](auto dt) {
+    launch(k::histogram_kernel<decltype(dt)::value>, num_blocks,
+           k::QuantSmem::bytes(sh.num_tokens * sh.head_dim, sh.num_groups), s, sh, d_src_blocks,
+           src_token_stride, d.d_counts);
+  });
+  std::vector<unsigned long long> host(sizeof(k::HistogramCounts) / 8 + 1);
+  check_cuda(cudaMemcpyAsync(host.data(), d.d_counts, sizeof(k::HistogramCounts),
+                             cudaMemcpyDeviceToHost, s),
+             "cudaMemcpyAsync (histogram)");
+  check_cuda(cudaStreamSynchronize(s), "cudaStreamSynchronize (histogram)");
+  const auto* counts = reinterpret_cast<const k::HistogramCounts*>(host.data());
+  require(counts->nonfinite == 0, KVC_ERROR_NONFINITE_INPUT,
+          "a block holds inf or NaN (inputs must be finite)");
+  for (int32_t i = 0; i < 2 * k::kHistogramHalf; ++i) {
+    if (counts->bins[i] != 0) histogram.add(i - k::kHistogramHalf, counts->bins[i]);
+  }
+  histogram.add_unbinned(counts->unbinned);
+}
+
+}  // namespace kvc::cuda

@@ -1,0 +1,221 @@
+// SPDX-License-Identifier: Apache-2.0
+// Pieces the codec kernels share: the block shape, the codebook view, element access, and the
+// block-level quantization that encode and histogram both start with. One CUDA thread block
+// works on one KV block; per-element logic comes from kernels/common/format.cuh, the same
+// functions the CPU reference runs.
+#pragma once
+
+#include <kvcomp/kvcomp.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "kernels/common/format.cuh"
+
+namespace kvc::kernels {
+namespace f = kvc::format;
+
+constexpr int kThreads = 256;
+
+struct Shape {
+  uint32_t is_value;
+  uint32_t num_tokens, head_dim, group_size, num_groups, num_substreams;
+  uint32_t relative;
+  float error_bound;
+  uint32_t entropy;  // kvc_entropy
+  __device__ uint32_t num_elements() const { return num_tokens * head_dim; }
+  // Row-major index of element e of group g.
+  __device__ uint32_t element_index(uint32_t g, uint32_t e) const {
+    const f::Coord c = f::element_coord(is_value != 0, head_dim, group_size, g, e);
+    return c.token * head_dim + c.channel;
+  }
+};
+
+// A codebook in device memory. codes[i] = reversed code | length << 24; table as in
+// kvc::Codebook::decode_table(). table == nullptr: no codebook.
+struct BookView {
+  const uint32_t* table;
+  const uint32_t* codes;
+  int32_t first_symbol;
+  uint32_t num_symbols;  // also the escape index
+  uint32_t max_code_length;
+  uint32_t id;
+
+  __device__ uint32_t index_of(int32_t symbol) const {
+    const int64_t i = int64_t(symbol) - first_symbol;
+    return (i >= 0 && i < int64_t(num_symbols) && (codes[i] >> 24) != 0) ? uint32_t(i)
+                                                                        : num_symbols;
+  }
+};
+
+template <kvc_dtype DT>
+__device__ float load_input(const void* base, size_t i) {
+  if constexpr (DT == KVC_DTYPE_FP32) {
+    return static_cast<const float*>(base)[i];
+  } else if constexpr (DT == KVC_DTYPE_BF16) {
+    return f::bf16_to_float(static_cast<const uint16_t*>(base)[i]);
+  } else {
+    return f::half_to_float(static_cast<const uint16_t*>(base)[i]);
+  }
+}
+
+template <kvc_dtype DT>
+__device__ void store_output(void* base, size_t i, float v) {
+  if constexpr (DT == KVC_DTYPE_FP32) {
+    static_cast<float*>(base)[i] = v;
+  } else if constexpr (DT == KVC_DTYPE_BF16) {
+    static_cast<uint16_t*>(base)[i] = f::float_to_bf16_saturate(v);
+  } else {
+    static_cast<uint16_t*>(base)[i] = f::float_to_half_saturate(v);
+  }
+}
+
+// Shared-memory arrays of one block's quantization, carved from dynamic shared memory.
+struct QuantSmem {
+  int32_t* vals;   // [N]: input float bits, then codes (row-major)
+  float* step;     // [G]
+  float* bound;    // [G]
+  int32_t* cmin;   // [G] smallest code: the fixed-width centre
+  int32_t* cmax;   // [G]
+  int32_t* cmean;  // [G] rounded mean code: the Huffman centre
+
+  static __host__ __device__ size_t bytes(uint32_t n, uint32_t g) {
+    return size_t(n) * 4 + size_t(g) * 4 * 5;
+  }
+  __device__ static QuantSmem carve(uint8_t* smem, uint32_t n, uint32_t g) {
+    QuantSmem q;
+    q.vals = reinterpret_cast<int32_t*>(smem);
+    q.step = reinterpret_cast<float*>(q.vals + n);
+    q.bound = q.step + g;
+    q.cmin = reinterpret_cast<int32_t*>(q.bound + g);
+    q.cmax = q.cmin + g;
+    q.cmean = q.cmax + g;
+    return q;
+  }
+};
+
+// Block-wide results of quantize_block.
+struct QuantSummary {
+  uint32_t nonfinite;     // some input is inf or NaN
+  uint32_t quantized;     // every element met its bound with a code
+  uint32_t max_abs_bits;  // float bits of the largest |x|
+  uint32_t fixed_width;   // widest (max - min) code range of a group, in bits
+  int32_t min_lo, min_hi;    // range of the groups' smallest codes
+  int32_t mean_lo, mean_hi;  // range of the groups' mean codes
+};
+
+// Loads the block (rows `stride` elements apart), quantizes it exactly as the CPU reference
+// does, and fills the per-group centres. All threads of the block must call it.
+template <kvc_dtype DT>
+__device__ void quantize_block(const Shape& sh, const void* src, int64_t stride,
+                               const QuantSmem& q, QuantSummary& sum) {
+  const uint32_t n = sh.num_elements();
+  const uint32_t tid = threadIdx.x;
+  if (tid == 0) {
+    sum.max_abs_bits = 0;
+    sum.fixed_width = 0;
+    sum.min_lo = sum.mean_lo = INT_MAX;
+    sum.min_hi = sum.mean_hi = INT_MIN;
+  }
+  uint32_t local_max = 0;
+  bool bad = false;
+  for (uint32_t i = tid; i < n; i += blockDim.x) {
+    const uint32_t t = i / sh.head_dim, c = i % sh.head_dim;
+    const float x = load_input<DT>(src, size_t(t) * size_t(stride) + c);
+    const uint32_t a = f::float_bits(x) & 0x7FFFFFFFu;
+    bad |= a >= 0x7F800000u;
+    local_max = a > local_max ? a : local_max;
+    q.vals[i] = int32_t(f::float_bits(x));
+  }
+  const bool nonfinite = __syncthreads_or(bad);
+  if (tid == 0) sum.nonfinite = nonfinite;
+  if (nonfinite) {
+    if (tid == 0) sum.quantized = 0;
+    __syncthreads();
+    return;
+  }
+  atomicMax(&sum.max_abs_bits, local_max);  // max of non-negative floats: order-free
+  __syncthreads();
+
+  const float max_abs = f::bits_float(sum.max_abs_bits);
+  for (uint32_t g = tid; g < sh.num_groups; g += blockDim.x) {
+    f::GroupStep gs{f::step_for_bound(sh.error_bound, max_abs), sh.error_bound};
+    if (sh.relative) {
+      float lo = f::bits_float(uint32_t(q.vals[sh.element_index(g, 0)]));
+      float hi = lo;
+      for (uint32_t e = 1; e < sh.group_size; ++e) {
+        const float x = f::bits_float(uint32_t(q.vals[sh.element_index(g, e)]));
+        lo = x < lo ? x : lo;
+        hi = hi < x ? x : hi;
+      }
+      gs = f::relative_group_step(sh.error_bound, lo, hi);
+    }
+    q.step[g] = gs.step;
+    q.bound[g] = gs.bound;
+  }
+  __syncthreads();
+
+  bool failed = false;
+  for (uint32_t i = tid; i < n; i += blockDim.x) {
+    const uint32_t t = i / sh.head_dim, c = i % sh.head_dim;
+    const uint32_t g = f::group_of(sh.is_value != 0, sh.head_dim, sh.group_size, t, c);
+    int32_t code = 0;
+    failed |= !f::quantize_element(f::bits_float(uint32_t(q.vals[i])), q.step[g], q.bound[g],
+                                   code);
+    q.vals[i] = code;
+  }
+  const bool quantized = !__syncthreads_or(failed);
+  if (tid == 0) sum.quantized = quantized;
+  if (!quantized) {
+    __syncthreads();
+    return;
+  }
+
+  for (uint32_t g = tid; g < sh.num_groups; g += blockDim.x) {
+    int32_t lo = INT_MAX, hi = INT_MIN;
+    int64_t total = 0;
+    for (uint32_t e = 0; e < sh.group_size; ++e) {
+      const int32_t v = q.vals[sh.element_index(g, e)];
+      lo = v < lo ? v : lo;
+      hi = v > hi ? v : hi;
+      total += v;
+    }
+    const int32_t mean = f::mean_center(total, sh.group_size);
+    q.cmin[g] = lo;
+    q.cmax[g] = hi;
+    q.cmean[g] = mean;
+    atomicMax(&sum.fixed_width, f::bit_width(uint32_t(int64_t(hi) - lo)));
+    atomicMin(&sum.min_lo, lo);
+    atomicMax(&sum.min_hi, lo);
+    atomicMin(&sum.mean_lo, mean);
+    atomicMax(&sum.mean_hi, mean);
+  }
+  __syncthreads();
+}
+
+// Reads `bits` (<= 32) bits at bit position `pos` of an LSB-first stream of `size` bytes;
+// bytes past the end read as zero, so corrupt offsets can never reach outside.
+__device__ inline uint32_t read_bits(const uint8_t* data, uint32_t size, uint64_t pos,
+                                     uint32_t bits) {
+  if (bits == 0) return 0;
+  const uint64_t first = pos >> 3;
+  uint64_t window = 0;
+  for (uint32_t k = 0; k < 5; ++k) {
+    const uint64_t at = first + k;
+    if (at < size) window |= uint64_t(data[at]) << (8 * k);
+  }
+  window >>= (pos & 7u);
+  return bits >= 32 ? uint32_t(window) : uint32_t(window & ((uint64_t(1) << bits) - 1u));
+}
+
+// ORs `bits` (<= 32) bits of value into LSB-first words at bit position pos. atomicOr makes the
+// result independent of the order in which threads write neighbouring fields.
+__device__ inline void or_bits(uint32_t* words, uint64_t pos, uint32_t value, uint32_t bits) {
+  if (bits == 0) return;
+  const uint64_t v = bits >= 32 ? value : (value & ((1u << bits) - 1u));
+  const uint32_t w = uint32_t(pos >> 5), shift = uint32_t(pos & 31u);
+  atomicOr(&words[w], uint32_t(v << shift));
+  if (shift + bits > 32) atomicOr(&words[w + 1], uint32_t(v >> (32 - shift)));
+}
+
+}  // namespace kvc::kernels
