@@ -1,0 +1,66 @@
+// SPDX-License-Identifier: Apache-2.0
+// Shared by the GPU suites: a fixture that skips without a usable GPU, checked CUDA calls, and
+// device buffers that free themselves.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <vector>
+
+namespace kvc::test {
+
+bool gpu_available();  // from gpu_main.cpp
+
+#define KVC_CUDA_CHECK(call)                                                        \
+  do {                                                                              \
+    const cudaError_t e_ = (call);                                                  \
+    ASSERT_EQ(e_, cudaSuccess) << #call << ": " << cudaGetErrorString(e_);          \
+  } while (0)
+
+class GpuTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!gpu_available()) GTEST_SKIP() << "no CUDA device: GPU test skipped";
+  }
+};
+
+// A device allocation of n bytes, freed on scope exit.
+class DeviceBuffer {
+ public:
+  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
+    if (cudaMalloc(&ptr_, bytes ? bytes : 1) != cudaSuccess) ptr_ = nullptr;
+  }
+  ~DeviceBuffer() { cudaFree(ptr_); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  template <class T = void>
+  T* get() const {
+    return static_cast<T*>(ptr_);
+  }
+  size_t bytes() const { return bytes_; }
+  void upload(const void* host, size_t n) {
+    EXPECT_EQ(cudaMemcpy(ptr_, host, n, cudaMemcpyHostToDevice), cudaSuccess);
+  }
+  template <class T>
+  std::vector<T> download(size_t count) const {
+    std::vector<T> out(count);
+    EXPECT_EQ(cudaMemcpy(out.data(), ptr_, count * sizeof(T), cudaMemcpyDeviceToHost),
+              cudaSuccess);
+    return out;
+  }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_;
+};
+
+// A device array of pointers base + i * stride_bytes.
+inline std::vector<void*> strided_pointers(void* base, size_t count, size_t stride_bytes) {
+  std::vector<void*> p(count);
+  for (size_t i = 0; i < count; ++i) p[i] = static_cast<char*>(base) + i * stride_bytes;
+  return p;
+}
+
+}  // namespace kvc::test

@@ -1,0 +1,338 @@
+// SPDX-License-Identifier: Apache-2.0
+// The CUDA codec against the CPU reference: byte-identical blocks, equal decoded elements,
+// equal verdicts on corrupt blocks, graph capture and replay, and the device histogram.
+#include <algorithm>
+#include <random>
+#include <sstream>
+
+#include "gpu_test.hpp"
+#include "test_support.hpp"
+
+namespace kvc::test {
+namespace {
+
+kvc_codec_config on_gpu(kvc_codec_config c) {
+  c.backend = KVC_BACKEND_CUDA;
+  return c;
+}
+
+// num_heads blocks of one [tokens, num_heads, dim] tensor, as an engine's cache holds them.
+struct Batch {
+  kvc_codec_config config;
+  kvc_dtype dtype;
+  uint32_t heads;
+  Block tensor;  // [tokens, heads * dim]
+  size_t elem_bytes() const { return dtype == KVC_DTYPE_FP32 ? 4 : 2; }
+  const void* head(uint32_t h) const {
+    return tensor.bytes.data() + size_t(h) * uint32_t(config.head_dim) * elem_bytes();
+  }
+};
+
+Batch make_batch(const kvc_codec_config& c, kvc_dtype dtype, uint32_t heads, uint32_t seed) {
+  const uint32_t t = uint32_t(c.num_tokens), d = uint32_t(c.head_dim);
+  const auto x = realistic_kv(c.kind == KVC_KIND_VALUE, t, heads * d, seed);
+  return {c, dtype, heads, make_block(dtype, t, heads * d, int64_t(heads) * d, x)};
+}
+
+// Everything the GPU produced for a batch, downloaded.
+struct GpuResult {
+  std::vector<uint32_t> sizes;
+  std::vector<std::vector<uint8_t>> blocks;
+};
+
+class CodecGpu : public GpuTest {
+ protected:
+  void SetUp() override {
+    GpuTest::SetUp();
+    if (IsSkipped()) return;
+    ASSERT_EQ(cudaStreamCreate(&stream_), cudaSuccess);
+  }
+  void TearDown() override {
+    if (stream_) cudaStreamDestroy(stream_);
+  }
+
+  // Encodes the batch on the GPU (on stream_, non-default) and downloads the blocks.
+  GpuResult gpu_encode(const kvcomp::Codec& codec, const Batch& b) {
+    const size_t cap = codec.max_block_bytes(b.dtype);
+    DeviceBuffer d_tensor(b.tensor.bytes.size()), d_out(cap * b.heads);
+    DeviceBuffer d_sizes(4 * b.heads), d_src_ptrs(8 * b.heads), d_dst_ptrs(8 * b.heads);
+    d_tensor.upload(b.tensor.bytes.data(), b.tensor.bytes.size());
+    std::vector<void*> src = strided_pointers(d_tensor.get(), b.heads,
+                                              uint32_t(b.config.head_dim) * b.elem_bytes());
+    std::vector<void*> dst = strided_pointers(d_out.get(), b.heads, cap);
+    d_src_ptrs.upload(src.data(), 8 * b.heads);
+    d_dst_ptrs.upload(dst.data(), 8 * b.heads);
+    EXPECT_EQ(cudaMemset(d_out.get(), 0xEE, d_out.bytes()), cudaSuccess);
+    EXPECT_EQ(kvc_codec_encode(codec.get(), int32_t(b.heads), d_src_ptrs.get<const void*>(),
+                               b.tensor.stride, b.dtype, d_dst_ptrs.get<void*>(), cap,
+                               d_sizes.get<uint32_t>(), stream_),
+              KVC_SUCCESS)
+        << kvc_last_error();
+    EXPECT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
+    GpuResult r;
+    r.sizes = d_sizes.download<uint32_t>(b.heads);
+    const auto all = d_out.download<uint8_t>(cap * b.heads);
+    for (uint32_t h = 0; h < b.heads; ++h) {
+      r.blocks.emplace_back(all.begin() + long(h * cap),
+                            all.begin() + long(h * cap + std::min<size_t>(r.sizes[h], cap)));
+    }
+    return r;
+  }
+
+  // Decodes blocks on the GPU into poisoned [tokens, dim] outputs; returns bytes and statuses.
+  std::vector<std::vector<uint8_t>> gpu_decode(const kvcomp::Codec& codec,
+                                               const std::vector<std::vector<uint8_t>>& blocks,
+                                               const std::vector<uint32_t>& avail,
+                                               kvc_dtype out, uint32_t tokens, uint32_t dim,
+                                               std::vector<kvc_status_t>& status) {
+    const size_t n = blocks.size(), es = out == KVC_DTYPE_FP32 ? 4 : 2;
+    size_t total = 0;
+    for (const auto& b : blocks) total += std::max<size_t>(b.size(), 4);
+    DeviceBuffer d_in(total), d_out(n * tokens * dim * es), d_avail(4 * n), d_status(4 * n);
+    DeviceBuffer d_src_ptrs(8 * n), d_dst_ptrs(8 * n);
+    std::vector<void*> src(n);
+    size_t at = 0;
+    for (size_t i = 0; i < n; ++i) {
+      src[i] = d_in.get<uint8_t>() + at;
+      EXPECT_EQ(cudaMemcpy(src[i], blocks[i].data(), blocks[i].size(), cudaMemcpyHostToDevice),
+                cudaSuccess);
+      at += std::max<size_t>(blocks[i].size(), 4);
+    }
+    std::vector<void*> dst = strided_pointers(d_out.get(), n, tokens * dim * es);
+    d_src_ptrs.upload(src.data(), 8 * n);
+    d_dst_ptrs.upload(dst.data(), 8 * n);
+    d_avail.upload(avail.data(), 4 * n);
+    EXPECT_EQ(cudaMemset(d_out.get(), 0xFF, d_out.bytes()), cudaSuccess);  // poison
+    EXPECT_EQ(kvc_codec_decode(codec.get(), int32_t(n), d_src_ptrs.get<const void*>(),
+                               d_avail.get<uint32_t>(), out, d_dst_ptrs.get<void*>(),
+                               int64_t(dim), d_status.get<kvc_status_t>(), stream_),
+              KVC_SUCCESS)
+        << kvc_last_error();
+    EXPECT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
+    status = d_status.download<kvc_status_t>(n);
+    const auto flat = d_out.download<uint8_t>(n * tokens * dim * es);
+    std::vector<std::vector<uint8_t>> outs;
+    for (size_t i = 0; i < n; ++i) {
+      outs.emplace_back(flat.begin() + long(i * tokens * dim * es),
+                        flat.begin() + long((i + 1) * tokens * dim * es));
+    }
+    return outs;
+  }
+
+  cudaStream_t stream_ = nullptr;
+};
+
+// CPU decode of one block into [tokens, dim] bytes, with its status.
+std::vector<uint8_t> cpu_decode(const kvcomp::Codec& codec, const std::vector<uint8_t>& block,
+                                uint32_t avail, kvc_dtype out, uint32_t tokens, uint32_t dim,
+                                kvc_status_t& status) {
+  const size_t es = out == KVC_DTYPE_FP32 ? 4 : 2;
+  std::vector<uint8_t> dst(size_t(tokens) * dim * es, 0xFF);
+  const void* src = block.data();
+  void* d = dst.data();
+  kvc_codec_decode(codec.get(), 1, &src, &avail, out, &d, dim, &status, nullptr);
+  return dst;
+}
+
+TEST_F(CodecGpu, EncodeIsByteIdenticalAndDecodeEqualsTheCpu) {
+  uint32_t seed = 100;
+  int compared = 0;
+  for (kvc_kind kind : {KVC_KIND_KEY, KVC_KIND_VALUE}) {
+    for (uint32_t tokens : {16u, 64u, 128u}) {
+      for (uint32_t dim : {64u, 128u, 256u}) {
+        for (kvc_dtype dtype : {KVC_DTYPE_FP16, KVC_DTYPE_BF16, KVC_DTYPE_FP32}) {
+          ++seed;
+          const bool relative = seed % 2;
+          const float bound = relative ? (seed % 3 == 0 ? 0.02f : 0.08f) : 0.03f;
+          kvc_codec_config c = make_config(kind, tokens, dim,
+                                           relative ? KVC_BOUND_RELATIVE : KVC_BOUND_ABSOLUTE,
+                                           bound, kvc_entropy(seed % 3),
+                                           kind == KVC_KIND_VALUE && seed % 4 == 0 ? 32 : 0);
+          if (tokens * dim > 16384) continue;  // larger blocks: see LargeBlocks below
+          const kvcomp::Codebook book = train(c, dtype, seed);
+          const kvcomp::Codec cpu(c, &book), gpu(on_gpu(c), &book);
+          const Batch batch = make_batch(c, dtype, 6, seed);
+          const GpuResult r = gpu_encode(gpu, batch);
+          std::ostringstream where;
+          where << "kind " << kind << " T " << tokens << " D " << dim << " dtype " << dtype
+                << " seed " << seed;
+          for (uint32_t h = 0; h < batch.heads; ++h) {
+            const auto expected = cpu.encode(batch.head(h), dtype, batch.tensor.stride);
+            ASSERT_EQ(r.sizes[h], expected.size()) << where.str() << " head " << h;
+            ASSERT_EQ(r.blocks[h], expected) << where.str() << " head " << h;
+          }
+          for (kvc_dtype out : {KVC_DTYPE_FP16, KVC_DTYPE_BF16, KVC_DTYPE_FP32}) {
+            std::vector<kvc_status_t> status;
+            const auto outs = gpu_decode(gpu, r.blocks, r.sizes, out, tokens, dim, status);
+            for (uint32_t h = 0; h < batch.heads; ++h) {
+              kvc_status_t cpu_status;
+              const auto want = cpu_decode(cpu, r.blocks[h], r.sizes[h], out, tokens, dim,
+                                           cpu_status);
+              ASSERT_EQ(status[h], KVC_SUCCESS) << where.str();
+              ASSERT_EQ(outs[h], want) << where.str() << " out " << out << " head " << h;
+            }
+          }
+          ++compared;
+        }
+      }
+    }
+  }
+  EXPECT_GT(compared, 30);
+}
+
+TEST_F(CodecGpu, LargeBlocksUseOptInSharedMemory) {
+  const kvc_codec_config c = make_config(KVC_KIND_KEY, 128, 256, KVC_BOUND_RELATIVE, 0.05f);
+  const kvcomp::Codebook book = train(c, KVC_DTYPE_FP16, 5);
+  const kvcomp::Codec cpu(c, &book), gpu(on_gpu(c), &book);
+  const Batch batch = make_batch(c, KVC_DTYPE_FP16, 3, 7);
+  const GpuResult r = gpu_encode(gpu, batch);
+  for (uint32_t h = 0; h < batch.heads; ++h) {
+    EXPECT_EQ(r.blocks[h], cpu.encode(batch.head(h), KVC_DTYPE_FP16, batch.tensor.stride));
+  }
+}
+
+TEST_F(CodecGpu, CorruptBlocksGetTheCpusVerdict) {
+  const kvc_codec_config c = make_config(KVC_KIND_VALUE, 32, 64, KVC_BOUND_RELATIVE, 0.05f);
+  const kvcomp::Codebook book = train(c, KVC_DTYPE_FP16, 9);
+  const kvcomp::Codec cpu(c, &book), gpu(on_gpu(c), &book);
+  const Block b = make_block(KVC_DTYPE_FP16, 32, 64, 64, realistic_kv(true, 32, 64, 3));
+  kvc_codec_config fixed_only = c;
+  fixed_only.entropy = KVC_ENTROPY_FIXED;
+  const std::vector<std::vector<uint8_t>> sources = {
+      cpu.encode(b.data(), KVC_DTYPE_FP16, 64),
+      kvcomp::Codec(fixed_only, &book).encode(b.data(), KVC_DTYPE_FP16, 64)};
+  std::mt19937 rng(11);
+  std::vector<std::vector<uint8_t>> blocks;
+  std::vector<uint32_t> avail;
+  for (int i = 0; i < 600; ++i) {
+    std::vector<uint8_t> bad = sources[size_t(i) % 2];
+    uint32_t n = uint32_t(bad.size());
+    if (i % 5 == 0) {
+      n = uint32_t(rng() % bad.size());  // truncated
+    } else {
+      for (int f = 0; f < 1 + i % 3; ++f) {
+        const size_t at = rng() % 2 ? rng() % 64 : rng() % bad.size();
+        bad[at] ^= uint8_t(1u << (rng() % 8));
+      }
+    }
+    blocks.push_back(bad);
+    avail.push_back(n);
+  }
+  std::vector<kvc_status_t> status;
+  const auto outs = gpu_decode(gpu, blocks, avail, KVC_DTYPE_FP32, 32, 64, status);
+  int rejected = 0;
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    kvc_status_t want;
+    const auto expected = cpu_decode(cpu, blocks[i], avail[i], KVC_DTYPE_FP32, 32, 64, want);
+    ASSERT_EQ(status[i], want) << "block " << i;
+    if (want == KVC_SUCCESS) ASSERT_EQ(outs[i], expected) << "block " << i;
+    rejected += want != KVC_SUCCESS;
+  }
+  EXPECT_GT(rejected, 100);
+}
+
+TEST_F(CodecGpu, NonFiniteBlocksAreMarkedWithSizeZero) {
+  const kvc_codec_config c = make_config(KVC_KIND_KEY, 16, 64, KVC_BOUND_ABSOLUTE, 0.01f);
+  const kvcomp::Codec gpu(on_gpu(c));
+  Batch batch = make_batch(c, KVC_DTYPE_FP32, 3, 1);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::memcpy(batch.tensor.bytes.data() + (5 * batch.tensor.stride + 64 + 7) * 4, &nan, 4);
+  const GpuResult r = gpu_encode(gpu, batch);
+  EXPECT_NE(r.sizes[0], 0u);
+  EXPECT_EQ(r.sizes[1], 0u);  // head 1 holds the NaN
+  EXPECT_NE(r.sizes[2], 0u);
+}
+
+TEST_F(CodecGpu, DeviceHistogramBuildsTheSameCodebook) {
+  const kvc_codec_config c = make_config(KVC_KIND_KEY, 64, 128, KVC_BOUND_RELATIVE, 0.05f);
+  const kvcomp::Codec cpu(c), gpu(on_gpu(c));
+  const Batch batch = make_batch(c, KVC_DTYPE_BF16, 8, 21);
+  kvcomp::Histogram from_cpu, from_gpu;
+  for (uint32_t h = 0; h < batch.heads; ++h) {
+    cpu.add_to_histogram(batch.head(h), KVC_DTYPE_BF16, batch.tensor.stride, from_cpu);
+  }
+  DeviceBuffer d_tensor(batch.tensor.bytes.size()), d_ptrs(8 * batch.heads);
+  d_tensor.upload(batch.tensor.bytes.data(), batch.tensor.bytes.size());
+  const auto ptrs = strided_pointers(d_tensor.get(), batch.heads, 128 * 2);
+  d_ptrs.upload(ptrs.data(), 8 * batch.heads);
+  ASSERT_EQ(kvc_codec_histogram(gpu.get(), int32_t(batch.heads), d_ptrs.get<const void*>(),
+                                batch.tensor.stride, KVC_DTYPE_BF16, from_gpu.get(), stream_),
+            KVC_SUCCESS)
+      << kvc_last_error();
+  EXPECT_EQ(from_gpu.total(), from_cpu.total());
+  EXPECT_EQ(kvcomp::Codebook::build(from_gpu).serialize(),
+            kvcomp::Codebook::build(from_cpu).serialize());
+}
+
+TEST_F(CodecGpu, EncodeAndDecodeReplayFromACapturedGraph) {
+  const kvc_codec_config c = make_config(KVC_KIND_KEY, 64, 128, KVC_BOUND_RELATIVE, 0.05f);
+  const kvcomp::Codebook book = train(c, KVC_DTYPE_FP16, 31);
+  const kvcomp::Codec cpu(c, &book), gpu(on_gpu(c), &book);
+  const uint32_t heads = 8;
+  const Batch batch = make_batch(c, KVC_DTYPE_FP16, heads, 32);
+  const size_t cap = gpu.max_block_bytes(KVC_DTYPE_FP16), out_bytes = 64 * 128 * 2;
+  DeviceBuffer d_tensor(batch.tensor.bytes.size()), d_blocks(cap * heads), d_sizes(4 * heads);
+  DeviceBuffer d_out(out_bytes * heads), d_status(4 * heads), d_src(8 * heads), d_dst(8 * heads);
+  DeviceBuffer d_bsrc(8 * heads), d_bdst(8 * heads);
+  d_tensor.upload(batch.tensor.bytes.data(), batch.tensor.bytes.size());
+  const auto src = strided_pointers(d_tensor.get(), heads, 128 * 2);
+  const auto blocks = strided_pointers(d_blocks.get(), heads, cap);
+  const auto outs = strided_pointers(d_out.get(), heads, out_bytes);
+  d_src.upload(src.data(), 8 * heads);
+  d_dst.upload(blocks.data(), 8 * heads);
+  d_bsrc.upload(blocks.data(), 8 * heads);
+  d_bdst.upload(outs.data(), 8 * heads);
+
+  cudaGraph_t graph;
+  KVC_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  ASSERT_EQ(kvc_codec_encode(gpu.get(), int32_t(heads), d_src.get<const void*>(),
+                             batch.tensor.stride, KVC_DTYPE_FP16, d_dst.get<void*>(), cap,
+                             d_sizes.get<uint32_t>(), stream_),
+            KVC_SUCCESS);
+  // Decode reads each block's size straight from the encoder's output: no host round trip.
+  ASSERT_EQ(kvc_codec_decode(gpu.get(), int32_t(heads), d_bsrc.get<const void*>(),
+                             d_sizes.get<uint32_t>(), KVC_DTYPE_FP16, d_bdst.get<void*>(), 128,
+                             d_status.get<kvc_status_t>(), stream_),
+            KVC_SUCCESS);
+  KVC_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+  cudaGraphExec_t exec;
+  KVC_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  for (int replay = 0; replay < 2; ++replay) {
+    KVC_CUDA_CHECK(cudaMemsetAsync(d_out.get(), 0xFF, d_out.bytes(), stream_));
+    KVC_CUDA_CHECK(cudaGraphLaunch(exec, stream_));
+    KVC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    const auto sizes = d_sizes.download<uint32_t>(heads);
+    const auto status = d_status.download<kvc_status_t>(heads);
+    const auto all_blocks = d_blocks.download<uint8_t>(cap * heads);
+    const auto all_out = d_out.download<uint8_t>(out_bytes * heads);
+    for (uint32_t h = 0; h < heads; ++h) {
+      const auto expected = cpu.encode(batch.head(h), KVC_DTYPE_FP16, batch.tensor.stride);
+      ASSERT_EQ(sizes[h], expected.size());
+      ASSERT_TRUE(std::equal(expected.begin(), expected.end(), all_blocks.begin() + long(h * cap)));
+      ASSERT_EQ(status[h], KVC_SUCCESS);
+      kvc_status_t s;
+      const auto want = cpu_decode(cpu, expected, sizes[h], KVC_DTYPE_FP16, 64, 128, s);
+      ASSERT_TRUE(std::equal(want.begin(), want.end(), all_out.begin() + long(h * out_bytes)))
+          << "replay " << replay << " head " << h;
+    }
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+}
+
+TEST_F(CodecGpu, UndersizedCapacityAndMissingStatusAreRejected) {
+  const kvc_codec_config c = make_config(KVC_KIND_KEY, 16, 64, KVC_BOUND_ABSOLUTE, 0.01f);
+  const kvcomp::Codec gpu(on_gpu(c));
+  DeviceBuffer d(4096), ptrs(8), sizes(4);
+  const void* p = d.get();
+  ptrs.upload(&p, 8);
+  EXPECT_EQ(kvc_codec_encode(gpu.get(), 1, ptrs.get<const void*>(), 64, KVC_DTYPE_FP16,
+                             ptrs.get<void*>(), 100, sizes.get<uint32_t>(), stream_),
+            KVC_ERROR_BUFFER_TOO_SMALL);
+  EXPECT_EQ(kvc_codec_decode(gpu.get(), 1, ptrs.get<const void*>(), sizes.get<uint32_t>(),
+                             KVC_DTYPE_FP16, ptrs.get<void*>(), 64, nullptr, stream_),
+            KVC_ERROR_NULL_POINTER);
+}
+
+}  // namespace
+}  // namespace kvc::test
