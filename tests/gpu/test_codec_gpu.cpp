@@ -30,7 +30,7 @@ struct Batch {
 
 Batch make_batch(const kvc_codec_config& c, kvc_dtype dtype, uint32_t heads, uint32_t seed) {
   const uint32_t t = uint32_t(c.num_tokens), d = uint32_t(c.head_dim);
-  const auto x = realistic_kv(c.kind == KVC_KIND_VALUE, t, heads * d, seed);
+  const auto x = bench::synthetic_kv(c.kind == KVC_KIND_VALUE, t, heads * d, seed);
   return {c, dtype, heads, make_block(dtype, t, heads * d, int64_t(heads) * d, x)};
 }
 
@@ -195,7 +195,7 @@ TEST_F(CodecGpu, CorruptBlocksGetTheCpusVerdict) {
   const kvc_codec_config c = make_config(KVC_KIND_VALUE, 32, 64, KVC_BOUND_RELATIVE, 0.05f);
   const kvcomp::Codebook book = train(c, KVC_DTYPE_FP16, 9);
   const kvcomp::Codec cpu(c, &book), gpu(on_gpu(c), &book);
-  const Block b = make_block(KVC_DTYPE_FP16, 32, 64, 64, realistic_kv(true, 32, 64, 3));
+  const Block b = make_block(KVC_DTYPE_FP16, 32, 64, 64, bench::synthetic_kv(true, 32, 64, 3));
   kvc_codec_config fixed_only = c;
   fixed_only.entropy = KVC_ENTROPY_FIXED;
   const std::vector<std::vector<uint8_t>> sources = {

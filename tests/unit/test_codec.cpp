@@ -102,7 +102,7 @@ TEST(Codec, RoundTripSweepMeetsBoundOnEveryElement) {
                                                  KVC_ENTROPY_AUTO, vgroup);
           const kvcomp::Codebook book = train(c, dtype, seed * 7);
           const kvcomp::Codec codec(c, &book);
-          const auto x = realistic_kv(kind == KVC_KIND_VALUE, tokens, dim, seed);
+          const auto x = bench::synthetic_kv(kind == KVC_KIND_VALUE, tokens, dim, seed);
           const Block b = make_block(dtype, tokens, dim, int64_t(dim) + 5, x);
           const std::vector<uint8_t> block = codec.encode(b.data(), dtype, b.stride);
           ASSERT_LE(block.size(), codec.max_block_bytes(dtype));
@@ -135,7 +135,7 @@ TEST(Codec, ManySeedsAndBoundsOnSmallBlocks) {
     const kvcomp::Codebook book = train(c, dtype, uint32_t(i) + 5000, 2);
     const kvcomp::Codec codec(c, &book);
     const Block b = make_block(dtype, tokens, dim, dim,
-                               realistic_kv(kind == KVC_KIND_VALUE, tokens, dim, uint32_t(i)));
+                               bench::synthetic_kv(kind == KVC_KIND_VALUE, tokens, dim, uint32_t(i)));
     const auto block = codec.encode(b.data(), dtype, b.stride);
     ASSERT_LE(block.size(), codec.max_block_bytes(dtype));
     check_round_trip(codec, c, b, block, KVC_DTYPE_FP32, "case " + std::to_string(i));
@@ -146,7 +146,7 @@ TEST(Codec, EncodingIsDeterministicAndIgnoresSourceStride) {
   const kvc_codec_config c = make_config(KVC_KIND_KEY, 64, 128, KVC_BOUND_RELATIVE, 0.05f);
   const kvcomp::Codebook book = train(c, KVC_DTYPE_FP16, 3);
   const kvcomp::Codec codec(c, &book);
-  const auto x = realistic_kv(false, 64, 128, 9);
+  const auto x = bench::synthetic_kv(false, 64, 128, 9);
   const Block dense = make_block(KVC_DTYPE_FP16, 64, 128, 128, x);
   const Block strided = make_block(KVC_DTYPE_FP16, 64, 128, 8 * 128, x);
   const auto a = codec.encode(dense.data(), KVC_DTYPE_FP16, dense.stride);
@@ -163,7 +163,7 @@ TEST(Codec, BatchEqualsSingleBlocks) {
   const kvcomp::Codec codec(c, &book);
   // One [tokens, heads, dim] tensor: block h is head h, rows heads * dim apart.
   const uint32_t heads = 4;
-  const auto x = realistic_kv(true, 32, heads * 64, 11);
+  const auto x = bench::synthetic_kv(true, 32, heads * 64, 11);
   const Block all = make_block(KVC_DTYPE_BF16, 32, heads * 64, heads * 64, x);
   const size_t cap = codec.max_block_bytes(KVC_DTYPE_BF16);
   std::vector<std::vector<uint8_t>> out(heads, std::vector<uint8_t>(cap));
@@ -202,7 +202,7 @@ TEST(Codec, AutoPicksTheSmallerEncoding) {
       kvc_codec_config c = make_config(kind, 64, 128, KVC_BOUND_RELATIVE, rel);
       const kvcomp::Codebook book = train(c, KVC_DTYPE_FP16, 21);
       const Block b = make_block(KVC_DTYPE_FP16, 64, 128, 128,
-                                 realistic_kv(kind == KVC_KIND_VALUE, 64, 128, 77));
+                                 bench::synthetic_kv(kind == KVC_KIND_VALUE, 64, 128, 77));
       const auto size_with = [&](kvc_entropy e) {
         c.entropy = e;
         return kvcomp::Codec(c, &book).encode(b.data(), KVC_DTYPE_FP16, b.stride).size();
@@ -224,7 +224,7 @@ TEST(Codec, SubstreamCountsAllRoundTrip) {
     c.num_substreams = streams;
     const kvcomp::Codebook book = train(c, KVC_DTYPE_FP16, 8);
     const kvcomp::Codec codec(c, &book);
-    const Block b = make_block(KVC_DTYPE_FP16, 64, 64, 64, realistic_kv(false, 64, 64, 3));
+    const Block b = make_block(KVC_DTYPE_FP16, 64, 64, 64, bench::synthetic_kv(false, 64, 64, 3));
     const auto block = codec.encode(b.data(), KVC_DTYPE_FP16, 64);
     const kvc_block_info info = kvcomp::inspect(block);
     EXPECT_EQ(info.encoding, KVC_ENCODING_HUFFMAN);
@@ -370,7 +370,7 @@ TEST(Codec, EmptyHistogramCodebookEscapesEverything) {
   const kvc_codec_config c = make_config(KVC_KIND_KEY, 16, 64, KVC_BOUND_RELATIVE, 0.05f,
                                          KVC_ENTROPY_HUFFMAN);
   const kvcomp::Codec codec(c, &book);
-  const Block b = make_block(KVC_DTYPE_FP16, 16, 64, 64, realistic_kv(false, 16, 64, 2));
+  const Block b = make_block(KVC_DTYPE_FP16, 16, 64, 64, bench::synthetic_kv(false, 16, 64, 2));
   const auto block = codec.encode(b.data(), KVC_DTYPE_FP16, 64);
   EXPECT_EQ(kvcomp::inspect(block).encoding, KVC_ENCODING_HUFFMAN);
   check_round_trip(codec, c, b, block, KVC_DTYPE_FP32, "all escapes");
@@ -416,7 +416,7 @@ std::vector<Encoded> sample_blocks(const kvcomp::Codebook& key_book,
       const kvc_codec_config c = make_config(kind, 32, 64, KVC_BOUND_RELATIVE, 0.05f, e);
       const kvcomp::Codec codec(c, kind == KVC_KIND_KEY ? &key_book : &value_book);
       const Block b = make_block(KVC_DTYPE_FP16, 32, 64, 64,
-                                 realistic_kv(kind == KVC_KIND_VALUE, 32, 64, 1234));
+                                 bench::synthetic_kv(kind == KVC_KIND_VALUE, 32, 64, 1234));
       out.push_back({c, codec.encode(b.data(), KVC_DTYPE_FP16, 64)});
     }
   }

@@ -10,6 +10,7 @@
 #include <random>
 #include <vector>
 
+#include "bench/synthetic_kv.hpp"
 #include "kernels/common/format.cuh"
 
 namespace kvc::test {
@@ -52,32 +53,6 @@ inline Block make_block(kvc_dtype dtype, uint32_t tokens, uint32_t dim, int64_t 
     }
   }
   return b;
-}
-
-// Keys: per-channel offsets and scales, with a few outlier channels an order of magnitude
-// larger (as in real K caches). Values: per-token scale spread, channels near zero-mean.
-inline std::vector<float> realistic_kv(bool is_value, uint32_t tokens, uint32_t dim,
-                                       uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> x(size_t(tokens) * dim);
-  if (!is_value) {
-    std::vector<float> mean(dim), scale(dim);
-    for (uint32_t c = 0; c < dim; ++c) {
-      const bool outlier = rng() % 16 == 0;
-      mean[c] = normal(rng) * (outlier ? 8.0f : 0.5f);
-      scale[c] = std::exp(0.5f * normal(rng)) * (outlier ? 4.0f : 0.7f);
-    }
-    for (uint32_t t = 0; t < tokens; ++t) {
-      for (uint32_t c = 0; c < dim; ++c) x[size_t(t) * dim + c] = mean[c] + scale[c] * normal(rng);
-    }
-  } else {
-    for (uint32_t t = 0; t < tokens; ++t) {
-      const float scale = std::exp(0.8f * normal(rng)) * 0.3f;
-      for (uint32_t c = 0; c < dim; ++c) x[size_t(t) * dim + c] = scale * normal(rng);
-    }
-  }
-  return x;
 }
 
 inline std::vector<float> uniform_kv(uint32_t tokens, uint32_t dim, float lo, float hi,
@@ -146,7 +121,7 @@ inline kvcomp::Codebook train(const kvc_codec_config& c, kvc_dtype dtype, uint32
   kvcomp::Codec codec(plain);
   kvcomp::Histogram histogram;
   for (int i = 0; i < blocks; ++i) {
-    const auto x = realistic_kv(c.kind == KVC_KIND_VALUE, uint32_t(c.num_tokens),
+    const auto x = bench::synthetic_kv(c.kind == KVC_KIND_VALUE, uint32_t(c.num_tokens),
                                 uint32_t(c.head_dim), seed + 1000u * uint32_t(i));
     const Block b = make_block(dtype, uint32_t(c.num_tokens), uint32_t(c.head_dim), c.head_dim, x);
     codec.add_to_histogram(b.data(), dtype, b.stride, histogram);
