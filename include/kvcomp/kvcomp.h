@@ -112,7 +112,8 @@ typedef enum kvc_kind {
 
 typedef enum kvc_bound_mode {
   KVC_BOUND_ABSOLUTE = 0, /* |x - x_hat| <= error_bound */
-  KVC_BOUND_RELATIVE = 1  /* |x - x_hat| <= error_bound * (max - min of the element's group) */
+  KVC_BOUND_RELATIVE = 1  /* |x - x_hat| <= fl32(error_bound * fl32(max - min)) over the
+                             element's group: the range and product rounded to fp32 */
 } kvc_bound_mode;
 
 /* Which entropy stage the encoder may choose per block. */
@@ -152,7 +153,8 @@ typedef struct kvc_codebook_s* kvc_codebook_t;
 KVC_API kvc_status_t kvc_histogram_create(kvc_histogram_t* histogram);
 /* NULL is a no-op. */
 KVC_API kvc_status_t kvc_histogram_destroy(kvc_histogram_t histogram);
-/* Adds counts[i] occurrences of symbol (first_symbol + i), i < num_symbols. counts: host. */
+/* Adds counts[i] occurrences of symbol (first_symbol + i), i < num_symbols. counts: host.
+ * Symbols outside [-2^15, 2^15) can only be escaped: they add to the escape's weight. */
 KVC_API kvc_status_t kvc_histogram_add_counts(kvc_histogram_t histogram, int32_t first_symbol,
                                               int32_t num_symbols, const uint64_t* counts);
 /* Total number of symbols counted so far. */
@@ -162,13 +164,15 @@ typedef struct kvc_codebook_config {
   uint32_t struct_size;       /* sizeof(kvc_codebook_config) */
   uint32_t abi_version;       /* KVC_ABI_VERSION */
   int32_t max_code_length;    /* 2..KVC_MAX_CODE_LENGTH; the decoder's table has 2^this entries */
-  int32_t max_symbols;        /* 1..KVC_MAX_CODEBOOK_SYMBOLS; the most frequent symbols kept */
+  int32_t max_symbols;        /* 1..KVC_MAX_CODEBOOK_SYMBOLS: width of the window of consecutive
+                                 symbol values with the largest total count that gets codes
+                                 (also capped at 2^max_code_length - 1) */
 } kvc_codebook_config;
 #define KVC_CODEBOOK_CONFIG_INIT {sizeof(kvc_codebook_config), KVC_ABI_VERSION, 12, 255}
 
 /* Builds a length-limited canonical Huffman code from a histogram. The codebook covers the
- * contiguous symbol range around the most frequent symbols (at most max_symbols wide); symbols
- * outside it, or never seen, are coded through the escape. An empty histogram gives a codebook
+ * contiguous symbol range around the most frequent symbols (at most max_symbols wide, inside
+ * [-2^15, 2^15)); symbols outside it, or never seen, are coded through the escape. An empty histogram gives a codebook
  * that escapes everything. config may be NULL for the defaults. */
 KVC_API kvc_status_t kvc_codebook_build(kvc_histogram_t histogram,
                                         const kvc_codebook_config* config,
@@ -229,10 +233,16 @@ KVC_API kvc_status_t kvc_codec_max_block_bytes(kvc_codec_t codec, kvc_dtype src_
  *                  laid out [tokens, kv_heads, head_dim] the stride is kv_heads * head_dim.
  *   dst_blocks[i]: where block i is written; dst_capacity_bytes each, 4-byte aligned.
  *   block_bytes[i]: out, the size written for block i.
- * Memory space per backend (see top). On the CPU backend, stream must be NULL and the call is
- * synchronous. Inputs must be finite (else KVC_ERROR_NONFINITE_INPUT). If
- * dst_capacity_bytes >= kvc_codec_max_block_bytes() no block can fail for lack of space.
- * Deterministic: the same input and codebook give the same bytes on every backend. */
+ * Memory space per backend (see top). Deterministic: the same input and codebook give the
+ * same bytes on every backend.
+ * CPU backend: stream must be NULL; synchronous. Inputs must be finite (else
+ * KVC_ERROR_NONFINITE_INPUT). If dst_capacity_bytes >= kvc_codec_max_block_bytes() no block
+ * can fail for lack of space; otherwise every block is sized first and, if one does not fit,
+ * the call fails with KVC_ERROR_BUFFER_TOO_SMALL having written nothing.
+ * CUDA backend: src_blocks, dst_blocks and block_bytes are device arrays; asynchronous on
+ * stream, no host synchronisation, graph-capturable. dst_capacity_bytes must be at least
+ * kvc_codec_max_block_bytes(). A block whose input holds inf or NaN gets block_bytes[i] = 0
+ * and no block is written for it. */
 KVC_API kvc_status_t kvc_codec_encode(kvc_codec_t codec, int32_t num_blocks,
                                       const void* const* src_blocks, int64_t src_token_stride,
                                       kvc_dtype src_dtype, void* const* dst_blocks,
@@ -247,7 +257,10 @@ KVC_API kvc_status_t kvc_codec_encode(kvc_codec_t codec, int32_t num_blocks,
  *   block_status[i]: out, may be NULL; the status of each block. The call returns the first
  *                  failure; blocks that decode are written either way.
  * A corrupt block gives KVC_ERROR_CORRUPT_DATA (or a more specific data status), never a crash
- * or an out-of-bounds access. */
+ * or an out-of-bounds access; the destination of a block that fails is left unspecified.
+ * CUDA backend: all arrays are device memory; asynchronous on stream, graph-capturable;
+ * block_status is required and is the only report of data errors (the call itself returns
+ * argument errors only). src_bytes may be the block_bytes array an encode call wrote. */
 KVC_API kvc_status_t kvc_codec_decode(kvc_codec_t codec, int32_t num_blocks,
                                       const void* const* src_blocks, const uint32_t* src_bytes,
                                       kvc_dtype dst_dtype, void* const* dst_blocks,
@@ -255,7 +268,9 @@ KVC_API kvc_status_t kvc_codec_decode(kvc_codec_t codec, int32_t num_blocks,
                                       void* stream);
 
 /* Adds the symbols the codec would Huffman-code for these blocks to a histogram (same input
- * conventions as kvc_codec_encode; CPU backend: host memory). */
+ * conventions as kvc_codec_encode). Blocks that cannot be quantized within the bound (stored
+ * verbatim) add nothing. CUDA backend: counts on the GPU, then copies the counts back and
+ * synchronises stream: a prefill-time call, not graph-capturable. */
 KVC_API kvc_status_t kvc_codec_histogram(kvc_codec_t codec, int32_t num_blocks,
                                          const void* const* src_blocks, int64_t src_token_stride,
                                          kvc_dtype src_dtype, kvc_histogram_t histogram,

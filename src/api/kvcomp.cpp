@@ -10,6 +10,7 @@
 #include "codec/codebook.hpp"
 #include "codec/codec_params.hpp"
 #include "core/error.hpp"
+#include "core/float_env.hpp"
 #include "cpu/codec_cpu.hpp"
 #include "kernels/common/format.cuh"
 #if defined(KVC_WITH_CUDA)
@@ -307,6 +308,7 @@ kvc_status_t kvc_codec_encode(kvc_codec_t codec, int32_t num_blocks,
       no_cuda();
 #endif
     }
+    const kvc::DefaultFloatEnvironment ieee;
     // Every input is checked, and every block sized, before the first block is written.
     for (int32_t i = 0; i < num_blocks; ++i) {
       kvc::cpu::check_finite(p, i, src_blocks[i], src_token_stride, src_dtype);
@@ -353,6 +355,7 @@ kvc_status_t kvc_codec_decode(kvc_codec_t codec, int32_t num_blocks,
       no_cuda();
 #endif
     }
+    const kvc::DefaultFloatEnvironment ieee;
     kvc_status_t first_status = KVC_SUCCESS;
     std::string first_message;
     for (int32_t i = 0; i < num_blocks; ++i) {
@@ -391,6 +394,7 @@ kvc_status_t kvc_codec_histogram(kvc_codec_t codec, int32_t num_blocks,
       no_cuda();
 #endif
     } else {
+      const kvc::DefaultFloatEnvironment ieee;
       for (int32_t i = 0; i < num_blocks; ++i) {
         kvc::cpu::check_finite(p, i, src_blocks[i], src_token_stride, src_dtype);
       }

@@ -4,12 +4,17 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cfenv>
 #include <cmath>
 #include <limits>
 #include <random>
 #include <sstream>
 
 #include "test_support.hpp"
+
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 namespace kvc::test {
 namespace {
@@ -513,6 +518,41 @@ TEST_F(CorruptBlocks, MismatchesAreNamed) {
   future[format::offset::kVersion] = 2;
   EXPECT_EQ(decode_bytes(codec_for(huffman_k.config), future, 32, 64), KVC_ERROR_FORMAT_VERSION);
 }
+
+}  // namespace
+}  // namespace kvc::test
+
+namespace kvc::test {
+namespace {
+
+#if defined(__SSE__)
+TEST(Codec, CallersFloatEnvironmentDoesNotChangeTheBytes) {
+  // Subnormal inputs and a bound near them: flush-to-zero or another rounding mode in the
+  // caller's environment would change codes if the codec ran under it.
+  const kvc_codec_config c = make_config(KVC_KIND_VALUE, 16, 64, KVC_BOUND_ABSOLUTE, 1e-39f);
+  const kvcomp::Codec codec(c);
+  std::vector<float> x(16 * 64);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = std::ldexp(float(i % 97) - 48.0f, -135);
+  const Block b = make_block(KVC_DTYPE_FP32, 16, 64, 64, x);
+  const auto reference = codec.encode(b.data(), KVC_DTYPE_FP32, 64);
+  ASSERT_NE(kvcomp::inspect(reference).encoding, KVC_ENCODING_RAW);
+  const unsigned saved = _mm_getcsr();
+  _mm_setcsr(saved | 0x8040u);  // flush-to-zero and denormals-are-zero
+  const int saved_round = std::fegetround();
+  std::fesetround(FE_UPWARD);
+  const auto under_ftz = codec.encode(b.data(), KVC_DTYPE_FP32, 64);
+  std::vector<float> y(16 * 64);
+  codec.decode(under_ftz, KVC_DTYPE_FP32, y.data(), 64);
+  const unsigned after = _mm_getcsr();
+  const int round_after = std::fegetround();
+  std::fesetround(saved_round);
+  _mm_setcsr(saved);
+  EXPECT_EQ(after & 0x8040u, 0x8040u) << "the caller's environment is restored";
+  EXPECT_EQ(round_after, FE_UPWARD);
+  EXPECT_EQ(under_ftz, reference);
+  for (size_t i = 0; i < x.size(); ++i) ASSERT_LE(std::fabs(y[i] - x[i]), 1e-39f) << i;
+}
+#endif
 
 }  // namespace
 }  // namespace kvc::test
