@@ -8,12 +8,12 @@
 // A plain program rather than Google Benchmark: it must build on GPU machines that have only the
 // CUDA toolkit. The CPU benchmarks (bench_codec) use Google Benchmark.
 #include <cuda_runtime.h>
-#include <kvcomp/kvcomp.hpp>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <kvcomp/kvcomp.hpp>
 #include <string>
 #include <vector>
 
@@ -21,19 +21,18 @@
 
 namespace {
 
-#define CHECK_CUDA(call)                                                                  \
-  do {                                                                                    \
-    const cudaError_t e_ = (call);                                                        \
-    if (e_ != cudaSuccess) {                                                              \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call,                  \
-                   cudaGetErrorString(e_));                                               \
-      std::exit(1);                                                                       \
-    }                                                                                     \
+#define CHECK_CUDA(call)                                                                          \
+  do {                                                                                            \
+    const cudaError_t e_ = (call);                                                                \
+    if (e_ != cudaSuccess) {                                                                      \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                               \
+    }                                                                                             \
   } while (0)
 
 constexpr uint32_t kTokens = 64, kDim = 128;
 constexpr size_t kBlockElems = size_t(kTokens) * kDim;
-constexpr size_t kDistinct = 2048;                     // distinct synthetic blocks (32 MiB)
+constexpr size_t kDistinct = 2048;  // distinct synthetic blocks (32 MiB)
 constexpr size_t kBlocks = (size_t(1) << 30) / (2 * kBlockElems);  // 1 GiB of fp16
 constexpr int kReps = 20;
 
@@ -140,9 +139,9 @@ int main(int argc, char** argv) {
     CHECK_CUDA(cudaMalloc(&d_status, 4 * kBlocks));
     std::vector<void*> ptrs(4 * kBlocks);
     for (size_t b = 0; b < kBlocks; ++b) {
-      ptrs[b] = static_cast<uint16_t*>(d_in) + b * kBlockElems;               // encode src
-      ptrs[kBlocks + b] = static_cast<uint8_t*>(d_blocks) + b * cap;          // encode dst
-      ptrs[2 * kBlocks + b] = ptrs[kBlocks + b];                              // decode src
+      ptrs[b] = static_cast<uint16_t*>(d_in) + b * kBlockElems;                 // encode src
+      ptrs[kBlocks + b] = static_cast<uint8_t*>(d_blocks) + b * cap;            // encode dst
+      ptrs[2 * kBlocks + b] = ptrs[kBlocks + b];                                // decode src
       ptrs[3 * kBlocks + b] = static_cast<uint16_t*>(d_out) + b * kBlockElems;  // decode dst
     }
     CHECK_CUDA(cudaMemcpy(d_ptrs, ptrs.data(), ptrs.size() * 8, cudaMemcpyHostToDevice));
@@ -172,8 +171,8 @@ int main(int argc, char** argv) {
       const auto want = cpu_book.encode(host.data() + b * kBlockElems, KVC_DTYPE_FP16, kDim);
       ok = sizes[b] == want.size() && std::equal(want.begin(), want.end(), &first[b * cap]);
     }
-    const double worst = kvc::bench::worst_relative_error(is_value, host, decoded, kDistinct,
-                                                          kTokens, kDim);
+    const double worst =
+        kvc::bench::worst_relative_error(is_value, host, decoded, kDistinct, kTokens, kDim);
     ok = ok && worst <= config.error_bound + 1e-3;  // fp16 output rounding on top of the bound
     if (!ok) {
       std::fprintf(stderr, "gpu_bench: %s FAILED verification (worst error %.4g of range)\n",
@@ -183,11 +182,12 @@ int main(int argc, char** argv) {
     double compressed = 0;
     for (uint32_t s : sizes) compressed += s;
     const double ratio = double(fp16_bytes) / compressed;
-    const std::string base = std::string(c.name).substr(0, 1) + (c.entropy == KVC_ENTROPY_FIXED ? " fixed" : " huffman");
+    const std::string base =
+        std::string(c.name).substr(0, 1) + (c.entropy == KVC_ENTROPY_FIXED ? " fixed" : " huffman");
     rows.push_back({base + " encode", encode_ms, fp16_bytes / encode_ms / 1e6, ratio});
     rows.push_back({base + " decode", decode_ms, fp16_bytes / decode_ms / 1e6, ratio});
-    for (void* d : {d_blocks, d_out, d_ptrs, static_cast<void*>(d_sizes),
-                    static_cast<void*>(d_status)}) {
+    for (void* d :
+         {d_blocks, d_out, d_ptrs, static_cast<void*>(d_sizes), static_cast<void*>(d_status)}) {
       CHECK_CUDA(cudaFree(d));
     }
   }

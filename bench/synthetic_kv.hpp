@@ -56,14 +56,16 @@ inline std::vector<uint16_t> synthetic_fp16_blocks(bool is_value, size_t blocks,
 // Largest |x - y| over the range of the element's quantization group (K: channel over the
 // block's tokens; V: the token's channels), for fp16 blocks laid out as above.
 inline double worst_relative_error(bool is_value, const std::vector<uint16_t>& x,
-                                   const std::vector<uint16_t>& y, size_t blocks,
-                                   uint32_t tokens, uint32_t dim) {
+                                   const std::vector<uint16_t>& y, size_t blocks, uint32_t tokens,
+                                   uint32_t dim) {
   double worst = 0;
   const uint32_t groups = is_value ? tokens : dim, size = is_value ? dim : tokens;
   for (size_t b = 0; b < blocks; ++b) {
     const size_t base = b * tokens * dim;
     for (uint32_t g = 0; g < groups; ++g) {
-      auto at = [&](uint32_t e) { return base + (is_value ? size_t(g) * dim + e : size_t(e) * dim + g); };
+      auto at = [&](uint32_t e) {
+        return base + (is_value ? size_t(g) * dim + e : size_t(e) * dim + g);
+      };
       float lo = INFINITY, hi = -INFINITY;
       for (uint32_t e = 0; e < size; ++e) {
         const float v = format::half_to_float(x[at(e)]);

@@ -45,8 +45,7 @@ extern "C" {
 #define KVC_VERSION_MAJOR 0
 #define KVC_VERSION_MINOR 1
 #define KVC_VERSION_PATCH 0
-#define KVC_VERSION_NUMBER \
-  (KVC_VERSION_MAJOR * 10000 + KVC_VERSION_MINOR * 100 + KVC_VERSION_PATCH)
+#define KVC_VERSION_NUMBER (KVC_VERSION_MAJOR * 10000 + KVC_VERSION_MINOR * 100 + KVC_VERSION_PATCH)
 
 /* Version of the config-struct ABI. Every config struct carries the value its caller was
  * compiled with; the library rejects another value with KVC_ERROR_ABI_MISMATCH. */
@@ -62,7 +61,9 @@ KVC_API const char* kvc_version_string(void);
 
 /* ---- Status and errors ------------------------------------------------------------------- */
 
-/* Numbered in ranges by cause; values are never renumbered. */
+/* Numbered in ranges by cause; values are never renumbered. Every public enum ends in a
+ * _MAX_ENUM member so that it is 32 bits wide and any int32 value a C caller passes through it
+ * is representable (and rejected with a status, not undefined). */
 typedef enum kvc_status {
   KVC_SUCCESS = 0,
   /* 1xx: the caller's arguments */
@@ -73,17 +74,20 @@ typedef enum kvc_status {
   KVC_ERROR_NOT_SUPPORTED = 104,    /* valid, but not supported by this build or backend */
   KVC_ERROR_NONFINITE_INPUT = 105,  /* an input element is inf or NaN */
   /* 2xx: the data */
-  KVC_ERROR_CORRUPT_DATA = 200,        /* a block or serialized codebook is malformed */
-  KVC_ERROR_CODEBOOK_MISMATCH = 201,   /* a block was encoded with another codebook */
-  KVC_ERROR_FORMAT_VERSION = 202,      /* data written by an unknown format version */
-  KVC_ERROR_CONFIG_MISMATCH = 203,     /* a block's shape or kind differs from the codec's */
+  KVC_ERROR_CORRUPT_DATA = 200,      /* a block or serialized codebook is malformed */
+  KVC_ERROR_CODEBOOK_MISMATCH = 201, /* a block was encoded with another codebook */
+  KVC_ERROR_FORMAT_VERSION = 202,    /* data written by an unknown format version */
+  KVC_ERROR_CONFIG_MISMATCH = 203,   /* a block's shape or kind differs from the codec's */
+  KVC_ERROR_UNKNOWN_SEQUENCE = 204,  /* no live sequence has this id */
   /* 3xx: resources */
   KVC_ERROR_OUT_OF_MEMORY = 300,
+  KVC_ERROR_OUT_OF_PAGES = 301, /* the store's page pool is full; nothing was changed */
   /* 4xx: the CUDA runtime */
-  KVC_ERROR_CUDA = 400,     /* a CUDA call failed; kvc_last_error() names the CUDA error */
+  KVC_ERROR_CUDA = 400,      /* a CUDA call failed; kvc_last_error() names the CUDA error */
   KVC_ERROR_NO_DEVICE = 401, /* the CUDA backend was asked for where no GPU is usable */
   /* 5xx: a bug in kvcomp; please report it with kvc_last_error() */
-  KVC_ERROR_INTERNAL = 500
+  KVC_ERROR_INTERNAL = 500,
+  KVC_STATUS_MAX_ENUM = 0x7FFFFFFF
 } kvc_status;
 typedef kvc_status kvc_status_t;
 
@@ -101,43 +105,49 @@ KVC_API void kvc_clear_last_error(void);
 typedef enum kvc_dtype {
   KVC_DTYPE_FP16 = 1,
   KVC_DTYPE_BF16 = 2,
-  KVC_DTYPE_FP32 = 3
+  KVC_DTYPE_FP32 = 3,
+  KVC_DTYPE_MAX_ENUM = 0x7FFFFFFF
 } kvc_dtype;
 
 /* Which tensor a block holds; it decides the quantization groups (docs/format.md). */
 typedef enum kvc_kind {
-  KVC_KIND_KEY = 0,  /* one group per channel, over the block's tokens */
-  KVC_KIND_VALUE = 1 /* one group per token and channel group */
+  KVC_KIND_KEY = 0,   /* one group per channel, over the block's tokens */
+  KVC_KIND_VALUE = 1, /* one group per token and channel group */
+  KVC_KIND_MAX_ENUM = 0x7FFFFFFF
 } kvc_kind;
 
 typedef enum kvc_bound_mode {
   KVC_BOUND_ABSOLUTE = 0, /* |x - x_hat| <= error_bound */
-  KVC_BOUND_RELATIVE = 1  /* |x - x_hat| <= fl32(error_bound * fl32(max - min)) over the
-                             element's group: the range and product rounded to fp32 */
+  KVC_BOUND_RELATIVE = 1, /* |x - x_hat| <= fl32(error_bound * fl32(max - min)) over the
+                            element's group: the range and product rounded to fp32 */
+  KVC_BOUND_MODE_MAX_ENUM = 0x7FFFFFFF
 } kvc_bound_mode;
 
 /* Which entropy stage the encoder may choose per block. */
 typedef enum kvc_entropy {
   KVC_ENTROPY_AUTO = 0,    /* the smaller of Huffman (if a codebook is given) and fixed width */
   KVC_ENTROPY_FIXED = 1,   /* fixed-width bit packing only */
-  KVC_ENTROPY_HUFFMAN = 2  /* Huffman only; needs a codebook */
+  KVC_ENTROPY_HUFFMAN = 2, /* Huffman only; needs a codebook */
+  KVC_ENTROPY_MAX_ENUM = 0x7FFFFFFF
 } kvc_entropy;
 
 typedef enum kvc_backend {
-  KVC_BACKEND_CPU = 0, /* host memory, synchronous */
-  KVC_BACKEND_CUDA = 1 /* device memory, asynchronous on the given stream */
+  KVC_BACKEND_CPU = 0,  /* host memory, synchronous */
+  KVC_BACKEND_CUDA = 1, /* device memory, asynchronous on the given stream */
+  KVC_BACKEND_MAX_ENUM = 0x7FFFFFFF
 } kvc_backend;
 
 /* Per-block encoding, as recorded in the block header. */
 typedef enum kvc_block_encoding {
   KVC_ENCODING_RAW = 0,     /* elements verbatim in the input dtype (bound not reachable) */
   KVC_ENCODING_FIXED = 1,   /* fixed-width quantization codes */
-  KVC_ENCODING_HUFFMAN = 2  /* canonical Huffman coded quantization codes */
+  KVC_ENCODING_HUFFMAN = 2, /* canonical Huffman coded quantization codes */
+  KVC_ENCODING_MAX_ENUM = 0x7FFFFFFF
 } kvc_block_encoding;
 
 /* ---- Limits ------------------------------------------------------------------------------ */
 
-#define KVC_MAX_NUM_TOKENS 1024       /* tokens per block */
+#define KVC_MAX_NUM_TOKENS 1024 /* tokens per block */
 #define KVC_MAX_HEAD_DIM 1024
 #define KVC_MAX_CODE_LENGTH 15        /* longest Huffman code, bits */
 #define KVC_MAX_CODEBOOK_SYMBOLS 4095 /* symbols of a codebook, escape excluded */
@@ -161,19 +171,20 @@ KVC_API kvc_status_t kvc_histogram_add_counts(kvc_histogram_t histogram, int32_t
 KVC_API kvc_status_t kvc_histogram_total(kvc_histogram_t histogram, uint64_t* total);
 
 typedef struct kvc_codebook_config {
-  uint32_t struct_size;       /* sizeof(kvc_codebook_config) */
-  uint32_t abi_version;       /* KVC_ABI_VERSION */
-  int32_t max_code_length;    /* 2..KVC_MAX_CODE_LENGTH; the decoder's table has 2^this entries */
-  int32_t max_symbols;        /* 1..KVC_MAX_CODEBOOK_SYMBOLS: width of the window of consecutive
-                                 symbol values with the largest total count that gets codes
-                                 (also capped at 2^max_code_length - 1) */
+  uint32_t struct_size;    /* sizeof(kvc_codebook_config) */
+  uint32_t abi_version;    /* KVC_ABI_VERSION */
+  int32_t max_code_length; /* 2..KVC_MAX_CODE_LENGTH; the decoder's table has 2^this entries */
+  int32_t max_symbols;     /* 1..KVC_MAX_CODEBOOK_SYMBOLS: width of the window of consecutive
+                              symbol values with the largest total count that gets codes
+                              (also capped at 2^max_code_length - 1) */
 } kvc_codebook_config;
-#define KVC_CODEBOOK_CONFIG_INIT {sizeof(kvc_codebook_config), KVC_ABI_VERSION, 12, 255}
+#define KVC_CODEBOOK_CONFIG_INIT \
+  { sizeof(kvc_codebook_config), KVC_ABI_VERSION, 12, 255 }
 
 /* Builds a length-limited canonical Huffman code from a histogram. The codebook covers the
  * contiguous symbol range around the most frequent symbols (at most max_symbols wide, inside
- * [-2^15, 2^15)); symbols outside it, or never seen, are coded through the escape. An empty histogram gives a codebook
- * that escapes everything. config may be NULL for the defaults. */
+ * [-2^15, 2^15)); symbols outside it, or never seen, are coded through the escape. An empty
+ * histogram gives a codebook that escapes everything. config may be NULL for the defaults. */
 KVC_API kvc_status_t kvc_codebook_build(kvc_histogram_t histogram,
                                         const kvc_codebook_config* config,
                                         kvc_codebook_t* codebook);
@@ -210,9 +221,11 @@ typedef struct kvc_codec_config {
   int32_t entropy;          /* kvc_entropy */
   int32_t num_substreams;   /* Huffman sub-streams per block, dividing the group size; 0 = auto */
 } kvc_codec_config;
-#define KVC_CODEC_CONFIG_INIT                                                            \
-  {sizeof(kvc_codec_config), KVC_ABI_VERSION, KVC_BACKEND_CPU, KVC_KIND_KEY, 64, 128, 0, \
-   KVC_BOUND_RELATIVE, 0.05f, KVC_ENTROPY_AUTO, 0}
+#define KVC_CODEC_CONFIG_INIT                                                             \
+  {                                                                                       \
+    sizeof(kvc_codec_config), KVC_ABI_VERSION, KVC_BACKEND_CPU, KVC_KIND_KEY, 64, 128, 0, \
+        KVC_BOUND_RELATIVE, 0.05f, KVC_ENTROPY_AUTO, 0                                    \
+  }
 
 /* Creates a codec for one block shape. codebook may be NULL (fixed width only); the codec
  * keeps its own reference, so the caller may destroy its codebook handle afterwards. */
@@ -289,10 +302,11 @@ typedef struct kvc_block_info {
   int32_t group_size;
   int32_t num_groups;
   int32_t num_substreams;
-  int32_t code_bits;      /* fixed-width code bits, or Huffman escape payload bits */
-  uint32_t codebook_id;   /* Huffman blocks; 0 otherwise */
+  int32_t code_bits;    /* fixed-width code bits, or Huffman escape payload bits */
+  uint32_t codebook_id; /* Huffman blocks; 0 otherwise */
 } kvc_block_info;
-#define KVC_BLOCK_INFO_INIT {sizeof(kvc_block_info), KVC_ABI_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+#define KVC_BLOCK_INFO_INIT \
+  { sizeof(kvc_block_info), KVC_ABI_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
 
 /* Parses and validates a block header in h_block (src_bytes available). */
 KVC_API kvc_status_t kvc_block_inspect(const void* h_block, size_t src_bytes, kvc_block_info* info);

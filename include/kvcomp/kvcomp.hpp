@@ -120,8 +120,8 @@ class Codec {
                 std::span<uint8_t> dst) const {
     void* dst_ptr = dst.data();
     uint32_t written = 0;
-    check(kvc_codec_encode(get(), 1, &src, token_stride, src_dtype, &dst_ptr, dst.size(),
-                           &written, nullptr));
+    check(kvc_codec_encode(get(), 1, &src, token_stride, src_dtype, &dst_ptr, dst.size(), &written,
+                           nullptr));
     return written;
   }
   // One block into a new buffer of exactly its size.
@@ -134,8 +134,8 @@ class Codec {
               int64_t token_stride) const {
     const void* src = block.data();
     const uint32_t bytes = uint32_t(std::min<size_t>(block.size(), UINT32_MAX));
-    check(kvc_codec_decode(get(), 1, &src, &bytes, dst_dtype, &dst, token_stride, nullptr,
-                           nullptr));
+    check(
+        kvc_codec_decode(get(), 1, &src, &bytes, dst_dtype, &dst, token_stride, nullptr, nullptr));
   }
   void add_to_histogram(const void* src, kvc_dtype src_dtype, int64_t token_stride,
                         Histogram& histogram) const {

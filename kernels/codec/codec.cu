@@ -18,8 +18,7 @@ namespace {
 
 void check_cuda(cudaError_t e, const char* what) {
   if (e != cudaSuccess) {
-    fail(KVC_ERROR_CUDA, what, " failed: ", cudaGetErrorName(e), " (", cudaGetErrorString(e),
-         ")");
+    fail(KVC_ERROR_CUDA, what, " failed: ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")");
   }
 }
 
@@ -27,10 +26,17 @@ void check_cuda(cudaError_t e, const char* what) {
 template <class F>
 void dispatch_dtype(kvc_dtype dtype, F&& f) {
   switch (dtype) {
-    case KVC_DTYPE_FP16: f(std::integral_constant<kvc_dtype, KVC_DTYPE_FP16>{}); break;
-    case KVC_DTYPE_BF16: f(std::integral_constant<kvc_dtype, KVC_DTYPE_BF16>{}); break;
-    case KVC_DTYPE_FP32: f(std::integral_constant<kvc_dtype, KVC_DTYPE_FP32>{}); break;
-    default: fail(KVC_ERROR_NOT_SUPPORTED, "dtype ", int(dtype), " has no CUDA kernel");
+    case KVC_DTYPE_FP16:
+      f(std::integral_constant<kvc_dtype, KVC_DTYPE_FP16>{});
+      break;
+    case KVC_DTYPE_BF16:
+      f(std::integral_constant<kvc_dtype, KVC_DTYPE_BF16>{});
+      break;
+    case KVC_DTYPE_FP32:
+      f(std::integral_constant<kvc_dtype, KVC_DTYPE_FP32>{});
+      break;
+    default:
+      fail(KVC_ERROR_NOT_SUPPORTED, "dtype ", int(dtype), " has no CUDA kernel");
   }
 }
 
@@ -39,8 +45,7 @@ template <class Kernel, class... Args>
 void launch(Kernel kernel, int32_t blocks, size_t smem, cudaStream_t stream, Args... args) {
   if (blocks == 0) return;
   if (smem > 48 * 1024) {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    int(smem)),
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
                "cudaFuncSetAttribute");
   }
   kernel<<<blocks, k::kThreads, smem, stream>>>(args...);
@@ -74,16 +79,16 @@ DeviceCodecPtr create_device_codec(const CodecParams& p, const Codebook* codeboo
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
   check_cuda(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
              "cudaDeviceGetAttribute");
-  const size_t need = std::max(k::encode_smem_bytes(p.num_elements(), p.num_groups,
-                                                    p.num_substreams),
-                               k::decode_smem_bytes(p.num_groups));
+  const size_t need =
+      std::max(k::encode_smem_bytes(p.num_elements(), p.num_groups, p.num_substreams),
+               k::decode_smem_bytes(p.num_groups));
   require(need + 4096 <= size_t(smem_limit), KVC_ERROR_NOT_SUPPORTED, "a ", p.num_tokens, "x",
           p.head_dim, " block in groups of ", p.group_size, " needs ", need,
           " bytes of shared memory per thread block; this GPU allows ", smem_limit);
 
   DeviceCodecPtr d(new DeviceCodec);
-  d->shape = {p.is_value, p.num_tokens, p.head_dim, p.group_size, p.num_groups,
-              p.num_substreams, p.relative, p.error_bound, uint32_t(p.entropy)};
+  d->shape = {p.is_value,       p.num_tokens, p.head_dim,    p.group_size,       p.num_groups,
+              p.num_substreams, p.relative,   p.error_bound, uint32_t(p.entropy)};
   if (codebook != nullptr) {
     std::vector<uint32_t> tables = codebook->decode_table();
     const size_t codes_at = tables.size();
@@ -93,8 +98,12 @@ DeviceCodecPtr create_device_codec(const CodecParams& p, const Codebook* codeboo
     check_cuda(cudaMalloc(&d->d_tables, tables.size() * 4), "cudaMalloc (codebook tables)");
     check_cuda(cudaMemcpy(d->d_tables, tables.data(), tables.size() * 4, cudaMemcpyHostToDevice),
                "cudaMemcpy (codebook tables)");
-    d->book = {d->d_tables, d->d_tables + codes_at, codebook->first_symbol(),
-               codebook->num_symbols(), codebook->max_code_length(), codebook->id()};
+    d->book = {d->d_tables,
+               d->d_tables + codes_at,
+               codebook->first_symbol(),
+               codebook->num_symbols(),
+               codebook->max_code_length(),
+               codebook->id()};
   }
   check_cuda(cudaMalloc(&d->d_counts, sizeof(k::HistogramCounts)), "cudaMalloc (histogram)");
   return d;
@@ -104,8 +113,8 @@ void encode(const DeviceCodec& d, int32_t num_blocks, const void* const* d_src_b
             int64_t src_token_stride, kvc_dtype src_dtype, void* const* d_dst_blocks,
             uint32_t* d_block_bytes, void* stream) {
   const k::Shape& sh = d.shape;
-  const size_t smem = k::encode_smem_bytes(sh.num_tokens * sh.head_dim, sh.num_groups,
-                                           sh.num_substreams);
+  const size_t smem =
+      k::encode_smem_bytes(sh.num_tokens * sh.head_dim, sh.num_groups, sh.num_substreams);
   dispatch_dtype(src_dtype, [&](auto dt) {
     launch(k::encode_kernel<decltype(dt)::value>, num_blocks, smem,
            static_cast<cudaStream_t>(stream), sh, d.book, d_src_blocks, src_token_stride,
@@ -119,14 +128,13 @@ void decode(const DeviceCodec& d, int32_t num_blocks, const void* const* d_src_b
   const k::Shape& sh = d.shape;
   dispatch_dtype(dst_dtype, [&](auto dt) {
     launch(k::decode_kernel<decltype(dt)::value>, num_blocks, k::decode_smem_bytes(sh.num_groups),
-           static_cast<cudaStream_t>(stream), sh, d.book, d_src_blocks, d_src_bytes,
-           d_dst_blocks, dst_token_stride, d_block_status);
+           static_cast<cudaStream_t>(stream), sh, d.book, d_src_blocks, d_src_bytes, d_dst_blocks,
+           dst_token_stride, d_block_status);
   });
 }
 
 void histogram(const DeviceCodec& d, int32_t num_blocks, const void* const* d_src_blocks,
-               int64_t src_token_stride, kvc_dtype src_dtype, Histogram& histogram,
-               void* stream) {
+               int64_t src_token_stride, kvc_dtype src_dtype, Histogram& histogram, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
   const k::Shape& sh = d.shape;
   check_cuda(cudaMemsetAsync(d.d_counts, 0, sizeof(k::HistogramCounts), s), "cudaMemsetAsync");

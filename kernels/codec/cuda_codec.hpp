@@ -39,7 +39,6 @@ void decode(const DeviceCodec& d, int32_t num_blocks, const void* const* d_src_b
 // Counts the blocks' Huffman symbols on the GPU and adds them to a host histogram: copies the
 // counts back and synchronises `stream` (a prefill-time call, not graph-capturable).
 void histogram(const DeviceCodec& d, int32_t num_blocks, const void* const* d_src_blocks,
-               int64_t src_token_stride, kvc_dtype src_dtype, Histogram& histogram,
-               void* stream);
+               int64_t src_token_stride, kvc_dtype src_dtype, Histogram& histogram, void* stream);
 
 }  // namespace kvc::cuda

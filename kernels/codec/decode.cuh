@@ -29,9 +29,8 @@ __device__ inline kvc_status_t check_block(const Shape& sh, const BookView& book
 
 template <kvc_dtype OUT>
 __global__ void __launch_bounds__(kThreads)
-    decode_kernel(Shape sh, BookView book, const void* const* src_blocks,
-                  const uint32_t* src_bytes, void* const* dst_blocks, int64_t stride,
-                  kvc_status_t* block_status) {
+    decode_kernel(Shape sh, BookView book, const void* const* src_blocks, const uint32_t* src_bytes,
+                  void* const* dst_blocks, int64_t stride, kvc_status_t* block_status) {
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ f::BlockLayout L;
   __shared__ kvc_status_t status;
@@ -71,9 +70,8 @@ __global__ void __launch_bounds__(kThreads)
   for (uint32_t g = tid; g < groups; g += blockDim.x) {
     step[g] = L.per_group_step ? f::bf16_to_float(f::load_u16(src + L.steps_offset + 2 * g))
                                : f::bits_float(f::load_u32(src + L.steps_offset));
-    center[g] = uint32_t(L.center_base) +
-                read_bits(src + L.centers_offset, centers_bytes, uint64_t(g) * L.center_bits,
-                          L.center_bits);
+    center[g] = uint32_t(L.center_base) + read_bits(src + L.centers_offset, centers_bytes,
+                                                    uint64_t(g) * L.center_bits, L.center_bits);
   }
   __syncthreads();
 

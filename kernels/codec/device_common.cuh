@@ -44,7 +44,7 @@ struct BookView {
   __device__ uint32_t index_of(int32_t symbol) const {
     const int64_t i = int64_t(symbol) - first_symbol;
     return (i >= 0 && i < int64_t(num_symbols) && (codes[i] >> 24) != 0) ? uint32_t(i)
-                                                                        : num_symbols;
+                                                                         : num_symbols;
   }
 };
 
@@ -96,10 +96,10 @@ struct QuantSmem {
 
 // Block-wide results of quantize_block.
 struct QuantSummary {
-  uint32_t nonfinite;     // some input is inf or NaN
-  uint32_t quantized;     // every element met its bound with a code
-  uint32_t max_abs_bits;  // float bits of the largest |x|
-  uint32_t fixed_width;   // widest (max - min) code range of a group, in bits
+  uint32_t nonfinite;        // some input is inf or NaN
+  uint32_t quantized;        // every element met its bound with a code
+  uint32_t max_abs_bits;     // float bits of the largest |x|
+  uint32_t fixed_width;      // widest (max - min) code range of a group, in bits
   int32_t min_lo, min_hi;    // range of the groups' smallest codes
   int32_t mean_lo, mean_hi;  // range of the groups' mean codes
 };
@@ -107,8 +107,8 @@ struct QuantSummary {
 // Loads the block (rows `stride` elements apart), quantizes it exactly as the CPU reference
 // does, and fills the per-group centres. All threads of the block must call it.
 template <kvc_dtype DT>
-__device__ void quantize_block(const Shape& sh, const void* src, int64_t stride,
-                               const QuantSmem& q, QuantSummary& sum) {
+__device__ void quantize_block(const Shape& sh, const void* src, int64_t stride, const QuantSmem& q,
+                               QuantSummary& sum) {
   const uint32_t n = sh.num_elements();
   const uint32_t tid = threadIdx.x;
   if (tid == 0) {
@@ -160,8 +160,7 @@ __device__ void quantize_block(const Shape& sh, const void* src, int64_t stride,
     const uint32_t t = i / sh.head_dim, c = i % sh.head_dim;
     const uint32_t g = f::group_of(sh.is_value != 0, sh.head_dim, sh.group_size, t, c);
     int32_t code = 0;
-    failed |= !f::quantize_element(f::bits_float(uint32_t(q.vals[i])), q.step[g], q.bound[g],
-                                   code);
+    failed |= !f::quantize_element(f::bits_float(uint32_t(q.vals[i])), q.step[g], q.bound[g], code);
     q.vals[i] = code;
   }
   const bool quantized = !__syncthreads_or(failed);

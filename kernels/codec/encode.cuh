@@ -78,7 +78,8 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
 
-  const bool try_huffman = st.sum.quantized && book.table != nullptr && sh.entropy != KVC_ENTROPY_FIXED;
+  const bool try_huffman =
+      st.sum.quantized && book.table != nullptr && sh.entropy != KVC_ENTROPY_FIXED;
   const uint32_t per_stream = sh.group_size / sh.num_substreams;
   auto symbol = [&](uint32_t g, uint32_t e) { return q.vals[sh.element_index(g, e)] - q.cmean[g]; };
   // Bits of element j in position-major order (j = e * groups + g).
@@ -113,8 +114,8 @@ __global__ void __launch_bounds__(kThreads)
     if (s.quantized && sh.entropy != KVC_ENTROPY_HUFFMAN) {
       best = f::make_layout(sh.is_value, sh.num_tokens, sh.head_dim, sh.group_size, f::kFixed,
                             sh.relative, s.fixed_width, s.min_lo,
-                            f::bit_width(uint32_t(int64_t(s.min_hi) - s.min_lo)),
-                            sh.num_substreams, 0, 0, (uint64_t(n) * s.fixed_width + 7) / 8);
+                            f::bit_width(uint32_t(int64_t(s.min_hi) - s.min_lo)), sh.num_substreams,
+                            0, 0, (uint64_t(n) * s.fixed_width + 7) / 8);
       have = true;
     }
     if (try_huffman) {
@@ -133,8 +134,8 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     const f::BlockLayout raw =
-        f::make_layout(sh.is_value, sh.num_tokens, sh.head_dim, sh.group_size, f::kRaw,
-                       sh.relative, 0, 0, 0, 0, 0, DT, uint64_t(n) * f::dtype_bytes(DT));
+        f::make_layout(sh.is_value, sh.num_tokens, sh.head_dim, sh.group_size, f::kRaw, sh.relative,
+                       0, 0, 0, 0, 0, DT, uint64_t(n) * f::dtype_bytes(DT));
     if (!have || raw.block_bytes < best.block_bytes) best = raw;
     st.layout = best;
   }
@@ -208,7 +209,8 @@ __global__ void __launch_bounds__(kThreads)
   for (uint32_t j = begin; j < end; ++j) {
     if (j % stream_len == 0) offset = 0;
     const uint32_t stream = j / stream_len;
-    const uint64_t start = uint64_t(L.payload_offset + (stream == 0 ? 0u : stream_bits[stream - 1])) * 8;
+    const uint64_t start =
+        uint64_t(L.payload_offset + (stream == 0 ? 0u : stream_bits[stream - 1])) * 8;
     const int32_t s = symbol(j % groups, j / groups);
     const uint32_t index = book.index_of(s);
     const uint32_t entry = book.codes[index];

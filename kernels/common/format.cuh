@@ -20,19 +20,19 @@ constexpr uint32_t kVersion = 1;
 constexpr uint32_t kHeaderBytes = 32;
 
 namespace offset {
-constexpr uint32_t kMagic = 0;         // u32
-constexpr uint32_t kVersion = 4;       // u8
-constexpr uint32_t kEncoding = 5;      // u8: 0 raw, 1 fixed, 2 huffman
-constexpr uint32_t kFlags = 6;         // u8: see flag::
-constexpr uint32_t kCodeBits = 7;      // u8: fixed code width, or Huffman escape payload width
-constexpr uint32_t kNumTokens = 8;     // u16
-constexpr uint32_t kHeadDim = 10;      // u16
-constexpr uint32_t kGroupSize = 12;    // u16
-constexpr uint32_t kSubstreams = 14;   // u16: Huffman sub-streams; 0 otherwise
-constexpr uint32_t kBlockBytes = 16;   // u32: whole block, a multiple of 4
-constexpr uint32_t kCodebookId = 20;   // u32: Huffman blocks; 0 otherwise
-constexpr uint32_t kCenterBase = 24;   // i32
-constexpr uint32_t kCenterBits = 28;   // u8; bytes 29..31 are zero
+constexpr uint32_t kMagic = 0;        // u32
+constexpr uint32_t kVersion = 4;      // u8
+constexpr uint32_t kEncoding = 5;     // u8: 0 raw, 1 fixed, 2 huffman
+constexpr uint32_t kFlags = 6;        // u8: see flag::
+constexpr uint32_t kCodeBits = 7;     // u8: fixed code width, or Huffman escape payload width
+constexpr uint32_t kNumTokens = 8;    // u16
+constexpr uint32_t kHeadDim = 10;     // u16
+constexpr uint32_t kGroupSize = 12;   // u16
+constexpr uint32_t kSubstreams = 14;  // u16: Huffman sub-streams; 0 otherwise
+constexpr uint32_t kBlockBytes = 16;  // u32: whole block, a multiple of 4
+constexpr uint32_t kCodebookId = 20;  // u32: Huffman blocks; 0 otherwise
+constexpr uint32_t kCenterBase = 24;  // i32
+constexpr uint32_t kCenterBits = 28;  // u8; bytes 29..31 are zero
 }  // namespace offset
 
 namespace flag {
@@ -44,9 +44,9 @@ constexpr uint32_t kKnown = 0x0Fu;
 
 enum Encoding : uint32_t { kRaw = 0, kFixed = 1, kHuffman = 2 };
 
-constexpr uint32_t kMaxCodeBits = 26;      // fixed widths and centre offsets never need more
+constexpr uint32_t kMaxCodeBits = 26;  // fixed widths and centre offsets never need more
 constexpr uint32_t kMaxEscapeBits = 27;
-constexpr int32_t kMaxAbsCode = 1 << 24;   // |code| < 2^24: codes convert to float exactly
+constexpr int32_t kMaxAbsCode = 1 << 24;  // |code| < 2^24: codes convert to float exactly
 
 KVC_HD uint32_t align4(uint32_t bytes) { return (bytes + 3u) & ~3u; }
 
@@ -117,8 +117,8 @@ KVC_HD uint16_t float_to_half(float f) {
   const uint32_t abs = u & 0x7FFFFFFFu;
   if (abs >= 0x7F800000u) return uint16_t(sign | 0x7C00u | (abs > 0x7F800000u ? 0x200u : 0u));
   if (abs >= 0x477FF000u) return uint16_t(sign | 0x7C00u);  // rounds to >= 65520: inf
-  if (abs < 0x38800000u) {                                    // below the smallest normal half
-    if (abs < 0x33000000u) return uint16_t(sign);             // below half the smallest subnormal
+  if (abs < 0x38800000u) {                                  // below the smallest normal half
+    if (abs < 0x33000000u) return uint16_t(sign);           // below half the smallest subnormal
     const uint32_t exp = abs >> 23;
     const uint32_t mant = (abs & 0x7FFFFFu) | 0x800000u;
     const uint32_t shift = 126u - exp;  // 14..24: to units of 2^-24
@@ -420,10 +420,10 @@ KVC_HD ParseError parse_block(const uint8_t* p, uint64_t available, BlockLayout&
          b.num_substreams == 0 && b.codebook_id == 0 && b.center_base == 0 && b.center_bits == 0;
   } else if (ok) {
     ok = b.raw_dtype == 0 && b.center_bits <= kMaxCodeBits &&
-         (b.encoding == kFixed ? (b.code_bits <= kMaxCodeBits && b.num_substreams == 0 &&
-                                  b.codebook_id == 0)
-                               : (b.code_bits <= kMaxEscapeBits && b.num_substreams >= 1 &&
-                                  b.group_size % b.num_substreams == 0));
+         (b.encoding == kFixed
+              ? (b.code_bits <= kMaxCodeBits && b.num_substreams == 0 && b.codebook_id == 0)
+              : (b.code_bits <= kMaxEscapeBits && b.num_substreams >= 1 &&
+                 b.group_size % b.num_substreams == 0));
   }
   if (!ok) return ParseError::kBadField;
   if (b.block_bytes % 4u != 0 || b.block_bytes < kHeaderBytes) return ParseError::kBadField;
@@ -459,8 +459,8 @@ constexpr uint32_t kMaxStreamEnd = 0xFFFFu;  // sub-stream ends are 16-bit
 KVC_HD BlockLayout make_layout(bool is_value, uint32_t num_tokens, uint32_t head_dim,
                                uint32_t group_size, uint32_t encoding, bool relative,
                                uint32_t code_bits, int32_t center_base, uint32_t center_bits,
-                               uint32_t num_substreams, uint32_t codebook_id,
-                               uint32_t raw_dtype, uint64_t payload_bytes) {
+                               uint32_t num_substreams, uint32_t codebook_id, uint32_t raw_dtype,
+                               uint64_t payload_bytes) {
   BlockLayout b{};
   b.encoding = encoding;
   b.is_value = is_value;
@@ -506,8 +506,7 @@ KVC_HD uint32_t group_of(bool is_value, uint32_t head_dim, uint32_t group_size, 
                          uint32_t channel) {
   return is_value ? token * (head_dim / group_size) + channel / group_size : channel;
 }
-KVC_HD uint32_t position_of(bool is_value, uint32_t group_size, uint32_t token,
-                            uint32_t channel) {
+KVC_HD uint32_t position_of(bool is_value, uint32_t group_size, uint32_t token, uint32_t channel) {
   return is_value ? channel % group_size : token;
 }
 

@@ -49,10 +49,8 @@ void require_dtype(int32_t dtype, const char* name) {
 const kvc::CodecParams& check_batch(kvc_codec_t codec, int32_t num_blocks, const void* blocks,
                                     const char* blocks_name, void* stream) {
   require_not_null(codec, "codec");
-  require(num_blocks >= 0, KVC_ERROR_INVALID_ARGUMENT, "num_blocks = ", num_blocks,
-          " is negative");
-  require(num_blocks == 0 || blocks != nullptr, KVC_ERROR_NULL_POINTER, blocks_name,
-          " is NULL");
+  require(num_blocks >= 0, KVC_ERROR_INVALID_ARGUMENT, "num_blocks = ", num_blocks, " is negative");
+  require(num_blocks == 0 || blocks != nullptr, KVC_ERROR_NULL_POINTER, blocks_name, " is NULL");
   if (codec->params.backend == KVC_BACKEND_CPU) {
     require(stream == nullptr, KVC_ERROR_INVALID_ARGUMENT,
             "stream must be NULL on the CPU backend");
@@ -61,9 +59,8 @@ const kvc::CodecParams& check_batch(kvc_codec_t codec, int32_t num_blocks, const
 }
 
 void require_stride(int64_t stride, const kvc::CodecParams& p, const char* name) {
-  require(stride >= int64_t(p.head_dim) && stride <= (int64_t(1) << 40),
-          KVC_ERROR_INVALID_ARGUMENT, name, " = ", stride, " is out of range [head_dim = ",
-          p.head_dim, ", 2^40]");
+  require(stride >= int64_t(p.head_dim) && stride <= (int64_t(1) << 40), KVC_ERROR_INVALID_ARGUMENT,
+          name, " = ", stride, " is out of range [head_dim = ", p.head_dim, ", 2^40]");
 }
 
 #if !defined(KVC_WITH_CUDA)
@@ -74,8 +71,8 @@ void require_stride(int64_t stride, const kvc::CodecParams& p, const char* name)
 #endif
 
 // Host-side checks of each block pointer: only where the arrays are host memory.
-void require_block_pointers(const kvc_codec_s& codec, int32_t num_blocks,
-                            const void* const* src, void* const* dst, bool check_alignment) {
+void require_block_pointers(const kvc_codec_s& codec, int32_t num_blocks, const void* const* src,
+                            void* const* dst, bool check_alignment) {
   if (codec.on_cuda()) return;
   for (int32_t i = 0; i < num_blocks; ++i) {
     require(src[i] != nullptr, KVC_ERROR_NULL_POINTER, "src_blocks[", i, "] is NULL");
@@ -102,21 +99,42 @@ const char* kvc_version_string(void) {
 
 const char* kvc_status_string(kvc_status_t status) {
   switch (status) {
-    case KVC_SUCCESS: return "success";
-    case KVC_ERROR_INVALID_ARGUMENT: return "invalid argument";
-    case KVC_ERROR_NULL_POINTER: return "null pointer";
-    case KVC_ERROR_BUFFER_TOO_SMALL: return "buffer too small";
-    case KVC_ERROR_ABI_MISMATCH: return "config struct ABI mismatch";
-    case KVC_ERROR_NOT_SUPPORTED: return "not supported";
-    case KVC_ERROR_NONFINITE_INPUT: return "non-finite input";
-    case KVC_ERROR_CORRUPT_DATA: return "corrupt data";
-    case KVC_ERROR_CODEBOOK_MISMATCH: return "codebook mismatch";
-    case KVC_ERROR_FORMAT_VERSION: return "unsupported format version";
-    case KVC_ERROR_CONFIG_MISMATCH: return "block does not match the codec's configuration";
-    case KVC_ERROR_OUT_OF_MEMORY: return "out of memory";
-    case KVC_ERROR_CUDA: return "CUDA error";
-    case KVC_ERROR_NO_DEVICE: return "no CUDA device";
-    case KVC_ERROR_INTERNAL: return "internal error";
+    case KVC_SUCCESS:
+      return "success";
+    case KVC_ERROR_INVALID_ARGUMENT:
+      return "invalid argument";
+    case KVC_ERROR_NULL_POINTER:
+      return "null pointer";
+    case KVC_ERROR_BUFFER_TOO_SMALL:
+      return "buffer too small";
+    case KVC_ERROR_ABI_MISMATCH:
+      return "config struct ABI mismatch";
+    case KVC_ERROR_NOT_SUPPORTED:
+      return "not supported";
+    case KVC_ERROR_NONFINITE_INPUT:
+      return "non-finite input";
+    case KVC_ERROR_CORRUPT_DATA:
+      return "corrupt data";
+    case KVC_ERROR_CODEBOOK_MISMATCH:
+      return "codebook mismatch";
+    case KVC_ERROR_FORMAT_VERSION:
+      return "unsupported format version";
+    case KVC_ERROR_CONFIG_MISMATCH:
+      return "data does not match the configuration";
+    case KVC_ERROR_UNKNOWN_SEQUENCE:
+      return "unknown sequence";
+    case KVC_ERROR_OUT_OF_MEMORY:
+      return "out of memory";
+    case KVC_ERROR_OUT_OF_PAGES:
+      return "out of pages";
+    case KVC_ERROR_CUDA:
+      return "CUDA error";
+    case KVC_ERROR_NO_DEVICE:
+      return "no CUDA device";
+    case KVC_ERROR_INTERNAL:
+      return "internal error";
+    case KVC_STATUS_MAX_ENUM:
+      break;
   }
   return "unknown status";
 }
@@ -220,16 +238,16 @@ kvc_status_t kvc_codebook_serialized_size(kvc_codebook_t codebook, size_t* size_
   });
 }
 
-kvc_status_t kvc_codebook_serialize(kvc_codebook_t codebook, void* h_dst,
-                                    size_t dst_capacity_bytes, size_t* written_bytes) {
+kvc_status_t kvc_codebook_serialize(kvc_codebook_t codebook, void* h_dst, size_t dst_capacity_bytes,
+                                    size_t* written_bytes) {
   return kvc::api_call(__func__, [&] {
     require_not_null(codebook, "codebook");
     require_not_null(h_dst, "h_dst");
     require_not_null(written_bytes, "written_bytes");
     const std::vector<uint8_t>& bytes = codebook->book->serialized();
     require(dst_capacity_bytes >= bytes.size(), KVC_ERROR_BUFFER_TOO_SMALL,
-            "dst_capacity_bytes = ", dst_capacity_bytes, " but the codebook needs ",
-            bytes.size(), " bytes (kvc_codebook_serialized_size)");
+            "dst_capacity_bytes = ", dst_capacity_bytes, " but the codebook needs ", bytes.size(),
+            " bytes (kvc_codebook_serialized_size)");
     std::copy(bytes.begin(), bytes.end(), static_cast<uint8_t*>(h_dst));
     *written_bytes = bytes.size();
   });
@@ -273,8 +291,7 @@ kvc_status_t kvc_codec_destroy(kvc_codec_t codec) {
   return KVC_SUCCESS;
 }
 
-kvc_status_t kvc_codec_max_block_bytes(kvc_codec_t codec, kvc_dtype src_dtype,
-                                       size_t* size_bytes) {
+kvc_status_t kvc_codec_max_block_bytes(kvc_codec_t codec, kvc_dtype src_dtype, size_t* size_bytes) {
   return kvc::api_call(__func__, [&] {
     require_not_null(codec, "codec");
     require_dtype(src_dtype, "src_dtype");
@@ -282,14 +299,13 @@ kvc_status_t kvc_codec_max_block_bytes(kvc_codec_t codec, kvc_dtype src_dtype,
   });
 }
 
-kvc_status_t kvc_codec_encode(kvc_codec_t codec, int32_t num_blocks,
-                              const void* const* src_blocks, int64_t src_token_stride,
-                              kvc_dtype src_dtype, void* const* dst_blocks,
-                              size_t dst_capacity_bytes, uint32_t* block_bytes, void* stream) {
+kvc_status_t kvc_codec_encode(kvc_codec_t codec, int32_t num_blocks, const void* const* src_blocks,
+                              int64_t src_token_stride, kvc_dtype src_dtype,
+                              void* const* dst_blocks, size_t dst_capacity_bytes,
+                              uint32_t* block_bytes, void* stream) {
   return kvc::api_call(__func__, [&] {
     const kvc::CodecParams& p = check_batch(codec, num_blocks, src_blocks, "src_blocks", stream);
-    require(num_blocks == 0 || dst_blocks != nullptr, KVC_ERROR_NULL_POINTER,
-            "dst_blocks is NULL");
+    require(num_blocks == 0 || dst_blocks != nullptr, KVC_ERROR_NULL_POINTER, "dst_blocks is NULL");
     require(num_blocks == 0 || block_bytes != nullptr, KVC_ERROR_NULL_POINTER,
             "block_bytes is NULL");
     require_stride(src_token_stride, p, "src_token_stride");
@@ -323,24 +339,20 @@ kvc_status_t kvc_codec_encode(kvc_codec_t codec, int32_t num_blocks,
       }
     }
     for (int32_t i = 0; i < num_blocks; ++i) {
-      block_bytes[i] = kvc::cpu::encode_block(p, codec->book.get(), src_blocks[i],
-                                              src_token_stride, src_dtype,
-                                              static_cast<uint8_t*>(dst_blocks[i]));
+      block_bytes[i] = kvc::cpu::encode_block(p, codec->book.get(), src_blocks[i], src_token_stride,
+                                              src_dtype, static_cast<uint8_t*>(dst_blocks[i]));
     }
   });
 }
 
-kvc_status_t kvc_codec_decode(kvc_codec_t codec, int32_t num_blocks,
-                              const void* const* src_blocks, const uint32_t* src_bytes,
-                              kvc_dtype dst_dtype, void* const* dst_blocks,
-                              int64_t dst_token_stride, kvc_status_t* block_status,
-                              void* stream) {
+kvc_status_t kvc_codec_decode(kvc_codec_t codec, int32_t num_blocks, const void* const* src_blocks,
+                              const uint32_t* src_bytes, kvc_dtype dst_dtype,
+                              void* const* dst_blocks, int64_t dst_token_stride,
+                              kvc_status_t* block_status, void* stream) {
   return kvc::api_call(__func__, [&] {
     const kvc::CodecParams& p = check_batch(codec, num_blocks, src_blocks, "src_blocks", stream);
-    require(num_blocks == 0 || src_bytes != nullptr, KVC_ERROR_NULL_POINTER,
-            "src_bytes is NULL");
-    require(num_blocks == 0 || dst_blocks != nullptr, KVC_ERROR_NULL_POINTER,
-            "dst_blocks is NULL");
+    require(num_blocks == 0 || src_bytes != nullptr, KVC_ERROR_NULL_POINTER, "src_bytes is NULL");
+    require(num_blocks == 0 || dst_blocks != nullptr, KVC_ERROR_NULL_POINTER, "dst_blocks is NULL");
     require_stride(dst_token_stride, p, "dst_token_stride");
     require_dtype(dst_dtype, "dst_dtype");
     require_block_pointers(*codec, num_blocks, src_blocks, dst_blocks, /*check_alignment=*/false);

@@ -74,8 +74,7 @@ std::vector<uint8_t> limited_lengths(std::vector<uint64_t> weights, uint32_t max
 
 }  // namespace
 
-Codebook Codebook::build(const Histogram& histogram, int32_t max_code_length,
-                         int32_t max_symbols) {
+Codebook Codebook::build(const Histogram& histogram, int32_t max_code_length, int32_t max_symbols) {
   // A code of max_code_length bits has room for 2^max_code_length - 1 symbols and the escape.
   const int64_t width = std::min<int64_t>(max_symbols, (int64_t(1) << max_code_length) - 1);
   const auto counts = histogram.nonzero();

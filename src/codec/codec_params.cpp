@@ -16,10 +16,14 @@ size_t dtype_size(kvc_dtype dtype) { return dtype == KVC_DTYPE_FP32 ? 4 : 2; }
 
 const char* dtype_name(int32_t dtype) {
   switch (dtype) {
-    case KVC_DTYPE_FP16: return "fp16";
-    case KVC_DTYPE_BF16: return "bf16";
-    case KVC_DTYPE_FP32: return "fp32";
-    default: return "unknown";
+    case KVC_DTYPE_FP16:
+      return "fp16";
+    case KVC_DTYPE_BF16:
+      return "bf16";
+    case KVC_DTYPE_FP32:
+      return "fp32";
+    default:
+      return "unknown";
   }
 }
 
@@ -37,8 +41,8 @@ uint32_t default_substreams(uint32_t group_size) {
 
 CodecParams CodecParams::from_config(const kvc_codec_config& c, bool has_codebook) {
   check_struct_header(c, "config");
-  require(c.backend == KVC_BACKEND_CPU || c.backend == KVC_BACKEND_CUDA,
-          KVC_ERROR_INVALID_ARGUMENT, "config->backend = ", c.backend,
+  require(c.backend == KVC_BACKEND_CPU || c.backend == KVC_BACKEND_CUDA, KVC_ERROR_INVALID_ARGUMENT,
+          "config->backend = ", c.backend,
           " is not a kvc_backend (KVC_BACKEND_CPU = 0, KVC_BACKEND_CUDA = 1)");
   require(c.kind == KVC_KIND_KEY || c.kind == KVC_KIND_VALUE, KVC_ERROR_INVALID_ARGUMENT,
           "config->kind = ", c.kind, " is not a kvc_kind (KVC_KIND_KEY = 0, KVC_KIND_VALUE = 1)");
@@ -50,9 +54,8 @@ CodecParams CodecParams::from_config(const kvc_codec_config& c, bool has_codeboo
           KVC_ERROR_INVALID_ARGUMENT, "config->bound_mode = ", c.bound_mode,
           " is not a kvc_bound_mode");
   if (c.bound_mode == KVC_BOUND_ABSOLUTE) {
-    require(c.error_bound > 0.0f && std::isfinite(2.0f * c.error_bound),
-            KVC_ERROR_INVALID_ARGUMENT, "config->error_bound = ", c.error_bound,
-            " must be > 0 and finite (absolute bound)");
+    require(c.error_bound > 0.0f && std::isfinite(2.0f * c.error_bound), KVC_ERROR_INVALID_ARGUMENT,
+            "config->error_bound = ", c.error_bound, " must be > 0 and finite (absolute bound)");
   } else {
     require(c.error_bound > 0.0f && c.error_bound <= 1.0f, KVC_ERROR_INVALID_ARGUMENT,
             "config->error_bound = ", c.error_bound, " must be in (0, 1] (relative bound)");
@@ -70,8 +73,8 @@ CodecParams CodecParams::from_config(const kvc_codec_config& c, bool has_codeboo
   if (p.is_value) {
     const int32_t g = c.value_group_size == 0 ? c.head_dim : c.value_group_size;
     require(g >= 1 && g <= c.head_dim && c.head_dim % g == 0, KVC_ERROR_INVALID_ARGUMENT,
-            "config->value_group_size = ", c.value_group_size, " must divide head_dim = ",
-            c.head_dim, " (or be 0 for head_dim)");
+            "config->value_group_size = ", c.value_group_size,
+            " must divide head_dim = ", c.head_dim, " (or be 0 for head_dim)");
     p.group_size = uint32_t(g);
   } else {
     require(c.value_group_size == 0, KVC_ERROR_INVALID_ARGUMENT,

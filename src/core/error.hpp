@@ -70,10 +70,11 @@ kvc_status_t api_call(const char* function, Body&& body) noexcept {
 // Checks the struct_size/abi_version pair every public config struct starts with.
 template <class Config>
 void check_struct_header(const Config& c, const char* name) {
-  require(c.abi_version == KVC_ABI_VERSION, KVC_ERROR_ABI_MISMATCH, name, "->abi_version = ",
-          c.abi_version, " but this library implements ABI version ", KVC_ABI_VERSION);
-  require(c.struct_size == sizeof(Config), KVC_ERROR_ABI_MISMATCH, name, "->struct_size = ",
-          c.struct_size, " but this library expects ", sizeof(Config),
+  require(c.abi_version == KVC_ABI_VERSION, KVC_ERROR_ABI_MISMATCH, name,
+          "->abi_version = ", c.abi_version, " but this library implements ABI version ",
+          KVC_ABI_VERSION);
+  require(c.struct_size == sizeof(Config), KVC_ERROR_ABI_MISMATCH, name,
+          "->struct_size = ", c.struct_size, " but this library expects ", sizeof(Config),
           " (initialise the struct with its _INIT macro)");
 }
 

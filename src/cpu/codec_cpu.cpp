@@ -16,17 +16,26 @@ namespace {
 
 float load_element(const void* src, kvc_dtype dtype, size_t i) {
   switch (dtype) {
-    case KVC_DTYPE_FP16: return f::half_to_float(static_cast<const uint16_t*>(src)[i]);
-    case KVC_DTYPE_BF16: return f::bf16_to_float(static_cast<const uint16_t*>(src)[i]);
-    default: return static_cast<const float*>(src)[i];
+    case KVC_DTYPE_FP16:
+      return f::half_to_float(static_cast<const uint16_t*>(src)[i]);
+    case KVC_DTYPE_BF16:
+      return f::bf16_to_float(static_cast<const uint16_t*>(src)[i]);
+    default:
+      return static_cast<const float*>(src)[i];
   }
 }
 
 void store_element(void* dst, kvc_dtype dtype, size_t i, float v) {
   switch (dtype) {
-    case KVC_DTYPE_FP16: static_cast<uint16_t*>(dst)[i] = f::float_to_half_saturate(v); break;
-    case KVC_DTYPE_BF16: static_cast<uint16_t*>(dst)[i] = f::float_to_bf16_saturate(v); break;
-    default: static_cast<float*>(dst)[i] = v; break;
+    case KVC_DTYPE_FP16:
+      static_cast<uint16_t*>(dst)[i] = f::float_to_half_saturate(v);
+      break;
+    case KVC_DTYPE_BF16:
+      static_cast<uint16_t*>(dst)[i] = f::float_to_bf16_saturate(v);
+      break;
+    default:
+      static_cast<float*>(dst)[i] = v;
+      break;
   }
 }
 
@@ -37,7 +46,8 @@ std::vector<float> gather_groups(const CodecParams& p, const void* src, int64_t 
   for (uint32_t g = 0; g < p.num_groups; ++g) {
     for (uint32_t e = 0; e < p.group_size; ++e) {
       const f::Coord c = f::element_coord(p.is_value, p.head_dim, p.group_size, g, e);
-      x[size_t(g) * p.group_size + e] = load_element(src, dtype, size_t(c.token * stride) + c.channel);
+      x[size_t(g) * p.group_size + e] =
+          load_element(src, dtype, size_t(c.token * stride) + c.channel);
     }
   }
   return x;
@@ -108,9 +118,9 @@ f::BlockLayout layout_of(const CodecParams& p, uint32_t encoding, uint32_t code_
     base = *lo;
     bits = f::bit_width(uint32_t(int64_t(*hi) - *lo));
   }
-  return f::make_layout(p.is_value, p.num_tokens, p.head_dim, p.group_size, encoding,
-                        p.relative, code_bits, base, bits, p.num_substreams, codebook_id,
-                        raw_dtype, payload_bytes);
+  return f::make_layout(p.is_value, p.num_tokens, p.head_dim, p.group_size, encoding, p.relative,
+                        code_bits, base, bits, p.num_substreams, codebook_id, raw_dtype,
+                        payload_bytes);
 }
 
 Plan plan_fixed(const CodecParams& p, const Quantized& q) {
@@ -189,9 +199,8 @@ void write_steps_and_centers(const CodecParams& p, const Quantized& q, const Pla
   centers.flush();
 }
 
-void write_block(const CodecParams& p, const Codebook* book, const Quantized& q,
-                 const void* src, int64_t stride, kvc_dtype dtype, const Plan& plan,
-                 uint8_t* dst) {
+void write_block(const CodecParams& p, const Codebook* book, const Quantized& q, const void* src,
+                 int64_t stride, kvc_dtype dtype, const Plan& plan, uint8_t* dst) {
   const f::BlockLayout& b = plan.layout;
   std::memset(dst, 0, b.block_bytes);
   f::write_header(b, dst);
@@ -277,13 +286,13 @@ Choice choose(const CodecParams& p, const Codebook* book, const void* src, int64
 
 }  // namespace
 
-uint32_t encoded_size(const CodecParams& p, const Codebook* book, const void* src,
-                      int64_t stride, kvc_dtype dtype) {
+uint32_t encoded_size(const CodecParams& p, const Codebook* book, const void* src, int64_t stride,
+                      kvc_dtype dtype) {
   return choose(p, book, src, stride, dtype).plan.layout.block_bytes;
 }
 
-uint32_t encode_block(const CodecParams& p, const Codebook* book, const void* src,
-                      int64_t stride, kvc_dtype dtype, uint8_t* dst) {
+uint32_t encode_block(const CodecParams& p, const Codebook* book, const void* src, int64_t stride,
+                      kvc_dtype dtype, uint8_t* dst) {
   const Choice c = choose(p, book, src, stride, dtype);
   write_block(p, book, c.q, src, stride, dtype, c.plan, dst);
   return c.plan.layout.block_bytes;
@@ -291,16 +300,24 @@ uint32_t encode_block(const CodecParams& p, const Codebook* book, const void* sr
 
 namespace {
 
-[[noreturn]] void corrupt(const char* what) { fail(KVC_ERROR_CORRUPT_DATA, "corrupt block: ", what); }
+[[noreturn]] void corrupt(const char* what) {
+  fail(KVC_ERROR_CORRUPT_DATA, "corrupt block: ", what);
+}
 
 const char* parse_error_text(f::ParseError e) {
   switch (e) {
-    case f::ParseError::kTruncatedHeader: return "fewer bytes than the 32-byte header";
-    case f::ParseError::kBadMagic: return "bad magic (not a kvcomp block)";
-    case f::ParseError::kBadField: return "a header field is out of range";
-    case f::ParseError::kTruncated: return "its stated length exceeds the bytes available";
-    case f::ParseError::kBadSections: return "its sections do not fit in its stated length";
-    default: return "unreadable header";
+    case f::ParseError::kTruncatedHeader:
+      return "fewer bytes than the 32-byte header";
+    case f::ParseError::kBadMagic:
+      return "bad magic (not a kvcomp block)";
+    case f::ParseError::kBadField:
+      return "a header field is out of range";
+    case f::ParseError::kTruncated:
+      return "its stated length exceeds the bytes available";
+    case f::ParseError::kBadSections:
+      return "its sections do not fit in its stated length";
+    default:
+      return "unreadable header";
   }
 }
 
@@ -322,10 +339,9 @@ void decode_block(const CodecParams& p, const Codebook* book, const uint8_t* src
   const f::BlockLayout b = parse_header(src, available);
   require(b.is_value == p.is_value && b.num_tokens == p.num_tokens && b.head_dim == p.head_dim &&
               b.group_size == p.group_size,
-          KVC_ERROR_CONFIG_MISMATCH, "block is ", b.is_value ? "V" : "K", " ", b.num_tokens,
-          "x", b.head_dim, " in groups of ", b.group_size, " but the codec is ",
-          p.is_value ? "V" : "K", " ", p.num_tokens, "x", p.head_dim, " in groups of ",
-          p.group_size);
+          KVC_ERROR_CONFIG_MISMATCH, "block is ", b.is_value ? "V" : "K", " ", b.num_tokens, "x",
+          b.head_dim, " in groups of ", b.group_size, " but the codec is ", p.is_value ? "V" : "K",
+          " ", p.num_tokens, "x", p.head_dim, " in groups of ", p.group_size);
   if (b.encoding == f::kHuffman) {
     require(book != nullptr && book->id() == b.codebook_id, KVC_ERROR_CODEBOOK_MISMATCH,
             "block was encoded with codebook ", b.codebook_id, " but the codec has ",
@@ -342,7 +358,7 @@ void decode_block(const CodecParams& p, const Codebook* book, const uint8_t* src
     for (uint32_t t = 0; t < b.num_tokens; ++t) {
       for (uint32_t c = 0; c < b.head_dim; ++c) {
         const uint8_t* at = payload + (size_t(t) * b.head_dim + c) * es;
-        const float v = b.raw_dtype == KVC_DTYPE_FP32 ? f::bits_float(f::load_u32(at))
+        const float v = b.raw_dtype == KVC_DTYPE_FP32   ? f::bits_float(f::load_u32(at))
                         : b.raw_dtype == KVC_DTYPE_BF16 ? f::bf16_to_float(f::load_u16(at))
                                                         : f::half_to_float(f::load_u16(at));
         store_element(dst, dtype, size_t(t * stride) + c, v);

@@ -36,7 +36,7 @@ void decode_block(const CodecParams& p, const Codebook* codebook, const uint8_t*
                   uint64_t available, kvc_dtype dtype, void* dst, int64_t token_stride);
 
 // Adds the block's Huffman symbols to a histogram (blocks stored verbatim add nothing).
-void histogram_block(const CodecParams& p, const void* src, int64_t token_stride,
-                     kvc_dtype dtype, Histogram& histogram);
+void histogram_block(const CodecParams& p, const void* src, int64_t token_stride, kvc_dtype dtype,
+                     Histogram& histogram);
 
 }  // namespace kvc::cpu

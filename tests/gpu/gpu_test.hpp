@@ -13,10 +13,10 @@ namespace kvc::test {
 
 bool gpu_available();  // from gpu_main.cpp
 
-#define KVC_CUDA_CHECK(call)                                                        \
-  do {                                                                              \
-    const cudaError_t e_ = (call);                                                  \
-    ASSERT_EQ(e_, cudaSuccess) << #call << ": " << cudaGetErrorString(e_);          \
+#define KVC_CUDA_CHECK(call)                                               \
+  do {                                                                     \
+    const cudaError_t e_ = (call);                                         \
+    ASSERT_EQ(e_, cudaSuccess) << #call << ": " << cudaGetErrorString(e_); \
   } while (0)
 
 class GpuTest : public ::testing::Test {
@@ -46,8 +46,7 @@ class DeviceBuffer {
   template <class T>
   std::vector<T> download(size_t count) const {
     std::vector<T> out(count);
-    EXPECT_EQ(cudaMemcpy(out.data(), ptr_, count * sizeof(T), cudaMemcpyDeviceToHost),
-              cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(out.data(), ptr_, count * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
     return out;
   }
 

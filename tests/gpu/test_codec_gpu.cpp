@@ -57,8 +57,8 @@ class CodecGpu : public GpuTest {
     DeviceBuffer d_tensor(b.tensor.bytes.size()), d_out(cap * b.heads);
     DeviceBuffer d_sizes(4 * b.heads), d_src_ptrs(8 * b.heads), d_dst_ptrs(8 * b.heads);
     d_tensor.upload(b.tensor.bytes.data(), b.tensor.bytes.size());
-    std::vector<void*> src = strided_pointers(d_tensor.get(), b.heads,
-                                              uint32_t(b.config.head_dim) * b.elem_bytes());
+    std::vector<void*> src =
+        strided_pointers(d_tensor.get(), b.heads, uint32_t(b.config.head_dim) * b.elem_bytes());
     std::vector<void*> dst = strided_pointers(d_out.get(), b.heads, cap);
     d_src_ptrs.upload(src.data(), 8 * b.heads);
     d_dst_ptrs.upload(dst.data(), 8 * b.heads);
@@ -82,8 +82,8 @@ class CodecGpu : public GpuTest {
   // Decodes blocks on the GPU into poisoned [tokens, dim] outputs; returns bytes and statuses.
   std::vector<std::vector<uint8_t>> gpu_decode(const kvcomp::Codec& codec,
                                                const std::vector<std::vector<uint8_t>>& blocks,
-                                               const std::vector<uint32_t>& avail,
-                                               kvc_dtype out, uint32_t tokens, uint32_t dim,
+                                               const std::vector<uint32_t>& avail, kvc_dtype out,
+                                               uint32_t tokens, uint32_t dim,
                                                std::vector<kvc_status_t>& status) {
     const size_t n = blocks.size(), es = out == KVC_DTYPE_FP32 ? 4 : 2;
     size_t total = 0;
@@ -104,8 +104,8 @@ class CodecGpu : public GpuTest {
     d_avail.upload(avail.data(), 4 * n);
     EXPECT_EQ(cudaMemset(d_out.get(), 0xFF, d_out.bytes()), cudaSuccess);  // poison
     EXPECT_EQ(kvc_codec_decode(codec.get(), int32_t(n), d_src_ptrs.get<const void*>(),
-                               d_avail.get<uint32_t>(), out, d_dst_ptrs.get<void*>(),
-                               int64_t(dim), d_status.get<kvc_status_t>(), stream_),
+                               d_avail.get<uint32_t>(), out, d_dst_ptrs.get<void*>(), int64_t(dim),
+                               d_status.get<kvc_status_t>(), stream_),
               KVC_SUCCESS)
         << kvc_last_error();
     EXPECT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
@@ -144,10 +144,9 @@ TEST_F(CodecGpu, EncodeIsByteIdenticalAndDecodeEqualsTheCpu) {
           ++seed;
           const bool relative = seed % 2;
           const float bound = relative ? (seed % 3 == 0 ? 0.02f : 0.08f) : 0.03f;
-          kvc_codec_config c = make_config(kind, tokens, dim,
-                                           relative ? KVC_BOUND_RELATIVE : KVC_BOUND_ABSOLUTE,
-                                           bound, kvc_entropy(seed % 3),
-                                           kind == KVC_KIND_VALUE && seed % 4 == 0 ? 32 : 0);
+          kvc_codec_config c = make_config(
+              kind, tokens, dim, relative ? KVC_BOUND_RELATIVE : KVC_BOUND_ABSOLUTE, bound,
+              kvc_entropy(seed % 3), kind == KVC_KIND_VALUE && seed % 4 == 0 ? 32 : 0);
           if (tokens * dim > 16384) continue;  // larger blocks: see LargeBlocks below
           const kvcomp::Codebook book = train(c, dtype, seed);
           const kvcomp::Codec cpu(c, &book), gpu(on_gpu(c), &book);
@@ -166,8 +165,8 @@ TEST_F(CodecGpu, EncodeIsByteIdenticalAndDecodeEqualsTheCpu) {
             const auto outs = gpu_decode(gpu, r.blocks, r.sizes, out, tokens, dim, status);
             for (uint32_t h = 0; h < batch.heads; ++h) {
               kvc_status_t cpu_status;
-              const auto want = cpu_decode(cpu, r.blocks[h], r.sizes[h], out, tokens, dim,
-                                           cpu_status);
+              const auto want =
+                  cpu_decode(cpu, r.blocks[h], r.sizes[h], out, tokens, dim, cpu_status);
               ASSERT_EQ(status[h], KVC_SUCCESS) << where.str();
               ASSERT_EQ(outs[h], want) << where.str() << " out " << out << " head " << h;
             }
@@ -285,10 +284,10 @@ TEST_F(CodecGpu, EncodeAndDecodeReplayFromACapturedGraph) {
 
   cudaGraph_t graph;
   KVC_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-  ASSERT_EQ(kvc_codec_encode(gpu.get(), int32_t(heads), d_src.get<const void*>(),
-                             batch.tensor.stride, KVC_DTYPE_FP16, d_dst.get<void*>(), cap,
-                             d_sizes.get<uint32_t>(), stream_),
-            KVC_SUCCESS);
+  ASSERT_EQ(
+      kvc_codec_encode(gpu.get(), int32_t(heads), d_src.get<const void*>(), batch.tensor.stride,
+                       KVC_DTYPE_FP16, d_dst.get<void*>(), cap, d_sizes.get<uint32_t>(), stream_),
+      KVC_SUCCESS);
   // Decode reads each block's size straight from the encoder's output: no host round trip.
   ASSERT_EQ(kvc_codec_decode(gpu.get(), int32_t(heads), d_bsrc.get<const void*>(),
                              d_sizes.get<uint32_t>(), KVC_DTYPE_FP16, d_bdst.get<void*>(), 128,

@@ -3,10 +3,9 @@
 // the problem, and leaves outputs and handles as they were.
 #include <gtest/gtest.h>
 
-#include <kvcomp/kvcomp.hpp>
-
 #include <algorithm>
 #include <cmath>
+#include <kvcomp/kvcomp.hpp>
 #include <string>
 #include <thread>
 #include <vector>
@@ -14,25 +13,36 @@
 namespace {
 
 // Expects a status and a last-error message containing `needle`.
-#define EXPECT_FAILS(call, status, needle)                                             \
-  do {                                                                                 \
-    kvc_clear_last_error();                                                            \
-    EXPECT_EQ((call), (status));                                                       \
-    EXPECT_NE(std::string(kvc_last_error()).find(needle), std::string::npos)           \
-        << "message: \"" << kvc_last_error() << "\" lacks \"" << (needle) << "\"";     \
+#define EXPECT_FAILS(call, status, needle)                                         \
+  do {                                                                             \
+    kvc_clear_last_error();                                                        \
+    EXPECT_EQ((call), (status));                                                   \
+    EXPECT_NE(std::string(kvc_last_error()).find(needle), std::string::npos)       \
+        << "message: \"" << kvc_last_error() << "\" lacks \"" << (needle) << "\""; \
   } while (0)
 
 TEST(Api, VersionsAndStatusStrings) {
   EXPECT_EQ(kvc_version_number(), uint32_t(KVC_VERSION_NUMBER));
-  EXPECT_EQ(std::string(kvc_version_string()),
-            std::to_string(KVC_VERSION_MAJOR) + "." + std::to_string(KVC_VERSION_MINOR) + "." +
-                std::to_string(KVC_VERSION_PATCH));
-  const kvc_status_t all[] = {
-      KVC_SUCCESS,          KVC_ERROR_INVALID_ARGUMENT, KVC_ERROR_NULL_POINTER,
-      KVC_ERROR_BUFFER_TOO_SMALL, KVC_ERROR_ABI_MISMATCH, KVC_ERROR_NOT_SUPPORTED,
-      KVC_ERROR_NONFINITE_INPUT, KVC_ERROR_CORRUPT_DATA, KVC_ERROR_CODEBOOK_MISMATCH,
-      KVC_ERROR_FORMAT_VERSION, KVC_ERROR_CONFIG_MISMATCH, KVC_ERROR_OUT_OF_MEMORY,
-      KVC_ERROR_CUDA,       KVC_ERROR_NO_DEVICE,        KVC_ERROR_INTERNAL};
+  EXPECT_EQ(std::string(kvc_version_string()), std::to_string(KVC_VERSION_MAJOR) + "." +
+                                                   std::to_string(KVC_VERSION_MINOR) + "." +
+                                                   std::to_string(KVC_VERSION_PATCH));
+  const kvc_status_t all[] = {KVC_SUCCESS,
+                              KVC_ERROR_INVALID_ARGUMENT,
+                              KVC_ERROR_NULL_POINTER,
+                              KVC_ERROR_BUFFER_TOO_SMALL,
+                              KVC_ERROR_ABI_MISMATCH,
+                              KVC_ERROR_NOT_SUPPORTED,
+                              KVC_ERROR_NONFINITE_INPUT,
+                              KVC_ERROR_CORRUPT_DATA,
+                              KVC_ERROR_CODEBOOK_MISMATCH,
+                              KVC_ERROR_FORMAT_VERSION,
+                              KVC_ERROR_CONFIG_MISMATCH,
+                              KVC_ERROR_UNKNOWN_SEQUENCE,
+                              KVC_ERROR_OUT_OF_PAGES,
+                              KVC_ERROR_OUT_OF_MEMORY,
+                              KVC_ERROR_CUDA,
+                              KVC_ERROR_NO_DEVICE,
+                              KVC_ERROR_INTERNAL};
   std::vector<std::string> seen;
   for (kvc_status_t s : all) {
     const std::string text = kvc_status_string(s);
@@ -149,24 +159,23 @@ class CodecApi : public ::testing::Test {
 };
 
 TEST_F(CodecApi, EncodeRejectsBadArguments) {
-  EXPECT_FAILS(kvc_codec_encode(nullptr, 1, &src_, 64, KVC_DTYPE_FP32, &dst_, capacity_,
-                                &written_, nullptr),
-               KVC_ERROR_NULL_POINTER, "codec is NULL");
+  EXPECT_FAILS(
+      kvc_codec_encode(nullptr, 1, &src_, 64, KVC_DTYPE_FP32, &dst_, capacity_, &written_, nullptr),
+      KVC_ERROR_NULL_POINTER, "codec is NULL");
   EXPECT_FAILS(encode(-1, 64, KVC_DTYPE_FP32, capacity_), KVC_ERROR_INVALID_ARGUMENT,
                "num_blocks = -1");
-  EXPECT_FAILS(kvc_codec_encode(codec_, 1, nullptr, 64, KVC_DTYPE_FP32, &dst_, capacity_,
-                                &written_, nullptr),
-               KVC_ERROR_NULL_POINTER, "src_blocks");
-  EXPECT_FAILS(kvc_codec_encode(codec_, 1, &src_, 64, KVC_DTYPE_FP32, nullptr, capacity_,
-                                &written_, nullptr),
-               KVC_ERROR_NULL_POINTER, "dst_blocks");
-  EXPECT_FAILS(kvc_codec_encode(codec_, 1, &src_, 64, KVC_DTYPE_FP32, &dst_, capacity_, nullptr,
+  EXPECT_FAILS(kvc_codec_encode(codec_, 1, nullptr, 64, KVC_DTYPE_FP32, &dst_, capacity_, &written_,
                                 nullptr),
-               KVC_ERROR_NULL_POINTER, "block_bytes");
+               KVC_ERROR_NULL_POINTER, "src_blocks");
+  EXPECT_FAILS(kvc_codec_encode(codec_, 1, &src_, 64, KVC_DTYPE_FP32, nullptr, capacity_, &written_,
+                                nullptr),
+               KVC_ERROR_NULL_POINTER, "dst_blocks");
+  EXPECT_FAILS(
+      kvc_codec_encode(codec_, 1, &src_, 64, KVC_DTYPE_FP32, &dst_, capacity_, nullptr, nullptr),
+      KVC_ERROR_NULL_POINTER, "block_bytes");
   EXPECT_FAILS(encode(1, 63, KVC_DTYPE_FP32, capacity_), KVC_ERROR_INVALID_ARGUMENT,
                "src_token_stride = 63");
-  EXPECT_FAILS(encode(1, 64, kvc_dtype(0), capacity_), KVC_ERROR_INVALID_ARGUMENT,
-               "src_dtype = 0");
+  EXPECT_FAILS(encode(1, 64, kvc_dtype(0), capacity_), KVC_ERROR_INVALID_ARGUMENT, "src_dtype = 0");
   int dummy = 0;
   EXPECT_FAILS(encode(1, 64, KVC_DTYPE_FP32, capacity_, &dummy), KVC_ERROR_INVALID_ARGUMENT,
                "stream must be NULL");
@@ -212,22 +221,22 @@ TEST_F(CodecApi, DecodeRejectsBadArguments) {
   void* out_ptr = out.data();
   const void* block = output_.data();
   const uint32_t size = written_;
-  EXPECT_FAILS(kvc_codec_decode(codec_, 1, &block, nullptr, KVC_DTYPE_FP32, &out_ptr, 64,
-                                nullptr, nullptr),
-               KVC_ERROR_NULL_POINTER, "src_bytes");
-  EXPECT_FAILS(kvc_codec_decode(codec_, 1, &block, &size, KVC_DTYPE_FP32, &out_ptr, 10, nullptr,
-                                nullptr),
-               KVC_ERROR_INVALID_ARGUMENT, "dst_token_stride = 10");
-  EXPECT_FAILS(kvc_codec_decode(codec_, 1, &block, &size, kvc_dtype(4), &out_ptr, 64, nullptr,
-                                nullptr),
-               KVC_ERROR_INVALID_ARGUMENT, "dst_dtype = 4");
+  EXPECT_FAILS(
+      kvc_codec_decode(codec_, 1, &block, nullptr, KVC_DTYPE_FP32, &out_ptr, 64, nullptr, nullptr),
+      KVC_ERROR_NULL_POINTER, "src_bytes");
+  EXPECT_FAILS(
+      kvc_codec_decode(codec_, 1, &block, &size, KVC_DTYPE_FP32, &out_ptr, 10, nullptr, nullptr),
+      KVC_ERROR_INVALID_ARGUMENT, "dst_token_stride = 10");
+  EXPECT_FAILS(
+      kvc_codec_decode(codec_, 1, &block, &size, kvc_dtype(4), &out_ptr, 64, nullptr, nullptr),
+      KVC_ERROR_INVALID_ARGUMENT, "dst_dtype = 4");
   const uint32_t short_size = size - 4;
   EXPECT_FAILS(kvc_codec_decode(codec_, 1, &block, &short_size, KVC_DTYPE_FP32, &out_ptr, 64,
                                 nullptr, nullptr),
                KVC_ERROR_CORRUPT_DATA, "exceeds the bytes available");
-  EXPECT_EQ(kvc_codec_decode(codec_, 1, &block, &size, KVC_DTYPE_FP32, &out_ptr, 64, nullptr,
-                             nullptr),
-            KVC_SUCCESS);
+  EXPECT_EQ(
+      kvc_codec_decode(codec_, 1, &block, &size, KVC_DTYPE_FP32, &out_ptr, 64, nullptr, nullptr),
+      KVC_SUCCESS);
   EXPECT_EQ(out, input_);
 }
 

@@ -45,7 +45,8 @@ std::vector<float> check_round_trip(const kvcomp::Codec& codec, const kvc_codec_
       const float x = b.values[size_t(t) * size_t(b.stride) + ch];
       const float eb = bound[size_t(t) * b.dim + ch];
       const double err = std::fabs(double(x) - double(y));
-      const double allowed = raw ? output_half_ulp(out_dtype, x) : eb + output_half_ulp(out_dtype, y);
+      const double allowed =
+          raw ? output_half_ulp(out_dtype, x) : eb + output_half_ulp(out_dtype, y);
       if (!(err <= allowed)) {
         ADD_FAILURE() << where << ": token " << t << " channel " << ch << " x=" << x
                       << " decoded=" << y << " |err|=" << err << " > allowed " << allowed
@@ -93,30 +94,32 @@ TEST(Codec, RoundTripSweepMeetsBoundOnEveryElement) {
     for (uint32_t tokens : token_counts) {
       for (uint32_t dim : dims) {
         for (int rep = 0; rep < 3; ++rep) {
-        for (kvc_dtype dtype : dtypes) {
-          ++seed;
-          // Rotate bounds and modes over the shapes rather than a full product: every
-          // combination of each pair still appears.
-          const bool relative = seed % 2 == 0;
-          const float bound = relative ? std::array<float, 3>{0.01f, 0.05f, 0.2f}[seed % 3]
-                                       : std::array<float, 3>{0.005f, 0.05f, 0.5f}[seed % 3];
-          const int32_t vgroup = kind == KVC_KIND_VALUE && seed % 3 == 0 ? 32 : 0;
-          const SweepCase s{kind, tokens, dim, dtype,
-                            relative ? KVC_BOUND_RELATIVE : KVC_BOUND_ABSOLUTE, bound, vgroup};
-          const kvc_codec_config c = make_config(kind, tokens, dim, s.mode, bound,
-                                                 KVC_ENTROPY_AUTO, vgroup);
-          const kvcomp::Codebook book = train(c, dtype, seed * 7);
-          const kvcomp::Codec codec(c, &book);
-          const auto x = bench::synthetic_kv(kind == KVC_KIND_VALUE, tokens, dim, seed);
-          const Block b = make_block(dtype, tokens, dim, int64_t(dim) + 5, x);
-          const std::vector<uint8_t> block = codec.encode(b.data(), dtype, b.stride);
-          ASSERT_LE(block.size(), codec.max_block_bytes(dtype));
-          ASSERT_EQ(block.size() % 4, 0u);
-          // Realistic data always quantizes: a verbatim block here would be a step bug.
-          ASSERT_NE(kvcomp::inspect(block).encoding, KVC_ENCODING_RAW) << describe(s, seed);
-          for (kvc_dtype out : dtypes) check_round_trip(codec, c, b, block, out, describe(s, seed));
-          ++cases;
-        }
+          for (kvc_dtype dtype : dtypes) {
+            ++seed;
+            // Rotate bounds and modes over the shapes rather than a full product: every
+            // combination of each pair still appears.
+            const bool relative = seed % 2 == 0;
+            const float bound = relative ? std::array<float, 3>{0.01f, 0.05f, 0.2f}[seed % 3]
+                                         : std::array<float, 3>{0.005f, 0.05f, 0.5f}[seed % 3];
+            const int32_t vgroup = kind == KVC_KIND_VALUE && seed % 3 == 0 ? 32 : 0;
+            const SweepCase s{
+                kind,  tokens, dim, dtype, relative ? KVC_BOUND_RELATIVE : KVC_BOUND_ABSOLUTE,
+                bound, vgroup};
+            const kvc_codec_config c =
+                make_config(kind, tokens, dim, s.mode, bound, KVC_ENTROPY_AUTO, vgroup);
+            const kvcomp::Codebook book = train(c, dtype, seed * 7);
+            const kvcomp::Codec codec(c, &book);
+            const auto x = bench::synthetic_kv(kind == KVC_KIND_VALUE, tokens, dim, seed);
+            const Block b = make_block(dtype, tokens, dim, int64_t(dim) + 5, x);
+            const std::vector<uint8_t> block = codec.encode(b.data(), dtype, b.stride);
+            ASSERT_LE(block.size(), codec.max_block_bytes(dtype));
+            ASSERT_EQ(block.size() % 4, 0u);
+            // Realistic data always quantizes: a verbatim block here would be a step bug.
+            ASSERT_NE(kvcomp::inspect(block).encoding, KVC_ENCODING_RAW) << describe(s, seed);
+            for (kvc_dtype out : dtypes)
+              check_round_trip(codec, c, b, block, out, describe(s, seed));
+            ++cases;
+          }
         }
       }
     }
@@ -134,13 +137,13 @@ TEST(Codec, ManySeedsAndBoundsOnSmallBlocks) {
     const bool relative = rng() % 2;
     const float bound = relative ? std::ldexp(1.0f, -int(rng() % 12)) * 0.9f
                                  : std::ldexp(1.0f, -int(rng() % 16)) * 1.3f;
-    const kvc_codec_config c = make_config(kind, tokens, dim,
-                                           relative ? KVC_BOUND_RELATIVE : KVC_BOUND_ABSOLUTE,
-                                           bound);
+    const kvc_codec_config c =
+        make_config(kind, tokens, dim, relative ? KVC_BOUND_RELATIVE : KVC_BOUND_ABSOLUTE, bound);
     const kvcomp::Codebook book = train(c, dtype, uint32_t(i) + 5000, 2);
     const kvcomp::Codec codec(c, &book);
-    const Block b = make_block(dtype, tokens, dim, dim,
-                               bench::synthetic_kv(kind == KVC_KIND_VALUE, tokens, dim, uint32_t(i)));
+    const Block b =
+        make_block(dtype, tokens, dim, dim,
+                   bench::synthetic_kv(kind == KVC_KIND_VALUE, tokens, dim, uint32_t(i)));
     const auto block = codec.encode(b.data(), dtype, b.stride);
     ASSERT_LE(block.size(), codec.max_block_bytes(dtype));
     check_round_trip(codec, c, b, block, KVC_DTYPE_FP32, "case " + std::to_string(i));
@@ -224,8 +227,8 @@ TEST(Codec, AutoPicksTheSmallerEncoding) {
 
 TEST(Codec, SubstreamCountsAllRoundTrip) {
   for (int32_t streams : {1, 2, 4, 8, 16, 32, 64}) {
-    kvc_codec_config c = make_config(KVC_KIND_KEY, 64, 64, KVC_BOUND_RELATIVE, 0.05f,
-                                     KVC_ENTROPY_HUFFMAN);
+    kvc_codec_config c =
+        make_config(KVC_KIND_KEY, 64, 64, KVC_BOUND_RELATIVE, 0.05f, KVC_ENTROPY_HUFFMAN);
     c.num_substreams = streams;
     const kvcomp::Codebook book = train(c, KVC_DTYPE_FP16, 8);
     const kvcomp::Codec codec(c, &book);
@@ -254,7 +257,8 @@ std::vector<EdgeCase> edge_cases() {
   for (uint32_t i = 0; i < n; ++i) signed_zeros[i] = i % 2 ? -0.0f : 0.0f;
   cases.push_back({"signed zeros", KVC_DTYPE_FP32, signed_zeros});
   cases.push_back({"constant", KVC_DTYPE_FP16, std::vector<float>(n, 3.140625f)});
-  cases.push_back({"constant negative fp32", KVC_DTYPE_FP32, std::vector<float>(n, -1.2345678e-3f)});
+  cases.push_back(
+      {"constant negative fp32", KVC_DTYPE_FP32, std::vector<float>(n, -1.2345678e-3f)});
   cases.push_back({"constant large bf16", KVC_DTYPE_BF16, std::vector<float>(n, 1.5e30f)});
   std::vector<float> half_subnormals(n);
   for (uint32_t i = 0; i < n; ++i) half_subnormals[i] = std::ldexp(float(i % 7) - 3.0f, -24);
@@ -262,13 +266,14 @@ std::vector<EdgeCase> edge_cases() {
   std::vector<float> float_subnormals(n);
   for (uint32_t i = 0; i < n; ++i) float_subnormals[i] = std::ldexp(float(i % 5) + 1.0f, -149);
   cases.push_back({"fp32 subnormals", KVC_DTYPE_FP32, float_subnormals});
-  cases.push_back({"constant fp32 subnormal", KVC_DTYPE_FP32,
-                   std::vector<float>(n, std::ldexp(3.0f, -147))});
+  cases.push_back(
+      {"constant fp32 subnormal", KVC_DTYPE_FP32, std::vector<float>(n, std::ldexp(3.0f, -147))});
   std::vector<float> huge(n);
   for (uint32_t i = 0; i < n; ++i) huge[i] = (i % 2 ? 1.0f : -1.0f) * 1.5e38f * float(i % 3);
   cases.push_back({"fp32 near overflow", KVC_DTYPE_FP32, huge});
   std::vector<float> half_extremes(n);
-  for (uint32_t i = 0; i < n; ++i) half_extremes[i] = i % 3 == 0 ? 65504.0f : (i % 3 == 1 ? -65504.0f : 0.0f);
+  for (uint32_t i = 0; i < n; ++i)
+    half_extremes[i] = i % 3 == 0 ? 65504.0f : (i % 3 == 1 ? -65504.0f : 0.0f);
   cases.push_back({"fp16 extremes", KVC_DTYPE_FP16, half_extremes});
   std::vector<float> spikes(n, 0.25f);
   spikes[5] = 3000.0f;
@@ -352,8 +357,8 @@ TEST(Codec, NonFiniteInputIsRejectedAndNothingIsWritten) {
 
 TEST(Codec, SymbolsMissingFromTheCodebookGoThroughTheEscape) {
   // Train on narrow data, encode wide data: most symbols are outside the codebook's range.
-  kvc_codec_config c = make_config(KVC_KIND_VALUE, 32, 64, KVC_BOUND_ABSOLUTE, 0.01f,
-                                   KVC_ENTROPY_HUFFMAN);
+  kvc_codec_config c =
+      make_config(KVC_KIND_VALUE, 32, 64, KVC_BOUND_ABSOLUTE, 0.01f, KVC_ENTROPY_HUFFMAN);
   kvcomp::Histogram histogram;
   const uint64_t counts[] = {5, 100, 5};
   histogram.add_counts(-1, counts);
@@ -372,8 +377,8 @@ TEST(Codec, EmptyHistogramCodebookEscapesEverything) {
   kvcomp::Histogram empty;
   const kvcomp::Codebook book = kvcomp::Codebook::build(empty);
   EXPECT_EQ(book.code_length(0), 0);
-  const kvc_codec_config c = make_config(KVC_KIND_KEY, 16, 64, KVC_BOUND_RELATIVE, 0.05f,
-                                         KVC_ENTROPY_HUFFMAN);
+  const kvc_codec_config c =
+      make_config(KVC_KIND_KEY, 16, 64, KVC_BOUND_RELATIVE, 0.05f, KVC_ENTROPY_HUFFMAN);
   const kvcomp::Codec codec(c, &book);
   const Block b = make_block(KVC_DTYPE_FP16, 16, 64, 64, bench::synthetic_kv(false, 16, 64, 2));
   const auto block = codec.encode(b.data(), KVC_DTYPE_FP16, 64);
@@ -472,7 +477,8 @@ TEST_F(CorruptBlocks, BitFlipsNeverCrash) {
       const int flips = 1 + int(rng() % 4);
       for (int f = 0; f < flips; ++f) {
         // Half the flips in the header and section tables, where they matter most.
-        const size_t at = rng() % 2 ? rng() % std::min<size_t>(bad.size(), 160) : rng() % bad.size();
+        const size_t at =
+            rng() % 2 ? rng() % std::min<size_t>(bad.size(), 160) : rng() % bad.size();
         bad[at] ^= uint8_t(1u << (rng() % 8));
       }
       rejected += decode_bytes(codec, bad, 32, 64) != KVC_SUCCESS;

@@ -26,8 +26,8 @@ std::vector<float> golden_input(uint32_t tokens, uint32_t dim, uint32_t salt) {
   for (uint32_t t = 0; t < tokens; ++t) {
     for (uint32_t c = 0; c < dim; ++c) {
       const int32_t k = int32_t((t * 7 + c * 13 + salt * 5) % 17) - 8;
-      x[size_t(t) * dim + c] = float(k) * 0.125f + (c % 5 == 0 ? 4.0f : 0.0f) -
-                               float((t * c + salt) % 3) * 0.0625f;
+      x[size_t(t) * dim + c] =
+          float(k) * 0.125f + (c % 5 == 0 ? 4.0f : 0.0f) - float((t * c + salt) % 3) * 0.0625f;
     }
   }
   return x;
@@ -110,11 +110,12 @@ TEST(Golden, EveryEncodingIsPinned) {
   for (const auto& [name, bytes] : encode_all()) {
     if (name == "codebook") continue;
     std::vector<uint8_t> raw(bytes.size() / 2);
-    for (size_t i = 0; i < raw.size(); ++i) raw[i] = uint8_t(std::stoi(bytes.substr(2 * i, 2), nullptr, 16));
+    for (size_t i = 0; i < raw.size(); ++i)
+      raw[i] = uint8_t(std::stoi(bytes.substr(2 * i, 2), nullptr, 16));
     encodings.insert(kvcomp::inspect(raw).encoding);
   }
-  EXPECT_EQ(encodings, (std::set<int32_t>{KVC_ENCODING_RAW, KVC_ENCODING_FIXED,
-                                          KVC_ENCODING_HUFFMAN}));
+  EXPECT_EQ(encodings,
+            (std::set<int32_t>{KVC_ENCODING_RAW, KVC_ENCODING_FIXED, KVC_ENCODING_HUFFMAN}));
 }
 
 }  // namespace

@@ -2,11 +2,10 @@
 // Shared by the unit tests: realistic synthetic KV blocks and element-wise bound checks.
 #pragma once
 
-#include <kvcomp/kvcomp.hpp>
-
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <kvcomp/kvcomp.hpp>
 #include <random>
 #include <vector>
 
@@ -99,9 +98,10 @@ inline double output_half_ulp(kvc_dtype dtype, float v) {
   return std::ldexp(1.0, std::max(e - 1, min_exp) - mantissa - 1);
 }
 
-inline kvc_codec_config make_config(kvc_kind kind, uint32_t tokens, uint32_t dim, kvc_bound_mode mode,
-                             float bound, kvc_entropy entropy = KVC_ENTROPY_AUTO,
-                             int32_t value_group = 0) {
+inline kvc_codec_config make_config(kvc_kind kind, uint32_t tokens, uint32_t dim,
+                                    kvc_bound_mode mode, float bound,
+                                    kvc_entropy entropy = KVC_ENTROPY_AUTO,
+                                    int32_t value_group = 0) {
   kvc_codec_config c = KVC_CODEC_CONFIG_INIT;
   c.kind = kind;
   c.num_tokens = int32_t(tokens);
@@ -115,14 +115,14 @@ inline kvc_codec_config make_config(kvc_kind kind, uint32_t tokens, uint32_t dim
 
 // A codebook trained on a few blocks of the same distribution, as a prefill would.
 inline kvcomp::Codebook train(const kvc_codec_config& c, kvc_dtype dtype, uint32_t seed,
-                       int blocks = 4) {
+                              int blocks = 4) {
   kvc_codec_config plain = c;
   plain.entropy = KVC_ENTROPY_AUTO;  // histograms need no codebook
   kvcomp::Codec codec(plain);
   kvcomp::Histogram histogram;
   for (int i = 0; i < blocks; ++i) {
     const auto x = bench::synthetic_kv(c.kind == KVC_KIND_VALUE, uint32_t(c.num_tokens),
-                                uint32_t(c.head_dim), seed + 1000u * uint32_t(i));
+                                       uint32_t(c.head_dim), seed + 1000u * uint32_t(i));
     const Block b = make_block(dtype, uint32_t(c.num_tokens), uint32_t(c.head_dim), c.head_dim, x);
     codec.add_to_histogram(b.data(), dtype, b.stride, histogram);
   }

@@ -1,0 +1,222 @@
+# SPDX-License-Identifier: Apache-2.0
+"""KV-cache policies for the reference forward pass: what each query token sees of the past.
+
+Every policy reproduces what generation would see, for a whole window at once:
+
+- FP16Cache: the fp16 K/V of every earlier token (the baseline).
+- KvcompCache: blocks of T tokens per (layer, kv-head). A query in block b sees blocks < b
+  through the library (bytes from kvc_codec_encode, back through kvc_codec_decode) and the
+  tokens of its own block (the uncompressed tail) in fp16. Codebooks per (layer, K|V) are built
+  from the first window's blocks (the prefill) and frozen for every later window.
+- KiviCache: KIVI (Liu et al. 2024). K per channel in groups of G tokens, flushed R tokens at a
+  time: a query sees fp16 keys of its own R-chunk (the residual) and quantized keys before it.
+  V per token in groups of G channels; the R most recent tokens stay fp16 (a sliding residual).
+  Asymmetric min/max quantization with an fp16 scale and zero point per group.
+- Int8TokenCache: 8-bit asymmetric per token (one group per head's channels), fp16 scale and
+  zero point, every token quantized as it is appended.
+
+Each policy also reports the bytes its cache holds at the end of the window (compressed
+blocks, metadata, codebooks, fp16 tails), to compare with fp16 K+V.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+F16 = 2  # bytes per fp16 element
+
+
+def _softmax_causal(s: np.ndarray) -> np.ndarray:
+    """In place: causal mask, softmax over the last axis. s: [..., n, n] float32."""
+    n = s.shape[-1]
+    s[..., np.triu(np.ones((n, n), dtype=bool), 1)] = -np.inf
+    s -= s.max(-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(-1, keepdims=True)
+    return s
+
+
+def mixed_attention(q, k_fp, v_fp, k_q=None, v_q=None, k_block=0, v_block=0, v_window=0):
+    """Causal attention of q [n, H, d] over n keys, each (query, key) pair reading either the
+    fp16 copy or the quantized copy of K and of V.
+
+    K: with k_q given, query t reads k_fp for keys in its own k_block-token block and k_q
+    before it (k_block = 0: k_q everywhere). V likewise with v_block; or with v_window > 0,
+    v_fp for the v_window most recent keys (t - s < v_window) and v_q for older ones.
+    k_*/v_*: [n, Hk, d]. Returns [n, H, d] float32."""
+    n, H, d = q.shape
+    Hk = k_fp.shape[1]
+    g = H // Hk
+    qh = (q.transpose(1, 0, 2).reshape(Hk, g, n, d) * np.float32(1.0 / np.sqrt(d)))
+
+    def heads(x):  # [n, Hk, d] -> [Hk, 1, n, d] float32
+        return x.transpose(1, 0, 2)[:, None].astype(np.float32)
+
+    kf, vf = heads(k_fp), heads(v_fp)
+    if k_q is None:
+        s = qh @ kf.swapaxes(-1, -2)
+    else:
+        s = qh @ heads(k_q).swapaxes(-1, -2)
+        if k_block:
+            for b0 in range(0, n, k_block):
+                b1 = min(n, b0 + k_block)
+                s[..., b0:b1, b0:b1] = qh[..., b0:b1, :] @ kf[..., b0:b1, :].swapaxes(-1, -2)
+    p = _softmax_causal(s)
+    if v_q is None:
+        out = p @ vf
+    elif v_window:
+        # p @ v_q, corrected by (v_fp - v_q) on the band of recent keys (t - s < v_window),
+        # one query block of v_window rows at a time.
+        vq = heads(v_q)
+        out = p @ vq
+        dv = vf - vq
+        t = np.arange(n)
+        for b0 in range(0, n, v_window):
+            b1 = min(n, b0 + v_window)
+            s0 = max(0, b0 - v_window + 1)
+            band = (t[b0:b1, None] - t[None, s0:b1]) < v_window
+            out[..., b0:b1, :] += (p[..., b0:b1, s0:b1] * band) @ dv[..., s0:b1, :]
+    elif v_block:
+        diag = []
+        for b0 in range(0, n, v_block):
+            b1 = min(n, b0 + v_block)
+            diag.append(p[..., b0:b1, b0:b1] @ vf[..., b0:b1, :])
+            p[..., b0:b1, b0:b1] = 0.0
+        out = p @ heads(v_q) + np.concatenate(diag, axis=-2)
+    else:
+        out = p @ heads(v_q)
+    return out.reshape(H, n, d).transpose(1, 0, 2)
+
+
+class FP16Cache:
+    name = "fp16"
+
+    def begin_window(self, n):
+        self.bytes = 0
+        self.fp16_bytes = 0
+
+    def attend(self, layer, q, k, v):
+        self.fp16_bytes += k.nbytes + v.nbytes
+        self.bytes += k.nbytes + v.nbytes
+        return mixed_attention(q, k, v)
+
+
+class KvcompCache:
+    """kvcomp through its C ABI. eb_k / eb_v: error bounds (None: keep that tensor fp16)."""
+
+    def __init__(self, eb_k, eb_v, block_tokens=64, value_group_size=0, bound_mode="relative",
+                 entropy="auto", name=None):
+        import kvcomp
+
+        self.kvcomp = kvcomp
+        self.eb = {"key": eb_k, "value": eb_v}
+        self.T = block_tokens
+        self.vgs = value_group_size
+        # bound_mode: "relative" | "absolute", or a dict per kind.
+        self.bound_mode = (bound_mode if isinstance(bound_mode, dict)
+                           else {"key": bound_mode, "value": bound_mode})
+        self.entropy = entropy
+        self.codecs = {}   # (layer, kind) -> (codec, codebook bytes)
+        self.name = name or f"kvcomp K{eb_k} V{eb_v}"
+        self.stats = {"blocks": 0, "huffman": 0, "fixed": 0, "raw": 0}
+
+    def _codec(self, layer, kind, x):
+        key = (layer, kind)
+        if key not in self.codecs:
+            kv = self.kvcomp
+            args = dict(kind=kind, num_tokens=self.T, head_dim=x.shape[2],
+                        error_bound=self.eb[kind], bound_mode=self.bound_mode[kind],
+                        value_group_size=self.vgs if kind == "value" else 0)
+            cb = None
+            if self.entropy != "fixed":
+                # Prefill: the first window's complete blocks train this (layer, kind)'s codebook.
+                cb = kv.build_codebook(kv.Codec(**args), x)
+            codec = kv.Codec(**args, entropy=self.entropy, codebook=cb)
+            self.codecs[key] = (codec, cb.serialized_size if cb is not None else 0)
+        return self.codecs[key]
+
+    def begin_window(self, n):
+        self.bytes = 0
+        self.fp16_bytes = 0
+
+    def _roundtrip(self, layer, kind, x):
+        """x [n, Hk, d] fp16 -> (decoded copy, bytes held for x at the window's end)."""
+        if self.eb[kind] is None:
+            return None, x.nbytes
+        n_full = (x.shape[0] // self.T) * self.T
+        out = x.copy()  # the tail (< T tokens) stays fp16
+        held = (x.shape[0] - n_full) * x.shape[1] * x.shape[2] * F16
+        if n_full:
+            codec, cb_bytes = self._codec(layer, kind, x[:n_full])
+            blocks = codec.encode(x[:n_full])
+            codec.decode(blocks, out=out[:n_full])
+            held += blocks.nbytes + cb_bytes
+            self.stats["blocks"] += len(blocks)
+            enc = blocks.data[blocks.offsets + 5]  # header byte 5: encoding (format.md §3)
+            for e, nm in ((2, "huffman"), (1, "fixed"), (0, "raw")):
+                self.stats[nm] += int((enc == e).sum())
+        return out, held
+
+    def attend(self, layer, q, k, v):
+        k_hat, kb = self._roundtrip(layer, "key", k)
+        v_hat, vb = self._roundtrip(layer, "value", v)
+        self.bytes += kb + vb
+        self.fp16_bytes += k.nbytes + v.nbytes
+        return mixed_attention(q, k, v, k_hat, v_hat, k_block=self.T, v_block=self.T)
+
+
+def quantize_minmax(x: np.ndarray, bits: int, axis: int):
+    """Asymmetric min/max quantization of x (float32) over `axis` with fp16 scale and zero
+    point, as KIVI stores them; returns the dequantized float32 array."""
+    lo = x.min(axis, keepdims=True).astype(np.float16).astype(np.float32)
+    hi = x.max(axis, keepdims=True)
+    levels = (1 << bits) - 1
+    scale = ((hi - lo) / levels).astype(np.float16).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0)
+    qv = np.clip(np.rint((x - lo) / safe), 0, levels)
+    return np.where(scale > 0, qv * scale + lo, lo)
+
+
+class KiviCache:
+    def __init__(self, bits, group=32, residual=128, name=None):
+        self.bits, self.G, self.R = bits, group, residual
+        self.name = name or f"KIVI-{bits}"
+
+    def begin_window(self, n):
+        self.bytes = 0
+        self.fp16_bytes = 0
+
+    def attend(self, layer, q, k, v):
+        n, Hk, d = k.shape
+        G, R, b = self.G, self.R, self.bits
+        kf, vf = k.astype(np.float32), v.astype(np.float32)
+        # K: per channel over groups of G tokens, for every flushed R-chunk.
+        nk = (n // R) * R
+        k_q = kf.copy()
+        if nk:
+            kg = kf[:nk].reshape(nk // G, G, Hk, d)
+            k_q[:nk] = quantize_minmax(kg, b, axis=1).reshape(nk, Hk, d)
+        # V: per token over groups of G channels (every token; the window picks fp16 ones).
+        v_q = quantize_minmax(vf.reshape(n, Hk, d // G, G), b, axis=3).reshape(n, Hk, d)
+        nv = max(0, n - R)
+        elems_per_group_bytes = G * b / 8 + 2 * F16
+        held_k = nk * Hk * d / G * elems_per_group_bytes + (n - nk) * Hk * d * F16
+        held_v = nv * Hk * d / G * elems_per_group_bytes + (n - nv) * Hk * d * F16
+        self.bytes += held_k + held_v
+        self.fp16_bytes += k.nbytes + v.nbytes
+        return mixed_attention(q, k, v, k_q, v_q, k_block=R, v_window=R)
+
+
+class Int8TokenCache:
+    name = "int8 per-token"
+
+    def begin_window(self, n):
+        self.bytes = 0
+        self.fp16_bytes = 0
+
+    def attend(self, layer, q, k, v):
+        n, Hk, d = k.shape
+        k_q = quantize_minmax(k.astype(np.float32), 8, axis=2)
+        v_q = quantize_minmax(v.astype(np.float32), 8, axis=2)
+        self.bytes += 2 * n * Hk * (d + 2 * F16)
+        self.fp16_bytes += k.nbytes + v.nbytes
+        return mixed_attention(q, k_q, v_q)

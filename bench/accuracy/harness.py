@@ -1,0 +1,203 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Accuracy harness: perplexity, KL divergence and top-1 agreement of a real model whose KV
+cache goes through kvcomp (and through the baselines), against the same model with an fp16
+KV cache, on WikiText-2; plus the compression ratio with everything counted.
+
+    python bench/accuracy/harness.py --windows 32 --window-tokens 1024 \
+        --settings kvcomp:k=0.1,v=0.1 kivi:2 kivi:4 int8 --out results.json
+
+The text is cut into consecutive non-overlapping windows; each window is a fresh sequence
+evaluated on all its next-token predictions. Settings are given as
+  fp16 | kvcomp:k=EB,v=EB[,t=64][,vg=0][,entropy=auto] | kivi:BITS[,g=32][,r=128] | int8
+where EB is a relative error bound (or "none" to keep that tensor fp16).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path[:0] = [str(HERE), str(REPO / "python")]
+
+from cache import FP16Cache, Int8TokenCache, KiviCache, KvcompCache  # noqa: E402
+import modelfile  # noqa: E402
+
+
+def default_data_path() -> Path:
+    env = os.environ.get("KVCOMP_WIKITEXT")
+    if env:
+        return Path(env)
+    return REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+MODES = {"rel": "relative", "abs": "absolute"}
+
+
+def make_policy(spec: str):
+    kind, _, rest = spec.partition(":")
+    opts = dict(kv.split("=", 1) for kv in rest.split(",") if "=" in kv)
+    if kind == "fp16":
+        return FP16Cache()
+    if kind == "kvcomp":
+        def eb(x):
+            return None if x in (None, "none") else float(x)
+        return KvcompCache(eb(opts.get("k")), eb(opts.get("v")), block_tokens=int(opts.get("t", 64)),
+                           value_group_size=int(opts.get("vg", 0)),
+                           entropy=opts.get("entropy", "auto"), name=spec,
+                           bound_mode={"key": MODES[opts.get("kmode", opts.get("mode", "rel"))],
+                                       "value": MODES[opts.get("vmode", opts.get("mode", "rel"))]})
+    if kind == "kivi":
+        bits = int(rest.split(",")[0])
+        return KiviCache(bits, group=int(opts.get("g", 32)), residual=int(opts.get("r", 128)),
+                         name=spec)
+    if kind == "int8":
+        return Int8TokenCache()
+    raise ValueError(f"unknown setting {spec!r}")
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+class Accumulator:
+    def __init__(self, name):
+        self.name = name
+        self.nll = 0.0
+        self.kl = 0.0
+        self.top1 = 0
+        self.n = 0
+        self.bytes = 0.0
+        self.fp16_bytes = 0.0
+        self.seconds = 0.0
+
+    def add(self, lp, lp_ref, targets, policy, seconds, p_ref=None):
+        m = len(targets)
+        self.nll += float(-lp[np.arange(m), targets].sum(dtype=np.float64))
+        if lp_ref is not None:
+            if p_ref is None:
+                p_ref = np.exp(lp_ref)
+            self.kl += float((p_ref * (lp_ref - lp)).sum(dtype=np.float64))
+            self.top1 += int((lp.argmax(-1) == lp_ref.argmax(-1)).sum())
+        self.n += m
+        self.bytes += policy.bytes
+        self.fp16_bytes += policy.fp16_bytes
+        self.seconds += seconds
+
+    def result(self, ref=None):
+        ppl = float(np.exp(self.nll / self.n))
+        r = dict(setting=self.name, tokens=self.n, ppl=ppl,
+                 ratio=self.fp16_bytes / self.bytes, bytes=self.bytes,
+                 fp16_bytes=self.fp16_bytes, seconds=round(self.seconds, 1))
+        if ref is not None:
+            r.update(ppl_fp16=ref.result()["ppl"], kl=self.kl / self.n, top1=self.top1 / self.n)
+            r["dppl_pct"] = 100.0 * (ppl / r["ppl_fp16"] - 1.0)
+        return r
+
+
+def evaluate(model, ids, settings, windows, window_tokens, progress=True, log=None):
+    """Runs fp16 and every setting over the same windows; returns a list of result dicts."""
+    policies = [make_policy(s) for s in settings]
+    ref = Accumulator("fp16")
+    accs = [Accumulator(s) for s in settings]
+    need = windows * window_tokens
+    if len(ids) < need:
+        raise ValueError(f"text has {len(ids)} tokens, {need} needed")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=windows * (1 + len(settings)), unit="pass", desc="forward passes",
+                   file=sys.stderr)
+    for w in range(windows):
+        x = np.asarray(ids[w * window_tokens:(w + 1) * window_tokens], dtype=np.int64)
+        targets = x[1:]
+        base = FP16Cache()
+        t0 = time.time()
+        lp_ref = log_softmax(model.forward(x, base)[:-1])
+        ref.add(lp_ref, None, targets, base, time.time() - t0)
+        p_ref = np.exp(lp_ref)
+        if bar:
+            bar.update(1)
+        for pol, acc in zip(policies, accs):
+            t0 = time.time()
+            lp = log_softmax(model.forward(x, pol)[:-1])
+            acc.add(lp, lp_ref, targets, pol, time.time() - t0, p_ref)
+            if bar:
+                bar.update(1)
+        if log:
+            log(w, [ref.result()] + [a.result(ref) for a in accs])
+    if bar:
+        bar.close()
+    results = [ref.result()] + [a.result(ref) for a in accs]
+    for pol, r in zip(policies, results[1:]):
+        if isinstance(pol, KvcompCache):
+            r["blocks"] = dict(pol.stats)
+    return results
+
+
+def format_table(results) -> str:
+    head = f"{'setting':<28} {'ratio':>6} {'PPL':>8} {'dPPL%':>7} {'KL':>8} {'top-1':>7}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if "dppl_pct" in r:
+            lines.append(f"{r['setting']:<28} {r['ratio']:6.2f} {r['ppl']:8.3f} "
+                         f"{r['dppl_pct']:+7.2f} {r['kl']:8.5f} {100 * r['top1']:6.2f}%")
+        else:
+            lines.append(f"{r['setting']:<28} {r['ratio']:6.2f} {r['ppl']:8.3f} "
+                         f"{'':>7} {'':>8} {'':>7}")
+    return "\n".join(lines)
+
+
+def machine_info() -> dict:
+    import kvcomp
+    return dict(date=time.strftime("%Y-%m-%d"), machine=platform.machine(),
+                cpus=os.cpu_count(), python=platform.python_version(),
+                numpy=np.__version__, kvcomp=kvcomp.version())
+
+
+def load_text_ids(tok, path: Path):
+    text = path.read_text(encoding="utf-8")
+    return tok.encode(text).ids
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="GGUF file (default: the cached SmolLM2)")
+    ap.add_argument("--data", default=None, help="wiki.test.raw (default ../shared/data/..., "
+                    "or $KVCOMP_WIKITEXT)")
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--window-tokens", type=int, default=1024)
+    ap.add_argument("--settings", nargs="+", default=["kvcomp:k=0.1,v=0.1", "kivi:2", "kivi:4",
+                                                      "int8"])
+    ap.add_argument("--out", default=None, help="write results as JSON here")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+
+    from model import Model
+    model = Model(a.model or modelfile.model_path())
+    ids = load_text_ids(model.tokenizer(), Path(a.data) if a.data else default_data_path())
+    out = Path(a.out) if a.out else None
+
+    def log(w, res):
+        if out:
+            out.write_text(json.dumps(dict(meta=dict(machine_info(), windows_done=w + 1,
+                                                     window_tokens=a.window_tokens,
+                                                     model=model.hp.name),
+                                           results=res), indent=1))
+
+    res = evaluate(model, ids, a.settings, a.windows, a.window_tokens,
+                   progress=not a.no_progress, log=log)
+    print(format_table(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()

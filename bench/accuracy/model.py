@@ -1,0 +1,170 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A Llama-architecture model read from a GGUF file: weights (dequantized to float32), the
+tokenizer built from the GGUF's own vocabulary and merges, and a numpy reference forward pass
+over one window whose attention reads the KV cache through a pluggable cache policy
+(cache.py): fp16, kvcomp-compressed, KIVI, int8.
+
+Hyperparameters come from the GGUF metadata (llama.* keys); nothing about SmolLM2 is assumed
+beyond the Llama architecture.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Hparams:
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    rope_dim: int
+    rope_base: float
+    rms_eps: float
+    n_vocab: int
+    context_length: int
+    name: str
+
+
+def _field(reader, key, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        if default is None:
+            raise KeyError(f"GGUF metadata lacks {key}")
+        return default
+    return f.contents()
+
+
+def _unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """GGUF (llama.cpp's converter) stores Q and K rows of each head interleaved (pairs
+    (2j, 2j+1) rotate together); the Hugging Face layout has halves (j, j + d/2). Undo it, so
+    that K is the model's own (HF) key layout and RoPE is the rotate-half form."""
+    out, inp = w.shape
+    d = out // n_head
+    return w.reshape(n_head, d // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
+
+
+class Model:
+    def __init__(self, path: str | Path):
+        from gguf import GGUFReader
+        from gguf.quants import dequantize
+
+        r = GGUFReader(str(path))
+        arch = _field(r, "general.architecture")
+        if arch != "llama":
+            raise ValueError(f"{path}: architecture {arch!r}, this reference supports 'llama'")
+        a = arch
+        n_embd = int(_field(r, f"{a}.embedding_length"))
+        n_head = int(_field(r, f"{a}.attention.head_count"))
+        head_dim = int(_field(r, f"{a}.attention.key_length", n_embd // n_head))
+        self.hp = Hparams(
+            n_layer=int(_field(r, f"{a}.block_count")),
+            n_embd=n_embd,
+            n_ff=int(_field(r, f"{a}.feed_forward_length")),
+            n_head=n_head,
+            n_head_kv=int(_field(r, f"{a}.attention.head_count_kv", n_head)),
+            head_dim=head_dim,
+            rope_dim=int(_field(r, f"{a}.rope.dimension_count", head_dim)),
+            rope_base=float(_field(r, f"{a}.rope.freq_base", 10000.0)),
+            rms_eps=float(_field(r, f"{a}.attention.layer_norm_rms_epsilon")),
+            n_vocab=len(r.fields["tokenizer.ggml.tokens"].data),
+            context_length=int(_field(r, f"{a}.context_length")),
+            name=str(_field(r, "general.name", "?")),
+        )
+        hp = self.hp
+        if hp.rope_dim != hp.head_dim:
+            raise ValueError("partial RoPE is not implemented")
+        t = {}
+        for x in r.tensors:
+            w = dequantize(x.data, x.tensor_type)
+            t[x.name] = np.ascontiguousarray(w.reshape([int(s) for s in reversed(x.shape)]),
+                                             dtype=np.float32)
+        self.tok_embd = t["token_embd.weight"]                 # [n_vocab, n_embd]
+        self.output = t.get("output.weight", self.tok_embd)    # tied embeddings if absent
+        self.output_T = np.ascontiguousarray(self.output.T)    # [n_embd, n_vocab]
+        self.output_norm = t["output_norm.weight"]
+        self.layers = []
+        for i in range(hp.n_layer):
+            p = f"blk.{i}."
+            wq = _unpermute_rope_rows(t[p + "attn_q.weight"], hp.n_head)
+            wk = _unpermute_rope_rows(t[p + "attn_k.weight"], hp.n_head_kv)
+            wv = t[p + "attn_v.weight"]
+            self.layers.append(dict(
+                attn_norm=t[p + "attn_norm.weight"],
+                # One fused [n_embd, (H + 2 Hkv) * d] projection: x @ wqkv -> q | k | v.
+                wqkv=np.ascontiguousarray(np.concatenate([wq, wk, wv], 0).T),
+                wo=np.ascontiguousarray(t[p + "attn_output.weight"].T),
+                ffn_norm=t[p + "ffn_norm.weight"],
+                w13=np.ascontiguousarray(
+                    np.concatenate([t[p + "ffn_gate.weight"], t[p + "ffn_up.weight"]], 0).T),
+                w2=np.ascontiguousarray(t[p + "ffn_down.weight"].T),
+            ))
+        self._reader = r
+        self._rope_cache = {}
+
+    # ---- tokenizer --------------------------------------------------------------------------
+    def tokenizer(self):
+        from tokenizer import tokenizer_from_gguf
+        return tokenizer_from_gguf(self._reader)
+
+    # ---- forward ----------------------------------------------------------------------------
+    def _rope(self, n: int, offset: int = 0):
+        key = (n, offset)
+        if key not in self._rope_cache:
+            d = self.hp.head_dim
+            inv = self.hp.rope_base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+            ang = np.arange(offset, offset + n, dtype=np.float64)[:, None] * inv[None, :]
+            cos = np.cos(ang).astype(np.float32)
+            sin = np.sin(ang).astype(np.float32)
+            self._rope_cache = {key: (np.concatenate([cos, cos], 1)[:, None, :],
+                                      np.concatenate([sin, sin], 1)[:, None, :])}
+        return self._rope_cache[key]
+
+    @staticmethod
+    def _apply_rope(x, cos, sin):
+        h = x.shape[-1] // 2
+        rot = np.concatenate([-x[..., h:], x[..., :h]], -1)
+        return x * cos + rot * sin
+
+    def _rms(self, x, w):
+        var = np.mean(x * x, axis=-1, keepdims=True)
+        return x / np.sqrt(var + self.hp.rms_eps) * w
+
+    def forward(self, tokens: np.ndarray, policy, kv_hook=None) -> np.ndarray:
+        """Logits [n, n_vocab] (float32) of one window that starts a fresh sequence.
+
+        policy.attend(layer, q, k, v) -> [n, n_head, head_dim] implements attention over the
+        KV cache as generation would see it (cache.py). kv_hook(layer, k, v), if given, sees
+        each layer's fp16-rounded K and V [n, n_head_kv, head_dim] (used for the KV dump)."""
+        hp = self.hp
+        n = len(tokens)
+        H, Hk, d = hp.n_head, hp.n_head_kv, hp.head_dim
+        cos, sin = self._rope(n)
+        x = self.tok_embd[tokens]
+        policy.begin_window(n)
+        for li, L in enumerate(self.layers):
+            hn = self._rms(x, L["attn_norm"])
+            qkv = hn @ L["wqkv"]
+            q = qkv[:, : H * d].reshape(n, H, d)
+            k = qkv[:, H * d: (H + Hk) * d].reshape(n, Hk, d)
+            v = qkv[:, (H + Hk) * d:].reshape(n, Hk, d)
+            q = self._apply_rope(q, cos, sin)
+            k = self._apply_rope(k, cos, sin)
+            # The cache holds fp16 K/V (the baseline is an fp16 cache).
+            k = k.astype(np.float16)
+            v = v.astype(np.float16)
+            if kv_hook is not None:
+                kv_hook(li, k, v)
+            attn = policy.attend(li, q, k, v)
+            x = x + attn.reshape(n, H * d) @ L["wo"]
+            hn = self._rms(x, L["ffn_norm"])
+            gu = hn @ L["w13"]
+            g, u = gu[:, : hp.n_ff], gu[:, hp.n_ff:]
+            x = x + ((g / (1.0 + np.exp(-g))) * u) @ L["w2"]
+        x = self._rms(x, self.output_norm)
+        return x @ self.output_T
