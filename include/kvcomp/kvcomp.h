@@ -311,6 +311,133 @@ typedef struct kvc_block_info {
 /* Parses and validates a block header in h_block (src_bytes available). */
 KVC_API kvc_status_t kvc_block_inspect(const void* h_block, size_t src_bytes, kvc_block_info* info);
 
+/* ---- Paged compressed KV store ------------------------------------------------------------ */
+/*
+ * The object an inference engine holds instead of its fp16 KV cache. For every sequence and
+ * layer it keeps the compressed blocks of all complete T-token blocks (one K and one V block
+ * per kv-head, in fixed-size pages of a pool) and an uncompressed tail of fewer than T tokens.
+ * Codebooks are per (layer, K|V): built from the first blocks a layer compresses (usually the
+ * first prefill) unless set beforehand, then frozen. Every call is all-or-nothing: a failure
+ * (out of pages included) leaves every sequence exactly as before.
+ * Tensors passed to and from the store: K and V [num_tokens, num_kv_heads, head_dim] of the
+ * store's dtype, rows contiguous. Backend: KVC_BACKEND_CPU (host memory); the CUDA store is not
+ * available in this version (KVC_ERROR_NOT_SUPPORTED).
+ */
+typedef struct kvc_store_s* kvc_store_t;
+
+typedef struct kvc_store_config {
+  uint32_t struct_size;   /* sizeof(kvc_store_config) */
+  uint32_t abi_version;   /* KVC_ABI_VERSION */
+  int32_t backend;        /* kvc_backend */
+  int32_t num_layers;     /* >= 1 */
+  int32_t num_kv_heads;   /* >= 1 */
+  int32_t head_dim;       /* 1..KVC_MAX_HEAD_DIM */
+  int32_t dtype;          /* KVC_DTYPE_FP16 or KVC_DTYPE_BF16: K, V, queries and outputs */
+  int32_t block_tokens;   /* T: 1..KVC_MAX_NUM_TOKENS */
+  int32_t key_bound_mode; /* kvc_bound_mode */
+  float key_error_bound;
+  int32_t value_bound_mode; /* kvc_bound_mode */
+  float value_error_bound;
+  int32_t value_group_size; /* as kvc_codec_config; 0 = head_dim */
+  int32_t entropy;          /* kvc_entropy: AUTO uses the layer's codebooks once built */
+  int32_t page_bytes;       /* page size, a multiple of 256, >= the largest block (64 KiB is
+                               usually right; 0 = the smallest multiple of 64 KiB that fits) */
+  int64_t capacity_bytes;   /* pool size in bytes, rounded down to whole pages */
+} kvc_store_config;
+#define KVC_STORE_CONFIG_INIT                                                                  \
+  {                                                                                            \
+    sizeof(kvc_store_config), KVC_ABI_VERSION, KVC_BACKEND_CPU, 1, 1, 128, KVC_DTYPE_FP16, 64, \
+        KVC_BOUND_RELATIVE, 0.05f, KVC_BOUND_RELATIVE, 0.05f, 0, KVC_ENTROPY_AUTO, 0,          \
+        (int64_t)1 << 30                                                                       \
+  }
+
+/* What the store holds, all of it counted. */
+typedef struct kvc_store_stats {
+  uint32_t struct_size; /* sizeof(kvc_store_stats), set by the caller */
+  uint32_t abi_version; /* KVC_ABI_VERSION, set by the caller */
+  int32_t num_sequences;
+  int32_t reserved;
+  int64_t num_blocks;     /* compressed blocks (K and V, all heads) */
+  int64_t block_bytes;    /* their bytes */
+  int64_t page_bytes;     /* bytes of pages in use (blocks + slack at page ends) */
+  int64_t tail_bytes;     /* uncompressed tails */
+  int64_t table_bytes;    /* block tables */
+  int64_t codebook_bytes; /* serialized codebooks */
+  int64_t dense_bytes;    /* the same tokens as a dense cache of the store's dtype */
+  int64_t pages_in_use;
+  int64_t pages_total;
+} kvc_store_stats;
+#define KVC_STORE_STATS_INIT \
+  { sizeof(kvc_store_stats), KVC_ABI_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
+
+KVC_API kvc_status_t kvc_store_create(const kvc_store_config* config, kvc_store_t* store);
+/* NULL is a no-op. */
+KVC_API kvc_status_t kvc_store_destroy(kvc_store_t store);
+
+/* Uses a codebook for (layer, kind) from now on. Only before that layer has compressed a block
+ * (KVC_ERROR_INVALID_ARGUMENT after). The store keeps its own reference. */
+KVC_API kvc_status_t kvc_store_set_codebook(kvc_store_t store, int32_t layer, kvc_kind kind,
+                                            kvc_codebook_t codebook);
+/* A new handle to the codebook of (layer, kind), or *codebook = NULL if none is built yet.
+ * The caller destroys it. */
+KVC_API kvc_status_t kvc_store_get_codebook(kvc_store_t store, int32_t layer, kvc_kind kind,
+                                            kvc_codebook_t* codebook);
+
+/* A new empty sequence; its id (>= 0) is never reused while the store lives. */
+KVC_API kvc_status_t kvc_store_add_sequence(kvc_store_t store, int32_t* sequence_id);
+/* Frees a sequence; its pages return to the pool. */
+KVC_API kvc_status_t kvc_store_free_sequence(kvc_store_t store, int32_t sequence_id);
+/* Tokens held for (sequence, layer). */
+KVC_API kvc_status_t kvc_store_sequence_length(kvc_store_t store, int32_t sequence_id,
+                                               int32_t layer, int32_t* num_tokens);
+
+/* Appends num_tokens tokens to one sequence for layers [first_layer, first_layer + num_layers):
+ * h_keys and h_values are [num_layers, num_tokens, num_kv_heads, head_dim] (host; the layer
+ * stride is num_tokens * num_kv_heads * head_dim). Complete blocks are compressed; the rest
+ * stays in the tail. */
+KVC_API kvc_status_t kvc_store_prefill(kvc_store_t store, int32_t sequence_id, int32_t first_layer,
+                                       int32_t num_layers, int32_t num_tokens, const void* h_keys,
+                                       const void* h_values);
+/* One decode step of one layer: appends one token to each of num_sequences distinct
+ * sequences. h_keys, h_values: [num_sequences, num_kv_heads, head_dim]; sequence_ids host. */
+KVC_API kvc_status_t kvc_store_append(kvc_store_t store, int32_t layer, int32_t num_sequences,
+                                      const int32_t* sequence_ids, const void* h_keys,
+                                      const void* h_values, void* stream);
+
+/* Decompresses (sequence, layer) into h_keys, h_values: [num_tokens, num_kv_heads, head_dim]
+ * of dtype, each with room for kvc_store_sequence_length() tokens (capacity_tokens). */
+KVC_API kvc_status_t kvc_store_read(kvc_store_t store, int32_t sequence_id, int32_t layer,
+                                    kvc_dtype dtype, int32_t capacity_tokens, void* h_keys,
+                                    void* h_values);
+
+KVC_API kvc_status_t kvc_store_get_stats(kvc_store_t store, kvc_store_stats* stats);
+
+/* Exact size of a sequence serialized by kvc_store_serialize. */
+KVC_API kvc_status_t kvc_store_serialized_size(kvc_store_t store, int32_t sequence_id,
+                                               size_t* size_bytes);
+/* Writes one sequence (all layers: compressed blocks as they are, tails, codebook ids) as a
+ * versioned, checksummed byte string (docs/format.md, "Serialized sequence") to h_dst. */
+KVC_API kvc_status_t kvc_store_serialize(kvc_store_t store, int32_t sequence_id, void* h_dst,
+                                         size_t dst_capacity_bytes, size_t* written_bytes);
+/* Restores a serialized sequence as a new sequence of a store with the same configuration and
+ * codebooks; no re-encoding. Corrupt or mismatched input is rejected (KVC_ERROR_CORRUPT_DATA,
+ * KVC_ERROR_CONFIG_MISMATCH, KVC_ERROR_CODEBOOK_MISMATCH) and changes nothing. */
+KVC_API kvc_status_t kvc_store_restore(kvc_store_t store, const void* h_src, size_t src_bytes,
+                                       int32_t* sequence_id);
+
+/* ---- Decode attention over the store ------------------------------------------------------ */
+
+/* Batched decode attention of one layer: for each of num_sequences sequences, one query token
+ * with num_q_heads = group * num_kv_heads heads (query head h uses kv-head h / group) attends
+ * to all the sequence's tokens (compressed blocks and tail): out = softmax(scale * q K^T) V.
+ * h_queries, h_out: [num_sequences, num_q_heads, head_dim] of the store's dtype (host on the
+ * CPU backend). fp32 reconstruction of K and V, double accumulation on the CPU. A sequence with
+ * no tokens gives zeros. */
+KVC_API kvc_status_t kvc_store_attention(kvc_store_t store, int32_t layer, int32_t num_sequences,
+                                         const int32_t* sequence_ids, int32_t num_q_heads,
+                                         float scale, const void* h_queries, void* h_out,
+                                         void* stream);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

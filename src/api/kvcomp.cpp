@@ -7,32 +7,13 @@
 #include <memory>
 #include <string>
 
+#include "api/handles.hpp"
 #include "codec/codebook.hpp"
 #include "codec/codec_params.hpp"
 #include "core/error.hpp"
 #include "core/float_env.hpp"
 #include "cpu/codec_cpu.hpp"
 #include "kernels/common/format.cuh"
-#if defined(KVC_WITH_CUDA)
-#include "kernels/codec/cuda_codec.hpp"
-#endif
-
-struct kvc_histogram_s {
-  kvc::Histogram histogram;
-};
-
-struct kvc_codebook_s {
-  std::shared_ptr<const kvc::Codebook> book;
-};
-
-struct kvc_codec_s {
-  kvc::CodecParams params;
-  std::shared_ptr<const kvc::Codebook> book;  // may be null
-#if defined(KVC_WITH_CUDA)
-  kvc::cuda::DeviceCodecPtr device;  // the CUDA backend's tables
-#endif
-  bool on_cuda() const { return params.backend == KVC_BACKEND_CUDA; }
-};
 
 namespace {
 

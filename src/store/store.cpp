@@ -1,0 +1,549 @@
+// SPDX-License-Identifier: Apache-2.0
+#include "store/store.hpp"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+
+#include "core/error.hpp"
+#include "cpu/codec_cpu.hpp"
+#include "kernels/common/format.cuh"
+
+namespace kvc {
+namespace f = format;
+
+namespace {
+
+constexpr uint32_t kSerialMagic = 0x7363766Bu;  // bytes "kvcs"
+constexpr uint32_t kSerialVersion = 1;
+
+float load_value(const uint8_t* p, kvc_dtype dtype) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return dtype == KVC_DTYPE_BF16 ? f::bf16_to_float(h) : f::half_to_float(h);
+}
+
+void store_value(uint8_t* p, kvc_dtype dtype, float v) {
+  if (dtype == KVC_DTYPE_FP32) {
+    std::memcpy(p, &v, 4);
+    return;
+  }
+  const uint16_t h =
+      dtype == KVC_DTYPE_BF16 ? f::float_to_bf16_saturate(v) : f::float_to_half_saturate(v);
+  std::memcpy(p, &h, 2);
+}
+
+CodecParams kind_params(const kvc_store_config& c, bool is_value) {
+  kvc_codec_config k = KVC_CODEC_CONFIG_INIT;
+  k.backend = KVC_BACKEND_CPU;
+  k.kind = is_value ? KVC_KIND_VALUE : KVC_KIND_KEY;
+  k.num_tokens = c.block_tokens;
+  k.head_dim = c.head_dim;
+  k.value_group_size = is_value ? c.value_group_size : 0;
+  k.bound_mode = is_value ? c.value_bound_mode : c.key_bound_mode;
+  k.error_bound = is_value ? c.value_error_bound : c.key_error_bound;
+  k.entropy = c.entropy;
+  return CodecParams::from_config(k, /*has_codebook=*/true);
+}
+
+}  // namespace
+
+StoreParams StoreParams::from_config(const kvc_store_config& c) {
+  check_struct_header(c, "config");
+  require(c.backend == KVC_BACKEND_CPU || c.backend == KVC_BACKEND_CUDA, KVC_ERROR_INVALID_ARGUMENT,
+          "config->backend = ", c.backend, " is not a kvc_backend");
+  require(c.backend == KVC_BACKEND_CPU, KVC_ERROR_NOT_SUPPORTED,
+          "the CUDA store is not available in this version of kvcomp");
+  require(c.num_layers >= 1 && c.num_layers <= 4096, KVC_ERROR_INVALID_ARGUMENT,
+          "config->num_layers = ", c.num_layers, " is out of range [1, 4096]");
+  require(c.num_kv_heads >= 1 && c.num_kv_heads <= 1024, KVC_ERROR_INVALID_ARGUMENT,
+          "config->num_kv_heads = ", c.num_kv_heads, " is out of range [1, 1024]");
+  require(c.dtype == KVC_DTYPE_FP16 || c.dtype == KVC_DTYPE_BF16, KVC_ERROR_INVALID_ARGUMENT,
+          "config->dtype = ", c.dtype, " must be KVC_DTYPE_FP16 or KVC_DTYPE_BF16");
+  StoreParams p{};
+  p.backend = kvc_backend(c.backend);
+  p.config = c;
+  // The codec checks head_dim, block_tokens, bounds, value groups and entropy, naming the codec
+  // field; say which store fields those are.
+  try {
+    p.key = kind_params(c, false);
+    p.value = kind_params(c, true);
+  } catch (const Error& e) {
+    fail(e.status(), e.what(), " (store fields: head_dim, block_tokens, key_/value_bound_mode, ",
+         "key_/value_error_bound, value_group_size, entropy)");
+  }
+  p.num_layers = uint32_t(c.num_layers);
+  p.num_heads = uint32_t(c.num_kv_heads);
+  p.head_dim = uint32_t(c.head_dim);
+  p.block_tokens = uint32_t(c.block_tokens);
+  p.dtype = kvc_dtype(c.dtype);
+  const size_t largest = std::max(p.key.max_block_bytes(p.dtype), p.value.max_block_bytes(p.dtype));
+  size_t page = size_t(c.page_bytes);
+  if (c.page_bytes == 0) page = (largest + 65535) / 65536 * 65536;
+  require(c.page_bytes >= 0 && page % 256 == 0 && page >= largest && page <= (size_t(1) << 30),
+          KVC_ERROR_INVALID_ARGUMENT, "config->page_bytes = ", c.page_bytes,
+          " must be a multiple of 256 in [", largest, " (the largest block), 2^30], or 0");
+  p.page_bytes = uint32_t(page);
+  require(c.capacity_bytes >= int64_t(page), KVC_ERROR_INVALID_ARGUMENT,
+          "config->capacity_bytes = ", c.capacity_bytes, " holds no page of ", page, " bytes");
+  const int64_t pages = c.capacity_bytes / int64_t(page);
+  require(pages < int64_t(UINT32_MAX), KVC_ERROR_INVALID_ARGUMENT,
+          "config->capacity_bytes = ", c.capacity_bytes, " makes more than 2^32 - 1 pages");
+  p.num_pages = uint32_t(pages);
+  return p;
+}
+
+Store::Store(const StoreParams& params)
+    : p_(params),
+      pool_(new uint8_t[size_t(params.num_pages) * params.page_bytes]),
+      books_(size_t(params.num_layers) * 2) {
+  free_pages_.reserve(p_.num_pages);
+  for (uint32_t i = p_.num_pages; i-- > 0;) free_pages_.push_back(i);  // page 0 on top
+}
+
+int32_t Store::add_sequence() {
+  require(next_id_ < INT32_MAX, KVC_ERROR_OUT_OF_MEMORY, "sequence ids are exhausted");
+  sequences_.emplace(next_id_, std::vector<LayerCache>(p_.num_layers));
+  return next_id_++;
+}
+
+void Store::free_sequence(int32_t id) {
+  for (const LayerCache& cache : sequence(id)) {
+    free_pages_.insert(free_pages_.end(), cache.pages.rbegin(), cache.pages.rend());
+  }
+  sequences_.erase(id);
+}
+
+const std::vector<LayerCache>& Store::sequence(int32_t id) const {
+  auto it = sequences_.find(id);
+  require(it != sequences_.end(), KVC_ERROR_UNKNOWN_SEQUENCE, "sequence_id = ", id,
+          " is not a live sequence");
+  return it->second;
+}
+
+const LayerCache& Store::layer_cache(int32_t id, uint32_t layer) const {
+  return sequence(id)[layer];
+}
+
+uint32_t Store::length(int32_t id, uint32_t layer) const {
+  const LayerCache& c = layer_cache(id, layer);
+  return c.num_blocks * p_.block_tokens + c.tail_tokens;
+}
+
+void Store::set_codebook(uint32_t layer, uint32_t kind, std::shared_ptr<const Codebook> book) {
+  for (const auto& [id, layers] : sequences_) {
+    require(layers[layer].num_blocks == 0, KVC_ERROR_INVALID_ARGUMENT, "layer ", layer,
+            " has compressed blocks already: its codebooks are frozen");
+  }
+  books_[layer * 2 + kind] = std::move(book);
+}
+
+// ---- Appending -----------------------------------------------------------------------------
+
+struct Store::Update {
+  int32_t id;
+  uint32_t layer;
+  uint32_t full_blocks;                      // token blocks compressed by this update
+  std::vector<uint8_t> rows_k, rows_v;       // old tail + new tokens: [n, heads, dim]
+  std::vector<std::vector<uint8_t>> blocks;  // [full_blocks, heads, 2 (K, V)] encoded
+  uint32_t tail_tokens;                      // tokens left in the tail afterwards
+  std::vector<uint8_t> tail_k, tail_v;       // and their rows
+};
+
+Store::Update Store::plan_update(int32_t id, uint32_t layer, uint32_t num_tokens,
+                                 const uint8_t* keys, const uint8_t* values,
+                                 size_t row_stride) const {
+  const LayerCache& cache = layer_cache(id, layer);
+  const size_t row = p_.token_bytes();
+  Update u{id, layer, 0, cache.tail_k, cache.tail_v, {}, 0, {}, {}};
+  for (uint32_t t = 0; t < num_tokens; ++t) {
+    const uint8_t* k = keys + t * row_stride;
+    const uint8_t* v = values + t * row_stride;
+    for (size_t i = 0; i < row; i += 2) {
+      require(
+          std::isfinite(load_value(k + i, p_.dtype)) && std::isfinite(load_value(v + i, p_.dtype)),
+          KVC_ERROR_NONFINITE_INPUT, "sequence ", id, " layer ", layer, " token ", t,
+          " holds inf or NaN (inputs must be finite)");
+    }
+    u.rows_k.insert(u.rows_k.end(), k, k + row);
+    u.rows_v.insert(u.rows_v.end(), v, v + row);
+  }
+  const uint32_t total = cache.tail_tokens + num_tokens;
+  u.full_blocks = total / p_.block_tokens;
+  u.tail_tokens = total % p_.block_tokens;
+  const size_t kept = size_t(u.full_blocks) * p_.block_tokens * row;
+  u.tail_k.assign(u.rows_k.begin() + long(kept), u.rows_k.end());
+  u.tail_v.assign(u.rows_v.begin() + long(kept), u.rows_v.end());
+  return u;
+}
+
+// Encodes the complete blocks of every update of one layer, building the layer's codebooks from
+// them first if the layer has none yet. Returns the layer's codebooks, to be frozen only if the
+// whole operation commits.
+Store::LayerBooks Store::encode_updates(uint32_t layer, std::vector<Update>& updates) const {
+  const int64_t stride = int64_t(p_.num_heads) * p_.head_dim;
+  const size_t es = dtype_size(p_.dtype);
+  auto block_src = [&](const Update& u, uint32_t b, uint32_t h, uint32_t kind) {
+    const auto& rows = kind == KVC_KIND_KEY ? u.rows_k : u.rows_v;
+    return rows.data() + (size_t(b) * p_.block_tokens * stride + size_t(h) * p_.head_dim) * es;
+  };
+  LayerBooks books = {books_[layer * 2], books_[layer * 2 + 1]};
+  for (uint32_t kind = 0; kind < 2; ++kind) {
+    const CodecParams& cp = p_.codec(kind);
+    if (books[kind] || cp.entropy == KVC_ENTROPY_FIXED) continue;
+    Histogram histogram;
+    for (const Update& u : updates) {
+      for (uint32_t b = 0; b < u.full_blocks; ++b) {
+        for (uint32_t h = 0; h < p_.num_heads; ++h) {
+          cpu::histogram_block(cp, block_src(u, b, h, kind), stride, p_.dtype, histogram);
+        }
+      }
+    }
+    if (histogram.total() == 0) continue;  // nothing compressed yet: no codebook yet
+    const kvc_codebook_config defaults = KVC_CODEBOOK_CONFIG_INIT;
+    books[kind] = std::make_shared<const Codebook>(
+        Codebook::build(histogram, defaults.max_code_length, defaults.max_symbols));
+  }
+  std::vector<uint8_t> scratch(
+      std::max(p_.key.max_block_bytes(p_.dtype), p_.value.max_block_bytes(p_.dtype)));
+  for (Update& u : updates) {
+    u.blocks.reserve(size_t(u.full_blocks) * p_.num_heads * 2);
+    for (uint32_t b = 0; b < u.full_blocks; ++b) {
+      for (uint32_t h = 0; h < p_.num_heads; ++h) {
+        for (uint32_t kind = 0; kind < 2; ++kind) {
+          const uint32_t n =
+              cpu::encode_block(p_.codec(kind), books[kind].get(), block_src(u, b, h, kind), stride,
+                                p_.dtype, scratch.data());
+          u.blocks.emplace_back(scratch.begin(), scratch.begin() + n);
+        }
+      }
+    }
+  }
+  return books;
+}
+
+uint32_t Store::pages_needed(const LayerCache& cache, const std::vector<uint32_t>& sizes) const {
+  uint32_t used = cache.pages.empty() ? p_.page_bytes : cache.open_used, pages = 0;
+  for (uint32_t s : sizes) {
+    if (used + s > p_.page_bytes) {
+      ++pages;
+      used = 0;
+    }
+    used += s;
+  }
+  return pages;
+}
+
+void Store::commit(Transaction& tx) {
+  uint64_t needed = 0;
+  for (const Update& u : tx.updates) {
+    std::vector<uint32_t> sizes;
+    for (const auto& b : u.blocks) sizes.push_back(uint32_t(b.size()));
+    needed += pages_needed(layer_cache(u.id, u.layer), sizes);
+  }
+  require(needed <= free_pages_.size(), KVC_ERROR_OUT_OF_PAGES, "needs ", needed, " more pages of ",
+          p_.page_bytes, " bytes but ", free_pages_.size(), " are free (nothing was appended)");
+  // Everything that can throw (allocation) happens before the first change.
+  std::vector<LayerCache*> caches;
+  for (const Update& u : tx.updates) {
+    LayerCache& c = sequences_.at(u.id)[u.layer];
+    c.blocks.reserve(c.blocks.size() + u.blocks.size());
+    c.pages.reserve(c.pages.size() + u.blocks.size());
+    caches.push_back(&c);
+  }
+  for (size_t i = 0; i < tx.updates.size(); ++i) {
+    Update& u = tx.updates[i];
+    LayerCache& c = *caches[i];
+    for (const auto& block : u.blocks) {
+      const uint32_t size = uint32_t(block.size());
+      if (c.pages.empty() || c.open_used + size > p_.page_bytes) {
+        c.pages.push_back(free_pages_.back());
+        free_pages_.pop_back();
+        c.open_used = 0;
+      }
+      const uint32_t page = c.pages.back();
+      std::memcpy(&pool_[size_t(page) * p_.page_bytes + c.open_used], block.data(), size);
+      c.blocks.push_back({page, c.open_used, size});
+      c.open_used += size;
+    }
+    c.num_blocks += u.full_blocks;
+    c.tail_k.swap(u.tail_k);
+    c.tail_v.swap(u.tail_v);
+    c.tail_tokens = u.tail_tokens;
+  }
+  for (const auto& [layer, books] : tx.books) {
+    books_[layer * 2] = books[0];
+    books_[layer * 2 + 1] = books[1];
+  }
+}
+
+void Store::prefill(int32_t id, uint32_t first_layer, uint32_t num_layers, uint32_t num_tokens,
+                    const uint8_t* keys, const uint8_t* values) {
+  Transaction tx;
+  const size_t layer_bytes = size_t(num_tokens) * p_.token_bytes();
+  for (uint32_t l = 0; l < num_layers; ++l) {
+    std::vector<Update> one;
+    one.push_back(plan_update(id, first_layer + l, num_tokens, keys + l * layer_bytes,
+                              values + l * layer_bytes, p_.token_bytes()));
+    tx.books.emplace_back(first_layer + l, encode_updates(first_layer + l, one));
+    tx.updates.push_back(std::move(one.front()));
+  }
+  commit(tx);
+}
+
+void Store::append(uint32_t layer, const std::vector<int32_t>& ids, const uint8_t* keys,
+                   const uint8_t* values) {
+  Transaction tx;
+  const size_t row = p_.token_bytes();
+  for (size_t i = 0; i < ids.size(); ++i) {
+    require(std::count(ids.begin(), ids.begin() + long(i), ids[i]) == 0, KVC_ERROR_INVALID_ARGUMENT,
+            "sequence_ids[", i, "] = ", ids[i], " appears twice in one step");
+    tx.updates.push_back(plan_update(ids[i], layer, 1, keys + i * row, values + i * row, row));
+  }
+  tx.books.emplace_back(layer, encode_updates(layer, tx.updates));
+  commit(tx);
+}
+
+// ---- Reading -------------------------------------------------------------------------------
+
+std::vector<float> Store::decode_head(const LayerCache& c, uint32_t layer, uint32_t head,
+                                      uint32_t kind) const {
+  const uint32_t dim = p_.head_dim, T = p_.block_tokens;
+  std::vector<float> out(size_t(c.num_blocks * T + c.tail_tokens) * dim);
+  const Codebook* book = books_[layer * 2 + kind].get();
+  for (uint32_t b = 0; b < c.num_blocks; ++b) {
+    const BlockRef& r = c.blocks[(size_t(b) * p_.num_heads + head) * 2 + kind];
+    cpu::decode_block(p_.codec(kind), book, &pool_[size_t(r.page) * p_.page_bytes + r.offset],
+                      r.bytes, KVC_DTYPE_FP32, &out[size_t(b) * T * dim], dim);
+  }
+  const auto& tail = kind == KVC_KIND_KEY ? c.tail_k : c.tail_v;
+  const size_t es = dtype_size(p_.dtype);
+  for (uint32_t t = 0; t < c.tail_tokens; ++t) {
+    for (uint32_t d = 0; d < dim; ++d) {
+      out[(size_t(c.num_blocks) * T + t) * dim + d] =
+          load_value(&tail[((size_t(t) * p_.num_heads + head) * dim + d) * es], p_.dtype);
+    }
+  }
+  return out;
+}
+
+void Store::read(int32_t id, uint32_t layer, kvc_dtype dtype, void* keys, void* values) const {
+  const LayerCache& c = layer_cache(id, layer);
+  const size_t es = dtype_size(dtype), dim = p_.head_dim, heads = p_.num_heads;
+  for (uint32_t kind = 0; kind < 2; ++kind) {
+    uint8_t* dst = static_cast<uint8_t*>(kind == KVC_KIND_KEY ? keys : values);
+    for (uint32_t h = 0; h < heads; ++h) {
+      const std::vector<float> x = decode_head(c, layer, h, kind);
+      for (size_t t = 0; t < x.size() / dim; ++t) {
+        for (size_t d = 0; d < dim; ++d) {
+          store_value(dst + ((t * heads + h) * dim + d) * es, dtype, x[t * dim + d]);
+        }
+      }
+    }
+  }
+}
+
+void Store::attention(uint32_t layer, const std::vector<int32_t>& ids, uint32_t q_heads,
+                      float scale, const uint8_t* q, uint8_t* out) const {
+  const uint32_t dim = p_.head_dim, group = q_heads / p_.num_heads;
+  const size_t es = dtype_size(p_.dtype);
+  for (size_t s = 0; s < ids.size(); ++s) {
+    const LayerCache& c = layer_cache(ids[s], layer);
+    for (uint32_t h = 0; h < p_.num_heads; ++h) {
+      const std::vector<float> k = decode_head(c, layer, h, KVC_KIND_KEY);
+      const std::vector<float> v = decode_head(c, layer, h, KVC_KIND_VALUE);
+      const size_t len = k.size() / dim;
+      for (uint32_t g = 0; g < group; ++g) {
+        const size_t qh = size_t(h) * group + g;
+        const uint8_t* qv = q + (s * q_heads + qh) * dim * es;
+        uint8_t* ov = out + (s * q_heads + qh) * dim * es;
+        std::vector<double> score(len), acc(dim, 0.0);
+        double top = -INFINITY, sum = 0;
+        for (size_t t = 0; t < len; ++t) {
+          double dot = 0;
+          for (uint32_t d = 0; d < dim; ++d) {
+            dot += double(load_value(qv + d * es, p_.dtype)) * k[t * dim + d];
+          }
+          score[t] = double(scale) * dot;
+          top = std::max(top, score[t]);
+        }
+        for (size_t t = 0; t < len; ++t) {
+          const double w = std::exp(score[t] - top);
+          sum += w;
+          for (uint32_t d = 0; d < dim; ++d) acc[d] += w * v[t * dim + d];
+        }
+        for (uint32_t d = 0; d < dim; ++d) {
+          store_value(ov + d * es, p_.dtype, len == 0 ? 0.0f : float(acc[d] / sum));
+        }
+      }
+    }
+  }
+}
+
+StoreStats Store::stats() const {
+  StoreStats st;
+  const size_t row = p_.token_bytes();
+  for (const auto& [id, layers] : sequences_) {
+    for (const LayerCache& c : layers) {
+      st.num_blocks += int64_t(c.blocks.size());
+      for (const BlockRef& r : c.blocks) st.block_bytes += r.bytes;
+      st.pages_in_use += int64_t(c.pages.size());
+      st.tail_bytes += int64_t(c.tail_k.size() + c.tail_v.size());
+      st.table_bytes +=
+          int64_t(c.blocks.size() * sizeof(BlockRef) + c.pages.size() * sizeof(uint32_t));
+      st.dense_bytes += int64_t(2 * row * (size_t(c.num_blocks) * p_.block_tokens + c.tail_tokens));
+    }
+  }
+  st.page_bytes = st.pages_in_use * p_.page_bytes;
+  for (const auto& b : books_) {
+    if (b) st.codebook_bytes += int64_t(b->serialized().size());
+  }
+  return st;
+}
+
+// ---- Serialization -------------------------------------------------------------------------
+// Layout (little-endian u32 words unless said): magic "kvcs", version, the store fingerprint
+// (kFingerprintWords words), per (layer, K|V) a present flag and a codebook id, then per layer:
+// num_blocks, tail_tokens, the blocks ([num_blocks, heads, K|V]: byte count, then the block),
+// the tail's K then V bytes (padded to 4); last, an FNV-1a-32 of everything before it.
+
+namespace {
+
+constexpr size_t kFingerprintWords = 12;
+
+std::array<uint32_t, kFingerprintWords> fingerprint(const StoreParams& p) {
+  const kvc_store_config& c = p.config;
+  uint32_t key_bound, value_bound;
+  std::memcpy(&key_bound, &c.key_error_bound, 4);
+  std::memcpy(&value_bound, &c.value_error_bound, 4);
+  return {p.num_layers,        p.num_heads,
+          p.head_dim,          p.block_tokens,
+          uint32_t(p.dtype),   uint32_t(c.key_bound_mode),
+          key_bound,           uint32_t(c.value_bound_mode),
+          value_bound,         p.value.group_size,
+          uint32_t(c.entropy), p.key.num_substreams | (p.value.num_substreams << 16)};
+}
+
+struct Writer {
+  std::vector<uint8_t> out;
+  void u32(uint32_t v) {
+    const size_t at = out.size();
+    out.resize(at + 4);
+    f::store_u32(&out[at], v);
+  }
+  void bytes(const uint8_t* p, size_t n) {
+    out.insert(out.end(), p, p + n);
+    out.resize(f::align4(uint32_t(out.size())));
+  }
+};
+
+struct Reader {
+  const uint8_t* data;
+  size_t size, at = 0;
+  void need(size_t n) {
+    require(n <= size - at, KVC_ERROR_CORRUPT_DATA, "serialized sequence: truncated at byte ", at);
+  }
+  uint32_t u32() {
+    need(4);
+    at += 4;
+    return f::load_u32(data + at - 4);
+  }
+  const uint8_t* bytes(size_t n) {
+    const size_t padded = (n + 3) / 4 * 4;
+    need(padded);
+    at += padded;
+    return data + at - padded;
+  }
+};
+
+}  // namespace
+
+std::vector<uint8_t> Store::serialize(int32_t id) const {
+  const std::vector<LayerCache>& layers = sequence(id);
+  Writer w;
+  w.u32(kSerialMagic);
+  w.u32(kSerialVersion);
+  for (uint32_t v : fingerprint(p_)) w.u32(v);
+  for (const auto& b : books_) {
+    w.u32(b ? 1u : 0u);
+    w.u32(b ? b->id() : 0u);
+  }
+  for (const LayerCache& c : layers) {
+    w.u32(c.num_blocks);
+    w.u32(c.tail_tokens);
+    for (const BlockRef& r : c.blocks) {
+      w.u32(r.bytes);
+      w.bytes(&pool_[size_t(r.page) * p_.page_bytes + r.offset], r.bytes);
+    }
+    w.bytes(c.tail_k.data(), c.tail_k.size());
+    w.bytes(c.tail_v.data(), c.tail_v.size());
+  }
+  w.u32(fnv1a32(w.out.data(), w.out.size()));
+  return std::move(w.out);
+}
+
+int32_t Store::restore(const uint8_t* data, size_t size) {
+  require(size >= 12 && size % 4 == 0, KVC_ERROR_CORRUPT_DATA, "serialized sequence: ", size,
+          " bytes is not a whole serialized sequence");
+  Reader r{data, size - 4};
+  require(r.u32() == kSerialMagic, KVC_ERROR_CORRUPT_DATA,
+          "serialized sequence: bad magic (not a kvcomp sequence)");
+  const uint32_t version = r.u32();
+  require(version == kSerialVersion, KVC_ERROR_FORMAT_VERSION, "serialized sequence: version ",
+          version, " is not supported (this library reads version ", kSerialVersion, ")");
+  require(fnv1a32(data, size - 4) == f::load_u32(data + size - 4), KVC_ERROR_CORRUPT_DATA,
+          "serialized sequence: checksum mismatch");
+  for (uint32_t v : fingerprint(p_)) {
+    require(r.u32() == v, KVC_ERROR_CONFIG_MISMATCH,
+            "serialized sequence: written by a store of another configuration");
+  }
+  for (size_t i = 0; i < books_.size(); ++i) {
+    const uint32_t present = r.u32(), id = r.u32();
+    require(!present || (books_[i] && books_[i]->id() == id), KVC_ERROR_CODEBOOK_MISMATCH,
+            "serialized sequence: layer ", i / 2, (i % 2 ? " V" : " K"),
+            " was encoded with codebook ", id, ", which this store does not have (import it)");
+  }
+  Transaction tx;
+  const size_t row = p_.token_bytes();
+  for (uint32_t l = 0; l < p_.num_layers; ++l) {
+    Update u{-1, l, r.u32(), {}, {}, {}, r.u32(), {}, {}};
+    require(u.tail_tokens < p_.block_tokens && u.full_blocks <= (1u << 24), KVC_ERROR_CORRUPT_DATA,
+            "serialized sequence: layer ", l, " has impossible sizes");
+    for (size_t i = 0; i < size_t(u.full_blocks) * p_.num_heads * 2; ++i) {
+      const uint32_t bytes = r.u32();
+      const uint8_t* block = r.bytes(bytes);
+      const uint32_t kind = uint32_t(i % 2);
+      const CodecParams& cp = p_.codec(kind);
+      const f::BlockLayout b = cpu::parse_header(block, bytes);
+      const Codebook* book = books_[l * 2 + kind].get();
+      require(b.block_bytes == bytes && b.is_value == cp.is_value &&
+                  b.num_tokens == cp.num_tokens && b.head_dim == cp.head_dim &&
+                  b.group_size == cp.group_size,
+              KVC_ERROR_CORRUPT_DATA, "serialized sequence: layer ", l,
+              " holds a block that does not fit the store");
+      require(b.encoding != f::kHuffman || (book && book->id() == b.codebook_id),
+              KVC_ERROR_CODEBOOK_MISMATCH, "serialized sequence: layer ", l,
+              " holds a block of another codebook");
+      u.blocks.emplace_back(block, block + bytes);
+    }
+    const size_t tail = size_t(u.tail_tokens) * row;
+    const uint8_t* k = r.bytes(tail);
+    const uint8_t* v = r.bytes(tail);
+    u.tail_k.assign(k, k + tail);
+    u.tail_v.assign(v, v + tail);
+    tx.updates.push_back(std::move(u));
+  }
+  require(r.at == r.size, KVC_ERROR_CORRUPT_DATA, "serialized sequence: trailing bytes");
+  const int32_t id = add_sequence();
+  for (Update& u : tx.updates) u.id = id;
+  try {
+    commit(tx);
+  } catch (...) {
+    sequences_.erase(id);
+    throw;
+  }
+  return id;
+}
+
+}  // namespace kvc

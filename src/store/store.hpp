@@ -1,0 +1,116 @@
+// SPDX-License-Identifier: Apache-2.0
+// The paged compressed KV store (CPU backend): page pool, per-(sequence, layer) block tables and
+// tails, per-(layer, K|V) codebooks. Every mutating operation first plans its whole effect
+// (encodes, sizes, counts pages) and only then commits, so a failure changes nothing.
+#pragma once
+
+#include <kvcomp/kvcomp.h>
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "codec/codebook.hpp"
+#include "codec/codec_params.hpp"
+
+namespace kvc {
+
+struct StoreParams {
+  kvc_backend backend;
+  uint32_t num_layers, num_heads, head_dim, block_tokens;
+  kvc_dtype dtype;
+  CodecParams key, value;  // codec parameters of K and V blocks
+  uint32_t page_bytes;
+  uint32_t num_pages;
+  kvc_store_config config;  // as given, for serialization fingerprints
+
+  static StoreParams from_config(const kvc_store_config& c);
+  size_t token_bytes() const { return size_t(num_heads) * head_dim * dtype_size(dtype); }
+  const CodecParams& codec(uint32_t kind) const { return kind == KVC_KIND_KEY ? key : value; }
+};
+
+// Where a compressed block lives in the pool.
+struct BlockRef {
+  uint32_t page;
+  uint32_t offset;
+  uint32_t bytes;
+};
+
+// One (sequence, layer): compressed token blocks, then an uncompressed tail.
+struct LayerCache {
+  uint32_t num_blocks = 0;       // token blocks
+  std::vector<BlockRef> blocks;  // [num_blocks, num_heads, 2 (K, V)]
+  uint32_t tail_tokens = 0;      // < block_tokens
+  std::vector<uint8_t> tail_k;   // [tail_tokens, num_heads, head_dim] of dtype
+  std::vector<uint8_t> tail_v;
+  std::vector<uint32_t> pages;  // owned, in allocation order; the last one is open
+  uint32_t open_used = 0;       // bytes used in the last page
+};
+
+struct StoreStats {
+  int64_t num_blocks = 0, block_bytes = 0, page_bytes = 0, tail_bytes = 0, table_bytes = 0,
+          codebook_bytes = 0, dense_bytes = 0, pages_in_use = 0;
+};
+
+class Store {
+ public:
+  explicit Store(const StoreParams& params);
+
+  const StoreParams& params() const { return p_; }
+  int32_t add_sequence();
+  void free_sequence(int32_t id);
+  uint32_t length(int32_t id, uint32_t layer) const;
+  size_t num_sequences() const { return sequences_.size(); }
+
+  void set_codebook(uint32_t layer, uint32_t kind, std::shared_ptr<const Codebook> book);
+  std::shared_ptr<const Codebook> codebook(uint32_t layer, uint32_t kind) const {
+    return books_[layer * 2 + kind];
+  }
+
+  // keys/values: [num_layers, num_tokens, heads, dim] of dtype.
+  void prefill(int32_t id, uint32_t first_layer, uint32_t num_layers, uint32_t num_tokens,
+               const uint8_t* keys, const uint8_t* values);
+  // keys/values: [ids.size(), heads, dim] of dtype; distinct ids.
+  void append(uint32_t layer, const std::vector<int32_t>& ids, const uint8_t* keys,
+              const uint8_t* values);
+  // Dense [length, heads, dim] of dtype; capacity_tokens checked by the caller.
+  void read(int32_t id, uint32_t layer, kvc_dtype dtype, void* keys, void* values) const;
+  // q, out: [ids.size(), q_heads, dim] of the store's dtype.
+  void attention(uint32_t layer, const std::vector<int32_t>& ids, uint32_t q_heads, float scale,
+                 const uint8_t* q, uint8_t* out) const;
+
+  StoreStats stats() const;
+  std::vector<uint8_t> serialize(int32_t id) const;
+  int32_t restore(const uint8_t* data, size_t size);
+
+ private:
+  struct Update;  // the planned effect of one operation on one (sequence, layer)
+  using LayerBooks = std::array<std::shared_ptr<const Codebook>, 2>;
+  struct Transaction {
+    std::vector<Update> updates;
+    std::vector<std::pair<uint32_t, LayerBooks>> books;  // codebooks to freeze, by layer
+  };
+
+  const std::vector<LayerCache>& sequence(int32_t id) const;  // throws for unknown ids
+  const LayerCache& layer_cache(int32_t id, uint32_t layer) const;
+  Update plan_update(int32_t id, uint32_t layer, uint32_t num_tokens, const uint8_t* keys,
+                     const uint8_t* values, size_t row_stride) const;
+  LayerBooks encode_updates(uint32_t layer, std::vector<Update>& updates) const;
+  // Checks the pages, then applies every update; throws (changing nothing) if they do not fit.
+  void commit(Transaction& tx);
+  uint32_t pages_needed(const LayerCache& cache, const std::vector<uint32_t>& sizes) const;
+  // fp32 reconstruction of one head's K or V for (sequence, layer): [length, dim].
+  std::vector<float> decode_head(const LayerCache& cache, uint32_t layer, uint32_t head,
+                                 uint32_t kind) const;
+
+  StoreParams p_;
+  std::unique_ptr<uint8_t[]> pool_;                     // num_pages * page_bytes
+  std::vector<uint32_t> free_pages_;                    // a stack
+  std::vector<std::shared_ptr<const Codebook>> books_;  // [layer * 2 + kind]
+  std::map<int32_t, std::vector<LayerCache>> sequences_;
+  int32_t next_id_ = 0;
+};
+
+}  // namespace kvc
