@@ -56,7 +56,7 @@ if command -v compute-sanitizer > /dev/null; then
   for tool in memcheck racecheck; do
     log "compute-sanitizer --tool $tool"
     compute-sanitizer --tool "$tool" --error-exitcode 9 \
-      "$build/tests/gpu/gpu_codec" \
+      "$build/tests/gpu/gpu_tests" \
       --gtest_filter='*Corrupt*:*Graph*:*NonFinite*:*LargeBlocks*' \
       > "$out/sanitizer-$tool.log" 2>&1
     rc=$?

@@ -1,0 +1,181 @@
+// SPDX-License-Identifier: Apache-2.0
+// Host side of GPU decode attention: the split schedule, shared-memory sizing, dispatch on
+// dtype, head_dim and group size, and the launches (no synchronisation, no allocation).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "core/error.hpp"
+#include "kernels/attention/attention.cuh"
+#include "kernels/attention/cuda_attention.hpp"
+
+namespace kvc::cuda {
+namespace k = kvc::kernels;
+
+static_assert(sizeof(BlockLocation) == sizeof(k::BlockLocation));
+static_assert(sizeof(SequenceView) == sizeof(k::SequenceView));
+
+namespace {
+
+void check_cuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    fail(KVC_ERROR_CUDA, what, " failed: ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")");
+  }
+}
+
+template <class T, T... Values, class F>
+void dispatch(T value, const char* what, F&& f) {
+  bool done = false;
+  ((value == Values ? (f(std::integral_constant<T, Values>{}), done = true) : false), ...);
+  if (!done)
+    fail(KVC_ERROR_NOT_SUPPORTED, what, " = ", uint64_t(value), " has no attention kernel");
+}
+
+// dtype x head_dim x group bucket -> a kernel instantiation.
+template <class F>
+void dispatch_shape(const AttentionShape& s, F&& f) {
+  dispatch<kvc_dtype, KVC_DTYPE_FP16, KVC_DTYPE_BF16>(s.dtype, "dtype", [&](auto dt) {
+    dispatch<uint32_t, 64u, 128u, 256u>(s.head_dim, "head_dim", [&](auto d) {
+      dispatch<uint32_t, 4u, 16u>(s.group <= 4 ? 4u : 16u, "group", [&](auto g) { f(dt, d, g); });
+    });
+  });
+}
+
+int multiprocessors() {
+  int device = 0, count = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device),
+             "cudaDeviceGetAttribute");
+  return count;
+}
+
+// Splits so that about four thread blocks per multiprocessor are in flight, each split a whole
+// number of units.
+AttentionPlan make_plan(const AttentionShape& s, uint32_t max_units) {
+  require(s.group >= 1 && s.group <= 16, KVC_ERROR_NOT_SUPPORTED, "GQA group ", s.group,
+          " is out of the kernels' range [1, 16]");
+  const uint64_t want = uint64_t(multiprocessors()) * 4;
+  const uint64_t per_split_grid = uint64_t(s.kv_heads) * s.num_sequences;
+  uint32_t splits = uint32_t(std::clamp<uint64_t>((want + per_split_grid - 1) / per_split_grid, 1,
+                                                  std::max(1u, max_units)));
+  const uint32_t per = std::max(1u, (max_units + splits - 1) / splits);
+  splits = std::max(1u, (max_units + per - 1) / per);
+  const uint64_t parts = uint64_t(splits) * k::kWarps;
+  const uint64_t rows = uint64_t(s.num_sequences) * s.kv_heads * s.group * parts;
+  return {splits, per, size_t(rows * (s.head_dim + 2) * sizeof(float))};
+}
+
+k::AttentionParams params_for(const AttentionShape& s, const AttentionPlan& plan,
+                              uint32_t block_tokens, const void* queries, void* workspace) {
+  const uint32_t parts = plan.num_splits * k::kWarps;
+  const size_t rows = size_t(s.num_sequences) * s.kv_heads * s.group * parts;
+  float* acc = static_cast<float*>(workspace);
+  return {s.kv_heads, s.group, block_tokens, plan.units_per_split,   parts,
+          s.scale,    queries, acc,          acc + rows * s.head_dim};
+}
+
+template <class Kernel, class... Args>
+void launch(Kernel kernel, dim3 grid, uint32_t threads, size_t smem, cudaStream_t stream,
+            Args... args) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+  if (smem > 48 * 1024) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+               "cudaFuncSetAttribute");
+  }
+  kernel<<<grid, threads, smem, stream>>>(args...);
+  check_cuda(cudaGetLastError(), "attention kernel launch");
+}
+
+void combine(const AttentionShape& s, const k::AttentionParams& P, void* out, cudaStream_t stream) {
+  dispatch<kvc_dtype, KVC_DTYPE_FP16, KVC_DTYPE_BF16>(s.dtype, "dtype", [&](auto dt) {
+    launch(k::attention_combine_kernel<decltype(dt)::value>,
+           dim3(s.kv_heads * s.group, s.num_sequences), s.head_dim, 0, stream, P, s.head_dim, out);
+  });
+}
+
+}  // namespace
+
+class DeviceCodebooks {
+ public:
+  k::BookView views[2]{};
+  uint32_t* d_tables[2]{};
+  ~DeviceCodebooks() {
+    cudaFree(d_tables[0]);
+    cudaFree(d_tables[1]);
+  }
+};
+
+void DeviceCodebooksDeleter::operator()(DeviceCodebooks* d) const noexcept { delete d; }
+
+DeviceCodebooksPtr upload_codebooks(const Codebook* key_book, const Codebook* value_book) {
+  DeviceCodebooksPtr d(new DeviceCodebooks);
+  const Codebook* books[2] = {key_book, value_book};
+  for (int i = 0; i < 2; ++i) {
+    if (books[i] == nullptr) continue;
+    std::vector<uint32_t> tables = books[i]->decode_table();
+    const size_t codes_at = tables.size();
+    for (uint32_t s = 0; s <= books[i]->num_symbols(); ++s) {
+      tables.push_back(books[i]->reversed_code(s) | (books[i]->length(s) << 24));
+    }
+    check_cuda(cudaMalloc(&d->d_tables[i], tables.size() * 4), "cudaMalloc (codebook tables)");
+    check_cuda(cudaMemcpy(d->d_tables[i], tables.data(), tables.size() * 4, cudaMemcpyHostToDevice),
+               "cudaMemcpy (codebook tables)");
+    d->views[i] = {d->d_tables[i],          d->d_tables[i] + codes_at,   books[i]->first_symbol(),
+                   books[i]->num_symbols(), books[i]->max_code_length(), books[i]->id()};
+  }
+  return d;
+}
+
+AttentionPlan plan_attention(const AttentionShape& s, uint32_t max_blocks_per_sequence) {
+  return make_plan(s, max_blocks_per_sequence + 1);  // + the tail
+}
+
+void attention_compressed(const AttentionShape& s, const AttentionPlan& plan,
+                          const CodecParams& key, const CodecParams& value,
+                          const DeviceCodebooks& books, const uint8_t* d_pool, size_t page_bytes,
+                          const SequenceView* d_sequences, const void* d_queries, void* d_out,
+                          void* d_workspace, void* stream) {
+  const uint32_t T = key.num_tokens;
+  require(T % k::kLanes == 0 && T / k::kLanes <= k::kMaxTokensPerLane &&
+              key.num_substreams == k::kLanes && value.num_substreams == k::kLanes &&
+              value.group_size % k::kLanes == 0 && key.head_dim == s.head_dim,
+          KVC_ERROR_NOT_SUPPORTED,
+          "GPU attention needs 32, 64 or 128 tokens per block, 32 sub-streams in K and V "
+          "blocks and value groups of a multiple of 32 channels");
+  const k::AttentionParams P = params_for(s, plan, T, d_queries, d_workspace);
+  const uint32_t max_groups = std::max(key.num_groups, value.num_groups);
+  const auto st = static_cast<cudaStream_t>(stream);
+  dispatch_shape(s, [&](auto dt, auto d, auto g) {
+    constexpr uint32_t D = decltype(d)::value, G = decltype(g)::value;
+    const size_t smem = (D * G + k::kWarps * (T * G + 2 * max_groups)) * sizeof(float);
+    launch(k::attention_compressed_kernel<decltype(dt)::value, D, G>,
+           dim3(plan.num_splits, s.kv_heads, s.num_sequences), k::kWarps * k::kLanes, smem, st, P,
+           reinterpret_cast<const k::SequenceView*>(d_sequences), d_pool, page_bytes,
+           books.views[0], books.views[1], key.num_groups, value.group_size, value.num_groups);
+  });
+  combine(s, P, d_out, st);
+}
+
+AttentionPlan plan_dense_attention(const AttentionShape& s, uint32_t max_tokens) {
+  return make_plan(s, (max_tokens + 63) / 64);
+}
+
+void attention_dense(const AttentionShape& s, const AttentionPlan& plan, uint32_t max_tokens,
+                     const uint32_t* d_lengths, const void* d_keys, const void* d_values,
+                     const void* d_queries, void* d_out, void* d_workspace, void* stream) {
+  constexpr uint32_t T = 64;  // tokens per unit, as a compressed block
+  const k::AttentionParams P = params_for(s, plan, T, d_queries, d_workspace);
+  const auto st = static_cast<cudaStream_t>(stream);
+  dispatch_shape(s, [&](auto dt, auto d, auto g) {
+    constexpr uint32_t D = decltype(d)::value, G = decltype(g)::value;
+    const size_t smem = (D * G + k::kWarps * T * G) * sizeof(float);
+    launch(k::attention_dense_kernel<decltype(dt)::value, D, G>,
+           dim3(plan.num_splits, s.kv_heads, s.num_sequences), k::kWarps * k::kLanes, smem, st, P,
+           max_tokens, d_lengths, d_keys, d_values);
+  });
+  combine(s, P, d_out, st);
+}
+
+}  // namespace kvc::cuda

@@ -1,0 +1,364 @@
+// SPDX-License-Identifier: Apache-2.0
+// Split-KV decode attention (flash-decoding) over compressed or dense K/V.
+//
+// Grid: (split, kv-head, sequence); kWarps warps per thread block, each warp an independent
+// partial softmax over every kWarps-th unit (a T-token block; the tail counts as one) of its
+// split, written to the workspace; a combine kernel merges the partials per query head.
+//
+// Inside a warp, lane s owns the tokens of K sub-stream s (tokens [s*TK, (s+1)*TK) of a block)
+// and the channels of V sub-stream s, so a block is decoded with no exchange between lanes:
+// each lane computes whole q.k dot products for its tokens, and accumulates p*v for its channels
+// over all tokens. All query heads of the group share each decoded element.
+#pragma once
+
+#include <cfloat>
+
+#include "kernels/codec/device_common.cuh"
+
+namespace kvc::kernels {
+
+constexpr uint32_t kWarps = 4;
+constexpr uint32_t kLanes = 32;
+constexpr uint32_t kMaxTokensPerLane = 4;  // T <= 128
+
+struct BlockLocation {
+  uint32_t page, offset, bytes;
+};
+struct SequenceView {
+  const BlockLocation* blocks;  // [num_blocks, kv_heads, 2]
+  uint32_t num_blocks;
+  uint32_t tail_tokens;
+  const void* tail_keys;  // [tail_tokens, kv_heads, head_dim]
+  const void* tail_values;
+};
+
+struct AttentionParams {
+  uint32_t kv_heads, group, block_tokens, units_per_split, num_parts;
+  float scale;
+  const void* queries;  // [B, kv_heads * group, D]
+  float* part_acc;      // [B, kv_heads * group, num_parts, D]
+  float* part_ml;       // [B, kv_heads * group, num_parts, 2]: running max and sum
+};
+
+// ---- Element access -------------------------------------------------------------------------
+
+template <kvc_dtype DT>
+__device__ __forceinline__ float load_elem(const void* base, size_t i) {
+  const uint16_t h = static_cast<const uint16_t*>(base)[i];
+  return DT == KVC_DTYPE_BF16 ? f::bf16_to_float(h) : f::half_to_float(h);
+}
+
+// The channel that V sub-stream `lane` holds in its k-th slot (slots: D / 32 per lane).
+__device__ __forceinline__ uint32_t v_channel(uint32_t lane, uint32_t k, uint32_t group_size) {
+  const uint32_t per = group_size / kLanes;  // positions of a group per sub-stream
+  return (k / per) * group_size + lane * per + k % per;
+}
+
+// ---- One warp's online softmax ---------------------------------------------------------------
+
+template <uint32_t D, uint32_t GMAX>
+struct WarpState {
+  static constexpr uint32_t kChannels = D / kLanes;
+  float m[GMAX], l[GMAX];
+  float acc[kChannels][GMAX];
+
+  __device__ void init() {
+    for (uint32_t g = 0; g < GMAX; ++g) {
+      m[g] = -FLT_MAX;
+      l[g] = 0.0f;
+      for (uint32_t k = 0; k < kChannels; ++k) acc[k][g] = 0.0f;
+    }
+  }
+
+  // Folds in one unit's scores (lane-owned tokens; invalid slots at -FLT_MAX): new max, rescale,
+  // probabilities into p[t * GMAX + g] for the V pass.
+  __device__ void absorb(const float (&s)[kMaxTokensPerLane][GMAX], uint32_t tokens_per_lane,
+                         uint32_t valid, uint32_t group, float* p) {
+    const uint32_t lane = threadIdx.x % kLanes;
+    for (uint32_t g = 0; g < group; ++g) {
+      float top = -FLT_MAX;
+      for (uint32_t i = 0; i < tokens_per_lane; ++i) top = fmaxf(top, s[i][g]);
+      for (uint32_t off = 16; off > 0; off /= 2) top = fmaxf(top, __shfl_xor_sync(~0u, top, off));
+      const float m_new = fmaxf(m[g], top);
+      const float alpha = __expf(m[g] - m_new);
+      m[g] = m_new;
+      float sum = 0.0f;
+      for (uint32_t i = 0; i < tokens_per_lane; ++i) {
+        const uint32_t t = lane * tokens_per_lane + i;
+        const float e = t < valid ? __expf(s[i][g] - m_new) : 0.0f;
+        if (t < valid) p[t * GMAX + g] = e;
+        sum += e;
+      }
+      for (uint32_t off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(~0u, sum, off);
+      l[g] = l[g] * alpha + sum;
+      for (uint32_t k = 0; k < kChannels; ++k) acc[k][g] *= alpha;
+    }
+    __syncwarp();
+  }
+
+  __device__ void write(const AttentionParams& P, uint32_t seq, uint32_t head, uint32_t part,
+                        uint32_t group_size) const {
+    const uint32_t lane = threadIdx.x % kLanes;
+    const uint32_t q_heads = P.kv_heads * P.group;
+    for (uint32_t g = 0; g < P.group; ++g) {
+      const size_t row = (size_t(seq) * q_heads + head * P.group + g) * P.num_parts + part;
+      for (uint32_t k = 0; k < kChannels; ++k) {
+        P.part_acc[row * D + v_channel(lane, k, group_size)] = acc[k][g];
+      }
+      if (lane == 0) {
+        P.part_ml[row * 2] = m[g];
+        P.part_ml[row * 2 + 1] = l[g];
+      }
+    }
+  }
+};
+
+// Queries of one kv-head's group, scaled, as floats in shared memory: q[c * GMAX + g].
+template <kvc_dtype DT, uint32_t D, uint32_t GMAX>
+__device__ void load_queries(const AttentionParams& P, uint32_t seq, uint32_t head, float* q) {
+  const uint32_t q_heads = P.kv_heads * P.group;
+  for (uint32_t i = threadIdx.x; i < D * P.group; i += blockDim.x) {
+    const uint32_t g = i / D, c = i % D;
+    q[c * GMAX + g] =
+        P.scale * load_elem<DT>(P.queries, (size_t(seq) * q_heads + head * P.group + g) * D + c);
+  }
+  __syncthreads();
+}
+
+// ---- Compressed source ------------------------------------------------------------------------
+
+// One compressed block's decoding state: its layout and per-group steps and centres, read into
+// this warp's shared memory.
+struct BlockParams {
+  f::BlockLayout layout;
+  const uint8_t* base;
+};
+
+__device__ inline void load_block_params(const uint8_t* base, uint32_t bytes, BlockParams& bp,
+                                         float* step, uint32_t* center) {
+  const uint32_t lane = threadIdx.x % kLanes;
+  f::parse_block(base, bytes, bp.layout);  // every lane: the layout lives in registers
+  bp.base = base;
+  const f::BlockLayout& L = bp.layout;
+  if (L.encoding != f::kRaw) {
+    const uint32_t centers_bytes = L.stream_ends_offset - L.centers_offset;
+    for (uint32_t g = lane; g < L.num_groups; g += kLanes) {
+      step[g] = L.per_group_step ? f::bf16_to_float(f::load_u16(base + L.steps_offset + 2 * g))
+                                 : f::bits_float(f::load_u32(base + L.steps_offset));
+      center[g] = uint32_t(L.center_base) + read_bits(base + L.centers_offset, centers_bytes,
+                                                      uint64_t(g) * L.center_bits, L.center_bits);
+    }
+  }
+  __syncwarp();
+}
+
+// Decodes this lane's elements of a block in stream order, calling visit(group, position, x).
+// Huffman: the lane's sub-stream front to back; fixed width: the same elements by offset; raw:
+// the values themselves.
+template <kvc_dtype DT, class Visit>
+__device__ void decode_lane_elements(const BlockParams& bp, const BookView& book, const float* step,
+                                     const uint32_t* center, Visit visit) {
+  const f::BlockLayout& L = bp.layout;
+  const uint32_t lane = threadIdx.x % kLanes;
+  const uint32_t per = L.group_size / kLanes;
+  const uint8_t* payload = bp.base + L.payload_offset;
+  if (L.encoding == f::kHuffman) {
+    const uint32_t start =
+        lane == 0 ? 0u : f::load_u16(bp.base + L.stream_ends_offset + 2 * (lane - 1));
+    const uint32_t end = f::load_u16(bp.base + L.stream_ends_offset + 2 * lane);
+    f::BitReader in(payload + start, end - start);
+    for (uint32_t e = lane * per; e < (lane + 1) * per; ++e) {
+      for (uint32_t g = 0; g < L.num_groups; ++g) {
+        const uint32_t entry = __ldg(&book.table[in.peek(book.max_code_length)]);
+        in.skip(entry & 0xFFu);
+        uint32_t symbol = uint32_t(book.first_symbol) + (entry >> 8);
+        if ((entry >> 8) == book.num_symbols) {
+          symbol = uint32_t(f::sign_extend(in.read(L.code_bits), L.code_bits));
+        }
+        visit(g, e, f::dequantize(int32_t(center[g] + symbol), step[g]));
+      }
+    }
+  } else if (L.encoding == f::kFixed) {
+    for (uint32_t e = lane * per; e < (lane + 1) * per; ++e) {
+      for (uint32_t g = 0; g < L.num_groups; ++g) {
+        const uint64_t j = uint64_t(e) * L.num_groups + g;
+        const uint32_t u = read_bits(payload, L.payload_bytes, j * L.code_bits, L.code_bits);
+        visit(g, e, f::dequantize(int32_t(center[g] + u), step[g]));
+      }
+    }
+  } else {
+    const uint32_t es = f::dtype_bytes(L.raw_dtype);
+    for (uint32_t e = lane * per; e < (lane + 1) * per; ++e) {
+      for (uint32_t g = 0; g < L.num_groups; ++g) {
+        const f::Coord xy = f::element_coord(L.is_value, L.head_dim, L.group_size, g, e);
+        const uint8_t* at = payload + (size_t(xy.token) * L.head_dim + xy.channel) * es;
+        const float v = L.raw_dtype == KVC_DTYPE_FP32   ? f::bits_float(f::load_u32(at))
+                        : L.raw_dtype == KVC_DTYPE_BF16 ? f::bf16_to_float(f::load_u16(at))
+                                                        : f::half_to_float(f::load_u16(at));
+        visit(g, e, v);
+      }
+    }
+  }
+}
+
+template <kvc_dtype DT, uint32_t D, uint32_t GMAX>
+__global__ void __launch_bounds__(kWarps* kLanes)
+    attention_compressed_kernel(AttentionParams P, const SequenceView* sequences,
+                                const uint8_t* pool, size_t page_bytes, BookView key_book,
+                                BookView value_book, uint32_t key_groups, uint32_t value_group_size,
+                                uint32_t value_groups) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  const uint32_t split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
+  const uint32_t warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
+  const uint32_t T = P.block_tokens, tpl = T / kLanes, group = P.group;
+  const uint32_t max_groups = key_groups > value_groups ? key_groups : value_groups;
+  float* q = reinterpret_cast<float*>(smem);                       // [D, GMAX]
+  float* wsm = q + D * GMAX + warp * (T * GMAX + 2 * max_groups);  // this warp's part
+  float* p = wsm;                                                  // [T, GMAX]
+  float* step = p + T * GMAX;                                      // [max_groups]
+  uint32_t* center = reinterpret_cast<uint32_t*>(step + max_groups);
+
+  load_queries<DT, D, GMAX>(P, seq, head, q);
+  const SequenceView sv = sequences[seq];
+  const uint32_t units = sv.num_blocks + (sv.tail_tokens > 0 ? 1u : 0u);
+  WarpState<D, GMAX> st;
+  st.init();
+  const uint32_t begin = split * P.units_per_split;
+  const uint32_t end = min(units, begin + P.units_per_split);
+  for (uint32_t u = begin + warp; u < end; u += kWarps) {
+    float s[kMaxTokensPerLane][GMAX];
+    for (uint32_t i = 0; i < kMaxTokensPerLane; ++i) {
+      for (uint32_t g = 0; g < GMAX; ++g) s[i][g] = -FLT_MAX;
+    }
+    if (u < sv.num_blocks) {
+      const BlockLocation* loc = &sv.blocks[(size_t(u) * P.kv_heads + head) * 2];
+      BlockParams bp;
+      // K: lane owns tokens [lane * tpl, (lane + 1) * tpl); element (channel g, token e).
+      load_block_params(pool + size_t(loc[0].page) * page_bytes + loc[0].offset, loc[0].bytes, bp,
+                        step, center);
+      for (uint32_t i = 0; i < tpl; ++i) {
+        for (uint32_t g = 0; g < group; ++g) s[i][g] = 0.0f;
+      }
+      decode_lane_elements<DT>(bp, key_book, step, center, [&](uint32_t c, uint32_t t, float x) {
+        const uint32_t i = t - lane * tpl;
+        for (uint32_t g = 0; g < group; ++g) s[i][g] += q[c * GMAX + g] * x;
+      });
+      __syncwarp();
+      st.absorb(s, tpl, T, group, p);
+      // V: lane owns the channels of its sub-stream; element (group g = token segment, pos e).
+      load_block_params(pool + size_t(loc[1].page) * page_bytes + loc[1].offset, loc[1].bytes, bp,
+                        step, center);
+      const uint32_t segments = D / value_group_size, per = value_group_size / kLanes;
+      decode_lane_elements<DT>(bp, value_book, step, center, [&](uint32_t g, uint32_t e, float x) {
+        const uint32_t t = g / segments, k = (g % segments) * per + (e - lane * per);
+        for (uint32_t h = 0; h < group; ++h) st.acc[k][h] += p[t * GMAX + h] * x;
+      });
+      __syncwarp();
+    } else {
+      // The tail: fewer than T dense tokens; lane owns tokens lane * tpl + i as above.
+      const uint32_t n = sv.tail_tokens;
+      for (uint32_t i = 0; i < tpl; ++i) {
+        const uint32_t t = lane * tpl + i;
+        if (t >= n) continue;
+        for (uint32_t g = 0; g < group; ++g) s[i][g] = 0.0f;
+        const size_t row = (size_t(t) * P.kv_heads + head) * D;
+        for (uint32_t c = 0; c < D; ++c) {
+          const float x = load_elem<DT>(sv.tail_keys, row + c);
+          for (uint32_t g = 0; g < group; ++g) s[i][g] += q[c * GMAX + g] * x;
+        }
+      }
+      st.absorb(s, tpl, n, group, p);
+      for (uint32_t t = 0; t < n; ++t) {
+        const size_t row = (size_t(t) * P.kv_heads + head) * D;
+        for (uint32_t k = 0; k < D / kLanes; ++k) {
+          const float x = load_elem<DT>(sv.tail_values, row + v_channel(lane, k, value_group_size));
+          for (uint32_t h = 0; h < group; ++h) st.acc[k][h] += p[t * GMAX + h] * x;
+        }
+      }
+      __syncwarp();
+    }
+  }
+  st.write(P, seq, head, split * kWarps + warp, value_group_size);
+}
+
+// ---- Dense baseline ---------------------------------------------------------------------------
+
+// The same schedule over a dense cache [B, max_tokens, kv_heads, D]; units of T tokens.
+template <kvc_dtype DT, uint32_t D, uint32_t GMAX>
+__global__ void __launch_bounds__(kWarps* kLanes)
+    attention_dense_kernel(AttentionParams P, uint32_t max_tokens, const uint32_t* lengths,
+                           const void* keys, const void* values) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  const uint32_t split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
+  const uint32_t warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
+  const uint32_t T = P.block_tokens, tpl = T / kLanes, group = P.group;
+  float* q = reinterpret_cast<float*>(smem);
+  float* p = q + D * GMAX + warp * T * GMAX;
+
+  load_queries<DT, D, GMAX>(P, seq, head, q);
+  const uint32_t len = lengths[seq];
+  const uint32_t units = (len + T - 1) / T;
+  WarpState<D, GMAX> st;
+  st.init();
+  const uint32_t begin = split * P.units_per_split;
+  const uint32_t end = min(units, begin + P.units_per_split);
+  const size_t seq_base = size_t(seq) * max_tokens;
+  for (uint32_t u = begin + warp; u < end; u += kWarps) {
+    const uint32_t first = u * T, n = min(T, len - first);
+    float s[kMaxTokensPerLane][GMAX];
+    for (uint32_t i = 0; i < tpl; ++i) {
+      const uint32_t t = lane * tpl + i;
+      for (uint32_t g = 0; g < GMAX; ++g) s[i][g] = t < n ? 0.0f : -FLT_MAX;
+      if (t >= n) continue;
+      const size_t row = ((seq_base + first + t) * P.kv_heads + head) * D;
+      // 16-byte loads of eight elements.
+      const uint4* k4 = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(keys) + row);
+      for (uint32_t c8 = 0; c8 < D / 8; ++c8) {
+        const uint4 w = k4[c8];
+        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+        for (uint32_t j = 0; j < 8; ++j) {
+          const uint16_t h = uint16_t(words[j / 2] >> (16 * (j % 2)));
+          const float x = DT == KVC_DTYPE_BF16 ? f::bf16_to_float(h) : f::half_to_float(h);
+          for (uint32_t g = 0; g < group; ++g) s[i][g] += q[(c8 * 8 + j) * GMAX + g] * x;
+        }
+      }
+    }
+    for (uint32_t i = tpl; i < kMaxTokensPerLane; ++i) {
+      for (uint32_t g = 0; g < GMAX; ++g) s[i][g] = -FLT_MAX;
+    }
+    st.absorb(s, tpl, n, group, p);
+    for (uint32_t t = 0; t < n; ++t) {
+      const size_t row = ((seq_base + first + t) * P.kv_heads + head) * D;
+      for (uint32_t k = 0; k < D / kLanes; ++k) {
+        const float x = load_elem<DT>(values, row + v_channel(lane, k, D));
+        for (uint32_t h = 0; h < group; ++h) st.acc[k][h] += p[t * GMAX + h] * x;
+      }
+    }
+    __syncwarp();
+  }
+  st.write(P, seq, head, split * kWarps + warp, D);
+}
+
+// ---- Combine ----------------------------------------------------------------------------------
+
+// One thread block per (query head, sequence), one thread per channel: merges the partial
+// softmax states of all parts.
+template <kvc_dtype DT>
+__global__ void attention_combine_kernel(AttentionParams P, uint32_t head_dim, void* out) {
+  const uint32_t qh = blockIdx.x, seq = blockIdx.y, c = threadIdx.x;
+  const uint32_t q_heads = P.kv_heads * P.group;
+  const size_t row0 = (size_t(seq) * q_heads + qh) * P.num_parts;
+  float top = -FLT_MAX;
+  for (uint32_t k = 0; k < P.num_parts; ++k) top = fmaxf(top, P.part_ml[(row0 + k) * 2]);
+  float num = 0.0f, den = 0.0f;
+  for (uint32_t k = 0; k < P.num_parts; ++k) {
+    const float l = P.part_ml[(row0 + k) * 2 + 1];
+    if (l == 0.0f) continue;  // a part that saw no tokens
+    const float w = __expf(P.part_ml[(row0 + k) * 2] - top);
+    num += w * P.part_acc[(row0 + k) * head_dim + c];
+    den += w * l;
+  }
+  store_output<DT>(out, (size_t(seq) * q_heads + qh) * head_dim + c, den > 0.0f ? num / den : 0.0f);
+}
+
+}  // namespace kvc::kernels

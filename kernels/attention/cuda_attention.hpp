@@ -1,0 +1,78 @@
+// SPDX-License-Identifier: Apache-2.0
+// Decode attention on the GPU, as the host library sees it (no CUDA headers). Two kernels of
+// the same split-KV structure: one reads compressed blocks (decoding them in registers and
+// shared memory, never writing K/V back to global memory), one reads a dense fp16/bf16 cache
+// (the baseline). The inputs are descriptors in device memory laid out as the paged store keeps
+// its sequences, so the store feeds the kernel without copies.
+#pragma once
+
+#include <kvcomp/kvcomp.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "codec/codebook.hpp"
+#include "codec/codec_params.hpp"
+
+namespace kvc::cuda {
+
+// Where one compressed block lives: the store's BlockRef.
+struct BlockLocation {
+  uint32_t page;
+  uint32_t offset;
+  uint32_t bytes;
+};
+
+// One sequence of one layer, device pointers: blocks [num_blocks, kv_heads, 2 (K, V)], and a tail
+// [tail_tokens, kv_heads, head_dim] of the cache dtype.
+struct SequenceView {
+  const BlockLocation* blocks;
+  uint32_t num_blocks;
+  uint32_t tail_tokens;
+  const void* tail_keys;
+  const void* tail_values;
+};
+
+struct AttentionShape {
+  uint32_t num_sequences;
+  uint32_t kv_heads;
+  uint32_t group;     // query heads per kv-head, 1..16
+  uint32_t head_dim;  // 64, 128 or 256
+  kvc_dtype dtype;    // fp16 or bf16: queries, outputs, tails, dense caches
+  float scale;
+};
+
+// Device tables of the K and V codebooks of one layer; made once, like a codec's.
+class DeviceCodebooks;
+struct DeviceCodebooksDeleter {
+  void operator()(DeviceCodebooks* d) const noexcept;
+};
+using DeviceCodebooksPtr = std::unique_ptr<DeviceCodebooks, DeviceCodebooksDeleter>;
+DeviceCodebooksPtr upload_codebooks(const Codebook* key_book, const Codebook* value_book);
+
+// The split schedule: how many chunks each sequence's tokens are cut into (flash-decoding), from
+// the longest sequence and the GPU's multiprocessor count; and the workspace it needs.
+struct AttentionPlan {
+  uint32_t num_splits;
+  uint32_t units_per_split;  // blocks (the tail counts as one) per split
+  size_t workspace_bytes;
+};
+AttentionPlan plan_attention(const AttentionShape& shape, uint32_t max_blocks_per_sequence);
+
+// out = softmax(scale q K^T) V for every sequence and query head. d_queries, d_out:
+// [num_sequences, kv_heads * group, head_dim]; d_sequences: [num_sequences]. Enqueue only.
+void attention_compressed(const AttentionShape& shape, const AttentionPlan& plan,
+                          const CodecParams& key, const CodecParams& value,
+                          const DeviceCodebooks& books, const uint8_t* d_pool, size_t page_bytes,
+                          const SequenceView* d_sequences, const void* d_queries, void* d_out,
+                          void* d_workspace, void* stream);
+
+// The baseline: a dense cache, d_keys/d_values [num_sequences, max_tokens, kv_heads, head_dim],
+// d_lengths [num_sequences]. plan from plan_dense_attention. Enqueue only.
+AttentionPlan plan_dense_attention(const AttentionShape& shape, uint32_t max_tokens);
+void attention_dense(const AttentionShape& shape, const AttentionPlan& plan, uint32_t max_tokens,
+                     const uint32_t* d_lengths, const void* d_keys, const void* d_values,
+                     const void* d_queries, void* d_out, void* d_workspace, void* stream);
+
+}  // namespace kvc::cuda
