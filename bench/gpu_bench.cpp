@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // gpu_bench: throughput of the CUDA codec on 1 GiB of synthetic fp16 KV (T = 64, head_dim 128),
-// against a device-to-device copy of the same bytes in the same run. Timed with CUDA events on
+// against a device-to-device copy of the same bytes in the same run; then decode attention
+// (Hq = 32, Hkv = 8, head_dim 128, fp16) over compressed blocks against the dense fp16 kernel of
+// the same structure, for batch x context shapes up to 2M tokens. Timed with CUDA events on
 // one non-default stream: median of the repetitions after a warm-up. Each result is verified
 // once against the CPU reference before timing (first blocks byte-identical, decode error within
 // the bound). Prints a table; --json FILE also writes the numbers.
@@ -18,6 +20,7 @@
 #include <vector>
 
 #include "bench/synthetic_kv.hpp"
+#include "kernels/attention/cuda_attention.hpp"
 
 namespace {
 
@@ -192,6 +195,154 @@ int main(int argc, char** argv) {
     }
   }
 
+  // ---- Decode attention: compressed blocks vs the dense fp16 cache ---------------------------
+  struct AttnRow {
+    uint32_t batch, len;
+    double compressed_ms, dense_ms, compressed_gb, dense_gb;
+  };
+  std::vector<AttnRow> attn;
+  {
+    constexpr uint32_t kHeads = 8, kGroup = 4, kTokensMax = 1u << 21;
+    const size_t row_elems = size_t(kHeads) * kDim;
+    const size_t dense_bytes = size_t(kTokensMax) * row_elems * 2;
+    void *d_k, *d_v;
+    CHECK_CUDA(cudaMalloc(&d_k, dense_bytes));
+    CHECK_CUDA(cudaMalloc(&d_v, dense_bytes));
+    // 32K distinct tokens of each, tiled: [tokens, heads, dim].
+    constexpr uint32_t kChunk = 32768;
+    for (int kind = 0; kind < 2; ++kind) {
+      const std::vector<uint16_t> host = kvc::bench::synthetic_fp16_blocks(
+          kind == 1, kChunk / kTokens, kTokens, uint32_t(row_elems), 77 + kind);
+      void* dst = kind ? d_v : d_k;
+      for (uint32_t t = 0; t < kTokensMax; t += kChunk) {
+        CHECK_CUDA(cudaMemcpy(static_cast<uint16_t*>(dst) + size_t(t) * row_elems, host.data(),
+                              host.size() * 2, cudaMemcpyHostToDevice));
+      }
+    }
+    // Codebooks from a "prefill" sample, then every block encoded on the GPU into fixed slots
+    // (slot (token_block * heads + head) * 2 + kind).
+    kvc_codec_config kc = KVC_CODEC_CONFIG_INIT, vc = KVC_CODEC_CONFIG_INIT;
+    vc.kind = KVC_KIND_VALUE;
+    const std::vector<uint16_t> sample_k =
+        kvc::bench::synthetic_fp16_blocks(false, 16, kTokens, kDim, 5);
+    const std::vector<uint16_t> sample_v =
+        kvc::bench::synthetic_fp16_blocks(true, 16, kTokens, kDim, 6);
+    kvcomp::Histogram hk, hv;
+    for (size_t b = 0; b < 16; ++b) {
+      kvcomp::Codec(kc).add_to_histogram(sample_k.data() + b * kBlockElems, KVC_DTYPE_FP16, kDim,
+                                         hk);
+      kvcomp::Codec(vc).add_to_histogram(sample_v.data() + b * kBlockElems, KVC_DTYPE_FP16, kDim,
+                                         hv);
+    }
+    const kvcomp::Codebook kbook = kvcomp::Codebook::build(hk), vbook = kvcomp::Codebook::build(hv);
+    kc.backend = vc.backend = KVC_BACKEND_CUDA;
+    const kvcomp::Codec gk(kc, &kbook), gv(vc, &vbook);
+    const size_t cap = gk.max_block_bytes(KVC_DTYPE_FP16);
+    const size_t token_blocks = kTokensMax / kTokens, slots = token_blocks * kHeads * 2;
+    void *d_slots, *d_ptrs;
+    uint32_t* d_sizes;
+    CHECK_CUDA(cudaMalloc(&d_slots, slots * cap));
+    CHECK_CUDA(cudaMalloc(&d_sizes, slots * 4));
+    CHECK_CUDA(cudaMalloc(&d_ptrs, 2 * 8 * slots / 2));
+    for (int kind = 0; kind < 2; ++kind) {
+      std::vector<void*> ptrs(slots);  // [0, slots/2): sources, [slots/2, slots): slots
+      const size_t n = slots / 2;
+      for (size_t tb = 0; tb < token_blocks; ++tb) {
+        for (uint32_t h = 0; h < kHeads; ++h) {
+          const size_t i = tb * kHeads + h;
+          ptrs[i] = static_cast<uint16_t*>(kind ? d_v : d_k) + (tb * kTokens * kHeads + h) * kDim;
+          ptrs[n + i] = static_cast<uint8_t*>(d_slots) + (i * 2 + kind) * cap;
+        }
+      }
+      CHECK_CUDA(cudaMemcpy(d_ptrs, ptrs.data(), slots * 8, cudaMemcpyHostToDevice));
+      auto** p = static_cast<void**>(d_ptrs);
+      // Sizes land in a scratch half of d_sizes, then move to slot order on the host below.
+      kvcomp::check(kvc_codec_encode((kind ? gv : gk).get(), int32_t(n), p, int64_t(row_elems),
+                                     KVC_DTYPE_FP16, p + n, cap, d_sizes + kind * n, stream));
+    }
+    CHECK_CUDA(cudaStreamSynchronize(stream));
+    std::vector<uint32_t> sizes(slots);
+    CHECK_CUDA(cudaMemcpy(sizes.data(), d_sizes, slots * 4, cudaMemcpyDeviceToHost));
+    auto slot_bytes = [&](size_t tb, uint32_t h, int kind) {
+      return sizes[size_t(kind) * (slots / 2) + tb * kHeads + h];
+    };
+    // The kernels take the library's internal codebooks: parse the serialized ones.
+    const auto kbytes = kbook.serialize(), vbytes = vbook.serialize();
+    const kvc::Codebook key_book = kvc::Codebook::parse(kbytes.data(), kbytes.size());
+    const kvc::Codebook value_book = kvc::Codebook::parse(vbytes.data(), vbytes.size());
+    const auto books = kvc::cuda::upload_codebooks(&key_book, &value_book);
+    const kvc::CodecParams key = kvc::CodecParams::from_config(kc, true);
+    const kvc::CodecParams value = kvc::CodecParams::from_config(vc, true);
+    const std::pair<uint32_t, uint32_t> shapes[] = {
+        {1, 4096},   {1, 32768}, {1, 131072}, {8, 4096},  {8, 32768},
+        {8, 131072}, {32, 4096}, {32, 32768}, {64, 4096}, {64, 32768}};
+    for (const auto& [batch, len] : shapes) {
+      const uint32_t blocks = len / kTokens;
+      std::vector<kvc::cuda::BlockLocation> table(size_t(batch) * blocks * kHeads * 2);
+      double compressed = 0;
+      for (uint32_t b = 0; b < batch; ++b) {
+        for (uint32_t j = 0; j < blocks; ++j) {
+          const size_t tb = size_t(b) * blocks + j;
+          for (uint32_t h = 0; h < kHeads; ++h) {
+            for (int kind = 0; kind < 2; ++kind) {
+              const uint32_t n = slot_bytes(tb, h, kind);
+              table[((size_t(b) * blocks + j) * kHeads + h) * 2 + kind] = {
+                  uint32_t((tb * kHeads + h) * 2 + kind), 0, n};
+              compressed += n;
+            }
+          }
+        }
+      }
+      kvc::cuda::BlockLocation* d_table;
+      CHECK_CUDA(cudaMalloc(&d_table, table.size() * sizeof(table[0])));
+      CHECK_CUDA(cudaMemcpy(d_table, table.data(), table.size() * sizeof(table[0]),
+                            cudaMemcpyHostToDevice));
+      std::vector<kvc::cuda::SequenceView> views(batch);
+      std::vector<uint32_t> lengths(batch, len);
+      for (uint32_t b = 0; b < batch; ++b) {
+        views[b] = {d_table + size_t(b) * blocks * kHeads * 2, blocks, 0, d_k, d_v};
+      }
+      kvc::cuda::SequenceView* d_views;
+      uint32_t* d_lengths;
+      void *d_q, *d_out;
+      const size_t q_bytes = size_t(batch) * kHeads * kGroup * kDim * 2;
+      CHECK_CUDA(cudaMalloc(&d_views, batch * sizeof(views[0])));
+      CHECK_CUDA(cudaMalloc(&d_lengths, batch * 4));
+      CHECK_CUDA(cudaMalloc(&d_q, q_bytes));
+      CHECK_CUDA(cudaMalloc(&d_out, q_bytes));
+      CHECK_CUDA(
+          cudaMemcpy(d_views, views.data(), batch * sizeof(views[0]), cudaMemcpyHostToDevice));
+      CHECK_CUDA(cudaMemcpy(d_lengths, lengths.data(), batch * 4, cudaMemcpyHostToDevice));
+      CHECK_CUDA(cudaMemcpy(d_q, d_k, q_bytes, cudaMemcpyDeviceToDevice));  // realistic values
+      const kvc::cuda::AttentionShape shape{batch, kHeads,         kGroup,
+                                            kDim,  KVC_DTYPE_FP16, 1.0f / std::sqrt(float(kDim))};
+      const auto plan = kvc::cuda::plan_attention(shape, blocks);
+      const auto dense_plan = kvc::cuda::plan_dense_attention(shape, len);
+      void* d_ws;
+      CHECK_CUDA(cudaMalloc(&d_ws, std::max(plan.workspace_bytes, dense_plan.workspace_bytes)));
+      const double c_ms = median_ms(stream, [&] {
+        kvc::cuda::attention_compressed(shape, plan, key, value, *books,
+                                        static_cast<const uint8_t*>(d_slots), cap, d_views, d_q,
+                                        d_out, d_ws, stream);
+      });
+      const double d_ms = median_ms(stream, [&] {
+        kvc::cuda::attention_dense(shape, dense_plan, len, d_lengths, d_k, d_v, d_q, d_out, d_ws,
+                                   stream);
+      });
+      attn.push_back({batch, len, c_ms, d_ms, compressed / 1e9,
+                      double(batch) * len * row_elems * 2 * 2 / 1e9});
+      for (void* d : {static_cast<void*>(d_table), static_cast<void*>(d_views),
+                      static_cast<void*>(d_lengths), d_q, d_out, d_ws}) {
+        CHECK_CUDA(cudaFree(d));
+      }
+    }
+    CHECK_CUDA(cudaFree(d_k));
+    CHECK_CUDA(cudaFree(d_v));
+    CHECK_CUDA(cudaFree(d_slots));
+    CHECK_CUDA(cudaFree(d_sizes));
+    CHECK_CUDA(cudaFree(d_ptrs));
+  }
+
   const double copy_gbps = rows[0].gbps;
   std::printf("\n%s, 1 GiB fp16 KV, T=%u, head_dim %u, relative bound 0.05, median of %d\n",
               prop.name, kTokens, kDim, kReps);
@@ -199,6 +350,15 @@ int main(int argc, char** argv) {
   for (const Row& r : rows) {
     std::printf("%-26s %10.3f %12.1f %8.2f %9.2f\n", r.name.c_str(), r.ms, r.gbps, r.ratio,
                 r.gbps / copy_gbps);
+  }
+  std::printf("\ndecode attention, Hq=32 Hkv=8 head_dim 128 fp16, median of %d\n", kReps);
+  std::printf("%-14s %11s %11s %8s %13s %13s %7s\n", "B x L", "compr. ms", "dense ms", "speedup",
+              "compr. GB/s", "dense GB/s", "ratio");
+  for (const AttnRow& a : attn) {
+    std::printf("%3u x %-8u %11.4f %11.4f %8.2f %13.1f %13.1f %7.2f\n", a.batch, a.len,
+                a.compressed_ms, a.dense_ms, a.dense_ms / a.compressed_ms,
+                a.compressed_gb / a.compressed_ms * 1e3, a.dense_gb / a.dense_ms * 1e3,
+                a.dense_gb / a.compressed_gb);
   }
   if (json) {
     FILE* f = std::fopen(json, "w");
@@ -208,6 +368,15 @@ int main(int argc, char** argv) {
         std::fprintf(f, "  {\"name\": \"%s\", \"ms\": %.5f, \"gbps\": %.2f, \"ratio\": %.4f}%s\n",
                      rows[i].name.c_str(), rows[i].ms, rows[i].gbps, rows[i].ratio,
                      i + 1 < rows.size() ? "," : "");
+      }
+      std::fprintf(f, "], \"attention\": [\n");
+      for (size_t i = 0; i < attn.size(); ++i) {
+        const AttnRow& a = attn[i];
+        std::fprintf(f,
+                     "  {\"batch\": %u, \"len\": %u, \"compressed_ms\": %.5f, "
+                     "\"dense_ms\": %.5f, \"compressed_gb\": %.4f, \"dense_gb\": %.4f}%s\n",
+                     a.batch, a.len, a.compressed_ms, a.dense_ms, a.compressed_gb, a.dense_gb,
+                     i + 1 < attn.size() ? "," : "");
       }
       std::fprintf(f, "]}\n");
       std::fclose(f);

@@ -70,12 +70,19 @@ fi
 log "GPU benchmarks"
 "$build/bench/gpu_bench" --json "$out/gpu_bench.json" > "$out/gpu_bench.log" 2>&1
 bench_rc=$?
+torch_rc=skipped
+if python3 -c "import torch; assert torch.cuda.is_available()" > /dev/null 2>&1; then
+  log "torch scaled_dot_product_attention on the same shapes"
+  python3 bench/torch_sdpa.py "$out/torch_sdpa.json" > "$out/torch_sdpa.log" 2>&1
+  torch_rc=$?
+fi
 
 echo
 echo "=== kvcomp GPU check: commit $commit, $(date -u +%Y-%m-%d), $(head -1 "$out/gpu.txt") ==="
 echo "tests:      ${tests_line:-none ran} (skipped: $skipped)"
 echo "sanitizer:  $sanitizer_summary"
-echo "benchmarks: $([[ $bench_rc -eq 0 ]] && echo ok || echo "FAILED($bench_rc)")"
-tail -n 12 "$out/gpu_bench.log"
+echo "benchmarks: $([[ $bench_rc -eq 0 ]] && echo ok || echo "FAILED($bench_rc)"), torch: $torch_rc"
+tail -n 30 "$out/gpu_bench.log"
+[[ -f "$out/torch_sdpa.log" ]] && tail -n 13 "$out/torch_sdpa.log"
 echo "total: $(( $(date +%s) - start )) s; logs in $out"
 [[ $tests_rc -eq 0 && $bench_rc -eq 0 ]]
