@@ -465,3 +465,44 @@ TEST(Store, ArgumentsAreChecked) {
 
 }  // namespace
 }  // namespace kvc::test
+
+namespace kvc::test {
+namespace {
+
+TEST(Store, PageSlackIsSmallAtLongContext) {
+  // One layer of a Llama-like cache (8 kv-heads, head_dim 128, T = 64) at 32K tokens, default
+  // page size: the partly filled pages cost at most 3% of the compressed bytes.
+  kvc_store_config c = KVC_STORE_CONFIG_INIT;
+  c.num_kv_heads = 8;
+  c.capacity_bytes = int64_t(256) << 20;
+  kvc_store_t s = nullptr;
+  ASSERT_EQ(kvc_store_create(&c, &s), KVC_SUCCESS) << kvc_last_error();
+  int32_t id;
+  ASSERT_EQ(kvc_store_add_sequence(s, &id), KVC_SUCCESS);
+  const uint32_t chunk = 4096, row = 8 * 128;
+  for (uint32_t done = 0; done < 32768; done += chunk) {
+    const auto k = bench::synthetic_kv(false, chunk, row, done + 1);
+    const auto v = bench::synthetic_kv(true, chunk, row, done + 2);
+    std::vector<uint16_t> kb(k.size()), vb(v.size());
+    for (size_t i = 0; i < k.size(); ++i) {
+      kb[i] = format::float_to_half(k[i]);
+      vb[i] = format::float_to_half(v[i]);
+    }
+    ASSERT_EQ(kvc_store_prefill(s, id, 0, 1, int32_t(chunk), kb.data(), vb.data()), KVC_SUCCESS)
+        << kvc_last_error();
+  }
+  kvc_store_stats st = KVC_STORE_STATS_INIT;
+  ASSERT_EQ(kvc_store_get_stats(s, &st), KVC_SUCCESS);
+  EXPECT_EQ(st.num_blocks, 32768 / 64 * 8 * 2);
+  const double slack = double(st.page_bytes - st.block_bytes) / double(st.block_bytes);
+  EXPECT_LE(slack, 0.03) << "pages " << st.page_bytes << " blocks " << st.block_bytes;
+  const double total = double(st.page_bytes + st.tail_bytes + st.table_bytes + st.codebook_bytes);
+  std::printf(
+      "32K tokens, 8 kv-heads x 128, one layer: %.1f bytes/token vs %.0f fp16 "
+      "(ratio %.2f, page slack %.2f%%)\n",
+      total / 32768, double(st.dense_bytes) / 32768, double(st.dense_bytes) / total, 100 * slack);
+  kvc_store_destroy(s);
+}
+
+}  // namespace
+}  // namespace kvc::test
