@@ -21,11 +21,6 @@ using kvc::fail;
 using kvc::require;
 using kvc::require_not_null;
 
-void require_dtype(int32_t dtype, const char* name) {
-  require(kvc::is_valid_dtype(dtype), KVC_ERROR_INVALID_ARGUMENT, name, " = ", dtype,
-          " is not a kvc_dtype (KVC_DTYPE_FP16 = 1, KVC_DTYPE_BF16 = 2, KVC_DTYPE_FP32 = 3)");
-}
-
 // The checks every batched codec call shares; returns the codec's parameters.
 const kvc::CodecParams& check_batch(kvc_codec_t codec, int32_t num_blocks, const void* blocks,
                                     const char* blocks_name, void* stream) {
@@ -275,7 +270,7 @@ kvc_status_t kvc_codec_destroy(kvc_codec_t codec) {
 kvc_status_t kvc_codec_max_block_bytes(kvc_codec_t codec, kvc_dtype src_dtype, size_t* size_bytes) {
   return kvc::api_call(__func__, [&] {
     require_not_null(codec, "codec");
-    require_dtype(src_dtype, "src_dtype");
+    kvc::require_dtype(src_dtype, "src_dtype");
     *require_not_null(size_bytes, "size_bytes") = codec->params.max_block_bytes(src_dtype);
   });
 }
@@ -290,7 +285,7 @@ kvc_status_t kvc_codec_encode(kvc_codec_t codec, int32_t num_blocks, const void*
     require(num_blocks == 0 || block_bytes != nullptr, KVC_ERROR_NULL_POINTER,
             "block_bytes is NULL");
     require_stride(src_token_stride, p, "src_token_stride");
-    require_dtype(src_dtype, "src_dtype");
+    kvc::require_dtype(src_dtype, "src_dtype");
     require_block_pointers(*codec, num_blocks, src_blocks, dst_blocks, /*check_alignment=*/true);
     if (codec->on_cuda()) {
       // Sizes are known only on the device: every block must fit whatever it becomes.
@@ -335,7 +330,7 @@ kvc_status_t kvc_codec_decode(kvc_codec_t codec, int32_t num_blocks, const void*
     require(num_blocks == 0 || src_bytes != nullptr, KVC_ERROR_NULL_POINTER, "src_bytes is NULL");
     require(num_blocks == 0 || dst_blocks != nullptr, KVC_ERROR_NULL_POINTER, "dst_blocks is NULL");
     require_stride(dst_token_stride, p, "dst_token_stride");
-    require_dtype(dst_dtype, "dst_dtype");
+    kvc::require_dtype(dst_dtype, "dst_dtype");
     require_block_pointers(*codec, num_blocks, src_blocks, dst_blocks, /*check_alignment=*/false);
     if (codec->on_cuda()) {
       require(num_blocks == 0 || block_status != nullptr, KVC_ERROR_NULL_POINTER,
@@ -376,7 +371,7 @@ kvc_status_t kvc_codec_histogram(kvc_codec_t codec, int32_t num_blocks,
     const kvc::CodecParams& p = check_batch(codec, num_blocks, src_blocks, "src_blocks", stream);
     require_not_null(histogram, "histogram");
     require_stride(src_token_stride, p, "src_token_stride");
-    require_dtype(src_dtype, "src_dtype");
+    kvc::require_dtype(src_dtype, "src_dtype");
     require_block_pointers(*codec, num_blocks, src_blocks, nullptr, false);
     kvc::Histogram updated = histogram->histogram;  // all or nothing
     if (codec->on_cuda()) {

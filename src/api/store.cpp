@@ -138,8 +138,7 @@ kvc_status_t kvc_store_read(kvc_store_t store, int32_t sequence_id, int32_t laye
   return kvc::api_call(__func__, [&] {
     kvc::Store& s = checked(store);
     const uint32_t l = checked_layer(s, layer);
-    require(kvc::is_valid_dtype(dtype), KVC_ERROR_INVALID_ARGUMENT, "dtype = ", int32_t(dtype),
-            " is not a kvc_dtype");
+    kvc::require_dtype(dtype, "dtype");
     const uint32_t length = s.length(sequence_id, l);
     require(capacity_tokens >= 0 && uint32_t(capacity_tokens) >= length, KVC_ERROR_BUFFER_TOO_SMALL,
             "capacity_tokens = ", capacity_tokens, " but the sequence holds ", length, " tokens");

@@ -8,23 +8,10 @@
 
 namespace kvc {
 
-bool is_valid_dtype(int32_t dtype) {
-  return dtype == KVC_DTYPE_FP16 || dtype == KVC_DTYPE_BF16 || dtype == KVC_DTYPE_FP32;
-}
-
-size_t dtype_size(kvc_dtype dtype) { return dtype == KVC_DTYPE_FP32 ? 4 : 2; }
-
-const char* dtype_name(int32_t dtype) {
-  switch (dtype) {
-    case KVC_DTYPE_FP16:
-      return "fp16";
-    case KVC_DTYPE_BF16:
-      return "bf16";
-    case KVC_DTYPE_FP32:
-      return "fp32";
-    default:
-      return "unknown";
-  }
+void require_dtype(int32_t dtype, const char* name) {
+  require(dtype == KVC_DTYPE_FP16 || dtype == KVC_DTYPE_BF16 || dtype == KVC_DTYPE_FP32,
+          KVC_ERROR_INVALID_ARGUMENT, name, " = ", dtype,
+          " is not a kvc_dtype (KVC_DTYPE_FP16 = 1, KVC_DTYPE_BF16 = 2, KVC_DTYPE_FP32 = 3)");
 }
 
 namespace {
@@ -99,7 +86,8 @@ CodecParams CodecParams::from_config(const kvc_codec_config& c, bool has_codeboo
 }
 
 size_t CodecParams::max_block_bytes(kvc_dtype dtype) const {
-  return format::kHeaderBytes + format::align4(uint32_t(num_elements() * dtype_size(dtype)));
+  return format::kHeaderBytes +
+         format::align4(uint32_t(num_elements() * format::dtype_bytes(dtype)));
 }
 
 }  // namespace kvc

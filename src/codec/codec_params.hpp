@@ -29,8 +29,7 @@ struct CodecParams {
   size_t max_block_bytes(kvc_dtype dtype) const;
 };
 
-size_t dtype_size(kvc_dtype dtype);
-const char* dtype_name(int32_t dtype);
-bool is_valid_dtype(int32_t dtype);
+// Throws KVC_ERROR_INVALID_ARGUMENT naming the argument unless dtype is a kvc_dtype.
+void require_dtype(int32_t dtype, const char* name);
 
 }  // namespace kvc

@@ -177,7 +177,7 @@ Plan plan_huffman(const CodecParams& p, const Codebook& book, const Quantized& q
 Plan plan_raw(const CodecParams& p, kvc_dtype dtype) {
   Plan plan;
   plan.layout = layout_of(p, f::kRaw, 0, {}, 0, uint32_t(dtype),
-                          uint64_t(p.num_elements()) * dtype_size(dtype));
+                          uint64_t(p.num_elements()) * f::dtype_bytes(dtype));
   plan.eligible = true;
   return plan;
 }
@@ -208,7 +208,7 @@ void write_block(const CodecParams& p, const Codebook* book, const Quantized& q,
   if (b.encoding == f::kRaw) {
     // Row-major [num_tokens, head_dim], verbatim bytes of the input dtype (a little-endian
     // host's bytes are the format's).
-    const size_t es = dtype_size(dtype);
+    const size_t es = f::dtype_bytes(dtype);
     for (uint32_t t = 0; t < p.num_tokens; ++t) {
       std::memcpy(payload + size_t(t) * p.head_dim * es,
                   static_cast<const uint8_t*>(src) + size_t(t) * size_t(stride) * es,

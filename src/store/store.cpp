@@ -183,7 +183,7 @@ Store::Update Store::plan_update(int32_t id, uint32_t layer, uint32_t num_tokens
 // whole operation commits.
 Store::LayerBooks Store::encode_updates(uint32_t layer, std::vector<Update>& updates) const {
   const int64_t stride = int64_t(p_.num_heads) * p_.head_dim;
-  const size_t es = dtype_size(p_.dtype);
+  const size_t es = f::dtype_bytes(p_.dtype);
   auto block_src = [&](const Update& u, uint32_t b, uint32_t h, uint32_t kind) {
     const auto& rows = kind == KVC_KIND_KEY ? u.rows_k : u.rows_v;
     return rows.data() + (size_t(b) * p_.block_tokens * stride + size_t(h) * p_.head_dim) * es;
@@ -318,7 +318,7 @@ std::vector<float> Store::decode_head(const LayerCache& c, uint32_t layer, uint3
                       r.bytes, KVC_DTYPE_FP32, &out[size_t(b) * T * dim], dim);
   }
   const auto& tail = kind == KVC_KIND_KEY ? c.tail_k : c.tail_v;
-  const size_t es = dtype_size(p_.dtype);
+  const size_t es = f::dtype_bytes(p_.dtype);
   for (uint32_t t = 0; t < c.tail_tokens; ++t) {
     for (uint32_t d = 0; d < dim; ++d) {
       out[(size_t(c.num_blocks) * T + t) * dim + d] =
@@ -330,7 +330,7 @@ std::vector<float> Store::decode_head(const LayerCache& c, uint32_t layer, uint3
 
 void Store::read(int32_t id, uint32_t layer, kvc_dtype dtype, void* keys, void* values) const {
   const LayerCache& c = layer_cache(id, layer);
-  const size_t es = dtype_size(dtype), dim = p_.head_dim, heads = p_.num_heads;
+  const size_t es = f::dtype_bytes(dtype), dim = p_.head_dim, heads = p_.num_heads;
   for (uint32_t kind = 0; kind < 2; ++kind) {
     uint8_t* dst = static_cast<uint8_t*>(kind == KVC_KIND_KEY ? keys : values);
     for (uint32_t h = 0; h < heads; ++h) {
@@ -347,7 +347,7 @@ void Store::read(int32_t id, uint32_t layer, kvc_dtype dtype, void* keys, void* 
 void Store::attention(uint32_t layer, const std::vector<int32_t>& ids, uint32_t q_heads,
                       float scale, const uint8_t* q, uint8_t* out) const {
   const uint32_t dim = p_.head_dim, group = q_heads / p_.num_heads;
-  const size_t es = dtype_size(p_.dtype);
+  const size_t es = f::dtype_bytes(p_.dtype);
   for (size_t s = 0; s < ids.size(); ++s) {
     const LayerCache& c = layer_cache(ids[s], layer);
     for (uint32_t h = 0; h < p_.num_heads; ++h) {

@@ -14,6 +14,7 @@
 
 #include "codec/codebook.hpp"
 #include "codec/codec_params.hpp"
+#include "kernels/common/format.cuh"
 
 namespace kvc {
 
@@ -27,7 +28,7 @@ struct StoreParams {
   kvc_store_config config;  // as given, for serialization fingerprints
 
   static StoreParams from_config(const kvc_store_config& c);
-  size_t token_bytes() const { return size_t(num_heads) * head_dim * dtype_size(dtype); }
+  size_t token_bytes() const { return size_t(num_heads) * head_dim * format::dtype_bytes(dtype); }
   const CodecParams& codec(uint32_t kind) const { return kind == KVC_KIND_KEY ? key : value; }
 };
 
