@@ -220,3 +220,52 @@ class Int8TokenCache:
         self.bytes += 2 * n * Hk * (d + 2 * F16)
         self.fp16_bytes += k.nbytes + v.nbytes
         return mixed_attention(q, k_q, v_q)
+
+
+class GenerationCache:
+    """A growing KV cache for token-by-token decoding: per layer, full blocks of T tokens
+    (kept as the bytes kvcomp wrote, plus their decoded copy for attention) and an fp16 tail.
+    kv: a KvcompCache whose codecs compress the blocks (its first block per (layer, K|V)
+    trains that codebook), or None for a plain fp16 cache."""
+
+    def __init__(self, n_layer, kv: KvcompCache | None, block_tokens=64):
+        self.kv = kv
+        self.T = kv.T if kv is not None else block_tokens
+        self.done = [{"key": [], "value": []} for _ in range(n_layer)]  # decoded blocks
+        self.tail = [{"key": [], "value": []} for _ in range(n_layer)]  # fp16 rows
+        self.bytes = 0      # compressed bytes of full blocks (incl. codebooks once)
+        self.fp16_bytes = 0
+        self._codebooks_counted = set()
+
+    def append(self, layer, k, v):
+        """k, v: [1, Hk, d] fp16 of the new token. A full tail is compressed when the next
+        token arrives, so the tokens of a block always see their own block in fp16."""
+        for kind, x in (("key", k), ("value", v)):
+            tail = self.tail[layer][kind]
+            if len(tail) == self.T:
+                blk = np.concatenate(tail, 0)
+                if self.kv is None or self.kv.eb[kind] is None:
+                    self.done[layer][kind].append(blk)
+                    self.bytes += blk.nbytes
+                else:
+                    codec, cb_bytes = self.kv._codec(layer, kind, blk)
+                    enc = codec.encode(blk)
+                    self.done[layer][kind].append(codec.decode(enc))
+                    self.bytes += enc.nbytes
+                    if (layer, kind) not in self._codebooks_counted:
+                        self._codebooks_counted.add((layer, kind))
+                        self.bytes += cb_bytes
+                self.fp16_bytes += blk.nbytes
+                tail.clear()
+            tail.append(x)
+
+    def kv_for_attention(self, layer):
+        out = []
+        for kind in ("key", "value"):
+            parts = self.done[layer][kind] + self.tail[layer][kind]
+            out.append(np.concatenate(parts, 0).astype(np.float32))
+        return out
+
+    def ratio(self):
+        """fp16 bytes / stored bytes over the compressed blocks (the tails are equal)."""
+        return self.fp16_bytes / self.bytes if self.bytes else 1.0

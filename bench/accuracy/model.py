@@ -168,3 +168,66 @@ class Model:
             x = x + ((g / (1.0 + np.exp(-g))) * u) @ L["w2"]
         x = self._rms(x, self.output_norm)
         return x @ self.output_T
+
+    # ---- generation -------------------------------------------------------------------------
+    def step(self, token: int, pos: int, cache) -> np.ndarray:
+        """One decoding step: the new token at position pos attends to cache (GenerationCache,
+        which it is appended to first). Returns the logits [n_vocab]."""
+        hp = self.hp
+        H, Hk, d = hp.n_head, hp.n_head_kv, hp.head_dim
+        g = H // Hk
+        cos, sin = self._rope_at(pos)
+        x = self.tok_embd[token][None]
+        for li, L in enumerate(self.layers):
+            hn = self._rms(x, L["attn_norm"])
+            qkv = hn @ L["wqkv"]
+            q = self._apply_rope(qkv[:, : H * d].reshape(1, H, d), cos, sin)
+            k = self._apply_rope(qkv[:, H * d: (H + Hk) * d].reshape(1, Hk, d), cos, sin)
+            v = qkv[:, (H + Hk) * d:].reshape(1, Hk, d)
+            cache.append(li, k.astype(np.float16), v.astype(np.float16))
+            kk, vv = cache.kv_for_attention(li)            # [n, Hk, d]
+            qh = q[0].reshape(Hk, g, d) / np.float32(np.sqrt(d))
+            s = np.einsum("hgd,nhd->hgn", qh, kk)
+            s = np.exp(s - s.max(-1, keepdims=True))
+            s /= s.sum(-1, keepdims=True)
+            attn = np.einsum("hgn,nhd->hgd", s, vv).reshape(1, H * d)
+            x = x + attn @ L["wo"]
+            hn = self._rms(x, L["ffn_norm"])
+            gu = hn @ L["w13"]
+            gg, u = gu[:, : hp.n_ff], gu[:, hp.n_ff:]
+            x = x + ((gg / (1.0 + np.exp(-gg))) * u) @ L["w2"]
+        x = self._rms(x, self.output_norm)
+        return (x @ self.output_T)[0]
+
+    def _rope_at(self, pos: int):
+        d = self.hp.head_dim
+        inv = self.hp.rope_base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+        ang = pos * inv
+        c = np.concatenate([np.cos(ang), np.cos(ang)]).astype(np.float32)[None, None, :]
+        s = np.concatenate([np.sin(ang), np.sin(ang)]).astype(np.float32)[None, None, :]
+        return c, s
+
+    def generate(self, prompt_ids, max_new_tokens, cache, stop_ids=(), on_token=None,
+                 on_step=None):
+        """Greedy decoding: feeds the prompt token by token (so every token, prompt included,
+        goes through the cache as in a decode loop), then generates. Returns the new ids.
+        on_token(id) sees each generated token, on_step() each forward step."""
+        logits = None
+        for pos, t in enumerate(prompt_ids):
+            logits = self.step(int(t), pos, cache)
+            if on_step:
+                on_step()
+        out = []
+        pos = len(prompt_ids)
+        for _ in range(max_new_tokens):
+            t = int(np.argmax(logits))
+            if t in stop_ids:
+                break
+            out.append(t)
+            if on_token:
+                on_token(t)
+            logits = self.step(t, pos, cache)
+            if on_step:
+                on_step()
+            pos += 1
+        return out

@@ -1,0 +1,153 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Tests of the accuracy harness: attention semantics (no model), the tokenizer against an
+independent BPE, the window forward pass against token-by-token decoding through a real
+compressed cache, and a smoke run of the harness on a tiny slice of WikiText-2.
+
+The model tests need the GGUF (scripts/setup-python.sh fetches it; set KVCOMP_SKIP_MODEL=1 to
+skip them) and the WikiText-2 text (../shared/data/..., or $KVCOMP_WIKITEXT)."""
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE.parents[2] / "python")]
+
+import cache as C  # noqa: E402
+import harness  # noqa: E402
+import modelfile  # noqa: E402
+
+
+def _naive_attention(q, k_for, v_for):
+    """Per query t: keys/values as k_for(t, s), v_for(t, s) give them; plain softmax."""
+    n, H, d = q.shape
+    Hk = k_for(0, 0).shape[0]
+    g = H // Hk
+    out = np.zeros((n, H, d), np.float64)
+    for t in range(n):
+        ks = np.stack([k_for(t, s) for s in range(t + 1)])  # [t+1, Hk, d]
+        vs = np.stack([v_for(t, s) for s in range(t + 1)])
+        for h in range(H):
+            sc = ks[:, h // g] @ q[t, h] / np.sqrt(d)
+            p = np.exp(sc - sc.max())
+            p /= p.sum()
+            out[t, h] = p @ vs[:, h // g]
+    return out
+
+
+@pytest.mark.parametrize("mode", ["block", "window"])
+def test_mixed_attention_matches_per_query_loop(mode):
+    rng = np.random.default_rng(1)
+    n, H, Hk, d, B = 45, 6, 2, 8, 8
+    q = rng.standard_normal((n, H, d)).astype(np.float32)
+    kf, vf, kq, vq = (rng.standard_normal((n, Hk, d)).astype(np.float32) for _ in range(4))
+    if mode == "block":
+        got = C.mixed_attention(q, kf, vf, kq, vq, k_block=B, v_block=B)
+        k_for = lambda t, s: kf[s] if s // B == t // B else kq[s]  # noqa: E731
+        v_for = lambda t, s: vf[s] if s // B == t // B else vq[s]  # noqa: E731
+    else:
+        got = C.mixed_attention(q, kf, vf, kq, vq, k_block=B, v_window=B)
+        k_for = lambda t, s: kf[s] if s // B == t // B else kq[s]  # noqa: E731
+        v_for = lambda t, s: vf[s] if t - s < B else vq[s]  # noqa: E731
+    want = _naive_attention(q, k_for, v_for)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_kivi_quantizer_levels_and_bytes():
+    x = np.random.default_rng(2).standard_normal((256, 2, 64)).astype(np.float32)
+    for bits in (2, 4):
+        y = C.quantize_minmax(x.reshape(8, 32, 2, 64), bits, axis=1).reshape(x.shape)
+        per_group = len(np.unique(y.reshape(8, 32, 2, 64)[:, :, 0, 0][0]))
+        assert per_group <= 2 ** bits
+        rng = np.ptp(x.reshape(8, 32, 2, 64), axis=1).max()
+        assert np.abs(y - x).max() <= rng / (2 ** bits - 1) * 0.51 + 1e-2
+    kivi = C.KiviCache(2)
+    kivi.begin_window(256)
+    k = x.astype(np.float16)
+    kivi.attend(0, np.zeros((256, 4, 64), np.float32), k, k)
+    # K: 2 flushed R-chunks (256 tokens), V: 128 quantized + 128 fp16; 12 bytes per 32 elems.
+    assert kivi.bytes == 256 * 2 * 2 * 12 + 128 * 2 * 2 * 12 + 128 * 2 * 64 * 2
+
+
+needs_model = pytest.mark.skipif(os.environ.get("KVCOMP_SKIP_MODEL") == "1",
+                                 reason="KVCOMP_SKIP_MODEL=1")
+
+
+@pytest.fixture(scope="module")
+def model():
+    from model import Model
+    return Model(modelfile.model_path())
+
+
+@pytest.fixture(scope="module")
+def text():
+    p = harness.default_data_path()
+    if not p.is_file():
+        pytest.skip(f"WikiText-2 not found at {p}")
+    return p.read_text(encoding="utf-8")
+
+
+@needs_model
+def test_tokenizer_matches_reference_bpe(model, text):
+    pytest.importorskip("regex")
+    from tokenizer import ReferenceBPE
+    tok = model.tokenizer()
+    ref = ReferenceBPE(model._reader)
+    sample = text[:20000] + " 3.14159 x² café — naïve 日本語 \t tabs\n\n  spaces  "
+    assert tok.encode(sample).ids == ref.encode(sample)
+    assert tok.decode(tok.encode(sample).ids) == sample
+    # Control tokens of the chat template are single tokens.
+    ids = tok.encode("<|im_start|>user\nHi<|im_end|>").ids
+    assert ids[0] == 1 and ids[-1] == 2
+
+
+@needs_model
+def test_window_forward_equals_token_by_token_decoding(model, text):
+    """The whole-window pass (cache.KvcompCache) gives each token the same view of the cache
+    as a real decode loop over compressed blocks + fp16 tail (cache.GenerationCache)."""
+    ids = np.array(model.tokenizer().encode(text[:3000]).ids[:132])
+    for eb in (None, 0.3):
+        if eb is None:
+            win_pol, gen = C.FP16Cache(), C.GenerationCache(model.hp.n_layer, None)
+        else:
+            win_pol = C.KvcompCache(eb, 0.1, bound_mode={"key": "absolute", "value": "relative"})
+            gen_kv = C.KvcompCache(eb, 0.1, bound_mode={"key": "absolute", "value": "relative"})
+            gen = C.GenerationCache(model.hp.n_layer, gen_kv)
+        win = model.forward(ids, win_pol)
+        steps = np.stack([model.step(int(t), i, gen) for i, t in enumerate(ids)])
+        tol = 2e-3 * np.abs(win).max()
+        if eb is None:
+            np.testing.assert_allclose(steps, win, rtol=0, atol=tol)
+        else:
+            # Before the first block is compressed both read fp16 only: equal to float noise.
+            np.testing.assert_allclose(steps[:64], win[:64], rtol=0, atol=tol)
+            # After, float noise between the two paths can move an element across a
+            # quantization boundary (one step apart), so compare the predictions instead.
+            lw, ls = harness.log_softmax(win[64:]), harness.log_softmax(steps[64:])
+            kl = float((np.exp(lw) * (lw - ls)).sum(-1).mean())
+            assert kl < 1e-3, kl
+            assert (steps.argmax(-1) == win.argmax(-1)).mean() > 0.95
+
+
+@needs_model
+def test_fp16_perplexity_is_plausible(model, text):
+    ids = np.array(model.tokenizer().encode(text[:20000]).ids[:512])
+    lp = harness.log_softmax(model.forward(ids, C.FP16Cache())[:-1])
+    ppl = float(np.exp(-lp[np.arange(len(ids) - 1), ids[1:]].mean()))
+    assert 5 < ppl < 40, ppl
+
+
+@needs_model
+def test_harness_smoke(model, text):
+    ids = model.tokenizer().encode(text[:20000]).ids
+    res = harness.evaluate(model, ids, ["kvcomp:k=0.2,v=0.05,kmode=abs", "kivi:2", "int8"],
+                           windows=1, window_tokens=256, progress=False)
+    by = {r["setting"]: r for r in res}
+    assert by["fp16"]["ratio"] == 1.0
+    kv = by["kvcomp:k=0.2,v=0.05,kmode=abs"]
+    assert kv["ratio"] > 3 and kv["tokens"] == 255
+    assert 0 <= kv["kl"] < 0.2 and kv["top1"] > 0.8 and abs(kv["dppl_pct"]) < 10
+    assert 1.8 < by["int8"]["ratio"] < 1.9 and by["int8"]["kl"] < 0.01
+    assert "ratio" in harness.format_table(res)

@@ -1,0 +1,151 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Tests of the Python binding (python/kvcomp) over the C ABI."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import kvcomp  # noqa: E402
+
+T, D, H = 64, 64, 3
+
+
+def _cache(tokens=256, seed=0, dtype=np.float16):
+    rng = np.random.default_rng(seed)
+    scale = np.linspace(0.2, 6.0, D)  # channels of different spread, like real keys
+    x = rng.standard_normal((tokens, H, D)) * scale + rng.standard_normal(D)
+    return x.astype(dtype)
+
+
+def _group_range(x, kind, vgs=D):
+    """max - min of each element's quantization group, broadcast to x's shape."""
+    t = x.shape[0]
+    xb = x.astype(np.float32).reshape(t // T, T, H, D)
+    if kind == "key":
+        r = xb.max(1, keepdims=True) - xb.min(1, keepdims=True)
+        return np.broadcast_to(r, xb.shape).reshape(x.shape)
+    xg = xb.reshape(t // T, T, H, D // vgs, vgs)
+    r = xg.max(4, keepdims=True) - xg.min(4, keepdims=True)
+    return np.broadcast_to(r, xg.shape).reshape(x.shape)
+
+
+def test_version_and_library():
+    assert kvcomp.version().count(".") == 2
+    assert Path(kvcomp.library_path()).name.startswith("libkvcomp")
+
+
+@pytest.mark.parametrize("kind", ["key", "value"])
+@pytest.mark.parametrize("eb", [0.01, 0.05, 0.2])
+def test_relative_bound_holds_elementwise(kind, eb):
+    x = _cache()
+    probe = kvcomp.Codec(kind=kind, num_tokens=T, head_dim=D, error_bound=eb)
+    cb = kvcomp.build_codebook(probe, x)
+    codec = kvcomp.Codec(kind=kind, num_tokens=T, head_dim=D, error_bound=eb, codebook=cb)
+    blocks = codec.encode(x)
+    assert len(blocks) == (x.shape[0] // T) * H
+    y = codec.decode(blocks, dtype=np.float32)
+    err = np.abs(y - x.astype(np.float32))
+    bound = np.float32(eb) * _group_range(x, kind)
+    assert np.all(err <= bound), float((err - bound).max())
+    assert blocks.nbytes < x.nbytes
+
+
+def test_absolute_bound_and_fixed_entropy():
+    x = _cache(dtype=np.float32)
+    codec = kvcomp.Codec(kind="key", num_tokens=T, head_dim=D, error_bound=0.1,
+                         bound_mode="absolute", entropy="fixed")
+    blocks = codec.encode(x)
+    y = codec.decode(blocks, dtype=np.float32)
+    assert np.abs(y - x).max() <= 0.1
+    assert {kvcomp.block_info(blocks.block(i))["encoding"] for i in range(len(blocks))} == \
+        {kvcomp.ENCODING_FIXED}
+
+
+def test_block_sizes_match_headers_and_encoding_is_deterministic():
+    x = _cache()
+    probe = kvcomp.Codec(kind="value", num_tokens=T, head_dim=D, error_bound=0.05,
+                         value_group_size=32)
+    cb = kvcomp.build_codebook(probe, x)
+    codec = kvcomp.Codec(kind="value", num_tokens=T, head_dim=D, error_bound=0.05,
+                         value_group_size=32, codebook=cb)
+    a, b = codec.encode(x), codec.encode(x.copy())
+    for i in range(len(a)):
+        info = kvcomp.block_info(a.block(i))
+        assert info["block_bytes"] == a.sizes[i]
+        assert info["num_tokens"] == T and info["head_dim"] == D and info["group_size"] == 32
+        assert a.block(i) == b.block(i)
+        assert a.sizes[i] % 4 == 0
+    assert max(a.sizes) <= codec.max_block_bytes()
+
+
+def test_strided_input_equals_per_head_blocks():
+    """A [tokens, heads, dim] cache encodes one block per (token block, head), in that order."""
+    x = _cache(128)
+    codec = kvcomp.Codec(kind="key", num_tokens=T, head_dim=D, error_bound=0.05)
+    whole = codec.encode(x)
+    for h in range(H):
+        single = codec.encode(np.ascontiguousarray(x[:, h, :]))
+        for blk in range(2):
+            assert whole.block(blk * H + h) == single.block(blk)
+
+
+def test_codebook_serialization_roundtrip():
+    x = _cache()
+    probe = kvcomp.Codec(kind="key", num_tokens=T, head_dim=D, error_bound=0.05)
+    cb = kvcomp.build_codebook(probe, x)
+    data = cb.serialize()
+    assert len(data) == cb.serialized_size
+    cb2 = kvcomp.Codebook.deserialize(data)
+    assert cb2.id == cb.id
+    enc = kvcomp.Codec(kind="key", num_tokens=T, head_dim=D, error_bound=0.05, codebook=cb)
+    dec = kvcomp.Codec(kind="key", num_tokens=T, head_dim=D, error_bound=0.05, codebook=cb2)
+    blocks = enc.encode(x)
+    np.testing.assert_array_equal(dec.decode(blocks), enc.decode(blocks))
+    assert any(kvcomp.block_info(blocks.block(i))["encoding"] == kvcomp.ENCODING_HUFFMAN
+               for i in range(len(blocks)))
+    assert cb.code_length(0) > 0
+
+
+def test_histogram_counts():
+    h = kvcomp.Histogram()
+    h.add_counts(-2, [1, 2, 3, 4, 5])
+    assert h.total == 15
+    cb = kvcomp.Codebook.build(h)
+    assert cb.code_length(2) > 0 and cb.code_length(100) == 0
+
+
+def test_errors_raise_with_status_and_message():
+    with pytest.raises(kvcomp.KvcompError) as e:
+        kvcomp.Codec(kind="key", num_tokens=0, head_dim=D)
+    assert e.value.status == 100 and "num_tokens" in str(e.value)
+    with pytest.raises(kvcomp.KvcompError) as e:
+        kvcomp.Codebook.deserialize(b"\x00" * 7)
+    assert e.value.status in (200, 202)
+    x = _cache(64)
+    x[3, 1, 5] = np.inf
+    codec = kvcomp.Codec(kind="key", num_tokens=T, head_dim=D)
+    with pytest.raises(kvcomp.KvcompError) as e:
+        codec.encode(x)
+    assert e.value.status == 105
+
+
+def test_corrupt_block_is_an_error_not_a_crash():
+    x = _cache(64)
+    codec = kvcomp.Codec(kind="key", num_tokens=T, head_dim=D, error_bound=0.05)
+    blocks = codec.encode(x)
+    blocks.data[blocks.offsets[0] + 16] ^= 0xFF  # the block length field
+    with pytest.raises(kvcomp.KvcompError) as e:
+        codec.decode(blocks)
+    assert 200 <= e.value.status < 300
+
+
+def test_shape_checks():
+    codec = kvcomp.Codec(kind="key", num_tokens=T, head_dim=D)
+    with pytest.raises(ValueError):
+        codec.encode(np.zeros((100, H, D), np.float16))  # not whole blocks
+    with pytest.raises(ValueError):
+        codec.encode(np.zeros((64, H, 32), np.float16))  # head_dim
+    with pytest.raises(TypeError):
+        codec.encode(np.zeros((64, H, D), np.float64))

