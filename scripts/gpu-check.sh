@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
 # The one-command GPU check: on a machine with a CUDA GPU (no network needed), configure for
-# sm_90, build, run every GPU test, run compute-sanitizer (memcheck, racecheck) on a fast
+# sm_90, build, run every GPU test, run compute-sanitizer (memcheck, racecheck, synccheck) on a fast
 # subset, run the GPU benchmarks with their baselines, and print a summary table last.
 #
 #   scripts/gpu-check.sh --prepare   # on a machine with GoogleTest's sources (Debian: googletest)
@@ -53,11 +53,11 @@ log "$tests_line (skipped: $skipped)"
 
 sanitizer_summary=""
 if command -v compute-sanitizer > /dev/null; then
-  for tool in memcheck racecheck; do
+  for tool in memcheck racecheck synccheck; do
     log "compute-sanitizer --tool $tool"
     compute-sanitizer --tool "$tool" --error-exitcode 9 \
       "$build/tests/gpu/gpu_tests" \
-      --gtest_filter='*Corrupt*:*Graph*:*NonFinite*:*LargeBlocks*' \
+      --gtest_filter='*Corrupt*:*Graph*:*NonFinite*:*LargeBlocks*:*Undersized*' \
       > "$out/sanitizer-$tool.log" 2>&1
     rc=$?
     sanitizer_summary+="$tool=$([[ $rc -eq 0 ]] && echo clean || echo "FAILED($rc)") "

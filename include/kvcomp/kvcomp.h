@@ -253,9 +253,12 @@ KVC_API kvc_status_t kvc_codec_max_block_bytes(kvc_codec_t codec, kvc_dtype src_
  * can fail for lack of space; otherwise every block is sized first and, if one does not fit,
  * the call fails with KVC_ERROR_BUFFER_TOO_SMALL having written nothing.
  * CUDA backend: src_blocks, dst_blocks and block_bytes are device arrays; asynchronous on
- * stream, no host synchronisation, graph-capturable. dst_capacity_bytes must be at least
- * kvc_codec_max_block_bytes(). A block whose input holds inf or NaN gets block_bytes[i] = 0
- * and no block is written for it. */
+ * stream, no host synchronisation, graph-capturable; the current device must be the codec's.
+ * dst_capacity_bytes must be at least kvc_codec_max_block_bytes(). A block whose input holds
+ * inf or NaN, or whose src/dst pointer is NULL (or dst not 4-byte aligned), gets
+ * block_bytes[i] = 0 and no block; the call itself returns KVC_SUCCESS. Block shapes whose
+ * working set exceeds the GPU's shared memory per thread block give KVC_ERROR_NOT_SUPPORTED at
+ * kvc_codec_create (e.g. K blocks of 256 x 256). */
 KVC_API kvc_status_t kvc_codec_encode(kvc_codec_t codec, int32_t num_blocks,
                                       const void* const* src_blocks, int64_t src_token_stride,
                                       kvc_dtype src_dtype, void* const* dst_blocks,
@@ -267,13 +270,16 @@ KVC_API kvc_status_t kvc_codec_encode(kvc_codec_t codec, int32_t num_blocks,
  *                  reads beyond min(src_bytes[i], the block's stated length).
  *   dst_blocks[i]: out, elements [num_tokens, head_dim] of dst_dtype, rows dst_token_stride
  *                  elements apart (>= head_dim).
- *   block_status[i]: out, may be NULL; the status of each block. The call returns the first
- *                  failure; blocks that decode are written either way.
+ *   block_status[i]: out, may be NULL on the CPU backend (required on CUDA); the status of
+ *                  each block. On the CPU the call returns the first failure; blocks that decode
+ *                  are written either way.
  * A corrupt block gives KVC_ERROR_CORRUPT_DATA (or a more specific data status), never a crash
  * or an out-of-bounds access; the destination of a block that fails is left unspecified.
- * CUDA backend: all arrays are device memory; asynchronous on stream, graph-capturable;
- * block_status is required and is the only report of data errors (the call itself returns
- * argument errors only). src_bytes may be the block_bytes array an encode call wrote. */
+ * CUDA backend: all arrays are device memory; asynchronous on stream, graph-capturable; the
+ * current device must be the codec's. block_status is required and is the only report of data
+ * errors (the call itself returns argument errors only); a NULL block pointer or a destination
+ * not aligned to its element size gives KVC_ERROR_INVALID_ARGUMENT there. src_bytes may be the
+ * block_bytes array an encode call wrote. */
 KVC_API kvc_status_t kvc_codec_decode(kvc_codec_t codec, int32_t num_blocks,
                                       const void* const* src_blocks, const uint32_t* src_bytes,
                                       kvc_dtype dst_dtype, void* const* dst_blocks,

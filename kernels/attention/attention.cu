@@ -10,6 +10,7 @@
 #include "core/error.hpp"
 #include "kernels/attention/attention.cuh"
 #include "kernels/attention/cuda_attention.hpp"
+#include "kernels/common/launch.cuh"
 
 namespace kvc::cuda {
 namespace k = kvc::kernels;
@@ -18,12 +19,6 @@ static_assert(sizeof(BlockLocation) == sizeof(k::BlockLocation));
 static_assert(sizeof(SequenceView) == sizeof(k::SequenceView));
 
 namespace {
-
-void check_cuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    fail(KVC_ERROR_CUDA, what, " failed: ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")");
-  }
-}
 
 template <class T, T... Values, class F>
 void dispatch(T value, const char* what, F&& f) {
@@ -44,9 +39,8 @@ void dispatch_shape(const AttentionShape& s, F&& f) {
 }
 
 int multiprocessors() {
-  int device = 0, count = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device),
+  int count = 0;
+  check_cuda(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, current_device()),
              "cudaDeviceGetAttribute");
   return count;
 }
@@ -74,18 +68,6 @@ k::AttentionParams params_for(const AttentionShape& s, const AttentionPlan& plan
   float* acc = static_cast<float*>(workspace);
   return {s.kv_heads, s.group, block_tokens, plan.units_per_split,   parts,
           s.scale,    queries, acc,          acc + rows * s.head_dim};
-}
-
-template <class Kernel, class... Args>
-void launch(Kernel kernel, dim3 grid, uint32_t threads, size_t smem, cudaStream_t stream,
-            Args... args) {
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
-  if (smem > 48 * 1024) {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-               "cudaFuncSetAttribute");
-  }
-  kernel<<<grid, threads, smem, stream>>>(args...);
-  check_cuda(cudaGetLastError(), "attention kernel launch");
 }
 
 void combine(const AttentionShape& s, const k::AttentionParams& P, void* out, cudaStream_t stream) {

@@ -10,17 +10,12 @@
 #include "kernels/codec/decode.cuh"
 #include "kernels/codec/encode.cuh"
 #include "kernels/codec/histogram.cuh"
+#include "kernels/common/launch.cuh"
 
 namespace kvc::cuda {
 namespace k = kvc::kernels;
 
 namespace {
-
-void check_cuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    fail(KVC_ERROR_CUDA, what, " failed: ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")");
-  }
-}
 
 // Runtime dtype -> compile-time constant; the one switch every launcher goes through.
 template <class F>
@@ -40,22 +35,11 @@ void dispatch_dtype(kvc_dtype dtype, F&& f) {
   }
 }
 
-// Raises a kernel's dynamic shared memory limit when it needs more than the default 48 KiB.
-template <class Kernel, class... Args>
-void launch(Kernel kernel, int32_t blocks, size_t smem, cudaStream_t stream, Args... args) {
-  if (blocks == 0) return;
-  if (smem > 48 * 1024) {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-               "cudaFuncSetAttribute");
-  }
-  kernel<<<blocks, k::kThreads, smem, stream>>>(args...);
-  check_cuda(cudaGetLastError(), "kernel launch");
-}
-
 }  // namespace
 
 class DeviceCodec {
  public:
+  int device = 0;
   k::Shape shape{};
   k::BookView book{};
   uint32_t* d_tables = nullptr;  // decode table, then per-index codes
@@ -87,6 +71,7 @@ DeviceCodecPtr create_device_codec(const CodecParams& p, const Codebook* codeboo
           " bytes of shared memory per thread block; this GPU allows ", smem_limit);
 
   DeviceCodecPtr d(new DeviceCodec);
+  d->device = device;
   d->shape = {p.is_value,       p.num_tokens, p.head_dim,    p.group_size,       p.num_groups,
               p.num_substreams, p.relative,   p.error_bound, uint32_t(p.entropy)};
   if (codebook != nullptr) {
@@ -112,11 +97,12 @@ DeviceCodecPtr create_device_codec(const CodecParams& p, const Codebook* codeboo
 void encode(const DeviceCodec& d, int32_t num_blocks, const void* const* d_src_blocks,
             int64_t src_token_stride, kvc_dtype src_dtype, void* const* d_dst_blocks,
             uint32_t* d_block_bytes, void* stream) {
+  require_device(d.device, "the CUDA codec");
   const k::Shape& sh = d.shape;
   const size_t smem =
       k::encode_smem_bytes(sh.num_tokens * sh.head_dim, sh.num_groups, sh.num_substreams);
   dispatch_dtype(src_dtype, [&](auto dt) {
-    launch(k::encode_kernel<decltype(dt)::value>, num_blocks, smem,
+    launch(k::encode_kernel<decltype(dt)::value>, dim3(num_blocks), k::kThreads, smem,
            static_cast<cudaStream_t>(stream), sh, d.book, d_src_blocks, src_token_stride,
            d_dst_blocks, d_block_bytes);
   });
@@ -125,21 +111,23 @@ void encode(const DeviceCodec& d, int32_t num_blocks, const void* const* d_src_b
 void decode(const DeviceCodec& d, int32_t num_blocks, const void* const* d_src_blocks,
             const uint32_t* d_src_bytes, kvc_dtype dst_dtype, void* const* d_dst_blocks,
             int64_t dst_token_stride, kvc_status_t* d_block_status, void* stream) {
+  require_device(d.device, "the CUDA codec");
   const k::Shape& sh = d.shape;
   dispatch_dtype(dst_dtype, [&](auto dt) {
-    launch(k::decode_kernel<decltype(dt)::value>, num_blocks, k::decode_smem_bytes(sh.num_groups),
-           static_cast<cudaStream_t>(stream), sh, d.book, d_src_blocks, d_src_bytes, d_dst_blocks,
-           dst_token_stride, d_block_status);
+    launch(k::decode_kernel<decltype(dt)::value>, dim3(num_blocks), k::kThreads,
+           k::decode_smem_bytes(sh.num_groups), static_cast<cudaStream_t>(stream), sh, d.book,
+           d_src_blocks, d_src_bytes, d_dst_blocks, dst_token_stride, d_block_status);
   });
 }
 
 void histogram(const DeviceCodec& d, int32_t num_blocks, const void* const* d_src_blocks,
                int64_t src_token_stride, kvc_dtype src_dtype, Histogram& histogram, void* stream) {
+  require_device(d.device, "the CUDA codec");
   const auto s = static_cast<cudaStream_t>(stream);
   const k::Shape& sh = d.shape;
   check_cuda(cudaMemsetAsync(d.d_counts, 0, sizeof(k::HistogramCounts), s), "cudaMemsetAsync");
   dispatch_dtype(src_dtype, [&](auto dt) {
-    launch(k::histogram_kernel<decltype(dt)::value>, num_blocks,
+    launch(k::histogram_kernel<decltype(dt)::value>, dim3(num_blocks), k::kThreads,
            k::QuantSmem::bytes(sh.num_tokens * sh.head_dim, sh.num_groups), s, sh, d_src_blocks,
            src_token_stride, d.d_counts);
   });

@@ -40,7 +40,11 @@ __global__ void __launch_bounds__(kThreads)
   const uint8_t* src = static_cast<const uint8_t*>(src_blocks[blockIdx.x]);
   void* dst = dst_blocks[blockIdx.x];
   if (tid == 0) {
-    status = check_block(sh, book, src, src_bytes[blockIdx.x], L);
+    // Pointers live in device memory, so only the kernel can check them.
+    const bool usable = src != nullptr && dst != nullptr &&
+                        reinterpret_cast<uintptr_t>(dst) % (OUT == KVC_DTYPE_FP32 ? 4 : 2) == 0;
+    status =
+        usable ? check_block(sh, book, src, src_bytes[blockIdx.x], L) : KVC_ERROR_INVALID_ARGUMENT;
     corrupt = 0;
   }
   __syncthreads();

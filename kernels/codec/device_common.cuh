@@ -145,8 +145,8 @@ __device__ void quantize_block(const Shape& sh, const void* src, int64_t stride,
       float hi = lo;
       for (uint32_t e = 1; e < sh.group_size; ++e) {
         const float x = f::bits_float(uint32_t(q.vals[sh.element_index(g, e)]));
-        lo = x < lo ? x : lo;
-        hi = hi < x ? x : hi;
+        lo = x < lo ? x : lo;  // the first of equal minima and the last of equal maxima,
+        hi = x < hi ? hi : x;  // as std::minmax_element picks them on the CPU
       }
       gs = f::relative_group_step(sh.error_bound, lo, hi);
     }

@@ -69,6 +69,12 @@ __global__ void __launch_bounds__(kThreads)
   uint32_t* stream_bits = reinterpret_cast<uint32_t*>(smem + QuantSmem::bytes(n, groups));
   const void* src = src_blocks[blockIdx.x];
   uint8_t* dst = static_cast<uint8_t*>(dst_blocks[blockIdx.x]);
+  // Pointers live in device memory, so the host could not check them: a missing or misaligned
+  // one gets size 0 (no block) rather than a fault that would take down the context.
+  if (src == nullptr || dst == nullptr || reinterpret_cast<uintptr_t>(dst) % 4 != 0) {
+    if (tid == 0) block_bytes[blockIdx.x] = 0;
+    return;
+  }
 
   if (tid == 0) st.escape_bits = 0;
   for (uint32_t s = tid; s < sh.num_substreams; s += blockDim.x) stream_bits[s] = 0;

@@ -289,9 +289,10 @@ kvc_status_t kvc_codec_encode(kvc_codec_t codec, int32_t num_blocks, const void*
     require_block_pointers(*codec, num_blocks, src_blocks, dst_blocks, /*check_alignment=*/true);
     if (codec->on_cuda()) {
       // Sizes are known only on the device: every block must fit whatever it becomes.
-      require(dst_capacity_bytes >= p.max_block_bytes(src_dtype), KVC_ERROR_BUFFER_TOO_SMALL,
-              "dst_capacity_bytes = ", dst_capacity_bytes, " but the CUDA backend needs ",
-              p.max_block_bytes(src_dtype), " (kvc_codec_max_block_bytes)");
+      require(num_blocks == 0 || dst_capacity_bytes >= p.max_block_bytes(src_dtype),
+              KVC_ERROR_BUFFER_TOO_SMALL, "dst_capacity_bytes = ", dst_capacity_bytes,
+              " but the CUDA backend needs ", p.max_block_bytes(src_dtype),
+              " (kvc_codec_max_block_bytes)");
 #if defined(KVC_WITH_CUDA)
       kvc::cuda::encode(*codec->device, num_blocks, src_blocks, src_token_stride, src_dtype,
                         dst_blocks, block_bytes, stream);

@@ -1,0 +1,69 @@
+// SPDX-License-Identifier: Apache-2.0
+// Host-side launch helpers shared by the .cu launchers: CUDA errors as kvc::Error, and kernel
+// launches that report their own status (never an earlier, unrelated error of the caller's).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "core/error.hpp"
+
+namespace kvc::cuda {
+
+inline void check_cuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    fail(KVC_ERROR_CUDA, what, " failed: ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")");
+  }
+}
+
+inline int current_device() {
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  return device;
+}
+
+// Objects holding device memory belong to the device that was current at their creation.
+inline void require_device(int device, const char* what) {
+  const int now = current_device();
+  require(now == device, KVC_ERROR_INVALID_ARGUMENT, what, " was created on device ", device,
+          " but device ", now, " is current");
+}
+
+// Raises a kernel's dynamic shared-memory limit to everything the device allows, once per kernel:
+// the limit is a property of the function, shared by every caller, so it is only ever raised
+// (lowering it for one codec could break another's launch or captured graph).
+template <class Kernel>
+void allow_large_shared_memory(Kernel kernel) {
+  static const cudaError_t raised = [&] {
+    int optin = 0;
+    cudaFuncAttributes attributes{};
+    cudaError_t e =
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, current_device());
+    if (e == cudaSuccess) e = cudaFuncGetAttributes(&attributes, kernel);
+    if (e == cudaSuccess) {
+      e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               optin - int(attributes.sharedSizeBytes));
+    }
+    return e;
+  }();
+  check_cuda(raised, "raising the kernel's shared-memory limit");
+}
+
+template <class T>
+struct Exactly {
+  using type = T;
+};
+
+// Enqueues kernel<<<grid, threads, smem, stream>>>(args...) and checks the launch itself. The
+// arguments are converted to the kernel's exact parameter types, which cudaLaunchKernel reads.
+template <class... Params>
+void launch(void (*kernel)(Params...), dim3 grid, uint32_t threads, size_t smem,
+            cudaStream_t stream, typename Exactly<Params>::type... args) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+  if (smem > 48 * 1024) allow_large_shared_memory(kernel);
+  void* params[] = {&args...};
+  check_cuda(cudaLaunchKernel(reinterpret_cast<const void*>(kernel), grid, dim3(threads), params,
+                              smem, stream),
+             "kernel launch");
+}
+
+}  // namespace kvc::cuda
