@@ -104,9 +104,6 @@ kvc_status_t kvc_store_prefill(kvc_store_t store, int32_t sequence_id, int32_t f
             s.params().num_layers - first, "] from first_layer = ", first_layer);
     require(num_tokens >= 0, KVC_ERROR_INVALID_ARGUMENT, "num_tokens = ", num_tokens,
             " is negative");
-    require(s.length(sequence_id, first) + uint64_t(num_tokens) <= INT32_MAX,
-            KVC_ERROR_INVALID_ARGUMENT, "num_tokens = ", num_tokens,
-            " would take the sequence past 2^31 - 1 tokens");
     if (num_tokens == 0) return;
     require_not_null(h_keys, "h_keys");
     require_not_null(h_values, "h_values");

@@ -97,7 +97,8 @@ StoreParams StoreParams::from_config(const kvc_store_config& c) {
 Store::Store(const StoreParams& params)
     : p_(params),
       pool_(new uint8_t[size_t(params.num_pages) * params.page_bytes]),
-      books_(size_t(params.num_layers) * 2) {
+      books_(size_t(params.num_layers) * 2),
+      compressed_(params.num_layers, false) {
   free_pages_.reserve(p_.num_pages);
   for (uint32_t i = p_.num_pages; i-- > 0;) free_pages_.push_back(i);  // page 0 on top
 }
@@ -132,10 +133,8 @@ uint32_t Store::length(int32_t id, uint32_t layer) const {
 }
 
 void Store::set_codebook(uint32_t layer, uint32_t kind, std::shared_ptr<const Codebook> book) {
-  for (const auto& [id, layers] : sequences_) {
-    require(layers[layer].num_blocks == 0, KVC_ERROR_INVALID_ARGUMENT, "layer ", layer,
-            " has compressed blocks already: its codebooks are frozen");
-  }
+  require(!compressed_[layer], KVC_ERROR_INVALID_ARGUMENT, "layer ", layer,
+          " has compressed blocks already: its codebooks are frozen");
   books_[layer * 2 + kind] = std::move(book);
 }
 
@@ -151,21 +150,27 @@ struct Store::Update {
   std::vector<uint8_t> tail_k, tail_v;       // and their rows
 };
 
+bool Store::finite_rows(const uint8_t* rows, size_t tokens) const {
+  const size_t bytes = tokens * p_.token_bytes();
+  for (size_t i = 0; i < bytes; i += 2) {
+    if (!std::isfinite(load_value(rows + i, p_.dtype))) return false;
+  }
+  return true;
+}
+
 Store::Update Store::plan_update(int32_t id, uint32_t layer, uint32_t num_tokens,
                                  const uint8_t* keys, const uint8_t* values,
                                  size_t row_stride) const {
   const LayerCache& cache = layer_cache(id, layer);
+  require(length(id, layer) + uint64_t(num_tokens) <= INT32_MAX, KVC_ERROR_INVALID_ARGUMENT,
+          "sequence ", id, " layer ", layer, " would hold more than 2^31 - 1 tokens");
   const size_t row = p_.token_bytes();
   Update u{id, layer, 0, cache.tail_k, cache.tail_v, {}, 0, {}, {}};
   for (uint32_t t = 0; t < num_tokens; ++t) {
     const uint8_t* k = keys + t * row_stride;
     const uint8_t* v = values + t * row_stride;
-    for (size_t i = 0; i < row; i += 2) {
-      require(
-          std::isfinite(load_value(k + i, p_.dtype)) && std::isfinite(load_value(v + i, p_.dtype)),
-          KVC_ERROR_NONFINITE_INPUT, "sequence ", id, " layer ", layer, " token ", t,
-          " holds inf or NaN (inputs must be finite)");
-    }
+    require(finite_rows(k, 1) && finite_rows(v, 1), KVC_ERROR_NONFINITE_INPUT, "sequence ", id,
+            " layer ", layer, " token ", t, " holds inf or NaN (inputs must be finite)");
     u.rows_k.insert(u.rows_k.end(), k, k + row);
     u.rows_v.insert(u.rows_v.end(), v, v + row);
   }
@@ -275,6 +280,9 @@ void Store::commit(Transaction& tx) {
   for (const auto& [layer, books] : tx.books) {
     books_[layer * 2] = books[0];
     books_[layer * 2 + 1] = books[1];
+  }
+  for (const Update& u : tx.updates) {
+    if (u.full_blocks > 0) compressed_[u.layer] = true;
   }
 }
 
@@ -498,13 +506,10 @@ int32_t Store::restore(const uint8_t* data, size_t size) {
     require(r.u32() == v, KVC_ERROR_CONFIG_MISMATCH,
             "serialized sequence: written by a store of another configuration");
   }
-  for (size_t i = 0; i < books_.size(); ++i) {
-    const uint32_t present = r.u32(), id = r.u32();
-    require(!present || (books_[i] && books_[i]->id() == id), KVC_ERROR_CODEBOOK_MISMATCH,
-            "serialized sequence: layer ", i / 2, (i % 2 ? " V" : " K"),
-            " was encoded with codebook ", id, ", which this store does not have (import it)");
-  }
+  // The writer's codebooks: informative; each Huffman block names the one it needs.
+  for (size_t i = 0; i < books_.size() * 2; ++i) r.u32();
   Transaction tx;
+  std::vector<float> scratch(size_t(p_.block_tokens) * p_.head_dim);
   const size_t row = p_.token_bytes();
   for (uint32_t l = 0; l < p_.num_layers; ++l) {
     Update u{-1, l, r.u32(), {}, {}, {}, r.u32(), {}, {}};
@@ -523,13 +528,20 @@ int32_t Store::restore(const uint8_t* data, size_t size) {
               KVC_ERROR_CORRUPT_DATA, "serialized sequence: layer ", l,
               " holds a block that does not fit the store");
       require(b.encoding != f::kHuffman || (book && book->id() == b.codebook_id),
-              KVC_ERROR_CODEBOOK_MISMATCH, "serialized sequence: layer ", l,
-              " holds a block of another codebook");
+              KVC_ERROR_CODEBOOK_MISMATCH, "serialized sequence: layer ", l, " holds a block of",
+              " codebook ", b.codebook_id, ", which this store does not have (import it)");
+      try {  // a block that parses may still not decode: reject it now, not at the first read
+        cpu::decode_block(cp, book, block, bytes, KVC_DTYPE_FP32, scratch.data(), p_.head_dim);
+      } catch (const Error& e) {
+        fail(e.status(), "serialized sequence: layer ", l, ": ", e.what());
+      }
       u.blocks.emplace_back(block, block + bytes);
     }
     const size_t tail = size_t(u.tail_tokens) * row;
     const uint8_t* k = r.bytes(tail);
     const uint8_t* v = r.bytes(tail);
+    require(finite_rows(k, u.tail_tokens) && finite_rows(v, u.tail_tokens), KVC_ERROR_CORRUPT_DATA,
+            "serialized sequence: layer ", l, " has inf or NaN in its tail");
     u.tail_k.assign(k, k + tail);
     u.tail_v.assign(v, v + tail);
     tx.updates.push_back(std::move(u));

@@ -94,7 +94,8 @@ class Store {
     std::vector<std::pair<uint32_t, LayerBooks>> books;  // codebooks to freeze, by layer
   };
 
-  const std::vector<LayerCache>& sequence(int32_t id) const;  // throws for unknown ids
+  const std::vector<LayerCache>& sequence(int32_t id) const;   // throws for unknown ids
+  bool finite_rows(const uint8_t* rows, size_t tokens) const;  // [tokens, heads, dim] of dtype
   const LayerCache& layer_cache(int32_t id, uint32_t layer) const;
   Update plan_update(int32_t id, uint32_t layer, uint32_t num_tokens, const uint8_t* keys,
                      const uint8_t* values, size_t row_stride) const;
@@ -110,6 +111,7 @@ class Store {
   std::unique_ptr<uint8_t[]> pool_;                     // num_pages * page_bytes
   std::vector<uint32_t> free_pages_;                    // a stack
   std::vector<std::shared_ptr<const Codebook>> books_;  // [layer * 2 + kind]
+  std::vector<bool> compressed_;  // [layer]: has compressed a block, so its codebooks are frozen
   std::map<int32_t, std::vector<LayerCache>> sequences_;
   int32_t next_id_ = 0;
 };

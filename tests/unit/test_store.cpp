@@ -8,6 +8,7 @@
 #include <map>
 #include <random>
 
+#include "codec/codebook.hpp"
 #include "test_support.hpp"
 
 namespace kvc::test {
@@ -502,6 +503,93 @@ TEST(Store, PageSlackIsSmallAtLongContext) {
       "(ratio %.2f, page slack %.2f%%)\n",
       total / 32768, double(st.dense_bytes) / 32768, double(st.dense_bytes) / total, 100 * slack);
   kvc_store_destroy(s);
+}
+
+}  // namespace
+}  // namespace kvc::test
+
+namespace kvc::test {
+namespace {
+
+// Recomputes a serialized sequence's trailing checksum after an edit.
+void reseal(std::vector<uint8_t>& bytes) {
+  format::store_u32(&bytes[bytes.size() - 4], fnv1a32(bytes.data(), bytes.size() - 4));
+}
+
+TEST(Store, RestoreDecodesEveryBlockAndChecksTails) {
+  Shape sh;
+  sh.layers = 1;
+  StoreHandle store(store_config(sh, 1 << 20));
+  std::mt19937 rng(4);
+  int32_t id;
+  ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
+  Rows k = random_rows(rng, 11, sh), v = random_rows(rng, 11, sh);
+  ASSERT_EQ(kvc_store_prefill(store.s, id, 0, 1, 11, k.bits.data(), v.bits.data()), KVC_SUCCESS);
+  size_t n = 0;
+  ASSERT_EQ(kvc_store_serialized_size(store.s, id, &n), KVC_SUCCESS);
+  std::vector<uint8_t> good(n);
+  ASSERT_EQ(kvc_store_serialize(store.s, id, good.data(), n, &n), KVC_SUCCESS);
+  // Layout: magic, version, 12 fingerprint words, 2 codebook pairs, num_blocks, tail_tokens,
+  // then the first block's byte count and the block.
+  const size_t first_block = 4 * (2 + 12 + 4 + 2 + 1);
+  const kvc_block_info info =
+      kvcomp::inspect({good.data() + first_block, good.size() - first_block});
+  ASSERT_EQ(info.encoding, KVC_ENCODING_HUFFMAN);
+  int32_t copy = -1;
+  // Damage behind a valid header, under a valid checksum: sub-stream 0 emptied (its end set to
+  // 0, still in order), so its symbols run past it. Only decoding finds that.
+  std::vector<uint8_t> bad = good;
+  const uint8_t* block = bad.data() + first_block;
+  ASSERT_EQ(format::load_u8(block + 6) & 2u, 0u) << "absolute bounds: one f32 step";
+  const uint32_t center_bits = format::load_u8(block + 28);
+  const size_t ends = first_block + 32 + 4 + (16 * center_bits + 31) / 32 * 4;
+  ASSERT_GT(format::load_u16(bad.data() + ends), 0u);
+  format::store_u16(bad.data() + ends, 0);
+  reseal(bad);
+  kvc_block_info parsed = KVC_BLOCK_INFO_INIT;
+  ASSERT_EQ(kvc_block_inspect(bad.data() + first_block, info.block_bytes, &parsed), KVC_SUCCESS)
+      << "the header still parses";
+  EXPECT_EQ(kvc_store_restore(store.s, bad.data(), bad.size(), &copy), KVC_ERROR_CORRUPT_DATA);
+  EXPECT_NE(std::string(kvc_last_error()).find("sub-stream"), std::string::npos)
+      << kvc_last_error();
+  // A NaN in the tail.
+  std::vector<uint8_t> nan_tail = good;
+  format::store_u16(&nan_tail[nan_tail.size() - 8], 0x7E00);
+  reseal(nan_tail);
+  EXPECT_EQ(kvc_store_restore(store.s, nan_tail.data(), nan_tail.size(), &copy),
+            KVC_ERROR_CORRUPT_DATA);
+  EXPECT_EQ(copy, -1);
+}
+
+TEST(Store, TailOnlySequencesNeedNoCodebookAndFrozenStaysFrozen) {
+  Shape sh;
+  sh.layers = 1;
+  StoreHandle store(store_config(sh, 1 << 20));
+  std::mt19937 rng(6);
+  int32_t id;
+  ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
+  Rows k = random_rows(rng, 20, sh), v = random_rows(rng, 20, sh);
+  ASSERT_EQ(kvc_store_prefill(store.s, id, 0, 1, 20, k.bits.data(), v.bits.data()), KVC_SUCCESS);
+  // A short sequence, only a tail: restorable into a store that has no codebooks.
+  int32_t short_id;
+  ASSERT_EQ(kvc_store_add_sequence(store.s, &short_id), KVC_SUCCESS);
+  ASSERT_EQ(kvc_store_prefill(store.s, short_id, 0, 1, 3, k.bits.data(), v.bits.data()),
+            KVC_SUCCESS);
+  size_t n = 0;
+  ASSERT_EQ(kvc_store_serialized_size(store.s, short_id, &n), KVC_SUCCESS);
+  std::vector<uint8_t> bytes(n);
+  ASSERT_EQ(kvc_store_serialize(store.s, short_id, bytes.data(), n, &n), KVC_SUCCESS);
+  StoreHandle fresh(store_config(sh, 1 << 20));
+  int32_t copy = -1;
+  EXPECT_EQ(kvc_store_restore(fresh.s, bytes.data(), bytes.size(), &copy), KVC_SUCCESS)
+      << kvc_last_error();
+  // Freeing every sequence does not unfreeze the layer's codebooks.
+  ASSERT_EQ(kvc_store_free_sequence(store.s, id), KVC_SUCCESS);
+  ASSERT_EQ(kvc_store_free_sequence(store.s, short_id), KVC_SUCCESS);
+  kvc_codebook_t book = nullptr;
+  ASSERT_EQ(kvc_store_get_codebook(store.s, 0, KVC_KIND_KEY, &book), KVC_SUCCESS);
+  EXPECT_EQ(kvc_store_set_codebook(store.s, 0, KVC_KIND_KEY, book), KVC_ERROR_INVALID_ARGUMENT);
+  kvc_codebook_destroy(book);
 }
 
 }  // namespace
