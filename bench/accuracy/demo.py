@@ -80,7 +80,7 @@ def main(argv=None):
     ap.add_argument("--window-tokens", type=int, default=1024)
     ap.add_argument("--settings", nargs="+", default=None)
     ap.add_argument("--prompt", default=PROMPT)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=100)
     ap.add_argument("--no-generate", action="store_true")
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", default=None, help="write the results as JSON here")

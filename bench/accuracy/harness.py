@@ -103,12 +103,15 @@ class Accumulator:
         return r
 
 
-def evaluate(model, ids, settings, windows, window_tokens, progress=True, log=None):
-    """Runs fp16 and every setting over the same windows; returns a list of result dicts."""
+def evaluate(model, ids, settings, windows, window_tokens, progress=True, log=None,
+             start_window=0):
+    """Runs fp16 and every setting over the same windows (windows start_window, ...,
+    start_window + windows - 1); returns a list of result dicts. kvcomp's codebooks are
+    trained on the first window evaluated (its prefill) and frozen for the others."""
     policies = [make_policy(s) for s in settings]
     ref = Accumulator("fp16")
     accs = [Accumulator(s) for s in settings]
-    need = windows * window_tokens
+    need = (start_window + windows) * window_tokens
     if len(ids) < need:
         raise ValueError(f"text has {len(ids)} tokens, {need} needed")
     bar = None
@@ -116,7 +119,7 @@ def evaluate(model, ids, settings, windows, window_tokens, progress=True, log=No
         from tqdm import tqdm
         bar = tqdm(total=windows * (1 + len(settings)), unit="pass", desc="forward passes",
                    file=sys.stderr)
-    for w in range(windows):
+    for w in range(start_window, start_window + windows):
         x = np.asarray(ids[w * window_tokens:(w + 1) * window_tokens], dtype=np.int64)
         targets = x[1:]
         base = FP16Cache()
@@ -133,7 +136,7 @@ def evaluate(model, ids, settings, windows, window_tokens, progress=True, log=No
             if bar:
                 bar.update(1)
         if log:
-            log(w, [ref.result()] + [a.result(ref) for a in accs])
+            log(w - start_window, [ref.result()] + [a.result(ref) for a in accs])
     if bar:
         bar.close()
     results = [ref.result()] + [a.result(ref) for a in accs]
@@ -174,6 +177,8 @@ def main(argv=None):
     ap.add_argument("--data", default=None, help="wiki.test.raw (default ../shared/data/..., "
                     "or $KVCOMP_WIKITEXT)")
     ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--start-window", type=int, default=0,
+                    help="first window (to split a run over processes; see merge.py)")
     ap.add_argument("--window-tokens", type=int, default=1024)
     ap.add_argument("--settings", nargs="+", default=["kvcomp:k=0.1,v=0.1", "kivi:2", "kivi:4",
                                                       "int8"])
@@ -190,11 +195,12 @@ def main(argv=None):
         if out:
             out.write_text(json.dumps(dict(meta=dict(machine_info(), windows_done=w + 1,
                                                      window_tokens=a.window_tokens,
+                                                     start_window=a.start_window,
                                                      model=model.hp.name),
                                            results=res), indent=1))
 
     res = evaluate(model, ids, a.settings, a.windows, a.window_tokens,
-                   progress=not a.no_progress, log=log)
+                   progress=not a.no_progress, log=log, start_window=a.start_window)
     print(format_table(res))
     return res
 

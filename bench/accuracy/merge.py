@@ -1,0 +1,67 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Merges harness results over disjoint windows (one run split over processes with
+--start-window) into one result set: sums of log-likelihoods, KL, top-1 hits and bytes.
+
+    python bench/accuracy/merge.py a.json b.json --out merged.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def merge(parts):
+    out = {}
+    order = []
+    for part in parts:
+        for r in part["results"]:
+            s = r["setting"]
+            if s not in out:
+                order.append(s)
+                out[s] = dict(setting=s, tokens=0, nll=0.0, kl=0.0, top1=0.0, bytes=0.0,
+                              fp16_bytes=0.0, seconds=0.0, ref_nll=0.0)
+            m = out[s]
+            n = r["tokens"]
+            m["tokens"] += n
+            m["nll"] += math.log(r["ppl"]) * n
+            m["bytes"] += r["bytes"]
+            m["fp16_bytes"] += r["fp16_bytes"]
+            m["seconds"] += r["seconds"]
+            if "kl" in r:
+                m["kl"] += r["kl"] * n
+                m["top1"] += r["top1"] * n
+                m["ref_nll"] += math.log(r["ppl_fp16"]) * n
+    res = []
+    for s in order:
+        m = out[s]
+        n = m["tokens"]
+        r = dict(setting=s, tokens=n, ppl=math.exp(m["nll"] / n),
+                 ratio=m["fp16_bytes"] / m["bytes"], bytes=m["bytes"],
+                 fp16_bytes=m["fp16_bytes"], seconds=round(m["seconds"], 1))
+        if s != "fp16":
+            r["ppl_fp16"] = math.exp(m["ref_nll"] / n)
+            r["kl"] = m["kl"] / n
+            r["top1"] = m["top1"] / n
+            r["dppl_pct"] = 100.0 * (r["ppl"] / r["ppl_fp16"] - 1.0)
+        res.append(r)
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("parts", nargs="+")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    parts = [json.loads(Path(p).read_text()) for p in a.parts]
+    meta = dict(parts[0]["meta"])
+    meta["windows_done"] = sum(p["meta"]["windows_done"] for p in parts)
+    meta["parts"] = [dict(start_window=p["meta"].get("start_window", 0),
+                          windows=p["meta"]["windows_done"]) for p in parts]
+    meta.pop("start_window", None)
+    Path(a.out).write_text(json.dumps(dict(meta=meta, results=merge(parts)), indent=1))
+
+
+if __name__ == "__main__":
+    main()
