@@ -104,7 +104,7 @@ class KvcompCache:
     """kvcomp through its C ABI. eb_k / eb_v: error bounds (None: keep that tensor fp16)."""
 
     def __init__(self, eb_k, eb_v, block_tokens=64, value_group_size=0, bound_mode="relative",
-                 entropy="auto", name=None):
+                 entropy="auto", name=None, num_substreams=0, fp16_layers=()):
         import kvcomp
 
         self.kvcomp = kvcomp
@@ -115,6 +115,8 @@ class KvcompCache:
         self.bound_mode = (bound_mode if isinstance(bound_mode, dict)
                            else {"key": bound_mode, "value": bound_mode})
         self.entropy = entropy
+        self.num_substreams = num_substreams
+        self.fp16_layers = set(fp16_layers)  # layers whose cache stays fp16
         self.codecs = {}   # (layer, kind) -> (codec, codebook bytes)
         self.name = name or f"kvcomp K{eb_k} V{eb_v}"
         self.stats = {"blocks": 0, "huffman": 0, "fixed": 0, "raw": 0}
@@ -125,7 +127,8 @@ class KvcompCache:
             kv = self.kvcomp
             args = dict(kind=kind, num_tokens=self.T, head_dim=x.shape[2],
                         error_bound=self.eb[kind], bound_mode=self.bound_mode[kind],
-                        value_group_size=self.vgs if kind == "value" else 0)
+                        value_group_size=self.vgs if kind == "value" else 0,
+                        num_substreams=self.num_substreams)
             cb = None
             if self.entropy != "fixed":
                 # Prefill: the first window's complete blocks train this (layer, kind)'s codebook.
@@ -140,7 +143,7 @@ class KvcompCache:
 
     def _roundtrip(self, layer, kind, x):
         """x [n, Hk, d] fp16 -> (decoded copy, bytes held for x at the window's end)."""
-        if self.eb[kind] is None:
+        if self.eb[kind] is None or layer in self.fp16_layers:
             return None, x.nbytes
         n_full = (x.shape[0] // self.T) * self.T
         out = x.copy()  # the tail (< T tokens) stays fp16
@@ -244,7 +247,8 @@ class GenerationCache:
             tail = self.tail[layer][kind]
             if len(tail) == self.T:
                 blk = np.concatenate(tail, 0)
-                if self.kv is None or self.kv.eb[kind] is None:
+                if (self.kv is None or self.kv.eb[kind] is None
+                        or layer in self.kv.fp16_layers):
                     self.done[layer][kind].append(blk)
                     self.bytes += blk.nbytes
                 else:

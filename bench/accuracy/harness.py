@@ -8,8 +8,12 @@ KV cache, on WikiText-2; plus the compression ratio with everything counted.
 
 The text is cut into consecutive non-overlapping windows; each window is a fresh sequence
 evaluated on all its next-token predictions. Settings are given as
-  fp16 | kvcomp:k=EB,v=EB[,t=64][,vg=0][,entropy=auto] | kivi:BITS[,g=32][,r=128] | int8
-where EB is a relative error bound (or "none" to keep that tensor fp16).
+  fp16 | kvcomp:k=EB,v=EB[,kmode=rel|abs][,vmode=rel|abs][,t=64][,vg=0][,ns=0]
+                  [,entropy=auto][,fp16layers=0+1] | kivi:BITS[,g=32][,r=128] | int8
+where EB is an error bound, relative to each quantization group's range (rel, the default) or
+absolute (abs), or "none" to keep that tensor fp16; t: tokens per block; vg: V channels per
+group; ns: Huffman sub-streams per block (0 = the library's choice); fp16layers: layers whose
+cache stays fp16.
 """
 from __future__ import annotations
 
@@ -52,6 +56,9 @@ def make_policy(spec: str):
         return KvcompCache(eb(opts.get("k")), eb(opts.get("v")), block_tokens=int(opts.get("t", 64)),
                            value_group_size=int(opts.get("vg", 0)),
                            entropy=opts.get("entropy", "auto"), name=spec,
+                           num_substreams=int(opts.get("ns", 0)),
+                           fp16_layers=[int(i) for i in opts.get("fp16layers", "").split("+")
+                                        if i],
                            bound_mode={"key": MODES[opts.get("kmode", opts.get("mode", "rel"))],
                                        "value": MODES[opts.get("vmode", opts.get("mode", "rel"))]})
     if kind == "kivi":
