@@ -87,16 +87,29 @@ def mixed_attention(q, k_fp, v_fp, k_q=None, v_q=None, k_block=0, v_block=0, v_w
     return out.reshape(H, n, d).transpose(1, 0, 2)
 
 
+def _prefix_sums(n):
+    """sum over t = 1..n of t: the fp16 bytes summed over the window's prefixes, per byte of
+    one token."""
+    return n * (n + 1) // 2
+
+
 class FP16Cache:
     name = "fp16"
 
     def begin_window(self, n):
+        # bytes: held at the window's end. *_time: summed over every prefix length t = 1..n
+        # (the cache as generation holds it after each step), for a time-averaged ratio.
         self.bytes = 0
         self.fp16_bytes = 0
+        self.bytes_time = 0
+        self.fp16_time = 0
 
     def attend(self, layer, q, k, v):
+        n = k.shape[0]
         self.fp16_bytes += k.nbytes + v.nbytes
         self.bytes += k.nbytes + v.nbytes
+        self.fp16_time += _prefix_sums(n) * (k.nbytes + v.nbytes) // n
+        self.bytes_time += _prefix_sums(n) * (k.nbytes + v.nbytes) // n
         return mixed_attention(q, k, v)
 
 
@@ -137,22 +150,31 @@ class KvcompCache:
             self.codecs[key] = (codec, cb.serialized_size if cb is not None else 0)
         return self.codecs[key]
 
-    def begin_window(self, n):
-        self.bytes = 0
-        self.fp16_bytes = 0
+    begin_window = FP16Cache.begin_window
 
     def _roundtrip(self, layer, kind, x):
-        """x [n, Hk, d] fp16 -> (decoded copy, bytes held for x at the window's end)."""
+        """x [n, Hk, d] fp16 -> (decoded copy, bytes held for x at the window's end).
+        Also adds to bytes_time the bytes held after each step t = 1..n: the blocks completed
+        by then (a block is compressed as soon as it is full) plus the fp16 tail."""
+        n = x.shape[0]
+        row = x.shape[1] * x.shape[2] * F16  # fp16 bytes of one token
         if self.eb[kind] is None or layer in self.fp16_layers:
+            self.bytes_time += _prefix_sums(n) * row
             return None, x.nbytes
-        n_full = (x.shape[0] // self.T) * self.T
+        n_full = (n // self.T) * self.T
         out = x.copy()  # the tail (< T tokens) stays fp16
-        held = (x.shape[0] - n_full) * x.shape[1] * x.shape[2] * F16
+        held = (n - n_full) * row
+        t = np.arange(1, n + 1)
+        done = t // self.T                       # blocks complete after step t
+        self.bytes_time += int(((t - done * self.T) * row).sum())
         if n_full:
             codec, cb_bytes = self._codec(layer, kind, x[:n_full])
             blocks = codec.encode(x[:n_full])
             codec.decode(blocks, out=out[:n_full])
             held += blocks.nbytes + cb_bytes
+            per_block = blocks.sizes.reshape(n_full // self.T, -1).sum(1, dtype=np.int64)
+            cum = np.concatenate([[0], np.cumsum(per_block)])
+            self.bytes_time += int(cum[done].sum()) + int((done > 0).sum()) * cb_bytes
             self.stats["blocks"] += len(blocks)
             enc = blocks.data[blocks.offsets + 5]  # header byte 5: encoding (format.md §3)
             for e, nm in ((2, "huffman"), (1, "fixed"), (0, "raw")):
@@ -164,6 +186,7 @@ class KvcompCache:
         v_hat, vb = self._roundtrip(layer, "value", v)
         self.bytes += kb + vb
         self.fp16_bytes += k.nbytes + v.nbytes
+        self.fp16_time += _prefix_sums(k.shape[0]) * (k.nbytes + v.nbytes) // k.shape[0]
         return mixed_attention(q, k, v, k_hat, v_hat, k_block=self.T, v_block=self.T)
 
 
@@ -184,9 +207,15 @@ class KiviCache:
         self.bits, self.G, self.R = bits, group, residual
         self.name = name or f"KIVI-{bits}"
 
-    def begin_window(self, n):
-        self.bytes = 0
-        self.fp16_bytes = 0
+    begin_window = FP16Cache.begin_window
+
+    def held_bytes(self, t, Hk, d):
+        """Bytes KIVI holds for one layer's K+V after t tokens (t may be an array)."""
+        R, G = self.R, self.G
+        per_group = G * self.bits / 8 + 2 * F16
+        nk = (t // R) * R
+        nv = np.maximum(0, t - R)
+        return ((nk + nv) * Hk * d / G * per_group + ((t - nk) + (t - nv)) * Hk * d * F16)
 
     def attend(self, layer, q, k, v):
         n, Hk, d = k.shape
@@ -200,28 +229,26 @@ class KiviCache:
             k_q[:nk] = quantize_minmax(kg, b, axis=1).reshape(nk, Hk, d)
         # V: per token over groups of G channels (every token; the window picks fp16 ones).
         v_q = quantize_minmax(vf.reshape(n, Hk, d // G, G), b, axis=3).reshape(n, Hk, d)
-        nv = max(0, n - R)
-        elems_per_group_bytes = G * b / 8 + 2 * F16
-        held_k = nk * Hk * d / G * elems_per_group_bytes + (n - nk) * Hk * d * F16
-        held_v = nv * Hk * d / G * elems_per_group_bytes + (n - nv) * Hk * d * F16
-        self.bytes += held_k + held_v
+        self.bytes += float(self.held_bytes(n, Hk, d))
+        self.bytes_time += float(self.held_bytes(np.arange(1, n + 1), Hk, d).sum())
         self.fp16_bytes += k.nbytes + v.nbytes
+        self.fp16_time += _prefix_sums(n) * (k.nbytes + v.nbytes) // n
         return mixed_attention(q, k, v, k_q, v_q, k_block=R, v_window=R)
 
 
 class Int8TokenCache:
     name = "int8 per-token"
 
-    def begin_window(self, n):
-        self.bytes = 0
-        self.fp16_bytes = 0
+    begin_window = FP16Cache.begin_window
 
     def attend(self, layer, q, k, v):
         n, Hk, d = k.shape
         k_q = quantize_minmax(k.astype(np.float32), 8, axis=2)
         v_q = quantize_minmax(v.astype(np.float32), 8, axis=2)
         self.bytes += 2 * n * Hk * (d + 2 * F16)
+        self.bytes_time += 2 * _prefix_sums(n) * Hk * (d + 2 * F16)
         self.fp16_bytes += k.nbytes + v.nbytes
+        self.fp16_time += _prefix_sums(n) * (k.nbytes + v.nbytes) // n
         return mixed_attention(q, k_q, v_q)
 
 

@@ -84,6 +84,8 @@ class Accumulator:
         self.n = 0
         self.bytes = 0.0
         self.fp16_bytes = 0.0
+        self.bytes_time = 0.0
+        self.fp16_time = 0.0
         self.seconds = 0.0
 
     def add(self, lp, lp_ref, targets, policy, seconds, p_ref=None):
@@ -97,13 +99,17 @@ class Accumulator:
         self.n += m
         self.bytes += policy.bytes
         self.fp16_bytes += policy.fp16_bytes
+        self.bytes_time += policy.bytes_time
+        self.fp16_time += policy.fp16_time
         self.seconds += seconds
 
     def result(self, ref=None):
         ppl = float(np.exp(self.nll / self.n))
         r = dict(setting=self.name, tokens=self.n, ppl=ppl,
                  ratio=self.fp16_bytes / self.bytes, bytes=self.bytes,
-                 fp16_bytes=self.fp16_bytes, seconds=round(self.seconds, 1))
+                 fp16_bytes=self.fp16_bytes, ratio_avg=self.fp16_time / self.bytes_time,
+                 bytes_time=self.bytes_time, fp16_time=self.fp16_time,
+                 seconds=round(self.seconds, 1))
         if ref is not None:
             r.update(ppl_fp16=ref.result()["ppl"], kl=self.kl / self.n, top1=self.top1 / self.n)
             r["dppl_pct"] = 100.0 * (ppl / r["ppl_fp16"] - 1.0)

@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """Figure and markdown tables for docs/accuracy.md from the harness's JSON results.
 
-    python bench/accuracy/plot.py bench/accuracy/results/sweep.json \
-        --headline bench/accuracy/results/headline.json --figure docs/accuracy_pareto.png
+    python bench/accuracy/plot.py --sweep bench/accuracy/results/sweep.json \
+        --headline bench/accuracy/results/headline.json bench/accuracy/results/final.json \
+        --figure docs/accuracy_pareto.png
 """
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ def label(setting: str) -> str:
         vm = "abs" if o.get("vmode", o.get("mode", "rel")) == "abs" else "rel"
         k = "fp16" if o.get("k", "none") == "none" else f"{km} {o['k']}"
         v = "fp16" if o.get("v", "none") == "none" else f"{vm} {o['v']}"
-        extra = "".join(f", {x}={o[x]}" for x in ("t", "vg") if x in o)
+        extra = f", T={o.get('t', 64)}"
+        extra += "".join(f", {x}={o[x]}" for x in ("vg", "ns") if x in o)
+        if "fp16layers" in o:
+            extra += f", layers {o['fp16layers'].replace('+', ',')} fp16"
         return f"kvcomp K {k}, V {v}{extra}"
     return {"kivi:2": "KIVI-2", "kivi:4": "KIVI-4", "int8": "int8 per-token",
             "fp16": "fp16"}.get(setting, setting)
@@ -34,54 +38,56 @@ def group(setting: str) -> str:
         return "kvcomp K only"
     if o.get("kmode", o.get("mode", "rel")) != "abs":
         return "kvcomp K rel"
-    return "kvcomp K+V"
+    return f"kvcomp K+V T={o.get('t', '64')}"
 
 
-def table(results, tokens_note=True) -> str:
-    rows = ["| setting | ratio | PPL | ΔPPL | mean KL (nats) | top-1 agreement |",
-            "|---|---:|---:|---:|---:|---:|"]
+def table(results) -> str:
+    avg = all("ratio_avg" in r for r in results)
+    rows = ["| setting | ratio | " + ("ratio, avg over steps | " if avg else "") +
+            "PPL | ΔPPL | mean KL (nats) | top-1 agreement |",
+            "|---|---:|" + ("---:|" if avg else "") + "---:|---:|---:|---:|"]
     for r in results:
+        a = f" {r['ratio_avg']:.2f} |" if avg else ""
         if r["setting"] == "fp16":
-            rows.append(f"| fp16 KV cache | 1.00 | {r['ppl']:.3f} | — | — | — |")
+            rows.append(f"| fp16 KV cache | 1.00 |{a} {r['ppl']:.3f} | — | — | — |")
             continue
-        rows.append(f"| {label(r['setting'])} | {r['ratio']:.2f} | {r['ppl']:.3f} | "
+        rows.append(f"| {label(r['setting'])} | {r['ratio']:.2f} |{a} {r['ppl']:.3f} | "
                     f"{r['dppl_pct']:+.2f}% | {r['kl']:.4f} | {100 * r['top1']:.2f}% |")
     return "\n".join(rows)
 
 
-def figure(results, path: Path, title: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+STYLES = {
+    "kvcomp K+V T=64": dict(color="tab:blue", marker="o", ls="-"),
+    "kvcomp K+V T=128": dict(color="navy", marker="o", ls="--", mfc="white"),
+    "kvcomp K only": dict(color="tab:cyan", marker="^", ls=":"),
+    "kvcomp V only": dict(color="tab:purple", marker="v", ls=":"),
+    "kvcomp K rel": dict(color="tab:gray", marker="s", ls="none"),
+    "kivi:2": dict(color="tab:red", marker="X", ls="none", ms=11),
+    "kivi:4": dict(color="tab:orange", marker="X", ls="none", ms=11),
+    "int8": dict(color="tab:green", marker="D", ls="none", ms=8),
+}
+NAMES = {"kvcomp K+V T=64": "kvcomp, T=64 (K abs, V rel bound)",
+         "kvcomp K+V T=128": "kvcomp, T=128, 4 sub-streams",
+         "kvcomp K only": "kvcomp K only (V fp16)", "kvcomp V only": "kvcomp V only (K fp16)",
+         "kvcomp K rel": "kvcomp, K rel bound", "kivi:2": "KIVI-2", "kivi:4": "KIVI-4",
+         "int8": "int8 per-token"}
 
-    styles = {
-        "kvcomp K+V": dict(color="tab:blue", marker="o", ls="-"),
-        "kvcomp K only": dict(color="tab:cyan", marker="^", ls=":"),
-        "kvcomp V only": dict(color="tab:purple", marker="v", ls=":"),
-        "kvcomp K rel": dict(color="tab:gray", marker="s", ls="none"),
-        "kivi:2": dict(color="tab:red", marker="X", ls="none", ms=11),
-        "kivi:4": dict(color="tab:orange", marker="X", ls="none", ms=11),
-        "int8": dict(color="tab:green", marker="D", ls="none", ms=8),
-    }
-    names = {"kvcomp K+V": "kvcomp (K abs, V rel bound)", "kvcomp K only": "kvcomp, K only",
-             "kvcomp V only": "kvcomp, V only", "kvcomp K rel": "kvcomp, K rel bound",
-             "kivi:2": "KIVI-2", "kivi:4": "KIVI-4", "int8": "int8 per-token"}
-    fig, ax = plt.subplots(figsize=(8, 5.2))
+
+def _panel(ax, results, title):
     by = {}
     for r in results:
         if r["setting"] != "fp16":
             by.setdefault(group(r["setting"]), []).append(r)
     for g, rs in by.items():
         rs = sorted(rs, key=lambda r: r["ratio"])
-        st = dict(styles.get(g, dict(marker="o")))
-        ax.plot([r["ratio"] for r in rs], [r["dppl_pct"] for r in rs], label=names.get(g, g),
-                **st)
-        if g == "kvcomp K+V":
+        ax.plot([r["ratio"] for r in rs], [r["dppl_pct"] for r in rs], label=NAMES.get(g, g),
+                **STYLES.get(g, dict(marker="o")))
+        if g.startswith("kvcomp K+V"):
             for r in rs:
                 o = dict(kv.split("=") for kv in r["setting"].split(":", 1)[1].split(","))
                 ax.annotate(f"K{o['k']}/V{o['v']}", (r["ratio"], r["dppl_pct"]),
-                            textcoords="offset points", xytext=(6, -10), fontsize=7,
-                            color="tab:blue")
+                            textcoords="offset points", xytext=(5, -11), fontsize=6.5,
+                            color=STYLES[g]["color"])
     ax.axhline(1.0, color="k", lw=0.6, ls="--")
     ax.axhline(3.0, color="k", lw=0.6, ls=":")
     ax.axvline(5.0, color="k", lw=0.6, ls="--")
@@ -90,34 +96,58 @@ def figure(results, path: Path, title: str):
     ticks = [-0.5, 0, 0.5, 1, 2, 3, 5, 10, 20, 40]
     ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
     ax.set_ylim(-0.6, max(45, max(r.get("dppl_pct", 0) for r in results) * 1.2))
-    ax.set_xlabel("compression ratio vs fp16 K+V (everything counted)")
+    ax.set_xlabel("compression ratio vs fp16 K+V (end of window, everything counted)")
     ax.set_ylabel("perplexity change vs fp16 cache (%)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left")
+
+
+def figure(panels, path: Path, suptitle: str):
+    """panels: [(results, title)], side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.2 * len(panels), 5.4), squeeze=False)
+    for ax, (results, title) in zip(axes[0], panels):
+        _panel(ax, results, title)
+    fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=120)
+
+
+def _load(paths):
+    """Results of one or more JSON files over the same windows (fp16 rows deduplicated)."""
+    res, meta = [], None
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        meta = meta or d["meta"]
+        res += [r for r in d["results"] if not (r["setting"] == "fp16" and res)]
+    return meta, res
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("sweep")
-    ap.add_argument("--headline", default=None)
+    ap.add_argument("--sweep", nargs="+", required=True, help="the error-bound sweep's JSON")
+    ap.add_argument("--headline", nargs="*", default=[],
+                    help="JSON files of the long run (same windows)")
     ap.add_argument("--figure", default="docs/accuracy_pareto.png")
     a = ap.parse_args(argv)
-    sweep = json.loads(Path(a.sweep).read_text())
-    m = sweep["meta"]
-    tok = sweep["results"][0]["tokens"]
-    figure(sweep["results"], Path(a.figure),
-           f"SmolLM2-135M-Instruct, WikiText-2 test: {m['windows_done']} windows x "
-           f"{m['window_tokens']} tokens ({tok} predictions), T = 64")
-    print(f"## sweep ({tok} predictions)\n")
-    print(table(sweep["results"]))
+    sm, sweep = _load(a.sweep)
+    panels = [(sweep, f"sweep: {sm['windows_done']} windows x {sm['window_tokens']} tokens "
+                      f"({sweep[0]['tokens']} predictions)")]
+    print(f"## sweep ({sweep[0]['tokens']} predictions)\n")
+    print(table(sweep))
     if a.headline:
-        h = json.loads(Path(a.headline).read_text())
-        print(f"\n## headline ({h['results'][0]['tokens']} predictions, "
-              f"{h['meta']['windows_done']} windows)\n")
-        print(table(h["results"]))
+        hm, head = _load(a.headline)
+        panels.append((head, f"{hm['windows_done']} windows x {hm['window_tokens']} tokens "
+                             f"({head[0]['tokens']} predictions)"))
+        print(f"\n## headline ({head[0]['tokens']} predictions)\n")
+        print(table(head))
+    figure(panels, Path(a.figure),
+           "SmolLM2-135M-Instruct (GGUF Q4_1), WikiText-2 test, KV cache through kvcomp vs "
+           "KIVI vs fp16")
 
 
 if __name__ == "__main__":

@@ -151,3 +151,8 @@ def test_harness_smoke(model, text):
     assert 0 <= kv["kl"] < 0.2 and kv["top1"] > 0.8 and abs(kv["dppl_pct"]) < 10
     assert 1.8 < by["int8"]["ratio"] < 1.9 and by["int8"]["kl"] < 0.01
     assert "ratio" in harness.format_table(res)
+    # Averaged over the window's prefixes, fp16 tails weigh in: below the end-of-window ratio.
+    assert by["fp16"]["ratio_avg"] == 1.0
+    assert 1.5 < kv["ratio_avg"] < kv["ratio"]
+    assert by["kivi:2"]["ratio_avg"] < by["kivi:2"]["ratio"]
+    assert abs(by["int8"]["ratio_avg"] - by["int8"]["ratio"]) < 1e-9
