@@ -131,11 +131,12 @@ void attention_compressed(const AttentionShape& s, const AttentionPlan& plan,
   const auto st = static_cast<cudaStream_t>(stream);
   dispatch_shape(s, [&](auto dt, auto d, auto g) {
     constexpr uint32_t D = decltype(d)::value, G = decltype(g)::value;
-    const size_t smem = (D * G + k::kWarps * (T * G + 2 * max_groups)) * sizeof(float);
+    const size_t per_warp = k::WarpState<G>::floats(T, D) + 2 * max_groups;
+    const size_t smem = (D * G + k::kWarps * per_warp) * sizeof(float);
     launch(k::attention_compressed_kernel<decltype(dt)::value, D, G>,
            dim3(plan.num_splits, s.kv_heads, s.num_sequences), k::kWarps * k::kLanes, smem, st, P,
            reinterpret_cast<const k::SequenceView*>(d_sequences), d_pool, page_bytes,
-           books.views[0], books.views[1], key.num_groups, value.group_size, value.num_groups);
+           books.views[0], books.views[1], value.group_size, max_groups);
   });
   combine(s, P, d_out, st);
 }
@@ -152,7 +153,7 @@ void attention_dense(const AttentionShape& s, const AttentionPlan& plan, uint32_
   const auto st = static_cast<cudaStream_t>(stream);
   dispatch_shape(s, [&](auto dt, auto d, auto g) {
     constexpr uint32_t D = decltype(d)::value, G = decltype(g)::value;
-    const size_t smem = (D * G + k::kWarps * T * G) * sizeof(float);
+    const size_t smem = (D * G + k::kWarps * k::WarpState<G>::floats(T, D)) * sizeof(float);
     launch(k::attention_dense_kernel<decltype(dt)::value, D, G>,
            dim3(plan.num_splits, s.kv_heads, s.num_sequences), k::kWarps * k::kLanes, smem, st, P,
            max_tokens, d_lengths, d_keys, d_values);

@@ -55,55 +55,85 @@ __device__ __forceinline__ uint32_t v_channel(uint32_t lane, uint32_t k, uint32_
 }
 
 // ---- One warp's online softmax ---------------------------------------------------------------
+// Everything indexed by token, channel or query head lives in the warp's shared memory: indices
+// that depend on the data (or on the runtime group) would otherwise put register arrays into
+// local memory. Each lane touches only its own tokens and channels.
 
-template <uint32_t D, uint32_t GMAX>
+template <uint32_t GMAX>
 struct WarpState {
-  static constexpr uint32_t kChannels = D / kLanes;
-  float m[GMAX], l[GMAX];
-  float acc[kChannels][GMAX];
+  float* p;    // [T, GMAX]: a unit's scores, then its probabilities
+  float* acc;  // [D, GMAX]: sum of p * v
+  float* m;    // [GMAX]: running max
+  float* l;    // [GMAX]: running sum
 
-  __device__ void init() {
-    for (uint32_t g = 0; g < GMAX; ++g) {
-      m[g] = -FLT_MAX;
-      l[g] = 0.0f;
-      for (uint32_t k = 0; k < kChannels; ++k) acc[k][g] = 0.0f;
+  static __host__ __device__ size_t floats(uint32_t tokens, uint32_t head_dim) {
+    return size_t(tokens + head_dim + 2) * GMAX;
+  }
+  __device__ static WarpState carve(float* base, uint32_t tokens, uint32_t head_dim) {
+    return {base, base + tokens * GMAX, base + (tokens + head_dim) * GMAX,
+            base + (tokens + head_dim + 1) * GMAX};
+  }
+
+  __device__ void init(uint32_t head_dim) {
+    const uint32_t lane = threadIdx.x % kLanes;
+    for (uint32_t i = lane; i < head_dim * GMAX; i += kLanes) acc[i] = 0.0f;
+    if (lane < GMAX) {
+      m[lane] = -FLT_MAX;
+      l[lane] = 0.0f;
+    }
+    __syncwarp();
+  }
+
+  // Zeroes the score slots of this lane's tokens [lane * tpl, (lane + 1) * tpl) below `valid`.
+  __device__ void clear_scores(uint32_t tpl, uint32_t valid, uint32_t group) {
+    const uint32_t lane = threadIdx.x % kLanes;
+    for (uint32_t t = lane * tpl; t < (lane + 1) * tpl && t < valid; ++t) {
+      for (uint32_t g = 0; g < group; ++g) p[t * GMAX + g] = 0.0f;
     }
   }
 
-  // Folds in one unit's scores (lane-owned tokens; invalid slots at -FLT_MAX): new max, rescale,
-  // probabilities into p[t * GMAX + g] for the V pass.
-  __device__ void absorb(const float (&s)[kMaxTokensPerLane][GMAX], uint32_t tokens_per_lane,
-                         uint32_t valid, uint32_t group, float* p) {
+  // Folds in a unit's scores (tokens below `valid`): new max, rescaled sums, and p turned into
+  // probabilities for the V pass. Lanes rescale the accumulators of their own channels.
+  __device__ void absorb(uint32_t tpl, uint32_t valid, uint32_t group, uint32_t head_dim,
+                         uint32_t group_size) {
     const uint32_t lane = threadIdx.x % kLanes;
+    const uint32_t first = lane * tpl, last = min((lane + 1) * tpl, valid);
+    __syncwarp();
     for (uint32_t g = 0; g < group; ++g) {
       float top = -FLT_MAX;
-      for (uint32_t i = 0; i < tokens_per_lane; ++i) top = fmaxf(top, s[i][g]);
+      for (uint32_t t = first; t < last; ++t) top = fmaxf(top, p[t * GMAX + g]);
       for (uint32_t off = 16; off > 0; off /= 2) top = fmaxf(top, __shfl_xor_sync(~0u, top, off));
-      const float m_new = fmaxf(m[g], top);
-      const float alpha = __expf(m[g] - m_new);
-      m[g] = m_new;
+      const float m_old = m[g];
+      const float m_new = fmaxf(m_old, top);
+      const float alpha = __expf(m_old - m_new);
       float sum = 0.0f;
-      for (uint32_t i = 0; i < tokens_per_lane; ++i) {
-        const uint32_t t = lane * tokens_per_lane + i;
-        const float e = t < valid ? __expf(s[i][g] - m_new) : 0.0f;
-        if (t < valid) p[t * GMAX + g] = e;
+      for (uint32_t t = first; t < last; ++t) {
+        const float e = __expf(p[t * GMAX + g] - m_new);
+        p[t * GMAX + g] = e;
         sum += e;
       }
       for (uint32_t off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(~0u, sum, off);
-      l[g] = l[g] * alpha + sum;
-      for (uint32_t k = 0; k < kChannels; ++k) acc[k][g] *= alpha;
+      for (uint32_t k = 0; k < head_dim / kLanes; ++k) {
+        acc[v_channel(lane, k, group_size) * GMAX + g] *= alpha;
+      }
+      __syncwarp();  // every lane has read m[g]
+      if (lane == 0) {
+        m[g] = m_new;
+        l[g] = l[g] * alpha + sum;
+      }
     }
     __syncwarp();
   }
 
   __device__ void write(const AttentionParams& P, uint32_t seq, uint32_t head, uint32_t part,
-                        uint32_t group_size) const {
+                        uint32_t head_dim) const {
     const uint32_t lane = threadIdx.x % kLanes;
     const uint32_t q_heads = P.kv_heads * P.group;
+    __syncwarp();
     for (uint32_t g = 0; g < P.group; ++g) {
       const size_t row = (size_t(seq) * q_heads + head * P.group + g) * P.num_parts + part;
-      for (uint32_t k = 0; k < kChannels; ++k) {
-        P.part_acc[row * D + v_channel(lane, k, group_size)] = acc[k][g];
+      for (uint32_t c = lane; c < head_dim; c += kLanes) {
+        P.part_acc[row * head_dim + c] = acc[c * GMAX + g];
       }
       if (lane == 0) {
         P.part_ml[row * 2] = m[g];
@@ -205,80 +235,69 @@ template <kvc_dtype DT, uint32_t D, uint32_t GMAX>
 __global__ void __launch_bounds__(kWarps* kLanes)
     attention_compressed_kernel(AttentionParams P, const SequenceView* sequences,
                                 const uint8_t* pool, size_t page_bytes, BookView key_book,
-                                BookView value_book, uint32_t key_groups, uint32_t value_group_size,
-                                uint32_t value_groups) {
+                                BookView value_book, uint32_t value_group_size,
+                                uint32_t max_groups) {
   extern __shared__ __align__(16) uint8_t smem[];
   const uint32_t split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
   const uint32_t warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
   const uint32_t T = P.block_tokens, tpl = T / kLanes, group = P.group;
-  const uint32_t max_groups = key_groups > value_groups ? key_groups : value_groups;
-  float* q = reinterpret_cast<float*>(smem);                       // [D, GMAX]
-  float* wsm = q + D * GMAX + warp * (T * GMAX + 2 * max_groups);  // this warp's part
-  float* p = wsm;                                                  // [T, GMAX]
-  float* step = p + T * GMAX;                                      // [max_groups]
+  const size_t per_warp = WarpState<GMAX>::floats(T, D) + 2 * max_groups;
+  float* q = reinterpret_cast<float*>(smem);  // [D, GMAX]
+  float* mine = q + D * GMAX + warp * per_warp;
+  WarpState<GMAX> st = WarpState<GMAX>::carve(mine, T, D);
+  float* step = mine + WarpState<GMAX>::floats(T, D);  // [max_groups]
   uint32_t* center = reinterpret_cast<uint32_t*>(step + max_groups);
 
   load_queries<DT, D, GMAX>(P, seq, head, q);
   const SequenceView sv = sequences[seq];
   const uint32_t units = sv.num_blocks + (sv.tail_tokens > 0 ? 1u : 0u);
-  WarpState<D, GMAX> st;
-  st.init();
+  st.init(D);
   const uint32_t begin = split * P.units_per_split;
   const uint32_t end = min(units, begin + P.units_per_split);
   for (uint32_t u = begin + warp; u < end; u += kWarps) {
-    float s[kMaxTokensPerLane][GMAX];
-    for (uint32_t i = 0; i < kMaxTokensPerLane; ++i) {
-      for (uint32_t g = 0; g < GMAX; ++g) s[i][g] = -FLT_MAX;
-    }
     if (u < sv.num_blocks) {
       const BlockLocation* loc = &sv.blocks[(size_t(u) * P.kv_heads + head) * 2];
       BlockParams bp;
-      // K: lane owns tokens [lane * tpl, (lane + 1) * tpl); element (channel g, token e).
+      // K: lane owns tokens [lane * tpl, (lane + 1) * tpl); element (channel c, token t).
       load_block_params(pool + size_t(loc[0].page) * page_bytes + loc[0].offset, loc[0].bytes, bp,
                         step, center);
-      for (uint32_t i = 0; i < tpl; ++i) {
-        for (uint32_t g = 0; g < group; ++g) s[i][g] = 0.0f;
-      }
+      st.clear_scores(tpl, T, group);
       decode_lane_elements<DT>(bp, key_book, step, center, [&](uint32_t c, uint32_t t, float x) {
-        const uint32_t i = t - lane * tpl;
-        for (uint32_t g = 0; g < group; ++g) s[i][g] += q[c * GMAX + g] * x;
+        for (uint32_t g = 0; g < group; ++g) st.p[t * GMAX + g] += q[c * GMAX + g] * x;
       });
-      __syncwarp();
-      st.absorb(s, tpl, T, group, p);
-      // V: lane owns the channels of its sub-stream; element (group g = token segment, pos e).
+      st.absorb(tpl, T, group, D, value_group_size);
+      // V: lane owns the channels of its sub-stream; element (group = token segment, position).
       load_block_params(pool + size_t(loc[1].page) * page_bytes + loc[1].offset, loc[1].bytes, bp,
                         step, center);
-      const uint32_t segments = D / value_group_size, per = value_group_size / kLanes;
+      const uint32_t segments = D / value_group_size;
       decode_lane_elements<DT>(bp, value_book, step, center, [&](uint32_t g, uint32_t e, float x) {
-        const uint32_t t = g / segments, k = (g % segments) * per + (e - lane * per);
-        for (uint32_t h = 0; h < group; ++h) st.acc[k][h] += p[t * GMAX + h] * x;
+        const uint32_t t = g / segments, c = (g % segments) * value_group_size + e;
+        for (uint32_t h = 0; h < group; ++h) st.acc[c * GMAX + h] += st.p[t * GMAX + h] * x;
       });
-      __syncwarp();
     } else {
       // The tail: fewer than T dense tokens; lane owns tokens lane * tpl + i as above.
       const uint32_t n = sv.tail_tokens;
-      for (uint32_t i = 0; i < tpl; ++i) {
-        const uint32_t t = lane * tpl + i;
-        if (t >= n) continue;
-        for (uint32_t g = 0; g < group; ++g) s[i][g] = 0.0f;
+      st.clear_scores(tpl, n, group);
+      for (uint32_t t = lane * tpl; t < (lane + 1) * tpl && t < n; ++t) {
         const size_t row = (size_t(t) * P.kv_heads + head) * D;
         for (uint32_t c = 0; c < D; ++c) {
           const float x = load_elem<DT>(sv.tail_keys, row + c);
-          for (uint32_t g = 0; g < group; ++g) s[i][g] += q[c * GMAX + g] * x;
+          for (uint32_t g = 0; g < group; ++g) st.p[t * GMAX + g] += q[c * GMAX + g] * x;
         }
       }
-      st.absorb(s, tpl, n, group, p);
+      st.absorb(tpl, n, group, D, value_group_size);
       for (uint32_t t = 0; t < n; ++t) {
         const size_t row = (size_t(t) * P.kv_heads + head) * D;
         for (uint32_t k = 0; k < D / kLanes; ++k) {
-          const float x = load_elem<DT>(sv.tail_values, row + v_channel(lane, k, value_group_size));
-          for (uint32_t h = 0; h < group; ++h) st.acc[k][h] += p[t * GMAX + h] * x;
+          const uint32_t c = v_channel(lane, k, value_group_size);
+          const float x = load_elem<DT>(sv.tail_values, row + c);
+          for (uint32_t h = 0; h < group; ++h) st.acc[c * GMAX + h] += st.p[t * GMAX + h] * x;
         }
       }
-      __syncwarp();
     }
+    __syncwarp();  // the next unit reuses p, step and centre
   }
-  st.write(P, seq, head, split * kWarps + warp, value_group_size);
+  st.write(P, seq, head, split * kWarps + warp, D);
 }
 
 // ---- Dense baseline ---------------------------------------------------------------------------
@@ -293,45 +312,43 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   const uint32_t warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
   const uint32_t T = P.block_tokens, tpl = T / kLanes, group = P.group;
   float* q = reinterpret_cast<float*>(smem);
-  float* p = q + D * GMAX + warp * T * GMAX;
+  WarpState<GMAX> st =
+      WarpState<GMAX>::carve(q + D * GMAX + warp * WarpState<GMAX>::floats(T, D), T, D);
 
   load_queries<DT, D, GMAX>(P, seq, head, q);
   const uint32_t len = lengths[seq];
   const uint32_t units = (len + T - 1) / T;
-  WarpState<D, GMAX> st;
-  st.init();
+  st.init(D);
   const uint32_t begin = split * P.units_per_split;
   const uint32_t end = min(units, begin + P.units_per_split);
   const size_t seq_base = size_t(seq) * max_tokens;
   for (uint32_t u = begin + warp; u < end; u += kWarps) {
     const uint32_t first = u * T, n = min(T, len - first);
-    float s[kMaxTokensPerLane][GMAX];
-    for (uint32_t i = 0; i < tpl; ++i) {
-      const uint32_t t = lane * tpl + i;
-      for (uint32_t g = 0; g < GMAX; ++g) s[i][g] = t < n ? 0.0f : -FLT_MAX;
-      if (t >= n) continue;
+    st.clear_scores(tpl, n, group);
+    for (uint32_t t = lane * tpl; t < (lane + 1) * tpl && t < n; ++t) {
       const size_t row = ((seq_base + first + t) * P.kv_heads + head) * D;
       // 16-byte loads of eight elements.
       const uint4* k4 = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(keys) + row);
       for (uint32_t c8 = 0; c8 < D / 8; ++c8) {
         const uint4 w = k4[c8];
         const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
         for (uint32_t j = 0; j < 8; ++j) {
           const uint16_t h = uint16_t(words[j / 2] >> (16 * (j % 2)));
           const float x = DT == KVC_DTYPE_BF16 ? f::bf16_to_float(h) : f::half_to_float(h);
-          for (uint32_t g = 0; g < group; ++g) s[i][g] += q[(c8 * 8 + j) * GMAX + g] * x;
+          for (uint32_t g = 0; g < group; ++g) {
+            st.p[t * GMAX + g] += q[(c8 * 8 + j) * GMAX + g] * x;
+          }
         }
       }
     }
-    for (uint32_t i = tpl; i < kMaxTokensPerLane; ++i) {
-      for (uint32_t g = 0; g < GMAX; ++g) s[i][g] = -FLT_MAX;
-    }
-    st.absorb(s, tpl, n, group, p);
+    st.absorb(tpl, n, group, D, D);
     for (uint32_t t = 0; t < n; ++t) {
       const size_t row = ((seq_base + first + t) * P.kv_heads + head) * D;
       for (uint32_t k = 0; k < D / kLanes; ++k) {
-        const float x = load_elem<DT>(values, row + v_channel(lane, k, D));
-        for (uint32_t h = 0; h < group; ++h) st.acc[k][h] += p[t * GMAX + h] * x;
+        const uint32_t c = v_channel(lane, k, D);
+        const float x = load_elem<DT>(values, row + c);
+        for (uint32_t h = 0; h < group; ++h) st.acc[c * GMAX + h] += st.p[t * GMAX + h] * x;
       }
     }
     __syncwarp();
