@@ -21,13 +21,16 @@ def merge(parts):
             if s not in out:
                 order.append(s)
                 out[s] = dict(setting=s, tokens=0, nll=0.0, kl=0.0, top1=0.0, bytes=0.0,
-                              fp16_bytes=0.0, seconds=0.0, ref_nll=0.0)
+                              fp16_bytes=0.0, seconds=0.0, ref_nll=0.0, bytes_time=0.0,
+                              fp16_time=0.0)
             m = out[s]
             n = r["tokens"]
             m["tokens"] += n
             m["nll"] += math.log(r["ppl"]) * n
             m["bytes"] += r["bytes"]
             m["fp16_bytes"] += r["fp16_bytes"]
+            m["bytes_time"] += r.get("bytes_time", math.nan)
+            m["fp16_time"] += r.get("fp16_time", math.nan)
             m["seconds"] += r["seconds"]
             if "kl" in r:
                 m["kl"] += r["kl"] * n
@@ -40,6 +43,9 @@ def merge(parts):
         r = dict(setting=s, tokens=n, ppl=math.exp(m["nll"] / n),
                  ratio=m["fp16_bytes"] / m["bytes"], bytes=m["bytes"],
                  fp16_bytes=m["fp16_bytes"], seconds=round(m["seconds"], 1))
+        if not math.isnan(m["bytes_time"]):
+            r.update(ratio_avg=m["fp16_time"] / m["bytes_time"], bytes_time=m["bytes_time"],
+                     fp16_time=m["fp16_time"])
         if s != "fp16":
             r["ppl_fp16"] = math.exp(m["ref_nll"] / n)
             r["kl"] = m["kl"] / n
