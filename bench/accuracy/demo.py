@@ -23,18 +23,19 @@ import numpy as np  # noqa: E402
 
 import harness  # noqa: E402
 import modelfile  # noqa: E402
-from cache import GenerationCache, KvcompCache  # noqa: E402
+from cache import FP16Cache, GenerationCache  # noqa: E402
 
 # The default kvcomp setting: K with an absolute bound (keys' outlier channels need it: a
 # bound relative to each channel's range puts the largest errors where queries are largest),
 # V with a bound relative to each token's range; blocks of 64 tokens, Huffman codebooks per
 # (layer, K|V) trained on the first blocks. See docs/accuracy.md for the sweep behind it.
-DEFAULT = "kvcomp:k=0.2,v=0.05,kmode=abs"
-CONSERVATIVE = "kvcomp:k=0.1,v=0.02,kmode=abs"
+DEFAULT = "kvcomp:k=0.25,v=0.07,kmode=abs,t=128,ns=4"
+CONSERVATIVE = "kvcomp:k=0.1,v=0.02,kmode=abs,t=128,ns=4"
 DEMO_SETTINGS = [CONSERVATIVE, DEFAULT, "kivi:2", "kivi:4"]
-FULL_SETTINGS = [CONSERVATIVE, DEFAULT, "kvcomp:k=0.3,v=0.1,kmode=abs", "kivi:2", "kivi:4",
-                 "int8"]
-PROMPT = "Explain in a few sentences why the sky is blue."
+FULL_SETTINGS = [CONSERVATIVE, "kvcomp:k=0.15,v=0.03,kmode=abs,t=128,ns=4", DEFAULT,
+                 "kvcomp:k=0.5,v=0.15,kmode=abs,t=128,ns=4",
+                 "kvcomp:k=0.8,v=0.2,kmode=abs,t=128,ns=4", "kivi:2", "kivi:4", "int8"]
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
 def chat(tok, user: str):
@@ -51,11 +52,12 @@ def generate_both(model, tok, prompt, max_new_tokens):
     outs = {}
     for label, kv in (("fp16 cache", None), ("kvcomp cache", harness.make_policy(DEFAULT))):
         cache = GenerationCache(model.hp.n_layer, kv)
-        bar = tqdm(total=len(ids) + max_new_tokens, desc=f"generating ({label})", unit="tok",
+        bar = tqdm(total=1 + max_new_tokens, desc=f"generating ({label})", unit="tok",
                    file=sys.stderr, leave=False)
         try:
             new = model.generate(ids, max_new_tokens, cache, stop_ids=stop,
-                                 on_step=lambda: bar.update(1))
+                                 on_step=lambda: bar.update(1),
+                                 prefill_policy=kv if kv is not None else FP16Cache())
         finally:
             bar.close()
         outs[label] = (new, cache)
@@ -63,9 +65,12 @@ def generate_both(model, tok, prompt, max_new_tokens):
     for label, (new, cache) in outs.items():
         extra = ""
         if label.startswith("kvcomp"):
-            blocks = sum(len(d["key"]) for d in cache.done)
-            extra = (f"  [{blocks} K and {blocks} V blocks compressed, "
-                     f"ratio {cache.ratio():.2f}x on them]")
+            per_layer = len(cache.done[0]["key"])
+            T = cache.T
+            reading = min(len(new), max(0, len(ids) + len(new) - 1 - T))
+            extra = (f"  [blocks of {T} tokens; {per_layer} per layer, K and V, compressed "
+                     f"{cache.ratio():.2f}x; the last {reading} tokens were generated reading "
+                     f"compressed blocks]")
         print(f"--- {label}{extra}\n{tok.decode(new).strip()}\n")
     a, b = outs["fp16 cache"][0], outs["kvcomp cache"][0]
     same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -80,7 +85,7 @@ def main(argv=None):
     ap.add_argument("--window-tokens", type=int, default=1024)
     ap.add_argument("--settings", nargs="+", default=None)
     ap.add_argument("--prompt", default=PROMPT)
-    ap.add_argument("--max-new-tokens", type=int, default=100)
+    ap.add_argument("--max-new-tokens", type=int, default=200)
     ap.add_argument("--no-generate", action="store_true")
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", default=None, help="write the results as JSON here")

@@ -208,15 +208,27 @@ class Model:
         return c, s
 
     def generate(self, prompt_ids, max_new_tokens, cache, stop_ids=(), on_token=None,
-                 on_step=None):
-        """Greedy decoding: feeds the prompt token by token (so every token, prompt included,
-        goes through the cache as in a decode loop), then generates. Returns the new ids.
+                 on_step=None, prefill_policy=None):
+        """Greedy decoding. The prompt is either fed token by token (every token goes through
+        the cache as in a decode loop) or, with prefill_policy (cache.py; for kvcomp the
+        KvcompCache whose codecs `cache` uses), run as one window whose K/V then fill the
+        cache: the same view of the past for every token, in one pass. Returns the new ids.
         on_token(id) sees each generated token, on_step() each forward step."""
         logits = None
-        for pos, t in enumerate(prompt_ids):
-            logits = self.step(int(t), pos, cache)
+        if prefill_policy is not None:
+            kvs = {}
+            logits = self.forward(np.asarray(prompt_ids), prefill_policy,
+                                  kv_hook=lambda li, k, v: kvs.__setitem__(li, (k, v)))[-1]
+            for li, (k, v) in kvs.items():
+                for i in range(len(k)):
+                    cache.append(li, k[i:i + 1], v[i:i + 1])
             if on_step:
                 on_step()
+        else:
+            for pos, t in enumerate(prompt_ids):
+                logits = self.step(int(t), pos, cache)
+                if on_step:
+                    on_step()
         out = []
         pos = len(prompt_ids)
         for _ in range(max_new_tokens):

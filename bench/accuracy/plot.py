@@ -118,12 +118,14 @@ def figure(panels, path: Path, suptitle: str):
 
 
 def _load(paths):
-    """Results of one or more JSON files over the same windows (fp16 rows deduplicated)."""
+    """Results of one or more JSON files over the same windows (a setting measured in several
+    keeps its first row: fp16 and the baselines are deterministic)."""
     res, meta = [], None
     for p in paths:
         d = json.loads(Path(p).read_text())
         meta = meta or d["meta"]
-        res += [r for r in d["results"] if not (r["setting"] == "fp16" and res)]
+        seen = {r["setting"] for r in res}
+        res += [r for r in d["results"] if r["setting"] not in seen]
     return meta, res
 
 
