@@ -100,7 +100,7 @@ def _panel(ax, results, title):
     ax.set_ylabel("perplexity change vs fp16 cache (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="lower right")
 
 
 def figure(panels, path: Path, suptitle: str):
