@@ -9,8 +9,8 @@
 //
 // Counters: bytes_per_second on uncompressed fp16 bytes; ratio = fp16 bytes / compressed block
 // bytes (codebook excluded); vs_memcpy = this benchmark's throughput / memcpy's (both in bytes of
-// fp16 per second; memcpy timed once at startup, median of 51 runs). The 4 MiB of a call fit in
-// a server CPU's last-level cache, for the codec and for memcpy alike.
+// fp16 per second; memcpy timed once at startup). The 4 MiB of a call fit in a server CPU's
+// last-level cache, for the codec and for memcpy alike.
 #include <benchmark/benchmark.h>
 #include <kvcomp/kvcomp.h>
 
@@ -102,22 +102,27 @@ size_t block_offset(int b) {
   return size_t(b / kHeads) * kBlockTokens * kStride + size_t(b % kHeads) * kDim;
 }
 
-// memcpy of kFp16Bytes between two buffers, median of 51 runs (comparable with the mean time
-// Google Benchmark reports), in bytes per second.
+// memcpy of kFp16Bytes between two buffers, in bytes per second: the median of 51 copies
+// (comparable with the mean time Google Benchmark reports), taken in 9 rounds, the fastest round
+// kept so that a moment of contention on a shared machine does not lower the baseline.
 double memcpy_bytes_per_second() {
   static const double rate = [] {
     std::vector<uint8_t> src(kFp16Bytes, 1), dst(kFp16Bytes);
-    std::vector<double> seconds;
-    for (int rep = 0; rep < 51; ++rep) {
-      const auto start = std::chrono::steady_clock::now();
-      std::memcpy(dst.data(), src.data(), kFp16Bytes);
-      benchmark::DoNotOptimize(dst.data());
-      benchmark::ClobberMemory();
-      seconds.push_back(
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    double best = 0.0;
+    for (int round = 0; round < 9; ++round) {
+      std::vector<double> seconds;
+      for (int rep = 0; rep < 51; ++rep) {
+        const auto start = std::chrono::steady_clock::now();
+        std::memcpy(dst.data(), src.data(), kFp16Bytes);
+        benchmark::DoNotOptimize(dst.data());
+        benchmark::ClobberMemory();
+        seconds.push_back(
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      }
+      std::nth_element(seconds.begin(), seconds.begin() + 25, seconds.end());
+      best = std::max(best, double(kFp16Bytes) / seconds[25]);
     }
-    std::nth_element(seconds.begin(), seconds.begin() + 25, seconds.end());
-    return double(kFp16Bytes) / seconds[25];
+    return best;
   }();
   return rate;
 }
