@@ -5,8 +5,8 @@
 # into ~/.cache/kvcomp and verified), then runs bench/accuracy/demo.py: a prompt's continuation
 # with the compressed KV cache beside the fp16 one, then ratio, perplexity change, KL and top-1
 # agreement on a slice of WikiText-2 against KIVI. Extra arguments go to demo.py:
-#   --full            the full harness (32 windows x 1024 tokens, all baselines; ~40 min)
-#   --windows N       WikiText-2 windows of 1024 tokens (default 3)
+#   --full            the full harness (32 windows x 1024 tokens, all baselines; ~20 min)
+#   --windows N       WikiText-2 windows of 1024 tokens (default 6)
 #   --prompt "..."    another prompt
 # Environment: KVCOMP_LIBRARY, KVCOMP_PY_BUILD_DIR, KVCOMP_CACHE, KVCOMP_WIKITEXT (see
 # scripts/python-tests.sh and scripts/setup-python.sh).

@@ -90,7 +90,7 @@ def main(argv=None):
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     a = ap.parse_args(argv)
-    windows = a.windows or (32 if a.full else 3)
+    windows = a.windows or (32 if a.full else 6)
     settings = a.settings or (FULL_SETTINGS if a.full else DEMO_SETTINGS)
 
     from model import Model
@@ -112,9 +112,11 @@ def main(argv=None):
     res = harness.evaluate(model, ids, settings, windows, a.window_tokens, progress=True)
     print()
     print(harness.format_table(res))
-    print("\nratio: fp16 K+V bytes / bytes held (blocks, metadata, codebooks, fp16 tails); "
-          "dPPL%: perplexity change vs the fp16 cache;\nKL: mean KL(fp16 || setting) of the "
-          "next-token distributions (nats); top-1: argmax agreement with the fp16 cache.")
+    print("\nratio: fp16 K+V bytes / bytes held at the end of each window (blocks, metadata, "
+          "codebooks, fp16 tails);\navg: the same summed over every generation step (tails "
+          "weigh more); dPPL%: perplexity change vs the fp16 cache;\nKL: mean KL(fp16 || "
+          "setting) of the next-token distributions (nats); top-1: argmax agreement with the "
+          "fp16 cache.")
     print(f"({time.time() - t0:.0f} s)")
     if a.out:
         import json

@@ -160,15 +160,16 @@ def evaluate(model, ids, settings, windows, window_tokens, progress=True, log=No
 
 
 def format_table(results) -> str:
-    head = f"{'setting':<28} {'ratio':>6} {'PPL':>8} {'dPPL%':>7} {'KL':>8} {'top-1':>7}"
+    w = max(len(r["setting"]) for r in results)
+    head = (f"{'setting':<{w}} {'ratio':>6} {'avg':>6} {'PPL':>8} {'dPPL%':>7} {'KL':>8} "
+            f"{'top-1':>7}")
     lines = [head, "-" * len(head)]
     for r in results:
+        line = (f"{r['setting']:<{w}} {r['ratio']:6.2f} {r.get('ratio_avg', float('nan')):6.2f} "
+                f"{r['ppl']:8.3f} ")
         if "dppl_pct" in r:
-            lines.append(f"{r['setting']:<28} {r['ratio']:6.2f} {r['ppl']:8.3f} "
-                         f"{r['dppl_pct']:+7.2f} {r['kl']:8.5f} {100 * r['top1']:6.2f}%")
-        else:
-            lines.append(f"{r['setting']:<28} {r['ratio']:6.2f} {r['ppl']:8.3f} "
-                         f"{'':>7} {'':>8} {'':>7}")
+            line += f"{r['dppl_pct']:+7.2f} {r['kl']:8.5f} {100 * r['top1']:6.2f}%"
+        lines.append(line.rstrip())
     return "\n".join(lines)
 
 
