@@ -4,7 +4,7 @@ cache goes through kvcomp (and through the baselines), against the same model wi
 KV cache, on WikiText-2; plus the compression ratio with everything counted.
 
     python bench/accuracy/harness.py --windows 32 --window-tokens 1024 \
-        --settings kvcomp:k=0.1,v=0.1 kivi:2 kivi:4 int8 --out results.json
+        --settings kvcomp:k=0.25,v=0.07,kmode=abs,t=128,ns=4 kivi:2 kivi:4 int8 --out r.json
 
 The text is cut into consecutive non-overlapping windows; each window is a fresh sequence
 evaluated on all its next-token predictions. Settings are given as
@@ -194,8 +194,10 @@ def main(argv=None):
     ap.add_argument("--start-window", type=int, default=0,
                     help="first window (to split a run over processes; see merge.py)")
     ap.add_argument("--window-tokens", type=int, default=1024)
-    ap.add_argument("--settings", nargs="+", default=["kvcomp:k=0.1,v=0.1", "kivi:2", "kivi:4",
-                                                      "int8"])
+    ap.add_argument("--settings", nargs="+",
+                    default=["kvcomp:k=0.1,v=0.02,kmode=abs,t=128,ns=4",
+                             "kvcomp:k=0.25,v=0.07,kmode=abs,t=128,ns=4", "kivi:2", "kivi:4",
+                             "int8"])
     ap.add_argument("--out", default=None, help="write results as JSON here")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
