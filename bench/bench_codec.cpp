@@ -25,6 +25,8 @@
 #include <string>
 #include <vector>
 
+#include "kernels/common/format.cuh"
+
 namespace {
 
 constexpr int kHeads = 8, kTokens = 2048, kDim = 128, kBlockTokens = 64, kPrefillTokens = 512;
@@ -32,27 +34,8 @@ constexpr int64_t kStride = int64_t(kHeads) * kDim;
 constexpr int kNumBlocks = kHeads * (kTokens / kBlockTokens);  // 256
 constexpr size_t kFp16Bytes = size_t(2) * kTokens * kStride;
 
-uint16_t float_to_half(float f) {  // round to nearest even
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  const uint16_t sign = uint16_t((x >> 16) & 0x8000u);
-  x &= 0x7FFFFFFFu;
-  if (x >= 0x47800000u) return sign | (x > 0x7F800000u ? 0x7E00u : 0x7C00u);
-  if (x < 0x38800000u) return sign | uint16_t(std::nearbyint(std::fabs(f) * 16777216.0f));
-  uint32_t h = (x - 0x38000000u) >> 13;
-  const uint32_t rest = x & 0x1FFFu;
-  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
-  return sign | uint16_t(h);
-}
-
-float half_to_float(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
-  if (e == 0) return (sign ? -1.0f : 1.0f) * std::ldexp(float(m), -24);
-  const uint32_t x = sign | (e == 31 ? 0x7F800000u : (e + 112) << 23) | (m << 13);
-  float f;
-  std::memcpy(&f, &x, 4);
-  return f;
-}
+using kvc::format::float_to_half;
+using kvc::format::half_to_float;
 
 struct Random {
   std::mt19937 engine;
