@@ -243,7 +243,7 @@ int main(int argc, char** argv) {
     uint32_t* d_sizes;
     CHECK_CUDA(cudaMalloc(&d_slots, slots * cap));
     CHECK_CUDA(cudaMalloc(&d_sizes, slots * 4));
-    CHECK_CUDA(cudaMalloc(&d_ptrs, 2 * 8 * slots / 2));
+    CHECK_CUDA(cudaMalloc(&d_ptrs, 8 * slots));  // sources, then slots, per kind
     for (int kind = 0; kind < 2; ++kind) {
       std::vector<void*> ptrs(slots);  // [0, slots/2): sources, [slots/2, slots): slots
       const size_t n = slots / 2;

@@ -10,6 +10,7 @@
 #include "core/error.hpp"
 #include "kernels/attention/attention.cuh"
 #include "kernels/attention/cuda_attention.hpp"
+#include "kernels/codec/device_book.cuh"
 #include "kernels/common/launch.cuh"
 
 namespace kvc::cuda {
@@ -19,14 +20,6 @@ static_assert(sizeof(BlockLocation) == sizeof(k::BlockLocation));
 static_assert(sizeof(SequenceView) == sizeof(k::SequenceView));
 
 namespace {
-
-template <class T, T... Values, class F>
-void dispatch(T value, const char* what, F&& f) {
-  bool done = false;
-  ((value == Values ? (f(std::integral_constant<T, Values>{}), done = true) : false), ...);
-  if (!done)
-    fail(KVC_ERROR_NOT_SUPPORTED, what, " = ", uint64_t(value), " has no attention kernel");
-}
 
 // dtype x head_dim x group bucket -> a kernel instantiation.
 template <class F>
@@ -81,32 +74,15 @@ void combine(const AttentionShape& s, const k::AttentionParams& P, void* out, cu
 
 class DeviceCodebooks {
  public:
-  k::BookView views[2]{};
-  uint32_t* d_tables[2]{};
-  ~DeviceCodebooks() {
-    cudaFree(d_tables[0]);
-    cudaFree(d_tables[1]);
-  }
+  std::unique_ptr<DeviceBook> books[2];  // K, V; none where the layer has no codebook
 };
 
 void DeviceCodebooksDeleter::operator()(DeviceCodebooks* d) const noexcept { delete d; }
 
 DeviceCodebooksPtr upload_codebooks(const Codebook* key_book, const Codebook* value_book) {
   DeviceCodebooksPtr d(new DeviceCodebooks);
-  const Codebook* books[2] = {key_book, value_book};
-  for (int i = 0; i < 2; ++i) {
-    if (books[i] == nullptr) continue;
-    std::vector<uint32_t> tables = books[i]->decode_table();
-    const size_t codes_at = tables.size();
-    for (uint32_t s = 0; s <= books[i]->num_symbols(); ++s) {
-      tables.push_back(books[i]->reversed_code(s) | (books[i]->length(s) << 24));
-    }
-    check_cuda(cudaMalloc(&d->d_tables[i], tables.size() * 4), "cudaMalloc (codebook tables)");
-    check_cuda(cudaMemcpy(d->d_tables[i], tables.data(), tables.size() * 4, cudaMemcpyHostToDevice),
-               "cudaMemcpy (codebook tables)");
-    d->views[i] = {d->d_tables[i],          d->d_tables[i] + codes_at,   books[i]->first_symbol(),
-                   books[i]->num_symbols(), books[i]->max_code_length(), books[i]->id()};
-  }
+  if (key_book != nullptr) d->books[0] = std::make_unique<DeviceBook>(*key_book);
+  if (value_book != nullptr) d->books[1] = std::make_unique<DeviceBook>(*value_book);
   return d;
 }
 
@@ -136,7 +112,7 @@ void attention_compressed(const AttentionShape& s, const AttentionPlan& plan,
     launch(k::attention_compressed_kernel<decltype(dt)::value, D, G>,
            dim3(plan.num_splits, s.kv_heads, s.num_sequences), k::kWarps * k::kLanes, smem, st, P,
            reinterpret_cast<const k::SequenceView*>(d_sequences), d_pool, page_bytes,
-           books.views[0], books.views[1], value.group_size, max_groups);
+           view_of(books.books[0]), view_of(books.books[1]), value.group_size, max_groups);
   });
   combine(s, P, d_out, st);
 }

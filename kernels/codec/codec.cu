@@ -8,6 +8,7 @@
 #include "core/error.hpp"
 #include "kernels/codec/cuda_codec.hpp"
 #include "kernels/codec/decode.cuh"
+#include "kernels/codec/device_book.cuh"
 #include "kernels/codec/encode.cuh"
 #include "kernels/codec/histogram.cuh"
 #include "kernels/common/launch.cuh"
@@ -17,22 +18,10 @@ namespace k = kvc::kernels;
 
 namespace {
 
-// Runtime dtype -> compile-time constant; the one switch every launcher goes through.
+// Every codec kernel exists for the three element types.
 template <class F>
 void dispatch_dtype(kvc_dtype dtype, F&& f) {
-  switch (dtype) {
-    case KVC_DTYPE_FP16:
-      f(std::integral_constant<kvc_dtype, KVC_DTYPE_FP16>{});
-      break;
-    case KVC_DTYPE_BF16:
-      f(std::integral_constant<kvc_dtype, KVC_DTYPE_BF16>{});
-      break;
-    case KVC_DTYPE_FP32:
-      f(std::integral_constant<kvc_dtype, KVC_DTYPE_FP32>{});
-      break;
-    default:
-      fail(KVC_ERROR_NOT_SUPPORTED, "dtype ", int(dtype), " has no CUDA kernel");
-  }
+  dispatch<kvc_dtype, KVC_DTYPE_FP16, KVC_DTYPE_BF16, KVC_DTYPE_FP32>(dtype, "dtype", f);
 }
 
 }  // namespace
@@ -41,14 +30,10 @@ class DeviceCodec {
  public:
   int device = 0;
   k::Shape shape{};
-  k::BookView book{};
-  uint32_t* d_tables = nullptr;  // decode table, then per-index codes
+  std::unique_ptr<DeviceBook> book;  // none: fixed width only
   k::HistogramCounts* d_counts = nullptr;
 
-  ~DeviceCodec() {
-    cudaFree(d_tables);
-    cudaFree(d_counts);
-  }
+  ~DeviceCodec() { cudaFree(d_counts); }
 };
 
 void DeviceCodecDeleter::operator()(DeviceCodec* d) const noexcept { delete d; }
@@ -74,22 +59,7 @@ DeviceCodecPtr create_device_codec(const CodecParams& p, const Codebook* codeboo
   d->device = device;
   d->shape = {p.is_value,       p.num_tokens, p.head_dim,    p.group_size,       p.num_groups,
               p.num_substreams, p.relative,   p.error_bound, uint32_t(p.entropy)};
-  if (codebook != nullptr) {
-    std::vector<uint32_t> tables = codebook->decode_table();
-    const size_t codes_at = tables.size();
-    for (uint32_t i = 0; i <= codebook->num_symbols(); ++i) {
-      tables.push_back(codebook->reversed_code(i) | (codebook->length(i) << 24));
-    }
-    check_cuda(cudaMalloc(&d->d_tables, tables.size() * 4), "cudaMalloc (codebook tables)");
-    check_cuda(cudaMemcpy(d->d_tables, tables.data(), tables.size() * 4, cudaMemcpyHostToDevice),
-               "cudaMemcpy (codebook tables)");
-    d->book = {d->d_tables,
-               d->d_tables + codes_at,
-               codebook->first_symbol(),
-               codebook->num_symbols(),
-               codebook->max_code_length(),
-               codebook->id()};
-  }
+  if (codebook != nullptr) d->book = std::make_unique<DeviceBook>(*codebook);
   check_cuda(cudaMalloc(&d->d_counts, sizeof(k::HistogramCounts)), "cudaMalloc (histogram)");
   return d;
 }
@@ -103,7 +73,7 @@ void encode(const DeviceCodec& d, int32_t num_blocks, const void* const* d_src_b
       k::encode_smem_bytes(sh.num_tokens * sh.head_dim, sh.num_groups, sh.num_substreams);
   dispatch_dtype(src_dtype, [&](auto dt) {
     launch(k::encode_kernel<decltype(dt)::value>, dim3(num_blocks), k::kThreads, smem,
-           static_cast<cudaStream_t>(stream), sh, d.book, d_src_blocks, src_token_stride,
+           static_cast<cudaStream_t>(stream), sh, view_of(d.book), d_src_blocks, src_token_stride,
            d_dst_blocks, d_block_bytes);
   });
 }
@@ -115,8 +85,9 @@ void decode(const DeviceCodec& d, int32_t num_blocks, const void* const* d_src_b
   const k::Shape& sh = d.shape;
   dispatch_dtype(dst_dtype, [&](auto dt) {
     launch(k::decode_kernel<decltype(dt)::value>, dim3(num_blocks), k::kThreads,
-           k::decode_smem_bytes(sh.num_groups), static_cast<cudaStream_t>(stream), sh, d.book,
-           d_src_blocks, d_src_bytes, d_dst_blocks, dst_token_stride, d_block_status);
+           k::decode_smem_bytes(sh.num_groups), static_cast<cudaStream_t>(stream), sh,
+           view_of(d.book), d_src_blocks, d_src_bytes, d_dst_blocks, dst_token_stride,
+           d_block_status);
   });
 }
 

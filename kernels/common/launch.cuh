@@ -5,6 +5,9 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
+#include <type_traits>
+
 #include "core/error.hpp"
 
 namespace kvc::cuda {
@@ -46,6 +49,15 @@ void allow_large_shared_memory(Kernel kernel) {
     return e;
   }();
   check_cuda(raised, "raising the kernel's shared-memory limit");
+}
+
+// Runtime value -> compile-time constant: calls f(std::integral_constant<T, v>) for the one of
+// Values that equals value; KVC_ERROR_NOT_SUPPORTED names `what` for any other.
+template <class T, T... Values, class F>
+void dispatch(T value, const char* what, F&& f) {
+  bool done = false;
+  ((value == Values ? (f(std::integral_constant<T, Values>{}), done = true) : false), ...);
+  if (!done) fail(KVC_ERROR_NOT_SUPPORTED, what, " = ", uint64_t(value), " has no CUDA kernel");
 }
 
 template <class T>

@@ -149,11 +149,10 @@ kvc_status_t kvc_histogram_add_counts(kvc_histogram_t histogram, int32_t first_s
               KVC_ERROR_INVALID_ARGUMENT, "counts would overflow the histogram's 64-bit total");
       added += counts[i];
     }
-    kvc::Histogram updated = histogram->histogram;  // all or nothing
+    // Nothing below can fail (the totals were checked, adding allocates nothing).
     for (int32_t i = 0; i < num_symbols; ++i) {
-      if (counts[i] != 0) updated.add(first_symbol + i, counts[i]);
+      if (counts[i] != 0) histogram->histogram.add(first_symbol + i, counts[i]);
     }
-    histogram->histogram = std::move(updated);
   });
 }
 

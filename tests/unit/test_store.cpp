@@ -237,7 +237,6 @@ TEST(Store, ModelBasedRandomOperations) {
       if (op == 9) {
         ASSERT_EQ(kvc_store_free_sequence(store.s, id), KVC_SUCCESS);
       }
-      const auto before = snapshot(store.s, op == 9 ? Shadow{sh, {}, {}} : shadow);
       int32_t copy = -1;
       const kvc_status_t st = kvc_store_restore(store.s, bytes.data(), bytes.size(), &copy);
       if (st == KVC_ERROR_OUT_OF_PAGES) {
@@ -256,7 +255,6 @@ TEST(Store, ModelBasedRandomOperations) {
         shadow.k.erase(id);
         shadow.v.erase(id);
       }
-      (void)before;
     }
     check_against_shadow(store.s, shadow, rng, where);
   }
