@@ -57,7 +57,7 @@ if command -v compute-sanitizer > /dev/null; then
     log "compute-sanitizer --tool $tool"
     compute-sanitizer --tool "$tool" --error-exitcode 9 \
       "$build/tests/gpu/gpu_tests" \
-      --gtest_filter='*Corrupt*:*Graph*:*NonFinite*:*LargeBlocks*:*Undersized*' \
+      --gtest_filter='*Corrupt*:*Graph*:*NonFinite*:*LargeBlocks*:*Undersized*:StoreGpu.OutOfPages*:StoreGpu.SerializesToTheSameBytes*' \
       > "$out/sanitizer-$tool.log" 2>&1
     rc=$?
     sanitizer_summary+="$tool=$([[ $rc -eq 0 ]] && echo clean || echo "FAILED($rc)") "
@@ -70,6 +70,8 @@ fi
 log "GPU benchmarks"
 "$build/bench/gpu_bench" --json "$out/gpu_bench.json" > "$out/gpu_bench.log" 2>&1
 bench_rc=$?
+"$build/bench/gpu_store_bench" --json "$out/gpu_store_bench.json" > "$out/gpu_store_bench.log" 2>&1
+store_bench_rc=$?
 torch_rc=skipped
 if python3 -c "import torch; assert torch.cuda.is_available()" > /dev/null 2>&1; then
   log "torch scaled_dot_product_attention on the same shapes"
@@ -81,8 +83,9 @@ echo
 echo "=== kvcomp GPU check: commit $commit, $(date -u +%Y-%m-%d), $(head -1 "$out/gpu.txt") ==="
 echo "tests:      ${tests_line:-none ran} (skipped: $skipped)"
 echo "sanitizer:  $sanitizer_summary"
-echo "benchmarks: $([[ $bench_rc -eq 0 ]] && echo ok || echo "FAILED($bench_rc)"), torch: $torch_rc"
+echo "benchmarks: codec/attention $([[ $bench_rc -eq 0 ]] && echo ok || echo "FAILED($bench_rc)"), store $([[ $store_bench_rc -eq 0 ]] && echo ok || echo "FAILED($store_bench_rc)"), torch: $torch_rc"
 tail -n 30 "$out/gpu_bench.log"
+tail -n 12 "$out/gpu_store_bench.log"
 [[ -f "$out/torch_sdpa.log" ]] && tail -n 13 "$out/torch_sdpa.log"
 echo "total: $(( $(date +%s) - start )) s; logs in $out"
-[[ $tests_rc -eq 0 && $bench_rc -eq 0 ]]
+[[ $tests_rc -eq 0 && $bench_rc -eq 0 && $store_bench_rc -eq 0 ]]

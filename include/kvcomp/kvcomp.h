@@ -43,13 +43,13 @@ extern "C" {
 /* ---- Versions ---------------------------------------------------------------------------- */
 
 #define KVC_VERSION_MAJOR 0
-#define KVC_VERSION_MINOR 1
+#define KVC_VERSION_MINOR 2
 #define KVC_VERSION_PATCH 0
 #define KVC_VERSION_NUMBER (KVC_VERSION_MAJOR * 10000 + KVC_VERSION_MINOR * 100 + KVC_VERSION_PATCH)
 
 /* Version of the config-struct ABI. Every config struct carries the value its caller was
  * compiled with; the library rejects another value with KVC_ERROR_ABI_MISMATCH. */
-#define KVC_ABI_VERSION 1
+#define KVC_ABI_VERSION 2
 
 /* Version of the compressed block format written by this library (docs/format.md). */
 #define KVC_FORMAT_VERSION 1
@@ -329,8 +329,23 @@ KVC_API kvc_status_t kvc_block_inspect(const void* h_block, size_t src_bytes, kv
  * first prefill) unless set beforehand, then frozen. Every call is all-or-nothing: a failure
  * (out of pages included) leaves every sequence exactly as before.
  * Tensors passed to and from the store: K and V [num_tokens, num_kv_heads, head_dim] of the
- * store's dtype, rows contiguous. Backend: KVC_BACKEND_CPU (host memory); the CUDA store is not
- * available in this version (KVC_ERROR_NOT_SUPPORTED).
+ * store's dtype, rows contiguous; sequence ids are host values on both backends.
+ *
+ * Backends:
+ *   KVC_BACKEND_CPU: host memory, synchronous; every `stream` argument must be NULL.
+ *   KVC_BACKEND_CUDA: pool, tables and tails in device memory of the device current at
+ *     creation; tensors are device pointers. kvc_store_prefill, kvc_store_append,
+ *     kvc_store_free_sequence and kvc_store_attention are asynchronous on `stream` and make no
+ *     host-device synchronization (except a layer's first compression when it must build its
+ *     codebooks, see kvc_store_prefill); kvc_store_append and kvc_store_attention can be
+ *     captured in a CUDA graph, page allocation included. Their data errors (out of pages, inf
+ *     or NaN input, a sequence past max_sequence_tokens, a sequence freed since capture) are
+ *     found on the device: the call returns KVC_SUCCESS and kvc_store_get_stats reports them
+ *     (last_append_status, failed_appends) once the stream has run; the failed operation
+ *     changed nothing, as on the CPU. add_sequence, sequence_length, read, serialize, restore
+ *     and set_codebook wait for the device (cudaDeviceSynchronize) and must not be captured.
+ *     All calls on one store must be ordered: one stream at a time, or streams the caller
+ *     orders. Memory a captured graph uses stays allocated until kvc_store_destroy.
  */
 typedef struct kvc_store_s* kvc_store_t;
 
@@ -347,17 +362,21 @@ typedef struct kvc_store_config {
   float key_error_bound;
   int32_t value_bound_mode; /* kvc_bound_mode */
   float value_error_bound;
-  int32_t value_group_size; /* as kvc_codec_config; 0 = head_dim */
-  int32_t entropy;          /* kvc_entropy: AUTO uses the layer's codebooks once built */
-  int32_t page_bytes;       /* page size, a multiple of 256, >= the largest block (64 KiB is
-                               usually right; 0 = the smallest multiple of 64 KiB that fits) */
-  int64_t capacity_bytes;   /* pool size in bytes, rounded down to whole pages */
+  int32_t value_group_size;    /* as kvc_codec_config; 0 = head_dim */
+  int32_t entropy;             /* kvc_entropy: AUTO uses the layer's codebooks once built */
+  int32_t page_bytes;          /* page size, a multiple of 256, >= the largest block (64 KiB is
+                                  usually right; 0 = the smallest multiple of 64 KiB that fits) */
+  int64_t capacity_bytes;      /* pool size in bytes, rounded down to whole pages */
+  int32_t max_sequences;       /* live sequences at most; 0 = no limit (CPU only). The CUDA
+                                  backend needs it: it sizes the device tables and tails */
+  int32_t max_sequence_tokens; /* tokens per (sequence, layer) at most; 0 = no limit (CPU
+                                  only). The CUDA backend needs it: it sizes the block tables */
 } kvc_store_config;
 #define KVC_STORE_CONFIG_INIT                                                                  \
   {                                                                                            \
     sizeof(kvc_store_config), KVC_ABI_VERSION, KVC_BACKEND_CPU, 1, 1, 128, KVC_DTYPE_FP16, 64, \
         KVC_BOUND_RELATIVE, 0.05f, KVC_BOUND_RELATIVE, 0.05f, 0, KVC_ENTROPY_AUTO, 0,          \
-        (int64_t)1 << 30                                                                       \
+        (int64_t)1 << 30, 0, 0                                                                 \
   }
 
 /* What the store holds, all of it counted. */
@@ -375,9 +394,15 @@ typedef struct kvc_store_stats {
   int64_t dense_bytes;    /* the same tokens as a dense cache of the store's dtype */
   int64_t pages_in_use;
   int64_t pages_total;
+  int32_t last_append_status; /* kvc_status of the latest prefill or append (on CUDA: the
+                                 latest to have run on the device) */
+  int32_t failed_appends;     /* prefills and appends that failed (changing nothing) */
 } kvc_store_stats;
 #define KVC_STORE_STATS_INIT \
-  { sizeof(kvc_store_stats), KVC_ABI_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
+  { sizeof(kvc_store_stats), KVC_ABI_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
+
+/* Most sequences one kvc_store_append or kvc_store_attention call takes. */
+#define KVC_STORE_MAX_BATCH 1024
 
 KVC_API kvc_status_t kvc_store_create(const kvc_store_config* config, kvc_store_t* store);
 /* NULL is a no-op. */
@@ -392,33 +417,45 @@ KVC_API kvc_status_t kvc_store_set_codebook(kvc_store_t store, int32_t layer, kv
 KVC_API kvc_status_t kvc_store_get_codebook(kvc_store_t store, int32_t layer, kvc_kind kind,
                                             kvc_codebook_t* codebook);
 
-/* A new empty sequence; its id (>= 0) is never reused while the store lives. */
+/* A new empty sequence; its id (>= 0) is never reused while the store lives. More than
+ * max_sequences live sequences: KVC_ERROR_OUT_OF_MEMORY. */
 KVC_API kvc_status_t kvc_store_add_sequence(kvc_store_t store, int32_t* sequence_id);
-/* Frees a sequence; its pages return to the pool. */
-KVC_API kvc_status_t kvc_store_free_sequence(kvc_store_t store, int32_t sequence_id);
+/* Frees a sequence; its pages return to the pool (CUDA: once the stream runs the free; the id
+ * is invalid at once, and a captured graph that still names it reports
+ * KVC_ERROR_UNKNOWN_SEQUENCE). */
+KVC_API kvc_status_t kvc_store_free_sequence(kvc_store_t store, int32_t sequence_id, void* stream);
 /* Tokens held for (sequence, layer). */
 KVC_API kvc_status_t kvc_store_sequence_length(kvc_store_t store, int32_t sequence_id,
                                                int32_t layer, int32_t* num_tokens);
 
 /* Appends num_tokens tokens to one sequence for layers [first_layer, first_layer + num_layers):
- * h_keys and h_values are [num_layers, num_tokens, num_kv_heads, head_dim] (host; the layer
- * stride is num_tokens * num_kv_heads * head_dim). Complete blocks are compressed; the rest
- * stays in the tail. */
+ * keys and values are [num_layers, num_tokens, num_kv_heads, head_dim] (the layer stride is
+ * num_tokens * num_kv_heads * head_dim). Complete blocks are compressed; the rest stays in the
+ * tail. All layers or none. CUDA: a layer that has no codebooks yet (and entropy is not FIXED)
+ * builds them from its first compressed blocks, which synchronizes `stream`; every later call
+ * is asynchronous. Scratch memory grows to the largest call (cudaMalloc, outside capture). */
 KVC_API kvc_status_t kvc_store_prefill(kvc_store_t store, int32_t sequence_id, int32_t first_layer,
-                                       int32_t num_layers, int32_t num_tokens, const void* h_keys,
-                                       const void* h_values);
-/* One decode step of one layer: appends one token to each of num_sequences distinct
- * sequences. h_keys, h_values: [num_sequences, num_kv_heads, head_dim]; sequence_ids host. */
+                                       int32_t num_layers, int32_t num_tokens, const void* keys,
+                                       const void* values, void* stream);
+/* One decode step of one layer: appends one token to each of num_sequences (at most
+ * KVC_STORE_MAX_BATCH) distinct sequences. keys, values: [num_sequences, num_kv_heads,
+ * head_dim]; sequence_ids: host. CUDA: graph-capturable once the layer has codebooks (or entropy
+ * is FIXED) and an uncaptured call of at least this batch size has sized the scratch memory;
+ * a replayed graph appends to the sequences it was captured with, at their current lengths. */
 KVC_API kvc_status_t kvc_store_append(kvc_store_t store, int32_t layer, int32_t num_sequences,
-                                      const int32_t* sequence_ids, const void* h_keys,
-                                      const void* h_values, void* stream);
+                                      const int32_t* sequence_ids, const void* keys,
+                                      const void* values, void* stream);
 
-/* Decompresses (sequence, layer) into h_keys, h_values: [num_tokens, num_kv_heads, head_dim]
- * of dtype, each with room for kvc_store_sequence_length() tokens (capacity_tokens). */
+/* Decompresses (sequence, layer) into keys, values: [num_tokens, num_kv_heads, head_dim] of
+ * dtype (fp16, bf16 or fp32), each with room for capacity_tokens >= kvc_store_sequence_length()
+ * tokens. CUDA: device pointers; waits for the device, then decodes on `stream` and waits for
+ * it. A block that fails to decode gives its status (the store's bytes were damaged). */
 KVC_API kvc_status_t kvc_store_read(kvc_store_t store, int32_t sequence_id, int32_t layer,
-                                    kvc_dtype dtype, int32_t capacity_tokens, void* h_keys,
-                                    void* h_values);
+                                    kvc_dtype dtype, int32_t capacity_tokens, void* keys,
+                                    void* values, void* stream);
 
+/* CUDA: no synchronization: the figures are those the device last copied out (after every
+ * prefill, append and free), so they trail work still queued; exact once the stream is idle. */
 KVC_API kvc_status_t kvc_store_get_stats(kvc_store_t store, kvc_store_stats* stats);
 
 /* Exact size of a sequence serialized by kvc_store_serialize. */
@@ -430,7 +467,8 @@ KVC_API kvc_status_t kvc_store_serialize(kvc_store_t store, int32_t sequence_id,
                                          size_t dst_capacity_bytes, size_t* written_bytes);
 /* Restores a serialized sequence as a new sequence of a store with the same configuration and
  * codebooks; no re-encoding. Corrupt or mismatched input is rejected (KVC_ERROR_CORRUPT_DATA,
- * KVC_ERROR_CONFIG_MISMATCH, KVC_ERROR_CODEBOOK_MISMATCH) and changes nothing. */
+ * KVC_ERROR_CONFIG_MISMATCH, KVC_ERROR_CODEBOOK_MISMATCH) and changes nothing; so does a store
+ * already at max_sequences (KVC_ERROR_OUT_OF_MEMORY) or a sequence past max_sequence_tokens. */
 KVC_API kvc_status_t kvc_store_restore(kvc_store_t store, const void* h_src, size_t src_bytes,
                                        int32_t* sequence_id);
 
@@ -439,13 +477,17 @@ KVC_API kvc_status_t kvc_store_restore(kvc_store_t store, const void* h_src, siz
 /* Batched decode attention of one layer: for each of num_sequences sequences, one query token
  * with num_q_heads = group * num_kv_heads heads (query head h uses kv-head h / group) attends
  * to all the sequence's tokens (compressed blocks and tail): out = softmax(scale * q K^T) V.
- * h_queries, h_out: [num_sequences, num_q_heads, head_dim] of the store's dtype (host on the
- * CPU backend). fp32 reconstruction of K and V, double accumulation on the CPU. A sequence with
- * no tokens gives zeros. */
+ * queries, out: [num_sequences, num_q_heads, head_dim] of the store's dtype; sequence_ids: host,
+ * at most KVC_STORE_MAX_BATCH. A sequence with no tokens gives zeros. CPU: fp32 reconstruction
+ * of K and V, double accumulation (the reference). CUDA: the fused kernel decodes the blocks in
+ * shared memory and accumulates in fp32; it needs T of 32, 64 or 128, 32 sub-streams and value
+ * groups of a multiple of 32 channels (else KVC_ERROR_NOT_SUPPORTED), head_dim 64, 128 or 256,
+ * group <= 16; graph-capturable once the layer has codebooks (or entropy is FIXED) and an
+ * uncaptured call with at least as many sequences and query heads has sized its workspace (a
+ * replay reads the sequences' current lengths; one freed since capture reads as empty). */
 KVC_API kvc_status_t kvc_store_attention(kvc_store_t store, int32_t layer, int32_t num_sequences,
                                          const int32_t* sequence_ids, int32_t num_q_heads,
-                                         float scale, const void* h_queries, void* h_out,
-                                         void* stream);
+                                         float scale, const void* queries, void* out, void* stream);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -96,6 +97,7 @@ class Codebook {
   kvc_codebook_t get() const noexcept { return handle_.get(); }
 
  private:
+  friend class Store;
   explicit Codebook(kvc_codebook_t h) : handle_(h) {}
   detail::Owned<kvc_codebook_t, kvc_codebook_destroy> handle_;
 };
@@ -168,6 +170,78 @@ class Codec {
     }
   }
   detail::Owned<kvc_codec_t, kvc_codec_destroy> handle_;
+};
+
+// The paged store. Tensors are host memory on the CPU backend, device memory on CUDA (with a
+// stream); see kvcomp.h for the contract, including how the CUDA backend reports data errors
+// (stats().last_append_status) instead of throwing.
+class Store {
+ public:
+  explicit Store(const kvc_store_config& config) {
+    kvc_store_t h = nullptr;
+    check(kvc_store_create(&config, &h));
+    handle_.reset(h);
+  }
+  void set_codebook(int32_t layer, kvc_kind kind, const Codebook& codebook) {
+    check(kvc_store_set_codebook(get(), layer, kind, codebook.get()));
+  }
+  std::optional<Codebook> codebook(int32_t layer, kvc_kind kind) const {
+    kvc_codebook_t h = nullptr;
+    check(kvc_store_get_codebook(get(), layer, kind, &h));
+    if (h == nullptr) return std::nullopt;
+    return Codebook(h);
+  }
+  int32_t add_sequence() {
+    int32_t id = -1;
+    check(kvc_store_add_sequence(get(), &id));
+    return id;
+  }
+  void free_sequence(int32_t id, void* stream = nullptr) {
+    check(kvc_store_free_sequence(get(), id, stream));
+  }
+  int32_t length(int32_t id, int32_t layer) const {
+    int32_t n = 0;
+    check(kvc_store_sequence_length(get(), id, layer, &n));
+    return n;
+  }
+  void prefill(int32_t id, int32_t first_layer, int32_t num_layers, int32_t num_tokens,
+               const void* keys, const void* values, void* stream = nullptr) {
+    check(kvc_store_prefill(get(), id, first_layer, num_layers, num_tokens, keys, values, stream));
+  }
+  void append(int32_t layer, std::span<const int32_t> ids, const void* keys, const void* values,
+              void* stream = nullptr) {
+    check(kvc_store_append(get(), layer, int32_t(ids.size()), ids.data(), keys, values, stream));
+  }
+  void read(int32_t id, int32_t layer, kvc_dtype dtype, int32_t capacity_tokens, void* keys,
+            void* values, void* stream = nullptr) const {
+    check(kvc_store_read(get(), id, layer, dtype, capacity_tokens, keys, values, stream));
+  }
+  void attention(int32_t layer, std::span<const int32_t> ids, int32_t num_q_heads, float scale,
+                 const void* queries, void* out, void* stream = nullptr) const {
+    check(kvc_store_attention(get(), layer, int32_t(ids.size()), ids.data(), num_q_heads, scale,
+                              queries, out, stream));
+  }
+  kvc_store_stats stats() const {
+    kvc_store_stats s = KVC_STORE_STATS_INIT;
+    check(kvc_store_get_stats(get(), &s));
+    return s;
+  }
+  std::vector<uint8_t> serialize(int32_t id) const {
+    size_t size = 0;
+    check(kvc_store_serialized_size(get(), id, &size));
+    std::vector<uint8_t> bytes(size);
+    check(kvc_store_serialize(get(), id, bytes.data(), bytes.size(), &size));
+    return bytes;
+  }
+  int32_t restore(std::span<const uint8_t> bytes) {
+    int32_t id = -1;
+    check(kvc_store_restore(get(), bytes.data(), bytes.size(), &id));
+    return id;
+  }
+  kvc_store_t get() const noexcept { return handle_.get(); }
+
+ private:
+  detail::Owned<kvc_store_t, kvc_store_destroy> handle_;
 };
 
 inline kvc_block_info inspect(std::span<const uint8_t> block) {

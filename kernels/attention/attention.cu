@@ -86,6 +86,18 @@ DeviceCodebooksPtr upload_codebooks(const Codebook* key_book, const Codebook* va
   return d;
 }
 
+void require_attention_support(const AttentionShape& s, const CodecParams& key,
+                               const CodecParams& value) {
+  const uint32_t T = key.num_tokens;
+  require(T % k::kLanes == 0 && T / k::kLanes <= k::kMaxTokensPerLane &&
+              key.num_substreams == k::kLanes && value.num_substreams == k::kLanes &&
+              value.group_size % k::kLanes == 0 && key.head_dim == s.head_dim,
+          KVC_ERROR_NOT_SUPPORTED,
+          "GPU attention needs 32, 64 or 128 tokens per block, 32 sub-streams in K and V "
+          "blocks and value groups of a multiple of 32 channels");
+  dispatch_shape(s, [](auto, auto, auto) {});  // dtype, head_dim and group have kernels
+}
+
 AttentionPlan plan_attention(const AttentionShape& s, uint32_t max_blocks_per_sequence) {
   return make_plan(s, max_blocks_per_sequence + 1);  // + the tail
 }
@@ -95,13 +107,8 @@ void attention_compressed(const AttentionShape& s, const AttentionPlan& plan,
                           const DeviceCodebooks& books, const uint8_t* d_pool, size_t page_bytes,
                           const SequenceView* d_sequences, const void* d_queries, void* d_out,
                           void* d_workspace, void* stream) {
+  require_attention_support(s, key, value);
   const uint32_t T = key.num_tokens;
-  require(T % k::kLanes == 0 && T / k::kLanes <= k::kMaxTokensPerLane &&
-              key.num_substreams == k::kLanes && value.num_substreams == k::kLanes &&
-              value.group_size % k::kLanes == 0 && key.head_dim == s.head_dim,
-          KVC_ERROR_NOT_SUPPORTED,
-          "GPU attention needs 32, 64 or 128 tokens per block, 32 sub-streams in K and V "
-          "blocks and value groups of a multiple of 32 channels");
   const k::AttentionParams P = params_for(s, plan, T, d_queries, d_workspace);
   const uint32_t max_groups = std::max(key.num_groups, value.num_groups);
   const auto st = static_cast<cudaStream_t>(stream);

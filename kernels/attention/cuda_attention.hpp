@@ -51,6 +51,10 @@ struct DeviceCodebooksDeleter {
 using DeviceCodebooksPtr = std::unique_ptr<DeviceCodebooks, DeviceCodebooksDeleter>;
 DeviceCodebooksPtr upload_codebooks(const Codebook* key_book, const Codebook* value_book);
 
+// KVC_ERROR_NOT_SUPPORTED unless the kernels cover this shape and these block parameters.
+void require_attention_support(const AttentionShape& shape, const CodecParams& key,
+                               const CodecParams& value);
+
 // The split schedule: how many chunks each sequence's tokens are cut into (flash-decoding), from
 // the longest sequence and the GPU's multiprocessor count; and the workspace it needs.
 struct AttentionPlan {

@@ -8,10 +8,23 @@
 
 #include "codec/codebook.hpp"
 #include "codec/codec_params.hpp"
+#include "core/error.hpp"
 #include "store/store.hpp"
 #if defined(KVC_WITH_CUDA)
 #include "kernels/codec/cuda_codec.hpp"
+#include "kernels/store/cuda_store.hpp"
 #endif
+
+namespace kvc {
+
+#if !defined(KVC_WITH_CUDA)
+[[noreturn]] inline void no_cuda() {
+  fail(KVC_ERROR_NOT_SUPPORTED,
+       "this build of kvcomp has no CUDA backend (it was built without a CUDA compiler)");
+}
+#endif
+
+}  // namespace kvc
 
 struct kvc_histogram_s {
   kvc::Histogram histogram;
@@ -30,6 +43,11 @@ struct kvc_codec_s {
   bool on_cuda() const { return params.backend == KVC_BACKEND_CUDA; }
 };
 
+// One of the two backends.
 struct kvc_store_s {
-  kvc::Store store;
+  kvc::StoreParams params;
+  std::unique_ptr<kvc::Store> cpu;
+#if defined(KVC_WITH_CUDA)
+  std::unique_ptr<kvc::cuda::CudaStore> cuda;
+#endif
 };

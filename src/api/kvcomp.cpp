@@ -39,13 +39,6 @@ void require_stride(int64_t stride, const kvc::CodecParams& p, const char* name)
           name, " = ", stride, " is out of range [head_dim = ", p.head_dim, ", 2^40]");
 }
 
-#if !defined(KVC_WITH_CUDA)
-[[noreturn]] void no_cuda() {
-  fail(KVC_ERROR_NOT_SUPPORTED,
-       "this build of kvcomp has no CUDA backend (it was built without a CUDA compiler)");
-}
-#endif
-
 // Host-side checks of each block pointer: only where the arrays are host memory.
 void require_block_pointers(const kvc_codec_s& codec, int32_t num_blocks, const void* const* src,
                             void* const* dst, bool check_alignment) {
@@ -254,7 +247,7 @@ kvc_status_t kvc_codec_create(const kvc_codec_config* config, kvc_codebook_t cod
 #if defined(KVC_WITH_CUDA)
       made->device = kvc::cuda::create_device_codec(params, made->book.get());
 #else
-      no_cuda();
+      kvc::no_cuda();
 #endif
     }
     *codec = made.release();
@@ -297,7 +290,7 @@ kvc_status_t kvc_codec_encode(kvc_codec_t codec, int32_t num_blocks, const void*
                         dst_blocks, block_bytes, stream);
       return;
 #else
-      no_cuda();
+      kvc::no_cuda();
 #endif
     }
     const kvc::DefaultFloatEnvironment ieee;
@@ -340,7 +333,7 @@ kvc_status_t kvc_codec_decode(kvc_codec_t codec, int32_t num_blocks, const void*
                         dst_token_stride, block_status, stream);
       return;
 #else
-      no_cuda();
+      kvc::no_cuda();
 #endif
     }
     const kvc::DefaultFloatEnvironment ieee;
@@ -379,7 +372,7 @@ kvc_status_t kvc_codec_histogram(kvc_codec_t codec, int32_t num_blocks,
       kvc::cuda::histogram(*codec->device, num_blocks, src_blocks, src_token_stride, src_dtype,
                            updated, stream);
 #else
-      no_cuda();
+      kvc::no_cuda();
 #endif
     } else {
       const kvc::DefaultFloatEnvironment ieee;

@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
-// The C ABI of the paged store and of decode attention over it.
+// The C ABI of the paged store and of decode attention over it: argument checks, then the
+// store's backend.
 #include <kvcomp/kvcomp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -14,11 +16,21 @@ namespace {
 using kvc::require;
 using kvc::require_not_null;
 
-kvc::Store& checked(kvc_store_t store) { return require_not_null(store, "store")->store; }
+kvc_store_s& checked(kvc_store_t store) { return *require_not_null(store, "store"); }
 
-uint32_t checked_layer(const kvc::Store& s, int32_t layer) {
-  require(layer >= 0 && uint32_t(layer) < s.params().num_layers, KVC_ERROR_INVALID_ARGUMENT,
-          "layer = ", layer, " is out of range [0, ", s.params().num_layers, ")");
+// Calls f with the store's backend (kvc::Store or kvc::cuda::CudaStore), where the two share a
+// signature.
+template <class F>
+decltype(auto) with_backend(kvc_store_s& s, F&& f) {
+#if defined(KVC_WITH_CUDA)
+  if (s.cuda) return f(*s.cuda);
+#endif
+  return f(*s.cpu);
+}
+
+uint32_t checked_layer(const kvc_store_s& s, int32_t layer) {
+  require(layer >= 0 && uint32_t(layer) < s.params.num_layers, KVC_ERROR_INVALID_ARGUMENT,
+          "layer = ", layer, " is out of range [0, ", s.params.num_layers, ")");
   return uint32_t(layer);
 }
 
@@ -28,11 +40,26 @@ uint32_t checked_kind(int32_t kind) {
   return uint32_t(kind);
 }
 
-std::vector<int32_t> checked_ids(int32_t num_sequences, const int32_t* ids) {
-  require(num_sequences >= 0, KVC_ERROR_INVALID_ARGUMENT, "num_sequences = ", num_sequences,
-          " is negative");
+void check_stream(const kvc_store_s& s, void* stream) {
+  require(s.params.backend == KVC_BACKEND_CUDA || stream == nullptr, KVC_ERROR_INVALID_ARGUMENT,
+          "stream must be NULL on the CPU backend");
+}
+
+// A batch of live sequence ids, distinct where the call appends.
+std::vector<int32_t> checked_ids(kvc_store_s& s, int32_t num_sequences, const int32_t* ids,
+                                 bool distinct) {
+  require(num_sequences >= 0 && num_sequences <= KVC_STORE_MAX_BATCH, KVC_ERROR_INVALID_ARGUMENT,
+          "num_sequences = ", num_sequences,
+          " is out of range [0, KVC_STORE_MAX_BATCH = ", KVC_STORE_MAX_BATCH, "]");
   require(num_sequences == 0 || ids != nullptr, KVC_ERROR_NULL_POINTER, "sequence_ids is NULL");
-  return std::vector<int32_t>(ids, ids + num_sequences);
+  std::vector<int32_t> batch(ids, ids + num_sequences);
+  for (size_t i = 0; i < batch.size(); ++i) {
+    require(!distinct || std::count(batch.begin(), batch.begin() + long(i), batch[i]) == 0,
+            KVC_ERROR_INVALID_ARGUMENT, "sequence_ids[", i, "] = ", batch[i],
+            " appears twice in one step");
+    with_backend(s, [&](auto& b) { b.require_live(batch[i]); });
+  }
+  return batch;
 }
 
 }  // namespace
@@ -43,8 +70,18 @@ kvc_status_t kvc_store_create(const kvc_store_config* config, kvc_store_t* store
   return kvc::api_call(__func__, [&] {
     require_not_null(config, "config");
     require_not_null(store, "store");
-    const kvc::StoreParams params = kvc::StoreParams::from_config(*config);
-    *store = new kvc_store_s{kvc::Store(params)};
+    auto made = std::make_unique<kvc_store_s>();
+    made->params = kvc::StoreParams::from_config(*config);
+    if (made->params.backend == KVC_BACKEND_CPU) {
+      made->cpu = std::make_unique<kvc::Store>(made->params);
+    } else {
+#if defined(KVC_WITH_CUDA)
+      made->cuda = std::make_unique<kvc::cuda::CudaStore>(made->params);
+#else
+      kvc::no_cuda();
+#endif
+    }
+    *store = made.release();
   });
 }
 
@@ -56,105 +93,129 @@ kvc_status_t kvc_store_destroy(kvc_store_t store) {
 kvc_status_t kvc_store_set_codebook(kvc_store_t store, int32_t layer, kvc_kind kind,
                                     kvc_codebook_t codebook) {
   return kvc::api_call(__func__, [&] {
-    kvc::Store& s = checked(store);
+    kvc_store_s& s = checked(store);
     require_not_null(codebook, "codebook");
-    s.set_codebook(checked_layer(s, layer), checked_kind(kind), codebook->book);
+    const uint32_t l = checked_layer(s, layer), k = checked_kind(kind);
+    with_backend(s, [&](auto& b) { b.set_codebook(l, k, codebook->book); });
   });
 }
 
 kvc_status_t kvc_store_get_codebook(kvc_store_t store, int32_t layer, kvc_kind kind,
                                     kvc_codebook_t* codebook) {
   return kvc::api_call(__func__, [&] {
-    kvc::Store& s = checked(store);
+    kvc_store_s& s = checked(store);
     require_not_null(codebook, "codebook");
-    auto book = s.codebook(checked_layer(s, layer), checked_kind(kind));
+    const uint32_t l = checked_layer(s, layer), k = checked_kind(kind);
+    auto book = with_backend(s, [&](auto& b) { return b.codebook(l, k); });
     *codebook = book ? new kvc_codebook_s{std::move(book)} : nullptr;
   });
 }
 
 kvc_status_t kvc_store_add_sequence(kvc_store_t store, int32_t* sequence_id) {
   return kvc::api_call(__func__, [&] {
-    kvc::Store& s = checked(store);
+    kvc_store_s& s = checked(store);
     require_not_null(sequence_id, "sequence_id");
-    *sequence_id = s.add_sequence();
+    *sequence_id = with_backend(s, [&](auto& b) { return b.add_sequence(); });
   });
 }
 
-kvc_status_t kvc_store_free_sequence(kvc_store_t store, int32_t sequence_id) {
-  return kvc::api_call(__func__, [&] { checked(store).free_sequence(sequence_id); });
+kvc_status_t kvc_store_free_sequence(kvc_store_t store, int32_t sequence_id, void* stream) {
+  return kvc::api_call(__func__, [&] {
+    kvc_store_s& s = checked(store);
+    check_stream(s, stream);
+#if defined(KVC_WITH_CUDA)
+    if (s.cuda) return s.cuda->free_sequence(sequence_id, stream);
+#endif
+    s.cpu->free_sequence(sequence_id);
+  });
 }
 
 kvc_status_t kvc_store_sequence_length(kvc_store_t store, int32_t sequence_id, int32_t layer,
                                        int32_t* num_tokens) {
   return kvc::api_call(__func__, [&] {
-    kvc::Store& s = checked(store);
+    kvc_store_s& s = checked(store);
     require_not_null(num_tokens, "num_tokens");
-    *num_tokens = int32_t(s.length(sequence_id, checked_layer(s, layer)));
+    const uint32_t l = checked_layer(s, layer);
+    *num_tokens = int32_t(with_backend(s, [&](auto& b) { return b.length(sequence_id, l); }));
   });
 }
 
 kvc_status_t kvc_store_prefill(kvc_store_t store, int32_t sequence_id, int32_t first_layer,
-                               int32_t num_layers, int32_t num_tokens, const void* h_keys,
-                               const void* h_values) {
+                               int32_t num_layers, int32_t num_tokens, const void* keys,
+                               const void* values, void* stream) {
   return kvc::api_call(__func__, [&] {
-    kvc::Store& s = checked(store);
+    kvc_store_s& s = checked(store);
     const uint32_t first = checked_layer(s, first_layer);
-    require(num_layers >= 1 && uint32_t(num_layers) <= s.params().num_layers - first,
+    require(num_layers >= 1 && uint32_t(num_layers) <= s.params.num_layers - first,
             KVC_ERROR_INVALID_ARGUMENT, "num_layers = ", num_layers, " is out of range [1, ",
-            s.params().num_layers - first, "] from first_layer = ", first_layer);
+            s.params.num_layers - first, "] from first_layer = ", first_layer);
     require(num_tokens >= 0, KVC_ERROR_INVALID_ARGUMENT, "num_tokens = ", num_tokens,
             " is negative");
+    check_stream(s, stream);
     if (num_tokens == 0) return;
-    require_not_null(h_keys, "h_keys");
-    require_not_null(h_values, "h_values");
+    require_not_null(keys, "keys");
+    require_not_null(values, "values");
+    with_backend(s, [&](auto& b) { b.require_live(sequence_id); });
+#if defined(KVC_WITH_CUDA)
+    if (s.cuda) {
+      return s.cuda->prefill(sequence_id, first, uint32_t(num_layers), uint32_t(num_tokens), keys,
+                             values, stream);
+    }
+#endif
     const kvc::DefaultFloatEnvironment ieee;
-    s.prefill(sequence_id, first, uint32_t(num_layers), uint32_t(num_tokens),
-              static_cast<const uint8_t*>(h_keys), static_cast<const uint8_t*>(h_values));
+    s.cpu->prefill(sequence_id, first, uint32_t(num_layers), uint32_t(num_tokens),
+                   static_cast<const uint8_t*>(keys), static_cast<const uint8_t*>(values));
   });
 }
 
 kvc_status_t kvc_store_append(kvc_store_t store, int32_t layer, int32_t num_sequences,
-                              const int32_t* sequence_ids, const void* h_keys, const void* h_values,
+                              const int32_t* sequence_ids, const void* keys, const void* values,
                               void* stream) {
   return kvc::api_call(__func__, [&] {
-    kvc::Store& s = checked(store);
+    kvc_store_s& s = checked(store);
     const uint32_t l = checked_layer(s, layer);
-    const std::vector<int32_t> ids = checked_ids(num_sequences, sequence_ids);
-    require(stream == nullptr, KVC_ERROR_INVALID_ARGUMENT,
-            "stream must be NULL on the CPU backend");
+    check_stream(s, stream);
+    const std::vector<int32_t> ids = checked_ids(s, num_sequences, sequence_ids, /*distinct=*/true);
     if (ids.empty()) return;
-    require_not_null(h_keys, "h_keys");
-    require_not_null(h_values, "h_values");
+    require_not_null(keys, "keys");
+    require_not_null(values, "values");
+#if defined(KVC_WITH_CUDA)
+    if (s.cuda) return s.cuda->append(l, ids, keys, values, stream);
+#endif
     const kvc::DefaultFloatEnvironment ieee;
-    s.append(l, ids, static_cast<const uint8_t*>(h_keys), static_cast<const uint8_t*>(h_values));
+    s.cpu->append(l, ids, static_cast<const uint8_t*>(keys), static_cast<const uint8_t*>(values));
   });
 }
 
 kvc_status_t kvc_store_read(kvc_store_t store, int32_t sequence_id, int32_t layer, kvc_dtype dtype,
-                            int32_t capacity_tokens, void* h_keys, void* h_values) {
+                            int32_t capacity_tokens, void* keys, void* values, void* stream) {
   return kvc::api_call(__func__, [&] {
-    kvc::Store& s = checked(store);
+    kvc_store_s& s = checked(store);
     const uint32_t l = checked_layer(s, layer);
     kvc::require_dtype(dtype, "dtype");
-    const uint32_t length = s.length(sequence_id, l);
+    check_stream(s, stream);
+    const uint32_t length = with_backend(s, [&](auto& b) { return b.length(sequence_id, l); });
     require(capacity_tokens >= 0 && uint32_t(capacity_tokens) >= length, KVC_ERROR_BUFFER_TOO_SMALL,
             "capacity_tokens = ", capacity_tokens, " but the sequence holds ", length, " tokens");
     if (length == 0) return;
-    require_not_null(h_keys, "h_keys");
-    require_not_null(h_values, "h_values");
+    require_not_null(keys, "keys");
+    require_not_null(values, "values");
+#if defined(KVC_WITH_CUDA)
+    if (s.cuda) return s.cuda->read(sequence_id, l, dtype, length, keys, values, stream);
+#endif
     const kvc::DefaultFloatEnvironment ieee;
-    s.read(sequence_id, l, dtype, h_keys, h_values);
+    s.cpu->read(sequence_id, l, dtype, keys, values);
   });
 }
 
 kvc_status_t kvc_store_get_stats(kvc_store_t store, kvc_store_stats* stats) {
   return kvc::api_call(__func__, [&] {
-    kvc::Store& s = checked(store);
+    kvc_store_s& s = checked(store);
     require_not_null(stats, "stats");
     kvc::check_struct_header(*stats, "stats");
-    const kvc::StoreStats st = s.stats();
+    const kvc::StoreStats st = with_backend(s, [](auto& b) { return b.stats(); });
     kvc_store_stats out = *stats;
-    out.num_sequences = int32_t(s.num_sequences());
+    out.num_sequences = int32_t(with_backend(s, [](auto& b) { return b.num_sequences(); }));
     out.num_blocks = st.num_blocks;
     out.block_bytes = st.block_bytes;
     out.page_bytes = st.page_bytes;
@@ -163,26 +224,29 @@ kvc_status_t kvc_store_get_stats(kvc_store_t store, kvc_store_stats* stats) {
     out.codebook_bytes = st.codebook_bytes;
     out.dense_bytes = st.dense_bytes;
     out.pages_in_use = st.pages_in_use;
-    out.pages_total = s.params().num_pages;
+    out.pages_total = s.params.num_pages;
+    out.last_append_status = st.last_append_status;
+    out.failed_appends = st.failed_appends;
     *stats = out;
   });
 }
 
 kvc_status_t kvc_store_serialized_size(kvc_store_t store, int32_t sequence_id, size_t* size_bytes) {
   return kvc::api_call(__func__, [&] {
-    kvc::Store& s = checked(store);
+    kvc_store_s& s = checked(store);
     require_not_null(size_bytes, "size_bytes");
-    *size_bytes = s.serialize(sequence_id).size();
+    *size_bytes = with_backend(s, [&](auto& b) { return b.serialize(sequence_id).size(); });
   });
 }
 
 kvc_status_t kvc_store_serialize(kvc_store_t store, int32_t sequence_id, void* h_dst,
                                  size_t dst_capacity_bytes, size_t* written_bytes) {
   return kvc::api_call(__func__, [&] {
-    kvc::Store& s = checked(store);
+    kvc_store_s& s = checked(store);
     require_not_null(h_dst, "h_dst");
     require_not_null(written_bytes, "written_bytes");
-    const std::vector<uint8_t> bytes = s.serialize(sequence_id);
+    const std::vector<uint8_t> bytes =
+        with_backend(s, [&](auto& b) { return b.serialize(sequence_id); });
     require(dst_capacity_bytes >= bytes.size(), KVC_ERROR_BUFFER_TOO_SMALL,
             "dst_capacity_bytes = ", dst_capacity_bytes, " but the sequence needs ", bytes.size(),
             " bytes (kvc_store_serialized_size)");
@@ -194,35 +258,41 @@ kvc_status_t kvc_store_serialize(kvc_store_t store, int32_t sequence_id, void* h
 kvc_status_t kvc_store_restore(kvc_store_t store, const void* h_src, size_t src_bytes,
                                int32_t* sequence_id) {
   return kvc::api_call(__func__, [&] {
-    kvc::Store& s = checked(store);
+    kvc_store_s& s = checked(store);
     require_not_null(h_src, "h_src");
     require_not_null(sequence_id, "sequence_id");
-    *sequence_id = s.restore(static_cast<const uint8_t*>(h_src), src_bytes);
+    const kvc::DefaultFloatEnvironment ieee;  // restore decodes every block to validate it
+    *sequence_id = with_backend(
+        s, [&](auto& b) { return b.restore(static_cast<const uint8_t*>(h_src), src_bytes); });
   });
 }
 
 kvc_status_t kvc_store_attention(kvc_store_t store, int32_t layer, int32_t num_sequences,
                                  const int32_t* sequence_ids, int32_t num_q_heads, float scale,
-                                 const void* h_queries, void* h_out, void* stream) {
+                                 const void* queries, void* out, void* stream) {
   return kvc::api_call(__func__, [&] {
-    kvc::Store& s = checked(store);
+    kvc_store_s& s = checked(store);
     const uint32_t l = checked_layer(s, layer);
-    const std::vector<int32_t> ids = checked_ids(num_sequences, sequence_ids);
-    const uint32_t heads = s.params().num_heads;
+    const uint32_t heads = s.params.num_heads;
     require(num_q_heads >= int32_t(heads) && num_q_heads % int32_t(heads) == 0 &&
                 num_q_heads / int32_t(heads) <= 64,
             KVC_ERROR_INVALID_ARGUMENT, "num_q_heads = ", num_q_heads,
             " must be a multiple (1..64) of num_kv_heads = ", heads);
     require(std::isfinite(scale), KVC_ERROR_INVALID_ARGUMENT, "scale = ", scale, " is not finite");
-    require(stream == nullptr, KVC_ERROR_INVALID_ARGUMENT,
-            "stream must be NULL on the CPU backend");
-    for (int32_t id : ids) s.length(id, l);  // every id is live before any output is written
+    check_stream(s, stream);
+    // Every id is live before any output is written.
+    const std::vector<int32_t> ids =
+        checked_ids(s, num_sequences, sequence_ids, /*distinct=*/false);
     if (ids.empty()) return;
-    require_not_null(h_queries, "h_queries");
-    require_not_null(h_out, "h_out");
+    require_not_null(queries, "queries");
+    require_not_null(out, "out");
+#if defined(KVC_WITH_CUDA)
+    if (s.cuda)
+      return s.cuda->attention(l, ids, uint32_t(num_q_heads), scale, queries, out, stream);
+#endif
     const kvc::DefaultFloatEnvironment ieee;
-    s.attention(l, ids, uint32_t(num_q_heads), scale, static_cast<const uint8_t*>(h_queries),
-                static_cast<uint8_t*>(h_out));
+    s.cpu->attention(l, ids, uint32_t(num_q_heads), scale, static_cast<const uint8_t*>(queries),
+                     static_cast<uint8_t*>(out));
   });
 }
 

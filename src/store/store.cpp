@@ -53,16 +53,24 @@ StoreParams StoreParams::from_config(const kvc_store_config& c) {
   check_struct_header(c, "config");
   require(c.backend == KVC_BACKEND_CPU || c.backend == KVC_BACKEND_CUDA, KVC_ERROR_INVALID_ARGUMENT,
           "config->backend = ", c.backend, " is not a kvc_backend");
-  require(c.backend == KVC_BACKEND_CPU, KVC_ERROR_NOT_SUPPORTED,
-          "the CUDA store is not available in this version of kvcomp");
   require(c.num_layers >= 1 && c.num_layers <= 4096, KVC_ERROR_INVALID_ARGUMENT,
           "config->num_layers = ", c.num_layers, " is out of range [1, 4096]");
   require(c.num_kv_heads >= 1 && c.num_kv_heads <= 1024, KVC_ERROR_INVALID_ARGUMENT,
           "config->num_kv_heads = ", c.num_kv_heads, " is out of range [1, 1024]");
   require(c.dtype == KVC_DTYPE_FP16 || c.dtype == KVC_DTYPE_BF16, KVC_ERROR_INVALID_ARGUMENT,
           "config->dtype = ", c.dtype, " must be KVC_DTYPE_FP16 or KVC_DTYPE_BF16");
+  require(c.max_sequences >= 0 && c.max_sequences <= (1 << 20), KVC_ERROR_INVALID_ARGUMENT,
+          "config->max_sequences = ", c.max_sequences, " is out of range [0, 2^20]");
+  require(c.max_sequence_tokens >= 0, KVC_ERROR_INVALID_ARGUMENT,
+          "config->max_sequence_tokens = ", c.max_sequence_tokens, " is negative");
+  require(c.backend == KVC_BACKEND_CPU || (c.max_sequences > 0 && c.max_sequence_tokens > 0),
+          KVC_ERROR_INVALID_ARGUMENT, "the CUDA store needs config->max_sequences (",
+          c.max_sequences, ") and config->max_sequence_tokens (", c.max_sequence_tokens,
+          ") > 0: they size its device tables");
   StoreParams p{};
   p.backend = kvc_backend(c.backend);
+  p.max_sequences = uint32_t(c.max_sequences);
+  p.max_sequence_tokens = uint32_t(c.max_sequence_tokens);
   p.config = c;
   // The codec checks head_dim, block_tokens, bounds, value groups and entropy, naming the codec
   // field; say which store fields those are.
@@ -105,6 +113,8 @@ Store::Store(const StoreParams& params)
 
 int32_t Store::add_sequence() {
   require(next_id_ < INT32_MAX, KVC_ERROR_OUT_OF_MEMORY, "sequence ids are exhausted");
+  require(p_.max_sequences == 0 || sequences_.size() < p_.max_sequences, KVC_ERROR_OUT_OF_MEMORY,
+          "the store holds config->max_sequences = ", p_.max_sequences, " live sequences");
   sequences_.emplace(next_id_, std::vector<LayerCache>(p_.num_layers));
   return next_id_++;
 }
@@ -150,10 +160,17 @@ struct Store::Update {
   std::vector<uint8_t> tail_k, tail_v;       // and their rows
 };
 
-bool Store::finite_rows(const uint8_t* rows, size_t tokens) const {
-  const size_t bytes = tokens * p_.token_bytes();
+void convert_elements(const uint8_t* src, kvc_dtype from, uint8_t* dst, kvc_dtype to,
+                      size_t count) {
+  for (size_t i = 0; i < count; ++i) {
+    store_value(dst + i * f::dtype_bytes(to), to, load_value(src + i * 2, from));
+  }
+}
+
+bool finite_rows(const StoreParams& p, const uint8_t* rows, size_t tokens) {
+  const size_t bytes = tokens * p.token_bytes();
   for (size_t i = 0; i < bytes; i += 2) {
-    if (!std::isfinite(load_value(rows + i, p_.dtype))) return false;
+    if (!std::isfinite(load_value(rows + i, p.dtype))) return false;
   }
   return true;
 }
@@ -162,15 +179,16 @@ Store::Update Store::plan_update(int32_t id, uint32_t layer, uint32_t num_tokens
                                  const uint8_t* keys, const uint8_t* values,
                                  size_t row_stride) const {
   const LayerCache& cache = layer_cache(id, layer);
-  require(length(id, layer) + uint64_t(num_tokens) <= INT32_MAX, KVC_ERROR_INVALID_ARGUMENT,
-          "sequence ", id, " layer ", layer, " would hold more than 2^31 - 1 tokens");
+  require(length(id, layer) + uint64_t(num_tokens) <= p_.token_limit(), KVC_ERROR_INVALID_ARGUMENT,
+          "sequence ", id, " layer ", layer, " would hold ", length(id, layer) + num_tokens,
+          " tokens, more than ", p_.token_limit(), " (config->max_sequence_tokens, or 2^31 - 1)");
   const size_t row = p_.token_bytes();
   Update u{id, layer, 0, cache.tail_k, cache.tail_v, {}, 0, {}, {}};
   for (uint32_t t = 0; t < num_tokens; ++t) {
     const uint8_t* k = keys + t * row_stride;
     const uint8_t* v = values + t * row_stride;
-    require(finite_rows(k, 1) && finite_rows(v, 1), KVC_ERROR_NONFINITE_INPUT, "sequence ", id,
-            " layer ", layer, " token ", t, " holds inf or NaN (inputs must be finite)");
+    require(finite_rows(p_, k, 1) && finite_rows(p_, v, 1), KVC_ERROR_NONFINITE_INPUT, "sequence ",
+            id, " layer ", layer, " token ", t, " holds inf or NaN (inputs must be finite)");
     u.rows_k.insert(u.rows_k.end(), k, k + row);
     u.rows_v.insert(u.rows_v.end(), v, v + row);
   }
@@ -286,8 +304,26 @@ void Store::commit(Transaction& tx) {
   }
 }
 
+template <class F>
+void Store::recording_outcome(F&& operation) {
+  try {
+    operation();
+    last_append_status_ = KVC_SUCCESS;
+  } catch (const Error& e) {
+    last_append_status_ = e.status();
+    ++failed_appends_;
+    throw;
+  }
+}
+
 void Store::prefill(int32_t id, uint32_t first_layer, uint32_t num_layers, uint32_t num_tokens,
                     const uint8_t* keys, const uint8_t* values) {
+  recording_outcome(
+      [&] { prefill_all_layers(id, first_layer, num_layers, num_tokens, keys, values); });
+}
+
+void Store::prefill_all_layers(int32_t id, uint32_t first_layer, uint32_t num_layers,
+                               uint32_t num_tokens, const uint8_t* keys, const uint8_t* values) {
   Transaction tx;
   const size_t layer_bytes = size_t(num_tokens) * p_.token_bytes();
   for (uint32_t l = 0; l < num_layers; ++l) {
@@ -302,6 +338,11 @@ void Store::prefill(int32_t id, uint32_t first_layer, uint32_t num_layers, uint3
 
 void Store::append(uint32_t layer, const std::vector<int32_t>& ids, const uint8_t* keys,
                    const uint8_t* values) {
+  recording_outcome([&] { append_one_token(layer, ids, keys, values); });
+}
+
+void Store::append_one_token(uint32_t layer, const std::vector<int32_t>& ids, const uint8_t* keys,
+                             const uint8_t* values) {
   Transaction tx;
   const size_t row = p_.token_bytes();
   for (size_t i = 0; i < ids.size(); ++i) {
@@ -404,6 +445,8 @@ StoreStats Store::stats() const {
     }
   }
   st.page_bytes = st.pages_in_use * p_.page_bytes;
+  st.last_append_status = last_append_status_;
+  st.failed_appends = failed_appends_;
   for (const auto& b : books_) {
     if (b) st.codebook_bytes += int64_t(b->serialized().size());
   }
@@ -467,31 +510,32 @@ struct Reader {
 
 }  // namespace
 
-std::vector<uint8_t> Store::serialize(int32_t id) const {
-  const std::vector<LayerCache>& layers = sequence(id);
+std::vector<uint8_t> serialize_image(const StoreParams& p, const StoreBooks& books,
+                                     const SequenceImage& image) {
   Writer w;
   w.u32(kSerialMagic);
   w.u32(kSerialVersion);
-  for (uint32_t v : fingerprint(p_)) w.u32(v);
-  for (const auto& b : books_) {
+  for (uint32_t v : fingerprint(p)) w.u32(v);
+  for (const auto& b : books) {
     w.u32(b ? 1u : 0u);
     w.u32(b ? b->id() : 0u);
   }
-  for (const LayerCache& c : layers) {
-    w.u32(c.num_blocks);
-    w.u32(c.tail_tokens);
-    for (const BlockRef& r : c.blocks) {
-      w.u32(r.bytes);
-      w.bytes(&pool_[size_t(r.page) * p_.page_bytes + r.offset], r.bytes);
+  for (const SequenceImage::Layer& l : image.layers) {
+    w.u32(l.num_blocks);
+    w.u32(l.tail_tokens);
+    for (const auto& block : l.blocks) {
+      w.u32(uint32_t(block.size()));
+      w.bytes(block.data(), block.size());
     }
-    w.bytes(c.tail_k.data(), c.tail_k.size());
-    w.bytes(c.tail_v.data(), c.tail_v.size());
+    w.bytes(l.tail_k.data(), l.tail_k.size());
+    w.bytes(l.tail_v.data(), l.tail_v.size());
   }
   w.u32(fnv1a32(w.out.data(), w.out.size()));
   return std::move(w.out);
 }
 
-int32_t Store::restore(const uint8_t* data, size_t size) {
+SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const uint8_t* data,
+                          size_t size) {
   require(size >= 12 && size % 4 == 0, KVC_ERROR_CORRUPT_DATA, "serialized sequence: ", size,
           " bytes is not a whole serialized sequence");
   Reader r{data, size - 4};
@@ -502,26 +546,31 @@ int32_t Store::restore(const uint8_t* data, size_t size) {
           version, " is not supported (this library reads version ", kSerialVersion, ")");
   require(fnv1a32(data, size - 4) == f::load_u32(data + size - 4), KVC_ERROR_CORRUPT_DATA,
           "serialized sequence: checksum mismatch");
-  for (uint32_t v : fingerprint(p_)) {
+  for (uint32_t v : fingerprint(p)) {
     require(r.u32() == v, KVC_ERROR_CONFIG_MISMATCH,
             "serialized sequence: written by a store of another configuration");
   }
   // The writer's codebooks: informative; each Huffman block names the one it needs.
-  for (size_t i = 0; i < books_.size() * 2; ++i) r.u32();
-  Transaction tx;
-  std::vector<float> scratch(size_t(p_.block_tokens) * p_.head_dim);
-  const size_t row = p_.token_bytes();
-  for (uint32_t l = 0; l < p_.num_layers; ++l) {
-    Update u{-1, l, r.u32(), {}, {}, {}, r.u32(), {}, {}};
-    require(u.tail_tokens < p_.block_tokens && u.full_blocks <= (1u << 24), KVC_ERROR_CORRUPT_DATA,
-            "serialized sequence: layer ", l, " has impossible sizes");
-    for (size_t i = 0; i < size_t(u.full_blocks) * p_.num_heads * 2; ++i) {
+  for (size_t i = 0; i < books.size() * 2; ++i) r.u32();
+  SequenceImage image;
+  std::vector<float> scratch(size_t(p.block_tokens) * p.head_dim);
+  const size_t row = p.token_bytes();
+  for (uint32_t l = 0; l < p.num_layers; ++l) {
+    SequenceImage::Layer& layer = image.layers.emplace_back();
+    layer.num_blocks = r.u32();
+    layer.tail_tokens = r.u32();
+    require(layer.tail_tokens < p.block_tokens && layer.num_blocks <= (1u << 24),
+            KVC_ERROR_CORRUPT_DATA, "serialized sequence: layer ", l, " has impossible sizes");
+    require(uint64_t(layer.num_blocks) * p.block_tokens + layer.tail_tokens <= p.token_limit(),
+            KVC_ERROR_INVALID_ARGUMENT, "serialized sequence: layer ", l, " holds more than ",
+            p.token_limit(), " tokens (config->max_sequence_tokens)");
+    for (size_t i = 0; i < size_t(layer.num_blocks) * p.num_heads * 2; ++i) {
       const uint32_t bytes = r.u32();
       const uint8_t* block = r.bytes(bytes);
       const uint32_t kind = uint32_t(i % 2);
-      const CodecParams& cp = p_.codec(kind);
+      const CodecParams& cp = p.codec(kind);
       const f::BlockLayout b = cpu::parse_header(block, bytes);
-      const Codebook* book = books_[l * 2 + kind].get();
+      const Codebook* book = books[l * 2 + kind].get();
       require(b.block_bytes == bytes && b.is_value == cp.is_value &&
                   b.num_tokens == cp.num_tokens && b.head_dim == cp.head_dim &&
                   b.group_size == cp.group_size,
@@ -531,22 +580,56 @@ int32_t Store::restore(const uint8_t* data, size_t size) {
               KVC_ERROR_CODEBOOK_MISMATCH, "serialized sequence: layer ", l, " holds a block of",
               " codebook ", b.codebook_id, ", which this store does not have (import it)");
       try {  // a block that parses may still not decode: reject it now, not at the first read
-        cpu::decode_block(cp, book, block, bytes, KVC_DTYPE_FP32, scratch.data(), p_.head_dim);
+        cpu::decode_block(cp, book, block, bytes, KVC_DTYPE_FP32, scratch.data(), p.head_dim);
       } catch (const Error& e) {
         fail(e.status(), "serialized sequence: layer ", l, ": ", e.what());
       }
-      u.blocks.emplace_back(block, block + bytes);
+      layer.blocks.emplace_back(block, block + bytes);
     }
-    const size_t tail = size_t(u.tail_tokens) * row;
+    const size_t tail = size_t(layer.tail_tokens) * row;
     const uint8_t* k = r.bytes(tail);
     const uint8_t* v = r.bytes(tail);
-    require(finite_rows(k, u.tail_tokens) && finite_rows(v, u.tail_tokens), KVC_ERROR_CORRUPT_DATA,
-            "serialized sequence: layer ", l, " has inf or NaN in its tail");
-    u.tail_k.assign(k, k + tail);
-    u.tail_v.assign(v, v + tail);
-    tx.updates.push_back(std::move(u));
+    require(finite_rows(p, k, layer.tail_tokens) && finite_rows(p, v, layer.tail_tokens),
+            KVC_ERROR_CORRUPT_DATA, "serialized sequence: layer ", l,
+            " has inf or NaN in its tail");
+    layer.tail_k.assign(k, k + tail);
+    layer.tail_v.assign(v, v + tail);
   }
   require(r.at == r.size, KVC_ERROR_CORRUPT_DATA, "serialized sequence: trailing bytes");
+  return image;
+}
+
+std::vector<uint8_t> Store::serialize(int32_t id) const {
+  SequenceImage image;
+  for (const LayerCache& c : sequence(id)) {
+    SequenceImage::Layer& l = image.layers.emplace_back();
+    l.num_blocks = c.num_blocks;
+    l.tail_tokens = c.tail_tokens;
+    for (const BlockRef& r : c.blocks) {
+      const uint8_t* block = &pool_[size_t(r.page) * p_.page_bytes + r.offset];
+      l.blocks.emplace_back(block, block + r.bytes);
+    }
+    l.tail_k = c.tail_k;
+    l.tail_v = c.tail_v;
+  }
+  return serialize_image(p_, books_, image);
+}
+
+int32_t Store::restore(const uint8_t* data, size_t size) {
+  SequenceImage image = parse_image(p_, books_, data, size);
+  Transaction tx;
+  for (uint32_t l = 0; l < p_.num_layers; ++l) {
+    SequenceImage::Layer& in = image.layers[l];
+    tx.updates.push_back({-1,
+                          l,
+                          in.num_blocks,
+                          {},
+                          {},
+                          std::move(in.blocks),
+                          in.tail_tokens,
+                          std::move(in.tail_k),
+                          std::move(in.tail_v)});
+  }
   const int32_t id = add_sequence();
   for (Update& u : tx.updates) u.id = id;
   try {

@@ -25,11 +25,13 @@ struct StoreParams {
   CodecParams key, value;  // codec parameters of K and V blocks
   uint32_t page_bytes;
   uint32_t num_pages;
-  kvc_store_config config;  // as given, for serialization fingerprints
+  uint32_t max_sequences, max_sequence_tokens;  // 0: no limit
+  kvc_store_config config;                      // as given, for serialization fingerprints
 
   static StoreParams from_config(const kvc_store_config& c);
   size_t token_bytes() const { return size_t(num_heads) * head_dim * format::dtype_bytes(dtype); }
   const CodecParams& codec(uint32_t kind) const { return kind == KVC_KIND_KEY ? key : value; }
+  uint64_t token_limit() const { return max_sequence_tokens ? max_sequence_tokens : INT32_MAX; }
 };
 
 // Where a compressed block lives in the pool.
@@ -53,7 +55,33 @@ struct LayerCache {
 struct StoreStats {
   int64_t num_blocks = 0, block_bytes = 0, page_bytes = 0, tail_bytes = 0, table_bytes = 0,
           codebook_bytes = 0, dense_bytes = 0, pages_in_use = 0;
+  kvc_status last_append_status = KVC_SUCCESS;
+  int32_t failed_appends = 0;
 };
+
+using StoreBooks = std::vector<std::shared_ptr<const Codebook>>;  // [layer * 2 + kind]
+
+// One sequence as it travels between stores: per layer the encoded blocks ([num_blocks, heads,
+// K|V]) and the tail rows.
+struct SequenceImage {
+  struct Layer {
+    uint32_t num_blocks = 0, tail_tokens = 0;
+    std::vector<std::vector<uint8_t>> blocks;
+    std::vector<uint8_t> tail_k, tail_v;
+  };
+  std::vector<Layer> layers;
+};
+
+// The serialized form (docs/format.md, "Serialized sequence"). parse_image checks everything:
+// checksum, configuration, codebooks, every block decodes, tails finite, token limits.
+std::vector<uint8_t> serialize_image(const StoreParams& p, const StoreBooks& books,
+                                     const SequenceImage& image);
+SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const uint8_t* data,
+                          size_t size);
+// count fp16/bf16 elements to fp16, bf16 or fp32 (saturating, as the codec's output).
+void convert_elements(const uint8_t* src, kvc_dtype from, uint8_t* dst, kvc_dtype to, size_t count);
+// Whether rows [tokens, heads, dim] of the store's dtype are all finite.
+bool finite_rows(const StoreParams& p, const uint8_t* rows, size_t tokens);
 
 class Store {
  public:
@@ -63,6 +91,7 @@ class Store {
   int32_t add_sequence();
   void free_sequence(int32_t id);
   uint32_t length(int32_t id, uint32_t layer) const;
+  void require_live(int32_t id) const { sequence(id); }
   size_t num_sequences() const { return sequences_.size(); }
 
   void set_codebook(uint32_t layer, uint32_t kind, std::shared_ptr<const Codebook> book);
@@ -94,8 +123,14 @@ class Store {
     std::vector<std::pair<uint32_t, LayerBooks>> books;  // codebooks to freeze, by layer
   };
 
-  const std::vector<LayerCache>& sequence(int32_t id) const;   // throws for unknown ids
-  bool finite_rows(const uint8_t* rows, size_t tokens) const;  // [tokens, heads, dim] of dtype
+  // Runs a prefill or append, recording its outcome for stats().
+  template <class F>
+  void recording_outcome(F&& operation);
+  void prefill_all_layers(int32_t id, uint32_t first_layer, uint32_t num_layers,
+                          uint32_t num_tokens, const uint8_t* keys, const uint8_t* values);
+  void append_one_token(uint32_t layer, const std::vector<int32_t>& ids, const uint8_t* keys,
+                        const uint8_t* values);
+  const std::vector<LayerCache>& sequence(int32_t id) const;  // throws for unknown ids
   const LayerCache& layer_cache(int32_t id, uint32_t layer) const;
   Update plan_update(int32_t id, uint32_t layer, uint32_t num_tokens, const uint8_t* keys,
                      const uint8_t* values, size_t row_stride) const;
@@ -108,12 +143,14 @@ class Store {
                                  uint32_t kind) const;
 
   StoreParams p_;
-  std::unique_ptr<uint8_t[]> pool_;                     // num_pages * page_bytes
-  std::vector<uint32_t> free_pages_;                    // a stack
-  std::vector<std::shared_ptr<const Codebook>> books_;  // [layer * 2 + kind]
+  std::unique_ptr<uint8_t[]> pool_;   // num_pages * page_bytes
+  std::vector<uint32_t> free_pages_;  // a stack
+  StoreBooks books_;
   std::vector<bool> compressed_;  // [layer]: has compressed a block, so its codebooks are frozen
   std::map<int32_t, std::vector<LayerCache>> sequences_;
   int32_t next_id_ = 0;
+  kvc_status last_append_status_ = KVC_SUCCESS;
+  int32_t failed_appends_ = 0;
 };
 
 }  // namespace kvc

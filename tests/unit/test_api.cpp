@@ -10,6 +10,8 @@
 #include <thread>
 #include <vector>
 
+#include "kernels/common/format.cuh"
+
 namespace {
 
 // Expects a status and a last-error message containing `needle`.
@@ -331,6 +333,43 @@ TEST(Api, CppWrapperThrowsStatusAndMessage) {
   } catch (const kvcomp::Error& e) {
     EXPECT_EQ(e.status(), KVC_ERROR_INVALID_ARGUMENT);
     EXPECT_NE(std::string(e.what()).find("head_dim = 0"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Api, CppStoreWrapsTheStoreCalls) {
+  kvc_store_config c = KVC_STORE_CONFIG_INIT;
+  c.num_kv_heads = 2;
+  c.head_dim = 32;
+  c.block_tokens = 16;
+  c.capacity_bytes = 1 << 20;
+  kvcomp::Store store(c);
+  EXPECT_FALSE(store.codebook(0, KVC_KIND_KEY).has_value());
+  const int32_t id = store.add_sequence();
+  const size_t tokens = 20, row = 2 * 32;
+  std::vector<uint16_t> k(tokens * row), v(tokens * row);
+  for (size_t i = 0; i < k.size(); ++i) {
+    k[i] = kvc::format::float_to_half(float(i % 13) * 0.25f - 1.0f);
+    v[i] = kvc::format::float_to_half(float(i % 7) * 0.5f);
+  }
+  store.prefill(id, 0, 1, int32_t(tokens), k.data(), v.data());
+  EXPECT_EQ(store.length(id, 0), int32_t(tokens));
+  ASSERT_TRUE(store.codebook(0, KVC_KIND_VALUE).has_value());
+  std::vector<float> rk(tokens * row), rv(tokens * row);
+  store.read(id, 0, KVC_DTYPE_FP32, int32_t(tokens), rk.data(), rv.data());
+  EXPECT_EQ(rk[row * 19], kvc::format::half_to_float(k[row * 19]));  // a tail token: exact
+  const int32_t copy = store.restore(store.serialize(id));
+  EXPECT_EQ(store.length(copy, 0), int32_t(tokens));
+  const int32_t ids[] = {id, copy};
+  std::vector<uint16_t> q(2 * row, kvc::format::float_to_half(0.1f)), out(2 * row);
+  store.attention(0, ids, 2, 0.125f, q.data(), out.data());
+  EXPECT_EQ(out[0], out[row]);  // same sequence, same query
+  EXPECT_EQ(store.stats().num_sequences, 2);
+  store.free_sequence(copy);
+  try {
+    store.length(copy, 0);
+    FAIL() << "expected kvcomp::Error";
+  } catch (const kvcomp::Error& e) {
+    EXPECT_EQ(e.status(), KVC_ERROR_UNKNOWN_SEQUENCE);
   }
 }
 

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
-// The paged store on the CPU backend, checked against a dense shadow model after every step:
-// lengths, read-back within the bound, attention against a dense reference, all-or-nothing
-// failures (out of pages mid-batch, corrupt serialized input), and no page leaks.
+// The paged store on the CPU backend, checked against a dense shadow model after every step
+// (store_model.hpp): lengths, read-back within the bound, attention against a dense reference,
+// all-or-nothing failures (out of pages mid-batch, corrupt serialized input, sequence limits),
+// the append record of the stats, and no page leaks.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -9,257 +10,23 @@
 #include <random>
 
 #include "codec/codebook.hpp"
+#include "store_model.hpp"
 #include "test_support.hpp"
 
 namespace kvc::test {
 namespace {
 
-struct Shape {
-  int32_t layers = 2, heads = 2, dim = 16, tokens = 8;
-  float key_bound = 0.05f, value_bound = 0.02f;
-};
-
-kvc_store_config store_config(const Shape& s, int64_t capacity, int32_t page_bytes = 0) {
-  kvc_store_config c = KVC_STORE_CONFIG_INIT;
-  c.num_layers = s.layers;
-  c.num_kv_heads = s.heads;
-  c.head_dim = s.dim;
-  c.block_tokens = s.tokens;
-  c.key_bound_mode = KVC_BOUND_ABSOLUTE;
-  c.key_error_bound = s.key_bound;
-  c.value_bound_mode = KVC_BOUND_ABSOLUTE;
-  c.value_error_bound = s.value_bound;
-  c.page_bytes = page_bytes;
-  c.capacity_bytes = capacity;
-  return c;
-}
-
-struct StoreHandle {
-  kvc_store_t s = nullptr;
-  explicit StoreHandle(const kvc_store_config& c) {
-    EXPECT_EQ(kvc_store_create(&c, &s), KVC_SUCCESS) << kvc_last_error();
-  }
-  ~StoreHandle() { kvc_store_destroy(s); }
-};
-
-// fp16 rows [n, heads, dim] from floats, and their exact values.
-struct Rows {
-  std::vector<uint16_t> bits;
-  std::vector<float> values;
-};
-Rows random_rows(std::mt19937& rng, size_t n, const Shape& s) {
-  Rows r;
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  for (size_t i = 0; i < n * size_t(s.heads * s.dim); ++i) {
-    const uint16_t h = format::float_to_half(normal(rng) * (i % 7 == 0 ? 4.0f : 1.0f));
-    r.bits.push_back(h);
-    r.values.push_back(format::half_to_float(h));
-  }
-  return r;
-}
-
-// The dense shadow of one store: per sequence and layer, the exact K and V rows given to it.
-struct Shadow {
-  Shape shape;
-  std::map<int32_t, std::vector<std::vector<float>>> k, v;  // [layer][tokens * heads * dim]
-
-  size_t length(int32_t id, int layer) const {
-    return k.at(id)[size_t(layer)].size() / size_t(shape.heads * shape.dim);
-  }
-};
-
-// Stats and every sequence's serialized bytes: equal snapshots mean an unchanged store.
-std::vector<uint8_t> snapshot(kvc_store_t s, const Shadow& shadow) {
-  std::vector<uint8_t> out;
-  for (const auto& [id, layers] : shadow.k) {
-    size_t n = 0;
-    EXPECT_EQ(kvc_store_serialized_size(s, id, &n), KVC_SUCCESS);
-    std::vector<uint8_t> bytes(n);
-    EXPECT_EQ(kvc_store_serialize(s, id, bytes.data(), n, &n), KVC_SUCCESS);
-    out.insert(out.end(), bytes.begin(), bytes.end());
-  }
-  kvc_store_stats st = KVC_STORE_STATS_INIT;
-  EXPECT_EQ(kvc_store_get_stats(s, &st), KVC_SUCCESS);
-  const auto* p = reinterpret_cast<const uint8_t*>(&st);
-  out.insert(out.end(), p, p + sizeof(st));
-  return out;
-}
-
-// Reads every sequence back and checks lengths, the bound (compressed tokens) and exactness
-// (tail tokens); then checks attention against a dense reference over the read-back values.
-void check_against_shadow(kvc_store_t s, const Shadow& shadow, std::mt19937& rng,
-                          const std::string& where) {
-  const Shape& sh = shadow.shape;
-  const size_t row = size_t(sh.heads * sh.dim);
-  for (int layer = 0; layer < sh.layers; ++layer) {
-    std::vector<int32_t> ids;
-    std::map<int32_t, std::pair<std::vector<float>, std::vector<float>>> read;
-    for (const auto& [id, layers] : shadow.k) {
-      const size_t len = shadow.length(id, layer);
-      int32_t got = -1;
-      ASSERT_EQ(kvc_store_sequence_length(s, id, layer, &got), KVC_SUCCESS);
-      ASSERT_EQ(size_t(got), len) << where;
-      std::vector<float> k(len * row), v(len * row);
-      ASSERT_EQ(kvc_store_read(s, id, layer, KVC_DTYPE_FP32, int32_t(len), k.data(), v.data()),
-                KVC_SUCCESS)
-          << kvc_last_error();
-      const size_t compressed = len / size_t(sh.tokens) * size_t(sh.tokens) * row;
-      const auto& xk = shadow.k.at(id)[size_t(layer)];
-      const auto& xv = shadow.v.at(id)[size_t(layer)];
-      for (size_t i = 0; i < len * row; ++i) {
-        const float bk = i < compressed ? sh.key_bound : 0.0f;
-        const float bv = i < compressed ? sh.value_bound : 0.0f;
-        ASSERT_LE(std::fabs(k[i] - xk[i]), bk) << where << " seq " << id << " K elem " << i;
-        ASSERT_LE(std::fabs(v[i] - xv[i]), bv) << where << " seq " << id << " V elem " << i;
-      }
-      ids.push_back(id);
-      read[id] = {std::move(k), std::move(v)};
-    }
-    if (ids.empty()) continue;
-    // Attention with GQA group 2, against double-precision attention over the read-back K/V.
-    const int32_t q_heads = sh.heads * 2;
-    const float scale = 1.0f / std::sqrt(float(sh.dim));
-    Rows q = random_rows(rng, ids.size() * 2, sh);
-    std::vector<uint16_t> out(q.bits.size(), 0xFFFF);
-    ASSERT_EQ(kvc_store_attention(s, layer, int32_t(ids.size()), ids.data(), q_heads, scale,
-                                  q.bits.data(), out.data(), nullptr),
-              KVC_SUCCESS)
-        << kvc_last_error();
-    for (size_t b = 0; b < ids.size(); ++b) {
-      const auto& [k, v] = read[ids[b]];
-      const size_t len = k.size() / row;
-      for (int32_t qh = 0; qh < q_heads; ++qh) {
-        const int32_t h = qh / 2;
-        const float* qv = &q.values[(b * size_t(q_heads) + size_t(qh)) * size_t(sh.dim)];
-        std::vector<double> w(len);
-        double top = -INFINITY, sum = 0;
-        for (size_t t = 0; t < len; ++t) {
-          double dot = 0;
-          for (int d = 0; d < sh.dim; ++d)
-            dot += double(qv[d]) * k[t * row + size_t(h * sh.dim + d)];
-          w[t] = scale * dot;
-          top = std::max(top, w[t]);
-        }
-        for (double& x : w) sum += (x = std::exp(x - top));
-        for (int d = 0; d < sh.dim; ++d) {
-          double ref = 0;
-          for (size_t t = 0; t < len; ++t) ref += w[t] * v[t * row + size_t(h * sh.dim + d)];
-          ref = len ? ref / sum : 0.0;
-          const float got = format::half_to_float(
-              out[(b * size_t(q_heads) + size_t(qh)) * size_t(sh.dim) + size_t(d)]);
-          ASSERT_LE(std::fabs(got - ref), 1e-6 + output_half_ulp(KVC_DTYPE_FP16, float(ref)))
-              << where << " attention seq " << ids[b] << " head " << qh << " dim " << d;
-        }
-      }
-    }
-  }
-}
-
 TEST(Store, ModelBasedRandomOperations) {
-  const Shape sh;
-  // Room for a few hundred blocks: page exhaustion happens along the way.
-  StoreHandle store(store_config(sh, 48 * 1024, 2048));
-  Shadow shadow{sh, {}, {}};
-  std::mt19937 rng(2024);
-  const size_t row = size_t(sh.heads * sh.dim);
-  int out_of_pages = 0, restored = 0;
-  for (int step = 0; step < 400; ++step) {
-    const int op = int(rng() % 10);
-    const std::string where = "step " + std::to_string(step) + " op " + std::to_string(op);
-    std::vector<int32_t> live;
-    for (const auto& [id, layers] : shadow.k) live.push_back(id);
-    if (op == 0 || live.empty()) {  // add
-      int32_t id = -1;
-      ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
-      shadow.k[id].assign(size_t(sh.layers), {});
-      shadow.v[id].assign(size_t(sh.layers), {});
-    } else if (op <= 2) {  // prefill all layers of one sequence
-      const int32_t id = live[rng() % live.size()];
-      const size_t n = rng() % 30;
-      Rows k = random_rows(rng, n * size_t(sh.layers), sh),
-           v = random_rows(rng, n * size_t(sh.layers), sh);
-      const auto before = snapshot(store.s, shadow);
-      const kvc_status_t st =
-          kvc_store_prefill(store.s, id, 0, sh.layers, int32_t(n), k.bits.data(), v.bits.data());
-      if (st == KVC_ERROR_OUT_OF_PAGES) {
-        ++out_of_pages;
-        ASSERT_EQ(snapshot(store.s, shadow), before)
-            << where << ": a failed prefill changed the store";
-        continue;
-      }
-      ASSERT_EQ(st, KVC_SUCCESS) << kvc_last_error();
-      for (int l = 0; l < sh.layers; ++l) {
-        auto from = k.values.begin() + long(size_t(l) * n * row);
-        shadow.k[id][size_t(l)].insert(shadow.k[id][size_t(l)].end(), from, from + long(n * row));
-        auto vfrom = v.values.begin() + long(size_t(l) * n * row);
-        shadow.v[id][size_t(l)].insert(shadow.v[id][size_t(l)].end(), vfrom, vfrom + long(n * row));
-      }
-    } else if (op <= 6) {  // decode step: one token to each sequence of a random batch, all layers
-      std::vector<int32_t> batch;
-      for (int32_t id : live) {
-        if (rng() % 3) batch.push_back(id);
-      }
-      if (batch.empty()) continue;
-      for (int l = 0; l < sh.layers; ++l) {
-        Rows k = random_rows(rng, batch.size(), sh), v = random_rows(rng, batch.size(), sh);
-        const auto before = snapshot(store.s, shadow);
-        const kvc_status_t st = kvc_store_append(store.s, l, int32_t(batch.size()), batch.data(),
-                                                 k.bits.data(), v.bits.data(), nullptr);
-        if (st == KVC_ERROR_OUT_OF_PAGES) {
-          ++out_of_pages;
-          ASSERT_EQ(snapshot(store.s, shadow), before)
-              << where << ": a failed append changed the store";
-          // Keep layers in step: undo this step's earlier layers by freeing nothing; the
-          // model simply records what the store holds.
-          break;
-        }
-        ASSERT_EQ(st, KVC_SUCCESS) << kvc_last_error();
-        for (size_t b = 0; b < batch.size(); ++b) {
-          auto& sk = shadow.k[batch[b]][size_t(l)];
-          auto& sv = shadow.v[batch[b]][size_t(l)];
-          sk.insert(sk.end(), k.values.begin() + long(b * row),
-                    k.values.begin() + long((b + 1) * row));
-          sv.insert(sv.end(), v.values.begin() + long(b * row),
-                    v.values.begin() + long((b + 1) * row));
-        }
-      }
-    } else if (op == 7) {  // free
-      const int32_t id = live[rng() % live.size()];
-      ASSERT_EQ(kvc_store_free_sequence(store.s, id), KVC_SUCCESS);
-      shadow.k.erase(id);
-      shadow.v.erase(id);
-    } else {  // serialize, then restore as a new sequence (and sometimes free the original)
-      const int32_t id = live[rng() % live.size()];
-      size_t n = 0;
-      ASSERT_EQ(kvc_store_serialized_size(store.s, id, &n), KVC_SUCCESS);
-      std::vector<uint8_t> bytes(n);
-      ASSERT_EQ(kvc_store_serialize(store.s, id, bytes.data(), n, &n), KVC_SUCCESS);
-      if (op == 9) {
-        ASSERT_EQ(kvc_store_free_sequence(store.s, id), KVC_SUCCESS);
-      }
-      int32_t copy = -1;
-      const kvc_status_t st = kvc_store_restore(store.s, bytes.data(), bytes.size(), &copy);
-      if (st == KVC_ERROR_OUT_OF_PAGES) {
-        ++out_of_pages;
-        if (op == 9) {
-          shadow.k.erase(id);
-          shadow.v.erase(id);
-        }
-        continue;
-      }
-      ASSERT_EQ(st, KVC_SUCCESS) << kvc_last_error();
-      ++restored;
-      shadow.k[copy] = shadow.k[id];
-      shadow.v[copy] = shadow.v[id];
-      if (op == 9) {
-        shadow.k.erase(id);
-        shadow.v.erase(id);
-      }
-    }
-    check_against_shadow(store.s, shadow, rng, where);
-  }
-  EXPECT_GT(out_of_pages, 0) << "the pool never filled: the test did not reach exhaustion";
-  EXPECT_GT(restored, 0);
+  // The oracle for every backend: 400 steps over a pool of a few hundred blocks (page exhaustion
+  // happens along the way), no sequence limits.
+  ModelParams mp;
+  mp.shape = Shape{};
+  mp.capacity_bytes = 48 * 1024;
+  mp.page_bytes = 2048;
+  mp.steps = 400;
+  mp.seed = 2024;
+  CpuStoreBackend cpu;
+  run_model(cpu, mp);
 }
 
 TEST(Store, OutOfPagesInTheMiddleOfABatchChangesNothing) {
@@ -278,7 +45,8 @@ TEST(Store, OutOfPagesInTheMiddleOfABatchChangesNothing) {
   // Fill every tail to T - 1 tokens: the next step compresses a block for every sequence.
   for (int32_t id : ids) {
     Rows k = random_rows(rng, 7, sh), v = random_rows(rng, 7, sh);
-    ASSERT_EQ(kvc_store_prefill(store.s, id, 0, 1, 7, k.bits.data(), v.bits.data()), KVC_SUCCESS);
+    ASSERT_EQ(kvc_store_prefill(store.s, id, 0, 1, 7, k.bits.data(), v.bits.data(), nullptr),
+              KVC_SUCCESS);
     shadow.k[id][0] = k.values;
     shadow.v[id][0] = v.values;
   }
@@ -289,7 +57,8 @@ TEST(Store, OutOfPagesInTheMiddleOfABatchChangesNothing) {
             KVC_ERROR_OUT_OF_PAGES);
   EXPECT_NE(std::string(kvc_last_error()).find("are free"), std::string::npos) << kvc_last_error();
   EXPECT_EQ(snapshot(store.s, shadow), before);
-  check_against_shadow(store.s, shadow, rng, "after the failed step");
+  CpuStoreBackend cpu;
+  check_against_shadow(cpu, store.s, shadow, rng, "after the failed step");
   // The first four fit.
   EXPECT_EQ(kvc_store_append(store.s, 0, 4, ids.data(), k.bits.data(), v.bits.data(), nullptr),
             KVC_SUCCESS);
@@ -314,7 +83,7 @@ TEST(Store, PagesReturnExactlyAfterManyOperations) {
       live.push_back(id);
     } else if (rng() % 16 == 0) {
       const size_t i = rng() % live.size();
-      ASSERT_EQ(kvc_store_free_sequence(store.s, live[i]), KVC_SUCCESS);
+      ASSERT_EQ(kvc_store_free_sequence(store.s, live[i], nullptr), KVC_SUCCESS);
       live.erase(live.begin() + long(i));
     } else {
       const int32_t id = live[rng() % live.size()];
@@ -327,7 +96,7 @@ TEST(Store, PagesReturnExactlyAfterManyOperations) {
       most_pages = std::max(most_pages, st.pages_in_use);
     }
   }
-  for (int32_t id : live) ASSERT_EQ(kvc_store_free_sequence(store.s, id), KVC_SUCCESS);
+  for (int32_t id : live) ASSERT_EQ(kvc_store_free_sequence(store.s, id, nullptr), KVC_SUCCESS);
   ASSERT_EQ(kvc_store_get_stats(store.s, &st), KVC_SUCCESS);
   EXPECT_EQ(st.pages_in_use, 0);
   EXPECT_EQ(st.num_sequences, 0);
@@ -349,7 +118,8 @@ TEST(Store, SerializedSequencesRejectDamageAndMismatchAndChangeNothing) {
   int32_t id;
   ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
   Rows k = random_rows(rng, 21 * 2, sh), v = random_rows(rng, 21 * 2, sh);
-  ASSERT_EQ(kvc_store_prefill(store.s, id, 0, 2, 21, k.bits.data(), v.bits.data()), KVC_SUCCESS);
+  ASSERT_EQ(kvc_store_prefill(store.s, id, 0, 2, 21, k.bits.data(), v.bits.data(), nullptr),
+            KVC_SUCCESS);
   size_t n = 0;
   ASSERT_EQ(kvc_store_serialized_size(store.s, id, &n), KVC_SUCCESS);
   std::vector<uint8_t> good(n);
@@ -406,7 +176,8 @@ TEST(Store, CodebooksFreezeOnceALayerHasBlocks) {
   int32_t id;
   ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
   Rows k = random_rows(rng, 16 * 2, sh), v = random_rows(rng, 16 * 2, sh);
-  ASSERT_EQ(kvc_store_prefill(store.s, id, 0, 2, 16, k.bits.data(), v.bits.data()), KVC_SUCCESS);
+  ASSERT_EQ(kvc_store_prefill(store.s, id, 0, 2, 16, k.bits.data(), v.bits.data(), nullptr),
+            KVC_SUCCESS);
   kvc_codebook_t book = nullptr;
   ASSERT_EQ(kvc_store_get_codebook(store.s, 1, KVC_KIND_VALUE, &book), KVC_SUCCESS);
   ASSERT_NE(book, nullptr);
@@ -427,8 +198,17 @@ TEST(Store, ArgumentsAreChecked) {
   c.dtype = KVC_DTYPE_FP32;
   EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_INVALID_ARGUMENT);
   c = store_config(sh, 1 << 20);
-  c.backend = KVC_BACKEND_CUDA;
-  EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_NOT_SUPPORTED);
+  c.backend = KVC_BACKEND_CUDA;  // without max_sequences and max_sequence_tokens
+  const kvc_status_t cuda = kvc_store_create(&c, &s);
+  // The CUDA store needs both limits; a build without CUDA has no CUDA store at all.
+  EXPECT_TRUE(cuda == KVC_ERROR_INVALID_ARGUMENT || cuda == KVC_ERROR_NOT_SUPPORTED)
+      << kvc_status_string(cuda) << ": " << kvc_last_error();
+  c = store_config(sh, 1 << 20);
+  c.max_sequences = -1;
+  EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_INVALID_ARGUMENT);
+  c = store_config(sh, 1 << 20);
+  c.max_sequence_tokens = -1;
+  EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_INVALID_ARGUMENT);
   c = store_config(sh, 1 << 20);
   c.head_dim = 0;
   EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_INVALID_ARGUMENT);
@@ -439,27 +219,237 @@ TEST(Store, ArgumentsAreChecked) {
   int32_t id;
   ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
   std::vector<uint16_t> rows(2 * 64 * 32, 0x3C00);
-  EXPECT_EQ(kvc_store_prefill(store.s, id + 1, 0, 1, 4, rows.data(), rows.data()),
+  EXPECT_EQ(kvc_store_prefill(store.s, id + 1, 0, 1, 4, rows.data(), rows.data(), nullptr),
             KVC_ERROR_UNKNOWN_SEQUENCE);
-  EXPECT_EQ(kvc_store_prefill(store.s, id, 1, 2, 4, rows.data(), rows.data()),
+  EXPECT_EQ(kvc_store_prefill(store.s, id, 1, 2, 4, rows.data(), rows.data(), nullptr),
             KVC_ERROR_INVALID_ARGUMENT);
-  EXPECT_EQ(kvc_store_prefill(store.s, id, 0, 1, 4, nullptr, rows.data()), KVC_ERROR_NULL_POINTER);
+  EXPECT_EQ(kvc_store_prefill(store.s, id, 0, 1, 4, nullptr, rows.data(), nullptr),
+            KVC_ERROR_NULL_POINTER);
   const int32_t twice[2] = {id, id};
   EXPECT_EQ(kvc_store_append(store.s, 0, 2, twice, rows.data(), rows.data(), nullptr),
             KVC_ERROR_INVALID_ARGUMENT);
   rows[5] = 0x7E00;  // NaN
-  EXPECT_EQ(kvc_store_prefill(store.s, id, 0, 1, 4, rows.data(), rows.data()),
+  EXPECT_EQ(kvc_store_prefill(store.s, id, 0, 1, 4, rows.data(), rows.data(), nullptr),
             KVC_ERROR_NONFINITE_INPUT);
   int32_t len = -1;
   ASSERT_EQ(kvc_store_sequence_length(store.s, id, 0, &len), KVC_SUCCESS);
   EXPECT_EQ(len, 0);
   EXPECT_EQ(kvc_store_attention(store.s, 0, 1, &id, 3, 1.0f, rows.data(), rows.data(), nullptr),
             KVC_ERROR_INVALID_ARGUMENT);  // 3 query heads for 2 kv-heads
-  EXPECT_EQ(kvc_store_read(store.s, id, 0, KVC_DTYPE_FP16, -1, rows.data(), rows.data()),
+  EXPECT_EQ(kvc_store_read(store.s, id, 0, KVC_DTYPE_FP16, -1, rows.data(), rows.data(), nullptr),
             KVC_ERROR_BUFFER_TOO_SMALL);
-  EXPECT_EQ(kvc_store_free_sequence(store.s, id), KVC_SUCCESS);
-  EXPECT_EQ(kvc_store_free_sequence(store.s, id), KVC_ERROR_UNKNOWN_SEQUENCE);
+  EXPECT_EQ(kvc_store_free_sequence(store.s, id, nullptr), KVC_SUCCESS);
+  EXPECT_EQ(kvc_store_free_sequence(store.s, id, nullptr), KVC_ERROR_UNKNOWN_SEQUENCE);
   EXPECT_EQ(kvc_store_destroy(nullptr), KVC_SUCCESS);
+}
+
+bool last_error_names(const char* what) {
+  return std::string(kvc_last_error()).find(what) != std::string::npos;
+}
+
+TEST(Store, AtMostMaxSequencesAreLive) {
+  const Shape sh;
+  kvc_store_config c = store_config(sh, 1 << 20);
+  c.max_sequences = 3;
+  StoreHandle store(c);
+  std::vector<int32_t> ids(3);
+  for (int32_t& id : ids) ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
+  int32_t extra = -1;
+  EXPECT_EQ(kvc_store_add_sequence(store.s, &extra), KVC_ERROR_OUT_OF_MEMORY);
+  EXPECT_TRUE(last_error_names("max_sequences")) << kvc_last_error();
+  EXPECT_EQ(store_stats(store.s).num_sequences, 3);
+  // Freeing one makes room for one more, under a new id.
+  ASSERT_EQ(kvc_store_free_sequence(store.s, ids[1], nullptr), KVC_SUCCESS);
+  ASSERT_EQ(kvc_store_add_sequence(store.s, &extra), KVC_SUCCESS) << kvc_last_error();
+  EXPECT_GT(extra, ids[2]);
+  EXPECT_EQ(store_stats(store.s).num_sequences, 3);
+  EXPECT_EQ(kvc_store_add_sequence(store.s, &extra), KVC_ERROR_OUT_OF_MEMORY);
+}
+
+TEST(Store, NoSequenceGrowsPastMaxSequenceTokens) {
+  const Shape sh;  // 2 layers, T = 8
+  kvc_store_config c = store_config(sh, 1 << 20);
+  c.max_sequence_tokens = 20;
+  StoreHandle store(c);
+  CpuStoreBackend cpu;
+  Shadow shadow{sh, {}, {}};
+  std::mt19937 rng(12);
+  int32_t a, b;
+  ASSERT_EQ(kvc_store_add_sequence(store.s, &a), KVC_SUCCESS);
+  ASSERT_EQ(kvc_store_add_sequence(store.s, &b), KVC_SUCCESS);
+  shadow.add_sequence(a);
+  shadow.add_sequence(b);
+  // Layers [first, first + layers) of one sequence; the shadow follows what succeeds.
+  const auto prefill = [&](int32_t id, int first, int layers, size_t n) {
+    const Rows k = random_rows(rng, n * size_t(layers), sh);
+    const Rows v = random_rows(rng, n * size_t(layers), sh);
+    const kvc_status_t st = kvc_store_prefill(store.s, id, first, layers, int32_t(n), k.bits.data(),
+                                              v.bits.data(), nullptr);
+    if (st == KVC_SUCCESS) {
+      for (int l = 0; l < layers; ++l) shadow.append(id, first + l, k, v, size_t(l) * n, n);
+    }
+    return st;
+  };
+  int32_t failed = 0;
+  // A refused call: the status, a message that names the limit, an unchanged store, and a
+  // failed append on record.
+  const auto refused = [&](kvc_status_t st, const std::vector<uint8_t>& before, const char* what) {
+    EXPECT_EQ(st, KVC_ERROR_INVALID_ARGUMENT) << what;
+    EXPECT_TRUE(last_error_names("max_sequence_tokens")) << what << ": " << kvc_last_error();
+    EXPECT_EQ(snapshot(store.s, shadow), before) << what << " changed the store";
+    const kvc_store_stats st_after = store_stats(store.s);
+    EXPECT_EQ(st_after.last_append_status, KVC_ERROR_INVALID_ARGUMENT) << what;
+    EXPECT_EQ(st_after.failed_appends, ++failed) << what;
+  };
+  ASSERT_EQ(prefill(a, 0, 2, 15), KVC_SUCCESS) << kvc_last_error();
+  auto before = snapshot(store.s, shadow);
+  refused(prefill(a, 0, 2, 6), before, "a prefill to 21 tokens");
+  refused(prefill(b, 0, 2, 21), before, "a prefill of 21 tokens");
+  ASSERT_EQ(prefill(a, 1, 1, 5), KVC_SUCCESS) << "layer 1 at exactly the limit";
+  before = snapshot(store.s, shadow);
+  refused(prefill(a, 0, 2, 1), before, "a prefill past the limit in layer 1 only (all or none)");
+  ASSERT_EQ(prefill(a, 0, 1, 5), KVC_SUCCESS) << "layer 0 at exactly the limit";
+  ASSERT_EQ(prefill(b, 0, 2, 3), KVC_SUCCESS);
+  // One sequence of a decode batch at the limit fails the whole batch.
+  const std::vector<int32_t> batch = {b, a};
+  const Rows k = random_rows(rng, 2, sh), v = random_rows(rng, 2, sh);
+  before = snapshot(store.s, shadow);
+  refused(kvc_store_append(store.s, 0, 2, batch.data(), k.bits.data(), v.bits.data(), nullptr),
+          before, "an append past the limit");
+  ASSERT_EQ(kvc_store_append(store.s, 0, 1, &b, k.bits.data(), v.bits.data(), nullptr),
+            KVC_SUCCESS);
+  shadow.append(b, 0, k, v, 0, 1);
+  EXPECT_EQ(store_stats(store.s).last_append_status, KVC_SUCCESS);
+  check_against_shadow(cpu, store.s, shadow, rng, "at the limit");
+}
+
+TEST(Store, StatsRecordTheLatestAppendStatusAndCountFailures) {
+  Shape sh;
+  sh.layers = 1;
+  // Pages of 1024 bytes, four of them: a block step of six sequences does not fit, four do.
+  StoreHandle store(store_config(sh, 4 * 1024, 1024));
+  std::mt19937 rng(8);
+  kvc_store_stats st = store_stats(store.s);
+  EXPECT_EQ(st.last_append_status, KVC_SUCCESS);
+  EXPECT_EQ(st.failed_appends, 0);
+  std::vector<int32_t> ids(6);
+  for (int32_t& id : ids) {
+    ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
+    const Rows k = random_rows(rng, 7, sh), v = random_rows(rng, 7, sh);
+    ASSERT_EQ(kvc_store_prefill(store.s, id, 0, 1, 7, k.bits.data(), v.bits.data(), nullptr),
+              KVC_SUCCESS);
+  }
+  st = store_stats(store.s);
+  EXPECT_EQ(st.last_append_status, KVC_SUCCESS);
+  EXPECT_EQ(st.failed_appends, 0);
+
+  const Rows k = random_rows(rng, ids.size(), sh), v = random_rows(rng, ids.size(), sh);
+  ASSERT_EQ(kvc_store_append(store.s, 0, int32_t(ids.size()), ids.data(), k.bits.data(),
+                             v.bits.data(), nullptr),
+            KVC_ERROR_OUT_OF_PAGES);
+  st = store_stats(store.s);
+  EXPECT_EQ(st.last_append_status, KVC_ERROR_OUT_OF_PAGES);
+  EXPECT_EQ(st.failed_appends, 1);
+  ASSERT_EQ(kvc_store_append(store.s, 0, 4, ids.data(), k.bits.data(), v.bits.data(), nullptr),
+            KVC_SUCCESS);
+  st = store_stats(store.s);
+  EXPECT_EQ(st.last_append_status, KVC_SUCCESS);
+  EXPECT_EQ(st.failed_appends, 1) << "a success keeps the count";
+
+  // A NaN in a prefill (of a tail only: no page is needed) is a failed append too.
+  int32_t fresh;
+  ASSERT_EQ(kvc_store_add_sequence(store.s, &fresh), KVC_SUCCESS);
+  Rows nan = random_rows(rng, 2, sh);
+  nan.bits[3] = 0x7E00;
+  ASSERT_EQ(kvc_store_prefill(store.s, fresh, 0, 1, 2, nan.bits.data(), nan.bits.data(), nullptr),
+            KVC_ERROR_NONFINITE_INPUT);
+  st = store_stats(store.s);
+  EXPECT_EQ(st.last_append_status, KVC_ERROR_NONFINITE_INPUT);
+  EXPECT_EQ(st.failed_appends, 2);
+
+  // Calls that fail their argument checks never ran as appends: the record stays.
+  void* const stream = reinterpret_cast<void*>(uintptr_t{0x1000});
+  EXPECT_EQ(kvc_store_append(store.s, 0, 1, &fresh, k.bits.data(), v.bits.data(), stream),
+            KVC_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvc_store_prefill(store.s, fresh, 1, 1, 1, k.bits.data(), v.bits.data(), nullptr),
+            KVC_ERROR_INVALID_ARGUMENT);  // layer 1 of a one-layer store
+  st = store_stats(store.s);
+  EXPECT_EQ(st.last_append_status, KVC_ERROR_NONFINITE_INPUT);
+  EXPECT_EQ(st.failed_appends, 2);
+
+  ASSERT_EQ(kvc_store_prefill(store.s, fresh, 0, 1, 1, k.bits.data(), v.bits.data(), nullptr),
+            KVC_SUCCESS);
+  st = store_stats(store.s);
+  EXPECT_EQ(st.last_append_status, KVC_SUCCESS);
+  EXPECT_EQ(st.failed_appends, 2);
+}
+
+TEST(Store, BatchesTakeAtMostMaxBatchSequences) {
+  Shape sh;
+  sh.layers = 1;
+  StoreHandle store(store_config(sh, 1 << 20));
+  std::vector<int32_t> ids(KVC_STORE_MAX_BATCH + 1);
+  for (int32_t& id : ids) ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
+  std::mt19937 rng(14);
+  const Rows k = random_rows(rng, ids.size(), sh), v = random_rows(rng, ids.size(), sh);
+  const Rows q = random_rows(rng, ids.size() * size_t(sh.group), sh);
+  std::vector<uint16_t> out(q.bits.size());
+  const int32_t q_heads = sh.heads * sh.group;
+  EXPECT_EQ(kvc_store_append(store.s, 0, int32_t(ids.size()), ids.data(), k.bits.data(),
+                             v.bits.data(), nullptr),
+            KVC_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvc_store_attention(store.s, 0, int32_t(ids.size()), ids.data(), q_heads, 1.0f,
+                                q.bits.data(), out.data(), nullptr),
+            KVC_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(store_stats(store.s).failed_appends, 0) << "an argument error is no failed append";
+  EXPECT_EQ(kvc_store_append(store.s, 0, KVC_STORE_MAX_BATCH, ids.data(), k.bits.data(),
+                             v.bits.data(), nullptr),
+            KVC_SUCCESS)
+      << kvc_last_error();
+  EXPECT_EQ(kvc_store_attention(store.s, 0, KVC_STORE_MAX_BATCH, ids.data(), q_heads, 1.0f,
+                                q.bits.data(), out.data(), nullptr),
+            KVC_SUCCESS)
+      << kvc_last_error();
+}
+
+TEST(Store, CpuBackendRejectsAStream) {
+  const Shape sh;
+  StoreHandle store(store_config(sh, 1 << 20));
+  CpuStoreBackend cpu;
+  Shadow shadow{sh, {}, {}};
+  std::mt19937 rng(13);
+  int32_t id;
+  ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
+  shadow.add_sequence(id);
+  const Rows k = random_rows(rng, 2 * 10, sh), v = random_rows(rng, 2 * 10, sh);
+  ASSERT_EQ(kvc_store_prefill(store.s, id, 0, 2, 10, k.bits.data(), v.bits.data(), nullptr),
+            KVC_SUCCESS);
+  for (int l = 0; l < 2; ++l) shadow.append(id, l, k, v, size_t(l) * 10, 10);
+
+  void* const stream = reinterpret_cast<void*>(uintptr_t{0x1000});
+  const kvc_store_stats stats_before = store_stats(store.s);
+  const auto before = snapshot(store.s, shadow);
+  const auto rejected = [&](kvc_status_t st, const char* call) {
+    EXPECT_EQ(st, KVC_ERROR_INVALID_ARGUMENT) << call;
+    EXPECT_TRUE(last_error_names("stream")) << call << ": " << kvc_last_error();
+  };
+  rejected(kvc_store_prefill(store.s, id, 0, 2, 10, k.bits.data(), v.bits.data(), stream),
+           "kvc_store_prefill");
+  rejected(kvc_store_append(store.s, 0, 1, &id, k.bits.data(), v.bits.data(), stream),
+           "kvc_store_append");
+  std::vector<float> rk(10 * sh.row()), rv(10 * sh.row());
+  rejected(kvc_store_read(store.s, id, 0, KVC_DTYPE_FP32, 10, rk.data(), rv.data(), stream),
+           "kvc_store_read");
+  std::vector<uint16_t> q(size_t(sh.group) * sh.row(), 0x3C00), out(q.size());
+  rejected(kvc_store_attention(store.s, 0, 1, &id, sh.heads * sh.group, 1.0f, q.data(), out.data(),
+                               stream),
+           "kvc_store_attention");
+  rejected(kvc_store_free_sequence(store.s, id, stream), "kvc_store_free_sequence");
+  EXPECT_EQ(snapshot(store.s, shadow), before) << "a rejected call changed the store";
+  const kvc_store_stats stats_after = store_stats(store.s);
+  EXPECT_EQ(stats_after.last_append_status, stats_before.last_append_status);
+  EXPECT_EQ(stats_after.failed_appends, stats_before.failed_appends);
+  check_against_shadow(cpu, store.s, shadow, rng, "after the rejected calls");
 }
 
 }  // namespace
@@ -487,7 +477,8 @@ TEST(Store, PageSlackIsSmallAtLongContext) {
       kb[i] = format::float_to_half(k[i]);
       vb[i] = format::float_to_half(v[i]);
     }
-    ASSERT_EQ(kvc_store_prefill(s, id, 0, 1, int32_t(chunk), kb.data(), vb.data()), KVC_SUCCESS)
+    ASSERT_EQ(kvc_store_prefill(s, id, 0, 1, int32_t(chunk), kb.data(), vb.data(), nullptr),
+              KVC_SUCCESS)
         << kvc_last_error();
   }
   kvc_store_stats st = KVC_STORE_STATS_INIT;
@@ -522,7 +513,8 @@ TEST(Store, RestoreDecodesEveryBlockAndChecksTails) {
   int32_t id;
   ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
   Rows k = random_rows(rng, 11, sh), v = random_rows(rng, 11, sh);
-  ASSERT_EQ(kvc_store_prefill(store.s, id, 0, 1, 11, k.bits.data(), v.bits.data()), KVC_SUCCESS);
+  ASSERT_EQ(kvc_store_prefill(store.s, id, 0, 1, 11, k.bits.data(), v.bits.data(), nullptr),
+            KVC_SUCCESS);
   size_t n = 0;
   ASSERT_EQ(kvc_store_serialized_size(store.s, id, &n), KVC_SUCCESS);
   std::vector<uint8_t> good(n);
@@ -567,11 +559,12 @@ TEST(Store, TailOnlySequencesNeedNoCodebookAndFrozenStaysFrozen) {
   int32_t id;
   ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
   Rows k = random_rows(rng, 20, sh), v = random_rows(rng, 20, sh);
-  ASSERT_EQ(kvc_store_prefill(store.s, id, 0, 1, 20, k.bits.data(), v.bits.data()), KVC_SUCCESS);
+  ASSERT_EQ(kvc_store_prefill(store.s, id, 0, 1, 20, k.bits.data(), v.bits.data(), nullptr),
+            KVC_SUCCESS);
   // A short sequence, only a tail: restorable into a store that has no codebooks.
   int32_t short_id;
   ASSERT_EQ(kvc_store_add_sequence(store.s, &short_id), KVC_SUCCESS);
-  ASSERT_EQ(kvc_store_prefill(store.s, short_id, 0, 1, 3, k.bits.data(), v.bits.data()),
+  ASSERT_EQ(kvc_store_prefill(store.s, short_id, 0, 1, 3, k.bits.data(), v.bits.data(), nullptr),
             KVC_SUCCESS);
   size_t n = 0;
   ASSERT_EQ(kvc_store_serialized_size(store.s, short_id, &n), KVC_SUCCESS);
@@ -582,8 +575,8 @@ TEST(Store, TailOnlySequencesNeedNoCodebookAndFrozenStaysFrozen) {
   EXPECT_EQ(kvc_store_restore(fresh.s, bytes.data(), bytes.size(), &copy), KVC_SUCCESS)
       << kvc_last_error();
   // Freeing every sequence does not unfreeze the layer's codebooks.
-  ASSERT_EQ(kvc_store_free_sequence(store.s, id), KVC_SUCCESS);
-  ASSERT_EQ(kvc_store_free_sequence(store.s, short_id), KVC_SUCCESS);
+  ASSERT_EQ(kvc_store_free_sequence(store.s, id, nullptr), KVC_SUCCESS);
+  ASSERT_EQ(kvc_store_free_sequence(store.s, short_id, nullptr), KVC_SUCCESS);
   kvc_codebook_t book = nullptr;
   ASSERT_EQ(kvc_store_get_codebook(store.s, 0, KVC_KIND_KEY, &book), KVC_SUCCESS);
   EXPECT_EQ(kvc_store_set_codebook(store.s, 0, KVC_KIND_KEY, book), KVC_ERROR_INVALID_ARGUMENT);

@@ -1,0 +1,681 @@
+// SPDX-License-Identifier: Apache-2.0
+// Host side of the CUDA store: device memory, the launch chain of an append (see
+// store_kernels.cuh), and the synchronous paths (read, serialize, restore, codebook building).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <vector>
+
+#include "core/error.hpp"
+#include "kernels/attention/cuda_attention.hpp"
+#include "kernels/codec/cuda_codec.hpp"
+#include "kernels/common/launch.cuh"
+#include "kernels/store/cuda_store.hpp"
+#include "kernels/store/store_kernels.cuh"
+
+namespace kvc::cuda {
+namespace k = kvc::kernels;
+namespace ks = kvc::kernels::store;
+
+namespace {
+
+// Synchronous copies from pageable host memory return before the data lands, and the legacy
+// stream they run on does not order non-blocking streams: wait for it.
+void upload_bytes(void* device, const void* host, size_t bytes) {
+  check_cuda(cudaMemcpy(device, host, bytes, cudaMemcpyHostToDevice), "cudaMemcpy (store upload)");
+  check_cuda(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize (store upload)");
+}
+
+// A device array that frees itself; grows only by replacement. A replaced allocation can be
+// kept alive instead (`retired`): graphs captured earlier still point at it.
+template <class T>
+class DeviceArray {
+ public:
+  DeviceArray() = default;
+  explicit DeviceArray(size_t count) { reset(count); }
+  ~DeviceArray() { cudaFree(ptr_); }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+
+  void reset(size_t count, std::vector<void*>* retired = nullptr) {
+    if (retired != nullptr && ptr_ != nullptr) {
+      retired->push_back(ptr_);
+    } else {
+      cudaFree(ptr_);
+    }
+    ptr_ = nullptr;
+    count_ = 0;
+    check_cuda(cudaMalloc(&ptr_, std::max<size_t>(count, 1) * sizeof(T)), "cudaMalloc (store)");
+    count_ = count;
+  }
+  T* get() const { return ptr_; }
+  size_t size() const { return count_; }
+  void upload(const T* host, size_t count, size_t at = 0) {
+    upload_bytes(ptr_ + at, host, count * sizeof(T));
+  }
+  std::vector<T> download(size_t count, size_t at = 0) const {
+    std::vector<T> out(count);
+    check_cuda(cudaMemcpy(out.data(), ptr_ + at, count * sizeof(T), cudaMemcpyDeviceToHost),
+               "cudaMemcpy (store download)");
+    return out;
+  }
+
+ private:
+  T* ptr_ = nullptr;
+  size_t count_ = 0;
+};
+
+template <class T>
+void copy_to_host(T* host, const void* device, size_t count) {
+  check_cuda(cudaMemcpy(host, device, count * sizeof(T), cudaMemcpyDeviceToHost),
+             "cudaMemcpy (store download)");
+}
+
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  check_cuda(cudaStreamIsCapturing(stream, &status), "cudaStreamIsCapturing");
+  return status != cudaStreamCaptureStatusNone;
+}
+
+void wait_for_device() { check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize"); }
+
+size_t round16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+
+}  // namespace
+
+struct CudaStore::Impl {
+  StoreParams p;
+  int device = 0;
+  uint32_t table_blocks = 0;  // block-table capacity of one (sequence, layer), in token blocks
+  size_t row_bytes = 0;       // one token of K (or V), all heads
+
+  // Host-side decisions.
+  StoreBooks books;
+  std::vector<DeviceCodecPtr> codecs;               // [layer * 2 + kind]
+  std::vector<DeviceCodebooksPtr> attention_books;  // [layer]
+  // Replaced device memory, freed with the store: captured graphs may still read it.
+  std::vector<void*> retired;
+  std::vector<DeviceCodecPtr> retired_codecs;
+  std::vector<DeviceCodebooksPtr> retired_books;
+  std::vector<int32_t> slot_ids;      // live id per slot, -1 if free
+  std::vector<uint32_t> free_slots;   // a stack
+  std::vector<uint32_t> generations;  // per slot: ids issued there so far
+  size_t live = 0;
+
+  // Device state.
+  DeviceArray<uint8_t> pool;
+  DeviceArray<uint32_t> free_pages;
+  DeviceArray<ks::Counters> counters;
+  DeviceArray<ks::LayerState> states;
+  DeviceArray<int32_t> d_slot_ids;
+  DeviceArray<k::BlockLocation> tables;
+  DeviceArray<uint8_t> tails;
+  DeviceArray<uint32_t> layer_compressed;
+  ks::Counters* mirror = nullptr;  // pinned: the counters as last copied out
+
+  // Scratch of one call, sized by the largest call so far.
+  struct Scratch {
+    size_t entries_cap = 0, layer_slots_cap = 0, all_slots_cap = 0, workspace_cap = 0;
+    DeviceArray<ks::Entry> entries;
+    DeviceArray<const void*> src_k, src_v;  // [layers, layer_slots]
+    DeviceArray<void*> dst_k, dst_v;        // [layer_slots], into encoded_k/v
+    DeviceArray<uint8_t> encoded_k, encoded_v;
+    DeviceArray<uint32_t> bytes_k, bytes_v;
+    DeviceArray<void*> copy_dst;  // [layer_slots, 2]
+    DeviceArray<ks::CallState> call;
+    DeviceArray<k::SequenceView> views;  // [KVC_STORE_MAX_BATCH]
+    DeviceArray<uint8_t> workspace;
+  } scratch;
+  size_t stride_k = 0, stride_v = 0;  // encoded slot sizes
+
+  explicit Impl(const StoreParams& params);
+  ~Impl() {
+    cudaFreeHost(mirror);
+    for (void* p : retired) cudaFree(p);
+  }
+
+  ks::StoreView view() {
+    return {states.get(),
+            d_slot_ids.get(),
+            free_pages.get(),
+            counters.get(),
+            layer_compressed.get(),
+            pool.get(),
+            p.page_bytes,
+            p.num_layers,
+            p.num_heads,
+            p.head_dim,
+            p.block_tokens,
+            p.max_sequences,
+            p.max_sequence_tokens,
+            p.dtype == KVC_DTYPE_BF16 ? 0x7F80u : 0x7C00u};
+  }
+  uint32_t slot_of(int32_t id) const { return uint32_t(id) % p.max_sequences; }
+  // The slot the next sequence gets, and its id; throws if there is none.
+  std::pair<uint32_t, int32_t> next_sequence() const {
+    require(!free_slots.empty(), KVC_ERROR_OUT_OF_MEMORY,
+            "the store holds config->max_sequences = ", p.max_sequences, " live sequences");
+    const uint32_t slot = free_slots.back();
+    const uint64_t id = uint64_t(generations[slot]) * p.max_sequences + slot;
+    require(id <= INT32_MAX, KVC_ERROR_OUT_OF_MEMORY, "sequence ids are exhausted");
+    return {slot, int32_t(id)};
+  }
+  ks::LayerState download_state(uint32_t slot, uint32_t layer) const {
+    return states.download(1, size_t(slot) * p.num_layers + layer)[0];
+  }
+  void copy_out_counters(cudaStream_t s) {
+    check_cuda(
+        cudaMemcpyAsync(mirror, counters.get(), sizeof(ks::Counters), cudaMemcpyDeviceToHost, s),
+        "cudaMemcpyAsync (store counters)");
+  }
+  // Makes a codebook (and the codec using it) current for (layer, kind).
+  void use_book(uint32_t index, std::shared_ptr<const Codebook> book, DeviceCodecPtr codec) {
+    retired_codecs.push_back(std::move(codecs[index]));
+    codecs[index] = std::move(codec);
+    books[index] = std::move(book);
+    const uint32_t layer = index / 2;
+    retired_books.push_back(std::move(attention_books[layer]));
+    attention_books[layer] = upload_codebooks(books[layer * 2].get(), books[layer * 2 + 1].get());
+  }
+  // Whether (layer, kind) still has to build its codebook, which synchronizes.
+  bool needs_book(uint32_t layer, uint32_t kind) const {
+    return !books[layer * 2 + kind] && p.codec(kind).entropy != KVC_ENTROPY_FIXED;
+  }
+  void record_host_failure(const Error& e, cudaStream_t s) {
+    launch(ks::record_outcome_kernel, dim3(1), 1, 0, s, view(), int32_t(e.status()));
+    copy_out_counters(s);
+  }
+  void ensure_scratch(size_t entries, size_t layer_slots, size_t all_slots, bool captured);
+  void ensure_workspace(size_t bytes, bool captured);
+  ks::Batch batch_of(const std::vector<int32_t>& ids) const;
+  void run_append(uint32_t first_layer, uint32_t num_layers, const std::vector<int32_t>& ids,
+                  uint32_t n, const void* keys, const void* values, cudaStream_t s);
+  DeviceCodecPtr build_book(uint32_t layer, uint32_t kind, const void* const* d_src, size_t count,
+                            std::shared_ptr<const Codebook>& book, cudaStream_t s);
+};
+
+CudaStore::Impl::Impl(const StoreParams& params) : p(params) {
+  // The codecs check that a GPU is usable and the block shapes fit its shared memory.
+  for (uint32_t i = 0; i < 2 * p.num_layers; ++i) {
+    codecs.push_back(create_device_codec(p.codec(i % 2), nullptr));
+  }
+  device = current_device();
+  scratch.call.reset(1);
+  scratch.views.reset(KVC_STORE_MAX_BATCH);
+  books.resize(size_t(p.num_layers) * 2);
+  for (uint32_t l = 0; l < p.num_layers; ++l)
+    attention_books.push_back(upload_codebooks(nullptr, nullptr));
+  table_blocks = (p.max_sequence_tokens + p.block_tokens - 1) / p.block_tokens;
+  row_bytes = p.token_bytes();
+  stride_k = round16(p.key.max_block_bytes(p.dtype));
+  stride_v = round16(p.value.max_block_bytes(p.dtype));
+
+  const size_t layers = size_t(p.max_sequences) * p.num_layers;
+  const size_t table_entries = size_t(table_blocks) * p.num_heads * 2;
+  const size_t tail_bytes = size_t(p.block_tokens) * row_bytes;  // one of K or V
+  pool.reset(size_t(p.num_pages) * p.page_bytes);
+  tables.reset(layers * table_entries);
+  tails.reset(layers * 2 * tail_bytes);
+  std::vector<ks::LayerState> init(layers);
+  for (size_t i = 0; i < layers; ++i) {
+    init[i].view = {tables.get() + i * table_entries, 0, 0, tails.get() + 2 * i * tail_bytes,
+                    tails.get() + (2 * i + 1) * tail_bytes};
+  }
+  states.reset(layers);
+  states.upload(init.data(), layers);
+  std::vector<uint32_t> stack(p.num_pages);
+  for (uint32_t i = 0; i < p.num_pages; ++i) stack[i] = p.num_pages - 1 - i;  // page 0 on top
+  free_pages.reset(p.num_pages);
+  free_pages.upload(stack.data(), stack.size());
+  slot_ids.assign(p.max_sequences, -1);
+  d_slot_ids.reset(p.max_sequences);
+  d_slot_ids.upload(slot_ids.data(), slot_ids.size());
+  generations.assign(p.max_sequences, 0);
+  for (uint32_t i = p.max_sequences; i-- > 0;) free_slots.push_back(i);
+  const std::vector<uint32_t> zeros(p.num_layers, 0);
+  layer_compressed.reset(p.num_layers);
+  layer_compressed.upload(zeros.data(), zeros.size());
+  const ks::Counters start{p.num_pages, KVC_SUCCESS, 0, 0, 0, 0, 0};
+  counters.reset(1);
+  counters.upload(&start, 1);
+  check_cuda(cudaMallocHost(&mirror, sizeof(ks::Counters)), "cudaMallocHost (store counters)");
+  *mirror = start;
+}
+
+void CudaStore::Impl::ensure_scratch(size_t entries, size_t layer_slots, size_t all_slots,
+                                     bool captured) {
+  Scratch& S = scratch;
+  if (entries <= S.entries_cap && layer_slots <= S.layer_slots_cap &&
+      all_slots <= S.all_slots_cap) {
+    return;
+  }
+  require(!captured, KVC_ERROR_INVALID_ARGUMENT,
+          "the store's scratch memory must grow for this call, which cannot happen during stream "
+          "capture: make one uncaptured call of this size first");
+  // At least doubling: the replaced buffers stay allocated (for captured graphs), so this
+  // bounds them by the final size.
+  entries = std::max(entries, 2 * S.entries_cap);
+  layer_slots = std::max(layer_slots, 2 * S.layer_slots_cap);
+  all_slots = std::max(all_slots, 2 * S.all_slots_cap);
+  std::vector<void*>* keep = &retired;
+  S.entries.reset(entries, keep);
+  S.src_k.reset(all_slots, keep);
+  S.src_v.reset(all_slots, keep);
+  S.encoded_k.reset(layer_slots * stride_k, keep);
+  S.encoded_v.reset(layer_slots * stride_v, keep);
+  S.bytes_k.reset(layer_slots, keep);
+  S.bytes_v.reset(layer_slots, keep);
+  S.copy_dst.reset(layer_slots * 2, keep);
+  std::vector<void*> dst(layer_slots);
+  for (size_t i = 0; i < layer_slots; ++i) dst[i] = S.encoded_k.get() + i * stride_k;
+  S.dst_k.reset(layer_slots, keep);
+  S.dst_k.upload(dst.data(), layer_slots);
+  for (size_t i = 0; i < layer_slots; ++i) dst[i] = S.encoded_v.get() + i * stride_v;
+  S.dst_v.reset(layer_slots, keep);
+  S.dst_v.upload(dst.data(), layer_slots);
+  S.entries_cap = entries;
+  S.layer_slots_cap = layer_slots;
+  S.all_slots_cap = all_slots;
+}
+
+void CudaStore::Impl::ensure_workspace(size_t bytes, bool captured) {
+  if (bytes <= scratch.workspace_cap) return;
+  require(!captured, KVC_ERROR_INVALID_ARGUMENT,
+          "the attention workspace must grow for this call, which cannot happen during stream "
+          "capture: make one uncaptured call of this shape first");
+  scratch.workspace.reset(std::max(bytes, 2 * scratch.workspace_cap), &retired);
+  scratch.workspace_cap = scratch.workspace.size();
+}
+
+ks::Batch CudaStore::Impl::batch_of(const std::vector<int32_t>& ids) const {
+  ks::Batch batch{};
+  std::copy(ids.begin(), ids.end(), batch.ids);
+  return batch;
+}
+
+// Builds the codebook of (layer, kind) from the call's complete blocks (as the CPU store does),
+// returning a codec that uses it; null (and no book) if there is nothing to count. Synchronous.
+DeviceCodecPtr CudaStore::Impl::build_book(uint32_t layer, uint32_t kind, const void* const* d_src,
+                                           size_t count, std::shared_ptr<const Codebook>& book,
+                                           cudaStream_t s) {
+  check_cuda(cudaStreamSynchronize(s), "cudaStreamSynchronize (codebook)");
+  std::vector<const void*> src(count);
+  copy_to_host(src.data(), d_src, count);
+  src.erase(std::remove(src.begin(), src.end(), nullptr), src.end());
+  if (src.empty()) return nullptr;
+  DeviceArray<const void*> present(src.size());
+  present.upload(src.data(), src.size());
+  Histogram counts;
+  histogram(*codecs[layer * 2 + kind], int32_t(src.size()), present.get(),
+            int64_t(p.num_heads) * p.head_dim, p.dtype, counts, s);
+  if (counts.total() == 0) return nullptr;
+  const kvc_codebook_config defaults = KVC_CODEBOOK_CONFIG_INIT;
+  book = std::make_shared<const Codebook>(
+      Codebook::build(counts, defaults.max_code_length, defaults.max_symbols));
+  return create_device_codec(p.codec(kind), book.get());
+}
+
+void CudaStore::Impl::run_append(uint32_t first_layer, uint32_t num_layers,
+                                 const std::vector<int32_t>& ids, uint32_t n, const void* keys,
+                                 const void* values, cudaStream_t s) {
+  require_device(device, "the CUDA store");
+  const uint32_t B = uint32_t(ids.size()), H = p.num_heads, T = p.block_tokens;
+  const uint32_t max_blocks = (T - 1 + n) / T;  // complete blocks one sequence can reach
+  const size_t layer_slots = size_t(B) * max_blocks * H;
+  const bool captured = capturing(s);
+  // Layers without codebooks build them from this call's blocks: a synchronous step.
+  bool any_book = false;
+  for (uint32_t layer = first_layer; layer < first_layer + num_layers; ++layer) {
+    any_book = any_book || needs_book(layer, 0) || needs_book(layer, 1);
+  }
+  require(!(captured && any_book), KVC_ERROR_INVALID_ARGUMENT,
+          "a layer of this call has no codebooks yet, and building them synchronizes: prefill "
+          "the layer (or set its codebooks) before capturing");
+  ensure_scratch(size_t(num_layers) * B, layer_slots, num_layers * layer_slots, captured);
+  Scratch& S = scratch;
+  const ks::StoreView V = view();
+  const auto* k16 = static_cast<const uint16_t*>(keys);
+  const auto* v16 = static_cast<const uint16_t*>(values);
+  check_cuda(cudaMemsetAsync(S.call.get(), 0xFF, sizeof(ks::CallState), s), "cudaMemsetAsync");
+  launch(ks::stage_kernel, dim3(B, num_layers), ks::kStoreThreads, 0, s, V, batch_of(ids), B,
+         first_layer, n, k16, v16, max_blocks, S.entries.get(), S.src_k.get(), S.src_v.get(),
+         S.call.get());
+  struct Tentative {
+    uint32_t index;
+    std::shared_ptr<const Codebook> book;
+    DeviceCodecPtr codec;
+  };
+  std::vector<Tentative> tentative;
+  const int64_t stride = int64_t(H) * p.head_dim;
+  for (uint32_t li = 0; li < num_layers; ++li) {
+    const uint32_t layer = first_layer + li;
+    for (uint32_t kind = 0; kind < 2; ++kind) {
+      const void* const* src = (kind == 0 ? S.src_k : S.src_v).get() + li * layer_slots;
+      const DeviceCodec* codec = codecs[layer * 2 + kind].get();
+      if (needs_book(layer, kind)) {
+        std::shared_ptr<const Codebook> book;
+        DeviceCodecPtr built;
+        try {  // the call has begun on the device: its failure is recorded there too
+          built = build_book(layer, kind, src, layer_slots, book, s);
+        } catch (const Error& e) {
+          record_host_failure(e, s);
+          throw;
+        }
+        if (built) {
+          codec = built.get();
+          tentative.push_back({layer * 2 + kind, std::move(book), std::move(built)});
+        }
+      }
+      encode(*codec, int32_t(layer_slots), src, stride, p.dtype,
+             (kind == 0 ? S.dst_k : S.dst_v).get(), (kind == 0 ? S.bytes_k : S.bytes_v).get(), s);
+    }
+    launch(ks::commit_kernel, dim3(1), ks::kStoreThreads, 0, s, V, B, max_blocks, li == 0,
+           S.entries.get() + size_t(li) * B, S.bytes_k.get(), S.bytes_v.get(), S.copy_dst.get(),
+           S.call.get());
+    launch(ks::copy_kernel, dim3(uint32_t(layer_slots * 2)), 128, 0, s, S.copy_dst.get(),
+           S.encoded_k.get(), S.encoded_v.get(), stride_k, stride_v, S.bytes_k.get(),
+           S.bytes_v.get(), S.call.get());
+  }
+  launch(ks::finish_kernel, dim3(num_layers * B), ks::kStoreThreads, 0, s, V, B, n, k16, v16,
+         S.entries.get(), S.call.get());
+  copy_out_counters(s);
+  if (tentative.empty()) return;
+  // The new codebooks freeze only if the call committed.
+  ks::CallState call{};
+  check_cuda(cudaMemcpyAsync(&call, S.call.get(), sizeof(call), cudaMemcpyDeviceToHost, s),
+             "cudaMemcpyAsync (call status)");
+  check_cuda(cudaStreamSynchronize(s), "cudaStreamSynchronize (codebook)");
+  if (call.failure != ks::kNoFailure) return;
+  for (Tentative& t : tentative) use_book(t.index, std::move(t.book), std::move(t.codec));
+}
+
+CudaStore::CudaStore(const StoreParams& params) : impl_(std::make_unique<Impl>(params)) {}
+CudaStore::~CudaStore() = default;
+
+const StoreParams& CudaStore::params() const { return impl_->p; }
+size_t CudaStore::num_sequences() const { return impl_->live; }
+
+void CudaStore::require_live(int32_t id) const {
+  const Impl& m = *impl_;
+  require(id >= 0 && m.slot_ids[m.slot_of(id)] == id, KVC_ERROR_UNKNOWN_SEQUENCE,
+          "sequence_id = ", id, " is not a live sequence");
+}
+
+int32_t CudaStore::add_sequence() {
+  Impl& m = *impl_;
+  require_device(m.device, "the CUDA store");
+  const auto [slot, sid] = m.next_sequence();
+  wait_for_device();  // a free of this slot may still be queued
+  m.d_slot_ids.upload(&sid, 1, slot);
+  m.free_slots.pop_back();
+  m.slot_ids[slot] = sid;
+  ++m.generations[slot];
+  ++m.live;
+  return sid;
+}
+
+void CudaStore::free_sequence(int32_t id, void* stream) {
+  Impl& m = *impl_;
+  require_device(m.device, "the CUDA store");
+  require_live(id);
+  const auto s = static_cast<cudaStream_t>(stream);
+  const uint32_t slot = m.slot_of(id);
+  launch(ks::free_kernel, dim3(m.p.num_layers), ks::kStoreThreads, 0, s, m.view(), id);
+  check_cuda(cudaMemsetAsync(m.d_slot_ids.get() + slot, 0xFF, sizeof(int32_t), s),
+             "cudaMemsetAsync (free)");  // -1: a graph that still names the id fails
+  m.copy_out_counters(s);
+  m.slot_ids[slot] = -1;
+  m.free_slots.push_back(slot);
+  --m.live;
+}
+
+uint32_t CudaStore::length(int32_t id, uint32_t layer) {
+  Impl& m = *impl_;
+  require_device(m.device, "the CUDA store");
+  require_live(id);
+  wait_for_device();
+  const ks::LayerState st = m.download_state(m.slot_of(id), layer);
+  return st.view.num_blocks * m.p.block_tokens + st.view.tail_tokens;
+}
+
+void CudaStore::set_codebook(uint32_t layer, uint32_t kind, std::shared_ptr<const Codebook> book) {
+  Impl& m = *impl_;
+  require_device(m.device, "the CUDA store");
+  wait_for_device();
+  require(m.layer_compressed.download(1, layer)[0] == 0, KVC_ERROR_INVALID_ARGUMENT, "layer ",
+          layer, " has compressed blocks already: its codebooks are frozen");
+  DeviceCodecPtr codec = create_device_codec(m.p.codec(kind), book.get());
+  m.use_book(layer * 2 + kind, std::move(book), std::move(codec));
+}
+
+std::shared_ptr<const Codebook> CudaStore::codebook(uint32_t layer, uint32_t kind) const {
+  return impl_->books[layer * 2 + kind];
+}
+
+void CudaStore::prefill(int32_t id, uint32_t first_layer, uint32_t num_layers, uint32_t num_tokens,
+                        const void* keys, const void* values, void* stream) {
+  impl_->run_append(first_layer, num_layers, {id}, num_tokens, keys, values,
+                    static_cast<cudaStream_t>(stream));
+}
+
+void CudaStore::append(uint32_t layer, const std::vector<int32_t>& ids, const void* keys,
+                       const void* values, void* stream) {
+  impl_->run_append(layer, 1, ids, 1, keys, values, static_cast<cudaStream_t>(stream));
+}
+
+void CudaStore::read(int32_t id, uint32_t layer, kvc_dtype dtype, uint32_t capacity_tokens,
+                     void* keys, void* values, void* stream) {
+  Impl& m = *impl_;
+  const auto s = static_cast<cudaStream_t>(stream);
+  require_device(m.device, "the CUDA store");
+  wait_for_device();
+  const ks::LayerState st = m.download_state(m.slot_of(id), layer);
+  const uint32_t nb = st.view.num_blocks, tail = st.view.tail_tokens, H = m.p.num_heads;
+  require(nb * m.p.block_tokens + tail <= capacity_tokens, KVC_ERROR_INTERNAL,
+          "the sequence grew while being read");
+  const size_t es = format::dtype_bytes(dtype), row = size_t(H) * m.p.head_dim;
+  const size_t count = size_t(nb) * H;
+  if (count > 0) {
+    std::vector<k::BlockLocation> table(count * 2);
+    copy_to_host(table.data(), st.view.blocks, table.size());
+    for (uint32_t kind = 0; kind < 2; ++kind) {
+      auto* dst = static_cast<uint8_t*>(kind == 0 ? keys : values);
+      std::vector<const void*> src(count);
+      std::vector<void*> out(count);
+      std::vector<uint32_t> bytes(count);
+      for (size_t i = 0; i < count; ++i) {
+        const k::BlockLocation& b = table[i * 2 + kind];
+        src[i] = m.pool.get() + size_t(b.page) * m.p.page_bytes + b.offset;
+        bytes[i] = b.bytes;
+        const size_t block = i / H, h = i % H;
+        out[i] = dst + (block * m.p.block_tokens * row + h * m.p.head_dim) * es;
+      }
+      DeviceArray<const void*> d_src(count);
+      DeviceArray<void*> d_out(count);
+      DeviceArray<uint32_t> d_bytes(count);
+      DeviceArray<kvc_status_t> d_status(count);
+      d_src.upload(src.data(), count);
+      d_out.upload(out.data(), count);
+      d_bytes.upload(bytes.data(), count);
+      decode(*m.codecs[layer * 2 + kind], int32_t(count), d_src.get(), d_bytes.get(), dtype,
+             d_out.get(), int64_t(row), d_status.get(), s);
+      check_cuda(cudaStreamSynchronize(s), "cudaStreamSynchronize (read)");
+      for (kvc_status_t status : d_status.download(count)) {
+        require(status == KVC_SUCCESS, status, "a block of sequence ", id, " layer ", layer,
+                " does not decode: the store's memory was damaged");
+      }
+    }
+  }
+  if (tail == 0) return;
+  std::vector<uint8_t> rows(tail * row * 2), converted(tail * row * es);
+  for (uint32_t kind = 0; kind < 2; ++kind) {
+    copy_to_host(rows.data(), kind == 0 ? st.view.tail_keys : st.view.tail_values, rows.size());
+    convert_elements(rows.data(), m.p.dtype, converted.data(), dtype, tail * row);
+    auto* dst =
+        static_cast<uint8_t*>(kind == 0 ? keys : values) + size_t(nb) * m.p.block_tokens * row * es;
+    upload_bytes(dst, converted.data(), converted.size());
+  }
+}
+
+void CudaStore::attention(uint32_t layer, const std::vector<int32_t>& ids, uint32_t q_heads,
+                          float scale, const void* queries, void* out, void* stream) {
+  Impl& m = *impl_;
+  require_device(m.device, "the CUDA store");
+  const auto s = static_cast<cudaStream_t>(stream);
+  const uint32_t B = uint32_t(ids.size());
+  const AttentionShape shape{B,         m.p.num_heads, q_heads / m.p.num_heads, m.p.head_dim,
+                             m.p.dtype, scale};
+  // Everything that can fail comes before the first launch: nothing half-captured.
+  require_attention_support(shape, m.p.key, m.p.value);
+  const AttentionPlan plan = plan_attention(shape, m.table_blocks);
+  const bool captured = capturing(s);
+  require(!captured || !(m.needs_book(layer, 0) || m.needs_book(layer, 1)),
+          KVC_ERROR_INVALID_ARGUMENT, "layer ", layer,
+          " has no codebooks yet, and a captured graph would keep reading without them: "
+          "prefill the layer (or set its codebooks) before capturing");
+  size_t need = plan.workspace_bytes;
+  if (need > m.scratch.workspace_cap) {
+    // Fewer sequences may split into more parts: size for every batch up to this one, so
+    // that a later (captured) call with fewer sequences fits too.
+    for (uint32_t b = 1; b < B; ++b) {
+      AttentionShape smaller = shape;
+      smaller.num_sequences = b;
+      need = std::max(need, plan_attention(smaller, m.table_blocks).workspace_bytes);
+    }
+  }
+  m.ensure_workspace(need, captured);
+  launch(ks::gather_views_kernel, dim3(1), ks::kStoreThreads, 0, s, m.view(), m.batch_of(ids), B,
+         layer, m.scratch.views.get());
+  attention_compressed(shape, plan, m.p.key, m.p.value, *m.attention_books[layer], m.pool.get(),
+                       m.p.page_bytes, reinterpret_cast<const SequenceView*>(m.scratch.views.get()),
+                       queries, out, m.scratch.workspace.get(), stream);
+}
+
+StoreStats CudaStore::stats() const {
+  const Impl& m = *impl_;
+  const ks::Counters c = *m.mirror;
+  StoreStats st;
+  st.num_blocks = int64_t(c.num_blocks);
+  st.block_bytes = int64_t(c.block_bytes);
+  st.pages_in_use = int64_t(m.p.num_pages) - c.free_top;
+  st.page_bytes = st.pages_in_use * m.p.page_bytes;
+  // Tails and tables are reserved in full for every live sequence: count what is reserved.
+  const int64_t layers = int64_t(m.live) * m.p.num_layers;
+  st.tail_bytes = layers * 2 * int64_t(m.p.block_tokens * m.row_bytes);
+  st.table_bytes =
+      layers * int64_t(m.table_blocks) * m.p.num_heads * 2 * int64_t(sizeof(k::BlockLocation));
+  st.dense_bytes = int64_t(c.tokens) * 2 * int64_t(m.row_bytes);
+  for (const auto& b : m.books) {
+    if (b) st.codebook_bytes += int64_t(b->serialized().size());
+  }
+  st.last_append_status = kvc_status(c.last_status);
+  st.failed_appends = c.failed;
+  return st;
+}
+
+std::vector<uint8_t> CudaStore::serialize(int32_t id) {
+  Impl& m = *impl_;
+  require_device(m.device, "the CUDA store");
+  require_live(id);
+  wait_for_device();
+  SequenceImage image;
+  std::vector<uint8_t> page(m.p.page_bytes);
+  for (uint32_t l = 0; l < m.p.num_layers; ++l) {
+    const ks::LayerState st = m.download_state(m.slot_of(id), l);
+    SequenceImage::Layer& out = image.layers.emplace_back();
+    out.num_blocks = st.view.num_blocks;
+    out.tail_tokens = st.view.tail_tokens;
+    std::vector<k::BlockLocation> table(size_t(out.num_blocks) * m.p.num_heads * 2);
+    copy_to_host(table.data(), st.view.blocks, table.size());
+    for (size_t i = 0; i < table.size(); ++i) {
+      if (i == 0 || table[i].page != table[i - 1].page) {  // each page once
+        copy_to_host(page.data(), m.pool.get() + size_t(table[i].page) * m.p.page_bytes,
+                     page.size());
+      }
+      const uint8_t* block = page.data() + table[i].offset;
+      out.blocks.emplace_back(block, block + table[i].bytes);
+    }
+    const size_t tail = size_t(out.tail_tokens) * m.row_bytes;
+    out.tail_k.resize(tail);
+    out.tail_v.resize(tail);
+    copy_to_host(out.tail_k.data(), st.view.tail_keys, tail);
+    copy_to_host(out.tail_v.data(), st.view.tail_values, tail);
+  }
+  return serialize_image(m.p, m.books, image);
+}
+
+int32_t CudaStore::restore(const uint8_t* data, size_t size) {
+  Impl& m = *impl_;
+  require_device(m.device, "the CUDA store");
+  SequenceImage image = parse_image(m.p, m.books, data, size);
+  const uint32_t slot = m.next_sequence().first;
+  wait_for_device();
+  ks::Counters c = m.counters.download(1)[0];
+  // Next-fit on the host, over pages taken from the top of the free stack.
+  struct Placed {
+    uint32_t layer, rank, offset, bytes;
+  };
+  std::vector<Placed> placed;
+  std::vector<std::pair<uint32_t, uint32_t>> open(m.p.num_layers);  // (rank, used) per layer
+  uint32_t opened = 0;
+  for (uint32_t l = 0; l < m.p.num_layers; ++l) {
+    uint32_t used = m.p.page_bytes, rank = 0;
+    for (const auto& block : image.layers[l].blocks) {
+      const uint32_t bytes = uint32_t(block.size());
+      if (used + bytes > m.p.page_bytes) {
+        rank = opened++;
+        used = 0;
+      }
+      placed.push_back({l, rank, used, bytes});
+      used += bytes;
+    }
+    open[l] = {rank, used};
+  }
+  require(opened <= c.free_top, KVC_ERROR_OUT_OF_PAGES, "needs ", opened, " more pages of ",
+          m.p.page_bytes, " bytes but ", c.free_top, " are free (nothing was restored)");
+  std::vector<uint32_t> pages =
+      opened ? m.free_pages.download(opened, c.free_top - opened) : std::vector<uint32_t>{};
+  std::reverse(pages.begin(), pages.end());  // rank 0: the top of the stack
+  std::vector<std::vector<uint8_t>> contents(opened, std::vector<uint8_t>(m.p.page_bytes));
+  std::vector<std::vector<k::BlockLocation>> tables(m.p.num_layers);
+  size_t i = 0;
+  for (uint32_t l = 0; l < m.p.num_layers; ++l) {
+    for (const auto& block : image.layers[l].blocks) {
+      const Placed& at = placed[i++];
+      std::copy(block.begin(), block.end(), contents[at.rank].begin() + at.offset);
+      tables[l].push_back({pages[at.rank], at.offset, at.bytes});
+      c.block_bytes += at.bytes;
+    }
+  }
+  for (uint32_t r = 0; r < opened; ++r) {
+    upload_bytes(m.pool.get() + size_t(pages[r]) * m.p.page_bytes, contents[r].data(),
+                 m.p.page_bytes);
+  }
+  for (uint32_t l = 0; l < m.p.num_layers; ++l) {
+    const SequenceImage::Layer& in = image.layers[l];
+    ks::LayerState st = m.download_state(slot, l);
+    upload_bytes(const_cast<k::BlockLocation*>(st.view.blocks), tables[l].data(),
+                 tables[l].size() * sizeof(k::BlockLocation));
+    upload_bytes(const_cast<void*>(st.view.tail_keys), in.tail_k.data(), in.tail_k.size());
+    upload_bytes(const_cast<void*>(st.view.tail_values), in.tail_v.data(), in.tail_v.size());
+    st.view.num_blocks = in.num_blocks;
+    st.view.tail_tokens = in.tail_tokens;
+    if (in.num_blocks > 0) {
+      st.open_page = pages[open[l].first];
+      st.open_used = open[l].second;
+      const uint32_t one = 1;
+      m.layer_compressed.upload(&one, 1, l);
+    }
+    m.states.upload(&st, 1, size_t(slot) * m.p.num_layers + l);
+    c.num_blocks += tables[l].size();
+    c.tokens += uint64_t(in.num_blocks) * m.p.block_tokens + in.tail_tokens;
+  }
+  c.free_top -= opened;
+  m.counters.upload(&c, 1);
+  *m.mirror = c;
+  return add_sequence();
+}
+
+}  // namespace kvc::cuda

@@ -1,0 +1,360 @@
+// SPDX-License-Identifier: Apache-2.0
+// Device side of the CUDA store. An append (a decode step or a prefill) is a fixed chain of
+// launches whose shape depends only on host-known sizes, so it can be captured in a graph:
+//   stage   (per layer and sequence) new rows into the tail, pointers to the complete blocks
+//   encode  (the codec's kernel, K and V, per layer) into scratch; absent blocks cost nothing
+//   commit  (one thread block per layer) sizes known: next-fit placement, pages popped from
+//           the free stack, block-table entries written past the live count (invisible)
+//   copy    scratch -> pages
+//   finish  only if nothing failed: the last rows into the tails and the new lengths; the live
+//           state changes here and nowhere else, so a failure anywhere changes nothing.
+#pragma once
+
+#include <kvcomp/kvcomp.h>
+
+#include <cstdint>
+#include <cub/block/block_scan.cuh>
+
+#include "kernels/attention/attention.cuh"
+#include "kernels/codec/device_common.cuh"
+
+namespace kvc::kernels::store {
+
+// One (sequence slot, layer). `view` is what attention reads; its tail buffers hold T rows.
+struct LayerState {
+  SequenceView view;
+  uint32_t open_page;  // the page of the last block (when view.num_blocks > 0)
+  uint32_t open_used;  // bytes used in it
+};
+
+// Store-wide figures, copied out to pinned host memory after every mutating call.
+struct Counters {
+  uint32_t free_top;  // free_pages[0, free_top) are free
+  int32_t last_status;
+  int32_t failed;
+  uint32_t reserved;
+  unsigned long long num_blocks, block_bytes, tokens;  // over live sequences
+};
+
+struct StoreView {
+  LayerState* states;    // [max_sequences, num_layers]
+  int32_t* slot_ids;     // [max_sequences]: the id living in the slot, or -1
+  uint32_t* free_pages;  // [num_pages], a stack
+  Counters* counters;
+  uint32_t* layer_compressed;  // [num_layers]: a block was compressed (codebooks frozen)
+  uint8_t* pool;
+  uint32_t page_bytes, num_layers, num_heads, head_dim, block_tokens, max_sequences, max_tokens;
+  uint32_t nonfinite_bits;  // exponent bits of the 16-bit dtype: all set is inf or NaN
+};
+
+// The sequences of one call, by value: a captured graph carries its own batch.
+struct Batch {
+  int32_t ids[KVC_STORE_MAX_BATCH];
+};
+
+// One (sequence, layer) of a call.
+struct Entry {
+  uint32_t slot, layer;
+  int32_t status;                       // from staging
+  uint32_t old_tail, blocks, new_tail;  // blocks: complete blocks this call compresses
+  uint32_t first_page;                  // rank of its first new page among its layer's new pages
+  uint32_t open_page, open_used, added_bytes;  // after commit
+};
+
+// Set to all ones before a call. A failure is (entry index << 32 | status): the smallest wins,
+// so the reported status is the first failing (layer, sequence) in order, as on the CPU.
+struct CallState {
+  unsigned long long failure;
+  uint32_t free_top;  // the free stack as this call's commits leave it
+  uint32_t reserved;
+};
+constexpr unsigned long long kNoFailure = ~0ull;
+
+__device__ inline int32_t status_of(const CallState& call) {
+  return call.failure == kNoFailure ? KVC_SUCCESS : int32_t(uint32_t(call.failure));
+}
+
+__device__ inline void record_failure(CallState* call, uint64_t entry, int32_t status) {
+  atomicMin(&call->failure, (entry << 32) | uint32_t(status));
+}
+
+__device__ inline void record_outcome(const StoreView& S, int32_t status) {
+  S.counters->last_status = status;
+  if (status != KVC_SUCCESS) S.counters->failed += 1;
+}
+
+constexpr uint32_t kStoreThreads = 256;
+
+__device__ inline LayerState& state_of(const StoreView& S, uint32_t slot, uint32_t layer) {
+  return S.states[size_t(slot) * S.num_layers + layer];
+}
+
+__device__ inline bool finite16(uint16_t bits, uint32_t exponent) {
+  return (bits & exponent) != exponent;
+}
+
+// Grid (batch, layers). keys/values: [layers, batch, n, heads, dim] of a 16-bit dtype.
+__global__ void __launch_bounds__(kStoreThreads)
+    stage_kernel(StoreView S, Batch batch, uint32_t num_sequences, uint32_t first_layer, uint32_t n,
+                 const uint16_t* keys, const uint16_t* values, uint32_t max_blocks, Entry* entries,
+                 const void** src_k, const void** src_v, CallState* call) {
+  __shared__ Entry e;
+  __shared__ int nonfinite;
+  const uint32_t b = blockIdx.x, li = blockIdx.y, tid = threadIdx.x;
+  const uint32_t T = S.block_tokens, D = S.head_dim, row = S.num_heads * D;
+  if (tid == 0) {
+    const int32_t id = batch.ids[b];
+    const uint32_t slot = uint32_t(id) % S.max_sequences, layer = first_layer + li;
+    const SequenceView& v = state_of(S, slot, layer).view;
+    int32_t status = S.slot_ids[slot] == id ? KVC_SUCCESS : KVC_ERROR_UNKNOWN_SEQUENCE;
+    const uint64_t length = uint64_t(v.num_blocks) * T + v.tail_tokens;
+    if (status == KVC_SUCCESS && length + n > S.max_tokens) status = KVC_ERROR_INVALID_ARGUMENT;
+    const uint32_t total = v.tail_tokens + n;
+    e = {slot, layer, status, v.tail_tokens, status ? 0u : total / T, total % T, 0, 0, 0, 0};
+    nonfinite = 0;
+  }
+  __syncthreads();
+  const LayerState& st = state_of(S, e.slot, e.layer);
+  uint16_t* tail_k = static_cast<uint16_t*>(const_cast<void*>(st.view.tail_keys));
+  uint16_t* tail_v = static_cast<uint16_t*>(const_cast<void*>(st.view.tail_values));
+  const size_t base = (size_t(li) * num_sequences + b) * n * row;
+  if (e.status == KVC_SUCCESS) {
+    // The first new rows complete the tail (rows past its length: invisible until finish).
+    const uint32_t into_tail = min(n, T - e.old_tail);
+    for (uint32_t i = tid; i < into_tail * row; i += blockDim.x) {
+      tail_k[size_t(e.old_tail) * row + i] = keys[base + i];
+      tail_v[size_t(e.old_tail) * row + i] = values[base + i];
+    }
+    // Every row is checked here, before any layer's pages are counted, so that a call with
+    // inf or NaN reports it whatever else fails (as the CPU store does).
+    bool bad = false;
+    for (size_t i = tid; i < size_t(n) * row; i += blockDim.x) {
+      bad = bad || !finite16(keys[base + i], S.nonfinite_bits) ||
+            !finite16(values[base + i], S.nonfinite_bits);
+    }
+    if (bad) nonfinite = 1;
+  }
+  __syncthreads();
+  const bool ok = e.status == KVC_SUCCESS && nonfinite == 0;
+  if (tid == 0) {
+    Entry out = e;
+    if (!ok) out.status = e.status ? e.status : KVC_ERROR_NONFINITE_INPUT;
+    entries[size_t(li) * num_sequences + b] = out;
+    if (!ok) record_failure(call, size_t(li) * num_sequences + b, out.status);
+  }
+  // Block j of this call: the completed tail, then whole blocks of the input in place.
+  const size_t layer_slots = size_t(num_sequences) * max_blocks * S.num_heads;
+  for (uint32_t i = tid; i < max_blocks * S.num_heads; i += blockDim.x) {
+    const uint32_t j = i / S.num_heads, h = i % S.num_heads;
+    const size_t at = li * layer_slots + (size_t(b) * max_blocks + j) * S.num_heads + h;
+    const void *k = nullptr, *v = nullptr;
+    if (ok && j < e.blocks) {
+      const size_t row0 = j == 0 ? 0 : size_t(T - e.old_tail) + size_t(j - 1) * T;
+      k = j == 0 ? static_cast<const void*>(tail_k + h * D) : keys + base + row0 * row + h * D;
+      v = j == 0 ? static_cast<const void*>(tail_v + h * D) : values + base + row0 * row + h * D;
+    }
+    src_k[at] = k;
+    src_v[at] = v;
+  }
+}
+
+// Next-fit over an entry's new blocks in table order (block, head, K|V), as the CPU store
+// places them; visit(j, h, kind, bytes, new_page, offset) for each. Returns the pages opened.
+template <class Visit>
+__device__ uint32_t next_fit(const StoreView& S, const Entry& e, const LayerState& st,
+                             uint32_t max_blocks, uint32_t b, const uint32_t* bytes_k,
+                             const uint32_t* bytes_v, Visit&& visit, uint32_t& used_out) {
+  uint32_t used = st.view.num_blocks > 0 ? st.open_used : S.page_bytes, opened = 0;
+  for (uint32_t j = 0; j < e.blocks; ++j) {
+    for (uint32_t h = 0; h < S.num_heads; ++h) {
+      const size_t s = (size_t(b) * max_blocks + j) * S.num_heads + h;
+      for (uint32_t kind = 0; kind < 2; ++kind) {
+        const uint32_t bytes = kind == 0 ? bytes_k[s] : bytes_v[s];
+        const bool fresh = used + bytes > S.page_bytes;
+        if (fresh) {
+          ++opened;
+          used = 0;
+        }
+        visit(j, h, kind, s, bytes, fresh, used);
+        used += bytes;
+      }
+    }
+  }
+  used_out = used;
+  return opened;
+}
+
+// One thread block, for one layer of a call.
+__global__ void __launch_bounds__(kStoreThreads)
+    commit_kernel(StoreView S, uint32_t num_sequences, uint32_t max_blocks, bool first_layer,
+                  Entry* entries, const uint32_t* bytes_k, const uint32_t* bytes_v, void** copy_dst,
+                  CallState* call) {
+  using Scan = CUB_NS_QUALIFIER::BlockScan<uint32_t, kStoreThreads>;  // kvcomp's wrapped CUB
+  __shared__ typename Scan::TempStorage scan;
+  __shared__ int32_t status;
+  __shared__ uint32_t free_top, opened;
+  const uint32_t tid = threadIdx.x;
+  if (tid == 0) {
+    if (first_layer) call->free_top = S.counters->free_top;
+    status = status_of(*call);
+    free_top = call->free_top;
+    opened = 0;
+  }
+  __syncthreads();
+  if (status != KVC_SUCCESS) return;
+  // Staging checked every row, so the encoder refuses nothing (a block of 0 bytes); if it
+  // ever did, failing here keeps the store intact.
+  for (uint32_t b = tid; b < num_sequences; b += blockDim.x) {
+    for (uint32_t i = 0; i < entries[b].blocks * S.num_heads; ++i) {
+      const size_t s = size_t(b) * max_blocks * S.num_heads + i;
+      if (bytes_k[s] == 0 || bytes_v[s] == 0) atomicCAS(&status, 0, KVC_ERROR_INTERNAL);
+    }
+  }
+  __syncthreads();
+  const auto count_only = [](uint32_t, uint32_t, uint32_t, size_t, uint32_t, bool, uint32_t) {};
+  for (uint32_t at = 0; at < num_sequences && status == KVC_SUCCESS; at += blockDim.x) {
+    const uint32_t b = at + tid;
+    uint32_t need = 0, used = 0, rank = 0, total = 0;
+    if (b < num_sequences) {
+      const Entry& e = entries[b];
+      need = next_fit(S, e, state_of(S, e.slot, e.layer), max_blocks, b, bytes_k, bytes_v,
+                      count_only, used);
+    }
+    Scan(scan).ExclusiveSum(need, rank, total);
+    if (b < num_sequences) entries[b].first_page = opened + rank;
+    __syncthreads();  // every thread has read `opened` before it grows
+    if (tid == 0) opened += total;
+    __syncthreads();
+  }
+  if (tid == 0 && status == KVC_SUCCESS && opened > free_top) status = KVC_ERROR_OUT_OF_PAGES;
+  __syncthreads();
+  if (status != KVC_SUCCESS) {
+    if (tid == 0) record_failure(call, 0, status);
+    return;
+  }
+  for (uint32_t b = tid; b < num_sequences; b += blockDim.x) {
+    Entry& e = entries[b];
+    const LayerState& st = state_of(S, e.slot, e.layer);
+    auto* table = const_cast<BlockLocation*>(st.view.blocks);
+    uint32_t page = st.open_page, rank = e.first_page, added = 0, used = 0;
+    next_fit(
+        S, e, st, max_blocks, b, bytes_k, bytes_v,
+        [&](uint32_t j, uint32_t h, uint32_t kind, size_t s, uint32_t bytes, bool fresh,
+            uint32_t offset) {
+          if (fresh) page = S.free_pages[free_top - 1 - rank++];
+          table[(size_t(st.view.num_blocks + j) * S.num_heads + h) * 2 + kind] = {page, offset,
+                                                                                  bytes};
+          copy_dst[s * 2 + kind] = S.pool + size_t(page) * S.page_bytes + offset;
+          added += bytes;
+        },
+        used);
+    for (uint32_t i = e.blocks * S.num_heads; i < max_blocks * S.num_heads; ++i) {
+      const size_t s = size_t(b) * max_blocks * S.num_heads + i;
+      copy_dst[s * 2] = copy_dst[s * 2 + 1] = nullptr;
+    }
+    e.open_page = page;
+    e.open_used = used;
+    e.added_bytes = added;
+  }
+  if (tid == 0) call->free_top = free_top - opened;
+}
+
+// Grid: one thread block per (block slot, K|V) of a layer.
+__global__ void __launch_bounds__(128)
+    copy_kernel(void* const* copy_dst, const uint8_t* encoded_k, const uint8_t* encoded_v,
+                size_t stride_k, size_t stride_v, const uint32_t* bytes_k, const uint32_t* bytes_v,
+                const CallState* call) {
+  const size_t i = blockIdx.x, s = i / 2;
+  uint32_t* dst = static_cast<uint32_t*>(copy_dst[i]);
+  if (status_of(*call) != KVC_SUCCESS || dst == nullptr) return;
+  const bool value = i % 2 != 0;
+  const auto* src = reinterpret_cast<const uint32_t*>(value ? encoded_v + s * stride_v
+                                                            : encoded_k + s * stride_k);
+  const uint32_t words = (value ? bytes_v[s] : bytes_k[s]) / 4;  // blocks are whole words
+  for (uint32_t w = threadIdx.x; w < words; w += blockDim.x) dst[w] = src[w];
+}
+
+// One thread: a failure the host found (it launches nothing else for the call).
+__global__ void record_outcome_kernel(StoreView S, int32_t status) { record_outcome(S, status); }
+
+// Grid: one thread block per entry of the call. Applies everything, or records the failure.
+__global__ void __launch_bounds__(kStoreThreads)
+    finish_kernel(StoreView S, uint32_t num_sequences, uint32_t n, const uint16_t* keys,
+                  const uint16_t* values, const Entry* entries, const CallState* call) {
+  const int32_t status = status_of(*call);
+  const uint32_t tid = threadIdx.x;
+  if (status != KVC_SUCCESS) {
+    if (blockIdx.x == 0 && tid == 0) record_outcome(S, status);
+    return;
+  }
+  const Entry& e = entries[blockIdx.x];
+  LayerState& st = state_of(S, e.slot, e.layer);
+  const uint32_t row = S.num_heads * S.head_dim;
+  if (e.blocks > 0) {  // the new tail: the input's last rows
+    const size_t base = size_t(blockIdx.x) * n * row + size_t(n - e.new_tail) * row;
+    auto* tail_k = static_cast<uint16_t*>(const_cast<void*>(st.view.tail_keys));
+    auto* tail_v = static_cast<uint16_t*>(const_cast<void*>(st.view.tail_values));
+    for (uint32_t i = tid; i < e.new_tail * row; i += blockDim.x) {
+      tail_k[i] = keys[base + i];
+      tail_v[i] = values[base + i];
+    }
+  }
+  if (tid == 0) {
+    st.view.num_blocks += e.blocks;
+    st.view.tail_tokens = e.new_tail;
+    if (e.blocks > 0) {
+      st.open_page = e.open_page;
+      st.open_used = e.open_used;
+      S.layer_compressed[e.layer] = 1;
+    }
+    Counters& c = *S.counters;
+    atomicAdd(&c.num_blocks, 2ull * e.blocks * S.num_heads);
+    atomicAdd(&c.block_bytes, (unsigned long long)e.added_bytes);
+    atomicAdd(&c.tokens, (unsigned long long)n);
+    if (blockIdx.x == 0) {
+      c.free_top = call->free_top;
+      record_outcome(S, KVC_SUCCESS);
+    }
+  }
+}
+
+// Grid: one thread block per layer. Returns a sequence's pages (each one once: a (sequence,
+// layer) fills its pages in order, so a page starts wherever the previous block's page differs).
+__global__ void __launch_bounds__(kStoreThreads) free_kernel(StoreView S, int32_t id) {
+  const uint32_t slot = uint32_t(id) % S.max_sequences;
+  if (S.slot_ids[slot] != id) return;  // freed already (a replayed graph)
+  LayerState& st = state_of(S, slot, blockIdx.x);
+  const uint32_t count = st.view.num_blocks * S.num_heads * 2;
+  const BlockLocation* blocks = st.view.blocks;
+  unsigned long long bytes = 0;
+  for (uint32_t i = threadIdx.x; i < count; i += blockDim.x) {
+    bytes += blocks[i].bytes;
+    if (i == 0 || blocks[i - 1].page != blocks[i].page) {
+      S.free_pages[atomicAdd(&S.counters->free_top, 1u)] = blocks[i].page;
+    }
+  }
+  Counters& c = *S.counters;
+  atomicAdd(&c.block_bytes, 0ull - bytes);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    atomicAdd(&c.num_blocks, 0ull - count);
+    atomicAdd(&c.tokens,
+              0ull - (uint64_t(st.view.num_blocks) * S.block_tokens + st.view.tail_tokens));
+    st.view.num_blocks = 0;
+    st.view.tail_tokens = 0;
+    st.open_used = 0;
+  }
+}
+
+// Attention's per-sequence views; an id no longer live reads as an empty sequence.
+__global__ void __launch_bounds__(kStoreThreads)
+    gather_views_kernel(StoreView S, Batch batch, uint32_t num_sequences, uint32_t layer,
+                        SequenceView* views) {
+  for (uint32_t i = threadIdx.x; i < num_sequences; i += blockDim.x) {
+    const int32_t id = batch.ids[i];
+    const uint32_t slot = uint32_t(id) % S.max_sequences;
+    views[i] = S.slot_ids[slot] == id ? state_of(S, slot, layer).view : SequenceView{};
+  }
+}
+
+}  // namespace kvc::kernels::store
