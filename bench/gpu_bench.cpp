@@ -19,19 +19,11 @@
 #include <string>
 #include <vector>
 
+#include "bench/gpu_bench_util.hpp"
 #include "bench/synthetic_kv.hpp"
 #include "kernels/attention/cuda_attention.hpp"
 
 namespace {
-
-#define CHECK_CUDA(call)                                                                          \
-  do {                                                                                            \
-    const cudaError_t e_ = (call);                                                                \
-    if (e_ != cudaSuccess) {                                                                      \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                               \
-    }                                                                                             \
-  } while (0)
 
 constexpr uint32_t kTokens = 64, kDim = 128;
 constexpr size_t kBlockElems = size_t(kTokens) * kDim;
@@ -78,15 +70,8 @@ struct Case {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const char* json = nullptr;
-  for (int i = 1; i + 1 < argc; ++i) {
-    if (std::string(argv[i]) == "--json") json = argv[i + 1];
-  }
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("gpu_bench: no CUDA device, nothing measured\n");
-    return 0;
-  }
+  const char* json = kvc::bench::json_path(argc, argv);
+  if (!kvc::bench::have_gpu("gpu_bench")) return 0;
   cudaDeviceProp prop{};
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
   cudaStream_t stream;

@@ -21,18 +21,10 @@
 #include <string>
 #include <vector>
 
+#include "bench/gpu_bench_util.hpp"
 #include "bench/synthetic_kv.hpp"
 
 namespace {
-
-#define CHECK_CUDA(call)                                                                          \
-  do {                                                                                            \
-    const cudaError_t e_ = (call);                                                                \
-    if (e_ != cudaSuccess) {                                                                      \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                               \
-    }                                                                                             \
-  } while (0)
 
 constexpr uint32_t kLayers = 32, kHeads = 8, kDim = 128, kTokens = 64, kBatch = 32;
 constexpr uint32_t kPrompt = 1024, kSteps = 256, kMaxTokens = 16384;
@@ -84,15 +76,8 @@ cudaGraphExec_t capture(cudaStream_t s, const auto& body) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const char* json = nullptr;
-  for (int i = 1; i + 1 < argc; ++i) {
-    if (std::string(argv[i]) == "--json") json = argv[i + 1];
-  }
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("gpu_store_bench: no CUDA device, nothing measured\n");
-    return 0;
-  }
+  const char* json = kvc::bench::json_path(argc, argv);
+  if (!kvc::bench::have_gpu("gpu_store_bench")) return 0;
   cudaDeviceProp prop{};
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
   cudaStream_t s;

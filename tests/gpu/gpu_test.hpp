@@ -40,8 +40,11 @@ class DeviceBuffer {
     return static_cast<T*>(ptr_);
   }
   size_t bytes() const { return bytes_; }
+  // Done when it returns, for every stream: a copy from pageable memory may otherwise still be
+  // in flight on the legacy stream, which non-blocking streams do not wait for.
   void upload(const void* host, size_t n) {
     EXPECT_EQ(cudaMemcpy(ptr_, host, n, cudaMemcpyHostToDevice), cudaSuccess);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   }
   template <class T>
   std::vector<T> download(size_t count) const {
