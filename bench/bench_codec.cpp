@@ -21,10 +21,10 @@
 #include <cstring>
 #include <map>
 #include <memory>
-#include <random>
 #include <string>
 #include <vector>
 
+#include "examples/synthetic_cache.hpp"
 #include "kernels/common/format.cuh"
 
 namespace {
@@ -37,40 +37,11 @@ constexpr size_t kFp16Bytes = size_t(2) * kTokens * kStride;
 using kvc::format::float_to_half;
 using kvc::format::half_to_float;
 
-struct Random {
-  std::mt19937 engine;
-  float uniform() { return float(engine() >> 8) * (1.0f / 16777216.0f); }
-  float normal() {
-    const float u = 1.0f - uniform(), v = uniform();
-    return std::sqrt(-2.0f * std::log(u)) * std::cos(6.2831853f * v);
-  }
-};
-
-// [kTokens, kHeads, kDim] fp16 bits.
+// [kTokens, kHeads, kDim] fp16 bits: codec_demo's data.
 std::vector<uint16_t> make_cache(bool is_value, uint32_t seed) {
-  Random rng{std::mt19937(seed)};
-  std::vector<uint16_t> x(size_t(kTokens) * kStride);
-  if (!is_value) {
-    std::vector<float> offset(kStride), spread(kStride);
-    for (int i = 0; i < kStride; ++i) {
-      const bool outlier = (i % kDim) % 32 == 5;
-      offset[i] = outlier ? (rng.uniform() < 0.5f ? -1.0f : 1.0f) * (4.0f + 4.0f * rng.uniform())
-                          : 0.5f * rng.normal();
-      spread[i] = outlier ? 2.0f + 2.0f * rng.uniform() : 0.3f + 1.2f * rng.uniform();
-    }
-    for (size_t i = 0; i < x.size(); ++i) {
-      x[i] = float_to_half(offset[i % kStride] + spread[i % kStride] * rng.normal());
-    }
-  } else {
-    std::vector<float> bias(kStride);
-    for (float& b : bias) b = 0.05f * rng.normal();
-    for (size_t row = 0; row < size_t(kTokens) * kHeads; ++row) {
-      const float scale = 0.3f * std::exp(0.6f * rng.normal());
-      for (int c = 0; c < kDim; ++c) {
-        const size_t i = row * kDim + c;
-        x[i] = float_to_half(bias[i % kStride] + scale * rng.normal());
-      }
-    }
+  std::vector<uint16_t> x;
+  for (float v : synthetic::make_cache(is_value, seed, kTokens, kHeads, kDim)) {
+    x.push_back(float_to_half(v));
   }
   return x;
 }
@@ -266,39 +237,23 @@ Fixture* fixture(const Setting& s) {
   return f.get();
 }
 
-void BM_Encode(benchmark::State& state, Setting s) {
+// Times one pass of the codec (encode or decode) over the whole cache.
+void BM_Codec(benchmark::State& state, Setting s, kvc_status_t (Fixture::*pass)()) {
   Fixture& f = *fixture(s);
   if (!f.error.empty()) {
     state.SkipWithError(f.error.c_str());
     return;
   }
+  const void* written = pass == &Fixture::encode ? static_cast<const void*>(f.store.data())
+                                                 : static_cast<const void*>(f.out.data());
   const LoopTimer timer;
   for (auto _ : state) {
-    const kvc_status_t st = f.encode();
+    const kvc_status_t st = (f.*pass)();
     if (st != KVC_SUCCESS) {
       state.SkipWithError(kvc_last_error());
       break;
     }
-    benchmark::DoNotOptimize(f.store.data());
-    benchmark::ClobberMemory();
-  }
-  set_counters(state, timer, double(kFp16Bytes) / f.compressed_bytes());
-}
-
-void BM_Decode(benchmark::State& state, Setting s) {
-  Fixture& f = *fixture(s);
-  if (!f.error.empty()) {
-    state.SkipWithError(f.error.c_str());
-    return;
-  }
-  const LoopTimer timer;
-  for (auto _ : state) {
-    const kvc_status_t st = f.decode();
-    if (st != KVC_SUCCESS) {
-      state.SkipWithError(kvc_last_error());
-      break;
-    }
-    benchmark::DoNotOptimize(f.out.data());
+    benchmark::DoNotOptimize(written);
     benchmark::ClobberMemory();
   }
   set_counters(state, timer, double(kFp16Bytes) / f.compressed_bytes());
@@ -339,12 +294,12 @@ int main(int argc, char** argv) {
       ->Unit(benchmark::kMillisecond)
       ->UseRealTime();
   for (const Setting& s : settings) {
-    benchmark::RegisterBenchmark((std::string("BM_Encode/") + s.name).c_str(), BM_Encode, s)
-        ->Unit(benchmark::kMillisecond)
-        ->UseRealTime();
-    benchmark::RegisterBenchmark((std::string("BM_Decode/") + s.name).c_str(), BM_Decode, s)
-        ->Unit(benchmark::kMillisecond)
-        ->UseRealTime();
+    for (const auto& [name, pass] :
+         {std::pair{"BM_Encode/", &Fixture::encode}, std::pair{"BM_Decode/", &Fixture::decode}}) {
+      benchmark::RegisterBenchmark((name + std::string(s.name)).c_str(), BM_Codec, s, pass)
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime();
+    }
   }
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

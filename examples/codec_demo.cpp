@@ -18,8 +18,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <random>
 #include <vector>
+
+#include "synthetic_cache.hpp"
 
 namespace {
 
@@ -62,48 +63,9 @@ struct Tensor {
   std::vector<float> value;
 };
 
-// Seeded and portable: std::mt19937's output is fixed by the standard, its distributions are not.
-struct Random {
-  std::mt19937 engine;
-  float uniform() { return float(engine() >> 8) * (1.0f / 16777216.0f); }  // [0, 1)
-  float normal() {                                                         // Box-Muller
-    const float u = 1.0f - uniform(), v = uniform();
-    return std::sqrt(-2.0f * std::log(u)) * std::cos(6.2831853f * v);
-  }
-};
-
 Tensor make_tensor(bool is_value, uint32_t seed) {
-  Random rng{std::mt19937(seed)};
   Tensor x;
-  x.value.resize(size_t(kTokens) * kStride);
-  if (!is_value) {
-    // Keys: per-channel offsets and spreads; 4 fixed outlier channels per head with a large
-    // offset and spread (as keys have, before and after RoPE).
-    std::vector<float> offset(kStride), spread(kStride);
-    for (int i = 0; i < kStride; ++i) {
-      const bool outlier = (i % kDim) % 32 == 5;
-      offset[i] = outlier ? (rng.uniform() < 0.5f ? -1.0f : 1.0f) * (4.0f + 4.0f * rng.uniform())
-                          : 0.5f * rng.normal();
-      spread[i] = outlier ? 2.0f + 2.0f * rng.uniform() : 0.3f + 1.2f * rng.uniform();
-    }
-    for (size_t i = 0; i < x.value.size(); ++i) {
-      x.value[i] = offset[i % kStride] + spread[i % kStride] * rng.normal();
-    }
-  } else {
-    // Values: per-token scales spread log-normally (some tokens 5x louder than others), small
-    // per-channel biases.
-    std::vector<float> bias(kStride);
-    for (float& b : bias) b = 0.05f * rng.normal();
-    for (int t = 0; t < kTokens; ++t) {
-      for (int h = 0; h < kHeads; ++h) {
-        const float scale = 0.3f * std::exp(0.6f * rng.normal());
-        for (int c = 0; c < kDim; ++c) {
-          const size_t i = size_t(t) * kStride + size_t(h) * kDim + c;
-          x.value[i] = bias[i % kStride] + scale * rng.normal();
-        }
-      }
-    }
-  }
+  x.value = synthetic::make_cache(is_value, seed, kTokens, kHeads, kDim);
   x.half.resize(x.value.size());
   for (size_t i = 0; i < x.value.size(); ++i) {
     x.half[i] = float_to_half(x.value[i]);

@@ -160,4 +160,21 @@ inline std::vector<uint8_t> to_dtype(const std::vector<float>& x, kvc_dtype dtyp
   return out;
 }
 
+// One block [num_tokens, head_dim] of dtype through the codec; its bytes, at most
+// kvc_codec_max_block_bytes of them (any codebook, however poor, fits: worst case verbatim).
+inline std::vector<uint8_t> encode_block(kvc_codec_t codec, const void* input, kvc_dtype dtype,
+                                         int64_t head_dim) {
+  size_t max_bytes = 0;
+  KVC_FUZZ_CHECK(kvc_codec_max_block_bytes(codec, dtype, &max_bytes) == KVC_SUCCESS);
+  std::vector<uint32_t> words((max_bytes + 3) / 4);  // 4-byte aligned, as the codec needs
+  const void* src[1] = {input};
+  void* dst[1] = {words.data()};
+  uint32_t block_bytes = 0;
+  KVC_FUZZ_CHECK(kvc_codec_encode(codec, 1, src, head_dim, dtype, dst, max_bytes, &block_bytes,
+                                  nullptr) == KVC_SUCCESS);
+  KVC_FUZZ_CHECK(block_bytes <= max_bytes);
+  const uint8_t* p = reinterpret_cast<const uint8_t*>(words.data());
+  return std::vector<uint8_t>(p, p + block_bytes);
+}
+
 }  // namespace kvc_fuzz

@@ -37,17 +37,9 @@ std::vector<uint8_t> encode(const kvc_fuzz::Shape& shape, int32_t kind, kvc_code
   std::vector<float> x;
   kvc_fuzz::fill_block(x, shape, seed, pattern);
   const std::vector<uint8_t> input = kvc_fuzz::to_dtype(x, dtype);
-  size_t max_bytes = 0;
-  KVC_FUZZ_CHECK(kvc_codec_max_block_bytes(codec, dtype, &max_bytes) == KVC_SUCCESS);
-  std::vector<uint32_t> words((max_bytes + 3) / 4);
-  const void* src[1] = {input.data()};
-  void* dst[1] = {words.data()};
-  uint32_t block_bytes = 0;
-  KVC_FUZZ_CHECK(kvc_codec_encode(codec, 1, src, shape.head_dim, dtype, dst, max_bytes,
-                                  &block_bytes, nullptr) == KVC_SUCCESS);
+  std::vector<uint8_t> block = kvc_fuzz::encode_block(codec, input.data(), dtype, shape.head_dim);
   kvc_codec_destroy(codec);
-  const uint8_t* p = reinterpret_cast<const uint8_t*>(words.data());
-  return std::vector<uint8_t>(p, p + block_bytes);
+  return block;
 }
 
 void decode_seeds(const fs::path& dir) {

@@ -4,7 +4,6 @@
 // baseline kernel. Every output element is poisoned first and must be written.
 #include <cmath>
 #include <random>
-#include <sstream>
 
 #include "cpu/codec_cpu.hpp"
 #include "gpu_test.hpp"

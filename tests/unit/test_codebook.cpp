@@ -3,7 +3,6 @@
 // serialization, and the parser's handling of damaged bytes.
 #include <gtest/gtest.h>
 
-#include <algorithm>
 #include <numeric>
 #include <queue>
 #include <random>

@@ -5,13 +5,10 @@
 // the append record of the stats, and no page leaks.
 #include <gtest/gtest.h>
 
-#include <cmath>
-#include <map>
 #include <random>
 
-#include "codec/codebook.hpp"
+#include "codec/codebook.hpp"  // fnv1a32
 #include "store_model.hpp"
-#include "test_support.hpp"
 
 namespace kvc::test {
 namespace {
@@ -55,7 +52,7 @@ TEST(Store, OutOfPagesInTheMiddleOfABatchChangesNothing) {
   EXPECT_EQ(kvc_store_append(store.s, 0, int32_t(ids.size()), ids.data(), k.bits.data(),
                              v.bits.data(), nullptr),
             KVC_ERROR_OUT_OF_PAGES);
-  EXPECT_NE(std::string(kvc_last_error()).find("are free"), std::string::npos) << kvc_last_error();
+  EXPECT_TRUE(last_error_names("are free")) << kvc_last_error();
   EXPECT_EQ(snapshot(store.s, shadow), before);
   CpuStoreBackend cpu;
   check_against_shadow(cpu, store.s, shadow, rng, "after the failed step");
@@ -120,10 +117,9 @@ TEST(Store, SerializedSequencesRejectDamageAndMismatchAndChangeNothing) {
   Rows k = random_rows(rng, 21 * 2, sh), v = random_rows(rng, 21 * 2, sh);
   ASSERT_EQ(kvc_store_prefill(store.s, id, 0, 2, 21, k.bits.data(), v.bits.data(), nullptr),
             KVC_SUCCESS);
-  size_t n = 0;
-  ASSERT_EQ(kvc_store_serialized_size(store.s, id, &n), KVC_SUCCESS);
-  std::vector<uint8_t> good(n);
-  ASSERT_EQ(kvc_store_serialize(store.s, id, good.data(), n, &n), KVC_SUCCESS);
+  std::vector<uint8_t> good;
+  ASSERT_NO_FATAL_FAILURE(serialize_sequence(store.s, id, good));
+  size_t n = good.size();
   kvc_store_stats before = KVC_STORE_STATS_INIT, after = KVC_STORE_STATS_INIT;
   ASSERT_EQ(kvc_store_get_stats(store.s, &before), KVC_SUCCESS);
   int32_t copy = -1;
@@ -191,7 +187,7 @@ TEST(Store, ArgumentsAreChecked) {
   kvc_store_t s = nullptr;
   c.page_bytes = 100;
   EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_INVALID_ARGUMENT);
-  EXPECT_NE(std::string(kvc_last_error()).find("page_bytes = 100"), std::string::npos);
+  EXPECT_TRUE(last_error_names("page_bytes = 100"));
   c = store_config(sh, 10);
   EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_INVALID_ARGUMENT);
   c = store_config(sh, 1 << 20);
@@ -212,7 +208,7 @@ TEST(Store, ArgumentsAreChecked) {
   c = store_config(sh, 1 << 20);
   c.head_dim = 0;
   EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_INVALID_ARGUMENT);
-  EXPECT_NE(std::string(kvc_last_error()).find("store fields"), std::string::npos);
+  EXPECT_TRUE(last_error_names("store fields"));
   EXPECT_EQ(s, nullptr);
 
   StoreHandle store(store_config(sh, 1 << 20));
@@ -241,10 +237,6 @@ TEST(Store, ArgumentsAreChecked) {
   EXPECT_EQ(kvc_store_free_sequence(store.s, id, nullptr), KVC_SUCCESS);
   EXPECT_EQ(kvc_store_free_sequence(store.s, id, nullptr), KVC_ERROR_UNKNOWN_SEQUENCE);
   EXPECT_EQ(kvc_store_destroy(nullptr), KVC_SUCCESS);
-}
-
-bool last_error_names(const char* what) {
-  return std::string(kvc_last_error()).find(what) != std::string::npos;
 }
 
 TEST(Store, AtMostMaxSequencesAreLive) {
@@ -452,12 +444,6 @@ TEST(Store, CpuBackendRejectsAStream) {
   check_against_shadow(cpu, store.s, shadow, rng, "after the rejected calls");
 }
 
-}  // namespace
-}  // namespace kvc::test
-
-namespace kvc::test {
-namespace {
-
 TEST(Store, PageSlackIsSmallAtLongContext) {
   // One layer of a Llama-like cache (8 kv-heads, head_dim 128, T = 64) at 32K tokens, default
   // page size: the partly filled pages cost at most 3% of the compressed bytes.
@@ -494,12 +480,6 @@ TEST(Store, PageSlackIsSmallAtLongContext) {
   kvc_store_destroy(s);
 }
 
-}  // namespace
-}  // namespace kvc::test
-
-namespace kvc::test {
-namespace {
-
 // Recomputes a serialized sequence's trailing checksum after an edit.
 void reseal(std::vector<uint8_t>& bytes) {
   format::store_u32(&bytes[bytes.size() - 4], fnv1a32(bytes.data(), bytes.size() - 4));
@@ -515,10 +495,8 @@ TEST(Store, RestoreDecodesEveryBlockAndChecksTails) {
   Rows k = random_rows(rng, 11, sh), v = random_rows(rng, 11, sh);
   ASSERT_EQ(kvc_store_prefill(store.s, id, 0, 1, 11, k.bits.data(), v.bits.data(), nullptr),
             KVC_SUCCESS);
-  size_t n = 0;
-  ASSERT_EQ(kvc_store_serialized_size(store.s, id, &n), KVC_SUCCESS);
-  std::vector<uint8_t> good(n);
-  ASSERT_EQ(kvc_store_serialize(store.s, id, good.data(), n, &n), KVC_SUCCESS);
+  std::vector<uint8_t> good;
+  ASSERT_NO_FATAL_FAILURE(serialize_sequence(store.s, id, good));
   // Layout: magic, version, 12 fingerprint words, 2 codebook pairs, num_blocks, tail_tokens,
   // then the first block's byte count and the block.
   const size_t first_block = 4 * (2 + 12 + 4 + 2 + 1);
@@ -540,8 +518,7 @@ TEST(Store, RestoreDecodesEveryBlockAndChecksTails) {
   ASSERT_EQ(kvc_block_inspect(bad.data() + first_block, info.block_bytes, &parsed), KVC_SUCCESS)
       << "the header still parses";
   EXPECT_EQ(kvc_store_restore(store.s, bad.data(), bad.size(), &copy), KVC_ERROR_CORRUPT_DATA);
-  EXPECT_NE(std::string(kvc_last_error()).find("sub-stream"), std::string::npos)
-      << kvc_last_error();
+  EXPECT_TRUE(last_error_names("sub-stream")) << kvc_last_error();
   // A NaN in the tail.
   std::vector<uint8_t> nan_tail = good;
   format::store_u16(&nan_tail[nan_tail.size() - 8], 0x7E00);
@@ -566,10 +543,8 @@ TEST(Store, TailOnlySequencesNeedNoCodebookAndFrozenStaysFrozen) {
   ASSERT_EQ(kvc_store_add_sequence(store.s, &short_id), KVC_SUCCESS);
   ASSERT_EQ(kvc_store_prefill(store.s, short_id, 0, 1, 3, k.bits.data(), v.bits.data(), nullptr),
             KVC_SUCCESS);
-  size_t n = 0;
-  ASSERT_EQ(kvc_store_serialized_size(store.s, short_id, &n), KVC_SUCCESS);
-  std::vector<uint8_t> bytes(n);
-  ASSERT_EQ(kvc_store_serialize(store.s, short_id, bytes.data(), n, &n), KVC_SUCCESS);
+  std::vector<uint8_t> bytes;
+  ASSERT_NO_FATAL_FAILURE(serialize_sequence(store.s, short_id, bytes));
   StoreHandle fresh(store_config(sh, 1 << 20));
   int32_t copy = -1;
   EXPECT_EQ(kvc_store_restore(fresh.s, bytes.data(), bytes.size(), &copy), KVC_SUCCESS)

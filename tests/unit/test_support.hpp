@@ -7,12 +7,18 @@
 #include <cstring>
 #include <kvcomp/kvcomp.hpp>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "bench/synthetic_kv.hpp"
 #include "kernels/common/format.cuh"
 
 namespace kvc::test {
+
+// Whether the calling thread's last error message contains `what`.
+inline bool last_error_names(const char* what) {
+  return std::string(kvc_last_error()).find(what) != std::string::npos;
+}
 
 // A block in every input dtype: the fp32 values are exactly representable in `dtype`.
 struct Block {
