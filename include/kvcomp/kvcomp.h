@@ -291,8 +291,9 @@ KVC_API kvc_status_t kvc_codec_decode(kvc_codec_t codec, int32_t num_blocks,
 
 /* Adds the symbols the codec would Huffman-code for these blocks to a histogram (same input
  * conventions as kvc_codec_encode). Blocks that cannot be quantized within the bound (stored
- * verbatim) add nothing. CUDA backend: counts on the GPU, then copies the counts back and
- * synchronises stream: a prefill-time call, not graph-capturable. */
+ * verbatim) add nothing. CUDA backend: counts on the GPU (a NULL block pointer adds nothing),
+ * then copies the counts back and synchronises stream: a prefill-time call, not
+ * graph-capturable. */
 KVC_API kvc_status_t kvc_codec_histogram(kvc_codec_t codec, int32_t num_blocks,
                                          const void* const* src_blocks, int64_t src_token_stride,
                                          kvc_dtype src_dtype, kvc_histogram_t histogram,

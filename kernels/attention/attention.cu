@@ -4,8 +4,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <type_traits>
-#include <vector>
 
 #include "core/error.hpp"
 #include "kernels/attention/attention.cuh"
@@ -15,9 +13,6 @@
 
 namespace kvc::cuda {
 namespace k = kvc::kernels;
-
-static_assert(sizeof(BlockLocation) == sizeof(k::BlockLocation));
-static_assert(sizeof(SequenceView) == sizeof(k::SequenceView));
 
 namespace {
 
@@ -40,10 +35,10 @@ int multiprocessors() {
 
 // Splits so that about four thread blocks per multiprocessor are in flight, each split a whole
 // number of units.
-AttentionPlan make_plan(const AttentionShape& s, uint32_t max_units) {
+AttentionPlan make_plan(const AttentionShape& s, uint32_t max_units, int sms = multiprocessors()) {
   require(s.group >= 1 && s.group <= 16, KVC_ERROR_NOT_SUPPORTED, "GQA group ", s.group,
           " is out of the kernels' range [1, 16]");
-  const uint64_t want = uint64_t(multiprocessors()) * 4;
+  const uint64_t want = uint64_t(sms) * 4;
   const uint64_t per_split_grid = uint64_t(s.kv_heads) * s.num_sequences;
   uint32_t splits = uint32_t(std::clamp<uint64_t>((want + per_split_grid - 1) / per_split_grid, 1,
                                                   std::max(1u, max_units)));
@@ -102,6 +97,15 @@ AttentionPlan plan_attention(const AttentionShape& s, uint32_t max_blocks_per_se
   return make_plan(s, max_blocks_per_sequence + 1);  // + the tail
 }
 
+size_t attention_workspace_bound(const AttentionShape& s, uint32_t max_blocks_per_sequence) {
+  const int sms = multiprocessors();
+  size_t bytes = 0;
+  for (AttentionShape b = s; b.num_sequences >= 1; --b.num_sequences) {
+    bytes = std::max(bytes, make_plan(b, max_blocks_per_sequence + 1, sms).workspace_bytes);
+  }
+  return bytes;
+}
+
 void attention_compressed(const AttentionShape& s, const AttentionPlan& plan,
                           const CodecParams& key, const CodecParams& value,
                           const DeviceCodebooks& books, const uint8_t* d_pool, size_t page_bytes,
@@ -118,8 +122,8 @@ void attention_compressed(const AttentionShape& s, const AttentionPlan& plan,
     const size_t smem = (D * G + k::kWarps * per_warp) * sizeof(float);
     launch(k::attention_compressed_kernel<decltype(dt)::value, D, G>,
            dim3(plan.num_splits, s.kv_heads, s.num_sequences), k::kWarps * k::kLanes, smem, st, P,
-           reinterpret_cast<const k::SequenceView*>(d_sequences), d_pool, page_bytes,
-           view_of(books.books[0]), view_of(books.books[1]), value.group_size, max_groups);
+           d_sequences, d_pool, page_bytes, view_of(books.books[0]), view_of(books.books[1]),
+           value.group_size, max_groups);
   });
   combine(s, P, d_out, st);
 }

@@ -13,6 +13,7 @@
 
 #include <cfloat>
 
+#include "kernels/attention/cuda_attention.hpp"
 #include "kernels/codec/device_common.cuh"
 
 namespace kvc::kernels {
@@ -21,16 +22,9 @@ constexpr uint32_t kWarps = 4;
 constexpr uint32_t kLanes = 32;
 constexpr uint32_t kMaxTokensPerLane = 4;  // T <= 128
 
-struct BlockLocation {
-  uint32_t page, offset, bytes;
-};
-struct SequenceView {
-  const BlockLocation* blocks;  // [num_blocks, kv_heads, 2]
-  uint32_t num_blocks;
-  uint32_t tail_tokens;
-  const void* tail_keys;  // [tail_tokens, kv_heads, head_dim]
-  const void* tail_values;
-};
+// The descriptors the host builds (cuda_attention.hpp), read as they are.
+using cuda::BlockLocation;
+using cuda::SequenceView;
 
 struct AttentionParams {
   uint32_t kv_heads, group, block_tokens, units_per_split, num_parts;
@@ -185,7 +179,7 @@ __device__ inline void load_block_params(const uint8_t* base, uint32_t bytes, Bl
 // Decodes this lane's elements of a block in stream order, calling visit(group, position, x).
 // Huffman: the lane's sub-stream front to back; fixed width: the same elements by offset; raw:
 // the values themselves.
-template <kvc_dtype DT, class Visit>
+template <class Visit>
 __device__ void decode_lane_elements(const BlockParams& bp, const BookView& book, const float* step,
                                      const uint32_t* center, Visit visit) {
   const f::BlockLayout& L = bp.layout;
@@ -262,7 +256,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
       load_block_params(pool + size_t(loc[0].page) * page_bytes + loc[0].offset, loc[0].bytes, bp,
                         step, center);
       st.clear_scores(tpl, T, group);
-      decode_lane_elements<DT>(bp, key_book, step, center, [&](uint32_t c, uint32_t t, float x) {
+      decode_lane_elements(bp, key_book, step, center, [&](uint32_t c, uint32_t t, float x) {
         for (uint32_t g = 0; g < group; ++g) st.p[t * GMAX + g] += q[c * GMAX + g] * x;
       });
       st.absorb(tpl, T, group, D, value_group_size);
@@ -270,7 +264,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
       load_block_params(pool + size_t(loc[1].page) * page_bytes + loc[1].offset, loc[1].bytes, bp,
                         step, center);
       const uint32_t segments = D / value_group_size;
-      decode_lane_elements<DT>(bp, value_book, step, center, [&](uint32_t g, uint32_t e, float x) {
+      decode_lane_elements(bp, value_book, step, center, [&](uint32_t g, uint32_t e, float x) {
         const uint32_t t = g / segments, c = (g % segments) * value_group_size + e;
         for (uint32_t h = 0; h < group; ++h) st.acc[c * GMAX + h] += st.p[t * GMAX + h] * x;
       });

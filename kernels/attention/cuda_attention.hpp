@@ -63,6 +63,9 @@ struct AttentionPlan {
   size_t workspace_bytes;
 };
 AttentionPlan plan_attention(const AttentionShape& shape, uint32_t max_blocks_per_sequence);
+// The workspace of every batch of at most shape.num_sequences sequences: fewer sequences may
+// split into more parts, so a smaller batch does not always need less.
+size_t attention_workspace_bound(const AttentionShape& shape, uint32_t max_blocks_per_sequence);
 
 // out = softmax(scale q K^T) V for every sequence and query head. d_queries, d_out:
 // [num_sequences, kv_heads * group, head_dim]; d_sequences: [num_sequences]. Enqueue only.

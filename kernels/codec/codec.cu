@@ -31,7 +31,8 @@ class DeviceCodec {
   int device = 0;
   k::Shape shape{};
   std::unique_ptr<DeviceBook> book;  // none: fixed width only
-  k::HistogramCounts* d_counts = nullptr;
+  // 512 KiB that only histogram() uses (a prefill-time, synchronous call): made there.
+  mutable k::HistogramCounts* d_counts = nullptr;
 
   ~DeviceCodec() { cudaFree(d_counts); }
 };
@@ -60,7 +61,6 @@ DeviceCodecPtr create_device_codec(const CodecParams& p, const Codebook* codeboo
   d->shape = {p.is_value,       p.num_tokens, p.head_dim,    p.group_size,       p.num_groups,
               p.num_substreams, p.relative,   p.error_bound, uint32_t(p.entropy)};
   if (codebook != nullptr) d->book = std::make_unique<DeviceBook>(*codebook);
-  check_cuda(cudaMalloc(&d->d_counts, sizeof(k::HistogramCounts)), "cudaMalloc (histogram)");
   return d;
 }
 
@@ -96,6 +96,9 @@ void histogram(const DeviceCodec& d, int32_t num_blocks, const void* const* d_sr
   require_device(d.device, "the CUDA codec");
   const auto s = static_cast<cudaStream_t>(stream);
   const k::Shape& sh = d.shape;
+  if (d.d_counts == nullptr) {
+    check_cuda(cudaMalloc(&d.d_counts, sizeof(k::HistogramCounts)), "cudaMalloc (histogram)");
+  }
   check_cuda(cudaMemsetAsync(d.d_counts, 0, sizeof(k::HistogramCounts), s), "cudaMemsetAsync");
   dispatch_dtype(src_dtype, [&](auto dt) {
     launch(k::histogram_kernel<decltype(dt)::value>, dim3(num_blocks), k::kThreads,

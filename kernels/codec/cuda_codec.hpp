@@ -14,7 +14,8 @@
 
 namespace kvc::cuda {
 
-// Device copies of a codec's codebook tables and its histogram scratch; made once per codec.
+// Device copies of a codec's codebook tables (made once per codec) and its histogram scratch
+// (made by the first histogram call).
 class DeviceCodec;
 struct DeviceCodecDeleter {
   void operator()(DeviceCodec* d) const noexcept;
@@ -37,7 +38,8 @@ void decode(const DeviceCodec& d, int32_t num_blocks, const void* const* d_src_b
             int64_t dst_token_stride, kvc_status_t* d_block_status, void* stream);
 
 // Counts the blocks' Huffman symbols on the GPU and adds them to a host histogram: copies the
-// counts back and synchronises `stream` (a prefill-time call, not graph-capturable).
+// counts back and synchronises `stream` (a prefill-time call, not graph-capturable). A NULL
+// block pointer counts nothing.
 void histogram(const DeviceCodec& d, int32_t num_blocks, const void* const* d_src_blocks,
                int64_t src_token_stride, kvc_dtype src_dtype, Histogram& histogram, void* stream);
 

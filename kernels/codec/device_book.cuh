@@ -23,10 +23,12 @@ class DeviceBook {
       tables.push_back(book.reversed_code(i) | (book.length(i) << 24));
     }
     check_cuda(cudaMalloc(&tables_, tables.size() * 4), "cudaMalloc (codebook tables)");
-    const cudaError_t copied =
-        cudaMemcpy(tables_, tables.data(), tables.size() * 4, cudaMemcpyHostToDevice);
-    if (copied != cudaSuccess) cudaFree(tables_);
-    check_cuda(copied, "cudaMemcpy (codebook tables)");
+    try {
+      copy_to_device(tables_, tables.data(), tables.size() * 4, "cudaMemcpy (codebook tables)");
+    } catch (...) {
+      cudaFree(tables_);
+      throw;
+    }
     view_ = {tables_,
              tables_ + codes_at,
              book.first_symbol(),

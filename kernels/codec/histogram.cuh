@@ -23,6 +23,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ QuantSummary sum;
   const uint32_t n = sh.num_elements(), groups = sh.num_groups;
   const QuantSmem q = QuantSmem::carve(smem, n, groups);
+  if (src_blocks[blockIdx.x] == nullptr) return;  // as in encode: no block, nothing counted
   quantize_block<DT>(sh, src_blocks[blockIdx.x], stride, q, sum);
   if (sum.nonfinite) {
     if (threadIdx.x == 0) atomicOr(&counts->nonfinite, 1u);

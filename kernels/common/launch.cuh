@@ -18,6 +18,14 @@ inline void check_cuda(cudaError_t e, const char* what) {
   }
 }
 
+// A host-to-device copy that has landed when it returns, for every stream: a synchronous copy
+// from pageable memory may return before the data arrive, and the legacy stream it runs on does
+// not order non-blocking streams.
+inline void copy_to_device(void* device, const void* host, size_t bytes, const char* what) {
+  check_cuda(cudaMemcpy(device, host, bytes, cudaMemcpyHostToDevice), what);
+  check_cuda(cudaStreamSynchronize(nullptr), what);
+}
+
 inline int current_device() {
   int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");

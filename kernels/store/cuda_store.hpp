@@ -23,7 +23,6 @@ class CudaStore {
   CudaStore(const CudaStore&) = delete;
   CudaStore& operator=(const CudaStore&) = delete;
 
-  const StoreParams& params() const;
   int32_t add_sequence();  // waits for the device
   void free_sequence(int32_t id, void* stream);
   void require_live(int32_t id) const;          // KVC_ERROR_UNKNOWN_SEQUENCE otherwise
@@ -45,6 +44,7 @@ class CudaStore {
 
   StoreStats stats() const;  // no synchronization: the device's last copy-out
   std::vector<uint8_t> serialize(int32_t id);
+  size_t serialized_size(int32_t id);  // from the block tables: no block is copied
   int32_t restore(const uint8_t* data, size_t size);
 
  private:

@@ -4,8 +4,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstring>
-#include <map>
 #include <vector>
 
 #include "core/error.hpp"
@@ -20,13 +18,6 @@ namespace k = kvc::kernels;
 namespace ks = kvc::kernels::store;
 
 namespace {
-
-// Synchronous copies from pageable host memory return before the data lands, and the legacy
-// stream they run on does not order non-blocking streams: wait for it.
-void upload_bytes(void* device, const void* host, size_t bytes) {
-  check_cuda(cudaMemcpy(device, host, bytes, cudaMemcpyHostToDevice), "cudaMemcpy (store upload)");
-  check_cuda(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize (store upload)");
-}
 
 // A device array that frees itself; grows only by replacement. A replaced allocation can be
 // kept alive instead (`retired`): graphs captured earlier still point at it.
@@ -53,7 +44,7 @@ class DeviceArray {
   T* get() const { return ptr_; }
   size_t size() const { return count_; }
   void upload(const T* host, size_t count, size_t at = 0) {
-    upload_bytes(ptr_ + at, host, count * sizeof(T));
+    copy_to_device(ptr_ + at, host, count * sizeof(T), "cudaMemcpy (store upload)");
   }
   std::vector<T> download(size_t count, size_t at = 0) const {
     std::vector<T> out(count);
@@ -89,7 +80,6 @@ struct CudaStore::Impl {
   StoreParams p;
   int device = 0;
   uint32_t table_blocks = 0;  // block-table capacity of one (sequence, layer), in token blocks
-  size_t row_bytes = 0;       // one token of K (or V), all heads
 
   // Host-side decisions.
   StoreBooks books;
@@ -102,7 +92,6 @@ struct CudaStore::Impl {
   std::vector<int32_t> slot_ids;      // live id per slot, -1 if free
   std::vector<uint32_t> free_slots;   // a stack
   std::vector<uint32_t> generations;  // per slot: ids issued there so far
-  size_t live = 0;
 
   // Device state.
   DeviceArray<uint8_t> pool;
@@ -110,14 +99,13 @@ struct CudaStore::Impl {
   DeviceArray<ks::Counters> counters;
   DeviceArray<ks::LayerState> states;
   DeviceArray<int32_t> d_slot_ids;
-  DeviceArray<k::BlockLocation> tables;
+  DeviceArray<BlockLocation> tables;
   DeviceArray<uint8_t> tails;
   DeviceArray<uint32_t> layer_compressed;
   ks::Counters* mirror = nullptr;  // pinned: the counters as last copied out
 
   // Scratch of one call, sized by the largest call so far.
   struct Scratch {
-    size_t entries_cap = 0, layer_slots_cap = 0, all_slots_cap = 0, workspace_cap = 0;
     DeviceArray<ks::Entry> entries;
     DeviceArray<const void*> src_k, src_v;  // [layers, layer_slots]
     DeviceArray<void*> dst_k, dst_v;        // [layer_slots], into encoded_k/v
@@ -125,7 +113,7 @@ struct CudaStore::Impl {
     DeviceArray<uint32_t> bytes_k, bytes_v;
     DeviceArray<void*> copy_dst;  // [layer_slots, 2]
     DeviceArray<ks::CallState> call;
-    DeviceArray<k::SequenceView> views;  // [KVC_STORE_MAX_BATCH]
+    DeviceArray<SequenceView> views;  // [KVC_STORE_MAX_BATCH]
     DeviceArray<uint8_t> workspace;
   } scratch;
   size_t stride_k = 0, stride_v = 0;  // encoded slot sizes
@@ -153,6 +141,17 @@ struct CudaStore::Impl {
             p.dtype == KVC_DTYPE_BF16 ? 0x7F80u : 0x7C00u};
   }
   uint32_t slot_of(int32_t id) const { return uint32_t(id) % p.max_sequences; }
+  size_t live() const { return p.max_sequences - free_slots.size(); }
+  // Where (slot, layer)'s block table and tail buffers are: fixed at creation.
+  SequenceView layout(uint32_t slot, uint32_t layer) const {
+    const size_t i = size_t(slot) * p.num_layers + layer, tail = p.block_tokens * p.token_bytes();
+    return {tables.get() + i * table_blocks * p.num_heads * 2, 0, 0, tails.get() + 2 * i * tail,
+            tails.get() + (2 * i + 1) * tail};
+  }
+  // The states of all a slot's layers.
+  std::vector<ks::LayerState> download_states(uint32_t slot) const {
+    return states.download(p.num_layers, size_t(slot) * p.num_layers);
+  }
   // The slot the next sequence gets, and its id; throws if there is none.
   std::pair<uint32_t, int32_t> next_sequence() const {
     require(!free_slots.empty(), KVC_ERROR_OUT_OF_MEMORY,
@@ -162,20 +161,19 @@ struct CudaStore::Impl {
     require(id <= INT32_MAX, KVC_ERROR_OUT_OF_MEMORY, "sequence ids are exhausted");
     return {slot, int32_t(id)};
   }
-  ks::LayerState download_state(uint32_t slot, uint32_t layer) const {
-    return states.download(1, size_t(slot) * p.num_layers + layer)[0];
-  }
   void copy_out_counters(cudaStream_t s) {
     check_cuda(
         cudaMemcpyAsync(mirror, counters.get(), sizeof(ks::Counters), cudaMemcpyDeviceToHost, s),
         "cudaMemcpyAsync (store counters)");
   }
-  // Makes a codebook (and the codec using it) current for (layer, kind).
+  // Makes a codebook (and the codec using it) current for (layer, kind); attention sees it
+  // after refresh_attention_books(layer).
   void use_book(uint32_t index, std::shared_ptr<const Codebook> book, DeviceCodecPtr codec) {
     retired_codecs.push_back(std::move(codecs[index]));
     codecs[index] = std::move(codec);
     books[index] = std::move(book);
-    const uint32_t layer = index / 2;
+  }
+  void refresh_attention_books(uint32_t layer) {
     retired_books.push_back(std::move(attention_books[layer]));
     attention_books[layer] = upload_codebooks(books[layer * 2].get(), books[layer * 2 + 1].get());
   }
@@ -208,20 +206,16 @@ CudaStore::Impl::Impl(const StoreParams& params) : p(params) {
   for (uint32_t l = 0; l < p.num_layers; ++l)
     attention_books.push_back(upload_codebooks(nullptr, nullptr));
   table_blocks = (p.max_sequence_tokens + p.block_tokens - 1) / p.block_tokens;
-  row_bytes = p.token_bytes();
   stride_k = round16(p.key.max_block_bytes(p.dtype));
   stride_v = round16(p.value.max_block_bytes(p.dtype));
 
   const size_t layers = size_t(p.max_sequences) * p.num_layers;
-  const size_t table_entries = size_t(table_blocks) * p.num_heads * 2;
-  const size_t tail_bytes = size_t(p.block_tokens) * row_bytes;  // one of K or V
   pool.reset(size_t(p.num_pages) * p.page_bytes);
-  tables.reset(layers * table_entries);
-  tails.reset(layers * 2 * tail_bytes);
+  tables.reset(layers * table_blocks * p.num_heads * 2);
+  tails.reset(layers * 2 * p.block_tokens * p.token_bytes());
   std::vector<ks::LayerState> init(layers);
   for (size_t i = 0; i < layers; ++i) {
-    init[i].view = {tables.get() + i * table_entries, 0, 0, tails.get() + 2 * i * tail_bytes,
-                    tails.get() + (2 * i + 1) * tail_bytes};
+    init[i].view = layout(uint32_t(i / p.num_layers), uint32_t(i % p.num_layers));
   }
   states.reset(layers);
   states.upload(init.data(), layers);
@@ -247,8 +241,8 @@ CudaStore::Impl::Impl(const StoreParams& params) : p(params) {
 void CudaStore::Impl::ensure_scratch(size_t entries, size_t layer_slots, size_t all_slots,
                                      bool captured) {
   Scratch& S = scratch;
-  if (entries <= S.entries_cap && layer_slots <= S.layer_slots_cap &&
-      all_slots <= S.all_slots_cap) {
+  if (entries <= S.entries.size() && layer_slots <= S.bytes_k.size() &&
+      all_slots <= S.src_k.size()) {
     return;
   }
   require(!captured, KVC_ERROR_INVALID_ARGUMENT,
@@ -256,9 +250,9 @@ void CudaStore::Impl::ensure_scratch(size_t entries, size_t layer_slots, size_t 
           "capture: make one uncaptured call of this size first");
   // At least doubling: the replaced buffers stay allocated (for captured graphs), so this
   // bounds them by the final size.
-  entries = std::max(entries, 2 * S.entries_cap);
-  layer_slots = std::max(layer_slots, 2 * S.layer_slots_cap);
-  all_slots = std::max(all_slots, 2 * S.all_slots_cap);
+  entries = std::max(entries, 2 * S.entries.size());
+  layer_slots = std::max(layer_slots, 2 * S.bytes_k.size());
+  all_slots = std::max(all_slots, 2 * S.src_k.size());
   std::vector<void*>* keep = &retired;
   S.entries.reset(entries, keep);
   S.src_k.reset(all_slots, keep);
@@ -275,18 +269,14 @@ void CudaStore::Impl::ensure_scratch(size_t entries, size_t layer_slots, size_t 
   for (size_t i = 0; i < layer_slots; ++i) dst[i] = S.encoded_v.get() + i * stride_v;
   S.dst_v.reset(layer_slots, keep);
   S.dst_v.upload(dst.data(), layer_slots);
-  S.entries_cap = entries;
-  S.layer_slots_cap = layer_slots;
-  S.all_slots_cap = all_slots;
 }
 
 void CudaStore::Impl::ensure_workspace(size_t bytes, bool captured) {
-  if (bytes <= scratch.workspace_cap) return;
+  if (bytes <= scratch.workspace.size()) return;
   require(!captured, KVC_ERROR_INVALID_ARGUMENT,
           "the attention workspace must grow for this call, which cannot happen during stream "
           "capture: make one uncaptured call of this shape first");
-  scratch.workspace.reset(std::max(bytes, 2 * scratch.workspace_cap), &retired);
-  scratch.workspace_cap = scratch.workspace.size();
+  scratch.workspace.reset(std::max(bytes, 2 * scratch.workspace.size()), &retired);
 }
 
 ks::Batch CudaStore::Impl::batch_of(const std::vector<int32_t>& ids) const {
@@ -300,20 +290,11 @@ ks::Batch CudaStore::Impl::batch_of(const std::vector<int32_t>& ids) const {
 DeviceCodecPtr CudaStore::Impl::build_book(uint32_t layer, uint32_t kind, const void* const* d_src,
                                            size_t count, std::shared_ptr<const Codebook>& book,
                                            cudaStream_t s) {
-  check_cuda(cudaStreamSynchronize(s), "cudaStreamSynchronize (codebook)");
-  std::vector<const void*> src(count);
-  copy_to_host(src.data(), d_src, count);
-  src.erase(std::remove(src.begin(), src.end(), nullptr), src.end());
-  if (src.empty()) return nullptr;
-  DeviceArray<const void*> present(src.size());
-  present.upload(src.data(), src.size());
-  Histogram counts;
-  histogram(*codecs[layer * 2 + kind], int32_t(src.size()), present.get(),
-            int64_t(p.num_heads) * p.head_dim, p.dtype, counts, s);
+  Histogram counts;  // absent blocks (NULL) count nothing
+  histogram(*codecs[layer * 2 + kind], int32_t(count), d_src, int64_t(p.num_heads) * p.head_dim,
+            p.dtype, counts, s);
   if (counts.total() == 0) return nullptr;
-  const kvc_codebook_config defaults = KVC_CODEBOOK_CONFIG_INIT;
-  book = std::make_shared<const Codebook>(
-      Codebook::build(counts, defaults.max_code_length, defaults.max_symbols));
+  book = build_layer_codebook(counts);
   return create_device_codec(p.codec(kind), book.get());
 }
 
@@ -388,14 +369,20 @@ void CudaStore::Impl::run_append(uint32_t first_layer, uint32_t num_layers,
              "cudaMemcpyAsync (call status)");
   check_cuda(cudaStreamSynchronize(s), "cudaStreamSynchronize (codebook)");
   if (call.failure != ks::kNoFailure) return;
-  for (Tentative& t : tentative) use_book(t.index, std::move(t.book), std::move(t.codec));
+  for (size_t i = 0; i < tentative.size(); ++i) {
+    const uint32_t layer = tentative[i].index / 2;
+    use_book(tentative[i].index, std::move(tentative[i].book), std::move(tentative[i].codec));
+    // Tentative books come in layer order: one upload per layer, after its K and V.
+    if (i + 1 == tentative.size() || tentative[i + 1].index / 2 != layer) {
+      refresh_attention_books(layer);
+    }
+  }
 }
 
 CudaStore::CudaStore(const StoreParams& params) : impl_(std::make_unique<Impl>(params)) {}
 CudaStore::~CudaStore() = default;
 
-const StoreParams& CudaStore::params() const { return impl_->p; }
-size_t CudaStore::num_sequences() const { return impl_->live; }
+size_t CudaStore::num_sequences() const { return impl_->live(); }
 
 void CudaStore::require_live(int32_t id) const {
   const Impl& m = *impl_;
@@ -412,7 +399,6 @@ int32_t CudaStore::add_sequence() {
   m.free_slots.pop_back();
   m.slot_ids[slot] = sid;
   ++m.generations[slot];
-  ++m.live;
   return sid;
 }
 
@@ -428,7 +414,6 @@ void CudaStore::free_sequence(int32_t id, void* stream) {
   m.copy_out_counters(s);
   m.slot_ids[slot] = -1;
   m.free_slots.push_back(slot);
-  --m.live;
 }
 
 uint32_t CudaStore::length(int32_t id, uint32_t layer) {
@@ -436,7 +421,8 @@ uint32_t CudaStore::length(int32_t id, uint32_t layer) {
   require_device(m.device, "the CUDA store");
   require_live(id);
   wait_for_device();
-  const ks::LayerState st = m.download_state(m.slot_of(id), layer);
+  const ks::LayerState st =
+      m.states.download(1, size_t(m.slot_of(id)) * m.p.num_layers + layer).front();
   return st.view.num_blocks * m.p.block_tokens + st.view.tail_tokens;
 }
 
@@ -448,6 +434,7 @@ void CudaStore::set_codebook(uint32_t layer, uint32_t kind, std::shared_ptr<cons
           layer, " has compressed blocks already: its codebooks are frozen");
   DeviceCodecPtr codec = create_device_codec(m.p.codec(kind), book.get());
   m.use_book(layer * 2 + kind, std::move(book), std::move(codec));
+  m.refresh_attention_books(layer);
 }
 
 std::shared_ptr<const Codebook> CudaStore::codebook(uint32_t layer, uint32_t kind) const {
@@ -465,28 +452,26 @@ void CudaStore::append(uint32_t layer, const std::vector<int32_t>& ids, const vo
   impl_->run_append(layer, 1, ids, 1, keys, values, static_cast<cudaStream_t>(stream));
 }
 
-void CudaStore::read(int32_t id, uint32_t layer, kvc_dtype dtype, uint32_t capacity_tokens,
-                     void* keys, void* values, void* stream) {
+void CudaStore::read(int32_t id, uint32_t layer, kvc_dtype dtype, uint32_t length, void* keys,
+                     void* values, void* stream) {
   Impl& m = *impl_;
   const auto s = static_cast<cudaStream_t>(stream);
   require_device(m.device, "the CUDA store");
-  wait_for_device();
-  const ks::LayerState st = m.download_state(m.slot_of(id), layer);
-  const uint32_t nb = st.view.num_blocks, tail = st.view.tail_tokens, H = m.p.num_heads;
-  require(nb * m.p.block_tokens + tail <= capacity_tokens, KVC_ERROR_INTERNAL,
-          "the sequence grew while being read");
+  const SequenceView st = m.layout(m.slot_of(id), layer);
+  const uint32_t nb = length / m.p.block_tokens, tail = length % m.p.block_tokens;
+  const uint32_t H = m.p.num_heads;
   const size_t es = format::dtype_bytes(dtype), row = size_t(H) * m.p.head_dim;
   const size_t count = size_t(nb) * H;
   if (count > 0) {
-    std::vector<k::BlockLocation> table(count * 2);
-    copy_to_host(table.data(), st.view.blocks, table.size());
+    std::vector<BlockLocation> table(count * 2);
+    copy_to_host(table.data(), st.blocks, table.size());
     for (uint32_t kind = 0; kind < 2; ++kind) {
       auto* dst = static_cast<uint8_t*>(kind == 0 ? keys : values);
       std::vector<const void*> src(count);
       std::vector<void*> out(count);
       std::vector<uint32_t> bytes(count);
       for (size_t i = 0; i < count; ++i) {
-        const k::BlockLocation& b = table[i * 2 + kind];
+        const BlockLocation& b = table[i * 2 + kind];
         src[i] = m.pool.get() + size_t(b.page) * m.p.page_bytes + b.offset;
         bytes[i] = b.bytes;
         const size_t block = i / H, h = i % H;
@@ -509,13 +494,13 @@ void CudaStore::read(int32_t id, uint32_t layer, kvc_dtype dtype, uint32_t capac
     }
   }
   if (tail == 0) return;
-  std::vector<uint8_t> rows(tail * row * 2), converted(tail * row * es);
+  std::vector<uint8_t> rows(tail * m.p.token_bytes()), converted(tail * row * es);
   for (uint32_t kind = 0; kind < 2; ++kind) {
-    copy_to_host(rows.data(), kind == 0 ? st.view.tail_keys : st.view.tail_values, rows.size());
+    copy_to_host(rows.data(), kind == 0 ? st.tail_keys : st.tail_values, rows.size());
     convert_elements(rows.data(), m.p.dtype, converted.data(), dtype, tail * row);
     auto* dst =
         static_cast<uint8_t*>(kind == 0 ? keys : values) + size_t(nb) * m.p.block_tokens * row * es;
-    upload_bytes(dst, converted.data(), converted.size());
+    copy_to_device(dst, converted.data(), converted.size(), "cudaMemcpy (store upload)");
   }
 }
 
@@ -535,22 +520,15 @@ void CudaStore::attention(uint32_t layer, const std::vector<int32_t>& ids, uint3
           KVC_ERROR_INVALID_ARGUMENT, "layer ", layer,
           " has no codebooks yet, and a captured graph would keep reading without them: "
           "prefill the layer (or set its codebooks) before capturing");
-  size_t need = plan.workspace_bytes;
-  if (need > m.scratch.workspace_cap) {
-    // Fewer sequences may split into more parts: size for every batch up to this one, so
-    // that a later (captured) call with fewer sequences fits too.
-    for (uint32_t b = 1; b < B; ++b) {
-      AttentionShape smaller = shape;
-      smaller.num_sequences = b;
-      need = std::max(need, plan_attention(smaller, m.table_blocks).workspace_bytes);
-    }
+  if (plan.workspace_bytes > m.scratch.workspace.size()) {
+    // Sized for every smaller batch too, so that a later (captured) call of one fits.
+    m.ensure_workspace(attention_workspace_bound(shape, m.table_blocks), captured);
   }
-  m.ensure_workspace(need, captured);
   launch(ks::gather_views_kernel, dim3(1), ks::kStoreThreads, 0, s, m.view(), m.batch_of(ids), B,
          layer, m.scratch.views.get());
   attention_compressed(shape, plan, m.p.key, m.p.value, *m.attention_books[layer], m.pool.get(),
-                       m.p.page_bytes, reinterpret_cast<const SequenceView*>(m.scratch.views.get()),
-                       queries, out, m.scratch.workspace.get(), stream);
+                       m.p.page_bytes, m.scratch.views.get(), queries, out,
+                       m.scratch.workspace.get(), stream);
 }
 
 StoreStats CudaStore::stats() const {
@@ -562,11 +540,11 @@ StoreStats CudaStore::stats() const {
   st.pages_in_use = int64_t(m.p.num_pages) - c.free_top;
   st.page_bytes = st.pages_in_use * m.p.page_bytes;
   // Tails and tables are reserved in full for every live sequence: count what is reserved.
-  const int64_t layers = int64_t(m.live) * m.p.num_layers;
-  st.tail_bytes = layers * 2 * int64_t(m.p.block_tokens * m.row_bytes);
+  const int64_t layers = int64_t(m.live()) * m.p.num_layers;
+  st.tail_bytes = layers * 2 * int64_t(m.p.block_tokens * m.p.token_bytes());
   st.table_bytes =
-      layers * int64_t(m.table_blocks) * m.p.num_heads * 2 * int64_t(sizeof(k::BlockLocation));
-  st.dense_bytes = int64_t(c.tokens) * 2 * int64_t(m.row_bytes);
+      layers * int64_t(m.table_blocks) * m.p.num_heads * 2 * int64_t(sizeof(BlockLocation));
+  st.dense_bytes = int64_t(c.tokens) * 2 * int64_t(m.p.token_bytes());
   for (const auto& b : m.books) {
     if (b) st.codebook_bytes += int64_t(b->serialized().size());
   }
@@ -582,12 +560,11 @@ std::vector<uint8_t> CudaStore::serialize(int32_t id) {
   wait_for_device();
   SequenceImage image;
   std::vector<uint8_t> page(m.p.page_bytes);
-  for (uint32_t l = 0; l < m.p.num_layers; ++l) {
-    const ks::LayerState st = m.download_state(m.slot_of(id), l);
+  for (const ks::LayerState& st : m.download_states(m.slot_of(id))) {
     SequenceImage::Layer& out = image.layers.emplace_back();
     out.num_blocks = st.view.num_blocks;
     out.tail_tokens = st.view.tail_tokens;
-    std::vector<k::BlockLocation> table(size_t(out.num_blocks) * m.p.num_heads * 2);
+    std::vector<BlockLocation> table(size_t(out.num_blocks) * m.p.num_heads * 2);
     copy_to_host(table.data(), st.view.blocks, table.size());
     for (size_t i = 0; i < table.size(); ++i) {
       if (i == 0 || table[i].page != table[i - 1].page) {  // each page once
@@ -597,13 +574,28 @@ std::vector<uint8_t> CudaStore::serialize(int32_t id) {
       const uint8_t* block = page.data() + table[i].offset;
       out.blocks.emplace_back(block, block + table[i].bytes);
     }
-    const size_t tail = size_t(out.tail_tokens) * m.row_bytes;
+    const size_t tail = size_t(out.tail_tokens) * m.p.token_bytes();
     out.tail_k.resize(tail);
     out.tail_v.resize(tail);
     copy_to_host(out.tail_k.data(), st.view.tail_keys, tail);
     copy_to_host(out.tail_v.data(), st.view.tail_values, tail);
   }
   return serialize_image(m.p, m.books, image);
+}
+
+size_t CudaStore::serialized_size(int32_t id) {
+  Impl& m = *impl_;
+  require_device(m.device, "the CUDA store");
+  require_live(id);
+  wait_for_device();
+  SerializedSize size(m.p, m.books.size());
+  for (const ks::LayerState& st : m.download_states(m.slot_of(id))) {
+    size.add_layer(st.view.tail_tokens);
+    std::vector<BlockLocation> table(size_t(st.view.num_blocks) * m.p.num_heads * 2);
+    copy_to_host(table.data(), st.view.blocks, table.size());
+    for (const BlockLocation& b : table) size.add_block(b.bytes);
+  }
+  return size.bytes();
 }
 
 int32_t CudaStore::restore(const uint8_t* data, size_t size) {
@@ -621,15 +613,11 @@ int32_t CudaStore::restore(const uint8_t* data, size_t size) {
   std::vector<std::pair<uint32_t, uint32_t>> open(m.p.num_layers);  // (rank, used) per layer
   uint32_t opened = 0;
   for (uint32_t l = 0; l < m.p.num_layers; ++l) {
-    uint32_t used = m.p.page_bytes, rank = 0;
+    uint32_t used = m.p.page_bytes, rank = 0, offset;
     for (const auto& block : image.layers[l].blocks) {
       const uint32_t bytes = uint32_t(block.size());
-      if (used + bytes > m.p.page_bytes) {
-        rank = opened++;
-        used = 0;
-      }
-      placed.push_back({l, rank, used, bytes});
-      used += bytes;
+      if (place_next_fit(used, bytes, m.p.page_bytes, offset)) rank = opened++;
+      placed.push_back({l, rank, offset, bytes});
     }
     open[l] = {rank, used};
   }
@@ -639,7 +627,7 @@ int32_t CudaStore::restore(const uint8_t* data, size_t size) {
       opened ? m.free_pages.download(opened, c.free_top - opened) : std::vector<uint32_t>{};
   std::reverse(pages.begin(), pages.end());  // rank 0: the top of the stack
   std::vector<std::vector<uint8_t>> contents(opened, std::vector<uint8_t>(m.p.page_bytes));
-  std::vector<std::vector<k::BlockLocation>> tables(m.p.num_layers);
+  std::vector<std::vector<BlockLocation>> tables(m.p.num_layers);
   size_t i = 0;
   for (uint32_t l = 0; l < m.p.num_layers; ++l) {
     for (const auto& block : image.layers[l].blocks) {
@@ -650,16 +638,18 @@ int32_t CudaStore::restore(const uint8_t* data, size_t size) {
     }
   }
   for (uint32_t r = 0; r < opened; ++r) {
-    upload_bytes(m.pool.get() + size_t(pages[r]) * m.p.page_bytes, contents[r].data(),
-                 m.p.page_bytes);
+    copy_to_device(m.pool.get() + size_t(pages[r]) * m.p.page_bytes, contents[r].data(),
+                   m.p.page_bytes, "cudaMemcpy (store upload)");
   }
   for (uint32_t l = 0; l < m.p.num_layers; ++l) {
     const SequenceImage::Layer& in = image.layers[l];
-    ks::LayerState st = m.download_state(slot, l);
-    upload_bytes(const_cast<k::BlockLocation*>(st.view.blocks), tables[l].data(),
-                 tables[l].size() * sizeof(k::BlockLocation));
-    upload_bytes(const_cast<void*>(st.view.tail_keys), in.tail_k.data(), in.tail_k.size());
-    upload_bytes(const_cast<void*>(st.view.tail_values), in.tail_v.data(), in.tail_v.size());
+    ks::LayerState st{m.layout(slot, l), 0, 0};
+    copy_to_device(const_cast<BlockLocation*>(st.view.blocks), tables[l].data(),
+                   tables[l].size() * sizeof(BlockLocation), "cudaMemcpy (store upload)");
+    copy_to_device(const_cast<void*>(st.view.tail_keys), in.tail_k.data(), in.tail_k.size(),
+                   "cudaMemcpy (store upload)");
+    copy_to_device(const_cast<void*>(st.view.tail_values), in.tail_v.data(), in.tail_v.size(),
+                   "cudaMemcpy (store upload)");
     st.view.num_blocks = in.num_blocks;
     st.view.tail_tokens = in.tail_tokens;
     if (in.num_blocks > 0) {

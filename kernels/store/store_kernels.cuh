@@ -17,6 +17,7 @@
 
 #include "kernels/attention/attention.cuh"
 #include "kernels/codec/device_common.cuh"
+#include "kernels/store/next_fit.cuh"
 
 namespace kvc::kernels::store {
 
@@ -159,7 +160,8 @@ __global__ void __launch_bounds__(kStoreThreads)
 }
 
 // Next-fit over an entry's new blocks in table order (block, head, K|V), as the CPU store
-// places them; visit(j, h, kind, bytes, new_page, offset) for each. Returns the pages opened.
+// places them; visit(j, h, kind, slot, bytes, opens_page, offset) for each. Returns the pages
+// opened; used_out: the bytes used in the last page.
 template <class Visit>
 __device__ uint32_t next_fit(const StoreView& S, const Entry& e, const LayerState& st,
                              uint32_t max_blocks, uint32_t b, const uint32_t* bytes_k,
@@ -170,13 +172,10 @@ __device__ uint32_t next_fit(const StoreView& S, const Entry& e, const LayerStat
       const size_t s = (size_t(b) * max_blocks + j) * S.num_heads + h;
       for (uint32_t kind = 0; kind < 2; ++kind) {
         const uint32_t bytes = kind == 0 ? bytes_k[s] : bytes_v[s];
-        const bool fresh = used + bytes > S.page_bytes;
-        if (fresh) {
-          ++opened;
-          used = 0;
-        }
-        visit(j, h, kind, s, bytes, fresh, used);
-        used += bytes;
+        uint32_t offset;
+        const bool fresh = place_next_fit(used, bytes, S.page_bytes, offset);
+        opened += fresh;
+        visit(j, h, kind, s, bytes, fresh, offset);
       }
     }
   }

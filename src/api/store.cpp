@@ -53,9 +53,20 @@ std::vector<int32_t> checked_ids(kvc_store_s& s, int32_t num_sequences, const in
           " is out of range [0, KVC_STORE_MAX_BATCH = ", KVC_STORE_MAX_BATCH, "]");
   require(num_sequences == 0 || ids != nullptr, KVC_ERROR_NULL_POINTER, "sequence_ids is NULL");
   std::vector<int32_t> batch(ids, ids + num_sequences);
+  // The first repeated id, found in O(B log B): this runs on every decode step.
+  size_t repeated = batch.size();
+  if (distinct) {
+    std::vector<int32_t> sorted = batch;
+    std::sort(sorted.begin(), sorted.end());
+    if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end()) {
+      repeated = 1;
+      while (std::count(batch.begin(), batch.begin() + long(repeated), batch[repeated]) == 0) {
+        ++repeated;
+      }
+    }
+  }
   for (size_t i = 0; i < batch.size(); ++i) {
-    require(!distinct || std::count(batch.begin(), batch.begin() + long(i), batch[i]) == 0,
-            KVC_ERROR_INVALID_ARGUMENT, "sequence_ids[", i, "] = ", batch[i],
+    require(i != repeated, KVC_ERROR_INVALID_ARGUMENT, "sequence_ids[", i, "] = ", batch[i],
             " appears twice in one step");
     with_backend(s, [&](auto& b) { b.require_live(batch[i]); });
   }
@@ -235,7 +246,7 @@ kvc_status_t kvc_store_serialized_size(kvc_store_t store, int32_t sequence_id, s
   return kvc::api_call(__func__, [&] {
     kvc_store_s& s = checked(store);
     require_not_null(size_bytes, "size_bytes");
-    *size_bytes = with_backend(s, [&](auto& b) { return b.serialize(sequence_id).size(); });
+    *size_bytes = with_backend(s, [&](auto& b) { return b.serialized_size(sequence_id); });
   });
 }
 

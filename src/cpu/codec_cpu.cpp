@@ -12,8 +12,6 @@
 namespace kvc::cpu {
 namespace f = format;
 
-namespace {
-
 float load_element(const void* src, kvc_dtype dtype, size_t i) {
   switch (dtype) {
     case KVC_DTYPE_FP16:
@@ -38,6 +36,8 @@ void store_element(void* dst, kvc_dtype dtype, size_t i, float v) {
       break;
   }
 }
+
+namespace {
 
 // The block as floats in group order: element p of group g at [g * group_size + p].
 std::vector<float> gather_groups(const CodecParams& p, const void* src, int64_t stride,

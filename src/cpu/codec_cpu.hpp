@@ -13,6 +13,11 @@
 
 namespace kvc::cpu {
 
+// Element i of an array of dtype, as a float; and a float stored as dtype (rounded to nearest
+// even, saturating: as the decoder writes it).
+float load_element(const void* src, kvc_dtype dtype, size_t i);
+void store_element(void* dst, kvc_dtype dtype, size_t i, float v);
+
 // Throws KVC_ERROR_NONFINITE_INPUT naming the block, token and channel of the first inf/NaN.
 void check_finite(const CodecParams& p, int32_t block, const void* src, int64_t token_stride,
                   kvc_dtype dtype);

@@ -9,6 +9,7 @@
 #include "core/error.hpp"
 #include "cpu/codec_cpu.hpp"
 #include "kernels/common/format.cuh"
+#include "kernels/store/next_fit.cuh"
 
 namespace kvc {
 namespace f = format;
@@ -17,22 +18,6 @@ namespace {
 
 constexpr uint32_t kSerialMagic = 0x7363766Bu;  // bytes "kvcs"
 constexpr uint32_t kSerialVersion = 1;
-
-float load_value(const uint8_t* p, kvc_dtype dtype) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return dtype == KVC_DTYPE_BF16 ? f::bf16_to_float(h) : f::half_to_float(h);
-}
-
-void store_value(uint8_t* p, kvc_dtype dtype, float v) {
-  if (dtype == KVC_DTYPE_FP32) {
-    std::memcpy(p, &v, 4);
-    return;
-  }
-  const uint16_t h =
-      dtype == KVC_DTYPE_BF16 ? f::float_to_bf16_saturate(v) : f::float_to_half_saturate(v);
-  std::memcpy(p, &h, 2);
-}
 
 CodecParams kind_params(const kvc_store_config& c, bool is_value) {
   kvc_codec_config k = KVC_CODEC_CONFIG_INIT;
@@ -163,14 +148,20 @@ struct Store::Update {
 void convert_elements(const uint8_t* src, kvc_dtype from, uint8_t* dst, kvc_dtype to,
                       size_t count) {
   for (size_t i = 0; i < count; ++i) {
-    store_value(dst + i * f::dtype_bytes(to), to, load_value(src + i * 2, from));
+    cpu::store_element(dst, to, i, cpu::load_element(src, from, i));
   }
+}
+
+std::shared_ptr<const Codebook> build_layer_codebook(const Histogram& histogram) {
+  const kvc_codebook_config defaults = KVC_CODEBOOK_CONFIG_INIT;
+  return std::make_shared<const Codebook>(
+      Codebook::build(histogram, defaults.max_code_length, defaults.max_symbols));
 }
 
 bool finite_rows(const StoreParams& p, const uint8_t* rows, size_t tokens) {
   const size_t bytes = tokens * p.token_bytes();
   for (size_t i = 0; i < bytes; i += 2) {
-    if (!std::isfinite(load_value(rows + i, p.dtype))) return false;
+    if (!std::isfinite(cpu::load_element(rows, p.dtype, i / 2))) return false;
   }
   return true;
 }
@@ -224,9 +215,7 @@ Store::LayerBooks Store::encode_updates(uint32_t layer, std::vector<Update>& upd
       }
     }
     if (histogram.total() == 0) continue;  // nothing compressed yet: no codebook yet
-    const kvc_codebook_config defaults = KVC_CODEBOOK_CONFIG_INIT;
-    books[kind] = std::make_shared<const Codebook>(
-        Codebook::build(histogram, defaults.max_code_length, defaults.max_symbols));
+    books[kind] = build_layer_codebook(histogram);
   }
   std::vector<uint8_t> scratch(
       std::max(p_.key.max_block_bytes(p_.dtype), p_.value.max_block_bytes(p_.dtype)));
@@ -246,25 +235,18 @@ Store::LayerBooks Store::encode_updates(uint32_t layer, std::vector<Update>& upd
   return books;
 }
 
-uint32_t Store::pages_needed(const LayerCache& cache, const std::vector<uint32_t>& sizes) const {
-  uint32_t used = cache.pages.empty() ? p_.page_bytes : cache.open_used, pages = 0;
-  for (uint32_t s : sizes) {
-    if (used + s > p_.page_bytes) {
-      ++pages;
-      used = 0;
-    }
-    used += s;
+uint32_t Store::pages_needed(const LayerCache& cache,
+                             const std::vector<std::vector<uint8_t>>& blocks) const {
+  uint32_t used = cache.pages.empty() ? p_.page_bytes : cache.open_used, pages = 0, offset;
+  for (const auto& block : blocks) {
+    pages += place_next_fit(used, uint32_t(block.size()), p_.page_bytes, offset);
   }
   return pages;
 }
 
 void Store::commit(Transaction& tx) {
   uint64_t needed = 0;
-  for (const Update& u : tx.updates) {
-    std::vector<uint32_t> sizes;
-    for (const auto& b : u.blocks) sizes.push_back(uint32_t(b.size()));
-    needed += pages_needed(layer_cache(u.id, u.layer), sizes);
-  }
+  for (const Update& u : tx.updates) needed += pages_needed(layer_cache(u.id, u.layer), u.blocks);
   require(needed <= free_pages_.size(), KVC_ERROR_OUT_OF_PAGES, "needs ", needed, " more pages of ",
           p_.page_bytes, " bytes but ", free_pages_.size(), " are free (nothing was appended)");
   // Everything that can throw (allocation) happens before the first change.
@@ -278,18 +260,18 @@ void Store::commit(Transaction& tx) {
   for (size_t i = 0; i < tx.updates.size(); ++i) {
     Update& u = tx.updates[i];
     LayerCache& c = *caches[i];
+    uint32_t used = c.pages.empty() ? p_.page_bytes : c.open_used, offset;
     for (const auto& block : u.blocks) {
       const uint32_t size = uint32_t(block.size());
-      if (c.pages.empty() || c.open_used + size > p_.page_bytes) {
+      if (place_next_fit(used, size, p_.page_bytes, offset)) {
         c.pages.push_back(free_pages_.back());
         free_pages_.pop_back();
-        c.open_used = 0;
       }
       const uint32_t page = c.pages.back();
-      std::memcpy(&pool_[size_t(page) * p_.page_bytes + c.open_used], block.data(), size);
-      c.blocks.push_back({page, c.open_used, size});
-      c.open_used += size;
+      std::memcpy(&pool_[size_t(page) * p_.page_bytes + offset], block.data(), size);
+      c.blocks.push_back({page, offset, size});
     }
+    if (!u.blocks.empty()) c.open_used = used;
     c.num_blocks += u.full_blocks;
     c.tail_k.swap(u.tail_k);
     c.tail_v.swap(u.tail_v);
@@ -345,9 +327,7 @@ void Store::append_one_token(uint32_t layer, const std::vector<int32_t>& ids, co
                              const uint8_t* values) {
   Transaction tx;
   const size_t row = p_.token_bytes();
-  for (size_t i = 0; i < ids.size(); ++i) {
-    require(std::count(ids.begin(), ids.begin() + long(i), ids[i]) == 0, KVC_ERROR_INVALID_ARGUMENT,
-            "sequence_ids[", i, "] = ", ids[i], " appears twice in one step");
+  for (size_t i = 0; i < ids.size(); ++i) {  // distinct: checked by the API
     tx.updates.push_back(plan_update(ids[i], layer, 1, keys + i * row, values + i * row, row));
   }
   tx.books.emplace_back(layer, encode_updates(layer, tx.updates));
@@ -367,11 +347,10 @@ std::vector<float> Store::decode_head(const LayerCache& c, uint32_t layer, uint3
                       r.bytes, KVC_DTYPE_FP32, &out[size_t(b) * T * dim], dim);
   }
   const auto& tail = kind == KVC_KIND_KEY ? c.tail_k : c.tail_v;
-  const size_t es = f::dtype_bytes(p_.dtype);
   for (uint32_t t = 0; t < c.tail_tokens; ++t) {
     for (uint32_t d = 0; d < dim; ++d) {
       out[(size_t(c.num_blocks) * T + t) * dim + d] =
-          load_value(&tail[((size_t(t) * p_.num_heads + head) * dim + d) * es], p_.dtype);
+          cpu::load_element(tail.data(), p_.dtype, (size_t(t) * p_.num_heads + head) * dim + d);
     }
   }
   return out;
@@ -379,14 +358,14 @@ std::vector<float> Store::decode_head(const LayerCache& c, uint32_t layer, uint3
 
 void Store::read(int32_t id, uint32_t layer, kvc_dtype dtype, void* keys, void* values) const {
   const LayerCache& c = layer_cache(id, layer);
-  const size_t es = f::dtype_bytes(dtype), dim = p_.head_dim, heads = p_.num_heads;
+  const size_t dim = p_.head_dim, heads = p_.num_heads;
   for (uint32_t kind = 0; kind < 2; ++kind) {
-    uint8_t* dst = static_cast<uint8_t*>(kind == KVC_KIND_KEY ? keys : values);
+    void* dst = kind == KVC_KIND_KEY ? keys : values;
     for (uint32_t h = 0; h < heads; ++h) {
       const std::vector<float> x = decode_head(c, layer, h, kind);
       for (size_t t = 0; t < x.size() / dim; ++t) {
         for (size_t d = 0; d < dim; ++d) {
-          store_value(dst + ((t * heads + h) * dim + d) * es, dtype, x[t * dim + d]);
+          cpu::store_element(dst, dtype, (t * heads + h) * dim + d, x[t * dim + d]);
         }
       }
     }
@@ -412,7 +391,7 @@ void Store::attention(uint32_t layer, const std::vector<int32_t>& ids, uint32_t 
         for (size_t t = 0; t < len; ++t) {
           double dot = 0;
           for (uint32_t d = 0; d < dim; ++d) {
-            dot += double(load_value(qv + d * es, p_.dtype)) * k[t * dim + d];
+            dot += double(cpu::load_element(qv, p_.dtype, d)) * k[t * dim + d];
           }
           score[t] = double(scale) * dot;
           top = std::max(top, score[t]);
@@ -423,7 +402,7 @@ void Store::attention(uint32_t layer, const std::vector<int32_t>& ids, uint32_t 
           for (uint32_t d = 0; d < dim; ++d) acc[d] += w * v[t * dim + d];
         }
         for (uint32_t d = 0; d < dim; ++d) {
-          store_value(ov + d * es, p_.dtype, len == 0 ? 0.0f : float(acc[d] / sum));
+          cpu::store_element(ov, p_.dtype, d, len == 0 ? 0.0f : float(acc[d] / sum));
         }
       }
     }
@@ -509,6 +488,16 @@ struct Reader {
 };
 
 }  // namespace
+
+SerializedSize::SerializedSize(const StoreParams& p, size_t num_books)
+    : token_bytes_(p.token_bytes()),
+      bytes_(4 * (2 + kFingerprintWords) + 8 * num_books + 4) {}  // + the checksum
+
+void SerializedSize::add_layer(uint32_t tail_tokens) {
+  bytes_ += 8 + 2 * size_t(f::align4(uint32_t(tail_tokens * token_bytes_)));
+}
+
+void SerializedSize::add_block(uint32_t bytes) { bytes_ += 4 + size_t(f::align4(bytes)); }
 
 std::vector<uint8_t> serialize_image(const StoreParams& p, const StoreBooks& books,
                                      const SequenceImage& image) {
@@ -613,6 +602,15 @@ std::vector<uint8_t> Store::serialize(int32_t id) const {
     l.tail_v = c.tail_v;
   }
   return serialize_image(p_, books_, image);
+}
+
+size_t Store::serialized_size(int32_t id) const {
+  SerializedSize size(p_, books_.size());
+  for (const LayerCache& c : sequence(id)) {
+    size.add_layer(c.tail_tokens);
+    for (const BlockRef& r : c.blocks) size.add_block(r.bytes);
+  }
+  return size.bytes();
 }
 
 int32_t Store::restore(const uint8_t* data, size_t size) {

@@ -78,6 +78,20 @@ std::vector<uint8_t> serialize_image(const StoreParams& p, const StoreBooks& boo
                                      const SequenceImage& image);
 SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const uint8_t* data,
                           size_t size);
+// The size serialize_image gives, from the lengths alone: for each layer in order,
+// add_layer(its tail tokens), then add_block(bytes) for each of its blocks.
+class SerializedSize {
+ public:
+  SerializedSize(const StoreParams& p, size_t num_books);
+  void add_layer(uint32_t tail_tokens);
+  void add_block(uint32_t bytes);
+  size_t bytes() const { return bytes_; }
+
+ private:
+  size_t token_bytes_, bytes_;
+};
+// The codebook a store builds for a layer from its first blocks: the default configuration.
+std::shared_ptr<const Codebook> build_layer_codebook(const Histogram& histogram);
 // count fp16/bf16 elements to fp16, bf16 or fp32 (saturating, as the codec's output).
 void convert_elements(const uint8_t* src, kvc_dtype from, uint8_t* dst, kvc_dtype to, size_t count);
 // Whether rows [tokens, heads, dim] of the store's dtype are all finite.
@@ -87,7 +101,6 @@ class Store {
  public:
   explicit Store(const StoreParams& params);
 
-  const StoreParams& params() const { return p_; }
   int32_t add_sequence();
   void free_sequence(int32_t id);
   uint32_t length(int32_t id, uint32_t layer) const;
@@ -113,6 +126,7 @@ class Store {
 
   StoreStats stats() const;
   std::vector<uint8_t> serialize(int32_t id) const;
+  size_t serialized_size(int32_t id) const;
   int32_t restore(const uint8_t* data, size_t size);
 
  private:
@@ -137,7 +151,8 @@ class Store {
   LayerBooks encode_updates(uint32_t layer, std::vector<Update>& updates) const;
   // Checks the pages, then applies every update; throws (changing nothing) if they do not fit.
   void commit(Transaction& tx);
-  uint32_t pages_needed(const LayerCache& cache, const std::vector<uint32_t>& sizes) const;
+  uint32_t pages_needed(const LayerCache& cache,
+                        const std::vector<std::vector<uint8_t>>& blocks) const;
   // fp32 reconstruction of one head's K or V for (sequence, layer): [length, dim].
   std::vector<float> decode_head(const LayerCache& cache, uint32_t layer, uint32_t head,
                                  uint32_t kind) const;

@@ -161,7 +161,9 @@ inline void serialize_sequence(kvc_store_t s, int32_t id, std::vector<uint8_t>& 
   size_t n = 0;
   ASSERT_EQ(kvc_store_serialized_size(s, id, &n), KVC_SUCCESS) << kvc_last_error();
   bytes.resize(n);
-  ASSERT_EQ(kvc_store_serialize(s, id, bytes.data(), n, &n), KVC_SUCCESS) << kvc_last_error();
+  size_t written = 0;
+  ASSERT_EQ(kvc_store_serialize(s, id, bytes.data(), n, &written), KVC_SUCCESS) << kvc_last_error();
+  ASSERT_EQ(written, n) << "kvc_store_serialized_size and kvc_store_serialize disagree";
 }
 
 // Stats and every sequence's serialized bytes: equal snapshots mean an unchanged store.
