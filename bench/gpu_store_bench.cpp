@@ -187,18 +187,24 @@ int main(int argc, char** argv) {
             store.length(ids[0], 0) == int32_t(expect) &&
             store.length(ids[0], kLayers - 1) == int32_t(expect);
 
-  // Read-back of sequence 0, layer 0: the prompt's rows within the bound of their group.
+  // Read-back of sequence 0, layer 0: the prompt's rows within the bound of their group (K: a
+  // channel over a block's tokens; V: one token's channels of one head).
   {
     uint16_t *d_rk, *d_rv;
     CHECK_CUDA(cudaMalloc(&d_rk, size_t(expect) * kRow * 2));
     CHECK_CUDA(cudaMalloc(&d_rv, size_t(expect) * kRow * 2));
     store.read(ids[0], 0, KVC_DTYPE_FP16, int32_t(expect), d_rk, d_rv, s);
-    std::vector<uint16_t> rk(size_t(kPrompt) * kRow);
+    std::vector<uint16_t> rk(size_t(kPrompt) * kRow), rv(rk.size());
     CHECK_CUDA(cudaMemcpy(rk.data(), d_rk, rk.size() * 2, cudaMemcpyDeviceToHost));
-    const std::vector<uint16_t> want(host_k.begin(), host_k.begin() + long(rk.size()));
-    const double worst = kvc::bench::worst_relative_error(false, want, rk, kPrompt / kTokens,
-                                                          kTokens, uint32_t(kRow));
-    ok = ok && worst <= c.key_error_bound + 1e-3;  // fp16 output rounding on top of the bound
+    CHECK_CUDA(cudaMemcpy(rv.data(), d_rv, rv.size() * 2, cudaMemcpyDeviceToHost));
+    const std::vector<uint16_t> want_k(host_k.begin(), host_k.begin() + long(rk.size()));
+    const std::vector<uint16_t> want_v(host_v.begin(), host_v.begin() + long(rv.size()));
+    const double worst_k = kvc::bench::worst_relative_error(false, want_k, rk, kPrompt / kTokens,
+                                                            kTokens, uint32_t(kRow));
+    const double worst_v = kvc::bench::worst_relative_error(
+        true, want_v, rv, size_t(kPrompt) * kHeads / kTokens, kTokens, kDim);
+    // fp16 output rounding on top of the bound
+    ok = ok && worst_k <= c.key_error_bound + 1e-3 && worst_v <= c.value_error_bound + 1e-3;
     CHECK_CUDA(cudaFree(d_rk));
     CHECK_CUDA(cudaFree(d_rv));
   }

@@ -8,7 +8,7 @@
 // plus the serialized codebook), the largest error relative to its bound, encode and decode
 // throughput (GB/s of fp16, one CPU thread), and which encoding the blocks chose.
 //
-// The data are synthetic, not a model's; the real-model accuracy harness comes later.
+// The data are synthetic, not a model's; bench/accuracy measures a real model.
 #include <kvcomp/kvcomp.h>
 
 #include <algorithm>

@@ -7,7 +7,7 @@
 # the fp16 one, then compression ratio, perplexity change, KL and top-1 agreement on a slice of
 # WikiText-2, against KIVI. Idempotent; works from any directory. Extra arguments go to demo.py:
 #   --full            the full harness (32 windows x 1024 tokens, all baselines; about an hour)
-#   --windows N       WikiText-2 windows of 1024 tokens (default 3)
+#   --windows N       WikiText-2 windows of 1024 tokens (default 6)
 #   --prompt "..."    another prompt
 # Environment: KVCOMP_LIBRARY, KVCOMP_PY_BUILD_DIR, KVCOMP_CACHE, KVCOMP_WIKITEXT (see
 # scripts/python-tests.sh and scripts/setup-python.sh).

@@ -261,7 +261,8 @@ class GenerationCache:
     def __init__(self, n_layer, kv: KvcompCache | None, block_tokens=64):
         self.kv = kv
         self.T = kv.T if kv is not None else block_tokens
-        self.done = [{"key": [], "value": []} for _ in range(n_layer)]  # decoded blocks
+        # Decoded full blocks as float32 [tokens, Hk, d], grown once per block (not per step).
+        self.done = [{"key": None, "value": None} for _ in range(n_layer)]
         self.tail = [{"key": [], "value": []} for _ in range(n_layer)]  # fp16 rows
         self.bytes = 0      # compressed bytes of full blocks (incl. codebooks once)
         self.fp16_bytes = 0
@@ -276,16 +277,19 @@ class GenerationCache:
                 blk = np.concatenate(tail, 0)
                 if (self.kv is None or self.kv.eb[kind] is None
                         or layer in self.kv.fp16_layers):
-                    self.done[layer][kind].append(blk)
+                    kept = blk
                     self.bytes += blk.nbytes
                 else:
                     codec, cb_bytes = self.kv._codec(layer, kind, blk)
                     enc = codec.encode(blk)
-                    self.done[layer][kind].append(codec.decode(enc))
+                    kept = codec.decode(enc)
                     self.bytes += enc.nbytes
                     if (layer, kind) not in self._codebooks_counted:
                         self._codebooks_counted.add((layer, kind))
                         self.bytes += cb_bytes
+                done = self.done[layer][kind]
+                kept = kept.astype(np.float32)
+                self.done[layer][kind] = kept if done is None else np.concatenate([done, kept], 0)
                 self.fp16_bytes += blk.nbytes
                 tail.clear()
             tail.append(x)
@@ -293,9 +297,15 @@ class GenerationCache:
     def kv_for_attention(self, layer):
         out = []
         for kind in ("key", "value"):
-            parts = self.done[layer][kind] + self.tail[layer][kind]
-            out.append(np.concatenate(parts, 0).astype(np.float32))
+            done = self.done[layer][kind]
+            tail = np.concatenate(self.tail[layer][kind], 0).astype(np.float32)
+            out.append(tail if done is None else np.concatenate([done, tail], 0))
         return out
+
+    def num_blocks(self, layer):
+        """Full blocks of `layer` (compressed unless the layer or kind stays fp16)."""
+        done = self.done[layer]["key"]
+        return 0 if done is None else len(done) // self.T
 
     def ratio(self):
         """fp16 bytes / stored bytes over the compressed blocks (the tails are equal)."""

@@ -27,7 +27,7 @@ from cache import FP16Cache, GenerationCache  # noqa: E402
 
 # The default kvcomp setting: K with an absolute bound (keys' outlier channels need it: a
 # bound relative to each channel's range puts the largest errors where queries are largest),
-# V with a bound relative to each token's range; blocks of 64 tokens, Huffman codebooks per
+# V with a bound relative to each token's range; blocks of 128 tokens, Huffman codebooks per
 # (layer, K|V) trained on the first blocks. See docs/accuracy.md for the sweep behind it.
 DEFAULT = "kvcomp:k=0.25,v=0.07,kmode=abs,t=128,ns=4"
 CONSERVATIVE = "kvcomp:k=0.1,v=0.02,kmode=abs,t=128,ns=4"
@@ -65,7 +65,7 @@ def generate_both(model, tok, prompt, max_new_tokens):
     for label, (new, cache) in outs.items():
         extra = ""
         if label.startswith("kvcomp"):
-            per_layer = len(cache.done[0]["key"])
+            per_layer = cache.num_blocks(0)
             T = cache.T
             reading = min(len(new), max(0, len(ids) + len(new) - 1 - T))
             extra = (f"  [blocks of {T} tokens; {per_layer} per layer, K and V, compressed "

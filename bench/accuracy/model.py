@@ -105,6 +105,8 @@ class Model:
                 w2=np.ascontiguousarray(t[p + "ffn_down.weight"].T),
             ))
         self._reader = r
+        d = self.hp.head_dim
+        self._inv_freq = self.hp.rope_base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
         self._rope_cache = {}
 
     # ---- tokenizer --------------------------------------------------------------------------
@@ -116,9 +118,8 @@ class Model:
     def _rope(self, n: int, offset: int = 0):
         key = (n, offset)
         if key not in self._rope_cache:
-            d = self.hp.head_dim
-            inv = self.hp.rope_base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
-            ang = np.arange(offset, offset + n, dtype=np.float64)[:, None] * inv[None, :]
+            ang = (np.arange(offset, offset + n, dtype=np.float64)[:, None]
+                   * self._inv_freq[None, :])
             cos = np.cos(ang).astype(np.float32)
             sin = np.sin(ang).astype(np.float32)
             self._rope_cache = {key: (np.concatenate([cos, cos], 1)[:, None, :],
@@ -135,37 +136,40 @@ class Model:
         var = np.mean(x * x, axis=-1, keepdims=True)
         return x / np.sqrt(var + self.hp.rms_eps) * w
 
+    def _qkv(self, L, x, cos, sin):
+        """Layer L's q, k (both with RoPE) and v of x [n, n_embd]: [n, heads, head_dim]."""
+        hp, n = self.hp, len(x)
+        H, Hk, d = hp.n_head, hp.n_head_kv, hp.head_dim
+        qkv = self._rms(x, L["attn_norm"]) @ L["wqkv"]
+        q = self._apply_rope(qkv[:, : H * d].reshape(n, H, d), cos, sin)
+        k = self._apply_rope(qkv[:, H * d: (H + Hk) * d].reshape(n, Hk, d), cos, sin)
+        return q, k, qkv[:, (H + Hk) * d:].reshape(n, Hk, d)
+
+    def _mlp(self, L, x):
+        """x plus layer L's SwiGLU feed-forward of it."""
+        gu = self._rms(x, L["ffn_norm"]) @ L["w13"]
+        g, u = gu[:, : self.hp.n_ff], gu[:, self.hp.n_ff:]
+        return x + ((g / (1.0 + np.exp(-g))) * u) @ L["w2"]
+
     def forward(self, tokens: np.ndarray, policy, kv_hook=None) -> np.ndarray:
         """Logits [n, n_vocab] (float32) of one window that starts a fresh sequence.
 
         policy.attend(layer, q, k, v) -> [n, n_head, head_dim] implements attention over the
         KV cache as generation would see it (cache.py). kv_hook(layer, k, v), if given, sees
         each layer's fp16-rounded K and V [n, n_head_kv, head_dim] (used for the KV dump)."""
-        hp = self.hp
         n = len(tokens)
-        H, Hk, d = hp.n_head, hp.n_head_kv, hp.head_dim
         cos, sin = self._rope(n)
         x = self.tok_embd[tokens]
         policy.begin_window(n)
         for li, L in enumerate(self.layers):
-            hn = self._rms(x, L["attn_norm"])
-            qkv = hn @ L["wqkv"]
-            q = qkv[:, : H * d].reshape(n, H, d)
-            k = qkv[:, H * d: (H + Hk) * d].reshape(n, Hk, d)
-            v = qkv[:, (H + Hk) * d:].reshape(n, Hk, d)
-            q = self._apply_rope(q, cos, sin)
-            k = self._apply_rope(k, cos, sin)
+            q, k, v = self._qkv(L, x, cos, sin)
             # The cache holds fp16 K/V (the baseline is an fp16 cache).
             k = k.astype(np.float16)
             v = v.astype(np.float16)
             if kv_hook is not None:
                 kv_hook(li, k, v)
             attn = policy.attend(li, q, k, v)
-            x = x + attn.reshape(n, H * d) @ L["wo"]
-            hn = self._rms(x, L["ffn_norm"])
-            gu = hn @ L["w13"]
-            g, u = gu[:, : hp.n_ff], gu[:, hp.n_ff:]
-            x = x + ((g / (1.0 + np.exp(-g))) * u) @ L["w2"]
+            x = self._mlp(L, x + attn.reshape(n, -1) @ L["wo"])
         x = self._rms(x, self.output_norm)
         return x @ self.output_T
 
@@ -176,14 +180,10 @@ class Model:
         hp = self.hp
         H, Hk, d = hp.n_head, hp.n_head_kv, hp.head_dim
         g = H // Hk
-        cos, sin = self._rope_at(pos)
+        cos, sin = self._rope(1, pos)
         x = self.tok_embd[token][None]
         for li, L in enumerate(self.layers):
-            hn = self._rms(x, L["attn_norm"])
-            qkv = hn @ L["wqkv"]
-            q = self._apply_rope(qkv[:, : H * d].reshape(1, H, d), cos, sin)
-            k = self._apply_rope(qkv[:, H * d: (H + Hk) * d].reshape(1, Hk, d), cos, sin)
-            v = qkv[:, (H + Hk) * d:].reshape(1, Hk, d)
+            q, k, v = self._qkv(L, x, cos, sin)
             cache.append(li, k.astype(np.float16), v.astype(np.float16))
             kk, vv = cache.kv_for_attention(li)            # [n, Hk, d]
             qh = q[0].reshape(Hk, g, d) / np.float32(np.sqrt(d))
@@ -191,21 +191,9 @@ class Model:
             s = np.exp(s - s.max(-1, keepdims=True))
             s /= s.sum(-1, keepdims=True)
             attn = np.einsum("hgn,nhd->hgd", s, vv).reshape(1, H * d)
-            x = x + attn @ L["wo"]
-            hn = self._rms(x, L["ffn_norm"])
-            gu = hn @ L["w13"]
-            gg, u = gu[:, : hp.n_ff], gu[:, hp.n_ff:]
-            x = x + ((gg / (1.0 + np.exp(-gg))) * u) @ L["w2"]
+            x = self._mlp(L, x + attn @ L["wo"])
         x = self._rms(x, self.output_norm)
         return (x @ self.output_T)[0]
-
-    def _rope_at(self, pos: int):
-        d = self.hp.head_dim
-        inv = self.hp.rope_base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
-        ang = pos * inv
-        c = np.concatenate([np.cos(ang), np.cos(ang)]).astype(np.float32)[None, None, :]
-        s = np.concatenate([np.sin(ang), np.sin(ang)]).astype(np.float32)[None, None, :]
-        return c, s
 
     def generate(self, prompt_ids, max_new_tokens, cache, stop_ids=(), on_token=None,
                  on_step=None, prefill_policy=None):

@@ -148,11 +148,24 @@ def _load():
     return lib
 
 
-def _check(status: int, fn: str) -> None:
+def _check(status: int) -> None:
     if status != SUCCESS:
         lib = _load()
         raise KvcompError(status, lib.kvc_status_string(status).decode(),
                           lib.kvc_last_error().decode(errors="replace"))
+
+
+class _Handle:
+    """Owns a library handle; the subclass names its destroy function."""
+
+    _destroy = ""
+
+    def close(self) -> None:
+        if getattr(self, "_h", None):
+            getattr(_load(), self._destroy)(self._h)
+            self._h = None
+
+    __del__ = close
 
 
 def version() -> str:
@@ -160,37 +173,34 @@ def version() -> str:
     return _load().kvc_version_string().decode()
 
 
-class Histogram:
+class Histogram(_Handle):
     """A histogram of quantization symbols (kvc_histogram_t)."""
+
+    _destroy = "kvc_histogram_destroy"
 
     def __init__(self):
         lib = _load()
         h = ctypes.c_void_p()
-        _check(lib.kvc_histogram_create(ctypes.byref(h)), "kvc_histogram_create")
+        _check(lib.kvc_histogram_create(ctypes.byref(h)))
         self._h = h
 
     def add_counts(self, first_symbol: int, counts) -> None:
         c = np.ascontiguousarray(counts, dtype=np.uint64)
         _check(_load().kvc_histogram_add_counts(
-            self._h, first_symbol, c.size, c.ctypes.data_as(ctypes.POINTER(ctypes.c_uint64))),
-            "kvc_histogram_add_counts")
+            self._h, first_symbol, c.size, c.ctypes.data_as(ctypes.POINTER(ctypes.c_uint64))))
 
     @property
     def total(self) -> int:
         t = ctypes.c_uint64()
-        _check(_load().kvc_histogram_total(self._h, ctypes.byref(t)), "kvc_histogram_total")
+        _check(_load().kvc_histogram_total(self._h, ctypes.byref(t)))
         return t.value
 
-    def close(self) -> None:
-        if getattr(self, "_h", None):
-            _load().kvc_histogram_destroy(self._h)
-            self._h = None
-
-    __del__ = close
 
 
-class Codebook:
+class Codebook(_Handle):
     """A frozen canonical Huffman codebook (kvc_codebook_t)."""
+
+    _destroy = "kvc_codebook_destroy"
 
     def __init__(self, handle: ctypes.c_void_p):
         self._h = handle
@@ -201,51 +211,40 @@ class Codebook:
         cfg = _CodebookConfig(ctypes.sizeof(_CodebookConfig), ABI_VERSION, max_code_length,
                               max_symbols)
         h = ctypes.c_void_p()
-        _check(_load().kvc_codebook_build(histogram._h, ctypes.byref(cfg), ctypes.byref(h)),
-               "kvc_codebook_build")
+        _check(_load().kvc_codebook_build(histogram._h, ctypes.byref(cfg), ctypes.byref(h)))
         return cls(h)
 
     @classmethod
     def deserialize(cls, data: bytes) -> "Codebook":
         buf = ctypes.create_string_buffer(bytes(data), len(data))
         h = ctypes.c_void_p()
-        _check(_load().kvc_codebook_deserialize(buf, len(data), ctypes.byref(h)),
-               "kvc_codebook_deserialize")
+        _check(_load().kvc_codebook_deserialize(buf, len(data), ctypes.byref(h)))
         return cls(h)
 
     @property
     def id(self) -> int:
         v = ctypes.c_uint32()
-        _check(_load().kvc_codebook_id(self._h, ctypes.byref(v)), "kvc_codebook_id")
+        _check(_load().kvc_codebook_id(self._h, ctypes.byref(v)))
         return v.value
 
     @property
     def serialized_size(self) -> int:
         v = ctypes.c_size_t()
-        _check(_load().kvc_codebook_serialized_size(self._h, ctypes.byref(v)),
-               "kvc_codebook_serialized_size")
+        _check(_load().kvc_codebook_serialized_size(self._h, ctypes.byref(v)))
         return v.value
 
     def serialize(self) -> bytes:
         n = self.serialized_size
         buf = ctypes.create_string_buffer(n)
         w = ctypes.c_size_t()
-        _check(_load().kvc_codebook_serialize(self._h, buf, n, ctypes.byref(w)),
-               "kvc_codebook_serialize")
+        _check(_load().kvc_codebook_serialize(self._h, buf, n, ctypes.byref(w)))
         return buf.raw[: w.value]
 
     def code_length(self, symbol: int) -> int:
         v = ctypes.c_int32()
-        _check(_load().kvc_codebook_code_length(self._h, symbol, ctypes.byref(v)),
-               "kvc_codebook_code_length")
+        _check(_load().kvc_codebook_code_length(self._h, symbol, ctypes.byref(v)))
         return v.value
 
-    def close(self) -> None:
-        if getattr(self, "_h", None):
-            _load().kvc_codebook_destroy(self._h)
-            self._h = None
-
-    __del__ = close
 
 
 @dataclass
@@ -281,12 +280,14 @@ def _as_3d(x: np.ndarray) -> np.ndarray:
     return x
 
 
-class Codec:
+class Codec(_Handle):
     """A codec for one block shape (kvc_codec_t); CPU backend.
 
     kind: "key" | "value"; bound_mode: "relative" | "absolute"; entropy: "auto" | "fixed" |
     "huffman". codebook: a Codebook or None (fixed width only).
     """
+
+    _destroy = "kvc_codec_destroy"
 
     def __init__(self, kind="key", num_tokens: int = 64, head_dim: int = 128,
                  error_bound: float = 0.05, bound_mode="relative", entropy="auto",
@@ -304,21 +305,15 @@ class Codec:
                            self.bound_mode, self.error_bound, self.entropy, int(num_substreams))
         h = ctypes.c_void_p()
         _check(lib.kvc_codec_create(ctypes.byref(cfg), codebook._h if codebook else None,
-                                    ctypes.byref(h)), "kvc_codec_create")
+                                    ctypes.byref(h)))
         self._h = h
         self.codebook = codebook
 
-    def close(self) -> None:
-        if getattr(self, "_h", None):
-            _load().kvc_codec_destroy(self._h)
-            self._h = None
-
-    __del__ = close
 
     def max_block_bytes(self, dtype=np.float16) -> int:
         v = ctypes.c_size_t()
         _check(_load().kvc_codec_max_block_bytes(self._h, _NP_DTYPES[np.dtype(dtype)],
-                                                 ctypes.byref(v)), "kvc_codec_max_block_bytes")
+                                                 ctypes.byref(v)))
         return v.value
 
     def _src_pointers(self, x: np.ndarray):
@@ -353,7 +348,7 @@ class Codec:
         if nb:
             _check(_load().kvc_codec_encode(
                 self._h, nb, src.ctypes.data, stride, _NP_DTYPES[x.dtype], dst.ctypes.data,
-                cap, sizes.ctypes.data, None), "kvc_codec_encode")
+                cap, sizes.ctypes.data, None))
         return EncodedBlocks(data, offsets, sizes, tuple(_as_3d(x).shape))
 
     def decode(self, blocks: EncodedBlocks, out: Optional[np.ndarray] = None,
@@ -372,7 +367,7 @@ class Codec:
         if nb:
             _check(_load().kvc_codec_decode(
                 self._h, nb, src.ctypes.data, sizes.ctypes.data, _NP_DTYPES[o3.dtype],
-                dst.ctypes.data, stride, None, None), "kvc_codec_decode")
+                dst.ctypes.data, stride, None, None))
         return out
 
     def histogram(self, x: np.ndarray, histogram: Optional[Histogram] = None) -> Histogram:
@@ -381,8 +376,7 @@ class Codec:
         x, src, nb, stride = self._src_pointers(x)
         if nb:
             _check(_load().kvc_codec_histogram(self._h, nb, src.ctypes.data, stride,
-                                               _NP_DTYPES[x.dtype], histogram._h, None),
-                   "kvc_codec_histogram")
+                                               _NP_DTYPES[x.dtype], histogram._h, None))
         return histogram
 
 
@@ -402,5 +396,5 @@ def block_info(block: bytes) -> dict:
     info = _BlockInfo()
     info.struct_size, info.abi_version = ctypes.sizeof(_BlockInfo), ABI_VERSION
     buf = ctypes.create_string_buffer(bytes(block), len(block))
-    _check(_load().kvc_block_inspect(buf, len(block), ctypes.byref(info)), "kvc_block_inspect")
+    _check(_load().kvc_block_inspect(buf, len(block), ctypes.byref(info)))
     return {name: getattr(info, name) for name, _ in _BlockInfo._fields_[2:]}
