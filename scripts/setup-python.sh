@@ -11,6 +11,9 @@
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+log() { echo "setup-python.sh: $*"; }
+# shellcheck source=scripts/lib/packages.sh
+source "$root/scripts/lib/packages.sh"
 venv="${KVCOMP_VENV:-$root/.venv}"
 req="$root/python/requirements.txt"
 
@@ -28,14 +31,8 @@ if [[ ! -x "$venv/bin/python" ]]; then
   echo "setup-python.sh: creating $venv"
   if ! "$py" -m venv "$venv" 2>/dev/null; then
     # Debian's python3 lacks ensurepip unless python3-venv is installed.
-    if command -v apt-get >/dev/null 2>&1; then
-      sudo=()
-      if [[ $(id -u) -ne 0 ]]; then sudo=(sudo); fi
-      ver="$("$py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
-      "${sudo[@]}" apt-get update -qq
-      "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        "python${ver}-venv" || "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq python3-venv
+    ver="$("$py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
+    if kvc_apt_install "python${ver}-venv" || kvc_apt_install python3-venv; then
       rm -rf "$venv"
       "$py" -m venv "$venv"
     else

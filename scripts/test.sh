@@ -30,10 +30,7 @@ kvc_require_packages cmake ninja-build g++ libgtest-dev libbenchmark-dev pkg-con
   "${extra[@]}"
 
 # ---- Configure, build, test --------------------------------------------------------------------
-# The generator is fixed at the first configure; later runs reuse the cache.
-generator=()
-if [[ ! -f "$build/CMakeCache.txt" ]]; then generator=(-G Ninja); fi
-cmake -S "$root" -B "$build" "${generator[@]}" \
+kvc_configure "$root" "$build" \
   -DCMAKE_BUILD_TYPE="$build_type" \
   -DKVC_ENABLE_CUDA=AUTO \
   -DKVC_BUILD_TESTS=ON -DKVC_BUILD_BENCH=ON -DKVC_BUILD_EXAMPLES=ON \

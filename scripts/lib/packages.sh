@@ -1,7 +1,26 @@
 # SPDX-License-Identifier: Apache-2.0
 # Sourced by the project's scripts: kvc_require_packages PKG... installs the Debian packages that
 # are missing (one apt-get update, only when something is missing), then checks CMake's version
-# and finds nvcc where the CUDA toolkit installs it. Expects a log function.
+# and finds nvcc where the CUDA toolkit installs it; kvc_apt_install PKG... installs packages
+# (fails where there is no apt-get). Both expect a log function. kvc_configure SRC BUILD ARGS...
+# runs CMake, with Ninja at the first configure (later runs reuse the cache's generator).
+
+kvc_configure() {
+  local src="$1" build="$2" generator=()
+  shift 2
+  if [[ ! -f "$build/CMakeCache.txt" ]]; then generator=(-G Ninja); fi
+  cmake -S "$src" -B "$build" "${generator[@]}" "$@"
+}
+
+kvc_apt_install() {
+  command -v apt-get >/dev/null 2>&1 || return 1
+  local sudo=()
+  if [[ $(id -u) -ne 0 ]]; then sudo=(sudo); fi
+  log "installing $*"
+  "${sudo[@]}" apt-get update -qq
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    --no-install-recommends "$@"
+}
 
 kvc_require_packages() {
   local missing=() p
@@ -21,12 +40,7 @@ kvc_require_packages() {
       log "please install: ${missing[*]} (no apt-get here)" >&2
       exit 1
     fi
-    local sudo=()
-    if [[ $(id -u) -ne 0 ]]; then sudo=(sudo); fi
-    log "installing ${missing[*]}"
-    "${sudo[@]}" apt-get update -qq
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-      --no-install-recommends "${missing[@]}"
+    kvc_apt_install "${missing[@]}"
   fi
 
   local cmake_version
