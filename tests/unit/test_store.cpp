@@ -13,6 +13,18 @@
 namespace kvc::test {
 namespace {
 
+// A new sequence holding n random tokens in every layer (sh.layers of them); its rows in k, v.
+void add_prefilled(kvc_store_t s, std::mt19937& rng, const Shape& sh, size_t n, int32_t& id,
+                   Rows& k, Rows& v) {
+  ASSERT_EQ(kvc_store_add_sequence(s, &id), KVC_SUCCESS);
+  k = random_rows(rng, n * size_t(sh.layers), sh);
+  v = random_rows(rng, n * size_t(sh.layers), sh);
+  ASSERT_EQ(
+      kvc_store_prefill(s, id, 0, sh.layers, int32_t(n), k.bits.data(), v.bits.data(), nullptr),
+      KVC_SUCCESS)
+      << kvc_last_error();
+}
+
 TEST(Store, ModelBasedRandomOperations) {
   // The oracle for every backend: 400 steps over a pool of a few hundred blocks (page exhaustion
   // happens along the way), no sequence limits.
@@ -113,10 +125,8 @@ TEST(Store, SerializedSequencesRejectDamageAndMismatchAndChangeNothing) {
   StoreHandle store(store_config(sh, 1 << 20));
   std::mt19937 rng(3);
   int32_t id;
-  ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
-  Rows k = random_rows(rng, 21 * 2, sh), v = random_rows(rng, 21 * 2, sh);
-  ASSERT_EQ(kvc_store_prefill(store.s, id, 0, 2, 21, k.bits.data(), v.bits.data(), nullptr),
-            KVC_SUCCESS);
+  Rows k, v;
+  ASSERT_NO_FATAL_FAILURE(add_prefilled(store.s, rng, sh, 21, id, k, v));
   std::vector<uint8_t> good;
   ASSERT_NO_FATAL_FAILURE(serialize_sequence(store.s, id, good));
   size_t n = good.size();
@@ -170,10 +180,8 @@ TEST(Store, CodebooksFreezeOnceALayerHasBlocks) {
   EXPECT_EQ(none, nullptr);
   std::mt19937 rng(1);
   int32_t id;
-  ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
-  Rows k = random_rows(rng, 16 * 2, sh), v = random_rows(rng, 16 * 2, sh);
-  ASSERT_EQ(kvc_store_prefill(store.s, id, 0, 2, 16, k.bits.data(), v.bits.data(), nullptr),
-            KVC_SUCCESS);
+  Rows k, v;
+  ASSERT_NO_FATAL_FAILURE(add_prefilled(store.s, rng, sh, 16, id, k, v));
   kvc_codebook_t book = nullptr;
   ASSERT_EQ(kvc_store_get_codebook(store.s, 1, KVC_KIND_VALUE, &book), KVC_SUCCESS);
   ASSERT_NE(book, nullptr);
@@ -491,10 +499,8 @@ TEST(Store, RestoreDecodesEveryBlockAndChecksTails) {
   StoreHandle store(store_config(sh, 1 << 20));
   std::mt19937 rng(4);
   int32_t id;
-  ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
-  Rows k = random_rows(rng, 11, sh), v = random_rows(rng, 11, sh);
-  ASSERT_EQ(kvc_store_prefill(store.s, id, 0, 1, 11, k.bits.data(), v.bits.data(), nullptr),
-            KVC_SUCCESS);
+  Rows k, v;
+  ASSERT_NO_FATAL_FAILURE(add_prefilled(store.s, rng, sh, 11, id, k, v));
   std::vector<uint8_t> good;
   ASSERT_NO_FATAL_FAILURE(serialize_sequence(store.s, id, good));
   // Layout: magic, version, 12 fingerprint words, 2 codebook pairs, num_blocks, tail_tokens,
@@ -534,10 +540,8 @@ TEST(Store, TailOnlySequencesNeedNoCodebookAndFrozenStaysFrozen) {
   StoreHandle store(store_config(sh, 1 << 20));
   std::mt19937 rng(6);
   int32_t id;
-  ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
-  Rows k = random_rows(rng, 20, sh), v = random_rows(rng, 20, sh);
-  ASSERT_EQ(kvc_store_prefill(store.s, id, 0, 1, 20, k.bits.data(), v.bits.data(), nullptr),
-            KVC_SUCCESS);
+  Rows k, v;
+  ASSERT_NO_FATAL_FAILURE(add_prefilled(store.s, rng, sh, 20, id, k, v));
   // A short sequence, only a tail: restorable into a store that has no codebooks.
   int32_t short_id;
   ASSERT_EQ(kvc_store_add_sequence(store.s, &short_id), KVC_SUCCESS);
