@@ -38,8 +38,6 @@ struct Codecs {
   }
 };
 
-bool is_data_status(kvc_status_t s) { return s >= 200 && s < 300; }
-
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -50,9 +48,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const size_t n = size - 1;
 
   // Exactly n bytes (malloc's alignment satisfies the decoder's 4-byte alignment).
-  uint8_t* block = static_cast<uint8_t*>(std::malloc(n == 0 ? 1 : n));
+  const kvc_fuzz::ExactCopy copy(data + 1, n);
+  uint8_t* block = copy.p;
   if (block == nullptr) return 0;
-  if (n != 0) std::memcpy(block, data + 1, n);
 
   kvc_block_info info = KVC_BLOCK_INFO_INIT;
   const kvc_status_t inspect = kvc_block_inspect(block, n, &info);
@@ -65,7 +63,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     KVC_FUZZ_CHECK(info.num_tokens >= 1 && info.num_tokens <= KVC_MAX_NUM_TOKENS);
     KVC_FUZZ_CHECK(info.head_dim >= 1 && info.head_dim <= KVC_MAX_HEAD_DIM);
   } else {
-    KVC_FUZZ_CHECK(is_data_status(inspect));
+    KVC_FUZZ_CHECK(kvc_fuzz::is_data_status(inspect));
   }
 
   const size_t elem = sel.dtype == KVC_DTYPE_FP32 ? 4 : 2;
@@ -97,9 +95,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       }
     }
   } else {
-    KVC_FUZZ_CHECK(is_data_status(st));
+    KVC_FUZZ_CHECK(kvc_fuzz::is_data_status(st));
     KVC_FUZZ_CHECK(kvc_last_error()[0] != '\0');
   }
-  std::free(block);
   return 0;
 }

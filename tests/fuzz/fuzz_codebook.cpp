@@ -16,19 +16,6 @@
 
 namespace {
 
-bool is_data_status(kvc_status_t s) { return s >= 200 && s < 300; }
-
-// Copies bytes into an allocation of exactly their size, for AddressSanitizer.
-struct ExactCopy {
-  uint8_t* p;
-  ExactCopy(const uint8_t* data, size_t n) : p(static_cast<uint8_t*>(std::malloc(n ? n : 1))) {
-    if (p != nullptr && n != 0) std::memcpy(p, data, n);
-  }
-  ~ExactCopy() { std::free(p); }
-  ExactCopy(const ExactCopy&) = delete;
-  ExactCopy& operator=(const ExactCopy&) = delete;
-};
-
 void check_round_trip(kvc_codebook_t book, uint32_t id, int32_t kind) {
   const kvc_fuzz::Shape shape = {16, 64, 16, 0};
   const float error_bound = 0.05f;
@@ -53,7 +40,7 @@ void check_round_trip(kvc_codebook_t book, uint32_t id, int32_t kind) {
 }
 
 void decode_rest(kvc_codebook_t book, const uint8_t* data, size_t n) {
-  ExactCopy block(data, n);
+  kvc_fuzz::ExactCopy block(data, n);
   if (block.p == nullptr) return;
   kvc_block_info info = KVC_BLOCK_INFO_INIT;
   if (kvc_block_inspect(block.p, n, &info) != KVC_SUCCESS) return;
@@ -73,7 +60,7 @@ void decode_rest(kvc_codebook_t book, const uint8_t* data, size_t n) {
   const uint32_t src_bytes = uint32_t(n);
   const kvc_status_t st = kvc_codec_decode(codec, 1, src, &src_bytes, KVC_DTYPE_BF16, dst,
                                            info.head_dim, nullptr, nullptr);
-  KVC_FUZZ_CHECK(st == KVC_SUCCESS || is_data_status(st));
+  KVC_FUZZ_CHECK(st == KVC_SUCCESS || kvc_fuzz::is_data_status(st));
   kvc_codec_destroy(codec);
 }
 
@@ -87,7 +74,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (n > avail) n = avail;
   const uint8_t* cb = data + kvc_fuzz::kCodebookInputHeader;
 
-  ExactCopy bytes(cb, n);
+  kvc_fuzz::ExactCopy bytes(cb, n);
   if (bytes.p == nullptr) return 0;
   if (fix_checksum && n >= 8) {
     const uint32_t h = kvc_fuzz::fnv1a32(bytes.p, n - 4);
@@ -97,7 +84,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   kvc_codebook_t book = nullptr;
   const kvc_status_t st = kvc_codebook_deserialize(bytes.p, n, &book);
   if (st != KVC_SUCCESS) {
-    KVC_FUZZ_CHECK(is_data_status(st));
+    KVC_FUZZ_CHECK(kvc_fuzz::is_data_status(st));
     KVC_FUZZ_CHECK(book == nullptr);
     KVC_FUZZ_CHECK(kvc_last_error()[0] != '\0');
     return 0;

@@ -177,4 +177,19 @@ inline std::vector<uint8_t> encode_block(kvc_codec_t codec, const void* input, k
   return std::vector<uint8_t>(p, p + block_bytes);
 }
 
+// The statuses a decoder may give for bad bytes (2xx), and nothing else.
+inline bool is_data_status(kvc_status_t s) { return s >= 200 && s < 300; }
+
+// Bytes copied into an allocation of exactly their size, so that AddressSanitizer sees any read
+// past them.
+struct ExactCopy {
+  uint8_t* p;
+  ExactCopy(const uint8_t* data, size_t n) : p(static_cast<uint8_t*>(std::malloc(n ? n : 1))) {
+    if (p != nullptr && n != 0) std::memcpy(p, data, n);
+  }
+  ~ExactCopy() { std::free(p); }
+  ExactCopy(const ExactCopy&) = delete;
+  ExactCopy& operator=(const ExactCopy&) = delete;
+};
+
 }  // namespace kvc_fuzz

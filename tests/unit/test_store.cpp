@@ -27,15 +27,9 @@ void add_prefilled(kvc_store_t s, std::mt19937& rng, const Shape& sh, size_t n, 
 
 TEST(Store, ModelBasedRandomOperations) {
   // The oracle for every backend: 400 steps over a pool of a few hundred blocks (page exhaustion
-  // happens along the way), no sequence limits.
-  ModelParams mp;
-  mp.shape = Shape{};
-  mp.capacity_bytes = 48 * 1024;
-  mp.page_bytes = 2048;
-  mp.steps = 400;
-  mp.seed = 2024;
+  // happens along the way), no sequence limits: ModelParams' defaults.
   CpuStoreBackend cpu;
-  run_model(cpu, mp);
+  run_model(cpu, ModelParams{});
 }
 
 TEST(Store, OutOfPagesInTheMiddleOfABatchChangesNothing) {
@@ -464,13 +458,8 @@ TEST(Store, PageSlackIsSmallAtLongContext) {
   ASSERT_EQ(kvc_store_add_sequence(s, &id), KVC_SUCCESS);
   const uint32_t chunk = 4096, row = 8 * 128;
   for (uint32_t done = 0; done < 32768; done += chunk) {
-    const auto k = bench::synthetic_kv(false, chunk, row, done + 1);
-    const auto v = bench::synthetic_kv(true, chunk, row, done + 2);
-    std::vector<uint16_t> kb(k.size()), vb(v.size());
-    for (size_t i = 0; i < k.size(); ++i) {
-      kb[i] = format::float_to_half(k[i]);
-      vb[i] = format::float_to_half(v[i]);
-    }
+    const auto kb = bench::synthetic_fp16_blocks(false, 1, chunk, row, done + 1);
+    const auto vb = bench::synthetic_fp16_blocks(true, 1, chunk, row, done + 2);
     ASSERT_EQ(kvc_store_prefill(s, id, 0, 1, int32_t(chunk), kb.data(), vb.data(), nullptr),
               KVC_SUCCESS)
         << kvc_last_error();
