@@ -57,6 +57,19 @@ class DeviceBuffer {
   size_t bytes_;
 };
 
+// A captured graph and its executable, destroyed on scope exit.
+struct Graph {
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  Graph() = default;
+  Graph(const Graph&) = delete;
+  Graph& operator=(const Graph&) = delete;
+  ~Graph() {
+    if (exec) cudaGraphExecDestroy(exec);
+    if (graph) cudaGraphDestroy(graph);
+  }
+};
+
 // A device array of pointers base + i * stride_bytes.
 inline std::vector<void*> strided_pointers(void* base, size_t count, size_t stride_bytes) {
   std::vector<void*> p(count);

@@ -22,7 +22,7 @@ struct Batch {
   kvc_dtype dtype;
   uint32_t heads;
   Block tensor;  // [tokens, heads * dim]
-  size_t elem_bytes() const { return dtype == KVC_DTYPE_FP32 ? 4 : 2; }
+  size_t elem_bytes() const { return format::dtype_bytes(dtype); }
   const void* head(uint32_t h) const {
     return tensor.bytes.data() + size_t(h) * uint32_t(config.head_dim) * elem_bytes();
   }
@@ -85,7 +85,7 @@ class CodecGpu : public GpuTest {
                                                const std::vector<uint32_t>& avail, kvc_dtype out,
                                                uint32_t tokens, uint32_t dim,
                                                std::vector<kvc_status_t>& status) {
-    const size_t n = blocks.size(), es = out == KVC_DTYPE_FP32 ? 4 : 2;
+    const size_t n = blocks.size(), es = format::dtype_bytes(out);
     DeviceBuffer d_out(n * tokens * dim * es), d_avail(4 * n), d_status(4 * n);
     DeviceBuffer d_src_ptrs(8 * n), d_dst_ptrs(8 * n);
     // Each block in an allocation of exactly the bytes it claims to have, so that any read past
@@ -126,7 +126,7 @@ class CodecGpu : public GpuTest {
 std::vector<uint8_t> cpu_decode(const kvcomp::Codec& codec, const std::vector<uint8_t>& block,
                                 uint32_t avail, kvc_dtype out, uint32_t tokens, uint32_t dim,
                                 kvc_status_t* status = nullptr) {
-  const size_t es = out == KVC_DTYPE_FP32 ? 4 : 2;
+  const size_t es = format::dtype_bytes(out);
   std::vector<uint8_t> dst(size_t(tokens) * dim * es, 0xFF);
   const void* src = block.data();
   void* d = dst.data();
@@ -286,7 +286,7 @@ TEST_P(CodecGraph, EncodeAndDecodeReplayFromACapturedGraph) {
   d_dst.upload(blocks.data(), 8 * heads);
   d_bdst.upload(outs.data(), 8 * heads);
 
-  cudaGraph_t graph;
+  Graph graph;
   KVC_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
   ASSERT_EQ(
       kvc_codec_encode(gpu.get(), int32_t(heads), d_src.get<const void*>(), batch.tensor.stride,
@@ -297,12 +297,11 @@ TEST_P(CodecGraph, EncodeAndDecodeReplayFromACapturedGraph) {
                              d_sizes.get<uint32_t>(), KVC_DTYPE_FP16, d_bdst.get<void*>(), dim,
                              d_status.get<kvc_status_t>(), stream_),
             KVC_SUCCESS);
-  KVC_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
-  cudaGraphExec_t exec;
-  KVC_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  KVC_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph.graph));
+  KVC_CUDA_CHECK(cudaGraphInstantiate(&graph.exec, graph.graph, 0));
   for (int replay = 0; replay < 2; ++replay) {
     KVC_CUDA_CHECK(cudaMemsetAsync(d_out.get(), 0xFF, d_out.bytes(), stream_));
-    KVC_CUDA_CHECK(cudaGraphLaunch(exec, stream_));
+    KVC_CUDA_CHECK(cudaGraphLaunch(graph.exec, stream_));
     KVC_CUDA_CHECK(cudaStreamSynchronize(stream_));
     const auto sizes = d_sizes.download<uint32_t>(heads);
     const auto status = d_status.download<kvc_status_t>(heads);
@@ -318,8 +317,6 @@ TEST_P(CodecGraph, EncodeAndDecodeReplayFromACapturedGraph) {
           << "replay " << replay << " head " << h;
     }
   }
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
 }
 
 TEST_F(CodecGpu, UndersizedCapacityAndMissingStatusAreRejected) {

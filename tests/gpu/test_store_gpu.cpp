@@ -159,19 +159,6 @@ class CudaStoreBackend final : public StoreBackend {
   Scratch keys_, values_, read_keys_, read_values_, queries_, out_;
 };
 
-// A captured graph and its executable, destroyed on scope exit.
-struct Graph {
-  cudaGraph_t graph = nullptr;
-  cudaGraphExec_t exec = nullptr;
-  Graph() = default;
-  Graph(const Graph&) = delete;
-  Graph& operator=(const Graph&) = delete;
-  ~Graph() {
-    if (exec) cudaGraphExecDestroy(exec);
-    if (graph) cudaGraphDestroy(graph);
-  }
-};
-
 // The smallest shape the CUDA attention takes: T = 32 (key groups of 32 elements: 32
 // sub-streams), head_dim 64 (value groups of 64: 32 sub-streams), GQA group 2.
 Shape gpu_shape(int32_t layers = 2) {

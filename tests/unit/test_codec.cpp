@@ -23,7 +23,7 @@ namespace {
 void check_round_trip(const kvcomp::Codec& codec, const kvc_codec_config& c, const Block& b,
                       const std::vector<uint8_t>& block, kvc_dtype out_dtype,
                       const std::string& where) {
-  const size_t es = out_dtype == KVC_DTYPE_FP32 ? 4 : 2;
+  const size_t es = format::dtype_bytes(out_dtype);
   const int64_t out_stride = int64_t(b.dim) + 3;  // a padded destination
   std::vector<uint8_t> out(size_t(b.tokens) * size_t(out_stride) * es, 0xAB);
   codec.decode(block, out_dtype, out.data(), out_stride);

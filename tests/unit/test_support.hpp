@@ -42,7 +42,7 @@ inline Block make_block(kvc_dtype dtype, uint32_t tokens, uint32_t dim, int64_t 
   namespace f = kvc::format;
   Block b{dtype, tokens, dim, stride, std::vector<float>(size_t(tokens) * size_t(stride), 0.0f),
           {}};
-  const size_t es = dtype == KVC_DTYPE_FP32 ? 4 : 2;
+  const size_t es = format::dtype_bytes(dtype);
   b.bytes.assign(b.values.size() * es, 0);
   for (uint32_t t = 0; t < tokens; ++t) {
     for (uint32_t c = 0; c < dim; ++c) {
