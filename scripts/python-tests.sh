@@ -6,7 +6,7 @@
 # model (scripts/setup-python.sh), then runs pytest. Extra arguments go to pytest.
 #   KVCOMP_LIBRARY    use this libkvcomp.so instead of building one
 #   KVCOMP_PY_BUILD_DIR  build directory (default: build-py in the repository root)
-#   KVCOMP_WIKITEXT   wiki.test.raw (default: ../shared/data/wikitext-2-raw/ beside the repo)
+#   KVCOMP_WIKITEXT   another copy of wiki.test.raw (default: bench/accuracy/data/, SHA-256 checked)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

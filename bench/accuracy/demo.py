@@ -105,8 +105,7 @@ def main(argv=None):
     if not a.no_generate:
         generate_both(model, tok, a.prompt, a.max_new_tokens)
 
-    data = Path(a.data) if a.data else harness.default_data_path()
-    ids = harness.load_text_ids(tok, data)
+    ids = harness.load_text_ids(tok, a.data)
     print(f"WikiText-2 test: {windows} windows x {a.window_tokens} tokens "
           f"({windows * (a.window_tokens - 1)} predictions), each window a fresh sequence")
     res = harness.evaluate(model, ids, settings, windows, a.window_tokens, progress=True)

@@ -58,7 +58,7 @@ def main(argv=None):
     from model import Model
     model = Model(modelfile.model_path())
     tok = model.tokenizer()
-    ids = np.array(harness.load_text_ids(tok, harness.default_data_path())[:TOKENS])
+    ids = np.array(harness.load_text_ids(tok)[:TOKENS])
     got = {}
 
     def hook(layer, k, v):

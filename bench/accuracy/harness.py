@@ -33,13 +33,7 @@ sys.path[:0] = [str(HERE), str(REPO / "python")]
 
 from cache import FP16Cache, Int8TokenCache, KiviCache, KvcompCache  # noqa: E402
 import modelfile  # noqa: E402
-
-
-def default_data_path() -> Path:
-    env = os.environ.get("KVCOMP_WIKITEXT")
-    if env:
-        return Path(env)
-    return REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+import wikitext  # noqa: E402
 
 
 MODES = {"rel": "relative", "abs": "absolute"}
@@ -180,16 +174,16 @@ def machine_info() -> dict:
                 numpy=np.__version__, kvcomp=kvcomp.version())
 
 
-def load_text_ids(tok, path: Path):
-    text = path.read_text(encoding="utf-8")
-    return tok.encode(text).ids
+def load_text_ids(tok, path: Path | str | None = None):
+    """The WikiText-2 test split (the repository's copy unless `path`), tokenized."""
+    return tok.encode(wikitext.load(path)).ids
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="GGUF file (default: the cached SmolLM2)")
-    ap.add_argument("--data", default=None, help="wiki.test.raw (default ../shared/data/..., "
-                    "or $KVCOMP_WIKITEXT)")
+    ap.add_argument("--data", default=None, help="another copy of wiki.test.raw[.xz] "
+                    "(default: the repository's, or $KVCOMP_WIKITEXT; SHA-256 checked)")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--start-window", type=int, default=0,
                     help="first window (to split a run over processes; see merge.py)")
@@ -204,7 +198,7 @@ def main(argv=None):
 
     from model import Model
     model = Model(a.model or modelfile.model_path())
-    ids = load_text_ids(model.tokenizer(), Path(a.data) if a.data else default_data_path())
+    ids = load_text_ids(model.tokenizer(), a.data)
     out = Path(a.out) if a.out else None
 
     def log(w, res):

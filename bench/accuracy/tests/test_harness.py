@@ -4,7 +4,7 @@ independent BPE, the window forward pass against token-by-token decoding through
 compressed cache, and a smoke run of the harness on a tiny slice of WikiText-2.
 
 The model tests need the GGUF (scripts/setup-python.sh fetches it; set KVCOMP_SKIP_MODEL=1 to
-skip them) and the WikiText-2 text (../shared/data/..., or $KVCOMP_WIKITEXT)."""
+skip them); the WikiText-2 text is the repository's copy (bench/accuracy/data)."""
 import os
 import sys
 from pathlib import Path
@@ -18,6 +18,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE.parents[2] / "python")]
 import cache as C  # noqa: E402
 import harness  # noqa: E402
 import modelfile  # noqa: E402
+import wikitext  # noqa: E402
 
 
 def _naive_attention(q, k_for, v_for):
@@ -83,10 +84,16 @@ def model():
 
 @pytest.fixture(scope="module")
 def text():
-    p = harness.default_data_path()
-    if not p.is_file():
-        pytest.skip(f"WikiText-2 not found at {p}")
-    return p.read_text(encoding="utf-8")
+    return wikitext.load()
+
+
+def test_wikitext_is_bundled_and_checked(text, tmp_path):
+    assert len(text.encode("utf-8")) == 1290547
+    assert text.startswith(" = Robert Boulter = \r\n")
+    damaged = tmp_path / "wiki.test.raw"
+    damaged.write_bytes(text.replace("Boulter", "Boulder", 1).encode("utf-8"))
+    with pytest.raises(ValueError, match="SHA-256"):
+        wikitext.load(damaged)
 
 
 @needs_model
