@@ -128,22 +128,36 @@ void attention_compressed(const AttentionShape& s, const AttentionPlan& plan,
   combine(s, P, d_out, st);
 }
 
+namespace {
+
+// Tokens per unit of the dense kernel, which depends on head_dim.
+uint32_t dense_unit_tokens(uint32_t head_dim) {
+  uint32_t unit = 0;
+  dispatch<uint32_t, 64u, 128u, 256u>(
+      head_dim, "head_dim", [&](auto d) { unit = k::DenseMmaTraits<decltype(d)::value>::kUnit; });
+  return unit;
+}
+
+}  // namespace
+
 AttentionPlan plan_dense_attention(const AttentionShape& s, uint32_t max_tokens) {
-  return make_plan(s, (max_tokens + 63) / 64);
+  const uint32_t unit = dense_unit_tokens(s.head_dim);
+  return make_plan(s, (max_tokens + unit - 1) / unit);
 }
 
 void attention_dense(const AttentionShape& s, const AttentionPlan& plan, uint32_t max_tokens,
                      const uint32_t* d_lengths, const void* d_keys, const void* d_values,
                      const void* d_queries, void* d_out, void* d_workspace, void* stream) {
-  constexpr uint32_t T = 64;  // tokens per unit, as a compressed block
-  const k::AttentionParams P = params_for(s, plan, T, d_queries, d_workspace);
+  const k::AttentionParams P =
+      params_for(s, plan, dense_unit_tokens(s.head_dim), d_queries, d_workspace);
   const auto st = static_cast<cudaStream_t>(stream);
-  dispatch_shape(s, [&](auto dt, auto d, auto g) {
-    constexpr uint32_t D = decltype(d)::value, G = decltype(g)::value;
-    const size_t smem = (D * G + k::kWarps * k::WarpState<G>::floats(T, D)) * sizeof(float);
-    launch(k::attention_dense_kernel<decltype(dt)::value, D, G>,
-           dim3(plan.num_splits, s.kv_heads, s.num_sequences), k::kWarps * k::kLanes, smem, st, P,
-           max_tokens, d_lengths, d_keys, d_values);
+  dispatch<kvc_dtype, KVC_DTYPE_FP16, KVC_DTYPE_BF16>(s.dtype, "dtype", [&](auto dt) {
+    dispatch<uint32_t, 64u, 128u, 256u>(s.head_dim, "head_dim", [&](auto d) {
+      constexpr uint32_t D = decltype(d)::value;
+      launch(k::attention_dense_kernel<decltype(dt)::value, D>,
+             dim3(plan.num_splits, s.kv_heads, s.num_sequences), k::kWarps * k::kLanes,
+             k::DenseMmaTraits<D>::smem_bytes(), st, P, max_tokens, d_lengths, d_keys, d_values);
+    });
   });
   combine(s, P, d_out, st);
 }

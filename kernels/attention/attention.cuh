@@ -1,19 +1,22 @@
 // SPDX-License-Identifier: Apache-2.0
-// Split-KV decode attention (flash-decoding) over compressed or dense K/V.
+// Split-KV decode attention (flash-decoding) over compressed or dense K/V. The compressed kernel
+// below is the scalar reading of format v1 blocks; the dense kernel (further down) is the
+// tensor-core structure.
 //
 // Grid: (split, kv-head, sequence); kWarps warps per thread block, each warp an independent
 // partial softmax over every kWarps-th unit (a T-token block; the tail counts as one) of its
 // split, written to the workspace; a combine kernel merges the partials per query head.
 //
-// Inside a warp, lane s owns the tokens of K sub-stream s (tokens [s*TK, (s+1)*TK) of a block)
-// and the channels of V sub-stream s, so a block is decoded with no exchange between lanes:
-// each lane computes whole q.k dot products for its tokens, and accumulates p*v for its channels
-// over all tokens. All query heads of the group share each decoded element.
+// Inside a warp of the compressed kernel, lane s owns the tokens of K sub-stream s (tokens [s*TK,
+// (s+1)*TK) of a block) and the channels of V sub-stream s, so a block is decoded with no exchange
+// between lanes: each lane computes whole q.k dot products for its tokens, and accumulates p*v for
+// its channels over all tokens. All query heads of the group share each decoded element.
 #pragma once
 
 #include <cfloat>
 
 #include "kernels/attention/cuda_attention.hpp"
+#include "kernels/attention/mma.cuh"
 #include "kernels/codec/device_common.cuh"
 
 namespace kvc::kernels {
@@ -294,60 +297,211 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   st.write(P, seq, head, split * kWarps + warp, D);
 }
 
-// ---- Dense baseline ---------------------------------------------------------------------------
+// ---- Dense baseline: tensor cores -------------------------------------------------------------
+// A dense cache [B, max_tokens, kv_heads, D] through the structure the tile kernel shares:
+// each warp owns every kWarps-th unit of U tokens of its split, stages the unit's K and V with
+// cp.async (two stages, XOR-swizzled rows), and computes, with the group's query heads as the
+// 16 rows of the MMA (zero rows beyond the group),
+//   S = Q K^T  (A = Q from shared memory in fragment order, B = K through ldmatrix),
+//   online softmax on S's accumulator registers (base 2, a quad of lanes per row),
+//   O += P V   (A = P converted in registers from S's accumulators, B = V through ldmatrix.trans),
+// with S, O, the running max and sum in registers. Scores stay fp32; P, Q, K and V are the
+// cache dtype; accumulation is fp32.
 
-// The same schedule over a dense cache [B, max_tokens, kv_heads, D]; units of T tokens.
-template <kvc_dtype DT, uint32_t D, uint32_t GMAX>
+template <uint32_t D>
+struct DenseMmaTraits {
+  static constexpr uint32_t kUnit = 4096 / D;  // tokens per stage: 8 KiB of K and 8 of V
+  static constexpr uint32_t kStages = 2;
+  static constexpr uint32_t kRowBytes = D * 2;
+  static constexpr size_t kStageBytes = size_t(2) * kUnit * kRowBytes;
+  static constexpr size_t kQueryBytes = size_t(D / 16) * kLanes * 16;  // A fragments
+  static constexpr size_t smem_bytes() {
+    return kQueryBytes + size_t(kWarps) * kStages * kStageBytes;
+  }
+  static_assert(kUnit % 16 == 0 && D % 64 == 0, "units of whole k-steps, rows of 8+ chunks");
+};
+
+template <kvc_dtype DT>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  uint32_t r;
+  if constexpr (DT == KVC_DTYPE_BF16) {
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  } else {
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  }
+  return r;
+}
+
+// The group's queries as A fragments [D / 16 k-steps][32 lanes], rows beyond the group zero.
+template <uint32_t D>
+__device__ void store_query_fragments(const AttentionParams& P, uint32_t seq, uint32_t head,
+                                      uint4* frags) {
+  const uint16_t* q = static_cast<const uint16_t*>(P.queries) +
+                      (size_t(seq) * P.kv_heads * P.group + size_t(head) * P.group) * D;
+  for (uint32_t i = threadIdx.x; i < D / 16 * kLanes; i += blockDim.x) {
+    const uint32_t ks = i / kLanes, lane = i % kLanes;
+    uint32_t w[4];
+    for (uint32_t r = 0; r < 4; ++r) {
+      uint32_t halves[2];
+      for (uint32_t h = 0; h < 2; ++h) {
+        const mma::Coord c = mma::a_coord(lane, 2 * r + h);
+        halves[h] = c.row < P.group ? q[size_t(c.row) * D + ks * 16 + c.col] : 0u;
+      }
+      w[r] = halves[0] | halves[1] << 16;
+    }
+    frags[i] = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+  __syncthreads();
+}
+
+template <kvc_dtype DT, uint32_t D>
 __global__ void __launch_bounds__(kWarps* kLanes)
     attention_dense_kernel(AttentionParams P, uint32_t max_tokens, const uint32_t* lengths,
                            const void* keys, const void* values) {
-  extern __shared__ __align__(16) uint8_t smem[];
+  using Tr = DenseMmaTraits<D>;
+  constexpr uint32_t U = Tr::kUnit, kChunks = D / 8;
+  constexpr bool kBf16 = DT == KVC_DTYPE_BF16;
+  constexpr float kLog2e = 1.4426950408889634f;
+  extern __shared__ __align__(128) uint8_t smem[];
   const uint32_t split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
   const uint32_t warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
-  const uint32_t T = P.block_tokens, tpl = T / kLanes, group = P.group;
-  float* q = reinterpret_cast<float*>(smem);
-  WarpState<GMAX> st =
-      WarpState<GMAX>::carve(q + D * GMAX + warp * WarpState<GMAX>::floats(T, D), T, D);
+  const uint32_t quad = lane % 4;
+  const uint4* qfrag = reinterpret_cast<const uint4*>(smem);
+  uint8_t* stages = smem + Tr::kQueryBytes + size_t(warp) * Tr::kStages * Tr::kStageBytes;
+  store_query_fragments<D>(P, seq, head, reinterpret_cast<uint4*>(smem));
 
-  load_queries<DT, D, GMAX>(P, seq, head, q);
   const uint32_t len = lengths[seq];
-  const uint32_t units = (len + T - 1) / T;
-  st.init(D);
-  const uint32_t begin = split * P.units_per_split;
-  const uint32_t end = min(units, begin + P.units_per_split);
-  const size_t seq_base = size_t(seq) * max_tokens;
-  for (uint32_t u = begin + warp; u < end; u += kWarps) {
-    const uint32_t first = u * T, n = min(T, len - first);
-    st.clear_scores(tpl, n, group);
-    for (uint32_t t = lane * tpl; t < (lane + 1) * tpl && t < n; ++t) {
-      const size_t row = ((seq_base + first + t) * P.kv_heads + head) * D;
-      // 16-byte loads of eight elements.
-      const uint4* k4 = reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(keys) + row);
-      for (uint32_t c8 = 0; c8 < D / 8; ++c8) {
-        const uint4 w = k4[c8];
-        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-        for (uint32_t j = 0; j < 8; ++j) {
-          const uint16_t h = uint16_t(words[j / 2] >> (16 * (j % 2)));
-          const float x = DT == KVC_DTYPE_BF16 ? f::bf16_to_float(h) : f::half_to_float(h);
-          for (uint32_t g = 0; g < group; ++g) {
-            st.p[t * GMAX + g] += q[(c8 * 8 + j) * GMAX + g] * x;
-          }
-        }
-      }
+  const uint32_t units = (len + U - 1) / U;
+  const uint32_t end = min(units, (split + 1) * P.units_per_split);
+  const size_t row_stride = size_t(P.kv_heads) * D;  // elements between tokens
+  const size_t first = (size_t(seq) * max_tokens * P.kv_heads + head) * D;
+  const uint16_t* k_rows = static_cast<const uint16_t*>(keys) + first;
+  const uint16_t* v_rows = static_cast<const uint16_t*>(values) + first;
+
+  // K then V of unit u into stage s; rows beyond the sequence are zeros.
+  auto stage_unit = [&](uint32_t u, uint32_t s) {
+    uint8_t* k_dst = stages + s * Tr::kStageBytes;
+    uint8_t* v_dst = k_dst + U * Tr::kRowBytes;
+    for (uint32_t c = lane; c < U * kChunks; c += kLanes) {
+      const uint32_t row = c / kChunks, chunk = c % kChunks, token = u * U + row;
+      const bool valid = token < len;
+      const size_t at = (valid ? size_t(token) * row_stride : 0) + chunk * 8;
+      const uint32_t off = mma::swizzled_offset(row, chunk, Tr::kRowBytes);
+      mma::cp_async_16(k_dst + off, k_rows + at, valid);
+      mma::cp_async_16(v_dst + off, v_rows + at, valid);
     }
-    st.absorb(tpl, n, group, D, D);
-    for (uint32_t t = 0; t < n; ++t) {
-      const size_t row = ((seq_base + first + t) * P.kv_heads + head) * D;
-      for (uint32_t k = 0; k < D / kLanes; ++k) {
-        const uint32_t c = v_channel(lane, k, D);
-        const float x = load_elem<DT>(values, row + c);
-        for (uint32_t h = 0; h < group; ++h) st.acc[c * GMAX + h] += st.p[t * GMAX + h] * x;
-      }
+    mma::cp_async_commit();
+  };
+
+  float o[D / 8][4] = {};
+  float m[2] = {-INFINITY, -INFINITY};  // rows lane / 4 and lane / 4 + 8, base-2 units
+  float l[2] = {0.0f, 0.0f};            // this lane's share of the row sums
+  uint32_t u = split * P.units_per_split + warp;
+  if (u < end) stage_unit(u, 0);
+  for (uint32_t s = 0; u < end; u += kWarps, s ^= 1) {
+    if (u + kWarps < end) {
+      stage_unit(u + kWarps, s ^ 1);
+      mma::cp_async_wait<1>();
+    } else {
+      mma::cp_async_wait<0>();
     }
     __syncwarp();
+    const uint8_t* k_tile = stages + s * Tr::kStageBytes;
+    const uint8_t* v_tile = k_tile + U * Tr::kRowBytes;
+    const uint32_t valid = min(U, len - u * U);
+
+    // S = Q K^T: ldmatrix matrix j of lane 8j + r is token r of the n-tile, channels 8j..8j+7
+    // of a 32-channel pair of k-steps: registers (x, y) feed k-step 2p, (z, w) k-step 2p + 1.
+    float sc[U / 8][4] = {};
+#pragma unroll
+    for (uint32_t kp = 0; kp < D / 32; ++kp) {
+      const uint4 qa = qfrag[(2 * kp) * kLanes + lane], qb = qfrag[(2 * kp + 1) * kLanes + lane];
+#pragma unroll
+      for (uint32_t nt = 0; nt < U / 8; ++nt) {
+        const uint32_t row = nt * 8 + lane % 8;
+        const uint4 b = mma::ldmatrix_x4<false>(
+            k_tile + mma::swizzled_offset(row, kp * 4 + lane / 8, Tr::kRowBytes));
+        mma::mma_16816<kBf16>(sc[nt], qa, b.x, b.y);
+        mma::mma_16816<kBf16>(sc[nt], qb, b.z, b.w);
+      }
+    }
+
+    // Online softmax, base 2; element i of an n-tile is row (i / 2) of this lane.
+    const float scale = P.scale * kLog2e;
+    float top[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (uint32_t nt = 0; nt < U / 8; ++nt) {
+#pragma unroll
+      for (uint32_t i = 0; i < 4; ++i) {
+        const uint32_t token = nt * 8 + 2 * quad + i % 2;
+        sc[nt][i] = token < valid ? sc[nt][i] * scale : -INFINITY;
+        top[i / 2] = fmaxf(top[i / 2], sc[nt][i]);
+      }
+    }
+#pragma unroll
+    for (uint32_t r = 0; r < 2; ++r) {
+      top[r] = fmaxf(top[r], __shfl_xor_sync(~0u, top[r], 1));
+      top[r] = fmaxf(top[r], __shfl_xor_sync(~0u, top[r], 2));
+      const float m_new = fmaxf(m[r], top[r]);
+      const float alpha = exp2f(m[r] - m_new);
+      m[r] = m_new;
+      l[r] *= alpha;
+#pragma unroll
+      for (uint32_t nt = 0; nt < D / 8; ++nt) {
+        o[nt][2 * r] *= alpha;
+        o[nt][2 * r + 1] *= alpha;
+      }
+    }
+#pragma unroll
+    for (uint32_t nt = 0; nt < U / 8; ++nt) {
+#pragma unroll
+      for (uint32_t i = 0; i < 4; ++i) {
+        sc[nt][i] = exp2f(sc[nt][i] - m[i / 2]);
+        l[i / 2] += sc[nt][i];
+      }
+    }
+
+    // O += P V: the accumulators of n-tiles 2kk and 2kk + 1 are the A fragment of k-step kk.
+    // ldmatrix.trans matrix j of lane 8j + r is token 8 (j % 2) + r of the k-step, channels of
+    // n-tile 2p + j / 2: registers (x, y) feed n-tile 2p, (z, w) n-tile 2p + 1.
+#pragma unroll
+    for (uint32_t kk = 0; kk < U / 16; ++kk) {
+      const uint4 a = make_uint4(pack2<DT>(sc[2 * kk][0], sc[2 * kk][1]),
+                                 pack2<DT>(sc[2 * kk][2], sc[2 * kk][3]),
+                                 pack2<DT>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                                 pack2<DT>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]));
+      const uint32_t row = kk * 16 + (lane / 8 % 2) * 8 + lane % 8;
+#pragma unroll
+      for (uint32_t np = 0; np < D / 16; ++np) {
+        const uint4 b = mma::ldmatrix_x4<true>(
+            v_tile + mma::swizzled_offset(row, 2 * np + lane / 16, Tr::kRowBytes));
+        mma::mma_16816<kBf16>(o[2 * np], a, b.x, b.y);
+        mma::mma_16816<kBf16>(o[2 * np + 1], a, b.z, b.w);
+      }
+    }
+    __syncwarp();  // every lane is done with stage s before it is refilled
   }
-  st.write(P, seq, head, split * kWarps + warp, D);
+
+  // The partial state of this warp: rows of the group only; max in natural-log units.
+  const uint32_t q_heads = P.kv_heads * P.group;
+  const uint32_t part = split * kWarps + warp;
+#pragma unroll
+  for (uint32_t r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(~0u, l[r], 1);
+    l[r] += __shfl_xor_sync(~0u, l[r], 2);
+    const uint32_t g = lane / 4 + 8 * r;
+    if (g >= P.group) continue;
+    const size_t row = (size_t(seq) * q_heads + head * P.group + g) * P.num_parts + part;
+#pragma unroll
+    for (uint32_t nt = 0; nt < D / 8; ++nt) {
+      *reinterpret_cast<float2*>(&P.part_acc[row * D + nt * 8 + 2 * quad]) =
+          make_float2(o[nt][2 * r], o[nt][2 * r + 1]);
+    }
+    if (quad == 0) {
+      P.part_ml[row * 2] = m[r] / kLog2e;
+      P.part_ml[row * 2 + 1] = l[r];
+    }
+  }
 }
 
 // ---- Combine ----------------------------------------------------------------------------------

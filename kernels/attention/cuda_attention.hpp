@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 // Decode attention on the GPU, as the host library sees it (no CUDA headers). Two kernels of
-// the same split-KV structure: one reads compressed blocks (decoding them in registers and
+// the same split-KV schedule: one reads compressed blocks (decoding them in registers and
 // shared memory, never writing K/V back to global memory), one reads a dense fp16/bf16 cache
-// (the baseline). The inputs are descriptors in device memory laid out as the paged store keeps
-// its sequences, so the store feeds the kernel without copies.
+// on the tensor cores (the baseline, and the structure the tile kernel shares). The inputs are
+// descriptors in device memory laid out as the paged store keeps its sequences, so the store
+// feeds the kernel without copies.
 #pragma once
 
 #include <kvcomp/kvcomp.h>
