@@ -319,6 +319,7 @@ struct DenseMmaTraits {
     return kQueryBytes + size_t(kWarps) * kStages * kStageBytes;
   }
   static_assert(kUnit % 16 == 0 && D % 64 == 0, "units of whole k-steps, rows of 8+ chunks");
+  static_assert(kUnit * D / 8 % kLanes == 0, "a unit is whole 16-byte chunks per lane");
 };
 
 template <kvc_dtype DT>
@@ -362,7 +363,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   constexpr uint32_t U = Tr::kUnit, kChunks = D / 8;
   constexpr bool kBf16 = DT == KVC_DTYPE_BF16;
   constexpr float kLog2e = 1.4426950408889634f;
-  extern __shared__ __align__(128) uint8_t smem[];
+  extern __shared__ __align__(16) uint8_t smem[];
   const uint32_t split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
   const uint32_t warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
   const uint32_t quad = lane % 4;
@@ -378,11 +379,13 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   const uint16_t* k_rows = static_cast<const uint16_t*>(keys) + first;
   const uint16_t* v_rows = static_cast<const uint16_t*>(values) + first;
 
-  // K then V of unit u into stage s; rows beyond the sequence are zeros.
+  // [sass stage] K then V of unit u into stage s; rows beyond the sequence are zeros.
   auto stage_unit = [&](uint32_t u, uint32_t s) {
     uint8_t* k_dst = stages + s * Tr::kStageBytes;
     uint8_t* v_dst = k_dst + U * Tr::kRowBytes;
-    for (uint32_t c = lane; c < U * kChunks; c += kLanes) {
+#pragma unroll
+    for (uint32_t i = 0; i < U * kChunks / kLanes; ++i) {
+      const uint32_t c = i * kLanes + lane;
       const uint32_t row = c / kChunks, chunk = c % kChunks, token = u * U + row;
       const bool valid = token < len;
       const size_t at = (valid ? size_t(token) * row_stride : 0) + chunk * 8;
@@ -410,8 +413,9 @@ __global__ void __launch_bounds__(kWarps* kLanes)
     const uint8_t* v_tile = k_tile + U * Tr::kRowBytes;
     const uint32_t valid = min(U, len - u * U);
 
-    // S = Q K^T: ldmatrix matrix j of lane 8j + r is token r of the n-tile, channels 8j..8j+7
-    // of a 32-channel pair of k-steps: registers (x, y) feed k-step 2p, (z, w) k-step 2p + 1.
+    // [sass K] S = Q K^T: ldmatrix matrix j of lane 8j + r is token r of the n-tile, channels
+    // 8j..8j+7 of a 32-channel pair of k-steps: registers (x, y) feed k-step 2p, (z, w) k-step 2p
+    // + 1.
     float sc[U / 8][4] = {};
 #pragma unroll
     for (uint32_t kp = 0; kp < D / 32; ++kp) {
@@ -426,7 +430,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
       }
     }
 
-    // Online softmax, base 2; element i of an n-tile is row (i / 2) of this lane.
+    // [sass softmax] Online softmax, base 2; element i of an n-tile is row (i / 2) of this lane.
     const float scale = P.scale * kLog2e;
     float top[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -461,8 +465,8 @@ __global__ void __launch_bounds__(kWarps* kLanes)
       }
     }
 
-    // O += P V: the accumulators of n-tiles 2kk and 2kk + 1 are the A fragment of k-step kk.
-    // ldmatrix.trans matrix j of lane 8j + r is token 8 (j % 2) + r of the k-step, channels of
+    // [sass V] O += P V: the accumulators of n-tiles 2kk and 2kk + 1 are the A fragment of k-step
+    // kk. ldmatrix.trans matrix j of lane 8j + r is token 8 (j % 2) + r of the k-step, channels of
     // n-tile 2p + j / 2: registers (x, y) feed n-tile 2p, (z, w) n-tile 2p + 1.
 #pragma unroll
     for (uint32_t kk = 0; kk < U / 16; ++kk) {
@@ -480,6 +484,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
       }
     }
     __syncwarp();  // every lane is done with stage s before it is refilled
+    // [sass other]
   }
 
   // The partial state of this warp: rows of the group only; max in natural-log units.

@@ -1,0 +1,212 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Static figures of the attention kernels from their sm_90 machine code (no GPU needed).
+
+    python3 scripts/sass_report.py --cubin attention.cubin --nvdisasm BIN --cuobjdump BIN \
+        --source kernels/attention/attention.cuh [--markdown]
+
+Per kernel instantiation: registers, stack and local memory (cuobjdump -res-usage), HMMA and
+LDSM counts, and the SASS of the main loop: the outermost loop that contains HMMA, whose body
+must be straight-line code (no nested loop) so that its static count is what one iteration
+executes (predicated-off instructions included: an upper bound). Per element divides the body
+by the K and V elements one iteration of a warp consumes, times 32 lanes.
+
+The split between K and V is by source line (nvdisasm -gi): the kernel source marks its regions
+with comment lines `// [sass stage]`, `// [sass K]`, `// [sass softmax]`, `// [sass V]`, each
+running to the next marker. Instructions of inlined helpers take the region of the kernel line
+before them, and the compiler interleaves regions, so the split is approximate; the total is
+exact. Staging and softmax/bookkeeping are shared half and half between K and V.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+# Elements of K (and as many of V) that one main-loop iteration of a warp consumes, by kernel.
+# The dense kernel stages 4096 / D tokens x D channels: 4096 of each.
+ELEMENTS_PER_ITERATION = {"attention_dense_kernel": lambda dt, d: 4096}
+
+INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?\s*(.*?);")
+LINE = re.compile(r'//## File "([^"]+)", line (\d+)(?: inlined at "([^"]+)", line (\d+))?')
+LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+BRANCH = re.compile(r"BRA\s+(?:\S+,\s*)?`\((\.L_x_\d+)\)")
+MARKER = re.compile(r"//\s*\[sass (\w+)\]")
+
+
+@dataclass
+class Insn:
+    addr: int
+    op: str
+    text: str
+    src_line: int | None
+
+
+@dataclass
+class Kernel:
+    name: str
+    insns: list[Insn] = field(default_factory=list)
+    labels: dict[str, int] = field(default_factory=dict)  # label -> index of next insn
+
+
+def demangle(name: str) -> str:
+    try:
+        return subprocess.run(["c++filt", name], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return name
+
+
+def parse_disassembly(text: str, source: str) -> dict[str, Kernel]:
+    kernels: dict[str, Kernel] = {}
+    cur: Kernel | None = None
+    line = None
+    for raw in text.splitlines():
+        if raw.startswith(".text."):
+            name = raw[len(".text."):].rstrip(":")
+            cur = kernels.setdefault(name, Kernel(name))
+            line = None
+            continue
+        if cur is None:
+            continue
+        m = LINE.search(raw)
+        if m:  # the kernel source's own line, or the line a helper was inlined at
+            if m.group(3) and m.group(3).endswith(source):
+                line = int(m.group(4))
+            elif m.group(1).endswith(source):
+                line = int(m.group(2))
+            continue
+        m = LABEL.match(raw)
+        if m:
+            cur.labels[m.group(1)] = len(cur.insns)
+            continue
+        m = INSN.search(raw)
+        if m:
+            cur.insns.append(Insn(int(m.group(1), 16), m.group(3), raw.strip(), line))
+    return kernels
+
+
+def main_loop(k: Kernel) -> tuple[int, int, bool] | None:
+    """(first, last) instruction indices of the outermost HMMA loop, and whether it nests."""
+    loops = []
+    for i, ins in enumerate(k.insns):
+        m = BRANCH.search(ins.text)
+        if m and m.group(1) in k.labels and k.labels[m.group(1)] <= i:
+            loops.append((k.labels[m.group(1)], i))
+    with_mma = [(a, b) for a, b in loops if any(x.op == "HMMA" for x in k.insns[a:b + 1])]
+    if not with_mma:
+        return None
+    a, b = max(with_mma, key=lambda r: r[1] - r[0])
+    nested = any(a <= x < y < b or a < x < y <= b for x, y in loops if (x, y) != (a, b))
+    return a, b, nested
+
+
+def regions(source_path: str) -> dict[int, str]:
+    """Source line -> region name, from the [sass ...] markers."""
+    out, cur = {}, None
+    with open(source_path, encoding="utf-8") as f:
+        for n, text in enumerate(f, 1):
+            m = MARKER.search(text)
+            if m:
+                cur = m.group(1)
+            out[n] = cur
+    return out
+
+
+def res_usage(cuobjdump: str, cubin: str) -> dict[str, dict[str, int]]:
+    out = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True,
+                         check=True).stdout
+    usage, name = {}, None
+    for raw in out.splitlines():
+        m = re.match(r"\s*Function (\S+):", raw)
+        if m:
+            name = m.group(1)
+            continue
+        if name and "REG:" in raw:
+            usage[name] = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", raw)}
+            name = None
+    return usage
+
+
+def report(cubin, nvdisasm, cuobjdump, source, markdown):
+    dis = subprocess.run([nvdisasm, "-gi", "-c", cubin], capture_output=True, text=True,
+                         check=True).stdout
+    kernels = parse_disassembly(dis, source.split("/")[-1])
+    usage = res_usage(cuobjdump, cubin)
+    region_of = regions(source)
+    rows = []
+    for mangled, k in sorted(kernels.items()):
+        pretty = demangle(mangled)
+        m = re.search(r"kvc::kernels::(\w+)<\(kvc_dtype\)(\d), (\d+)u(?:, (\d+)u)?", pretty)
+        if not m or "attention" not in m.group(1):
+            continue
+        kind, dt, d = m.group(1), int(m.group(2)), int(m.group(3))
+        if m.group(4):  # a group-size bucket
+            kind += f"<G{m.group(4)}>"
+        u = usage.get(mangled, {})
+        row = dict(kernel=kind, dtype={1: "fp16", 2: "bf16"}.get(dt, str(dt)), head_dim=d,
+                   regs=u.get("REG"), stack=u.get("STACK"), local=u.get("LOCAL"),
+                   hmma=sum(x.op == "HMMA" for x in k.insns),
+                   ldsm=sum(x.op == "LDSM" for x in k.insns))
+        loop = main_loop(k)
+        per_iter = ELEMENTS_PER_ITERATION.get(m.group(1))
+        if loop and per_iter and not loop[2]:
+            a, b, _ = loop
+            body = [x for x in k.insns[a:b + 1] if x.op != "NOP"]
+            count = {}
+            for x in body:
+                r = region_of.get(x.src_line) or "other"
+                count[r] = count.get(r, 0) + 1
+            elems = per_iter(dt, d)
+            shared = count.get("stage", 0) + count.get("softmax", 0) + count.get("other", 0)
+            row.update(loop_sass=len(body), elems=elems,
+                       per_elem=32 * len(body) / (2 * elems),
+                       per_k=32 * (count.get("K", 0) + shared / 2) / elems,
+                       per_v=32 * (count.get("V", 0) + shared / 2) / elems,
+                       regions=count)
+        else:
+            row.update(loop_sass=None, note="no straight-line HMMA loop" if per_iter
+                       else "data-dependent inner loops: no static per-element count")
+        rows.append(row)
+    print_rows(rows, markdown)
+    return rows
+
+
+def print_rows(rows, markdown):
+    head = ["kernel", "dtype", "D", "regs", "stack", "local", "HMMA", "LDSM", "loop SASS",
+            "per elem", "per K elem*", "per V elem*"]
+    fmt = (lambda cells: "| " + " | ".join(cells) + " |") if markdown else \
+        (lambda cells: "  ".join(f"{c:>9}" if i else f"{c:<33}" for i, c in enumerate(cells)))
+    print(fmt(head))
+    if markdown:
+        print("|" + "---|" * len(head))
+    for r in rows:
+        def num(v, f="{:.2f}"):
+            return "-" if v is None else f.format(v)
+        print(fmt([r["kernel"], r["dtype"], str(r["head_dim"]), str(r["regs"]), str(r["stack"]),
+                   str(r["local"]), str(r["hmma"]), str(r["ldsm"]),
+                   num(r.get("loop_sass"), "{}"), num(r.get("per_elem")), num(r.get("per_k")),
+                   num(r.get("per_v"))]))
+    print("\n* K/V split by source region, approximate (staging and softmax shared half and "
+          "half); per elem = main-loop SASS x 32 lanes / (K + V elements per iteration).")
+    for r in rows:
+        if r.get("regions"):
+            print(f"  {r['kernel']} {r['dtype']} D={r['head_dim']}: loop regions {r['regions']}")
+        elif r.get("note"):
+            print(f"  {r['kernel']} {r['dtype']} D={r['head_dim']}: {r['note']}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cubin", required=True)
+    ap.add_argument("--nvdisasm", required=True)
+    ap.add_argument("--cuobjdump", required=True)
+    ap.add_argument("--source", required=True, help="the kernel source with [sass ...] markers")
+    ap.add_argument("--markdown", action="store_true")
+    a = ap.parse_args(argv)
+    report(a.cubin, a.nvdisasm, a.cuobjdump, a.source, a.markdown)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
