@@ -1,0 +1,215 @@
+// SPDX-License-Identifier: Apache-2.0
+// The host-callable math of tile format t1 (kernels/common/tile_format.cuh) that the tensor-core
+// kernel shares: mma.m16n8k16 fragment coordinates, where each tile element is stored, and the
+// magic-number integer-to-half conversions, exact for every code of every width.
+#include <gtest/gtest.h>
+#include <kvcomp/kvcomp.h>
+
+#include <algorithm>
+#include <set>
+#include <vector>
+
+#include "kernels/common/tile_format.cuh"
+
+namespace kvc::test {
+namespace {
+
+namespace t = kvc::tiles;
+namespace f = kvc::format;
+
+// Spot values from the PTX ISA's formulas (9.7.14.5.8, m16n8k16 .f16/.bf16, .f32 accumulator).
+TEST(TileFragments, MatchThePtxFormulas) {
+  // lane 5: groupID 1, threadID_in_group 1.
+  EXPECT_EQ(t::mma_b_coord(5, 0).row, 2u);
+  EXPECT_EQ(t::mma_b_coord(5, 1).row, 3u);
+  EXPECT_EQ(t::mma_b_coord(5, 2).row, 10u);
+  EXPECT_EQ(t::mma_b_coord(5, 3).row, 11u);
+  for (uint32_t i = 0; i < 4; ++i) EXPECT_EQ(t::mma_b_coord(5, i).col, 1u);
+  // lane 30: groupID 7, threadID_in_group 2.
+  const uint32_t a_rows[8] = {7, 7, 15, 15, 7, 7, 15, 15};
+  const uint32_t a_cols[8] = {4, 5, 4, 5, 12, 13, 12, 13};
+  for (uint32_t i = 0; i < 8; ++i) {
+    EXPECT_EQ(t::mma_a_coord(30, i).row, a_rows[i]) << i;
+    EXPECT_EQ(t::mma_a_coord(30, i).col, a_cols[i]) << i;
+  }
+  const uint32_t c_rows[4] = {7, 7, 15, 15};
+  const uint32_t c_cols[4] = {4, 5, 4, 5};
+  for (uint32_t i = 0; i < 4; ++i) {
+    EXPECT_EQ(t::mma_c_coord(30, i).row, c_rows[i]);
+    EXPECT_EQ(t::mma_c_coord(30, i).col, c_cols[i]);
+  }
+}
+
+// Each fragment covers its matrix exactly once over the warp.
+TEST(TileFragments, CoverEachMatrixOnce) {
+  std::set<std::pair<uint32_t, uint32_t>> a, b, c;
+  for (uint32_t lane = 0; lane < 32; ++lane) {
+    for (uint32_t i = 0; i < 8; ++i) {
+      const t::FragCoord x = t::mma_a_coord(lane, i);
+      ASSERT_LT(x.row, 16u);
+      ASSERT_LT(x.col, 16u);
+      a.insert({x.row, x.col});
+    }
+    for (uint32_t i = 0; i < 4; ++i) {
+      const t::FragCoord y = t::mma_b_coord(lane, i);
+      ASSERT_LT(y.row, 16u);
+      ASSERT_LT(y.col, 8u);
+      b.insert({y.row, y.col});
+      const t::FragCoord z = t::mma_c_coord(lane, i);
+      ASSERT_LT(z.row, 16u);
+      ASSERT_LT(z.col, 8u);
+      c.insert({z.row, z.col});
+    }
+  }
+  EXPECT_EQ(a.size(), 256u);
+  EXPECT_EQ(b.size(), 128u);
+  EXPECT_EQ(c.size(), 128u);
+}
+
+// FlashAttention-2's register reuse, which the P.V product relies on: the accumulators of two
+// consecutive n-blocks of S = Q.K^T (tokens 0-7 and 8-15) are, register for register, the A
+// operand P [16 heads x 16 tokens]: a_i = C_{i / 4}.c_{i % 4}.
+TEST(TileFragments, AccumulatorsOfTwoNBlocksAreTheNextAOperand) {
+  for (uint32_t lane = 0; lane < 32; ++lane) {
+    for (uint32_t i = 0; i < 8; ++i) {
+      const t::FragCoord c = t::mma_c_coord(lane, i & 3u);
+      const t::FragCoord a = t::mma_a_coord(lane, i);
+      EXPECT_EQ(a.row, c.row) << lane << " " << i;
+      EXPECT_EQ(a.col, c.col + 8u * (i >> 2)) << lane << " " << i;
+    }
+  }
+}
+
+// Every bit of a tile belongs to exactly one element; each lane's pairs sit in the unit
+// interleave that makes a warp's loads contiguous.
+TEST(TileStorage, EveryElementOnceAndCoalesced) {
+  for (uint32_t bits : {2u, 4u, 8u, 16u, 32u}) {
+    for (uint32_t nblocks = 2; nblocks <= 128; nblocks *= 2) {
+      const uint32_t pairs = 2 * nblocks;
+      const uint32_t bytes = t::tile_bytes(bits, nblocks);
+      ASSERT_EQ(bytes % 16, 0u);
+      std::vector<uint8_t> used(size_t(bytes) * 8, 0);
+      const uint32_t words = bytes / 4;
+      const uint32_t lane_words = t::lane_words(bits, pairs);
+      for (uint32_t lane = 0; lane < 32; ++lane) {
+        for (uint32_t p = 0; p < pairs; ++p) {
+          const t::PairLocation loc = t::pair_location(lane, p, bits, pairs);
+          for (uint32_t h = 0; h < 2; ++h) {
+            uint32_t word = loc.word, shift = loc.shift;
+            if (bits == 32) {
+              if (h == 1) word = t::next_lane_word(loc.word, bits, pairs);
+            } else {
+              shift += 16 * h;
+            }
+            ASSERT_LT(word, words) << bits << " " << nblocks;
+            ASSERT_LE(shift + std::min(bits, 32u), 32u);
+            for (uint32_t i = 0; i < std::min(bits, 32u); ++i) {
+              uint8_t& u = used[size_t(word) * 32 + shift + i];
+              ASSERT_EQ(u, 0) << "bits " << bits << " nblocks " << nblocks << " lane " << lane;
+              u = 1;
+            }
+            // Coalescing: lane word w of this lane is in unit w / U at the lane's slot.
+            if (bits >= 16 || pairs * bits >= 16) {
+              const uint32_t unit = std::min(4u, lane_words);
+              EXPECT_EQ((word / unit) % 32, lane);
+            } else {
+              EXPECT_EQ(word, lane / 2);  // two lanes share a word
+            }
+          }
+        }
+      }
+      for (uint8_t u : used) ASSERT_EQ(u, 1) << "bits " << bits << " nblocks " << nblocks;
+    }
+  }
+}
+
+TEST(TileStorage, ElementCoordinatesCoverTheTile) {
+  for (bool is_value : {false, true}) {
+    const uint32_t nblocks = 8;  // K: T = 64; V: D = 64
+    std::set<std::pair<uint32_t, uint32_t>> seen;
+    for (uint32_t lane = 0; lane < 32; ++lane) {
+      for (uint32_t p = 0; p < 2 * nblocks; ++p) {
+        for (uint32_t h = 0; h < 2; ++h) {
+          const t::BlockCoord c = t::tile_element(is_value, 3, t::pair_element(lane, p, h));
+          seen.insert({c.token, c.position});
+          if (is_value) {
+            EXPECT_TRUE(c.token >= 48 && c.token < 64);
+            EXPECT_LT(c.position, 64u);
+          } else {
+            EXPECT_TRUE(c.position >= 48 && c.position < 64);
+            EXPECT_LT(c.token, 64u);
+          }
+        }
+      }
+    }
+    EXPECT_EQ(seen.size(), 16u * 64u);
+  }
+  // The pair's two halves are consecutive rows of the B operand (k, k + 1): one half2.
+  for (uint32_t lane = 0; lane < 32; ++lane) {
+    for (uint32_t p = 0; p < 8; ++p) {
+      const t::TileCoord lo = t::pair_element(lane, p, 0), hi = t::pair_element(lane, p, 1);
+      EXPECT_EQ(hi.k, lo.k + 1);
+      EXPECT_EQ(hi.n, lo.n);
+      EXPECT_EQ(lo.k % 2, 0u);
+    }
+  }
+}
+
+uint32_t put_pair(uint32_t shift, uint32_t lo, uint32_t hi) {
+  return (lo << shift) | (hi << (shift + 16));
+}
+
+TEST(TileConversion, Fp16MagicIsExactForEveryCodeOfEveryWidth) {
+  for (uint32_t bits : {2u, 4u, 8u}) {
+    for (uint32_t shift = 0; shift + bits <= 16; shift += bits) {
+      for (uint32_t u = 0; u < (1u << bits); ++u) {
+        const uint32_t v = (1u << bits) - 1 - u;
+        // Neighbouring slots full of ones must not leak into the pair.
+        const uint32_t noise = ~put_pair(shift, (1u << bits) - 1, (1u << bits) - 1);
+        const uint32_t w = put_pair(shift, u, v) | noise;
+        EXPECT_EQ(t::pair_low(w, shift, bits), u);
+        EXPECT_EQ(t::pair_high(w, shift, bits), v);
+        const uint32_t h2 = t::hsub2_fp16(t::fp16x2_biased(w, shift, bits), t::kFp16Magic2);
+        ASSERT_EQ(f::half_to_float(uint16_t(h2)), float(u)) << bits << " " << shift;
+        ASSERT_EQ(f::half_to_float(uint16_t(h2 >> 16)), float(v)) << bits << " " << shift;
+        if (shift + bits <= 10) {
+          const uint32_t b2 = t::fp16x2_biased_in_place(w, shift, bits);
+          ASSERT_EQ(f::half_to_float(uint16_t(b2)), 1024.0f + float(u << shift));
+          ASSERT_EQ(f::half_to_float(uint16_t(b2 >> 16)), 1024.0f + float(v << shift));
+        }
+      }
+    }
+  }
+}
+
+TEST(TileConversion, Bf16MagicIsExactBelow128AndTheF32PathForEight) {
+  for (uint32_t bits : {2u, 4u, 8u}) {
+    for (uint32_t shift = 0; shift + bits <= 16; shift += bits) {
+      for (uint32_t u = 0; u < (1u << bits); ++u) {
+        const uint32_t w = put_pair(shift, u, u ^ 1u);
+        const uint32_t h2 = t::hsub2_bf16(t::bf16x2_biased(w, shift, bits), t::kBf16Magic2);
+        const bool exact = f::bf16_to_float(uint16_t(h2)) == float(u);
+        if (u < 128) EXPECT_TRUE(exact) << bits << " " << u;
+        if (u == 129) EXPECT_FALSE(exact);  // 8-bit codes from 128 up need the fp32 path
+      }
+    }
+  }
+  for (uint32_t u = 0; u < 256; ++u) {
+    EXPECT_EQ(f::bf16_to_float(t::u8_to_bf16_via_f32(u)), float(u));
+  }
+}
+
+TEST(TileWidths, CodesAndBits) {
+  EXPECT_EQ(t::width_code_for(0), uint32_t(t::kW0));
+  EXPECT_EQ(t::width_code_for(1), uint32_t(t::kW2));
+  EXPECT_EQ(t::width_code_for(3), uint32_t(t::kW4));
+  EXPECT_EQ(t::width_code_for(8), uint32_t(t::kW8));
+  EXPECT_EQ(t::width_code_for(9), uint32_t(t::kWRaw));
+  EXPECT_EQ(t::element_bits(t::kW8, KVC_DTYPE_FP16), 8u);
+  EXPECT_EQ(t::element_bits(t::kWRaw, KVC_DTYPE_BF16), 16u);
+  EXPECT_EQ(t::element_bits(t::kWRaw, KVC_DTYPE_FP32), 32u);
+  EXPECT_EQ(t::tile_bytes(4, 16), 1024u);  // K tile, T = 128, 4 bits: 16 x 128 x 4 / 8
+}
+
+}  // namespace
+}  // namespace kvc::test
