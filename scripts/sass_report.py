@@ -26,7 +26,10 @@ from dataclasses import dataclass, field
 
 # Elements of K (and as many of V) that one main-loop iteration of a warp consumes, by kernel.
 # The dense kernel stages 4096 / D tokens x D channels: 4096 of each.
-ELEMENTS_PER_ITERATION = {"attention_dense_kernel": lambda dt, d: 4096}
+# The tile kernel consumes one block of T tokens x D channels per iteration (its tail unit, once
+# per sequence, takes another branch of the same loop: counted as if executed, an upper bound).
+ELEMENTS_PER_ITERATION = {"attention_dense_kernel": lambda dt, d, t: 4096,
+                          "attention_tiles_kernel": lambda dt, d, t: d * t}
 
 INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?\s*(.*?);")
 LINE = re.compile(r'//## File "([^"]+)", line (\d+)(?: inlined at "([^"]+)", line (\d+))?')
@@ -102,6 +105,42 @@ def main_loop(k: Kernel) -> tuple[int, int, bool] | None:
     return a, b, nested
 
 
+def basic_blocks(k: Kernel) -> list[list[Insn]]:
+    """Straight-line runs: split at labels and after branches."""
+    starts = set(k.labels.values())
+    blocks, cur = [], []
+    for i, ins in enumerate(k.insns):
+        if i in starts and cur:
+            blocks.append(cur)
+            cur = []
+        cur.append(ins)
+        if ins.op in ("BRA", "EXIT", "RET", "BRX", "JMP"):
+            blocks.append(cur)
+            cur = []
+    if cur:
+        blocks.append(cur)
+    return blocks
+
+
+def feeding_blocks(k: Kernel, region_of: dict[int, str]) -> list[dict]:
+    """The straight-line blocks that feed the tensor cores, each with its SASS per element: one
+    m16n8k16 consumes a 16 x 8 B operand, 128 K or V elements, so a block of N instructions and
+    H HMMA costs 32 N / (128 H) instructions per element (loads, conversion and MMA; not the
+    per-block work outside it)."""
+    out = []
+    for b in basic_blocks(k):
+        body = [x for x in b if x.op != "NOP"]
+        hmma = sum(x.op == "HMMA" for x in body)
+        if not hmma:
+            continue
+        names = [region_of.get(x.src_line) or "other" for x in body if x.op == "HMMA"]
+        conv = sum(x.op in ("LOP3", "PRMT", "HADD2", "HFMA2", "HMUL2", "SHF", "F2FP", "I2F", "I2FP")
+                   for x in body)
+        out.append(dict(region=max(set(names), key=names.count), sass=len(body), hmma=hmma,
+                        conversions=conv, per_elem=32 * len(body) / (128 * hmma)))
+    return out
+
+
 def regions(source_path: str) -> dict[int, str]:
     """Source line -> region name, from the [sass ...] markers."""
     out, cur = {}, None
@@ -142,8 +181,9 @@ def report(cubin, nvdisasm, cuobjdump, source, markdown):
         if not m or "attention" not in m.group(1):
             continue
         kind, dt, d = m.group(1), int(m.group(2)), int(m.group(3))
-        if m.group(4):  # a group-size bucket
-            kind += f"<G{m.group(4)}>"
+        extra = int(m.group(4)) if m.group(4) else None
+        if extra is not None:  # the compressed kernel's group bucket, the tile kernel's T
+            kind += f"<T{extra}>" if "tiles" in kind else f"<G{extra}>"
         u = usage.get(mangled, {})
         row = dict(kernel=kind, dtype={1: "fp16", 2: "bf16"}.get(dt, str(dt)), head_dim=d,
                    regs=u.get("REG"), stack=u.get("STACK"), local=u.get("LOCAL"),
@@ -158,7 +198,7 @@ def report(cubin, nvdisasm, cuobjdump, source, markdown):
             for x in body:
                 r = region_of.get(x.src_line) or "other"
                 count[r] = count.get(r, 0) + 1
-            elems = per_iter(dt, d)
+            elems = per_iter(dt, d, extra)
             shared = count.get("stage", 0) + count.get("softmax", 0) + count.get("other", 0)
             row.update(loop_sass=len(body), elems=elems,
                        per_elem=32 * len(body) / (2 * elems),
@@ -168,6 +208,7 @@ def report(cubin, nvdisasm, cuobjdump, source, markdown):
         else:
             row.update(loop_sass=None, note="no straight-line HMMA loop" if per_iter
                        else "data-dependent inner loops: no static per-element count")
+        row["feeding"] = feeding_blocks(k, region_of)
         rows.append(row)
     print_rows(rows, markdown)
     return rows
@@ -195,6 +236,14 @@ def print_rows(rows, markdown):
             print(f"  {r['kernel']} {r['dtype']} D={r['head_dim']}: loop regions {r['regions']}")
         elif r.get("note"):
             print(f"  {r['kernel']} {r['dtype']} D={r['head_dim']}: {r['note']}")
+    print("\nStraight-line blocks that feed the tensor cores (region, SASS, HMMA, conversion ops, "
+          "SASS per element = 32 SASS / (128 HMMA)):")
+    for r in rows:
+        feeding = [f for f in r.get("feeding", []) if f["hmma"] >= 2]
+        if feeding:
+            cells = ", ".join(f"{f['region']}: {f['sass']}/{f['hmma']}/{f['conversions']} = "
+                              f"{f['per_elem']:.2f}" for f in feeding)
+            print(f"  {r['kernel']} {r['dtype']} D={r['head_dim']}: {cells}")
 
 
 def main(argv=None):

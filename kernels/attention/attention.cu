@@ -8,6 +8,7 @@
 #include "core/error.hpp"
 #include "kernels/attention/attention.cuh"
 #include "kernels/attention/cuda_attention.hpp"
+#include "kernels/attention/tile_attention.cuh"
 #include "kernels/codec/device_book.cuh"
 #include "kernels/common/launch.cuh"
 
@@ -124,6 +125,32 @@ void attention_compressed(const AttentionShape& s, const AttentionPlan& plan,
            dim3(plan.num_splits, s.kv_heads, s.num_sequences), k::kWarps * k::kLanes, smem, st, P,
            d_sequences, d_pool, page_bytes, view_of(books.books[0]), view_of(books.books[1]),
            value.group_size, max_groups);
+  });
+  combine(s, P, d_out, st);
+}
+
+void attention_tiles(const AttentionShape& s, const AttentionPlan& plan, uint32_t tokens_per_block,
+                     const uint8_t* d_pool, size_t page_bytes, const SequenceView* d_sequences,
+                     const void* d_queries, void* d_out, void* d_workspace, void* stream) {
+  // 128-token blocks at head_dim 256 would spill: the output and the scores alone are 192
+  // registers per thread.
+  require(s.head_dim * tokens_per_block <= 128 * 128, KVC_ERROR_NOT_SUPPORTED,
+          "tile attention at head_dim ", s.head_dim, " takes blocks of at most ",
+          128 * 128 / std::max(s.head_dim, 1u), " tokens, not ", tokens_per_block);
+  const k::AttentionParams P = params_for(s, plan, tokens_per_block, d_queries, d_workspace);
+  const auto st = static_cast<cudaStream_t>(stream);
+  dispatch<kvc_dtype, KVC_DTYPE_FP16, KVC_DTYPE_BF16>(s.dtype, "dtype", [&](auto dt) {
+    dispatch<uint32_t, 64u, 128u, 256u>(s.head_dim, "head_dim", [&](auto d) {
+      dispatch<uint32_t, 64u, 128u>(tokens_per_block, "tokens per tile block", [&](auto t) {
+        constexpr uint32_t D = decltype(d)::value, T = decltype(t)::value;
+        if constexpr (D * T <= 128 * 128) {
+          launch(k::attention_tiles_kernel<decltype(dt)::value, D, T>,
+                 dim3(plan.num_splits, s.kv_heads, s.num_sequences), k::kWarps * k::kLanes,
+                 k::TileAttentionTraits<D, T>::smem_bytes(), st, P, d_sequences, d_pool,
+                 page_bytes);
+        }
+      });
+    });
   });
   combine(s, P, d_out, st);
 }

@@ -76,6 +76,13 @@ void attention_compressed(const AttentionShape& shape, const AttentionPlan& plan
                           const SequenceView* d_sequences, const void* d_queries, void* d_out,
                           void* d_workspace, void* stream);
 
+// The same over tile blocks (format t1, tokens_per_block 64 or 128 tokens; raw tiles in the
+// cache dtype, as the store writes them): plan from plan_attention. Enqueue only.
+void attention_tiles(const AttentionShape& shape, const AttentionPlan& plan,
+                     uint32_t tokens_per_block, const uint8_t* d_pool, size_t page_bytes,
+                     const SequenceView* d_sequences, const void* d_queries, void* d_out,
+                     void* d_workspace, void* stream);
+
 // The baseline: a dense cache, d_keys/d_values [num_sequences, max_tokens, kv_heads, head_dim],
 // d_lengths [num_sequences]. plan from plan_dense_attention. Enqueue only.
 AttentionPlan plan_dense_attention(const AttentionShape& shape, uint32_t max_tokens);

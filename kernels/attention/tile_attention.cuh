@@ -1,0 +1,446 @@
+// SPDX-License-Identifier: Apache-2.0
+// Split-KV decode attention over tile blocks (format t1, kernels/common/tile_format.cuh) on the
+// tensor cores: the dense kernel's structure (attention.cuh) with B fragments converted in
+// registers from fixed-width codes instead of loaded as halves.
+//
+// A warp owns every kWarps-th unit (one K and one V tile block of T tokens, or the fp16 tail)
+// of its split. Per unit, with the group's query heads as the 16 rows of the MMA:
+//   K: the block's per-channel steps and its permutation fold into the query, once per block
+//      (q'[h][j] = q[h][perm[j]] * step[j], in shared memory as A fragments), and its centres
+//      into one score offset per head (sum_j q'[h][j] * centre[j]); each 16-channel tile is one
+//      k-step whose codes a lane loads with 16-byte loads and turns into half2 with the
+//      magic-number trick (OR into the mantissa of 1024 or 128, subtract): S = Q' C^T + offset.
+//   V: per-token steps fold into the probabilities (p' = p * step[t], the A fragment of P V)
+//      and the centres into one output offset per head (sum_t p'[t] * centre[t]); each
+//      16-token tile is one k-step: O += P' C_V, offset added at the end.
+// Raw tiles (codes wider than 8 bits, or a block kept verbatim) hold the cache dtype itself and
+// take the unscaled query or probability. Scores, softmax state and the output stay in
+// registers; nothing is written back but the partial state per warp, merged by the combine
+// kernel.
+#pragma once
+
+#include "kernels/attention/attention.cuh"
+#include "kernels/attention/tile_convert.cuh"
+#include "kernels/common/tile_format.cuh"
+
+namespace kvc::kernels {
+
+template <uint32_t D, uint32_t T>
+struct TileAttentionTraits {
+  static constexpr uint32_t kKSteps = D / 16;                            // K tiles
+  static constexpr uint32_t kVSteps = T / 16;                            // V tiles
+  static constexpr size_t kQueryBytes = size_t(16) * D * sizeof(float);  // [16][D]
+  static constexpr uint32_t kSteps = kKSteps > kVSteps ? kKSteps : kVSteps;
+  static constexpr size_t kWarpBytes = size_t(kSteps) * kLanes * sizeof(uint4);  // A frags
+  // A unit's K and V blocks, staged with cp.async into one of two stages per warp; a unit that
+  // does not fit (wide codes, raw tiles) is read from global memory where it lies.
+  static constexpr size_t kStageBytes = 16 * 1024;
+  static constexpr size_t kStages = 2;
+  static constexpr size_t smem_bytes() {
+    return kQueryBytes + size_t(kWarps) * (kWarpBytes + kStages * kStageBytes);
+  }
+  static_assert(T % 16 == 0 && T >= 32 && D % 16 == 0 && D >= 64, "whole k-steps and n-tiles");
+};
+
+// The header fields and section offsets of a tile block the store wrote and checked: the
+// kernel trusts blocks as the store's own attention trusts them (restore validates them).
+__device__ __forceinline__ tiles::TileLayout tile_layout(const uint8_t* p, uint32_t T, uint32_t D) {
+  tiles::TileLayout b{};
+  const uint32_t flags = p[tiles::offset::kFlags];
+  b.is_value = (flags & tiles::flag::kValue) != 0;
+  b.per_group_step = (flags & tiles::flag::kPerGroupStep) != 0;
+  b.permuted = (flags & tiles::flag::kPermuted) != 0;
+  b.quantized = (flags & tiles::flag::kQuantized) != 0;
+  b.raw_dtype = (flags >> tiles::flag::kRawDtypeShift) & 3u;
+  b.center_bytes = p[tiles::offset::kCenterBytes];
+  b.num_tokens = T;
+  b.head_dim = D;
+  b.num_tiles = tiles::num_tiles(b.is_value, T, D);
+  b.num_groups = tiles::num_groups(b.is_value, T, D);
+  b.nblocks = tiles::num_nblocks(b.is_value, T, D);
+  b.pairs_per_lane = 2u * b.nblocks;
+  b.center_base = int32_t(format::load_u32(p + tiles::offset::kCenterBase));
+  b.step_bits = format::load_u32(p + tiles::offset::kStep);
+  tiles::place_sections(b);
+  return b;
+}
+
+// Aligned reads of a block's sections (the format aligns them; the kernel reads shared or
+// global memory alike through generic pointers).
+__device__ __forceinline__ uint32_t tile_entry(const uint8_t* p, const tiles::TileLayout& b,
+                                               uint32_t i) {
+  return reinterpret_cast<const uint32_t*>(p + b.table_offset)[i];
+}
+__device__ __forceinline__ float tile_step(const uint8_t* p, const tiles::TileLayout& b,
+                                           uint32_t g) {
+  return b.per_group_step
+             ? format::bf16_to_float(reinterpret_cast<const uint16_t*>(p + b.steps_offset)[g])
+             : format::bits_float(b.step_bits);
+}
+__device__ __forceinline__ float tile_center(const uint8_t* p, const tiles::TileLayout& b,
+                                             uint32_t g) {
+  const uint8_t* at = p + b.centers_offset;
+  const uint32_t off = b.center_bytes == 1   ? uint32_t(at[g])
+                       : b.center_bytes == 2 ? uint32_t(reinterpret_cast<const uint16_t*>(at)[g])
+                                             : reinterpret_cast<const uint32_t*>(at)[g];
+  return float(int32_t(uint32_t(b.center_base) + off));
+}
+
+// Two integers (bits <= 8) in slot `slot` of w as the cache dtype's pair of halves, exactly:
+// through the magic number (tile_convert.cuh), or for 8-bit codes in bf16, whose mantissa is
+// too short, through fp32.
+template <kvc_dtype DT, uint32_t BITS>
+__device__ __forceinline__ uint32_t codes_to_pair(uint32_t w, uint32_t slot) {
+  constexpr bool kBf16 = DT == KVC_DTYPE_BF16;
+  if constexpr (tile_convert::magic_fits(BITS, kBf16)) {
+    return tile_convert::pair<kBf16, BITS>(w, slot);
+  } else {
+    return pack2<DT>(float(tiles::pair_low(w, slot * BITS, BITS)),
+                     float(tiles::pair_high(w, slot * BITS, BITS)));
+  }
+}
+
+// v rounded to the cache dtype (what a fragment holds), as a float.
+template <kvc_dtype DT>
+__device__ __forceinline__ float round_to(float v) {
+  const uint16_t h = uint16_t(pack2<DT>(v, 0.0f));
+  return DT == KVC_DTYPE_BF16 ? format::bf16_to_float(h) : format::half_to_float(h);
+}
+
+// acc[n] += A * B_n for the n-tiles of one tile of BITS-bit elements (16 = raw halves) with
+// NT n-tiles (2 NT pairs per lane). A lane's words are read 16 bytes (or its whole run) at a
+// time: lane word w is tile word (w / U) * 32 U + lane * U + w % U, U = min(4, words)
+// (tile_format.cuh, pair_location); pair p = 2 n + r (register r of n-tile n's B fragment) is
+// in word p / (16 / BITS), at bit (p % (16 / BITS)) * BITS, its high half 16 bits above.
+template <kvc_dtype DT, uint32_t BITS, uint32_t NT>
+__device__ __forceinline__ void tile_products(float (&acc)[NT][4], const uint4& a,
+                                              const uint8_t* tile, uint32_t lane) {
+  constexpr uint32_t kPerWord = 16 / BITS;  // pairs per word
+  constexpr uint32_t kWords = 2 * NT / kPerWord;
+  constexpr uint32_t kUnit = kWords < 4 ? kWords : 4;
+  constexpr uint32_t kTilesPerUnit = kUnit * kPerWord / 2;
+  static_assert(kWords * kPerWord == 2 * NT, "a lane's pairs fill whole words");
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(tile) + lane * kUnit;
+#pragma unroll
+  for (uint32_t u = 0; u < kWords / kUnit; ++u) {
+    uint32_t w[kUnit];
+    if constexpr (kUnit == 4) {
+      const uint4 v = *reinterpret_cast<const uint4*>(words + u * 32 * kUnit);
+      w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+    } else if constexpr (kUnit == 2) {
+      const uint2 v = *reinterpret_cast<const uint2*>(words + u * 32 * kUnit);
+      w[0] = v.x, w[1] = v.y;
+    } else {
+      w[0] = words[u * 32 * kUnit];
+    }
+#pragma unroll
+    for (uint32_t j = 0; j < kTilesPerUnit; ++j) {
+      uint32_t b[2];
+#pragma unroll
+      for (uint32_t r = 0; r < 2; ++r) {
+        const uint32_t p = 2 * j + r;  // pair within the unit
+        if constexpr (BITS == 16) {
+          b[r] = w[p];
+        } else {
+          b[r] = codes_to_pair<DT, BITS>(w[p / kPerWord], p % kPerWord);
+        }
+      }
+      mma::mma_16816<DT == KVC_DTYPE_BF16>(acc[u * kTilesPerUnit + j], a, b[0], b[1]);
+    }
+  }
+}
+
+// One tile's products by its width code; a zero-width tile adds nothing (every code is 0).
+template <kvc_dtype DT, uint32_t NT>
+__device__ __forceinline__ void tile_products_any(float (&acc)[NT][4], const uint4& a,
+                                                  const uint8_t* tile, uint32_t wcode,
+                                                  uint32_t lane) {
+  switch (wcode) {
+    case tiles::kW2:
+      tile_products<DT, 2>(acc, a, tile, lane);
+      break;
+    case tiles::kW4:
+      tile_products<DT, 4>(acc, a, tile, lane);
+      break;
+    case tiles::kW8:
+      tile_products<DT, 8>(acc, a, tile, lane);
+      break;
+    case tiles::kWRaw:
+      tile_products<DT, 16>(acc, a, tile, lane);
+      break;
+    default:
+      break;
+  }
+}
+
+template <kvc_dtype DT, uint32_t D, uint32_t T>
+__global__ void __launch_bounds__(kWarps* kLanes)
+    attention_tiles_kernel(AttentionParams P, const SequenceView* sequences, const uint8_t* pool,
+                           size_t page_bytes) {
+  using Tr = TileAttentionTraits<D, T>;
+  constexpr bool kBf16 = DT == KVC_DTYPE_BF16;
+  constexpr float kLog2e = 1.4426950408889634f;
+  extern __shared__ __align__(16) uint8_t smem[];
+  const uint32_t split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
+  const uint32_t warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes, quad = lane % 4;
+  float* qf = reinterpret_cast<float*>(smem);  // [16][D]: the group's queries, zero rows after
+  uint8_t* mine = smem + Tr::kQueryBytes + warp * (Tr::kWarpBytes + Tr::kStages * Tr::kStageBytes);
+  uint4* qfrag = reinterpret_cast<uint4*>(mine);
+  uint8_t* stages = mine + Tr::kWarpBytes;
+
+  const uint32_t q_heads = P.kv_heads * P.group;
+  for (uint32_t i = threadIdx.x; i < 16 * D; i += blockDim.x) {
+    const uint32_t row = i / D, c = i % D;
+    qf[i] = row < P.group
+                ? load_elem<DT>(P.queries, (size_t(seq) * q_heads + head * P.group + row) * D + c)
+                : 0.0f;
+  }
+  __syncthreads();
+
+  const SequenceView sv = sequences[seq];
+  const uint32_t units = sv.num_blocks + (sv.tail_tokens > 0 ? 1u : 0u);
+  const uint32_t end = min(units, (split + 1) * P.units_per_split);
+  const float scale = P.scale * kLog2e;
+
+  float o[D / 8][4] = {};
+  float o_offset[2] = {0.0f, 0.0f};     // sum of p' * centre, rows lane / 4 and lane / 4 + 8
+  float m[2] = {-INFINITY, -INFINITY};  // running max, base 2
+  float l[2] = {0.0f, 0.0f};            // this lane's share of the row sums
+
+  // Where unit u's K and V blocks lie in the pool, and whether they fit one stage (both 16-byte
+  // aligned and together at most kStageBytes).
+  auto block_of = [&](uint32_t u, uint32_t kind) {
+    const BlockLocation loc = sv.blocks[(size_t(u) * P.kv_heads + head) * 2 + kind];
+    return pool + size_t(loc.page) * page_bytes + loc.offset;
+  };
+  auto stageable = [&](uint32_t u) {
+    if (u >= sv.num_blocks) return false;
+    const BlockLocation* loc = &sv.blocks[(size_t(u) * P.kv_heads + head) * 2];
+    const uintptr_t at =
+        reinterpret_cast<uintptr_t>(block_of(u, 0)) | reinterpret_cast<uintptr_t>(block_of(u, 1));
+    return (at | loc[0].bytes | loc[1].bytes) % 16 == 0 &&
+           size_t(loc[0].bytes) + loc[1].bytes <= Tr::kStageBytes;
+  };
+  // [sass stage] cp.async of unit u's K then V block into stage s (a group, committed even when
+  // empty so that the wait counts stay uniform).
+  auto stage_unit = [&](uint32_t u, uint32_t s) {
+    if (stageable(u)) {
+      const BlockLocation* loc = &sv.blocks[(size_t(u) * P.kv_heads + head) * 2];
+      uint8_t* dst = stages + s * Tr::kStageBytes;
+      for (uint32_t kind = 0; kind < 2; ++kind) {
+        const uint8_t* src = block_of(u, kind);
+        for (uint32_t c = lane; c < loc[kind].bytes / 16; c += kLanes) {
+          mma::cp_async_16(dst + 16 * c, src + 16 * c, true);
+        }
+        dst += loc[0].bytes;
+      }
+    }
+    mma::cp_async_commit();
+  };
+
+  uint32_t u = split * P.units_per_split + warp;
+  if (u < end) stage_unit(u, 0);
+  for (uint32_t s = 0; u < end; u += kWarps, s ^= 1) {
+    if (u + kWarps < end) {
+      stage_unit(u + kWarps, s ^ 1);
+      mma::cp_async_wait<1>();
+    } else {
+      mma::cp_async_wait<0>();
+    }
+    __syncwarp();
+    float sc[T / 8][4] = {};
+    float s_offset[2] = {0.0f, 0.0f};  // sum of q' * centre, this lane's positions
+    uint32_t valid = T;
+    const uint8_t* vb = nullptr;
+    tiles::TileLayout vl{};
+    if (u < sv.num_blocks) {
+      const uint8_t* kb = block_of(u, 0);
+      vb = block_of(u, 1);
+      if (stageable(u)) {
+        const uint32_t k_bytes = sv.blocks[(size_t(u) * P.kv_heads + head) * 2].bytes;
+        kb = stages + s * Tr::kStageBytes;
+        vb = kb + k_bytes;
+      }
+      const tiles::TileLayout kl = tile_layout(kb, T, D);
+      vl = tile_layout(vb, T, D);
+
+      // [sass Kprep] q' = q * step as A fragments, and the score offsets sum q' * centre.
+      // A lane's A elements of a k-step are rows lane / 4 and lane / 4 + 8 at positions
+      // 2 quad + {0, 1, 8, 9}; each lane writes and reads only its own fragments.
+      for (uint32_t ks = 0; ks < Tr::kKSteps; ++ks) {
+        const bool coded =
+            kl.quantized && tiles::entry_width(tile_entry(kb, kl, ks)) != tiles::kWRaw;
+        float q[8];
+#pragma unroll
+        for (uint32_t e = 0; e < 4; ++e) {  // position 16 ks + 2 quad + e % 2 + 8 (e / 2)
+          const uint32_t pos = 16 * ks + 2 * quad + e % 2 + 8 * (e / 2);
+          const uint32_t ch = tiles::channel_of(kb, kl, pos);
+          const float step = coded ? tile_step(kb, kl, pos) : 1.0f;
+          const float centre = coded ? tile_center(kb, kl, pos) : 0.0f;
+#pragma unroll
+          for (uint32_t r = 0; r < 2; ++r) {  // A element i = 4 (e / 2) + 2 r + e % 2
+            const uint32_t row = lane / 4 + 8 * r, i = 4 * (e / 2) + 2 * r + e % 2;
+            q[i] = row < P.group ? round_to<DT>(qf[row * D + ch] * step) : 0.0f;
+            s_offset[r] += q[i] * centre;
+          }
+        }
+        qfrag[ks * kLanes + lane] = make_uint4(pack2<DT>(q[0], q[1]), pack2<DT>(q[2], q[3]),
+                                               pack2<DT>(q[4], q[5]), pack2<DT>(q[6], q[7]));
+      }
+
+      // [sass K] S = Q' C^T, one k-step per 16-channel tile.
+      for (uint32_t ks = 0; ks < Tr::kKSteps; ++ks) {
+        const uint32_t entry = tile_entry(kb, kl, ks);
+        tile_products_any<DT>(sc, qfrag[ks * kLanes + lane], kb + tiles::entry_offset(entry),
+                              tiles::entry_width(entry), lane);
+      }
+    } else {
+      // [sass tail] The fp16/bf16 tail, fewer than T tokens [tail_tokens, kv_heads, D]: B
+      // fragments loaded straight from global memory (one unit per sequence).
+      valid = sv.tail_tokens;
+      const uint16_t* keys = static_cast<const uint16_t*>(sv.tail_keys) + size_t(head) * D;
+      const size_t stride = size_t(P.kv_heads) * D;
+      for (uint32_t ks = 0; ks < Tr::kKSteps; ++ks) {
+        float q[8];
+#pragma unroll
+        for (uint32_t i = 0; i < 8; ++i) {
+          const mma::Coord c = mma::a_coord(lane, i);
+          q[i] = qf[c.row * D + 16 * ks + c.col];
+        }
+        const uint4 a = make_uint4(pack2<DT>(q[0], q[1]), pack2<DT>(q[2], q[3]),
+                                   pack2<DT>(q[4], q[5]), pack2<DT>(q[6], q[7]));
+#pragma unroll
+        for (uint32_t n = 0; n < T / 8; ++n) {
+          const uint32_t token = 8 * n + lane / 4;
+          const uint32_t* row =
+              reinterpret_cast<const uint32_t*>(keys + token * stride + 16 * ks + 2 * quad);
+          const uint32_t b0 = token < valid ? row[0] : 0u, b1 = token < valid ? row[4] : 0u;
+          mma::mma_16816<kBf16>(sc[n], a, b0, b1);
+        }
+      }
+    }
+
+    // [sass softmax] Online softmax, base 2, over this unit's scores plus the block's offsets.
+    float s_off[2];
+#pragma unroll
+    for (uint32_t r = 0; r < 2; ++r) {
+      s_off[r] = s_offset[r] + __shfl_xor_sync(~0u, s_offset[r], 1);
+      s_off[r] += __shfl_xor_sync(~0u, s_off[r], 2);
+    }
+    float top[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (uint32_t n = 0; n < T / 8; ++n) {
+#pragma unroll
+      for (uint32_t i = 0; i < 4; ++i) {
+        const uint32_t token = 8 * n + 2 * quad + i % 2;
+        sc[n][i] = token < valid ? (sc[n][i] + s_off[i / 2]) * scale : -INFINITY;
+        top[i / 2] = fmaxf(top[i / 2], sc[n][i]);
+      }
+    }
+#pragma unroll
+    for (uint32_t r = 0; r < 2; ++r) {
+      top[r] = fmaxf(top[r], __shfl_xor_sync(~0u, top[r], 1));
+      top[r] = fmaxf(top[r], __shfl_xor_sync(~0u, top[r], 2));
+      const float m_new = fmaxf(m[r], top[r]);
+      const float alpha = exp2f(m[r] - m_new);
+      m[r] = m_new;
+      l[r] *= alpha;
+      o_offset[r] *= alpha;
+#pragma unroll
+      for (uint32_t n = 0; n < D / 8; ++n) {
+        o[n][2 * r] *= alpha;
+        o[n][2 * r + 1] *= alpha;
+      }
+    }
+#pragma unroll
+    for (uint32_t n = 0; n < T / 8; ++n) {
+#pragma unroll
+      for (uint32_t i = 0; i < 4; ++i) {
+        sc[n][i] = exp2f(sc[n][i] - m[i / 2]);
+        l[i / 2] += sc[n][i];
+      }
+    }
+
+    if (vb != nullptr) {
+      // [sass Vprep] P' = P * step[t] for coded tiles as A fragments (n-tiles 2 kk, 2 kk + 1
+      // of S are k-step kk), and the output offsets sum p' * centre.
+#pragma unroll
+      for (uint32_t kk = 0; kk < Tr::kVSteps; ++kk) {
+        const bool coded =
+            vl.quantized && tiles::entry_width(tile_entry(vb, vl, kk)) != tiles::kWRaw;
+        float p[8];
+#pragma unroll
+        for (uint32_t e = 0; e < 4; ++e) {  // token 16 kk + 2 quad + e % 2 + 8 (e / 2)
+          const uint32_t t = 16 * kk + 2 * quad + e % 2 + 8 * (e / 2);
+          const float step = coded ? tile_step(vb, vl, t) : 1.0f;
+          const float centre = coded ? tile_center(vb, vl, t) : 0.0f;
+#pragma unroll
+          for (uint32_t r = 0; r < 2; ++r) {
+            const uint32_t i = 4 * (e / 2) + 2 * r + e % 2;
+            p[i] = round_to<DT>(sc[2 * kk + i / 4][i % 4] * step);
+            o_offset[r] += p[i] * centre;
+          }
+        }
+        qfrag[kk * kLanes + lane] = make_uint4(pack2<DT>(p[0], p[1]), pack2<DT>(p[2], p[3]),
+                                               pack2<DT>(p[4], p[5]), pack2<DT>(p[6], p[7]));
+      }
+      // [sass V] O += P' C_V, one k-step per 16-token tile.
+      for (uint32_t kk = 0; kk < Tr::kVSteps; ++kk) {
+        const uint32_t entry = tile_entry(vb, vl, kk);
+        tile_products_any<DT>(o, qfrag[kk * kLanes + lane], vb + tiles::entry_offset(entry),
+                              tiles::entry_width(entry), lane);
+      }
+    } else {
+      // [sass tail] P V over the tail, B fragments from global memory, tokens past it zero.
+      const uint16_t* values = static_cast<const uint16_t*>(sv.tail_values) + size_t(head) * D;
+      const size_t stride = size_t(P.kv_heads) * D;
+#pragma unroll
+      for (uint32_t kk = 0; kk < Tr::kVSteps; ++kk) {
+        const uint4 a = make_uint4(pack2<DT>(sc[2 * kk][0], sc[2 * kk][1]),
+                                   pack2<DT>(sc[2 * kk][2], sc[2 * kk][3]),
+                                   pack2<DT>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                                   pack2<DT>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]));
+        const uint32_t t0 = 16 * kk + 2 * quad;
+#pragma unroll
+        for (uint32_t n = 0; n < D / 8; ++n) {
+          const uint32_t c = 8 * n + lane / 4;
+          uint32_t b[2];
+#pragma unroll
+          for (uint32_t r = 0; r < 2; ++r) {
+            const uint32_t t = t0 + 8 * r;
+            const uint32_t lo = t < valid ? values[t * stride + c] : 0u;
+            const uint32_t hi = t + 1 < valid ? values[(t + 1) * stride + c] : 0u;
+            b[r] = lo | hi << 16;
+          }
+          mma::mma_16816<kBf16>(o[n], a, b[0], b[1]);
+        }
+      }
+    }
+    __syncwarp();  // every lane is done with stage s before it is refilled
+    // [sass other]
+  }
+
+  // The partial state of this warp: rows of the group only; max in natural-log units.
+  const uint32_t part = split * kWarps + warp;
+#pragma unroll
+  for (uint32_t r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(~0u, l[r], 1);
+    l[r] += __shfl_xor_sync(~0u, l[r], 2);
+    float off = o_offset[r] + __shfl_xor_sync(~0u, o_offset[r], 1);
+    off += __shfl_xor_sync(~0u, off, 2);
+    const uint32_t g = lane / 4 + 8 * r;
+    if (g >= P.group) continue;
+    const size_t row = (size_t(seq) * q_heads + head * P.group + g) * P.num_parts + part;
+#pragma unroll
+    for (uint32_t n = 0; n < D / 8; ++n) {
+      *reinterpret_cast<float2*>(&P.part_acc[row * D + n * 8 + 2 * quad]) =
+          make_float2(o[n][2 * r] + off, o[n][2 * r + 1] + off);
+    }
+    if (quad == 0) {
+      P.part_ml[row * 2] = m[r] / kLog2e;
+      P.part_ml[row * 2 + 1] = l[r];
+    }
+  }
+}
+
+}  // namespace kvc::kernels

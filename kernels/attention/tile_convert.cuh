@@ -1,0 +1,88 @@
+// SPDX-License-Identifier: Apache-2.0
+// Tile codes to half2 in about one instruction per element (format t1 puts a pair's two codes
+// 16 bits apart, slot s of a word at bit s * BITS; tile_format.cuh).
+//
+// OR-ing an integer u into the mantissa of a power of two M (the "magic" 1024 = 0x6400 for
+// fp16, 128 = 0x4300 for bf16) gives the half M + u exactly while u fits the mantissa. A code
+// already sitting at bit `in_place` (in_place + BITS <= mantissa bits) needs no shift: the
+// half is M + u * 2^in_place, and one FMA by 2^-in_place with addend -M * 2^-in_place leaves
+// u exactly (every step is a power-of-two scaling or an exact difference). So a pair costs one
+// LOP3 ((w & mask) | magic) and one HFMA2, plus one shift per word for the slots that lie
+// beyond the mantissa (shared by the slots that follow). Host-callable: the CPU tests check
+// every code of every width and slot through the same plan.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/common/format.cuh"
+
+namespace kvc::kernels::tile_convert {
+
+struct SlotPlan {
+  uint32_t base;      // shift the word right by this first (shared by a run of slots)
+  uint32_t in_place;  // the code's bit position after that shift
+};
+
+// Mantissa bits of the MMA input type: 10 (fp16) or 7 (bf16).
+KVC_HD constexpr uint32_t mantissa_bits(bool bf16) { return bf16 ? 7u : 10u; }
+
+// Whether BITS-bit codes convert through the magic number at all (u < 2^mantissa).
+KVC_HD constexpr bool magic_fits(uint32_t bits, bool bf16) { return bits <= mantissa_bits(bf16); }
+
+// Slot s of a BITS-bit word: the largest in-place position that is a multiple of BITS and keeps
+// the code inside the mantissa is q; slots are shifted in windows of q + BITS bits.
+KVC_HD constexpr SlotPlan slot_plan(uint32_t bits, uint32_t slot, bool bf16) {
+  const uint32_t q = (mantissa_bits(bf16) - bits) / bits * bits;
+  const uint32_t window = q + bits;
+  const uint32_t shift = slot * bits;
+  return {shift / window * window, shift % window};
+}
+
+// The half2 bits (fp16 or bf16) of the magic number with u at `in_place` (w pre-shifted).
+KVC_HD constexpr uint32_t biased_pair(uint32_t w, uint32_t bits, uint32_t in_place, bool bf16) {
+  const uint32_t mask = ((1u << bits) - 1u) * 0x00010001u;
+  return (w & (mask << in_place)) | (bf16 ? 0x43004300u : 0x64006400u);
+}
+
+// The FMA's multiplier 2^-in_place and addend -M * 2^-in_place, as a pair of equal halves.
+KVC_HD constexpr uint32_t fma_scale(uint32_t in_place, bool bf16) {
+  const uint32_t h = bf16 ? (127u - in_place) << 7 : (15u - in_place) << 10;
+  return h | h << 16;
+}
+KVC_HD constexpr uint32_t fma_addend(uint32_t in_place, bool bf16) {
+  const uint32_t h =
+      bf16 ? 0x8000u | ((127u + 7u - in_place) << 7) : 0x8000u | ((15u + 10u - in_place) << 10);
+  return h | h << 16;
+}
+
+#if defined(__CUDACC__)
+
+// The pair in slot `slot` of word w as halves of the MMA input type; exact. Called with a slot
+// that unrolling makes constant, so the plan and the constants fold away.
+template <bool BF16, uint32_t BITS>
+__device__ __forceinline__ uint32_t pair(uint32_t w, uint32_t slot) {
+  static_assert(magic_fits(BITS, BF16), "codes wider than the mantissa need another path");
+  const SlotPlan plan = slot_plan(BITS, slot, BF16);
+  // biased_pair as one LOP3: (a & b) | c, lookup table 0xF0 & 0xCC | 0xAA = 0xEA. Written out,
+  // because the compiler otherwise spends two LOP3 on the two immediates.
+  const uint32_t mask = ((1u << BITS) - 1u) * 0x00010001u << plan.in_place;
+  const uint32_t magic = BF16 ? 0x43004300u : 0x64006400u;
+  uint32_t biased, r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n"
+      : "=r"(biased)
+      : "r"(w >> plan.base), "r"(mask), "r"(magic));
+  if constexpr (BF16) {
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n"
+        : "=r"(r)
+        : "r"(biased), "r"(fma_scale(plan.in_place, true)), "r"(fma_addend(plan.in_place, true)));
+  } else {
+    asm("fma.rn.f16x2 %0, %1, %2, %3;\n"
+        : "=r"(r)
+        : "r"(biased), "r"(fma_scale(plan.in_place, false)), "r"(fma_addend(plan.in_place, false)));
+  }
+  return r;
+}
+
+#endif  // __CUDACC__
+
+}  // namespace kvc::kernels::tile_convert
