@@ -108,10 +108,9 @@ __device__ __forceinline__ float round_to(float v) {
 }
 
 // acc[n] += A * B_n for the n-tiles of one tile of BITS-bit elements (16 = raw halves) with
-// NT n-tiles (2 NT pairs per lane). A lane's words are read 16 bytes (or its whole run) at a
-// time: lane word w is tile word (w / U) * 32 U + lane * U + w % U, U = min(4, words)
-// (tile_format.cuh, pair_location); pair p = 2 n + r (register r of n-tile n's B fragment) is
-// in word p / (16 / BITS), at bit (p % (16 / BITS)) * BITS, its high half 16 bits above.
+// NT n-tiles (2 NT pairs per lane). A lane reads its words in runs of U = min(4, words): pair p
+// = 2 n + r (register r of n-tile n's B fragment) lies where tiles::pair_location says, the
+// runs' first words 16-byte (or the run's size) aligned.
 template <kvc_dtype DT, uint32_t BITS, uint32_t NT>
 __device__ __forceinline__ void tile_products(float (&acc)[NT][4], const uint4& a,
                                               const uint8_t* tile, uint32_t lane) {
@@ -120,18 +119,19 @@ __device__ __forceinline__ void tile_products(float (&acc)[NT][4], const uint4& 
   constexpr uint32_t kUnit = kWords < 4 ? kWords : 4;
   constexpr uint32_t kTilesPerUnit = kUnit * kPerWord / 2;
   static_assert(kWords * kPerWord == 2 * NT, "a lane's pairs fill whole words");
-  const uint32_t* words = reinterpret_cast<const uint32_t*>(tile) + lane * kUnit;
 #pragma unroll
   for (uint32_t u = 0; u < kWords / kUnit; ++u) {
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(tile) +
+                            tiles::pair_location(lane, u * kUnit * kPerWord, BITS, 2 * NT).word;
     uint32_t w[kUnit];
     if constexpr (kUnit == 4) {
-      const uint4 v = *reinterpret_cast<const uint4*>(words + u * 32 * kUnit);
+      const uint4 v = *reinterpret_cast<const uint4*>(words);
       w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
     } else if constexpr (kUnit == 2) {
-      const uint2 v = *reinterpret_cast<const uint2*>(words + u * 32 * kUnit);
+      const uint2 v = *reinterpret_cast<const uint2*>(words);
       w[0] = v.x, w[1] = v.y;
     } else {
-      w[0] = words[u * 32 * kUnit];
+      w[0] = words[0];
     }
 #pragma unroll
     for (uint32_t j = 0; j < kTilesPerUnit; ++j) {
