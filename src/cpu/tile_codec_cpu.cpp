@@ -54,32 +54,44 @@ Encoding plan_block(const CodecParams& p, const void* src, int64_t stride, kvc_d
     e.centers[g] = *lo;
     cls[g] = t::width_code_for(f::bit_width(uint32_t(int64_t(*hi) - *lo)));
   }
-  // K: channels sorted by width class (stable), so that wide channels share tiles.
-  if (!p.is_value && p.permute_channels) {
-    std::stable_sort(e.order.begin(), e.order.end(),
-                     [&](uint32_t a, uint32_t b) { return cls[a] < cls[b]; });
-  }
-  std::vector<uint32_t> widths(tiles, t::kW0);
-  for (uint32_t j = 0; j < groups; ++j) {
-    widths[j / 16] = std::max(widths[j / 16], cls[e.order[j]]);
-  }
-  if (std::all_of(widths.begin(), widths.end(), [](uint32_t w) { return w == t::kWRaw; })) {
-    std::iota(e.order.begin(), e.order.end(), 0u);  // the all-raw block is never permuted
-    return e;
-  }
   const auto [lo, hi] = std::minmax_element(e.centers.begin(), e.centers.end());
   const int64_t spread = int64_t(*hi) - *lo;
   const uint32_t center_bytes = spread < 256 ? 1u : spread < 65536 ? 2u : 4u;
-  bool permuted = false;
-  for (uint32_t j = 0; j < groups; ++j) permuted |= e.order[j] != j;
-  t::TileLayout b =
-      t::make_layout(p.is_value, p.num_tokens, p.head_dim, dtype, true, p.relative, permuted,
-                     center_bytes, *lo, p.relative ? 0u : f::float_bits(e.q.steps[0]));
-  b.block_bytes = tiles_end(b, widths);
-  if (b.block_bytes <= raw.block_bytes) {
-    e.plan = {b, widths};
+  // The quantized block for a group order, or an empty plan if every tile would be raw.
+  auto plan_for = [&](const std::vector<uint32_t>& order) {
+    std::vector<uint32_t> widths(tiles, t::kW0);
+    for (uint32_t j = 0; j < groups; ++j) {
+      widths[j / 16] = std::max(widths[j / 16], cls[order[j]]);
+    }
+    if (std::all_of(widths.begin(), widths.end(), [](uint32_t w) { return w == t::kWRaw; })) {
+      return TilePlan{};
+    }
+    bool permuted = false;
+    for (uint32_t j = 0; j < groups; ++j) permuted |= order[j] != j;
+    t::TileLayout b =
+        t::make_layout(p.is_value, p.num_tokens, p.head_dim, dtype, true, p.relative, permuted,
+                       center_bytes, *lo, p.relative ? 0u : f::float_bits(e.q.steps[0]));
+    b.block_bytes = tiles_end(b, widths);
+    return TilePlan{b, widths};
+  };
+  TilePlan best = plan_for(e.order);
+  // K: channels sorted by width class (stable), so that wide channels share tiles; kept only
+  // where it makes the block smaller (it costs a byte per channel).
+  if (!p.is_value && p.permute_channels) {
+    std::vector<uint32_t> sorted = e.order;
+    std::stable_sort(sorted.begin(), sorted.end(),
+                     [&](uint32_t a, uint32_t b) { return cls[a] < cls[b]; });
+    const TilePlan permuted = plan_for(sorted);
+    if (!permuted.widths.empty() &&
+        (best.widths.empty() || permuted.layout.block_bytes < best.layout.block_bytes)) {
+      best = permuted;
+      e.order = sorted;
+    }
+  }
+  if (!best.widths.empty() && best.layout.block_bytes <= raw.block_bytes) {
+    e.plan = best;
   } else {
-    std::iota(e.order.begin(), e.order.end(), 0u);
+    std::iota(e.order.begin(), e.order.end(), 0u);  // the all-raw block is never permuted
   }
   return e;
 }
