@@ -257,7 +257,8 @@ KVC_API kvc_status_t kvc_codec_destroy(kvc_codec_t codec);
 
 /* Worst-case size of one compressed block for this codec and input dtype (like
  * ZSTD_compressBound): every block the codec writes from src_dtype input fits in this many bytes
- * (never more than a verbatim copy plus the 32-byte header). A multiple of 4. */
+ * (never more than a verbatim copy plus the 32-byte header). A multiple of 4. Tile codecs: a
+ * verbatim copy plus the header and tile table rounded up to 16 bytes; a multiple of 16. */
 KVC_API kvc_status_t kvc_codec_max_block_bytes(kvc_codec_t codec, kvc_dtype src_dtype,
                                                size_t* size_bytes);
 

@@ -54,8 +54,9 @@ Encoding plan_block(const CodecParams& p, const void* src, int64_t stride, kvc_d
     e.centers[g] = *lo;
     cls[g] = t::width_code_for(f::bit_width(uint32_t(int64_t(*hi) - *lo)));
   }
-  const auto [lo, hi] = std::minmax_element(e.centers.begin(), e.centers.end());
-  const int64_t spread = int64_t(*hi) - *lo;
+  const auto range = std::minmax_element(e.centers.begin(), e.centers.end());
+  const int32_t center_base = *range.first;
+  const int64_t spread = int64_t(*range.second) - center_base;
   const uint32_t center_bytes = spread < 256 ? 1u : spread < 65536 ? 2u : 4u;
   // The quantized block for a group order, or an empty plan if every tile would be raw.
   auto plan_for = [&](const std::vector<uint32_t>& order) {
@@ -70,7 +71,7 @@ Encoding plan_block(const CodecParams& p, const void* src, int64_t stride, kvc_d
     for (uint32_t j = 0; j < groups; ++j) permuted |= order[j] != j;
     t::TileLayout b =
         t::make_layout(p.is_value, p.num_tokens, p.head_dim, dtype, true, p.relative, permuted,
-                       center_bytes, *lo, p.relative ? 0u : f::float_bits(e.q.steps[0]));
+                       center_bytes, center_base, p.relative ? 0u : f::float_bits(e.q.steps[0]));
     b.block_bytes = tiles_end(b, widths);
     return TilePlan{b, widths};
   };
