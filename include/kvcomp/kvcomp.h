@@ -153,10 +153,10 @@ typedef enum kvc_block_encoding {
  * error bound, is the same for both. */
 typedef enum kvc_block_format {
   KVC_BLOCK_FORMAT_V1 = 0,    /* format v1: the smallest of raw, fixed-width and Huffman */
-  KVC_BLOCK_FORMAT_TILES = 1, /* format t1: fixed-width codes (0, 2, 4 or 8 bits per 16-row
-                                 tile, raw tiles above) laid out in tensor-core operand order,
-                                 what the GPU decode attention reads. Needs num_tokens a power
-                                 of two in 16..1024, head_dim a power of two in 16..256 and V
+  KVC_BLOCK_FORMAT_TILES = 1, /* format t1: fixed-width codes (0, 2, 3, 4, 6 or 8 bits per
+                                 16-row tile, raw tiles above) laid out in tensor-core operand
+                                 order, what the GPU decode attention reads. Needs num_tokens a
+                                 power of two in 16..1024, head_dim a power of two in 16..256 and V
                                  groups of head_dim channels; CPU backend only for now */
   KVC_BLOCK_FORMAT_MAX_ENUM = 0x7FFFFFFF
 } kvc_block_format;
@@ -241,11 +241,13 @@ typedef struct kvc_codec_config {
   int32_t tile_permute_channels; /* tiles, K: 1 = sort channels by code width before cutting
                                     16-channel tiles (so that a few wide channels widen one
                                     tile, not all), 0 = keep the channel order */
+  int32_t tile_split_widths;     /* tiles: 1 = also 3- and 6-bit tiles, stored as two planes
+                                    (2 + 1 and 4 + 2 bits); 0 = only 0, 2, 4 and 8 bits */
 } kvc_codec_config;
 #define KVC_CODEC_CONFIG_INIT                                                             \
   {                                                                                       \
     sizeof(kvc_codec_config), KVC_ABI_VERSION, KVC_BACKEND_CPU, KVC_KIND_KEY, 64, 128, 0, \
-        KVC_BOUND_RELATIVE, 0.05f, KVC_ENTROPY_AUTO, 0, KVC_BLOCK_FORMAT_V1, 1            \
+        KVC_BOUND_RELATIVE, 0.05f, KVC_ENTROPY_AUTO, 0, KVC_BLOCK_FORMAT_V1, 1, 1         \
   }
 
 /* Creates a codec for one block shape. codebook may be NULL (fixed width only); the codec

@@ -88,7 +88,10 @@ CodecParams CodecParams::from_config(const kvc_codec_config& c, bool has_codeboo
           " is not a kvc_block_format (KVC_BLOCK_FORMAT_V1 = 0, KVC_BLOCK_FORMAT_TILES = 1)");
   require(c.tile_permute_channels == 0 || c.tile_permute_channels == 1, KVC_ERROR_INVALID_ARGUMENT,
           "config->tile_permute_channels = ", c.tile_permute_channels, " must be 0 or 1");
+  require(c.tile_split_widths == 0 || c.tile_split_widths == 1, KVC_ERROR_INVALID_ARGUMENT,
+          "config->tile_split_widths = ", c.tile_split_widths, " must be 0 or 1");
   p.tiles = c.block_format == KVC_BLOCK_FORMAT_TILES;
+  p.split_widths = c.tile_split_widths == 1;
   p.permute_channels = c.tile_permute_channels == 1;
   if (p.tiles) {
     require(tiles::shape_supported(p.num_tokens, p.head_dim), KVC_ERROR_NOT_SUPPORTED,

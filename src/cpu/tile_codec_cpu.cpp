@@ -52,7 +52,7 @@ Encoding plan_block(const CodecParams& p, const void* src, int64_t stride, kvc_d
     const int32_t* c = &e.q.codes[size_t(g) * p.group_size];
     const auto [lo, hi] = std::minmax_element(c, c + p.group_size);
     e.centers[g] = *lo;
-    cls[g] = t::width_code_for(f::bit_width(uint32_t(int64_t(*hi) - *lo)));
+    cls[g] = t::width_code_for(f::bit_width(uint32_t(int64_t(*hi) - *lo)), p.split_widths);
   }
   const auto range = std::minmax_element(e.centers.begin(), e.centers.end());
   const int32_t center_base = *range.first;
@@ -142,33 +142,42 @@ uint32_t encode_tile_block(const CodecParams& p, const void* src, int64_t stride
   }
   for (uint32_t i = 0; i < b.num_tiles; ++i) {
     const uint32_t w = e.plan.widths[i];
-    const uint32_t bits = t::element_bits(w, b.raw_dtype);
-    if (bits == 0) continue;
     uint8_t* tile = dst + t::entry_offset(t::table_entry(dst, b, i));
-    std::vector<uint32_t> words(t::tile_bytes(bits, b.nblocks) / 4, 0u);
-    for (uint32_t lane = 0; lane < 32; ++lane) {
-      for (uint32_t pair = 0; pair < b.pairs_per_lane; ++pair) {
-        const t::PairLocation loc = t::pair_location(lane, pair, bits, b.pairs_per_lane);
-        for (uint32_t h = 0; h < 2; ++h) {
-          const t::BlockCoord c = t::tile_element(b.is_value, i, t::pair_element(lane, pair, h));
-          const uint32_t g = b.is_value ? c.token : e.order[c.position];
-          const uint32_t channel = b.is_value ? c.position : g;
-          uint32_t v;
-          if (w == t::kWRaw) {
-            v = input_bits(src, dtype, size_t(c.token) * size_t(stride) + channel);
-          } else {
-            const uint32_t pos = b.is_value ? channel : c.token;
-            v = uint32_t(e.q.codes[size_t(g) * p.group_size + pos] - e.centers[g]);
-          }
-          if (bits == 32) {
-            words[h == 0 ? loc.word : t::next_lane_word(loc.word, bits, b.pairs_per_lane)] = v;
-          } else {
-            words[loc.word] |= v << (loc.shift + 16 * h);
+    // A raw tile is one plane of the input's width; a coded tile one or two planes (low bits,
+    // then high bits).
+    const uint32_t planes = w == t::kWRaw ? 1u : (t::plane_bits(w, 1) != 0 ? 2u : 1u);
+    for (uint32_t plane = 0; plane < planes; ++plane) {
+      const uint32_t bits =
+          w == t::kWRaw ? t::element_bits(w, b.raw_dtype) : t::plane_bits(w, plane);
+      if (bits == 0) continue;
+      const uint32_t shift = plane == 0 ? 0u : t::plane_bits(w, 0);
+      std::vector<uint32_t> words(t::tile_bytes(bits, b.nblocks) / 4, 0u);
+      for (uint32_t lane = 0; lane < 32; ++lane) {
+        for (uint32_t pair = 0; pair < b.pairs_per_lane; ++pair) {
+          const t::PairLocation loc = t::pair_location(lane, pair, bits, b.pairs_per_lane);
+          for (uint32_t h = 0; h < 2; ++h) {
+            const t::BlockCoord c = t::tile_element(b.is_value, i, t::pair_element(lane, pair, h));
+            const uint32_t g = b.is_value ? c.token : e.order[c.position];
+            const uint32_t channel = b.is_value ? c.position : g;
+            uint32_t v;
+            if (w == t::kWRaw) {
+              v = input_bits(src, dtype, size_t(c.token) * size_t(stride) + channel);
+            } else {
+              const uint32_t pos = b.is_value ? channel : c.token;
+              const uint32_t u = uint32_t(e.q.codes[size_t(g) * p.group_size + pos] - e.centers[g]);
+              v = (u >> shift) & ((1u << bits) - 1u);
+            }
+            if (bits == 32) {
+              words[h == 0 ? loc.word : t::next_lane_word(loc.word, bits, b.pairs_per_lane)] = v;
+            } else {
+              words[loc.word] |= v << (loc.shift + 16 * h);
+            }
           }
         }
       }
+      uint8_t* at = tile + (plane == 0 ? 0u : t::plane1_offset(w, b.nblocks));
+      for (size_t k = 0; k < words.size(); ++k) f::store_u32(at + 4 * k, words[k]);
     }
-    for (size_t k = 0; k < words.size(); ++k) f::store_u32(tile + 4 * k, words[k]);
   }
   return b.block_bytes;
 }
@@ -221,32 +230,37 @@ void decode_tile_block(const CodecParams& p, const uint8_t* src, uint64_t availa
   for (uint32_t i = 0; i < b.num_tiles; ++i) {
     const uint32_t entry = t::table_entry(src, b, i);
     const uint32_t w = t::entry_width(entry);
-    const uint32_t bits = t::element_bits(w, b.raw_dtype);
     const uint8_t* tile = src + t::entry_offset(entry);
+    const uint32_t bits0 = w == t::kWRaw ? t::element_bits(w, b.raw_dtype) : t::plane_bits(w, 0);
+    const uint32_t bits1 = w == t::kWRaw ? 0u : t::plane_bits(w, 1);
+    const uint8_t* plane1 = tile + t::plane1_offset(w, b.nblocks);
+    // The h-th element of a pair of one plane.
+    auto field = [&](const uint8_t* plane, uint32_t bits, uint32_t lane, uint32_t pair,
+                     uint32_t h) -> uint32_t {
+      if (bits == 0) return 0u;
+      const t::PairLocation loc = t::pair_location(lane, pair, bits, b.pairs_per_lane);
+      if (bits == 32) {
+        return f::load_u32(
+            plane + 4 * (h == 0 ? loc.word : t::next_lane_word(loc.word, bits, b.pairs_per_lane)));
+      }
+      return (f::load_u32(plane + 4 * loc.word) >> (loc.shift + 16 * h)) &
+             (bits == 16 ? 0xFFFFu : (1u << bits) - 1u);
+    };
     for (uint32_t lane = 0; lane < 32; ++lane) {
       for (uint32_t pair = 0; pair < b.pairs_per_lane; ++pair) {
-        const t::PairLocation loc = bits == 0
-                                        ? t::PairLocation{0, 0}
-                                        : t::pair_location(lane, pair, bits, b.pairs_per_lane);
         for (uint32_t h = 0; h < 2; ++h) {
           const t::BlockCoord c = t::tile_element(b.is_value, i, t::pair_element(lane, pair, h));
           const uint32_t g = b.is_value ? c.token : c.position;  // metadata position
           const uint32_t channel = b.is_value ? c.position : t::channel_of(src, b, c.position);
           float v;
           if (w == t::kWRaw) {
-            if (bits == 32) {
-              const uint32_t word =
-                  h == 0 ? loc.word : t::next_lane_word(loc.word, bits, b.pairs_per_lane);
-              v = f::bits_float(f::load_u32(tile + 4 * word));
-            } else {
-              const uint16_t x = uint16_t(f::load_u32(tile + 4 * loc.word) >> (16 * h));
-              v = b.raw_dtype == KVC_DTYPE_BF16 ? f::bf16_to_float(x) : f::half_to_float(x);
-            }
+            const uint32_t x = field(tile, bits0, lane, pair, h);
+            v = bits0 == 32                     ? f::bits_float(x)
+                : b.raw_dtype == KVC_DTYPE_BF16 ? f::bf16_to_float(uint16_t(x))
+                                                : f::half_to_float(uint16_t(x));
           } else {
-            const uint32_t u = bits == 0
-                                   ? 0u
-                                   : (f::load_u32(tile + 4 * loc.word) >> (loc.shift + 16 * h)) &
-                                         ((1u << bits) - 1u);
+            const uint32_t u =
+                field(tile, bits0, lane, pair, h) | (field(plane1, bits1, lane, pair, h) << bits0);
             v = f::dequantize(int32_t(t::group_center(src, b, g) + u), t::group_step(src, b, g));
           }
           store_element(dst, dtype, size_t(c.token) * size_t(stride) + channel, v);

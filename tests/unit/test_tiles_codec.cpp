@@ -166,7 +166,27 @@ TEST(TileCodec, EveryWidthAppearsAndHoldsTheBound) {
       }
     }
   }
-  EXPECT_EQ(seen.size(), 5u);
+  EXPECT_EQ(seen.size(), size_t(t::kNumWidthCodes));
+}
+
+// Without split widths the encoder uses only the single-plane widths 0, 2, 4, 8 and raw.
+TEST(TileCodec, SplitWidthsOff) {
+  for (kvc_kind kind : {KVC_KIND_KEY, KVC_KIND_VALUE}) {
+    for (float bound : {0.002f, 0.02f, 0.2f}) {
+      kvc_codec_config c = tile_config(kind, 64, 64, KVC_BOUND_ABSOLUTE, bound);
+      c.tile_split_widths = 0;
+      const Block b =
+          make_block(KVC_DTYPE_FP16, 64, 64, 64, bench::synthetic_kv(kind == 1, 64, 64, 5));
+      check_block(c, b, "no split, bound " + std::to_string(bound));
+      const auto bytes = Codec(c).encode(b);
+      t::TileLayout l{};
+      ASSERT_EQ(t::parse_block(bytes.data(), bytes.size(), l), t::ParseError::kNone);
+      for (uint32_t i = 0; i < l.num_tiles; ++i) {
+        const uint32_t w = t::entry_width(t::table_entry(bytes.data(), l, i));
+        EXPECT_TRUE(w != t::kW3 && w != t::kW6) << w;
+      }
+    }
+  }
 }
 
 TEST(TileCodec, EdgeData) {
@@ -313,6 +333,9 @@ TEST(TileCodec, ApiAnswers) {
   EXPECT_EQ(kvc_codec_create(&bad, nullptr, &h), KVC_ERROR_INVALID_ARGUMENT);
   bad.block_format = KVC_BLOCK_FORMAT_TILES;
   bad.tile_permute_channels = 2;
+  EXPECT_EQ(kvc_codec_create(&bad, nullptr, &h), KVC_ERROR_INVALID_ARGUMENT);
+  bad.tile_permute_channels = 1;
+  bad.tile_split_widths = -1;
   EXPECT_EQ(kvc_codec_create(&bad, nullptr, &h), KVC_ERROR_INVALID_ARGUMENT);
   // The CUDA backend does not write tiles yet.
   kvc_codec_config gpu = tile_config(KVC_KIND_KEY, 64, 64, KVC_BOUND_RELATIVE, 0.1f);

@@ -87,6 +87,8 @@ std::map<std::string, std::string> encode_all() {
        KVC_DTYPE_FP32},
       {"v_rel_t32_d16_fp16", KVC_KIND_VALUE, 32, 16, KVC_BOUND_RELATIVE, 0.07f, 1, KVC_DTYPE_FP16},
       {"v_abs_t16_d32_bf16", KVC_KIND_VALUE, 16, 32, KVC_BOUND_ABSOLUTE, 0.3f, 1, KVC_DTYPE_BF16},
+      {"v_rel_t16_d16_fp32_3bit", KVC_KIND_VALUE, 16, 16, KVC_BOUND_RELATIVE, 0.1f, 1,
+       KVC_DTYPE_FP32},
       {"v_raw_t16_d16_fp16", KVC_KIND_VALUE, 16, 16, KVC_BOUND_ABSOLUTE, 1e-12f, 1, KVC_DTYPE_FP16},
   };
   std::map<std::string, std::string> out;
@@ -133,7 +135,7 @@ TEST(TilesGolden, WorkedExample) {
   EXPECT_EQ(h.substr(0, 128),
             "6b766374011801011000100"
             "0c0000000f8ffffffe0ffff3d0000000000000000"
-            "42000000" +
+            "43000000" +
                 std::string(56, '0'));
   // Lane 0's word: tokens 0 and 8, channels 0, 1, 8, 9.
   EXPECT_EQ(h.substr(128, 8), "8008b33b");

@@ -134,41 +134,55 @@ TEST(TilesRealKv, BoundAndRatio) {
   const Setting settings[] = {
       {128, 0.25f, 0.07f}, {64, 0.25f, 0.07f}, {128, 0.5f, 0.15f}, {128, 0.25f, 0.17f}};
   std::printf(
-      "T   K abs  V rel | K tiles perm  K tiles no-perm  V tiles | K+V tiles (perm) | "
-      "K v1 fixed  K v1 Huffman  V v1 fixed  V v1 Huffman | K widths 0/2/4/8/raw | V "
-      "widths\n");
+      "T    K abs  V rel  | K tiles: perm+split  split  perm  neither | V tiles: split  plain | "
+      "K+V tiles: all  {0,2,4,8}+perm | v1 K fixed  K Huffman  V fixed  V Huffman | tile widths "
+      "0/2/3/4/6/8/raw K; V\n");
   for (const Setting& s : settings) {
-    kvc_codec_config k = make_config(KVC_KIND_KEY, s.tokens, kDim, KVC_BOUND_ABSOLUTE, s.key_abs);
-    kvc_codec_config v =
+    const kvc_codec_config k =
+        make_config(KVC_KIND_KEY, s.tokens, kDim, KVC_BOUND_ABSOLUTE, s.key_abs);
+    const kvc_codec_config v =
         make_config(KVC_KIND_VALUE, s.tokens, kDim, KVC_BOUND_RELATIVE, s.value_rel);
-    auto with_format = [](kvc_codec_config c, int32_t format, int32_t permute) {
-      c.block_format = format;
+    auto tiles = [](kvc_codec_config c, int32_t permute, int32_t split) {
+      c.block_format = KVC_BLOCK_FORMAT_TILES;
       c.tile_permute_channels = permute;
+      c.tile_split_widths = split;
       return c;
     };
-    const Totals kp = encode_all(dump, with_format(k, KVC_BLOCK_FORMAT_TILES, 1), false);
-    const Totals kn = encode_all(dump, with_format(k, KVC_BLOCK_FORMAT_TILES, 0), false);
-    const Totals vt = encode_all(dump, with_format(v, KVC_BLOCK_FORMAT_TILES, 1), false);
-    k.entropy = v.entropy = KVC_ENTROPY_FIXED;
-    const Totals kf = encode_all(dump, k, false), vf = encode_all(dump, v, false);
-    k.entropy = v.entropy = KVC_ENTROPY_AUTO;
-    const Totals kh = encode_all(dump, k, true), vh = encode_all(dump, v, true);
-    EXPECT_LE(kp.bytes, kn.bytes);  // the permutation is kept only where it saves bytes
-    Totals kv;
-    kv.bytes = kp.bytes + vt.bytes;
-    kv.elements = kp.elements + vt.elements;
+    auto v1 = [](kvc_codec_config c, kvc_entropy entropy) {
+      c.entropy = entropy;
+      return c;
+    };
+    const Totals k11 = encode_all(dump, tiles(k, 1, 1), false);
+    const Totals k01 = encode_all(dump, tiles(k, 0, 1), false);
+    const Totals k10 = encode_all(dump, tiles(k, 1, 0), false);
+    const Totals k00 = encode_all(dump, tiles(k, 0, 0), false);
+    const Totals v1s = encode_all(dump, tiles(v, 1, 1), false);
+    const Totals v0s = encode_all(dump, tiles(v, 1, 0), false);
+    const Totals kf = encode_all(dump, v1(k, KVC_ENTROPY_FIXED), false);
+    const Totals vf = encode_all(dump, v1(v, KVC_ENTROPY_FIXED), false);
+    const Totals kh = encode_all(dump, v1(k, KVC_ENTROPY_AUTO), true);
+    const Totals vh = encode_all(dump, v1(v, KVC_ENTROPY_AUTO), true);
+    // The permutation is kept only where it saves bytes; split widths only add choices.
+    EXPECT_LE(k11.bytes, k01.bytes);
+    EXPECT_LE(k10.bytes, k00.bytes);
+    EXPECT_LE(k11.bytes, k10.bytes);
+    EXPECT_LE(v1s.bytes, v0s.bytes);
+    auto both = [](const Totals& a, const Totals& b) {
+      return double(a.elements * 2 + b.elements * 2) / double(a.bytes + b.bytes);
+    };
     auto widths = [](const Totals& t) {
-      char buf[64];
-      std::snprintf(buf, sizeof buf, "%llu/%llu/%llu/%llu/%llu", (unsigned long long)t.widths[0],
-                    (unsigned long long)t.widths[1], (unsigned long long)t.widths[2],
-                    (unsigned long long)t.widths[3], (unsigned long long)t.widths[4]);
-      return std::string(buf);
+      std::string out;
+      for (uint32_t w = 0; w < tiles::kNumWidthCodes; ++w) {
+        out += (w ? "/" : "") + std::to_string(t.widths[w]);
+      }
+      return out;
     };
     std::printf(
-        "%-3u %-6.3g %-5.3g | %.3fx        %.3fx           %.3fx  | %.3fx            | "
-        "%.3fx      %.3fx        %.3fx      %.3fx       | %s | %s\n",
-        s.tokens, s.key_abs, s.value_rel, kp.ratio(), kn.ratio(), vt.ratio(), kv.ratio(),
-        kf.ratio(), kh.ratio(), vf.ratio(), vh.ratio(), widths(kp).c_str(), widths(vt).c_str());
+        "%-4u %-6.3g %-6.3g | %.3fx %.3fx %.3fx %.3fx | %.3fx %.3fx | %.3fx %.3fx | %.3fx %.3fx "
+        "%.3fx %.3fx | %s; %s\n",
+        s.tokens, s.key_abs, s.value_rel, k11.ratio(), k01.ratio(), k10.ratio(), k00.ratio(),
+        v1s.ratio(), v0s.ratio(), both(k11, v1s), both(k10, v0s), kf.ratio(), kh.ratio(),
+        vf.ratio(), vh.ratio(), widths(k11).c_str(), widths(v1s).c_str());
   }
 }
 
