@@ -186,5 +186,58 @@ TEST(TilesRealKv, BoundAndRatio) {
   }
 }
 
+// Orthonormal Hadamard rotation of each head (the optional lever of issue 13): the tile ratio of
+// the rotated K and V (fp32 input, quantized with the same absolute / relative bounds; the
+// rotation is orthonormal, so the error of q.k and p.V keeps its size), beside the unrotated one.
+TEST(TilesRealKv, HadamardRotation) {
+  const std::vector<uint16_t> dump = load_dump();
+  const uint32_t T = 128;
+  for (auto [key_abs, value_rel] : {std::pair{0.25f, 0.07f}, std::pair{0.5f, 0.15f}}) {
+    for (int kind = 0; kind < 2; ++kind) {
+      kvc_codec_config c =
+          make_config(kind ? KVC_KIND_VALUE : KVC_KIND_KEY, T, kDim,
+                      kind ? KVC_BOUND_RELATIVE : KVC_BOUND_ABSOLUTE, kind ? value_rel : key_abs);
+      c.block_format = KVC_BLOCK_FORMAT_TILES;
+      kvcomp::Codec codec(c);
+      uint64_t bytes[2] = {0, 0}, elements = 0;
+      std::vector<float> block(size_t(T) * kDim);
+      for (uint32_t layer = 0; layer < kLayers; ++layer) {
+        for (uint32_t head = 0; head < kHeads; ++head) {
+          for (uint32_t b = 0; b < kTokens / T; ++b) {
+            const uint16_t* src = dump.data() +
+                                  ((size_t(layer) * 2 + kind) * kTokens + b * T) * kHeads * kDim +
+                                  head * kDim;
+            for (int rotate = 0; rotate < 2; ++rotate) {
+              for (uint32_t t = 0; t < T; ++t) {
+                float* v = &block[size_t(t) * kDim];
+                for (uint32_t ch = 0; ch < kDim; ++ch) {
+                  v[ch] = format::half_to_float(src[size_t(t) * kHeads * kDim + ch]);
+                }
+                for (uint32_t len = 1; rotate && len < kDim; len <<= 1) {
+                  for (uint32_t i = 0; i < kDim; i += 2 * len) {
+                    for (uint32_t j = i; j < i + len; ++j) {
+                      const float a = v[j], d = v[j + len];
+                      v[j] = a + d;
+                      v[j + len] = a - d;
+                    }
+                  }
+                }
+                for (uint32_t ch = 0; rotate && ch < kDim; ++ch) v[ch] *= 0.125f;  // 1/sqrt(64)
+              }
+              bytes[rotate] += codec.encode(block.data(), KVC_DTYPE_FP32, kDim).size();
+            }
+            elements += size_t(T) * kDim;
+          }
+        }
+      }
+      std::printf(
+          "T %u %s bound %g: tiles %.3fx, Hadamard-rotated tiles %.3fx (fp16 bytes / "
+          "block bytes)\n",
+          T, kind ? "V rel" : "K abs", double(c.error_bound),
+          double(elements * 2) / double(bytes[0]), double(elements * 2) / double(bytes[1]));
+    }
+  }
+}
+
 }  // namespace
 }  // namespace kvc::test
