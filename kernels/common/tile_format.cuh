@@ -47,11 +47,12 @@ constexpr uint32_t kKnown = 0x3Fu;
 enum WidthCode : uint32_t { kW0 = 0, kW2 = 1, kW3 = 2, kW4 = 3, kW6 = 4, kW8 = 5, kWRaw = 6 };
 constexpr uint32_t kNumWidthCodes = 7;
 
-// Bits of plane 0 (the low bits) and plane 1 (the high bits) of a coded tile's elements.
+// Bits of plane 0 (the low bits) and plane 1 (the high bits) of a coded tile's elements: one
+// nibble per width code of a constant, so that a kernel looks them up without local memory.
 KVC_HD uint32_t plane_bits(uint32_t wcode, uint32_t plane) {
-  const uint32_t low[kNumWidthCodes] = {0, 2, 2, 4, 4, 8, 0};
-  const uint32_t high[kNumWidthCodes] = {0, 0, 1, 0, 2, 0, 0};
-  return wcode < kNumWidthCodes ? (plane == 0 ? low[wcode] : high[wcode]) : 0u;
+  constexpr uint32_t kLow = 0x0844220u;   // codes 0..6: 0, 2, 2, 4, 4, 8, 0
+  constexpr uint32_t kHigh = 0x0020100u;  // codes 0..6: 0, 0, 1, 0, 2, 0, 0
+  return wcode < kNumWidthCodes ? ((plane == 0 ? kLow : kHigh) >> (4u * wcode)) & 15u : 0u;
 }
 
 // Bits per element of a tile: 0, 2, 3, 4, 6, 8, or the raw dtype's 16 / 32.
