@@ -145,8 +145,21 @@ typedef enum kvc_block_encoding {
   KVC_ENCODING_RAW = 0,     /* elements verbatim in the input dtype (bound not reachable) */
   KVC_ENCODING_FIXED = 1,   /* fixed-width quantization codes */
   KVC_ENCODING_HUFFMAN = 2, /* canonical Huffman coded quantization codes */
+  KVC_ENCODING_TILES = 3,   /* a tile block (format t1; kvc_block_inspect reports it) */
   KVC_ENCODING_MAX_ENUM = 0x7FFFFFFF
 } kvc_block_encoding;
+
+/* Which block format a codec writes and reads (docs/format.md). The quantizer, and so the
+ * error bound, is the same for both. */
+typedef enum kvc_block_format {
+  KVC_BLOCK_FORMAT_V1 = 0,    /* format v1: the smallest of raw, fixed-width and Huffman */
+  KVC_BLOCK_FORMAT_TILES = 1, /* format t1: fixed-width codes (0, 2, 3, 4, 6 or 8 bits per
+                                 16-row tile, raw tiles above) laid out in tensor-core operand
+                                 order, what the GPU decode attention reads. Needs num_tokens a
+                                 power of two in 16..1024, head_dim a power of two in 16..256 and V
+                                 groups of head_dim channels; CPU backend only for now */
+  KVC_BLOCK_FORMAT_MAX_ENUM = 0x7FFFFFFF
+} kvc_block_format;
 
 /* ---- Limits ------------------------------------------------------------------------------ */
 
@@ -223,11 +236,18 @@ typedef struct kvc_codec_config {
   float error_bound;        /* absolute: > 0; relative: in (0, 1] */
   int32_t entropy;          /* kvc_entropy */
   int32_t num_substreams;   /* Huffman sub-streams per block, dividing the group size; 0 = auto */
+  int32_t block_format;     /* kvc_block_format; tile codecs ignore entropy, num_substreams and
+                               the codebook */
+  int32_t tile_permute_channels; /* tiles, K: 1 = sort channels by code width before cutting
+                                    16-channel tiles (so that a few wide channels widen one
+                                    tile, not all), 0 = keep the channel order */
+  int32_t tile_split_widths;     /* tiles: 1 = also 3- and 6-bit tiles, stored as two planes
+                                    (2 + 1 and 4 + 2 bits); 0 = only 0, 2, 4 and 8 bits */
 } kvc_codec_config;
 #define KVC_CODEC_CONFIG_INIT                                                             \
   {                                                                                       \
     sizeof(kvc_codec_config), KVC_ABI_VERSION, KVC_BACKEND_CPU, KVC_KIND_KEY, 64, 128, 0, \
-        KVC_BOUND_RELATIVE, 0.05f, KVC_ENTROPY_AUTO, 0                                    \
+        KVC_BOUND_RELATIVE, 0.05f, KVC_ENTROPY_AUTO, 0, KVC_BLOCK_FORMAT_V1, 1, 1         \
   }
 
 /* Creates a codec for one block shape. codebook may be NULL (fixed width only); the codec
@@ -239,7 +259,8 @@ KVC_API kvc_status_t kvc_codec_destroy(kvc_codec_t codec);
 
 /* Worst-case size of one compressed block for this codec and input dtype (like
  * ZSTD_compressBound): every block the codec writes from src_dtype input fits in this many bytes
- * (never more than a verbatim copy plus the 32-byte header). A multiple of 4. */
+ * (never more than a verbatim copy plus the 32-byte header). A multiple of 4. Tile codecs: a
+ * verbatim copy plus the header and tile table rounded up to 16 bytes; a multiple of 16. */
 KVC_API kvc_status_t kvc_codec_max_block_bytes(kvc_codec_t codec, kvc_dtype src_dtype,
                                                size_t* size_bytes);
 

@@ -40,20 +40,35 @@ constexpr uint32_t kRawDtypeShift = 4;       // 2 bits: kvc_dtype of raw tiles (
 constexpr uint32_t kKnown = 0x3Fu;
 }  // namespace flag
 
-// Width codes of the tile table (the low 4 bits of each entry).
-enum WidthCode : uint32_t { kW0 = 0, kW2 = 1, kW4 = 2, kW8 = 3, kWRaw = 4 };
-constexpr uint32_t kNumWidthCodes = 5;
+// Width codes of the tile table (the low 4 bits of each entry), in increasing size. A tile of
+// 3 or 6 bits is two planes, each laid out as a tile of its own width: the low bits of every
+// element (2 or 4 bits), then the high bits (1 or 2), so that each plane converts with the
+// same shift-and-mask as a plain tile.
+enum WidthCode : uint32_t { kW0 = 0, kW2 = 1, kW3 = 2, kW4 = 3, kW6 = 4, kW8 = 5, kWRaw = 6 };
+constexpr uint32_t kNumWidthCodes = 7;
 
-// Bits per element of a tile: 0, 2, 4, 8, or the raw dtype's 16 / 32.
-KVC_HD uint32_t element_bits(uint32_t wcode, uint32_t raw_dtype) {
-  return wcode == kWRaw ? 8u * format::dtype_bytes(raw_dtype) : (wcode == 0 ? 0u : 1u << wcode);
+// Bits of plane 0 (the low bits) and plane 1 (the high bits) of a coded tile's elements: one
+// nibble per width code of a constant, so that a kernel looks them up without local memory.
+KVC_HD uint32_t plane_bits(uint32_t wcode, uint32_t plane) {
+  constexpr uint32_t kLow = 0x0844220u;   // codes 0..6: 0, 2, 2, 4, 4, 8, 0
+  constexpr uint32_t kHigh = 0x0020100u;  // codes 0..6: 0, 0, 1, 0, 2, 0, 0
+  return wcode < kNumWidthCodes ? ((plane == 0 ? kLow : kHigh) >> (4u * wcode)) & 15u : 0u;
 }
 
-// The narrowest coded width holding an unsigned value of `bits` bits; kWRaw above 8.
-KVC_HD uint32_t width_code_for(uint32_t bits) {
+// Bits per element of a tile: 0, 2, 3, 4, 6, 8, or the raw dtype's 16 / 32.
+KVC_HD uint32_t element_bits(uint32_t wcode, uint32_t raw_dtype) {
+  return wcode == kWRaw ? 8u * format::dtype_bytes(raw_dtype)
+                        : plane_bits(wcode, 0) + plane_bits(wcode, 1);
+}
+
+// The narrowest width code holding an unsigned value of `bits` bits; kWRaw above 8. Without
+// split widths only the single-plane codes 0, 2, 4 and 8 bits are used.
+KVC_HD uint32_t width_code_for(uint32_t bits, bool split = true) {
   if (bits == 0) return kW0;
   if (bits <= 2) return kW2;
+  if (bits <= 3 && split) return kW3;
   if (bits <= 4) return kW4;
+  if (bits <= 6 && split) return kW6;
   if (bits <= 8) return kW8;
   return kWRaw;
 }
@@ -81,6 +96,10 @@ KVC_HD uint32_t num_groups(bool is_value, uint32_t num_tokens, uint32_t head_dim
 }
 // Bytes of one tile: 16 x (8 * nblocks) elements of `bits` bits.
 KVC_HD uint32_t tile_bytes(uint32_t bits, uint32_t nblocks) { return 16u * nblocks * bits; }
+// Byte offset of plane 1 (the high bits of a 3- or 6-bit tile) from the tile start.
+KVC_HD uint32_t plane1_offset(uint32_t wcode, uint32_t nblocks) {
+  return tile_bytes(plane_bits(wcode, 0), nblocks);
+}
 
 // ---- mma.sync.m16n8k16 fragments (.f16/.bf16 A and B, .f32 C/D), PTX ISA 9.7.14.5.8 -------
 // groupID = lane >> 2, threadID_in_group = lane % 4. Element i of a lane's fragment (i counts
@@ -174,7 +193,7 @@ KVC_HD uint32_t next_lane_word(uint32_t word, uint32_t bits, uint32_t pairs) {
 }
 
 // ---- Integer fields and their conversion to half2 ---------------------------------------------
-// The two `bits`-bit integers of the pair at `shift` of word w (bits <= 8).
+// The two `bits`-bit integers of the pair at `shift` of word w (bits <= 8, one plane).
 KVC_HD uint32_t pair_mask(uint32_t bits) { return ((1u << bits) - 1u) * 0x00010001u; }
 KVC_HD uint32_t pair_low(uint32_t w, uint32_t shift, uint32_t bits) {
   return (w >> shift) & ((1u << bits) - 1u);

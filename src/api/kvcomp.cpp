@@ -3,6 +3,7 @@
 // place with extern "C" definitions.
 #include <kvcomp/kvcomp.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -13,7 +14,9 @@
 #include "core/error.hpp"
 #include "core/float_env.hpp"
 #include "cpu/codec_cpu.hpp"
+#include "cpu/tile_codec_cpu.hpp"
 #include "kernels/common/format.cuh"
+#include "kernels/common/tile_format.cuh"
 
 namespace {
 
@@ -244,6 +247,9 @@ kvc_status_t kvc_codec_create(const kvc_codec_config* config, kvc_codebook_t cod
     made->params = params;
     made->book = codebook ? codebook->book : nullptr;
     if (made->on_cuda()) {
+      require(!params.tiles, KVC_ERROR_NOT_SUPPORTED,
+              "config->block_format = KVC_BLOCK_FORMAT_TILES is not supported on the CUDA "
+              "backend yet (use KVC_BACKEND_CPU)");
 #if defined(KVC_WITH_CUDA)
       made->device = kvc::cuda::create_device_codec(params, made->book.get());
 #else
@@ -300,14 +306,22 @@ kvc_status_t kvc_codec_encode(kvc_codec_t codec, int32_t num_blocks, const void*
     }
     if (dst_capacity_bytes < p.max_block_bytes(src_dtype)) {
       for (int32_t i = 0; i < num_blocks; ++i) {
-        const uint32_t need = kvc::cpu::encoded_size(p, codec->book.get(), src_blocks[i],
-                                                     src_token_stride, src_dtype);
+        const uint32_t need =
+            p.tiles ? kvc::cpu::plan_tile_block(p, src_blocks[i], src_token_stride, src_dtype)
+                          .layout.block_bytes
+                    : kvc::cpu::encoded_size(p, codec->book.get(), src_blocks[i], src_token_stride,
+                                             src_dtype);
         require(need <= dst_capacity_bytes, KVC_ERROR_BUFFER_TOO_SMALL, "block ", i, " needs ",
                 need, " bytes but dst_capacity_bytes = ", dst_capacity_bytes,
                 " (kvc_codec_max_block_bytes gives a capacity that always suffices)");
       }
     }
     for (int32_t i = 0; i < num_blocks; ++i) {
+      if (p.tiles) {
+        block_bytes[i] = kvc::cpu::encode_tile_block(p, src_blocks[i], src_token_stride, src_dtype,
+                                                     static_cast<uint8_t*>(dst_blocks[i]));
+        continue;
+      }
       block_bytes[i] = kvc::cpu::encode_block(p, codec->book.get(), src_blocks[i], src_token_stride,
                                               src_dtype, static_cast<uint8_t*>(dst_blocks[i]));
     }
@@ -342,8 +356,14 @@ kvc_status_t kvc_codec_decode(kvc_codec_t codec, int32_t num_blocks, const void*
     for (int32_t i = 0; i < num_blocks; ++i) {
       kvc_status_t status = KVC_SUCCESS;
       try {
-        kvc::cpu::decode_block(p, codec->book.get(), static_cast<const uint8_t*>(src_blocks[i]),
-                               src_bytes[i], dst_dtype, dst_blocks[i], dst_token_stride);
+        const auto* block = static_cast<const uint8_t*>(src_blocks[i]);
+        if (p.tiles) {
+          kvc::cpu::decode_tile_block(p, block, src_bytes[i], dst_dtype, dst_blocks[i],
+                                      dst_token_stride);
+        } else {
+          kvc::cpu::decode_block(p, codec->book.get(), block, src_bytes[i], dst_dtype,
+                                 dst_blocks[i], dst_token_stride);
+        }
       } catch (const kvc::Error& e) {
         status = e.status();
         if (first_status == KVC_SUCCESS) {
@@ -363,6 +383,9 @@ kvc_status_t kvc_codec_histogram(kvc_codec_t codec, int32_t num_blocks,
   return kvc::api_call(__func__, [&] {
     const kvc::CodecParams& p = check_batch(codec, num_blocks, src_blocks, "src_blocks", stream);
     require_not_null(histogram, "histogram");
+    require(!p.tiles, KVC_ERROR_NOT_SUPPORTED,
+            "the codec writes tile blocks (KVC_BLOCK_FORMAT_TILES), which have no Huffman "
+            "symbols");
     require_stride(src_token_stride, p, "src_token_stride");
     kvc::require_dtype(src_dtype, "src_dtype");
     require_block_pointers(*codec, num_blocks, src_blocks, nullptr, false);
@@ -392,9 +415,30 @@ kvc_status_t kvc_block_inspect(const void* h_block, size_t src_bytes, kvc_block_
     require_not_null(h_block, "h_block");
     require_not_null(info, "info");
     kvc::check_struct_header(*info, "info");
-    const kvc::format::BlockLayout b =
-        kvc::cpu::parse_header(static_cast<const uint8_t*>(h_block), src_bytes);
+    const auto* block = static_cast<const uint8_t*>(h_block);
     kvc_block_info out = *info;
+    if (src_bytes >= 4 && kvc::format::load_u32(block) == kvc::tiles::kMagic) {
+      const kvc::tiles::TileLayout b = kvc::cpu::parse_tile_header(block, src_bytes);
+      uint32_t widest = 0;
+      for (uint32_t i = 0; i < b.num_tiles; ++i) {
+        const uint32_t w = kvc::tiles::entry_width(kvc::tiles::table_entry(block, b, i));
+        widest = std::max(widest, kvc::tiles::element_bits(w, b.raw_dtype));
+      }
+      out.format_version = kvc::tiles::kVersion;
+      out.block_bytes = b.block_bytes;
+      out.encoding = KVC_ENCODING_TILES;
+      out.kind = b.is_value ? KVC_KIND_VALUE : KVC_KIND_KEY;
+      out.num_tokens = int32_t(b.num_tokens);
+      out.head_dim = int32_t(b.head_dim);
+      out.group_size = int32_t(b.is_value ? b.head_dim : b.num_tokens);
+      out.num_groups = int32_t(b.num_groups);
+      out.num_substreams = 0;
+      out.code_bits = int32_t(widest);
+      out.codebook_id = 0;
+      *info = out;
+      return;
+    }
+    const kvc::format::BlockLayout b = kvc::cpu::parse_header(block, src_bytes);
     out.format_version = kvc::format::kVersion;
     out.block_bytes = b.block_bytes;
     out.encoding = int32_t(b.encoding);

@@ -5,6 +5,7 @@
 
 #include "core/error.hpp"
 #include "kernels/common/format.cuh"
+#include "kernels/common/tile_format.cuh"
 
 namespace kvc {
 
@@ -82,10 +83,35 @@ CodecParams CodecParams::from_config(const kvc_codec_config& c, bool has_codeboo
   p.relative = c.bound_mode == KVC_BOUND_RELATIVE;
   p.error_bound = c.error_bound;
   p.entropy = kvc_entropy(c.entropy);
+  require(c.block_format == KVC_BLOCK_FORMAT_V1 || c.block_format == KVC_BLOCK_FORMAT_TILES,
+          KVC_ERROR_INVALID_ARGUMENT, "config->block_format = ", c.block_format,
+          " is not a kvc_block_format (KVC_BLOCK_FORMAT_V1 = 0, KVC_BLOCK_FORMAT_TILES = 1)");
+  require(c.tile_permute_channels == 0 || c.tile_permute_channels == 1, KVC_ERROR_INVALID_ARGUMENT,
+          "config->tile_permute_channels = ", c.tile_permute_channels, " must be 0 or 1");
+  require(c.tile_split_widths == 0 || c.tile_split_widths == 1, KVC_ERROR_INVALID_ARGUMENT,
+          "config->tile_split_widths = ", c.tile_split_widths, " must be 0 or 1");
+  p.tiles = c.block_format == KVC_BLOCK_FORMAT_TILES;
+  p.split_widths = c.tile_split_widths == 1;
+  p.permute_channels = c.tile_permute_channels == 1;
+  if (p.tiles) {
+    require(tiles::shape_supported(p.num_tokens, p.head_dim), KVC_ERROR_NOT_SUPPORTED,
+            "config->block_format = KVC_BLOCK_FORMAT_TILES needs num_tokens a power of two in "
+            "[16, 1024] and head_dim a power of two in [16, 256], but they are ",
+            p.num_tokens, " and ", p.head_dim);
+    require(!p.is_value || p.group_size == p.head_dim, KVC_ERROR_NOT_SUPPORTED,
+            "config->block_format = KVC_BLOCK_FORMAT_TILES quantizes values per token over all ",
+            "head_dim channels, but config->value_group_size = ", c.value_group_size);
+  }
   return p;
 }
 
 size_t CodecParams::max_block_bytes(kvc_dtype dtype) const {
+  if (tiles) {
+    // All tiles raw and no metadata: the encoder never writes more (docs/format.md, t1).
+    const tiles::TileLayout b =
+        tiles::make_layout(is_value, num_tokens, head_dim, dtype, false, false, false, 0, 0, 0);
+    return b.tiles_offset + size_t(num_elements()) * format::dtype_bytes(dtype);
+  }
   return format::kHeaderBytes +
          format::align4(uint32_t(num_elements() * format::dtype_bytes(dtype)));
 }

@@ -20,6 +20,9 @@ struct CodecParams {
   bool relative;
   float error_bound;
   kvc_entropy entropy;
+  bool tiles;             // format t1 (kvc_block_format TILES), else v1
+  bool permute_channels;  // tiles, K: sort channels by code width
+  bool split_widths;      // tiles: 3- and 6-bit two-plane tiles allowed
 
   // Validates a public config; throws kvc::Error naming the offending field.
   static CodecParams from_config(const kvc_codec_config& config, bool has_codebook);

@@ -37,9 +37,6 @@ void store_element(void* dst, kvc_dtype dtype, size_t i, float v) {
   }
 }
 
-namespace {
-
-// The block as floats in group order: element p of group g at [g * group_size + p].
 std::vector<float> gather_groups(const CodecParams& p, const void* src, int64_t stride,
                                  kvc_dtype dtype) {
   std::vector<float> x(p.num_elements());
@@ -52,14 +49,6 @@ std::vector<float> gather_groups(const CodecParams& p, const void* src, int64_t 
   }
   return x;
 }
-
-// Quantization of one block: codes in group order and each group's step, or !ok when some
-// element cannot meet its bound with a code (the block is then stored verbatim).
-struct Quantized {
-  bool ok = true;
-  std::vector<float> steps;    // [num_groups]
-  std::vector<int32_t> codes;  // [num_groups, group_size]
-};
 
 Quantized quantize(const CodecParams& p, const std::vector<float>& x) {
   Quantized q;
@@ -83,6 +72,8 @@ Quantized quantize(const CodecParams& p, const std::vector<float>& x) {
   }
   return q;
 }
+
+namespace {
 
 // Each group's centre: its smallest code (fixed width) or its mean code (Huffman).
 std::vector<int32_t> group_centers(const CodecParams& p, const Quantized& q, bool mean) {

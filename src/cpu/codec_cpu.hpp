@@ -6,6 +6,7 @@
 #include <kvcomp/kvcomp.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "codec/codebook.hpp"
 #include "codec/codec_params.hpp"
@@ -17,6 +18,20 @@ namespace kvc::cpu {
 // even, saturating: as the decoder writes it).
 float load_element(const void* src, kvc_dtype dtype, size_t i);
 void store_element(void* dst, kvc_dtype dtype, size_t i, float v);
+
+// The block as floats in group order: element p of group g at [g * group_size + p].
+std::vector<float> gather_groups(const CodecParams& p, const void* src, int64_t token_stride,
+                                 kvc_dtype dtype);
+
+// Quantization of one block (docs/format.md §6), shared by format v1 and the tile format:
+// codes in group order and each group's step, or !ok when some element cannot meet its bound
+// with a code (the block is then stored verbatim).
+struct Quantized {
+  bool ok = true;
+  std::vector<float> steps;    // [num_groups]
+  std::vector<int32_t> codes;  // [num_groups, group_size]
+};
+Quantized quantize(const CodecParams& p, const std::vector<float>& x);
 
 // Throws KVC_ERROR_NONFINITE_INPUT naming the block, token and channel of the first inf/NaN.
 void check_finite(const CodecParams& p, int32_t block, const void* src, int64_t token_stride,

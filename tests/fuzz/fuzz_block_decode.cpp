@@ -59,7 +59,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     KVC_FUZZ_CHECK(info.format_version == KVC_FORMAT_VERSION);
     KVC_FUZZ_CHECK(info.block_bytes >= 32 && info.block_bytes <= n && info.block_bytes % 4 == 0);
     KVC_FUZZ_CHECK(info.kind == KVC_KIND_KEY || info.kind == KVC_KIND_VALUE);
-    KVC_FUZZ_CHECK(info.encoding >= KVC_ENCODING_RAW && info.encoding <= KVC_ENCODING_HUFFMAN);
+    KVC_FUZZ_CHECK(info.encoding >= KVC_ENCODING_RAW && info.encoding <= KVC_ENCODING_TILES);
     KVC_FUZZ_CHECK(info.num_tokens >= 1 && info.num_tokens <= KVC_MAX_NUM_TOKENS);
     KVC_FUZZ_CHECK(info.head_dim >= 1 && info.head_dim <= KVC_MAX_HEAD_DIM);
   } else {

@@ -61,6 +61,33 @@ inline uint8_t make_selector(int shape, int32_t kind, kvc_dtype dtype, bool with
   return uint8_t(shape | (kind == KVC_KIND_VALUE ? 8 : 0) | (d << 4) | (with_codebook ? 0 : 64));
 }
 
+// Tile codecs (format t1) of the tile decoder fuzzer: shapes the tile format takes.
+inline constexpr Shape kTileShapes[4] = {
+    {16, 16, 0, 0}, {32, 64, 0, 0}, {16, 32, 0, 0}, {64, 128, 0, 0}};
+inline constexpr int kNumTileShapes = 4;
+
+// Tile decoder fuzz input: one selector byte, then the block bytes.
+//   bits 0-1: tile shape; bit 3: kind (0 K, 1 V); bits 4-5: output dtype (0 fp16, 1 bf16,
+//   2/3 fp32); bit 7: output rows padded (stride head_dim + 8).
+inline DecodeSelector parse_tile_selector(uint8_t b) {
+  DecodeSelector s = parse_selector(b);
+  s.shape = b & 3;
+  s.with_codebook = false;
+  return s;
+}
+
+inline kvc_codec_config tile_codec_config(const Shape& s, int32_t kind, int32_t bound_mode,
+                                          float error_bound) {
+  kvc_codec_config c = KVC_CODEC_CONFIG_INIT;
+  c.kind = kind;
+  c.num_tokens = s.num_tokens;
+  c.head_dim = s.head_dim;
+  c.bound_mode = bound_mode;
+  c.error_bound = error_bound;
+  c.block_format = KVC_BLOCK_FORMAT_TILES;
+  return c;
+}
+
 // Codebook fuzz input: flags, a 16-bit little-endian length n, n bytes of serialized codebook,
 // then the bytes of a block to decode with it. Flag bit 0: recompute the codebook's checksum
 // (FNV-1a of all but its last 4 bytes, docs/format.md) so that mutations reach the parser's

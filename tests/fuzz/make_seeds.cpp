@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // Writes the fuzzers' seed corpora: valid encoded blocks of every shape, kind, input dtype and
 // encoding (fixed width, Huffman with the decoder fuzzer's codebook, raw), and serialized
-// codebooks with blocks coded by them. Usage: kvc_fuzz_make_seeds <corpus dir>; creates
-// <dir>/decode and <dir>/codebook (replacing what was there).
+// codebooks with blocks coded by them, and tile blocks (format t1). Usage:
+// kvc_fuzz_make_seeds <corpus dir>; creates <dir>/decode, <dir>/codebook and <dir>/tiles
+// (replacing what was there).
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
@@ -118,6 +119,48 @@ void codebook_seeds(const fs::path& dir) {
   }
 }
 
+// Tile blocks (format t1) of every tile shape, kind and input dtype, with coded, zero-width and
+// raw tiles, permuted and not.
+void tile_seeds(const fs::path& dir) {
+  static constexpr kvc_dtype kDtypes[3] = {KVC_DTYPE_FP16, KVC_DTYPE_BF16, KVC_DTYPE_FP32};
+  struct Variant {
+    int32_t bound_mode;
+    float error_bound;
+    int pattern;
+    int32_t permute;
+  };
+  static constexpr Variant kVariants[] = {
+      {KVC_BOUND_RELATIVE, 0.07f, 0, 1},  {KVC_BOUND_ABSOLUTE, 0.05f, 0, 1},
+      {KVC_BOUND_ABSOLUTE, 0.05f, 0, 0},  {KVC_BOUND_ABSOLUTE, 0.5f, 1, 1},
+      {KVC_BOUND_ABSOLUTE, 1e-30f, 2, 1},  // unreachable: raw tiles
+  };
+  for (int s = 0; s < kvc_fuzz::kNumTileShapes; ++s) {
+    for (int32_t kind = 0; kind < 2; ++kind) {
+      int v = 0;
+      for (const Variant& var : kVariants) {
+        const kvc_fuzz::Shape& shape = kvc_fuzz::kTileShapes[s];
+        kvc_codec_config c =
+            kvc_fuzz::tile_codec_config(shape, kind, var.bound_mode, var.error_bound);
+        c.tile_permute_channels = var.permute;
+        kvc_codec_t codec = nullptr;
+        KVC_FUZZ_CHECK(kvc_codec_create(&c, nullptr, &codec) == KVC_SUCCESS);
+        std::vector<float> x;
+        kvc_fuzz::fill_block(x, shape, uint32_t(1000 + 100 * s + 10 * kind + v), var.pattern);
+        const kvc_dtype dtype = kDtypes[(s + kind + v) % 3];
+        const std::vector<uint8_t> input = kvc_fuzz::to_dtype(x, dtype);
+        std::vector<uint8_t> bytes =
+            kvc_fuzz::encode_block(codec, input.data(), dtype, shape.head_dim);
+        kvc_codec_destroy(codec);
+        bytes.insert(bytes.begin(), kvc_fuzz::make_selector(s, kind, kDtypes[(s + v) % 3], false));
+        write_file(dir / ("t" + std::to_string(s) + "_k" + std::to_string(kind) + "_v" +
+                          std::to_string(v)),
+                   bytes);
+        ++v;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -126,12 +169,13 @@ int main(int argc, char** argv) {
     return 2;
   }
   const fs::path root = argv[1];
-  for (const char* name : {"decode", "codebook"}) {
+  for (const char* name : {"decode", "codebook", "tiles"}) {
     fs::remove_all(root / name);
     fs::create_directories(root / name);
   }
   decode_seeds(root / "decode");
   codebook_seeds(root / "codebook");
+  tile_seeds(root / "tiles");
   std::printf("wrote %d seeds under %s\n", g_written, root.string().c_str());
   return 0;
 }

@@ -83,7 +83,7 @@ TEST(TileFragments, AccumulatorsOfTwoNBlocksAreTheNextAOperand) {
 // Every bit of a tile belongs to exactly one element; each lane's pairs sit in the unit
 // interleave that makes a warp's loads contiguous.
 TEST(TileStorage, EveryElementOnceAndCoalesced) {
-  for (uint32_t bits : {2u, 4u, 8u, 16u, 32u}) {
+  for (uint32_t bits : {1u, 2u, 4u, 8u, 16u, 32u}) {
     for (uint32_t nblocks = 2; nblocks <= 128; nblocks *= 2) {
       const uint32_t pairs = 2 * nblocks;
       const uint32_t bytes = t::tile_bytes(bits, nblocks);
@@ -113,7 +113,7 @@ TEST(TileStorage, EveryElementOnceAndCoalesced) {
               const uint32_t unit = std::min(4u, lane_words);
               EXPECT_EQ((word / unit) % 32, lane);
             } else {
-              EXPECT_EQ(word, lane / 2);  // two lanes share a word
+              EXPECT_EQ(word, lane / (16 / bits / pairs));  // lanes share a word
             }
           }
         }
@@ -160,7 +160,7 @@ uint32_t put_pair(uint32_t shift, uint32_t lo, uint32_t hi) {
 }
 
 TEST(TileConversion, Fp16MagicIsExactForEveryCodeOfEveryWidth) {
-  for (uint32_t bits : {2u, 4u, 8u}) {
+  for (uint32_t bits : {1u, 2u, 4u, 8u}) {
     for (uint32_t shift = 0; shift + bits <= 16; shift += bits) {
       for (uint32_t u = 0; u < (1u << bits); ++u) {
         const uint32_t v = (1u << bits) - 1 - u;
@@ -183,7 +183,7 @@ TEST(TileConversion, Fp16MagicIsExactForEveryCodeOfEveryWidth) {
 }
 
 TEST(TileConversion, Bf16MagicIsExactBelow128AndTheF32PathForEight) {
-  for (uint32_t bits : {2u, 4u, 8u}) {
+  for (uint32_t bits : {1u, 2u, 4u, 8u}) {
     for (uint32_t shift = 0; shift + bits <= 16; shift += bits) {
       for (uint32_t u = 0; u < (1u << bits); ++u) {
         const uint32_t w = put_pair(shift, u, u ^ 1u);
@@ -200,15 +200,24 @@ TEST(TileConversion, Bf16MagicIsExactBelow128AndTheF32PathForEight) {
 }
 
 TEST(TileWidths, CodesAndBits) {
-  EXPECT_EQ(t::width_code_for(0), uint32_t(t::kW0));
-  EXPECT_EQ(t::width_code_for(1), uint32_t(t::kW2));
-  EXPECT_EQ(t::width_code_for(3), uint32_t(t::kW4));
-  EXPECT_EQ(t::width_code_for(8), uint32_t(t::kW8));
+  const uint32_t bits[] = {0, 2, 3, 4, 6, 8};
+  for (uint32_t w = 0; w < t::kWRaw; ++w) {
+    EXPECT_EQ(t::element_bits(w, KVC_DTYPE_FP16), bits[w]);
+    EXPECT_EQ(t::plane_bits(w, 0) + t::plane_bits(w, 1), bits[w]);
+    EXPECT_TRUE(t::plane_bits(w, 1) == 0 || t::plane_bits(w, 1) * 2 == t::plane_bits(w, 0));
+  }
+  const uint32_t split[] = {t::kW0, t::kW2, t::kW2, t::kW3, t::kW4, t::kW6, t::kW6, t::kW8, t::kW8};
+  const uint32_t plain[] = {t::kW0, t::kW2, t::kW2, t::kW4, t::kW4, t::kW8, t::kW8, t::kW8, t::kW8};
+  for (uint32_t b = 0; b <= 8; ++b) {
+    EXPECT_EQ(t::width_code_for(b), split[b]) << b;
+    EXPECT_EQ(t::width_code_for(b, false), plain[b]) << b;
+    EXPECT_GE(t::element_bits(t::width_code_for(b), KVC_DTYPE_FP16), b);
+  }
   EXPECT_EQ(t::width_code_for(9), uint32_t(t::kWRaw));
-  EXPECT_EQ(t::element_bits(t::kW8, KVC_DTYPE_FP16), 8u);
   EXPECT_EQ(t::element_bits(t::kWRaw, KVC_DTYPE_BF16), 16u);
   EXPECT_EQ(t::element_bits(t::kWRaw, KVC_DTYPE_FP32), 32u);
   EXPECT_EQ(t::tile_bytes(4, 16), 1024u);  // K tile, T = 128, 4 bits: 16 x 128 x 4 / 8
+  EXPECT_EQ(t::plane1_offset(t::kW6, 16), 1024u);
 }
 
 }  // namespace

@@ -1,0 +1,41 @@
+// SPDX-License-Identifier: Apache-2.0
+// The CPU reference codec of tile format t1 (docs/format.md, "Tile format (t1)"): the oracle of
+// the tensor-core attention kernel's input. Plain and slow on purpose: every element goes
+// through the same host/device functions (kernels/common/tile_format.cuh) the kernel uses.
+#pragma once
+
+#include <kvcomp/kvcomp.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "codec/codec_params.hpp"
+#include "kernels/common/tile_format.cuh"
+
+namespace kvc::cpu {
+
+// What the encoder decided for one block (exposed for tests and measurements).
+struct TilePlan {
+  tiles::TileLayout layout{};
+  std::vector<uint32_t> widths;  // [num_tiles] width codes
+};
+
+// The plan encode_tile_block would write (finite input, already checked).
+TilePlan plan_tile_block(const CodecParams& p, const void* src, int64_t token_stride,
+                         kvc_dtype dtype);
+
+// Encodes one block (finite input, already checked) into dst, which holds at least
+// layout.block_bytes of the plan; returns the bytes written.
+uint32_t encode_tile_block(const CodecParams& p, const void* src, int64_t token_stride,
+                           kvc_dtype dtype, uint8_t* dst);
+
+// Parses and checks a tile block (header, table, permutation) against the bytes available;
+// throws KVC_ERROR_CORRUPT_DATA or KVC_ERROR_FORMAT_VERSION.
+tiles::TileLayout parse_tile_header(const uint8_t* src, uint64_t available);
+
+// Decodes one tile block; throws a data status on bad input. Reads only
+// src[0, min(available, stated length)).
+void decode_tile_block(const CodecParams& p, const uint8_t* src, uint64_t available,
+                       kvc_dtype dtype, void* dst, int64_t token_stride);
+
+}  // namespace kvc::cpu
