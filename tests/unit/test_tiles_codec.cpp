@@ -386,3 +386,116 @@ TEST(TileCodec, ApiAnswers) {
 
 }  // namespace
 }  // namespace kvc::test
+
+namespace kvc::test {
+namespace {
+
+// What the tensor-core kernel will do, emulated on the CPU with tile_format.cuh alone: per lane
+// and pair, load the plane words, convert with the fp16 magic (one shift-and-mask-or per plane,
+// HSUB2), merge two planes, and fold the steps and centres into the query (K) or the
+// probabilities (V). The result matches q . x_hat (K) and p . V_hat (V) of the reference
+// decode to fp32-accumulation tolerance.
+std::vector<uint32_t> lane_codes(const std::vector<uint8_t>& bytes, const t::TileLayout& b,
+                                 uint32_t tile, uint32_t lane, uint32_t pair) {
+  const uint32_t entry = t::table_entry(bytes.data(), b, tile);
+  const uint32_t w = t::entry_width(entry);
+  const uint8_t* base = bytes.data() + t::entry_offset(entry);
+  uint32_t u[2] = {0, 0};
+  for (uint32_t plane = 0; plane < 2; ++plane) {
+    const uint32_t bits = t::plane_bits(w, plane);
+    if (bits == 0) continue;
+    const uint8_t* at = base + (plane == 0 ? 0u : t::plane1_offset(w, b.nblocks));
+    const t::PairLocation loc = t::pair_location(lane, pair, bits, b.pairs_per_lane);
+    const uint32_t word = f::load_u32(at + 4 * loc.word);
+    const uint32_t h2 = t::hsub2_fp16(t::fp16x2_biased(word, loc.shift, bits), t::kFp16Magic2);
+    const uint32_t shift = plane == 0 ? 0u : t::plane_bits(w, 0);
+    u[0] += uint32_t(f::half_to_float(uint16_t(h2))) << shift;
+    u[1] += uint32_t(f::half_to_float(uint16_t(h2 >> 16))) << shift;
+  }
+  return {u[0], u[1]};
+}
+
+TEST(TileKernelPath, FoldedProductsMatchTheReference) {
+  uint32_t any_raw = 0;  // the raw-tile path is taken somewhere
+  for (kvc_kind kind : {KVC_KIND_KEY, KVC_KIND_VALUE}) {
+    for (kvc_bound_mode mode : {KVC_BOUND_ABSOLUTE, KVC_BOUND_RELATIVE}) {
+      const uint32_t T = 64, D = 128;
+      auto x = bench::synthetic_kv(kind == KVC_KIND_VALUE, T, D, 21);
+      for (uint32_t tk = 0; tk < T; ++tk) x[tk * D + 17] *= 30.0f;  // an outlier channel
+      const Block blk = make_block(KVC_DTYPE_FP16, T, D, D, x);
+      const kvc_codec_config c =
+          tile_config(kind, T, D, mode, mode == KVC_BOUND_ABSOLUTE ? 0.05f : 0.07f);
+      Codec codec(c);
+      const auto bytes = codec.encode(blk);
+      const std::vector<float> ref = codec.decode_f32(bytes, T, D);
+      t::TileLayout b{};
+      ASSERT_EQ(t::parse_block(bytes.data(), bytes.size(), b), t::ParseError::kNone);
+      ASSERT_TRUE(b.quantized);
+      // K: one query q[D]; V: one probability row p[T].
+      const std::vector<float> weights = uniform_kv(1, kind == KVC_KIND_KEY ? D : T, -1, 1, 5);
+      const uint32_t outputs = kind == KVC_KIND_KEY ? T : D;
+      std::vector<double> want(outputs, 0.0), got(outputs, 0.0);
+      for (uint32_t tk = 0; tk < T; ++tk) {
+        for (uint32_t ch = 0; ch < D; ++ch) {
+          const double v = ref[size_t(tk) * D + ch];
+          if (kind == KVC_KIND_KEY) want[tk] += double(weights[ch]) * v;
+          if (kind == KVC_KIND_VALUE) want[ch] += double(weights[tk]) * v;
+        }
+      }
+      // Folds: scaled weights per group position (as fp16, the mma operand) and one constant
+      // over the groups of coded tiles. Raw tiles (fp16 here) take the unscaled weights.
+      auto raw_tile = [&](uint32_t i) {
+        return t::entry_width(t::table_entry(bytes.data(), b, i)) == t::kWRaw;
+      };
+      std::vector<float> scaled(b.num_groups);
+      double constant = 0.0;
+      for (uint32_t j = 0; j < b.num_groups; ++j) {
+        const float wj = weights[t::channel_of(bytes.data(), b, j)];
+        const float step = t::group_step(bytes.data(), b, j);
+        scaled[j] = f::half_to_float(f::float_to_half(wj * step));
+        if (raw_tile(j / 16)) continue;
+        const float min_value = f::dequantize(int32_t(t::group_center(bytes.data(), b, j)), step);
+        constant += double(wj) * double(min_value);
+      }
+      uint32_t raw_tiles = 0;
+      for (uint32_t i = 0; i < b.num_tiles; ++i) {
+        const bool raw = raw_tile(i);
+        raw_tiles += raw;
+        const uint8_t* tile = bytes.data() + t::entry_offset(t::table_entry(bytes.data(), b, i));
+        for (uint32_t lane = 0; lane < 32; ++lane) {
+          for (uint32_t pair = 0; pair < b.pairs_per_lane; ++pair) {
+            std::vector<float> v(2);
+            if (raw) {
+              const t::PairLocation loc = t::pair_location(lane, pair, 16, b.pairs_per_lane);
+              const uint32_t h2 = f::load_u32(tile + 4 * loc.word);  // the half2 itself
+              v = {f::half_to_float(uint16_t(h2)), f::half_to_float(uint16_t(h2 >> 16))};
+            } else {
+              const std::vector<uint32_t> u = lane_codes(bytes, b, i, lane, pair);
+              v = {float(u[0]), float(u[1])};
+            }
+            for (uint32_t h = 0; h < 2; ++h) {
+              const t::BlockCoord e =
+                  t::tile_element(b.is_value, i, t::pair_element(lane, pair, h));
+              const uint32_t j = kind == KVC_KIND_KEY ? e.position : e.token;
+              const double wv =
+                  raw ? double(weights[t::channel_of(bytes.data(), b, j)]) : double(scaled[j]);
+              got[kind == KVC_KIND_KEY ? e.token : e.position] += wv * double(v[h]);
+            }
+          }
+        }
+      }
+      any_raw += raw_tiles;
+      double scale = 0.0;
+      for (double v : want) scale = std::max(scale, std::fabs(v));
+      for (uint32_t o = 0; o < outputs; ++o) {
+        // Per-block constant: K adds it to every token's score, V to every channel's output.
+        EXPECT_NEAR(got[o] + constant, want[o], 2e-3 * (scale + 1.0))
+            << "kind " << kind << " mode " << mode << " output " << o;
+      }
+    }
+  }
+  EXPECT_GT(any_raw, 0u);
+}
+
+}  // namespace
+}  // namespace kvc::test
