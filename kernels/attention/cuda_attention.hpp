@@ -76,8 +76,9 @@ void attention_compressed(const AttentionShape& shape, const AttentionPlan& plan
                           const SequenceView* d_sequences, const void* d_queries, void* d_out,
                           void* d_workspace, void* stream);
 
-// The same over tile blocks (format t1, tokens_per_block 64 or 128 tokens; raw tiles in the
-// cache dtype, as the store writes them): plan from plan_attention. Enqueue only.
+// The same over tile blocks (format t1) of tokens_per_block tokens (64 or 128; 64 at head_dim
+// 256), as the store writes them: 16-byte aligned in the pool, raw tiles in the cache dtype.
+// plan from plan_attention. Enqueue only.
 void attention_tiles(const AttentionShape& shape, const AttentionPlan& plan,
                      uint32_t tokens_per_block, const uint8_t* d_pool, size_t page_bytes,
                      const SequenceView* d_sequences, const void* d_queries, void* d_out,

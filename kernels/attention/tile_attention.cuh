@@ -150,6 +150,62 @@ __device__ __forceinline__ void tile_products(float (&acc)[NT][4], const uint4& 
   }
 }
 
+// A lane's words of one plane of BITS-bit elements, all loaded (runs as in tile_products).
+template <uint32_t BITS, uint32_t Pairs>
+struct PlaneWords {
+  static constexpr uint32_t kPerWord = 16 / BITS;
+  static constexpr uint32_t kWords = Pairs / kPerWord;
+  static constexpr uint32_t kUnit = kWords < 4 ? kWords : 4;
+  static_assert(kWords * kPerWord == Pairs, "a lane's pairs fill whole words");
+  uint32_t w[kWords];
+
+  __device__ __forceinline__ void load(const uint8_t* plane, uint32_t lane) {
+#pragma unroll
+    for (uint32_t u = 0; u < kWords / kUnit; ++u) {
+      const uint32_t* at = reinterpret_cast<const uint32_t*>(plane) +
+                           tiles::pair_location(lane, u * kUnit * kPerWord, BITS, Pairs).word;
+#pragma unroll
+      for (uint32_t i = 0; i < kUnit; ++i) w[u * kUnit + i] = at[i];
+    }
+  }
+  template <kvc_dtype DT>
+  __device__ __forceinline__ uint32_t pair(uint32_t p) const {
+    return codes_to_pair<DT, BITS>(w[p / kPerWord], p % kPerWord);
+  }
+};
+
+// The same for a two-plane tile (3 = 2 + 1 or 6 = 4 + 2 bits): plane 0 holds the low LOW bits
+// of every element, plane 1 (right after it) the high bits; each converts as a plain tile and
+// the pair is low + 2^LOW * high (one more HFMA2, exact: integers below 2^8).
+template <kvc_dtype DT, uint32_t LOW, uint32_t HIGH, uint32_t NT>
+__device__ __forceinline__ void plane_products(float (&acc)[NT][4], const uint4& a,
+                                               const uint8_t* tile, uint32_t lane) {
+  PlaneWords<LOW, 2 * NT> low;
+  PlaneWords<HIGH, 2 * NT> high;
+  low.load(tile, lane);
+  high.load(tile + tiles::tile_bytes(LOW, NT), lane);
+  constexpr bool kBf16 = DT == KVC_DTYPE_BF16;
+  constexpr uint32_t kScale = kBf16 ? (127u + LOW) << 7 : (15u + LOW) << 10;  // 2^LOW
+#pragma unroll
+  for (uint32_t n = 0; n < NT; ++n) {
+    uint32_t b[2];
+#pragma unroll
+    for (uint32_t r = 0; r < 2; ++r) {
+      const uint32_t lo = low.template pair<DT>(2 * n + r), hi = high.template pair<DT>(2 * n + r);
+      if constexpr (kBf16) {
+        asm("fma.rn.bf16x2 %0, %1, %2, %3;\n"
+            : "=r"(b[r])
+            : "r"(hi), "r"(kScale * 0x10001u), "r"(lo));
+      } else {
+        asm("fma.rn.f16x2 %0, %1, %2, %3;\n"
+            : "=r"(b[r])
+            : "r"(hi), "r"(kScale * 0x10001u), "r"(lo));
+      }
+    }
+    mma::mma_16816<kBf16>(acc[n], a, b[0], b[1]);
+  }
+}
+
 // One tile's products by its width code; a zero-width tile adds nothing (every code is 0).
 template <kvc_dtype DT, uint32_t NT>
 __device__ __forceinline__ void tile_products_any(float (&acc)[NT][4], const uint4& a,
@@ -159,8 +215,14 @@ __device__ __forceinline__ void tile_products_any(float (&acc)[NT][4], const uin
     case tiles::kW2:
       tile_products<DT, 2>(acc, a, tile, lane);
       break;
+    case tiles::kW3:
+      plane_products<DT, 2, 1>(acc, a, tile, lane);
+      break;
     case tiles::kW4:
       tile_products<DT, 4>(acc, a, tile, lane);
+      break;
+    case tiles::kW6:
+      plane_products<DT, 4, 2>(acc, a, tile, lane);
       break;
     case tiles::kW8:
       tile_products<DT, 8>(acc, a, tile, lane);
@@ -207,8 +269,8 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   float m[2] = {-INFINITY, -INFINITY};  // running max, base 2
   float l[2] = {0.0f, 0.0f};            // this lane's share of the row sums
 
-  // Where unit u's K and V blocks lie in the pool, and whether they fit one stage (both 16-byte
-  // aligned and together at most kStageBytes).
+  // Where unit u's K and V blocks lie in the pool (16-byte aligned, as the store places them),
+  // and whether they fit one stage together.
   auto block_of = [&](uint32_t u, uint32_t kind) {
     const BlockLocation loc = sv.blocks[(size_t(u) * P.kv_heads + head) * 2 + kind];
     return pool + size_t(loc.page) * page_bytes + loc.offset;
@@ -216,10 +278,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   auto stageable = [&](uint32_t u) {
     if (u >= sv.num_blocks) return false;
     const BlockLocation* loc = &sv.blocks[(size_t(u) * P.kv_heads + head) * 2];
-    const uintptr_t at =
-        reinterpret_cast<uintptr_t>(block_of(u, 0)) | reinterpret_cast<uintptr_t>(block_of(u, 1));
-    return (at | loc[0].bytes | loc[1].bytes) % 16 == 0 &&
-           size_t(loc[0].bytes) + loc[1].bytes <= Tr::kStageBytes;
+    return size_t(loc[0].bytes) + loc[1].bytes <= Tr::kStageBytes;
   };
   // [sass stage] cp.async of unit u's K then V block into stage s (a group, committed even when
   // empty so that the wait counts stay uniform).
