@@ -231,7 +231,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
                                 const uint8_t* pool, size_t page_bytes, BookView key_book,
                                 BookView value_book, uint32_t value_group_size,
                                 uint32_t max_groups) {
-  extern __shared__ __align__(16) uint8_t smem[];
+  KVC_DYNAMIC_SHARED(uint8_t, smem);
   const uint32_t split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
   const uint32_t warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
   const uint32_t T = P.block_tokens, tpl = T / kLanes, group = P.group;
@@ -301,7 +301,7 @@ template <kvc_dtype DT, uint32_t D, uint32_t GMAX>
 __global__ void __launch_bounds__(kWarps* kLanes)
     attention_dense_kernel(AttentionParams P, uint32_t max_tokens, const uint32_t* lengths,
                            const void* keys, const void* values) {
-  extern __shared__ __align__(16) uint8_t smem[];
+  KVC_DYNAMIC_SHARED(uint8_t, smem);
   const uint32_t split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
   const uint32_t warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
   const uint32_t T = P.block_tokens, tpl = T / kLanes, group = P.group;

@@ -10,6 +10,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "kernels/common/device_api.cuh"
 #include "kernels/common/format.cuh"
 
 namespace kvc::kernels {
