@@ -36,6 +36,8 @@ struct Case {
   }
 };
 
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name(); }
+
 // Shapes that reach every path: one token, one channel, odd sizes, sub-streams of one element,
 // many groups, groups of two, and the usual 16..256.
 std::vector<Case> cases() {
