@@ -227,6 +227,33 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CodecEmulation, ::testing::ValuesIn(cases()),
                                   std::to_string(info.param.seed);
                          });
 
+// read_bits' word-wide path against the byte-wise definition: every alignment, sizes that are
+// not whole words, positions up to and past the end.
+TEST(CodecEmulationEdges, ReadBitsEqualsTheBytewiseDefinition) {
+  std::mt19937 rng(5);
+  std::vector<uint8_t> storage(64 + 8);
+  for (auto& b : storage) b = uint8_t(rng());
+  for (uint32_t align = 0; align < 4; ++align) {
+    for (uint32_t size = 0; size <= 64; ++size) {
+      const uint8_t* data = storage.data() + align;
+      for (uint64_t pos = 0; pos < uint64_t(size) * 8 + 40; pos += 1 + rng() % 5) {
+        for (uint32_t bits = 0; bits <= 32; ++bits) {
+          uint64_t window = 0;
+          for (uint32_t k = 0; k < 5; ++k) {
+            if ((pos >> 3) + k < size) window |= uint64_t(data[(pos >> 3) + k]) << (8 * k);
+          }
+          window >>= pos & 7;
+          const uint32_t want = bits == 0    ? 0u
+                                : bits == 32 ? uint32_t(window)
+                                             : uint32_t(window & ((uint64_t(1) << bits) - 1));
+          ASSERT_EQ(kernels::read_bits(data, size, pos, bits), want)
+              << "align " << align << " size " << size << " pos " << pos << " bits " << bits;
+        }
+      }
+    }
+  }
+}
+
 // Missing pointers, a misaligned destination and non-finite input: size 0 (encode), an
 // invalid-argument status (decode), the non-finite flag (histogram); the other blocks as usual.
 TEST(CodecEmulationEdges, BadPointersAndNonFiniteInputAreMarkedPerBlock) {
