@@ -5,7 +5,8 @@
 // the same structure, for batch x context shapes up to 2M tokens. Timed with CUDA events on
 // one non-default stream: median of the repetitions after a warm-up. Each result is verified
 // once against the CPU reference before timing (first blocks byte-identical, decode error within
-// the bound). Prints a table; --json FILE also writes the numbers.
+// the bound). Prints a table; --json FILE also writes the numbers; --quick measures attention at
+// one shape (B = 8, L = 32K) only.
 //
 // A plain program rather than Google Benchmark: it must build on GPU machines that have only the
 // CUDA toolkit. The CPU benchmarks (bench_codec) use Google Benchmark.
@@ -71,6 +72,7 @@ struct Case {
 
 int main(int argc, char** argv) {
   const char* json = kvc::bench::json_path(argc, argv);
+  const bool quick = kvc::bench::has_flag(argc, argv, "--quick");
   if (!kvc::bench::have_gpu("gpu_bench")) return 0;
   cudaDeviceProp prop{};
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
@@ -266,6 +268,7 @@ int main(int argc, char** argv) {
         {1, 4096},   {1, 32768}, {1, 131072}, {8, 4096},  {8, 32768},
         {8, 131072}, {32, 4096}, {32, 32768}, {64, 4096}, {64, 32768}};
     for (const auto& [batch, len] : shapes) {
+      if (quick && !(batch == 8 && len == 32768)) continue;
       const uint32_t blocks = len / kTokens;
       std::vector<kvc::cuda::BlockLocation> table(size_t(batch) * blocks * kHeads * 2);
       double compressed = 0;

@@ -28,6 +28,14 @@ inline const char* json_path(int argc, char** argv) {
   return nullptr;
 }
 
+// Whether `flag` (say "--quick") is among the arguments.
+inline bool has_flag(int argc, char** argv, const char* flag) {
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == flag) return true;
+  }
+  return false;
+}
+
 // Whether a GPU is usable; if not, says so for `program` (which then measures nothing).
 inline bool have_gpu(const char* program) {
   int devices = 0;

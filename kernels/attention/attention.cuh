@@ -234,7 +234,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
                                 const uint8_t* pool, size_t page_bytes, BookView key_book,
                                 BookView value_book, uint32_t value_group_size,
                                 uint32_t max_groups) {
-  extern __shared__ __align__(16) uint8_t smem[];
+  KVC_DYNAMIC_SHARED(uint8_t, smem);
   const uint32_t split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
   const uint32_t warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
   const uint32_t T = P.block_tokens, tpl = T / kLanes, group = P.group;
@@ -363,7 +363,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   constexpr uint32_t U = Tr::kUnit, kChunks = D / 8;
   constexpr bool kBf16 = DT == KVC_DTYPE_BF16;
   constexpr float kLog2e = 1.4426950408889634f;
-  extern __shared__ __align__(16) uint8_t smem[];
+  KVC_DYNAMIC_SHARED(uint8_t, smem);
   const uint32_t split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
   const uint32_t warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
   const uint32_t quad = lane % 4;

@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   using Tr = TileAttentionTraits<D, T>;
   constexpr bool kBf16 = DT == KVC_DTYPE_BF16;
   constexpr float kLog2e = 1.4426950408889634f;
-  extern __shared__ __align__(16) uint8_t smem[];
+  KVC_DYNAMIC_SHARED(uint8_t, smem);
   const uint32_t split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
   const uint32_t warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes, quad = lane % 4;
   float* qf = reinterpret_cast<float*>(smem);  // [16][D]: the group's queries, zero rows after

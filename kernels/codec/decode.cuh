@@ -31,7 +31,7 @@ template <kvc_dtype OUT>
 __global__ void __launch_bounds__(kThreads)
     decode_kernel(Shape sh, BookView book, const void* const* src_blocks, const uint32_t* src_bytes,
                   void* const* dst_blocks, int64_t stride, kvc_status_t* block_status) {
-  extern __shared__ __align__(16) uint8_t smem[];
+  KVC_DYNAMIC_SHARED(uint8_t, smem);
   __shared__ f::BlockLayout L;
   __shared__ kvc_status_t status;
   __shared__ uint32_t corrupt;

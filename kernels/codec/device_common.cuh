@@ -10,6 +10,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "kernels/common/device_api.cuh"
 #include "kernels/common/format.cuh"
 
 namespace kvc::kernels {
@@ -193,17 +194,32 @@ __device__ void quantize_block(const Shape& sh, const void* src, int64_t stride,
 }
 
 // Reads `bits` (<= 32) bits at bit position `pos` of an LSB-first stream of `size` bytes;
-// bytes past the end read as zero, so corrupt offsets can never reach outside.
+// bytes past the end read as zero, so corrupt offsets can never reach outside. Where the stream
+// is 4-byte aligned (blocks and their sections are) and the two words holding the field lie
+// inside it, two word loads replace five byte loads; the bits are the same.
 __device__ inline uint32_t read_bits(const uint8_t* data, uint32_t size, uint64_t pos,
                                      uint32_t bits) {
   if (bits == 0) return 0;
-  const uint64_t first = pos >> 3;
   uint64_t window = 0;
-  for (uint32_t k = 0; k < 5; ++k) {
-    const uint64_t at = first + k;
-    if (at < size) window |= uint64_t(data[at]) << (8 * k);
+  const uint64_t word = pos >> 5;
+  if (reinterpret_cast<uintptr_t>(data) % 4 == 0 && (word + 2) * 4 <= size) {
+    // Bits [32 * word, 32 * word + 64) hold [pos, pos + bits): (pos & 31) + bits <= 63.
+    uint32_t w[2];
+#if defined(__CUDA_ARCH__)
+    w[0] = reinterpret_cast<const uint32_t*>(data)[word];
+    w[1] = reinterpret_cast<const uint32_t*>(data)[word + 1];
+#else
+    __builtin_memcpy(w, data + word * 4, 8);  // the host emulation: no aliasing through casts
+#endif
+    window = (uint64_t(w[0]) | (uint64_t(w[1]) << 32)) >> (pos & 31u);
+  } else {
+    const uint64_t first = pos >> 3;
+    for (uint32_t k = 0; k < 5; ++k) {
+      const uint64_t at = first + k;
+      if (at < size) window |= uint64_t(data[at]) << (8 * k);
+    }
+    window >>= (pos & 7u);
   }
-  window >>= (pos & 7u);
   return bits >= 32 ? uint32_t(window) : uint32_t(window & ((uint64_t(1) << bits) - 1u));
 }
 

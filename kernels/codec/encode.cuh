@@ -6,8 +6,6 @@
 // depend on thread scheduling.
 #pragma once
 
-#include <cub/block/block_scan.cuh>
-
 #include "kernels/codec/device_common.cuh"
 
 namespace kvc::kernels {
@@ -59,9 +57,9 @@ template <kvc_dtype DT>
 __global__ void __launch_bounds__(kThreads)
     encode_kernel(Shape sh, BookView book, const void* const* src_blocks, int64_t stride,
                   void* const* dst_blocks, uint32_t* block_bytes) {
-  extern __shared__ __align__(16) uint8_t smem[];
+  KVC_DYNAMIC_SHARED(uint8_t, smem);
   __shared__ EncodeState st;
-  using Scan = CUB_NS_QUALIFIER::BlockScan<StreamBits, kThreads>;  // kvcomp's wrapped CUB
+  using Scan = device::BlockScan<StreamBits, kThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
 
   const uint32_t n = sh.num_elements(), groups = sh.num_groups, tid = threadIdx.x;

@@ -19,7 +19,7 @@ template <kvc_dtype DT>
 __global__ void __launch_bounds__(kThreads)
     histogram_kernel(Shape sh, const void* const* src_blocks, int64_t stride,
                      HistogramCounts* counts) {
-  extern __shared__ __align__(16) uint8_t smem[];
+  KVC_DYNAMIC_SHARED(uint8_t, smem);
   __shared__ QuantSummary sum;
   const uint32_t n = sh.num_elements(), groups = sh.num_groups;
   const QuantSmem q = QuantSmem::carve(smem, n, groups);

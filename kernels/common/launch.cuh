@@ -5,8 +5,11 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <mutex>
 #include <type_traits>
+#include <vector>
 
 #include "core/error.hpp"
 
@@ -39,24 +42,48 @@ inline void require_device(int device, const char* what) {
           " but device ", now, " is current");
 }
 
-// Raises a kernel's dynamic shared-memory limit to everything the device allows, once per kernel:
-// the limit is a property of the function, shared by every caller, so it is only ever raised
-// (lowering it for one codec could break another's launch or captured graph).
-template <class Kernel>
-void allow_large_shared_memory(Kernel kernel) {
-  static const cudaError_t raised = [&] {
-    int optin = 0;
+// Without the opt-in a thread block gets 48 KiB of shared memory, its static shared memory
+// (__shared__ variables) included.
+constexpr size_t kDefaultSharedMemoryBytes = 48 * 1024;
+
+// Whether a launch with `dynamic_bytes` of dynamic shared memory needs the kernel's limit raised.
+constexpr bool needs_shared_memory_opt_in(size_t dynamic_bytes, size_t static_bytes) {
+  return dynamic_bytes + static_bytes > kDefaultSharedMemoryBytes;
+}
+
+// Makes a launch of `kernel` with `dynamic_bytes` of dynamic shared memory legal on the current
+// device: raises the kernel's limit to everything the device allows, once per (device, kernel).
+// The limit is a property of the function on one device, shared by every caller, so it is only
+// ever raised (lowering it for one codec could break another's launch or captured graph). The
+// cache is keyed by the function's address: every template instantiation is its own kernel with
+// its own limit. Failures are not cached. Calls made here are legal during stream capture.
+inline void allow_shared_memory(const void* kernel, size_t dynamic_bytes) {
+  struct Known {
+    int device;
+    const void* kernel;
+    size_t static_bytes;
+    bool raised;
+  };
+  static std::mutex mutex;
+  static std::vector<Known> known;  // a few dozen kernels at most
+  const int device = current_device();
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = std::find_if(known.begin(), known.end(),
+                         [&](const Known& k) { return k.device == device && k.kernel == kernel; });
+  if (it == known.end()) {
     cudaFuncAttributes attributes{};
-    cudaError_t e =
-        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, current_device());
-    if (e == cudaSuccess) e = cudaFuncGetAttributes(&attributes, kernel);
-    if (e == cudaSuccess) {
-      e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               optin - int(attributes.sharedSizeBytes));
-    }
-    return e;
-  }();
-  check_cuda(raised, "raising the kernel's shared-memory limit");
+    check_cuda(cudaFuncGetAttributes(&attributes, kernel), "cudaFuncGetAttributes");
+    known.push_back({device, kernel, attributes.sharedSizeBytes, false});
+    it = known.end() - 1;
+  }
+  if (it->raised || !needs_shared_memory_opt_in(dynamic_bytes, it->static_bytes)) return;
+  int optin = 0;
+  check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "cudaDeviceGetAttribute");
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  optin - int(it->static_bytes)),
+             "raising the kernel's shared-memory limit");
+  it->raised = true;
 }
 
 // Runtime value -> compile-time constant: calls f(std::integral_constant<T, v>) for the one of
@@ -79,11 +106,14 @@ template <class... Params>
 void launch(void (*kernel)(Params...), dim3 grid, uint32_t threads, size_t smem,
             cudaStream_t stream, typename Exactly<Params>::type... args) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
-  if (smem > 48 * 1024) allow_large_shared_memory(kernel);
+  const void* function = reinterpret_cast<const void*>(kernel);
+  if (smem > 0) allow_shared_memory(function, smem);
   void* params[] = {&args...};
-  check_cuda(cudaLaunchKernel(reinterpret_cast<const void*>(kernel), grid, dim3(threads), params,
-                              smem, stream),
-             "kernel launch");
+  const cudaError_t e = cudaLaunchKernel(function, grid, dim3(threads), params, smem, stream);
+  // A failed launch also sets the runtime's last error, which the host application's next
+  // cudaGetLastError() would otherwise report against its own kernel.
+  if (e != cudaSuccess) cudaGetLastError();
+  check_cuda(e, "kernel launch");
 }
 
 }  // namespace kvc::cuda

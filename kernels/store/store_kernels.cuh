@@ -13,7 +13,6 @@
 #include <kvcomp/kvcomp.h>
 
 #include <cstdint>
-#include <cub/block/block_scan.cuh>
 
 #include "kernels/attention/attention.cuh"
 #include "kernels/codec/device_common.cuh"
@@ -188,7 +187,7 @@ __global__ void __launch_bounds__(kStoreThreads)
     commit_kernel(StoreView S, uint32_t num_sequences, uint32_t max_blocks, bool first_layer,
                   Entry* entries, const uint32_t* bytes_k, const uint32_t* bytes_v, void** copy_dst,
                   CallState* call) {
-  using Scan = CUB_NS_QUALIFIER::BlockScan<uint32_t, kStoreThreads>;  // kvcomp's wrapped CUB
+  using Scan = device::BlockScan<uint32_t, kStoreThreads>;
   __shared__ typename Scan::TempStorage scan;
   __shared__ int32_t status;
   __shared__ uint32_t free_top, opened;

@@ -188,6 +188,29 @@ TEST_F(CodecGpu, LargeBlocksUseOptInSharedMemory) {
   }
 }
 
+// Every dtype's kernel needs its own shared-memory opt-in (each instantiation is a kernel), and
+// static shared memory counts toward the 48 KiB default: these shapes need 46.1 to 48 KiB of
+// dynamic shared memory, under the default but over it with encode's static state.
+TEST_F(CodecGpu, EveryDtypeEncodesBlocksNearTheDefaultSharedMemoryLimit) {
+  const kvc_codec_config configs[] = {
+      make_config(KVC_KIND_KEY, 42, 256, KVC_BOUND_RELATIVE, 0.05f),
+      make_config(KVC_KIND_KEY, 87, 128, KVC_BOUND_ABSOLUTE, 0.03f),
+      make_config(KVC_KIND_VALUE, 64, 160, KVC_BOUND_RELATIVE, 0.05f, KVC_ENTROPY_AUTO, 32),
+      make_config(KVC_KIND_KEY, 128, 128, KVC_BOUND_RELATIVE, 0.05f)};
+  for (const kvc_codec_config& c : configs) {
+    for (kvc_dtype dtype : {KVC_DTYPE_FP16, KVC_DTYPE_BF16, KVC_DTYPE_FP32}) {
+      const kvcomp::Codebook book = train(c, dtype, 41);
+      const kvcomp::Codec cpu(c, &book), gpu(on_gpu(c), &book);
+      const Batch batch = make_batch(c, dtype, 2, 43);
+      const GpuResult r = gpu_encode(gpu, batch);
+      for (uint32_t h = 0; h < batch.heads; ++h) {
+        ASSERT_EQ(r.blocks[h], cpu.encode(batch.head(h), dtype, batch.tensor.stride))
+            << "T " << c.num_tokens << " D " << c.head_dim << " dtype " << dtype;
+      }
+    }
+  }
+}
+
 TEST_F(CodecGpu, CorruptBlocksGetTheCpusVerdict) {
   const kvc_codec_config c = make_config(KVC_KIND_VALUE, 32, 64, KVC_BOUND_RELATIVE, 0.05f);
   const kvcomp::Codebook book = train(c, KVC_DTYPE_FP16, 9);

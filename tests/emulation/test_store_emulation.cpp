@@ -1,0 +1,459 @@
+// SPDX-License-Identifier: Apache-2.0
+// The CUDA store's kernels (kernels/store/store_kernels.cuh), run on the CPU under the host
+// emulation in the order kernels/store/store.cu launches them (stage, encode, commit, copy per
+// layer, finish; free), against a shadow model: random adds, appends and frees, with unknown
+// sequences, over-long sequences, inf/NaN rows and pages running out. After every step: every
+// block byte-identical to the CPU encoder's block of the same rows, at the next-fit offset;
+// exact tails; pages owned by one (sequence, layer) each, and with the free stack a partition of
+// the pool; counters; and a failed call changes nothing.
+#include "tests/emulation/emulated_codec.hpp"
+//
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <map>
+#include <random>
+#include <set>
+
+#include "cpu/codec_cpu.hpp"
+#include "kernels/store/store_kernels.cuh"
+#include "test_support.hpp"
+
+namespace kvc::test {
+namespace {
+
+namespace ks = kvc::kernels::store;
+using cuda::BlockLocation;
+using cuda::SequenceView;
+
+struct StoreShape {
+  uint32_t layers = 2, heads = 2, dim = 16, block_tokens = 4;
+  uint32_t page_bytes = 512, num_pages = 20, max_sequences = 4, max_tokens = 24;
+  uint32_t row() const { return heads * dim; }
+};
+
+size_t round16(size_t n) { return (n + 15) / 16 * 16; }
+
+// The store's device state in host memory, and store.cu's host logic for the calls the test
+// makes (codebooks fixed from the start: no book building).
+class EmulatedStore {
+ public:
+  EmulatedStore(const StoreShape& s, const CodecParams& key, const CodecParams& value,
+                const Codebook* key_book, const Codebook* value_book)
+      : s_(s), params_{key, value}, books_{key_book, value_book} {
+    for (int kind = 0; kind < 2; ++kind)
+      dbooks_[kind] = std::make_unique<EmulatedBook>(books_[kind]);
+    table_blocks_ = (s.max_tokens + s.block_tokens - 1) / s.block_tokens;
+    const size_t layers = size_t(s.max_sequences) * s.layers;
+    pool_.assign(size_t(s.num_pages) * s.page_bytes, 0xCC);
+    tables_.assign(layers * table_blocks_ * s.heads * 2, BlockLocation{0xFFFFFFFFu, 0, 0});
+    tails_.assign(layers * 2 * s.block_tokens * s.row(), 0);
+    states_.resize(layers);
+    for (size_t i = 0; i < layers; ++i) {
+      states_[i].view = {tables_.data() + i * table_blocks_ * s.heads * 2, 0, 0,
+                         tails_.data() + 2 * i * s.block_tokens * s.row(),
+                         tails_.data() + (2 * i + 1) * s.block_tokens * s.row()};
+    }
+    for (uint32_t i = 0; i < s.num_pages; ++i) free_pages_.push_back(s.num_pages - 1 - i);
+    slot_ids_.assign(s.max_sequences, -1);
+    generations_.assign(s.max_sequences, 0);
+    layer_compressed_.assign(s.layers, 0);
+    counters_ = {s.num_pages, KVC_SUCCESS, 0, 0, 0, 0, 0};
+  }
+
+  ks::StoreView view() {
+    return {
+        states_.data(),  slot_ids_.data(), free_pages_.data(), &counters_, layer_compressed_.data(),
+        pool_.data(),    s_.page_bytes,    s_.layers,          s_.heads,   s_.dim,
+        s_.block_tokens, s_.max_sequences, s_.max_tokens,      0x7C00u};
+  }
+
+  // -1 when every slot is taken.
+  int32_t add_sequence() {
+    for (uint32_t slot = 0; slot < s_.max_sequences; ++slot) {
+      if (slot_ids_[slot] != -1) continue;
+      const int32_t id = int32_t(generations_[slot]++ * s_.max_sequences + slot);
+      slot_ids_[slot] = id;
+      return id;
+    }
+    return -1;
+  }
+
+  void free_sequence(int32_t id) {
+    const auto r = emu::launch(ks::free_kernel, s_.layers, ks::kStoreThreads, 0, view(), id);
+    ASSERT_TRUE(r.ok()) << r.message();
+    slot_ids_[uint32_t(id) % s_.max_sequences] = -1;
+  }
+
+  // kvc_store_append over every layer: keys/values [layers, ids, n, heads, dim] of fp16.
+  kvc_status_t append(const std::vector<int32_t>& ids, uint32_t n,
+                      const std::vector<uint16_t>& keys, const std::vector<uint16_t>& values) {
+    const uint32_t B = uint32_t(ids.size()), H = s_.heads, T = s_.block_tokens, L = s_.layers;
+    const uint32_t max_blocks = (T - 1 + n) / T;
+    const size_t layer_slots = size_t(B) * max_blocks * H;
+    const size_t stride[2] = {round16(params_[0].max_block_bytes(KVC_DTYPE_FP16)),
+                              round16(params_[1].max_block_bytes(KVC_DTYPE_FP16))};
+    std::vector<ks::Entry> entries(size_t(L) * B);
+    std::vector<const void*> src[2] = {std::vector<const void*>(L * layer_slots),
+                                       std::vector<const void*>(L * layer_slots)};
+    std::vector<uint8_t> encoded[2] = {std::vector<uint8_t>(layer_slots * stride[0], 0xEE),
+                                       std::vector<uint8_t>(layer_slots * stride[1], 0xEE)};
+    std::vector<void*> dst[2];
+    for (int kind = 0; kind < 2; ++kind) {
+      for (size_t i = 0; i < layer_slots; ++i)
+        dst[kind].push_back(encoded[kind].data() + i * stride[kind]);
+    }
+    std::vector<uint32_t> bytes[2];
+    std::vector<void*> copy_dst(layer_slots * 2);
+    ks::CallState call;
+    std::memset(&call, 0xFF, sizeof(call));
+    ks::Batch batch{};
+    std::copy(ids.begin(), ids.end(), batch.ids);
+    const ks::StoreView V = view();
+    auto ok = [&](const emu::LaunchResult& r, const char* what) {
+      EXPECT_TRUE(r.ok()) << what << ": " << r.message();
+      return r.ok();
+    };
+    if (!ok(emu::launch(ks::stage_kernel, emu::Dim3(B, L), ks::kStoreThreads, 0, V, batch, B, 0u, n,
+                        keys.data(), values.data(), max_blocks, entries.data(), src[0].data(),
+                        src[1].data(), &call),
+            "stage")) {
+      return KVC_ERROR_INTERNAL;
+    }
+    for (uint32_t li = 0; li < L; ++li) {
+      for (int kind = 0; kind < 2; ++kind) {
+        const std::vector<const void*> layer_src(src[kind].begin() + long(li * layer_slots),
+                                                 src[kind].begin() + long((li + 1) * layer_slots));
+        if (!ok(emulated_encode(params_[kind], dbooks_[kind]->view(), layer_src,
+                                int64_t(H) * s_.dim, KVC_DTYPE_FP16, dst[kind], bytes[kind]),
+                "encode")) {
+          return KVC_ERROR_INTERNAL;
+        }
+      }
+      if (!ok(emu::launch(ks::commit_kernel, 1, ks::kStoreThreads, 0, V, B, max_blocks, li == 0,
+                          entries.data() + size_t(li) * B, bytes[0].data(), bytes[1].data(),
+                          copy_dst.data(), &call),
+              "commit") ||
+          !ok(emu::launch(ks::copy_kernel, uint32_t(layer_slots * 2), 128, 0, copy_dst.data(),
+                          encoded[0].data(), encoded[1].data(), stride[0], stride[1],
+                          bytes[0].data(), bytes[1].data(), &call),
+              "copy")) {
+        return KVC_ERROR_INTERNAL;
+      }
+    }
+    if (!ok(emu::launch(ks::finish_kernel, L * B, ks::kStoreThreads, 0, V, B, n, keys.data(),
+                        values.data(), entries.data(), &call),
+            "finish")) {
+      return KVC_ERROR_INTERNAL;
+    }
+    return kvc_status_t(counters_.last_status);
+  }
+
+  const StoreShape& shape() const { return s_; }
+  const CodecParams& params(int kind) const { return params_[kind]; }
+  const Codebook* book(int kind) const { return books_[kind]; }
+  const ks::LayerState& state(int32_t id, uint32_t layer) const {
+    return states_[size_t(uint32_t(id) % s_.max_sequences) * s_.layers + layer];
+  }
+  const std::vector<uint8_t>& pool() const { return pool_; }
+  const std::vector<uint32_t>& free_pages() const { return free_pages_; }
+  const ks::Counters& counters() const { return counters_; }
+  const std::vector<uint32_t>& layer_compressed() const { return layer_compressed_; }
+
+ private:
+  StoreShape s_;
+  CodecParams params_[2];
+  const Codebook* books_[2];
+  std::unique_ptr<EmulatedBook> dbooks_[2];
+  uint32_t table_blocks_ = 0;
+  std::vector<uint8_t> pool_;
+  std::vector<BlockLocation> tables_;
+  std::vector<uint16_t> tails_;
+  std::vector<ks::LayerState> states_;
+  std::vector<uint32_t> free_pages_;
+  std::vector<int32_t> slot_ids_;
+  std::vector<uint32_t> generations_;
+  std::vector<uint32_t> layer_compressed_;
+  ks::Counters counters_{};
+};
+
+// The shadow: every live sequence's rows per layer, [tokens, heads * dim] of fp16 (K and V).
+struct Shadow {
+  std::map<int32_t, std::vector<std::vector<uint16_t>>> keys, values;  // [layer] -> rows
+};
+
+// A snapshot of everything a failed call must leave as it was.
+struct Snapshot {
+  std::vector<ks::LayerState> states;
+  std::vector<std::vector<BlockLocation>> tables;
+  std::vector<uint32_t> free_stack;
+  ks::Counters counters;
+};
+
+class StoreChecker {
+ public:
+  StoreChecker(EmulatedStore& store, Shadow& shadow) : st_(store), sh_(shadow) {}
+
+  std::vector<uint8_t> cpu_block(int kind, const std::vector<uint16_t>& rows, uint32_t j,
+                                 uint32_t h) const {
+    const StoreShape& s = st_.shape();
+    const CodecParams& p = st_.params(kind);
+    std::vector<uint8_t> out(p.max_block_bytes(KVC_DTYPE_FP16));
+    const uint16_t* src = rows.data() + size_t(j) * s.block_tokens * s.row() + h * s.dim;
+    const uint32_t n =
+        cpu::encode_block(p, st_.book(kind), src, s.row(), KVC_DTYPE_FP16, out.data());
+    out.resize(n);
+    return out;
+  }
+
+  Snapshot snapshot() const {
+    Snapshot snap;
+    const StoreShape& s = st_.shape();
+    for (const auto& [id, layers] : sh_.keys) {
+      for (uint32_t l = 0; l < s.layers; ++l) {
+        const ks::LayerState& ls = st_.state(id, l);
+        snap.states.push_back(ls);
+        snap.tables.emplace_back(ls.view.blocks, ls.view.blocks + ls.view.num_blocks * s.heads * 2);
+      }
+    }
+    snap.counters = st_.counters();
+    snap.free_stack.assign(st_.free_pages().begin(),
+                           st_.free_pages().begin() + snap.counters.free_top);
+    return snap;
+  }
+
+  void expect_unchanged(const Snapshot& before, const std::string& where) const {
+    const Snapshot now = snapshot();
+    ASSERT_EQ(now.states.size(), before.states.size()) << where;
+    for (size_t i = 0; i < now.states.size(); ++i) {
+      EXPECT_EQ(now.states[i].view.num_blocks, before.states[i].view.num_blocks) << where;
+      EXPECT_EQ(now.states[i].view.tail_tokens, before.states[i].view.tail_tokens) << where;
+      EXPECT_EQ(now.states[i].open_page, before.states[i].open_page) << where;
+      EXPECT_EQ(now.states[i].open_used, before.states[i].open_used) << where;
+      for (size_t b = 0; b < now.tables[i].size(); ++b) {
+        EXPECT_EQ(now.tables[i][b].page, before.tables[i][b].page) << where;
+        EXPECT_EQ(now.tables[i][b].offset, before.tables[i][b].offset) << where;
+        EXPECT_EQ(now.tables[i][b].bytes, before.tables[i][b].bytes) << where;
+      }
+    }
+    EXPECT_EQ(now.free_stack, before.free_stack) << where;
+    EXPECT_EQ(now.counters.num_blocks, before.counters.num_blocks) << where;
+    EXPECT_EQ(now.counters.block_bytes, before.counters.block_bytes) << where;
+    EXPECT_EQ(now.counters.tokens, before.counters.tokens) << where;
+    EXPECT_EQ(now.counters.failed, before.counters.failed + 1) << where;
+  }
+
+  // Every invariant of the store against the shadow.
+  void check(const std::string& where) const {
+    const StoreShape& s = st_.shape();
+    const uint32_t T = s.block_tokens;
+    std::set<uint32_t> used;
+    uint64_t blocks = 0, bytes = 0, tokens = 0;
+    for (const auto& [id, layers] : sh_.keys) {
+      for (uint32_t l = 0; l < s.layers; ++l) {
+        const std::vector<uint16_t>* rows[2] = {&sh_.keys.at(id)[l], &sh_.values.at(id)[l]};
+        const uint32_t len = uint32_t(rows[0]->size() / s.row());
+        tokens += len;
+        const ks::LayerState& ls = st_.state(id, l);
+        ASSERT_EQ(ls.view.num_blocks, len / T) << where << " id " << id << " layer " << l;
+        ASSERT_EQ(ls.view.tail_tokens, len % T) << where << " id " << id << " layer " << l;
+        for (int kind = 0; kind < 2; ++kind) {
+          const auto* tail =
+              static_cast<const uint16_t*>(kind == 0 ? ls.view.tail_keys : ls.view.tail_values);
+          const size_t first = size_t(len / T) * T * s.row();
+          ASSERT_TRUE(std::equal(rows[kind]->begin() + long(first), rows[kind]->end(), tail))
+              << where << " tail of id " << id << " layer " << l << " kind " << kind;
+        }
+        // Blocks: CPU bytes, next-fit offsets, pages of their own.
+        uint32_t open = s.page_bytes, page = 0xFFFFFFFFu;
+        std::set<uint32_t> mine;
+        for (uint32_t j = 0; j < ls.view.num_blocks; ++j) {
+          for (uint32_t h = 0; h < s.heads; ++h) {
+            for (int kind = 0; kind < 2; ++kind) {
+              const BlockLocation& at = ls.view.blocks[(size_t(j) * s.heads + h) * 2 + kind];
+              const std::vector<uint8_t> want = cpu_block(kind, *rows[kind], j, h);
+              ASSERT_EQ(at.bytes, want.size()) << where;
+              uint32_t offset = 0;
+              const bool fresh = place_next_fit(open, at.bytes, s.page_bytes, offset);
+              ASSERT_EQ(at.offset, offset) << where << " id " << id << " layer " << l;
+              if (!fresh) ASSERT_EQ(at.page, page) << where;
+              if (fresh) ASSERT_TRUE(mine.insert(at.page).second) << where << " page reused";
+              page = at.page;
+              ASSERT_LT(at.page, s.num_pages) << where;
+              ASSERT_LE(size_t(at.offset) + at.bytes, s.page_bytes) << where;
+              const uint8_t* p = st_.pool().data() + size_t(at.page) * s.page_bytes + at.offset;
+              ASSERT_TRUE(std::equal(want.begin(), want.end(), p))
+                  << where << " block " << j << " head " << h << " kind " << kind;
+              ++blocks;
+              bytes += at.bytes;
+            }
+          }
+        }
+        if (ls.view.num_blocks > 0) {
+          EXPECT_EQ(ls.open_page, page) << where;
+          EXPECT_EQ(ls.open_used, open) << where;
+        }
+        for (uint32_t pg : mine) ASSERT_TRUE(used.insert(pg).second) << where << " page shared";
+      }
+    }
+    const ks::Counters& c = st_.counters();
+    ASSERT_EQ(c.free_top + used.size(), s.num_pages) << where;
+    std::set<uint32_t> free(st_.free_pages().begin(), st_.free_pages().begin() + c.free_top);
+    ASSERT_EQ(free.size(), c.free_top) << where << " a page twice on the free stack";
+    for (uint32_t pg : free) ASSERT_EQ(used.count(pg), 0u) << where << " page both free and used";
+    EXPECT_EQ(c.num_blocks, blocks) << where;
+    EXPECT_EQ(c.block_bytes, bytes) << where;
+    EXPECT_EQ(c.tokens, tokens) << where;
+  }
+
+  // The status the call should end with, in the store's order: the first failing (layer,
+  // sequence) of staging, else pages running out.
+  kvc_status_t expected(const std::vector<int32_t>& ids, const std::vector<bool>& live, uint32_t n,
+                        const std::vector<uint16_t>& keys,
+                        const std::vector<uint16_t>& values) const {
+    const StoreShape& s = st_.shape();
+    const size_t per_entry = size_t(n) * s.row();
+    for (uint32_t l = 0; l < s.layers; ++l) {
+      for (size_t b = 0; b < ids.size(); ++b) {
+        if (!live[b]) return KVC_ERROR_UNKNOWN_SEQUENCE;
+        const size_t len = sh_.keys.at(ids[b])[l].size() / s.row();
+        if (len + n > s.max_tokens) return KVC_ERROR_INVALID_ARGUMENT;
+        const size_t at = (size_t(l) * ids.size() + b) * per_entry;
+        for (size_t i = at; i < at + per_entry; ++i) {
+          if ((keys[i] & 0x7C00u) == 0x7C00u || (values[i] & 0x7C00u) == 0x7C00u) {
+            return KVC_ERROR_NONFINITE_INPUT;
+          }
+        }
+      }
+    }
+    // Pages: the new blocks of every (layer, sequence), placed next-fit after what is there.
+    uint32_t need = 0;
+    for (uint32_t l = 0; l < s.layers; ++l) {
+      for (size_t b = 0; b < ids.size(); ++b) {
+        std::vector<uint16_t> rows[2] = {sh_.keys.at(ids[b])[l], sh_.values.at(ids[b])[l]};
+        const size_t at = (size_t(l) * ids.size() + b) * per_entry;
+        rows[0].insert(rows[0].end(), keys.begin() + long(at), keys.begin() + long(at + per_entry));
+        rows[1].insert(rows[1].end(), values.begin() + long(at),
+                       values.begin() + long(at + per_entry));
+        const ks::LayerState& ls = st_.state(ids[b], l);
+        uint32_t open = ls.view.num_blocks > 0 ? ls.open_used : s.page_bytes, offset = 0;
+        const uint32_t total = uint32_t(rows[0].size() / s.row()) / s.block_tokens;
+        for (uint32_t j = ls.view.num_blocks; j < total; ++j) {
+          for (uint32_t h = 0; h < s.heads; ++h) {
+            for (int kind = 0; kind < 2; ++kind) {
+              need += place_next_fit(open, uint32_t(cpu_block(kind, rows[kind], j, h).size()),
+                                     s.page_bytes, offset);
+            }
+          }
+        }
+      }
+    }
+    return need > st_.counters().free_top ? KVC_ERROR_OUT_OF_PAGES : KVC_SUCCESS;
+  }
+
+ private:
+  EmulatedStore& st_;
+  Shadow& sh_;
+};
+
+std::vector<uint16_t> random_rows(std::mt19937& rng, bool is_value, uint32_t tokens, uint32_t row) {
+  const auto x = bench::synthetic_kv(is_value, tokens, row, rng());
+  std::vector<uint16_t> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) out[i] = format::float_to_half(x[i]);
+  return out;
+}
+
+void run_store_model(uint32_t seed, int steps) {
+  const StoreShape s;
+  const kvc_codec_config kc =
+      make_config(KVC_KIND_KEY, s.block_tokens, s.dim, KVC_BOUND_RELATIVE, 0.05f);
+  const kvc_codec_config vc =
+      make_config(KVC_KIND_VALUE, s.block_tokens, s.dim, KVC_BOUND_RELATIVE, 0.05f);
+  const auto parse = [](const kvcomp::Codebook& b) {
+    const auto bytes = b.serialize();
+    return Codebook::parse(bytes.data(), bytes.size());
+  };
+  const Codebook kbook = parse(train(kc, KVC_DTYPE_FP16, seed));
+  const Codebook vbook = parse(train(vc, KVC_DTYPE_FP16, seed + 1));
+  EmulatedStore store(s, CodecParams::from_config(kc, true), CodecParams::from_config(vc, true),
+                      &kbook, &vbook);
+  Shadow shadow;
+  StoreChecker checker(store, shadow);
+  std::mt19937 rng(seed);
+  std::vector<int32_t> freed;
+  int failures = 0, appends = 0;
+  std::map<kvc_status_t, int> statuses;
+  for (int step = 0; step < steps; ++step) {
+    const std::string where = "seed " + std::to_string(seed) + " step " + std::to_string(step);
+    const uint32_t op = rng() % 10;
+    if (op < 2 || shadow.keys.empty()) {
+      const int32_t id = store.add_sequence();
+      if (id >= 0) {
+        shadow.keys[id].assign(s.layers, {});
+        shadow.values[id].assign(s.layers, {});
+      }
+    } else if (op < 3) {
+      auto it = std::next(shadow.keys.begin(), long(rng() % shadow.keys.size()));
+      const int32_t id = it->first;
+      store.free_sequence(id);
+      shadow.keys.erase(id);
+      shadow.values.erase(id);
+      freed.push_back(id);
+    } else {
+      std::vector<int32_t> ids;
+      for (const auto& [id, rows] : shadow.keys) {
+        if (rng() % 3 != 0) ids.push_back(id);
+      }
+      if (!freed.empty() && rng() % 8 == 0) {  // a sequence no longer live, somewhere in the batch
+        ids.insert(ids.begin() + long(rng() % (ids.size() + 1)), freed[rng() % freed.size()]);
+      }
+      std::vector<bool> live;
+      for (int32_t id : ids) live.push_back(shadow.keys.count(id) != 0);
+      if (ids.empty()) continue;
+      const uint32_t n = rng() % 6 == 0 ? 5 + rng() % 9 : 1 + rng() % 3;
+      const size_t count = size_t(s.layers) * ids.size() * n * s.row();
+      std::vector<uint16_t> keys = random_rows(rng, false, uint32_t(count / s.row()), s.row());
+      std::vector<uint16_t> values = random_rows(rng, true, uint32_t(count / s.row()), s.row());
+      if (rng() % 12 == 0) (rng() % 2 ? keys : values)[rng() % count] = rng() % 2 ? 0x7C00 : 0x7E00;
+      const kvc_status_t want = checker.expected(ids, live, n, keys, values);
+      const Snapshot before = checker.snapshot();
+      const kvc_status_t got = store.append(ids, n, keys, values);
+      ASSERT_EQ(got, want) << where;
+      ++appends;
+      ++statuses[got];
+      if (got != KVC_SUCCESS) {
+        ++failures;
+        checker.expect_unchanged(before, where);
+      } else {
+        const size_t per_entry = size_t(n) * s.row();
+        for (uint32_t l = 0; l < s.layers; ++l) {
+          for (size_t b = 0; b < ids.size(); ++b) {
+            const size_t at = (size_t(l) * ids.size() + b) * per_entry;
+            auto& k = shadow.keys[ids[b]][l];
+            auto& v = shadow.values[ids[b]][l];
+            k.insert(k.end(), keys.begin() + long(at), keys.begin() + long(at + per_entry));
+            v.insert(v.end(), values.begin() + long(at), values.begin() + long(at + per_entry));
+          }
+        }
+      }
+    }
+    checker.check(where);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+  std::printf("seed %u: %d appends, statuses:", seed, appends);
+  for (const auto& [status, count] : statuses)
+    std::printf(" %s x%d", kvc_status_string(status), count);
+  std::printf("; %llu blocks, %u of %u pages free at the end\n",
+              (unsigned long long)store.counters().num_blocks, store.counters().free_top,
+              s.num_pages);
+  EXPECT_GT(appends, steps / 3);
+  EXPECT_GT(failures, 0);
+  EXPECT_EQ(store.layer_compressed(), std::vector<uint32_t>(s.layers, 1));
+}
+
+TEST(StoreEmulation, RandomOperationsAgainstAShadowModelSeed1) { run_store_model(1, 45); }
+TEST(StoreEmulation, RandomOperationsAgainstAShadowModelSeed2) { run_store_model(2, 45); }
+TEST(StoreEmulation, RandomOperationsAgainstAShadowModelSeed3) { run_store_model(3, 45); }
+
+}  // namespace
+}  // namespace kvc::test
