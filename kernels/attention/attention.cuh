@@ -322,17 +322,6 @@ struct DenseMmaTraits {
   static_assert(kUnit * D / 8 % kLanes == 0, "a unit is whole 16-byte chunks per lane");
 };
 
-template <kvc_dtype DT>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  uint32_t r;
-  if constexpr (DT == KVC_DTYPE_BF16) {
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-  } else {
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-  }
-  return r;
-}
-
 // The group's queries as A fragments [D / 16 k-steps][32 lanes], rows beyond the group zero.
 template <uint32_t D>
 __device__ void store_query_fragments(const AttentionParams& P, uint32_t seq, uint32_t head,
@@ -390,10 +379,10 @@ __global__ void __launch_bounds__(kWarps* kLanes)
       const bool valid = token < len;
       const size_t at = (valid ? size_t(token) * row_stride : 0) + chunk * 8;
       const uint32_t off = mma::swizzled_offset(row, chunk, Tr::kRowBytes);
-      mma::cp_async_16(k_dst + off, k_rows + at, valid);
-      mma::cp_async_16(v_dst + off, v_rows + at, valid);
+      device::cp_async_16(k_dst + off, k_rows + at, valid);
+      device::cp_async_16(v_dst + off, v_rows + at, valid);
     }
-    mma::cp_async_commit();
+    device::cp_async_commit();
   };
 
   float o[D / 8][4] = {};
@@ -404,9 +393,9 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   for (uint32_t s = 0; u < end; u += kWarps, s ^= 1) {
     if (u + kWarps < end) {
       stage_unit(u + kWarps, s ^ 1);
-      mma::cp_async_wait<1>();
+      device::cp_async_wait<1>();
     } else {
-      mma::cp_async_wait<0>();
+      device::cp_async_wait<0>();
     }
     __syncwarp();
     const uint8_t* k_tile = stages + s * Tr::kStageBytes;
@@ -423,10 +412,10 @@ __global__ void __launch_bounds__(kWarps* kLanes)
 #pragma unroll
       for (uint32_t nt = 0; nt < U / 8; ++nt) {
         const uint32_t row = nt * 8 + lane % 8;
-        const uint4 b = mma::ldmatrix_x4<false>(
+        const uint4 b = device::ldmatrix_x4<false>(
             k_tile + mma::swizzled_offset(row, kp * 4 + lane / 8, Tr::kRowBytes));
-        mma::mma_16816<kBf16>(sc[nt], qa, b.x, b.y);
-        mma::mma_16816<kBf16>(sc[nt], qb, b.z, b.w);
+        device::mma_16816<kBf16>(sc[nt], qa, b.x, b.y);
+        device::mma_16816<kBf16>(sc[nt], qb, b.z, b.w);
       }
     }
 
@@ -470,17 +459,17 @@ __global__ void __launch_bounds__(kWarps* kLanes)
     // n-tile 2p + j / 2: registers (x, y) feed n-tile 2p, (z, w) n-tile 2p + 1.
 #pragma unroll
     for (uint32_t kk = 0; kk < U / 16; ++kk) {
-      const uint4 a = make_uint4(pack2<DT>(sc[2 * kk][0], sc[2 * kk][1]),
-                                 pack2<DT>(sc[2 * kk][2], sc[2 * kk][3]),
-                                 pack2<DT>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
-                                 pack2<DT>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]));
+      const uint4 a = make_uint4(device::pack2<kBf16>(sc[2 * kk][0], sc[2 * kk][1]),
+                                 device::pack2<kBf16>(sc[2 * kk][2], sc[2 * kk][3]),
+                                 device::pack2<kBf16>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                                 device::pack2<kBf16>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]));
       const uint32_t row = kk * 16 + (lane / 8 % 2) * 8 + lane % 8;
 #pragma unroll
       for (uint32_t np = 0; np < D / 16; ++np) {
-        const uint4 b = mma::ldmatrix_x4<true>(
+        const uint4 b = device::ldmatrix_x4<true>(
             v_tile + mma::swizzled_offset(row, 2 * np + lane / 16, Tr::kRowBytes));
-        mma::mma_16816<kBf16>(o[2 * np], a, b.x, b.y);
-        mma::mma_16816<kBf16>(o[2 * np + 1], a, b.z, b.w);
+        device::mma_16816<kBf16>(o[2 * np], a, b.x, b.y);
+        device::mma_16816<kBf16>(o[2 * np + 1], a, b.z, b.w);
       }
     }
     __syncwarp();  // every lane is done with stage s before it is refilled

@@ -95,15 +95,15 @@ __device__ __forceinline__ uint32_t codes_to_pair(uint32_t w, uint32_t slot) {
   if constexpr (tile_convert::magic_fits(BITS, kBf16)) {
     return tile_convert::pair<kBf16, BITS>(w, slot);
   } else {
-    return pack2<DT>(float(tiles::pair_low(w, slot * BITS, BITS)),
-                     float(tiles::pair_high(w, slot * BITS, BITS)));
+    return device::pack2<kBf16>(float(tiles::pair_low(w, slot * BITS, BITS)),
+                                float(tiles::pair_high(w, slot * BITS, BITS)));
   }
 }
 
 // v rounded to the cache dtype (what a fragment holds), as a float.
 template <kvc_dtype DT>
 __device__ __forceinline__ float round_to(float v) {
-  const uint16_t h = uint16_t(pack2<DT>(v, 0.0f));
+  const uint16_t h = uint16_t(device::pack2<DT == KVC_DTYPE_BF16>(v, 0.0f));
   return DT == KVC_DTYPE_BF16 ? format::bf16_to_float(h) : format::half_to_float(h);
 }
 
@@ -145,7 +145,7 @@ __device__ __forceinline__ void tile_products(float (&acc)[NT][4], const uint4& 
           b[r] = codes_to_pair<DT, BITS>(w[p / kPerWord], p % kPerWord);
         }
       }
-      mma::mma_16816<DT == KVC_DTYPE_BF16>(acc[u * kTilesPerUnit + j], a, b[0], b[1]);
+      device::mma_16816<DT == KVC_DTYPE_BF16>(acc[u * kTilesPerUnit + j], a, b[0], b[1]);
     }
   }
 }
@@ -192,17 +192,9 @@ __device__ __forceinline__ void plane_products(float (&acc)[NT][4], const uint4&
 #pragma unroll
     for (uint32_t r = 0; r < 2; ++r) {
       const uint32_t lo = low.template pair<DT>(2 * n + r), hi = high.template pair<DT>(2 * n + r);
-      if constexpr (kBf16) {
-        asm("fma.rn.bf16x2 %0, %1, %2, %3;\n"
-            : "=r"(b[r])
-            : "r"(hi), "r"(kScale * 0x10001u), "r"(lo));
-      } else {
-        asm("fma.rn.f16x2 %0, %1, %2, %3;\n"
-            : "=r"(b[r])
-            : "r"(hi), "r"(kScale * 0x10001u), "r"(lo));
-      }
+      b[r] = device::fma2<kBf16>(hi, kScale * 0x10001u, lo);
     }
-    mma::mma_16816<kBf16>(acc[n], a, b[0], b[1]);
+    device::mma_16816<kBf16>(acc[n], a, b[0], b[1]);
   }
 }
 
@@ -289,12 +281,12 @@ __global__ void __launch_bounds__(kWarps* kLanes)
       for (uint32_t kind = 0; kind < 2; ++kind) {
         const uint8_t* src = block_of(u, kind);
         for (uint32_t c = lane; c < loc[kind].bytes / 16; c += kLanes) {
-          mma::cp_async_16(dst + 16 * c, src + 16 * c, true);
+          device::cp_async_16(dst + 16 * c, src + 16 * c, true);
         }
         dst += loc[0].bytes;
       }
     }
-    mma::cp_async_commit();
+    device::cp_async_commit();
   };
 
   uint32_t u = split * P.units_per_split + warp;
@@ -302,9 +294,9 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   for (uint32_t s = 0; u < end; u += kWarps, s ^= 1) {
     if (u + kWarps < end) {
       stage_unit(u + kWarps, s ^ 1);
-      mma::cp_async_wait<1>();
+      device::cp_async_wait<1>();
     } else {
-      mma::cp_async_wait<0>();
+      device::cp_async_wait<0>();
     }
     __syncwarp();
     float sc[T / 8][4] = {};
@@ -343,8 +335,9 @@ __global__ void __launch_bounds__(kWarps* kLanes)
             s_offset[r] += q[i] * centre;
           }
         }
-        qfrag[ks * kLanes + lane] = make_uint4(pack2<DT>(q[0], q[1]), pack2<DT>(q[2], q[3]),
-                                               pack2<DT>(q[4], q[5]), pack2<DT>(q[6], q[7]));
+        qfrag[ks * kLanes + lane] =
+            make_uint4(device::pack2<kBf16>(q[0], q[1]), device::pack2<kBf16>(q[2], q[3]),
+                       device::pack2<kBf16>(q[4], q[5]), device::pack2<kBf16>(q[6], q[7]));
       }
 
       // [sass K] S = Q' C^T, one k-step per 16-channel tile.
@@ -366,15 +359,16 @@ __global__ void __launch_bounds__(kWarps* kLanes)
           const mma::Coord c = mma::a_coord(lane, i);
           q[i] = qf[c.row * D + 16 * ks + c.col];
         }
-        const uint4 a = make_uint4(pack2<DT>(q[0], q[1]), pack2<DT>(q[2], q[3]),
-                                   pack2<DT>(q[4], q[5]), pack2<DT>(q[6], q[7]));
+        const uint4 a =
+            make_uint4(device::pack2<kBf16>(q[0], q[1]), device::pack2<kBf16>(q[2], q[3]),
+                       device::pack2<kBf16>(q[4], q[5]), device::pack2<kBf16>(q[6], q[7]));
 #pragma unroll
         for (uint32_t n = 0; n < T / 8; ++n) {
           const uint32_t token = 8 * n + lane / 4;
           const uint32_t* row =
               reinterpret_cast<const uint32_t*>(keys + token * stride + 16 * ks + 2 * quad);
           const uint32_t b0 = token < valid ? row[0] : 0u, b1 = token < valid ? row[4] : 0u;
-          mma::mma_16816<kBf16>(sc[n], a, b0, b1);
+          device::mma_16816<kBf16>(sc[n], a, b0, b1);
         }
       }
     }
@@ -440,8 +434,9 @@ __global__ void __launch_bounds__(kWarps* kLanes)
             o_offset[r] += p[i] * centre;
           }
         }
-        qfrag[kk * kLanes + lane] = make_uint4(pack2<DT>(p[0], p[1]), pack2<DT>(p[2], p[3]),
-                                               pack2<DT>(p[4], p[5]), pack2<DT>(p[6], p[7]));
+        qfrag[kk * kLanes + lane] =
+            make_uint4(device::pack2<kBf16>(p[0], p[1]), device::pack2<kBf16>(p[2], p[3]),
+                       device::pack2<kBf16>(p[4], p[5]), device::pack2<kBf16>(p[6], p[7]));
       }
       // [sass V] O += P' C_V, one k-step per 16-token tile.
       for (uint32_t kk = 0; kk < Tr::kVSteps; ++kk) {
@@ -455,10 +450,10 @@ __global__ void __launch_bounds__(kWarps* kLanes)
       const size_t stride = size_t(P.kv_heads) * D;
 #pragma unroll
       for (uint32_t kk = 0; kk < Tr::kVSteps; ++kk) {
-        const uint4 a = make_uint4(pack2<DT>(sc[2 * kk][0], sc[2 * kk][1]),
-                                   pack2<DT>(sc[2 * kk][2], sc[2 * kk][3]),
-                                   pack2<DT>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
-                                   pack2<DT>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]));
+        const uint4 a = make_uint4(device::pack2<kBf16>(sc[2 * kk][0], sc[2 * kk][1]),
+                                   device::pack2<kBf16>(sc[2 * kk][2], sc[2 * kk][3]),
+                                   device::pack2<kBf16>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                                   device::pack2<kBf16>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]));
         const uint32_t t0 = 16 * kk + 2 * quad;
 #pragma unroll
         for (uint32_t n = 0; n < D / 8; ++n) {
@@ -471,7 +466,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
             const uint32_t hi = t + 1 < valid ? values[(t + 1) * stride + c] : 0u;
             b[r] = lo | hi << 16;
           }
-          mma::mma_16816<kBf16>(o[n], a, b[0], b[1]);
+          device::mma_16816<kBf16>(o[n], a, b[0], b[1]);
         }
       }
     }

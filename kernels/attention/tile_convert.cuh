@@ -15,6 +15,9 @@
 #include <cstdint>
 
 #include "kernels/common/format.cuh"
+#if defined(__CUDACC__) || defined(KVC_DEVICE_EMULATION)
+#include "kernels/common/device_api.cuh"
+#endif
 
 namespace kvc::kernels::tile_convert {
 
@@ -55,7 +58,7 @@ KVC_HD constexpr uint32_t fma_addend(uint32_t in_place, bool bf16) {
   return h | h << 16;
 }
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(KVC_DEVICE_EMULATION)
 
 // The pair in slot `slot` of word w as halves of the MMA input type; exact. Called with a slot
 // that unrolling makes constant, so the plan and the constants fold away.
@@ -63,26 +66,13 @@ template <bool BF16, uint32_t BITS>
 __device__ __forceinline__ uint32_t pair(uint32_t w, uint32_t slot) {
   static_assert(magic_fits(BITS, BF16), "codes wider than the mantissa need another path");
   const SlotPlan plan = slot_plan(BITS, slot, BF16);
-  // biased_pair as one LOP3: (a & b) | c, lookup table 0xF0 & 0xCC | 0xAA = 0xEA. Written out,
-  // because the compiler otherwise spends two LOP3 on the two immediates.
   const uint32_t mask = ((1u << BITS) - 1u) * 0x00010001u << plan.in_place;
-  const uint32_t magic = BF16 ? 0x43004300u : 0x64006400u;
-  uint32_t biased, r;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n"
-      : "=r"(biased)
-      : "r"(w >> plan.base), "r"(mask), "r"(magic));
-  if constexpr (BF16) {
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;\n"
-        : "=r"(r)
-        : "r"(biased), "r"(fma_scale(plan.in_place, true)), "r"(fma_addend(plan.in_place, true)));
-  } else {
-    asm("fma.rn.f16x2 %0, %1, %2, %3;\n"
-        : "=r"(r)
-        : "r"(biased), "r"(fma_scale(plan.in_place, false)), "r"(fma_addend(plan.in_place, false)));
-  }
-  return r;
+  const uint32_t biased =
+      device::lop3_and_or(w >> plan.base, mask, BF16 ? 0x43004300u : 0x64006400u);
+  return device::fma2<BF16>(biased, fma_scale(plan.in_place, BF16),
+                            fma_addend(plan.in_place, BF16));
 }
 
-#endif  // __CUDACC__
+#endif
 
 }  // namespace kvc::kernels::tile_convert

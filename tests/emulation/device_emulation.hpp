@@ -29,6 +29,7 @@
 #define KVC_DEVICE_EMULATION 1
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <barrier>
 #include <cmath>
@@ -204,6 +205,8 @@ struct alignas(8) float2 {
 struct alignas(16) float4 {
   float x, y, z, w;
 };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline float2 make_float2(float x, float y) { return {x, y}; }
 
 // ---- Barriers and warp collectives --------------------------------------------------------------
 inline void __syncthreads(std::source_location where = std::source_location::current()) {
@@ -526,3 +529,109 @@ LaunchResult launch(void (*kernel)(Params...), Dim3 grid, Dim3 block, size_t dyn
 }
 
 }  // namespace kvc::emu
+
+// ---- Warp-level matrix facilities (device_api.cuh) ----------------------------------------------
+#include "kernels/attention/mma.cuh"  // the fragment layouts, host-callable
+
+// mma.sync and ldmatrix are warp collectives: every lane publishes its operands (three rounds of
+// the exchange slots), then computes its own part from everyone's. The products and sums of
+// mma run in double and are rounded once to fp32 (the tensor core's internal order and width
+// are not specified; the attention tests allow for fp32 accumulation). cp.async copies at once
+// (a missing wait cannot be seen here); conversions round to nearest even as cvt.rn and
+// fma.rn do (fma2 is exact whenever its result is representable, as in every kernel use).
+namespace kvc::emu {
+
+inline std::array<uint64_t, kWarpSize> warp_gather(uint64_t mine) {
+  const uint32_t lane = t_context.linear % kWarpSize;
+  Warp& w = t_context.block->warp(t_context.linear);
+  w.slot[lane] = mine;
+  w.barrier.arrive_and_wait();
+  std::array<uint64_t, kWarpSize> all;
+  std::copy(std::begin(w.slot), std::end(w.slot), all.begin());
+  w.barrier.arrive_and_wait();
+  return all;
+}
+
+inline float half_value(uint32_t bits16, bool bf16) {
+  return bf16 ? format::bf16_to_float(uint16_t(bits16)) : format::half_to_float(uint16_t(bits16));
+}
+inline uint32_t round_half(double v, bool bf16) {
+  return bf16 ? format::float_to_bf16(float(v)) : format::float_to_half(float(v));
+}
+
+}  // namespace kvc::emu
+
+namespace kvc::device {
+
+template <bool BF16>
+void mma_16816(float (&d)[4], const uint4& a, uint32_t b0, uint32_t b1) {
+  using kvc::kernels::mma::a_coord, kvc::kernels::mma::b_coord, kvc::kernels::mma::c_coord;
+  const auto a01 = emu::warp_gather(uint64_t(a.x) | uint64_t(a.y) << 32);
+  const auto a23 = emu::warp_gather(uint64_t(a.z) | uint64_t(a.w) << 32);
+  const auto b = emu::warp_gather(uint64_t(b0) | uint64_t(b1) << 32);
+  double A[16][16], B[16][8];
+  for (uint32_t lane = 0; lane < emu::kWarpSize; ++lane) {
+    const uint64_t regs[2] = {a01[lane], a23[lane]};
+    for (uint32_t i = 0; i < 8; ++i) {
+      const uint32_t h = uint32_t(regs[i / 4] >> (16 * (i % 4))) & 0xFFFFu;
+      const auto c = a_coord(lane, i);
+      A[c.row][c.col] = emu::half_value(h, BF16);
+    }
+    for (uint32_t i = 0; i < 4; ++i) {
+      const auto c = b_coord(lane, i);
+      B[c.row][c.col] = emu::half_value(uint32_t(b[lane] >> (16 * i)) & 0xFFFFu, BF16);
+    }
+  }
+  const uint32_t lane = emu::t_context.linear % emu::kWarpSize;
+  for (uint32_t i = 0; i < 4; ++i) {
+    const auto c = c_coord(lane, i);
+    double sum = d[i];
+    for (uint32_t k = 0; k < 16; ++k) sum += A[c.row][k] * B[k][c.col];
+    d[i] = float(sum);
+  }
+}
+
+template <bool Trans>
+uint4 ldmatrix_x4(const void* row) {
+  const auto rows = emu::warp_gather(reinterpret_cast<uintptr_t>(row));
+  const uint32_t lane = emu::t_context.linear % emu::kWarpSize;
+  uint32_t r[4];
+  for (uint32_t j = 0; j < 4; ++j) {
+    uint32_t halves[2];
+    for (uint32_t h = 0; h < 2; ++h) {
+      const auto c = kvc::kernels::mma::ldmatrix_coord(lane, h, Trans);  // (row, col) as stored
+      const auto* src = reinterpret_cast<const uint16_t*>(uintptr_t(rows[8 * j + c.row]));
+      halves[h] = src[c.col];
+    }
+    r[j] = halves[0] | halves[1] << 16;
+  }
+  return {r[0], r[1], r[2], r[3]};
+}
+
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+  if (valid) {
+    std::memcpy(dst, src, 16);
+  } else {
+    std::memset(dst, 0, 16);
+  }
+}
+inline void cp_async_commit() {}
+template <int N>
+void cp_async_wait() {}
+
+template <bool BF16>
+uint32_t pack2(float lo, float hi) {
+  return emu::round_half(lo, BF16) | emu::round_half(hi, BF16) << 16;
+}
+inline uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) { return (a & b) | c; }
+template <bool BF16>
+uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r = 0;
+  for (uint32_t h = 0; h < 2; ++h) {
+    const auto part = [&](uint32_t x) { return double(emu::half_value(x >> (16 * h), BF16)); };
+    r |= emu::round_half(part(a) * part(b) + part(c), BF16) << (16 * h);
+  }
+  return r;
+}
+
+}  // namespace kvc::device

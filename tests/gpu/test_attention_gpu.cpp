@@ -233,7 +233,10 @@ TEST_F(AttentionGpu, DenseBaselineMatchesTheCpuReference) {
         for (uint32_t d = 0; d < D; ++d)
           qf[d] = from_bits(c.dtype, q[(size_t(b) * Hq + qh) * D + d]);
         const auto ref = reference(qf.data(), kf, vf, D, scale);
-        ASSERT_LE(row_error(&out[(size_t(b) * Hq + qh) * D], ref, c.dtype), 1e-3)
+        // The tensor-core kernel rounds the probabilities to the cache dtype (P is an MMA
+        // input): bf16 keeps 8 significant bits.
+        ASSERT_LE(row_error(&out[(size_t(b) * Hq + qh) * D], ref, c.dtype),
+                  c.dtype == KVC_DTYPE_BF16 ? 4e-3 : 1e-3)
             << "dense B=" << c.batch << " seq " << b << " head " << qh;
       }
     }

@@ -1,0 +1,140 @@
+// SPDX-License-Identifier: Apache-2.0
+// The tensor-core attention kernels (kernels/attention/attention.cuh, tile_attention.cuh: the
+// sources nvcc compiles) run on the CPU under the host emulation, with mma.sync and ldmatrix
+// emulated per lane from the PTX ISA's fragment layouts, the magic-number conversions as the
+// bit operations they are, and the combine kernel after them, as attention.cu launches them:
+//   - the tile kernel over the CPU oracle's tile blocks (every width, raw tiles, blocks too
+//     large to stage, tails), against softmax attention in double over the oracle's decode;
+//   - the dense kernel over a dense cache, against the same reference.
+// Small shapes: each emulated warp instruction is a rendezvous of 32 host threads.
+#include "tests/emulation/device_emulation.hpp"  // first: the kernels compile against it
+//
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "kernels/attention/tile_attention.cuh"
+#include "tile_attention_case.hpp"
+
+namespace kvc::test {
+namespace {
+
+namespace k = kvc::kernels;
+
+// The workspace and parameters attention.cu's params_for makes, for `splits` splits of
+// `units_per_split` units each.
+struct Launch {
+  k::AttentionParams params;
+  std::vector<float> workspace;
+};
+Launch make_launch(const TileCase& c, uint32_t units_per_split, uint32_t splits,
+                   uint32_t block_tokens, const void* queries) {
+  const uint32_t parts = splits * k::kWarps;
+  const size_t rows = size_t(c.batch) * c.kv_heads * c.group * parts;
+  Launch l;
+  l.workspace.assign(rows * (c.dim + 2), std::nanf(""));  // poisoned
+  l.params = {c.kv_heads,
+              c.group,
+              block_tokens,
+              units_per_split,
+              parts,
+              1.0f / std::sqrt(float(c.dim)),
+              queries,
+              l.workspace.data(),
+              l.workspace.data() + rows * c.dim};
+  return l;
+}
+
+template <kvc_dtype DT>
+std::vector<uint16_t> combine(const TileCase& c, const k::AttentionParams& P) {
+  std::vector<uint16_t> out(size_t(c.batch) * c.kv_heads * c.group * c.dim, 0xFFFF);
+  const auto r =
+      emu::launch(k::attention_combine_kernel<DT>, emu::Dim3(c.kv_heads * c.group, c.batch),
+                  emu::Dim3(c.dim), 0, P, c.dim, static_cast<void*>(out.data()));
+  EXPECT_TRUE(r.errors.empty()) << r.errors.front();
+  return out;
+}
+
+template <kvc_dtype DT, uint32_t D, uint32_t T>
+void run_tiles(TileCase c, uint32_t splits, std::mt19937& rng) {
+  const TileCacheImage im = build_tile_cache(c, rng);
+  std::vector<cuda::SequenceView> views(c.batch);
+  for (uint32_t b = 0; b < c.batch; ++b) {
+    views[b] = {im.tables[b].data(), c.lengths[b] / T, c.lengths[b] % T, im.tails_k[b].data(),
+                im.tails_v[b].data()};
+  }
+  const uint32_t units = im.max_blocks + 1;
+  Launch l = make_launch(c, (units + splits - 1) / splits, splits, T, im.q.data());
+  using Tr = k::TileAttentionTraits<D, T>;
+  const auto r =
+      emu::launch(k::attention_tiles_kernel<DT, D, T>, emu::Dim3(splits, c.kv_heads, c.batch),
+                  emu::Dim3(k::kWarps * 32), Tr::smem_bytes(), l.params,
+                  static_cast<const cuda::SequenceView*>(views.data()),
+                  static_cast<const uint8_t*>(im.pool.data()), im.pool.size());
+  ASSERT_TRUE(r.errors.empty()) << r.errors.front();
+  const auto out = combine<DT>(c, l.params);
+  EXPECT_TRUE(outputs_match(c, im, out, l.params.scale, tile_tolerance(DT)));
+}
+
+TEST(AttentionEmulation, TileKernelMatchesTheReference) {
+  std::mt19937 rng(5);
+  // fp16, D 64, 64-token blocks: 2-4 bit tiles, a tail, group 4, two splits.
+  run_tiles<KVC_DTYPE_FP16, 64, 64>(
+      {2, 1, 4, 64, 64, KVC_DTYPE_FP16, 0.25f, 0.07f, 1.0f, {200, 64}}, 2, rng);
+  // bf16, D 64, 128-token blocks, group 16, wide and raw tiles (an outlier channel).
+  run_tiles<KVC_DTYPE_BF16, 64, 128>(
+      {1, 2, 16, 64, 128, KVC_DTYPE_BF16, 0.25f, 0.07f, 40.0f, {300}}, 1, rng);
+  // fp16, D 128, blocks too large to stage (V bound below 8 bits: raw V tiles), group 1.
+  run_tiles<KVC_DTYPE_FP16, 128, 128>(
+      {1, 1, 1, 128, 128, KVC_DTYPE_FP16, 0.25f, 0.0005f, 400.0f, {130}}, 1, rng);
+  // fp16, D 64: coarse bounds (0-, 2- and 3-bit tiles), empty and 1-token sequences.
+  run_tiles<KVC_DTYPE_FP16, 64, 64>(
+      {3, 1, 3, 64, 64, KVC_DTYPE_FP16, 1.0f, 0.3f, 1.0f, {0, 1, 150}}, 1, rng);
+}
+
+template <kvc_dtype DT, uint32_t D>
+void run_dense(TileCase c, std::mt19937& rng) {
+  const uint32_t H = c.kv_heads, Hq = H * c.group;
+  const uint32_t max_len = *std::max_element(c.lengths.begin(), c.lengths.end());
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const size_t n = size_t(c.batch) * max_len * H * D;
+  std::vector<uint16_t> kc(n), vc(n);
+  for (auto& x : kc) x = to_bits(DT, normal(rng));
+  for (auto& x : vc) x = to_bits(DT, normal(rng));
+  TileCacheImage im;  // the reference's view of the same cache
+  im.ref_k.assign(c.batch, std::vector<std::vector<float>>(H));
+  im.ref_v.assign(c.batch, std::vector<std::vector<float>>(H));
+  for (uint32_t b = 0; b < c.batch; ++b) {
+    for (uint32_t t = 0; t < c.lengths[b]; ++t) {
+      for (uint32_t h = 0; h < H; ++h) {
+        for (uint32_t d = 0; d < D; ++d) {
+          const size_t i = ((size_t(b) * max_len + t) * H + h) * D + d;
+          im.ref_k[b][h].push_back(from_bits(DT, kc[i]));
+          im.ref_v[b][h].push_back(from_bits(DT, vc[i]));
+        }
+      }
+    }
+  }
+  im.q.resize(size_t(c.batch) * Hq * D);
+  for (auto& x : im.q) x = to_bits(DT, normal(rng));
+  constexpr uint32_t U = k::DenseMmaTraits<D>::kUnit;
+  const uint32_t units = (max_len + U - 1) / U;
+  Launch l = make_launch(c, (units + 1) / 2, 2, U, im.q.data());
+  const auto r =
+      emu::launch(k::attention_dense_kernel<DT, D>, emu::Dim3(2, H, c.batch),
+                  emu::Dim3(k::kWarps * 32), k::DenseMmaTraits<D>::smem_bytes(), l.params, max_len,
+                  static_cast<const uint32_t*>(c.lengths.data()),
+                  static_cast<const void*>(kc.data()), static_cast<const void*>(vc.data()));
+  ASSERT_TRUE(r.errors.empty()) << r.errors.front();
+  EXPECT_TRUE(outputs_match(c, im, combine<DT>(c, l.params), l.params.scale,
+                            DT == KVC_DTYPE_BF16 ? 4e-3 : 1e-3));
+}
+
+TEST(AttentionEmulation, DenseKernelMatchesTheReference) {
+  std::mt19937 rng(6);
+  run_dense<KVC_DTYPE_FP16, 64>({2, 2, 4, 64, 0, KVC_DTYPE_FP16, 0, 0, 0, {100, 33}}, rng);
+  run_dense<KVC_DTYPE_BF16, 128>({1, 1, 9, 128, 0, KVC_DTYPE_BF16, 0, 0, 0, {70}}, rng);
+}
+
+}  // namespace
+}  // namespace kvc::test

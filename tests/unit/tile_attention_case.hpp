@@ -1,0 +1,168 @@
+// SPDX-License-Identifier: Apache-2.0
+// A decode-attention problem over tile blocks (format t1), built on the host as the store keeps
+// it: one pool of 16-byte aligned K/V blocks encoded by the CPU oracle, a block table and an
+// fp16/bf16 tail per sequence, queries; and the check of the kernel's output against softmax
+// attention in double over the oracle's reconstruction. Shared by the GPU test and the kernel
+// emulation test, which run the same kernel on the same bytes.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "cpu/tile_codec_cpu.hpp"
+#include "kernels/attention/cuda_attention.hpp"
+#include "test_support.hpp"
+
+namespace kvc::test {
+
+struct TileCase {
+  uint32_t batch, kv_heads, group, dim, tokens;
+  kvc_dtype dtype;
+  float k_bound, v_bound;  // K absolute, V relative
+  float outlier;           // scale of K channel 5 (wide codes, raw tiles)
+  std::vector<uint32_t> lengths;
+};
+
+inline uint16_t to_bits(kvc_dtype dt, float v) {
+  return dt == KVC_DTYPE_BF16 ? format::float_to_bf16(v) : format::float_to_half(v);
+}
+inline float from_bits(kvc_dtype dt, uint16_t h) {
+  return dt == KVC_DTYPE_BF16 ? format::bf16_to_float(h) : format::half_to_float(h);
+}
+
+struct TileCacheImage {
+  std::vector<uint8_t> pool;
+  std::vector<std::vector<cuda::BlockLocation>> tables;       // [b][block, head, K|V]
+  std::vector<std::vector<uint16_t>> tails_k, tails_v;        // [b][tail, head, dim]
+  std::vector<std::vector<std::vector<float>>> ref_k, ref_v;  // [b][head][token, dim]
+  std::vector<uint16_t> q;                                    // [b, q_heads, dim]
+  uint32_t max_blocks = 0;
+};
+
+// Fills c.lengths up to c.batch with random lengths below 1500, then builds the image.
+inline TileCacheImage build_tile_cache(TileCase& c, std::mt19937& rng) {
+  while (c.lengths.size() < c.batch) c.lengths.push_back(rng() % 1500);
+  const uint32_t T = c.tokens, H = c.kv_heads, D = c.dim;
+  kvc_codec_config kc = make_config(KVC_KIND_KEY, T, D, KVC_BOUND_ABSOLUTE, c.k_bound);
+  kvc_codec_config vc = make_config(KVC_KIND_VALUE, T, D, KVC_BOUND_RELATIVE, c.v_bound);
+  kc.block_format = vc.block_format = KVC_BLOCK_FORMAT_TILES;
+  const CodecParams key = CodecParams::from_config(kc, true);
+  const CodecParams value = CodecParams::from_config(vc, true);
+
+  TileCacheImage im;
+  im.tables.resize(c.batch);
+  im.tails_k.resize(c.batch);
+  im.tails_v.resize(c.batch);
+  im.ref_k.assign(c.batch, std::vector<std::vector<float>>(H));
+  im.ref_v.assign(c.batch, std::vector<std::vector<float>>(H));
+  std::vector<uint8_t> scratch(key.max_block_bytes(c.dtype) + value.max_block_bytes(c.dtype));
+  for (uint32_t b = 0; b < c.batch; ++b) {
+    const uint32_t len = c.lengths[b], rows = std::max(len, 1u), blocks = len / T;
+    std::vector<float> xk = bench::synthetic_kv(false, rows, H * D, 300 + b);
+    std::vector<float> xv = bench::synthetic_kv(true, rows, H * D, 400 + b);
+    for (uint32_t t = 0; t < rows; ++t) {
+      for (uint32_t h = 0; h < H; ++h) xk[(size_t(t) * H + h) * D + 5] *= c.outlier;
+    }
+    const Block bk = make_block(c.dtype, rows, H * D, H * D, xk);
+    const Block bv = make_block(c.dtype, rows, H * D, H * D, xv);
+    for (uint32_t blk = 0; blk < blocks; ++blk) {
+      for (uint32_t h = 0; h < H; ++h) {
+        for (uint32_t kind = 0; kind < 2; ++kind) {
+          const Block& src = kind ? bv : bk;
+          const CodecParams& cp = kind ? value : key;
+          const uint8_t* at = src.bytes.data() + (size_t(blk) * T * H * D + h * D) * 2;
+          const uint32_t n = cpu::encode_tile_block(cp, at, H * D, c.dtype, scratch.data());
+          EXPECT_EQ(n % 16, 0u);
+          im.tables[b].push_back({0, uint32_t(im.pool.size()), n});
+          std::vector<float> dec(size_t(T) * D);
+          cpu::decode_tile_block(cp, scratch.data(), n, KVC_DTYPE_FP32, dec.data(), D);
+          auto& ref = kind ? im.ref_v[b][h] : im.ref_k[b][h];
+          ref.insert(ref.end(), dec.begin(), dec.end());
+          im.pool.insert(im.pool.end(), scratch.begin(), scratch.begin() + n);
+        }
+      }
+    }
+    for (uint32_t t = blocks * T; t < len; ++t) {
+      for (uint32_t h = 0; h < H; ++h) {
+        for (uint32_t d = 0; d < D; ++d) {
+          const size_t i = (size_t(t) * H + h) * D + d;
+          im.tails_k[b].push_back(to_bits(c.dtype, bk.values[i]));
+          im.tails_v[b].push_back(to_bits(c.dtype, bv.values[i]));
+          im.ref_k[b][h].push_back(bk.values[i]);
+          im.ref_v[b][h].push_back(bv.values[i]);
+        }
+      }
+    }
+    im.max_blocks = std::max(im.max_blocks, blocks);
+  }
+  im.pool.resize(std::max<size_t>(im.pool.size(), 16));
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  im.q.resize(size_t(c.batch) * H * c.group * D);
+  for (auto& x : im.q) x = to_bits(c.dtype, normal(rng));
+  return im;
+}
+
+// softmax(scale q.K^T) V in double for one query row; k, v: [len, dim].
+inline std::vector<double> attention_reference(const std::vector<float>& q,
+                                               const std::vector<float>& k,
+                                               const std::vector<float>& v, float scale) {
+  const size_t dim = q.size(), len = k.size() / dim;
+  std::vector<double> w(len), out(dim, 0.0);
+  double top = -INFINITY, sum = 0;
+  for (size_t t = 0; t < len; ++t) {
+    double dot = 0;
+    for (size_t c = 0; c < dim; ++c) dot += double(q[c]) * k[t * dim + c];
+    top = std::max(top, w[t] = double(scale) * dot);
+  }
+  for (double& x : w) sum += (x = std::exp(x - top));
+  for (size_t t = 0; t < len; ++t) {
+    for (size_t c = 0; c < dim; ++c) out[c] += w[t] * v[t * dim + c];
+  }
+  for (double& o : out) o = len ? o / sum : 0.0;
+  return out;
+}
+
+// Every output row [b, q_head, dim] written (the caller poisons with 0xFFFF) and within
+// `tolerance` of the reference in relative L2 norm.
+inline ::testing::AssertionResult outputs_match(const TileCase& c, const TileCacheImage& im,
+                                                const std::vector<uint16_t>& out, float scale,
+                                                double tolerance) {
+  const uint32_t D = c.dim, Hq = c.kv_heads * c.group;
+  for (uint32_t b = 0; b < c.batch; ++b) {
+    for (uint32_t qh = 0; qh < Hq; ++qh) {
+      const size_t row = (size_t(b) * Hq + qh) * D;
+      std::vector<float> q(D);
+      for (uint32_t d = 0; d < D; ++d) q[d] = from_bits(c.dtype, im.q[row + d]);
+      const auto ref =
+          attention_reference(q, im.ref_k[b][qh / c.group], im.ref_v[b][qh / c.group], scale);
+      double num = 0, den = 0;
+      for (uint32_t d = 0; d < D; ++d) {
+        if (out[row + d] == 0xFFFF) {
+          return ::testing::AssertionFailure() << "output not written: seq " << b << " head " << qh;
+        }
+        const double e = from_bits(c.dtype, out[row + d]) - ref[d];
+        num += e * e;
+        den += ref[d] * ref[d];
+      }
+      const double err = std::sqrt(num / std::max(den, 1e-30));
+      if (!(err <= tolerance)) {
+        return ::testing::AssertionFailure()
+               << "relative error " << err << " > " << tolerance << ": B=" << c.batch
+               << " H=" << c.kv_heads << " group=" << c.group << " D=" << D << " T=" << c.tokens
+               << " dtype=" << c.dtype << " seq " << b << " (length " << c.lengths[b] << ") head "
+               << qh;
+      }
+    }
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// The kernel rounds the step-scaled query and the probabilities to the cache dtype (the MMA's
+// inputs): fp16 keeps 11 significant bits, bf16 8.
+inline double tile_tolerance(kvc_dtype dtype) { return dtype == KVC_DTYPE_BF16 ? 1e-2 : 2e-3; }
+
+}  // namespace kvc::test
