@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // gpu_bench: throughput of the CUDA codec on 1 GiB of synthetic fp16 KV (T = 64, head_dim 128),
 // against a device-to-device copy of the same bytes in the same run; then decode attention
-// (Hq = 32, Hkv = 8, head_dim 128, fp16) over compressed blocks against the dense fp16 kernel of
-// the same structure, for batch x context shapes up to 2M tokens. Timed with CUDA events on
+// (Hq = 32, Hkv = 8, head_dim 128, fp16) over format v1 blocks (the scalar Huffman kernel) and
+// over tile blocks (the tensor-core kernel; tiles encoded by the CPU codec) against the dense
+// fp16 tensor-core kernel of the same structure, for batch x context shapes up to 2M tokens. Timed with CUDA events on
 // one non-default stream: median of the repetitions after a warm-up. Each result is verified
 // once against the CPU reference before timing (first blocks byte-identical, decode error within
 // the bound). Prints a table; --json FILE also writes the numbers; --quick measures attention at
@@ -189,7 +190,7 @@ int main(int argc, char** argv) {
   // ---- Decode attention: compressed blocks vs the dense fp16 cache ---------------------------
   struct AttnRow {
     uint32_t batch, len;
-    double compressed_ms, dense_ms, compressed_gb, dense_gb;
+    double compressed_ms, dense_ms, tiles_ms, compressed_gb, dense_gb, tiles_gb;
   };
   std::vector<AttnRow> attn;
   {
@@ -209,6 +210,43 @@ int main(int argc, char** argv) {
         CHECK_CUDA(cudaMemcpy(static_cast<uint16_t*>(dst) + size_t(t) * row_elems, host.data(),
                               host.size() * 2, cudaMemcpyHostToDevice));
       }
+    }
+    // Tile blocks (format t1) of the same 32K tokens, encoded by the CPU codec (the CUDA codec
+    // has no tile encoder yet) at the same bounds, then replicated to distinct device memory
+    // for every 32K tokens up to kTokensMax, so that no shape reads from L2 alone.
+    kvc_codec_config tk = KVC_CODEC_CONFIG_INIT, tv = KVC_CODEC_CONFIG_INIT;
+    tv.kind = KVC_KIND_VALUE;
+    tk.block_format = tv.block_format = KVC_BLOCK_FORMAT_TILES;
+    const kvcomp::Codec tile_k(tk), tile_v(tv);
+    constexpr uint32_t kDistinctBlocks = kChunk / kTokens;
+    std::vector<uint8_t> tile_pool;
+    std::vector<kvc::cuda::BlockLocation> tile_slots(size_t(kDistinctBlocks) * kHeads * 2);
+    {
+      const size_t cap = tile_k.max_block_bytes(KVC_DTYPE_FP16);
+      std::vector<uint8_t> block(cap);
+      for (int kind = 0; kind < 2; ++kind) {
+        const std::vector<uint16_t> host = kvc::bench::synthetic_fp16_blocks(
+            kind == 1, kDistinctBlocks, kTokens, uint32_t(row_elems), 77 + kind);
+        for (uint32_t tb = 0; tb < kDistinctBlocks; ++tb) {
+          for (uint32_t h = 0; h < kHeads; ++h) {
+            const void* src = host.data() + (size_t(tb) * kTokens * kHeads + h) * kDim;
+            void* dst = block.data();
+            uint32_t n = 0;
+            kvcomp::check(kvc_codec_encode((kind ? tile_v : tile_k).get(), 1, &src,
+                                           int64_t(row_elems), KVC_DTYPE_FP16, &dst, cap, &n,
+                                           nullptr));
+            tile_slots[(size_t(tb) * kHeads + h) * 2 + kind] = {0, uint32_t(tile_pool.size()), n};
+            tile_pool.insert(tile_pool.end(), block.begin(), block.begin() + n);
+          }
+        }
+      }
+    }
+    const size_t tile_replicas = kTokensMax / kChunk;
+    uint8_t* d_tiles;
+    CHECK_CUDA(cudaMalloc(&d_tiles, tile_replicas * tile_pool.size()));
+    for (size_t r = 0; r < tile_replicas; ++r) {
+      CHECK_CUDA(cudaMemcpy(d_tiles + r * tile_pool.size(), tile_pool.data(), tile_pool.size(),
+                            cudaMemcpyHostToDevice));
     }
     // Codebooks from a "prefill" sample, then every block encoded on the GPU into fixed slots
     // (slot (token_block * heads + head) * 2 + kind).
@@ -271,30 +309,43 @@ int main(int argc, char** argv) {
       if (quick && !(batch == 8 && len == 32768)) continue;
       const uint32_t blocks = len / kTokens;
       std::vector<kvc::cuda::BlockLocation> table(size_t(batch) * blocks * kHeads * 2);
-      double compressed = 0;
+      std::vector<kvc::cuda::BlockLocation> tile_table(table.size());
+      double compressed = 0, tiled = 0;
       for (uint32_t b = 0; b < batch; ++b) {
         for (uint32_t j = 0; j < blocks; ++j) {
           const size_t tb = size_t(b) * blocks + j;
           for (uint32_t h = 0; h < kHeads; ++h) {
             for (int kind = 0; kind < 2; ++kind) {
               const uint32_t n = slot_bytes(tb, h, kind);
-              table[((size_t(b) * blocks + j) * kHeads + h) * 2 + kind] = {
-                  uint32_t((tb * kHeads + h) * 2 + kind), 0, n};
+              const size_t at = ((size_t(b) * blocks + j) * kHeads + h) * 2 + kind;
+              table[at] = {uint32_t((tb * kHeads + h) * 2 + kind), 0, n};
               compressed += n;
+              kvc::cuda::BlockLocation t =
+                  tile_slots[((tb % kDistinctBlocks) * kHeads + h) * 2 + kind];
+              t.page = uint32_t(tb / kDistinctBlocks);  // the replica: distinct memory
+              tile_table[at] = t;
+              tiled += t.bytes;
             }
           }
         }
       }
-      kvc::cuda::BlockLocation* d_table;
+      kvc::cuda::BlockLocation *d_table, *d_tile_table;
       CHECK_CUDA(cudaMalloc(&d_table, table.size() * sizeof(table[0])));
+      CHECK_CUDA(cudaMalloc(&d_tile_table, table.size() * sizeof(table[0])));
       CHECK_CUDA(cudaMemcpy(d_table, table.data(), table.size() * sizeof(table[0]),
                             cudaMemcpyHostToDevice));
-      std::vector<kvc::cuda::SequenceView> views(batch);
+      CHECK_CUDA(cudaMemcpy(d_tile_table, tile_table.data(), table.size() * sizeof(table[0]),
+                            cudaMemcpyHostToDevice));
+      std::vector<kvc::cuda::SequenceView> views(batch), tile_views(batch);
       std::vector<uint32_t> lengths(batch, len);
       for (uint32_t b = 0; b < batch; ++b) {
         views[b] = {d_table + size_t(b) * blocks * kHeads * 2, blocks, 0, d_k, d_v};
+        tile_views[b] = {d_tile_table + size_t(b) * blocks * kHeads * 2, blocks, 0, d_k, d_v};
       }
-      kvc::cuda::SequenceView* d_views;
+      kvc::cuda::SequenceView *d_views, *d_tile_views;
+      CHECK_CUDA(cudaMalloc(&d_tile_views, batch * sizeof(views[0])));
+      CHECK_CUDA(cudaMemcpy(d_tile_views, tile_views.data(), batch * sizeof(views[0]),
+                            cudaMemcpyHostToDevice));
       uint32_t* d_lengths;
       void *d_q, *d_out;
       const size_t q_bytes = size_t(batch) * kHeads * kGroup * kDim * 2;
@@ -321,9 +372,14 @@ int main(int argc, char** argv) {
         kvc::cuda::attention_dense(shape, dense_plan, len, d_lengths, d_k, d_v, d_q, d_out, d_ws,
                                    stream);
       });
-      attn.push_back({batch, len, c_ms, d_ms, compressed / 1e9,
-                      double(batch) * len * row_elems * 2 * 2 / 1e9});
+      const double t_ms = median_ms(stream, [&] {
+        kvc::cuda::attention_tiles(shape, plan, kTokens, d_tiles, tile_pool.size(), d_tile_views,
+                                   d_q, d_out, d_ws, stream);
+      });
+      attn.push_back({batch, len, c_ms, d_ms, t_ms, compressed / 1e9,
+                      double(batch) * len * row_elems * 2 * 2 / 1e9, tiled / 1e9});
       for (void* d : {static_cast<void*>(d_table), static_cast<void*>(d_views),
+                      static_cast<void*>(d_tile_table), static_cast<void*>(d_tile_views),
                       static_cast<void*>(d_lengths), d_q, d_out, d_ws}) {
         CHECK_CUDA(cudaFree(d));
       }
@@ -331,6 +387,7 @@ int main(int argc, char** argv) {
     CHECK_CUDA(cudaFree(d_k));
     CHECK_CUDA(cudaFree(d_v));
     CHECK_CUDA(cudaFree(d_slots));
+    CHECK_CUDA(cudaFree(d_tiles));
     CHECK_CUDA(cudaFree(d_sizes));
     CHECK_CUDA(cudaFree(d_ptrs));
   }
@@ -344,13 +401,13 @@ int main(int argc, char** argv) {
                 r.gbps / copy_gbps);
   }
   std::printf("\ndecode attention, Hq=32 Hkv=8 head_dim 128 fp16, median of %d\n", kReps);
-  std::printf("%-14s %11s %11s %8s %13s %13s %7s\n", "B x L", "compr. ms", "dense ms", "speedup",
-              "compr. GB/s", "dense GB/s", "ratio");
+  std::printf("%-14s %11s %11s %11s %8s %8s %13s %7s %7s\n", "B x L", "huffman ms", "tiles ms",
+              "dense ms", "huff. x", "tiles x", "dense GB/s", "huff. r", "tiles r");
   for (const AttnRow& a : attn) {
-    std::printf("%3u x %-8u %11.4f %11.4f %8.2f %13.1f %13.1f %7.2f\n", a.batch, a.len,
-                a.compressed_ms, a.dense_ms, a.dense_ms / a.compressed_ms,
-                a.compressed_gb / a.compressed_ms * 1e3, a.dense_gb / a.dense_ms * 1e3,
-                a.dense_gb / a.compressed_gb);
+    std::printf("%3u x %-8u %11.4f %11.4f %11.4f %8.2f %8.2f %13.1f %7.2f %7.2f\n", a.batch, a.len,
+                a.compressed_ms, a.tiles_ms, a.dense_ms, a.dense_ms / a.compressed_ms,
+                a.dense_ms / a.tiles_ms, a.dense_gb / a.dense_ms * 1e3,
+                a.dense_gb / a.compressed_gb, a.dense_gb / a.tiles_gb);
   }
   if (json) {
     FILE* f = std::fopen(json, "w");
@@ -366,9 +423,10 @@ int main(int argc, char** argv) {
         const AttnRow& a = attn[i];
         std::fprintf(f,
                      "  {\"batch\": %u, \"len\": %u, \"compressed_ms\": %.5f, "
-                     "\"dense_ms\": %.5f, \"compressed_gb\": %.4f, \"dense_gb\": %.4f}%s\n",
-                     a.batch, a.len, a.compressed_ms, a.dense_ms, a.compressed_gb, a.dense_gb,
-                     i + 1 < attn.size() ? "," : "");
+                     "\"tiles_ms\": %.5f, \"dense_ms\": %.5f, \"compressed_gb\": %.4f, "
+                     "\"tiles_gb\": %.4f, \"dense_gb\": %.4f}%s\n",
+                     a.batch, a.len, a.compressed_ms, a.tiles_ms, a.dense_ms, a.compressed_gb,
+                     a.tiles_gb, a.dense_gb, i + 1 < attn.size() ? "," : "");
       }
       std::fprintf(f, "]}\n");
       std::fclose(f);

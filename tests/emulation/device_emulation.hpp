@@ -180,6 +180,14 @@ struct ThreadContext {
 };
 inline thread_local ThreadContext t_context;
 
+// This thread's cp.async copies not yet waited for, by commit group; the last group is open.
+// Reset at every launch.
+struct AsyncCopy {
+  void* dst;
+  const void* src;  // nullptr: zero-fill
+};
+inline thread_local std::vector<std::vector<AsyncCopy>> t_async_groups{{}};
+
 inline Block& current_block() { return *t_context.block; }
 inline uint8_t* dynamic_shared_memory() { return current_block().dynamic_shared_memory(); }
 
@@ -510,6 +518,7 @@ LaunchResult launch(void (*kernel)(Params...), Dim3 grid, Dim3 block, size_t dyn
           blockDim = block;
           gridDim = grid;
           t_context = {&b, t};
+          t_async_groups = {{}};
           try {
             std::apply(kernel, params);
           } catch (const std::exception& e) {
@@ -536,9 +545,9 @@ LaunchResult launch(void (*kernel)(Params...), Dim3 grid, Dim3 block, size_t dyn
 // mma.sync and ldmatrix are warp collectives: every lane publishes its operands (three rounds of
 // the exchange slots), then computes its own part from everyone's. The products and sums of
 // mma run in double and are rounded once to fp32 (the tensor core's internal order and width
-// are not specified; the attention tests allow for fp32 accumulation). cp.async copies at once
-// (a missing wait cannot be seen here); conversions round to nearest even as cvt.rn and
-// fma.rn do (fma2 is exact whenever its result is representable, as in every kernel use).
+// are not specified; the attention tests allow for fp32 accumulation). cp.async copies land at
+// the wait that covers them (poison until then); conversions round to nearest even as cvt.rn
+// and fma.rn do (fma2 is exact whenever its result is representable, as in every kernel use).
 namespace kvc::emu {
 
 inline std::array<uint64_t, kWarpSize> warp_gather(uint64_t mine) {
@@ -608,16 +617,30 @@ uint4 ldmatrix_x4(const void* row) {
   return {r[0], r[1], r[2], r[3]};
 }
 
+// cp.async lands at the wait that covers it, and the destination holds poison until then, so a
+// kernel that reads staged data before waiting for it reads garbage here too.
 inline void cp_async_16(void* dst, const void* src, bool valid) {
-  if (valid) {
-    std::memcpy(dst, src, 16);
-  } else {
-    std::memset(dst, 0, 16);
-  }
+  std::memset(dst, 0xCD, 16);
+  emu::t_async_groups.back().push_back({dst, valid ? src : nullptr});
 }
-inline void cp_async_commit() {}
+inline void cp_async_commit() { emu::t_async_groups.emplace_back(); }
 template <int N>
-void cp_async_wait() {}
+void cp_async_wait() {
+  // Committed groups are all but the open last one; all but the newest N of them complete.
+  const size_t committed = emu::t_async_groups.size() - 1;
+  const size_t complete = committed > size_t(N) ? committed - N : 0;
+  for (size_t g = 0; g < complete; ++g) {
+    for (const emu::AsyncCopy& c : emu::t_async_groups[g]) {
+      if (c.src != nullptr) {
+        std::memcpy(c.dst, c.src, 16);
+      } else {
+        std::memset(c.dst, 0, 16);
+      }
+    }
+  }
+  emu::t_async_groups.erase(emu::t_async_groups.begin(),
+                            emu::t_async_groups.begin() + long(complete));
+}
 
 template <bool BF16>
 uint32_t pack2(float lo, float hi) {

@@ -87,13 +87,16 @@ TEST(AttentionEmulation, TileKernelMatchesTheReference) {
   // fp16, D 128, blocks too large to stage (V bound below 8 bits: raw V tiles), group 1.
   run_tiles<KVC_DTYPE_FP16, 128, 128>(
       {1, 1, 1, 128, 128, KVC_DTYPE_FP16, 0.25f, 0.0005f, 400.0f, {130}}, 1, rng);
+  // fp16, D 64, one split of 14 units: every warp stages the next unit while it computes one.
+  run_tiles<KVC_DTYPE_FP16, 64, 64>(
+      {1, 1, 2, 64, 64, KVC_DTYPE_FP16, 0.25f, 0.07f, 1.0f, {64 * 13 + 5}}, 1, rng);
   // fp16, D 64: coarse bounds (0-, 2- and 3-bit tiles), empty and 1-token sequences.
   run_tiles<KVC_DTYPE_FP16, 64, 64>(
       {3, 1, 3, 64, 64, KVC_DTYPE_FP16, 1.0f, 0.3f, 1.0f, {0, 1, 150}}, 1, rng);
 }
 
 template <kvc_dtype DT, uint32_t D>
-void run_dense(TileCase c, std::mt19937& rng) {
+void run_dense(TileCase c, uint32_t splits, std::mt19937& rng) {
   const uint32_t H = c.kv_heads, Hq = H * c.group;
   const uint32_t max_len = *std::max_element(c.lengths.begin(), c.lengths.end());
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -132,8 +135,10 @@ void run_dense(TileCase c, std::mt19937& rng) {
 
 TEST(AttentionEmulation, DenseKernelMatchesTheReference) {
   std::mt19937 rng(6);
-  run_dense<KVC_DTYPE_FP16, 64>({2, 2, 4, 64, 0, KVC_DTYPE_FP16, 0, 0, 0, {100, 33}}, rng);
-  run_dense<KVC_DTYPE_BF16, 128>({1, 1, 9, 128, 0, KVC_DTYPE_BF16, 0, 0, 0, {70}}, rng);
+  run_dense<KVC_DTYPE_FP16, 64>({2, 2, 4, 64, 0, KVC_DTYPE_FP16, 0, 0, 0, {100, 33}}, 2, rng);
+  run_dense<KVC_DTYPE_BF16, 128>({1, 1, 9, 128, 0, KVC_DTYPE_BF16, 0, 0, 0, {70}}, 2, rng);
+  // One split of 13 units: every warp stages the next unit while it computes one.
+  run_dense<KVC_DTYPE_FP16, 64>({1, 1, 2, 64, 0, KVC_DTYPE_FP16, 0, 0, 0, {64 * 13}}, 1, rng);
 }
 
 }  // namespace
