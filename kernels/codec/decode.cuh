@@ -101,15 +101,30 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncwarp();
 
+  // Groups and positions advance with the loops below instead of being divided out per element:
+  // a value block's group g is (token, segment) = (g / segments, g % segments), and its element
+  // at position p is channel segment * group_size + p; a key block's group is its channel.
+  const uint32_t D = sh.head_dim, G = sh.group_size, segments = L.is_value ? D / G : 1;
   if (L.encoding == f::kFixed) {
-    // Output order (coalesced stores); each element's bits found at its position-major index.
-    for (uint32_t i = lane; i < n; i += kDecodeLanes) {
-      const uint32_t t = i / sh.head_dim, c = i % sh.head_dim;
-      const uint32_t g = f::group_of(L.is_value, sh.head_dim, sh.group_size, t, c);
-      const uint32_t e = f::position_of(L.is_value, sh.group_size, t, c);
-      const uint64_t j = uint64_t(e) * groups + g;
-      const uint32_t u = read_bits(payload, L.payload_bytes, j * L.code_bits, L.code_bits);
-      store_output<OUT>(dst, out_index(t, c), f::dequantize(int32_t(center[g] + u), step[g]));
+    // Rows in order, lanes along the channels (coalesced stores); each element's bits found at
+    // its position-major index.
+    const uint32_t seg0 = lane / G, pos0 = lane % G;  // value blocks: lane's channel
+    const uint32_t seg_step = kDecodeLanes / G, pos_step = kDecodeLanes % G;
+    for (uint32_t t = 0; t < sh.num_tokens; ++t) {
+      uint32_t seg = seg0, pos = pos0;
+      for (uint32_t c = lane; c < D; c += kDecodeLanes) {
+        const uint32_t g = L.is_value ? t * segments + seg : c;
+        const uint32_t e = L.is_value ? pos : t;
+        const uint64_t j = uint64_t(e) * groups + g;
+        const uint32_t u = read_bits(payload, L.payload_bytes, j * L.code_bits, L.code_bits);
+        store_output<OUT>(dst, out_index(t, c), f::dequantize(int32_t(center[g] + u), step[g]));
+        seg += seg_step;
+        pos += pos_step;
+        if (pos >= G) {
+          pos -= G;
+          ++seg;
+        }
+      }
     }
   } else {
     // One lane per sub-stream, decoding it front to back with the codebook's table.
@@ -120,6 +135,7 @@ __global__ void __launch_bounds__(kThreads)
       f::BitReader in(payload + start, end - start);
       bool bad = false;
       for (uint32_t e = s * per_stream; e < (s + 1) * per_stream && !bad; ++e) {
+        uint32_t token = 0, seg = 0;  // value blocks: of group g
         for (uint32_t g = 0; g < groups; ++g) {
           const uint32_t entry = book.table[in.peek(book.max_code_length)];
           const uint32_t length = entry & 0xFFu;
@@ -136,9 +152,12 @@ __global__ void __launch_bounds__(kThreads)
             }
             symbol = uint32_t(f::sign_extend(in.read(L.code_bits), L.code_bits));
           }
-          const f::Coord xy = f::element_coord(L.is_value, sh.head_dim, sh.group_size, g, e);
-          store_output<OUT>(dst, out_index(xy.token, xy.channel),
-                            f::dequantize(int32_t(center[g] + symbol), step[g]));
+          const size_t at = L.is_value ? out_index(token, seg * G + e) : out_index(e, g);
+          store_output<OUT>(dst, at, f::dequantize(int32_t(center[g] + symbol), step[g]));
+          if (++seg == segments) {
+            seg = 0;
+            ++token;
+          }
         }
       }
       if (bad || in.overrun()) atomicOr(&corrupt, 1u);
