@@ -112,6 +112,10 @@ def sanitizer_verdict(work, tool, steps):
     if step is None:
         if os.path.exists(os.path.join(work, "sanitizer-unavailable.txt")):
             return {"verdict": "unavailable", "reason": "compute-sanitizer not found"}
+        for other in ("memcheck", "racecheck", "synccheck"):
+            if re.search(r"Device not supported|device is not supported",
+                         read(os.path.join(work, f"sanitizer-{other}.log")), re.I):
+                return {"verdict": "unavailable", "reason": "compute-sanitizer refused the device"}
         return {"verdict": "not run"}
     if step["status"] == "skipped":
         return {"verdict": "not run", "reason": "out of time"}
