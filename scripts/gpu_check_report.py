@@ -68,13 +68,14 @@ def steps_of(work):
 
 # ctest's console lines: "12/40 Test #12: CodecGpu.Foo ......***Failed    1.23 sec"
 CTEST_LINE = re.compile(
-    r"Test\s+#\d+: (\S+) \.*\s*(?:\*\*\*)?(Passed|Failed|Skipped|Not Run|Timeout|Exception: [^\d]*?)"
-    r"\s+[\d.]+ sec")
+    r"Test\s+#\d+: (\S+) \.*\s*(?:\*\*\*)?"
+    r"(Passed|Failed|Skipped|Not Run|Timeout|Exception: [^\d]*?)\s+[\d.]+ sec")
 
 
 def tests_of(work, steps):
     if os.path.exists(os.path.join(work, "tests-unavailable.txt")):
-        return {"status": "unavailable", "reason": read(os.path.join(work, "tests-unavailable.txt")).strip()}
+        reason = read(os.path.join(work, "tests-unavailable.txt")).strip()
+        return {"status": "unavailable", "reason": reason}
     log = read(os.path.join(work, "tests.log"), None)
     if log is None:
         return {"status": "not run"}
@@ -112,6 +113,10 @@ def sanitizer_verdict(work, tool, steps):
     if step is None:
         if os.path.exists(os.path.join(work, "sanitizer-unavailable.txt")):
             return {"verdict": "unavailable", "reason": "compute-sanitizer not found"}
+        for other in ("memcheck", "racecheck", "synccheck"):
+            if re.search(r"Device not supported|device is not supported",
+                         read(os.path.join(work, f"sanitizer-{other}.log")), re.I):
+                return {"verdict": "unavailable", "reason": "compute-sanitizer refused the device"}
         return {"verdict": "not run"}
     if step["status"] == "skipped":
         return {"verdict": "not run", "reason": "out of time"}
@@ -133,7 +138,8 @@ def sanitizer_verdict(work, tool, steps):
     elif step["rc"] == "0" and n == 0:
         result.update(verdict="clean")
     else:
-        result.update(verdict="failed", reason=f"tests failed under the tool (rc {step['rc']}), no tool errors")
+        result.update(verdict="failed",
+                      reason=f"tests failed under the tool (rc {step['rc']}), no tool errors")
     return result
 
 
@@ -210,7 +216,8 @@ def table(result):
         lines.append(f"{'store (gpu_store_bench)':<44} {'us':>10} {'baseline':>10}")
         for r in s["rows"]:
             lines.append(f"{r['name'][:44]:<44} {r['us']:>10.2f} {r['baseline_us']:>10.2f}")
-        lines.append(f"store verified: {s.get('verified')}, bytes/token/layer {s.get('bytes_per_token')}")
+        lines.append(f"store verified: {s.get('verified')}, "
+                     f"bytes/token/layer {s.get('bytes_per_token')}")
     sdpa = result["benchmarks"].get("torch_sdpa")
     if isinstance(sdpa, list):
         lines.append("torch SDPA ms: " + ", ".join(

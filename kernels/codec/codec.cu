@@ -30,6 +30,7 @@ class DeviceCodec {
  public:
   int device = 0;
   k::Shape shape{};
+  uint32_t decode_warps = 1;         // compressed blocks per decode thread block
   std::unique_ptr<DeviceBook> book;  // none: fixed width only
   // 512 KiB that only histogram() uses (a prefill-time, synchronous call): made there.
   mutable k::HistogramCounts* d_counts = nullptr;
@@ -58,6 +59,7 @@ DeviceCodecPtr create_device_codec(const CodecParams& p, const Codebook* codeboo
 
   DeviceCodecPtr d(new DeviceCodec);
   d->device = device;
+  d->decode_warps = k::decode_warps(p.num_groups, size_t(smem_limit));
   d->shape = {p.is_value,       p.num_tokens, p.head_dim,    p.group_size,       p.num_groups,
               p.num_substreams, p.relative,   p.error_bound, uint32_t(p.entropy)};
   if (codebook != nullptr) d->book = std::make_unique<DeviceBook>(*codebook);
@@ -83,11 +85,12 @@ void decode(const DeviceCodec& d, int32_t num_blocks, const void* const* d_src_b
             int64_t dst_token_stride, kvc_status_t* d_block_status, void* stream) {
   require_device(d.device, "the CUDA codec");
   const k::Shape& sh = d.shape;
+  const uint32_t warps = d.decode_warps, blocks = uint32_t(num_blocks);
   dispatch_dtype(dst_dtype, [&](auto dt) {
-    launch(k::decode_kernel<decltype(dt)::value>, dim3(num_blocks), k::kThreads,
-           k::decode_smem_bytes(sh.num_groups), static_cast<cudaStream_t>(stream), sh,
-           view_of(d.book), d_src_blocks, d_src_bytes, d_dst_blocks, dst_token_stride,
-           d_block_status);
+    launch(k::decode_kernel<decltype(dt)::value>, dim3((blocks + warps - 1) / warps),
+           k::kDecodeLanes * warps, warps * k::decode_smem_bytes(sh.num_groups),
+           static_cast<cudaStream_t>(stream), sh, view_of(d.book), d_src_blocks, d_src_bytes,
+           d_dst_blocks, dst_token_stride, d_block_status, blocks);
   });
 }
 

@@ -200,7 +200,10 @@ __global__ void __launch_bounds__(kThreads)
     reinterpret_cast<uint16_t*>(dst + L.stream_ends_offset)[k] = uint16_t(stream_bits[k]);
   }
   const uint32_t stream_len = per_stream * groups;
-  const uint32_t chunk = (n + kThreads - 1) / kThreads;
+  // An odd chunk: for keys, position-major order is row-major, so thread t reads vals[t * chunk
+  // + k], and an even stride (32 for 64 x 128 blocks) would put a warp's reads into one bank.
+  // Any partition gives the same offsets, hence the same bytes.
+  const uint32_t chunk = ((n + kThreads - 1) / kThreads) | 1u;
   const uint32_t begin = min(n, tid * chunk), end = min(n, begin + chunk);
   StreamBits mine{0, 0};
   for (uint32_t j = begin; j < end; ++j) {

@@ -70,18 +70,23 @@ inline emu::LaunchResult emulated_encode(const CodecParams& p, const kernels::Bo
   return r;
 }
 
+// As codec.cu launches it: `warps` compressed blocks per thread block (0: as many as fit in an
+// H100's 227 KiB of shared memory per thread block).
 inline emu::LaunchResult emulated_decode(const CodecParams& p, const kernels::BookView& book,
                                          const std::vector<const void*>& src,
                                          const std::vector<uint32_t>& available, kvc_dtype dtype,
                                          const std::vector<void*>& dst, int64_t stride,
-                                         std::vector<kvc_status_t>& status) {
+                                         std::vector<kvc_status_t>& status, uint32_t warps = 0) {
   const kernels::Shape sh = shape_of(p);
+  if (warps == 0) warps = kernels::decode_warps(p.num_groups, 227 * 1024);
+  const uint32_t blocks = uint32_t(src.size());
   status.assign(src.size(), kvc_status_t(12345));
   emu::LaunchResult r;
   with_dtype(dtype, [&](auto dt) {
-    r = emu::launch(kernels::decode_kernel<decltype(dt)::value>, uint32_t(src.size()),
-                    kernels::kThreads, kernels::decode_smem_bytes(p.num_groups), sh, book,
-                    src.data(), available.data(), dst.data(), stride, status.data());
+    r = emu::launch(kernels::decode_kernel<decltype(dt)::value>, (blocks + warps - 1) / warps,
+                    kernels::kDecodeLanes * warps, warps * kernels::decode_smem_bytes(p.num_groups),
+                    sh, book, src.data(), available.data(), dst.data(), stride, status.data(),
+                    blocks);
   });
   return r;
 }

@@ -126,7 +126,11 @@ int expect_same_decode(const Case& k, const CodecParams& p, const Codebook* book
       dst.push_back(outputs[i].data());
     }
     std::vector<kvc_status_t> status;
-    const auto r = emulated_decode(p, dbook.view(), src, available, out, dst, p.head_dim, status);
+    // Blocks per decode thread block: what fits (up to 8), or fewer, so that thread blocks with
+    // idle warps and several thread blocks both occur.
+    const uint32_t warps = k.seed % 3 == 0 ? 0 : 1 + k.seed % 4;
+    const auto r =
+        emulated_decode(p, dbook.view(), src, available, out, dst, p.head_dim, status, warps);
     EXPECT_TRUE(r.ok()) << k.name() << "\n" << r.message();
     for (size_t i = 0; i < blocks.size(); ++i) {
       std::vector<uint8_t> want(out_bytes, 0xFF);
@@ -226,6 +230,13 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CodecEmulation, ::testing::ValuesIn(cases()),
                            return "case" + std::to_string(info.index) + "_seed" +
                                   std::to_string(info.param.seed);
                          });
+
+TEST(CodecEmulationEdges, DecodeWarpsFitTheSharedMemory) {
+  EXPECT_EQ(kernels::decode_warps(128, 232448), 8u);      // 1 KiB per block
+  EXPECT_EQ(kernels::decode_warps(8192, 232448), 3u);     // 64 KiB per block
+  EXPECT_EQ(kernels::decode_warps(30000, 232448), 1u);    // 234 KiB: one (creation refuses it)
+  EXPECT_EQ(kernels::decode_warps(1024, 48 * 1024), 5u);  // 8 KiB per block
+}
 
 // read_bits' word-wide path against the byte-wise definition: every alignment, sizes that are
 // not whole words, positions up to and past the end.

@@ -1,0 +1,237 @@
+// SPDX-License-Identifier: Apache-2.0
+// The decode-attention kernels over compressed blocks (kernels/attention/attention.cuh), run on
+// the CPU under the host emulation as kernels/attention/attention.cu launches them (a split
+// schedule, the per-warp partial softmax, the combine), against a double-precision reference on
+// the decoded blocks: blocks laid out as the store keeps them (one pool, block tables, tails).
+// Every output element is poisoned first and must be written.
+#include "tests/emulation/emulated_codec.hpp"
+//
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "cpu/codec_cpu.hpp"
+#include "kernels/attention/attention.cuh"
+#include "test_support.hpp"
+
+namespace kvc::test {
+namespace {
+
+struct Case {
+  uint32_t batch, kv_heads, group, dim, tokens;
+  kvc_dtype dtype;
+  std::vector<uint32_t> lengths;
+  uint32_t sms;  // the multiprocessor count the split schedule is made for
+};
+
+uint16_t to_bits(kvc_dtype dt, float v) {
+  return dt == KVC_DTYPE_BF16 ? format::float_to_bf16(v) : format::float_to_half(v);
+}
+float from_bits(kvc_dtype dt, uint16_t h) {
+  return dt == KVC_DTYPE_BF16 ? format::bf16_to_float(h) : format::half_to_float(h);
+}
+
+// softmax(scale q.K^T) V in double for one query row; k, v: [len, dim] floats.
+std::vector<double> reference(const float* q, const std::vector<float>& k,
+                              const std::vector<float>& v, uint32_t dim, float scale) {
+  const size_t len = k.size() / dim;
+  std::vector<double> w(len), out(dim, 0.0);
+  double top = -INFINITY, sum = 0;
+  for (size_t t = 0; t < len; ++t) {
+    double dot = 0;
+    for (uint32_t c = 0; c < dim; ++c) dot += double(q[c]) * k[t * dim + c];
+    w[t] = double(scale) * dot;
+    top = std::max(top, w[t]);
+  }
+  for (double& x : w) sum += (x = std::exp(x - top));
+  for (size_t t = 0; t < len; ++t) {
+    for (uint32_t c = 0; c < dim; ++c) out[c] += w[t] * v[t * dim + c];
+  }
+  for (double& o : out) o = len ? o / sum : 0.0;
+  return out;
+}
+
+double row_error(const uint16_t* out, const std::vector<double>& ref, kvc_dtype dt) {
+  double num = 0, den = 0;
+  for (size_t c = 0; c < ref.size(); ++c) {
+    if (out[c] == 0xFFFF) return INFINITY;  // poison survived
+    const double d = from_bits(dt, out[c]) - ref[c];
+    num += d * d;
+    den += ref[c] * ref[c];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+// The error a row must stay within: 1e-3 beyond what rounding the exact result to the output
+// dtype costs (bf16's 8-bit mantissa alone gives about 1.5e-3).
+double row_tolerance(const std::vector<double>& ref, kvc_dtype dt) {
+  std::vector<uint16_t> rounded(ref.size());
+  for (size_t c = 0; c < ref.size(); ++c) rounded[c] = to_bits(dt, float(ref[c]));
+  return row_error(rounded.data(), ref, dt) + 1e-3;
+}
+
+// attention.cu's make_plan and params_for, for `sms` multiprocessors.
+struct Plan {
+  uint32_t splits, per_split;
+  size_t workspace_floats;
+};
+Plan make_plan(uint32_t batch, uint32_t kv_heads, uint32_t group, uint32_t dim, uint32_t units,
+               uint32_t sms) {
+  const uint64_t want = uint64_t(sms) * 4, per_split_grid = uint64_t(kv_heads) * batch;
+  uint32_t splits = uint32_t(
+      std::clamp<uint64_t>((want + per_split_grid - 1) / per_split_grid, 1, std::max(1u, units)));
+  const uint32_t per = std::max(1u, (units + splits - 1) / splits);
+  splits = std::max(1u, (units + per - 1) / per);
+  const uint64_t rows = uint64_t(batch) * kv_heads * group * splits * kernels::kWarps;
+  return {splits, per, size_t(rows * (dim + 2))};
+}
+
+template <kvc_dtype DT, uint32_t D, uint32_t G>
+emu::LaunchResult emulated_attention(const Case& c, const Plan& plan, const CodecParams& key,
+                                     const CodecParams& value, const kernels::BookView& kbook,
+                                     const kernels::BookView& vbook, const uint8_t* pool,
+                                     const cuda::SequenceView* views, const uint16_t* queries,
+                                     std::vector<float>& workspace, uint16_t* out) {
+  const uint32_t T = c.tokens, parts = plan.splits * kernels::kWarps;
+  const size_t rows = size_t(c.batch) * c.kv_heads * c.group * parts;
+  const kernels::AttentionParams P{c.kv_heads,
+                                   c.group,
+                                   T,
+                                   plan.per_split,
+                                   parts,
+                                   1.0f / std::sqrt(float(D)),
+                                   queries,
+                                   workspace.data(),
+                                   workspace.data() + rows * D};
+  const uint32_t max_groups = std::max(key.num_groups, value.num_groups);
+  const size_t per_warp = kernels::WarpState<G>::floats(T, D) + 2 * max_groups;
+  const size_t smem = (D * G + kernels::kWarps * per_warp) * sizeof(float);
+  emu::LaunchResult r =
+      emu::launch(kernels::attention_compressed_kernel<DT, D, G>,
+                  emu::Dim3(plan.splits, c.kv_heads, c.batch), kernels::kWarps * kernels::kLanes,
+                  smem, P, views, pool, size_t(0), kbook, vbook, value.group_size, max_groups);
+  if (!r.ok()) return r;
+  return emu::launch(kernels::attention_combine_kernel<DT>,
+                     emu::Dim3(c.kv_heads * c.group, c.batch), D, 0, P, D, static_cast<void*>(out));
+}
+
+void run_case(const Case& c) {
+  const uint32_t T = c.tokens, H = c.kv_heads, D = c.dim, Hq = H * c.group;
+  const kvc_codec_config kc = make_config(KVC_KIND_KEY, T, D, KVC_BOUND_RELATIVE, 0.05f);
+  const kvc_codec_config vc = make_config(KVC_KIND_VALUE, T, D, KVC_BOUND_RELATIVE, 0.05f);
+  const CodecParams key = CodecParams::from_config(kc, true);
+  const CodecParams value = CodecParams::from_config(vc, true);
+  const auto parse = [](const kvcomp::Codebook& b) {
+    const auto bytes = b.serialize();
+    return Codebook::parse(bytes.data(), bytes.size());
+  };
+  const Codebook key_book = parse(train(kc, c.dtype, 5)), value_book = parse(train(vc, c.dtype, 6));
+  const Codebook* books[2] = {&key_book, &value_book};
+
+  std::vector<uint8_t> pool;
+  std::vector<std::vector<cuda::BlockLocation>> tables(c.batch);
+  std::vector<std::vector<uint16_t>> tails_k(c.batch), tails_v(c.batch);
+  std::vector<std::vector<std::vector<float>>> ref_k(c.batch), ref_v(c.batch);  // [b][h]
+  std::vector<uint8_t> scratch(key.max_block_bytes(c.dtype) + value.max_block_bytes(c.dtype));
+  for (uint32_t b = 0; b < c.batch; ++b) {
+    const uint32_t len = c.lengths[b], blocks = len / T;
+    ref_k[b].assign(H, {});
+    ref_v[b].assign(H, {});
+    const std::vector<float> xk = bench::synthetic_kv(false, std::max(len, 1u), H * D, 100 + b);
+    const std::vector<float> xv = bench::synthetic_kv(true, std::max(len, 1u), H * D, 200 + b);
+    const Block bk = make_block(c.dtype, std::max(len, 1u), H * D, H * D, xk);
+    const Block bv = make_block(c.dtype, std::max(len, 1u), H * D, H * D, xv);
+    for (uint32_t blk = 0; blk < blocks; ++blk) {
+      for (uint32_t h = 0; h < H; ++h) {
+        for (uint32_t kind = 0; kind < 2; ++kind) {
+          const Block& src = kind ? bv : bk;
+          const CodecParams& cp = kind ? value : key;
+          const uint8_t* at = src.bytes.data() + (size_t(blk) * T * H * D + h * D) * 2;
+          const uint32_t n = cpu::encode_block(cp, books[kind], at, H * D, c.dtype, scratch.data());
+          tables[b].push_back({0, uint32_t(pool.size()), n});
+          std::vector<float> dec(size_t(T) * D);
+          cpu::decode_block(cp, books[kind], scratch.data(), n, KVC_DTYPE_FP32, dec.data(), D);
+          auto& ref = kind ? ref_v[b][h] : ref_k[b][h];
+          ref.insert(ref.end(), dec.begin(), dec.end());
+          pool.insert(pool.end(), scratch.begin(), scratch.begin() + n);
+        }
+      }
+    }
+    for (uint32_t t = blocks * T; t < len; ++t) {
+      for (uint32_t h = 0; h < H; ++h) {
+        for (uint32_t d = 0; d < D; ++d) {
+          const size_t i = (size_t(t) * H + h) * D + d;
+          tails_k[b].push_back(to_bits(c.dtype, bk.values[i]));
+          tails_v[b].push_back(to_bits(c.dtype, bv.values[i]));
+          ref_k[b][h].push_back(bk.values[i]);
+          ref_v[b][h].push_back(bv.values[i]);
+        }
+      }
+    }
+  }
+  std::vector<cuda::SequenceView> views(c.batch);
+  uint32_t max_blocks = 0;
+  for (uint32_t b = 0; b < c.batch; ++b) {
+    views[b] = {tables[b].data(), c.lengths[b] / T, c.lengths[b] % T, tails_k[b].data(),
+                tails_v[b].data()};
+    max_blocks = std::max(max_blocks, views[b].num_blocks);
+  }
+  std::vector<uint16_t> q(size_t(c.batch) * Hq * D), out(q.size(), 0xFFFF);
+  std::vector<float> qf(q.size());
+  std::mt19937 rng(c.batch * 31 + D);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (size_t i = 0; i < q.size(); ++i) {
+    q[i] = to_bits(c.dtype, normal(rng));
+    qf[i] = from_bits(c.dtype, q[i]);
+  }
+  const Plan plan = make_plan(c.batch, H, c.group, D, max_blocks + 1, c.sms);
+  std::vector<float> workspace(plan.workspace_floats, 1e30f);  // poisoned
+  const EmulatedBook kdev(&key_book), vdev(&value_book);
+  emu::LaunchResult r;
+  const auto run = [&](auto dt, auto d, auto g) {
+    r = emulated_attention<decltype(dt)::value, decltype(d)::value, decltype(g)::value>(
+        c, plan, key, value, kdev.view(), vdev.view(), pool.data(), views.data(), q.data(),
+        workspace, out.data());
+  };
+  const auto with_dim = [&](auto dt) {
+    using D64 = std::integral_constant<uint32_t, 64>;
+    using D128 = std::integral_constant<uint32_t, 128>;
+    using G4 = std::integral_constant<uint32_t, 4>;
+    using G16 = std::integral_constant<uint32_t, 16>;
+    if (D == 64) {
+      c.group <= 4 ? run(dt, D64{}, G4{}) : run(dt, D64{}, G16{});
+    } else {
+      c.group <= 4 ? run(dt, D128{}, G4{}) : run(dt, D128{}, G16{});
+    }
+  };
+  ASSERT_TRUE(D == 64 || D == 128);
+  if (c.dtype == KVC_DTYPE_FP16) {
+    with_dim(std::integral_constant<kvc_dtype, KVC_DTYPE_FP16>{});
+  } else {
+    with_dim(std::integral_constant<kvc_dtype, KVC_DTYPE_BF16>{});
+  }
+  ASSERT_TRUE(r.ok()) << r.message();
+  for (uint32_t b = 0; b < c.batch; ++b) {
+    for (uint32_t qh = 0; qh < Hq; ++qh) {
+      const size_t row = (size_t(b) * Hq + qh) * D;
+      const auto ref = reference(&qf[row], ref_k[b][qh / c.group], ref_v[b][qh / c.group], D,
+                                 1.0f / std::sqrt(float(D)));
+      ASSERT_LE(row_error(&out[row], ref, c.dtype), row_tolerance(ref, c.dtype))
+          << "B=" << c.batch << " H=" << H << " group=" << c.group << " T=" << T
+          << " dtype=" << c.dtype << " seq " << b << " (length " << c.lengths[b] << ") head " << qh;
+    }
+  }
+}
+
+// Small shapes: empty sequences, tails only, whole blocks only, several splits and warps.
+TEST(AttentionEmulation, CompressedKernelMatchesTheCpuReference) {
+  run_case({1, 1, 1, 64, 32, KVC_DTYPE_FP16, {1}, 1});
+  run_case({3, 2, 4, 64, 32, KVC_DTYPE_FP16, {0, 64, 101}, 2});
+  run_case({2, 1, 6, 64, 64, KVC_DTYPE_BF16, {129, 40}, 1});
+  run_case({4, 1, 16, 64, 32, KVC_DTYPE_FP16, {31, 32, 33, 300}, 3});
+  run_case({2, 2, 8, 128, 64, KVC_DTYPE_BF16, {200, 64}, 4});
+}
+
+}  // namespace
+}  // namespace kvc::test
