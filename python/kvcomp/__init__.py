@@ -711,6 +711,31 @@ class Store(_Handle):
         _check(_load().kvc_store_serialize(self._h, int(sequence_id), buf, n, ctypes.byref(w)))
         return buf.raw[: w.value]
 
+    def block_sizes(self, sequence_id: int, encodings: bool = False):
+        """Per layer, the exact length of each compressed block, [num_blocks, kv_heads, 2 (K,
+        V)] uint32, read from the serialized sequence (docs/format.md, "Serialized
+        sequence"). With encodings=True, also each block's encoding (ENCODING_*), same shape."""
+        data = self.serialize(sequence_id)
+        words = np.frombuffer(data, dtype="<u4")
+        raw = np.frombuffer(data, dtype=np.uint8)
+        at = 14 + 4 * self.num_layers  # magic, version, fingerprint, codebook table (words)
+        tail_row = self.num_kv_heads * self.head_dim * 2
+        sizes_out, enc_out = [], []
+        for _ in range(self.num_layers):
+            num_blocks, tail = int(words[at]), int(words[at + 1])
+            at += 2
+            sizes = np.empty(num_blocks * self.num_kv_heads * 2, np.uint32)
+            enc = np.empty(len(sizes), np.uint8)
+            for i in range(len(sizes)):
+                sizes[i] = words[at]
+                enc[i] = raw[4 * (at + 1) + 5]  # block header byte 5: the encoding
+                at += 1 + (int(sizes[i]) + 3) // 4
+            at += 2 * ((tail * tail_row + 3) // 4)
+            shape = (num_blocks, self.num_kv_heads, 2)
+            sizes_out.append(sizes.reshape(shape))
+            enc_out.append(enc.reshape(shape))
+        return (sizes_out, enc_out) if encodings else sizes_out
+
     def restore(self, data: bytes) -> int:
         """Restores a serialized sequence (same configuration and codebooks) as a new one."""
         buf = ctypes.create_string_buffer(bytes(data), len(data))
