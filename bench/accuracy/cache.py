@@ -194,11 +194,21 @@ class KvcompCache:
                 block_tokens=self.T, key_bound_mode=self.bound_mode["key"],
                 key_error_bound=self.eb["key"], value_bound_mode=self.bound_mode["value"],
                 value_error_bound=self.eb["value"], value_group_size=self.vgs,
-                entropy=self.entropy, capacity_bytes=256 << 20)
+                entropy=self.entropy, capacity_bytes=256 << 20,
+                page_bytes=self._smallest_page(head_dim))
             self.store = self.kvcomp.Store(**cfg)
         if self.seq is None:
             self.seq = self.store.add_sequence()
         return self.store
+
+    def _smallest_page(self, head_dim):
+        """The smallest page that holds the largest block (pages are per (sequence, layer), so
+        small ones keep the slack at page ends small)."""
+        largest = max(self.kvcomp.Codec(kind=kind, num_tokens=self.T, head_dim=head_dim,
+                                        value_group_size=self.vgs if kind == "value" else 0,
+                                        entropy="fixed").max_block_bytes()
+                      for kind in ("key", "value"))
+        return (largest + 255) // 256 * 256
 
     def codebook_bytes(self, layer, kind):
         key = (layer, kind)

@@ -243,3 +243,24 @@ def test_store_path_equals_codec_path_on_the_model(model, text):
     kl = (np.exp(la) * (la - lb)).sum(-1)
     assert kl.mean() < 1e-3, kl.mean()
     assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.95
+
+
+def test_replay_of_the_recorded_decode_on_the_cpu_store():
+    """The recorded real-model decode (bench/accuracy/data/smollm2_decode.npz) through the CPU
+    store twice: identical outputs (what the GPU check holds the CUDA store to, within its
+    tolerance); the last step's outputs against dense attention over the store's read-back."""
+    import replay_kv
+    rec = replay_kv.load()
+    a, b = replay_kv.replay(rec, "cpu"), replay_kv.replay(rec, "cpu")
+    np.testing.assert_array_equal(a["out"], b["out"])
+    assert replay_kv.compare(a["out"], b["out"]) == 0.0
+    steps, L = rec["step_q"].shape[:2]
+    assert a["lengths"] == [rec["prompt_k"].shape[1] + steps, replay_kv.SHORT_PROMPT + steps]
+    for layer in range(L):
+        q = rec["step_q"][steps - 1, layer].astype(np.float32)
+        for s in range(2):
+            k, v = a["readback"][layer][s]
+            want = C.dense_step_attention(q, k, v)
+            got = a["out"][steps - 1, layer, s].astype(np.float32)
+            np.testing.assert_allclose(got, want, rtol=0, atol=2e-3 * np.abs(want).max())
+    assert replay_kv.main([]) == 0
