@@ -131,17 +131,28 @@ def evaluate(model, ids, settings, windows, window_tokens, progress=True, log=No
              start_window=0, device="cpu"):
     """Runs fp16 and every setting over the same windows (windows start_window, ...,
     start_window + windows - 1); returns a list of result dicts. kvcomp's codebooks are
-    trained on the first window evaluated (its prefill) and frozen for the others."""
-    policies = [make_policy(s, device) for s in settings]
+    trained on the first window evaluated (its prefill) and frozen for the others. With
+    device "cuda" each store-backed kvcomp setting runs on the CPU store and on the CUDA store
+    ("<setting> [cpu store]", "<setting> [cuda store]")."""
+    names, policies = [], []
+    for s in settings:
+        pol = make_policy(s, device)
+        if device != "cpu" and getattr(pol, "path", None) == "store":
+            # The same setting through the CPU store too, to print the two side by side.
+            names += [f"{s} [cpu store]", f"{s} [{device} store]"]
+            policies += [make_policy(s, "cpu"), pol]
+        else:
+            names.append(s)
+            policies.append(pol)
     ref = Accumulator("fp16")
-    accs = [Accumulator(s) for s in settings]
+    accs = [Accumulator(s) for s in names]
     need = (start_window + windows) * window_tokens
     if len(ids) < need:
         raise ValueError(f"text has {len(ids)} tokens, {need} needed")
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=windows * (1 + len(settings)), unit="pass", desc="forward passes",
+        bar = tqdm(total=windows * (1 + len(policies)), unit="pass", desc="forward passes",
                    file=sys.stderr)
     for w in range(start_window, start_window + windows):
         x = np.asarray(ids[w * window_tokens:(w + 1) * window_tokens], dtype=np.int64)
