@@ -319,7 +319,8 @@ static int run(kvc_backend backend, Memory* m) {
       (long long)st.pages_in_use, (long long)st.pages_total, (long long)st.page_bytes,
       (long long)st.tail_bytes, (long long)st.table_bytes, (long long)st.codebook_bytes);
   printf(
-      "  dense fp16 %lld bytes: %.2fx in blocks and tails, %.2fx with everything (short sequences: the "
+      "  dense fp16 %lld bytes: %.2fx in blocks and tails, %.2fx with everything (short sequences: "
+      "the "
       "pages and tails dominate); attention's decoded blocks: %lld bytes\n",
       (long long)st.dense_bytes,
       st.block_bytes ? (double)st.dense_bytes / (double)(st.block_bytes + st.tail_bytes) : 0.0,
