@@ -34,7 +34,7 @@ from cache import FP16Cache, generation_cache  # noqa: E402
 # V with a bound relative to each token's range; blocks of 128 tokens, Huffman codebooks per
 # (layer, K|V) trained on the first blocks. See docs/accuracy.md for the sweep behind it. The
 # store uses the library's sub-stream count (32, what the CUDA attention reads); the table in
-# docs/accuracy.md used 4 through the codec API (ns=4), about 4% smaller.
+# docs/accuracy.md used 4 through the codec API (ns=4), about 2% smaller.
 DEFAULT = "kvcomp:k=0.25,v=0.07,kmode=abs,t=128"
 CONSERVATIVE = "kvcomp:k=0.1,v=0.02,kmode=abs,t=128"
 DEMO_SETTINGS = [CONSERVATIVE, DEFAULT, "kivi:2", "kivi:4"]
