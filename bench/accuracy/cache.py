@@ -5,9 +5,13 @@ Every policy reproduces what generation would see, for a whole window at once:
 
 - FP16Cache: the fp16 K/V of every earlier token (the baseline).
 - KvcompCache: blocks of T tokens per (layer, kv-head). A query in block b sees blocks < b
-  through the library (bytes from kvc_codec_encode, back through kvc_codec_decode) and the
-  tokens of its own block (the uncompressed tail) in fp16. Codebooks per (layer, K|V) are built
-  from the first window's blocks (the prefill) and frozen for every later window.
+  through the library and the tokens of its own block (the uncompressed tail) in fp16.
+  Codebooks per (layer, K|V) are built from the first window's blocks (the prefill) and frozen
+  for every later window. Two paths give the same values: "store" (the default where the
+  setting allows it) prefills each layer's K/V into a paged store (kvc_store_prefill; one
+  sequence per window) and reads the decoded blocks back (kvc_store_read); "codec" encodes and
+  decodes the blocks with kvc_codec_encode/decode (needed for what a store cannot express:
+  a chosen sub-stream count, fp16 layers, one tensor left fp16).
 - KiviCache: KIVI (Liu et al. 2024). K per channel in groups of G tokens, flushed R tokens at a
   time: a query sees fp16 keys of its own R-chunk (the residual) and quantized keys before it.
   V per token in groups of G channels; the R most recent tokens stay fp16 (a sliding residual).
@@ -114,10 +118,13 @@ class FP16Cache:
 
 
 class KvcompCache:
-    """kvcomp through its C ABI. eb_k / eb_v: error bounds (None: keep that tensor fp16)."""
+    """kvcomp through its C ABI. eb_k / eb_v: error bounds (None: keep that tensor fp16).
+    path: "store" | "codec" | None (the store where the setting allows it, else the codec).
+    device: "cpu" | "cuda" (the store's backend; the codec path is CPU only)."""
 
     def __init__(self, eb_k, eb_v, block_tokens=64, value_group_size=0, bound_mode="relative",
-                 entropy="auto", name=None, num_substreams=0, fp16_layers=()):
+                 entropy="auto", name=None, num_substreams=0, fp16_layers=(), path=None,
+                 device="cpu"):
         import kvcomp
 
         self.kvcomp = kvcomp
@@ -130,9 +137,32 @@ class KvcompCache:
         self.entropy = entropy
         self.num_substreams = num_substreams
         self.fp16_layers = set(fp16_layers)  # layers whose cache stays fp16
+        storable = (eb_k is not None and eb_v is not None and not self.fp16_layers
+                    and num_substreams == 0)
+        if path is None:
+            path = "store" if storable else "codec"
+        if path == "store" and not storable:
+            raise ValueError("the store compresses K and V of every layer with the library's "
+                             "sub-stream count: ns, fp16layers and k/v=none need path=codec")
+        if path not in ("store", "codec"):
+            raise ValueError(f"path {path!r}: expected 'store' or 'codec'")
+        if path == "codec" and device != "cpu":
+            raise ValueError("the codec path runs on the CPU only")
+        self.path = path
+        self.device = device
         self.codecs = {}   # (layer, kind) -> (codec, codebook bytes)
         self.name = name or f"kvcomp K{eb_k} V{eb_v}"
         self.stats = {"blocks": 0, "huffman": 0, "fixed": 0, "raw": 0}
+        self.n_layer = None     # the model's layer count (bind_model)
+        self.store = None       # kvcomp.Store, created at first use
+        self.dev = None
+        self.seq = None         # the store's sequence of the current window
+        self.book_bytes = {}    # (layer, kind) -> serialized codebook size (frozen)
+        self.store_stats = None  # the store's own accounting after the latest layer
+
+    def bind_model(self, hp):
+        """The model whose cache this is (the store needs its layer count)."""
+        self.n_layer = hp.n_layer
 
     def _codec(self, layer, kind, x):
         key = (layer, kind)
@@ -150,8 +180,90 @@ class KvcompCache:
             self.codecs[key] = (codec, cb.serialized_size if cb is not None else 0)
         return self.codecs[key]
 
-    begin_window = FP16Cache.begin_window
+    # ---- the store -------------------------------------------------------------------------
+    def open_store(self, kv_heads, head_dim):
+        """The store of this setting (created once: its codebooks are those of the first
+        layer blocks it compresses, frozen after) and a live sequence in it."""
+        if self.store is None:
+            if self.n_layer is None:
+                raise RuntimeError("KvcompCache(path='store'): bind_model(hp) first")
+            from device import Device
+            self.dev = Device(self.device)
+            cfg = self.dev.store_config(
+                num_layers=self.n_layer, num_kv_heads=kv_heads, head_dim=head_dim,
+                block_tokens=self.T, key_bound_mode=self.bound_mode["key"],
+                key_error_bound=self.eb["key"], value_bound_mode=self.bound_mode["value"],
+                value_error_bound=self.eb["value"], value_group_size=self.vgs,
+                entropy=self.entropy, capacity_bytes=256 << 20,
+                page_bytes=self._smallest_page(head_dim))
+            self.store = self.kvcomp.Store(**cfg)
+        if self.seq is None:
+            self.seq = self.store.add_sequence()
+        return self.store
 
+    def _smallest_page(self, head_dim):
+        """The smallest page that holds the largest block (pages are per (sequence, layer), so
+        small ones keep the slack at page ends small)."""
+        largest = max(self.kvcomp.Codec(kind=kind, num_tokens=self.T, head_dim=head_dim,
+                                        value_group_size=self.vgs if kind == "value" else 0,
+                                        entropy="fixed").max_block_bytes()
+                      for kind in ("key", "value"))
+        return (largest + 255) // 256 * 256
+
+    def codebook_bytes(self, layer, kind):
+        key = (layer, kind)
+        if key not in self.book_bytes:
+            book = self.store.get_codebook(layer, kind)
+            if book is None:
+                return 0
+            self.book_bytes[key] = book.serialized_size
+            book.close()
+        return self.book_bytes[key]
+
+    def read(self, layer, dtype=np.float16):
+        """The store's (K, V) of the current sequence at `layer`, decoded, on the host."""
+        st, dev = self.store, self.dev
+        if not dev.cuda:
+            return st.read(self.seq, layer, dtype=dtype)
+        n = st.sequence_length(self.seq, layer)
+        shape = (n, st.num_kv_heads, st.head_dim)
+        k, v = st.read(self.seq, layer, dtype=dtype, keys=dev.empty(shape, dtype),
+                       values=dev.empty(shape, dtype))
+        return dev.get(k), dev.get(v)
+
+    def begin_window(self, n):
+        FP16Cache.begin_window(self, n)
+        if self.seq is not None:  # each window is a fresh sequence
+            self.store.free_sequence(self.seq)
+            self.seq = None
+
+    def _attend_store(self, layer, q, k, v):
+        n, Hk, d = k.shape
+        st = self.open_store(Hk, d)
+        st.prefill(self.seq, self.dev.put(k), self.dev.put(v), first_layer=layer)
+        k_hat, v_hat = self.read(layer)
+        row = Hk * d * F16
+        sizes, enc = st.block_sizes(self.seq, encodings=True)
+        sizes, enc = sizes[layer], enc[layer]     # [blocks, Hk, K|V]
+        t = np.arange(1, n + 1)
+        done = t // self.T
+        for i, kind in enumerate(("key", "value")):
+            cb = self.codebook_bytes(layer, kind) if len(sizes) else 0
+            per_block = sizes[:, :, i].sum(1, dtype=np.int64)
+            n_full = len(per_block) * self.T
+            self.bytes += int(per_block.sum()) + cb + (n - n_full) * row
+            cum = np.concatenate([[0], np.cumsum(per_block)])
+            self.bytes_time += int(((t - done * self.T) * row).sum())
+            self.bytes_time += int(cum[done].sum()) + int((done > 0).sum()) * cb
+            self.stats["blocks"] += per_block.size * Hk
+            for e, nm in ((2, "huffman"), (1, "fixed"), (0, "raw")):
+                self.stats[nm] += int((enc[:, :, i] == e).sum())
+        self.fp16_bytes += k.nbytes + v.nbytes
+        self.fp16_time += _prefix_sums(n) * (k.nbytes + v.nbytes) // n
+        self.store_stats = st.stats()
+        return mixed_attention(q, k, v, k_hat, v_hat, k_block=self.T, v_block=self.T)
+
+    # ---- the codec -------------------------------------------------------------------------
     def _roundtrip(self, layer, kind, x):
         """x [n, Hk, d] fp16 -> (decoded copy, bytes held for x at the window's end).
         Also adds to bytes_time the bytes held after each step t = 1..n: the blocks completed
@@ -182,6 +294,8 @@ class KvcompCache:
         return out, held
 
     def attend(self, layer, q, k, v):
+        if self.path == "store":
+            return self._attend_store(layer, q, k, v)
         k_hat, kb = self._roundtrip(layer, "key", k)
         v_hat, vb = self._roundtrip(layer, "value", v)
         self.bytes += kb + vb
@@ -252,6 +366,17 @@ class Int8TokenCache:
         return mixed_attention(q, k_q, v_q)
 
 
+def dense_step_attention(q, kk, vv):
+    """One query token's attention in float32: q [H, d] over kk, vv [n, Hk, d]. [H, d]."""
+    H, d = q.shape
+    Hk = kk.shape[1]
+    qh = q.reshape(Hk, H // Hk, d) / np.float32(np.sqrt(d))
+    s = np.einsum("hgd,nhd->hgn", qh, kk)
+    s = np.exp(s - s.max(-1, keepdims=True))
+    s /= s.sum(-1, keepdims=True)
+    return np.einsum("hgn,nhd->hgd", s, vv).reshape(H, d)
+
+
 class GenerationCache:
     """A growing KV cache for token-by-token decoding: per layer, full blocks of T tokens
     (kept as the bytes kvcomp wrote, plus their decoded copy for attention) and an fp16 tail.
@@ -294,6 +419,13 @@ class GenerationCache:
                 tail.clear()
             tail.append(x)
 
+    def attend_step(self, layer, q, k, v):
+        """Appends the new token's k, v [1, Hk, d] fp16, then its attention: q [H, d] float32
+        (RoPE applied) over every token so far. Returns [H, d] float32."""
+        self.append(layer, k, v)
+        kk, vv = self.kv_for_attention(layer)
+        return dense_step_attention(q, kk, vv)
+
     def kv_for_attention(self, layer):
         out = []
         for kind in ("key", "value"):
@@ -310,3 +442,78 @@ class GenerationCache:
     def ratio(self):
         """fp16 bytes / stored bytes over the compressed blocks (the tails are equal)."""
         return self.fp16_bytes / self.bytes if self.bytes else 1.0
+
+
+class StoreGenerationCache:
+    """A growing KV cache for token-by-token decoding held in the paged store of a KvcompCache
+    (path "store"): the prompt is prefilled (by the KvcompCache's window pass, or token by
+    token), each new token is appended layer by layer (kvc_store_append) and its attention is
+    kvc_store_attention over the store's blocks and tail.
+
+    One step keeps GenerationCache's view exactly: a token that fills a block sees that block in
+    fp16 (the codec path compresses a full tail when the next token arrives, while the store
+    compresses a block as soon as it is full). So that token is held back one step: its
+    attention is computed from the store's read-back plus its own fp16 row (dense, as
+    GenerationCache does), and it is appended before the next token's."""
+
+    def __init__(self, n_layer, kv: KvcompCache):
+        if kv.path != "store":
+            raise ValueError("StoreGenerationCache needs a KvcompCache with path='store'")
+        self.kv = kv
+        self.T = kv.T
+        self.n_layer = n_layer
+        if kv.n_layer is None:
+            kv.n_layer = n_layer
+        self.pending = [None] * n_layer  # a held-back (k, v) per layer
+
+    def _open(self, k):
+        return self.kv.open_store(k.shape[1], k.shape[2])
+
+    def attend_step(self, layer, q, k, v):
+        st = self._open(k)
+        kv, dev, seq = self.kv, self.kv.dev, self.kv.seq
+        if self.pending[layer] is not None:
+            st.append(layer, [seq], *(dev.put(x) for x in self.pending[layer]))
+            self.pending[layer] = None
+        if (st.sequence_length(seq, layer) + 1) % self.T == 0:
+            kk, vv = kv.read(layer)
+            kk = np.concatenate([kk, k]).astype(np.float32)
+            vv = np.concatenate([vv, v]).astype(np.float32)
+            self.pending[layer] = (k, v)
+            return dense_step_attention(q, kk, vv)
+        st.append(layer, [seq], dev.put(k), dev.put(v))
+        H, d = q.shape
+        out = st.attention(layer, [seq], dev.put(q[None].astype(np.float16)),
+                           scale=1.0 / float(np.sqrt(d)), out=dev.empty((1, H, d)))
+        return dev.get(out)[0].astype(np.float32)
+
+    def flush(self):
+        """Appends the held-back tokens, so that the store holds every token."""
+        for layer, p in enumerate(self.pending):
+            if p is not None:
+                self.kv.store.append(layer, [self.kv.seq], *(self.kv.dev.put(x) for x in p))
+                self.pending[layer] = None
+
+    def num_blocks(self, layer):
+        return self.kv.store.sequence_length(self.kv.seq, layer) // self.T if self.kv.seq \
+            is not None else 0
+
+    def stats(self):
+        """The store's own accounting (kvcomp.Store.stats) with every token appended."""
+        self.flush()
+        return self.kv.store.stats()
+
+    def ratio(self):
+        """fp16 bytes / stored bytes over the compressed blocks (as GenerationCache.ratio)."""
+        st = self.stats()
+        blocks = st["num_blocks"] // (2 * self.kv.store.num_kv_heads) * self.T
+        row = 2 * self.kv.store.num_kv_heads * self.kv.store.head_dim * F16  # K+V, one token
+        held = st["block_bytes"] + st["codebook_bytes"]
+        return blocks * row / held if held else 1.0
+
+
+def generation_cache(n_layer, kv: KvcompCache | None, block_tokens=64):
+    """The growing cache for `kv`: in its store (path "store"), else GenerationCache."""
+    if kv is not None and kv.path == "store":
+        return StoreGenerationCache(n_layer, kv)
+    return GenerationCache(n_layer, kv, block_tokens)

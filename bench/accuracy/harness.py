@@ -9,11 +9,13 @@ KV cache, on WikiText-2; plus the compression ratio with everything counted.
 The text is cut into consecutive non-overlapping windows; each window is a fresh sequence
 evaluated on all its next-token predictions. Settings are given as
   fp16 | kvcomp:k=EB,v=EB[,kmode=rel|abs][,vmode=rel|abs][,t=64][,vg=0][,ns=0]
-                  [,entropy=auto][,fp16layers=0+1] | kivi:BITS[,g=32][,r=128] | int8
+                  [,entropy=auto][,fp16layers=0+1][,path=store|codec] | kivi:BITS[,g=32][,r=128] | int8
 where EB is an error bound, relative to each quantization group's range (rel, the default) or
 absolute (abs), or "none" to keep that tensor fp16; t: tokens per block; vg: V channels per
 group; ns: Huffman sub-streams per block (0 = the library's choice); fp16layers: layers whose
-cache stays fp16.
+cache stays fp16; path: through the paged store (kvc_store_prefill, kvc_store_read; the default
+where the setting allows it) or the codec API (kvc_codec_encode/decode; needed for ns, fp16layers
+and k/v=none). Both give the same decoded values (tests/test_harness.py).
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ import wikitext  # noqa: E402
 MODES = {"rel": "relative", "abs": "absolute"}
 
 
-def make_policy(spec: str):
+def make_policy(spec: str, device: str = "cpu"):
+    """The cache policy of a setting string; kvcomp settings run on `device`'s store."""
     kind, _, rest = spec.partition(":")
     opts = dict(kv.split("=", 1) for kv in rest.split(",") if "=" in kv)
     if kind == "fp16":
@@ -51,6 +54,7 @@ def make_policy(spec: str):
                            value_group_size=int(opts.get("vg", 0)),
                            entropy=opts.get("entropy", "auto"), name=spec,
                            num_substreams=int(opts.get("ns", 0)),
+                           path=opts.get("path"), device=device,
                            fp16_layers=[int(i) for i in opts.get("fp16layers", "").split("+")
                                         if i],
                            bound_mode={"key": MODES[opts.get("kmode", opts.get("mode", "rel"))],
@@ -81,6 +85,9 @@ class Accumulator:
         self.bytes_time = 0.0
         self.fp16_time = 0.0
         self.seconds = 0.0
+        self.store = None  # the store's own accounting, summed over windows (at their ends)
+        self.windows = 0
+        self.store_tokens = 0
 
     def add(self, lp, lp_ref, targets, policy, seconds, p_ref=None):
         m = len(targets)
@@ -96,6 +103,14 @@ class Accumulator:
         self.bytes_time += policy.bytes_time
         self.fp16_time += policy.fp16_time
         self.seconds += seconds
+        self.windows += 1
+        st = getattr(policy, "store_stats", None)
+        if st is not None:
+            self.store_tokens += m + 1
+            if self.store is None:
+                self.store = dict.fromkeys(st, 0)
+            for k, v in st.items():
+                self.store[k] += v
 
     def result(self, ref=None):
         ppl = float(np.exp(self.nll / self.n))
@@ -104,6 +119,8 @@ class Accumulator:
                  fp16_bytes=self.fp16_bytes, ratio_avg=self.fp16_time / self.bytes_time,
                  bytes_time=self.bytes_time, fp16_time=self.fp16_time,
                  seconds=round(self.seconds, 1))
+        if self.store is not None:
+            r.update(store=dict(self.store), store_tokens=self.store_tokens, windows=self.windows)
         if ref is not None:
             r.update(ppl_fp16=ref.result()["ppl"], kl=self.kl / self.n, top1=self.top1 / self.n)
             r["dppl_pct"] = 100.0 * (ppl / r["ppl_fp16"] - 1.0)
@@ -111,20 +128,31 @@ class Accumulator:
 
 
 def evaluate(model, ids, settings, windows, window_tokens, progress=True, log=None,
-             start_window=0):
+             start_window=0, device="cpu"):
     """Runs fp16 and every setting over the same windows (windows start_window, ...,
     start_window + windows - 1); returns a list of result dicts. kvcomp's codebooks are
-    trained on the first window evaluated (its prefill) and frozen for the others."""
-    policies = [make_policy(s) for s in settings]
+    trained on the first window evaluated (its prefill) and frozen for the others. With
+    device "cuda" each store-backed kvcomp setting runs on the CPU store and on the CUDA store
+    ("<setting> [cpu store]", "<setting> [cuda store]")."""
+    names, policies = [], []
+    for s in settings:
+        pol = make_policy(s, device)
+        if device != "cpu" and getattr(pol, "path", None) == "store":
+            # The same setting through the CPU store too, to print the two side by side.
+            names += [f"{s} [cpu store]", f"{s} [{device} store]"]
+            policies += [make_policy(s, "cpu"), pol]
+        else:
+            names.append(s)
+            policies.append(pol)
     ref = Accumulator("fp16")
-    accs = [Accumulator(s) for s in settings]
+    accs = [Accumulator(s) for s in names]
     need = (start_window + windows) * window_tokens
     if len(ids) < need:
         raise ValueError(f"text has {len(ids)} tokens, {need} needed")
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=windows * (1 + len(settings)), unit="pass", desc="forward passes",
+        bar = tqdm(total=windows * (1 + len(policies)), unit="pass", desc="forward passes",
                    file=sys.stderr)
     for w in range(start_window, start_window + windows):
         x = np.asarray(ids[w * window_tokens:(w + 1) * window_tokens], dtype=np.int64)
@@ -150,6 +178,7 @@ def evaluate(model, ids, settings, windows, window_tokens, progress=True, log=No
     for pol, r in zip(policies, results[1:]):
         if isinstance(pol, KvcompCache):
             r["blocks"] = dict(pol.stats)
+            r["path"] = pol.path
     return results
 
 
@@ -164,6 +193,26 @@ def format_table(results) -> str:
         if "dppl_pct" in r:
             line += f"{r['dppl_pct']:+7.2f} {r['kl']:8.5f} {100 * r['top1']:6.2f}%"
         lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
+def format_store(results) -> str:
+    """The store's own accounting of each store-backed setting at the windows' ends: bytes per
+    token (all layers, K and V: pages + tails + tables + codebooks) against fp16, pages in use
+    and the slack at page ends (kvcomp.Store.stats)."""
+    lines = []
+    for r in results:
+        st = r.get("store")
+        if not st or not st["dense_bytes"]:
+            continue
+        held = st["page_bytes"] + st["tail_bytes"] + st["table_bytes"] + st["codebook_bytes"]
+        tokens, windows = r["store_tokens"], r["windows"]
+        lines.append(
+            f"{r['setting']}: the store holds {held / tokens:.0f} B/token against fp16's "
+            f"{st['dense_bytes'] / tokens:.0f} ({st['dense_bytes'] / held:.2f}x with page slack, "
+            f"tails, tables, codebooks); {st['pages_in_use'] / windows:.0f} of "
+            f"{st['pages_total'] // windows} pages in use, slack "
+            f"{100 * (1 - st['block_bytes'] / st['page_bytes']):.1f}% of their bytes")
     return "\n".join(lines)
 
 
@@ -194,6 +243,8 @@ def main(argv=None):
                              "int8"])
     ap.add_argument("--out", default=None, help="write results as JSON here")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="the kvcomp store's backend (cuda: needs torch and a GPU)")
     a = ap.parse_args(argv)
 
     from model import Model
@@ -210,7 +261,8 @@ def main(argv=None):
                                            results=res), indent=1))
 
     res = evaluate(model, ids, a.settings, a.windows, a.window_tokens,
-                   progress=not a.no_progress, log=log, start_window=a.start_window)
+                   progress=not a.no_progress, log=log, start_window=a.start_window,
+                   device=a.device)
     print(format_table(res))
     return res
 

@@ -160,6 +160,8 @@ class Model:
         n = len(tokens)
         cos, sin = self._rope(n)
         x = self.tok_embd[tokens]
+        if hasattr(policy, "bind_model"):
+            policy.bind_model(self.hp)
         policy.begin_window(n)
         for li, L in enumerate(self.layers):
             q, k, v = self._qkv(L, x, cos, sin)
@@ -175,23 +177,16 @@ class Model:
 
     # ---- generation -------------------------------------------------------------------------
     def step(self, token: int, pos: int, cache) -> np.ndarray:
-        """One decoding step: the new token at position pos attends to cache (GenerationCache,
-        which it is appended to first). Returns the logits [n_vocab]."""
+        """One decoding step: the new token at position pos attends to cache (cache.py:
+        GenerationCache or StoreGenerationCache, which it is appended to first). Returns the
+        logits [n_vocab]."""
         hp = self.hp
-        H, Hk, d = hp.n_head, hp.n_head_kv, hp.head_dim
-        g = H // Hk
         cos, sin = self._rope(1, pos)
         x = self.tok_embd[token][None]
         for li, L in enumerate(self.layers):
             q, k, v = self._qkv(L, x, cos, sin)
-            cache.append(li, k.astype(np.float16), v.astype(np.float16))
-            kk, vv = cache.kv_for_attention(li)            # [n, Hk, d]
-            qh = q[0].reshape(Hk, g, d) / np.float32(np.sqrt(d))
-            s = np.einsum("hgd,nhd->hgn", qh, kk)
-            s = np.exp(s - s.max(-1, keepdims=True))
-            s /= s.sum(-1, keepdims=True)
-            attn = np.einsum("hgn,nhd->hgd", s, vv).reshape(1, H * d)
-            x = self._mlp(L, x + attn @ L["wo"])
+            attn = cache.attend_step(li, q[0], k.astype(np.float16), v.astype(np.float16))
+            x = self._mlp(L, x + attn.reshape(1, hp.n_head * hp.head_dim) @ L["wo"])
         x = self._rms(x, self.output_norm)
         return (x @ self.output_T)[0]
 
@@ -203,7 +198,13 @@ class Model:
         cache: the same view of the past for every token, in one pass. Returns the new ids.
         on_token(id) sees each generated token, on_step() each forward step."""
         logits = None
-        if prefill_policy is not None:
+        if prefill_policy is not None and getattr(cache, "kv", None) is prefill_policy \
+                and getattr(prefill_policy, "path", None) == "store":
+            # The window pass prefills the prompt into the store the cache continues.
+            logits = self.forward(np.asarray(prompt_ids), prefill_policy)[-1]
+            if on_step:
+                on_step()
+        elif prefill_policy is not None:
             kvs = {}
             logits = self.forward(np.asarray(prompt_ids), prefill_policy,
                                   kv_hook=lambda li, k, v: kvs.__setitem__(li, (k, v)))[-1]

@@ -419,9 +419,14 @@ typedef struct kvc_store_stats {
   int32_t last_append_status; /* kvc_status of the latest prefill or append (on CUDA: the
                                  latest to have run on the device) */
   int32_t failed_appends;     /* prefills and appends that failed (changing nothing) */
+  int32_t reserved2;
+  int64_t decoded_cache_bytes; /* CPU: fp32 copies of decoded blocks that kvc_store_attention
+                                  keeps per (sequence, layer) so that it decodes each block
+                                  once (host memory outside the pool, freed with the
+                                  sequence); 0 on CUDA */
 } kvc_store_stats;
 #define KVC_STORE_STATS_INIT \
-  { sizeof(kvc_store_stats), KVC_ABI_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
+  { sizeof(kvc_store_stats), KVC_ABI_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
 
 /* Most sequences one kvc_store_append or kvc_store_attention call takes. */
 #define KVC_STORE_MAX_BATCH 1024
@@ -501,10 +506,11 @@ KVC_API kvc_status_t kvc_store_restore(kvc_store_t store, const void* h_src, siz
  * to all the sequence's tokens (compressed blocks and tail): out = softmax(scale * q K^T) V.
  * queries, out: [num_sequences, num_q_heads, head_dim] of the store's dtype; sequence_ids: host,
  * at most KVC_STORE_MAX_BATCH. A sequence with no tokens gives zeros. CPU: fp32 reconstruction
- * of K and V, double accumulation (the reference). CUDA: the fused kernel decodes the blocks in
- * shared memory and accumulates in fp32; it needs T of 32, 64 or 128, 32 sub-streams and value
- * groups of a multiple of 32 channels (else KVC_ERROR_NOT_SUPPORTED), head_dim 64, 128 or 256,
- * group <= 16; graph-capturable once the layer has codebooks (or entropy is FIXED) and an
+ * of K and V, double accumulation (the reference); each block is decoded once and kept in fp32
+ * (kvc_store_stats.decoded_cache_bytes) until its sequence is freed. CUDA: the fused kernel decodes
+ * the blocks in shared memory and accumulates in fp32; it needs T of 32, 64 or 128, 32 sub-streams
+ * and value groups of a multiple of 32 channels (else KVC_ERROR_NOT_SUPPORTED), head_dim 64, 128 or
+ * 256, group <= 16; graph-capturable once the layer has codebooks (or entropy is FIXED) and an
  * uncaptured call with at least as many sequences and query heads has sized its workspace (a
  * replay reads the sequences' current lengths; one freed since capture reads as empty). */
 KVC_API kvc_status_t kvc_store_attention(kvc_store_t store, int32_t layer, int32_t num_sequences,

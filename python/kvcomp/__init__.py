@@ -27,7 +27,7 @@ import numpy as np
 
 __all__ = [
     "KvcompError", "Histogram", "Codebook", "Codec", "EncodedBlocks", "build_codebook",
-    "library_path", "version", "block_info",
+    "library_path", "version", "block_info", "Store", "StoreConfig",
     "KIND_KEY", "KIND_VALUE", "BOUND_ABSOLUTE", "BOUND_RELATIVE",
     "ENTROPY_AUTO", "ENTROPY_FIXED", "ENTROPY_HUFFMAN",
     "ENCODING_RAW", "ENCODING_FIXED", "ENCODING_HUFFMAN",
@@ -47,6 +47,11 @@ _KINDS = {"key": KIND_KEY, "k": KIND_KEY, "value": KIND_VALUE, "v": KIND_VALUE}
 _BOUNDS = {"absolute": BOUND_ABSOLUTE, "relative": BOUND_RELATIVE}
 _ENTROPIES = {"auto": ENTROPY_AUTO, "fixed": ENTROPY_FIXED, "huffman": ENTROPY_HUFFMAN}
 _NP_DTYPES = {np.dtype(np.float16): DTYPE_FP16, np.dtype(np.float32): DTYPE_FP32}
+_BACKENDS = {"cpu": BACKEND_CPU, "cuda": BACKEND_CUDA}
+_STORE_DTYPES = {"float16": DTYPE_FP16, "fp16": DTYPE_FP16, "bfloat16": DTYPE_BF16,
+                 "bf16": DTYPE_BF16}
+STATUS_OUT_OF_PAGES = 301
+STORE_MAX_BATCH = 1024
 
 
 class _CodebookConfig(ctypes.Structure):
@@ -71,6 +76,30 @@ class _BlockInfo(ctypes.Structure):
                 ("group_size", ctypes.c_int32), ("num_groups", ctypes.c_int32),
                 ("num_substreams", ctypes.c_int32), ("code_bits", ctypes.c_int32),
                 ("codebook_id", ctypes.c_uint32)]
+
+
+class _StoreConfig(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("abi_version", ctypes.c_uint32),
+                ("backend", ctypes.c_int32), ("num_layers", ctypes.c_int32),
+                ("num_kv_heads", ctypes.c_int32), ("head_dim", ctypes.c_int32),
+                ("dtype", ctypes.c_int32), ("block_tokens", ctypes.c_int32),
+                ("key_bound_mode", ctypes.c_int32), ("key_error_bound", ctypes.c_float),
+                ("value_bound_mode", ctypes.c_int32), ("value_error_bound", ctypes.c_float),
+                ("value_group_size", ctypes.c_int32), ("entropy", ctypes.c_int32),
+                ("page_bytes", ctypes.c_int32), ("capacity_bytes", ctypes.c_int64),
+                ("max_sequences", ctypes.c_int32), ("max_sequence_tokens", ctypes.c_int32)]
+
+
+class _StoreStats(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("abi_version", ctypes.c_uint32),
+                ("num_sequences", ctypes.c_int32), ("reserved", ctypes.c_int32),
+                ("num_blocks", ctypes.c_int64), ("block_bytes", ctypes.c_int64),
+                ("page_bytes", ctypes.c_int64), ("tail_bytes", ctypes.c_int64),
+                ("table_bytes", ctypes.c_int64), ("codebook_bytes", ctypes.c_int64),
+                ("dense_bytes", ctypes.c_int64), ("pages_in_use", ctypes.c_int64),
+                ("pages_total", ctypes.c_int64), ("last_append_status", ctypes.c_int32),
+                ("failed_appends", ctypes.c_int32), ("reserved2", ctypes.c_int32),
+                ("decoded_cache_bytes", ctypes.c_int64)]
 
 
 class KvcompError(RuntimeError):
@@ -139,6 +168,21 @@ def _load():
         "kvc_codec_decode": ([P, I32, P, P, I32, P, I64, P, P], I32),
         "kvc_codec_histogram": ([P, I32, P, I64, I32, P, P], I32),
         "kvc_block_inspect": ([P, SZ, ctypes.POINTER(_BlockInfo)], I32),
+        "kvc_store_create": ([ctypes.POINTER(_StoreConfig), ctypes.POINTER(P)], I32),
+        "kvc_store_destroy": ([P], I32),
+        "kvc_store_set_codebook": ([P, I32, I32, P], I32),
+        "kvc_store_get_codebook": ([P, I32, I32, ctypes.POINTER(P)], I32),
+        "kvc_store_add_sequence": ([P, ctypes.POINTER(I32)], I32),
+        "kvc_store_free_sequence": ([P, I32, P], I32),
+        "kvc_store_sequence_length": ([P, I32, I32, ctypes.POINTER(I32)], I32),
+        "kvc_store_prefill": ([P, I32, I32, I32, I32, P, P, P], I32),
+        "kvc_store_append": ([P, I32, I32, P, P, P, P], I32),
+        "kvc_store_read": ([P, I32, I32, I32, I32, P, P, P], I32),
+        "kvc_store_get_stats": ([P, ctypes.POINTER(_StoreStats)], I32),
+        "kvc_store_serialized_size": ([P, I32, ctypes.POINTER(SZ)], I32),
+        "kvc_store_serialize": ([P, I32, P, SZ, ctypes.POINTER(SZ)], I32),
+        "kvc_store_restore": ([P, P, SZ, ctypes.POINTER(I32)], I32),
+        "kvc_store_attention": ([P, I32, I32, P, I32, ctypes.c_float, P, P, P], I32),
     }
     for name, (args, res) in sigs.items():
         fn = getattr(lib, name)
@@ -398,3 +442,303 @@ def block_info(block: bytes) -> dict:
     buf = ctypes.create_string_buffer(bytes(block), len(block))
     _check(_load().kvc_block_inspect(buf, len(block), ctypes.byref(info)))
     return {name: getattr(info, name) for name, _ in _BlockInfo._fields_[2:]}
+
+
+# ---- Paged store ------------------------------------------------------------------------------
+
+@dataclass
+class StoreConfig:
+    """kvc_store_config as Python values (defaults: KVC_STORE_CONFIG_INIT).
+
+    backend: "cpu" | "cuda"; dtype: "float16" | "bfloat16" (K, V, queries and outputs);
+    key_/value_bound_mode: "relative" | "absolute"; entropy: "auto" | "fixed" | "huffman".
+    """
+    num_layers: int = 1
+    num_kv_heads: int = 1
+    head_dim: int = 128
+    dtype: str = "float16"
+    block_tokens: int = 64
+    key_bound_mode: str = "relative"
+    key_error_bound: float = 0.05
+    value_bound_mode: str = "relative"
+    value_error_bound: float = 0.05
+    value_group_size: int = 0
+    entropy: str = "auto"
+    page_bytes: int = 0
+    capacity_bytes: int = 1 << 30
+    max_sequences: int = 0
+    max_sequence_tokens: int = 0
+    backend: str = "cpu"
+
+    def _struct(self) -> _StoreConfig:
+        def enum(table, v, what):
+            if isinstance(v, str):
+                if v not in table:
+                    raise ValueError(f"{what} = {v!r}: expected one of {sorted(table)}")
+                return table[v]
+            return int(v)
+        return _StoreConfig(
+            ctypes.sizeof(_StoreConfig), ABI_VERSION, enum(_BACKENDS, self.backend, "backend"),
+            int(self.num_layers), int(self.num_kv_heads), int(self.head_dim),
+            enum(_STORE_DTYPES, self.dtype, "dtype"), int(self.block_tokens),
+            enum(_BOUNDS, self.key_bound_mode, "key_bound_mode"), float(self.key_error_bound),
+            enum(_BOUNDS, self.value_bound_mode, "value_bound_mode"),
+            float(self.value_error_bound), int(self.value_group_size),
+            enum(_ENTROPIES, self.entropy, "entropy"), int(self.page_bytes),
+            int(self.capacity_bytes), int(self.max_sequences), int(self.max_sequence_tokens))
+
+
+def _cuda_pointer(x, shape, typestrs, name):
+    """Device pointer of an array exposing __cuda_array_interface__ (torch, cupy, ...), after
+    checking its shape, element type and contiguity."""
+    cai = getattr(x, "__cuda_array_interface__", None)
+    if cai is None:
+        raise TypeError(f"{name}: the CUDA store takes device arrays with "
+                        f"__cuda_array_interface__ (e.g. torch.Tensor on cuda), got {type(x)}")
+    if tuple(cai["shape"]) != tuple(shape):
+        raise ValueError(f"{name}: shape {tuple(cai['shape'])}, expected {tuple(shape)}")
+    if cai["typestr"][1:] not in typestrs:
+        raise TypeError(f"{name}: element type {cai['typestr']}, expected one of {typestrs}")
+    strides = cai.get("strides")
+    if strides is not None:
+        item = int(cai["typestr"][2:])
+        want, acc = [], item
+        for n in reversed(shape):
+            want.append(acc)
+            acc *= n
+        if tuple(strides) != tuple(reversed(want)) and int(np.prod(shape)) > 1:
+            raise ValueError(f"{name}: must be C-contiguous")
+    return int(cai["data"][0])
+
+
+class Store(_Handle):
+    """The paged compressed KV store (kvc_store_t).
+
+        store = kvcomp.Store(num_layers=30, num_kv_heads=3, head_dim=64, block_tokens=128,
+                             key_bound_mode="absolute", key_error_bound=0.25,
+                             value_error_bound=0.07)
+        seq = store.add_sequence()
+        store.prefill(seq, keys, values)          # [num_layers, tokens, kv_heads, head_dim]
+        store.append(layer, [seq], k, v)          # one decode step: [batch, kv_heads, head_dim]
+        out = store.attention(layer, [seq], q)    # q: [batch, q_heads, head_dim]
+
+    Configuration: a StoreConfig or its fields as keyword arguments. Tensors are of the store's
+    dtype: numpy float16, or uint16 holding bfloat16 bits for a bfloat16 store (CPU backend);
+    on the CUDA backend, device arrays exposing __cuda_array_interface__ (torch.Tensor; view a
+    bfloat16 tensor as int16) and an optional stream (a cudaStream_t as an int).
+    Failures raise KvcompError with .status and the library's message; a failed call changes
+    nothing (out of pages included).
+    """
+
+    _destroy = "kvc_store_destroy"
+
+    def __init__(self, config: Optional[StoreConfig] = None, **kwargs):
+        if config is None:
+            config = StoreConfig(**kwargs)
+        elif kwargs:
+            raise TypeError("give a StoreConfig or keyword arguments, not both")
+        self.config = config
+        cfg = config._struct()
+        h = ctypes.c_void_p()
+        _check(_load().kvc_store_create(ctypes.byref(cfg), ctypes.byref(h)))
+        self._h = h
+        self.cuda = cfg.backend == BACKEND_CUDA
+        self.dtype_code = cfg.dtype
+        self.num_layers, self.num_kv_heads = cfg.num_layers, cfg.num_kv_heads
+        self.head_dim, self.block_tokens = cfg.head_dim, cfg.block_tokens
+
+    # -- tensors ---------------------------------------------------------------------------------
+    def _np_dtype(self):
+        return np.dtype(np.float16) if self.dtype_code == DTYPE_FP16 else np.dtype(np.uint16)
+
+    def _in(self, x, shape, name):
+        """(pointer, keep-alive) of an input tensor of the store's dtype."""
+        if self.cuda:
+            types = ("f2",) if self.dtype_code == DTYPE_FP16 else ("u2", "i2")
+            return _cuda_pointer(x, shape, types, name), x
+        x = np.asarray(x)
+        if x.dtype != self._np_dtype():
+            raise TypeError(f"{name}: dtype {x.dtype}, the store holds {self._np_dtype()}"
+                            + (" (bfloat16 bits)" if self.dtype_code == DTYPE_BF16 else ""))
+        if x.shape != tuple(shape):
+            raise ValueError(f"{name}: shape {x.shape}, expected {tuple(shape)}")
+        x = np.ascontiguousarray(x)
+        return x.ctypes.data, x
+
+    def _out(self, out, shape, dtype_code, name):
+        if self.cuda:
+            if out is None:
+                raise ValueError(f"{name}: the CUDA store needs a device output array")
+            types = {DTYPE_FP16: ("f2",), DTYPE_BF16: ("u2", "i2"), DTYPE_FP32: ("f4",)}
+            return _cuda_pointer(out, shape, types[dtype_code], name), out
+        np_dtype = {DTYPE_FP16: np.float16, DTYPE_BF16: np.uint16, DTYPE_FP32: np.float32}
+        if out is None:
+            out = np.empty(shape, dtype=np_dtype[dtype_code])
+        if (not isinstance(out, np.ndarray) or out.shape != tuple(shape)
+                or out.dtype != np_dtype[dtype_code] or not out.flags.c_contiguous
+                or not out.flags.writeable):
+            raise ValueError(f"{name}: must be a writeable C-contiguous {np.dtype(np_dtype[dtype_code])}"
+                             f" array of shape {tuple(shape)}")
+        return out.ctypes.data, out
+
+    def _stream(self, stream):
+        if stream is not None and not self.cuda:
+            raise ValueError("stream: the CPU store takes none")
+        return ctypes.c_void_p(int(stream)) if stream else None
+
+    def _shape(self, x):
+        if self.cuda and hasattr(x, "__cuda_array_interface__"):
+            return tuple(int(n) for n in x.__cuda_array_interface__["shape"])
+        return tuple(np.shape(x))
+
+    @staticmethod
+    def _ids(ids):
+        a = np.ascontiguousarray(np.atleast_1d(np.asarray(ids)), dtype=np.int32)
+        if a.ndim != 1:
+            raise ValueError("sequence ids: expected a 1-D list")
+        return a
+
+    # -- codebooks and sequences -----------------------------------------------------------------
+    def set_codebook(self, layer: int, kind, codebook: Codebook) -> None:
+        k = _KINDS[kind] if isinstance(kind, str) else int(kind)
+        _check(_load().kvc_store_set_codebook(self._h, int(layer), k, codebook._h))
+
+    def get_codebook(self, layer: int, kind) -> Optional[Codebook]:
+        """The codebook of (layer, kind), or None while the layer has built none."""
+        k = _KINDS[kind] if isinstance(kind, str) else int(kind)
+        h = ctypes.c_void_p()
+        _check(_load().kvc_store_get_codebook(self._h, int(layer), k, ctypes.byref(h)))
+        return Codebook(h) if h.value else None
+
+    def add_sequence(self) -> int:
+        v = ctypes.c_int32()
+        _check(_load().kvc_store_add_sequence(self._h, ctypes.byref(v)))
+        return v.value
+
+    def free_sequence(self, sequence_id: int, stream=None) -> None:
+        _check(_load().kvc_store_free_sequence(self._h, int(sequence_id), self._stream(stream)))
+
+    def sequence_length(self, sequence_id: int, layer: int = 0) -> int:
+        v = ctypes.c_int32()
+        _check(_load().kvc_store_sequence_length(self._h, int(sequence_id), int(layer),
+                                                 ctypes.byref(v)))
+        return v.value
+
+    # -- appending -------------------------------------------------------------------------------
+    def prefill(self, sequence_id: int, keys, values, first_layer: int = 0, stream=None) -> None:
+        """Appends tokens to one sequence: keys, values [num_layers, tokens, kv_heads, head_dim]
+        (layers first_layer, ...), or [tokens, kv_heads, head_dim] for the one layer
+        first_layer."""
+        shape = self._shape(keys)
+        if len(shape) == 3:
+            shape = (1,) + shape
+        if len(shape) != 4 or shape[2:] != (self.num_kv_heads, self.head_dim):
+            raise ValueError(f"keys: shape {self._shape(keys)}, expected [num_layers,] tokens, "
+                             f"{self.num_kv_heads}, {self.head_dim}")
+        layers, tokens = shape[:2]
+        want = self._shape(keys)
+        pk, k = self._in(keys, want, "keys")
+        pv, v = self._in(values, want, "values")
+        _check(_load().kvc_store_prefill(self._h, int(sequence_id), int(first_layer), layers,
+                                         tokens, pk, pv, self._stream(stream)))
+
+    def append(self, layer: int, sequence_ids, keys, values, stream=None) -> None:
+        """One decode step of one layer: keys, values [len(sequence_ids), kv_heads, head_dim]."""
+        ids = self._ids(sequence_ids)
+        shape = (len(ids), self.num_kv_heads, self.head_dim)
+        pk, k = self._in(keys, shape, "keys")
+        pv, v = self._in(values, shape, "values")
+        _check(_load().kvc_store_append(self._h, int(layer), len(ids), ids.ctypes.data, pk, pv,
+                                        self._stream(stream)))
+
+    # -- reading ---------------------------------------------------------------------------------
+    def read(self, sequence_id: int, layer: int, dtype=np.float16, keys=None, values=None,
+             stream=None):
+        """(keys, values) of (sequence, layer), decompressed: [length, kv_heads, head_dim] of
+        dtype (np.float16, np.float32, or "bfloat16" as uint16 bits). On CUDA, pass device
+        arrays of at least that length (their first dimension is the capacity)."""
+        codes = {np.dtype(np.float16): DTYPE_FP16, np.dtype(np.float32): DTYPE_FP32}
+        code = DTYPE_BF16 if isinstance(dtype, str) and dtype in ("bfloat16", "bf16") \
+            else codes[np.dtype(dtype)]
+        n = self.sequence_length(sequence_id, layer)
+        cap = n
+        if keys is not None:
+            cap = int(self._shape(keys)[0])
+        shape = (cap, self.num_kv_heads, self.head_dim)
+        pk, k = self._out(keys, shape, code, "keys")
+        pv, v = self._out(values, shape, code, "values")
+        _check(_load().kvc_store_read(self._h, int(sequence_id), int(layer), code, cap, pk, pv,
+                                      self._stream(stream)))
+        return k, v
+
+    def attention(self, layer: int, sequence_ids, queries, scale: Optional[float] = None,
+                  out=None, stream=None):
+        """Decode attention of one layer: queries [len(sequence_ids), q_heads, head_dim] (one
+        token per sequence) over each sequence's tokens; returns out (same shape, store dtype).
+        scale defaults to 1/sqrt(head_dim)."""
+        ids = self._ids(sequence_ids)
+        shape = self._shape(queries)
+        if len(shape) != 3 or shape[0] != len(ids) or shape[2] != self.head_dim:
+            raise ValueError(f"queries: shape {shape}, expected [{len(ids)}, q_heads, "
+                             f"{self.head_dim}]")
+        if scale is None:
+            scale = 1.0 / float(np.sqrt(self.head_dim))
+        pq, q = self._in(queries, shape, "queries")
+        po, o = self._out(out, shape, self.dtype_code, "out")
+        _check(_load().kvc_store_attention(self._h, int(layer), len(ids), ids.ctypes.data,
+                                           shape[1], float(scale), pq, po,
+                                           self._stream(stream)))
+        return o
+
+    # -- accounting and transport ----------------------------------------------------------------
+    def stats(self) -> dict:
+        """kvc_store_get_stats as a dict (bytes, blocks, pages, last_append_status, ...)."""
+        st = _StoreStats()
+        st.struct_size, st.abi_version = ctypes.sizeof(_StoreStats), ABI_VERSION
+        _check(_load().kvc_store_get_stats(self._h, ctypes.byref(st)))
+        return {name: getattr(st, name) for name, _ in _StoreStats._fields_[2:]
+                if not name.startswith("reserved")}
+
+    def serialized_size(self, sequence_id: int) -> int:
+        v = ctypes.c_size_t()
+        _check(_load().kvc_store_serialized_size(self._h, int(sequence_id), ctypes.byref(v)))
+        return v.value
+
+    def serialize(self, sequence_id: int) -> bytes:
+        n = self.serialized_size(sequence_id)
+        buf = ctypes.create_string_buffer(max(n, 1))
+        w = ctypes.c_size_t()
+        _check(_load().kvc_store_serialize(self._h, int(sequence_id), buf, n, ctypes.byref(w)))
+        return buf.raw[: w.value]
+
+    def block_sizes(self, sequence_id: int, encodings: bool = False):
+        """Per layer, the exact length of each compressed block, [num_blocks, kv_heads, 2 (K,
+        V)] uint32, read from the serialized sequence (docs/format.md, "Serialized
+        sequence"). With encodings=True, also each block's encoding (ENCODING_*), same shape."""
+        data = self.serialize(sequence_id)
+        words = np.frombuffer(data, dtype="<u4")
+        raw = np.frombuffer(data, dtype=np.uint8)
+        at = 14 + 4 * self.num_layers  # magic, version, fingerprint, codebook table (words)
+        tail_row = self.num_kv_heads * self.head_dim * 2
+        sizes_out, enc_out = [], []
+        for _ in range(self.num_layers):
+            num_blocks, tail = int(words[at]), int(words[at + 1])
+            at += 2
+            sizes = np.empty(num_blocks * self.num_kv_heads * 2, np.uint32)
+            enc = np.empty(len(sizes), np.uint8)
+            for i in range(len(sizes)):
+                sizes[i] = words[at]
+                enc[i] = raw[4 * (at + 1) + 5]  # block header byte 5: the encoding
+                at += 1 + (int(sizes[i]) + 3) // 4
+            at += 2 * ((tail * tail_row + 3) // 4)
+            shape = (num_blocks, self.num_kv_heads, 2)
+            sizes_out.append(sizes.reshape(shape))
+            enc_out.append(enc.reshape(shape))
+        return (sizes_out, enc_out) if encodings else sizes_out
+
+    def restore(self, data: bytes) -> int:
+        """Restores a serialized sequence (same configuration and codebooks) as a new one."""
+        buf = ctypes.create_string_buffer(bytes(data), len(data))
+        v = ctypes.c_int32()
+        _check(_load().kvc_store_restore(self._h, buf, len(data), ctypes.byref(v)))
+        return v.value

@@ -238,6 +238,7 @@ kvc_status_t kvc_store_get_stats(kvc_store_t store, kvc_store_stats* stats) {
     out.pages_total = s.params.num_pages;
     out.last_append_status = st.last_append_status;
     out.failed_appends = st.failed_appends;
+    out.decoded_cache_bytes = st.decoded_cache_bytes;
     *stats = out;
   });
 }

@@ -108,6 +108,7 @@ void Store::free_sequence(int32_t id) {
   for (const LayerCache& cache : sequence(id)) {
     free_pages_.insert(free_pages_.end(), cache.pages.rbegin(), cache.pages.rend());
   }
+  drop_decoded(id);
   sequences_.erase(id);
 }
 
@@ -372,39 +373,115 @@ void Store::read(int32_t id, uint32_t layer, kvc_dtype dtype, void* keys, void* 
   }
 }
 
+const Store::DecodedLayer& Store::decoded_layer(int32_t id, uint32_t layer) const {
+  const LayerCache& c = layer_cache(id, layer);
+  DecodedLayer& dec = decoded_[{id, layer}];
+  const uint32_t dim = p_.head_dim, T = p_.block_tokens, heads = p_.num_heads;
+  if (dec.k.empty()) {
+    dec.k.resize(heads);
+    dec.v.resize(heads);
+  }
+  if (dec.num_blocks == c.num_blocks) return dec;
+  // Decode the new blocks into scratch first: a block that fails leaves the entry as it was.
+  const uint32_t added = c.num_blocks - dec.num_blocks;
+  std::vector<std::vector<float>> k(heads), v(heads);
+  std::vector<float> rows(size_t(T) * dim);
+  for (uint32_t h = 0; h < heads; ++h) {
+    k[h].resize(size_t(added) * T * dim);
+    v[h].resize(size_t(added) * T * dim);
+    for (uint32_t b = 0; b < added; ++b) {
+      for (uint32_t kind = 0; kind < 2; ++kind) {
+        const BlockRef& r = c.blocks[(size_t(dec.num_blocks + b) * heads + h) * 2 + kind];
+        float* dst = kind == KVC_KIND_KEY ? rows.data() : &v[h][size_t(b) * T * dim];
+        cpu::decode_block(p_.codec(kind), books_[layer * 2 + kind].get(),
+                          &pool_[size_t(r.page) * p_.page_bytes + r.offset], r.bytes,
+                          KVC_DTYPE_FP32, dst, dim);
+      }
+      float* kt = &k[h][size_t(b) * T * dim];
+      for (uint32_t t = 0; t < T; ++t) {
+        for (uint32_t d = 0; d < dim; ++d) kt[size_t(d) * T + t] = rows[size_t(t) * dim + d];
+      }
+    }
+  }
+  for (uint32_t h = 0; h < heads; ++h) {
+    dec.k[h].insert(dec.k[h].end(), k[h].begin(), k[h].end());
+    dec.v[h].insert(dec.v[h].end(), v[h].begin(), v[h].end());
+  }
+  dec.num_blocks = c.num_blocks;
+  return dec;
+}
+
+void Store::drop_decoded(int32_t id) {
+  decoded_.erase(decoded_.lower_bound({id, 0}), decoded_.upper_bound({id, UINT32_MAX}));
+}
+
+// The reference arithmetic: fp32 K and V, per query head dot = sum over d in order of
+// double(q[d]) * k[d], score = double(scale) * dot, w = exp(score - max), out = (sum_t w v_t) /
+// (sum_t w), all in double and in token order. Loops run over tokens (K) and channels (V) so
+// that they vectorize; with -ffp-contract=off every value is the same as in a plain loop.
+void Store::attend_head(const LayerCache& c, const DecodedLayer& dec, uint32_t h, uint32_t q_heads,
+                        float scale, const uint8_t* q, uint8_t* out) const {
+  const uint32_t dim = p_.head_dim, T = p_.block_tokens, group = q_heads / p_.num_heads;
+  const size_t es = f::dtype_bytes(p_.dtype);
+  const size_t blocked = size_t(dec.num_blocks) * T, tail = c.tail_tokens, len = blocked + tail;
+  // The tail in the same layouts: K transposed [dim, tail], V [tail, dim].
+  std::vector<float> tail_k(tail * dim), tail_v(tail * dim);
+  for (size_t t = 0; t < tail; ++t) {
+    for (uint32_t d = 0; d < dim; ++d) {
+      const size_t at = (t * p_.num_heads + h) * dim + d;
+      tail_k[size_t(d) * tail + t] = cpu::load_element(c.tail_k.data(), p_.dtype, at);
+      tail_v[t * dim + d] = cpu::load_element(c.tail_v.data(), p_.dtype, at);
+    }
+  }
+  std::vector<double> score(len), acc(dim), qd(dim);
+  for (uint32_t g = 0; g < group; ++g) {
+    const size_t qh = size_t(h) * group + g;
+    uint8_t* ov = out + qh * dim * es;
+    if (len == 0) {
+      for (uint32_t d = 0; d < dim; ++d) cpu::store_element(ov, p_.dtype, d, 0.0f);
+      continue;
+    }
+    for (uint32_t d = 0; d < dim; ++d)
+      qd[d] = double(cpu::load_element(q + qh * dim * es, p_.dtype, d));
+    std::fill(score.begin(), score.end(), 0.0);
+    for (uint32_t b = 0; b < dec.num_blocks; ++b) {
+      const float* kt = &dec.k[h][size_t(b) * T * dim];
+      double* sb = &score[size_t(b) * T];
+      for (uint32_t d = 0; d < dim; ++d) {
+        const double x = qd[d];
+        const float* row = kt + size_t(d) * T;
+        for (uint32_t t = 0; t < T; ++t) sb[t] += x * row[t];
+      }
+    }
+    for (uint32_t d = 0; d < dim; ++d) {
+      const double x = qd[d];
+      const float* row = &tail_k[size_t(d) * tail];
+      for (size_t t = 0; t < tail; ++t) score[blocked + t] += x * row[t];
+    }
+    double top = -INFINITY, sum = 0;
+    for (size_t t = 0; t < len; ++t) {
+      score[t] *= double(scale);
+      top = std::max(top, score[t]);
+    }
+    std::fill(acc.begin(), acc.end(), 0.0);
+    for (size_t t = 0; t < len; ++t) {
+      const double w = std::exp(score[t] - top);
+      sum += w;
+      const float* vt = t < blocked ? &dec.v[h][t * dim] : &tail_v[(t - blocked) * dim];
+      for (uint32_t d = 0; d < dim; ++d) acc[d] += w * vt[d];
+    }
+    for (uint32_t d = 0; d < dim; ++d) cpu::store_element(ov, p_.dtype, d, float(acc[d] / sum));
+  }
+}
+
 void Store::attention(uint32_t layer, const std::vector<int32_t>& ids, uint32_t q_heads,
                       float scale, const uint8_t* q, uint8_t* out) const {
-  const uint32_t dim = p_.head_dim, group = q_heads / p_.num_heads;
-  const size_t es = f::dtype_bytes(p_.dtype);
+  const size_t row = size_t(q_heads) * p_.head_dim * f::dtype_bytes(p_.dtype);
   for (size_t s = 0; s < ids.size(); ++s) {
     const LayerCache& c = layer_cache(ids[s], layer);
+    const DecodedLayer& dec = decoded_layer(ids[s], layer);
     for (uint32_t h = 0; h < p_.num_heads; ++h) {
-      const std::vector<float> k = decode_head(c, layer, h, KVC_KIND_KEY);
-      const std::vector<float> v = decode_head(c, layer, h, KVC_KIND_VALUE);
-      const size_t len = k.size() / dim;
-      for (uint32_t g = 0; g < group; ++g) {
-        const size_t qh = size_t(h) * group + g;
-        const uint8_t* qv = q + (s * q_heads + qh) * dim * es;
-        uint8_t* ov = out + (s * q_heads + qh) * dim * es;
-        std::vector<double> score(len), acc(dim, 0.0);
-        double top = -INFINITY, sum = 0;
-        for (size_t t = 0; t < len; ++t) {
-          double dot = 0;
-          for (uint32_t d = 0; d < dim; ++d) {
-            dot += double(cpu::load_element(qv, p_.dtype, d)) * k[t * dim + d];
-          }
-          score[t] = double(scale) * dot;
-          top = std::max(top, score[t]);
-        }
-        for (size_t t = 0; t < len; ++t) {
-          const double w = std::exp(score[t] - top);
-          sum += w;
-          for (uint32_t d = 0; d < dim; ++d) acc[d] += w * v[t * dim + d];
-        }
-        for (uint32_t d = 0; d < dim; ++d) {
-          cpu::store_element(ov, p_.dtype, d, len == 0 ? 0.0f : float(acc[d] / sum));
-        }
-      }
+      attend_head(c, dec, h, q_heads, scale, q + s * row, out + s * row);
     }
   }
 }
@@ -426,6 +503,12 @@ StoreStats Store::stats() const {
   st.page_bytes = st.pages_in_use * p_.page_bytes;
   st.last_append_status = last_append_status_;
   st.failed_appends = failed_appends_;
+  for (const auto& [key, dec] : decoded_) {
+    for (size_t h = 0; h < dec.k.size(); ++h) {
+      st.decoded_cache_bytes +=
+          int64_t((dec.k[h].capacity() + dec.v[h].capacity()) * sizeof(float));
+    }
+  }
   for (const auto& b : books_) {
     if (b) st.codebook_bytes += int64_t(b->serialized().size());
   }

@@ -57,6 +57,7 @@ struct StoreStats {
           codebook_bytes = 0, dense_bytes = 0, pages_in_use = 0;
   kvc_status last_append_status = KVC_SUCCESS;
   int32_t failed_appends = 0;
+  int64_t decoded_cache_bytes = 0;  // the CPU attention's fp32 copies of decoded blocks
 };
 
 using StoreBooks = std::vector<std::shared_ptr<const Codebook>>;  // [layer * 2 + kind]
@@ -157,6 +158,20 @@ class Store {
   std::vector<float> decode_head(const LayerCache& cache, uint32_t layer, uint32_t head,
                                  uint32_t kind) const;
 
+  // The fp32 reconstruction of a (sequence, layer)'s compressed blocks, kept by attention so
+  // that each block is decoded once, not on every call: blocks never change once written and a
+  // sequence only grows, so an entry is extended by the blocks added since, and dropped when
+  // its sequence is freed (ids are never reused). Reported as decoded_cache_bytes.
+  struct DecodedLayer {
+    uint32_t num_blocks = 0;
+    std::vector<std::vector<float>> k;  // [heads][num_blocks, dim, T]: each block transposed
+    std::vector<std::vector<float>> v;  // [heads][num_blocks * T, dim]
+  };
+  const DecodedLayer& decoded_layer(int32_t id, uint32_t layer) const;
+  void attend_head(const LayerCache& c, const DecodedLayer& dec, uint32_t head, uint32_t q_heads,
+                   float scale, const uint8_t* q, uint8_t* out) const;
+  void drop_decoded(int32_t id);
+
   StoreParams p_;
   std::unique_ptr<uint8_t[]> pool_;   // num_pages * page_bytes
   std::vector<uint32_t> free_pages_;  // a stack
@@ -166,6 +181,7 @@ class Store {
   int32_t next_id_ = 0;
   kvc_status last_append_status_ = KVC_SUCCESS;
   int32_t failed_appends_ = 0;
+  mutable std::map<std::pair<int32_t, uint32_t>, DecodedLayer> decoded_;  // (id, layer)
 };
 
 }  // namespace kvc

@@ -163,3 +163,104 @@ def test_harness_smoke(model, text):
     assert 1.5 < kv["ratio_avg"] < kv["ratio"]
     assert by["kivi:2"]["ratio_avg"] < by["kivi:2"]["ratio"]
     assert abs(by["int8"]["ratio_avg"] - by["int8"]["ratio"]) < 1e-9
+
+
+def _kvcomp(path, T=64):
+    return C.KvcompCache(0.3, 0.1, block_tokens=T, path=path,
+                         bound_mode={"key": "absolute", "value": "relative"})
+
+
+def test_store_step_attention_equals_codec_step_attention():
+    """No model: the same K, V and queries through GenerationCache (codec API, dense numpy
+    attention) and StoreGenerationCache (kvc_store_append + kvc_store_attention): equal up to
+    the store's fp16 queries and outputs and its unrounded fp32 reconstruction."""
+    rng = np.random.default_rng(5)
+    Hk, H, d, T, n = 3, 9, 64, 32, 100
+
+    class Hp:
+        n_layer = 2
+    scale = np.linspace(0.5, 3.0, d)
+    ks = (rng.standard_normal((n, 2, Hk, d)) * scale).astype(np.float16)
+    vs = rng.standard_normal((n, 2, Hk, d)).astype(np.float16)
+    qs = rng.standard_normal((n, 2, H, d)).astype(np.float32)
+    codec_kv, store_kv = _kvcomp("codec", T), _kvcomp("store", T)
+    store_kv.bind_model(Hp)
+    a, b = C.generation_cache(2, codec_kv), C.generation_cache(2, store_kv)
+    assert isinstance(a, C.GenerationCache) and isinstance(b, C.StoreGenerationCache)
+    for t in range(n):
+        for layer in range(2):
+            k, v, q = ks[t, layer][None], vs[t, layer][None], qs[t, layer]
+            want = a.attend_step(layer, q, k, v)
+            got = b.attend_step(layer, q, k, v)
+            np.testing.assert_allclose(got, want, rtol=0, atol=4e-3 * np.abs(want).max() + 1e-3,
+                                       err_msg=f"step {t} layer {layer}")
+    # Same blocks: the store's bytes are the codec's (same codebooks, same sub-streams).
+    st = b.stats()
+    assert st["num_blocks"] == 2 * (n // T) * Hk * 2
+    np.testing.assert_array_equal(store_kv.read(0)[0][:n // T * T].astype(np.float32),
+                                  a.done[0]["key"])
+    assert abs(a.ratio() - b.ratio()) < 1e-12
+
+
+@needs_model
+def test_store_path_equals_codec_path_on_the_model(model, text):
+    """The harness's kvcomp cache through the paged store (prefill + read-back) gives the same
+    logits, bytes and block counts as through the codec API, bit for bit, over two windows (the
+    second with the first's frozen codebooks); generation through the store (append +
+    kvc_store_attention) follows generation through the codec API within float noise."""
+    ids = np.array(model.tokenizer().encode(text[:5000]).ids[:400])
+    codec, store = _kvcomp("codec"), _kvcomp("store")
+    for w in range(2):
+        x = ids[w * 200:(w + 1) * 200]
+        np.testing.assert_array_equal(model.forward(x, store), model.forward(x, codec))
+        assert (store.bytes, store.bytes_time, store.fp16_bytes, store.fp16_time) == \
+            (codec.bytes, codec.bytes_time, codec.fp16_bytes, codec.fp16_time)
+        assert store.stats == codec.stats
+    st = store.store_stats
+    assert st["num_sequences"] == 1 and st["dense_bytes"] == store.fp16_bytes
+    # Generation: prompt prefilled through the window pass, then decode steps.
+    gens = []
+    for path in ("codec", "store"):
+        kv = _kvcomp(path)
+        cache = C.generation_cache(model.hp.n_layer, kv)
+        prompt, forced = ids[:50], ids[50:110]
+        rows = {}
+        logits = [model.forward(prompt, kv,
+                                kv_hook=lambda li, k, v: rows.__setitem__(li, (k, v)))[-1]]
+        if path == "codec":  # the store path's window pass has prefilled the store already
+            for li, (k, v) in rows.items():
+                for i in range(len(k)):
+                    cache.append(li, k[i:i + 1], v[i:i + 1])
+        for i, t in enumerate(forced):
+            logits.append(model.step(int(t), 50 + i, cache))
+        gens.append(np.stack(logits))
+    a, b = gens
+    tol = 2e-3 * np.abs(a).max()
+    # Up to token 63 nothing is compressed: only the store's fp16 queries/outputs differ.
+    np.testing.assert_allclose(b[:14], a[:14], rtol=0, atol=tol)
+    # After, float noise can move an element across a quantization boundary.
+    la, lb = harness.log_softmax(a), harness.log_softmax(b)
+    kl = (np.exp(la) * (la - lb)).sum(-1)
+    assert kl.mean() < 1e-3, kl.mean()
+    assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.95
+
+
+def test_replay_of_the_recorded_decode_on_the_cpu_store():
+    """The recorded real-model decode (bench/accuracy/data/smollm2_decode.npz) through the CPU
+    store twice: identical outputs (what the GPU check holds the CUDA store to, within its
+    tolerance); the last step's outputs against dense attention over the store's read-back."""
+    import replay_kv
+    rec = replay_kv.load()
+    a, b = replay_kv.replay(rec, "cpu"), replay_kv.replay(rec, "cpu")
+    np.testing.assert_array_equal(a["out"], b["out"])
+    assert replay_kv.compare(a["out"], b["out"]) == 0.0
+    steps, L = rec["step_q"].shape[:2]
+    assert a["lengths"] == [rec["prompt_k"].shape[1] + steps, replay_kv.SHORT_PROMPT + steps]
+    for layer in range(L):
+        q = rec["step_q"][steps - 1, layer].astype(np.float32)
+        for s in range(2):
+            k, v = a["readback"][layer][s]
+            want = C.dense_step_attention(q, k, v)
+            got = a["out"][steps - 1, layer, s].astype(np.float32)
+            np.testing.assert_allclose(got, want, rtol=0, atol=2e-3 * np.abs(want).max())
+    assert replay_kv.main([]) == 0

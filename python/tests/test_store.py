@@ -1,0 +1,267 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Tests of kvcomp.Store (the paged store through the C ABI): round trips, decode steps,
+attention against the reference arithmetic, accounting, serialization, and failures that must
+change nothing."""
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import kvcomp  # noqa: E402
+
+L, H, D, T = 2, 3, 64, 32
+
+
+def _store(**kw):
+    args = dict(num_layers=L, num_kv_heads=H, head_dim=D, block_tokens=T,
+                key_bound_mode="absolute", key_error_bound=0.1, value_error_bound=0.05)
+    args.update(kw)
+    return kvcomp.Store(**args)
+
+
+def _kv(tokens, seed=0, layers=L):
+    rng = np.random.default_rng(seed)
+    scale = np.linspace(0.3, 4.0, D)
+    k = (rng.standard_normal((layers, tokens, H, D)) * scale).astype(np.float16)
+    v = rng.standard_normal((layers, tokens, H, D)).astype(np.float16)
+    return k, v
+
+
+def _reference_attention(q, k, v, scale):
+    """The store's documented CPU arithmetic in the same order: per head, dot in channel order
+    in double, softmax weights by libm exp, sums in token order. q [Hq, D] fp16; k, v [n, H, D]
+    fp32 read-back. Returns [Hq, D] fp16."""
+    hq = q.shape[0]
+    group = hq // H
+    out = np.zeros((hq, D), np.float16)
+    for qh in range(hq):
+        h = qh // group
+        kk, vv = k[:, h].astype(np.float64), v[:, h].astype(np.float64)
+        dot = np.zeros(len(kk))
+        for d in range(D):
+            dot += float(q[qh, d]) * kk[:, d]
+        s = float(np.float32(scale)) * dot
+        w = np.array([math.exp(x - s.max()) for x in s])
+        total = np.cumsum(w)[-1]
+        acc = np.cumsum(w[:, None] * vv, axis=0)[-1]
+        out[qh] = (acc / total).astype(np.float32).astype(np.float16)
+    return out
+
+
+def test_prefill_read_within_bound_and_tail_exact():
+    s = _store()
+    k, v = _kv(100)
+    seq = s.add_sequence()
+    s.prefill(seq, k, v)
+    assert [s.sequence_length(seq, layer) for layer in range(L)] == [100, 100]
+    for layer in range(L):
+        kk, vv = s.read(seq, layer, dtype=np.float32)
+        assert kk.shape == (100, H, D)
+        assert np.abs(kk - k[layer].astype(np.float32)).max() <= 0.1 + 1e-3
+        # The last 100 % 32 = 4 tokens are the uncompressed tail: exact.
+        np.testing.assert_array_equal(kk[96:], k[layer, 96:].astype(np.float32))
+        np.testing.assert_array_equal(vv[96:], v[layer, 96:].astype(np.float32))
+    st = s.stats()
+    assert st["num_sequences"] == 1 and st["num_blocks"] == L * 3 * H * 2
+    assert st["dense_bytes"] == k.nbytes + v.nbytes
+    assert st["tail_bytes"] == 2 * L * 4 * H * D * 2
+    assert 0 < st["block_bytes"] <= st["page_bytes"] and st["pages_in_use"] >= 1
+    assert s.get_codebook(0, "key") is not None and s.get_codebook(1, "value") is not None
+
+
+def test_one_layer_prefill_and_decode_steps_equal_a_bulk_prefill():
+    """Prefilling layer by layer and appending token by token (batched over sequences) stores
+    exactly what one bulk prefill stores: same read-back, same bytes."""
+    k, v = _kv(80, seed=1)
+    bulk = _store()
+    a = bulk.add_sequence()
+    bulk.prefill(a, k, v)
+    steps = _store()
+    b, c = steps.add_sequence(), steps.add_sequence()
+    for layer in range(L):  # 40-token prompt per layer (codebooks from its first block)
+        steps.prefill(b, k[layer, :40], v[layer, :40], first_layer=layer)
+        steps.prefill(c, k[layer, :40], v[layer, :40], first_layer=layer)
+    for t in range(40, 80):
+        for layer in range(L):
+            kb = np.stack([k[layer, t], k[layer, t]])
+            vb = np.stack([v[layer, t], v[layer, t]])
+            steps.append(layer, [b, c], kb, vb)
+    for layer in range(L):
+        for seq in (b, c):
+            for x, y in zip(steps.read(seq, layer), bulk.read(a, layer)):
+                np.testing.assert_array_equal(x, y)
+    assert steps.serialize(b) == steps.serialize(c)
+
+
+@pytest.mark.parametrize("tokens", [0, 5, 64, 77])
+def test_attention_equals_reference_arithmetic(tokens):
+    s = _store()
+    seqs = [s.add_sequence() for _ in range(2)]
+    k, v = _kv(max(tokens, 1), seed=tokens)
+    if tokens:
+        s.prefill(seqs[0], k[:, :tokens], v[:, :tokens])
+    s.prefill(seqs[1], *_kv(40, seed=9))
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((2, 2 * H, D)).astype(np.float16)
+    for rep in range(2):  # the second call reads the decoded-block cache
+        out = s.attention(1, seqs, q, scale=0.125)
+        for i, seq in enumerate(seqs):
+            kk, vv = s.read(seq, 1, dtype=np.float32)
+            if len(kk) == 0:
+                np.testing.assert_array_equal(out[i], 0)
+            else:
+                np.testing.assert_array_equal(out[i], _reference_attention(q[i], kk, vv, 0.125))
+    assert s.stats()["decoded_cache_bytes"] >= (tokens // T + 40 // T) * H * T * D * 2 * 4
+    # A step that completes a block: the cache takes the new block, still exact.
+    more_k, more_v = _kv(T, seed=11, layers=1)
+    for t in range(T):
+        s.append(1, [seqs[1]], more_k[0, t:t + 1], more_v[0, t:t + 1])
+        s.append(0, [seqs[1]], more_k[0, t:t + 1], more_v[0, t:t + 1])
+    out = s.attention(1, [seqs[1]], q[1:])
+    kk, vv = s.read(seqs[1], 1, dtype=np.float32)
+    np.testing.assert_array_equal(out[0], _reference_attention(q[1], kk, vv, 1 / math.sqrt(D)))
+    before = s.stats()["decoded_cache_bytes"]
+    s.free_sequence(seqs[1])
+    assert s.stats()["decoded_cache_bytes"] < before
+
+
+def test_bfloat16_store_takes_uint16_bits():
+    s = _store(dtype="bfloat16")
+    seq = s.add_sequence()
+    k32 = np.random.default_rng(4).standard_normal((L, 40, H, D)).astype(np.float32)
+    bits = (k32.view(np.uint32) >> 16).astype(np.uint16)  # truncation is a valid bf16 value
+    s.prefill(seq, bits, bits)
+    kk, _ = s.read(seq, 0, dtype="bfloat16")
+    assert kk.dtype == np.uint16
+    np.testing.assert_array_equal(kk[32:], bits[0, 32:])
+    with pytest.raises(TypeError):
+        s.prefill(seq, k32.astype(np.float16), k32.astype(np.float16))
+
+
+def test_serialize_restore_round_trip():
+    s = _store()
+    seq = s.add_sequence()
+    k, v = _kv(70, seed=5)
+    s.prefill(seq, k, v)
+    data = s.serialize(seq)
+    assert len(data) == s.serialized_size(seq)
+    # Into the same store and into a fresh store given the same codebooks.
+    other = _store()
+    for layer in range(L):
+        for kind in ("key", "value"):
+            other.set_codebook(layer, kind, s.get_codebook(layer, kind))
+    for dst in (s, other):
+        back = dst.restore(data)
+        for layer in range(L):
+            for x, y in zip(dst.read(back, layer), s.read(seq, layer)):
+                np.testing.assert_array_equal(x, y)
+        assert dst.serialize(back) == data
+    # Without the codebooks: rejected, nothing added.
+    bare = _store()
+    with pytest.raises(kvcomp.KvcompError) as e:
+        bare.restore(data)
+    assert e.value.status == 201 and bare.stats()["num_sequences"] == 0
+    damaged = bytearray(data)
+    damaged[len(damaged) // 2] ^= 0x5A
+    with pytest.raises(kvcomp.KvcompError) as e:
+        s.restore(bytes(damaged))
+    assert e.value.status == 200
+
+
+def _snapshot(s, seqs):
+    st = s.stats()
+    reads = [[np.concatenate(s.read(q, layer)) for layer in range(L)] for q in seqs]
+    return st, reads
+
+
+def test_out_of_pages_changes_nothing():
+    # The smallest page that holds the largest block (4128 bytes), and 6 of them.
+    s = _store(page_bytes=4352, capacity_bytes=6 * 4352, entropy="fixed")
+    a, b = s.add_sequence(), s.add_sequence()
+    k, v = _kv(40, seed=6)
+    s.prefill(a, k[:, :32], v[:, :32])  # one block per (layer, head, K|V): 12 blocks
+    s.prefill(b, k[:, :20], v[:, :20])  # tails only
+    st0, reads0 = _snapshot(s, [a, b])
+    assert st0["pages_in_use"] >= 2
+    big_k, big_v = _kv(32 * 8, seed=7)
+    with pytest.raises(kvcomp.KvcompError) as e:
+        s.prefill(b, big_k, big_v)
+    assert e.value.status == kvcomp.STATUS_OUT_OF_PAGES
+    assert "page" in str(e.value)
+    st1, reads1 = _snapshot(s, [a, b])
+    for x, y in zip(reads0, reads1):
+        for p, r in zip(x, y):
+            np.testing.assert_array_equal(p, r)
+    for key in st0:
+        if key not in ("last_append_status", "failed_appends"):
+            assert st0[key] == st1[key], key
+    assert st1["last_append_status"] == kvcomp.STATUS_OUT_OF_PAGES and st1["failed_appends"] == 1
+    # Fill the pool with decode steps until one fails: that step appends to no sequence.
+    step_k, step_v = _kv(1000, seed=8, layers=1)
+    failed = None
+    for t in range(1000):
+        before = [s.sequence_length(q, 0) for q in (a, b)]
+        snap = _snapshot(s, [a, b])
+        try:
+            s.append(0, [a, b], np.stack([step_k[0, t]] * 2), np.stack([step_v[0, t]] * 2))
+        except kvcomp.KvcompError as err:
+            failed = err
+            break
+    assert failed is not None and failed.status == kvcomp.STATUS_OUT_OF_PAGES
+    assert [s.sequence_length(q, 0) for q in (a, b)] == before
+    after = _snapshot(s, [a, b])
+    for x, y in zip(snap[1], after[1]):
+        for p, r in zip(x, y):
+            np.testing.assert_array_equal(p, r)
+    assert {k2: v2 for k2, v2 in snap[0].items() if k2 not in ("last_append_status",
+                                                                "failed_appends")} == \
+        {k2: v2 for k2, v2 in after[0].items() if k2 not in ("last_append_status",
+                                                              "failed_appends")}
+    # Freeing a sequence returns its pages: the step now fits.
+    s.free_sequence(a)
+    s.append(0, [b], step_k[0, t:t + 1], step_v[0, t:t + 1])
+
+
+def test_bad_arguments_raise_with_status():
+    s = _store()
+    seq = s.add_sequence()
+    k, v = _kv(10)
+    with pytest.raises(kvcomp.KvcompError) as e:
+        kvcomp.Store(num_layers=0, num_kv_heads=H, head_dim=D)
+    assert e.value.status == 100 and "num_layers" in str(e.value)
+    with pytest.raises(ValueError):
+        kvcomp.Store(num_layers=1, dtype="float8")
+    with pytest.raises(kvcomp.KvcompError) as e:
+        s.prefill(seq + 100, k, v)
+    assert e.value.status == 204
+    with pytest.raises(kvcomp.KvcompError) as e:
+        s.prefill(seq, k, v, first_layer=1)  # two layers from layer 1
+    assert e.value.status == 100
+    with pytest.raises(ValueError):
+        s.prefill(seq, k[:, :, :2], v[:, :, :2])  # wrong head count
+    with pytest.raises(TypeError):
+        s.prefill(seq, k.astype(np.float32), v.astype(np.float32))
+    with pytest.raises(kvcomp.KvcompError) as e:
+        s.append(0, [seq, seq], np.concatenate([k[0, :1]] * 2), np.concatenate([v[0, :1]] * 2))
+    assert e.value.status == 100 and "twice" in str(e.value)
+    with pytest.raises(ValueError):
+        s.append(0, [seq], k[0, :2], v[0, :2])  # two rows for one sequence
+    q = np.zeros((1, 2 * H + 1, D), np.float16)
+    with pytest.raises(kvcomp.KvcompError) as e:
+        s.attention(0, [seq], q)
+    assert e.value.status == 100 and "num_q_heads" in str(e.value)
+    with pytest.raises(ValueError):
+        s.attention(0, [seq, seq], np.zeros((1, H, D), np.float16))
+    with pytest.raises(kvcomp.KvcompError) as e:
+        s.sequence_length(seq, 5)
+    assert e.value.status == 100
+    with pytest.raises(ValueError):
+        s.free_sequence(seq, stream=1)
+    s.free_sequence(seq)
+    with pytest.raises(kvcomp.KvcompError) as e:
+        s.free_sequence(seq)
+    assert e.value.status == 204
+    assert s.stats()["num_sequences"] == 0
