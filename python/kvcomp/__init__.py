@@ -65,7 +65,8 @@ class _CodecConfig(ctypes.Structure):
                 ("num_tokens", ctypes.c_int32), ("head_dim", ctypes.c_int32),
                 ("value_group_size", ctypes.c_int32), ("bound_mode", ctypes.c_int32),
                 ("error_bound", ctypes.c_float), ("entropy", ctypes.c_int32),
-                ("num_substreams", ctypes.c_int32)]
+                ("num_substreams", ctypes.c_int32), ("block_format", ctypes.c_int32),
+                ("tile_permute_channels", ctypes.c_int32), ("tile_split_widths", ctypes.c_int32)]
 
 
 class _BlockInfo(ctypes.Structure):
