@@ -613,6 +613,11 @@ SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const u
       } catch (const Error& e) {
         fail(e.status(), "serialized sequence: layer ", l, ": ", e.what());
       }
+      // The store holds finite values only (its inputs are checked): so must a restored block
+      // (a raw block of inf or NaN, a step of inf, a code that overflows its step).
+      require(std::all_of(scratch.begin(), scratch.end(), [](float x) { return std::isfinite(x); }),
+              KVC_ERROR_CORRUPT_DATA, "serialized sequence: layer ", l, " block ", i,
+              " decodes to inf or NaN");
       layer.blocks.emplace_back(block, block + bytes);
       layer.has_huffman = layer.has_huffman || b.encoding == f::kHuffman;
     }
