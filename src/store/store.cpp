@@ -5,6 +5,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <new>
 
 #include "core/error.hpp"
 #include "cpu/codec_cpu.hpp"
@@ -298,6 +299,10 @@ void Store::recording_outcome(F&& operation) {
     last_append_status_ = KVC_SUCCESS;
   } catch (const Error& e) {
     last_append_status_ = e.status();
+    ++failed_appends_;
+    throw;
+  } catch (const std::bad_alloc&) {  // api_call's status for it
+    last_append_status_ = KVC_ERROR_OUT_OF_MEMORY;
     ++failed_appends_;
     throw;
   }

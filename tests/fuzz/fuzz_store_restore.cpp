@@ -161,8 +161,13 @@ bool mutate_records(SerialSequence& s, std::minstd_rand& rng, size_t max_block) 
     case 1: {  // one block stretched or cut to a multiple of 4, zero-filled
       if (blocks.empty()) return false;
       std::vector<uint8_t>& b = *blocks[pick(blocks.size())];
-      const size_t sizes[] = {b.size() + 4, b.size() * 2, max_block, max_block + 4, 4096,
-                              b.size() > 8 ? b.size() - 4 : 0, 32};
+      const size_t sizes[] = {b.size() + 4,
+                              b.size() * 2,
+                              max_block,
+                              max_block + 4,
+                              4096,
+                              b.size() > 8 ? b.size() - 4 : 0,
+                              32};
       b.resize(sizes[pick(7)] / 4 * 4, 0);
       set_length(b);
       return true;

@@ -139,8 +139,8 @@ void restore_seeds(const fs::path& dir) {
     for (int32_t len : lengths) {
       for (int pattern = 0; pattern < 3; ++pattern) {
         if (len == 0 && pattern > 0) continue;
-        const int32_t id =
-            kvc_fuzz::prefilled_sequence(s, c, len, uint32_t(100 * which + 10 * n + pattern), pattern);
+        const int32_t id = kvc_fuzz::prefilled_sequence(
+            s, c, len, uint32_t(100 * which + 10 * n + pattern), pattern);
         std::vector<uint8_t> bytes = kvc_fuzz::serialized(s, id);
         bytes.insert(bytes.begin(), uint8_t(which | 4));
         write_file(dir / ("c" + std::to_string(which) + "_n" + std::to_string(len) + "_p" +
