@@ -205,9 +205,13 @@ Store::LayerBooks Store::encode_updates(uint32_t layer, std::vector<Update>& upd
     return rows.data() + (size_t(b) * p_.block_tokens * stride + size_t(h) * p_.head_dim) * es;
   };
   LayerBooks books = {books_[layer * 2], books_[layer * 2 + 1]};
+  // No block to compress (a decode step inside a block): no codebook to build, and no 512 KiB
+  // histogram to allocate and scan on every step.
+  const bool compresses = std::any_of(updates.begin(), updates.end(),
+                                      [](const Update& u) { return u.full_blocks > 0; });
   for (uint32_t kind = 0; kind < 2; ++kind) {
     const CodecParams& cp = p_.codec(kind);
-    if (books[kind] || cp.entropy == KVC_ENTROPY_FIXED) continue;
+    if (books[kind] || cp.entropy == KVC_ENTROPY_FIXED || !compresses) continue;
     Histogram histogram;
     for (const Update& u : updates) {
       for (uint32_t b = 0; b < u.full_blocks; ++b) {

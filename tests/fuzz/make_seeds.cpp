@@ -2,8 +2,8 @@
 // Writes the fuzzers' seed corpora: valid encoded blocks of every shape, kind, input dtype and
 // encoding (fixed width, Huffman with the decoder fuzzer's codebook, raw), and serialized
 // codebooks with blocks coded by them, and serialized store sequences of every store
-// configuration of fuzz_store.hpp. Usage: kvc_fuzz_make_seeds <corpus dir>; creates
-// <dir>/decode, <dir>/codebook and <dir>/restore (replacing what was there).
+// configuration of fuzz_store.hpp, and call programs. Usage: kvc_fuzz_make_seeds <corpus dir>;
+// creates <dir>/decode, <dir>/codebook, <dir>/restore and <dir>/calls (replacing what was there).
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
@@ -154,6 +154,23 @@ void restore_seeds(const fs::path& dir) {
   kvc_codebook_destroy(book);
 }
 
+// Call programs for the call-sequence fuzzer: pseudo-random bytes behind each configuration's
+// selector (FuzzedDataProvider turns any bytes into calls).
+void call_seeds(const fs::path& dir) {
+  uint32_t state = 12345;
+  for (int which = 0; which < kvc_fuzz::kNumStoreConfigs; ++which) {
+    for (int i = 0; i < 8; ++i) {
+      std::vector<uint8_t> bytes = {uint8_t(which)};
+      const size_t n = 64 + 160 * size_t(i);
+      for (size_t j = 0; j < n; ++j) {
+        state = state * 1664525u + 1013904223u;
+        bytes.push_back(uint8_t(state >> 24));
+      }
+      write_file(dir / ("c" + std::to_string(which) + "_" + std::to_string(i)), bytes);
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -162,13 +179,14 @@ int main(int argc, char** argv) {
     return 2;
   }
   const fs::path root = argv[1];
-  for (const char* name : {"decode", "codebook", "restore"}) {
+  for (const char* name : {"decode", "codebook", "restore", "calls"}) {
     fs::remove_all(root / name);
     fs::create_directories(root / name);
   }
   decode_seeds(root / "decode");
   codebook_seeds(root / "codebook");
   restore_seeds(root / "restore");
+  call_seeds(root / "calls");
   std::printf("wrote %d seeds under %s\n", g_written, root.string().c_str());
   return 0;
 }
