@@ -51,7 +51,7 @@ uint16_t compiler_half_bits(float v) {
   const double m = std::nearbyint(a / quantum);  // <= 2048
   if (m == 0) return sign;
   if (exponent == -14 && m < 1024) return uint16_t(sign | uint16_t(m));  // subnormal
-  const int field = m == 2048 ? exponent + 16 : exponent + 15;               // carried up
+  const int field = m == 2048 ? exponent + 16 : exponent + 15;           // carried up
   const int mantissa = m == 2048 ? 0 : int(m) - 1024;
   return uint16_t(sign | (field << 10) | mantissa);
 }
