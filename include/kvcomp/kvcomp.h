@@ -62,8 +62,9 @@ KVC_API const char* kvc_version_string(void);
 /* ---- Status and errors ------------------------------------------------------------------- */
 
 /* Numbered in ranges by cause; values are never renumbered. Every public enum ends in a
- * _MAX_ENUM member so that it is 32 bits wide and any int32 value a C caller passes through it
- * is representable (and rejected with a status, not undefined). */
+ * _MAX_ENUM member so that it is 32 bits wide; the library reads an enum argument as the int32
+ * it holds, so any int32 value a C caller passes through it, negative ones included, is
+ * rejected with a status (never undefined behaviour). */
 typedef enum kvc_status {
   KVC_SUCCESS = 0,
   /* 1xx: the caller's arguments */

@@ -616,6 +616,10 @@ int32_t CudaStore::restore(const uint8_t* data, size_t size) {
     uint32_t used = m.p.page_bytes, rank = 0, offset;
     for (const auto& block : image.layers[l].blocks) {
       const uint32_t bytes = uint32_t(block.size());
+      // parse_image keeps blocks below max_block_bytes, which fits a page; a block is copied
+      // into one page, so this is what keeps it inside the page.
+      require(bytes <= m.p.page_bytes, KVC_ERROR_INTERNAL, "a block of ", bytes,
+              " bytes does not fit a page of ", m.p.page_bytes);
       if (place_next_fit(used, bytes, m.p.page_bytes, offset)) rank = opened++;
       placed.push_back({l, rank, offset, bytes});
     }
@@ -655,6 +659,8 @@ int32_t CudaStore::restore(const uint8_t* data, size_t size) {
     if (in.num_blocks > 0) {
       st.open_page = pages[open[l].first];
       st.open_used = open[l].second;
+    }
+    if (in.has_huffman) {  // only blocks that name the layer's codebooks freeze them
       const uint32_t one = 1;
       m.layer_compressed.upload(&one, 1, l);
     }

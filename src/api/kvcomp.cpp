@@ -70,7 +70,7 @@ const char* kvc_version_string(void) {
 }
 
 const char* kvc_status_string(kvc_status_t status) {
-  switch (status) {
+  switch (kvc::c_enum_value(status)) {  // any int32 from C (kvc::c_enum_value)
     case KVC_SUCCESS:
       return "success";
     case KVC_ERROR_INVALID_ARGUMENT:
@@ -268,8 +268,8 @@ kvc_status_t kvc_codec_destroy(kvc_codec_t codec) {
 kvc_status_t kvc_codec_max_block_bytes(kvc_codec_t codec, kvc_dtype src_dtype, size_t* size_bytes) {
   return kvc::api_call(__func__, [&] {
     require_not_null(codec, "codec");
-    kvc::require_dtype(src_dtype, "src_dtype");
-    *require_not_null(size_bytes, "size_bytes") = codec->params.max_block_bytes(src_dtype);
+    const kvc_dtype dtype = kvc::checked_dtype(src_dtype, "src_dtype");
+    *require_not_null(size_bytes, "size_bytes") = codec->params.max_block_bytes(dtype);
   });
 }
 
@@ -283,17 +283,17 @@ kvc_status_t kvc_codec_encode(kvc_codec_t codec, int32_t num_blocks, const void*
     require(num_blocks == 0 || block_bytes != nullptr, KVC_ERROR_NULL_POINTER,
             "block_bytes is NULL");
     require_stride(src_token_stride, p, "src_token_stride");
-    kvc::require_dtype(src_dtype, "src_dtype");
+    const kvc_dtype dtype = kvc::checked_dtype(src_dtype, "src_dtype");
     require_block_pointers(*codec, num_blocks, src_blocks, dst_blocks, /*check_alignment=*/true);
     if (codec->on_cuda()) {
       // Sizes are known only on the device: every block must fit whatever it becomes.
-      require(num_blocks == 0 || dst_capacity_bytes >= p.max_block_bytes(src_dtype),
+      require(num_blocks == 0 || dst_capacity_bytes >= p.max_block_bytes(dtype),
               KVC_ERROR_BUFFER_TOO_SMALL, "dst_capacity_bytes = ", dst_capacity_bytes,
-              " but the CUDA backend needs ", p.max_block_bytes(src_dtype),
+              " but the CUDA backend needs ", p.max_block_bytes(dtype),
               " (kvc_codec_max_block_bytes)");
 #if defined(KVC_WITH_CUDA)
-      kvc::cuda::encode(*codec->device, num_blocks, src_blocks, src_token_stride, src_dtype,
-                        dst_blocks, block_bytes, stream);
+      kvc::cuda::encode(*codec->device, num_blocks, src_blocks, src_token_stride, dtype, dst_blocks,
+                        block_bytes, stream);
       return;
 #else
       kvc::no_cuda();
@@ -302,15 +302,15 @@ kvc_status_t kvc_codec_encode(kvc_codec_t codec, int32_t num_blocks, const void*
     const kvc::DefaultFloatEnvironment ieee;
     // Every input is checked, and every block sized, before the first block is written.
     for (int32_t i = 0; i < num_blocks; ++i) {
-      kvc::cpu::check_finite(p, i, src_blocks[i], src_token_stride, src_dtype);
+      kvc::cpu::check_finite(p, i, src_blocks[i], src_token_stride, dtype);
     }
-    if (dst_capacity_bytes < p.max_block_bytes(src_dtype)) {
+    if (dst_capacity_bytes < p.max_block_bytes(dtype)) {
       for (int32_t i = 0; i < num_blocks; ++i) {
         const uint32_t need =
-            p.tiles ? kvc::cpu::plan_tile_block(p, src_blocks[i], src_token_stride, src_dtype)
+            p.tiles ? kvc::cpu::plan_tile_block(p, src_blocks[i], src_token_stride, dtype)
                           .layout.block_bytes
                     : kvc::cpu::encoded_size(p, codec->book.get(), src_blocks[i], src_token_stride,
-                                             src_dtype);
+                                             dtype);
         require(need <= dst_capacity_bytes, KVC_ERROR_BUFFER_TOO_SMALL, "block ", i, " needs ",
                 need, " bytes but dst_capacity_bytes = ", dst_capacity_bytes,
                 " (kvc_codec_max_block_bytes gives a capacity that always suffices)");
@@ -318,12 +318,12 @@ kvc_status_t kvc_codec_encode(kvc_codec_t codec, int32_t num_blocks, const void*
     }
     for (int32_t i = 0; i < num_blocks; ++i) {
       if (p.tiles) {
-        block_bytes[i] = kvc::cpu::encode_tile_block(p, src_blocks[i], src_token_stride, src_dtype,
+        block_bytes[i] = kvc::cpu::encode_tile_block(p, src_blocks[i], src_token_stride, dtype,
                                                      static_cast<uint8_t*>(dst_blocks[i]));
         continue;
       }
       block_bytes[i] = kvc::cpu::encode_block(p, codec->book.get(), src_blocks[i], src_token_stride,
-                                              src_dtype, static_cast<uint8_t*>(dst_blocks[i]));
+                                              dtype, static_cast<uint8_t*>(dst_blocks[i]));
     }
   });
 }
@@ -337,13 +337,13 @@ kvc_status_t kvc_codec_decode(kvc_codec_t codec, int32_t num_blocks, const void*
     require(num_blocks == 0 || src_bytes != nullptr, KVC_ERROR_NULL_POINTER, "src_bytes is NULL");
     require(num_blocks == 0 || dst_blocks != nullptr, KVC_ERROR_NULL_POINTER, "dst_blocks is NULL");
     require_stride(dst_token_stride, p, "dst_token_stride");
-    kvc::require_dtype(dst_dtype, "dst_dtype");
+    const kvc_dtype dtype = kvc::checked_dtype(dst_dtype, "dst_dtype");
     require_block_pointers(*codec, num_blocks, src_blocks, dst_blocks, /*check_alignment=*/false);
     if (codec->on_cuda()) {
       require(num_blocks == 0 || block_status != nullptr, KVC_ERROR_NULL_POINTER,
               "block_status is NULL (the CUDA backend reports corrupt blocks only there)");
 #if defined(KVC_WITH_CUDA)
-      kvc::cuda::decode(*codec->device, num_blocks, src_blocks, src_bytes, dst_dtype, dst_blocks,
+      kvc::cuda::decode(*codec->device, num_blocks, src_blocks, src_bytes, dtype, dst_blocks,
                         dst_token_stride, block_status, stream);
       return;
 #else
@@ -358,11 +358,11 @@ kvc_status_t kvc_codec_decode(kvc_codec_t codec, int32_t num_blocks, const void*
       try {
         const auto* block = static_cast<const uint8_t*>(src_blocks[i]);
         if (p.tiles) {
-          kvc::cpu::decode_tile_block(p, block, src_bytes[i], dst_dtype, dst_blocks[i],
+          kvc::cpu::decode_tile_block(p, block, src_bytes[i], dtype, dst_blocks[i],
                                       dst_token_stride);
         } else {
-          kvc::cpu::decode_block(p, codec->book.get(), block, src_bytes[i], dst_dtype,
-                                 dst_blocks[i], dst_token_stride);
+          kvc::cpu::decode_block(p, codec->book.get(), block, src_bytes[i], dtype, dst_blocks[i],
+                                 dst_token_stride);
         }
       } catch (const kvc::Error& e) {
         status = e.status();
@@ -387,23 +387,23 @@ kvc_status_t kvc_codec_histogram(kvc_codec_t codec, int32_t num_blocks,
             "the codec writes tile blocks (KVC_BLOCK_FORMAT_TILES), which have no Huffman "
             "symbols");
     require_stride(src_token_stride, p, "src_token_stride");
-    kvc::require_dtype(src_dtype, "src_dtype");
+    const kvc_dtype dtype = kvc::checked_dtype(src_dtype, "src_dtype");
     require_block_pointers(*codec, num_blocks, src_blocks, nullptr, false);
     kvc::Histogram updated = histogram->histogram;  // all or nothing
     if (codec->on_cuda()) {
 #if defined(KVC_WITH_CUDA)
-      kvc::cuda::histogram(*codec->device, num_blocks, src_blocks, src_token_stride, src_dtype,
-                           updated, stream);
+      kvc::cuda::histogram(*codec->device, num_blocks, src_blocks, src_token_stride, dtype, updated,
+                           stream);
 #else
       kvc::no_cuda();
 #endif
     } else {
       const kvc::DefaultFloatEnvironment ieee;
       for (int32_t i = 0; i < num_blocks; ++i) {
-        kvc::cpu::check_finite(p, i, src_blocks[i], src_token_stride, src_dtype);
+        kvc::cpu::check_finite(p, i, src_blocks[i], src_token_stride, dtype);
       }
       for (int32_t i = 0; i < num_blocks; ++i) {
-        kvc::cpu::histogram_block(p, src_blocks[i], src_token_stride, src_dtype, updated);
+        kvc::cpu::histogram_block(p, src_blocks[i], src_token_stride, dtype, updated);
       }
     }
     histogram->histogram = std::move(updated);

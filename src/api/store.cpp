@@ -34,10 +34,12 @@ uint32_t checked_layer(const kvc_store_s& s, int32_t layer) {
   return uint32_t(layer);
 }
 
-uint32_t checked_kind(int32_t kind) {
-  require(kind == KVC_KIND_KEY || kind == KVC_KIND_VALUE, KVC_ERROR_INVALID_ARGUMENT,
-          "kind = ", kind, " is not a kvc_kind");
-  return uint32_t(kind);
+// kind as the integer a C caller passed (kvc::c_enum_value).
+uint32_t checked_kind(const kvc_kind& kind) {
+  const int32_t v = kvc::c_enum_value(kind);
+  require(v == KVC_KIND_KEY || v == KVC_KIND_VALUE, KVC_ERROR_INVALID_ARGUMENT, "kind = ", v,
+          " is not a kvc_kind");
+  return uint32_t(v);
 }
 
 void check_stream(const kvc_store_s& s, void* stream) {
@@ -203,7 +205,7 @@ kvc_status_t kvc_store_read(kvc_store_t store, int32_t sequence_id, int32_t laye
   return kvc::api_call(__func__, [&] {
     kvc_store_s& s = checked(store);
     const uint32_t l = checked_layer(s, layer);
-    kvc::require_dtype(dtype, "dtype");
+    const kvc_dtype out_dtype = kvc::checked_dtype(dtype, "dtype");
     check_stream(s, stream);
     const uint32_t length = with_backend(s, [&](auto& b) { return b.length(sequence_id, l); });
     require(capacity_tokens >= 0 && uint32_t(capacity_tokens) >= length, KVC_ERROR_BUFFER_TOO_SMALL,
@@ -212,10 +214,10 @@ kvc_status_t kvc_store_read(kvc_store_t store, int32_t sequence_id, int32_t laye
     require_not_null(keys, "keys");
     require_not_null(values, "values");
 #if defined(KVC_WITH_CUDA)
-    if (s.cuda) return s.cuda->read(sequence_id, l, dtype, length, keys, values, stream);
+    if (s.cuda) return s.cuda->read(sequence_id, l, out_dtype, length, keys, values, stream);
 #endif
     const kvc::DefaultFloatEnvironment ieee;
-    s.cpu->read(sequence_id, l, dtype, keys, values);
+    s.cpu->read(sequence_id, l, out_dtype, keys, values);
   });
 }
 

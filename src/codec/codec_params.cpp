@@ -15,6 +15,12 @@ void require_dtype(int32_t dtype, const char* name) {
           " is not a kvc_dtype (KVC_DTYPE_FP16 = 1, KVC_DTYPE_BF16 = 2, KVC_DTYPE_FP32 = 3)");
 }
 
+kvc_dtype checked_dtype(const kvc_dtype& dtype, const char* name) {
+  const int32_t v = c_enum_value(dtype);
+  require_dtype(v, name);
+  return kvc_dtype(v);
+}
+
 namespace {
 
 // Auto sub-streams: the largest divisor of the group size up to 32, one per GPU lane.

@@ -34,5 +34,8 @@ struct CodecParams {
 
 // Throws KVC_ERROR_INVALID_ARGUMENT naming the argument unless dtype is a kvc_dtype.
 void require_dtype(int32_t dtype, const char* name);
+// The same for a kvc_dtype argument from C, read as the integer it holds (c_enum_value): the
+// validated dtype.
+kvc_dtype checked_dtype(const kvc_dtype& dtype, const char* name);
 
 }  // namespace kvc

@@ -5,9 +5,12 @@
 
 #include <kvcomp/kvcomp.h>
 
+#include <cstdint>
+#include <cstring>
 #include <exception>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 namespace kvc {
@@ -65,6 +68,18 @@ kvc_status_t api_call(const char* function, Body&& body) noexcept {
     set_last_error(std::string(function) + ": internal error: unknown exception");
     return KVC_ERROR_INTERNAL;
   }
+}
+
+// An enum argument as the integer a C caller passed. C lets any int32 travel in a kvcomp enum type,
+// negative values included, but in C++ reading an enum object whose value lies outside the range
+// of its enumerators (here [0, 2^31 - 1]) is undefined. So the argument's bytes are read as an
+// integer; only a value validated as such is converted back to the enum.
+template <class E>
+int32_t c_enum_value(const E& e) noexcept {
+  static_assert(std::is_enum_v<E> && sizeof(E) == sizeof(int32_t));
+  int32_t v;
+  std::memcpy(&v, &e, sizeof v);
+  return v;
 }
 
 // Checks the struct_size/abi_version pair every public config struct starts with.

@@ -5,6 +5,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <new>
 
 #include "core/error.hpp"
 #include "cpu/codec_cpu.hpp"
@@ -144,6 +145,7 @@ struct Store::Update {
   std::vector<std::vector<uint8_t>> blocks;  // [full_blocks, heads, 2 (K, V)] encoded
   uint32_t tail_tokens;                      // tokens left in the tail afterwards
   std::vector<uint8_t> tail_k, tail_v;       // and their rows
+  bool freezes_books = true;                 // whether its blocks freeze the layer's codebooks
 };
 
 void convert_elements(const uint8_t* src, kvc_dtype from, uint8_t* dst, kvc_dtype to,
@@ -204,9 +206,13 @@ Store::LayerBooks Store::encode_updates(uint32_t layer, std::vector<Update>& upd
     return rows.data() + (size_t(b) * p_.block_tokens * stride + size_t(h) * p_.head_dim) * es;
   };
   LayerBooks books = {books_[layer * 2], books_[layer * 2 + 1]};
+  // No block to compress (a decode step inside a block): no codebook to build, and no 512 KiB
+  // histogram to allocate and scan on every step.
+  const bool compresses = std::any_of(updates.begin(), updates.end(),
+                                      [](const Update& u) { return u.full_blocks > 0; });
   for (uint32_t kind = 0; kind < 2; ++kind) {
     const CodecParams& cp = p_.codec(kind);
-    if (books[kind] || cp.entropy == KVC_ENTROPY_FIXED) continue;
+    if (books[kind] || cp.entropy == KVC_ENTROPY_FIXED || !compresses) continue;
     Histogram histogram;
     for (const Update& u : updates) {
       for (uint32_t b = 0; b < u.full_blocks; ++b) {
@@ -240,6 +246,10 @@ uint32_t Store::pages_needed(const LayerCache& cache,
                              const std::vector<std::vector<uint8_t>>& blocks) const {
   uint32_t used = cache.pages.empty() ? p_.page_bytes : cache.open_used, pages = 0, offset;
   for (const auto& block : blocks) {
+    // Encoders and parse_image keep blocks below max_block_bytes, which fits a page; commit
+    // copies a block into one page, so this is what keeps it inside the page.
+    require(block.size() <= p_.page_bytes, KVC_ERROR_INTERNAL, "a block of ", block.size(),
+            " bytes does not fit a page of ", p_.page_bytes);
     pages += place_next_fit(used, uint32_t(block.size()), p_.page_bytes, offset);
   }
   return pages;
@@ -283,7 +293,7 @@ void Store::commit(Transaction& tx) {
     books_[layer * 2 + 1] = books[1];
   }
   for (const Update& u : tx.updates) {
-    if (u.full_blocks > 0) compressed_[u.layer] = true;
+    if (u.full_blocks > 0 && u.freezes_books) compressed_[u.layer] = true;
   }
 }
 
@@ -294,6 +304,10 @@ void Store::recording_outcome(F&& operation) {
     last_append_status_ = KVC_SUCCESS;
   } catch (const Error& e) {
     last_append_status_ = e.status();
+    ++failed_appends_;
+    throw;
+  } catch (const std::bad_alloc&) {  // api_call's status for it
+    last_append_status_ = KVC_ERROR_OUT_OF_MEMORY;
     ++failed_appends_;
     throw;
   }
@@ -570,6 +584,45 @@ struct Reader {
   }
 };
 
+// A restored block must be one this store could have written itself, whatever the header's own
+// checks allow: kvc_store_restore's contract is that a restored sequence behaves like one the
+// store built. block is block `index` ([num_blocks, heads, K|V]) of layer l; its header parsed.
+void check_store_block(const StoreParams& p, const CodecParams& cp, const f::BlockLayout& b,
+                       uint32_t bytes, uint32_t l, size_t index) {
+  auto require_block = [&](bool ok, const auto&... what) {
+    require(ok, KVC_ERROR_CORRUPT_DATA, "serialized sequence: layer ", l, " block ", index, " ",
+            what...);
+  };
+  require_block(b.block_bytes == bytes, "states ", b.block_bytes, " bytes, its record ", bytes);
+  // The store writes nothing longer (the verbatim encoding of its dtype), and its pages hold
+  // that much: a longer block would not fit where restore places it.
+  const size_t longest = cp.max_block_bytes(p.dtype);
+  require_block(bytes <= longest, "is ", bytes, " bytes, longer than the ", longest,
+                " of the largest block this store writes (pages of ", p.page_bytes, ")");
+  require_block(b.is_value == cp.is_value && b.num_tokens == cp.num_tokens &&
+                    b.head_dim == cp.head_dim && b.group_size == cp.group_size,
+                "is ", b.is_value ? "V" : "K", " ", b.num_tokens, "x", b.head_dim, " in groups of ",
+                b.group_size, " where the store's is ", cp.is_value ? "V" : "K", " ", cp.num_tokens,
+                "x", cp.head_dim, " in groups of ", cp.group_size);
+  const bool entropy_allows = b.encoding == f::kRaw ||
+                              (b.encoding == f::kFixed && cp.entropy != KVC_ENTROPY_HUFFMAN) ||
+                              (b.encoding == f::kHuffman && cp.entropy != KVC_ENTROPY_FIXED);
+  require_block(entropy_allows, "has encoding ", b.encoding, ", which a store of entropy ",
+                int32_t(cp.entropy), " does not write");
+  if (b.encoding == f::kRaw) {
+    require_block(b.raw_dtype == uint32_t(p.dtype), "holds raw elements of kvc_dtype ", b.raw_dtype,
+                  " where the store's dtype is ", int32_t(p.dtype));
+  } else {
+    require_block(b.per_group_step == cp.relative, b.per_group_step ? "has" : "lacks",
+                  " per-group steps where the store's bound is ",
+                  cp.relative ? "relative" : "absolute");
+  }
+  if (b.encoding == f::kHuffman) {
+    require_block(b.num_substreams == cp.num_substreams, "has ", b.num_substreams,
+                  " sub-streams where the store writes ", cp.num_substreams);
+  }
+}
+
 }  // namespace
 
 SerializedSize::SerializedSize(const StoreParams& p, size_t num_books)
@@ -643,11 +696,7 @@ SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const u
       const CodecParams& cp = p.codec(kind);
       const f::BlockLayout b = cpu::parse_header(block, bytes);
       const Codebook* book = books[l * 2 + kind].get();
-      require(b.block_bytes == bytes && b.is_value == cp.is_value &&
-                  b.num_tokens == cp.num_tokens && b.head_dim == cp.head_dim &&
-                  b.group_size == cp.group_size,
-              KVC_ERROR_CORRUPT_DATA, "serialized sequence: layer ", l,
-              " holds a block that does not fit the store");
+      check_store_block(p, cp, b, bytes, l, i);
       require(b.encoding != f::kHuffman || (book && book->id() == b.codebook_id),
               KVC_ERROR_CODEBOOK_MISMATCH, "serialized sequence: layer ", l, " holds a block of",
               " codebook ", b.codebook_id, ", which this store does not have (import it)");
@@ -656,7 +705,13 @@ SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const u
       } catch (const Error& e) {
         fail(e.status(), "serialized sequence: layer ", l, ": ", e.what());
       }
+      // The store holds finite values only (its inputs are checked): so must a restored block
+      // (a raw block of inf or NaN, a step of inf, a code that overflows its step).
+      require(std::all_of(scratch.begin(), scratch.end(), [](float x) { return std::isfinite(x); }),
+              KVC_ERROR_CORRUPT_DATA, "serialized sequence: layer ", l, " block ", i,
+              " decodes to inf or NaN");
       layer.blocks.emplace_back(block, block + bytes);
+      layer.has_huffman = layer.has_huffman || b.encoding == f::kHuffman;
     }
     const size_t tail = size_t(layer.tail_tokens) * row;
     const uint8_t* k = r.bytes(tail);
@@ -710,13 +765,18 @@ int32_t Store::restore(const uint8_t* data, size_t size) {
                           in.tail_tokens,
                           std::move(in.tail_k),
                           std::move(in.tail_v)});
+    // Fixed-width and raw blocks need no codebook: only a Huffman block, which names the layer's
+    // current codebook, freezes it.
+    tx.updates.back().freezes_books = in.has_huffman;
   }
+  // The sequence exists only if the whole restore commits; otherwise its id is handed out again.
   const int32_t id = add_sequence();
   for (Update& u : tx.updates) u.id = id;
   try {
     commit(tx);
   } catch (...) {
     sequences_.erase(id);
+    next_id_ = id;
     throw;
   }
   return id;

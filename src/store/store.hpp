@@ -69,12 +69,15 @@ struct SequenceImage {
     uint32_t num_blocks = 0, tail_tokens = 0;
     std::vector<std::vector<uint8_t>> blocks;
     std::vector<uint8_t> tail_k, tail_v;
+    bool has_huffman = false;  // a block needs the layer's codebooks (so restoring freezes them)
   };
   std::vector<Layer> layers;
 };
 
 // The serialized form (docs/format.md, "Serialized sequence"). parse_image checks everything:
-// checksum, configuration, codebooks, every block decodes, tails finite, token limits.
+// checksum, configuration, codebooks, tails finite, token limits, and that every block is one
+// this store could have written (valid_store_block) and decodes. Its blocks are then at most
+// max_block_bytes long, so each fits in a page (StoreParams::from_config).
 std::vector<uint8_t> serialize_image(const StoreParams& p, const StoreBooks& books,
                                      const SequenceImage& image);
 SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const uint8_t* data,
@@ -176,7 +179,8 @@ class Store {
   std::unique_ptr<uint8_t[]> pool_;   // num_pages * page_bytes
   std::vector<uint32_t> free_pages_;  // a stack
   StoreBooks books_;
-  std::vector<bool> compressed_;  // [layer]: has compressed a block, so its codebooks are frozen
+  // [layer]: has compressed a block, or restored a Huffman block, so its codebooks are frozen
+  std::vector<bool> compressed_;
   std::map<int32_t, std::vector<LayerCache>> sequences_;
   int32_t next_id_ = 0;
   kvc_status last_append_status_ = KVC_SUCCESS;

@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 // Writes the fuzzers' seed corpora: valid encoded blocks of every shape, kind, input dtype and
 // encoding (fixed width, Huffman with the decoder fuzzer's codebook, raw), and serialized
-// codebooks with blocks coded by them, and tile blocks (format t1). Usage:
-// kvc_fuzz_make_seeds <corpus dir>; creates <dir>/decode, <dir>/codebook and <dir>/tiles
-// (replacing what was there).
+// codebooks with blocks coded by them, tile blocks (format t1), serialized store sequences of
+// every store configuration of fuzz_store.hpp, and call programs. Usage: kvc_fuzz_make_seeds
+// <corpus dir>; creates <dir>/decode, <dir>/codebook, <dir>/tiles, <dir>/restore and
+// <dir>/calls (replacing what was there).
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "fuzz_common.hpp"
+#include "fuzz_store.hpp"
 
 namespace {
 
@@ -161,6 +163,57 @@ void tile_seeds(const fs::path& dir) {
   }
 }
 
+// Genuine sequences of each store configuration: empty, tail only, whole blocks, blocks and a
+// tail, in several layers; smooth data (Huffman or fixed blocks), constant (zero-width fixed) and
+// wide-ranged (raw); each behind its selector byte (configuration, checksum recomputed).
+void restore_seeds(const fs::path& dir) {
+  kvc_codebook_t book = kvc_fuzz::make_fixed_codebook();
+  for (int which = 0; which < kvc_fuzz::kNumStoreConfigs; ++which) {
+    const kvc_store_config c = kvc_fuzz::store_config(which);
+    kvc_store_config roomy = c;
+    roomy.capacity_bytes = int64_t(1) << 20;
+    roomy.max_sequences = 0;
+    kvc_store_t s = nullptr;
+    KVC_FUZZ_CHECK(kvc_store_create(&roomy, &s) == KVC_SUCCESS);
+    kvc_fuzz::set_store_codebooks(s, c, book);
+    const int32_t T = c.block_tokens;
+    const int32_t lengths[] = {0, 1, T - 1, T, 2 * T + 1, 3 * T + 2};
+    int n = 0;
+    for (int32_t len : lengths) {
+      for (int pattern = 0; pattern < 3; ++pattern) {
+        if (len == 0 && pattern > 0) continue;
+        const int32_t id = kvc_fuzz::prefilled_sequence(
+            s, c, len, uint32_t(100 * which + 10 * n + pattern), pattern);
+        std::vector<uint8_t> bytes = kvc_fuzz::serialized(s, id);
+        bytes.insert(bytes.begin(), uint8_t(which | 4));
+        write_file(dir / ("c" + std::to_string(which) + "_n" + std::to_string(len) + "_p" +
+                          std::to_string(pattern)),
+                   bytes);
+      }
+      ++n;
+    }
+    kvc_store_destroy(s);
+  }
+  kvc_codebook_destroy(book);
+}
+
+// Call programs for the call-sequence fuzzer: pseudo-random bytes behind each configuration's
+// selector (FuzzedDataProvider turns any bytes into calls).
+void call_seeds(const fs::path& dir) {
+  uint32_t state = 12345;
+  for (int which = 0; which < kvc_fuzz::kNumStoreConfigs; ++which) {
+    for (int i = 0; i < 8; ++i) {
+      std::vector<uint8_t> bytes = {uint8_t(which)};
+      const size_t n = 64 + 160 * size_t(i);
+      for (size_t j = 0; j < n; ++j) {
+        state = state * 1664525u + 1013904223u;
+        bytes.push_back(uint8_t(state >> 24));
+      }
+      write_file(dir / ("c" + std::to_string(which) + "_" + std::to_string(i)), bytes);
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -169,13 +222,15 @@ int main(int argc, char** argv) {
     return 2;
   }
   const fs::path root = argv[1];
-  for (const char* name : {"decode", "codebook", "tiles"}) {
+  for (const char* name : {"decode", "codebook", "tiles", "restore", "calls"}) {
     fs::remove_all(root / name);
     fs::create_directories(root / name);
   }
   decode_seeds(root / "decode");
   codebook_seeds(root / "codebook");
   tile_seeds(root / "tiles");
+  restore_seeds(root / "restore");
+  call_seeds(root / "calls");
   std::printf("wrote %d seeds under %s\n", g_written, root.string().c_str());
   return 0;
 }

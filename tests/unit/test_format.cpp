@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 // The shared __host__ __device__ primitives of kernels/common/format.cuh, checked against
-// independent oracles: the compiler's own _Float16, exhaustive enumeration, exact arithmetic.
+// independent oracles: the compiler's own _Float16 (where it has one; elsewhere, as in clang 14
+// on x86, a reference by exact arithmetic in double), exhaustive enumeration, exact arithmetic.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -12,6 +14,7 @@
 namespace kvc::format {
 namespace {
 
+#if defined(__FLT16_MANT_DIG__)
 uint16_t compiler_half_bits(float v) {
   const _Float16 h = static_cast<_Float16>(v);
   uint16_t bits;
@@ -19,12 +22,45 @@ uint16_t compiler_half_bits(float v) {
   return bits;
 }
 
+float compiler_half_to_float(uint16_t bits) {
+  _Float16 h;
+  std::memcpy(&h, &bits, 2);
+  return static_cast<float>(h);
+}
+#else
+// fp16 by definition: a value is m * 2^(e - 10) with m < 2^11; the exponent field e + 15 (0 for
+// subnormals, whose e is -14).
+float compiler_half_to_float(uint16_t bits) {
+  const int exponent = (bits >> 10) & 0x1F, mantissa = bits & 0x3FF;
+  const double sign = (bits & 0x8000) ? -1.0 : 1.0;
+  if (exponent == 0x1F) return mantissa ? NAN : float(sign * INFINITY);
+  if (exponent == 0) return float(sign * std::ldexp(double(mantissa), -24));
+  return float(sign * std::ldexp(double(1024 + mantissa), exponent - 25));
+}
+
+// Round to nearest, ties to even, by exact arithmetic: v / quantum is exact in double (v has 24
+// significant bits, the quantum is a power of two), and nearbyint rounds ties to even.
+uint16_t compiler_half_bits(float v) {
+  const uint16_t sign = std::signbit(v) ? 0x8000 : 0;
+  const double a = std::fabs(double(v));
+  if (std::isinf(v) || a >= 65520.0) return uint16_t(sign | 0x7C00);  // 65520: halfway to 2^16
+  int e;
+  std::frexp(a, &e);  // a = f * 2^e, f in [0.5, 1): a's exponent is e - 1
+  const int exponent = std::max(e - 1, -14);
+  const double quantum = std::ldexp(1.0, exponent - 10);
+  const double m = std::nearbyint(a / quantum);  // <= 2048
+  if (m == 0) return sign;
+  if (exponent == -14 && m < 1024) return uint16_t(sign | uint16_t(m));  // subnormal
+  const int field = m == 2048 ? exponent + 16 : exponent + 15;           // carried up
+  const int mantissa = m == 2048 ? 0 : int(m) - 1024;
+  return uint16_t(sign | (field << 10) | mantissa);
+}
+#endif
+
 TEST(Format, HalfToFloatIsExactForEveryHalf) {
   for (uint32_t h = 0; h < 65536; ++h) {
-    _Float16 ref;
     const uint16_t bits = uint16_t(h);
-    std::memcpy(&ref, &bits, 2);
-    const float expected = static_cast<float>(ref);
+    const float expected = compiler_half_to_float(bits);
     const float got = half_to_float(bits);
     if (std::isnan(expected)) {
       ASSERT_TRUE(std::isnan(got)) << h;

@@ -1,0 +1,147 @@
+// SPDX-License-Identifier: Apache-2.0
+// Shared by the store fuzzers and the seed generator: small store configurations (so that each
+// iteration is fast) that between them cover both dtypes, absolute and relative bounds, grouped
+// values, every entropy mode and both store limits; the codebooks they hold; their input rows;
+// and a snapshot of a store (stats and every live sequence's bytes) to compare before and after
+// a call. Public API only.
+#pragma once
+
+#include <kvcomp/kvcomp.h>
+
+#include <cstdint>
+#include <map>
+#include <vector>
+
+#include "fuzz_common.hpp"
+
+namespace kvc_fuzz {
+
+inline constexpr int kNumStoreConfigs = 3;
+
+inline kvc_store_config store_config(int which) {
+  kvc_store_config c = KVC_STORE_CONFIG_INIT;
+  switch (which) {
+    default:  // two layers, fp16, absolute bounds, AUTO; blocks <= 288 bytes
+      c.num_layers = 2;
+      c.num_kv_heads = 1;
+      c.head_dim = 16;
+      c.block_tokens = 8;
+      c.dtype = KVC_DTYPE_FP16;
+      c.key_bound_mode = KVC_BOUND_ABSOLUTE;
+      c.key_error_bound = 0.05f;
+      c.value_bound_mode = KVC_BOUND_ABSOLUTE;
+      c.value_error_bound = 0.02f;
+      c.entropy = KVC_ENTROPY_AUTO;
+      c.page_bytes = 512;
+      c.capacity_bytes = 8 * 512;
+      break;
+    case 1:  // bf16, relative bounds, V groups of 8, HUFFMAN, at most 40 tokens per layer
+      c.num_layers = 1;
+      c.num_kv_heads = 2;
+      c.head_dim = 32;
+      c.block_tokens = 4;
+      c.dtype = KVC_DTYPE_BF16;
+      c.key_bound_mode = KVC_BOUND_RELATIVE;
+      c.key_error_bound = 0.05f;
+      c.value_bound_mode = KVC_BOUND_RELATIVE;
+      c.value_error_bound = 0.1f;
+      c.value_group_size = 8;
+      c.entropy = KVC_ENTROPY_HUFFMAN;
+      c.max_sequence_tokens = 40;
+      c.page_bytes = 512;
+      c.capacity_bytes = 10 * 512;
+      break;
+    case 2:  // FIXED (no codebooks), 16-token blocks, at most 3 live sequences
+      c.num_layers = 1;
+      c.num_kv_heads = 1;
+      c.head_dim = 16;
+      c.block_tokens = 16;
+      c.dtype = KVC_DTYPE_FP16;
+      c.key_bound_mode = KVC_BOUND_ABSOLUTE;
+      c.key_error_bound = 0.01f;
+      c.value_bound_mode = KVC_BOUND_ABSOLUTE;
+      c.value_error_bound = 0.01f;
+      c.entropy = KVC_ENTROPY_FIXED;
+      c.max_sequences = 3;
+      c.page_bytes = 768;
+      c.capacity_bytes = 6 * 768;
+      break;
+  }
+  return c;
+}
+
+// Sets the decoder fuzzer's codebook (make_fixed_codebook) on every (layer, kind) of a store that
+// uses codebooks, so that seeds written by one store restore into another.
+inline void set_store_codebooks(kvc_store_t s, const kvc_store_config& c, kvc_codebook_t book) {
+  if (c.entropy == KVC_ENTROPY_FIXED) return;
+  for (int32_t l = 0; l < c.num_layers; ++l) {
+    KVC_FUZZ_CHECK(kvc_store_set_codebook(s, l, KVC_KIND_KEY, book) == KVC_SUCCESS);
+    KVC_FUZZ_CHECK(kvc_store_set_codebook(s, l, KVC_KIND_VALUE, book) == KVC_SUCCESS);
+  }
+}
+
+inline size_t row_elements(const kvc_store_config& c) {
+  return size_t(c.num_kv_heads) * size_t(c.head_dim);
+}
+
+// Rows [count, heads, dim] of the store's dtype: smooth values with outlier channels (pattern 0),
+// a constant (1: zero-width fixed codes), or a range too wide for the bound (2: raw blocks).
+inline std::vector<uint8_t> store_rows(const kvc_store_config& c, size_t count, uint32_t seed,
+                                       int pattern) {
+  Shape shape{int32_t(count), int32_t(row_elements(c)), 0, 0};
+  std::vector<float> x;
+  fill_block(x, shape, seed, pattern);
+  return to_dtype(x, kvc_dtype(c.dtype));
+}
+
+// Adds a sequence to s and prefills n tokens of every layer; returns its id.
+inline int32_t prefilled_sequence(kvc_store_t s, const kvc_store_config& c, int32_t n,
+                                  uint32_t seed, int pattern) {
+  int32_t id = -1;
+  KVC_FUZZ_CHECK(kvc_store_add_sequence(s, &id) == KVC_SUCCESS);
+  if (n == 0) return id;
+  const size_t count = size_t(n) * size_t(c.num_layers);
+  const std::vector<uint8_t> k = store_rows(c, count, seed, pattern);
+  const std::vector<uint8_t> v = store_rows(c, count, seed + 1000, pattern);
+  KVC_FUZZ_CHECK(kvc_store_prefill(s, id, 0, c.num_layers, n, k.data(), v.data(), nullptr) ==
+                 KVC_SUCCESS);
+  return id;
+}
+
+inline std::vector<uint8_t> serialized(kvc_store_t s, int32_t id) {
+  size_t n = 0, written = 0;
+  KVC_FUZZ_CHECK(kvc_store_serialized_size(s, id, &n) == KVC_SUCCESS);
+  std::vector<uint8_t> bytes(n);
+  KVC_FUZZ_CHECK(kvc_store_serialize(s, id, bytes.data(), n, &written) == KVC_SUCCESS);
+  KVC_FUZZ_CHECK(written == n);
+  return bytes;
+}
+
+// What an unchanged store keeps: its stats (but the append record, which a failed prefill or
+// append updates by design) and the bytes of each of the given live sequences.
+struct StoreSnapshot {
+  kvc_store_stats stats;
+  std::map<int32_t, std::vector<uint8_t>> sequences;
+  bool operator==(const StoreSnapshot& o) const {
+    return stats.num_sequences == o.stats.num_sequences && stats.num_blocks == o.stats.num_blocks &&
+           stats.block_bytes == o.stats.block_bytes && stats.page_bytes == o.stats.page_bytes &&
+           stats.tail_bytes == o.stats.tail_bytes && stats.table_bytes == o.stats.table_bytes &&
+           stats.codebook_bytes == o.stats.codebook_bytes &&
+           stats.dense_bytes == o.stats.dense_bytes && stats.pages_in_use == o.stats.pages_in_use &&
+           stats.pages_total == o.stats.pages_total && sequences == o.sequences;
+  }
+};
+
+inline kvc_store_stats store_stats(kvc_store_t s) {
+  kvc_store_stats st = KVC_STORE_STATS_INIT;
+  KVC_FUZZ_CHECK(kvc_store_get_stats(s, &st) == KVC_SUCCESS);
+  return st;
+}
+
+inline StoreSnapshot snapshot(kvc_store_t s, const std::vector<int32_t>& live) {
+  StoreSnapshot snap{store_stats(s), {}};
+  for (int32_t id : live) snap.sequences[id] = serialized(s, id);
+  return snap;
+}
+
+}  // namespace kvc_fuzz

@@ -1,0 +1,121 @@
+// SPDX-License-Identifier: Apache-2.0
+// A serialized sequence (docs/format.md §16) taken apart into its records and put back together,
+// written from the format document alone, so that tests and fuzzers can edit a genuine sequence
+// field by field and reseal it (recompute its FNV-1a checksum) before restoring it.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+namespace kvc_fuzz {
+
+inline uint32_t load_word(const uint8_t* p) {
+  return uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;
+}
+inline void store_word(uint8_t* p, uint32_t v) {
+  for (int i = 0; i < 4; ++i) p[i] = uint8_t(v >> (8 * i));
+}
+inline uint32_t sequence_fnv1a32(const uint8_t* data, size_t size) {
+  uint32_t h = 2166136261u;
+  for (size_t i = 0; i < size; ++i) h = (h ^ data[i]) * 16777619u;
+  return h;
+}
+// Recomputes the trailing checksum after an edit.
+inline void reseal(std::vector<uint8_t>& bytes) {
+  if (bytes.size() < 4) return;
+  store_word(&bytes[bytes.size() - 4], sequence_fnv1a32(bytes.data(), bytes.size() - 4));
+}
+
+struct SerialSequence {
+  // magic, version, the 12 fingerprint words and the codebook table: kept as bytes.
+  std::vector<uint8_t> head;
+  struct Layer {
+    uint32_t num_blocks = 0, tail_tokens = 0;
+    std::vector<std::vector<uint8_t>> blocks;  // [num_blocks, H, K|V], each without padding
+    std::vector<uint8_t> tail_k, tail_v;       // unpadded
+  };
+  std::vector<Layer> layers;
+
+  static constexpr size_t kFingerprintAt = 8;
+  uint32_t fingerprint(size_t word) const { return load_word(&head[kFingerprintAt + 4 * word]); }
+  void set_fingerprint(size_t word, uint32_t v) { store_word(&head[kFingerprintAt + 4 * word], v); }
+  uint32_t num_layers() const { return fingerprint(0); }
+  uint32_t num_heads() const { return fingerprint(1); }
+  uint32_t head_dim() const { return fingerprint(2); }
+  size_t row_bytes() const { return size_t(num_heads()) * head_dim() * 2; }  // fp16 or bf16
+
+  // Takes apart a well-formed sequence (the checksum is not checked); nothing if the bytes are
+  // not one. Sizes are limited so that a fuzzer's input cannot ask for huge allocations.
+  static std::optional<SerialSequence> parse(const uint8_t* data, size_t size) {
+    if (size < 8 + 48 + 4 || size % 4 != 0) return std::nullopt;
+    SerialSequence s;
+    s.head.assign(data, data + 8 + 48);
+    const uint32_t L = s.num_layers(), H = s.num_heads(), D = s.head_dim();
+    if (L == 0 || L > 64 || H == 0 || H > 64 || D == 0 || D > 1024) return std::nullopt;
+    size_t at = 8 + 48;
+    const size_t end = size - 4;
+    auto need = [&](size_t n) { return n <= end - at; };
+    if (!need(16 * size_t(L))) return std::nullopt;
+    s.head.insert(s.head.end(), data + at, data + at + 16 * L);
+    at += 16 * size_t(L);
+    for (uint32_t l = 0; l < L; ++l) {
+      Layer layer;
+      if (!need(8)) return std::nullopt;
+      layer.num_blocks = load_word(data + at);
+      layer.tail_tokens = load_word(data + at + 4);
+      at += 8;
+      const uint64_t count = uint64_t(layer.num_blocks) * H * 2;
+      if (count > (end - at) / 4) return std::nullopt;
+      for (uint64_t i = 0; i < count; ++i) {
+        if (!need(4)) return std::nullopt;
+        const uint32_t n = load_word(data + at);
+        at += 4;
+        const size_t padded = (size_t(n) + 3) / 4 * 4;
+        if (!need(padded)) return std::nullopt;
+        layer.blocks.emplace_back(data + at, data + at + n);
+        at += padded;
+      }
+      const uint64_t tail = uint64_t(layer.tail_tokens) * s.row_bytes();
+      const uint64_t padded = (tail + 3) / 4 * 4;
+      if (padded > (end - at) / 2) return std::nullopt;
+      layer.tail_k.assign(data + at, data + at + tail);
+      at += size_t(padded);
+      layer.tail_v.assign(data + at, data + at + tail);
+      at += size_t(padded);
+      s.layers.push_back(std::move(layer));
+    }
+    if (at != end) return std::nullopt;
+    return s;
+  }
+
+  // The bytes, resealed. Counts are written as they are in the records (an edited num_blocks
+  // may disagree with the blocks present: that is for the fuzzer to try).
+  std::vector<uint8_t> bytes() const {
+    std::vector<uint8_t> out = head;
+    auto word = [&](uint32_t v) {
+      out.resize(out.size() + 4);
+      store_word(&out[out.size() - 4], v);
+    };
+    auto padded = [&](const std::vector<uint8_t>& b) {
+      out.insert(out.end(), b.begin(), b.end());
+      out.resize((out.size() + 3) / 4 * 4);
+    };
+    for (const Layer& l : layers) {
+      word(l.num_blocks);
+      word(l.tail_tokens);
+      for (const auto& b : l.blocks) {
+        word(uint32_t(b.size()));
+        padded(b);
+      }
+      padded(l.tail_k);
+      padded(l.tail_v);
+    }
+    word(0);
+    reseal(out);
+    return out;
+  }
+};
+
+}  // namespace kvc_fuzz
