@@ -32,7 +32,7 @@ source "$root/scripts/lib/packages.sh"
 
 if [[ "$runs" == 0 ]]; then runs=-1; fi  # libFuzzer: -1 runs until the time limit
 targets=("$@")
-if ((${#targets[@]} == 0)); then targets=(block_decode codebook store_restore store_calls); fi
+if ((${#targets[@]} == 0)); then targets=(block_decode codebook tile_decode store_restore store_calls); fi
 seed_dir() {
   case "$1" in
     block_decode) echo decode ;;
