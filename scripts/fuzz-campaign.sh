@@ -37,6 +37,7 @@ seed_dir() {
   case "$1" in
     block_decode) echo decode ;;
     codebook) echo codebook ;;
+    tile_decode) echo tiles ;;
     store_restore) echo restore ;;
     store_calls) echo calls ;;
     *) log "unknown target $1" >&2; exit 2 ;;
