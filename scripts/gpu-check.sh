@@ -146,7 +146,7 @@ if ! run_step configure 120 "${configure[@]}" -DKVC_BUILD_TESTS=ON "${gtest_args
     exit 1
   fi
 fi
-targets=(gpu_bench gpu_store_bench)
+targets=(gpu_bench gpu_store_bench kvcomp)  # kvcomp: libkvcomp.so for the real-model replay
 ((have_tests)) && targets+=(gpu_tests)
 run_step build 240 cmake --build "$build" -j "$jobs" --target "${targets[@]}" || { report; exit 1; }
 
@@ -199,17 +199,17 @@ else
 fi
 
 # ---- 4. Optional extra steps -------------------------------------------------------------------
-# >>> Real-model replay (bench/accuracy/replay.py, provided separately). Runs only where the
-# script exists and torch or cuda-python imports. Adjust its arguments here, or per run through
-# KVC_REPLAY_ARGS; it should write its numbers to the JSON file passed with --json (embedded in
-# gpu-check.json as extra.replay). Not run in --quick mode unless KVC_REPLAY_QUICK=1.
+# >>> Real-model replay: a real model's recorded decode (bench/accuracy/data/smollm2_decode.npz:
+# per-layer queries, keys and values of SmolLM2-135M) replayed through the CPU store and the CUDA
+# store with its fused attention, every output compared (bench/accuracy/replay_kv.py exits 1 past
+# 1% relative difference or if block bytes differ). Needs numpy and torch with CUDA. Not run in
+# --quick mode unless KVC_REPLAY_QUICK=1; extra arguments through KVC_REPLAY_ARGS.
 replay_args=${KVC_REPLAY_ARGS:-}
-if [[ -f bench/accuracy/replay.py && ($mode == full || ${KVC_REPLAY_QUICK:-0} == 1) ]] &&
-  python3 -c "import importlib.util as u, sys
-sys.exit(not (u.find_spec('torch') or u.find_spec('cuda')))" 2> /dev/null; then
+if [[ $mode == full || ${KVC_REPLAY_QUICK:-0} == 1 ]] &&
+  python3 -c "import numpy, torch; assert torch.cuda.is_available()" 2> /dev/null; then
   # shellcheck disable=SC2086  # the arguments are meant to split
-  run_step extra-replay 150 env KVC_BUILD_DIR="$build" PYTHONUNBUFFERED=1 \
-    python3 bench/accuracy/replay.py $replay_args --json "$work/replay.json"
+  run_step extra-replay 150 env KVCOMP_LIBRARY="$build/src/libkvcomp.so" PYTHONUNBUFFERED=1 \
+    python3 bench/accuracy/replay_kv.py --device cuda $replay_args
 fi
 # <<< end of the optional steps
 
