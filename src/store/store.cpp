@@ -469,7 +469,7 @@ void Store::attend_head(const LayerCache& c, const DecodedLayer& dec, uint32_t h
     }
     for (uint32_t d = 0; d < dim; ++d) {
       const double x = qd[d];
-      const float* row = &tail_k[size_t(d) * tail];
+      const float* row = tail_k.data() + size_t(d) * tail;  // no tail: empty, not indexed
       for (size_t t = 0; t < tail; ++t) score[blocked + t] += x * row[t];
     }
     double top = -INFINITY, sum = 0;
