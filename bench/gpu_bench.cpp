@@ -3,11 +3,11 @@
 // against a device-to-device copy of the same bytes in the same run; then decode attention
 // (Hq = 32, Hkv = 8, head_dim 128, fp16) over format v1 blocks (the scalar Huffman kernel) and
 // over tile blocks (the tensor-core kernel; tiles encoded by the CPU codec) against the dense
-// fp16 tensor-core kernel of the same structure, for batch x context shapes up to 2M tokens. Timed with CUDA events on
-// one non-default stream: median of the repetitions after a warm-up. Each result is verified
-// once against the CPU reference before timing (first blocks byte-identical, decode error within
-// the bound). Prints a table; --json FILE also writes the numbers; --quick measures attention at
-// one shape (B = 8, L = 32K) only.
+// fp16 tensor-core kernel of the same structure, for batch x context shapes up to 2M tokens. Timed
+// with CUDA events on one non-default stream: median of the repetitions after a warm-up. Each
+// result is verified once against the CPU reference before timing (first blocks byte-identical,
+// decode error within the bound). Prints a table; --json FILE also writes the numbers; --quick
+// measures attention at one shape (B = 8, L = 32K) only.
 //
 // A plain program rather than Google Benchmark: it must build on GPU machines that have only the
 // CUDA toolkit. The CPU benchmarks (bench_codec) use Google Benchmark.
