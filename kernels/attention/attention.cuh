@@ -23,7 +23,8 @@ namespace kvc::kernels {
 
 constexpr uint32_t kWarps = 4;
 constexpr uint32_t kLanes = 32;
-constexpr uint32_t kMaxTokensPerLane = 4;  // T <= 128
+constexpr uint32_t kMaxTokensPerLane = 4;      // T <= 128
+constexpr float kLog2e = 1.4426950408889634f;  // scores in base 2: exp2 is one MUFU
 
 // The descriptors the host builds (cuda_attention.hpp), read as they are.
 using cuda::BlockLocation;
@@ -344,6 +345,83 @@ __device__ void store_query_fragments(const AttentionParams& P, uint32_t seq, ui
   __syncthreads();
 }
 
+// One warp's softmax state in registers, for the 16 rows of an MMA (the group's query heads;
+// lane l holds rows l / 4 and l / 4 + 8): the output accumulators (C fragments of D / 8
+// n-tiles), the running max (base 2), this lane's share of the row sums, and an output offset
+// per row added to every channel at the end (the tile kernel's sum of p' * centre).
+template <uint32_t D>
+struct MmaSoftmax {
+  float o[D / 8][4] = {};
+  float m[2] = {-INFINITY, -INFINITY};
+  float l[2] = {0.0f, 0.0f};
+  float bias[2] = {0.0f, 0.0f};
+
+  // Folds in a unit's scores sc (element i of an n-tile is row i / 2): (sc + offset) * scale,
+  // tokens at or past `valid` masked; sc becomes the unnormalised probabilities.
+  template <uint32_t NS>
+  __device__ __forceinline__ void absorb(float (&sc)[NS][4], const float (&offset)[2], float scale,
+                                         uint32_t valid, uint32_t quad) {
+    float top[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (uint32_t n = 0; n < NS; ++n) {
+#pragma unroll
+      for (uint32_t i = 0; i < 4; ++i) {
+        const uint32_t token = 8 * n + 2 * quad + i % 2;
+        sc[n][i] = token < valid ? (sc[n][i] + offset[i / 2]) * scale : -INFINITY;
+        top[i / 2] = fmaxf(top[i / 2], sc[n][i]);
+      }
+    }
+#pragma unroll
+    for (uint32_t r = 0; r < 2; ++r) {
+      top[r] = fmaxf(top[r], __shfl_xor_sync(~0u, top[r], 1));
+      top[r] = fmaxf(top[r], __shfl_xor_sync(~0u, top[r], 2));
+      const float m_new = fmaxf(m[r], top[r]);
+      const float alpha = exp2f(m[r] - m_new);
+      m[r] = m_new;
+      l[r] *= alpha;
+      bias[r] *= alpha;
+#pragma unroll
+      for (uint32_t n = 0; n < D / 8; ++n) {
+        o[n][2 * r] *= alpha;
+        o[n][2 * r + 1] *= alpha;
+      }
+    }
+#pragma unroll
+    for (uint32_t n = 0; n < NS; ++n) {
+#pragma unroll
+      for (uint32_t i = 0; i < 4; ++i) {
+        sc[n][i] = exp2f(sc[n][i] - m[i / 2]);
+        l[i / 2] += sc[n][i];
+      }
+    }
+  }
+
+  // The partial state of part `part`: rows of the group only; max in natural-log units.
+  __device__ __forceinline__ void write(const AttentionParams& P, uint32_t seq, uint32_t head,
+                                        uint32_t part, uint32_t lane) {
+    const uint32_t quad = lane % 4, q_heads = P.kv_heads * P.group;
+#pragma unroll
+    for (uint32_t r = 0; r < 2; ++r) {
+      l[r] += __shfl_xor_sync(~0u, l[r], 1);
+      l[r] += __shfl_xor_sync(~0u, l[r], 2);
+      float off = bias[r] + __shfl_xor_sync(~0u, bias[r], 1);
+      off += __shfl_xor_sync(~0u, off, 2);
+      const uint32_t g = lane / 4 + 8 * r;
+      if (g >= P.group) continue;
+      const size_t row = (size_t(seq) * q_heads + head * P.group + g) * P.num_parts + part;
+#pragma unroll
+      for (uint32_t n = 0; n < D / 8; ++n) {
+        *reinterpret_cast<float2*>(&P.part_acc[row * D + n * 8 + 2 * quad]) =
+            make_float2(o[n][2 * r] + off, o[n][2 * r + 1] + off);
+      }
+      if (quad == 0) {
+        P.part_ml[row * 2] = m[r] / kLog2e;
+        P.part_ml[row * 2 + 1] = l[r];
+      }
+    }
+  }
+};
+
 template <kvc_dtype DT, uint32_t D>
 __global__ void __launch_bounds__(kWarps* kLanes)
     attention_dense_kernel(AttentionParams P, uint32_t max_tokens, const uint32_t* lengths,
@@ -351,7 +429,6 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   using Tr = DenseMmaTraits<D>;
   constexpr uint32_t U = Tr::kUnit, kChunks = D / 8;
   constexpr bool kBf16 = DT == KVC_DTYPE_BF16;
-  constexpr float kLog2e = 1.4426950408889634f;
   KVC_DYNAMIC_SHARED(uint8_t, smem);
   const uint32_t split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
   const uint32_t warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
@@ -385,9 +462,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
     device::cp_async_commit();
   };
 
-  float o[D / 8][4] = {};
-  float m[2] = {-INFINITY, -INFINITY};  // rows lane / 4 and lane / 4 + 8, base-2 units
-  float l[2] = {0.0f, 0.0f};            // this lane's share of the row sums
+  MmaSoftmax<D> st;
   uint32_t u = split * P.units_per_split + warp;
   if (u < end) stage_unit(u, 0);
   for (uint32_t s = 0; u < end; u += kWarps, s ^= 1) {
@@ -419,40 +494,8 @@ __global__ void __launch_bounds__(kWarps* kLanes)
       }
     }
 
-    // [sass softmax] Online softmax, base 2; element i of an n-tile is row (i / 2) of this lane.
-    const float scale = P.scale * kLog2e;
-    float top[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (uint32_t nt = 0; nt < U / 8; ++nt) {
-#pragma unroll
-      for (uint32_t i = 0; i < 4; ++i) {
-        const uint32_t token = nt * 8 + 2 * quad + i % 2;
-        sc[nt][i] = token < valid ? sc[nt][i] * scale : -INFINITY;
-        top[i / 2] = fmaxf(top[i / 2], sc[nt][i]);
-      }
-    }
-#pragma unroll
-    for (uint32_t r = 0; r < 2; ++r) {
-      top[r] = fmaxf(top[r], __shfl_xor_sync(~0u, top[r], 1));
-      top[r] = fmaxf(top[r], __shfl_xor_sync(~0u, top[r], 2));
-      const float m_new = fmaxf(m[r], top[r]);
-      const float alpha = exp2f(m[r] - m_new);
-      m[r] = m_new;
-      l[r] *= alpha;
-#pragma unroll
-      for (uint32_t nt = 0; nt < D / 8; ++nt) {
-        o[nt][2 * r] *= alpha;
-        o[nt][2 * r + 1] *= alpha;
-      }
-    }
-#pragma unroll
-    for (uint32_t nt = 0; nt < U / 8; ++nt) {
-#pragma unroll
-      for (uint32_t i = 0; i < 4; ++i) {
-        sc[nt][i] = exp2f(sc[nt][i] - m[i / 2]);
-        l[i / 2] += sc[nt][i];
-      }
-    }
+    // [sass softmax] Online softmax, base 2.
+    st.absorb(sc, {0.0f, 0.0f}, P.scale * kLog2e, valid, quad);
 
     // [sass V] O += P V: the accumulators of n-tiles 2kk and 2kk + 1 are the A fragment of k-step
     // kk. ldmatrix.trans matrix j of lane 8j + r is token 8 (j % 2) + r of the k-step, channels of
@@ -468,34 +511,15 @@ __global__ void __launch_bounds__(kWarps* kLanes)
       for (uint32_t np = 0; np < D / 16; ++np) {
         const uint4 b = device::ldmatrix_x4<true>(
             v_tile + mma::swizzled_offset(row, 2 * np + lane / 16, Tr::kRowBytes));
-        device::mma_16816<kBf16>(o[2 * np], a, b.x, b.y);
-        device::mma_16816<kBf16>(o[2 * np + 1], a, b.z, b.w);
+        device::mma_16816<kBf16>(st.o[2 * np], a, b.x, b.y);
+        device::mma_16816<kBf16>(st.o[2 * np + 1], a, b.z, b.w);
       }
     }
     __syncwarp();  // every lane is done with stage s before it is refilled
     // [sass other]
   }
 
-  // The partial state of this warp: rows of the group only; max in natural-log units.
-  const uint32_t q_heads = P.kv_heads * P.group;
-  const uint32_t part = split * kWarps + warp;
-#pragma unroll
-  for (uint32_t r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(~0u, l[r], 1);
-    l[r] += __shfl_xor_sync(~0u, l[r], 2);
-    const uint32_t g = lane / 4 + 8 * r;
-    if (g >= P.group) continue;
-    const size_t row = (size_t(seq) * q_heads + head * P.group + g) * P.num_parts + part;
-#pragma unroll
-    for (uint32_t nt = 0; nt < D / 8; ++nt) {
-      *reinterpret_cast<float2*>(&P.part_acc[row * D + nt * 8 + 2 * quad]) =
-          make_float2(o[nt][2 * r], o[nt][2 * r + 1]);
-    }
-    if (quad == 0) {
-      P.part_ml[row * 2] = m[r] / kLog2e;
-      P.part_ml[row * 2 + 1] = l[r];
-    }
-  }
+  st.write(P, seq, head, split * kWarps + warp, lane);
 }
 
 // ---- Combine ----------------------------------------------------------------------------------

@@ -233,7 +233,6 @@ __global__ void __launch_bounds__(kWarps* kLanes)
                            size_t page_bytes) {
   using Tr = TileAttentionTraits<D, T>;
   constexpr bool kBf16 = DT == KVC_DTYPE_BF16;
-  constexpr float kLog2e = 1.4426950408889634f;
   KVC_DYNAMIC_SHARED(uint8_t, smem);
   const uint32_t split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
   const uint32_t warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes, quad = lane % 4;
@@ -256,10 +255,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   const uint32_t end = min(units, (split + 1) * P.units_per_split);
   const float scale = P.scale * kLog2e;
 
-  float o[D / 8][4] = {};
-  float o_offset[2] = {0.0f, 0.0f};     // sum of p' * centre, rows lane / 4 and lane / 4 + 8
-  float m[2] = {-INFINITY, -INFINITY};  // running max, base 2
-  float l[2] = {0.0f, 0.0f};            // this lane's share of the row sums
+  MmaSoftmax<D> st;  // its bias: the sum of p' * centre
 
   // Where unit u's K and V blocks lie in the pool (16-byte aligned, as the store places them),
   // and whether they fit one stage together.
@@ -380,39 +376,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
       s_off[r] = s_offset[r] + __shfl_xor_sync(~0u, s_offset[r], 1);
       s_off[r] += __shfl_xor_sync(~0u, s_off[r], 2);
     }
-    float top[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (uint32_t n = 0; n < T / 8; ++n) {
-#pragma unroll
-      for (uint32_t i = 0; i < 4; ++i) {
-        const uint32_t token = 8 * n + 2 * quad + i % 2;
-        sc[n][i] = token < valid ? (sc[n][i] + s_off[i / 2]) * scale : -INFINITY;
-        top[i / 2] = fmaxf(top[i / 2], sc[n][i]);
-      }
-    }
-#pragma unroll
-    for (uint32_t r = 0; r < 2; ++r) {
-      top[r] = fmaxf(top[r], __shfl_xor_sync(~0u, top[r], 1));
-      top[r] = fmaxf(top[r], __shfl_xor_sync(~0u, top[r], 2));
-      const float m_new = fmaxf(m[r], top[r]);
-      const float alpha = exp2f(m[r] - m_new);
-      m[r] = m_new;
-      l[r] *= alpha;
-      o_offset[r] *= alpha;
-#pragma unroll
-      for (uint32_t n = 0; n < D / 8; ++n) {
-        o[n][2 * r] *= alpha;
-        o[n][2 * r + 1] *= alpha;
-      }
-    }
-#pragma unroll
-    for (uint32_t n = 0; n < T / 8; ++n) {
-#pragma unroll
-      for (uint32_t i = 0; i < 4; ++i) {
-        sc[n][i] = exp2f(sc[n][i] - m[i / 2]);
-        l[i / 2] += sc[n][i];
-      }
-    }
+    st.absorb(sc, s_off, scale, valid, quad);
 
     if (vb != nullptr) {
       // [sass Vprep] P' = P * step[t] for coded tiles as A fragments (n-tiles 2 kk, 2 kk + 1
@@ -431,7 +395,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
           for (uint32_t r = 0; r < 2; ++r) {
             const uint32_t i = 4 * (e / 2) + 2 * r + e % 2;
             p[i] = round_to<DT>(sc[2 * kk + i / 4][i % 4] * step);
-            o_offset[r] += p[i] * centre;
+            st.bias[r] += p[i] * centre;
           }
         }
         qfrag[kk * kLanes + lane] =
@@ -441,7 +405,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
       // [sass V] O += P' C_V, one k-step per 16-token tile.
       for (uint32_t kk = 0; kk < Tr::kVSteps; ++kk) {
         const uint32_t entry = tile_entry(vb, vl, kk);
-        tile_products_any<DT>(o, qfrag[kk * kLanes + lane], vb + tiles::entry_offset(entry),
+        tile_products_any<DT>(st.o, qfrag[kk * kLanes + lane], vb + tiles::entry_offset(entry),
                               tiles::entry_width(entry), lane);
       }
     } else {
@@ -466,7 +430,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
             const uint32_t hi = t + 1 < valid ? values[(t + 1) * stride + c] : 0u;
             b[r] = lo | hi << 16;
           }
-          device::mma_16816<kBf16>(o[n], a, b[0], b[1]);
+          device::mma_16816<kBf16>(st.o[n], a, b[0], b[1]);
         }
       }
     }
@@ -474,27 +438,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
     // [sass other]
   }
 
-  // The partial state of this warp: rows of the group only; max in natural-log units.
-  const uint32_t part = split * kWarps + warp;
-#pragma unroll
-  for (uint32_t r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(~0u, l[r], 1);
-    l[r] += __shfl_xor_sync(~0u, l[r], 2);
-    float off = o_offset[r] + __shfl_xor_sync(~0u, o_offset[r], 1);
-    off += __shfl_xor_sync(~0u, off, 2);
-    const uint32_t g = lane / 4 + 8 * r;
-    if (g >= P.group) continue;
-    const size_t row = (size_t(seq) * q_heads + head * P.group + g) * P.num_parts + part;
-#pragma unroll
-    for (uint32_t n = 0; n < D / 8; ++n) {
-      *reinterpret_cast<float2*>(&P.part_acc[row * D + n * 8 + 2 * quad]) =
-          make_float2(o[n][2 * r] + off, o[n][2 * r + 1] + off);
-    }
-    if (quad == 0) {
-      P.part_ml[row * 2] = m[r] / kLog2e;
-      P.part_ml[row * 2 + 1] = l[r];
-    }
-  }
+  st.write(P, seq, head, split * kWarps + warp, lane);
 }
 
 }  // namespace kvc::kernels
