@@ -11,6 +11,7 @@
 #include <cmath>
 #include <random>
 
+#include "attention_reference.hpp"
 #include "cpu/codec_cpu.hpp"
 #include "kernels/attention/attention.cuh"
 #include "test_support.hpp"
@@ -24,52 +25,6 @@ struct Case {
   std::vector<uint32_t> lengths;
   uint32_t sms;  // the multiprocessor count the split schedule is made for
 };
-
-uint16_t to_bits(kvc_dtype dt, float v) {
-  return dt == KVC_DTYPE_BF16 ? format::float_to_bf16(v) : format::float_to_half(v);
-}
-float from_bits(kvc_dtype dt, uint16_t h) {
-  return dt == KVC_DTYPE_BF16 ? format::bf16_to_float(h) : format::half_to_float(h);
-}
-
-// softmax(scale q.K^T) V in double for one query row; k, v: [len, dim] floats.
-std::vector<double> reference(const float* q, const std::vector<float>& k,
-                              const std::vector<float>& v, uint32_t dim, float scale) {
-  const size_t len = k.size() / dim;
-  std::vector<double> w(len), out(dim, 0.0);
-  double top = -INFINITY, sum = 0;
-  for (size_t t = 0; t < len; ++t) {
-    double dot = 0;
-    for (uint32_t c = 0; c < dim; ++c) dot += double(q[c]) * k[t * dim + c];
-    w[t] = double(scale) * dot;
-    top = std::max(top, w[t]);
-  }
-  for (double& x : w) sum += (x = std::exp(x - top));
-  for (size_t t = 0; t < len; ++t) {
-    for (uint32_t c = 0; c < dim; ++c) out[c] += w[t] * v[t * dim + c];
-  }
-  for (double& o : out) o = len ? o / sum : 0.0;
-  return out;
-}
-
-double row_error(const uint16_t* out, const std::vector<double>& ref, kvc_dtype dt) {
-  double num = 0, den = 0;
-  for (size_t c = 0; c < ref.size(); ++c) {
-    if (out[c] == 0xFFFF) return INFINITY;  // poison survived
-    const double d = from_bits(dt, out[c]) - ref[c];
-    num += d * d;
-    den += ref[c] * ref[c];
-  }
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-}
-
-// The error a row must stay within: 1e-3 beyond what rounding the exact result to the output
-// dtype costs (bf16's 8-bit mantissa alone gives about 1.5e-3).
-double row_tolerance(const std::vector<double>& ref, kvc_dtype dt) {
-  std::vector<uint16_t> rounded(ref.size());
-  for (size_t c = 0; c < ref.size(); ++c) rounded[c] = to_bits(dt, float(ref[c]));
-  return row_error(rounded.data(), ref, dt) + 1e-3;
-}
 
 // attention.cu's make_plan and params_for, for `sms` multiprocessors.
 struct Plan {

@@ -13,6 +13,7 @@
 #include <random>
 #include <vector>
 
+#include "attention_reference.hpp"
 #include "cpu/tile_codec_cpu.hpp"
 #include "kernels/attention/cuda_attention.hpp"
 #include "test_support.hpp"
@@ -26,13 +27,6 @@ struct TileCase {
   float outlier;           // scale of K channel 5 (wide codes, raw tiles)
   std::vector<uint32_t> lengths;
 };
-
-inline uint16_t to_bits(kvc_dtype dt, float v) {
-  return dt == KVC_DTYPE_BF16 ? format::float_to_bf16(v) : format::float_to_half(v);
-}
-inline float from_bits(kvc_dtype dt, uint16_t h) {
-  return dt == KVC_DTYPE_BF16 ? format::bf16_to_float(h) : format::half_to_float(h);
-}
 
 struct TileCacheImage {
   std::vector<uint8_t> pool;
@@ -106,26 +100,6 @@ inline TileCacheImage build_tile_cache(TileCase& c, std::mt19937& rng) {
   return im;
 }
 
-// softmax(scale q.K^T) V in double for one query row; k, v: [len, dim].
-inline std::vector<double> attention_reference(const std::vector<float>& q,
-                                               const std::vector<float>& k,
-                                               const std::vector<float>& v, float scale) {
-  const size_t dim = q.size(), len = k.size() / dim;
-  std::vector<double> w(len), out(dim, 0.0);
-  double top = -INFINITY, sum = 0;
-  for (size_t t = 0; t < len; ++t) {
-    double dot = 0;
-    for (size_t c = 0; c < dim; ++c) dot += double(q[c]) * k[t * dim + c];
-    top = std::max(top, w[t] = double(scale) * dot);
-  }
-  for (double& x : w) sum += (x = std::exp(x - top));
-  for (size_t t = 0; t < len; ++t) {
-    for (size_t c = 0; c < dim; ++c) out[c] += w[t] * v[t * dim + c];
-  }
-  for (double& o : out) o = len ? o / sum : 0.0;
-  return out;
-}
-
 // Every output row [b, q_head, dim] written (the caller poisons with 0xFFFF) and within
 // `tolerance` of the reference in relative L2 norm.
 inline ::testing::AssertionResult outputs_match(const TileCase& c, const TileCacheImage& im,
@@ -138,7 +112,7 @@ inline ::testing::AssertionResult outputs_match(const TileCase& c, const TileCac
       std::vector<float> q(D);
       for (uint32_t d = 0; d < D; ++d) q[d] = from_bits(c.dtype, im.q[row + d]);
       const auto ref =
-          attention_reference(q, im.ref_k[b][qh / c.group], im.ref_v[b][qh / c.group], scale);
+          reference(q.data(), im.ref_k[b][qh / c.group], im.ref_v[b][qh / c.group], D, scale);
       double num = 0, den = 0;
       for (uint32_t d = 0; d < D; ++d) {
         if (out[row + d] == 0xFFFF) {
