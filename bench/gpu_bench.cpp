@@ -23,7 +23,7 @@
 
 #include "bench/gpu_bench_util.hpp"
 #include "bench/synthetic_kv.hpp"
-#include "kernels/attention/cuda_attention.hpp"
+#include "cuda/cuda_attention.hpp"
 
 namespace {
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
-# Static figures of the attention kernels, no GPU needed: builds kernels/attention/attention.cu
+# Static figures of the attention kernels, no GPU needed: builds src/cuda/attention.cu
 # for sm_90 with line info (build-sass/), extracts its cubin, and prints per kernel
 # instantiation the registers, stack and local memory, HMMA/LDSM counts and the SASS per K and
 # V element of the main loop (scripts/sass_report.py says how they are counted). cuobjdump and
@@ -33,10 +33,10 @@ build="$root/build-sass"
 kvc_configure "$root" "$build" -DCMAKE_BUILD_TYPE=Release -DKVC_ENABLE_CUDA=ON \
   -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_FLAGS=-lineinfo -DKVC_BUILD_TESTS=OFF \
   -DKVC_BUILD_BENCH=OFF -DKVC_BUILD_EXAMPLES=OFF -DKVC_INSTALL=OFF >/dev/null
-object=src/CMakeFiles/kvcomp_objects.dir/__/kernels/attention/attention.cu.o
+object=src/CMakeFiles/kvcomp_objects.dir/cuda/attention.cu.o
 cmake --build "$build" --target "$object" >&2
 (cd "$build" && "$bin/cuobjdump" -xelf all "$object" >/dev/null)
 cubin="$(ls "$build"/attention*.sm_90*.cubin | head -n 1)"
-echo "sm_90 machine code of kernels/attention/attention.cu at $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u +%Y-%m-%d), $("$bin/nvdisasm" --version | tail -n 1)"
+echo "sm_90 machine code of src/cuda/attention.cu at $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u +%Y-%m-%d), $("$bin/nvdisasm" --version | tail -n 1)"
 python3 "$root/scripts/sass_report.py" --cubin "$cubin" --nvdisasm "$bin/nvdisasm" \
   --cuobjdump "$bin/cuobjdump" --source "$root/kernels/attention/attention.cuh" "$@"

@@ -15,9 +15,9 @@
 
 #include <cfloat>
 
-#include "kernels/attention/cuda_attention.hpp"
 #include "kernels/attention/mma.cuh"
 #include "kernels/codec/device_common.cuh"
+#include "kernels/common/sequence_view.cuh"
 
 namespace kvc::kernels {
 
@@ -25,10 +25,6 @@ constexpr uint32_t kWarps = 4;
 constexpr uint32_t kLanes = 32;
 constexpr uint32_t kMaxTokensPerLane = 4;      // T <= 128
 constexpr float kLog2e = 1.4426950408889634f;  // scores in base 2: exp2 is one MUFU
-
-// The descriptors the host builds (cuda_attention.hpp), read as they are.
-using cuda::BlockLocation;
-using cuda::SequenceView;
 
 struct AttentionParams {
   uint32_t kv_heads, group, block_tokens, units_per_split, num_parts;

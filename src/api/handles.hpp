@@ -11,8 +11,8 @@
 #include "core/error.hpp"
 #include "store/store.hpp"
 #if defined(KVC_WITH_CUDA)
-#include "kernels/codec/cuda_codec.hpp"
-#include "kernels/store/cuda_store.hpp"
+#include "cuda/cuda_codec.hpp"
+#include "cuda/cuda_store.hpp"
 #endif
 
 namespace kvc {

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // The codec kernels (kernels/codec/*.cuh, the sources nvcc compiles) run under the host
-// emulation, launched as kernels/codec/codec.cu launches them, on host memory.
+// emulation, launched as src/cuda/codec.cu launches them, on host memory.
 #pragma once
 
 #include "tests/emulation/device_emulation.hpp"  // first: the kernels compile against it
@@ -20,7 +20,7 @@ inline kernels::Shape shape_of(const CodecParams& p) {
           p.num_substreams, p.relative,   p.error_bound, uint32_t(p.entropy)};
 }
 
-// A codebook's device tables (as kernels/codec/device_book.cuh uploads them), in host memory.
+// A codebook's device tables (as src/cuda/device_book.hpp uploads them), in host memory.
 class EmulatedBook {
  public:
   explicit EmulatedBook(const Codebook* book) {

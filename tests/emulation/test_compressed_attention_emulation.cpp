@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // The decode-attention kernels over compressed blocks (kernels/attention/attention.cuh), run on
-// the CPU under the host emulation as kernels/attention/attention.cu launches them (a split
+// the CPU under the host emulation as src/cuda/attention.cu launches them (a split
 // schedule, the per-warp partial softmax, the combine), against a double-precision reference on
 // the decoded blocks: blocks laid out as the store keeps them (one pool, block tables, tails).
 // Every output element is poisoned first and must be written.

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // The CUDA store's kernels (kernels/store/store_kernels.cuh), run on the CPU under the host
-// emulation in the order kernels/store/store.cu launches them (stage, encode, commit, copy per
+// emulation in the order src/cuda/store.cu launches them (stage, encode, commit, copy per
 // layer, finish; free), against a shadow model: random adds, appends and frees, with unknown
 // sequences, over-long sequences, inf/NaN rows and pages running out. After every step: every
 // block byte-identical to the CPU encoder's block of the same rows, at the next-fit offset;

@@ -7,8 +7,8 @@
 
 #include "attention_reference.hpp"
 #include "cpu/codec_cpu.hpp"
+#include "cuda/cuda_attention.hpp"
 #include "gpu_test.hpp"
-#include "kernels/attention/cuda_attention.hpp"
 #include "test_support.hpp"
 
 namespace kvc::test {

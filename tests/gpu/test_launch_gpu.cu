@@ -2,8 +2,8 @@
 // kvc::cuda::launch and its shared-memory opt-in: every kernel (each template instantiation is
 // its own) gets its limit raised, static shared memory counts toward the 48 KiB default, and a
 // failed launch leaves no runtime error behind for the caller's next cudaGetLastError().
+#include "cuda/launch.hpp"
 #include "gpu_test.hpp"
-#include "kernels/common/launch.cuh"
 
 namespace kvc::test {
 namespace {

@@ -15,7 +15,7 @@
 
 #include "attention_reference.hpp"
 #include "cpu/tile_codec_cpu.hpp"
-#include "kernels/attention/cuda_attention.hpp"
+#include "cuda/cuda_attention.hpp"
 #include "test_support.hpp"
 
 namespace kvc::test {

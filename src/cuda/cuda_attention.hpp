@@ -15,25 +15,12 @@
 
 #include "codec/codebook.hpp"
 #include "codec/codec_params.hpp"
+#include "kernels/common/sequence_view.cuh"
 
 namespace kvc::cuda {
 
-// Where one compressed block lives: the store's BlockRef.
-struct BlockLocation {
-  uint32_t page;
-  uint32_t offset;
-  uint32_t bytes;
-};
-
-// One sequence of one layer, device pointers: blocks [num_blocks, kv_heads, 2 (K, V)], and a tail
-// [tail_tokens, kv_heads, head_dim] of the cache dtype.
-struct SequenceView {
-  const BlockLocation* blocks;
-  uint32_t num_blocks;
-  uint32_t tail_tokens;
-  const void* tail_keys;
-  const void* tail_values;
-};
+using kernels::BlockLocation;
+using kernels::SequenceView;
 
 struct AttentionShape {
   uint32_t num_sequences;

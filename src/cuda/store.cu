@@ -7,10 +7,10 @@
 #include <vector>
 
 #include "core/error.hpp"
-#include "kernels/attention/cuda_attention.hpp"
-#include "kernels/codec/cuda_codec.hpp"
-#include "kernels/common/launch.cuh"
-#include "kernels/store/cuda_store.hpp"
+#include "cuda/cuda_attention.hpp"
+#include "cuda/cuda_codec.hpp"
+#include "cuda/cuda_store.hpp"
+#include "cuda/launch.hpp"
 #include "kernels/store/store_kernels.cuh"
 
 namespace kvc::cuda {

@@ -6,12 +6,12 @@
 #include <vector>
 
 #include "core/error.hpp"
-#include "kernels/codec/cuda_codec.hpp"
+#include "cuda/cuda_codec.hpp"
+#include "cuda/device_book.hpp"
+#include "cuda/launch.hpp"
 #include "kernels/codec/decode.cuh"
-#include "kernels/codec/device_book.cuh"
 #include "kernels/codec/encode.cuh"
 #include "kernels/codec/histogram.cuh"
-#include "kernels/common/launch.cuh"
 
 namespace kvc::cuda {
 namespace k = kvc::kernels;

@@ -6,11 +6,11 @@
 #include <algorithm>
 
 #include "core/error.hpp"
+#include "cuda/cuda_attention.hpp"
+#include "cuda/device_book.hpp"
+#include "cuda/launch.hpp"
 #include "kernels/attention/attention.cuh"
-#include "kernels/attention/cuda_attention.hpp"
 #include "kernels/attention/tile_attention.cuh"
-#include "kernels/codec/device_book.cuh"
-#include "kernels/common/launch.cuh"
 
 namespace kvc::cuda {
 namespace k = kvc::kernels;

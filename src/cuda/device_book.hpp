@@ -9,8 +9,8 @@
 #include <vector>
 
 #include "codec/codebook.hpp"
+#include "cuda/launch.hpp"
 #include "kernels/codec/device_common.cuh"
-#include "kernels/common/launch.cuh"
 
 namespace kvc::cuda {
 
