@@ -58,7 +58,7 @@ std::vector<uint16_t> combine(const TileCase& c, const k::AttentionParams& P) {
 template <kvc_dtype DT, uint32_t D, uint32_t T>
 void run_tiles(TileCase c, uint32_t splits, std::mt19937& rng) {
   const TileCacheImage im = build_tile_cache(c, rng);
-  std::vector<cuda::SequenceView> views(c.batch);
+  std::vector<kernels::SequenceView> views(c.batch);
   for (uint32_t b = 0; b < c.batch; ++b) {
     views[b] = {im.tables[b].data(), c.lengths[b] / T, c.lengths[b] % T, im.tails_k[b].data(),
                 im.tails_v[b].data()};
@@ -69,7 +69,7 @@ void run_tiles(TileCase c, uint32_t splits, std::mt19937& rng) {
   const auto r =
       emu::launch(k::attention_tiles_kernel<DT, D, T>, emu::Dim3(splits, c.kv_heads, c.batch),
                   emu::Dim3(k::kWarps * 32), Tr::smem_bytes(), l.params,
-                  static_cast<const cuda::SequenceView*>(views.data()),
+                  static_cast<const kernels::SequenceView*>(views.data()),
                   static_cast<const uint8_t*>(im.pool.data()), im.pool.size());
   ASSERT_TRUE(r.errors.empty()) << r.errors.front();
   const auto out = combine<DT>(c, l.params);

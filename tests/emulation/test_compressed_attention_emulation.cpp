@@ -46,7 +46,7 @@ template <kvc_dtype DT, uint32_t D, uint32_t G>
 emu::LaunchResult emulated_attention(const Case& c, const Plan& plan, const CodecParams& key,
                                      const CodecParams& value, const kernels::BookView& kbook,
                                      const kernels::BookView& vbook, const uint8_t* pool,
-                                     const cuda::SequenceView* views, const uint16_t* queries,
+                                     const kernels::SequenceView* views, const uint16_t* queries,
                                      std::vector<float>& workspace, uint16_t* out) {
   const uint32_t T = c.tokens, parts = plan.splits * kernels::kWarps;
   const size_t rows = size_t(c.batch) * c.kv_heads * c.group * parts;
@@ -85,7 +85,7 @@ void run_case(const Case& c) {
   const Codebook* books[2] = {&key_book, &value_book};
 
   std::vector<uint8_t> pool;
-  std::vector<std::vector<cuda::BlockLocation>> tables(c.batch);
+  std::vector<std::vector<kernels::BlockLocation>> tables(c.batch);
   std::vector<std::vector<uint16_t>> tails_k(c.batch), tails_v(c.batch);
   std::vector<std::vector<std::vector<float>>> ref_k(c.batch), ref_v(c.batch);  // [b][h]
   std::vector<uint8_t> scratch(key.max_block_bytes(c.dtype) + value.max_block_bytes(c.dtype));
@@ -125,7 +125,7 @@ void run_case(const Case& c) {
       }
     }
   }
-  std::vector<cuda::SequenceView> views(c.batch);
+  std::vector<kernels::SequenceView> views(c.batch);
   uint32_t max_blocks = 0;
   for (uint32_t b = 0; b < c.batch; ++b) {
     views[b] = {tables[b].data(), c.lengths[b] / T, c.lengths[b] % T, tails_k[b].data(),

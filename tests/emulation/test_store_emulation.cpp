@@ -23,8 +23,8 @@ namespace kvc::test {
 namespace {
 
 namespace ks = kvc::kernels::store;
-using cuda::BlockLocation;
-using cuda::SequenceView;
+using kernels::BlockLocation;
+using kernels::SequenceView;
 
 struct StoreShape {
   uint32_t layers = 2, heads = 2, dim = 16, block_tokens = 4;

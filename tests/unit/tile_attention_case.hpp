@@ -30,7 +30,7 @@ struct TileCase {
 
 struct TileCacheImage {
   std::vector<uint8_t> pool;
-  std::vector<std::vector<cuda::BlockLocation>> tables;       // [b][block, head, K|V]
+  std::vector<std::vector<kernels::BlockLocation>> tables;    // [b][block, head, K|V]
   std::vector<std::vector<uint16_t>> tails_k, tails_v;        // [b][tail, head, dim]
   std::vector<std::vector<std::vector<float>>> ref_k, ref_v;  // [b][head][token, dim]
   std::vector<uint16_t> q;                                    // [b, q_heads, dim]
