@@ -159,6 +159,9 @@ typedef enum kvc_block_format {
                                  order, what the GPU decode attention reads. Needs num_tokens a
                                  power of two in 16..1024, head_dim a power of two in 16..256 and V
                                  groups of head_dim channels; CPU backend only for now */
+  KVC_BLOCK_FORMAT_AUTO = 2,  /* stores only (kvc_store_config.block_format): tiles where the
+                                 store's attention runs on the GPU (KVC_BACKEND_CUDA) and the
+                                 shape has a tile kernel, format v1 otherwise */
   KVC_BLOCK_FORMAT_MAX_ENUM = 0x7FFFFFFF
 } kvc_block_format;
 
@@ -385,21 +388,35 @@ typedef struct kvc_store_config {
   float key_error_bound;
   int32_t value_bound_mode; /* kvc_bound_mode */
   float value_error_bound;
-  int32_t value_group_size;    /* as kvc_codec_config; 0 = head_dim */
-  int32_t entropy;             /* kvc_entropy: AUTO uses the layer's codebooks once built */
-  int32_t page_bytes;          /* page size, a multiple of 256, >= the largest block (64 KiB is
-                                  usually right; 0 = the smallest multiple of 64 KiB that fits) */
-  int64_t capacity_bytes;      /* pool size in bytes, rounded down to whole pages */
-  int32_t max_sequences;       /* live sequences at most; 0 = no limit (CPU only). The CUDA
-                                  backend needs it: it sizes the device tables and tails */
-  int32_t max_sequence_tokens; /* tokens per (sequence, layer) at most; 0 = no limit (CPU
-                                  only). The CUDA backend needs it: it sizes the block tables */
+  int32_t value_group_size;      /* as kvc_codec_config; 0 = head_dim */
+  int32_t entropy;               /* kvc_entropy: AUTO uses the layer's codebooks once built */
+  int32_t page_bytes;            /* page size, a multiple of 256, >= the largest block (64 KiB is
+                                    usually right; 0 = the smallest multiple of 64 KiB that fits) */
+  int64_t capacity_bytes;        /* pool size in bytes, rounded down to whole pages */
+  int32_t max_sequences;         /* live sequences at most; 0 = no limit (CPU only). The CUDA
+                                    backend needs it: it sizes the device tables and tails */
+  int32_t max_sequence_tokens;   /* tokens per (sequence, layer) at most; 0 = no limit (CPU
+                                    only). The CUDA backend needs it: it sizes the block tables */
+  int32_t block_format;          /* kvc_block_format of the compressed blocks (AUTO: see there).
+                                    Tiles (format t1) need block_tokens a power of two in
+                                    [16, 1024], head_dim a power of two in [16, 256] and
+                                    value_group_size 0 (or head_dim); on the CUDA backend also
+                                    block_tokens 64 or 128 and block_tokens * head_dim <= 16384
+                                    (the tile attention kernel), else KVC_ERROR_NOT_SUPPORTED.
+                                    A tiles store uses no codebooks: entropy and num_substreams
+                                    are ignored, kvc_store_set_codebook is refused */
+  int32_t tile_permute_channels; /* tiles: as kvc_codec_config (1 = sort K channels by width) */
+  int32_t tile_split_widths;     /* tiles: as kvc_codec_config (1 = 3- and 6-bit tiles too) */
+  int32_t num_substreams;        /* format v1: Huffman sub-streams per block, dividing the group
+                                    size, as kvc_codec_config; 0 = automatic (32 where the group
+                                    size allows: what the CUDA attention kernel reads). Fewer
+                                    give a slightly better ratio */
 } kvc_store_config;
 #define KVC_STORE_CONFIG_INIT                                                                  \
   {                                                                                            \
     sizeof(kvc_store_config), KVC_ABI_VERSION, KVC_BACKEND_CPU, 1, 1, 128, KVC_DTYPE_FP16, 64, \
         KVC_BOUND_RELATIVE, 0.05f, KVC_BOUND_RELATIVE, 0.05f, 0, KVC_ENTROPY_AUTO, 0,          \
-        (int64_t)1 << 30, 0, 0                                                                 \
+        (int64_t)1 << 30, 0, 0, KVC_BLOCK_FORMAT_AUTO, 1, 1, 0                                 \
   }
 
 /* What the store holds, all of it counted. */
