@@ -24,9 +24,6 @@ constexpr uint32_t kSerialMagic = 0x7363766Bu;  // bytes "kvcs"
 constexpr uint32_t kSerialVersion = 1;
 constexpr uint32_t kSerialVersionTiles = 2;
 
-// Until the CUDA store writes tile blocks, AUTO keeps format v1 there.
-constexpr bool kCudaStoreHoldsTiles = false;
-
 // Whether the tile attention kernel (cuda::attention_tiles) covers a store shape: T of 64 or
 // 128, head_dim 64, 128 or 256 with T * head_dim <= 128 * 128, V quantized per whole token.
 bool tile_kernel_shape(const kvc_store_config& c) {
@@ -44,7 +41,7 @@ bool wants_tiles(const kvc_store_config& c) {
           " is not a kvc_block_format (KVC_BLOCK_FORMAT_V1 = 0, KVC_BLOCK_FORMAT_TILES = 1, ",
           "KVC_BLOCK_FORMAT_AUTO = 2)");
   if (c.block_format == KVC_BLOCK_FORMAT_AUTO) {
-    return kCudaStoreHoldsTiles && c.backend == KVC_BACKEND_CUDA && tile_kernel_shape(c);
+    return kCudaStoreWritesTiles && c.backend == KVC_BACKEND_CUDA && tile_kernel_shape(c);
   }
   const bool tiles = c.block_format == KVC_BLOCK_FORMAT_TILES;
   require(!tiles || c.backend != KVC_BACKEND_CUDA || tile_kernel_shape(c), KVC_ERROR_NOT_SUPPORTED,
@@ -596,14 +593,13 @@ StoreStats Store::stats() const {
 
 namespace {
 
-constexpr size_t kFingerprintWords = 12;  // version 1; version 2 adds the block format word
-
 // The serialized version a store writes (v1 stores keep version 1, which older readers take).
 uint32_t serial_version(const StoreParams& p) {
   return p.tiles() ? kSerialVersionTiles : kSerialVersion;
 }
 
-// What must match between the writing and the restoring store. A tiles store ignores entropy
+// What must match between the writing and the restoring store: 12 words in version 1, 13 in
+// version 2 (the block format word last). A tiles store ignores entropy
 // and sub-streams: they count as 0, so that stores differing only there exchange sequences.
 std::vector<uint32_t> fingerprint(const StoreParams& p) {
   const kvc_store_config& c = p.config;
