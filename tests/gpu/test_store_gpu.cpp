@@ -3,7 +3,9 @@
 // copies on a non-default stream; the same serialized bytes as the CPU store for the same
 // tokens; a decode step and attention captured in CUDA graphs and replayed; out of pages in the
 // middle of a batch reported through the stats, changing nothing; no page leaks; and the
-// configuration the CUDA store needs.
+// configuration the CUDA store needs. A store of tile blocks (format t1): the model-based test
+// with the tensor-core attention kernel, the same bytes as the CPU tiles store, AUTO choosing
+// tiles; skipped while this build's CUDA codec writes no tile blocks (kCudaStoreWritesTiles).
 #include <algorithm>
 #include <cmath>
 #include <memory>
@@ -12,6 +14,7 @@
 #include <vector>
 
 #include "gpu_test.hpp"
+#include "store/store.hpp"  // kCudaStoreWritesTiles
 #include "store_model.hpp"
 #include "test_support.hpp"
 
@@ -181,6 +184,7 @@ kvc_store_config cuda_config(const Shape& sh, int64_t capacity, int32_t page_byt
                              int32_t max_sequences, int32_t max_sequence_tokens) {
   kvc_store_config c = store_config(sh, capacity, page_bytes);
   c.backend = KVC_BACKEND_CUDA;
+  c.block_format = KVC_BLOCK_FORMAT_V1;  // (the tile tests below set TILES)
   c.max_sequences = max_sequences;
   c.max_sequence_tokens = max_sequence_tokens;
   return c;
@@ -215,6 +219,7 @@ TEST_F(StoreGpu, ModelBasedRandomOperations) {
   mp.steps = 400;
   mp.seed = 2025;
   mp.tolerance = gpu_tolerance();
+  mp.block_format = KVC_BLOCK_FORMAT_V1;
   CudaStoreBackend cuda(mp.shape);
   run_model(cuda, mp);
 }
@@ -549,6 +554,120 @@ TEST_F(StoreGpu, TheCudaStoreNeedsSequenceLimits) {
   c = cuda_config(sh, 1 << 20, 0, 8, 1024);
   ASSERT_EQ(kvc_store_create(&c, &s), KVC_SUCCESS) << kvc_last_error();
   kvc_store_destroy(s);
+}
+
+// ---- Tile blocks (format t1) -------------------------------------------------------------------
+
+// A shape the tile attention kernel takes: 64-token blocks of head_dim 64 (largest tile block
+// align16(32 + 4 * 4) + 64 * 64 * 2 = 8240 bytes, in pages of 8448).
+Shape tile_gpu_shape() {
+  Shape s = gpu_shape();
+  s.tokens = 64;
+  return s;
+}
+constexpr int32_t kTilePage = 8448;
+
+// The tile kernel rounds the step-scaled query and the probabilities to fp16 (the MMA's inputs):
+// errors of a few 1e-3 of the value column's magnitude, where a wrong block, token or head is
+// off by the values themselves.
+AttentionTolerance tile_gpu_tolerance() { return {0.0, 1e-2}; }
+
+kvc_store_config tile_cuda_config(const Shape& sh, int64_t capacity, int32_t page_bytes,
+                                  int32_t max_sequences, int32_t max_sequence_tokens) {
+  kvc_store_config c = cuda_config(sh, capacity, page_bytes, max_sequences, max_sequence_tokens);
+  c.block_format = KVC_BLOCK_FORMAT_TILES;
+  return c;
+}
+
+TEST_F(StoreGpu, TileStoreShapesAndAuto) {
+  const Shape sh = tile_gpu_shape();
+  kvc_store_t s = nullptr;
+  kvc_store_config c = tile_cuda_config(sh, 1 << 22, 0, 4, 1024);
+  if (!kCudaStoreWritesTiles) {
+    EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_NOT_SUPPORTED);
+    EXPECT_TRUE(last_error_names("tile")) << kvc_last_error();
+    GTEST_SKIP() << "this build's CUDA codec writes no tile blocks";
+  }
+  ASSERT_EQ(kvc_store_create(&c, &s), KVC_SUCCESS) << kvc_last_error();
+  kvc_store_destroy(s);
+  // Shapes without a tile kernel: TILES refused, AUTO falls back to format v1 (which builds
+  // codebooks), where the kernel's shapes get tiles (no codebooks).
+  c.block_tokens = 32;
+  EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_NOT_SUPPORTED);
+  EXPECT_TRUE(last_error_names("block_tokens")) << kvc_last_error();
+  c.block_tokens = 128;
+  c.head_dim = 256;
+  EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_NOT_SUPPORTED);
+  std::mt19937 rng(3);
+  for (int32_t tokens : {32, 64}) {
+    Shape shape = tile_gpu_shape();
+    shape.tokens = tokens;
+    kvc_store_config a = tile_cuda_config(shape, 1 << 22, 0, 4, 1024);
+    a.block_format = KVC_BLOCK_FORMAT_AUTO;
+    StoreHandle store(a);
+    ASSERT_NE(store.s, nullptr);
+    CudaStoreBackend gpu(shape);
+    int32_t id = -1;
+    ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
+    const Rows k = random_rows(rng, 64 * size_t(shape.layers), shape);
+    const Rows v = random_rows(rng, 64 * size_t(shape.layers), shape);
+    ASSERT_EQ(gpu.prefill(store.s, id, 0, shape.layers, 64, k.bits.data(), v.bits.data()),
+              KVC_SUCCESS);
+    kvc_codebook_t book = nullptr;
+    ASSERT_EQ(kvc_store_get_codebook(store.s, 0, KVC_KIND_KEY, &book), KVC_SUCCESS);
+    EXPECT_EQ(book != nullptr, tokens == 32) << "T = " << tokens;
+    kvc_codebook_destroy(book);
+  }
+}
+
+TEST_F(StoreGpu, TileStoreModelBasedRandomOperations) {
+  if (!kCudaStoreWritesTiles) GTEST_SKIP() << "this build's CUDA codec writes no tile blocks";
+  ModelParams mp;
+  mp.shape = tile_gpu_shape();
+  mp.page_bytes = 2 * kTilePage;
+  mp.capacity_bytes = 32 * int64_t(mp.page_bytes);
+  mp.max_sequences = 24;
+  mp.max_sequence_tokens = 320;
+  mp.max_prefill_tokens = 160;
+  mp.steps = 300;
+  mp.seed = 2026;
+  mp.tolerance = tile_gpu_tolerance();
+  mp.block_format = KVC_BLOCK_FORMAT_TILES;
+  CudaStoreBackend cuda(mp.shape);
+  run_model(cuda, mp);
+}
+
+TEST_F(StoreGpu, TileStoreSerializesToTheSameBytesAsTheCpuTileStore) {
+  if (!kCudaStoreWritesTiles) GTEST_SKIP() << "this build's CUDA codec writes no tile blocks";
+  const Shape sh = tile_gpu_shape();
+  kvc_store_config on_cpu = tile_cuda_config(sh, 8 << 20, 0, 8, 1024);
+  on_cpu.backend = KVC_BACKEND_CPU;
+  StoreHandle host(on_cpu), device(tile_cuda_config(sh, 8 << 20, 0, 8, 1024));
+  ASSERT_NE(host.s, nullptr);
+  ASSERT_NE(device.s, nullptr);
+  CpuStoreBackend cpu;
+  CudaStoreBackend gpu(sh);
+  std::mt19937 rng(43);
+  for (int32_t n : {200, 63, 64, 1, 0}) {
+    int32_t h = -1, d = -1;
+    ASSERT_EQ(kvc_store_add_sequence(host.s, &h), KVC_SUCCESS);
+    ASSERT_EQ(kvc_store_add_sequence(device.s, &d), KVC_SUCCESS);
+    const Rows k = random_rows(rng, size_t(n) * size_t(sh.layers), sh);
+    const Rows v = random_rows(rng, size_t(n) * size_t(sh.layers), sh);
+    ASSERT_EQ(cpu.prefill(host.s, h, 0, sh.layers, n, k.bits.data(), v.bits.data()), KVC_SUCCESS);
+    ASSERT_EQ(gpu.prefill(device.s, d, 0, sh.layers, n, k.bits.data(), v.bits.data()), KVC_SUCCESS);
+    std::vector<uint8_t> a, b;
+    ASSERT_NO_FATAL_FAILURE(serialize_sequence(host.s, h, a));
+    ASSERT_NO_FATAL_FAILURE(serialize_sequence(device.s, d, b));
+    EXPECT_EQ(a, b) << n << " tokens: the CUDA and CPU tile stores wrote different bytes";
+    // And each restores into the other backend.
+    int32_t r = -1;
+    EXPECT_EQ(kvc_store_restore(device.s, a.data(), a.size(), &r), KVC_SUCCESS) << kvc_last_error();
+    EXPECT_EQ(kvc_store_restore(host.s, b.data(), b.size(), &r), KVC_SUCCESS) << kvc_last_error();
+  }
+  const kvc_store_stats sh_stats = store_stats(host.s), sd_stats = store_stats(device.s);
+  EXPECT_EQ(sh_stats.block_bytes, sd_stats.block_bytes);
+  EXPECT_EQ(sd_stats.codebook_bytes, 0);
 }
 
 }  // namespace
