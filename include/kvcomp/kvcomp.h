@@ -363,15 +363,15 @@ KVC_API kvc_status_t kvc_block_inspect(const void* h_block, size_t src_bytes, kv
  *     creation; tensors are device pointers. kvc_store_prefill, kvc_store_append,
  *     kvc_store_free_sequence and kvc_store_attention are asynchronous on `stream` and make no
  *     host-device synchronization (except a layer's first compression when it must build its
- *     codebooks, see kvc_store_prefill); kvc_store_append and kvc_store_attention can be
- *     captured in a CUDA graph, page allocation included. Their data errors (out of pages, inf
- *     or NaN input, a sequence past max_sequence_tokens, a sequence freed since capture) are
- *     found on the device: the call returns KVC_SUCCESS and kvc_store_get_stats reports them
- *     (last_append_status, failed_appends) once the stream has run; the failed operation
- *     changed nothing, as on the CPU. add_sequence, sequence_length, read, serialize, restore
- *     and set_codebook wait for the device (cudaDeviceSynchronize) and must not be captured.
- *     All calls on one store must be ordered: one stream at a time, or streams the caller
- *     orders. Memory a captured graph uses stays allocated until kvc_store_destroy.
+ *     codebooks, see kvc_store_prefill; a store of tile blocks builds none); kvc_store_append and
+ * kvc_store_attention can be captured in a CUDA graph, page allocation included. Their data errors
+ * (out of pages, inf or NaN input, a sequence past max_sequence_tokens, a sequence freed since
+ * capture) are found on the device: the call returns KVC_SUCCESS and kvc_store_get_stats reports
+ * them (last_append_status, failed_appends) once the stream has run; the failed operation changed
+ * nothing, as on the CPU. add_sequence, sequence_length, read, serialize, restore and set_codebook
+ * wait for the device (cudaDeviceSynchronize) and must not be captured. All calls on one store must
+ * be ordered: one stream at a time, or streams the caller orders. Memory a captured graph uses
+ * stays allocated until kvc_store_destroy.
  */
 typedef struct kvc_store_s* kvc_store_t;
 
@@ -476,17 +476,19 @@ KVC_API kvc_status_t kvc_store_sequence_length(kvc_store_t store, int32_t sequen
 /* Appends num_tokens tokens to one sequence for layers [first_layer, first_layer + num_layers):
  * keys and values are [num_layers, num_tokens, num_kv_heads, head_dim] (the layer stride is
  * num_tokens * num_kv_heads * head_dim). Complete blocks are compressed; the rest stays in the
- * tail. All layers or none. CUDA: a layer that has no codebooks yet (and entropy is not FIXED)
- * builds them from its first compressed blocks, which synchronizes `stream`; every later call
- * is asynchronous. Scratch memory grows to the largest call (cudaMalloc, outside capture). */
+ * tail. All layers or none. CUDA: a layer that has no codebooks yet (entropy not FIXED, blocks
+ * of format v1, not tiles) builds them from its first compressed blocks, which synchronizes
+ * `stream`; every later call is asynchronous. Scratch memory grows to the largest call (cudaMalloc,
+ * outside capture). */
 KVC_API kvc_status_t kvc_store_prefill(kvc_store_t store, int32_t sequence_id, int32_t first_layer,
                                        int32_t num_layers, int32_t num_tokens, const void* keys,
                                        const void* values, void* stream);
 /* One decode step of one layer: appends one token to each of num_sequences (at most
  * KVC_STORE_MAX_BATCH) distinct sequences. keys, values: [num_sequences, num_kv_heads,
  * head_dim]; sequence_ids: host. CUDA: graph-capturable once the layer has codebooks (or entropy
- * is FIXED) and an uncaptured call of at least this batch size has sized the scratch memory;
- * a replayed graph appends to the sequences it was captured with, at their current lengths. */
+ * is FIXED, or the store holds tiles) and an uncaptured call of at least this batch size has sized
+ * the scratch memory; a replayed graph appends to the sequences it was captured with, at their
+ * current lengths. */
 KVC_API kvc_status_t kvc_store_append(kvc_store_t store, int32_t layer, int32_t num_sequences,
                                       const int32_t* sequence_ids, const void* keys,
                                       const void* values, void* stream);
@@ -525,12 +527,14 @@ KVC_API kvc_status_t kvc_store_restore(kvc_store_t store, const void* h_src, siz
  * queries, out: [num_sequences, num_q_heads, head_dim] of the store's dtype; sequence_ids: host,
  * at most KVC_STORE_MAX_BATCH. A sequence with no tokens gives zeros. CPU: fp32 reconstruction
  * of K and V, double accumulation (the reference); each block is decoded once and kept in fp32
- * (kvc_store_stats.decoded_cache_bytes) until its sequence is freed. CUDA: the fused kernel decodes
- * the blocks in shared memory and accumulates in fp32; it needs T of 32, 64 or 128, 32 sub-streams
- * and value groups of a multiple of 32 channels (else KVC_ERROR_NOT_SUPPORTED), head_dim 64, 128 or
- * 256, group <= 16; graph-capturable once the layer has codebooks (or entropy is FIXED) and an
- * uncaptured call with at least as many sequences and query heads has sized its workspace (a
- * replay reads the sequences' current lengths; one freed since capture reads as empty). */
+ * (kvc_store_stats.decoded_cache_bytes) until its sequence is freed. CUDA, format v1 blocks: the
+ * fused kernel decodes the blocks in shared memory and accumulates in fp32; it needs T of 32, 64 or
+ * 128, 32 sub-streams and value groups of a multiple of 32 channels (else KVC_ERROR_NOT_SUPPORTED),
+ * head_dim 64, 128 or 256, group <= 16. CUDA, tile blocks: the tensor-core kernel (shapes checked
+ * at kvc_store_create), group <= 16. Both graph-capturable once the layer has codebooks (or
+ * entropy is FIXED, or the store holds tiles) and an uncaptured call with at least as many
+ * sequences and query heads has sized its workspace (a replay reads the sequences' current lengths;
+ * one freed since capture reads as empty). */
 KVC_API kvc_status_t kvc_store_attention(kvc_store_t store, int32_t layer, int32_t num_sequences,
                                          const int32_t* sequence_ids, int32_t num_q_heads,
                                          float scale, const void* queries, void* out, void* stream);
