@@ -138,7 +138,8 @@ struct CudaStore::Impl {
             p.block_tokens,
             p.max_sequences,
             p.max_sequence_tokens,
-            p.dtype == KVC_DTYPE_BF16 ? 0x7F80u : 0x7C00u};
+            p.dtype == KVC_DTYPE_BF16 ? 0x7F80u : 0x7C00u,
+            block_alignment(p.tiles())};
   }
   uint32_t slot_of(int32_t id) const { return uint32_t(id) % p.max_sequences; }
   size_t live() const { return p.max_sequences - free_slots.size(); }
@@ -631,7 +632,9 @@ int32_t CudaStore::restore(const uint8_t* data, size_t size) {
       // into one page, so this is what keeps it inside the page.
       require(bytes <= m.p.page_bytes, KVC_ERROR_INTERNAL, "a block of ", bytes,
               " bytes does not fit a page of ", m.p.page_bytes);
-      if (place_next_fit(used, bytes, m.p.page_bytes, offset)) rank = opened++;
+      if (place_next_fit(used, bytes, m.p.page_bytes, block_alignment(m.p.tiles()), offset)) {
+        rank = opened++;
+      }
       placed.push_back({l, rank, offset, bytes});
     }
     open[l] = {rank, used};

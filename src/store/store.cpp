@@ -302,11 +302,8 @@ uint32_t Store::pages_needed(const LayerCache& cache,
     // copies a block into one page, so this is what keeps it inside the page.
     require(block.size() <= p_.page_bytes, KVC_ERROR_INTERNAL, "a block of ", block.size(),
             " bytes does not fit a page of ", p_.page_bytes);
-    // Tile blocks stay 16-byte aligned only if each is a multiple of 16 (encoders and
-    // parse_image guarantee it).
-    require(!p_.tiles() || block.size() % tiles::kTileAlign == 0, KVC_ERROR_INTERNAL,
-            "a tile block of ", block.size(), " bytes is not a multiple of 16");
-    pages += place_next_fit(used, uint32_t(block.size()), p_.page_bytes, offset);
+    pages += place_next_fit(used, uint32_t(block.size()), p_.page_bytes,
+                            block_alignment(p_.tiles()), offset);
   }
   return pages;
 }
@@ -330,7 +327,7 @@ void Store::commit(Transaction& tx) {
     uint32_t used = c.pages.empty() ? p_.page_bytes : c.open_used, offset;
     for (const auto& block : u.blocks) {
       const uint32_t size = uint32_t(block.size());
-      if (place_next_fit(used, size, p_.page_bytes, offset)) {
+      if (place_next_fit(used, size, p_.page_bytes, block_alignment(p_.tiles()), offset)) {
         c.pages.push_back(free_pages_.back());
         free_pages_.pop_back();
       }

@@ -104,8 +104,8 @@ class SerializedSize {
 // One block in the store's format (cp.tiles: t1, else v1; book: the layer's codebook for v1, may
 // be NULL): encodes finite rows (stride elements apart) into dst, which holds
 // cp.max_block_bytes(dtype), returning the bytes written; decodes, throwing a data status.
-// Tile blocks are multiples of 16 bytes, so that next fit keeps them 16-byte aligned in pages of a
-// multiple of 256 bytes (what the tile attention kernel's 16-byte loads need).
+// Pages place tile blocks 16-byte aligned (place_next_fit, block_alignment): what the tile
+// attention kernel's 16-byte loads need.
 uint32_t encode_store_block(const CodecParams& cp, const Codebook* book, const uint8_t* src,
                             int64_t stride, kvc_dtype dtype, uint8_t* dst);
 void decode_store_block(const CodecParams& cp, const Codebook* book, const uint8_t* src,

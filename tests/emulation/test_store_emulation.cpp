@@ -98,10 +98,21 @@ class EmulatedStore {
   }
 
   ks::StoreView view() {
-    return {
-        states_.data(),  slot_ids_.data(), free_pages_.data(), &counters_, layer_compressed_.data(),
-        pool_.data(),    s_.page_bytes,    s_.layers,          s_.heads,   s_.dim,
-        s_.block_tokens, s_.max_sequences, s_.max_tokens,      0x7C00u};
+    return {states_.data(),
+            slot_ids_.data(),
+            free_pages_.data(),
+            &counters_,
+            layer_compressed_.data(),
+            pool_.data(),
+            s_.page_bytes,
+            s_.layers,
+            s_.heads,
+            s_.dim,
+            s_.block_tokens,
+            s_.max_sequences,
+            s_.max_tokens,
+            0x7C00u,
+            block_alignment(params_[0].tiles)};
   }
 
   // -1 when every slot is taken.
@@ -313,7 +324,8 @@ class StoreChecker {
               const std::vector<uint8_t> want = cpu_block(kind, *rows[kind], j, h);
               ASSERT_EQ(at.bytes, want.size()) << where;
               uint32_t offset = 0;
-              const bool fresh = place_next_fit(open, at.bytes, s.page_bytes, offset);
+              const bool fresh = place_next_fit(open, at.bytes, s.page_bytes,
+                                                block_alignment(st_.params(kind).tiles), offset);
               ASSERT_EQ(at.offset, offset) << where << " id " << id << " layer " << l;
               if (st_.params(kind).tiles) {
                 ASSERT_EQ(at.offset % tiles::kTileAlign, 0u) << where << " unaligned tile block";
@@ -384,7 +396,7 @@ class StoreChecker {
           for (uint32_t h = 0; h < s.heads; ++h) {
             for (int kind = 0; kind < 2; ++kind) {
               need += place_next_fit(open, uint32_t(cpu_block(kind, rows[kind], j, h).size()),
-                                     s.page_bytes, offset);
+                                     s.page_bytes, block_alignment(st_.params(kind).tiles), offset);
             }
           }
         }

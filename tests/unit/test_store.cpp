@@ -9,6 +9,7 @@
 
 #include "codec/codebook.hpp"  // fnv1a32
 #include "kernels/common/tile_format.cuh"
+#include "kernels/store/next_fit.cuh"
 #include "store_model.hpp"
 
 namespace kvc::test {
@@ -84,6 +85,28 @@ TEST(Store, TileBlocksAre16ByteMultiplesAndUseNoCodebooks) {
   EXPECT_TRUE(last_error_names("no codebooks")) << kvc_last_error();
   kvc_codebook_destroy(book);
   kvc_histogram_destroy(h);
+}
+
+TEST(Store, NextFitAlignsBlocksToTheStoresAlignment) {
+  // The rule both backends place blocks by (kernels/store/next_fit.cuh).
+  EXPECT_EQ(block_alignment(true), 16u);
+  EXPECT_EQ(block_alignment(false), 4u);
+  uint32_t used = 1024, offset = 7;
+  EXPECT_TRUE(place_next_fit(used, 100, 1024, 16, offset));  // no page open yet
+  EXPECT_EQ(offset, 0u);
+  EXPECT_EQ(used, 100u);
+  EXPECT_FALSE(place_next_fit(used, 48, 1024, 16, offset));  // 100 rounds up to 112
+  EXPECT_EQ(offset, 112u);
+  EXPECT_EQ(used, 160u);
+  EXPECT_FALSE(place_next_fit(used, 864, 1024, 16, offset));  // ends exactly at the page end
+  EXPECT_EQ(offset, 160u);
+  EXPECT_TRUE(place_next_fit(used, 4, 1024, 16, offset));
+  EXPECT_EQ(offset, 0u);
+  used = 1004;
+  EXPECT_TRUE(place_next_fit(used, 20, 1024, 16, offset));  // 1008 + 20 > 1024
+  used = 1004;
+  EXPECT_FALSE(place_next_fit(used, 20, 1024, 4, offset));  // v1: 4-byte steps, no rounding
+  EXPECT_EQ(offset, 1004u);
 }
 
 TEST(Store, BlockFormatAndTileShapesAreChecked) {
