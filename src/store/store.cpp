@@ -43,13 +43,7 @@ bool wants_tiles(const kvc_store_config& c) {
   if (c.block_format == KVC_BLOCK_FORMAT_AUTO) {
     return kCudaStoreWritesTiles && c.backend == KVC_BACKEND_CUDA && tile_kernel_shape(c);
   }
-  const bool tiles = c.block_format == KVC_BLOCK_FORMAT_TILES;
-  require(!tiles || c.backend != KVC_BACKEND_CUDA || tile_kernel_shape(c), KVC_ERROR_NOT_SUPPORTED,
-          "config->block_format = KVC_BLOCK_FORMAT_TILES on the CUDA backend needs what the tile "
-          "attention kernel reads: block_tokens 64 or 128, head_dim 64, 128 or 256 with "
-          "block_tokens * head_dim <= 16384, value_group_size 0 or head_dim; but block_tokens = ",
-          c.block_tokens, ", head_dim = ", c.head_dim, ", value_group_size = ", c.value_group_size);
-  return tiles;
+  return c.block_format == KVC_BLOCK_FORMAT_TILES;
 }
 
 CodecParams kind_params(const kvc_store_config& c, bool is_value, bool tiles) {
@@ -106,6 +100,12 @@ StoreParams StoreParams::from_config(const kvc_store_config& c) {
          "key_/value_error_bound, value_group_size, entropy, num_substreams, block_format, ",
          "tile_permute_channels, tile_split_widths)");
   }
+  // Fields valid (the codec checked them): a CUDA store of tiles also needs the tile kernel.
+  require(!tiles || c.backend != KVC_BACKEND_CUDA || tile_kernel_shape(c), KVC_ERROR_NOT_SUPPORTED,
+          "config->block_format = KVC_BLOCK_FORMAT_TILES on the CUDA backend needs what the tile "
+          "attention kernel reads: block_tokens 64 or 128, head_dim 64, 128 or 256 with "
+          "block_tokens * head_dim <= 16384, value_group_size 0 or head_dim; but block_tokens = ",
+          c.block_tokens, ", head_dim = ", c.head_dim, ", value_group_size = ", c.value_group_size);
   p.num_layers = uint32_t(c.num_layers);
   p.num_heads = uint32_t(c.num_kv_heads);
   p.head_dim = uint32_t(c.head_dim);
