@@ -637,6 +637,93 @@ TEST_F(StoreGpu, TileStoreModelBasedRandomOperations) {
   run_model(cuda, mp);
 }
 
+TEST_F(StoreGpu, TileStoreAppendsAndAttendsInCudaGraphsFromTheFirstToken) {
+  // A tiles store builds no codebooks: a decode step is capturable from the first token on
+  // (after one uncaptured step sizes the scratch), and no step synchronizes, a block's
+  // compression included (a synchronization inside a capture would fail it).
+  if (!kCudaStoreWritesTiles) GTEST_SKIP() << "this build's CUDA codec writes no tile blocks";
+  const Shape sh = tile_gpu_shape();
+  StoreHandle store(tile_cuda_config(sh, 8 << 20, 0, 4, 1024));
+  ASSERT_NE(store.s, nullptr);
+  CudaStoreBackend be(sh);
+  const cudaStream_t stream = be.stream();
+  Shadow shadow{sh, {}, {}};
+  std::mt19937 rng(53);
+  std::vector<int32_t> ids(3);
+  for (int32_t& id : ids) {
+    ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
+    shadow.add_sequence(id);
+  }
+  const size_t batch = ids.size(), step_bytes = batch * sh.row() * 2;
+  for (int l = 0; l < sh.layers; ++l) {  // sizes the scratch memory
+    const Rows k = random_rows(rng, batch, sh), v = random_rows(rng, batch, sh);
+    ASSERT_EQ(be.append(store.s, l, ids, k.bits.data(), v.bits.data()), KVC_SUCCESS)
+        << kvc_last_error();
+    for (size_t b = 0; b < batch; ++b) shadow.append(ids[b], l, k, v, b, 1);
+  }
+  DeviceBuffer d_keys(size_t(sh.layers) * step_bytes), d_values(size_t(sh.layers) * step_bytes);
+  Graph step;
+  KVC_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  std::vector<kvc_status_t> captured;
+  for (int l = 0; l < sh.layers; ++l) {
+    captured.push_back(kvc_store_append(store.s, l, int32_t(batch), ids.data(),
+                                        d_keys.get<char>() + size_t(l) * step_bytes,
+                                        d_values.get<char>() + size_t(l) * step_bytes, stream));
+  }
+  const cudaError_t ended = cudaStreamEndCapture(stream, &step.graph);
+  for (kvc_status_t st : captured) ASSERT_EQ(st, KVC_SUCCESS) << kvc_last_error();
+  ASSERT_EQ(ended, cudaSuccess) << cudaGetErrorString(ended);
+  KVC_CUDA_CHECK(cudaGraphInstantiate(&step.exec, step.graph, 0));
+  std::vector<Rows> sent;
+  const int replays = 140;  // two block boundaries (T = 64) per sequence and layer
+  for (int r = 0; r < replays; ++r) {
+    for (int l = 0; l < sh.layers; ++l) {
+      Rows k = random_rows(rng, batch, sh), v = random_rows(rng, batch, sh);
+      KVC_CUDA_CHECK(cudaMemcpyAsync(d_keys.get<char>() + size_t(l) * step_bytes, k.bits.data(),
+                                     step_bytes, cudaMemcpyHostToDevice, stream));
+      KVC_CUDA_CHECK(cudaMemcpyAsync(d_values.get<char>() + size_t(l) * step_bytes, v.bits.data(),
+                                     step_bytes, cudaMemcpyHostToDevice, stream));
+      for (size_t b = 0; b < batch; ++b) shadow.append(ids[b], l, k, v, b, 1);
+      sent.push_back(std::move(k));
+      sent.push_back(std::move(v));
+    }
+    KVC_CUDA_CHECK(cudaGraphLaunch(step.exec, stream));
+  }
+  KVC_CUDA_CHECK(cudaStreamSynchronize(stream));
+  const kvc_store_stats st = store_stats(store.s);
+  EXPECT_EQ(st.failed_appends, 0);
+  EXPECT_EQ(st.codebook_bytes, 0);
+  EXPECT_EQ(st.num_blocks, int64_t(batch) * 2 * sh.heads * 2 * sh.layers);
+  ASSERT_NO_FATAL_FAILURE(
+      check_against_shadow(be, store.s, shadow, rng, "after the replays", tile_gpu_tolerance()));
+
+  // Attention captured and replayed: the tile kernel over the blocks and the tails.
+  const int32_t q_heads = sh.heads * sh.group;
+  const float scale = 1.0f / std::sqrt(float(sh.dim));
+  const Rows q = random_rows(rng, batch * size_t(sh.group), sh);
+  DeviceBuffer d_q(q.bits.size() * 2), d_out(q.bits.size() * 2);
+  d_q.upload(q.bits.data(), d_q.bytes());
+  std::vector<uint16_t> warm(q.bits.size());
+  ASSERT_EQ(be.attention(store.s, 0, ids, q_heads, scale, q.bits.data(), warm.data()),
+            KVC_SUCCESS)
+      << kvc_last_error();  // sizes the workspace
+  Graph attend;
+  KVC_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  const kvc_status_t status = kvc_store_attention(store.s, 0, int32_t(batch), ids.data(), q_heads,
+                                                  scale, d_q.get(), d_out.get(), stream);
+  const cudaError_t attention_ended = cudaStreamEndCapture(stream, &attend.graph);
+  ASSERT_EQ(status, KVC_SUCCESS) << kvc_last_error();
+  ASSERT_EQ(attention_ended, cudaSuccess) << cudaGetErrorString(attention_ended);
+  KVC_CUDA_CHECK(cudaGraphInstantiate(&attend.exec, attend.graph, 0));
+  KVC_CUDA_CHECK(cudaMemsetAsync(d_out.get(), 0xFF, d_out.bytes(), stream));
+  KVC_CUDA_CHECK(cudaGraphLaunch(attend.exec, stream));
+  KVC_CUDA_CHECK(cudaStreamSynchronize(stream));
+  std::vector<ReadBack> kv;
+  for (int32_t id : ids) kv.push_back(read_back(be, store.s, sh, id, 0));
+  ASSERT_NO_FATAL_FAILURE(check_attention(sh, kv, q, d_out.download<uint16_t>(q.bits.size()), scale,
+                                          tile_gpu_tolerance(), "tile attention graph", ids));
+}
+
 TEST_F(StoreGpu, TileStoreSerializesToTheSameBytesAsTheCpuTileStore) {
   if (!kCudaStoreWritesTiles) GTEST_SKIP() << "this build's CUDA codec writes no tile blocks";
   const Shape sh = tile_gpu_shape();
