@@ -159,6 +159,9 @@ typedef enum kvc_block_format {
                                  order, what the GPU decode attention reads. Needs num_tokens a
                                  power of two in 16..1024, head_dim a power of two in 16..256 and V
                                  groups of head_dim channels; CPU backend only for now */
+  KVC_BLOCK_FORMAT_AUTO = 2,  /* stores only (kvc_store_config.block_format): tiles where the
+                                 store's attention runs on the GPU (KVC_BACKEND_CUDA) and the
+                                 shape has a tile kernel, format v1 otherwise */
   KVC_BLOCK_FORMAT_MAX_ENUM = 0x7FFFFFFF
 } kvc_block_format;
 
@@ -360,15 +363,15 @@ KVC_API kvc_status_t kvc_block_inspect(const void* h_block, size_t src_bytes, kv
  *     creation; tensors are device pointers. kvc_store_prefill, kvc_store_append,
  *     kvc_store_free_sequence and kvc_store_attention are asynchronous on `stream` and make no
  *     host-device synchronization (except a layer's first compression when it must build its
- *     codebooks, see kvc_store_prefill); kvc_store_append and kvc_store_attention can be
- *     captured in a CUDA graph, page allocation included. Their data errors (out of pages, inf
- *     or NaN input, a sequence past max_sequence_tokens, a sequence freed since capture) are
- *     found on the device: the call returns KVC_SUCCESS and kvc_store_get_stats reports them
- *     (last_append_status, failed_appends) once the stream has run; the failed operation
- *     changed nothing, as on the CPU. add_sequence, sequence_length, read, serialize, restore
- *     and set_codebook wait for the device (cudaDeviceSynchronize) and must not be captured.
- *     All calls on one store must be ordered: one stream at a time, or streams the caller
- *     orders. Memory a captured graph uses stays allocated until kvc_store_destroy.
+ *     codebooks, see kvc_store_prefill; a store of tile blocks builds none); kvc_store_append and
+ * kvc_store_attention can be captured in a CUDA graph, page allocation included. Their data errors
+ * (out of pages, inf or NaN input, a sequence past max_sequence_tokens, a sequence freed since
+ * capture) are found on the device: the call returns KVC_SUCCESS and kvc_store_get_stats reports
+ * them (last_append_status, failed_appends) once the stream has run; the failed operation changed
+ * nothing, as on the CPU. add_sequence, sequence_length, read, serialize, restore and set_codebook
+ * wait for the device (cudaDeviceSynchronize) and must not be captured. All calls on one store must
+ * be ordered: one stream at a time, or streams the caller orders. Memory a captured graph uses
+ * stays allocated until kvc_store_destroy.
  */
 typedef struct kvc_store_s* kvc_store_t;
 
@@ -385,21 +388,35 @@ typedef struct kvc_store_config {
   float key_error_bound;
   int32_t value_bound_mode; /* kvc_bound_mode */
   float value_error_bound;
-  int32_t value_group_size;    /* as kvc_codec_config; 0 = head_dim */
-  int32_t entropy;             /* kvc_entropy: AUTO uses the layer's codebooks once built */
-  int32_t page_bytes;          /* page size, a multiple of 256, >= the largest block (64 KiB is
-                                  usually right; 0 = the smallest multiple of 64 KiB that fits) */
-  int64_t capacity_bytes;      /* pool size in bytes, rounded down to whole pages */
-  int32_t max_sequences;       /* live sequences at most; 0 = no limit (CPU only). The CUDA
-                                  backend needs it: it sizes the device tables and tails */
-  int32_t max_sequence_tokens; /* tokens per (sequence, layer) at most; 0 = no limit (CPU
-                                  only). The CUDA backend needs it: it sizes the block tables */
+  int32_t value_group_size;      /* as kvc_codec_config; 0 = head_dim */
+  int32_t entropy;               /* kvc_entropy: AUTO uses the layer's codebooks once built */
+  int32_t page_bytes;            /* page size, a multiple of 256, >= the largest block (64 KiB is
+                                    usually right; 0 = the smallest multiple of 64 KiB that fits) */
+  int64_t capacity_bytes;        /* pool size in bytes, rounded down to whole pages */
+  int32_t max_sequences;         /* live sequences at most; 0 = no limit (CPU only). The CUDA
+                                    backend needs it: it sizes the device tables and tails */
+  int32_t max_sequence_tokens;   /* tokens per (sequence, layer) at most; 0 = no limit (CPU
+                                    only). The CUDA backend needs it: it sizes the block tables */
+  int32_t block_format;          /* kvc_block_format of the compressed blocks (AUTO: see there).
+                                    Tiles (format t1) need block_tokens a power of two in
+                                    [16, 1024], head_dim a power of two in [16, 256] and
+                                    value_group_size 0 (or head_dim); on the CUDA backend also
+                                    block_tokens 64 or 128 and block_tokens * head_dim <= 16384
+                                    (the tile attention kernel), else KVC_ERROR_NOT_SUPPORTED.
+                                    A tiles store uses no codebooks: entropy and num_substreams
+                                    are ignored, kvc_store_set_codebook is refused */
+  int32_t tile_permute_channels; /* tiles: as kvc_codec_config (1 = sort K channels by width) */
+  int32_t tile_split_widths;     /* tiles: as kvc_codec_config (1 = 3- and 6-bit tiles too) */
+  int32_t num_substreams;        /* format v1: Huffman sub-streams per block, dividing the group
+                                    size, as kvc_codec_config; 0 = automatic (32 where the group
+                                    size allows: what the CUDA attention kernel reads). Fewer
+                                    give a slightly better ratio */
 } kvc_store_config;
 #define KVC_STORE_CONFIG_INIT                                                                  \
   {                                                                                            \
     sizeof(kvc_store_config), KVC_ABI_VERSION, KVC_BACKEND_CPU, 1, 1, 128, KVC_DTYPE_FP16, 64, \
         KVC_BOUND_RELATIVE, 0.05f, KVC_BOUND_RELATIVE, 0.05f, 0, KVC_ENTROPY_AUTO, 0,          \
-        (int64_t)1 << 30, 0, 0                                                                 \
+        (int64_t)1 << 30, 0, 0, KVC_BLOCK_FORMAT_AUTO, 1, 1, 0                                 \
   }
 
 /* What the store holds, all of it counted. */
@@ -459,17 +476,19 @@ KVC_API kvc_status_t kvc_store_sequence_length(kvc_store_t store, int32_t sequen
 /* Appends num_tokens tokens to one sequence for layers [first_layer, first_layer + num_layers):
  * keys and values are [num_layers, num_tokens, num_kv_heads, head_dim] (the layer stride is
  * num_tokens * num_kv_heads * head_dim). Complete blocks are compressed; the rest stays in the
- * tail. All layers or none. CUDA: a layer that has no codebooks yet (and entropy is not FIXED)
- * builds them from its first compressed blocks, which synchronizes `stream`; every later call
- * is asynchronous. Scratch memory grows to the largest call (cudaMalloc, outside capture). */
+ * tail. All layers or none. CUDA: a layer that has no codebooks yet (entropy not FIXED, blocks
+ * of format v1, not tiles) builds them from its first compressed blocks, which synchronizes
+ * `stream`; every later call is asynchronous. Scratch memory grows to the largest call (cudaMalloc,
+ * outside capture). */
 KVC_API kvc_status_t kvc_store_prefill(kvc_store_t store, int32_t sequence_id, int32_t first_layer,
                                        int32_t num_layers, int32_t num_tokens, const void* keys,
                                        const void* values, void* stream);
 /* One decode step of one layer: appends one token to each of num_sequences (at most
  * KVC_STORE_MAX_BATCH) distinct sequences. keys, values: [num_sequences, num_kv_heads,
  * head_dim]; sequence_ids: host. CUDA: graph-capturable once the layer has codebooks (or entropy
- * is FIXED) and an uncaptured call of at least this batch size has sized the scratch memory;
- * a replayed graph appends to the sequences it was captured with, at their current lengths. */
+ * is FIXED, or the store holds tiles) and an uncaptured call of at least this batch size has sized
+ * the scratch memory; a replayed graph appends to the sequences it was captured with, at their
+ * current lengths. */
 KVC_API kvc_status_t kvc_store_append(kvc_store_t store, int32_t layer, int32_t num_sequences,
                                       const int32_t* sequence_ids, const void* keys,
                                       const void* values, void* stream);
@@ -508,12 +527,14 @@ KVC_API kvc_status_t kvc_store_restore(kvc_store_t store, const void* h_src, siz
  * queries, out: [num_sequences, num_q_heads, head_dim] of the store's dtype; sequence_ids: host,
  * at most KVC_STORE_MAX_BATCH. A sequence with no tokens gives zeros. CPU: fp32 reconstruction
  * of K and V, double accumulation (the reference); each block is decoded once and kept in fp32
- * (kvc_store_stats.decoded_cache_bytes) until its sequence is freed. CUDA: the fused kernel decodes
- * the blocks in shared memory and accumulates in fp32; it needs T of 32, 64 or 128, 32 sub-streams
- * and value groups of a multiple of 32 channels (else KVC_ERROR_NOT_SUPPORTED), head_dim 64, 128 or
- * 256, group <= 16; graph-capturable once the layer has codebooks (or entropy is FIXED) and an
- * uncaptured call with at least as many sequences and query heads has sized its workspace (a
- * replay reads the sequences' current lengths; one freed since capture reads as empty). */
+ * (kvc_store_stats.decoded_cache_bytes) until its sequence is freed. CUDA, format v1 blocks: the
+ * fused kernel decodes the blocks in shared memory and accumulates in fp32; it needs T of 32, 64 or
+ * 128, 32 sub-streams and value groups of a multiple of 32 channels (else KVC_ERROR_NOT_SUPPORTED),
+ * head_dim 64, 128 or 256, group <= 16. CUDA, tile blocks: the tensor-core kernel (shapes checked
+ * at kvc_store_create), group <= 16. Both graph-capturable once the layer has codebooks (or
+ * entropy is FIXED, or the store holds tiles) and an uncaptured call with at least as many
+ * sequences and query heads has sized its workspace (a replay reads the sequences' current lengths;
+ * one freed since capture reads as empty). */
 KVC_API kvc_status_t kvc_store_attention(kvc_store_t store, int32_t layer, int32_t num_sequences,
                                          const int32_t* sequence_ids, int32_t num_q_heads,
                                          float scale, const void* queries, void* out, void* stream);

@@ -45,6 +45,7 @@ struct StoreView {
   uint8_t* pool;
   uint32_t page_bytes, num_layers, num_heads, head_dim, block_tokens, max_sequences, max_tokens;
   uint32_t nonfinite_bits;  // exponent bits of the 16-bit dtype: all set is inf or NaN
+  uint32_t block_align;     // block_alignment(): 16 for tile blocks, 4 for format v1
 };
 
 // The sequences of one call, by value: a captured graph carries its own batch.
@@ -172,7 +173,7 @@ __device__ uint32_t next_fit(const StoreView& S, const Entry& e, const LayerStat
       for (uint32_t kind = 0; kind < 2; ++kind) {
         const uint32_t bytes = kind == 0 ? bytes_k[s] : bytes_v[s];
         uint32_t offset;
-        const bool fresh = place_next_fit(used, bytes, S.page_bytes, offset);
+        const bool fresh = place_next_fit(used, bytes, S.page_bytes, S.block_align, offset);
         opened += fresh;
         visit(j, h, kind, s, bytes, fresh, offset);
       }

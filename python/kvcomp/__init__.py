@@ -31,6 +31,7 @@ __all__ = [
     "KIND_KEY", "KIND_VALUE", "BOUND_ABSOLUTE", "BOUND_RELATIVE",
     "ENTROPY_AUTO", "ENTROPY_FIXED", "ENTROPY_HUFFMAN",
     "ENCODING_RAW", "ENCODING_FIXED", "ENCODING_HUFFMAN",
+    "BLOCK_FORMAT_V1", "BLOCK_FORMAT_TILES", "BLOCK_FORMAT_AUTO",
 ]
 
 # Enumerations of include/kvcomp/kvcomp.h (values never renumbered).
@@ -40,6 +41,7 @@ BOUND_ABSOLUTE, BOUND_RELATIVE = 0, 1
 ENTROPY_AUTO, ENTROPY_FIXED, ENTROPY_HUFFMAN = 0, 1, 2
 BACKEND_CPU, BACKEND_CUDA = 0, 1
 ENCODING_RAW, ENCODING_FIXED, ENCODING_HUFFMAN = 0, 1, 2
+BLOCK_FORMAT_V1, BLOCK_FORMAT_TILES, BLOCK_FORMAT_AUTO = 0, 1, 2
 ABI_VERSION = 2
 SUCCESS = 0
 
@@ -48,6 +50,7 @@ _BOUNDS = {"absolute": BOUND_ABSOLUTE, "relative": BOUND_RELATIVE}
 _ENTROPIES = {"auto": ENTROPY_AUTO, "fixed": ENTROPY_FIXED, "huffman": ENTROPY_HUFFMAN}
 _NP_DTYPES = {np.dtype(np.float16): DTYPE_FP16, np.dtype(np.float32): DTYPE_FP32}
 _BACKENDS = {"cpu": BACKEND_CPU, "cuda": BACKEND_CUDA}
+_BLOCK_FORMATS = {"v1": BLOCK_FORMAT_V1, "tiles": BLOCK_FORMAT_TILES, "auto": BLOCK_FORMAT_AUTO}
 _STORE_DTYPES = {"float16": DTYPE_FP16, "fp16": DTYPE_FP16, "bfloat16": DTYPE_BF16,
                  "bf16": DTYPE_BF16}
 STATUS_OUT_OF_PAGES = 301
@@ -88,7 +91,9 @@ class _StoreConfig(ctypes.Structure):
                 ("value_bound_mode", ctypes.c_int32), ("value_error_bound", ctypes.c_float),
                 ("value_group_size", ctypes.c_int32), ("entropy", ctypes.c_int32),
                 ("page_bytes", ctypes.c_int32), ("capacity_bytes", ctypes.c_int64),
-                ("max_sequences", ctypes.c_int32), ("max_sequence_tokens", ctypes.c_int32)]
+                ("max_sequences", ctypes.c_int32), ("max_sequence_tokens", ctypes.c_int32),
+                ("block_format", ctypes.c_int32), ("tile_permute_channels", ctypes.c_int32),
+                ("tile_split_widths", ctypes.c_int32), ("num_substreams", ctypes.c_int32)]
 
 
 class _StoreStats(ctypes.Structure):
@@ -452,7 +457,10 @@ class StoreConfig:
     """kvc_store_config as Python values (defaults: KVC_STORE_CONFIG_INIT).
 
     backend: "cpu" | "cuda"; dtype: "float16" | "bfloat16" (K, V, queries and outputs);
-    key_/value_bound_mode: "relative" | "absolute"; entropy: "auto" | "fixed" | "huffman".
+    key_/value_bound_mode: "relative" | "absolute"; entropy: "auto" | "fixed" | "huffman";
+    block_format: "auto" (tiles on CUDA where a tile kernel covers the shape, else v1) | "v1" |
+    "tiles" (format t1: no codebooks; entropy and num_substreams ignored); num_substreams:
+    Huffman sub-streams of v1 blocks, 0 = automatic (32 where the group size allows).
     """
     num_layers: int = 1
     num_kv_heads: int = 1
@@ -470,6 +478,10 @@ class StoreConfig:
     max_sequences: int = 0
     max_sequence_tokens: int = 0
     backend: str = "cpu"
+    block_format: str = "auto"
+    tile_permute_channels: int = 1
+    tile_split_widths: int = 1
+    num_substreams: int = 0
 
     def _struct(self) -> _StoreConfig:
         def enum(table, v, what):
@@ -486,7 +498,10 @@ class StoreConfig:
             enum(_BOUNDS, self.value_bound_mode, "value_bound_mode"),
             float(self.value_error_bound), int(self.value_group_size),
             enum(_ENTROPIES, self.entropy, "entropy"), int(self.page_bytes),
-            int(self.capacity_bytes), int(self.max_sequences), int(self.max_sequence_tokens))
+            int(self.capacity_bytes), int(self.max_sequences), int(self.max_sequence_tokens),
+            enum(_BLOCK_FORMATS, self.block_format, "block_format"),
+            int(self.tile_permute_channels), int(self.tile_split_widths),
+            int(self.num_substreams))
 
 
 def _cuda_pointer(x, shape, typestrs, name):

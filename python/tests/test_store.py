@@ -265,3 +265,54 @@ def test_bad_arguments_raise_with_status():
         s.free_sequence(seq)
     assert e.value.status == 204
     assert s.stats()["num_sequences"] == 0
+
+
+def test_tiles_store_round_trip_attention_and_serialization():
+    # Format t1 blocks (T = 32 and D = 64 are tile shapes): no codebooks, the same bound, the
+    # same attention arithmetic, serialization exact; a v1 store refuses its sequences.
+    s = _store(block_format="tiles")
+    k, v = _kv(100, seed=11)
+    seq = s.add_sequence()
+    s.prefill(seq, k, v)
+    for layer in range(L):
+        kk, vv = s.read(seq, layer, dtype=np.float32)
+        assert np.abs(kk - k[layer].astype(np.float32)).max() <= 0.1
+        np.testing.assert_array_equal(kk[96:], k[layer, 96:].astype(np.float32))
+        np.testing.assert_array_equal(vv[96:], v[layer, 96:].astype(np.float32))
+    st = s.stats()
+    assert st["num_blocks"] == L * 3 * H * 2 and st["codebook_bytes"] == 0
+    assert 0 < st["block_bytes"] <= st["page_bytes"] and st["block_bytes"] % 16 == 0
+    assert s.get_codebook(0, "key") is None
+    v1 = _store()
+    v1.prefill(v1.add_sequence(), k, v)
+    with pytest.raises(kvcomp.KvcompError) as e:
+        s.set_codebook(0, "key", v1.get_codebook(0, "key"))
+    assert e.value.status == 104  # KVC_ERROR_NOT_SUPPORTED
+    q = np.random.default_rng(3).standard_normal((1, 2 * H, D)).astype(np.float16)
+    out = s.attention(0, [seq], q, scale=1.0 / math.sqrt(D))
+    kk, vv = s.read(seq, 0, dtype=np.float32)
+    np.testing.assert_array_equal(out[0], _reference_attention(q[0], kk, vv, 1.0 / math.sqrt(D)))
+    data = s.serialize(seq)
+    fresh = _store(block_format="tiles")
+    fresh.restore(data)
+    for layer in range(L):
+        for x, y in zip(fresh.read(0, layer), s.read(seq, layer)):
+            np.testing.assert_array_equal(x, y)
+    assert fresh.serialize(0) == data
+    with pytest.raises(kvcomp.KvcompError) as e:
+        _store(block_format="v1").restore(data)
+    assert e.value.status == 203  # KVC_ERROR_CONFIG_MISMATCH
+
+
+def test_tiles_store_shape_and_option_checks():
+    with pytest.raises(kvcomp.KvcompError) as e:
+        _store(block_format="tiles", block_tokens=24)
+    assert e.value.status == 104 and "block_format" in str(e.value)
+    with pytest.raises(ValueError):
+        _store(block_format="huffman")
+    with pytest.raises(kvcomp.KvcompError) as e:
+        _store(num_substreams=5)
+    assert e.value.status == 100 and "num_substreams" in str(e.value)
+    # Fewer sub-streams: valid for a v1 store, ignored by a tiles store.
+    _store(num_substreams=4)
+    _store(block_format="tiles", num_substreams=5)

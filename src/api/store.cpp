@@ -109,6 +109,8 @@ kvc_status_t kvc_store_set_codebook(kvc_store_t store, int32_t layer, kvc_kind k
     kvc_store_s& s = checked(store);
     require_not_null(codebook, "codebook");
     const uint32_t l = checked_layer(s, layer), k = checked_kind(kind);
+    require(!s.params.tiles(), KVC_ERROR_NOT_SUPPORTED,
+            "the store holds tile blocks (format t1), which use no codebooks");
     with_backend(s, [&](auto& b) { b.set_codebook(l, k, codebook->book); });
   });
 }

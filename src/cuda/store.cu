@@ -138,7 +138,8 @@ struct CudaStore::Impl {
             p.block_tokens,
             p.max_sequences,
             p.max_sequence_tokens,
-            p.dtype == KVC_DTYPE_BF16 ? 0x7F80u : 0x7C00u};
+            p.dtype == KVC_DTYPE_BF16 ? 0x7F80u : 0x7C00u,
+            block_alignment(p.tiles())};
   }
   uint32_t slot_of(int32_t id) const { return uint32_t(id) % p.max_sequences; }
   size_t live() const { return p.max_sequences - free_slots.size(); }
@@ -177,9 +178,10 @@ struct CudaStore::Impl {
     retired_books.push_back(std::move(attention_books[layer]));
     attention_books[layer] = upload_codebooks(books[layer * 2].get(), books[layer * 2 + 1].get());
   }
-  // Whether (layer, kind) still has to build its codebook, which synchronizes.
+  // Whether (layer, kind) still has to build its codebook, which synchronizes. Tile blocks
+  // use none: a tiles store never synchronizes to build one.
   bool needs_book(uint32_t layer, uint32_t kind) const {
-    return !books[layer * 2 + kind] && p.codec(kind).entropy != KVC_ENTROPY_FIXED;
+    return !books[layer * 2 + kind] && !p.tiles() && p.codec(kind).entropy != KVC_ENTROPY_FIXED;
   }
   void record_host_failure(const Error& e, cudaStream_t s) {
     launch(ks::record_outcome_kernel, dim3(1), 1, 0, s, view(), int32_t(e.status()));
@@ -195,6 +197,9 @@ struct CudaStore::Impl {
 };
 
 CudaStore::Impl::Impl(const StoreParams& params) : p(params) {
+  require(!p.tiles() || kCudaStoreWritesTiles, KVC_ERROR_NOT_SUPPORTED,
+          "config->block_format = KVC_BLOCK_FORMAT_TILES: this build's CUDA codec does not "
+          "write tile blocks (use KVC_BACKEND_CPU or KVC_BLOCK_FORMAT_V1)");
   // The codecs check that a GPU is usable and the block shapes fit its shared memory.
   for (uint32_t i = 0; i < 2 * p.num_layers; ++i) {
     codecs.push_back(create_device_codec(p.codec(i % 2), nullptr));
@@ -512,8 +517,10 @@ void CudaStore::attention(uint32_t layer, const std::vector<int32_t>& ids, uint3
   const uint32_t B = uint32_t(ids.size());
   const AttentionShape shape{B,         m.p.num_heads, q_heads / m.p.num_heads, m.p.head_dim,
                              m.p.dtype, scale};
-  // Everything that can fail comes before the first launch: nothing half-captured.
-  require_attention_support(shape, m.p.key, m.p.value);
+  // Everything that can fail comes before the first launch: nothing half-captured. (A tiles
+  // store's shape was checked against the tile kernel at creation; plan_attention checks the
+  // group.)
+  if (!m.p.tiles()) require_attention_support(shape, m.p.key, m.p.value);
   const AttentionPlan plan = plan_attention(shape, m.table_blocks);
   const bool captured = capturing(s);
   require(!captured || !(m.needs_book(layer, 0) || m.needs_book(layer, 1)),
@@ -526,6 +533,11 @@ void CudaStore::attention(uint32_t layer, const std::vector<int32_t>& ids, uint3
   }
   launch(ks::gather_views_kernel, dim3(1), ks::kStoreThreads, 0, s, m.view(), m.batch_of(ids), B,
          layer, m.scratch.views.get());
+  if (m.p.tiles()) {  // the tensor-core kernel over tile blocks (16-byte aligned in the pool)
+    attention_tiles(shape, plan, m.p.block_tokens, m.pool.get(), m.p.page_bytes,
+                    m.scratch.views.get(), queries, out, m.scratch.workspace.get(), stream);
+    return;
+  }
   attention_compressed(shape, plan, m.p.key, m.p.value, *m.attention_books[layer], m.pool.get(),
                        m.p.page_bytes, m.scratch.views.get(), queries, out,
                        m.scratch.workspace.get(), stream);
@@ -620,7 +632,9 @@ int32_t CudaStore::restore(const uint8_t* data, size_t size) {
       // into one page, so this is what keeps it inside the page.
       require(bytes <= m.p.page_bytes, KVC_ERROR_INTERNAL, "a block of ", bytes,
               " bytes does not fit a page of ", m.p.page_bytes);
-      if (place_next_fit(used, bytes, m.p.page_bytes, offset)) rank = opened++;
+      if (place_next_fit(used, bytes, m.p.page_bytes, block_alignment(m.p.tiles()), offset)) {
+        rank = opened++;
+      }
       placed.push_back({l, rank, offset, bytes});
     }
     open[l] = {rank, used};

@@ -9,6 +9,7 @@
 
 #include "core/error.hpp"
 #include "cpu/codec_cpu.hpp"
+#include "cpu/tile_codec_cpu.hpp"
 #include "kernels/common/format.cuh"
 #include "kernels/store/next_fit.cuh"
 
@@ -18,9 +19,34 @@ namespace f = format;
 namespace {
 
 constexpr uint32_t kSerialMagic = 0x7363766Bu;  // bytes "kvcs"
+// Version 1: stores of format v1 blocks. Version 2: the fingerprint gains a word for the block
+// format (a tiles store writes 2; a v1 store keeps writing 1, which every reader takes).
 constexpr uint32_t kSerialVersion = 1;
+constexpr uint32_t kSerialVersionTiles = 2;
 
-CodecParams kind_params(const kvc_store_config& c, bool is_value) {
+// Whether the tile attention kernel (cuda::attention_tiles) covers a store shape: T of 64 or
+// 128, head_dim 64, 128 or 256 with T * head_dim <= 128 * 128, V quantized per whole token.
+bool tile_kernel_shape(const kvc_store_config& c) {
+  const bool dim_ok = c.head_dim == 64 || c.head_dim == 128 || c.head_dim == 256;
+  return (c.block_tokens == 64 || c.block_tokens == 128) && dim_ok &&
+         int64_t(c.block_tokens) * c.head_dim <= 128 * 128 &&
+         (c.value_group_size == 0 || c.value_group_size == c.head_dim);
+}
+
+// The block format the configuration asks for, AUTO resolved (kvc_store_config.block_format).
+bool wants_tiles(const kvc_store_config& c) {
+  require(c.block_format == KVC_BLOCK_FORMAT_V1 || c.block_format == KVC_BLOCK_FORMAT_TILES ||
+              c.block_format == KVC_BLOCK_FORMAT_AUTO,
+          KVC_ERROR_INVALID_ARGUMENT, "config->block_format = ", c.block_format,
+          " is not a kvc_block_format (KVC_BLOCK_FORMAT_V1 = 0, KVC_BLOCK_FORMAT_TILES = 1, ",
+          "KVC_BLOCK_FORMAT_AUTO = 2)");
+  if (c.block_format == KVC_BLOCK_FORMAT_AUTO) {
+    return kCudaStoreWritesTiles && c.backend == KVC_BACKEND_CUDA && tile_kernel_shape(c);
+  }
+  return c.block_format == KVC_BLOCK_FORMAT_TILES;
+}
+
+CodecParams kind_params(const kvc_store_config& c, bool is_value, bool tiles) {
   kvc_codec_config k = KVC_CODEC_CONFIG_INIT;
   k.backend = KVC_BACKEND_CPU;
   k.kind = is_value ? KVC_KIND_VALUE : KVC_KIND_KEY;
@@ -29,7 +55,12 @@ CodecParams kind_params(const kvc_store_config& c, bool is_value) {
   k.value_group_size = is_value ? c.value_group_size : 0;
   k.bound_mode = is_value ? c.value_bound_mode : c.key_bound_mode;
   k.error_bound = is_value ? c.value_error_bound : c.key_error_bound;
-  k.entropy = c.entropy;
+  k.entropy = c.entropy;  // checked, and ignored by tiles
+  // Tiles have no sub-streams: the field is ignored, not checked against the group size.
+  k.num_substreams = tiles ? 0 : c.num_substreams;
+  k.block_format = tiles ? KVC_BLOCK_FORMAT_TILES : KVC_BLOCK_FORMAT_V1;
+  k.tile_permute_channels = c.tile_permute_channels;
+  k.tile_split_widths = c.tile_split_widths;
   return CodecParams::from_config(k, /*has_codebook=*/true);
 }
 
@@ -60,13 +91,21 @@ StoreParams StoreParams::from_config(const kvc_store_config& c) {
   p.config = c;
   // The codec checks head_dim, block_tokens, bounds, value groups and entropy, naming the codec
   // field; say which store fields those are.
+  const bool tiles = wants_tiles(c);
   try {
-    p.key = kind_params(c, false);
-    p.value = kind_params(c, true);
+    p.key = kind_params(c, false, tiles);
+    p.value = kind_params(c, true, tiles);
   } catch (const Error& e) {
     fail(e.status(), e.what(), " (store fields: head_dim, block_tokens, key_/value_bound_mode, ",
-         "key_/value_error_bound, value_group_size, entropy)");
+         "key_/value_error_bound, value_group_size, entropy, num_substreams, block_format, ",
+         "tile_permute_channels, tile_split_widths)");
   }
+  // Fields valid (the codec checked them): a CUDA store of tiles also needs the tile kernel.
+  require(!tiles || c.backend != KVC_BACKEND_CUDA || tile_kernel_shape(c), KVC_ERROR_NOT_SUPPORTED,
+          "config->block_format = KVC_BLOCK_FORMAT_TILES on the CUDA backend needs what the tile "
+          "attention kernel reads: block_tokens 64 or 128, head_dim 64, 128 or 256 with "
+          "block_tokens * head_dim <= 16384, value_group_size 0 or head_dim; but block_tokens = ",
+          c.block_tokens, ", head_dim = ", c.head_dim, ", value_group_size = ", c.value_group_size);
   p.num_layers = uint32_t(c.num_layers);
   p.num_heads = uint32_t(c.num_kv_heads);
   p.head_dim = uint32_t(c.head_dim);
@@ -155,6 +194,18 @@ void convert_elements(const uint8_t* src, kvc_dtype from, uint8_t* dst, kvc_dtyp
   }
 }
 
+uint32_t encode_store_block(const CodecParams& cp, const Codebook* book, const uint8_t* src,
+                            int64_t stride, kvc_dtype dtype, uint8_t* dst) {
+  if (cp.tiles) return cpu::encode_tile_block(cp, src, stride, dtype, dst);
+  return cpu::encode_block(cp, book, src, stride, dtype, dst);
+}
+
+void decode_store_block(const CodecParams& cp, const Codebook* book, const uint8_t* src,
+                        uint32_t bytes, kvc_dtype dtype, void* dst, int64_t stride) {
+  if (cp.tiles) return cpu::decode_tile_block(cp, src, bytes, dtype, dst, stride);
+  cpu::decode_block(cp, book, src, bytes, dtype, dst, stride);
+}
+
 std::shared_ptr<const Codebook> build_layer_codebook(const Histogram& histogram) {
   const kvc_codebook_config defaults = KVC_CODEBOOK_CONFIG_INIT;
   return std::make_shared<const Codebook>(
@@ -212,7 +263,8 @@ Store::LayerBooks Store::encode_updates(uint32_t layer, std::vector<Update>& upd
                                       [](const Update& u) { return u.full_blocks > 0; });
   for (uint32_t kind = 0; kind < 2; ++kind) {
     const CodecParams& cp = p_.codec(kind);
-    if (books[kind] || cp.entropy == KVC_ENTROPY_FIXED || !compresses) continue;
+    // Tiles have no Huffman symbols: a tiles store builds no codebooks.
+    if (books[kind] || cp.tiles || cp.entropy == KVC_ENTROPY_FIXED || !compresses) continue;
     Histogram histogram;
     for (const Update& u : updates) {
       for (uint32_t b = 0; b < u.full_blocks; ++b) {
@@ -232,8 +284,8 @@ Store::LayerBooks Store::encode_updates(uint32_t layer, std::vector<Update>& upd
       for (uint32_t h = 0; h < p_.num_heads; ++h) {
         for (uint32_t kind = 0; kind < 2; ++kind) {
           const uint32_t n =
-              cpu::encode_block(p_.codec(kind), books[kind].get(), block_src(u, b, h, kind), stride,
-                                p_.dtype, scratch.data());
+              encode_store_block(p_.codec(kind), books[kind].get(), block_src(u, b, h, kind),
+                                 stride, p_.dtype, scratch.data());
           u.blocks.emplace_back(scratch.begin(), scratch.begin() + n);
         }
       }
@@ -250,7 +302,8 @@ uint32_t Store::pages_needed(const LayerCache& cache,
     // copies a block into one page, so this is what keeps it inside the page.
     require(block.size() <= p_.page_bytes, KVC_ERROR_INTERNAL, "a block of ", block.size(),
             " bytes does not fit a page of ", p_.page_bytes);
-    pages += place_next_fit(used, uint32_t(block.size()), p_.page_bytes, offset);
+    pages += place_next_fit(used, uint32_t(block.size()), p_.page_bytes,
+                            block_alignment(p_.tiles()), offset);
   }
   return pages;
 }
@@ -274,7 +327,7 @@ void Store::commit(Transaction& tx) {
     uint32_t used = c.pages.empty() ? p_.page_bytes : c.open_used, offset;
     for (const auto& block : u.blocks) {
       const uint32_t size = uint32_t(block.size());
-      if (place_next_fit(used, size, p_.page_bytes, offset)) {
+      if (place_next_fit(used, size, p_.page_bytes, block_alignment(p_.tiles()), offset)) {
         c.pages.push_back(free_pages_.back());
         free_pages_.pop_back();
       }
@@ -358,8 +411,8 @@ std::vector<float> Store::decode_head(const LayerCache& c, uint32_t layer, uint3
   const Codebook* book = books_[layer * 2 + kind].get();
   for (uint32_t b = 0; b < c.num_blocks; ++b) {
     const BlockRef& r = c.blocks[(size_t(b) * p_.num_heads + head) * 2 + kind];
-    cpu::decode_block(p_.codec(kind), book, &pool_[size_t(r.page) * p_.page_bytes + r.offset],
-                      r.bytes, KVC_DTYPE_FP32, &out[size_t(b) * T * dim], dim);
+    decode_store_block(p_.codec(kind), book, &pool_[size_t(r.page) * p_.page_bytes + r.offset],
+                       r.bytes, KVC_DTYPE_FP32, &out[size_t(b) * T * dim], dim);
   }
   const auto& tail = kind == KVC_KIND_KEY ? c.tail_k : c.tail_v;
   for (uint32_t t = 0; t < c.tail_tokens; ++t) {
@@ -407,9 +460,9 @@ const Store::DecodedLayer& Store::decoded_layer(int32_t id, uint32_t layer) cons
       for (uint32_t kind = 0; kind < 2; ++kind) {
         const BlockRef& r = c.blocks[(size_t(dec.num_blocks + b) * heads + h) * 2 + kind];
         float* dst = kind == KVC_KIND_KEY ? rows.data() : &v[h][size_t(b) * T * dim];
-        cpu::decode_block(p_.codec(kind), books_[layer * 2 + kind].get(),
-                          &pool_[size_t(r.page) * p_.page_bytes + r.offset], r.bytes,
-                          KVC_DTYPE_FP32, dst, dim);
+        decode_store_block(p_.codec(kind), books_[layer * 2 + kind].get(),
+                           &pool_[size_t(r.page) * p_.page_bytes + r.offset], r.bytes,
+                           KVC_DTYPE_FP32, dst, dim);
       }
       float* kt = &k[h][size_t(b) * T * dim];
       for (uint32_t t = 0; t < T; ++t) {
@@ -537,19 +590,37 @@ StoreStats Store::stats() const {
 
 namespace {
 
-constexpr size_t kFingerprintWords = 12;
+// The serialized version a store writes (v1 stores keep version 1, which older readers take).
+uint32_t serial_version(const StoreParams& p) {
+  return p.tiles() ? kSerialVersionTiles : kSerialVersion;
+}
 
-std::array<uint32_t, kFingerprintWords> fingerprint(const StoreParams& p) {
+// What must match between the writing and the restoring store: 12 words in version 1, 13 in
+// version 2 (the block format word last). A tiles store ignores entropy
+// and sub-streams: they count as 0, so that stores differing only there exchange sequences.
+std::vector<uint32_t> fingerprint(const StoreParams& p) {
   const kvc_store_config& c = p.config;
   uint32_t key_bound, value_bound;
   std::memcpy(&key_bound, &c.key_error_bound, 4);
   std::memcpy(&value_bound, &c.value_error_bound, 4);
-  return {p.num_layers,        p.num_heads,
-          p.head_dim,          p.block_tokens,
-          uint32_t(p.dtype),   uint32_t(c.key_bound_mode),
-          key_bound,           uint32_t(c.value_bound_mode),
-          value_bound,         p.value.group_size,
-          uint32_t(c.entropy), p.key.num_substreams | (p.value.num_substreams << 16)};
+  const bool t = p.tiles();
+  std::vector<uint32_t> words = {p.num_layers,
+                                 p.num_heads,
+                                 p.head_dim,
+                                 p.block_tokens,
+                                 uint32_t(p.dtype),
+                                 uint32_t(c.key_bound_mode),
+                                 key_bound,
+                                 uint32_t(c.value_bound_mode),
+                                 value_bound,
+                                 p.value.group_size,
+                                 t ? 0u : uint32_t(c.entropy),
+                                 t ? 0u : p.key.num_substreams | (p.value.num_substreams << 16)};
+  // The block format word: bit 0 tiles, bit 1 K channels may be permuted, bit 2 split widths.
+  if (t) {
+    words.push_back(1u | (p.key.permute_channels ? 2u : 0u) | (p.key.split_widths ? 4u : 0u));
+  }
+  return words;
 }
 
 struct Writer {
@@ -623,11 +694,43 @@ void check_store_block(const StoreParams& p, const CodecParams& cp, const f::Blo
   }
 }
 
+// The same for a tile block (format t1), its header and table parsed (parse_tile_header: sizes,
+// offsets and widths consistent, block_bytes a multiple of 16 within the bytes given).
+void check_store_tile_block(const StoreParams& p, const CodecParams& cp, const tiles::TileLayout& b,
+                            const uint8_t* block, uint32_t bytes, uint32_t l, size_t index) {
+  auto require_block = [&](bool ok, const auto&... what) {
+    require(ok, KVC_ERROR_CORRUPT_DATA, "serialized sequence: layer ", l, " tile block ", index,
+            " ", what...);
+  };
+  require_block(b.block_bytes == bytes, "states ", b.block_bytes, " bytes, its record ", bytes);
+  const size_t longest = cp.max_block_bytes(p.dtype);
+  require_block(bytes <= longest, "is ", bytes, " bytes, longer than the ", longest,
+                " of the largest tile block this store writes (pages of ", p.page_bytes, ")");
+  require_block(
+      b.is_value == cp.is_value && b.num_tokens == cp.num_tokens && b.head_dim == cp.head_dim,
+      "is ", b.is_value ? "V" : "K", " ", b.num_tokens, "x", b.head_dim, " where the store's is ",
+      cp.is_value ? "V" : "K", " ", cp.num_tokens, "x", cp.head_dim);
+  require_block(b.raw_dtype == uint32_t(p.dtype), "has raw tiles of kvc_dtype ", b.raw_dtype,
+                " where the store's dtype is ", int32_t(p.dtype));
+  if (b.quantized) {
+    require_block(b.per_group_step == cp.relative, b.per_group_step ? "has" : "lacks",
+                  " per-group steps where the store's bound is ",
+                  cp.relative ? "relative" : "absolute");
+  }
+  require_block(!b.permuted || (!cp.is_value && cp.permute_channels),
+                "permutes its channels, which this store does not (tile_permute_channels = 0)");
+  for (uint32_t i = 0; i < b.num_tiles && !cp.split_widths; ++i) {
+    const uint32_t w = tiles::entry_width(tiles::table_entry(block, b, i));
+    require_block(w != tiles::kW3 && w != tiles::kW6, "has a ", w == tiles::kW3 ? 3 : 6,
+                  "-bit tile, which this store does not write (tile_split_widths = 0)");
+  }
+}
+
 }  // namespace
 
 SerializedSize::SerializedSize(const StoreParams& p, size_t num_books)
     : token_bytes_(p.token_bytes()),
-      bytes_(4 * (2 + kFingerprintWords) + 8 * num_books + 4) {}  // + the checksum
+      bytes_(4 * (2 + fingerprint(p).size()) + 8 * num_books + 4) {}  // + the checksum
 
 void SerializedSize::add_layer(uint32_t tail_tokens) {
   bytes_ += 8 + 2 * size_t(f::align4(uint32_t(tail_tokens * token_bytes_)));
@@ -639,7 +742,7 @@ std::vector<uint8_t> serialize_image(const StoreParams& p, const StoreBooks& boo
                                      const SequenceImage& image) {
   Writer w;
   w.u32(kSerialMagic);
-  w.u32(kSerialVersion);
+  w.u32(serial_version(p));
   for (uint32_t v : fingerprint(p)) w.u32(v);
   for (const auto& b : books) {
     w.u32(b ? 1u : 0u);
@@ -667,10 +770,15 @@ SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const u
   require(r.u32() == kSerialMagic, KVC_ERROR_CORRUPT_DATA,
           "serialized sequence: bad magic (not a kvcomp sequence)");
   const uint32_t version = r.u32();
-  require(version == kSerialVersion, KVC_ERROR_FORMAT_VERSION, "serialized sequence: version ",
-          version, " is not supported (this library reads version ", kSerialVersion, ")");
+  require(version == kSerialVersion || version == kSerialVersionTiles, KVC_ERROR_FORMAT_VERSION,
+          "serialized sequence: version ", version, " is not supported (this library reads ",
+          "versions ", kSerialVersion, " and ", kSerialVersionTiles, ")");
   require(fnv1a32(data, size - 4) == f::load_u32(data + size - 4), KVC_ERROR_CORRUPT_DATA,
           "serialized sequence: checksum mismatch");
+  // A store of the other block format wrote it (version 1: format v1 blocks; 2: tiles).
+  require(version == serial_version(p), KVC_ERROR_CONFIG_MISMATCH, "serialized sequence: holds ",
+          version == kSerialVersionTiles ? "tile" : "format v1", " blocks but this store holds ",
+          p.tiles() ? "tile" : "format v1", " blocks");
   for (uint32_t v : fingerprint(p)) {
     require(r.u32() == v, KVC_ERROR_CONFIG_MISMATCH,
             "serialized sequence: written by a store of another configuration");
@@ -694,14 +802,21 @@ SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const u
       const uint8_t* block = r.bytes(bytes);
       const uint32_t kind = uint32_t(i % 2);
       const CodecParams& cp = p.codec(kind);
-      const f::BlockLayout b = cpu::parse_header(block, bytes);
       const Codebook* book = books[l * 2 + kind].get();
-      check_store_block(p, cp, b, bytes, l, i);
-      require(b.encoding != f::kHuffman || (book && book->id() == b.codebook_id),
-              KVC_ERROR_CODEBOOK_MISMATCH, "serialized sequence: layer ", l, " holds a block of",
-              " codebook ", b.codebook_id, ", which this store does not have (import it)");
+      bool huffman = false;
+      if (cp.tiles) {
+        check_store_tile_block(p, cp, cpu::parse_tile_header(block, bytes), block, bytes, l, i);
+      } else {
+        const f::BlockLayout b = cpu::parse_header(block, bytes);
+        check_store_block(p, cp, b, bytes, l, i);
+        require(b.encoding != f::kHuffman || (book && book->id() == b.codebook_id),
+                KVC_ERROR_CODEBOOK_MISMATCH, "serialized sequence: layer ", l,
+                " holds a block of codebook ", b.codebook_id,
+                ", which this store does not have (import it)");
+        huffman = b.encoding == f::kHuffman;
+      }
       try {  // a block that parses may still not decode: reject it now, not at the first read
-        cpu::decode_block(cp, book, block, bytes, KVC_DTYPE_FP32, scratch.data(), p.head_dim);
+        decode_store_block(cp, book, block, bytes, KVC_DTYPE_FP32, scratch.data(), p.head_dim);
       } catch (const Error& e) {
         fail(e.status(), "serialized sequence: layer ", l, ": ", e.what());
       }
@@ -711,7 +826,7 @@ SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const u
               KVC_ERROR_CORRUPT_DATA, "serialized sequence: layer ", l, " block ", i,
               " decodes to inf or NaN");
       layer.blocks.emplace_back(block, block + bytes);
-      layer.has_huffman = layer.has_huffman || b.encoding == f::kHuffman;
+      layer.has_huffman = layer.has_huffman || huffman;
     }
     const size_t tail = size_t(layer.tail_tokens) * row;
     const uint8_t* k = r.bytes(tail);

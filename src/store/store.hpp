@@ -18,6 +18,11 @@
 
 namespace kvc {
 
+// Whether the CUDA codec (src/cuda/codec.cu) encodes and decodes tile blocks, so that the CUDA
+// store can hold them: until it does, the CUDA store refuses KVC_BLOCK_FORMAT_TILES and AUTO
+// keeps format v1 there. The one switch to turn when the device tile codec lands.
+inline constexpr bool kCudaStoreWritesTiles = false;
+
 struct StoreParams {
   kvc_backend backend;
   uint32_t num_layers, num_heads, head_dim, block_tokens;
@@ -32,6 +37,8 @@ struct StoreParams {
   size_t token_bytes() const { return size_t(num_heads) * head_dim * format::dtype_bytes(dtype); }
   const CodecParams& codec(uint32_t kind) const { return kind == KVC_KIND_KEY ? key : value; }
   uint64_t token_limit() const { return max_sequence_tokens ? max_sequence_tokens : INT32_MAX; }
+  // Whether the store's blocks are tile blocks (format t1, no codebooks) rather than format v1.
+  bool tiles() const { return key.tiles; }
 };
 
 // Where a compressed block lives in the pool.
@@ -94,6 +101,15 @@ class SerializedSize {
  private:
   size_t token_bytes_, bytes_;
 };
+// One block in the store's format (cp.tiles: t1, else v1; book: the layer's codebook for v1, may
+// be NULL): encodes finite rows (stride elements apart) into dst, which holds
+// cp.max_block_bytes(dtype), returning the bytes written; decodes, throwing a data status.
+// Pages place tile blocks 16-byte aligned (place_next_fit, block_alignment): what the tile
+// attention kernel's 16-byte loads need.
+uint32_t encode_store_block(const CodecParams& cp, const Codebook* book, const uint8_t* src,
+                            int64_t stride, kvc_dtype dtype, uint8_t* dst);
+void decode_store_block(const CodecParams& cp, const Codebook* book, const uint8_t* src,
+                        uint32_t bytes, kvc_dtype dtype, void* dst, int64_t stride);
 // The codebook a store builds for a layer from its first blocks: the default configuration.
 std::shared_ptr<const Codebook> build_layer_codebook(const Histogram& histogram);
 // count fp16/bf16 elements to fp16, bf16 or fp32 (saturating, as the codec's output).

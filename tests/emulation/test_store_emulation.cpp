@@ -5,7 +5,9 @@
 // sequences, over-long sequences, inf/NaN rows and pages running out. After every step: every
 // block byte-identical to the CPU encoder's block of the same rows, at the next-fit offset;
 // exact tails; pages owned by one (sequence, layer) each, and with the free stack a partition of
-// the pool; counters; and a failed call changes nothing.
+// the pool; counters; and a failed call changes nothing. A store of tile blocks (format t1) runs
+// the same kernels with the CPU tile encoder in the encoder's place (the device tile encoder
+// writes the same bytes), and every tile block starts 16-byte aligned in its page.
 #include "tests/emulation/emulated_codec.hpp"
 //
 #include <gtest/gtest.h>
@@ -16,6 +18,7 @@
 #include <set>
 
 #include "cpu/codec_cpu.hpp"
+#include "cpu/tile_codec_cpu.hpp"
 #include "kernels/store/store_kernels.cuh"
 #include "test_support.hpp"
 
@@ -31,6 +34,39 @@ struct StoreShape {
   uint32_t page_bytes = 512, num_pages = 20, max_sequences = 4, max_tokens = 24;
   uint32_t row() const { return heads * dim; }
 };
+
+// A tiles store: format t1 needs T and D powers of two from 16; blocks of up to 48 + 512 bytes.
+StoreShape tile_store_shape() {
+  StoreShape s;
+  s.block_tokens = 16;
+  s.page_bytes = 1280;
+  s.num_pages = 14;
+  s.max_tokens = 80;
+  return s;
+}
+
+// Whether the fp16 rows of one block [T, D] (stride elements apart) are all finite.
+bool finite_block(const CodecParams& p, const void* src, int64_t stride) {
+  const auto* x = static_cast<const uint16_t*>(src);
+  for (uint32_t t = 0; t < p.num_tokens; ++t) {
+    for (uint32_t d = 0; d < p.head_dim; ++d) {
+      if ((x[size_t(t) * size_t(stride) + d] & 0x7C00u) == 0x7C00u) return false;
+    }
+  }
+  return true;
+}
+
+// The CUDA codec's encode contract for tile blocks, with the CPU tile encoder: a NULL source or a
+// non-finite block gives 0 bytes and no block.
+void tile_encode(const CodecParams& p, const std::vector<const void*>& src, int64_t stride,
+                 const std::vector<void*>& dst, std::vector<uint32_t>& bytes) {
+  bytes.assign(src.size(), 0);
+  for (size_t i = 0; i < src.size(); ++i) {
+    if (src[i] == nullptr || !finite_block(p, src[i], stride)) continue;
+    bytes[i] =
+        cpu::encode_tile_block(p, src[i], stride, KVC_DTYPE_FP16, static_cast<uint8_t*>(dst[i]));
+  }
+}
 
 size_t round16(size_t n) { return (n + 15) / 16 * 16; }
 
@@ -62,10 +98,21 @@ class EmulatedStore {
   }
 
   ks::StoreView view() {
-    return {
-        states_.data(),  slot_ids_.data(), free_pages_.data(), &counters_, layer_compressed_.data(),
-        pool_.data(),    s_.page_bytes,    s_.layers,          s_.heads,   s_.dim,
-        s_.block_tokens, s_.max_sequences, s_.max_tokens,      0x7C00u};
+    return {states_.data(),
+            slot_ids_.data(),
+            free_pages_.data(),
+            &counters_,
+            layer_compressed_.data(),
+            pool_.data(),
+            s_.page_bytes,
+            s_.layers,
+            s_.heads,
+            s_.dim,
+            s_.block_tokens,
+            s_.max_sequences,
+            s_.max_tokens,
+            0x7C00u,
+            block_alignment(params_[0].tiles)};
   }
 
   // -1 when every slot is taken.
@@ -124,9 +171,11 @@ class EmulatedStore {
       for (int kind = 0; kind < 2; ++kind) {
         const std::vector<const void*> layer_src(src[kind].begin() + long(li * layer_slots),
                                                  src[kind].begin() + long((li + 1) * layer_slots));
-        if (!ok(emulated_encode(params_[kind], dbooks_[kind]->view(), layer_src,
-                                int64_t(H) * s_.dim, KVC_DTYPE_FP16, dst[kind], bytes[kind]),
-                "encode")) {
+        if (params_[kind].tiles) {
+          tile_encode(params_[kind], layer_src, int64_t(H) * s_.dim, dst[kind], bytes[kind]);
+        } else if (!ok(emulated_encode(params_[kind], dbooks_[kind]->view(), layer_src,
+                                       int64_t(H) * s_.dim, KVC_DTYPE_FP16, dst[kind], bytes[kind]),
+                       "encode")) {
           return KVC_ERROR_INTERNAL;
         }
       }
@@ -201,7 +250,8 @@ class StoreChecker {
     std::vector<uint8_t> out(p.max_block_bytes(KVC_DTYPE_FP16));
     const uint16_t* src = rows.data() + size_t(j) * s.block_tokens * s.row() + h * s.dim;
     const uint32_t n =
-        cpu::encode_block(p, st_.book(kind), src, s.row(), KVC_DTYPE_FP16, out.data());
+        p.tiles ? cpu::encode_tile_block(p, src, s.row(), KVC_DTYPE_FP16, out.data())
+                : cpu::encode_block(p, st_.book(kind), src, s.row(), KVC_DTYPE_FP16, out.data());
     out.resize(n);
     return out;
   }
@@ -274,8 +324,12 @@ class StoreChecker {
               const std::vector<uint8_t> want = cpu_block(kind, *rows[kind], j, h);
               ASSERT_EQ(at.bytes, want.size()) << where;
               uint32_t offset = 0;
-              const bool fresh = place_next_fit(open, at.bytes, s.page_bytes, offset);
+              const bool fresh = place_next_fit(open, at.bytes, s.page_bytes,
+                                                block_alignment(st_.params(kind).tiles), offset);
               ASSERT_EQ(at.offset, offset) << where << " id " << id << " layer " << l;
+              if (st_.params(kind).tiles) {
+                ASSERT_EQ(at.offset % tiles::kTileAlign, 0u) << where << " unaligned tile block";
+              }
               if (!fresh) ASSERT_EQ(at.page, page) << where;
               if (fresh) ASSERT_TRUE(mine.insert(at.page).second) << where << " page reused";
               page = at.page;
@@ -342,7 +396,7 @@ class StoreChecker {
           for (uint32_t h = 0; h < s.heads; ++h) {
             for (int kind = 0; kind < 2; ++kind) {
               need += place_next_fit(open, uint32_t(cpu_block(kind, rows[kind], j, h).size()),
-                                     s.page_bytes, offset);
+                                     s.page_bytes, block_alignment(st_.params(kind).tiles), offset);
             }
           }
         }
@@ -363,11 +417,10 @@ std::vector<uint16_t> random_rows(std::mt19937& rng, bool is_value, uint32_t tok
   return out;
 }
 
-void run_store_model(uint32_t seed, int steps) {
-  const StoreShape s;
-  const kvc_codec_config kc =
-      make_config(KVC_KIND_KEY, s.block_tokens, s.dim, KVC_BOUND_RELATIVE, 0.05f);
-  const kvc_codec_config vc =
+void run_store_model(uint32_t seed, int steps, bool tiles = false) {
+  const StoreShape s = tiles ? tile_store_shape() : StoreShape{};
+  kvc_codec_config kc = make_config(KVC_KIND_KEY, s.block_tokens, s.dim, KVC_BOUND_RELATIVE, 0.05f);
+  kvc_codec_config vc =
       make_config(KVC_KIND_VALUE, s.block_tokens, s.dim, KVC_BOUND_RELATIVE, 0.05f);
   const auto parse = [](const kvcomp::Codebook& b) {
     const auto bytes = b.serialize();
@@ -375,8 +428,12 @@ void run_store_model(uint32_t seed, int steps) {
   };
   const Codebook kbook = parse(train(kc, KVC_DTYPE_FP16, seed));
   const Codebook vbook = parse(train(vc, KVC_DTYPE_FP16, seed + 1));
+  if (tiles) {  // (as the store's codec parameters: kind_params in src/store/store.cpp)
+    kc.block_format = vc.block_format = KVC_BLOCK_FORMAT_TILES;
+    kc.num_substreams = vc.num_substreams = 0;
+  }
   EmulatedStore store(s, CodecParams::from_config(kc, true), CodecParams::from_config(vc, true),
-                      &kbook, &vbook);
+                      tiles ? nullptr : &kbook, tiles ? nullptr : &vbook);
   Shadow shadow;
   StoreChecker checker(store, shadow);
   std::mt19937 rng(seed);
@@ -454,6 +511,8 @@ void run_store_model(uint32_t seed, int steps) {
 TEST(StoreEmulation, RandomOperationsAgainstAShadowModelSeed1) { run_store_model(1, 45); }
 TEST(StoreEmulation, RandomOperationsAgainstAShadowModelSeed2) { run_store_model(2, 45); }
 TEST(StoreEmulation, RandomOperationsAgainstAShadowModelSeed3) { run_store_model(3, 45); }
+TEST(StoreEmulation, TileBlocksAgainstAShadowModelSeed4) { run_store_model(4, 60, true); }
+TEST(StoreEmulation, TileBlocksAgainstAShadowModelSeed5) { run_store_model(5, 60, true); }
 
 }  // namespace
 }  // namespace kvc::test

@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // Shared by the store fuzzers and the seed generator: small store configurations (so that each
 // iteration is fast) that between them cover both dtypes, absolute and relative bounds, grouped
-// values, every entropy mode and both store limits; the codebooks they hold; their input rows;
-// and a snapshot of a store (stats and every live sequence's bytes) to compare before and after
-// a call. Public API only.
+// values, every entropy mode, tile blocks (format t1) and both store limits; the codebooks they
+// hold; their input rows; and a snapshot of a store (stats and every live sequence's bytes) to
+// compare before and after a call. Public API only.
 #pragma once
 
 #include <kvcomp/kvcomp.h>
@@ -16,7 +16,7 @@
 
 namespace kvc_fuzz {
 
-inline constexpr int kNumStoreConfigs = 3;
+inline constexpr int kNumStoreConfigs = 4;
 
 inline kvc_store_config store_config(int which) {
   kvc_store_config c = KVC_STORE_CONFIG_INIT;
@@ -66,14 +66,30 @@ inline kvc_store_config store_config(int which) {
       c.page_bytes = 768;
       c.capacity_bytes = 6 * 768;
       break;
+    case 3:  // tile blocks: two layers, 16 x 32 (two K tiles: permutations pay), relative K
+             // bound (per-group steps), absolute V bound; blocks <= 48 + 1024 bytes
+      c.num_layers = 2;
+      c.num_kv_heads = 1;
+      c.head_dim = 32;
+      c.block_tokens = 16;
+      c.dtype = KVC_DTYPE_FP16;
+      c.key_bound_mode = KVC_BOUND_RELATIVE;
+      c.key_error_bound = 0.05f;
+      c.value_bound_mode = KVC_BOUND_ABSOLUTE;
+      c.value_error_bound = 0.02f;
+      c.block_format = KVC_BLOCK_FORMAT_TILES;
+      c.page_bytes = 1280;
+      c.capacity_bytes = 14 * 1280;
+      break;
   }
   return c;
 }
 
 // Sets the decoder fuzzer's codebook (make_fixed_codebook) on every (layer, kind) of a store that
-// uses codebooks, so that seeds written by one store restore into another.
+// uses codebooks, so that seeds written by one store restore into another. (A tiles store uses
+// none, and refuses them.)
 inline void set_store_codebooks(kvc_store_t s, const kvc_store_config& c, kvc_codebook_t book) {
-  if (c.entropy == KVC_ENTROPY_FIXED) return;
+  if (c.entropy == KVC_ENTROPY_FIXED || c.block_format == KVC_BLOCK_FORMAT_TILES) return;
   for (int32_t l = 0; l < c.num_layers; ++l) {
     KVC_FUZZ_CHECK(kvc_store_set_codebook(s, l, KVC_KIND_KEY, book) == KVC_SUCCESS);
     KVC_FUZZ_CHECK(kvc_store_set_codebook(s, l, KVC_KIND_VALUE, book) == KVC_SUCCESS);

@@ -210,7 +210,9 @@ class Driver {
   void create() {  // a second store from a damaged configuration; destroyed at once
     kvc_store_config c = m_.c;
     Expect e;
-    switch (in_.ConsumeIntegralInRange<int>(0, 12)) {
+    // A tiles store refuses shapes format t1 lacks (NOT_SUPPORTED).
+    if (m_.c.block_format == KVC_BLOCK_FORMAT_TILES) e.possible.insert(KVC_ERROR_NOT_SUPPORTED);
+    switch (in_.ConsumeIntegralInRange<int>(0, 13)) {
       case 0:
         c.struct_size = in_.ConsumeIntegral<uint32_t>();
         if (c.struct_size != sizeof c) e.error(KVC_ERROR_ABI_MISMATCH);
@@ -241,7 +243,8 @@ class Driver {
       case 5:
         c.page_bytes = in_.ConsumeIntegral<int32_t>();
         if (c.page_bytes != 0 && c.page_bytes != m_.c.page_bytes) {
-          e.possible = {KVC_ERROR_INVALID_ARGUMENT};  // a multiple of 256 above the largest block
+          e.possible.insert(
+              KVC_ERROR_INVALID_ARGUMENT);  // a multiple of 256 above the largest block
         }
         if (c.page_bytes < 0 || c.page_bytes % 256 != 0) e.error(KVC_ERROR_INVALID_ARGUMENT);
         // (page_bytes 0: the default page; any valid page: a small pool, fine)
@@ -252,7 +255,7 @@ class Driver {
         break;
       case 6:
         c.key_error_bound = in_.ConsumeBool() ? NAN : in_.ConsumeFloatingPoint<float>();
-        e.possible = {KVC_ERROR_INVALID_ARGUMENT};
+        e.possible.insert(KVC_ERROR_INVALID_ARGUMENT);
         if (!std::isfinite(c.key_error_bound) || c.key_error_bound <= 0) {
           e.error(KVC_ERROR_INVALID_ARGUMENT);
         }
@@ -266,12 +269,12 @@ class Driver {
         if (c.key_bound_mode != KVC_BOUND_ABSOLUTE && c.key_bound_mode != KVC_BOUND_RELATIVE) {
           e.error(KVC_ERROR_INVALID_ARGUMENT);
         }
-        e.possible = {KVC_ERROR_INVALID_ARGUMENT};  // a bound out of the new mode's range
+        e.possible.insert(KVC_ERROR_INVALID_ARGUMENT);  // a bound out of the new mode's range
         break;
       case 9:
         c.head_dim = in_.ConsumeIntegral<int32_t>();
         c.block_tokens = in_.ConsumeIntegral<int32_t>();
-        e.possible = {KVC_ERROR_INVALID_ARGUMENT};
+        e.possible.insert(KVC_ERROR_INVALID_ARGUMENT);
         if (c.head_dim <= 0 || c.block_tokens <= 0) e.error(KVC_ERROR_INVALID_ARGUMENT);
         // Valid shapes may need larger pages than this configuration's: rejected as such.
         break;
@@ -289,9 +292,37 @@ class Driver {
         KVC_FUZZ_CHECK(kvc_store_destroy(nullptr) == KVC_SUCCESS);
         return;
       }
+      case 13: {  // the block format, the tile options and the sub-streams
+        const int32_t v = in_.ConsumeBool() ? in_.ConsumeIntegralInRange<int32_t>(-1, 3)
+                                            : in_.ConsumeIntegral<int32_t>();
+        const bool tiles = c.block_format == KVC_BLOCK_FORMAT_TILES;
+        e.possible = {KVC_ERROR_INVALID_ARGUMENT, KVC_ERROR_NOT_SUPPORTED};
+        switch (in_.ConsumeIntegralInRange<int>(0, 3)) {
+          case 0:  // (tiles where the shape has none: NOT_SUPPORTED; larger blocks: pages)
+            c.block_format = v;
+            if (v < KVC_BLOCK_FORMAT_V1 || v > KVC_BLOCK_FORMAT_AUTO) {
+              e.error(KVC_ERROR_INVALID_ARGUMENT);
+            }
+            break;
+          case 1:
+            c.tile_permute_channels = v;
+            if (v != 0 && v != 1) e.error(KVC_ERROR_INVALID_ARGUMENT);
+            break;
+          case 2:
+            c.tile_split_widths = v;
+            if (v != 0 && v != 1) e.error(KVC_ERROR_INVALID_ARGUMENT);
+            break;
+          default:  // checked against the group sizes by v1 stores, ignored by tiles
+            c.num_substreams = v;
+            if (v < 0 && !tiles) e.error(KVC_ERROR_INVALID_ARGUMENT);
+            if (tiles) e.possible.clear();
+            break;
+        }
+        break;
+      }
       default:
         c.value_group_size = in_.ConsumeIntegral<int32_t>();
-        e.possible = {KVC_ERROR_INVALID_ARGUMENT};
+        e.possible.insert(KVC_ERROR_INVALID_ARGUMENT);
         if (c.value_group_size < 0) e.error(KVC_ERROR_INVALID_ARGUMENT);
         break;
     }
@@ -651,6 +682,10 @@ class Driver {
     // Set a codebook: the writer's own (unless it has none), or the fuzzers' fixed one, or NULL.
     kvc_codebook_t book = in_.ConsumeIntegralInRange<int>(0, 7) > 0 ? fixed_book() : nullptr;
     if (book == nullptr) e.error(KVC_ERROR_NULL_POINTER);
+    // A tiles store uses no codebooks.
+    if (book != nullptr && ok && m_.c.block_format == KVC_BLOCK_FORMAT_TILES) {
+      e.error(KVC_ERROR_NOT_SUPPORTED);
+    }
     // A layer whose codebooks are frozen refuses; the model does not track freezing.
     e.possible = {KVC_ERROR_INVALID_ARGUMENT};
     const kvc_status_t st = kvc_fuzz_store_set_codebook(s_, layer, kind, book);

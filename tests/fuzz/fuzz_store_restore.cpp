@@ -145,8 +145,9 @@ bool mutate_records(SerialSequence& s, std::minstd_rand& rng, size_t max_block) 
   for (auto& l : s.layers) {
     for (auto& b : l.blocks) blocks.push_back(&b);
   }
-  auto set_length = [](std::vector<uint8_t>& b) {
-    if (b.size() >= 20) kvc_fuzz::store_word(&b[16], uint32_t(b.size()));  // block_bytes
+  auto set_length = [](std::vector<uint8_t>& b) {  // block_bytes: at 12 in a tile block ("kvct")
+    const bool tile = b.size() >= 4 && kvc_fuzz::load_word(b.data()) == 0x7463766Bu;
+    if (b.size() >= 20) kvc_fuzz::store_word(&b[tile ? 12 : 16], uint32_t(b.size()));
   };
   switch (rng() % 8) {
     case 0: {  // bytes of one block mutated, its stated length kept equal to its record
@@ -245,7 +246,9 @@ extern "C" size_t LLVMFuzzerCustomMutator(uint8_t* data, size_t size, size_t max
     if (auto s = SerialSequence::parse(data + 1, size - 1)) {
       const int which = (data[0] & 3) % kvc_fuzz::kNumStoreConfigs;
       const kvc_store_config c = kvc_fuzz::store_config(which);
-      const size_t max_block = 32 + size_t(c.block_tokens) * size_t(c.head_dim) * 2;
+      // (a tile block's header and table take up to 48 bytes at these shapes)
+      const size_t header = c.block_format == KVC_BLOCK_FORMAT_TILES ? 48 : 32;
+      const size_t max_block = header + size_t(c.block_tokens) * size_t(c.head_dim) * 2;
       bool changed = false;
       for (int i = 0, n = 1 + int(rng() % 3); i < n; ++i) {
         changed = mutate_records(*s, rng, max_block) || changed;

@@ -29,7 +29,8 @@ inline void reseal(std::vector<uint8_t>& bytes) {
 }
 
 struct SerialSequence {
-  // magic, version, the 12 fingerprint words and the codebook table: kept as bytes.
+  // magic, version, the fingerprint (12 words in version 1, 13 in version 2: stores of tile
+  // blocks) and the codebook table: kept as bytes.
   std::vector<uint8_t> head;
   struct Layer {
     uint32_t num_blocks = 0, tail_tokens = 0;
@@ -49,12 +50,13 @@ struct SerialSequence {
   // Takes apart a well-formed sequence (the checksum is not checked); nothing if the bytes are
   // not one. Sizes are limited so that a fuzzer's input cannot ask for huge allocations.
   static std::optional<SerialSequence> parse(const uint8_t* data, size_t size) {
-    if (size < 8 + 48 + 4 || size % 4 != 0) return std::nullopt;
+    if (size < 8 + 52 + 4 || size % 4 != 0) return std::nullopt;
+    const size_t fingerprint_bytes = load_word(data + 4) == 2 ? 52 : 48;
     SerialSequence s;
-    s.head.assign(data, data + 8 + 48);
+    s.head.assign(data, data + 8 + fingerprint_bytes);
     const uint32_t L = s.num_layers(), H = s.num_heads(), D = s.head_dim();
     if (L == 0 || L > 64 || H == 0 || H > 64 || D == 0 || D > 1024) return std::nullopt;
-    size_t at = 8 + 48;
+    size_t at = 8 + fingerprint_bytes;
     const size_t end = size - 4;
     auto need = [&](size_t n) { return n <= end - at; };
     if (!need(16 * size_t(L))) return std::nullopt;

@@ -3,7 +3,9 @@
 // copies on a non-default stream; the same serialized bytes as the CPU store for the same
 // tokens; a decode step and attention captured in CUDA graphs and replayed; out of pages in the
 // middle of a batch reported through the stats, changing nothing; no page leaks; and the
-// configuration the CUDA store needs.
+// configuration the CUDA store needs. A store of tile blocks (format t1): the model-based test
+// with the tensor-core attention kernel, the same bytes as the CPU tiles store, AUTO choosing
+// tiles; skipped while this build's CUDA codec writes no tile blocks (kCudaStoreWritesTiles).
 #include <algorithm>
 #include <cmath>
 #include <memory>
@@ -12,6 +14,7 @@
 #include <vector>
 
 #include "gpu_test.hpp"
+#include "store/store.hpp"  // kCudaStoreWritesTiles
 #include "store_model.hpp"
 #include "test_support.hpp"
 
@@ -181,6 +184,7 @@ kvc_store_config cuda_config(const Shape& sh, int64_t capacity, int32_t page_byt
                              int32_t max_sequences, int32_t max_sequence_tokens) {
   kvc_store_config c = store_config(sh, capacity, page_bytes);
   c.backend = KVC_BACKEND_CUDA;
+  c.block_format = KVC_BLOCK_FORMAT_V1;  // (the tile tests below set TILES)
   c.max_sequences = max_sequences;
   c.max_sequence_tokens = max_sequence_tokens;
   return c;
@@ -215,6 +219,7 @@ TEST_F(StoreGpu, ModelBasedRandomOperations) {
   mp.steps = 400;
   mp.seed = 2025;
   mp.tolerance = gpu_tolerance();
+  mp.block_format = KVC_BLOCK_FORMAT_V1;
   CudaStoreBackend cuda(mp.shape);
   run_model(cuda, mp);
 }
@@ -549,6 +554,207 @@ TEST_F(StoreGpu, TheCudaStoreNeedsSequenceLimits) {
   c = cuda_config(sh, 1 << 20, 0, 8, 1024);
   ASSERT_EQ(kvc_store_create(&c, &s), KVC_SUCCESS) << kvc_last_error();
   kvc_store_destroy(s);
+}
+
+// ---- Tile blocks (format t1) -------------------------------------------------------------------
+
+// A shape the tile attention kernel takes: 64-token blocks of head_dim 64 (largest tile block
+// align16(32 + 4 * 4) + 64 * 64 * 2 = 8240 bytes, in pages of 8448).
+Shape tile_gpu_shape() {
+  Shape s = gpu_shape();
+  s.tokens = 64;
+  return s;
+}
+constexpr int32_t kTilePage = 8448;
+
+// The tile kernel rounds the step-scaled query and the probabilities to fp16 (the MMA's inputs):
+// errors of a few 1e-3 of the value column's magnitude, where a wrong block, token or head is
+// off by the values themselves.
+AttentionTolerance tile_gpu_tolerance() { return {0.0, 1e-2}; }
+
+kvc_store_config tile_cuda_config(const Shape& sh, int64_t capacity, int32_t page_bytes,
+                                  int32_t max_sequences, int32_t max_sequence_tokens) {
+  kvc_store_config c = cuda_config(sh, capacity, page_bytes, max_sequences, max_sequence_tokens);
+  c.block_format = KVC_BLOCK_FORMAT_TILES;
+  return c;
+}
+
+TEST_F(StoreGpu, TileStoreShapesAndAuto) {
+  const Shape sh = tile_gpu_shape();
+  kvc_store_t s = nullptr;
+  kvc_store_config c = tile_cuda_config(sh, 1 << 22, 0, 4, 1024);
+  if (!kCudaStoreWritesTiles) {
+    EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_NOT_SUPPORTED);
+    EXPECT_TRUE(last_error_names("tile")) << kvc_last_error();
+    GTEST_SKIP() << "this build's CUDA codec writes no tile blocks";
+  }
+  ASSERT_EQ(kvc_store_create(&c, &s), KVC_SUCCESS) << kvc_last_error();
+  kvc_store_destroy(s);
+  // Shapes without a tile kernel: TILES refused, AUTO falls back to format v1 (which builds
+  // codebooks), where the kernel's shapes get tiles (no codebooks).
+  c.block_tokens = 32;
+  EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_NOT_SUPPORTED);
+  EXPECT_TRUE(last_error_names("block_tokens")) << kvc_last_error();
+  c.block_tokens = 128;
+  c.head_dim = 256;
+  EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_NOT_SUPPORTED);
+  std::mt19937 rng(3);
+  for (int32_t tokens : {32, 64}) {
+    Shape shape = tile_gpu_shape();
+    shape.tokens = tokens;
+    kvc_store_config a = tile_cuda_config(shape, 1 << 22, 0, 4, 1024);
+    a.block_format = KVC_BLOCK_FORMAT_AUTO;
+    StoreHandle store(a);
+    ASSERT_NE(store.s, nullptr);
+    CudaStoreBackend gpu(shape);
+    int32_t id = -1;
+    ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
+    const Rows k = random_rows(rng, 64 * size_t(shape.layers), shape);
+    const Rows v = random_rows(rng, 64 * size_t(shape.layers), shape);
+    ASSERT_EQ(gpu.prefill(store.s, id, 0, shape.layers, 64, k.bits.data(), v.bits.data()),
+              KVC_SUCCESS);
+    kvc_codebook_t book = nullptr;
+    ASSERT_EQ(kvc_store_get_codebook(store.s, 0, KVC_KIND_KEY, &book), KVC_SUCCESS);
+    EXPECT_EQ(book != nullptr, tokens == 32) << "T = " << tokens;
+    kvc_codebook_destroy(book);
+  }
+}
+
+TEST_F(StoreGpu, TileStoreModelBasedRandomOperations) {
+  if (!kCudaStoreWritesTiles) GTEST_SKIP() << "this build's CUDA codec writes no tile blocks";
+  ModelParams mp;
+  mp.shape = tile_gpu_shape();
+  mp.page_bytes = 2 * kTilePage;
+  mp.capacity_bytes = 32 * int64_t(mp.page_bytes);
+  mp.max_sequences = 24;
+  mp.max_sequence_tokens = 320;
+  mp.max_prefill_tokens = 160;
+  mp.steps = 300;
+  mp.seed = 2026;
+  mp.tolerance = tile_gpu_tolerance();
+  mp.block_format = KVC_BLOCK_FORMAT_TILES;
+  CudaStoreBackend cuda(mp.shape);
+  run_model(cuda, mp);
+}
+
+TEST_F(StoreGpu, TileStoreAppendsAndAttendsInCudaGraphsFromTheFirstToken) {
+  // A tiles store builds no codebooks: a decode step is capturable from the first token on
+  // (after one uncaptured step sizes the scratch), and no step synchronizes, a block's
+  // compression included (a synchronization inside a capture would fail it).
+  if (!kCudaStoreWritesTiles) GTEST_SKIP() << "this build's CUDA codec writes no tile blocks";
+  const Shape sh = tile_gpu_shape();
+  StoreHandle store(tile_cuda_config(sh, 8 << 20, 0, 4, 1024));
+  ASSERT_NE(store.s, nullptr);
+  CudaStoreBackend be(sh);
+  const cudaStream_t stream = be.stream();
+  Shadow shadow{sh, {}, {}};
+  std::mt19937 rng(53);
+  std::vector<int32_t> ids(3);
+  for (int32_t& id : ids) {
+    ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
+    shadow.add_sequence(id);
+  }
+  const size_t batch = ids.size(), step_bytes = batch * sh.row() * 2;
+  for (int l = 0; l < sh.layers; ++l) {  // sizes the scratch memory
+    const Rows k = random_rows(rng, batch, sh), v = random_rows(rng, batch, sh);
+    ASSERT_EQ(be.append(store.s, l, ids, k.bits.data(), v.bits.data()), KVC_SUCCESS)
+        << kvc_last_error();
+    for (size_t b = 0; b < batch; ++b) shadow.append(ids[b], l, k, v, b, 1);
+  }
+  DeviceBuffer d_keys(size_t(sh.layers) * step_bytes), d_values(size_t(sh.layers) * step_bytes);
+  Graph step;
+  KVC_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  std::vector<kvc_status_t> captured;
+  for (int l = 0; l < sh.layers; ++l) {
+    captured.push_back(kvc_store_append(store.s, l, int32_t(batch), ids.data(),
+                                        d_keys.get<char>() + size_t(l) * step_bytes,
+                                        d_values.get<char>() + size_t(l) * step_bytes, stream));
+  }
+  const cudaError_t ended = cudaStreamEndCapture(stream, &step.graph);
+  for (kvc_status_t st : captured) ASSERT_EQ(st, KVC_SUCCESS) << kvc_last_error();
+  ASSERT_EQ(ended, cudaSuccess) << cudaGetErrorString(ended);
+  KVC_CUDA_CHECK(cudaGraphInstantiate(&step.exec, step.graph, 0));
+  std::vector<Rows> sent;
+  const int replays = 140;  // two block boundaries (T = 64) per sequence and layer
+  for (int r = 0; r < replays; ++r) {
+    for (int l = 0; l < sh.layers; ++l) {
+      Rows k = random_rows(rng, batch, sh), v = random_rows(rng, batch, sh);
+      KVC_CUDA_CHECK(cudaMemcpyAsync(d_keys.get<char>() + size_t(l) * step_bytes, k.bits.data(),
+                                     step_bytes, cudaMemcpyHostToDevice, stream));
+      KVC_CUDA_CHECK(cudaMemcpyAsync(d_values.get<char>() + size_t(l) * step_bytes, v.bits.data(),
+                                     step_bytes, cudaMemcpyHostToDevice, stream));
+      for (size_t b = 0; b < batch; ++b) shadow.append(ids[b], l, k, v, b, 1);
+      sent.push_back(std::move(k));
+      sent.push_back(std::move(v));
+    }
+    KVC_CUDA_CHECK(cudaGraphLaunch(step.exec, stream));
+  }
+  KVC_CUDA_CHECK(cudaStreamSynchronize(stream));
+  const kvc_store_stats st = store_stats(store.s);
+  EXPECT_EQ(st.failed_appends, 0);
+  EXPECT_EQ(st.codebook_bytes, 0);
+  EXPECT_EQ(st.num_blocks, int64_t(batch) * 2 * sh.heads * 2 * sh.layers);
+  ASSERT_NO_FATAL_FAILURE(
+      check_against_shadow(be, store.s, shadow, rng, "after the replays", tile_gpu_tolerance()));
+
+  // Attention captured and replayed: the tile kernel over the blocks and the tails.
+  const int32_t q_heads = sh.heads * sh.group;
+  const float scale = 1.0f / std::sqrt(float(sh.dim));
+  const Rows q = random_rows(rng, batch * size_t(sh.group), sh);
+  DeviceBuffer d_q(q.bits.size() * 2), d_out(q.bits.size() * 2);
+  d_q.upload(q.bits.data(), d_q.bytes());
+  std::vector<uint16_t> warm(q.bits.size());
+  ASSERT_EQ(be.attention(store.s, 0, ids, q_heads, scale, q.bits.data(), warm.data()),
+            KVC_SUCCESS)
+      << kvc_last_error();  // sizes the workspace
+  Graph attend;
+  KVC_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  const kvc_status_t status = kvc_store_attention(store.s, 0, int32_t(batch), ids.data(), q_heads,
+                                                  scale, d_q.get(), d_out.get(), stream);
+  const cudaError_t attention_ended = cudaStreamEndCapture(stream, &attend.graph);
+  ASSERT_EQ(status, KVC_SUCCESS) << kvc_last_error();
+  ASSERT_EQ(attention_ended, cudaSuccess) << cudaGetErrorString(attention_ended);
+  KVC_CUDA_CHECK(cudaGraphInstantiate(&attend.exec, attend.graph, 0));
+  KVC_CUDA_CHECK(cudaMemsetAsync(d_out.get(), 0xFF, d_out.bytes(), stream));
+  KVC_CUDA_CHECK(cudaGraphLaunch(attend.exec, stream));
+  KVC_CUDA_CHECK(cudaStreamSynchronize(stream));
+  std::vector<ReadBack> kv;
+  for (int32_t id : ids) kv.push_back(read_back(be, store.s, sh, id, 0));
+  ASSERT_NO_FATAL_FAILURE(check_attention(sh, kv, q, d_out.download<uint16_t>(q.bits.size()), scale,
+                                          tile_gpu_tolerance(), "tile attention graph", ids));
+}
+
+TEST_F(StoreGpu, TileStoreSerializesToTheSameBytesAsTheCpuTileStore) {
+  if (!kCudaStoreWritesTiles) GTEST_SKIP() << "this build's CUDA codec writes no tile blocks";
+  const Shape sh = tile_gpu_shape();
+  kvc_store_config on_cpu = tile_cuda_config(sh, 8 << 20, 0, 8, 1024);
+  on_cpu.backend = KVC_BACKEND_CPU;
+  StoreHandle host(on_cpu), device(tile_cuda_config(sh, 8 << 20, 0, 8, 1024));
+  ASSERT_NE(host.s, nullptr);
+  ASSERT_NE(device.s, nullptr);
+  CpuStoreBackend cpu;
+  CudaStoreBackend gpu(sh);
+  std::mt19937 rng(43);
+  for (int32_t n : {200, 63, 64, 1, 0}) {
+    int32_t h = -1, d = -1;
+    ASSERT_EQ(kvc_store_add_sequence(host.s, &h), KVC_SUCCESS);
+    ASSERT_EQ(kvc_store_add_sequence(device.s, &d), KVC_SUCCESS);
+    const Rows k = random_rows(rng, size_t(n) * size_t(sh.layers), sh);
+    const Rows v = random_rows(rng, size_t(n) * size_t(sh.layers), sh);
+    ASSERT_EQ(cpu.prefill(host.s, h, 0, sh.layers, n, k.bits.data(), v.bits.data()), KVC_SUCCESS);
+    ASSERT_EQ(gpu.prefill(device.s, d, 0, sh.layers, n, k.bits.data(), v.bits.data()), KVC_SUCCESS);
+    std::vector<uint8_t> a, b;
+    ASSERT_NO_FATAL_FAILURE(serialize_sequence(host.s, h, a));
+    ASSERT_NO_FATAL_FAILURE(serialize_sequence(device.s, d, b));
+    EXPECT_EQ(a, b) << n << " tokens: the CUDA and CPU tile stores wrote different bytes";
+    // And each restores into the other backend.
+    int32_t r = -1;
+    EXPECT_EQ(kvc_store_restore(device.s, a.data(), a.size(), &r), KVC_SUCCESS) << kvc_last_error();
+    EXPECT_EQ(kvc_store_restore(host.s, b.data(), b.size(), &r), KVC_SUCCESS) << kvc_last_error();
+  }
+  const kvc_store_stats sh_stats = store_stats(host.s), sd_stats = store_stats(device.s);
+  EXPECT_EQ(sh_stats.block_bytes, sd_stats.block_bytes);
+  EXPECT_EQ(sd_stats.codebook_bytes, 0);
 }
 
 }  // namespace

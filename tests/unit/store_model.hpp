@@ -297,6 +297,7 @@ struct ModelParams {
   int steps = 400;
   uint32_t seed = 2024;
   AttentionTolerance tolerance;
+  int32_t block_format = KVC_BLOCK_FORMAT_AUTO;  // TILES: a store of tile blocks (format t1)
 };
 
 // Random operations against the store and its shadow, checked after every step. With limits set,
@@ -310,6 +311,7 @@ inline void run_model(StoreBackend& be, const ModelParams& mp) {
   config.backend = be.backend();
   config.max_sequences = mp.max_sequences;
   config.max_sequence_tokens = mp.max_sequence_tokens;
+  config.block_format = mp.block_format;
   StoreHandle store(config);
   ASSERT_NE(store.s, nullptr);
   Shadow shadow{sh, {}, {}};

@@ -8,6 +8,8 @@
 #include <random>
 
 #include "codec/codebook.hpp"  // fnv1a32
+#include "kernels/common/tile_format.cuh"
+#include "kernels/store/next_fit.cuh"
 #include "store_model.hpp"
 
 namespace kvc::test {
@@ -30,6 +32,134 @@ TEST(Store, ModelBasedRandomOperations) {
   // happens along the way), no sequence limits: ModelParams' defaults.
   CpuStoreBackend cpu;
   run_model(cpu, ModelParams{});
+}
+
+TEST(Store, ModelBasedRandomOperationsOnTiles) {
+  // The same over a store of tile blocks (format t1 needs T and D powers of two >= 16): the
+  // bound, exact tails, attention over what it reads back, all-or-nothing, serialize+restore.
+  CpuStoreBackend cpu;
+  ModelParams mp;
+  mp.shape.tokens = 16;
+  mp.block_format = KVC_BLOCK_FORMAT_TILES;
+  mp.seed = 77;
+  run_model(cpu, mp);
+}
+
+TEST(Store, TileBlocksAre16ByteMultiplesAndUseNoCodebooks) {
+  Shape sh;
+  sh.tokens = 32;
+  sh.dim = 64;
+  kvc_store_config c = store_config(sh, 1 << 20, 8192);
+  c.block_format = KVC_BLOCK_FORMAT_TILES;
+  c.entropy = KVC_ENTROPY_HUFFMAN;  // ignored by tiles
+  c.num_substreams = 3;             // ignored too (it divides no group size)
+  StoreHandle store(c);
+  ASSERT_NE(store.s, nullptr);
+  std::mt19937 rng(4);
+  int32_t id = -1;
+  Rows k, v;
+  ASSERT_NO_FATAL_FAILURE(add_prefilled(store.s, rng, sh, 100, id, k, v));
+  const kvc_store_stats st = store_stats(store.s);
+  EXPECT_EQ(st.num_blocks, 3 * sh.heads * 2 * sh.layers);
+  EXPECT_EQ(st.block_bytes % 16, 0);
+  EXPECT_EQ(st.codebook_bytes, 0);
+  // Each block a multiple of 16 bytes (so each lands 16-byte aligned in its page): the
+  // serialized records say so.
+  std::vector<uint8_t> bytes;
+  ASSERT_NO_FATAL_FAILURE(serialize_sequence(store.s, id, bytes));
+  size_t blocks_seen = 0;
+  for (size_t at = 0; at + 8 <= bytes.size(); at += 4) {
+    if (format::load_u32(&bytes[at + 4]) == tiles::kMagic) {
+      EXPECT_EQ(format::load_u32(&bytes[at]) % 16, 0u) << "record at byte " << at;
+      ++blocks_seen;
+    }
+  }
+  EXPECT_EQ(blocks_seen, size_t(st.num_blocks));
+  kvc_codebook_t book = nullptr;
+  ASSERT_EQ(kvc_store_get_codebook(store.s, 0, KVC_KIND_KEY, &book), KVC_SUCCESS);
+  EXPECT_EQ(book, nullptr);
+  kvc_histogram_t h = nullptr;
+  ASSERT_EQ(kvc_histogram_create(&h), KVC_SUCCESS);
+  ASSERT_EQ(kvc_codebook_build(h, nullptr, &book), KVC_SUCCESS);
+  EXPECT_EQ(kvc_store_set_codebook(store.s, 1, KVC_KIND_VALUE, book), KVC_ERROR_NOT_SUPPORTED);
+  EXPECT_TRUE(last_error_names("no codebooks")) << kvc_last_error();
+  kvc_codebook_destroy(book);
+  kvc_histogram_destroy(h);
+}
+
+TEST(Store, NextFitAlignsBlocksToTheStoresAlignment) {
+  // The rule both backends place blocks by (kernels/store/next_fit.cuh).
+  EXPECT_EQ(block_alignment(true), 16u);
+  EXPECT_EQ(block_alignment(false), 4u);
+  uint32_t used = 1024, offset = 7;
+  EXPECT_TRUE(place_next_fit(used, 100, 1024, 16, offset));  // no page open yet
+  EXPECT_EQ(offset, 0u);
+  EXPECT_EQ(used, 100u);
+  EXPECT_FALSE(place_next_fit(used, 48, 1024, 16, offset));  // 100 rounds up to 112
+  EXPECT_EQ(offset, 112u);
+  EXPECT_EQ(used, 160u);
+  EXPECT_FALSE(place_next_fit(used, 864, 1024, 16, offset));  // ends exactly at the page end
+  EXPECT_EQ(offset, 160u);
+  EXPECT_TRUE(place_next_fit(used, 4, 1024, 16, offset));
+  EXPECT_EQ(offset, 0u);
+  used = 1004;
+  EXPECT_TRUE(place_next_fit(used, 20, 1024, 16, offset));  // 1008 + 20 > 1024
+  used = 1004;
+  EXPECT_FALSE(place_next_fit(used, 20, 1024, 4, offset));  // v1: 4-byte steps, no rounding
+  EXPECT_EQ(offset, 1004u);
+}
+
+TEST(Store, BlockFormatAndTileShapesAreChecked) {
+  Shape sh;
+  kvc_store_config c = store_config(sh, 1 << 20);
+  kvc_store_t s = nullptr;
+  c.block_format = 3;
+  EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_INVALID_ARGUMENT);
+  EXPECT_TRUE(last_error_names("block_format")) << kvc_last_error();
+  c.block_format = KVC_BLOCK_FORMAT_TILES;  // T = 8: no tile shape
+  EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_NOT_SUPPORTED);
+  EXPECT_TRUE(last_error_names("block_format")) << kvc_last_error();
+  c.block_tokens = 16;
+  c.value_group_size = 8;  // tiles quantize V per whole token
+  EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_NOT_SUPPORTED);
+  c.value_group_size = 0;
+  c.tile_split_widths = 2;
+  EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_INVALID_ARGUMENT);
+  EXPECT_TRUE(last_error_names("tile_split_widths")) << kvc_last_error();
+  c.tile_split_widths = 0;
+  ASSERT_EQ(kvc_store_create(&c, &s), KVC_SUCCESS) << kvc_last_error();
+  kvc_store_destroy(s);
+  // num_substreams: checked against the group sizes of a v1 store.
+  c = store_config(sh, 1 << 20);
+  c.num_substreams = 3;
+  EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_INVALID_ARGUMENT);
+  EXPECT_TRUE(last_error_names("num_substreams")) << kvc_last_error();
+  c.num_substreams = 4;
+  ASSERT_EQ(kvc_store_create(&c, &s), KVC_SUCCESS) << kvc_last_error();
+  kvc_store_destroy(s);
+}
+
+TEST(Store, FewerSubstreamsGiveSmallerBlocks) {
+  // The store used to fix 32 sub-streams; num_substreams lets a CPU store trade them for ratio.
+  Shape sh;
+  sh.tokens = 64;
+  sh.dim = 64;
+  sh.layers = 1;
+  std::mt19937 rng(12);
+  const Rows k = random_rows(rng, 256, sh), v = random_rows(rng, 256, sh);
+  int64_t bytes[2] = {};
+  for (int i = 0; i < 2; ++i) {
+    kvc_store_config c = store_config(sh, 4 << 20);
+    c.num_substreams = i == 0 ? 0 : 2;
+    StoreHandle store(c);
+    int32_t id = -1;
+    ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
+    ASSERT_EQ(kvc_store_prefill(store.s, id, 0, 1, 256, k.bits.data(), v.bits.data(), nullptr),
+              KVC_SUCCESS)
+        << kvc_last_error();
+    bytes[i] = store_stats(store.s).block_bytes;
+  }
+  EXPECT_LT(bytes[1], bytes[0]);
 }
 
 TEST(Store, OutOfPagesInTheMiddleOfABatchChangesNothing) {

@@ -7,6 +7,7 @@
 
 #include <random>
 
+#include "cpu/tile_codec_cpu.hpp"
 #include "store_model.hpp"
 #include "tests/fuzz/serialized_sequence.hpp"
 
@@ -320,6 +321,187 @@ TEST(StoreRestore, AFailedRestoreConsumesNoSequenceId) {
   ASSERT_EQ(kvc_store_free_sequence(small.s, 0, nullptr), KVC_SUCCESS);
   ASSERT_EQ(kvc_store_add_sequence(small.s, &id), KVC_SUCCESS);
   EXPECT_EQ(id, 1);
+}
+
+// ---- Stores of tile blocks (format t1) --------------------------------------------------------
+
+// One layer, one kv-head of 32 channels (two K tiles, so that a permutation can pay), 16-token
+// blocks; absolute bounds as store_config.
+Shape tile_shape() {
+  Shape sh = small_shape();
+  sh.dim = 32;
+  sh.tokens = 16;
+  return sh;
+}
+
+kvc_store_config tile_config(const Shape& sh, int32_t permute = 1, int32_t split = 1) {
+  kvc_store_config c = store_config(sh, 1 << 20);
+  c.block_format = KVC_BLOCK_FORMAT_TILES;
+  c.tile_permute_channels = permute;
+  c.tile_split_widths = split;
+  return c;
+}
+
+// One tile block [T, D] of `dtype` from dense values, through a tile codec of these settings.
+std::vector<uint8_t> encode_tile(const Shape& sh, int32_t kind, kvc_dtype dtype, int32_t bound_mode,
+                                 float bound, int32_t permute, int32_t split,
+                                 const std::vector<float>& dense) {
+  kvc_codec_config c = KVC_CODEC_CONFIG_INIT;
+  c.kind = kind;
+  c.num_tokens = sh.tokens;
+  c.head_dim = sh.dim;
+  c.bound_mode = bound_mode;
+  c.error_bound = bound;
+  c.block_format = KVC_BLOCK_FORMAT_TILES;
+  c.tile_permute_channels = permute;
+  c.tile_split_widths = split;
+  kvc_codec_t codec = nullptr;
+  EXPECT_EQ(kvc_codec_create(&c, nullptr, &codec), KVC_SUCCESS) << kvc_last_error();
+  const Block in = make_block(dtype, uint32_t(sh.tokens), uint32_t(sh.dim), sh.dim, dense);
+  size_t max_bytes = 0;
+  EXPECT_EQ(kvc_codec_max_block_bytes(codec, dtype, &max_bytes), KVC_SUCCESS);
+  std::vector<uint32_t> words((max_bytes + 3) / 4);
+  const void* src[1] = {in.data()};
+  void* dst[1] = {words.data()};
+  uint32_t n = 0;
+  EXPECT_EQ(kvc_codec_encode(codec, 1, src, sh.dim, dtype, dst, max_bytes, &n, nullptr),
+            KVC_SUCCESS)
+      << kvc_last_error();
+  kvc_codec_destroy(codec);
+  const auto* p = reinterpret_cast<const uint8_t*>(words.data());
+  return std::vector<uint8_t>(p, p + n);
+}
+
+tiles::TileLayout tile_layout(const std::vector<uint8_t>& block) {
+  return cpu::parse_tile_header(block.data(), block.size());
+}
+
+// K rows where even channels span a wide range and odd ones a narrow one: sorting channels by
+// width puts the wide ones in one tile.
+std::vector<float> striped_keys(const Shape& sh, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> dense(size_t(sh.tokens) * size_t(sh.dim));
+  for (size_t i = 0; i < dense.size(); ++i) dense[i] = normal(rng) * (i % 2 == 0 ? 3.0f : 0.04f);
+  return dense;
+}
+
+TEST(StoreRestore, TileStoresRestoreExactlyAndOnlyTileSequencesOfTheirConfiguration) {
+  const Shape sh = tile_shape();
+  std::mt19937 rng(21);
+  StoreHandle writer(tile_config(sh));
+  const Rows k = random_rows(rng, 40, sh), v = random_rows(rng, 40, sh);
+  int32_t src = -1;
+  const std::vector<uint8_t> bytes = sequence_bytes(writer.s, sh, k, v, 40, &src);
+  StoreHandle reader(tile_config(sh));
+  int32_t id = -1;
+  ASSERT_EQ(kvc_store_restore(reader.s, bytes.data(), bytes.size(), &id), KVC_SUCCESS)
+      << kvc_last_error();
+  std::vector<uint8_t> again;
+  ASSERT_NO_FATAL_FAILURE(serialize_sequence(reader.s, id, again));
+  EXPECT_EQ(again, bytes) << "a restored tile sequence serializes to other bytes";
+  std::vector<float> a(40 * sh.row() * 2), b(40 * sh.row() * 2);
+  ASSERT_EQ(kvc_store_read(writer.s, src, 0, KVC_DTYPE_FP32, 40, a.data(), a.data() + 40 * sh.row(),
+                           nullptr),
+            KVC_SUCCESS);
+  ASSERT_EQ(kvc_store_read(reader.s, id, 0, KVC_DTYPE_FP32, 40, b.data(), b.data() + 40 * sh.row(),
+                           nullptr),
+            KVC_SUCCESS);
+  EXPECT_EQ(a, b);
+
+  Shadow shadow{sh, {}, {}};
+  // Across block formats, and across tile options: CONFIG_MISMATCH.
+  StoreHandle v1(store_config(sh, 1 << 20));
+  expect_rejected(v1.s, shadow, bytes, KVC_ERROR_CONFIG_MISMATCH, "tiles into a v1 store");
+  const std::vector<uint8_t> v1_bytes = sequence_bytes(v1.s, sh, k, v, 40);
+  StoreHandle tiles_store(tile_config(sh));
+  expect_rejected(tiles_store.s, shadow, v1_bytes, KVC_ERROR_CONFIG_MISMATCH,
+                  "v1 into a tiles store");
+  StoreHandle no_split(tile_config(sh, 1, 0));
+  expect_rejected(no_split.s, shadow, bytes, KVC_ERROR_CONFIG_MISMATCH, "other tile options");
+  // A v1 sequence relabelled as a tiles store's (version 2 and the format word): its blocks are
+  // not tile blocks.
+  SerialSequence relabelled = parsed(v1_bytes);
+  relabelled.head = parsed(bytes).head;
+  expect_rejected(tiles_store.s, shadow, relabelled.bytes(), KVC_ERROR_CORRUPT_DATA,
+                  "v1 blocks under a tiles header");
+}
+
+TEST(StoreRestore, TileBlocksMustBeOnesTheStoreWrites) {
+  const Shape sh = tile_shape();
+  std::mt19937 rng(22);
+  StoreHandle writer(tile_config(sh));
+  const Rows k = random_rows(rng, 16, sh), v = random_rows(rng, 16, sh);
+  const SerialSequence genuine = parsed(sequence_bytes(writer.s, sh, k, v, 16));
+  ASSERT_EQ(genuine.layers[0].blocks.size(), 2u);
+  StoreHandle store(tile_config(sh));
+  Shadow shadow{sh, {}, {}};
+  auto with_key_block = [&](std::vector<uint8_t> block) {
+    SerialSequence edit = genuine;
+    edit.layers[0].blocks[0] = std::move(block);
+    return edit.bytes();
+  };
+  {
+    SerialSequence edit = genuine;
+    std::swap(edit.layers[0].blocks[0], edit.layers[0].blocks[1]);
+    expect_rejected(store.s, shadow, edit.bytes(), KVC_ERROR_CORRUPT_DATA, "V block as K");
+  }
+  expect_rejected(store.s, shadow,
+                  with_key_block(encode_one(sh, KVC_KIND_KEY, KVC_DTYPE_FP16, KVC_BOUND_ABSOLUTE,
+                                            sh.key_bound, KVC_ENTROPY_FIXED, nullptr, 0, 3)),
+                  KVC_ERROR_CORRUPT_DATA, "a format v1 block");
+  const std::vector<float> keys = striped_keys(sh, 5);
+  expect_rejected(store.s, shadow,
+                  with_key_block(encode_tile(sh, KVC_KIND_KEY, KVC_DTYPE_FP16, KVC_BOUND_RELATIVE,
+                                             0.05f, 1, 1, keys)),
+                  KVC_ERROR_CORRUPT_DATA, "per-group steps");
+  // Raw tiles must hold the store's dtype: a block too wide to quantize, encoded from bf16.
+  std::vector<float> huge(keys.size());
+  for (size_t i = 0; i < huge.size(); ++i) huge[i] = (i % 2 ? 1.0f : -1.0f) * 30000.0f;
+  const std::vector<uint8_t> raw_bf16 =
+      encode_tile(sh, KVC_KIND_KEY, KVC_DTYPE_BF16, KVC_BOUND_ABSOLUTE, 1e-3f, 1, 1, huge);
+  ASSERT_EQ(tile_layout(raw_bf16).raw_dtype, uint32_t(KVC_DTYPE_BF16));
+  expect_rejected(store.s, shadow, with_key_block(raw_bf16), KVC_ERROR_CORRUPT_DATA,
+                  "raw bf16 tiles in an fp16 store");
+  // A raw fp16 tile holding inf decodes to inf: rejected.
+  std::vector<uint8_t> raw_inf =
+      encode_tile(sh, KVC_KIND_KEY, KVC_DTYPE_FP16, KVC_BOUND_ABSOLUTE, 1e-3f, 1, 1, huge);
+  const tiles::TileLayout raw = tile_layout(raw_inf);
+  ASSERT_FALSE(raw.quantized);
+  format::store_u16(&raw_inf[raw.tiles_offset + 6], 0x7C00);
+  expect_rejected(store.s, shadow, with_key_block(raw_inf), KVC_ERROR_CORRUPT_DATA, "inf");
+
+  // A permuted K block where the store keeps the channel order; 3- and 6-bit tiles where the
+  // store writes none.
+  const std::vector<uint8_t> permuted =
+      encode_tile(sh, KVC_KIND_KEY, KVC_DTYPE_FP16, KVC_BOUND_ABSOLUTE, sh.key_bound, 1, 0, keys);
+  ASSERT_TRUE(tile_layout(permuted).permuted);
+  StoreHandle in_order(tile_config(sh, 0, 0));
+  StoreHandle in_order_writer(tile_config(sh, 0, 0));
+  SerialSequence base = parsed(sequence_bytes(in_order_writer.s, sh, k, v, 16));
+  base.layers[0].blocks[0] = permuted;
+  expect_rejected(in_order.s, shadow, base.bytes(), KVC_ERROR_CORRUPT_DATA, "permuted");
+  std::vector<uint8_t> split;
+  for (uint32_t seed = 0; seed < 64 && split.empty(); ++seed) {
+    std::vector<float> dense(keys.size());
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::mt19937 r(seed);
+    for (float& x : dense) x = normal(r);
+    std::vector<uint8_t> b = encode_tile(sh, KVC_KIND_KEY, KVC_DTYPE_FP16, KVC_BOUND_ABSOLUTE,
+                                         sh.key_bound, 0, 1, dense);
+    const tiles::TileLayout l = tile_layout(b);
+    for (uint32_t i = 0; i < l.num_tiles; ++i) {
+      const uint32_t w = tiles::entry_width(tiles::table_entry(b.data(), l, i));
+      if (w == tiles::kW3 || w == tiles::kW6) split = b;
+    }
+  }
+  ASSERT_FALSE(split.empty()) << "no block with a 3- or 6-bit tile";
+  base.layers[0].blocks[0] = split;
+  expect_rejected(in_order.s, shadow, base.bytes(), KVC_ERROR_CORRUPT_DATA, "split widths");
+  // The genuine sequences restore (the checks above do not reject everything).
+  int32_t id = -1;
+  const std::vector<uint8_t> ok = genuine.bytes();
+  EXPECT_EQ(kvc_store_restore(store.s, ok.data(), ok.size(), &id), KVC_SUCCESS) << kvc_last_error();
 }
 
 }  // namespace
