@@ -43,13 +43,13 @@ extern "C" {
 /* ---- Versions ---------------------------------------------------------------------------- */
 
 #define KVC_VERSION_MAJOR 0
-#define KVC_VERSION_MINOR 2
+#define KVC_VERSION_MINOR 3
 #define KVC_VERSION_PATCH 0
 #define KVC_VERSION_NUMBER (KVC_VERSION_MAJOR * 10000 + KVC_VERSION_MINOR * 100 + KVC_VERSION_PATCH)
 
 /* Version of the config-struct ABI. Every config struct carries the value its caller was
  * compiled with; the library rejects another value with KVC_ERROR_ABI_MISMATCH. */
-#define KVC_ABI_VERSION 2
+#define KVC_ABI_VERSION 3
 
 /* Version of the compressed block format written by this library (docs/format.md). */
 #define KVC_FORMAT_VERSION 1
