@@ -180,7 +180,7 @@ __host__ __device__ inline size_t tile_encode_smem_bytes(uint32_t n, uint32_t g)
 
 // Block-wide decisions, in static shared memory.
 struct TileEncodeState {
-  uint32_t nonfinite, failed, identity, permuted_plan;
+  uint32_t identity, permuted_plan;
   uint32_t warp_max[kThreads / 32];
   int32_t center_lo, center_hi;
   tl::TileLayout layout;
