@@ -1,10 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 // The CUDA tile codec kernels (kernels/codec/tile_encode.cuh, tile_decode.cuh), run on the CPU
 // under the host emulation, against the CPU oracle (src/cpu/tile_codec_cpu.cpp): byte-identical
-// tile blocks (format t1) over K and V, every supported T and D up to 8K elements, the three
-// input dtypes, both bound modes, with and without the channel permutation and split widths, on
-// realistic data, outlier channels and tokens, special values and blocks that stay raw; equal
-// decoded elements in every output dtype; equal verdicts on damaged and truncated blocks.
+// tile blocks (format t1) over K and V, every supported T and D up to 8K elements and two of 32K,
+// the three input dtypes, both bound modes, with and without the channel permutation and split
+// widths, on realistic data, outlier channels and tokens, special values and blocks that stay raw;
+// equal decoded elements in every output dtype; equal verdicts on damaged and truncated blocks.
 #include "tests/emulation/device_emulation.hpp"  // first: the kernels compile against it
 //
 #include <gtest/gtest.h>
@@ -129,6 +129,8 @@ std::vector<Case> cases() {
   }
   add(KVC_KIND_VALUE, 1024, 16);  // 64 tiles
   add(KVC_KIND_KEY, 32, 256);     // 16 tiles, 256 channels to sort
+  add(KVC_KIND_KEY, 256, 128);    // 32K elements: the largest an H100 takes (128 KiB of codes)
+  add(KVC_KIND_VALUE, 128, 256);
   return out;
 }
 
