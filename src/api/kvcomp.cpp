@@ -247,9 +247,6 @@ kvc_status_t kvc_codec_create(const kvc_codec_config* config, kvc_codebook_t cod
     made->params = params;
     made->book = codebook ? codebook->book : nullptr;
     if (made->on_cuda()) {
-      require(!params.tiles, KVC_ERROR_NOT_SUPPORTED,
-              "config->block_format = KVC_BLOCK_FORMAT_TILES is not supported on the CUDA "
-              "backend yet (use KVC_BACKEND_CPU)");
 #if defined(KVC_WITH_CUDA)
       made->device = kvc::cuda::create_device_codec(params, made->book.get());
 #else

@@ -12,6 +12,8 @@
 #include "kernels/codec/decode.cuh"
 #include "kernels/codec/encode.cuh"
 #include "kernels/codec/histogram.cuh"
+#include "kernels/codec/tile_decode.cuh"
+#include "kernels/codec/tile_encode.cuh"
 
 namespace kvc::cuda {
 namespace k = kvc::kernels;
@@ -30,6 +32,8 @@ class DeviceCodec {
  public:
   int device = 0;
   k::Shape shape{};
+  bool tiles = false;  // format t1: the tile kernels; else v1
+  k::TileShape tile_shape{};
   uint32_t decode_warps = 1;         // compressed blocks per decode thread block
   std::unique_ptr<DeviceBook> book;  // none: fixed width only
   // 512 KiB that only histogram() uses (a prefill-time, synchronous call): made there.
@@ -50,18 +54,24 @@ DeviceCodecPtr create_device_codec(const CodecParams& p, const Codebook* codeboo
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
   check_cuda(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
              "cudaDeviceGetAttribute");
+  // Dynamic shared memory, and room for the kernels' static shared memory beside it.
   const size_t need =
-      std::max(k::encode_smem_bytes(p.num_elements(), p.num_groups, p.num_substreams),
-               k::decode_smem_bytes(p.num_groups));
-  require(need + 4096 <= size_t(smem_limit), KVC_ERROR_NOT_SUPPORTED, "a ", p.num_tokens, "x",
-          p.head_dim, " block in groups of ", p.group_size, " needs ", need,
-          " bytes of shared memory per thread block; this GPU allows ", smem_limit);
+      p.tiles ? k::tile_encode_smem_bytes(p.num_elements(), p.num_groups)
+              : std::max(k::encode_smem_bytes(p.num_elements(), p.num_groups, p.num_substreams),
+                         k::decode_smem_bytes(p.num_groups));
+  const size_t reserve = p.tiles ? 8192 : 4096;  // tile encode: 6.1 KiB static (sm_90 build)
+  require(need + reserve <= size_t(smem_limit), KVC_ERROR_NOT_SUPPORTED, "a ", p.num_tokens, "x",
+          p.head_dim, p.tiles ? " tile block" : " block", " (groups of ", p.group_size, ") needs ",
+          need + reserve, " bytes of shared memory per thread block; this GPU allows ", smem_limit);
 
   DeviceCodecPtr d(new DeviceCodec);
   d->device = device;
   d->decode_warps = k::decode_warps(p.num_groups, size_t(smem_limit));
   d->shape = {p.is_value,       p.num_tokens, p.head_dim,    p.group_size,       p.num_groups,
               p.num_substreams, p.relative,   p.error_bound, uint32_t(p.entropy)};
+  d->tiles = p.tiles;
+  d->tile_shape = {p.is_value,    p.num_tokens,       p.head_dim,    p.relative,
+                   p.error_bound, p.permute_channels, p.split_widths};
   if (codebook != nullptr) d->book = std::make_unique<DeviceBook>(*codebook);
   return d;
 }
@@ -71,6 +81,16 @@ void encode(const DeviceCodec& d, int32_t num_blocks, const void* const* d_src_b
             uint32_t* d_block_bytes, void* stream) {
   require_device(d.device, "the CUDA codec");
   const k::Shape& sh = d.shape;
+  if (d.tiles) {
+    // One thread block per KV block (kernels/codec/tile_encode.cuh).
+    const size_t smem = k::tile_encode_smem_bytes(sh.num_tokens * sh.head_dim, sh.num_groups);
+    dispatch_dtype(src_dtype, [&](auto dt) {
+      launch(k::tile_encode_kernel<decltype(dt)::value>, dim3(num_blocks), k::kThreads, smem,
+             static_cast<cudaStream_t>(stream), d.tile_shape, d_src_blocks, src_token_stride,
+             d_dst_blocks, d_block_bytes);
+    });
+    return;
+  }
   const size_t smem =
       k::encode_smem_bytes(sh.num_tokens * sh.head_dim, sh.num_groups, sh.num_substreams);
   dispatch_dtype(src_dtype, [&](auto dt) {
@@ -85,6 +105,15 @@ void decode(const DeviceCodec& d, int32_t num_blocks, const void* const* d_src_b
             int64_t dst_token_stride, kvc_status_t* d_block_status, void* stream) {
   require_device(d.device, "the CUDA codec");
   const k::Shape& sh = d.shape;
+  if (d.tiles) {
+    // One thread block per compressed block (kernels/codec/tile_decode.cuh).
+    dispatch_dtype(dst_dtype, [&](auto dt) {
+      launch(k::tile_decode_kernel<decltype(dt)::value>, dim3(num_blocks), k::kThreads, 0,
+             static_cast<cudaStream_t>(stream), d.tile_shape, d_src_blocks, d_src_bytes,
+             d_dst_blocks, dst_token_stride, d_block_status);
+    });
+    return;
+  }
   const uint32_t warps = d.decode_warps, blocks = uint32_t(num_blocks);
   dispatch_dtype(dst_dtype, [&](auto dt) {
     launch(k::decode_kernel<decltype(dt)::value>, dim3((blocks + warps - 1) / warps),
