@@ -158,7 +158,8 @@ typedef enum kvc_block_format {
                                  16-row tile, raw tiles above) laid out in tensor-core operand
                                  order, what the GPU decode attention reads. Needs num_tokens a
                                  power of two in 16..1024, head_dim a power of two in 16..256 and V
-                                 groups of head_dim channels; CPU backend only for now */
+                                 groups of head_dim channels (CUDA codecs: T * D up to what a
+                                 thread block's shared memory holds, 32K elements on sm_90) */
   KVC_BLOCK_FORMAT_AUTO = 2,  /* stores only (kvc_store_config.block_format): tiles where the
                                  store's attention runs on the GPU (KVC_BACKEND_CUDA) and the
                                  shape has a tile kernel, format v1 otherwise */

@@ -197,9 +197,6 @@ struct CudaStore::Impl {
 };
 
 CudaStore::Impl::Impl(const StoreParams& params) : p(params) {
-  require(!p.tiles() || kCudaStoreWritesTiles, KVC_ERROR_NOT_SUPPORTED,
-          "config->block_format = KVC_BLOCK_FORMAT_TILES: this build's CUDA codec does not "
-          "write tile blocks (use KVC_BACKEND_CPU or KVC_BLOCK_FORMAT_V1)");
   // The codecs check that a GPU is usable and the block shapes fit its shared memory.
   for (uint32_t i = 0; i < 2 * p.num_layers; ++i) {
     codecs.push_back(create_device_codec(p.codec(i % 2), nullptr));

@@ -41,7 +41,7 @@ bool wants_tiles(const kvc_store_config& c) {
           " is not a kvc_block_format (KVC_BLOCK_FORMAT_V1 = 0, KVC_BLOCK_FORMAT_TILES = 1, ",
           "KVC_BLOCK_FORMAT_AUTO = 2)");
   if (c.block_format == KVC_BLOCK_FORMAT_AUTO) {
-    return kCudaStoreWritesTiles && c.backend == KVC_BACKEND_CUDA && tile_kernel_shape(c);
+    return c.backend == KVC_BACKEND_CUDA && tile_kernel_shape(c);
   }
   return c.block_format == KVC_BLOCK_FORMAT_TILES;
 }

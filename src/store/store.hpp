@@ -18,11 +18,6 @@
 
 namespace kvc {
 
-// Whether the CUDA codec (src/cuda/codec.cu) encodes and decodes tile blocks, so that the CUDA
-// store can hold them: until it does, the CUDA store refuses KVC_BLOCK_FORMAT_TILES and AUTO
-// keeps format v1 there. The one switch to turn when the device tile codec lands.
-inline constexpr bool kCudaStoreWritesTiles = false;
-
 struct StoreParams {
   kvc_backend backend;
   uint32_t num_layers, num_heads, head_dim, block_tokens;

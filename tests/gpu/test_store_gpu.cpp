@@ -5,7 +5,7 @@
 // middle of a batch reported through the stats, changing nothing; no page leaks; and the
 // configuration the CUDA store needs. A store of tile blocks (format t1): the model-based test
 // with the tensor-core attention kernel, the same bytes as the CPU tiles store, AUTO choosing
-// tiles; skipped while this build's CUDA codec writes no tile blocks (kCudaStoreWritesTiles).
+// tiles.
 #include <algorithm>
 #include <cmath>
 #include <memory>
@@ -14,7 +14,6 @@
 #include <vector>
 
 #include "gpu_test.hpp"
-#include "store/store.hpp"  // kCudaStoreWritesTiles
 #include "store_model.hpp"
 #include "test_support.hpp"
 
@@ -583,11 +582,6 @@ TEST_F(StoreGpu, TileStoreShapesAndAuto) {
   const Shape sh = tile_gpu_shape();
   kvc_store_t s = nullptr;
   kvc_store_config c = tile_cuda_config(sh, 1 << 22, 0, 4, 1024);
-  if (!kCudaStoreWritesTiles) {
-    EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_NOT_SUPPORTED);
-    EXPECT_TRUE(last_error_names("tile")) << kvc_last_error();
-    GTEST_SKIP() << "this build's CUDA codec writes no tile blocks";
-  }
   ASSERT_EQ(kvc_store_create(&c, &s), KVC_SUCCESS) << kvc_last_error();
   kvc_store_destroy(s);
   // Shapes without a tile kernel: TILES refused, AUTO falls back to format v1 (which builds
@@ -621,7 +615,6 @@ TEST_F(StoreGpu, TileStoreShapesAndAuto) {
 }
 
 TEST_F(StoreGpu, TileStoreModelBasedRandomOperations) {
-  if (!kCudaStoreWritesTiles) GTEST_SKIP() << "this build's CUDA codec writes no tile blocks";
   ModelParams mp;
   mp.shape = tile_gpu_shape();
   mp.page_bytes = 2 * kTilePage;
@@ -641,7 +634,6 @@ TEST_F(StoreGpu, TileStoreAppendsAndAttendsInCudaGraphsFromTheFirstToken) {
   // A tiles store builds no codebooks: a decode step is capturable from the first token on
   // (after one uncaptured step sizes the scratch), and no step synchronizes, a block's
   // compression included (a synchronization inside a capture would fail it).
-  if (!kCudaStoreWritesTiles) GTEST_SKIP() << "this build's CUDA codec writes no tile blocks";
   const Shape sh = tile_gpu_shape();
   StoreHandle store(tile_cuda_config(sh, 8 << 20, 0, 4, 1024));
   ASSERT_NE(store.s, nullptr);
@@ -725,7 +717,6 @@ TEST_F(StoreGpu, TileStoreAppendsAndAttendsInCudaGraphsFromTheFirstToken) {
 }
 
 TEST_F(StoreGpu, TileStoreSerializesToTheSameBytesAsTheCpuTileStore) {
-  if (!kCudaStoreWritesTiles) GTEST_SKIP() << "this build's CUDA codec writes no tile blocks";
   const Shape sh = tile_gpu_shape();
   kvc_store_config on_cpu = tile_cuda_config(sh, 8 << 20, 0, 8, 1024);
   on_cpu.backend = KVC_BACKEND_CPU;
