@@ -162,11 +162,14 @@ fi
 # few launches (racecheck is the slow tool).
 memcheck_filter='*Corrupt*:*Graph*:*NonFinite*:*LargeBlocks*:*NearTheDefault*:*Undersized*'
 memcheck_filter+=':*Histogram*:StoreGpu.OutOfPages*:StoreGpu.SerializesToTheSameBytes*'
-memcheck_filter+=':StoreGpu.FreeingReturnsEveryPage:AttentionGpu.*'
+memcheck_filter+=':StoreGpu.FreeingReturnsEveryPage:AttentionGpu.*:TileAttentionGpu.*'
+memcheck_filter+=':TileCodecGpu.DamagedBlocks*:StoreGpu.TileStoreSerializes*'
 race_filter='CodecGpu.LargeBlocks*:CodecGpu.Corrupt*:CodecGpu.DeviceHistogram*'
 race_filter+=':StoreGpu.OutOfPages*:AttentionGpu.CompressedKernel*'
+race_filter+=':TileCodecGpu.EncodeAndDecodeReplay*:TileCodecGpu.DamagedBlocks*'
+race_filter+=':TileAttentionGpu.Matches*'
 [[ $mode == quick ]] &&
-  memcheck_filter='CodecGpu.LargeBlocks*:CodecGpu.Corrupt*:StoreGpu.OutOfPages*'
+  memcheck_filter='CodecGpu.LargeBlocks*:CodecGpu.Corrupt*:StoreGpu.OutOfPages*:TileCodecGpu.Damaged*'
 sanitizer_ok=0
 if ((have_tests)) && command -v compute-sanitizer > /dev/null; then
   sanitizer_ok=1
@@ -201,7 +204,7 @@ fi
 # ---- 4. Optional extra steps -------------------------------------------------------------------
 # >>> Real-model replay: a real model's recorded decode (bench/accuracy/data/smollm2_decode.npz:
 # per-layer queries, keys and values of SmolLM2-135M) replayed through the CPU store and the CUDA
-# store with its fused attention, every output compared (bench/accuracy/replay_kv.py exits 1 past
+# store with its fused attention, for v1 blocks and for tile blocks, every output compared (bench/accuracy/replay_kv.py exits 1 past
 # 1% relative difference or if block bytes differ). Needs numpy and torch with CUDA. Not run in
 # --quick mode unless KVC_REPLAY_QUICK=1; extra arguments through KVC_REPLAY_ARGS.
 replay_args=${KVC_REPLAY_ARGS:-}

@@ -10,6 +10,10 @@ K/V row to both, layer by layer, and runs batched decode attention.
     python bench/accuracy/replay_kv.py                     # CPU store, twice: must be identical
     python bench/accuracy/replay_kv.py --device cuda       # CUDA store against the CPU store
 
+Each block format is replayed (--formats): format v1 at T = 32, tile blocks (format t1, read by
+the tensor-core tile kernel on CUDA) at T = 64; both stores of a comparison hold the same format,
+so their block bytes must be equal too.
+
 Exit status 1 if an output differs by more than the tolerance (0 for CPU against CPU; for CUDA,
 its fp32 accumulation against the CPU's double: --tolerance, relative to the largest |output| of
 the layer and step).
@@ -28,10 +32,12 @@ import numpy as np  # noqa: E402
 from device import Device  # noqa: E402
 
 DEFAULT_FILE = HERE / "data" / "smollm2_decode.npz"
-# The demo's bounds; T = 32 so that the short recording fills several blocks (the CUDA attention
-# takes T of 32, 64 or 128).
-CONFIG = dict(block_tokens=32, key_bound_mode="absolute", key_error_bound=0.25,
+# The demo's bounds, and per block format a T for which the CUDA store has an attention kernel
+# and the short recording fills several blocks (v1: T of 32, 64 or 128; tiles: 64 or 128).
+CONFIG = dict(key_bound_mode="absolute", key_error_bound=0.25,
               value_bound_mode="relative", value_error_bound=0.07)
+FORMATS = {"v1": dict(block_format="v1", block_tokens=32),
+           "tiles": dict(block_format="tiles", block_tokens=64)}
 SHORT_PROMPT = 70
 
 
@@ -92,20 +98,29 @@ def main(argv=None):
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--tolerance", type=float, default=None,
                     help="relative tolerance (default: 0 on the CPU, 1e-2 on CUDA)")
+    ap.add_argument("--formats", default="v1,tiles",
+                    help="comma-separated block formats to replay (v1, tiles)")
     a = ap.parse_args(argv)
     rec = load(a.file)
     tol = a.tolerance if a.tolerance is not None else (0.0 if a.device == "cpu" else 1e-2)
-    ref = replay(rec, "cpu")
-    got = replay(rec, a.device)
-    err = compare(ref["out"], got["out"])
     L, steps = rec["prompt_k"].shape[0], rec["step_q"].shape[0]
     print(f"replay of {a.file}: {L} layers (model layers {rec['layers'].tolist()}), prompt "
           f"{rec['prompt_k'].shape[1]} and {SHORT_PROMPT} tokens, {steps} decode steps, "
-          f"{steps * L} batched attention calls; sequences end at {got['lengths']} tokens")
-    print(f"{a.device} store vs CPU store: worst |difference| / max |output| per (step, layer) "
-          f"= {err:.3e} (tolerance {tol:g}); blocks {got['stats']['num_blocks']}, "
-          f"{got['stats']['block_bytes']} bytes (CPU: {ref['stats']['block_bytes']})")
-    ok = err <= tol and got["stats"]["block_bytes"] == ref["stats"]["block_bytes"]
+          f"{steps * L} batched attention calls per format")
+    ok = True
+    for name in a.formats.split(","):
+        if name not in FORMATS:
+            ap.error(f"--formats: unknown block format {name!r} (known: {', '.join(FORMATS)})")
+        ref = replay(rec, "cpu", **FORMATS[name])
+        got = replay(rec, a.device, **FORMATS[name])
+        err = compare(ref["out"], got["out"])
+        same = got["stats"]["block_bytes"] == ref["stats"]["block_bytes"]
+        print(f"{name} (T = {FORMATS[name]['block_tokens']}): {a.device} store vs CPU store: "
+              f"worst |difference| / max |output| per (step, layer) = {err:.3e} (tolerance "
+              f"{tol:g}); blocks {got['stats']['num_blocks']}, {got['stats']['block_bytes']} "
+              f"bytes (CPU: {ref['stats']['block_bytes']}); sequences end at {got['lengths']} "
+              f"tokens: {'PASS' if err <= tol and same else 'FAIL'}")
+        ok = ok and err <= tol and same
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

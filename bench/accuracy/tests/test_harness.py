@@ -245,13 +245,16 @@ def test_store_path_equals_codec_path_on_the_model(model, text):
     assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.95
 
 
-def test_replay_of_the_recorded_decode_on_the_cpu_store():
+@pytest.mark.parametrize("block_format", ["v1", "tiles"])
+def test_replay_of_the_recorded_decode_on_the_cpu_store(block_format):
     """The recorded real-model decode (bench/accuracy/data/smollm2_decode.npz) through the CPU
-    store twice: identical outputs (what the GPU check holds the CUDA store to, within its
-    tolerance); the last step's outputs against dense attention over the store's read-back."""
+    store twice, per block format: identical outputs (what the GPU check holds the CUDA store
+    to, within its tolerance); the last step's outputs against dense attention over the store's
+    read-back."""
     import replay_kv
     rec = replay_kv.load()
-    a, b = replay_kv.replay(rec, "cpu"), replay_kv.replay(rec, "cpu")
+    config = replay_kv.FORMATS[block_format]
+    a, b = replay_kv.replay(rec, "cpu", **config), replay_kv.replay(rec, "cpu", **config)
     np.testing.assert_array_equal(a["out"], b["out"])
     assert replay_kv.compare(a["out"], b["out"]) == 0.0
     steps, L = rec["step_q"].shape[:2]
@@ -263,4 +266,4 @@ def test_replay_of_the_recorded_decode_on_the_cpu_store():
             want = C.dense_step_attention(q, k, v)
             got = a["out"][steps - 1, layer, s].astype(np.float32)
             np.testing.assert_allclose(got, want, rtol=0, atol=2e-3 * np.abs(want).max())
-    assert replay_kv.main([]) == 0
+    assert replay_kv.main(["--formats", block_format]) == 0
