@@ -15,8 +15,8 @@
 
 #include <cfloat>
 
-#include "kernels/attention/mma.cuh"
 #include "kernels/codec/device_common.cuh"
+#include "kernels/common/mma.cuh"
 #include "kernels/common/sequence_view.cuh"
 
 namespace kvc::kernels {

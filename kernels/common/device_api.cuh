@@ -34,7 +34,7 @@ using BlockScan = CUB_NS_QUALIFIER::BlockScan<T, kThreads>;  // kvcomp's wrapped
 #endif
 
 // D += A * B: A 16x16 (four registers), B 16x8 (two), D 16x8 fp32; fragment layouts in
-// kernels/attention/mma.cuh.
+// kernels/common/mma.cuh.
 template <bool BF16>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint4& a, uint32_t b0, uint32_t b1) {
   if constexpr (BF16) {

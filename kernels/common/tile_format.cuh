@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "kernels/common/format.cuh"
+#include "kernels/common/mma.cuh"
 
 namespace kvc::tiles {
 
@@ -101,31 +102,6 @@ KVC_HD uint32_t plane1_offset(uint32_t wcode, uint32_t nblocks) {
   return tile_bytes(plane_bits(wcode, 0), nblocks);
 }
 
-// ---- mma.sync.m16n8k16 fragments (.f16/.bf16 A and B, .f32 C/D), PTX ISA 9.7.14.5.8 -------
-// groupID = lane >> 2, threadID_in_group = lane % 4. Element i of a lane's fragment (i counts
-// the 16-bit halves low to high across the registers: A a0..a7, B b0..b3; C c0..c3).
-struct FragCoord {
-  uint32_t row;
-  uint32_t col;
-};
-// A, 16 x 16 (M x K): four .f16x2 registers.
-KVC_HD FragCoord mma_a_coord(uint32_t lane, uint32_t i) {
-  const uint32_t g = lane >> 2, t = lane & 3u;
-  const uint32_t row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8u;
-  const uint32_t col = t * 2u + (i & 1u) + (i >= 4 ? 8u : 0u);
-  return {row, col};
-}
-// B, 16 x 8 (K x N): two .f16x2 registers.
-KVC_HD FragCoord mma_b_coord(uint32_t lane, uint32_t i) {
-  const uint32_t g = lane >> 2, t = lane & 3u;
-  return {t * 2u + (i & 1u) + (i >= 2 ? 8u : 0u), g};
-}
-// C and D, 16 x 8 (M x N): four .f32 registers.
-KVC_HD FragCoord mma_c_coord(uint32_t lane, uint32_t i) {
-  const uint32_t g = lane >> 2, t = lane & 3u;
-  return {i < 2 ? g : g + 8u, t * 2u + (i & 1u)};
-}
-
 // ---- Where a tile element lives --------------------------------------------------------------
 // A lane holds, per n-block j, B elements b0..b3 as two pairs (registers) r = 0, 1 of halves
 // h = 0, 1 (i = 2r + h). Its pairs are numbered p = 2j + r, 0 <= p < 2 * nblocks.
@@ -135,7 +111,7 @@ struct TileCoord {
   uint32_t n;       // column: token within the n-block (K), channel within the n-block (V)
 };
 KVC_HD TileCoord pair_element(uint32_t lane, uint32_t p, uint32_t h) {
-  const FragCoord c = mma_b_coord(lane, 2u * (p & 1u) + h);
+  const kernels::mma::Coord c = kernels::mma::b_coord(lane, 2u * (p & 1u) + h);
   return {p >> 1, c.row, c.col};
 }
 // The element of a tile: K tile (16 channels x T tokens): channel position 16 * tile + k,

@@ -540,7 +540,7 @@ LaunchResult launch(void (*kernel)(Params...), Dim3 grid, Dim3 block, size_t dyn
 }  // namespace kvc::emu
 
 // ---- Warp-level matrix facilities (device_api.cuh) ----------------------------------------------
-#include "kernels/attention/mma.cuh"  // the fragment layouts, host-callable
+#include "kernels/common/mma.cuh"  // the fragment layouts, host-callable
 
 // mma.sync and ldmatrix are warp collectives: every lane publishes its operands (three rounds of
 // the exchange slots), then computes its own part from everyone's. The products and sums of

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// The fragment index math the tensor-core attention kernels rely on (kernels/attention/mma.cuh):
+// The fragment index math the tensor-core attention kernels rely on (kernels/common/mma.cuh):
 // every layout is a bijection onto its matrix, the accumulators of S = Q K^T are the A fragment
 // of P V with no data movement, the ldmatrix addressing of K and V yields exactly the B
 // fragments the kernels feed to mma, and the swizzled shared-memory rows are conflict-free.
@@ -8,7 +8,7 @@
 #include <set>
 #include <utility>
 
-#include "kernels/attention/mma.cuh"
+#include "kernels/common/mma.cuh"
 
 namespace kvc::kernels::mma {
 namespace {

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // The host-callable math of tile format t1 (kernels/common/tile_format.cuh) that the tensor-core
-// kernel shares: mma.m16n8k16 fragment coordinates, where each tile element is stored, and the
-// magic-number integer-to-half conversions, exact for every code of every width.
+// kernel shares: where each tile element is stored (the mma.m16n8k16 fragment coordinates it
+// builds on are checked in test_mma_layout.cpp), and the magic-number integer-to-half
+// conversions, exact for every code of every width.
 #include <gtest/gtest.h>
 #include <kvcomp/kvcomp.h>
 
@@ -16,69 +17,6 @@ namespace {
 
 namespace t = kvc::tiles;
 namespace f = kvc::format;
-
-// Spot values from the PTX ISA's formulas (9.7.14.5.8, m16n8k16 .f16/.bf16, .f32 accumulator).
-TEST(TileFragments, MatchThePtxFormulas) {
-  // lane 5: groupID 1, threadID_in_group 1.
-  EXPECT_EQ(t::mma_b_coord(5, 0).row, 2u);
-  EXPECT_EQ(t::mma_b_coord(5, 1).row, 3u);
-  EXPECT_EQ(t::mma_b_coord(5, 2).row, 10u);
-  EXPECT_EQ(t::mma_b_coord(5, 3).row, 11u);
-  for (uint32_t i = 0; i < 4; ++i) EXPECT_EQ(t::mma_b_coord(5, i).col, 1u);
-  // lane 30: groupID 7, threadID_in_group 2.
-  const uint32_t a_rows[8] = {7, 7, 15, 15, 7, 7, 15, 15};
-  const uint32_t a_cols[8] = {4, 5, 4, 5, 12, 13, 12, 13};
-  for (uint32_t i = 0; i < 8; ++i) {
-    EXPECT_EQ(t::mma_a_coord(30, i).row, a_rows[i]) << i;
-    EXPECT_EQ(t::mma_a_coord(30, i).col, a_cols[i]) << i;
-  }
-  const uint32_t c_rows[4] = {7, 7, 15, 15};
-  const uint32_t c_cols[4] = {4, 5, 4, 5};
-  for (uint32_t i = 0; i < 4; ++i) {
-    EXPECT_EQ(t::mma_c_coord(30, i).row, c_rows[i]);
-    EXPECT_EQ(t::mma_c_coord(30, i).col, c_cols[i]);
-  }
-}
-
-// Each fragment covers its matrix exactly once over the warp.
-TEST(TileFragments, CoverEachMatrixOnce) {
-  std::set<std::pair<uint32_t, uint32_t>> a, b, c;
-  for (uint32_t lane = 0; lane < 32; ++lane) {
-    for (uint32_t i = 0; i < 8; ++i) {
-      const t::FragCoord x = t::mma_a_coord(lane, i);
-      ASSERT_LT(x.row, 16u);
-      ASSERT_LT(x.col, 16u);
-      a.insert({x.row, x.col});
-    }
-    for (uint32_t i = 0; i < 4; ++i) {
-      const t::FragCoord y = t::mma_b_coord(lane, i);
-      ASSERT_LT(y.row, 16u);
-      ASSERT_LT(y.col, 8u);
-      b.insert({y.row, y.col});
-      const t::FragCoord z = t::mma_c_coord(lane, i);
-      ASSERT_LT(z.row, 16u);
-      ASSERT_LT(z.col, 8u);
-      c.insert({z.row, z.col});
-    }
-  }
-  EXPECT_EQ(a.size(), 256u);
-  EXPECT_EQ(b.size(), 128u);
-  EXPECT_EQ(c.size(), 128u);
-}
-
-// FlashAttention-2's register reuse, which the P.V product relies on: the accumulators of two
-// consecutive n-blocks of S = Q.K^T (tokens 0-7 and 8-15) are, register for register, the A
-// operand P [16 heads x 16 tokens]: a_i = C_{i / 4}.c_{i % 4}.
-TEST(TileFragments, AccumulatorsOfTwoNBlocksAreTheNextAOperand) {
-  for (uint32_t lane = 0; lane < 32; ++lane) {
-    for (uint32_t i = 0; i < 8; ++i) {
-      const t::FragCoord c = t::mma_c_coord(lane, i & 3u);
-      const t::FragCoord a = t::mma_a_coord(lane, i);
-      EXPECT_EQ(a.row, c.row) << lane << " " << i;
-      EXPECT_EQ(a.col, c.col + 8u * (i >> 2)) << lane << " " << i;
-    }
-  }
-}
 
 // Every bit of a tile belongs to exactly one element; each lane's pairs sit in the unit
 // interleave that makes a warp's loads contiguous.

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
-// The fragment layouts of mma.sync.aligned.m16n8k16 that the decode-attention kernels rely on,
-// host-callable so that the CPU tests check the index math (the instructions themselves are
-// kvc::device facilities, kernels/common/device_api.cuh).
+// The fragment layouts of mma.sync.aligned.m16n8k16 that the tile format (B operand order) and
+// the tensor-core decode-attention kernels rely on, host-callable so that the CPU tests check
+// the index math (the instructions themselves are kvc::device facilities,
+// kernels/common/device_api.cuh).
 //
 // Layouts, from the PTX ISA ("Matrix fragments for mma.m16n8k16 with floating point type"),
 // with lane = 4 * groupID + threadID_in_group:
