@@ -49,6 +49,8 @@ struct BookView {
   }
 };
 
+// fp16 goes through the hardware conversion (exact; a NaN stays a NaN, which is all the
+// encoder asks of it: such a block is rejected as non-finite).
 template <kvc_dtype DT>
 __device__ float load_input(const void* base, size_t i) {
   if constexpr (DT == KVC_DTYPE_FP32) {
@@ -56,18 +58,31 @@ __device__ float load_input(const void* base, size_t i) {
   } else if constexpr (DT == KVC_DTYPE_BF16) {
     return f::bf16_to_float(static_cast<const uint16_t*>(base)[i]);
   } else {
-    return f::half_to_float(static_cast<const uint16_t*>(base)[i]);
+    return device::half_to_float(static_cast<const uint16_t*>(base)[i]);
   }
+}
+
+// The bits f::float_to_half_saturate / f::float_to_bf16_saturate give, through the hardware's
+// round-to-nearest-even conversion: the same clamp first, and a NaN (only a corrupt step makes
+// one) given the CPU's bits, since the hardware's canonical NaN differs.
+template <kvc_dtype DT>
+__device__ __forceinline__ uint16_t to_half_saturate(float v) {
+  constexpr bool kBF16 = DT == KVC_DTYPE_BF16;
+  const float m = kBF16 ? 3.38953139e38f : 65504.0f;
+  const float c = v > m ? m : (v < -m ? -m : v);
+  if (c != c) {
+    const uint32_t u = f::float_bits(c);
+    return kBF16 ? uint16_t((u >> 16) | 0x40u) : uint16_t(((u >> 16) & 0x8000u) | 0x7E00u);
+  }
+  return device::half_rn<kBF16>(c);
 }
 
 template <kvc_dtype DT>
 __device__ void store_output(void* base, size_t i, float v) {
   if constexpr (DT == KVC_DTYPE_FP32) {
     static_cast<float*>(base)[i] = v;
-  } else if constexpr (DT == KVC_DTYPE_BF16) {
-    static_cast<uint16_t*>(base)[i] = f::float_to_bf16_saturate(v);
   } else {
-    static_cast<uint16_t*>(base)[i] = f::float_to_half_saturate(v);
+    static_cast<uint16_t*>(base)[i] = to_half_saturate<DT>(v);
   }
 }
 
