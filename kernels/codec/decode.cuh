@@ -169,10 +169,11 @@ __device__ void decode_streams(const Shape& sh, const BookView& book, const f::B
                 f::dequantize(int32_t(center[g0 + i] + symbol), step[g0 + i]);
           }
           __syncwarp();
-          if (lane < count) {
-            for (uint32_t r = 0; r < rows; ++r) {  // row (s0 + r) * per_stream + k
-              store_output<OUT>(dst, size_t((s0 + r) * per_stream + k) * size_t(stride) + g0 + lane,
-                                stage[lane * (kDecodeLanes + 1) + r]);
+          if (lane < count) {  // rows (s0 + r) * per_stream + k, channel g0 + lane
+            size_t at = size_t(s0 * per_stream + k) * size_t(stride) + g0 + lane;
+            const size_t next = size_t(per_stream) * size_t(stride);
+            for (uint32_t r = 0; r < rows; ++r, at += next) {
+              store_output<OUT>(dst, at, stage[lane * (kDecodeLanes + 1) + r]);
             }
           }
           __syncwarp();
