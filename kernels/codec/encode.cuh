@@ -12,14 +12,17 @@
 
 namespace kvc::kernels {
 
-// Segmented-scan element: the bits since the last sub-stream start, and whether one occurred.
+// Segmented-scan element: the code bits and escapes since the last sub-stream start, and
+// whether one occurred. Escapes are counted, not sized, so that one pass finds the escape
+// payload's width (the block's widest escaped symbol) and the sizes together.
 struct StreamBits {
   uint32_t restarted;
   uint32_t bits;
+  uint32_t escapes;
 };
 struct StreamBitsOp {
   __device__ StreamBits operator()(const StreamBits& a, const StreamBits& b) const {
-    return b.restarted ? b : StreamBits{a.restarted, a.bits + b.bits};
+    return b.restarted ? b : StreamBits{a.restarted, a.bits + b.bits, a.escapes + b.escapes};
   }
 };
 
@@ -29,9 +32,9 @@ struct EncodeState {
   f::BlockLayout layout;
 };
 
-// Dynamic shared memory: the quantization arrays, then one 32-bit counter per sub-stream.
+// Dynamic shared memory: the quantization arrays, then two 32-bit counters per sub-stream.
 __host__ __device__ inline size_t encode_smem_bytes(uint32_t n, uint32_t g, uint32_t s) {
-  return QuantSmem::bytes(n, g) + size_t(s) * 4;
+  return QuantSmem::bytes(n, g) + size_t(s) * 8;
 }
 
 // Writes `count` values of `bits` bits (value(i) gives the i-th) as an LSB-first bit field
@@ -146,6 +149,7 @@ __global__ void __launch_bounds__(kThreads)
   const uint32_t n = sh.num_elements(), groups = sh.num_groups, tid = threadIdx.x;
   const QuantSmem q = QuantSmem::carve(smem, n, groups);
   uint32_t* stream_bits = reinterpret_cast<uint32_t*>(smem + QuantSmem::bytes(n, groups));
+  uint32_t* stream_escapes = stream_bits + sh.num_substreams;
   const void* src = src_blocks[blockIdx.x];
   uint8_t* dst = static_cast<uint8_t*>(dst_blocks[blockIdx.x]);
   // Pointers live in device memory, so the host could not check them: a missing or misaligned
@@ -173,30 +177,15 @@ __global__ void __launch_bounds__(kThreads)
   const uint32_t per_stream = sh.group_size / sh.num_substreams;
   const uint32_t stream_len = per_stream * groups;  // elements of a sub-stream
   const uint32_t escape_entry = book.table != nullptr ? book.codes[book.num_symbols] : 0u;
-  StreamBits before{0, 0};
+  StreamBits before{0, 0, 0};
+  uint32_t before_bits = 0;  // the chunk's offset in its sub-stream, once the escape width is known
   if (try_huffman) {
-    // The escape payload's width: the widest escaped symbol (row-major, any order will do).
-    uint32_t escape = 0;
-    {
-      ElementWalk at(sh, tid, blockDim.x);
-      for (uint32_t i = tid; i < n; i += blockDim.x, at.advance()) {
-        const int32_t s = q.vals[i] - q.cmean[at.group(sh.is_value != 0)];
-        bool is_escape;
-        entry_of(book, escape_entry, s, is_escape);
-        if (is_escape) {
-          const uint32_t w = f::signed_bit_width(s);
-          escape = w > escape ? w : escape;
-        }
-      }
-    }
-    atomicMax(&st.escape_bits, escape);
-    __syncthreads();
-    const uint32_t escape_bits = st.escape_bits;
-
-    // Bits of the chunk, and of every sub-stream that ends in it: a sub-stream that also
-    // starts in it is complete here; the one that started before needs the scan's prefix.
-    StreamBits mine{0, 0};
-    uint32_t pending = 0, pending_stream = UINT32_MAX;
+    // Code bits and escapes of the chunk, and of every sub-stream that ends in it: a sub-stream
+    // that also starts in it is complete here; the one that started before needs the scan's
+    // prefix. The escape payload's width is the widest escaped symbol of the block.
+    StreamBits mine{0, 0, 0};
+    uint32_t escape = 0, pending_stream = UINT32_MAX;
+    StreamBits pending{0, 0, 0};
     if (begin < end) {
       ChunkWalk at(sh, begin);
       uint32_t left = stream_len - begin % stream_len;  // elements to the current stream's end
@@ -208,24 +197,35 @@ __global__ void __launch_bounds__(kThreads)
           ++stream;
           started = true;
         }
-        if (started && left == stream_len) mine = {1, 0};
+        if (started && left == stream_len) mine = {1, 0, 0};
         const int32_t s = q.vals[at.index()] - q.cmean[at.g];
         bool is_escape;
         const uint32_t entry = entry_of(book, escape_entry, s, is_escape);
-        mine.bits += (entry >> 24) + (is_escape ? escape_bits : 0u);
+        mine.bits += entry >> 24;
+        if (is_escape) {
+          ++mine.escapes;
+          const uint32_t w = f::signed_bit_width(s);
+          escape = w > escape ? w : escape;
+        }
         if (--left == 0) {
           if (started) {
             stream_bits[stream] = mine.bits;
+            stream_escapes[stream] = mine.escapes;
           } else {
-            pending = mine.bits;
+            pending = mine;
             pending_stream = stream;
           }
         }
       }
     }
-    Scan(scan_storage).ExclusiveScan(mine, before, StreamBits{0, 0}, StreamBitsOp{});
-    if (pending_stream != UINT32_MAX) stream_bits[pending_stream] = before.bits + pending;
+    atomicMax(&st.escape_bits, escape);
+    Scan(scan_storage).ExclusiveScan(mine, before, StreamBits{0, 0, 0}, StreamBitsOp{});
+    if (pending_stream != UINT32_MAX) {
+      stream_bits[pending_stream] = before.bits + pending.bits;
+      stream_escapes[pending_stream] = before.escapes + pending.escapes;
+    }
     __syncthreads();
+    before_bits = before.bits + before.escapes * st.escape_bits;
   }
 
   if (tid == 0) {
@@ -243,7 +243,8 @@ __global__ void __launch_bounds__(kThreads)
     if (try_huffman) {
       uint64_t end_bytes = 0;
       for (uint32_t k = 0; k < sh.num_substreams; ++k) {
-        end_bytes += (stream_bits[k] + 7u) / 8u;
+        end_bytes +=
+            (uint64_t(stream_bits[k]) + uint64_t(stream_escapes[k]) * st.escape_bits + 7u) / 8u;
         stream_bits[k] = uint32_t(end_bytes < 0xFFFFFFFFu ? end_bytes : 0xFFFFFFFFu);  // ends
       }
       const f::BlockLayout h = f::make_layout(
@@ -325,7 +326,7 @@ __global__ void __launch_bounds__(kThreads)
     return (L.payload_offset + (k == 0 ? 0u : stream_bits[k - 1])) * 8;
   };
   uint32_t stream = begin / stream_len, left = stream_len - begin % stream_len;
-  out.start(words, stream_start(stream) + (begin % stream_len == 0 ? 0u : before.bits));
+  out.start(words, stream_start(stream) + (begin % stream_len == 0 ? 0u : before_bits));
   for (uint32_t j = begin; j < end; ++j, at.advance()) {
     if (left == 0) {
       out.finish();
