@@ -239,6 +239,33 @@ def innermost_loops(k: dict) -> list[tuple[int, int]]:
             if not any((x, y) != (a, b) and a <= x and y <= b for x, y in loops)]
 
 
+def shortest_path(k: dict, a: int, b: int) -> int:
+    """Fewest instructions from the loop head (a) to its backward branch (b), following
+    fall-throughs and forward branches inside [a, b]: one iteration that skips every
+    conditional block (escapes, refills, slow paths), a lower bound of what it executes."""
+    insns, labels = k["insns"], k["labels"]
+    inf = float("inf")
+    dist = [inf] * (b - a + 2)  # dist[i - a]: instructions executed before reaching i
+    dist[0] = 0
+    for i in range(a, b + 1):
+        d = dist[i - a]
+        if d == inf:
+            continue
+        ins = insns[i]
+        cost = 0 if ins["op"] == "NOP" else 1
+        m = BRANCH.search(ins["text"])
+        unconditional = ins["op"] in ("BRA", "EXIT", "RET", "JMP") and not \
+            re.search(r"@!?U?P\w+\s+" + ins["op"], ins["text"])
+        if m and m.group(1) in labels and a < labels[m.group(1)] <= b and labels[m.group(1)] > i:
+            t = labels[m.group(1)]
+            dist[t - a] = min(dist[t - a], d + cost)
+        if i == b:
+            return int(d + cost)
+        if not unconditional:
+            dist[i + 1 - a] = min(dist[i + 1 - a], d + cost)
+    return -1
+
+
 def codec_report(cubin, nvdisasm, cuobjdump, markdown):
     dis = subprocess.run([nvdisasm, "-gi", "-c", cubin], capture_output=True, text=True,
                          check=True).stdout
@@ -268,7 +295,7 @@ def codec_report(cubin, nvdisasm, cuobjdump, markdown):
             src = "; ".join(f"{f} {min(v)}-{max(v)}" if min(v) != max(v) else f"{f} {v[0]}"
                             for f, v in files.items())
             row["loops"].append(dict(
-                sass=len(body), src=src,
+                sass=len(body), src=src, shortest=shortest_path(k, a, b),
                 ops={n: c for n, c in ((n, sum(f(x["op"], x["mods"]) for x in body))
                                        for n, f in CODEC_MARKERS.items()) if c},
                 lds=sum(x["op"] == "LDS" for x in body), sts=sum(x["op"] == "STS" for x in body),
@@ -285,13 +312,15 @@ def codec_report(cubin, nvdisasm, cuobjdump, markdown):
     for r in rows:
         print(fmt([r["kernel"], r["dtype"], str(r["regs"]), str(r["stack"]), str(r["local"]),
                    str(r["shared"]), str(r["sass"])] + [str(r["markers"][n]) for n in CODEC_MARKERS]))
-    print("\nInnermost loops (SASS of one iteration, at most; shared loads and stores, global or "
-          "generic loads and stores in it; source lines):")
+    print("\nInnermost loops (SASS of the body, i.e. of one iteration at most, and of its shortest "
+          "path through the body; shared loads and stores, global or generic loads and stores in "
+          "it; source lines):")
     for r in rows:
         print(f"  {r['kernel']} {r['dtype']}:")
         for lp in sorted(r["loops"], key=lambda lp: lp["src"]):
             extra = " ".join(f"{n}={c}" for n, c in lp["ops"].items())
-            print(f"    {lp['sass']:4d} SASS  LDS {lp['lds']} STS {lp['sts']} LD {lp['ldg']} "
+            print(f"    {lp['sass']:4d} SASS (shortest path {lp['shortest']:3d})  LDS {lp['lds']} "
+                  f"STS {lp['sts']} LD {lp['ldg']} "
                   f"ST {lp['stg']} {extra}  [{lp['src']}]")
     return rows
 

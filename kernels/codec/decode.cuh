@@ -207,6 +207,41 @@ __device__ void decode_streams(const Shape& sh, const BookView& book, const f::B
   if (bad) atomicOr(&corrupt, 1u);
 }
 
+// The fixed-width payload: rows in order, lanes along the channels (coalesced stores); each
+// element's bits found at its position-major index (bit positions fit 32 bits: at most 2^20
+// fields of 26 bits). Aligned payloads read two words per field; others byte-wise.
+template <kvc_dtype OUT, bool kAligned>
+__device__ void decode_fixed(const Shape& sh, const f::BlockLayout& L, const uint8_t* payload,
+                             void* dst, int64_t stride, const float* step, const uint32_t* center,
+                             uint32_t lane) {
+  const uint32_t D = sh.head_dim, G = sh.group_size, groups = sh.num_groups;
+  const uint32_t segments = L.is_value ? D / G : 1;
+  const uint32_t seg0 = lane / G, pos0 = lane % G;  // value blocks: lane's channel
+  const uint32_t seg_step = kDecodeLanes / G, pos_step = kDecodeLanes % G;
+  const uint32_t bits = L.code_bits, num_words = L.payload_bytes / 4;
+  for (uint32_t t = 0; t < sh.num_tokens; ++t) {
+    uint32_t seg = seg0, pos = pos0;
+    size_t at_out = size_t(t) * size_t(stride) + lane;
+    for (uint32_t c = lane; c < D; c += kDecodeLanes, at_out += kDecodeLanes) {
+      const uint32_t g = L.is_value ? t * segments + seg : c;
+      const uint32_t e = L.is_value ? pos : t;
+      const uint32_t at = (e * groups + g) * bits;
+      uint32_t u = 0;
+      if (bits != 0) {
+        u = kAligned ? read_field(payload, num_words, at, bits)
+                     : read_bits(payload, L.payload_bytes, at, bits);
+      }
+      store_output<OUT>(dst, at_out, f::dequantize(int32_t(center[g] + u), step[g]));
+      seg += seg_step;
+      pos += pos_step;
+      if (pos >= G) {
+        pos -= G;
+        ++seg;
+      }
+    }
+  }
+}
+
 // Launch: blockDim.x = 32 * warps, ceil(num_blocks / warps) thread blocks, and
 // warps * decode_smem_bytes(groups) bytes of dynamic shared memory.
 template <kvc_dtype OUT>
@@ -268,36 +303,18 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncwarp();
 
-  // Groups and positions advance with the loops below instead of being divided out per element:
-  // a value block's group g is (token, segment) = (g / segments, g % segments), and its element
-  // at position p is channel segment * group_size + p; a key block's group is its channel.
-  const uint32_t D = sh.head_dim, G = sh.group_size, segments = L.is_value ? D / G : 1;
+  // Groups and positions advance with the loops of decode_fixed and decode_streams instead of
+  // being divided out per element: a value block's group g is (token, segment) = (g / segments,
+  // g % segments), and its element at position p is channel segment * group_size + p; a key
+  // block's group is its channel.
   // Blocks are 4-byte aligned wherever the library wrote them; a caller's unaligned copy takes
   // the byte-wise paths (the same bits). Uniform across the warp.
   const bool aligned = reinterpret_cast<uintptr_t>(src) % 4 == 0;
   if (L.encoding == f::kFixed) {
-    // Rows in order, lanes along the channels (coalesced stores); each element's bits found at
-    // its position-major index (bit positions fit 32 bits: at most 2^20 fields of 26 bits).
-    const uint32_t seg0 = lane / G, pos0 = lane % G;  // value blocks: lane's channel
-    const uint32_t seg_step = kDecodeLanes / G, pos_step = kDecodeLanes % G;
-    const uint32_t bits = L.code_bits, num_words = L.payload_bytes / 4;
-    for (uint32_t t = 0; t < sh.num_tokens; ++t) {
-      uint32_t seg = seg0, pos = pos0;
-      for (uint32_t c = lane; c < D; c += kDecodeLanes) {
-        const uint32_t g = L.is_value ? t * segments + seg : c;
-        const uint32_t e = L.is_value ? pos : t;
-        const uint32_t at = (e * groups + g) * bits;
-        const uint32_t u = bits == 0 ? 0u
-                           : aligned ? read_field(payload, num_words, at, bits)
-                                     : read_bits(payload, L.payload_bytes, at, bits);
-        store_output<OUT>(dst, out_index(t, c), f::dequantize(int32_t(center[g] + u), step[g]));
-        seg += seg_step;
-        pos += pos_step;
-        if (pos >= G) {
-          pos -= G;
-          ++seg;
-        }
-      }
+    if (aligned) {
+      decode_fixed<OUT, true>(sh, L, payload, dst, stride, step, center, lane);
+    } else {
+      decode_fixed<OUT, false>(sh, L, payload, dst, stride, step, center, lane);
     }
   } else if (aligned) {
     decode_streams<OUT, WordReader>(sh, book, L, src, dst, stride, step, center, lane, stages[warp],
