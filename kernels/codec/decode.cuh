@@ -105,20 +105,21 @@ __device__ __forceinline__ uint32_t read_field(const uint8_t* payload, uint32_t 
 }
 
 // Decodes one symbol of a sub-stream with the codebook's table: false where the bits are no
-// code, or an escape in a block without escape bits (the CPU's corrupt-block verdicts).
+// code, or an escape in a block without escape bits (the CPU's corrupt-block verdicts). Called
+// again after a false, it goes on reading (inside the stream's bounds) and the caller keeps
+// the first verdict, so that lanes that decode in step need no branch around it.
 template <class Reader>
 __device__ __forceinline__ bool decode_symbol(Reader& in, const BookView& book, uint32_t code_bits,
                                               uint32_t& symbol) {
   const uint32_t entry = book.table[in.peek(book.max_code_length)];
   const uint32_t length = entry & 0xFFu;
-  if (length == 0) return false;
   in.skip(length);
   symbol = uint32_t(book.first_symbol) + (entry >> 8);
   if ((entry >> 8) == book.num_symbols) {
     if (code_bits == 0) return false;
     symbol = uint32_t(f::sign_extend(in.read(code_bits), code_bits));
   }
-  return true;
+  return length != 0;
 }
 
 __device__ inline kvc_status_t check_block(const Shape& sh, const BookView& book,
@@ -163,8 +164,8 @@ __device__ void decode_streams(const Shape& sh, const BookView& book, const f::B
         for (uint32_t g0 = 0; g0 < groups; g0 += kDecodeLanes) {
           const uint32_t count = min(kDecodeLanes, groups - g0);
           for (uint32_t i = 0; i < count; ++i) {
-            uint32_t symbol = 0;
-            ok = ok && decode_symbol(in, book, L.code_bits, symbol);
+            uint32_t symbol;
+            ok &= decode_symbol(in, book, L.code_bits, symbol);
             stage[i * (kDecodeLanes + 1) + lane] =
                 f::dequantize(int32_t(center[g0 + i] + symbol), step[g0 + i]);
           }
