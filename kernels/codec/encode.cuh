@@ -105,25 +105,26 @@ __device__ __forceinline__ uint32_t low_bits(uint32_t v, uint32_t bits) {
 
 // A thread's chunk of the position-major order j = e * groups + g (the order of the fixed
 // payload and of the Huffman sub-streams), walked without a division per element: group g,
-// position e, and the row-major index of the element in the quantization arrays.
+// position e, and the row-major index of the element in the quantization arrays (keys: j
+// itself; values: g * group_size + e).
 struct ChunkWalk {
-  uint32_t g, e, groups;
+  uint32_t g, e, index;
+  uint32_t groups, step;
   bool is_value;
-  uint32_t group_size, head_dim;
   __device__ ChunkWalk(const Shape& sh, uint32_t j)
       : g(j % sh.num_groups),
         e(j / sh.num_groups),
         groups(sh.num_groups),
-        is_value(sh.is_value != 0),
-        group_size(sh.group_size),
-        head_dim(sh.head_dim) {}
-  __device__ __forceinline__ uint32_t index() const {
-    return is_value ? g * group_size + e : e * head_dim + g;
+        step(sh.is_value ? sh.group_size : 1u),
+        is_value(sh.is_value != 0) {
+    index = is_value ? g * sh.group_size + e : j;
   }
   __device__ __forceinline__ void advance() {
+    index += step;
     if (++g == groups) {
       g = 0;
       ++e;
+      if (is_value) index = e;
     }
   }
 };
@@ -187,27 +188,27 @@ __global__ void __launch_bounds__(kThreads)
     uint32_t escape = 0, pending_stream = UINT32_MAX;
     StreamBits pending{0, 0, 0};
     if (begin < end) {
+      // One inner loop per sub-stream the chunk touches.
       ChunkWalk at(sh, begin);
-      uint32_t left = stream_len - begin % stream_len;  // elements to the current stream's end
-      uint32_t stream = begin / stream_len;
+      uint32_t j = begin, stream = begin / stream_len;
       bool started = begin % stream_len == 0;
-      for (uint32_t j = begin; j < end; ++j, at.advance()) {
-        if (left == 0) {
-          left = stream_len;
-          ++stream;
-          started = true;
+      while (j < end) {
+        const uint32_t stream_end = (stream + 1) * stream_len, stop = min(end, stream_end);
+        if (started) mine = {1, 0, 0};
+        uint32_t bits = 0, escapes = 0;
+        for (; j < stop; ++j, at.advance()) {
+          const int32_t s = q.vals[at.index] - q.cmean[at.g];
+          bool is_escape;
+          bits += entry_of(book, escape_entry, s, is_escape) >> 24;
+          if (is_escape) {
+            ++escapes;
+            const uint32_t w = f::signed_bit_width(s);
+            escape = w > escape ? w : escape;
+          }
         }
-        if (started && left == stream_len) mine = {1, 0, 0};
-        const int32_t s = q.vals[at.index()] - q.cmean[at.g];
-        bool is_escape;
-        const uint32_t entry = entry_of(book, escape_entry, s, is_escape);
-        mine.bits += entry >> 24;
-        if (is_escape) {
-          ++mine.escapes;
-          const uint32_t w = f::signed_bit_width(s);
-          escape = w > escape ? w : escape;
-        }
-        if (--left == 0) {
+        mine.bits += bits;
+        mine.escapes += escapes;
+        if (stop == stream_end) {
           if (started) {
             stream_bits[stream] = mine.bits;
             stream_escapes[stream] = mine.escapes;
@@ -216,6 +217,8 @@ __global__ void __launch_bounds__(kThreads)
             pending_stream = stream;
           }
         }
+        ++stream;
+        started = true;
       }
     }
     atomicMax(&st.escape_bits, escape);
@@ -311,7 +314,7 @@ __global__ void __launch_bounds__(kThreads)
     if (L.code_bits == 0) return;
     out.start(words, L.payload_offset * 8 + begin * L.code_bits);
     for (uint32_t j = begin; j < end; ++j, at.advance()) {
-      out.put(low_bits(uint32_t(q.vals[at.index()] - q.cmin[at.g]), L.code_bits), L.code_bits);
+      out.put(low_bits(uint32_t(q.vals[at.index] - q.cmin[at.g]), L.code_bits), L.code_bits);
     }
     out.finish();
     return;
@@ -325,22 +328,21 @@ __global__ void __launch_bounds__(kThreads)
   auto stream_start = [&](uint32_t k) {
     return (L.payload_offset + (k == 0 ? 0u : stream_bits[k - 1])) * 8;
   };
-  uint32_t stream = begin / stream_len, left = stream_len - begin % stream_len;
-  out.start(words, stream_start(stream) + (begin % stream_len == 0 ? 0u : before_bits));
-  for (uint32_t j = begin; j < end; ++j, at.advance()) {
-    if (left == 0) {
-      out.finish();
-      out.start(words, stream_start(++stream));
-      left = stream_len;
+  uint32_t j = begin, stream = begin / stream_len;
+  uint32_t bit = stream_start(stream) + (begin % stream_len == 0 ? 0u : before_bits);
+  while (j < end) {
+    const uint32_t stop = min(end, (stream + 1) * stream_len);
+    out.start(words, bit);
+    for (; j < stop; ++j, at.advance()) {
+      const int32_t s = q.vals[at.index] - q.cmean[at.g];
+      bool is_escape;
+      const uint32_t entry = entry_of(book, escape_entry, s, is_escape);
+      out.put(entry & 0xFFFFFFu, entry >> 24);
+      if (is_escape) out.put(low_bits(uint32_t(s), L.code_bits), L.code_bits);
     }
-    --left;
-    const int32_t s = q.vals[at.index()] - q.cmean[at.g];
-    bool is_escape;
-    const uint32_t entry = entry_of(book, escape_entry, s, is_escape);
-    out.put(entry & 0xFFFFFFu, entry >> 24);
-    if (is_escape) out.put(low_bits(uint32_t(s), L.code_bits), L.code_bits);
+    out.finish();
+    if (++stream < sh.num_substreams) bit = stream_start(stream);
   }
-  out.finish();
 }
 
 }  // namespace kvc::kernels
