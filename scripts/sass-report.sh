@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
-# Static figures of the attention kernels, no GPU needed: builds src/cuda/attention.cu
-# for sm_90 with line info (build-sass/), extracts its cubin, and prints per kernel
-# instantiation the registers, stack and local memory, HMMA/LDSM counts and the SASS per K and
-# V element of the main loop (scripts/sass_report.py says how they are counted). cuobjdump and
-# nvdisasm come from NVIDIA's PyPI wheels (pinned below), fetched once into
-# ${KVCOMP_CACHE:-~/.cache/kvcomp}/nvtools. Needs the CUDA toolkit (nvcc).
-#   ./scripts/sass-report.sh [--markdown]
+# Static figures of the attention or codec kernels, no GPU needed: builds
+# src/cuda/attention.cu (or, with --codec, src/cuda/codec.cu) for sm_90 with line
+# info (build-sass/), extracts its cubin, and prints per kernel instantiation the registers,
+# stack and local memory, and for attention the HMMA/LDSM counts and the SASS per K and V element
+# of the main loop, for the codec the slow-pattern instructions and every innermost loop
+# (scripts/sass_report.py says how they are counted). cuobjdump and nvdisasm come from NVIDIA's
+# PyPI wheels (pinned below), fetched once into ${KVCOMP_CACHE:-~/.cache/kvcomp}/nvtools.
+# Needs the CUDA toolkit (nvcc).
+#   ./scripts/sass-report.sh [--codec] [--markdown]
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,10 +35,24 @@ build="$root/build-sass"
 kvc_configure "$root" "$build" -DCMAKE_BUILD_TYPE=Release -DKVC_ENABLE_CUDA=ON \
   -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_FLAGS=-lineinfo -DKVC_BUILD_TESTS=OFF \
   -DKVC_BUILD_BENCH=OFF -DKVC_BUILD_EXAMPLES=OFF -DKVC_INSTALL=OFF >/dev/null
-object=src/CMakeFiles/kvcomp_objects.dir/cuda/attention.cu.o
+codec=0
+args=()
+for a in "$@"; do
+  if [[ "$a" == --codec ]]; then codec=1; else args+=("$a"); fi
+done
+if ((codec)); then stem=codec; else stem=attention; fi
+unit="src/cuda/$stem.cu"
+object="src/CMakeFiles/kvcomp_objects.dir/cuda/$stem.cu.o"
 cmake --build "$build" --target "$object" >&2
+rm -f "$build/$stem".*.cubin
 (cd "$build" && "$bin/cuobjdump" -xelf all "$object" >/dev/null)
-cubin="$(ls "$build"/attention*.sm_90*.cubin | head -n 1)"
-echo "sm_90 machine code of src/cuda/attention.cu at $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u +%Y-%m-%d), $("$bin/nvdisasm" --version | tail -n 1)"
-python3 "$root/scripts/sass_report.py" --cubin "$cubin" --nvdisasm "$bin/nvdisasm" \
-  --cuobjdump "$bin/cuobjdump" --source "$root/kernels/attention/attention.cuh" "$@"
+cubin="$(ls "$build/$stem".sm_90*.cubin | head -n 1)"
+echo "sm_90 machine code of $unit at $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u +%Y-%m-%d), $("$bin/nvdisasm" --version | tail -n 1)"
+if ((codec)); then
+  python3 "$root/scripts/sass_report.py" --codec --cubin "$cubin" --nvdisasm "$bin/nvdisasm" \
+    --cuobjdump "$bin/cuobjdump" ${args[@]+"${args[@]}"}
+else
+  python3 "$root/scripts/sass_report.py" --cubin "$cubin" --nvdisasm "$bin/nvdisasm" \
+    --cuobjdump "$bin/cuobjdump" --source "$root/kernels/attention/attention.cuh" \
+    ${args[@]+"${args[@]}"}
+fi

@@ -1,8 +1,22 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Static figures of the attention kernels from their sm_90 machine code (no GPU needed).
+"""Static figures of the attention and codec kernels from their sm_90 machine code (no GPU).
 
     python3 scripts/sass_report.py --cubin attention.cubin --nvdisasm BIN --cuobjdump BIN \
         --source kernels/attention/attention.cuh [--markdown]
+    python3 scripts/sass_report.py --codec --cubin codec.cubin --nvdisasm BIN --cuobjdump BIN \
+        [--markdown]
+
+Codec kernels (--codec): per instantiation the registers, stack, local and static shared
+memory, the whole kernel's SASS, the instructions that mark slow patterns anywhere in it (byte
+loads LDG.U8, shared and global atomics, runtime integer division: I2F.U32.RP starts one,
+64-bit division calls, FP64 and MUFU), and every innermost loop: a backward branch whose body
+holds no other loop. A loop's body is straight-line or has only forward branches, so its static
+count is what one iteration executes at most (every predicated or skipped instruction
+counted): for loops that handle one element per thread and iteration, the SASS per element of
+that loop. Loops are named by the kernel source lines their instructions come from (innermost
+inlined location). Bank conflicts cannot be read from the SASS (they depend on addresses at run
+time): the report lists the shared loads and stores of each loop; docs/performance.md reasons
+about their addresses.
 
 Per kernel instantiation: registers, stack and local memory (cuobjdump -res-usage), HMMA and
 LDSM counts, and the SASS of the main loop: the outermost loop that contains HMMA, whose body
@@ -168,6 +182,149 @@ def res_usage(cuobjdump: str, cubin: str) -> dict[str, dict[str, int]]:
     return usage
 
 
+LINE_ANY = re.compile(r'//## File "([^"]+)", line (\d+)')
+
+# Instruction classes that mark slow patterns in the codec kernels.
+CODEC_MARKERS = {
+    "LDG.U8": lambda op, mods: op in ("LDG", "LD") and ".U8" in mods,
+    "ATOMS": lambda op, mods: op == "ATOMS",
+    "ATOMG/RED": lambda op, mods: op in ("ATOMG", "ATOM", "RED", "REDG"),
+    "div (I2F.RP)": lambda op, mods: op == "I2F" and ".RP" in mods,
+    "CALL": lambda op, mods: op == "CALL",
+    "FP64": lambda op, mods: op in ("DADD", "DMUL", "DFMA", "DSETP") or (op == "F2F" and
+                                                                       "F64" in mods),
+    "MUFU": lambda op, mods: op == "MUFU",
+    "BAR": lambda op, mods: op == "BAR",
+    "SHFL": lambda op, mods: op == "SHFL",
+}
+
+
+def parse_codec(text: str) -> dict[str, list[dict]]:
+    """Kernel name -> instructions with op, modifiers, text and innermost source (file:line)."""
+    kernels, cur, where, chain = {}, None, None, []
+    for raw in text.splitlines():
+        if raw.startswith(".text."):
+            name = raw[len(".text."):].rstrip(":")
+            cur = kernels.setdefault(name, {"insns": [], "labels": {}})
+            where, chain = None, []
+            continue
+        if cur is None:
+            continue
+        m = LINE_ANY.search(raw)
+        if m:  # a chain of frames, innermost first: name the line by the innermost codec frame
+            chain.append((m.group(1), m.group(2)))
+            continue
+        if chain:
+            f, n = next((c for c in chain if "/codec/" in c[0]), chain[0])
+            where, chain = f"{f.split('/')[-1]}:{n}", []
+        m = LABEL.match(raw)
+        if m:
+            cur["labels"][m.group(1)] = len(cur["insns"])
+            continue
+        m = INSN.search(raw)
+        if m:
+            cur["insns"].append(dict(op=m.group(3), mods=m.group(4) or "", text=raw.strip(),
+                                     where=where))
+    return kernels
+
+
+def innermost_loops(k: dict) -> list[tuple[int, int]]:
+    insns, labels = k["insns"], k["labels"]
+    loops = []
+    for i, ins in enumerate(insns):
+        m = BRANCH.search(ins["text"])
+        if m and m.group(1) in labels and labels[m.group(1)] <= i:
+            loops.append((labels[m.group(1)], i))
+    return [(a, b) for a, b in loops
+            if not any((x, y) != (a, b) and a <= x and y <= b for x, y in loops)]
+
+
+def shortest_path(k: dict, a: int, b: int) -> int:
+    """Fewest instructions from the loop head (a) to its backward branch (b), following
+    fall-throughs and forward branches inside [a, b]: one iteration that skips every
+    conditional block (escapes, refills, slow paths), a lower bound of what it executes."""
+    insns, labels = k["insns"], k["labels"]
+    inf = float("inf")
+    dist = [inf] * (b - a + 2)  # dist[i - a]: instructions executed before reaching i
+    dist[0] = 0
+    for i in range(a, b + 1):
+        d = dist[i - a]
+        if d == inf:
+            continue
+        ins = insns[i]
+        cost = 0 if ins["op"] == "NOP" else 1
+        m = BRANCH.search(ins["text"])
+        unconditional = ins["op"] in ("BRA", "EXIT", "RET", "JMP") and not \
+            re.search(r"@!?U?P\w+\s+" + ins["op"], ins["text"])
+        if m and m.group(1) in labels and a < labels[m.group(1)] <= b and labels[m.group(1)] > i:
+            t = labels[m.group(1)]
+            dist[t - a] = min(dist[t - a], d + cost)
+        if i == b:
+            return int(d + cost)
+        if not unconditional:
+            dist[i + 1 - a] = min(dist[i + 1 - a], d + cost)
+    return -1
+
+
+def codec_report(cubin, nvdisasm, cuobjdump, markdown):
+    dis = subprocess.run([nvdisasm, "-gi", "-c", cubin], capture_output=True, text=True,
+                         check=True).stdout
+    kernels = parse_codec(dis)
+    usage = res_usage(cuobjdump, cubin)
+    dtypes = {1: "fp16", 2: "bf16", 3: "fp32"}
+    rows = []
+    for mangled, k in sorted(kernels.items()):
+        m = re.search(r"kvc::kernels::(\w+_kernel)<\(kvc_dtype\)(\d)>", demangle(mangled))
+        if not m:
+            continue
+        insns = [x for x in k["insns"] if x["op"] != "NOP"]
+        u = usage.get(mangled, {})
+        row = dict(kernel=m.group(1), dtype=dtypes.get(int(m.group(2)), m.group(2)),
+                   regs=u.get("REG"), stack=u.get("STACK"), local=u.get("LOCAL"),
+                   shared=u.get("SHARED"), sass=len(insns),
+                   markers={n: sum(f(x["op"], x["mods"]) for x in insns)
+                            for n, f in CODEC_MARKERS.items()}, loops=[])
+        for a, b in innermost_loops(k):
+            body = [x for x in k["insns"][a:b + 1] if x["op"] != "NOP"]
+            lines = sorted({x["where"] for x in body if x["where"]},
+                           key=lambda w: (w.split(":")[0], int(w.split(":")[1])))
+            files = {}
+            for w in lines:
+                f, n = w.split(":")
+                files.setdefault(f, []).append(int(n))
+            src = "; ".join(f"{f} {min(v)}-{max(v)}" if min(v) != max(v) else f"{f} {v[0]}"
+                            for f, v in files.items())
+            row["loops"].append(dict(
+                sass=len(body), src=src, shortest=shortest_path(k, a, b),
+                ops={n: c for n, c in ((n, sum(f(x["op"], x["mods"]) for x in body))
+                                       for n, f in CODEC_MARKERS.items()) if c},
+                lds=sum(x["op"] == "LDS" for x in body), sts=sum(x["op"] == "STS" for x in body),
+                ldg=sum(x["op"] in ("LDG", "LD") for x in body),
+                stg=sum(x["op"] in ("STG", "ST") for x in body)))
+        rows.append(row)
+    head = ["kernel", "dtype", "regs", "stack", "local", "static smem", "SASS"] + \
+        list(CODEC_MARKERS)
+    fmt = (lambda cells: "| " + " | ".join(cells) + " |") if markdown else \
+        (lambda cells: "  ".join(f"{c:>7}" if i else f"{c:<17}" for i, c in enumerate(cells)))
+    print(fmt(head))
+    if markdown:
+        print("|" + "---|" * len(head))
+    for r in rows:
+        print(fmt([r["kernel"], r["dtype"], str(r["regs"]), str(r["stack"]), str(r["local"]),
+                   str(r["shared"]), str(r["sass"])] + [str(r["markers"][n]) for n in CODEC_MARKERS]))
+    print("\nInnermost loops (SASS of the body, i.e. of one iteration at most, and of its shortest "
+          "path through the body; shared loads and stores, global or generic loads and stores in "
+          "it; source lines):")
+    for r in rows:
+        print(f"  {r['kernel']} {r['dtype']}:")
+        for lp in sorted(r["loops"], key=lambda lp: lp["src"]):
+            extra = " ".join(f"{n}={c}" for n, c in lp["ops"].items())
+            print(f"    {lp['sass']:4d} SASS (shortest path {lp['shortest']:3d})  LDS {lp['lds']} "
+                  f"STS {lp['sts']} LD {lp['ldg']} "
+                  f"ST {lp['stg']} {extra}  [{lp['src']}]")
+    return rows
+
+
 def report(cubin, nvdisasm, cuobjdump, source, markdown):
     dis = subprocess.run([nvdisasm, "-gi", "-c", cubin], capture_output=True, text=True,
                          check=True).stdout
@@ -251,10 +408,16 @@ def main(argv=None):
     ap.add_argument("--cubin", required=True)
     ap.add_argument("--nvdisasm", required=True)
     ap.add_argument("--cuobjdump", required=True)
-    ap.add_argument("--source", required=True, help="the kernel source with [sass ...] markers")
+    ap.add_argument("--source", help="the attention kernel source with [sass ...] markers")
+    ap.add_argument("--codec", action="store_true", help="report the codec kernels instead")
     ap.add_argument("--markdown", action="store_true")
     a = ap.parse_args(argv)
-    report(a.cubin, a.nvdisasm, a.cuobjdump, a.source, a.markdown)
+    if a.codec:
+        codec_report(a.cubin, a.nvdisasm, a.cuobjdump, a.markdown)
+    elif a.source:
+        report(a.cubin, a.nvdisasm, a.cuobjdump, a.source, a.markdown)
+    else:
+        ap.error("--source is required without --codec")
 
 
 if __name__ == "__main__":

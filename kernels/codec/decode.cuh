@@ -13,16 +13,113 @@ namespace kvc::kernels {
 constexpr uint32_t kDecodeLanes = 32;
 constexpr uint32_t kMaxDecodeWarps = kThreads / kDecodeLanes;
 
+// Huffman key blocks stage each warp's decoded values here, 32 groups (channels) x 32 lanes
+// (sub-streams, i.e. rows) at a time, so that they leave as whole row segments: written
+// directly, every store of a warp would touch 32 rows. One padding column keeps both the
+// writes (by lane) and the reads (by channel) free of bank conflicts.
+constexpr uint32_t kStageWords = kDecodeLanes * (kDecodeLanes + 1);
+constexpr size_t kDecodeStaticSmem = size_t(kMaxDecodeWarps) * kStageWords * 4 + 1024;
+
 // Dynamic shared memory of one compressed block: per-group steps and centres.
 __host__ __device__ inline size_t decode_smem_bytes(uint32_t g) { return size_t(g) * 8; }
 
 // Warps (compressed blocks) per thread block: as many as fit in `smem_limit` bytes of shared
 // memory per thread block, less `reserve` for the kernel's static shared memory; 1 to 8.
 __host__ __device__ inline uint32_t decode_warps(uint32_t g, size_t smem_limit,
-                                                 size_t reserve = 4096) {
+                                                 size_t reserve = kDecodeStaticSmem + 4096) {
   const size_t per_block = decode_smem_bytes(g);
   const size_t fit = smem_limit > reserve + per_block ? (smem_limit - reserve) / per_block : 1;
   return fit < kMaxDecodeWarps ? uint32_t(fit) : kMaxDecodeWarps;
+}
+
+// One 32-bit word of a 4-byte-aligned byte array.
+__device__ __forceinline__ uint32_t load_word(const uint8_t* base, uint32_t i) {
+#if defined(__CUDA_ARCH__)
+  return reinterpret_cast<const uint32_t*>(base)[i];
+#else
+  uint32_t w;
+  __builtin_memcpy(&w, base + size_t(i) * 4, 4);  // the host emulation: no aliasing through casts
+  return w;
+#endif
+}
+
+// A Huffman sub-stream of a 4-byte-aligned payload, read a word at a time: the same bits, zeros
+// past the stream's end and overrun() as f::BitReader (the byte-wise reader, kept for payloads
+// that are not aligned), from two cached words. One load per 32 bits consumed; peek and read
+// take at most 32 bits, and skip at most 32, so the window moves by at most one word.
+struct WordReader {
+  const uint8_t* payload;
+  uint32_t limit;  // bit position of the stream's end in the payload
+  uint32_t pos;    // next bit, from the payload's start
+  uint32_t word;   // index of w0
+  uint32_t w0, w1;
+
+  // Word i with the bits at or past the stream's end cleared. Every word that holds a bit
+  // below `limit` lies inside the payload (the header check bounds the stream ends by it).
+  __device__ __forceinline__ uint32_t load(uint32_t i) const {
+    const uint32_t first = i * 32;
+    if (first >= limit) return 0;
+    const uint32_t w = load_word(payload, i);
+    return limit - first >= 32 ? w : w & ((1u << (limit - first)) - 1u);
+  }
+  __device__ WordReader(const uint8_t* p, uint32_t start_byte, uint32_t end_byte)
+      : payload(p), limit(end_byte * 8), pos(start_byte * 8), word(start_byte / 4) {
+    w0 = load(word);
+    w1 = load(word + 1);
+  }
+  __device__ __forceinline__ uint32_t peek(uint32_t bits) const {
+    const uint32_t v = uint32_t(((uint64_t(w1) << 32) | w0) >> (pos & 31u));
+    return bits >= 32 ? v : v & ((1u << bits) - 1u);
+  }
+  __device__ __forceinline__ void skip(uint32_t bits) {
+    pos += bits;
+    if ((pos >> 5) != word) {
+      ++word;
+      w0 = w1;
+      w1 = load(word + 1);
+    }
+  }
+  __device__ __forceinline__ uint32_t read(uint32_t bits) {
+    const uint32_t v = peek(bits);
+    skip(bits);
+    return v;
+  }
+  __device__ bool overrun() const { return pos > limit; }
+};
+
+// The byte-wise reader over the same stream, for payloads that are not 4-byte aligned.
+struct ByteReader : f::BitReader {
+  __device__ ByteReader(const uint8_t* p, uint32_t start_byte, uint32_t end_byte)
+      : f::BitReader(p + start_byte, end_byte - start_byte) {}
+};
+
+// A fixed-width field of a 4-byte-aligned payload of `num_words` words that holds it whole
+// (the header check guarantees it): two words, the second only where it exists.
+__device__ __forceinline__ uint32_t read_field(const uint8_t* payload, uint32_t num_words,
+                                               uint32_t pos, uint32_t bits) {
+  const uint32_t w = pos >> 5;
+  const uint32_t lo = load_word(payload, w);
+  const uint32_t hi = w + 1 < num_words ? load_word(payload, w + 1) : 0u;
+  const uint32_t v = uint32_t(((uint64_t(hi) << 32) | lo) >> (pos & 31u));
+  return bits >= 32 ? v : v & ((1u << bits) - 1u);
+}
+
+// Decodes one symbol of a sub-stream with the codebook's table: false where the bits are no
+// code, or an escape in a block without escape bits (the CPU's corrupt-block verdicts). Called
+// again after a false, it goes on reading (inside the stream's bounds) and the caller keeps
+// the first verdict, so that lanes that decode in step need no branch around it.
+template <class Reader>
+__device__ __forceinline__ bool decode_symbol(Reader& in, const BookView& book, uint32_t code_bits,
+                                              uint32_t& symbol) {
+  const uint32_t entry = book.table[in.peek(book.max_code_length)];
+  const uint32_t length = entry & 0xFFu;
+  in.skip(length);
+  symbol = uint32_t(book.first_symbol) + (entry >> 8);
+  if ((entry >> 8) == book.num_symbols) {
+    if (code_bits == 0) return false;
+    symbol = uint32_t(f::sign_extend(in.read(code_bits), code_bits));
+  }
+  return length != 0;
 }
 
 __device__ inline kvc_status_t check_block(const Shape& sh, const BookView& book,
@@ -41,6 +138,111 @@ __device__ inline kvc_status_t check_block(const Shape& sh, const BookView& book
   return KVC_SUCCESS;
 }
 
+// The Huffman payload: one lane per sub-stream (rounds of 32 where there are more), each
+// decoding its stream front to back with the codebook's table. Key blocks: the lanes advance
+// in step through positions and groups, and every 32 groups the warp stores the staged values
+// as row segments (lane = channel). Value blocks: each lane stores its values directly (lanes'
+// channels are P apart in one row). A lane that meets a corrupt stream stops decoding it and
+// the block is reported corrupt, as on the CPU (which stops at the first error).
+template <kvc_dtype OUT, class Reader>
+__device__ void decode_streams(const Shape& sh, const BookView& book, const f::BlockLayout& L,
+                               const uint8_t* src, void* dst, int64_t stride, const float* step,
+                               const uint32_t* center, uint32_t lane, float (&stage)[kStageWords],
+                               uint32_t& corrupt) {
+  const uint8_t* payload = src + L.payload_offset;
+  const uint32_t groups = sh.num_groups, streams = L.num_substreams;
+  const uint32_t per_stream = sh.group_size / streams;
+  auto stream_end = [&](uint32_t s) { return f::load_u16(src + L.stream_ends_offset + 2 * s); };
+  bool bad = false;
+  if (!L.is_value) {
+    for (uint32_t s0 = 0; s0 < streams; s0 += kDecodeLanes) {
+      const uint32_t s = s0 + lane, rows = min(kDecodeLanes, streams - s0);
+      const bool active = s < streams;
+      Reader in(payload, active && s > 0 ? stream_end(s - 1) : 0u, active ? stream_end(s) : 0u);
+      bool ok = active;
+      for (uint32_t k = 0; k < per_stream; ++k) {
+        for (uint32_t g0 = 0; g0 < groups; g0 += kDecodeLanes) {
+          const uint32_t count = min(kDecodeLanes, groups - g0);
+          for (uint32_t i = 0; i < count; ++i) {
+            uint32_t symbol;
+            ok &= decode_symbol(in, book, L.code_bits, symbol);
+            stage[i * (kDecodeLanes + 1) + lane] =
+                f::dequantize(int32_t(center[g0 + i] + symbol), step[g0 + i]);
+          }
+          __syncwarp();
+          if (lane < count) {  // rows (s0 + r) * per_stream + k, channel g0 + lane
+            size_t at = size_t(s0 * per_stream + k) * size_t(stride) + g0 + lane;
+            const size_t next = size_t(per_stream) * size_t(stride);
+            for (uint32_t r = 0; r < rows; ++r, at += next) {
+              store_output<OUT>(dst, at, stage[lane * (kDecodeLanes + 1) + r]);
+            }
+          }
+          __syncwarp();
+        }
+      }
+      bad |= active && (!ok || in.overrun());
+    }
+  } else {
+    const uint32_t G = sh.group_size, segments = sh.head_dim / G;
+    for (uint32_t s = lane; s < streams; s += kDecodeLanes) {
+      Reader in(payload, s > 0 ? stream_end(s - 1) : 0u, stream_end(s));
+      bool ok = true;
+      for (uint32_t e = s * per_stream; e < (s + 1) * per_stream && ok; ++e) {
+        uint32_t token = 0, seg = 0;  // of group g
+        for (uint32_t g = 0; g < groups && ok; ++g) {
+          uint32_t symbol = 0;
+          ok = decode_symbol(in, book, L.code_bits, symbol);
+          if (ok) {
+            store_output<OUT>(dst, size_t(token) * size_t(stride) + seg * G + e,
+                              f::dequantize(int32_t(center[g] + symbol), step[g]));
+          }
+          if (++seg == segments) {
+            seg = 0;
+            ++token;
+          }
+        }
+      }
+      bad |= !ok || in.overrun();
+    }
+  }
+  if (bad) atomicOr(&corrupt, 1u);
+}
+
+// The fixed-width payload: rows in order, lanes along the channels (coalesced stores); each
+// element's bits found at its position-major index (bit positions fit 32 bits: at most 2^20
+// fields of 26 bits). Aligned payloads read two words per field; others byte-wise.
+template <kvc_dtype OUT, bool kAligned>
+__device__ void decode_fixed(const Shape& sh, const f::BlockLayout& L, const uint8_t* payload,
+                             void* dst, int64_t stride, const float* step, const uint32_t* center,
+                             uint32_t lane) {
+  const uint32_t D = sh.head_dim, G = sh.group_size, groups = sh.num_groups;
+  const uint32_t segments = L.is_value ? D / G : 1;
+  const uint32_t seg0 = lane / G, pos0 = lane % G;  // value blocks: lane's channel
+  const uint32_t seg_step = kDecodeLanes / G, pos_step = kDecodeLanes % G;
+  const uint32_t bits = L.code_bits, num_words = L.payload_bytes / 4;
+  for (uint32_t t = 0; t < sh.num_tokens; ++t) {
+    uint32_t seg = seg0, pos = pos0;
+    size_t at_out = size_t(t) * size_t(stride) + lane;
+    for (uint32_t c = lane; c < D; c += kDecodeLanes, at_out += kDecodeLanes) {
+      const uint32_t g = L.is_value ? t * segments + seg : c;
+      const uint32_t e = L.is_value ? pos : t;
+      const uint32_t at = (e * groups + g) * bits;
+      uint32_t u = 0;
+      if (bits != 0) {
+        u = kAligned ? read_field(payload, num_words, at, bits)
+                     : read_bits(payload, L.payload_bytes, at, bits);
+      }
+      store_output<OUT>(dst, at_out, f::dequantize(int32_t(center[g] + u), step[g]));
+      seg += seg_step;
+      pos += pos_step;
+      if (pos >= G) {
+        pos -= G;
+        ++seg;
+      }
+    }
+  }
+}
+
 // Launch: blockDim.x = 32 * warps, ceil(num_blocks / warps) thread blocks, and
 // warps * decode_smem_bytes(groups) bytes of dynamic shared memory.
 template <kvc_dtype OUT>
@@ -52,6 +254,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ f::BlockLayout layouts[kMaxDecodeWarps];
   __shared__ kvc_status_t statuses[kMaxDecodeWarps];
   __shared__ uint32_t corrupts[kMaxDecodeWarps];
+  __shared__ float stages[kMaxDecodeWarps][kStageWords];
 
   const uint32_t warp = threadIdx.x / kDecodeLanes, lane = threadIdx.x % kDecodeLanes;
   const uint32_t block = blockIdx.x * (blockDim.x / kDecodeLanes) + warp;
@@ -101,67 +304,25 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncwarp();
 
-  // Groups and positions advance with the loops below instead of being divided out per element:
-  // a value block's group g is (token, segment) = (g / segments, g % segments), and its element
-  // at position p is channel segment * group_size + p; a key block's group is its channel.
-  const uint32_t D = sh.head_dim, G = sh.group_size, segments = L.is_value ? D / G : 1;
+  // Groups and positions advance with the loops of decode_fixed and decode_streams instead of
+  // being divided out per element: a value block's group g is (token, segment) = (g / segments,
+  // g % segments), and its element at position p is channel segment * group_size + p; a key
+  // block's group is its channel.
+  // Blocks are 4-byte aligned wherever the library wrote them; a caller's unaligned copy takes
+  // the byte-wise paths (the same bits). Uniform across the warp.
+  const bool aligned = reinterpret_cast<uintptr_t>(src) % 4 == 0;
   if (L.encoding == f::kFixed) {
-    // Rows in order, lanes along the channels (coalesced stores); each element's bits found at
-    // its position-major index.
-    const uint32_t seg0 = lane / G, pos0 = lane % G;  // value blocks: lane's channel
-    const uint32_t seg_step = kDecodeLanes / G, pos_step = kDecodeLanes % G;
-    for (uint32_t t = 0; t < sh.num_tokens; ++t) {
-      uint32_t seg = seg0, pos = pos0;
-      for (uint32_t c = lane; c < D; c += kDecodeLanes) {
-        const uint32_t g = L.is_value ? t * segments + seg : c;
-        const uint32_t e = L.is_value ? pos : t;
-        const uint64_t j = uint64_t(e) * groups + g;
-        const uint32_t u = read_bits(payload, L.payload_bytes, j * L.code_bits, L.code_bits);
-        store_output<OUT>(dst, out_index(t, c), f::dequantize(int32_t(center[g] + u), step[g]));
-        seg += seg_step;
-        pos += pos_step;
-        if (pos >= G) {
-          pos -= G;
-          ++seg;
-        }
-      }
+    if (aligned) {
+      decode_fixed<OUT, true>(sh, L, payload, dst, stride, step, center, lane);
+    } else {
+      decode_fixed<OUT, false>(sh, L, payload, dst, stride, step, center, lane);
     }
+  } else if (aligned) {
+    decode_streams<OUT, WordReader>(sh, book, L, src, dst, stride, step, center, lane, stages[warp],
+                                    corrupt);
   } else {
-    // One lane per sub-stream, decoding it front to back with the codebook's table.
-    const uint32_t per_stream = sh.group_size / L.num_substreams;
-    for (uint32_t s = lane; s < L.num_substreams; s += kDecodeLanes) {
-      const uint32_t start = s == 0 ? 0u : f::load_u16(src + L.stream_ends_offset + 2 * (s - 1));
-      const uint32_t end = f::load_u16(src + L.stream_ends_offset + 2 * s);
-      f::BitReader in(payload + start, end - start);
-      bool bad = false;
-      for (uint32_t e = s * per_stream; e < (s + 1) * per_stream && !bad; ++e) {
-        uint32_t token = 0, seg = 0;  // value blocks: of group g
-        for (uint32_t g = 0; g < groups; ++g) {
-          const uint32_t entry = book.table[in.peek(book.max_code_length)];
-          const uint32_t length = entry & 0xFFu;
-          if (length == 0) {
-            bad = true;
-            break;
-          }
-          in.skip(length);
-          uint32_t symbol = uint32_t(book.first_symbol) + (entry >> 8);
-          if ((entry >> 8) == book.num_symbols) {
-            if (L.code_bits == 0) {
-              bad = true;
-              break;
-            }
-            symbol = uint32_t(f::sign_extend(in.read(L.code_bits), L.code_bits));
-          }
-          const size_t at = L.is_value ? out_index(token, seg * G + e) : out_index(e, g);
-          store_output<OUT>(dst, at, f::dequantize(int32_t(center[g] + symbol), step[g]));
-          if (++seg == segments) {
-            seg = 0;
-            ++token;
-          }
-        }
-      }
-      if (bad || in.overrun()) atomicOr(&corrupt, 1u);
-    }
+    decode_streams<OUT, ByteReader>(sh, book, L, src, dst, stride, step, center, lane, stages[warp],
+                                    corrupt);
   }
   __syncwarp();
   if (lane == 0) block_status[block] = corrupt ? KVC_ERROR_CORRUPT_DATA : KVC_SUCCESS;

@@ -25,12 +25,62 @@ struct Shape {
   float error_bound;
   uint32_t entropy;  // kvc_entropy
   __device__ uint32_t num_elements() const { return num_tokens * head_dim; }
-  // Row-major index of element e of group g.
+  // Row-major index of element e of group g (f::element_coord without its division: a value
+  // group's elements are group_size consecutive elements of a row).
   __device__ uint32_t element_index(uint32_t g, uint32_t e) const {
-    const f::Coord c = f::element_coord(is_value != 0, head_dim, group_size, g, e);
-    return c.token * head_dim + c.channel;
+    return is_value ? g * group_size + e : e * head_dim + g;
   }
 };
+
+// Walks the row-major elements i, i + stride, ... of a block without a division per element:
+// channel c = seg * unit + pos, with unit the value group size (keys: head_dim, so seg = 0 and
+// pos = c), so that group and position come out of it as well. Divides once, at construction.
+struct ElementWalk {
+  uint32_t t, seg, pos;                     // element (t, seg * unit + pos)
+  uint32_t unit, segments, dt, dseg, dpos;  // stride = dt * head_dim + dseg * unit + dpos
+  __device__ ElementWalk(const Shape& sh, uint32_t i, uint32_t stride) {
+    unit = sh.is_value ? sh.group_size : sh.head_dim;
+    segments = sh.head_dim / unit;
+    t = i / sh.head_dim;
+    const uint32_t c = i % sh.head_dim;
+    seg = c / unit;
+    pos = c % unit;
+    dt = stride / sh.head_dim;
+    const uint32_t dc = stride % sh.head_dim;
+    dseg = dc / unit;
+    dpos = dc % unit;
+  }
+  __device__ __forceinline__ uint32_t channel() const { return seg * unit + pos; }
+  // Group and position of the element (f::group_of, f::position_of).
+  __device__ __forceinline__ uint32_t group(bool is_value) const {
+    return is_value ? t * segments + seg : pos;
+  }
+  __device__ __forceinline__ uint32_t position(bool is_value) const { return is_value ? pos : t; }
+  __device__ __forceinline__ void advance() {
+    pos += dpos;
+    seg += dseg;
+    if (pos >= unit) {
+      pos -= unit;
+      ++seg;
+    }
+    t += dt;
+    if (seg >= segments) {
+      seg -= segments;
+      ++t;
+    }
+  }
+};
+
+// Lanes that share one group in the per-group passes: value groups are consecutive elements of
+// a row, so a power of two of lanes (up to 32, at most the group size) read them side by side,
+// free of bank conflicts, and combine with shuffles. Key groups are channels (a column, element
+// stride head_dim), so one thread per group already reads consecutive words across a warp.
+__device__ __forceinline__ uint32_t lanes_per_group(const Shape& sh) {
+  if (!sh.is_value) return 1;
+  uint32_t w = 1;
+  while (w < 32 && 2 * w <= sh.group_size) w *= 2;
+  return w;
+}
 
 // A codebook in device memory. codes[i] = reversed code | length << 24; table as in
 // kvc::Codebook::decode_table(). table == nullptr: no codebook.
@@ -49,6 +99,8 @@ struct BookView {
   }
 };
 
+// fp16 goes through the hardware conversion (exact; a NaN stays a NaN, which is all the
+// encoder asks of it: such a block is rejected as non-finite).
 template <kvc_dtype DT>
 __device__ float load_input(const void* base, size_t i) {
   if constexpr (DT == KVC_DTYPE_FP32) {
@@ -56,18 +108,31 @@ __device__ float load_input(const void* base, size_t i) {
   } else if constexpr (DT == KVC_DTYPE_BF16) {
     return f::bf16_to_float(static_cast<const uint16_t*>(base)[i]);
   } else {
-    return f::half_to_float(static_cast<const uint16_t*>(base)[i]);
+    return device::half_to_float(static_cast<const uint16_t*>(base)[i]);
   }
+}
+
+// The bits f::float_to_half_saturate / f::float_to_bf16_saturate give, through the hardware's
+// round-to-nearest-even conversion: the same clamp first, and a NaN (only a corrupt step makes
+// one) given the CPU's bits, since the hardware's canonical NaN differs.
+template <kvc_dtype DT>
+__device__ __forceinline__ uint16_t to_half_saturate(float v) {
+  constexpr bool kBF16 = DT == KVC_DTYPE_BF16;
+  const float m = kBF16 ? 3.38953139e38f : 65504.0f;
+  const float c = v > m ? m : (v < -m ? -m : v);
+  if (c != c) {
+    const uint32_t u = f::float_bits(c);
+    return kBF16 ? uint16_t((u >> 16) | 0x40u) : uint16_t(((u >> 16) & 0x8000u) | 0x7E00u);
+  }
+  return device::half_rn<kBF16>(c);
 }
 
 template <kvc_dtype DT>
 __device__ void store_output(void* base, size_t i, float v) {
   if constexpr (DT == KVC_DTYPE_FP32) {
     static_cast<float*>(base)[i] = v;
-  } else if constexpr (DT == KVC_DTYPE_BF16) {
-    static_cast<uint16_t*>(base)[i] = f::float_to_bf16_saturate(v);
   } else {
-    static_cast<uint16_t*>(base)[i] = f::float_to_half_saturate(v);
+    static_cast<uint16_t*>(base)[i] = to_half_saturate<DT>(v);
   }
 }
 
@@ -106,12 +171,14 @@ struct QuantSummary {
 };
 
 // Loads the block (rows `stride` elements apart), quantizes it exactly as the CPU reference
-// does, and fills the per-group centres. All threads of the block must call it.
+// does, and fills the per-group centres. All threads of the block must call it, with blockDim.x
+// a multiple of 32.
 template <kvc_dtype DT>
 __device__ void quantize_block(const Shape& sh, const void* src, int64_t stride, const QuantSmem& q,
                                QuantSummary& sum) {
   const uint32_t n = sh.num_elements();
   const uint32_t tid = threadIdx.x;
+  const bool is_value = sh.is_value != 0;
   if (tid == 0) {
     sum.max_abs_bits = 0;
     sum.fixed_width = 0;
@@ -120,13 +187,15 @@ __device__ void quantize_block(const Shape& sh, const void* src, int64_t stride,
   }
   uint32_t local_max = 0;
   bool bad = false;
-  for (uint32_t i = tid; i < n; i += blockDim.x) {
-    const uint32_t t = i / sh.head_dim, c = i % sh.head_dim;
-    const float x = load_input<DT>(src, size_t(t) * size_t(stride) + c);
-    const uint32_t a = f::float_bits(x) & 0x7FFFFFFFu;
-    bad |= a >= 0x7F800000u;
-    local_max = a > local_max ? a : local_max;
-    q.vals[i] = int32_t(f::float_bits(x));
+  {
+    ElementWalk at(sh, tid, blockDim.x);
+    for (uint32_t i = tid; i < n; i += blockDim.x, at.advance()) {
+      const float x = load_input<DT>(src, size_t(at.t) * size_t(stride) + at.channel());
+      const uint32_t a = f::float_bits(x) & 0x7FFFFFFFu;
+      bad |= a >= 0x7F800000u;
+      local_max = a > local_max ? a : local_max;
+      q.vals[i] = int32_t(f::float_bits(x));
+    }
   }
   const bool nonfinite = __syncthreads_or(bad);
   if (tid == 0) sum.nonfinite = nonfinite;
@@ -138,31 +207,49 @@ __device__ void quantize_block(const Shape& sh, const void* src, int64_t stride,
   atomicMax(&sum.max_abs_bits, local_max);  // max of non-negative floats: order-free
   __syncthreads();
 
+  // Per-group passes: `w` lanes per group (lanes_per_group), each over every w-th position,
+  // combined with shuffles. Every lane runs the same trips, so the shuffles see whole warps.
+  const uint32_t w = lanes_per_group(sh), r = tid % w, per_pass = blockDim.x / w;
+  const uint32_t G = sh.group_size;
   const float max_abs = f::bits_float(sum.max_abs_bits);
-  for (uint32_t g = tid; g < sh.num_groups; g += blockDim.x) {
+  for (uint32_t base = 0; base < sh.num_groups; base += per_pass) {
+    const uint32_t g = base + tid / w;
+    const bool valid = g < sh.num_groups;
     f::GroupStep gs{f::step_for_bound(sh.error_bound, max_abs), sh.error_bound};
     if (sh.relative) {
-      float lo = f::bits_float(uint32_t(q.vals[sh.element_index(g, 0)]));
-      float hi = lo;
-      for (uint32_t e = 1; e < sh.group_size; ++e) {
-        const float x = f::bits_float(uint32_t(q.vals[sh.element_index(g, e)]));
-        lo = x < lo ? x : lo;  // the first of equal minima and the last of equal maxima,
-        hi = x < hi ? hi : x;  // as std::minmax_element picks them on the CPU
+      // The group's minimum and maximum. Which of equal values is taken (-0 or +0) does not
+      // change the step or the bound (relative_group_step), so any order of comparison will do.
+      float lo = 3.4028235e38f, hi = -3.4028235e38f;
+      for (uint32_t p = r; valid && p < G; p += w) {
+        const float x = f::bits_float(uint32_t(q.vals[sh.element_index(g, p)]));
+        lo = x < lo ? x : lo;
+        hi = x < hi ? hi : x;
+      }
+      for (uint32_t o = w / 2; o > 0; o /= 2) {
+        const float olo = __shfl_xor_sync(0xFFFFFFFFu, lo, o);
+        const float ohi = __shfl_xor_sync(0xFFFFFFFFu, hi, o);
+        lo = olo < lo ? olo : lo;
+        hi = ohi < hi ? hi : ohi;
       }
       gs = f::relative_group_step(sh.error_bound, lo, hi);
     }
-    q.step[g] = gs.step;
-    q.bound[g] = gs.bound;
+    if (valid && r == 0) {
+      q.step[g] = gs.step;
+      q.bound[g] = gs.bound;
+    }
   }
   __syncthreads();
 
   bool failed = false;
-  for (uint32_t i = tid; i < n; i += blockDim.x) {
-    const uint32_t t = i / sh.head_dim, c = i % sh.head_dim;
-    const uint32_t g = f::group_of(sh.is_value != 0, sh.head_dim, sh.group_size, t, c);
-    int32_t code = 0;
-    failed |= !f::quantize_element(f::bits_float(uint32_t(q.vals[i])), q.step[g], q.bound[g], code);
-    q.vals[i] = code;
+  {
+    ElementWalk at(sh, tid, blockDim.x);
+    for (uint32_t i = tid; i < n; i += blockDim.x, at.advance()) {
+      const uint32_t g = at.group(is_value);
+      int32_t code = 0;
+      failed |=
+          !f::quantize_element(f::bits_float(uint32_t(q.vals[i])), q.step[g], q.bound[g], code);
+      q.vals[i] = code;
+    }
   }
   const bool quantized = !__syncthreads_or(failed);
   if (tid == 0) sum.quantized = quantized;
@@ -171,24 +258,35 @@ __device__ void quantize_block(const Shape& sh, const void* src, int64_t stride,
     return;
   }
 
-  for (uint32_t g = tid; g < sh.num_groups; g += blockDim.x) {
+  for (uint32_t base = 0; base < sh.num_groups; base += per_pass) {
+    const uint32_t g = base + tid / w;
+    const bool valid = g < sh.num_groups;
     int32_t lo = INT_MAX, hi = INT_MIN;
-    int64_t total = 0;
-    for (uint32_t e = 0; e < sh.group_size; ++e) {
-      const int32_t v = q.vals[sh.element_index(g, e)];
+    long long total = 0;
+    for (uint32_t p = r; valid && p < G; p += w) {
+      const int32_t v = q.vals[sh.element_index(g, p)];
       lo = v < lo ? v : lo;
       hi = v > hi ? v : hi;
       total += v;
     }
-    const int32_t mean = f::mean_center(total, sh.group_size);
-    q.cmin[g] = lo;
-    q.cmax[g] = hi;
-    q.cmean[g] = mean;
-    atomicMax(&sum.fixed_width, f::bit_width(uint32_t(int64_t(hi) - lo)));
-    atomicMin(&sum.min_lo, lo);
-    atomicMax(&sum.min_hi, lo);
-    atomicMin(&sum.mean_lo, mean);
-    atomicMax(&sum.mean_hi, mean);
+    for (uint32_t o = w / 2; o > 0; o /= 2) {
+      const int32_t olo = __shfl_xor_sync(0xFFFFFFFFu, lo, o);
+      const int32_t ohi = __shfl_xor_sync(0xFFFFFFFFu, hi, o);
+      total += __shfl_xor_sync(0xFFFFFFFFu, total, o);
+      lo = olo < lo ? olo : lo;
+      hi = ohi > hi ? ohi : hi;
+    }
+    if (valid && r == 0) {
+      const int32_t mean = f::mean_center(total, G);
+      q.cmin[g] = lo;
+      q.cmax[g] = hi;
+      q.cmean[g] = mean;
+      atomicMax(&sum.fixed_width, f::bit_width(uint32_t(int64_t(hi) - lo)));
+      atomicMin(&sum.min_lo, lo);
+      atomicMax(&sum.min_hi, lo);
+      atomicMin(&sum.mean_lo, mean);
+      atomicMax(&sum.mean_hi, mean);
+    }
   }
   __syncthreads();
 }

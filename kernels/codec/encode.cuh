@@ -1,23 +1,28 @@
 // SPDX-License-Identifier: Apache-2.0
 // Encode kernel: one thread block per KV block, byte-identical to the CPU reference encoder
 // (src/cpu/codec_cpu.cpp). Quantization and the choice of encoding use the shared format.cuh
-// functions; bit fields are placed either by gathering whole output words (fixed width,
-// centres) or by atomicOr at offsets from a CUB block scan (Huffman), so that the bytes never
-// depend on thread scheduling.
+// functions. Payload bits are written by each thread for a contiguous chunk of the
+// position-major order, a word at a time (WordWriter), at offsets known in advance (fixed
+// width) or from a CUB block scan (Huffman); only the words at chunk and sub-stream edges are
+// ORed atomically, so the bytes never depend on thread scheduling. Centres are placed by
+// gathering whole output words.
 #pragma once
 
 #include "kernels/codec/device_common.cuh"
 
 namespace kvc::kernels {
 
-// Segmented-scan element: the bits since the last sub-stream start, and whether one occurred.
+// Segmented-scan element: the code bits and escapes since the last sub-stream start, and
+// whether one occurred. Escapes are counted, not sized, so that one pass finds the escape
+// payload's width (the block's widest escaped symbol) and the sizes together.
 struct StreamBits {
   uint32_t restarted;
   uint32_t bits;
+  uint32_t escapes;
 };
 struct StreamBitsOp {
   __device__ StreamBits operator()(const StreamBits& a, const StreamBits& b) const {
-    return b.restarted ? b : StreamBits{a.restarted, a.bits + b.bits};
+    return b.restarted ? b : StreamBits{a.restarted, a.bits + b.bits, a.escapes + b.escapes};
   }
 };
 
@@ -27,13 +32,13 @@ struct EncodeState {
   f::BlockLayout layout;
 };
 
-// Dynamic shared memory: the quantization arrays, then one 32-bit counter per sub-stream.
+// Dynamic shared memory: the quantization arrays, then two 32-bit counters per sub-stream.
 __host__ __device__ inline size_t encode_smem_bytes(uint32_t n, uint32_t g, uint32_t s) {
-  return QuantSmem::bytes(n, g) + size_t(s) * 4;
+  return QuantSmem::bytes(n, g) + size_t(s) * 8;
 }
 
 // Writes `count` values of `bits` bits (value(i) gives the i-th) as an LSB-first bit field
-// starting at word `words`, one output word per thread iteration.
+// starting at word `words`, one output word per thread iteration (the centres: few words).
 template <class Value>
 __device__ void gather_bits(uint32_t* words, uint32_t count, uint32_t bits, Value value) {
   const uint64_t total_bits = uint64_t(count) * bits;
@@ -53,6 +58,86 @@ __device__ void gather_bits(uint32_t* words, uint32_t count, uint32_t bits, Valu
   }
 }
 
+// One thread's run of consecutive bits of a zeroed block, written a word at a time from a
+// 64-bit accumulator. Words that lie wholly inside the run belong to this thread alone and get
+// a plain store; the run's first word (where it starts inside one) and its last, partial word
+// may hold a neighbour's bits and are ORed in atomically. So the bytes never depend on the
+// order in which threads write, and there is one atomic per run end instead of one per field.
+struct WordWriter {
+  uint32_t* words;
+  uint32_t word;  // index of the word the accumulator's bit 0 is
+  uint32_t fill;  // bits in the accumulator
+  uint64_t acc;
+  bool shared;  // the current word may hold bits of another run
+
+  __device__ void start(uint32_t* w, uint32_t bit) {
+    words = w;
+    word = bit >> 5;
+    fill = bit & 31u;
+    acc = 0;
+    shared = fill != 0;
+  }
+  // value < 2^bits, bits <= 32.
+  __device__ __forceinline__ void put(uint32_t value, uint32_t bits) {
+    acc |= uint64_t(value) << fill;
+    fill += bits;
+    if (fill >= 32) {
+      if (shared) {
+        atomicOr(&words[word], uint32_t(acc));
+      } else {
+        words[word] = uint32_t(acc);
+      }
+      shared = false;
+      ++word;
+      acc >>= 32;
+      fill -= 32;
+    }
+  }
+  __device__ void finish() {
+    if (fill > 0) atomicOr(&words[word], uint32_t(acc));
+    fill = 0;
+  }
+};
+
+__device__ __forceinline__ uint32_t low_bits(uint32_t v, uint32_t bits) {
+  return bits >= 32 ? v : v & ((1u << bits) - 1u);
+}
+
+// A thread's chunk of the position-major order j = e * groups + g (the order of the fixed
+// payload and of the Huffman sub-streams), walked without a division per element: group g,
+// position e, and the row-major index of the element in the quantization arrays (keys: j
+// itself; values: g * group_size + e).
+struct ChunkWalk {
+  uint32_t g, e, index;
+  uint32_t groups, step;
+  bool is_value;
+  __device__ ChunkWalk(const Shape& sh, uint32_t j)
+      : g(j % sh.num_groups),
+        e(j / sh.num_groups),
+        groups(sh.num_groups),
+        step(sh.is_value ? sh.group_size : 1u),
+        is_value(sh.is_value != 0) {
+    index = is_value ? g * sh.group_size + e : j;
+  }
+  __device__ __forceinline__ void advance() {
+    index += step;
+    if (++g == groups) {
+      g = 0;
+      ++e;
+      if (is_value) index = e;
+    }
+  }
+};
+
+// A codebook entry (reversed code | length << 24) of a symbol, or the escape's entry.
+__device__ __forceinline__ uint32_t entry_of(const BookView& book, uint32_t escape_entry,
+                                             int32_t symbol, bool& escape) {
+  const uint32_t i = uint32_t(symbol) - uint32_t(book.first_symbol);  // wraps below the first
+  const uint32_t e = i < book.num_symbols ? book.codes[i] : 0u;
+  escape = (e >> 24) == 0;
+  return escape ? escape_entry : e;
+}
+
 template <kvc_dtype DT>
 __global__ void __launch_bounds__(kThreads)
     encode_kernel(Shape sh, BookView book, const void* const* src_blocks, int64_t stride,
@@ -65,6 +150,7 @@ __global__ void __launch_bounds__(kThreads)
   const uint32_t n = sh.num_elements(), groups = sh.num_groups, tid = threadIdx.x;
   const QuantSmem q = QuantSmem::carve(smem, n, groups);
   uint32_t* stream_bits = reinterpret_cast<uint32_t*>(smem + QuantSmem::bytes(n, groups));
+  uint32_t* stream_escapes = stream_bits + sh.num_substreams;
   const void* src = src_blocks[blockIdx.x];
   uint8_t* dst = static_cast<uint8_t*>(dst_blocks[blockIdx.x]);
   // Pointers live in device memory, so the host could not check them: a missing or misaligned
@@ -75,39 +161,74 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   if (tid == 0) st.escape_bits = 0;
-  for (uint32_t s = tid; s < sh.num_substreams; s += blockDim.x) stream_bits[s] = 0;
   quantize_block<DT>(sh, src, stride, q, st.sum);
   if (st.sum.nonfinite) {
     if (tid == 0) block_bytes[blockIdx.x] = 0;
     return;
   }
 
+  // Each thread takes a contiguous chunk of the position-major order. The chunk is odd: for
+  // keys that order is row-major, so thread t reads vals[t * chunk + k], and an even stride
+  // (32 for 64 x 128 blocks) would put a warp's reads into one bank. Any partition gives the
+  // same offsets, hence the same bytes.
+  const uint32_t chunk = ((n + kThreads - 1) / kThreads) | 1u;
+  const uint32_t begin = min(n, tid * chunk), end = min(n, begin + chunk);
   const bool try_huffman =
       st.sum.quantized && book.table != nullptr && sh.entropy != KVC_ENTROPY_FIXED;
   const uint32_t per_stream = sh.group_size / sh.num_substreams;
-  auto symbol = [&](uint32_t g, uint32_t e) { return q.vals[sh.element_index(g, e)] - q.cmean[g]; };
-  // Bits of element j in position-major order (j = e * groups + g).
-  auto huffman_bits = [&](uint32_t j) {
-    const int32_t s = symbol(j % groups, j / groups);
-    const uint32_t index = book.index_of(s);
-    return (book.codes[index] >> 24) + (index == book.num_symbols ? st.escape_bits : 0u);
-  };
+  const uint32_t stream_len = per_stream * groups;  // elements of a sub-stream
+  const uint32_t escape_entry = book.table != nullptr ? book.codes[book.num_symbols] : 0u;
+  StreamBits before{0, 0, 0};
+  uint32_t before_bits = 0;  // the chunk's offset in its sub-stream, once the escape width is known
   if (try_huffman) {
-    uint32_t escape = 0;
-    for (uint32_t i = tid; i < n; i += blockDim.x) {
-      const uint32_t g = i % groups, e = i / groups;
-      const int32_t s = symbol(g, e);
-      if (book.index_of(s) == book.num_symbols) {
-        const uint32_t w = f::signed_bit_width(s);
-        escape = w > escape ? w : escape;
+    // Code bits and escapes of the chunk, and of every sub-stream that ends in it: a sub-stream
+    // that also starts in it is complete here; the one that started before needs the scan's
+    // prefix. The escape payload's width is the widest escaped symbol of the block.
+    StreamBits mine{0, 0, 0};
+    uint32_t escape = 0, pending_stream = UINT32_MAX;
+    StreamBits pending{0, 0, 0};
+    if (begin < end) {
+      // One inner loop per sub-stream the chunk touches.
+      ChunkWalk at(sh, begin);
+      uint32_t j = begin, stream = begin / stream_len;
+      bool started = begin % stream_len == 0;
+      while (j < end) {
+        const uint32_t stream_end = (stream + 1) * stream_len, stop = min(end, stream_end);
+        if (started) mine = {1, 0, 0};
+        uint32_t bits = 0, escapes = 0;
+        for (; j < stop; ++j, at.advance()) {
+          const int32_t s = q.vals[at.index] - q.cmean[at.g];
+          bool is_escape;
+          bits += entry_of(book, escape_entry, s, is_escape) >> 24;
+          if (is_escape) {
+            ++escapes;
+            const uint32_t w = f::signed_bit_width(s);
+            escape = w > escape ? w : escape;
+          }
+        }
+        mine.bits += bits;
+        mine.escapes += escapes;
+        if (stop == stream_end) {
+          if (started) {
+            stream_bits[stream] = mine.bits;
+            stream_escapes[stream] = mine.escapes;
+          } else {
+            pending = mine;
+            pending_stream = stream;
+          }
+        }
+        ++stream;
+        started = true;
       }
     }
     atomicMax(&st.escape_bits, escape);
-    __syncthreads();
-    for (uint32_t j = tid; j < n; j += blockDim.x) {
-      atomicAdd(&stream_bits[(j / groups) / per_stream], huffman_bits(j));  // integer sum
+    Scan(scan_storage).ExclusiveScan(mine, before, StreamBits{0, 0, 0}, StreamBitsOp{});
+    if (pending_stream != UINT32_MAX) {
+      stream_bits[pending_stream] = before.bits + pending.bits;
+      stream_escapes[pending_stream] = before.escapes + pending.escapes;
     }
     __syncthreads();
+    before_bits = before.bits + before.escapes * st.escape_bits;
   }
 
   if (tid == 0) {
@@ -123,16 +244,17 @@ __global__ void __launch_bounds__(kThreads)
       have = true;
     }
     if (try_huffman) {
-      uint64_t end = 0;
+      uint64_t end_bytes = 0;
       for (uint32_t k = 0; k < sh.num_substreams; ++k) {
-        end += (stream_bits[k] + 7u) / 8u;
-        stream_bits[k] = uint32_t(end < 0xFFFFFFFFu ? end : 0xFFFFFFFFu);  // now the end offsets
+        end_bytes +=
+            (uint64_t(stream_bits[k]) + uint64_t(stream_escapes[k]) * st.escape_bits + 7u) / 8u;
+        stream_bits[k] = uint32_t(end_bytes < 0xFFFFFFFFu ? end_bytes : 0xFFFFFFFFu);  // ends
       }
       const f::BlockLayout h = f::make_layout(
           sh.is_value, sh.num_tokens, sh.head_dim, sh.group_size, f::kHuffman, sh.relative,
           st.escape_bits, s.mean_lo, f::bit_width(uint32_t(int64_t(s.mean_hi) - s.mean_lo)),
-          sh.num_substreams, book.id, 0, end);
-      if (end <= f::kMaxStreamEnd && (!have || h.block_bytes < best.block_bytes)) {
+          sh.num_substreams, book.id, 0, end_bytes);
+      if (end_bytes <= f::kMaxStreamEnd && (!have || h.block_bytes < best.block_bytes)) {
         best = h;
         have = true;
       }
@@ -156,8 +278,9 @@ __global__ void __launch_bounds__(kThreads)
 
   if (L.encoding == f::kRaw) {
     // Row-major [num_tokens, head_dim] of the input's own bytes.
-    for (uint32_t i = tid; i < n; i += blockDim.x) {
-      const size_t from = size_t(i / sh.head_dim) * size_t(stride) + i % sh.head_dim;
+    ElementWalk at(sh, tid, blockDim.x);
+    for (uint32_t i = tid; i < n; i += blockDim.x, at.advance()) {
+      const size_t from = size_t(at.t) * size_t(stride) + at.channel();
       if constexpr (DT == KVC_DTYPE_FP32) {
         reinterpret_cast<uint32_t*>(dst + L.payload_offset)[i] =
             static_cast<const uint32_t*>(src)[from];
@@ -182,51 +305,43 @@ __global__ void __launch_bounds__(kThreads)
       return uint64_t(uint32_t(int64_t(centers[g]) - L.center_base));
     });
   }
+  if (begin >= end) return;
 
+  WordWriter out;
+  ChunkWalk at(sh, begin);
   if (L.encoding == f::kFixed) {
-    if (L.code_bits > 0) {
-      gather_bits(words + L.payload_offset / 4, n, L.code_bits, [&](uint32_t j) {
-        const uint32_t g = j % groups, e = j / groups;
-        return uint64_t(uint32_t(q.vals[sh.element_index(g, e)] - q.cmin[g]));
-      });
+    // The chunk's fields are one run: field j at bit payload_offset * 8 + j * code_bits.
+    if (L.code_bits == 0) return;
+    out.start(words, L.payload_offset * 8 + begin * L.code_bits);
+    for (uint32_t j = begin; j < end; ++j, at.advance()) {
+      out.put(low_bits(uint32_t(q.vals[at.index] - q.cmin[at.g]), L.code_bits), L.code_bits);
     }
+    out.finish();
     return;
   }
 
-  // Huffman: stream ends, then each element's bits at its offset inside its sub-stream. The
-  // offsets come from a segmented exclusive scan over contiguous per-thread chunks of the
-  // position-major order (sub-streams are consecutive runs of it).
+  // Huffman: stream ends, then the chunk's codes, one run per sub-stream it touches, from the
+  // scan's offsets (a sub-stream starts at its byte offset in the payload).
   for (uint32_t k = tid; k < sh.num_substreams; k += blockDim.x) {
     reinterpret_cast<uint16_t*>(dst + L.stream_ends_offset)[k] = uint16_t(stream_bits[k]);
   }
-  const uint32_t stream_len = per_stream * groups;
-  // An odd chunk: for keys, position-major order is row-major, so thread t reads vals[t * chunk
-  // + k], and an even stride (32 for 64 x 128 blocks) would put a warp's reads into one bank.
-  // Any partition gives the same offsets, hence the same bytes.
-  const uint32_t chunk = ((n + kThreads - 1) / kThreads) | 1u;
-  const uint32_t begin = min(n, tid * chunk), end = min(n, begin + chunk);
-  StreamBits mine{0, 0};
-  for (uint32_t j = begin; j < end; ++j) {
-    if (j % stream_len == 0) mine = {1, 0};
-    mine.bits += huffman_bits(j);
-  }
-  StreamBits before;
-  Scan(scan_storage).ExclusiveScan(mine, before, StreamBits{0, 0}, StreamBitsOp{});
-  uint32_t offset = before.bits;
-  for (uint32_t j = begin; j < end; ++j) {
-    if (j % stream_len == 0) offset = 0;
-    const uint32_t stream = j / stream_len;
-    const uint64_t start =
-        uint64_t(L.payload_offset + (stream == 0 ? 0u : stream_bits[stream - 1])) * 8;
-    const int32_t s = symbol(j % groups, j / groups);
-    const uint32_t index = book.index_of(s);
-    const uint32_t entry = book.codes[index];
-    const uint32_t length = entry >> 24;
-    or_bits(words, start + offset, entry & 0xFFFFFFu, length);
-    if (index == book.num_symbols) {
-      or_bits(words, start + offset + length, uint32_t(s), st.escape_bits);
+  auto stream_start = [&](uint32_t k) {
+    return (L.payload_offset + (k == 0 ? 0u : stream_bits[k - 1])) * 8;
+  };
+  uint32_t j = begin, stream = begin / stream_len;
+  uint32_t bit = stream_start(stream) + (begin % stream_len == 0 ? 0u : before_bits);
+  while (j < end) {
+    const uint32_t stop = min(end, (stream + 1) * stream_len);
+    out.start(words, bit);
+    for (; j < stop; ++j, at.advance()) {
+      const int32_t s = q.vals[at.index] - q.cmean[at.g];
+      bool is_escape;
+      const uint32_t entry = entry_of(book, escape_entry, s, is_escape);
+      out.put(entry & 0xFFFFFFu, entry >> 24);
+      if (is_escape) out.put(low_bits(uint32_t(s), L.code_bits), L.code_bits);
     }
-    offset += length + (index == book.num_symbols ? st.escape_bits : 0u);
+    out.finish();
+    if (++stream < sh.num_substreams) bit = stream_start(stream);
   }
 }
 

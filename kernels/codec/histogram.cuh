@@ -30,10 +30,9 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   if (!sum.quantized) return;  // stored verbatim: no symbols, as on the CPU
-  for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const uint32_t t = i / sh.head_dim, c = i % sh.head_dim;
-    const uint32_t g = f::group_of(sh.is_value != 0, sh.head_dim, sh.group_size, t, c);
-    const int32_t s = q.vals[i] - q.cmean[g];
+  ElementWalk at(sh, threadIdx.x, blockDim.x);
+  for (uint32_t i = threadIdx.x; i < n; i += blockDim.x, at.advance()) {
+    const int32_t s = q.vals[i] - q.cmean[at.group(sh.is_value != 0)];
     if (s >= -kHistogramHalf && s < kHistogramHalf) {
       atomicAdd(&counts->bins[s + kHistogramHalf], 1ull);
     } else {

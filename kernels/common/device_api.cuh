@@ -13,6 +13,11 @@
 //   kvc::device::pack2<BF16>         two floats to a rounded fp16x2/bf16x2 (cvt.rn)
 //   kvc::device::lop3_and_or         (a & b) | c in one LOP3
 //   kvc::device::fma2<BF16>          a * b + c on fp16x2/bf16x2, rounded once
+//   kvc::device::half_rn<BF16>       one float to fp16/bf16 bits, nearest even (cvt.rn); a NaN
+//                                    gives the canonical NaN 0x7FFF (callers that must keep the
+//                                    CPU's NaN bits test for NaN themselves)
+//   kvc::device::half_to_float       fp16 bits to float (cvt.f32.f16), exact for every
+//                                    non-NaN value
 //
 // Adding a facility: name it here, with the CUDA definition below and the emulation's in the
 // test header; see docs/emulation.md.
@@ -114,6 +119,23 @@ __device__ __forceinline__ uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
   } else {
     asm("fma.rn.f16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c));
   }
+  return r;
+}
+
+template <bool BF16>
+__device__ __forceinline__ uint16_t half_rn(float v) {
+  uint16_t r;
+  if constexpr (BF16) {
+    asm("cvt.rn.bf16.f32 %0, %1;\n" : "=h"(r) : "f"(v));
+  } else {
+    asm("cvt.rn.f16.f32 %0, %1;\n" : "=h"(r) : "f"(v));
+  }
+  return r;
+}
+
+__device__ __forceinline__ float half_to_float(uint16_t h) {
+  float r;
+  asm("cvt.f32.f16 %0, %1;\n" : "=f"(r) : "h"(h));
   return r;
 }
 

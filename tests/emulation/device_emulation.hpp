@@ -647,6 +647,16 @@ uint32_t pack2(float lo, float hi) {
   return emu::round_half(lo, BF16) | emu::round_half(hi, BF16) << 16;
 }
 inline uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) { return (a & b) | c; }
+// cvt.rn.f16.f32 / cvt.rn.bf16.f32: nearest even, and a NaN becomes the canonical 0x7FFF (the
+// CPU's conversions keep the sign and set the quiet bit instead, so a kernel that stores a NaN
+// without handling it differs from the CPU here too).
+template <bool BF16>
+uint16_t half_rn(float v) {
+  if (std::isnan(v)) return 0x7FFF;
+  return uint16_t(BF16 ? format::float_to_bf16(v) : format::float_to_half(v));
+}
+// cvt.f32.f16: exact for every non-NaN half; a NaN stays a NaN (its payload is not relied on).
+inline float half_to_float(uint16_t h) { return format::half_to_float(h); }
 template <bool BF16>
 uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {
   uint32_t r = 0;

@@ -104,13 +104,14 @@ kvc_status_t cpu_decode(const CodecParams& p, const Codebook* book, const std::v
   }
 }
 
-// Decodes `blocks` (each in an allocation of exactly `available` bytes) under emulation and on
-// the CPU into poisoned outputs of each dtype of `outputs_of`; expects equal statuses, and equal
+// Decodes `blocks` (each in an allocation of exactly `available` bytes, starting `misalign`
+// bytes past a 4-byte boundary: the kernel's byte-wise paths) under emulation and on the CPU
+// into poisoned outputs of each dtype of `outputs_of`; expects equal statuses, and equal
 // elements where both succeed. Returns how many were rejected.
 int expect_same_decode(const Case& k, const CodecParams& p, const Codebook* book,
                        const EmulatedBook& dbook, const std::vector<std::vector<uint8_t>>& blocks,
                        const std::vector<uint32_t>& available,
-                       const std::vector<kvc_dtype>& outputs_of) {
+                       const std::vector<kvc_dtype>& outputs_of, uint32_t misalign = 0) {
   int rejected = 0;
   for (kvc_dtype out : outputs_of) {
     const size_t out_bytes = size_t(p.num_elements()) * format::dtype_bytes(out);
@@ -118,11 +119,14 @@ int expect_same_decode(const Case& k, const CodecParams& p, const Codebook* book
     std::vector<const void*> src;
     std::vector<void*> dst;
     for (size_t i = 0; i < blocks.size(); ++i) {
-      inputs.emplace_back(blocks[i].begin(), blocks[i].begin() + available[i]);
+      inputs.emplace_back(misalign, uint8_t(0x5A));
+      inputs.back().insert(inputs.back().end(), blocks[i].begin(),
+                           blocks[i].begin() + available[i]);
       outputs.emplace_back(out_bytes, uint8_t(0xFF));
     }
     for (size_t i = 0; i < blocks.size(); ++i) {
-      src.push_back(inputs[i].empty() ? static_cast<const void*>(&available[i]) : inputs[i].data());
+      src.push_back(available[i] == 0 ? static_cast<const void*>(&available[i])
+                                      : inputs[i].data() + misalign);
       dst.push_back(outputs[i].data());
     }
     std::vector<kvc_status_t> status;
@@ -183,9 +187,11 @@ TEST_P(CodecEmulation, EncodeIsByteIdenticalDecodeAndHistogramEqualTheCpu) {
     blocks.emplace_back(want.begin(), want.begin() + n);
   }
 
-  // Decode, into every dtype; then damaged copies.
+  // Decode, into every dtype, and from copies that are not 4-byte aligned; then damaged copies.
   expect_same_decode(k, p, book.get(), dbook, blocks, sizes,
                      {KVC_DTYPE_FP16, KVC_DTYPE_BF16, KVC_DTYPE_FP32});
+  expect_same_decode(k, p, book.get(), dbook, blocks, sizes, {kvc_dtype(1 + k.seed % 3)},
+                     1 + k.seed % 3);
   if (k.corrupt) {
     std::mt19937 rng(k.seed);
     std::vector<std::vector<uint8_t>> bad;
@@ -205,6 +211,7 @@ TEST_P(CodecEmulation, EncodeIsByteIdenticalDecodeAndHistogramEqualTheCpu) {
       available.push_back(n);
     }
     expect_same_decode(k, p, book.get(), dbook, bad, available, {kvc_dtype(1 + k.seed / 2 % 3)});
+    expect_same_decode(k, p, book.get(), dbook, bad, available, {kvc_dtype(1 + k.seed / 5 % 3)}, 2);
   }
 
   // Histogram.
@@ -232,10 +239,13 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CodecEmulation, ::testing::ValuesIn(cases()),
                          });
 
 TEST(CodecEmulationEdges, DecodeWarpsFitTheSharedMemory) {
+  // The kernel's static shared memory (34 KiB, mostly the staging tiles) and 4 KiB are kept.
+  EXPECT_EQ(kernels::kDecodeStaticSmem, 34816u);
   EXPECT_EQ(kernels::decode_warps(128, 232448), 8u);      // 1 KiB per block
-  EXPECT_EQ(kernels::decode_warps(8192, 232448), 3u);     // 64 KiB per block
+  EXPECT_EQ(kernels::decode_warps(8192, 232448), 2u);     // 64 KiB per block
   EXPECT_EQ(kernels::decode_warps(30000, 232448), 1u);    // 234 KiB: one (creation refuses it)
-  EXPECT_EQ(kernels::decode_warps(1024, 48 * 1024), 5u);  // 8 KiB per block
+  EXPECT_EQ(kernels::decode_warps(1024, 96 * 1024), 7u);  // 8 KiB per block
+  EXPECT_EQ(kernels::decode_warps(1024, 48 * 1024), 1u);
 }
 
 // read_bits' word-wide path against the byte-wise definition: every alignment, sizes that are
