@@ -334,6 +334,30 @@ TEST(StoreRotation, RealKvRatioWithAndWithoutRotation) {
     keys.insert(keys.end(), bits + (l * 2) * elems, bits + (l * 2 + 1) * elems);
     values.insert(values.end(), bits + (l * 2 + 1) * elems, bits + (l * 2 + 2) * elems);
   }
+  // What the rotation alone costs: each row rotated in fp32, rounded to fp16 (as the store keeps
+  // it) and rotated back, against the row; in units of the bounds used below (K absolute 0.25).
+  for (int kind = 0; kind < 2; ++kind) {
+    const std::vector<uint16_t>& rows = kind ? values : keys;
+    double sq = 0, worst = 0, norm = 0;
+    std::vector<float> x(kDim);
+    for (size_t r = 0; r < rows.size() / kDim; ++r) {
+      for (size_t d = 0; d < kDim; ++d) x[d] = format::half_to_float(rows[r * kDim + d]);
+      hadamard::rotate(x.data(), kDim);
+      for (float& e : x) e = format::half_to_float(format::float_to_half(e));
+      hadamard::rotate(x.data(), kDim);
+      for (size_t d = 0; d < kDim; ++d) {
+        const double want = format::half_to_float(rows[r * kDim + d]), err = x[d] - want;
+        sq += err * err;
+        norm += want * want;
+        worst = std::max(worst, std::fabs(err));
+      }
+    }
+    std::printf(
+        "%s: the rotated rows' fp16 rounding alone: rms error %.2e (%.2e of the rms "
+        "value), largest %.2e\n",
+        kind ? "V" : "K", std::sqrt(sq / double(rows.size())), std::sqrt(sq / norm), worst);
+    EXPECT_LE(std::sqrt(sq / norm), std::ldexp(1.0, -11));  // half an ulp, relative, at most
+  }
   struct Setting {
     int32_t format, tokens;
   };
