@@ -511,7 +511,8 @@ KVC_API kvc_status_t kvc_store_append(kvc_store_t store, int32_t layer, int32_t 
 /* Decompresses (sequence, layer) into keys, values: [num_tokens, num_kv_heads, head_dim] of
  * dtype (fp16, bf16 or fp32), each with room for capacity_tokens >= kvc_store_sequence_length()
  * tokens. CUDA: device pointers; waits for the device, then decodes on `stream` and waits for
- * it. A block that fails to decode gives its status (the store's bytes were damaged). */
+ * it. A block that fails to decode gives its status (the store's bytes were damaged). A store
+ * with config->rotation rotates the rows back (in fp32) before converting them to dtype. */
 KVC_API kvc_status_t kvc_store_read(kvc_store_t store, int32_t sequence_id, int32_t layer,
                                     kvc_dtype dtype, int32_t capacity_tokens, void* keys,
                                     void* values, void* stream);

@@ -73,6 +73,7 @@ bool capturing(cudaStream_t stream) {
 void wait_for_device() { check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize"); }
 
 size_t round16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+size_t round256(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
 }  // namespace
 
@@ -347,14 +348,14 @@ void CudaStore::Impl::run_append(uint32_t first_layer, uint32_t num_layers,
   ensure_scratch(size_t(num_layers) * B, layer_slots, num_layers * layer_slots, captured);
   Scratch& S = scratch;
   const size_t rows = size_t(num_layers) * B * n * H;  // of K, and of V
-  const size_t row_bytes = size_t(p.head_dim) * format::dtype_bytes(p.dtype);
-  if (p.rotated) ensure_rotation_scratch(S.rotated_rows, 2 * rows * row_bytes, captured);
+  const size_t rotated_bytes = round256(rows * p.head_dim * format::dtype_bytes(p.dtype));
+  if (p.rotated) ensure_rotation_scratch(S.rotated_rows, 2 * rotated_bytes, captured);
   const ks::StoreView V = view();
   const auto* k16 = static_cast<const uint16_t*>(keys);
   const auto* v16 = static_cast<const uint16_t*>(values);
   if (p.rotated) {  // the chain reads the rotated rows (rounded to the dtype, not saturated)
     uint8_t* rotated_k = S.rotated_rows.get();
-    uint8_t* rotated_v = rotated_k + rows * row_bytes;
+    uint8_t* rotated_v = rotated_k + rotated_bytes;  // aligned as an allocation
     rotate(keys, p.dtype, rotated_k, p.dtype, false, rows, s);
     rotate(values, p.dtype, rotated_v, p.dtype, false, rows, s);
     k16 = reinterpret_cast<const uint16_t*>(rotated_k);
@@ -589,13 +590,13 @@ void CudaStore::attention(uint32_t layer, const std::vector<int32_t>& ids, uint3
   // A rotated store attends in the rotated space: q' = R q into scratch, o' from the kernel into
   // scratch, o = R o' into out (both rounded to the dtype, saturating).
   const size_t rows = size_t(B) * q_heads;
-  const size_t row_bytes = size_t(m.p.head_dim) * format::dtype_bytes(m.p.dtype);
+  const size_t rotated_bytes = round256(rows * m.p.head_dim * format::dtype_bytes(m.p.dtype));
   const void* q = queries;
   void* o = out;
   if (m.p.rotated) {
-    m.ensure_rotation_scratch(m.scratch.rotated_queries, 2 * rows * row_bytes, captured);
+    m.ensure_rotation_scratch(m.scratch.rotated_queries, 2 * rotated_bytes, captured);
     q = m.scratch.rotated_queries.get();
-    o = m.scratch.rotated_queries.get() + rows * row_bytes;
+    o = m.scratch.rotated_queries.get() + rotated_bytes;  // aligned as an allocation
   }
   launch(ks::gather_views_kernel, dim3(1), ks::kStoreThreads, 0, s, m.view(), m.batch_of(ids), B,
          layer, m.scratch.views.get());
