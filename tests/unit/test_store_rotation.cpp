@@ -389,7 +389,7 @@ TEST(StoreRotation, RealKvRatioWithAndWithoutRotation) {
       Shape sh;
       sh.heads = int32_t(kHeads);
       sh.dim = int32_t(kDim);
-      double k_sq = 0;
+      double k_sq = 0, k_worst = 0;
       for (size_t l = 0; l < kLayers; ++l) {
         ReadBack r{std::vector<float>(elems), std::vector<float>(elems)};
         ASSERT_EQ(kvc_store_read(store.s, id, int32_t(l), KVC_DTYPE_FP32, int32_t(kTokens),
@@ -399,16 +399,19 @@ TEST(StoreRotation, RealKvRatioWithAndWithoutRotation) {
         for (size_t i = 0; i < elems; ++i) {
           x[i] = format::half_to_float(keys[l * elems + i]);
           k_sq += (double(r.k[i]) - x[i]) * (double(r.k[i]) - x[i]);
+          k_worst = std::max(k_worst, std::fabs(double(r.k[i]) - x[i]));
         }
         if (rotation) {
           ASSERT_NO_FATAL_FAILURE(
               check_rotated_rows(sh, r.k, x, kTokens * kHeads, 0.25f, "real K"));
         }
       }
-      std::printf("%s T %d rotation %d: %.3fx (block bytes %lld of dense %lld), K rms error %.4f\n",
-                  st.format == KVC_BLOCK_FORMAT_V1 ? "format v1" : "tiles    ", st.tokens, rotation,
-                  double(s.dense_bytes) / double(s.block_bytes), (long long)s.block_bytes,
-                  (long long)s.dense_bytes, std::sqrt(k_sq / double(kLayers * elems)));
+      std::printf(
+          "%s T %d rotation %d: %.3fx (block bytes %lld of dense %lld), K rms error %.4f, "
+          "largest %.4f\n",
+          st.format == KVC_BLOCK_FORMAT_V1 ? "format v1" : "tiles    ", st.tokens, rotation,
+          double(s.dense_bytes) / double(s.block_bytes), (long long)s.block_bytes,
+          (long long)s.dense_bytes, std::sqrt(k_sq / double(kLayers * elems)), k_worst);
     }
   }
 }
