@@ -376,6 +376,17 @@ KVC_API kvc_status_t kvc_block_inspect(const void* h_block, size_t src_bytes, kv
  */
 typedef struct kvc_store_s* kvc_store_t;
 
+/* How the store rotates K and V rows before compressing them (kvc_store_config.rotation). */
+typedef enum kvc_rotation {
+  KVC_ROTATION_NONE = 0,     /* rows stored as given */
+  KVC_ROTATION_HADAMARD = 1, /* x' = H x / sqrt(head_dim), H the Sylvester Hadamard matrix:
+                                orthonormal and its own inverse. Queries are rotated the same
+                                way and attention outputs rotated back (q'.k' = q.k); reads
+                                return rows rotated back. Spreads outlier channels over the
+                                row, which suits a uniform quantizer */
+  KVC_ROTATION_MAX_ENUM = 0x7FFFFFFF
+} kvc_rotation;
+
 typedef struct kvc_store_config {
   uint32_t struct_size;   /* sizeof(kvc_store_config) */
   uint32_t abi_version;   /* KVC_ABI_VERSION */
@@ -412,12 +423,16 @@ typedef struct kvc_store_config {
                                     size, as kvc_codec_config; 0 = automatic (32 where the group
                                     size allows: what the CUDA attention kernel reads). Fewer
                                     give a slightly better ratio */
+  int32_t rotation;              /* kvc_rotation: an orthonormal rotation of every K and V row
+                                    (per token and kv-head, over head_dim) before it is stored;
+                                    HADAMARD needs head_dim a power of two. The error bounds
+                                    then hold in the rotated space (docs/api.md, "Rotation") */
 } kvc_store_config;
 #define KVC_STORE_CONFIG_INIT                                                                  \
   {                                                                                            \
     sizeof(kvc_store_config), KVC_ABI_VERSION, KVC_BACKEND_CPU, 1, 1, 128, KVC_DTYPE_FP16, 64, \
         KVC_BOUND_RELATIVE, 0.05f, KVC_BOUND_RELATIVE, 0.05f, 0, KVC_ENTROPY_AUTO, 0,          \
-        (int64_t)1 << 30, 0, 0, KVC_BLOCK_FORMAT_AUTO, 1, 1, 0                                 \
+        (int64_t)1 << 30, 0, 0, KVC_BLOCK_FORMAT_AUTO, 1, 1, 0, KVC_ROTATION_NONE              \
   }
 
 /* What the store holds, all of it counted. */
@@ -497,7 +512,8 @@ KVC_API kvc_status_t kvc_store_append(kvc_store_t store, int32_t layer, int32_t 
 /* Decompresses (sequence, layer) into keys, values: [num_tokens, num_kv_heads, head_dim] of
  * dtype (fp16, bf16 or fp32), each with room for capacity_tokens >= kvc_store_sequence_length()
  * tokens. CUDA: device pointers; waits for the device, then decodes on `stream` and waits for
- * it. A block that fails to decode gives its status (the store's bytes were damaged). */
+ * it. A block that fails to decode gives its status (the store's bytes were damaged). A store
+ * with config->rotation rotates the rows back (in fp32) before converting them to dtype. */
 KVC_API kvc_status_t kvc_store_read(kvc_store_t store, int32_t sequence_id, int32_t layer,
                                     kvc_dtype dtype, int32_t capacity_tokens, void* keys,
                                     void* values, void* stream);

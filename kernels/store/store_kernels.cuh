@@ -8,6 +8,11 @@
 //   copy    scratch -> pages
 //   finish  only if nothing failed: the last rows into the tails and the new lengths; the live
 //           state changes here and nowhere else, so a failure anywhere changes nothing.
+// A store that rotates its rows (kvc_store_config.rotation) first runs rotate_rows_kernel over
+// the call's K and V into scratch, and the chain reads the rotated rows from there: a row that
+// leaves the dtype's range becomes inf, which stage reports as non-finite input. Attention
+// rotates the queries into scratch before the attention kernel and its outputs back after it;
+// a read rotates the decoded rows back.
 #pragma once
 
 #include <kvcomp/kvcomp.h>
@@ -16,6 +21,7 @@
 
 #include "kernels/attention/attention.cuh"
 #include "kernels/codec/device_common.cuh"
+#include "kernels/common/hadamard.cuh"
 #include "kernels/store/next_fit.cuh"
 
 namespace kvc::kernels::store {
@@ -342,6 +348,50 @@ __global__ void __launch_bounds__(kStoreThreads) free_kernel(StoreView S, int32_
     st.view.num_blocks = 0;
     st.view.tail_tokens = 0;
     st.open_used = 0;
+  }
+}
+
+// ---- Rotation -------------------------------------------------------------------------------
+
+constexpr uint32_t kRotateThreads = 128;
+
+// Element i of a buffer of kvc_dtype `dtype` as a float.
+__device__ inline float load_element(const void* p, size_t i, uint32_t dtype) {
+  if (dtype == KVC_DTYPE_FP32) return static_cast<const float*>(p)[i];
+  return hadamard::load16(static_cast<const uint16_t*>(p)[i], dtype == KVC_DTYPE_BF16);
+}
+
+// x rounded to nearest even into element i; saturate: clamped to the dtype's finite range first
+// (as the codec's decoded outputs are), else past it is inf.
+__device__ inline void store_element(void* p, size_t i, float x, uint32_t dtype, bool saturate) {
+  if (dtype == KVC_DTYPE_FP32) {
+    static_cast<float*>(p)[i] = x;
+    return;
+  }
+  const bool bf16 = dtype == KVC_DTYPE_BF16;
+  static_cast<uint16_t*>(p)[i] = !saturate ? hadamard::store16(x, bf16)
+                                 : bf16    ? format::float_to_bf16_saturate(x)
+                                           : format::float_to_half_saturate(x);
+}
+
+// Rows of head_dim elements: dst row r = R (src row r), R = H / sqrt(head_dim) (its own inverse,
+// so the same kernel rotates back), in fp32 in shared memory, the arithmetic of
+// hadamard::rotate. src and dst may be the same buffer. Grid-stride: any grid covers every row.
+__global__ void __launch_bounds__(kRotateThreads)
+    rotate_rows_kernel(const void* src, uint32_t src_dtype, void* dst, uint32_t dst_dtype,
+                       bool saturate, size_t rows, uint32_t head_dim) {
+  __shared__ float x[KVC_MAX_HEAD_DIM];
+  for (size_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const size_t base = r * head_dim;
+    // Each thread loads and stores the same elements, so one row's stores and the next row's
+    // loads need no barrier between them; rotate_block synchronizes around its butterflies.
+    for (uint32_t i = threadIdx.x; i < head_dim; i += blockDim.x) {
+      x[i] = load_element(src, base + i, src_dtype);
+    }
+    hadamard::rotate_block(x, head_dim);
+    for (uint32_t i = threadIdx.x; i < head_dim; i += blockDim.x) {
+      store_element(dst, base + i, x[i], dst_dtype, saturate);
+    }
   }
 }
 

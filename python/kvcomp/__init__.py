@@ -32,6 +32,7 @@ __all__ = [
     "ENTROPY_AUTO", "ENTROPY_FIXED", "ENTROPY_HUFFMAN",
     "ENCODING_RAW", "ENCODING_FIXED", "ENCODING_HUFFMAN",
     "BLOCK_FORMAT_V1", "BLOCK_FORMAT_TILES", "BLOCK_FORMAT_AUTO",
+    "ROTATION_NONE", "ROTATION_HADAMARD",
 ]
 
 # Enumerations of include/kvcomp/kvcomp.h (values never renumbered).
@@ -42,6 +43,7 @@ ENTROPY_AUTO, ENTROPY_FIXED, ENTROPY_HUFFMAN = 0, 1, 2
 BACKEND_CPU, BACKEND_CUDA = 0, 1
 ENCODING_RAW, ENCODING_FIXED, ENCODING_HUFFMAN = 0, 1, 2
 BLOCK_FORMAT_V1, BLOCK_FORMAT_TILES, BLOCK_FORMAT_AUTO = 0, 1, 2
+ROTATION_NONE, ROTATION_HADAMARD = 0, 1
 ABI_VERSION = 3
 SUCCESS = 0
 
@@ -51,6 +53,7 @@ _ENTROPIES = {"auto": ENTROPY_AUTO, "fixed": ENTROPY_FIXED, "huffman": ENTROPY_H
 _NP_DTYPES = {np.dtype(np.float16): DTYPE_FP16, np.dtype(np.float32): DTYPE_FP32}
 _BACKENDS = {"cpu": BACKEND_CPU, "cuda": BACKEND_CUDA}
 _BLOCK_FORMATS = {"v1": BLOCK_FORMAT_V1, "tiles": BLOCK_FORMAT_TILES, "auto": BLOCK_FORMAT_AUTO}
+_ROTATIONS = {"none": ROTATION_NONE, "hadamard": ROTATION_HADAMARD}
 _STORE_DTYPES = {"float16": DTYPE_FP16, "fp16": DTYPE_FP16, "bfloat16": DTYPE_BF16,
                  "bf16": DTYPE_BF16}
 STATUS_OUT_OF_PAGES = 301
@@ -93,7 +96,8 @@ class _StoreConfig(ctypes.Structure):
                 ("page_bytes", ctypes.c_int32), ("capacity_bytes", ctypes.c_int64),
                 ("max_sequences", ctypes.c_int32), ("max_sequence_tokens", ctypes.c_int32),
                 ("block_format", ctypes.c_int32), ("tile_permute_channels", ctypes.c_int32),
-                ("tile_split_widths", ctypes.c_int32), ("num_substreams", ctypes.c_int32)]
+                ("tile_split_widths", ctypes.c_int32), ("num_substreams", ctypes.c_int32),
+                ("rotation", ctypes.c_int32)]
 
 
 class _StoreStats(ctypes.Structure):
@@ -460,7 +464,10 @@ class StoreConfig:
     key_/value_bound_mode: "relative" | "absolute"; entropy: "auto" | "fixed" | "huffman";
     block_format: "auto" (tiles on CUDA where a tile kernel covers the shape, else v1) | "v1" |
     "tiles" (format t1: no codebooks; entropy and num_substreams ignored); num_substreams:
-    Huffman sub-streams of v1 blocks, 0 = automatic (32 where the group size allows).
+    Huffman sub-streams of v1 blocks, 0 = automatic (32 where the group size allows);
+    rotation: "none" | "hadamard" (K and V rows stored rotated by H / sqrt(head_dim), head_dim a
+    power of two; queries and outputs rotated inside attention, reads rotated back; the bounds
+    then hold for the rotated rows: docs/api.md, "Rotation").
     """
     num_layers: int = 1
     num_kv_heads: int = 1
@@ -482,6 +489,7 @@ class StoreConfig:
     tile_permute_channels: int = 1
     tile_split_widths: int = 1
     num_substreams: int = 0
+    rotation: str = "none"
 
     def _struct(self) -> _StoreConfig:
         def enum(table, v, what):
@@ -501,7 +509,7 @@ class StoreConfig:
             int(self.capacity_bytes), int(self.max_sequences), int(self.max_sequence_tokens),
             enum(_BLOCK_FORMATS, self.block_format, "block_format"),
             int(self.tile_permute_channels), int(self.tile_split_widths),
-            int(self.num_substreams))
+            int(self.num_substreams), enum(_ROTATIONS, self.rotation, "rotation"))
 
 
 def _cuda_pointer(x, shape, typestrs, name):

@@ -316,3 +316,60 @@ def test_tiles_store_shape_and_option_checks():
     # Fewer sub-streams: valid for a v1 store, ignored by a tiles store.
     _store(num_substreams=4)
     _store(block_format="tiles", num_substreams=5)
+
+
+def _hadamard(n):
+    h = np.array([[1.0]])
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / math.sqrt(n)
+
+
+def test_rotated_store_reads_attends_and_serializes_in_the_original_space():
+    # Keys with an outlier channel: what the rotation spreads over the row.
+    rng = np.random.default_rng(21)
+    k, v = _kv(70, seed=4)
+    k[..., 5] *= 30
+    plain, rotated = _store(entropy="fixed"), _store(entropy="fixed", rotation="hadamard")
+    assert kvcomp.StoreConfig().rotation == "none"
+    seqs = []
+    for s in (plain, rotated):
+        seqs.append(s.add_sequence())
+        s.prefill(seqs[-1], k, v)
+    r = _hadamard(D)
+    for layer in range(L):
+        kk, vv = rotated.read(seqs[1], layer, dtype=np.float32)
+        exact = k[layer].astype(np.float64)
+        err = kk - exact
+        # The K bound (0.1, absolute) holds on the rotated rows: rotated into that space, every
+        # element of the compressed tokens is within it, plus the fp16 rounding of the rows.
+        rotated_err = (kk.astype(np.float64) - exact) @ r
+        ulp = np.abs(exact @ r) * 2.0 ** -11
+        assert np.all(np.abs(rotated_err[:64]) <= 0.1 + ulp[:64] + 1e-4)
+        # In the original space: the L2 error per row within sqrt(D) * bound (plus rounding).
+        row_err = np.sqrt((err ** 2).sum(-1))
+        row_norm = np.sqrt((exact ** 2).sum(-1))
+        assert np.all(row_err <= math.sqrt(D) * 0.1 + row_norm * 2.0 ** -10 + 1e-5)
+        # Tails carry only the rounding of the rotated rows.
+        assert np.all(row_err[64:] <= row_norm[64:] * 2.0 ** -10 + 1e-5)
+    q = rng.standard_normal((2, 2 * H, D)).astype(np.float16)
+    out = rotated.attention(1, [seqs[1], seqs[1]], q, scale=0.125)
+    kk, vv = rotated.read(seqs[1], 1, dtype=np.float32)
+    ref = _reference_attention(q[0], kk, vv, 0.125).astype(np.float32)
+    np.testing.assert_allclose(out[0].astype(np.float32), ref, rtol=2e-3, atol=2e-3)
+    # Without the query rotated, the output would be unrelated: check it is the right one.
+    wrong = _reference_attention(q[0], (kk @ r).astype(np.float32), vv, 0.125)
+    assert np.abs(out[0].astype(np.float32) - wrong.astype(np.float32)).max() > 0.05
+    # Serialized: restores into a rotated store, not into a plain one.
+    data = rotated.serialize(seqs[1])
+    copy = _store(entropy="fixed", rotation="hadamard")
+    got = copy.restore(data)
+    np.testing.assert_array_equal(copy.read(got, 0, dtype=np.float32)[0],
+                                  rotated.read(seqs[1], 0, dtype=np.float32)[0])
+    with pytest.raises(kvcomp.KvcompError) as e:
+        plain.restore(data)
+    assert "rotated" in str(e.value)
+    with pytest.raises(kvcomp.KvcompError):
+        _store(head_dim=48, rotation="hadamard")
+    with pytest.raises(ValueError):
+        _store(rotation="givens")

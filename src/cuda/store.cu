@@ -73,6 +73,7 @@ bool capturing(cudaStream_t stream) {
 void wait_for_device() { check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize"); }
 
 size_t round16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+size_t round256(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
 }  // namespace
 
@@ -115,6 +116,9 @@ struct CudaStore::Impl {
     DeviceArray<ks::CallState> call;
     DeviceArray<SequenceView> views;  // [KVC_STORE_MAX_BATCH]
     DeviceArray<uint8_t> workspace;
+    // A rotating store (p.rotated): an append's rotated K then V rows, and an attention's
+    // rotated queries then its outputs in the rotated space.
+    DeviceArray<uint8_t> rotated_rows, rotated_queries;
   } scratch;
   size_t stride_k = 0, stride_v = 0;  // encoded slot sizes
 
@@ -189,6 +193,11 @@ struct CudaStore::Impl {
   }
   void ensure_scratch(size_t entries, size_t layer_slots, size_t all_slots, bool captured);
   void ensure_workspace(size_t bytes, bool captured);
+  // Grows a rotation scratch buffer to at least `bytes` (outside capture only).
+  void ensure_rotation_scratch(DeviceArray<uint8_t>& buffer, size_t bytes, bool captured);
+  // rows rows of head_dim elements from src (src_dtype) rotated into dst (dst_dtype) on s.
+  void rotate(const void* src, kvc_dtype src_dtype, void* dst, kvc_dtype dst_dtype, bool saturate,
+              size_t rows, cudaStream_t s) const;
   ks::Batch batch_of(const std::vector<int32_t>& ids) const;
   void run_append(uint32_t first_layer, uint32_t num_layers, const std::vector<int32_t>& ids,
                   uint32_t n, const void* keys, const void* values, cudaStream_t s);
@@ -281,6 +290,23 @@ void CudaStore::Impl::ensure_workspace(size_t bytes, bool captured) {
   scratch.workspace.reset(std::max(bytes, 2 * scratch.workspace.size()), &retired);
 }
 
+void CudaStore::Impl::ensure_rotation_scratch(DeviceArray<uint8_t>& buffer, size_t bytes,
+                                              bool captured) {
+  if (bytes <= buffer.size()) return;
+  require(!captured, KVC_ERROR_INVALID_ARGUMENT,
+          "the store's rotation scratch must grow for this call, which cannot happen during "
+          "stream capture: make one uncaptured call of this size first");
+  buffer.reset(std::max(bytes, 2 * buffer.size()), &retired);
+}
+
+void CudaStore::Impl::rotate(const void* src, kvc_dtype src_dtype, void* dst, kvc_dtype dst_dtype,
+                             bool saturate, size_t rows, cudaStream_t s) const {
+  if (rows == 0) return;
+  const uint32_t grid = uint32_t(std::min<size_t>(rows, 4096));
+  launch(ks::rotate_rows_kernel, dim3(grid), ks::kRotateThreads, 0, s, src, uint32_t(src_dtype),
+         dst, uint32_t(dst_dtype), saturate, rows, p.head_dim);
+}
+
 ks::Batch CudaStore::Impl::batch_of(const std::vector<int32_t>& ids) const {
   ks::Batch batch{};
   std::copy(ids.begin(), ids.end(), batch.ids);
@@ -318,9 +344,20 @@ void CudaStore::Impl::run_append(uint32_t first_layer, uint32_t num_layers,
           "the layer (or set its codebooks) before capturing");
   ensure_scratch(size_t(num_layers) * B, layer_slots, num_layers * layer_slots, captured);
   Scratch& S = scratch;
+  const size_t rows = size_t(num_layers) * B * n * H;  // of K, and of V
+  const size_t rotated_bytes = round256(rows * p.head_dim * format::dtype_bytes(p.dtype));
+  if (p.rotated) ensure_rotation_scratch(S.rotated_rows, 2 * rotated_bytes, captured);
   const ks::StoreView V = view();
   const auto* k16 = static_cast<const uint16_t*>(keys);
   const auto* v16 = static_cast<const uint16_t*>(values);
+  if (p.rotated) {  // the chain reads the rotated rows (rounded to the dtype, not saturated)
+    uint8_t* rotated_k = S.rotated_rows.get();
+    uint8_t* rotated_v = rotated_k + rotated_bytes;  // aligned as an allocation
+    rotate(keys, p.dtype, rotated_k, p.dtype, false, rows, s);
+    rotate(values, p.dtype, rotated_v, p.dtype, false, rows, s);
+    k16 = reinterpret_cast<const uint16_t*>(rotated_k);
+    v16 = reinterpret_cast<const uint16_t*>(rotated_v);
+  }
   check_cuda(cudaMemsetAsync(S.call.get(), 0xFF, sizeof(ks::CallState), s), "cudaMemsetAsync");
   launch(ks::stage_kernel, dim3(B, num_layers), ks::kStoreThreads, 0, s, V, batch_of(ids), B,
          first_layer, n, k16, v16, max_blocks, S.entries.get(), S.src_k.get(), S.src_v.get(),
@@ -462,7 +499,21 @@ void CudaStore::read(int32_t id, uint32_t layer, kvc_dtype dtype, uint32_t lengt
   const SequenceView st = m.layout(m.slot_of(id), layer);
   const uint32_t nb = length / m.p.block_tokens, tail = length % m.p.block_tokens;
   const uint32_t H = m.p.num_heads;
-  const size_t es = format::dtype_bytes(dtype), row = size_t(H) * m.p.head_dim;
+  const size_t row = size_t(H) * m.p.head_dim;
+  // A rotated store decodes to fp32 scratch and rotates that back into keys and values, as the
+  // CPU store does (one rounding, to dtype, saturating).
+  DeviceArray<float> rotated_k, rotated_v;
+  const kvc_dtype out_dtype = dtype;
+  void* const out_keys = keys;
+  void* const out_values = values;
+  if (m.p.rotated) {
+    rotated_k.reset(size_t(length) * row);
+    rotated_v.reset(size_t(length) * row);
+    keys = rotated_k.get();
+    values = rotated_v.get();
+    dtype = KVC_DTYPE_FP32;
+  }
+  const size_t es = format::dtype_bytes(dtype);
   const size_t count = size_t(nb) * H;
   if (count > 0) {
     std::vector<BlockLocation> table(count * 2);
@@ -495,15 +546,20 @@ void CudaStore::read(int32_t id, uint32_t layer, kvc_dtype dtype, uint32_t lengt
       }
     }
   }
-  if (tail == 0) return;
-  std::vector<uint8_t> rows(tail * m.p.token_bytes()), converted(tail * row * es);
-  for (uint32_t kind = 0; kind < 2; ++kind) {
-    copy_to_host(rows.data(), kind == 0 ? st.tail_keys : st.tail_values, rows.size());
-    convert_elements(rows.data(), m.p.dtype, converted.data(), dtype, tail * row);
-    auto* dst =
-        static_cast<uint8_t*>(kind == 0 ? keys : values) + size_t(nb) * m.p.block_tokens * row * es;
-    copy_to_device(dst, converted.data(), converted.size(), "cudaMemcpy (store upload)");
+  if (tail > 0) {
+    std::vector<uint8_t> rows(tail * m.p.token_bytes()), converted(tail * row * es);
+    for (uint32_t kind = 0; kind < 2; ++kind) {
+      copy_to_host(rows.data(), kind == 0 ? st.tail_keys : st.tail_values, rows.size());
+      convert_elements(rows.data(), m.p.dtype, converted.data(), dtype, tail * row);
+      auto* dst = static_cast<uint8_t*>(kind == 0 ? keys : values) +
+                  size_t(nb) * m.p.block_tokens * row * es;
+      copy_to_device(dst, converted.data(), converted.size(), "cudaMemcpy (store upload)");
+    }
   }
+  if (!m.p.rotated) return;
+  m.rotate(keys, KVC_DTYPE_FP32, out_keys, out_dtype, true, size_t(length) * H, s);
+  m.rotate(values, KVC_DTYPE_FP32, out_values, out_dtype, true, size_t(length) * H, s);
+  check_cuda(cudaStreamSynchronize(s), "cudaStreamSynchronize (read)");
 }
 
 void CudaStore::attention(uint32_t layer, const std::vector<int32_t>& ids, uint32_t q_heads,
@@ -528,16 +584,29 @@ void CudaStore::attention(uint32_t layer, const std::vector<int32_t>& ids, uint3
     // Sized for every smaller batch too, so that a later (captured) call of one fits.
     m.ensure_workspace(attention_workspace_bound(shape, m.table_blocks), captured);
   }
+  // A rotated store attends in the rotated space: q' = R q into scratch, o' from the kernel into
+  // scratch, o = R o' into out (both rounded to the dtype, saturating).
+  const size_t rows = size_t(B) * q_heads;
+  const size_t rotated_bytes = round256(rows * m.p.head_dim * format::dtype_bytes(m.p.dtype));
+  const void* q = queries;
+  void* o = out;
+  if (m.p.rotated) {
+    m.ensure_rotation_scratch(m.scratch.rotated_queries, 2 * rotated_bytes, captured);
+    q = m.scratch.rotated_queries.get();
+    o = m.scratch.rotated_queries.get() + rotated_bytes;  // aligned as an allocation
+  }
   launch(ks::gather_views_kernel, dim3(1), ks::kStoreThreads, 0, s, m.view(), m.batch_of(ids), B,
          layer, m.scratch.views.get());
+  if (m.p.rotated) m.rotate(queries, m.p.dtype, const_cast<void*>(q), m.p.dtype, true, rows, s);
   if (m.p.tiles()) {  // the tensor-core kernel over tile blocks (16-byte aligned in the pool)
     attention_tiles(shape, plan, m.p.block_tokens, m.pool.get(), m.p.page_bytes,
-                    m.scratch.views.get(), queries, out, m.scratch.workspace.get(), stream);
-    return;
+                    m.scratch.views.get(), q, o, m.scratch.workspace.get(), stream);
+  } else {
+    attention_compressed(shape, plan, m.p.key, m.p.value, *m.attention_books[layer], m.pool.get(),
+                         m.p.page_bytes, m.scratch.views.get(), q, o, m.scratch.workspace.get(),
+                         stream);
   }
-  attention_compressed(shape, plan, m.p.key, m.p.value, *m.attention_books[layer], m.pool.get(),
-                       m.p.page_bytes, m.scratch.views.get(), queries, out,
-                       m.scratch.workspace.get(), stream);
+  if (m.p.rotated) m.rotate(o, m.p.dtype, out, m.p.dtype, true, rows, s);
 }
 
 StoreStats CudaStore::stats() const {

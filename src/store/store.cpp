@@ -11,6 +11,7 @@
 #include "cpu/codec_cpu.hpp"
 #include "cpu/tile_codec_cpu.hpp"
 #include "kernels/common/format.cuh"
+#include "kernels/common/hadamard.cuh"
 #include "kernels/store/next_fit.cuh"
 
 namespace kvc {
@@ -21,8 +22,11 @@ namespace {
 constexpr uint32_t kSerialMagic = 0x7363766Bu;  // bytes "kvcs"
 // Version 1: stores of format v1 blocks. Version 2: the fingerprint gains a word for the block
 // format (a tiles store writes 2; a v1 store keeps writing 1, which every reader takes).
+// Version 3: a store that rotates its rows (kvc_store_config.rotation), of either block format;
+// the fingerprint always has the block format word, then a word for the rotation.
 constexpr uint32_t kSerialVersion = 1;
 constexpr uint32_t kSerialVersionTiles = 2;
+constexpr uint32_t kSerialVersionRotated = 3;
 
 // Whether the tile attention kernel (cuda::attention_tiles) covers a store shape: T of 64 or
 // 128, head_dim 64, 128 or 256 with T * head_dim <= 128 * 128, V quantized per whole token.
@@ -106,6 +110,13 @@ StoreParams StoreParams::from_config(const kvc_store_config& c) {
           "attention kernel reads: block_tokens 64 or 128, head_dim 64, 128 or 256 with "
           "block_tokens * head_dim <= 16384, value_group_size 0 or head_dim; but block_tokens = ",
           c.block_tokens, ", head_dim = ", c.head_dim, ", value_group_size = ", c.value_group_size);
+  require(c.rotation == KVC_ROTATION_NONE || c.rotation == KVC_ROTATION_HADAMARD,
+          KVC_ERROR_INVALID_ARGUMENT, "config->rotation = ", c.rotation,
+          " is not a kvc_rotation (KVC_ROTATION_NONE = 0, KVC_ROTATION_HADAMARD = 1)");
+  require(c.rotation != KVC_ROTATION_HADAMARD || hadamard::valid_dim(uint32_t(c.head_dim)),
+          KVC_ERROR_NOT_SUPPORTED, "config->rotation = KVC_ROTATION_HADAMARD needs head_dim a ",
+          "power of two (the Sylvester Hadamard matrix), but head_dim = ", c.head_dim);
+  p.rotated = c.rotation == KVC_ROTATION_HADAMARD;
   p.num_layers = uint32_t(c.num_layers);
   p.num_heads = uint32_t(c.num_kv_heads);
   p.head_dim = uint32_t(c.head_dim);
@@ -212,6 +223,28 @@ std::shared_ptr<const Codebook> build_layer_codebook(const Histogram& histogram)
       Codebook::build(histogram, defaults.max_code_length, defaults.max_symbols));
 }
 
+void rotate_rows(const StoreParams& p, uint8_t* rows, size_t tokens) {
+  const bool bf16 = p.dtype == KVC_DTYPE_BF16;
+  std::vector<float> x(p.head_dim);
+  auto* e = reinterpret_cast<uint16_t*>(rows);
+  for (size_t r = 0; r < tokens * p.num_heads; ++r, e += p.head_dim) {
+    uint16_t bits;
+    for (uint32_t d = 0; d < p.head_dim; ++d) {
+      std::memcpy(&bits, e + d, 2);
+      x[d] = hadamard::load16(bits, bf16);
+    }
+    hadamard::rotate(x.data(), p.head_dim);
+    for (uint32_t d = 0; d < p.head_dim; ++d) {
+      bits = hadamard::store16(x[d], bf16);
+      std::memcpy(e + d, &bits, 2);
+    }
+  }
+}
+
+void rotate_floats(const StoreParams& p, float* x, size_t count) {
+  for (size_t r = 0; r < count; ++r) hadamard::rotate(x + r * p.head_dim, p.head_dim);
+}
+
 bool finite_rows(const StoreParams& p, const uint8_t* rows, size_t tokens) {
   const size_t bytes = tokens * p.token_bytes();
   for (size_t i = 0; i < bytes; i += 2) {
@@ -236,6 +269,15 @@ Store::Update Store::plan_update(int32_t id, uint32_t layer, uint32_t num_tokens
             id, " layer ", layer, " token ", t, " holds inf or NaN (inputs must be finite)");
     u.rows_k.insert(u.rows_k.end(), k, k + row);
     u.rows_v.insert(u.rows_v.end(), v, v + row);
+    if (p_.rotated) {  // the store holds rotated rows, tails included
+      uint8_t* rk = u.rows_k.data() + u.rows_k.size() - row;
+      uint8_t* rv = u.rows_v.data() + u.rows_v.size() - row;
+      rotate_rows(p_, rk, 1);
+      rotate_rows(p_, rv, 1);
+      require(finite_rows(p_, rk, 1) && finite_rows(p_, rv, 1), KVC_ERROR_NONFINITE_INPUT,
+              "sequence ", id, " layer ", layer, " token ", t,
+              ": its rotated row (config->rotation) leaves the range of the store's dtype");
+    }
   }
   const uint32_t total = cache.tail_tokens + num_tokens;
   u.full_blocks = total / p_.block_tokens;
@@ -421,6 +463,7 @@ std::vector<float> Store::decode_head(const LayerCache& c, uint32_t layer, uint3
           cpu::load_element(tail.data(), p_.dtype, (size_t(t) * p_.num_heads + head) * dim + d);
     }
   }
+  if (p_.rotated) rotate_floats(p_, out.data(), out.size() / dim);  // back to the caller's space
   return out;
 }
 
@@ -501,6 +544,7 @@ void Store::attend_head(const LayerCache& c, const DecodedLayer& dec, uint32_t h
     }
   }
   std::vector<double> score(len), acc(dim), qd(dim);
+  std::vector<float> qf(dim);  // the query, then the output, as floats (rotated if the store is)
   for (uint32_t g = 0; g < group; ++g) {
     const size_t qh = size_t(h) * group + g;
     uint8_t* ov = out + qh * dim * es;
@@ -508,8 +552,9 @@ void Store::attend_head(const LayerCache& c, const DecodedLayer& dec, uint32_t h
       for (uint32_t d = 0; d < dim; ++d) cpu::store_element(ov, p_.dtype, d, 0.0f);
       continue;
     }
-    for (uint32_t d = 0; d < dim; ++d)
-      qd[d] = double(cpu::load_element(q + qh * dim * es, p_.dtype, d));
+    for (uint32_t d = 0; d < dim; ++d) qf[d] = cpu::load_element(q + qh * dim * es, p_.dtype, d);
+    if (p_.rotated) rotate_floats(p_, qf.data(), 1);  // q'.k' = q.k: attend in the rotated space
+    for (uint32_t d = 0; d < dim; ++d) qd[d] = double(qf[d]);
     std::fill(score.begin(), score.end(), 0.0);
     for (uint32_t b = 0; b < dec.num_blocks; ++b) {
       const float* kt = &dec.k[h][size_t(b) * T * dim];
@@ -537,7 +582,9 @@ void Store::attend_head(const LayerCache& c, const DecodedLayer& dec, uint32_t h
       const float* vt = t < blocked ? &dec.v[h][t * dim] : &tail_v[(t - blocked) * dim];
       for (uint32_t d = 0; d < dim; ++d) acc[d] += w * vt[d];
     }
-    for (uint32_t d = 0; d < dim; ++d) cpu::store_element(ov, p_.dtype, d, float(acc[d] / sum));
+    for (uint32_t d = 0; d < dim; ++d) qf[d] = float(acc[d] / sum);
+    if (p_.rotated) rotate_floats(p_, qf.data(), 1);  // o' = H o / sqrt(D): rotated back
+    for (uint32_t d = 0; d < dim; ++d) cpu::store_element(ov, p_.dtype, d, qf[d]);
   }
 }
 
@@ -592,11 +639,25 @@ namespace {
 
 // The serialized version a store writes (v1 stores keep version 1, which older readers take).
 uint32_t serial_version(const StoreParams& p) {
+  if (p.rotated) return kSerialVersionRotated;
   return p.tiles() ? kSerialVersionTiles : kSerialVersion;
 }
 
+// What a store writing `version` holds, for a mismatch message.
+const char* serial_contents(uint32_t version) {
+  switch (version) {
+    case kSerialVersion:
+      return "format v1 blocks";
+    case kSerialVersionTiles:
+      return "tile blocks";
+    default:
+      return "rotated rows (config->rotation)";
+  }
+}
+
 // What must match between the writing and the restoring store: 12 words in version 1, 13 in
-// version 2 (the block format word last). A tiles store ignores entropy
+// version 2 (the block format word last), 14 in version 3 (the block format word, 0 for format
+// v1 blocks, then the rotation). A tiles store ignores entropy
 // and sub-streams: they count as 0, so that stores differing only there exchange sequences.
 std::vector<uint32_t> fingerprint(const StoreParams& p) {
   const kvc_store_config& c = p.config;
@@ -619,7 +680,10 @@ std::vector<uint32_t> fingerprint(const StoreParams& p) {
   // The block format word: bit 0 tiles, bit 1 K channels may be permuted, bit 2 split widths.
   if (t) {
     words.push_back(1u | (p.key.permute_channels ? 2u : 0u) | (p.key.split_widths ? 4u : 0u));
+  } else if (p.rotated) {
+    words.push_back(0u);  // format v1 blocks
   }
+  if (p.rotated) words.push_back(uint32_t(c.rotation));
   return words;
 }
 
@@ -770,15 +834,17 @@ SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const u
   require(r.u32() == kSerialMagic, KVC_ERROR_CORRUPT_DATA,
           "serialized sequence: bad magic (not a kvcomp sequence)");
   const uint32_t version = r.u32();
-  require(version == kSerialVersion || version == kSerialVersionTiles, KVC_ERROR_FORMAT_VERSION,
-          "serialized sequence: version ", version, " is not supported (this library reads ",
-          "versions ", kSerialVersion, " and ", kSerialVersionTiles, ")");
+  require(version == kSerialVersion || version == kSerialVersionTiles ||
+              version == kSerialVersionRotated,
+          KVC_ERROR_FORMAT_VERSION, "serialized sequence: version ", version,
+          " is not supported (this library reads versions 1 to ", kSerialVersionRotated, ")");
   require(fnv1a32(data, size - 4) == f::load_u32(data + size - 4), KVC_ERROR_CORRUPT_DATA,
           "serialized sequence: checksum mismatch");
-  // A store of the other block format wrote it (version 1: format v1 blocks; 2: tiles).
-  require(version == serial_version(p), KVC_ERROR_CONFIG_MISMATCH, "serialized sequence: holds ",
-          version == kSerialVersionTiles ? "tile" : "format v1", " blocks but this store holds ",
-          p.tiles() ? "tile" : "format v1", " blocks");
+  // A store of the other block format wrote it (version 1: format v1 blocks; 2: tiles), or one
+  // that rotates or does not (version 3: rotated rows).
+  require(version == serial_version(p), KVC_ERROR_CONFIG_MISMATCH,
+          "serialized sequence: a store of ", serial_contents(version),
+          " wrote it, but this store holds ", serial_contents(serial_version(p)));
   for (uint32_t v : fingerprint(p)) {
     require(r.u32() == v, KVC_ERROR_CONFIG_MISMATCH,
             "serialized sequence: written by a store of another configuration");

@@ -34,7 +34,17 @@ struct StoreParams {
   uint64_t token_limit() const { return max_sequence_tokens ? max_sequence_tokens : INT32_MAX; }
   // Whether the store's blocks are tile blocks (format t1, no codebooks) rather than format v1.
   bool tiles() const { return key.tiles; }
+  // Whether rows are stored rotated (kvc_store_config.rotation = KVC_ROTATION_HADAMARD).
+  bool rotated = false;
 };
+
+// The rotation of store rows (kvc_store_config.rotation), on the host: every (token, head) row of
+// rows [tokens, heads, dim] of the store's 16-bit dtype is rotated in fp32 and rounded back to
+// the dtype to nearest (not saturating: a rotated element past the dtype's range becomes inf,
+// which the caller rejects). The CUDA store's kernels do the same arithmetic.
+void rotate_rows(const StoreParams& p, uint8_t* rows, size_t tokens);
+// x: count rows of head_dim floats, rotated in place (the rotation is its own inverse).
+void rotate_floats(const StoreParams& p, float* x, size_t count);
 
 // Where a compressed block lives in the pool.
 struct BlockRef {

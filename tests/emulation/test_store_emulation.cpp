@@ -7,7 +7,10 @@
 // exact tails; pages owned by one (sequence, layer) each, and with the free stack a partition of
 // the pool; counters; and a failed call changes nothing. A store of tile blocks (format t1) runs
 // the same kernels with the CPU tile encoder in the encoder's place (the device tile encoder
-// writes the same bytes), and every tile block starts 16-byte aligned in its page.
+// writes the same bytes), and every tile block starts 16-byte aligned in its page. A store that
+// rotates its rows (kvc_store_config.rotation) first runs rotate_rows_kernel over the inputs, as
+// store.cu does: its blocks and tails must be those of the rows rotated on the CPU (the CPU
+// store's arithmetic), bit for bit; the rotation kernel alone is checked against it too.
 #include "tests/emulation/emulated_codec.hpp"
 //
 #include <gtest/gtest.h>
@@ -19,6 +22,7 @@
 
 #include "cpu/codec_cpu.hpp"
 #include "cpu/tile_codec_cpu.hpp"
+#include "kernels/common/hadamard.cuh"
 #include "kernels/store/store_kernels.cuh"
 #include "test_support.hpp"
 
@@ -75,8 +79,8 @@ size_t round16(size_t n) { return (n + 15) / 16 * 16; }
 class EmulatedStore {
  public:
   EmulatedStore(const StoreShape& s, const CodecParams& key, const CodecParams& value,
-                const Codebook* key_book, const Codebook* value_book)
-      : s_(s), params_{key, value}, books_{key_book, value_book} {
+                const Codebook* key_book, const Codebook* value_book, bool rotated = false)
+      : s_(s), params_{key, value}, books_{key_book, value_book}, rotated_(rotated) {
     for (int kind = 0; kind < 2; ++kind)
       dbooks_[kind] = std::make_unique<EmulatedBook>(books_[kind]);
     table_blocks_ = (s.max_tokens + s.block_tokens - 1) / s.block_tokens;
@@ -134,7 +138,22 @@ class EmulatedStore {
 
   // kvc_store_append over every layer: keys/values [layers, ids, n, heads, dim] of fp16.
   kvc_status_t append(const std::vector<int32_t>& ids, uint32_t n,
-                      const std::vector<uint16_t>& keys, const std::vector<uint16_t>& values) {
+                      const std::vector<uint16_t>& given_keys,
+                      const std::vector<uint16_t>& given_values) {
+    std::vector<uint16_t> keys = given_keys, values = given_values;
+    if (rotated_) {  // store.cu: rotated into scratch (fp16, rounded, not saturated) first
+      const size_t rows = keys.size() / s_.dim;
+      for (int kind = 0; kind < 2; ++kind) {
+        const auto r =
+            emu::launch(ks::rotate_rows_kernel, emu::Dim3(uint32_t(std::min<size_t>(rows, 7))),
+                        ks::kRotateThreads, 0,
+                        static_cast<const void*>((kind ? given_values : given_keys).data()),
+                        uint32_t(KVC_DTYPE_FP16), static_cast<void*>((kind ? values : keys).data()),
+                        uint32_t(KVC_DTYPE_FP16), false, rows, s_.dim);
+        EXPECT_TRUE(r.ok()) << "rotate: " << r.message();
+        if (!r.ok()) return KVC_ERROR_INTERNAL;
+      }
+    }
     const uint32_t B = uint32_t(ids.size()), H = s_.heads, T = s_.block_tokens, L = s_.layers;
     const uint32_t max_blocks = (T - 1 + n) / T;
     const size_t layer_slots = size_t(B) * max_blocks * H;
@@ -224,6 +243,7 @@ class EmulatedStore {
   std::vector<uint32_t> generations_;
   std::vector<uint32_t> layer_compressed_;
   ks::Counters counters_{};
+  bool rotated_ = false;
 };
 
 // The shadow: every live sequence's rows per layer, [tokens, heads * dim] of fp16 (K and V).
@@ -417,7 +437,20 @@ std::vector<uint16_t> random_rows(std::mt19937& rng, bool is_value, uint32_t tok
   return out;
 }
 
-void run_store_model(uint32_t seed, int steps, bool tiles = false) {
+// Rows [count, dim] of fp16 rotated as the CPU store rotates them (src/store/store.cpp
+// rotate_rows: fp32 transform, rounded to nearest, not saturated).
+std::vector<uint16_t> cpu_rotated(const std::vector<uint16_t>& rows, uint32_t dim) {
+  std::vector<uint16_t> out(rows.size());
+  std::vector<float> x(dim);
+  for (size_t r = 0; r < rows.size() / dim; ++r) {
+    for (uint32_t d = 0; d < dim; ++d) x[d] = hadamard::load16(rows[r * dim + d], false);
+    hadamard::rotate(x.data(), dim);
+    for (uint32_t d = 0; d < dim; ++d) out[r * dim + d] = hadamard::store16(x[d], false);
+  }
+  return out;
+}
+
+void run_store_model(uint32_t seed, int steps, bool tiles = false, bool rotated = false) {
   const StoreShape s = tiles ? tile_store_shape() : StoreShape{};
   kvc_codec_config kc = make_config(KVC_KIND_KEY, s.block_tokens, s.dim, KVC_BOUND_RELATIVE, 0.05f);
   kvc_codec_config vc =
@@ -433,7 +466,7 @@ void run_store_model(uint32_t seed, int steps, bool tiles = false) {
     kc.num_substreams = vc.num_substreams = 0;
   }
   EmulatedStore store(s, CodecParams::from_config(kc, true), CodecParams::from_config(vc, true),
-                      tiles ? nullptr : &kbook, tiles ? nullptr : &vbook);
+                      tiles ? nullptr : &kbook, tiles ? nullptr : &vbook, rotated);
   Shadow shadow;
   StoreChecker checker(store, shadow);
   std::mt19937 rng(seed);
@@ -472,9 +505,17 @@ void run_store_model(uint32_t seed, int steps, bool tiles = false) {
       std::vector<uint16_t> keys = random_rows(rng, false, uint32_t(count / s.row()), s.row());
       std::vector<uint16_t> values = random_rows(rng, true, uint32_t(count / s.row()), s.row());
       if (rng() % 12 == 0) (rng() % 2 ? keys : values)[rng() % count] = rng() % 2 ? 0x7C00 : 0x7E00;
+      if (rotated && rng() % 12 == 0) {  // finite, but its rotated row is past fp16's range
+        std::fill_n(keys.begin() + long(rng() % (count / s.dim) * s.dim), s.dim, uint16_t(0x7B00));
+      }
+      const std::vector<uint16_t> given_keys = keys, given_values = values;
+      if (rotated) {  // the store holds the rows rotated: the shadow too
+        keys = cpu_rotated(keys, s.dim);
+        values = cpu_rotated(values, s.dim);
+      }
       const kvc_status_t want = checker.expected(ids, live, n, keys, values);
       const Snapshot before = checker.snapshot();
-      const kvc_status_t got = store.append(ids, n, keys, values);
+      const kvc_status_t got = store.append(ids, n, given_keys, given_values);
       ASSERT_EQ(got, want) << where;
       ++appends;
       ++statuses[got];
@@ -513,6 +554,59 @@ TEST(StoreEmulation, RandomOperationsAgainstAShadowModelSeed2) { run_store_model
 TEST(StoreEmulation, RandomOperationsAgainstAShadowModelSeed3) { run_store_model(3, 45); }
 TEST(StoreEmulation, TileBlocksAgainstAShadowModelSeed4) { run_store_model(4, 60, true); }
 TEST(StoreEmulation, TileBlocksAgainstAShadowModelSeed5) { run_store_model(5, 60, true); }
+TEST(StoreEmulation, RotatedRowsAgainstAShadowModelSeed6) { run_store_model(6, 45, false, true); }
+TEST(StoreEmulation, RotatedTileBlocksAgainstAShadowModelSeed7) {
+  run_store_model(7, 60, true, true);
+}
+
+// rotate_rows_kernel against hadamard::rotate, bit for bit, for every dtype pair it serves: the
+// append's fp16/bf16 -> same (rounded, not saturated), the read's fp32 -> any (saturated), and the
+// attention's in-place-shaped fp16 -> fp16 (saturated); dims 1 to 1024 and grids smaller than the
+// row count (grid-stride).
+TEST(StoreEmulation, RotateRowsKernelIsTheCpuRotation) {
+  std::mt19937 rng(8);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (uint32_t dim : {1u, 2u, 16u, 64u, 256u, 1024u}) {
+    const size_t rows = dim >= 256 ? 3 : 9;
+    std::vector<float> x(rows * dim);
+    for (float& e : x) e = normal(rng) * (rng() % 9 == 0 ? 3000.0f : 1.0f);
+    for (uint32_t in :
+         {uint32_t(KVC_DTYPE_FP16), uint32_t(KVC_DTYPE_BF16), uint32_t(KVC_DTYPE_FP32)}) {
+      for (uint32_t out :
+           {uint32_t(KVC_DTYPE_FP16), uint32_t(KVC_DTYPE_BF16), uint32_t(KVC_DTYPE_FP32)}) {
+        for (bool saturate : {false, true}) {
+          const size_t in_es = in == KVC_DTYPE_FP32 ? 4 : 2, out_es = out == KVC_DTYPE_FP32 ? 4 : 2;
+          std::vector<uint8_t> src(x.size() * in_es), dst(x.size() * out_es, 0xAB);
+          for (size_t i = 0; i < x.size(); ++i)
+            cpu::store_element(src.data(), kvc_dtype(in), i, x[i]);
+          const auto r = emu::launch(ks::rotate_rows_kernel, emu::Dim3(2), ks::kRotateThreads, 0,
+                                     static_cast<const void*>(src.data()), in,
+                                     static_cast<void*>(dst.data()), out, saturate, rows, dim);
+          ASSERT_TRUE(r.ok()) << r.message();
+          std::vector<float> row(dim);
+          for (size_t rr = 0; rr < rows; ++rr) {
+            for (uint32_t d = 0; d < dim; ++d) {
+              row[d] = cpu::load_element(src.data(), kvc_dtype(in), rr * dim + d);
+            }
+            hadamard::rotate(row.data(), dim);
+            for (uint32_t d = 0; d < dim; ++d) {
+              std::vector<uint8_t> want(4);
+              if (out == KVC_DTYPE_FP32 || saturate) {
+                cpu::store_element(want.data(), kvc_dtype(out), 0, row[d]);
+              } else {
+                const uint16_t b = hadamard::store16(row[d], out == KVC_DTYPE_BF16);
+                std::memcpy(want.data(), &b, 2);
+              }
+              ASSERT_EQ(std::memcmp(&dst[(rr * dim + d) * out_es], want.data(), out_es), 0)
+                  << "dim " << dim << " in " << in << " out " << out << " saturate " << saturate
+                  << " row " << rr << " element " << d;
+            }
+          }
+        }
+      }
+    }
+  }
+}
 
 }  // namespace
 }  // namespace kvc::test

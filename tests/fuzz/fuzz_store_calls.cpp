@@ -11,8 +11,9 @@
 //   - every failure sets kvc_last_error() and changes nothing (every live sequence's bytes and
 //     the stats; a failed prefill or append only records itself in the append record);
 //   - after every call, the stats agree with the model (sequences, dense bytes, pages).
-// Input: one byte (bits 0-1: the configuration, fuzz_store.hpp; bits 4-5 not both 0: the store
-// starts with codebooks), then up to kMaxCalls calls, read with FuzzedDataProvider.
+// Input: one byte (bits 0-1 and 3: the configuration, fuzz_store.hpp config_of_selector; bits 4-5
+// not both 0: the store starts with codebooks; bit 6: the store rotates its rows, whatever the
+// configuration), then up to kMaxCalls calls, read with FuzzedDataProvider.
 #include <fuzzer/FuzzedDataProvider.h>
 
 #include <algorithm>
@@ -69,8 +70,9 @@ class Driver {
  public:
   // preset: the store starts with the fuzzers' fixed codebooks (else it builds its own at the
   // first compressed block; slower, so only a quarter of the inputs do that).
-  Driver(FuzzedDataProvider& in, int which, bool preset) : in_(in) {
+  Driver(FuzzedDataProvider& in, int which, bool preset, bool rotate) : in_(in) {
     m_.c = kvc_fuzz::store_config(which);
+    if (rotate) m_.c.rotation = KVC_ROTATION_HADAMARD;  // every config's head_dim: a power of 2
     KVC_FUZZ_CHECK(kvc_store_create(&m_.c, &s_) == KVC_SUCCESS);
     if (preset) kvc_fuzz::set_store_codebooks(s_, m_.c, fixed_book());
   }
@@ -212,7 +214,9 @@ class Driver {
     Expect e;
     // A tiles store refuses shapes format t1 lacks (NOT_SUPPORTED).
     if (m_.c.block_format == KVC_BLOCK_FORMAT_TILES) e.possible.insert(KVC_ERROR_NOT_SUPPORTED);
-    switch (in_.ConsumeIntegralInRange<int>(0, 13)) {
+    // A rotated store refuses a head_dim that is not a power of two (NOT_SUPPORTED).
+    if (m_.c.rotation == KVC_ROTATION_HADAMARD) e.possible.insert(KVC_ERROR_NOT_SUPPORTED);
+    switch (in_.ConsumeIntegralInRange<int>(0, 14)) {
       case 0:
         c.struct_size = in_.ConsumeIntegral<uint32_t>();
         if (c.struct_size != sizeof c) e.error(KVC_ERROR_ABI_MISMATCH);
@@ -291,6 +295,22 @@ class Driver {
         KVC_FUZZ_CHECK(kvc_store_create(&c, nullptr) == KVC_ERROR_NULL_POINTER);
         KVC_FUZZ_CHECK(kvc_store_destroy(nullptr) == KVC_SUCCESS);
         return;
+      }
+      case 12: {  // the rotation: NONE or HADAMARD (every config's head_dim is a power of two)
+        c.rotation = in_.ConsumeBool() ? in_.ConsumeIntegralInRange<int32_t>(-1, 3)
+                                       : in_.ConsumeIntegral<int32_t>();
+        if (c.rotation != KVC_ROTATION_NONE && c.rotation != KVC_ROTATION_HADAMARD) {
+          e.error(KVC_ERROR_INVALID_ARGUMENT);
+        } else if (in_.ConsumeBool()) {
+          c.head_dim = in_.ConsumeIntegralInRange<int32_t>(1, 1024);
+          e.possible.insert(KVC_ERROR_INVALID_ARGUMENT);  // the head_dim for other fields
+          e.possible.insert(KVC_ERROR_NOT_SUPPORTED);     // tiles' shapes
+          if (c.rotation == KVC_ROTATION_HADAMARD && (c.head_dim & (c.head_dim - 1)) != 0) {
+            e.error(KVC_ERROR_NOT_SUPPORTED);  // or, checked first, the codec's field checks
+            e.error(KVC_ERROR_INVALID_ARGUMENT);
+          }
+        }
+        break;
       }
       case 13: {  // the block format, the tile options and the sub-streams
         const int32_t v = in_.ConsumeBool() ? in_.ConsumeIntegralInRange<int32_t>(-1, 3)
@@ -713,7 +733,7 @@ class Driver {
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 1) return 0;
   FuzzedDataProvider in(data + 1, size - 1);
-  Driver d(in, (data[0] & 3) % kvc_fuzz::kNumStoreConfigs, (data[0] & 0x30) != 0);
+  Driver d(in, kvc_fuzz::config_of_selector(data[0]), (data[0] & 0x30) != 0, (data[0] & 0x40) != 0);
   // Short programs: each call is checked against the model, so a few suffice to reach any state
   // the store can be in (a small pool, small limits), and executions stay fast.
   for (int step = 0; step < kMaxCalls && in.remaining_bytes() > 0; ++step) {

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // libFuzzer target: kvc_store_restore on mutated serialized sequences (docs/format.md §16).
-// Input: one selector byte (bits 0-1: the store configuration, fuzz_store.hpp; bit 2: recompute
+// Input: one selector byte (bits 0-1 and 3: the store configuration, fuzz_store.hpp
+// config_of_selector; bit 2: recompute
 // the checksum first, so that mutations reach the checks behind it), then the bytes to restore.
 // The custom mutator edits genuine sequences record by record (blocks stretched, shrunk, swapped,
 // their header fields changed, counts changed) as well as byte by byte, and reseals them.
@@ -91,7 +92,7 @@ void check_reads_back(kvc_store_t s, const kvc_store_config& c, int32_t id) {
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 1) return 0;
   const Fixture& f = fixture();
-  const int which = (data[0] & 3) % kvc_fuzz::kNumStoreConfigs;
+  const int which = kvc_fuzz::config_of_selector(data[0]);
   const bool reseal = (data[0] & 4) != 0;
   std::vector<uint8_t> edited(data + 1, data + size);
   if (reseal) kvc_fuzz::reseal(edited);
@@ -244,7 +245,7 @@ extern "C" size_t LLVMFuzzerCustomMutator(uint8_t* data, size_t size, size_t max
   std::minstd_rand rng(seed);
   if (size > 1 && rng() % 4 != 0) {
     if (auto s = SerialSequence::parse(data + 1, size - 1)) {
-      const int which = (data[0] & 3) % kvc_fuzz::kNumStoreConfigs;
+      const int which = kvc_fuzz::config_of_selector(data[0]);
       const kvc_store_config c = kvc_fuzz::store_config(which);
       // (a tile block's header and table take up to 48 bytes at these shapes)
       const size_t header = c.block_format == KVC_BLOCK_FORMAT_TILES ? 48 : 32;

@@ -185,7 +185,7 @@ void restore_seeds(const fs::path& dir) {
         const int32_t id = kvc_fuzz::prefilled_sequence(
             s, c, len, uint32_t(100 * which + 10 * n + pattern), pattern);
         std::vector<uint8_t> bytes = kvc_fuzz::serialized(s, id);
-        bytes.insert(bytes.begin(), uint8_t(which | 4));
+        bytes.insert(bytes.begin(), uint8_t(kvc_fuzz::selector_of_config(which) | 4));
         write_file(dir / ("c" + std::to_string(which) + "_n" + std::to_string(len) + "_p" +
                           std::to_string(pattern)),
                    bytes);
@@ -203,7 +203,9 @@ void call_seeds(const fs::path& dir) {
   uint32_t state = 12345;
   for (int which = 0; which < kvc_fuzz::kNumStoreConfigs; ++which) {
     for (int i = 0; i < 8; ++i) {
-      std::vector<uint8_t> bytes = {uint8_t(which)};
+      // (every fourth program on a store that rotates its rows: selector bit 6)
+      std::vector<uint8_t> bytes = {
+          uint8_t(kvc_fuzz::selector_of_config(which) | (i % 4 == 3 ? 0x40 : 0))};
       const size_t n = 64 + 160 * size_t(i);
       for (size_t j = 0; j < n; ++j) {
         state = state * 1664525u + 1013904223u;

@@ -30,7 +30,7 @@ inline void reseal(std::vector<uint8_t>& bytes) {
 
 struct SerialSequence {
   // magic, version, the fingerprint (12 words in version 1, 13 in version 2: stores of tile
-  // blocks) and the codebook table: kept as bytes.
+  // blocks, 14 in version 3: stores that rotate their rows) and the codebook table: kept as bytes.
   std::vector<uint8_t> head;
   struct Layer {
     uint32_t num_blocks = 0, tail_tokens = 0;
@@ -50,8 +50,9 @@ struct SerialSequence {
   // Takes apart a well-formed sequence (the checksum is not checked); nothing if the bytes are
   // not one. Sizes are limited so that a fuzzer's input cannot ask for huge allocations.
   static std::optional<SerialSequence> parse(const uint8_t* data, size_t size) {
-    if (size < 8 + 52 + 4 || size % 4 != 0) return std::nullopt;
-    const size_t fingerprint_bytes = load_word(data + 4) == 2 ? 52 : 48;
+    if (size < 8 + 56 + 4 || size % 4 != 0) return std::nullopt;
+    const uint32_t version = load_word(data + 4);
+    const size_t fingerprint_bytes = version == 3 ? 56 : version == 2 ? 52 : 48;
     SerialSequence s;
     s.head.assign(data, data + 8 + fingerprint_bytes);
     const uint32_t L = s.num_layers(), H = s.num_heads(), D = s.head_dim();

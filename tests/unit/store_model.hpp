@@ -243,9 +243,32 @@ inline void check_attention(const Shape& sh, const std::vector<ReadBack>& kv, co
 
 // Reads every sequence back and checks lengths, the bound (compressed tokens) and exactness
 // (tail tokens); then checks attention against a dense reference over the read-back values.
+// With rotated = true (kvc_store_config.rotation = KVC_ROTATION_HADAMARD) the bounds hold in the
+// rotated space; what they imply for a row read back (per token and head, D elements) is checked
+// instead: its L2 error is at most sqrt(D) * bound (the rotation preserves L2 norms) plus the
+// rounding of the rotated row to fp16 (half an ulp per element: <= 2^-11 |x|_2, checked with
+// 2^-10 |x|_2 for the fp32 arithmetic), and a tail row's only that rounding.
+inline void check_rotated_rows(const Shape& sh, const std::vector<float>& got,
+                               const std::vector<float>& want, size_t compressed_rows, float bound,
+                               const std::string& what) {
+  const size_t rows = want.size() / size_t(sh.dim);
+  for (size_t r = 0; r < rows; ++r) {
+    double err = 0, norm = 0;
+    for (int d = 0; d < sh.dim; ++d) {
+      const size_t i = r * size_t(sh.dim) + size_t(d);
+      err += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
+      norm += double(want[i]) * want[i];
+    }
+    const double limit = (r < compressed_rows ? std::sqrt(double(sh.dim)) * bound : 0.0) +
+                         std::ldexp(std::sqrt(norm), -10) + 1e-6;
+    ASSERT_LE(std::sqrt(err), limit) << what << " row " << r << " (token " << r / size_t(sh.heads)
+                                     << " head " << r % size_t(sh.heads) << ")";
+  }
+}
+
 inline void check_against_shadow(StoreBackend& be, kvc_store_t s, const Shadow& shadow,
                                  std::mt19937& rng, const std::string& where,
-                                 const AttentionTolerance& tol = {}) {
+                                 const AttentionTolerance& tol = {}, bool rotated = false) {
   const Shape& sh = shadow.shape;
   const size_t row = sh.row();
   for (int layer = 0; layer < sh.layers; ++layer) {
@@ -262,7 +285,14 @@ inline void check_against_shadow(StoreBackend& be, kvc_store_t s, const Shadow& 
       const size_t compressed = len / size_t(sh.tokens) * size_t(sh.tokens) * row;
       const auto& xk = shadow.k.at(id)[size_t(layer)];
       const auto& xv = shadow.v.at(id)[size_t(layer)];
-      for (size_t i = 0; i < len * row; ++i) {
+      if (rotated) {
+        const std::string what =
+            where + " seq " + std::to_string(id) + " layer " + std::to_string(layer);
+        const size_t rows = compressed / size_t(sh.dim);
+        ASSERT_NO_FATAL_FAILURE(check_rotated_rows(sh, r.k, xk, rows, sh.key_bound, what + " K"));
+        ASSERT_NO_FATAL_FAILURE(check_rotated_rows(sh, r.v, xv, rows, sh.value_bound, what + " V"));
+      }
+      for (size_t i = 0; i < len * row && !rotated; ++i) {
         const float bk = i < compressed ? sh.key_bound : 0.0f;
         const float bv = i < compressed ? sh.value_bound : 0.0f;
         ASSERT_LE(std::fabs(r.k[i] - xk[i]), bk)
@@ -298,6 +328,7 @@ struct ModelParams {
   uint32_t seed = 2024;
   AttentionTolerance tolerance;
   int32_t block_format = KVC_BLOCK_FORMAT_AUTO;  // TILES: a store of tile blocks (format t1)
+  int32_t rotation = KVC_ROTATION_NONE;  // HADAMARD: bounds checked as check_rotated_rows says
 };
 
 // Random operations against the store and its shadow, checked after every step. With limits set,
@@ -312,6 +343,8 @@ inline void run_model(StoreBackend& be, const ModelParams& mp) {
   config.max_sequences = mp.max_sequences;
   config.max_sequence_tokens = mp.max_sequence_tokens;
   config.block_format = mp.block_format;
+  config.rotation = mp.rotation;
+  const bool rotated = mp.rotation == KVC_ROTATION_HADAMARD;
   StoreHandle store(config);
   ASSERT_NE(store.s, nullptr);
   Shadow shadow{sh, {}, {}};
@@ -422,7 +455,8 @@ inline void run_model(StoreBackend& be, const ModelParams& mp) {
         shadow.v[copy] = v;
       }
     }
-    ASSERT_NO_FATAL_FAILURE(check_against_shadow(be, store.s, shadow, rng, where, mp.tolerance));
+    ASSERT_NO_FATAL_FAILURE(
+        check_against_shadow(be, store.s, shadow, rng, where, mp.tolerance, rotated));
   }
   EXPECT_GT(out_of_pages, 0) << "the pool never filled: the test did not reach exhaustion";
   EXPECT_GT(restored, 0);
