@@ -161,8 +161,9 @@ typedef enum kvc_block_format {
                                  groups of head_dim channels (CUDA codecs: T * D up to what a
                                  thread block's shared memory holds, 32K elements on sm_90) */
   KVC_BLOCK_FORMAT_AUTO = 2,  /* stores only (kvc_store_config.block_format): tiles where the
-                                 store's attention runs on the GPU (KVC_BACKEND_CUDA) and the
-                                 shape has a tile kernel, format v1 otherwise */
+                                 store's attention runs on the GPU (KVC_BACKEND_CUDA), the
+                                 shape has a tile kernel and neither entropy HUFFMAN nor a
+                                 num_substreams is asked for; format v1 otherwise */
   KVC_BLOCK_FORMAT_MAX_ENUM = 0x7FFFFFFF
 } kvc_block_format;
 
@@ -413,10 +414,11 @@ typedef struct kvc_store_config {
                                     Tiles (format t1) need block_tokens a power of two in
                                     [16, 1024], head_dim a power of two in [16, 256] and
                                     value_group_size 0 (or head_dim); on the CUDA backend also
-                                    block_tokens 64 or 128 and block_tokens * head_dim <= 16384
-                                    (the tile attention kernel), else KVC_ERROR_NOT_SUPPORTED.
-                                    A tiles store uses no codebooks: entropy and num_substreams
-                                    are ignored, kvc_store_set_codebook is refused */
+                                    block_tokens 64 or 128, head_dim 64, 128 or 256 and
+                                    block_tokens * head_dim <= 16384 (the tile attention
+                                    kernel), else KVC_ERROR_NOT_SUPPORTED. A tiles store uses
+                                    no codebooks: entropy is checked then ignored,
+                                    num_substreams ignored, kvc_store_set_codebook refused */
   int32_t tile_permute_channels; /* tiles: as kvc_codec_config (1 = sort K channels by width) */
   int32_t tile_split_widths;     /* tiles: as kvc_codec_config (1 = 3- and 6-bit tiles too) */
   int32_t num_substreams;        /* format v1: Huffman sub-streams per block, dividing the group

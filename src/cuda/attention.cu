@@ -132,11 +132,10 @@ void attention_compressed(const AttentionShape& s, const AttentionPlan& plan,
 void attention_tiles(const AttentionShape& s, const AttentionPlan& plan, uint32_t tokens_per_block,
                      const uint8_t* d_pool, size_t page_bytes, const SequenceView* d_sequences,
                      const void* d_queries, void* d_out, void* d_workspace, void* stream) {
-  // 128-token blocks at head_dim 256 would spill: the output and the scores alone are 192
-  // registers per thread.
-  require(s.head_dim * tokens_per_block <= 128 * 128, KVC_ERROR_NOT_SUPPORTED,
-          "tile attention at head_dim ", s.head_dim, " takes blocks of at most ",
-          128 * 128 / std::max(s.head_dim, 1u), " tokens, not ", tokens_per_block);
+  require(tile_attention_covers(tokens_per_block, s.head_dim), KVC_ERROR_NOT_SUPPORTED,
+          "tile attention has kernels for blocks of 64 or 128 tokens at head_dim 64, 128 or 256, "
+          "at most 128 * 128 elements; not ",
+          tokens_per_block, " tokens at head_dim ", s.head_dim);
   const k::AttentionParams P = params_for(s, plan, tokens_per_block, d_queries, d_workspace);
   const auto st = static_cast<cudaStream_t>(stream);
   dispatch<kvc_dtype, KVC_DTYPE_FP16, KVC_DTYPE_BF16>(s.dtype, "dtype", [&](auto dt) {

@@ -3,6 +3,7 @@
 // translation of CUDA errors into kvc::Error.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "core/error.hpp"
@@ -24,6 +25,23 @@ namespace {
 template <class F>
 void dispatch_dtype(kvc_dtype dtype, F&& f) {
   dispatch<kvc_dtype, KVC_DTYPE_FP16, KVC_DTYPE_BF16, KVC_DTYPE_FP32>(dtype, "dtype", f);
+}
+
+// The most static shared memory (__shared__ variables) of a kernel's dtype instantiations
+// (kernel_of(dt) gives each), as compiled for this device: what a launch needs beside its
+// dynamic shared memory.
+template <class F>
+size_t static_smem_bytes(F&& kernel_of) {
+  size_t most = 0;
+  for (kvc_dtype dtype : {KVC_DTYPE_FP16, KVC_DTYPE_BF16, KVC_DTYPE_FP32}) {
+    dispatch_dtype(dtype, [&](auto dt) {
+      cudaFuncAttributes attributes{};
+      check_cuda(cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(kernel_of(dt))),
+                 "cudaFuncGetAttributes");
+      most = std::max(most, attributes.sharedSizeBytes);
+    });
+  }
+  return most;
 }
 
 }  // namespace
@@ -54,15 +72,24 @@ DeviceCodecPtr create_device_codec(const CodecParams& p, const Codebook* codeboo
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
   check_cuda(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
              "cudaDeviceGetAttribute");
-  // Dynamic shared memory, and room for the kernels' static shared memory beside it.
-  const size_t need =
-      p.tiles ? k::tile_encode_smem_bytes(p.num_elements(), p.num_groups)
-              : std::max(k::encode_smem_bytes(p.num_elements(), p.num_groups, p.num_substreams),
-                         k::decode_smem_bytes(p.num_groups));
-  const size_t reserve = p.tiles ? 8192 : 4096;  // tile encode: 6.1 KiB static (sm_90 build)
-  require(need + reserve <= size_t(smem_limit), KVC_ERROR_NOT_SUPPORTED, "a ", p.num_tokens, "x",
-          p.head_dim, p.tiles ? " tile block" : " block", " (groups of ", p.group_size, ") needs ",
-          need + reserve, " bytes of shared memory per thread block; this GPU allows ", smem_limit);
+  // Each kernel's dynamic shared memory and its static shared memory beside it (the tile
+  // decoder has only static shared memory, a few KiB).
+  size_t need = 0;
+  if (p.tiles) {
+    need = k::tile_encode_smem_bytes(p.num_elements(), p.num_groups) +
+           static_smem_bytes([](auto dt) { return k::tile_encode_kernel<decltype(dt)::value>; });
+  } else {
+    const size_t encode =
+        k::encode_smem_bytes(p.num_elements(), p.num_groups, p.num_substreams) +
+        static_smem_bytes([](auto dt) { return k::encode_kernel<decltype(dt)::value>; });
+    const size_t decode = k::decode_smem_bytes(p.num_groups) + static_smem_bytes([](auto dt) {
+                            return k::decode_kernel<decltype(dt)::value>;
+                          });
+    need = std::max(encode, decode);
+  }
+  require(need <= size_t(smem_limit), KVC_ERROR_NOT_SUPPORTED, "a ", p.num_tokens, "x", p.head_dim,
+          p.tiles ? " tile block" : " block", " (groups of ", p.group_size, ") needs ", need,
+          " bytes of shared memory per thread block; this GPU allows ", smem_limit);
 
   DeviceCodecPtr d(new DeviceCodec);
   d->device = device;

@@ -63,6 +63,15 @@ void attention_compressed(const AttentionShape& shape, const AttentionPlan& plan
                           const SequenceView* d_sequences, const void* d_queries, void* d_out,
                           void* d_workspace, void* stream);
 
+// Whether attention_tiles has a kernel for tile blocks of tokens_per_block tokens at head_dim:
+// T of 64 or 128, head_dim 64, 128 or 256, and T * head_dim <= 128 * 128 (128-token blocks at
+// head_dim 256 would spill: the output and the scores alone are 192 registers per thread).
+constexpr bool tile_attention_covers(uint32_t tokens_per_block, uint32_t head_dim) {
+  return (tokens_per_block == 64 || tokens_per_block == 128) &&
+         (head_dim == 64 || head_dim == 128 || head_dim == 256) &&
+         tokens_per_block * head_dim <= 128 * 128;
+}
+
 // The same over tile blocks (format t1) of tokens_per_block tokens (64 or 128; 64 at head_dim
 // 256), as the store writes them: 16-byte aligned in the pool, raw tiles in the cache dtype.
 // plan from plan_attention. Enqueue only.

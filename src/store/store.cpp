@@ -10,6 +10,7 @@
 #include "core/error.hpp"
 #include "cpu/codec_cpu.hpp"
 #include "cpu/tile_codec_cpu.hpp"
+#include "cuda/cuda_attention.hpp"  // tile_attention_covers
 #include "kernels/common/format.cuh"
 #include "kernels/common/hadamard.cuh"
 #include "kernels/store/next_fit.cuh"
@@ -28,12 +29,11 @@ constexpr uint32_t kSerialVersion = 1;
 constexpr uint32_t kSerialVersionTiles = 2;
 constexpr uint32_t kSerialVersionRotated = 3;
 
-// Whether the tile attention kernel (cuda::attention_tiles) covers a store shape: T of 64 or
-// 128, head_dim 64, 128 or 256 with T * head_dim <= 128 * 128, V quantized per whole token.
+// Whether the tile attention kernel covers a store shape (cuda::tile_attention_covers), V
+// quantized per whole token.
 bool tile_kernel_shape(const kvc_store_config& c) {
-  const bool dim_ok = c.head_dim == 64 || c.head_dim == 128 || c.head_dim == 256;
-  return (c.block_tokens == 64 || c.block_tokens == 128) && dim_ok &&
-         int64_t(c.block_tokens) * c.head_dim <= 128 * 128 &&
+  return c.block_tokens > 0 && c.head_dim > 0 &&
+         cuda::tile_attention_covers(uint32_t(c.block_tokens), uint32_t(c.head_dim)) &&
          (c.value_group_size == 0 || c.value_group_size == c.head_dim);
 }
 
@@ -45,7 +45,10 @@ bool wants_tiles(const kvc_store_config& c) {
           " is not a kvc_block_format (KVC_BLOCK_FORMAT_V1 = 0, KVC_BLOCK_FORMAT_TILES = 1, ",
           "KVC_BLOCK_FORMAT_AUTO = 2)");
   if (c.block_format == KVC_BLOCK_FORMAT_AUTO) {
-    return c.backend == KVC_BACKEND_CUDA && tile_kernel_shape(c);
+    // Tiles where attention runs on the GPU and has a tile kernel, unless the configuration
+    // asks for what only format v1 has: Huffman codes or a sub-stream count.
+    return c.backend == KVC_BACKEND_CUDA && tile_kernel_shape(c) &&
+           c.entropy != KVC_ENTROPY_HUFFMAN && c.num_substreams == 0;
   }
   return c.block_format == KVC_BLOCK_FORMAT_TILES;
 }

@@ -11,6 +11,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gpu_test.hpp"
@@ -657,7 +658,8 @@ TEST_F(StoreGpu, TileStoreShapesAndAuto) {
   ASSERT_EQ(kvc_store_create(&c, &s), KVC_SUCCESS) << kvc_last_error();
   kvc_store_destroy(s);
   // Shapes without a tile kernel: TILES refused, AUTO falls back to format v1 (which builds
-  // codebooks), where the kernel's shapes get tiles (no codebooks).
+  // codebooks), where the kernel's shapes get tiles (no codebooks) unless Huffman entropy is
+  // asked for.
   c.block_tokens = 32;
   EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_NOT_SUPPORTED);
   EXPECT_TRUE(last_error_names("block_tokens")) << kvc_last_error();
@@ -665,11 +667,14 @@ TEST_F(StoreGpu, TileStoreShapesAndAuto) {
   c.head_dim = 256;
   EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_NOT_SUPPORTED);
   std::mt19937 rng(3);
-  for (int32_t tokens : {32, 64}) {
+  const std::pair<int32_t, kvc_entropy> cases[] = {
+      {32, KVC_ENTROPY_AUTO}, {64, KVC_ENTROPY_AUTO}, {64, KVC_ENTROPY_HUFFMAN}};
+  for (const auto& [tokens, entropy] : cases) {
     Shape shape = tile_gpu_shape();
     shape.tokens = tokens;
     kvc_store_config a = tile_cuda_config(shape, 1 << 22, 0, 4, 1024);
     a.block_format = KVC_BLOCK_FORMAT_AUTO;
+    a.entropy = entropy;
     StoreHandle store(a);
     ASSERT_NE(store.s, nullptr);
     CudaStoreBackend gpu(shape);
@@ -681,7 +686,8 @@ TEST_F(StoreGpu, TileStoreShapesAndAuto) {
               KVC_SUCCESS);
     kvc_codebook_t book = nullptr;
     ASSERT_EQ(kvc_store_get_codebook(store.s, 0, KVC_KIND_KEY, &book), KVC_SUCCESS);
-    EXPECT_EQ(book != nullptr, tokens == 32) << "T = " << tokens;
+    const bool v1 = tokens == 32 || entropy == KVC_ENTROPY_HUFFMAN;
+    EXPECT_EQ(book != nullptr, v1) << "T = " << tokens << ", entropy " << entropy;
     kvc_codebook_destroy(book);
   }
 }
