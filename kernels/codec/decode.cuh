@@ -32,17 +32,6 @@ __host__ __device__ inline uint32_t decode_warps(uint32_t g, size_t smem_limit,
   return fit < kMaxDecodeWarps ? uint32_t(fit) : kMaxDecodeWarps;
 }
 
-// One 32-bit word of a 4-byte-aligned byte array.
-__device__ __forceinline__ uint32_t load_word(const uint8_t* base, uint32_t i) {
-#if defined(__CUDA_ARCH__)
-  return reinterpret_cast<const uint32_t*>(base)[i];
-#else
-  uint32_t w;
-  __builtin_memcpy(&w, base + size_t(i) * 4, 4);  // the host emulation: no aliasing through casts
-  return w;
-#endif
-}
-
 // A Huffman sub-stream of a 4-byte-aligned payload, read a word at a time: the same bits, zeros
 // past the stream's end and overrun() as f::BitReader (the byte-wise reader, kept for payloads
 // that are not aligned), from two cached words. One load per 32 bits consumed; peek and read

@@ -82,6 +82,17 @@ __device__ __forceinline__ uint32_t lanes_per_group(const Shape& sh) {
   return w;
 }
 
+// One 32-bit word of a 4-byte-aligned byte array.
+__device__ __forceinline__ uint32_t load_word(const uint8_t* base, uint32_t i) {
+#if defined(__CUDA_ARCH__)
+  return reinterpret_cast<const uint32_t*>(base)[i];
+#else
+  uint32_t w;
+  __builtin_memcpy(&w, base + size_t(i) * 4, 4);  // the host emulation: no aliasing through casts
+  return w;
+#endif
+}
+
 // A codebook in device memory. codes[i] = reversed code | length << 24; table as in
 // kvc::Codebook::decode_table(). table == nullptr: no codebook.
 struct BookView {

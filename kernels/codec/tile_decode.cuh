@@ -15,14 +15,7 @@ namespace kvc::kernels {
 // A 32-bit little-endian word of the block: one load where the block is 4-byte aligned (tile
 // words are: tiles start at multiples of 16), bytes otherwise.
 __device__ inline uint32_t tile_word(const uint8_t* p, bool aligned) {
-  if (!aligned) return f::load_u32(p);
-#if defined(__CUDA_ARCH__)
-  return *reinterpret_cast<const uint32_t*>(p);
-#else
-  uint32_t w;
-  __builtin_memcpy(&w, p, 4);  // the host emulation: no aliasing through casts
-  return w;
-#endif
+  return aligned ? load_word(p, 0) : f::load_u32(p);
 }
 
 __device__ inline kvc_status_t check_tile_block(const TileShape& sh, const uint8_t* src,

@@ -43,14 +43,6 @@ struct TileShape {
 
 constexpr uint32_t kMaxTiles = 64;  // 1024 tokens / 16 (V) or 256 channels / 16 (K)
 
-__device__ inline uint32_t tile_popc(uint32_t v) {
-#if defined(__CUDA_ARCH__)
-  return __popc(v);
-#else
-  return uint32_t(__builtin_popcount(v));
-#endif
-}
-
 // ---- Group range accumulators ----------------------------------------------------------------
 // The float range of a group as std::minmax_element finds it: the first of equal minima and the
 // last of equal maxima (element index `at` breaks ties, so merging is order-free).
@@ -347,8 +339,8 @@ __global__ void __launch_bounds__(kThreads)
     uint32_t before = 0;
     for (uint32_t c = 0; c < tl::kNumWidthCodes; ++c) {
       const uint32_t ballot = __ballot_sync(0xFFFFFFFFu, mine == c);
-      if (lane == 0) st.class_count[warp][c] = tile_popc(ballot);
-      if (mine == c) before = tile_popc(ballot & ((1u << lane) - 1u));
+      if (lane == 0) st.class_count[warp][c] = uint32_t(__popc(ballot));
+      if (mine == c) before = uint32_t(__popc(ballot & ((1u << lane) - 1u)));
     }
     __syncthreads();
     if (tid < G) {

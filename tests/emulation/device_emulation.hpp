@@ -15,6 +15,7 @@
 //   - Warp collectives (__syncwarp, __shfl*_sync, __ballot_sync) run on a per-warp barrier: each
 //     lane publishes its value, the warp meets, each lane reads its source lane, the warp meets
 //     again. Every lane of the mask must take part (the kernels only use full warps).
+//   - Integer intrinsics the kernels use (__popc) are the bit operations they are.
 //   - atomics go through std::atomic_ref (sequentially consistent: stronger than CUDA's).
 //   - kvc::device::BlockScan: a stand-in with CUB's documented semantics, including the rule
 //     that its temporary storage needs a barrier before reuse (it adds none after its result).
@@ -296,6 +297,7 @@ T __shfl_up_sync(unsigned mask, T value, unsigned delta, int width = warpSize) {
     return (lane % uint32_t(width)) >= delta ? lane - delta : lane;
   });
 }
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline unsigned __ballot_sync(unsigned mask, int predicate) {
   kvc::emu::check_full_mask(mask);
   unsigned out = 0;
