@@ -10,7 +10,9 @@
 //   attention kvc_store_attention (Hq = 32) over the store's 32 sequences; baseline: none here
 //            (gpu_bench compares the kernels against the dense kernel)
 // Verified once: lengths, no failed appends, and the read-back of a sequence within the bound.
-// Timed with CUDA events on one stream; --json FILE writes the numbers.
+// Timed with CUDA events on one stream; --json FILE writes the numbers. The store holds tile
+// blocks (format t1: the default, KVC_BLOCK_FORMAT_AUTO, picks them for this shape); --v1 makes
+// it hold format v1 blocks instead.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -77,6 +79,8 @@ cudaGraphExec_t capture(cudaStream_t s, const auto& body) {
 
 int main(int argc, char** argv) {
   const char* json = kvc::bench::json_path(argc, argv);
+  const bool v1 = kvc::bench::has_flag(argc, argv, "--v1");
+  const char* format = v1 ? "v1" : "tiles";
   if (!kvc::bench::have_gpu("gpu_store_bench")) return 0;
   cudaDeviceProp prop{};
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
@@ -93,6 +97,7 @@ int main(int argc, char** argv) {
   c.capacity_bytes = int64_t(8) << 30;
   c.max_sequences = kBatch + 1;
   c.max_sequence_tokens = kMaxTokens;
+  c.block_format = v1 ? KVC_BLOCK_FORMAT_V1 : KVC_BLOCK_FORMAT_TILES;
   kvcomp::Store store(c);
 
   // Synthetic K and V with per-channel structure: [tokens, heads, dim], a pool reused below.
@@ -255,8 +260,10 @@ int main(int argc, char** argv) {
   }
   const kvc_store_stats st = store.stats();
 
-  std::printf("\n%s, CUDA store: %u layers, Hkv=%u, head_dim %u, T=%u, fp16, bounds 0.05\n",
-              prop.name, kLayers, kHeads, kDim, kTokens);
+  std::printf(
+      "\n%s, CUDA store of %s blocks: %u layers, Hkv=%u, head_dim %u, T=%u, fp16, "
+      "bounds 0.05\n",
+      prop.name, format, kLayers, kHeads, kDim, kTokens);
   std::printf("%-28s %12s %14s %8s\n", "operation", "us", "dense fp16 us", "ratio");
   for (const Result& r : results) {
     std::printf("%-28s %12.2f %14.2f %8.2f\n", r.name.c_str(), r.ms * 1e3, r.baseline_ms * 1e3,
@@ -272,8 +279,8 @@ int main(int argc, char** argv) {
   std::printf("verification: %s\n", ok ? "passed" : "FAILED");
   if (json) {
     if (FILE* f = std::fopen(json, "w")) {
-      std::fprintf(f, "{\"gpu\": \"%s\", \"verified\": %s, \"rows\": [\n", prop.name,
-                   ok ? "true" : "false");
+      std::fprintf(f, "{\"gpu\": \"%s\", \"format\": \"%s\", \"verified\": %s, \"rows\": [\n",
+                   prop.name, format, ok ? "true" : "false");
       for (size_t i = 0; i < results.size(); ++i) {
         std::fprintf(f, "  {\"name\": \"%s\", \"us\": %.3f, \"baseline_us\": %.3f}%s\n",
                      results[i].name.c_str(), results[i].ms * 1e3,

@@ -196,6 +196,8 @@ else
   sanitize racecheck "$race_filter" 90
   sanitize synccheck "$race_filter" 80
   run_step bench-store 90 "$build/bench/gpu_store_bench" --json "$work/gpu_store_bench.json"
+  run_step bench-store-v1 90 "$build/bench/gpu_store_bench" --v1 \
+    --json "$work/gpu_store_bench_v1.json"
   if python3 -c "import torch; assert torch.cuda.is_available()" > /dev/null 2>&1; then
     run_step bench-torch-sdpa 90 python3 bench/torch_sdpa.py "$work/torch_sdpa.json"
   fi

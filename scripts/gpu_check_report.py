@@ -145,7 +145,7 @@ def sanitizer_verdict(work, tool, steps):
 
 def benchmarks_of(work):
     out = {}
-    for name in ("gpu_bench", "gpu_store_bench", "torch_sdpa"):
+    for name in ("gpu_bench", "gpu_store_bench", "gpu_store_bench_v1", "torch_sdpa"):
         data = load_json(os.path.join(work, f"{name}.json"))
         if data is not None:
             out[name] = data
@@ -207,13 +207,19 @@ def table(result):
         for r in b["rows"]:
             lines.append(f"{r['name']:<30} {r['ms']:>9.3f} {r['gbps']:>9.1f} {r['ratio']:>7.2f}")
         if b.get("attention"):
-            lines.append(f"{'attention B x L':<18} {'compr. ms':>10} {'dense ms':>10}")
+            lines.append(f"{'attention B x L':<18} {'v1 ms':>10} {'tiles ms':>10} "
+                         f"{'dense ms':>10}")
             for a in b["attention"]:
+                tiles = a.get("tiles_ms")
+                tiles = f"{tiles:>10.4f}" if isinstance(tiles, (int, float)) else f"{'n/a':>10}"
                 lines.append(f"{a['batch']:>4} x {a['len']:<10} {a['compressed_ms']:>10.4f} "
-                             f"{a['dense_ms']:>10.4f}")
-    s = result["benchmarks"].get("gpu_store_bench")
-    if isinstance(s, dict) and "rows" in s:
-        lines.append(f"{'store (gpu_store_bench)':<44} {'us':>10} {'baseline':>10}")
+                             f"{tiles} {a['dense_ms']:>10.4f}")
+    for name in ("gpu_store_bench", "gpu_store_bench_v1"):
+        s = result["benchmarks"].get(name)
+        if not (isinstance(s, dict) and "rows" in s):
+            continue
+        lines.append(f"{'store (' + name + ', ' + str(s.get('format')) + ')':<44} {'us':>10} "
+                     f"{'baseline':>10}")
         for r in s["rows"]:
             lines.append(f"{r['name'][:44]:<44} {r['us']:>10.2f} {r['baseline_us']:>10.2f}")
         lines.append(f"store verified: {s.get('verified')}, "
