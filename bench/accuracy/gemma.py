@@ -102,12 +102,12 @@ class Gemma3Model(Model):
         x = np.concatenate([[self.bos], np.asarray(tokens, dtype=np.int64)])
         return super().forward(x, policy, kv_hook)[1:]
 
-    def step(self, token, pos, cache):
+    def step(self, token, pos, cache, hidden=False):
         if self.bos is None:
-            return super().step(token, pos, cache)
+            return super().step(token, pos, cache, hidden)
         if pos == 0:
-            super().step(self.bos, 0, cache)
-        return super().step(token, pos + 1, cache)
+            super().step(self.bos, 0, cache, hidden=True)
+        return super().step(token, pos + 1, cache, hidden)
 
     def is_local(self, li: int) -> bool:
         return li in self.hp.swa_layers

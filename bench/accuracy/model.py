@@ -230,10 +230,11 @@ class Model:
         return self._logits(x)
 
     # ---- generation -------------------------------------------------------------------------
-    def step(self, token: int, pos: int, cache) -> np.ndarray:
+    def step(self, token: int, pos: int, cache, hidden: bool = False) -> np.ndarray:
         """One decoding step: the new token at position pos attends to cache (cache.py:
         GenerationCache or StoreGenerationCache, which it is appended to first). Returns the
-        logits [n_vocab]."""
+        logits [n_vocab], or with hidden the last layer's output [n_embd] (logits() of a stack
+        of them: one matrix product instead of one pass over the output matrix per step)."""
         hp = self.hp
         x = self._embed(np.array([token]))
         for li, L in enumerate(self.layers):
@@ -241,7 +242,11 @@ class Model:
             attn = cache.attend_step(li, q[0], k.astype(np.float16), v.astype(np.float16),
                                      **self._attend_kw(li, pos + 1))
             x = self._block_out(L, x, attn.reshape(1, hp.n_head * hp.head_dim))
-        return self._logits(x)[0]
+        return x[0] if hidden else self._logits(x)[0]
+
+    def logits(self, h: np.ndarray) -> np.ndarray:
+        """Logits [n, n_vocab] of last-layer outputs h [n, n_embd] (step(hidden=True))."""
+        return self._logits(h)
 
     def generate(self, prompt_ids, max_new_tokens, cache, stop_ids=(), on_token=None,
                  on_step=None, prefill_policy=None):
