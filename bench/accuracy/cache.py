@@ -29,24 +29,29 @@ import numpy as np
 F16 = 2  # bytes per fp16 element
 
 
-def _softmax_causal(s: np.ndarray) -> np.ndarray:
-    """In place: causal mask, softmax over the last axis. s: [..., n, n] float32."""
+def _softmax_causal(s: np.ndarray, window: int = 0) -> np.ndarray:
+    """In place: causal mask, softmax over the last axis. s: [..., n, n] float32. window > 0:
+    a sliding window too, query t sees keys s with t - s < window (Gemma 3's local layers)."""
     n = s.shape[-1]
     s[..., np.triu(np.ones((n, n), dtype=bool), 1)] = -np.inf
+    if 0 < window < n:
+        s[..., np.tril(np.ones((n, n), dtype=bool), -window)] = -np.inf
     s -= s.max(-1, keepdims=True)
     np.exp(s, out=s)
     s /= s.sum(-1, keepdims=True)
     return s
 
 
-def mixed_attention(q, k_fp, v_fp, k_q=None, v_q=None, k_block=0, v_block=0, v_window=0):
+def mixed_attention(q, k_fp, v_fp, k_q=None, v_q=None, k_block=0, v_block=0, v_window=0,
+                    window=0):
     """Causal attention of q [n, H, d] over n keys, each (query, key) pair reading either the
     fp16 copy or the quantized copy of K and of V.
 
     K: with k_q given, query t reads k_fp for keys in its own k_block-token block and k_q
     before it (k_block = 0: k_q everywhere). V likewise with v_block; or with v_window > 0,
     v_fp for the v_window most recent keys (t - s < v_window) and v_q for older ones.
-    k_*/v_*: [n, Hk, d]. Returns [n, H, d] float32."""
+    k_*/v_*: [n, Hk, d]. window > 0: sliding-window attention (query t sees keys s with
+    t - s < window; the cache still holds every key). Returns [n, H, d] float32."""
     n, H, d = q.shape
     Hk = k_fp.shape[1]
     g = H // Hk
@@ -64,7 +69,7 @@ def mixed_attention(q, k_fp, v_fp, k_q=None, v_q=None, k_block=0, v_block=0, v_w
             for b0 in range(0, n, k_block):
                 b1 = min(n, b0 + k_block)
                 s[..., b0:b1, b0:b1] = qh[..., b0:b1, :] @ kf[..., b0:b1, :].swapaxes(-1, -2)
-    p = _softmax_causal(s)
+    p = _softmax_causal(s, window)
     if v_q is None:
         out = p @ vf
     elif v_window:
@@ -108,13 +113,13 @@ class FP16Cache:
         self.bytes_time = 0
         self.fp16_time = 0
 
-    def attend(self, layer, q, k, v):
+    def attend(self, layer, q, k, v, window=0):
         n = k.shape[0]
         self.fp16_bytes += k.nbytes + v.nbytes
         self.bytes += k.nbytes + v.nbytes
         self.fp16_time += _prefix_sums(n) * (k.nbytes + v.nbytes) // n
         self.bytes_time += _prefix_sums(n) * (k.nbytes + v.nbytes) // n
-        return mixed_attention(q, k, v)
+        return mixed_attention(q, k, v, window=window)
 
 
 class KvcompCache:
@@ -237,7 +242,7 @@ class KvcompCache:
             self.store.free_sequence(self.seq)
             self.seq = None
 
-    def _attend_store(self, layer, q, k, v):
+    def _attend_store(self, layer, q, k, v, window=0):
         n, Hk, d = k.shape
         st = self.open_store(Hk, d)
         st.prefill(self.seq, self.dev.put(k), self.dev.put(v), first_layer=layer)
@@ -261,7 +266,8 @@ class KvcompCache:
         self.fp16_bytes += k.nbytes + v.nbytes
         self.fp16_time += _prefix_sums(n) * (k.nbytes + v.nbytes) // n
         self.store_stats = st.stats()
-        return mixed_attention(q, k, v, k_hat, v_hat, k_block=self.T, v_block=self.T)
+        return mixed_attention(q, k, v, k_hat, v_hat, k_block=self.T, v_block=self.T,
+                               window=window)
 
     # ---- the codec -------------------------------------------------------------------------
     def _roundtrip(self, layer, kind, x):
@@ -293,15 +299,16 @@ class KvcompCache:
                 self.stats[nm] += int((enc == e).sum())
         return out, held
 
-    def attend(self, layer, q, k, v):
+    def attend(self, layer, q, k, v, window=0):
         if self.path == "store":
-            return self._attend_store(layer, q, k, v)
+            return self._attend_store(layer, q, k, v, window)
         k_hat, kb = self._roundtrip(layer, "key", k)
         v_hat, vb = self._roundtrip(layer, "value", v)
         self.bytes += kb + vb
         self.fp16_bytes += k.nbytes + v.nbytes
         self.fp16_time += _prefix_sums(k.shape[0]) * (k.nbytes + v.nbytes) // k.shape[0]
-        return mixed_attention(q, k, v, k_hat, v_hat, k_block=self.T, v_block=self.T)
+        return mixed_attention(q, k, v, k_hat, v_hat, k_block=self.T, v_block=self.T,
+                               window=window)
 
 
 def quantize_minmax(x: np.ndarray, bits: int, axis: int):
@@ -331,7 +338,7 @@ class KiviCache:
         nv = np.maximum(0, t - R)
         return ((nk + nv) * Hk * d / G * per_group + ((t - nk) + (t - nv)) * Hk * d * F16)
 
-    def attend(self, layer, q, k, v):
+    def attend(self, layer, q, k, v, window=0):
         n, Hk, d = k.shape
         G, R, b = self.G, self.R, self.bits
         kf, vf = k.astype(np.float32), v.astype(np.float32)
@@ -347,7 +354,7 @@ class KiviCache:
         self.bytes_time += float(self.held_bytes(np.arange(1, n + 1), Hk, d).sum())
         self.fp16_bytes += k.nbytes + v.nbytes
         self.fp16_time += _prefix_sums(n) * (k.nbytes + v.nbytes) // n
-        return mixed_attention(q, k, v, k_q, v_q, k_block=R, v_window=R)
+        return mixed_attention(q, k, v, k_q, v_q, k_block=R, v_window=R, window=window)
 
 
 class Int8TokenCache:
@@ -355,7 +362,7 @@ class Int8TokenCache:
 
     begin_window = FP16Cache.begin_window
 
-    def attend(self, layer, q, k, v):
+    def attend(self, layer, q, k, v, window=0):
         n, Hk, d = k.shape
         k_q = quantize_minmax(k.astype(np.float32), 8, axis=2)
         v_q = quantize_minmax(v.astype(np.float32), 8, axis=2)
@@ -363,11 +370,14 @@ class Int8TokenCache:
         self.bytes_time += 2 * _prefix_sums(n) * Hk * (d + 2 * F16)
         self.fp16_bytes += k.nbytes + v.nbytes
         self.fp16_time += _prefix_sums(n) * (k.nbytes + v.nbytes) // n
-        return mixed_attention(q, k_q, v_q)
+        return mixed_attention(q, k_q, v_q, window=window)
 
 
-def dense_step_attention(q, kk, vv):
-    """One query token's attention in float32: q [H, d] over kk, vv [n, Hk, d]. [H, d]."""
+def dense_step_attention(q, kk, vv, window=0):
+    """One query token's attention in float32: q [H, d] over kk, vv [n, Hk, d]. [H, d].
+    window > 0: over the last `window` keys only (a sliding-window layer)."""
+    if window > 0:
+        kk, vv = kk[-window:], vv[-window:]
     H, d = q.shape
     Hk = kk.shape[1]
     qh = q.reshape(Hk, H // Hk, d) / np.float32(np.sqrt(d))
@@ -419,12 +429,13 @@ class GenerationCache:
                 tail.clear()
             tail.append(x)
 
-    def attend_step(self, layer, q, k, v):
+    def attend_step(self, layer, q, k, v, window=0):
         """Appends the new token's k, v [1, Hk, d] fp16, then its attention: q [H, d] float32
-        (RoPE applied) over every token so far. Returns [H, d] float32."""
+        (RoPE applied) over every token so far (the last `window` if window > 0). Returns
+        [H, d] float32."""
         self.append(layer, k, v)
         kk, vv = self.kv_for_attention(layer)
-        return dense_step_attention(q, kk, vv)
+        return dense_step_attention(q, kk, vv, window)
 
     def kv_for_attention(self, layer):
         out = []
@@ -469,9 +480,12 @@ class StoreGenerationCache:
     def _open(self, k):
         return self.kv.open_store(k.shape[1], k.shape[2])
 
-    def attend_step(self, layer, q, k, v):
+    def attend_step(self, layer, q, k, v, window=0):
         st = self._open(k)
         kv, dev, seq = self.kv, self.kv.dev, self.kv.seq
+        if window > 0 and st.sequence_length(seq, layer) + 1 > window:
+            raise NotImplementedError("kvc_store_attention has no sliding window: decode a "
+                                      "sliding-window model through GenerationCache")
         if self.pending[layer] is not None:
             st.append(layer, [seq], *(dev.put(x) for x in self.pending[layer]))
             self.pending[layer] = None

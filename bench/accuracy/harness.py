@@ -230,7 +230,10 @@ def load_text_ids(tok, path: Path | str | None = None):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="GGUF file (default: the cached SmolLM2)")
+    ap.add_argument("--model", default="smollm2", choices=sorted(modelfile.MODELS),
+                    help="the model (modelfile.py fetches and verifies it; default smollm2)")
+    ap.add_argument("--gguf", default=None, help="another GGUF file of a supported "
+                    "architecture (llama, gemma3) instead of --model's")
     ap.add_argument("--data", default=None, help="another copy of wiki.test.raw[.xz] "
                     "(default: the repository's, or $KVCOMP_WIKITEXT; SHA-256 checked)")
     ap.add_argument("--windows", type=int, default=32)
@@ -247,8 +250,8 @@ def main(argv=None):
                     help="the kvcomp store's backend (cuda: needs torch and a GPU)")
     a = ap.parse_args(argv)
 
-    from model import Model
-    model = Model(a.model or modelfile.model_path())
+    from model import load
+    model = load(a.gguf or modelfile.model_path(model=a.model))
     ids = load_text_ids(model.tokenizer(), a.data)
     out = Path(a.out) if a.out else None
 
