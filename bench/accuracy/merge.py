@@ -12,6 +12,18 @@ import math
 from pathlib import Path
 
 
+def _add_counts(a, b):
+    """Block counts summed key by key (lists, e.g. tiles per width, element by element)."""
+    if a is None:
+        return {k: list(v) if isinstance(v, list) else v for k, v in b.items()}
+    for k, v in b.items():
+        if isinstance(v, list):
+            a[k] = [x + y for x, y in zip(a.get(k, [0] * len(v)), v)]
+        else:
+            a[k] = a.get(k, 0) + v
+    return a
+
+
 def merge(parts):
     out = {}
     order = []
@@ -24,6 +36,14 @@ def merge(parts):
                               fp16_bytes=0.0, seconds=0.0, ref_nll=0.0, bytes_time=0.0,
                               fp16_time=0.0)
             m = out[s]
+            for key in ("pass_of", "path"):  # a variant row's pass (harness.VariantOf)
+                if key in r:
+                    m[key] = r[key]
+            if "mismatched_elements" in r:
+                m["mismatched_elements"] = m.get("mismatched_elements", 0) + \
+                    r["mismatched_elements"]
+            if "blocks" in r:
+                m["blocks"] = _add_counts(m.get("blocks"), r["blocks"])
             n = r["tokens"]
             m["tokens"] += n
             m["nll"] += math.log(r["ppl"]) * n
@@ -43,6 +63,8 @@ def merge(parts):
         r = dict(setting=s, tokens=n, ppl=math.exp(m["nll"] / n),
                  ratio=m["fp16_bytes"] / m["bytes"], bytes=m["bytes"],
                  fp16_bytes=m["fp16_bytes"], seconds=round(m["seconds"], 1))
+        r.update({key: m[key] for key in ("blocks", "path", "pass_of", "mismatched_elements")
+                  if key in m})
         if not math.isnan(m["bytes_time"]):
             r.update(ratio_avg=m["fp16_time"] / m["bytes_time"], bytes_time=m["bytes_time"],
                      fp16_time=m["fp16_time"])
