@@ -2,8 +2,8 @@
 """Figure and markdown tables for docs/accuracy.md from the harness's JSON results.
 
     python bench/accuracy/plot.py --sweep bench/accuracy/results/sweep.json \
-        --headline bench/accuracy/results/headline.json bench/accuracy/results/final.json \
-        --figure docs/accuracy_pareto.png
+        --headline bench/accuracy/results/headline_t128.json \
+        --tiles bench/accuracy/results/tiles_t128.json --figure docs/accuracy_pareto.png
 """
 from __future__ import annotations
 
@@ -20,10 +20,23 @@ def label(setting: str) -> str:
         k = "fp16" if o.get("k", "none") == "none" else f"{km} {o['k']}"
         v = "fp16" if o.get("v", "none") == "none" else f"{vm} {o['v']}"
         extra = f", T={o.get('t', 64)}"
-        extra += "".join(f", {x}={o[x]}" for x in ("vg", "ns") if x in o)
+        tiles = o.get("fmt", "v1") == "tiles"
+        extra += "".join(f", {x}={o[x]}" for x in ("vg",) if x in o)
+        if "ns" in o and not tiles:
+            extra += f", ns={o['ns']}"
         if "fp16layers" in o:
             extra += f", layers {o['fp16layers'].replace('+', ',')} fp16"
-        return f"kvcomp K {k}, V {v}{extra}"
+        if o.get("sinks", "0") != "0":
+            extra += f", {o['sinks']} sinks fp16"
+        if o.get("rot", "0") != "0":
+            extra += ", Hadamard " + {"1": "K+V", "k": "K", "v": "V"}[o["rot"]]
+        if tiles:
+            opts = [nm for nm, x in (("perm", "perm"), ("split", "split"))
+                    if o.get(x, "1") == "1"]
+            fmt = "tiles" + (f" ({'+'.join(opts)})" if opts else " (no perm, no split)")
+        else:
+            fmt = "v1"
+        return f"kvcomp {fmt} K {k}, V {v}{extra}"
     return {"kivi:2": "KIVI-2", "kivi:4": "KIVI-4", "int8": "int8 per-token",
             "fp16": "fp16"}.get(setting, setting)
 
@@ -38,7 +51,14 @@ def group(setting: str) -> str:
         return "kvcomp K only"
     if o.get("kmode", o.get("mode", "rel")) != "abs":
         return "kvcomp K rel"
-    return f"kvcomp K+V T={o.get('t', '64')}"
+    if o.get("rot", "0") != "0":
+        return "kvcomp rotated"
+    sinks = ", sinks" if o.get("sinks", "0") != "0" else ""
+    if o.get("fmt", "v1") == "tiles":
+        if o.get("perm", "1") == "1" and o.get("split", "1") == "1":
+            return "kvcomp tiles" + sinks
+        return "kvcomp tiles ablation"
+    return f"kvcomp K+V T={o.get('t', '64')}{sinks}"
 
 
 def table(results) -> str:
@@ -62,6 +82,11 @@ STYLES = {
     "kvcomp K only": dict(color="tab:cyan", marker="^", ls=":"),
     "kvcomp V only": dict(color="tab:purple", marker="v", ls=":"),
     "kvcomp K rel": dict(color="tab:gray", marker="s", ls="none"),
+    "kvcomp K+V T=128, sinks": dict(color="tab:blue", marker="*", ls="-", ms=10),
+    "kvcomp tiles": dict(color="darkgreen", marker="s", ls="--", mfc="white"),
+    "kvcomp tiles, sinks": dict(color="tab:olive", marker="P", ls="-", ms=9),
+    "kvcomp tiles ablation": dict(color="tab:brown", marker="<", ls="none"),
+    "kvcomp rotated": dict(color="tab:pink", marker="d", ls="none", ms=8),
     "kivi:2": dict(color="tab:red", marker="X", ls="none", ms=11),
     "kivi:4": dict(color="tab:orange", marker="X", ls="none", ms=11),
     "int8": dict(color="tab:green", marker="D", ls="none", ms=8),
@@ -69,7 +94,13 @@ STYLES = {
 NAMES = {"kvcomp K+V T=64": "kvcomp, T=64 (K abs, V rel bound)",
          "kvcomp K+V T=128": "kvcomp, T=128, 4 sub-streams",
          "kvcomp K only": "kvcomp K only (V fp16)", "kvcomp V only": "kvcomp V only (K fp16)",
-         "kvcomp K rel": "kvcomp, K rel bound", "kivi:2": "KIVI-2", "kivi:4": "KIVI-4",
+         "kvcomp K rel": "kvcomp, K rel bound",
+         "kvcomp K+V T=128, sinks": "kvcomp v1, T=128, 4 sinks in fp16",
+         "kvcomp tiles": "kvcomp tiles (t1, perm + split), T=128",
+         "kvcomp tiles, sinks": "kvcomp tiles, T=128, 4 sinks in fp16",
+         "kvcomp tiles ablation": "tiles without perm and/or split",
+         "kvcomp rotated": "kvcomp with a Hadamard rotation",
+         "kivi:2": "KIVI-2", "kivi:4": "KIVI-4",
          "int8": "int8 per-token"}
 
 
@@ -82,7 +113,7 @@ def _panel(ax, results, title):
         rs = sorted(rs, key=lambda r: r["ratio"])
         ax.plot([r["ratio"] for r in rs], [r["dppl_pct"] for r in rs], label=NAMES.get(g, g),
                 **STYLES.get(g, dict(marker="o")))
-        if g.startswith("kvcomp K+V"):
+        if g.startswith("kvcomp K+V") or g.startswith("kvcomp tiles,") or g == "kvcomp tiles":
             for r in rs:
                 o = dict(kv.split("=") for kv in r["setting"].split(":", 1)[1].split(","))
                 ax.annotate(f"K{o['k']}/V{o['v']}", (r["ratio"], r["dppl_pct"]),
@@ -134,6 +165,8 @@ def main(argv=None):
     ap.add_argument("--sweep", nargs="+", required=True, help="the error-bound sweep's JSON")
     ap.add_argument("--headline", nargs="*", default=[],
                     help="JSON files of the long run (same windows)")
+    ap.add_argument("--tiles", nargs="*", default=[],
+                    help="JSON files of the tile/sink run over the headline's windows")
     ap.add_argument("--figure", default="docs/accuracy_pareto.png")
     a = ap.parse_args(argv)
     sm, sweep = _load(a.sweep)
@@ -147,6 +180,29 @@ def main(argv=None):
                              f"({head[0]['tokens']} predictions)"))
         print(f"\n## headline ({head[0]['tokens']} predictions)\n")
         print(table(head))
+    if a.tiles:
+        tm, tiles = _load(a.tiles)
+        n = tiles[0]["tokens"]
+        partial = [r["setting"] for r in tiles if r["tokens"] != n]
+        if partial:
+            print(f"left out (fewer predictions than fp16's {n}): {partial}")
+        tiles = [r for r in tiles if r["tokens"] == n]
+        if a.headline:
+            if head[0]["ppl"] != tiles[0]["ppl"] or head[0]["tokens"] != n:
+                raise SystemExit("--tiles and --headline cover different windows")
+            # Huffman v1 with sinks beside the first run; v1 rows without sinks repeat it.
+            panels[-1] = (head + [r for r in tiles if group(r["setting"]).endswith("sinks")
+                                  and "fmt=tiles" not in r["setting"]], panels[-1][1])
+            base = [r for r in head if not r["setting"].startswith("kvcomp:")
+                    or group(r["setting"]) == "kvcomp K+V T=128"]
+        else:
+            base = []
+        panels.append((base + [r for r in tiles if "fmt=tiles" in r["setting"]
+                               or group(r["setting"]) == "kvcomp rotated"],
+                       f"tiles: {tm['windows_done']} windows x {tm['window_tokens']} tokens "
+                       f"({n} predictions)"))
+        print(f"\n## tiles, sinks ({n} predictions)\n")
+        print(table(tiles))
     figure(panels, Path(a.figure),
            "SmolLM2-135M-Instruct (GGUF Q4_1), WikiText-2 test, KV cache through kvcomp vs "
            "KIVI vs fp16")

@@ -244,3 +244,27 @@ def test_evaluate_gives_each_variant_a_row_from_one_pass():
     assert m[v1["setting"]]["mismatched_elements"] == 0
     assert m[spec]["blocks"]["tiles"] == 2 * prim["blocks"]["tiles"]
     assert m[spec]["blocks"]["tile_widths"] == [2 * x for x in prim["blocks"]["tile_widths"]]
+
+
+def test_merge_unites_parts_of_the_same_windows_and_keeps_common_settings():
+    import merge
+
+    def row(s, ppl, n=100):
+        return dict(setting=s, tokens=n, ppl=ppl, bytes=10.0, fp16_bytes=40.0, seconds=1.0,
+                    kl=0.01, top1=0.9, ppl_fp16=10.0, bytes_time=20.0, fp16_time=80.0)
+
+    def part(start, rows):
+        return dict(meta=dict(start_window=start, windows_done=1), results=rows)
+
+    a = part(0, [row("fp16", 10.0), row("x", 11.0)])
+    b = part(0, [row("fp16", 10.0), row("y", 12.0)])
+    c = part(1, [row("fp16", 10.0), row("x", 11.0)])
+    parts = merge.combine_same_windows([a, b, c])
+    assert len(parts) == 2
+    assert [r["setting"] for r in parts[0]["results"]] == ["fp16", "x", "y"]
+    kept = merge.common_settings(parts)
+    assert [r["setting"] for r in kept[0]["results"]] == ["fp16", "x"]
+    res = {r["setting"]: r for r in merge.merge(kept)}
+    assert res["x"]["tokens"] == 200 and abs(res["x"]["ppl"] - 11.0) < 1e-9
+    with pytest.raises(ValueError):
+        merge.combine_same_windows([a, part(0, [row("fp16", 9.0)])])
