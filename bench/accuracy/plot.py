@@ -52,7 +52,7 @@ def group(setting: str) -> str:
     if o.get("kmode", o.get("mode", "rel")) != "abs":
         return "kvcomp K rel"
     if o.get("rot", "0") != "0":
-        return "kvcomp rotated"
+        return "kvcomp tiles rotated" if o.get("fmt", "v1") == "tiles" else "kvcomp v1 rotated"
     sinks = ", sinks" if o.get("sinks", "0") != "0" else ""
     if o.get("fmt", "v1") == "tiles":
         if o.get("perm", "1") == "1" and o.get("split", "1") == "1":
@@ -86,7 +86,8 @@ STYLES = {
     "kvcomp tiles": dict(color="darkgreen", marker="s", ls="--", mfc="white"),
     "kvcomp tiles, sinks": dict(color="tab:olive", marker="P", ls="-", ms=9),
     "kvcomp tiles ablation": dict(color="tab:brown", marker="<", ls="none"),
-    "kvcomp rotated": dict(color="tab:pink", marker="d", ls="none", ms=8),
+    "kvcomp tiles rotated": dict(color="tab:pink", marker="d", ls="none", ms=8),
+    "kvcomp v1 rotated": dict(color="tab:pink", marker="d", ls="none", ms=8),
     "kivi:2": dict(color="tab:red", marker="X", ls="none", ms=11),
     "kivi:4": dict(color="tab:orange", marker="X", ls="none", ms=11),
     "int8": dict(color="tab:green", marker="D", ls="none", ms=8),
@@ -99,12 +100,14 @@ NAMES = {"kvcomp K+V T=64": "kvcomp, T=64 (K abs, V rel bound)",
          "kvcomp tiles": "kvcomp tiles (t1, perm + split), T=128",
          "kvcomp tiles, sinks": "kvcomp tiles, T=128, 4 sinks in fp16",
          "kvcomp tiles ablation": "tiles without perm and/or split",
-         "kvcomp rotated": "kvcomp with a Hadamard rotation",
+         "kvcomp tiles rotated": "tiles with a Hadamard rotation (K+V, K or V)",
+         "kvcomp v1 rotated": "v1 with a Hadamard rotation (K+V, K or V)",
          "kivi:2": "KIVI-2", "kivi:4": "KIVI-4",
          "int8": "int8 per-token"}
 
 
-def _panel(ax, results, title):
+def _panel(ax, results, title, targets=((5.0, 1.0), (8.0, 3.0))):
+    """targets: (ratio, ΔPPL %) points drawn as dashed, then dotted, lines."""
     by = {}
     for r in results:
         if r["setting"] != "fp16":
@@ -119,10 +122,9 @@ def _panel(ax, results, title):
                 ax.annotate(f"K{o['k']}/V{o['v']}", (r["ratio"], r["dppl_pct"]),
                             textcoords="offset points", xytext=(5, -11), fontsize=6.5,
                             color=STYLES[g]["color"])
-    ax.axhline(1.0, color="k", lw=0.6, ls="--")
-    ax.axhline(3.0, color="k", lw=0.6, ls=":")
-    ax.axvline(5.0, color="k", lw=0.6, ls="--")
-    ax.axvline(8.0, color="k", lw=0.6, ls=":")
+    for (x, y), ls in zip(targets, ("--", ":")):
+        ax.axhline(y, color="k", lw=0.6, ls=ls)
+        ax.axvline(x, color="k", lw=0.6, ls=ls)
     ax.set_yscale("symlog", linthresh=1.0, linscale=1.5)
     ticks = [-0.5, 0, 0.5, 1, 2, 3, 5, 10, 20, 40]
     ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
@@ -141,8 +143,8 @@ def figure(panels, path: Path, suptitle: str):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(7.2 * len(panels), 5.4), squeeze=False)
-    for ax, (results, title) in zip(axes[0], panels):
-        _panel(ax, results, title)
+    for ax, (results, title, *targets) in zip(axes[0], panels):
+        _panel(ax, results, title, *targets)
     fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -191,16 +193,18 @@ def main(argv=None):
             if head[0]["ppl"] != tiles[0]["ppl"] or head[0]["tokens"] != n:
                 raise SystemExit("--tiles and --headline cover different windows")
             # Huffman v1 with sinks beside the first run; v1 rows without sinks repeat it.
-            panels[-1] = (head + [r for r in tiles if group(r["setting"]).endswith("sinks")
-                                  and "fmt=tiles" not in r["setting"]], panels[-1][1])
+            panels[-1] = (head + [r for r in tiles if "fmt=tiles" not in r["setting"]
+                                  and (group(r["setting"]).endswith("sinks")
+                                       or group(r["setting"]) == "kvcomp v1 rotated")],
+                          panels[-1][1])
             base = [r for r in head if not r["setting"].startswith("kvcomp:")
                     or group(r["setting"]) == "kvcomp K+V T=128"]
         else:
             base = []
-        panels.append((base + [r for r in tiles if "fmt=tiles" in r["setting"]
-                               or group(r["setting"]) == "kvcomp rotated"],
+        panels.append((base + [r for r in tiles if "fmt=tiles" in r["setting"]],
                        f"tiles: {tm['windows_done']} windows x {tm['window_tokens']} tokens "
-                       f"({n} predictions)"))
+                       f"({n} predictions); lines: the 4x / 1.5% target",
+                       ((4.0, 1.5),)))
         print(f"\n## tiles, sinks ({n} predictions)\n")
         print(table(tiles))
     figure(panels, Path(a.figure),
