@@ -224,9 +224,15 @@ def evaluate(model, ids, settings, windows, window_tokens, progress=True, log=No
                     bar.update(1)
             acc.add(lp, lp_ref, targets, pol, time.time() - t0, p_ref)
         if log:
-            log(w - start_window, [ref.result()] + [a.result(ref) for a in accs])
+            log(w - start_window, _results(ref, accs, policies))
     if bar:
         bar.close()
+    return _results(ref, accs, policies)
+
+
+def _results(ref, accs, policies):
+    """The result dicts so far (fp16 first), with each kvcomp row's block counts and, for a
+    variant row, its pass and mismatch count."""
     results = [ref.result()] + [a.result(ref) for a in accs]
     for pol, r in zip(policies, results[1:]):
         if isinstance(pol, KvcompCache):

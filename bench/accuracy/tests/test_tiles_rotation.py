@@ -218,11 +218,15 @@ class _StandIn:
 
 def test_evaluate_gives_each_variant_a_row_from_one_pass():
     ids = [i % 50 for i in range(1, 400)]
+    logged = []
     spec = "kvcomp:k=0.3,v=0.1,kmode=abs,t=32,ns=4,fmt=tiles,also=v1+t00"
     res = harness.evaluate(_StandIn(), ids, [spec, "kvcomp:k=0.3,v=0.1,kmode=abs,t=32,ns=4,"
                                              "path=codec"], windows=2, window_tokens=128,
-                           progress=False)
+                           progress=False, log=lambda w, r: logged.append((w, r)))
     by = {r["setting"]: r for r in res}
+    # What is logged after each window (and written to --out) says the same as the end.
+    assert [w for w, _ in logged] == [0, 1] and logged[-1][1] == res
+    assert all("mismatched_elements" in r for r in logged[0][1] if "pass_of" in r)
     prim = by[spec]
     v1 = by["kvcomp:k=0.3,v=0.1,kmode=abs,t=32,ns=4"]
     t00 = by["kvcomp:k=0.3,v=0.1,kmode=abs,t=32,fmt=tiles,perm=0,split=0"]
