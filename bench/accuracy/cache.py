@@ -178,11 +178,11 @@ class KvcompCache:
     as rotating the query and the attention output in a kernel; the error bound then holds in
     the rotated space. sinks: the first `sinks` tokens of each window (the attention sinks) are
     also kept in fp16, and attention reads them from there once their block is compressed (the
-    blocks are unchanged; the fp16 rows are counted on top). variants: (name, CodecVariant) pairs whose blocks are written from the same
-    input beside the primary's, to count their bytes; each variant's decoded values are
-    compared with the primary's element by element (`variant_mismatch`), so that one forward
-    pass serves every variant that decodes to the same values (v1 and tiles do, format.md
-    §17.6)."""
+    blocks are unchanged; the fp16 rows are counted on top). variants: (name, CodecVariant)
+    pairs whose blocks are written from the same input beside the primary's, to count their
+    bytes; each variant's decoded values are compared with the primary's element by element
+    (`variant_mismatch`), so that one forward pass serves every variant that decodes to the
+    same values (v1 and tiles do, format.md §17.6)."""
 
     def __init__(self, eb_k, eb_v, block_tokens=64, value_group_size=0, bound_mode="relative",
                  entropy="auto", name=None, num_substreams=0, fp16_layers=(), path=None,

@@ -49,6 +49,7 @@ import wikitext  # noqa: E402
 
 
 MODES = {"rel": "relative", "abs": "absolute"}
+ROTATIONS = {"0": False, "1": True, "k": "key", "v": "value"}
 
 
 def make_policy(spec: str, device: str = "cpu"):
@@ -75,7 +76,8 @@ def make_policy(spec: str, device: str = "cpu"):
                            block_format=opts.get("fmt", "v1"),
                            tile_permute=opts.get("perm", "1") == "1",
                            tile_split=opts.get("split", "1") == "1",
-                           rotate={"0": False, "1": True, "k": "key", "v": "value"}[opts.get("rot", "0")], sinks=int(opts.get("sinks", 0)),
+                           rotate=ROTATIONS[opts.get("rot", "0")],
+                           sinks=int(opts.get("sinks", 0)),
                            variants=variants)
     if kind == "kivi":
         bits = int(rest.split(",")[0])

@@ -76,6 +76,50 @@ def table(results) -> str:
     return "\n".join(rows)
 
 
+def paired_table(results) -> str:
+    """One line per forward pass of the tile runs: a tile setting and the variants that shared
+    its pass (same decoded values, so the same PPL, KL and top-1): each format's ratio side by
+    side. Rows whose variants did not decode identically are refused."""
+    passes = {}
+    for r in results:
+        if r["setting"] == "fp16" or not r["setting"].startswith("kvcomp:"):
+            continue
+        if r.get("mismatched_elements", 0):
+            raise ValueError(f"{r['setting']} decoded differently from {r.get('pass_of')}")
+        # The pass: the setting without its block format (results written before pass_of
+        # existed are grouped the same way).
+        key = ",".join(sorted(kv for kv in r["setting"].split(":", 1)[1].split(",")
+                              if kv.split("=")[0] not in ("fmt", "perm", "split", "also", "ns")))
+        passes.setdefault(key, []).append(r)
+    cols = [("tiles (perm+split)", "1", "1"), ("perm only", "1", "0"), ("split only", "0", "1"),
+            ("neither", "0", "0")]
+    rows = ["| setting (K abs, V rel, T = 128) | " + " | ".join(c for c, _, _ in cols) +
+            " | v1 Huffman (4 sub-streams) | ΔPPL | mean KL | top-1 |",
+            "|---|" + "---:|" * (len(cols) + 4)]
+    for key, rs in passes.items():
+        o = dict(kv.split("=") for kv in key.split(","))
+        name = f"K {o['k']}, V {o['v']}"
+        if o.get("sinks", "0") != "0":
+            name += f", {o['sinks']} sinks fp16"
+        if o.get("rot", "0") != "0":
+            name += ", Hadamard " + {"1": "K+V", "k": "K", "v": "V"}[o["rot"]]
+        ratio = {}
+        for r in rs:
+            p = dict(kv.split("=") for kv in r["setting"].split(":", 1)[1].split(",")
+                     if "=" in kv)
+            fmt = p.get("fmt", "v1")
+            ratio[(fmt, p.get("perm", "1"), p.get("split", "1")) if fmt == "tiles"
+                  else "v1"] = r["ratio"]
+        cells = [f"{ratio[('tiles', pp, sp)]:.2f}" if ("tiles", pp, sp) in ratio else "—"
+                 for _, pp, sp in cols]
+        cells[0] = f"**{cells[0]}**" if cells[0] != "—" else cells[0]
+        r = rs[0]
+        v1 = f"{ratio['v1']:.2f}" if "v1" in ratio else "—"
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {v1} | {r['dppl_pct']:+.2f}% | "
+                    f"{r['kl']:.4f} | {100 * r['top1']:.2f}% |")
+    return "\n".join(rows)
+
+
 STYLES = {
     "kvcomp K+V T=64": dict(color="tab:blue", marker="o", ls="-"),
     "kvcomp K+V T=128": dict(color="navy", marker="o", ls="--", mfc="white"),
@@ -207,6 +251,8 @@ def main(argv=None):
                        ((4.0, 1.5),)))
         print(f"\n## tiles, sinks ({n} predictions)\n")
         print(table(tiles))
+        print(f"\n## the same, one line per pass\n")
+        print(paired_table(tiles))
     figure(panels, Path(a.figure),
            "SmolLM2-135M-Instruct (GGUF Q4_1), WikiText-2 test, KV cache through kvcomp vs "
            "KIVI vs fp16")

@@ -272,3 +272,21 @@ def test_merge_unites_parts_of_the_same_windows_and_keeps_common_settings():
     assert res["x"]["tokens"] == 200 and abs(res["x"]["ppl"] - 11.0) < 1e-9
     with pytest.raises(ValueError):
         merge.combine_same_windows([a, part(0, [row("fp16", 9.0)])])
+
+
+def test_paired_table_puts_a_pass_on_one_line_and_refuses_mismatches():
+    import plot
+    res = harness.evaluate(_StandIn(), [i % 50 for i in range(1, 200)],
+                           ["kvcomp:k=0.3,v=0.1,kmode=abs,t=32,ns=4,fmt=tiles,also=v1+t01"],
+                           windows=1, window_tokens=128, progress=False)
+    lines = plot.paired_table(res).splitlines()
+    assert len(lines) == 3 and lines[2].startswith("| K 0.3, V 0.1 |")
+    cells = [c.strip() for c in lines[2].split("|")[1:-1]]
+    by = {r["setting"]: r for r in res}
+    assert cells[1] == f"**{by[res[1]['setting']]['ratio']:.2f}**" and cells[2] == "—"
+    t01 = by["kvcomp:k=0.3,v=0.1,kmode=abs,t=32,fmt=tiles,perm=0,split=1"]
+    assert cells[3] == f"{t01['ratio']:.2f}"
+    assert cells[5] == f"{by['kvcomp:k=0.3,v=0.1,kmode=abs,t=32,ns=4']['ratio']:.2f}"
+    res[2]["mismatched_elements"] = 1
+    with pytest.raises(ValueError):
+        plot.paired_table(res)
