@@ -122,14 +122,77 @@ class FP16Cache:
         return mixed_attention(q, k, v, window=window)
 
 
+def hadamard(d: int) -> np.ndarray:
+    """The normalized Hadamard matrix of order d, a power of two (Sylvester's construction):
+    symmetric and orthogonal, so H @ H = I. float32 [d, d]."""
+    h = np.ones((1, 1))
+    while h.shape[0] < d:
+        h = np.block([[h, h], [h, -h]])
+    if h.shape[0] != d:
+        raise ValueError(f"head_dim {d} is not a power of two")
+    return (h / np.sqrt(d)).astype(np.float32)
+
+
+def tile_width_counts(blocks) -> np.ndarray:
+    """Tiles per width code (0..6: 0, 2, 3, 4, 6, 8 bits, raw) over tile blocks, from each
+    block's tile table (docs/format.md §17.2-17.3: NT at byte 7, table at 32, width in bits
+    0-3 of each u32 entry)."""
+    counts = np.zeros(7, dtype=np.int64)
+    for o in blocks.offsets:
+        o = int(o)
+        nt = int(blocks.data[o + 7])
+        table = blocks.data[o + 32:o + 32 + 4 * nt].view(np.uint32)
+        counts += np.bincount(table & 0xF, minlength=7)[:7]
+    return counts
+
+
+class CodecVariant:
+    """How a kvcomp cache's blocks are written: block format v1 (num_substreams Huffman
+    sub-streams, 0 = the library's choice; a codebook per (layer, K|V) unless entropy is
+    "fixed") or tiles (format t1; permute: tile_permute_channels, split: tile_split_widths)."""
+
+    def __init__(self, block_format="v1", permute=True, split=True, num_substreams=0):
+        if block_format not in ("v1", "tiles"):
+            raise ValueError(f"block format {block_format!r}: expected 'v1' or 'tiles'")
+        self.block_format = block_format
+        self.permute, self.split = bool(permute), bool(split)
+        self.num_substreams = int(num_substreams)
+
+    @property
+    def key(self):
+        if self.block_format == "v1":
+            return ("v1", self.num_substreams)
+        return ("tiles", self.permute, self.split)
+
+    def codec_args(self):
+        if self.block_format == "v1":
+            return dict(num_substreams=self.num_substreams)
+        return dict(block_format="tiles", tile_permute_channels=self.permute,
+                    tile_split_widths=self.split)
+
+
 class KvcompCache:
     """kvcomp through its C ABI. eb_k / eb_v: error bounds (None: keep that tensor fp16).
     path: "store" | "codec" | None (the store where the setting allows it, else the codec).
-    device: "cpu" | "cuda" (the store's backend; the codec path is CPU only)."""
+    device: "cpu" | "cuda" (the store's backend; the codec path is CPU only).
+
+    Codec path only (harness-side prototypes and formats the store does not hold):
+    block_format "v1" | "tiles" (tile_permute, tile_split: the tile encoder's options);
+    rotate: each head's K and V multiplied by the normalized Hadamard matrix over head_dim
+    before they are encoded, and the decoded blocks multiplied by it again (H H = I): the same
+    as rotating the query and the attention output in a kernel; the error bound then holds in
+    the rotated space. sinks: the first `sinks` tokens of each window (the attention sinks) are
+    also kept in fp16, and attention reads them from there once their block is compressed (the
+    blocks are unchanged; the fp16 rows are counted on top). variants: (name, CodecVariant)
+    pairs whose blocks are written from the same input beside the primary's, to count their
+    bytes; each variant's decoded values are compared with the primary's element by element
+    (`variant_mismatch`), so that one forward pass serves every variant that decodes to the
+    same values (v1 and tiles do, format.md §17.6)."""
 
     def __init__(self, eb_k, eb_v, block_tokens=64, value_group_size=0, bound_mode="relative",
                  entropy="auto", name=None, num_substreams=0, fp16_layers=(), path=None,
-                 device="cpu"):
+                 device="cpu", block_format="v1", tile_permute=True, tile_split=True,
+                 rotate=False, sinks=0, variants=()):
         import kvcomp
 
         self.kvcomp = kvcomp
@@ -142,43 +205,63 @@ class KvcompCache:
         self.entropy = entropy
         self.num_substreams = num_substreams
         self.fp16_layers = set(fp16_layers)  # layers whose cache stays fp16
+        self.variant = CodecVariant(block_format, tile_permute, tile_split, num_substreams)
+        # rotate: False/True (K and V) or "key" / "value" (that tensor only).
+        self.rotate = ({"key", "value"} if rotate is True else
+                       {rotate} if isinstance(rotate, str) else set())
+        self.sinks = int(sinks)
+        self.variants = list(variants)
         storable = (eb_k is not None and eb_v is not None and not self.fp16_layers
-                    and num_substreams == 0)
+                    and num_substreams == 0 and block_format == "v1" and not self.rotate
+                    and not self.sinks and not self.variants)
         if path is None:
             path = "store" if storable else "codec"
         if path == "store" and not storable:
-            raise ValueError("the store compresses K and V of every layer with the library's "
-                             "sub-stream count: ns, fp16layers and k/v=none need path=codec")
+            raise ValueError("the store compresses K and V of every layer as v1 blocks with the "
+                             "library's sub-stream count: ns, fp16layers, k/v=none, fmt, rot, "
+                             "sinks and also need path=codec")
         if path not in ("store", "codec"):
             raise ValueError(f"path {path!r}: expected 'store' or 'codec'")
         if path == "codec" and device != "cpu":
             raise ValueError("the codec path runs on the CPU only")
         self.path = path
         self.device = device
-        self.codecs = {}   # (layer, kind) -> (codec, codebook bytes)
+        self.codecs = {}   # (layer, kind, variant key) -> (codec, codebook bytes)
         self.name = name or f"kvcomp K{eb_k} V{eb_v}"
-        self.stats = {"blocks": 0, "huffman": 0, "fixed": 0, "raw": 0}
+        self.stats = self._new_stats()
+        # Per variant: bytes at the windows' ends and over their steps (this window), stats and
+        # elements that decoded differently from the primary (all windows).
+        self.variant_bytes = {nm: dict(bytes=0, bytes_time=0) for nm, _ in self.variants}
+        self.variant_stats = {nm: self._new_stats() for nm, _ in self.variants}
+        self.variant_mismatch = {nm: 0 for nm, _ in self.variants}
         self.n_layer = None     # the model's layer count (bind_model)
         self.store = None       # kvcomp.Store, created at first use
         self.dev = None
         self.seq = None         # the store's sequence of the current window
         self.book_bytes = {}    # (layer, kind) -> serialized codebook size (frozen)
         self.store_stats = None  # the store's own accounting after the latest layer
+        self._hadamard = {}
+
+    @staticmethod
+    def _new_stats():
+        return {"blocks": 0, "huffman": 0, "fixed": 0, "raw": 0, "tiles": 0,
+                "tile_widths": [0] * 7}
 
     def bind_model(self, hp):
         """The model whose cache this is (the store needs its layer count)."""
         self.n_layer = hp.n_layer
 
-    def _codec(self, layer, kind, x):
-        key = (layer, kind)
+    def _codec(self, layer, kind, x, variant: CodecVariant | None = None):
+        variant = variant or self.variant
+        key = (layer, kind, variant.key)
         if key not in self.codecs:
             kv = self.kvcomp
             args = dict(kind=kind, num_tokens=self.T, head_dim=x.shape[2],
                         error_bound=self.eb[kind], bound_mode=self.bound_mode[kind],
-                        value_group_size=self.vgs if kind == "value" else 0,
-                        num_substreams=self.num_substreams)
+                        value_group_size=self.vgs if kind == "value" else 0)
+            args.update(variant.codec_args())
             cb = None
-            if self.entropy != "fixed":
+            if self.entropy != "fixed" and variant.block_format == "v1":
                 # Prefill: the first window's complete blocks train this (layer, kind)'s codebook.
                 cb = kv.build_codebook(kv.Codec(**args), x)
             codec = kv.Codec(**args, entropy=self.entropy, codebook=cb)
@@ -270,34 +353,95 @@ class KvcompCache:
                                window=window)
 
     # ---- the codec -------------------------------------------------------------------------
+    def _rotation(self, d):
+        if d not in self._hadamard:
+            self._hadamard[d] = hadamard(d)
+        return self._hadamard[d]
+
+    @staticmethod
+    def _count(stats, variant, blocks):
+        stats["blocks"] += len(blocks)
+        if variant.block_format == "tiles":
+            quantized = (blocks.data[blocks.offsets + 5] & 0x8) != 0  # flags bit 3 (§17.2)
+            stats["tiles"] += int(quantized.sum())
+            stats["raw"] += int((~quantized).sum())
+            w = tile_width_counts(blocks)
+            stats["tile_widths"] = [a + int(b) for a, b in zip(stats["tile_widths"], w)]
+        else:
+            enc = blocks.data[blocks.offsets + 5]  # header byte 5: encoding (format.md §3)
+            for e, nm in ((2, "huffman"), (1, "fixed"), (0, "raw")):
+                stats[nm] += int((enc == e).sum())
+
+    def _held(self, blocks, nb, cb_bytes, done):
+        """Bytes of `blocks` (nb blocks of T tokens, all heads) plus the codebook: held at the
+        window's end, and summed over the steps (done[t]: blocks complete after step t)."""
+        per_block = blocks.sizes.reshape(nb, -1).sum(1, dtype=np.int64)
+        cum = np.concatenate([[0], np.cumsum(per_block)])
+        return (blocks.nbytes + cb_bytes,
+                int(cum[done].sum()) + int((done > 0).sum()) * cb_bytes)
+
     def _roundtrip(self, layer, kind, x):
         """x [n, Hk, d] fp16 -> (decoded copy, bytes held for x at the window's end).
         Also adds to bytes_time the bytes held after each step t = 1..n: the blocks completed
-        by then (a block is compressed as soon as it is full) plus the fp16 tail."""
+        by then (a block is compressed as soon as it is full) plus the fp16 sinks and tail."""
         n = x.shape[0]
         row = x.shape[1] * x.shape[2] * F16  # fp16 bytes of one token
         if self.eb[kind] is None or layer in self.fp16_layers:
             self.bytes_time += _prefix_sums(n) * row
+            for acc in self.variant_bytes.values():
+                acc["bytes"] += x.nbytes
+                acc["bytes_time"] += _prefix_sums(n) * row
             return None, x.nbytes
-        n_full = (n // self.T) * self.T
-        out = x.copy()  # the tail (< T tokens) stays fp16
-        held = (n - n_full) * row
+        nb = n // self.T
+        n_full = nb * self.T
+        S = min(self.sinks, n_full)              # sinks: an fp16 copy once their block is full
+        held_fp16 = (n - n_full + S) * row       # the tail (< T tokens) and the sinks in fp16
         t = np.arange(1, n + 1)
         done = t // self.T                       # blocks complete after step t
-        self.bytes_time += int(((t - done * self.T) * row).sum())
-        if n_full:
-            codec, cb_bytes = self._codec(layer, kind, x[:n_full])
-            blocks = codec.encode(x[:n_full])
-            codec.decode(blocks, out=out[:n_full])
-            held += blocks.nbytes + cb_bytes
-            per_block = blocks.sizes.reshape(n_full // self.T, -1).sum(1, dtype=np.int64)
-            cum = np.concatenate([[0], np.cumsum(per_block)])
-            self.bytes_time += int(cum[done].sum()) + int((done > 0).sum()) * cb_bytes
-            self.stats["blocks"] += len(blocks)
-            enc = blocks.data[blocks.offsets + 5]  # header byte 5: encoding (format.md §3)
-            for e, nm in ((2, "huffman"), (1, "fixed"), (0, "raw")):
-                self.stats[nm] += int((enc == e).sum())
-        return out, held
+        fp16_time = int(((t - done * self.T) * row).sum()) + int((done > 0).sum()) * S * row
+        self.bytes_time += fp16_time
+        for acc in self.variant_bytes.values():
+            acc["bytes"] += held_fp16
+            acc["bytes_time"] += fp16_time
+        if not nb:
+            return x.copy(), held_fp16
+        blk = x[:n_full]
+        rotate = kind in self.rotate
+        if rotate:
+            H = self._rotation(x.shape[2])
+            blk = (blk.astype(np.float32) @ H).astype(np.float16)
+        codec, cb_bytes = self._codec(layer, kind, blk)
+        blocks = codec.encode(blk)
+        dec = codec.decode(blocks, out=np.empty_like(blk))
+        held, held_time = self._held(blocks, nb, cb_bytes, done)
+        self.bytes_time += held_time
+        self._count(self.stats, self.variant, blocks)
+        for nm, var in self.variants:
+            vcodec, vcb = self._codec(layer, kind, blk, var)
+            vblocks = vcodec.encode(blk)
+            vdec = vcodec.decode(vblocks, out=np.empty_like(blk))
+            self.variant_mismatch[nm] += int(
+                (vdec.view(np.uint16) != dec.view(np.uint16)).sum())
+            vheld, vtime = self._held(vblocks, nb, vcb, done)
+            self.variant_bytes[nm]["bytes"] += vheld
+            self.variant_bytes[nm]["bytes_time"] += vtime
+            self._count(self.variant_stats[nm], var, vblocks)
+        if rotate:
+            out = x.astype(np.float32)
+            out[:n_full] = dec.astype(np.float32) @ self._rotation(x.shape[2])
+        else:
+            out = x.copy()
+            out[:n_full] = dec
+        out[:S] = x[:S]                          # the sinks, read from their fp16 copy
+        return out, held_fp16 + held
+
+    def begin_window(self, n):
+        FP16Cache.begin_window(self, n)
+        for acc in self.variant_bytes.values():
+            acc["bytes"] = acc["bytes_time"] = 0
+        if self.seq is not None:  # each window is a fresh sequence
+            self.store.free_sequence(self.seq)
+            self.seq = None
 
     def attend(self, layer, q, k, v, window=0):
         if self.path == "store":
@@ -394,6 +538,9 @@ class GenerationCache:
     trains that codebook), or None for a plain fp16 cache."""
 
     def __init__(self, n_layer, kv: KvcompCache | None, block_tokens=64):
+        if kv is not None and (kv.rotate or kv.sinks or kv.variants):
+            raise ValueError("GenerationCache: rotation, sinks and variants are window-pass "
+                             "(harness) prototypes only")
         self.kv = kv
         self.T = kv.T if kv is not None else block_tokens
         # Decoded full blocks as float32 [tokens, Hk, d], grown once per block (not per step).

@@ -9,13 +9,23 @@ KV cache, on WikiText-2; plus the compression ratio with everything counted.
 The text is cut into consecutive non-overlapping windows; each window is a fresh sequence
 evaluated on all its next-token predictions. Settings are given as
   fp16 | kvcomp:k=EB,v=EB[,kmode=rel|abs][,vmode=rel|abs][,t=64][,vg=0][,ns=0]
-                  [,entropy=auto][,fp16layers=0+1][,path=store|codec] | kivi:BITS[,g=32][,r=128] | int8
+                  [,entropy=auto][,fp16layers=0+1][,path=store|codec]
+                  [,fmt=v1|tiles][,perm=1][,split=1][,rot=0|1|k|v][,sinks=0][,also=v1+t11+...]
+       | kivi:BITS[,g=32][,r=128] | int8
 where EB is an error bound, relative to each quantization group's range (rel, the default) or
 absolute (abs), or "none" to keep that tensor fp16; t: tokens per block; vg: V channels per
 group; ns: Huffman sub-streams per block (0 = the library's choice); fp16layers: layers whose
 cache stays fp16; path: through the paged store (kvc_store_prefill, kvc_store_read; the default
 where the setting allows it) or the codec API (kvc_codec_encode/decode; needed for ns, fp16layers
 and k/v=none). Both give the same decoded values (tests/test_harness.py).
+Codec path only: fmt: block format v1 or tiles (t1, docs/format.md §17; perm and split: the
+tile encoder's channel permutation and 3/6-bit widths); rot: a normalized Hadamard rotation of
+each head's K and V (1), K only (k) or V only (v) before encoding, undone after decoding (the
+bound then holds in the rotated space); sinks: the first tokens of each window also kept fp16;
+also: more block formats written from the same input in the same pass, one row each (v1: v1
+with the setting's ns; tPS: tiles with perm=P, split=S), their decoded values checked equal to
+the setting's element by element (`mismatched_elements` in the results: 0 means the row's PPL,
+KL and top-1 are exactly its own).
 """
 from __future__ import annotations
 
@@ -39,6 +49,7 @@ import wikitext  # noqa: E402
 
 
 MODES = {"rel": "relative", "abs": "absolute"}
+ROTATIONS = {"0": False, "1": True, "k": "key", "v": "value"}
 
 
 def make_policy(spec: str, device: str = "cpu"):
@@ -50,6 +61,9 @@ def make_policy(spec: str, device: str = "cpu"):
     if kind == "kvcomp":
         def eb(x):
             return None if x in (None, "none") else float(x)
+        also = [tok for tok in opts.get("also", "").split("+") if tok]
+        variants = [parse_variant(tok, opts) for tok in also]  # checks the tokens first
+        variants = [(variant_setting(spec, tok), var) for tok, var in zip(also, variants)]
         return KvcompCache(eb(opts.get("k")), eb(opts.get("v")), block_tokens=int(opts.get("t", 64)),
                            value_group_size=int(opts.get("vg", 0)),
                            entropy=opts.get("entropy", "auto"), name=spec,
@@ -58,7 +72,13 @@ def make_policy(spec: str, device: str = "cpu"):
                            fp16_layers=[int(i) for i in opts.get("fp16layers", "").split("+")
                                         if i],
                            bound_mode={"key": MODES[opts.get("kmode", opts.get("mode", "rel"))],
-                                       "value": MODES[opts.get("vmode", opts.get("mode", "rel"))]})
+                                       "value": MODES[opts.get("vmode", opts.get("mode", "rel"))]},
+                           block_format=opts.get("fmt", "v1"),
+                           tile_permute=opts.get("perm", "1") == "1",
+                           tile_split=opts.get("split", "1") == "1",
+                           rotate=ROTATIONS[opts.get("rot", "0")],
+                           sinks=int(opts.get("sinks", 0)),
+                           variants=variants)
     if kind == "kivi":
         bits = int(rest.split(",")[0])
         return KiviCache(bits, group=int(opts.get("g", 32)), residual=int(opts.get("r", 128)),
@@ -66,6 +86,31 @@ def make_policy(spec: str, device: str = "cpu"):
     if kind == "int8":
         return Int8TokenCache()
     raise ValueError(f"unknown setting {spec!r}")
+
+
+def parse_variant(tok: str, opts: dict):
+    """A variant of `also=`: "v1" (format v1 with the setting's ns) or "tPS" (tiles; P, S:
+    tile_permute_channels and tile_split_widths, 0 or 1)."""
+    from cache import CodecVariant
+    if tok == "v1":
+        return CodecVariant("v1", num_substreams=int(opts.get("ns", 0)))
+    if len(tok) == 3 and tok[0] == "t" and set(tok[1:]) <= {"0", "1"}:
+        return CodecVariant("tiles", permute=tok[1] == "1", split=tok[2] == "1")
+    raise ValueError(f"also={tok!r}: expected v1 or tPS (P, S: 0 or 1)")
+
+
+def variant_setting(spec: str, tok: str) -> str:
+    """The setting string of `spec`'s variant `tok` (what it would be if run on its own)."""
+    kind, _, rest = spec.partition(":")
+    items = [kv for kv in rest.split(",")
+             if kv.split("=", 1)[0] not in ("fmt", "perm", "split", "also")]
+    if tok == "v1":
+        items = [kv for kv in items if not kv.startswith("ns=")] + \
+            [kv for kv in rest.split(",") if kv.startswith("ns=")]
+    else:
+        items = [kv for kv in items if not kv.startswith("ns=")] + \
+            ["fmt=tiles", f"perm={tok[1]}", f"split={tok[2]}"]
+    return f"{kind}:{','.join(items)}"
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -137,7 +182,14 @@ def evaluate(model, ids, settings, windows, window_tokens, progress=True, log=No
     names, policies = [], []
     for s in settings:
         pol = make_policy(s, device)
-        if device != "cpu" and getattr(pol, "path", None) == "store":
+        if getattr(pol, "variants", None):
+            # One forward pass, several rows: the variants' bytes beside the primary's.
+            names.append(s)
+            policies.append(pol)
+            for nm, _ in pol.variants:
+                names.append(nm)
+                policies.append(VariantOf(pol, nm))
+        elif device != "cpu" and getattr(pol, "path", None) == "store":
             # The same setting through the CPU store too, to print the two side by side.
             names += [f"{s} [cpu store]", f"{s} [{device} store]"]
             policies += [make_policy(s, "cpu"), pol]
@@ -152,7 +204,8 @@ def evaluate(model, ids, settings, windows, window_tokens, progress=True, log=No
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=windows * (1 + len(policies)), unit="pass", desc="forward passes",
+        passes = 1 + sum(not isinstance(p, VariantOf) for p in policies)
+        bar = tqdm(total=windows * passes, unit="pass", desc="forward passes",
                    file=sys.stderr)
     for w in range(start_window, start_window + windows):
         x = np.asarray(ids[w * window_tokens:(w + 1) * window_tokens], dtype=np.int64)
@@ -164,22 +217,52 @@ def evaluate(model, ids, settings, windows, window_tokens, progress=True, log=No
         p_ref = np.exp(lp_ref)
         if bar:
             bar.update(1)
+        lp = None
         for pol, acc in zip(policies, accs):
             t0 = time.time()
-            lp = log_softmax(model.forward(x, pol)[:-1])
+            if not isinstance(pol, VariantOf):  # a variant reuses its primary's pass
+                lp = log_softmax(model.forward(x, pol)[:-1])
+                if bar:
+                    bar.update(1)
             acc.add(lp, lp_ref, targets, pol, time.time() - t0, p_ref)
-            if bar:
-                bar.update(1)
         if log:
-            log(w - start_window, [ref.result()] + [a.result(ref) for a in accs])
+            log(w - start_window, _results(ref, accs, policies))
     if bar:
         bar.close()
+    return _results(ref, accs, policies)
+
+
+def _results(ref, accs, policies):
+    """The result dicts so far (fp16 first), with each kvcomp row's block counts and, for a
+    variant row, its pass and mismatch count."""
     results = [ref.result()] + [a.result(ref) for a in accs]
     for pol, r in zip(policies, results[1:]):
         if isinstance(pol, KvcompCache):
             r["blocks"] = dict(pol.stats)
             r["path"] = pol.path
+        elif isinstance(pol, VariantOf):
+            r["blocks"] = dict(pol.primary.variant_stats[pol.name])
+            r["path"] = pol.primary.path
+            r["pass_of"] = pol.primary.name
+            # Elements that decoded differently from the primary's: 0 means the row's PPL,
+            # KL and top-1 are exactly this variant's own.
+            r["mismatched_elements"] = pol.primary.variant_mismatch[pol.name]
     return results
+
+
+class VariantOf:
+    """A row that shares its primary KvcompCache's forward pass and counts the bytes of one
+    of its variants (KvcompCache.variants)."""
+
+    def __init__(self, primary: KvcompCache, name: str):
+        self.primary, self.name = primary, name
+
+    def __getattr__(self, attr):
+        if attr in ("bytes", "bytes_time"):
+            return self.primary.variant_bytes[self.name][attr]
+        if attr in ("fp16_bytes", "fp16_time"):
+            return getattr(self.primary, attr)
+        raise AttributeError(attr)
 
 
 def format_table(results) -> str:

@@ -3,6 +3,9 @@
 --start-window) into one result set: sums of log-likelihoods, KL, top-1 hits and bytes.
 
     python bench/accuracy/merge.py a.json b.json --out merged.json
+
+Parts over the same windows (settings run by separate processes) are first united; --common
+keeps only the settings measured on every window.
 """
 from __future__ import annotations
 
@@ -10,6 +13,18 @@ import argparse
 import json
 import math
 from pathlib import Path
+
+
+def _add_counts(a, b):
+    """Block counts summed key by key (lists, e.g. tiles per width, element by element)."""
+    if a is None:
+        return {k: list(v) if isinstance(v, list) else v for k, v in b.items()}
+    for k, v in b.items():
+        if isinstance(v, list):
+            a[k] = [x + y for x, y in zip(a.get(k, [0] * len(v)), v)]
+        else:
+            a[k] = a.get(k, 0) + v
+    return a
 
 
 def merge(parts):
@@ -24,6 +39,14 @@ def merge(parts):
                               fp16_bytes=0.0, seconds=0.0, ref_nll=0.0, bytes_time=0.0,
                               fp16_time=0.0)
             m = out[s]
+            for key in ("pass_of", "path"):  # a variant row's pass (harness.VariantOf)
+                if key in r:
+                    m[key] = r[key]
+            if "mismatched_elements" in r:
+                m["mismatched_elements"] = m.get("mismatched_elements", 0) + \
+                    r["mismatched_elements"]
+            if "blocks" in r:
+                m["blocks"] = _add_counts(m.get("blocks"), r["blocks"])
             n = r["tokens"]
             m["tokens"] += n
             m["nll"] += math.log(r["ppl"]) * n
@@ -43,6 +66,8 @@ def merge(parts):
         r = dict(setting=s, tokens=n, ppl=math.exp(m["nll"] / n),
                  ratio=m["fp16_bytes"] / m["bytes"], bytes=m["bytes"],
                  fp16_bytes=m["fp16_bytes"], seconds=round(m["seconds"], 1))
+        r.update({key: m[key] for key in ("blocks", "path", "pass_of", "mismatched_elements")
+                  if key in m})
         if not math.isnan(m["bytes_time"]):
             r.update(ratio_avg=m["fp16_time"] / m["bytes_time"], bytes_time=m["bytes_time"],
                      fp16_time=m["fp16_time"])
@@ -55,12 +80,42 @@ def merge(parts):
     return res
 
 
+def combine_same_windows(parts):
+    """Parts that cover the same windows (same start_window and windows_done: settings run in
+    separate processes) become one part with the union of their rows; a setting in several
+    (fp16 is in every one) keeps its first row. Those rows must agree on fp16's perplexity."""
+    groups = {}
+    for p in parts:
+        key = (p["meta"].get("start_window", 0), p["meta"]["windows_done"])
+        if key not in groups:
+            groups[key] = dict(meta=dict(p["meta"]), results=list(p["results"]))
+            continue
+        g = groups[key]
+        ref = {r["setting"]: r for r in g["results"]}["fp16"]["ppl"]
+        for r in p["results"]:
+            if r["setting"] == "fp16" and r["ppl"] != ref:
+                raise ValueError(f"parts of windows {key} disagree on fp16's perplexity")
+            if r["setting"] not in {x["setting"] for x in g["results"]}:
+                g["results"].append(r)
+    return list(groups.values())
+
+
+def common_settings(parts):
+    """Only the settings present in every part (so that every row covers all windows)."""
+    keep = set.intersection(*({r["setting"] for r in p["results"]} for p in parts))
+    return [dict(p, results=[r for r in p["results"] if r["setting"] in keep]) for p in parts]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("parts", nargs="+")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--common", action="store_true",
+                    help="keep only the settings measured on every window")
     a = ap.parse_args(argv)
-    parts = [json.loads(Path(p).read_text()) for p in a.parts]
+    parts = combine_same_windows([json.loads(Path(p).read_text()) for p in a.parts])
+    if a.common:
+        parts = common_settings(parts)
     meta = dict(parts[0]["meta"])
     meta["windows_done"] = sum(p["meta"]["windows_done"] for p in parts)
     meta["parts"] = [dict(start_window=p["meta"].get("start_window", 0),

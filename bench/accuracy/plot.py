@@ -2,8 +2,8 @@
 """Figure and markdown tables for docs/accuracy.md from the harness's JSON results.
 
     python bench/accuracy/plot.py --sweep bench/accuracy/results/sweep.json \
-        --headline bench/accuracy/results/headline.json bench/accuracy/results/final.json \
-        --figure docs/accuracy_pareto.png
+        --headline bench/accuracy/results/headline_t128.json \
+        --tiles bench/accuracy/results/tiles_t128.json --figure docs/accuracy_pareto.png
 """
 from __future__ import annotations
 
@@ -20,10 +20,23 @@ def label(setting: str) -> str:
         k = "fp16" if o.get("k", "none") == "none" else f"{km} {o['k']}"
         v = "fp16" if o.get("v", "none") == "none" else f"{vm} {o['v']}"
         extra = f", T={o.get('t', 64)}"
-        extra += "".join(f", {x}={o[x]}" for x in ("vg", "ns") if x in o)
+        tiles = o.get("fmt", "v1") == "tiles"
+        extra += "".join(f", {x}={o[x]}" for x in ("vg",) if x in o)
+        if "ns" in o and not tiles:
+            extra += f", ns={o['ns']}"
         if "fp16layers" in o:
             extra += f", layers {o['fp16layers'].replace('+', ',')} fp16"
-        return f"kvcomp K {k}, V {v}{extra}"
+        if o.get("sinks", "0") != "0":
+            extra += f", {o['sinks']} sinks fp16"
+        if o.get("rot", "0") != "0":
+            extra += ", Hadamard " + {"1": "K+V", "k": "K", "v": "V"}[o["rot"]]
+        if tiles:
+            opts = [nm for nm, x in (("perm", "perm"), ("split", "split"))
+                    if o.get(x, "1") == "1"]
+            fmt = "tiles" + (f" ({'+'.join(opts)})" if opts else " (no perm, no split)")
+        else:
+            fmt = "v1"
+        return f"kvcomp {fmt} K {k}, V {v}{extra}"
     return {"kivi:2": "KIVI-2", "kivi:4": "KIVI-4", "int8": "int8 per-token",
             "fp16": "fp16"}.get(setting, setting)
 
@@ -38,7 +51,14 @@ def group(setting: str) -> str:
         return "kvcomp K only"
     if o.get("kmode", o.get("mode", "rel")) != "abs":
         return "kvcomp K rel"
-    return f"kvcomp K+V T={o.get('t', '64')}"
+    if o.get("rot", "0") != "0":
+        return "kvcomp tiles rotated" if o.get("fmt", "v1") == "tiles" else "kvcomp v1 rotated"
+    sinks = ", sinks" if o.get("sinks", "0") != "0" else ""
+    if o.get("fmt", "v1") == "tiles":
+        if o.get("perm", "1") == "1" and o.get("split", "1") == "1":
+            return "kvcomp tiles" + sinks
+        return "kvcomp tiles ablation"
+    return f"kvcomp K+V T={o.get('t', '64')}{sinks}"
 
 
 def table(results) -> str:
@@ -56,12 +76,62 @@ def table(results) -> str:
     return "\n".join(rows)
 
 
+def paired_table(results) -> str:
+    """One line per forward pass of the tile runs: a tile setting and the variants that shared
+    its pass (same decoded values, so the same PPL, KL and top-1): each format's ratio side by
+    side. Rows whose variants did not decode identically are refused."""
+    passes = {}
+    for r in results:
+        if r["setting"] == "fp16" or not r["setting"].startswith("kvcomp:"):
+            continue
+        if r.get("mismatched_elements", 0):
+            raise ValueError(f"{r['setting']} decoded differently from {r.get('pass_of')}")
+        # The pass: the setting without its block format (results written before pass_of
+        # existed are grouped the same way).
+        key = ",".join(sorted(kv for kv in r["setting"].split(":", 1)[1].split(",")
+                              if kv.split("=")[0] not in ("fmt", "perm", "split", "also", "ns")))
+        passes.setdefault(key, []).append(r)
+    cols = [("tiles (perm+split)", "1", "1"), ("perm only", "1", "0"), ("split only", "0", "1"),
+            ("neither", "0", "0")]
+    rows = ["| setting (K abs, V rel, T = 128) | " + " | ".join(c for c, _, _ in cols) +
+            " | v1 Huffman (4 sub-streams) | ΔPPL | mean KL | top-1 |",
+            "|---|" + "---:|" * (len(cols) + 4)]
+    for key, rs in passes.items():
+        o = dict(kv.split("=") for kv in key.split(","))
+        name = f"K {o['k']}, V {o['v']}"
+        if o.get("sinks", "0") != "0":
+            name += f", {o['sinks']} sinks fp16"
+        if o.get("rot", "0") != "0":
+            name += ", Hadamard " + {"1": "K+V", "k": "K", "v": "V"}[o["rot"]]
+        ratio = {}
+        for r in rs:
+            p = dict(kv.split("=") for kv in r["setting"].split(":", 1)[1].split(",")
+                     if "=" in kv)
+            fmt = p.get("fmt", "v1")
+            ratio[(fmt, p.get("perm", "1"), p.get("split", "1")) if fmt == "tiles"
+                  else "v1"] = r["ratio"]
+        cells = [f"{ratio[('tiles', pp, sp)]:.2f}" if ("tiles", pp, sp) in ratio else "—"
+                 for _, pp, sp in cols]
+        cells[0] = f"**{cells[0]}**" if cells[0] != "—" else cells[0]
+        r = rs[0]
+        v1 = f"{ratio['v1']:.2f}" if "v1" in ratio else "—"
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {v1} | {r['dppl_pct']:+.2f}% | "
+                    f"{r['kl']:.4f} | {100 * r['top1']:.2f}% |")
+    return "\n".join(rows)
+
+
 STYLES = {
     "kvcomp K+V T=64": dict(color="tab:blue", marker="o", ls="-"),
     "kvcomp K+V T=128": dict(color="navy", marker="o", ls="--", mfc="white"),
     "kvcomp K only": dict(color="tab:cyan", marker="^", ls=":"),
     "kvcomp V only": dict(color="tab:purple", marker="v", ls=":"),
     "kvcomp K rel": dict(color="tab:gray", marker="s", ls="none"),
+    "kvcomp K+V T=128, sinks": dict(color="tab:blue", marker="*", ls="-", ms=10),
+    "kvcomp tiles": dict(color="darkgreen", marker="s", ls="--", mfc="white"),
+    "kvcomp tiles, sinks": dict(color="tab:olive", marker="P", ls="-", ms=9),
+    "kvcomp tiles ablation": dict(color="tab:brown", marker="<", ls="none"),
+    "kvcomp tiles rotated": dict(color="tab:pink", marker="d", ls="none", ms=8),
+    "kvcomp v1 rotated": dict(color="tab:pink", marker="d", ls="none", ms=8),
     "kivi:2": dict(color="tab:red", marker="X", ls="none", ms=11),
     "kivi:4": dict(color="tab:orange", marker="X", ls="none", ms=11),
     "int8": dict(color="tab:green", marker="D", ls="none", ms=8),
@@ -69,11 +139,19 @@ STYLES = {
 NAMES = {"kvcomp K+V T=64": "kvcomp, T=64 (K abs, V rel bound)",
          "kvcomp K+V T=128": "kvcomp, T=128, 4 sub-streams",
          "kvcomp K only": "kvcomp K only (V fp16)", "kvcomp V only": "kvcomp V only (K fp16)",
-         "kvcomp K rel": "kvcomp, K rel bound", "kivi:2": "KIVI-2", "kivi:4": "KIVI-4",
+         "kvcomp K rel": "kvcomp, K rel bound",
+         "kvcomp K+V T=128, sinks": "kvcomp v1, T=128, 4 sinks in fp16",
+         "kvcomp tiles": "kvcomp tiles (t1, perm + split), T=128",
+         "kvcomp tiles, sinks": "kvcomp tiles, T=128, 4 sinks in fp16",
+         "kvcomp tiles ablation": "tiles without perm and/or split",
+         "kvcomp tiles rotated": "tiles with a Hadamard rotation (K+V, K or V)",
+         "kvcomp v1 rotated": "v1 with a Hadamard rotation (K+V, K or V)",
+         "kivi:2": "KIVI-2", "kivi:4": "KIVI-4",
          "int8": "int8 per-token"}
 
 
-def _panel(ax, results, title):
+def _panel(ax, results, title, targets=((5.0, 1.0), (8.0, 3.0))):
+    """targets: (ratio, ΔPPL %) points drawn as dashed, then dotted, lines."""
     by = {}
     for r in results:
         if r["setting"] != "fp16":
@@ -82,16 +160,15 @@ def _panel(ax, results, title):
         rs = sorted(rs, key=lambda r: r["ratio"])
         ax.plot([r["ratio"] for r in rs], [r["dppl_pct"] for r in rs], label=NAMES.get(g, g),
                 **STYLES.get(g, dict(marker="o")))
-        if g.startswith("kvcomp K+V"):
+        if g.startswith("kvcomp K+V") or g.startswith("kvcomp tiles,") or g == "kvcomp tiles":
             for r in rs:
                 o = dict(kv.split("=") for kv in r["setting"].split(":", 1)[1].split(","))
                 ax.annotate(f"K{o['k']}/V{o['v']}", (r["ratio"], r["dppl_pct"]),
                             textcoords="offset points", xytext=(5, -11), fontsize=6.5,
                             color=STYLES[g]["color"])
-    ax.axhline(1.0, color="k", lw=0.6, ls="--")
-    ax.axhline(3.0, color="k", lw=0.6, ls=":")
-    ax.axvline(5.0, color="k", lw=0.6, ls="--")
-    ax.axvline(8.0, color="k", lw=0.6, ls=":")
+    for (x, y), ls in zip(targets, ("--", ":")):
+        ax.axhline(y, color="k", lw=0.6, ls=ls)
+        ax.axvline(x, color="k", lw=0.6, ls=ls)
     ax.set_yscale("symlog", linthresh=1.0, linscale=1.5)
     ticks = [-0.5, 0, 0.5, 1, 2, 3, 5, 10, 20, 40]
     ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
@@ -110,8 +187,8 @@ def figure(panels, path: Path, suptitle: str):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(7.2 * len(panels), 5.4), squeeze=False)
-    for ax, (results, title) in zip(axes[0], panels):
-        _panel(ax, results, title)
+    for ax, (results, title, *targets) in zip(axes[0], panels):
+        _panel(ax, results, title, *targets)
     fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -134,6 +211,8 @@ def main(argv=None):
     ap.add_argument("--sweep", nargs="+", required=True, help="the error-bound sweep's JSON")
     ap.add_argument("--headline", nargs="*", default=[],
                     help="JSON files of the long run (same windows)")
+    ap.add_argument("--tiles", nargs="*", default=[],
+                    help="JSON files of the tile/sink run over the headline's windows")
     ap.add_argument("--figure", default="docs/accuracy_pareto.png")
     a = ap.parse_args(argv)
     sm, sweep = _load(a.sweep)
@@ -147,6 +226,33 @@ def main(argv=None):
                              f"({head[0]['tokens']} predictions)"))
         print(f"\n## headline ({head[0]['tokens']} predictions)\n")
         print(table(head))
+    if a.tiles:
+        tm, tiles = _load(a.tiles)
+        n = tiles[0]["tokens"]
+        partial = [r["setting"] for r in tiles if r["tokens"] != n]
+        if partial:
+            print(f"left out (fewer predictions than fp16's {n}): {partial}")
+        tiles = [r for r in tiles if r["tokens"] == n]
+        # Rows of another run join this panel only if that run's fp16 baseline is this one's
+        # (same windows, same text and model); else the panels stay apart.
+        same = a.headline and head[0]["tokens"] == n and \
+            abs(head[0]["ppl"] / tiles[0]["ppl"] - 1) < 1e-9
+        if a.headline and not same:
+            print(f"note: the headline's fp16 PPL {head[0]['ppl']:.3f} is not this run's "
+                  f"{tiles[0]['ppl']:.3f}: panels kept apart")
+        base = []
+        if same:
+            base = [r for r in head if not r["setting"].startswith("kvcomp:")
+                    or group(r["setting"]) == "kvcomp K+V T=128"]
+        panels.append((tiles + [r for r in base if r["setting"] not in
+                                {t["setting"] for t in tiles}],
+                       f"tiles: {tm['windows_done']} windows x {tm['window_tokens']} tokens "
+                       f"({n} predictions); lines: the 4x / 1.5% target",
+                       ((4.0, 1.5),)))
+        print(f"\n## tiles, sinks ({n} predictions)\n")
+        print(table(tiles))
+        print("\n## the same, one line per pass\n")
+        print(paired_table(tiles))
     figure(panels, Path(a.figure),
            "SmolLM2-135M-Instruct (GGUF Q4_1), WikiText-2 test, KV cache through kvcomp vs "
            "KIVI vs fp16")

@@ -30,7 +30,7 @@ __all__ = [
     "library_path", "version", "block_info", "Store", "StoreConfig",
     "KIND_KEY", "KIND_VALUE", "BOUND_ABSOLUTE", "BOUND_RELATIVE",
     "ENTROPY_AUTO", "ENTROPY_FIXED", "ENTROPY_HUFFMAN",
-    "ENCODING_RAW", "ENCODING_FIXED", "ENCODING_HUFFMAN",
+    "ENCODING_RAW", "ENCODING_FIXED", "ENCODING_HUFFMAN", "ENCODING_TILES",
     "BLOCK_FORMAT_V1", "BLOCK_FORMAT_TILES", "BLOCK_FORMAT_AUTO",
     "ROTATION_NONE", "ROTATION_HADAMARD",
 ]
@@ -41,7 +41,7 @@ KIND_KEY, KIND_VALUE = 0, 1
 BOUND_ABSOLUTE, BOUND_RELATIVE = 0, 1
 ENTROPY_AUTO, ENTROPY_FIXED, ENTROPY_HUFFMAN = 0, 1, 2
 BACKEND_CPU, BACKEND_CUDA = 0, 1
-ENCODING_RAW, ENCODING_FIXED, ENCODING_HUFFMAN = 0, 1, 2
+ENCODING_RAW, ENCODING_FIXED, ENCODING_HUFFMAN, ENCODING_TILES = 0, 1, 2, 3
 BLOCK_FORMAT_V1, BLOCK_FORMAT_TILES, BLOCK_FORMAT_AUTO = 0, 1, 2
 ROTATION_NONE, ROTATION_HADAMARD = 0, 1
 ABI_VERSION = 3
@@ -338,7 +338,9 @@ class Codec(_Handle):
     """A codec for one block shape (kvc_codec_t); CPU backend.
 
     kind: "key" | "value"; bound_mode: "relative" | "absolute"; entropy: "auto" | "fixed" |
-    "huffman". codebook: a Codebook or None (fixed width only).
+    "huffman". codebook: a Codebook or None (fixed width only). block_format: "v1" | "tiles"
+    (format t1, docs/format.md §17; no codebook, entropy and num_substreams ignored);
+    tile_permute_channels, tile_split_widths: the tile encoder's options (api.md).
     """
 
     _destroy = "kvc_codec_destroy"
@@ -346,7 +348,8 @@ class Codec(_Handle):
     def __init__(self, kind="key", num_tokens: int = 64, head_dim: int = 128,
                  error_bound: float = 0.05, bound_mode="relative", entropy="auto",
                  value_group_size: int = 0, num_substreams: int = 0,
-                 codebook: Optional[Codebook] = None):
+                 codebook: Optional[Codebook] = None, block_format="v1",
+                 tile_permute_channels: bool = True, tile_split_widths: bool = True):
         lib = _load()
         self.kind = _KINDS[kind] if isinstance(kind, str) else int(kind)
         self.num_tokens, self.head_dim = int(num_tokens), int(head_dim)
@@ -356,13 +359,16 @@ class Codec(_Handle):
         self.value_group_size = int(value_group_size)
         cfg = _CodecConfig(ctypes.sizeof(_CodecConfig), ABI_VERSION, BACKEND_CPU, self.kind,
                            self.num_tokens, self.head_dim, self.value_group_size,
-                           self.bound_mode, self.error_bound, self.entropy, int(num_substreams))
+                           self.bound_mode, self.error_bound, self.entropy, int(num_substreams),
+                           _BLOCK_FORMATS[block_format] if isinstance(block_format, str)
+                           else int(block_format), int(bool(tile_permute_channels)),
+                           int(bool(tile_split_widths)))
+        self.block_format = cfg.block_format
         h = ctypes.c_void_p()
         _check(lib.kvc_codec_create(ctypes.byref(cfg), codebook._h if codebook else None,
                                     ctypes.byref(h)))
         self._h = h
         self.codebook = codebook
-
 
     def max_block_bytes(self, dtype=np.float16) -> int:
         v = ctypes.c_size_t()

@@ -149,9 +149,17 @@ def test_fp16_perplexity_is_plausible(model, text):
 @needs_model
 def test_harness_smoke(model, text):
     ids = model.tokenizer().encode(text[:20000]).ids
-    res = harness.evaluate(model, ids, ["kvcomp:k=0.2,v=0.05,kmode=abs", "kivi:2", "int8"],
-                           windows=1, window_tokens=256, progress=False)
+    tiles = "kvcomp:k=0.2,v=0.05,kmode=abs,fmt=tiles,also=v1"
+    res = harness.evaluate(model, ids, ["kvcomp:k=0.2,v=0.05,kmode=abs", "kivi:2", "int8",
+                                        tiles], windows=1, window_tokens=256, progress=False)
     by = {r["setting"]: r for r in res}
+    # Tiles (t1 blocks) decode to v1's values: the same predictions, fewer bytes saved.
+    tv1 = by["kvcomp:k=0.2,v=0.05,kmode=abs"]
+    assert by[tiles]["blocks"]["tiles"] == by[tiles]["blocks"]["blocks"] > 0
+    assert tv1["ppl"] == by[tiles]["ppl"] and tv1["kl"] == by[tiles]["kl"]
+    v1_variant = [r for r in res if r.get("pass_of") == tiles]
+    assert len(v1_variant) == 1 and v1_variant[0]["mismatched_elements"] == 0
+    assert 2 < by[tiles]["ratio"] < v1_variant[0]["ratio"]
     assert by["fp16"]["ratio"] == 1.0
     kv = by["kvcomp:k=0.2,v=0.05,kmode=abs"]
     assert kv["ratio"] > 3 and kv["tokens"] == 255
