@@ -364,17 +364,17 @@ KVC_API kvc_status_t kvc_block_inspect(const void* h_block, size_t src_bytes, kv
  *   KVC_BACKEND_CUDA: pool, tables and tails in device memory of the device current at
  *     creation; tensors are device pointers. kvc_store_prefill, kvc_store_append,
  *     kvc_store_free_sequence and kvc_store_attention are asynchronous on `stream` and make no
- *     host-device synchronization (except a layer's first compression when it must build its
- *     codebooks, see kvc_store_prefill; a store of tile blocks builds none); kvc_store_append
- *     and kvc_store_attention can be captured in a CUDA graph, page allocation included. Their
- *     data errors (out of pages, inf or NaN input, a sequence past max_sequence_tokens, a
- *     sequence freed since capture) are found on the device: the call returns KVC_SUCCESS and
- *     kvc_store_get_stats reports them (last_append_status, failed_appends) once the stream has
- *     run; the failed operation changed nothing, as on the CPU. add_sequence, sequence_length,
- *     read, serialize, restore and set_codebook wait for the device (cudaDeviceSynchronize) and
- *     must not be captured. All calls on one store must be ordered: one stream at a time, or
- *     streams the caller orders. Memory a captured graph uses stays allocated until
- *     kvc_store_destroy.
+ *     host-device synchronization (except where a layer must build its codebooks: every prefill or
+ *     append on it until its first block compresses, see kvc_store_prefill; a store of tile blocks
+ *     builds none); kvc_store_append and kvc_store_attention can be captured in a CUDA graph, page
+ *     allocation included. Their data errors (out of pages, inf or NaN input, a sequence past
+ *     max_sequence_tokens, a sequence freed since capture) are found on the device: the call
+ *     returns KVC_SUCCESS and kvc_store_get_stats reports them (last_append_status, failed_appends)
+ *     once the stream has run; the failed operation changed nothing, as on the CPU. add_sequence,
+ *     sequence_length, read, serialize, restore and set_codebook wait for the device
+ *     (cudaDeviceSynchronize) and must not be captured. All calls on one store must be ordered: one
+ *     stream at a time, or streams the caller orders. Memory a captured graph uses stays allocated
+ *     until kvc_store_destroy.
  */
 typedef struct kvc_store_s* kvc_store_t;
 
