@@ -323,31 +323,62 @@ __global__ void __launch_bounds__(kStoreThreads)
   }
 }
 
-// Grid: one thread block per layer. Returns a sequence's pages (each one once: a (sequence,
-// layer) fills its pages in order, so a page starts wherever the previous block's page differs).
+// Grid: one thread block. Returns a sequence's pages to the free stack layer by layer, each
+// layer's last-allocated page first: the order in which the CPU store pushes them, so that both
+// backends hand out the same pages after a free (each page once: a (sequence, layer) fills its
+// pages in order, so a page starts wherever the previous block's page differs).
 __global__ void __launch_bounds__(kStoreThreads) free_kernel(StoreView S, int32_t id) {
+  using Scan = device::BlockScan<uint32_t, kStoreThreads>;
+  __shared__ typename Scan::TempStorage scan;
   const uint32_t slot = uint32_t(id) % S.max_sequences;
   if (S.slot_ids[slot] != id) return;  // freed already (a replayed graph)
-  LayerState& st = state_of(S, slot, blockIdx.x);
-  const uint32_t count = st.view.num_blocks * S.num_heads * 2;
-  const BlockLocation* blocks = st.view.blocks;
-  unsigned long long bytes = 0;
-  for (uint32_t i = threadIdx.x; i < count; i += blockDim.x) {
-    bytes += blocks[i].bytes;
-    if (i == 0 || blocks[i - 1].page != blocks[i].page) {
-      S.free_pages[atomicAdd(&S.counters->free_top, 1u)] = blocks[i].page;
-    }
-  }
   Counters& c = *S.counters;
+  const uint32_t tid = threadIdx.x;
+  uint32_t top = c.free_top;  // every thread's copy; thread 0 writes the new top at the end
+  unsigned long long bytes = 0, blocks = 0, tokens = 0;
+  for (uint32_t layer = 0; layer < S.num_layers; ++layer) {
+    const LayerState& st = state_of(S, slot, layer);
+    const uint32_t count = st.view.num_blocks * S.num_heads * 2;
+    const BlockLocation* table = st.view.blocks;
+    const auto first_on_page = [&](uint32_t i) {
+      return i < count && (i == 0 || table[i - 1].page != table[i].page);
+    };
+    // The layer's pages in allocation order are the pages of its blocks where they change;
+    // pushed last-allocated first. Pass 1 counts them, pass 2 ranks and pushes them.
+    uint32_t pages = 0;
+    for (uint32_t base = 0; base < count; base += kStoreThreads) {
+      uint32_t rank, total;
+      Scan(scan).ExclusiveSum(first_on_page(base + tid) ? 1u : 0u, rank, total);
+      __syncthreads();  // the scan storage is reused
+      pages += total;
+    }
+    uint32_t done = 0;
+    for (uint32_t base = 0; base < count; base += kStoreThreads) {
+      const uint32_t i = base + tid;
+      const bool first = first_on_page(i);
+      uint32_t rank, total;
+      Scan(scan).ExclusiveSum(first ? 1u : 0u, rank, total);
+      __syncthreads();
+      if (first) S.free_pages[top + pages - 1 - (done + rank)] = table[i].page;
+      if (i < count) bytes += table[i].bytes;
+      done += total;
+    }
+    top += pages;
+    blocks += count;
+    tokens += uint64_t(st.view.num_blocks) * S.block_tokens + st.view.tail_tokens;
+  }
   atomicAdd(&c.block_bytes, 0ull - bytes);
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    atomicAdd(&c.num_blocks, 0ull - count);
-    atomicAdd(&c.tokens,
-              0ull - (uint64_t(st.view.num_blocks) * S.block_tokens + st.view.tail_tokens));
-    st.view.num_blocks = 0;
-    st.view.tail_tokens = 0;
-    st.open_used = 0;
+  __syncthreads();  // every thread has read the layer states and the old top
+  if (tid == 0) {
+    c.free_top = top;
+    atomicAdd(&c.num_blocks, 0ull - blocks);
+    atomicAdd(&c.tokens, 0ull - tokens);
+    for (uint32_t layer = 0; layer < S.num_layers; ++layer) {
+      LayerState& st = state_of(S, slot, layer);
+      st.view.num_blocks = 0;
+      st.view.tail_tokens = 0;
+      st.open_used = 0;
+    }
   }
 }
 

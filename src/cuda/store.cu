@@ -447,7 +447,7 @@ void CudaStore::free_sequence(int32_t id, void* stream) {
   require_live(id);
   const auto s = static_cast<cudaStream_t>(stream);
   const uint32_t slot = m.slot_of(id);
-  launch(ks::free_kernel, dim3(m.p.num_layers), ks::kStoreThreads, 0, s, m.view(), id);
+  launch(ks::free_kernel, dim3(1), ks::kStoreThreads, 0, s, m.view(), id);
   check_cuda(cudaMemsetAsync(m.d_slot_ids.get() + slot, 0xFF, sizeof(int32_t), s),
              "cudaMemsetAsync (free)");  // -1: a graph that still names the id fails
   m.copy_out_counters(s);

@@ -131,7 +131,7 @@ class EmulatedStore {
   }
 
   void free_sequence(int32_t id) {
-    const auto r = emu::launch(ks::free_kernel, s_.layers, ks::kStoreThreads, 0, view(), id);
+    const auto r = emu::launch(ks::free_kernel, 1, ks::kStoreThreads, 0, view(), id);
     ASSERT_TRUE(r.ok()) << r.message();
     slot_ids_[uint32_t(id) % s_.max_sequences] = -1;
   }
@@ -485,7 +485,24 @@ void run_store_model(uint32_t seed, int steps, bool tiles = false, bool rotated 
     } else if (op < 3) {
       auto it = std::next(shadow.keys.begin(), long(rng() % shadow.keys.size()));
       const int32_t id = it->first;
+      // The free stack gains the sequence's pages layer by layer, each layer's last-allocated
+      // page first, as the CPU store pushes them (so both hand out the same pages next).
+      std::vector<uint32_t> want(store.free_pages().begin(),
+                                 store.free_pages().begin() + store.counters().free_top);
+      for (uint32_t l = 0; l < s.layers; ++l) {
+        const ks::LayerState& ls = store.state(id, l);
+        std::vector<uint32_t> pages;
+        for (uint32_t i = 0; i < ls.view.num_blocks * s.heads * 2; ++i) {
+          if (pages.empty() || pages.back() != ls.view.blocks[i].page) {
+            pages.push_back(ls.view.blocks[i].page);
+          }
+        }
+        want.insert(want.end(), pages.rbegin(), pages.rend());
+      }
       store.free_sequence(id);
+      ASSERT_EQ(store.counters().free_top, want.size()) << where;
+      ASSERT_TRUE(std::equal(want.begin(), want.end(), store.free_pages().begin()))
+          << where << ": the free stack is not in the CPU store's order";
       shadow.keys.erase(id);
       shadow.values.erase(id);
       freed.push_back(id);
