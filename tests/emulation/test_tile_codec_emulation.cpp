@@ -21,6 +21,7 @@
 #include "core/error.hpp"
 #include "cpu/codec_cpu.hpp"
 #include "cpu/tile_codec_cpu.hpp"
+#include "emulated_codec.hpp"  // with_dtype
 #include "kernels/codec/tile_decode.cuh"
 #include "kernels/codec/tile_encode.cuh"
 #include "test_support.hpp"
@@ -34,18 +35,6 @@ namespace t = kvc::tiles;
 kernels::TileShape tile_shape_of(const CodecParams& p) {
   return {p.is_value,    p.num_tokens,       p.head_dim,    p.relative,
           p.error_bound, p.permute_channels, p.split_widths};
-}
-
-template <class F>
-void with_dtype(kvc_dtype dtype, F&& f) {
-  switch (dtype) {
-    case KVC_DTYPE_FP16:
-      return f(std::integral_constant<kvc_dtype, KVC_DTYPE_FP16>{});
-    case KVC_DTYPE_BF16:
-      return f(std::integral_constant<kvc_dtype, KVC_DTYPE_BF16>{});
-    default:
-      return f(std::integral_constant<kvc_dtype, KVC_DTYPE_FP32>{});
-  }
 }
 
 emu::LaunchResult emulated_tile_encode(const CodecParams& p, const std::vector<const void*>& src,

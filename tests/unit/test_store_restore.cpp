@@ -55,6 +55,24 @@ SerialSequence parsed(const std::vector<uint8_t>& bytes) {
   return s.value_or(SerialSequence{});
 }
 
+// One block [T, D] of `dtype` from dense values through `codec`, which it destroys.
+std::vector<uint8_t> encode_with(kvc_codec_t codec, const Shape& sh, kvc_dtype dtype,
+                                 const std::vector<float>& dense) {
+  const Block in = make_block(dtype, uint32_t(sh.tokens), uint32_t(sh.dim), sh.dim, dense);
+  size_t max_bytes = 0;
+  EXPECT_EQ(kvc_codec_max_block_bytes(codec, dtype, &max_bytes), KVC_SUCCESS);
+  std::vector<uint32_t> words((max_bytes + 3) / 4);
+  const void* src[1] = {in.data()};
+  void* dst[1] = {words.data()};
+  uint32_t n = 0;
+  EXPECT_EQ(kvc_codec_encode(codec, 1, src, sh.dim, dtype, dst, max_bytes, &n, nullptr),
+            KVC_SUCCESS)
+      << kvc_last_error();
+  kvc_codec_destroy(codec);
+  const auto* p = reinterpret_cast<const uint8_t*>(words.data());
+  return std::vector<uint8_t>(p, p + n);
+}
+
 // One block [T, D] of `dtype` through a codec of the given settings (any kind, bound, entropy).
 std::vector<uint8_t> encode_one(const Shape& sh, int32_t kind, kvc_dtype dtype, int32_t bound_mode,
                                 float bound, int32_t entropy, kvc_codebook_t book,
@@ -73,19 +91,7 @@ std::vector<uint8_t> encode_one(const Shape& sh, int32_t kind, kvc_dtype dtype, 
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<float> dense(size_t(sh.tokens) * size_t(sh.dim));
   for (float& x : dense) x = normal(rng);
-  const Block in = make_block(dtype, uint32_t(sh.tokens), uint32_t(sh.dim), sh.dim, dense);
-  size_t max_bytes = 0;
-  EXPECT_EQ(kvc_codec_max_block_bytes(codec, dtype, &max_bytes), KVC_SUCCESS);
-  std::vector<uint32_t> words((max_bytes + 3) / 4);
-  const void* src[1] = {in.data()};
-  void* dst[1] = {words.data()};
-  uint32_t n = 0;
-  EXPECT_EQ(kvc_codec_encode(codec, 1, src, sh.dim, dtype, dst, max_bytes, &n, nullptr),
-            KVC_SUCCESS)
-      << kvc_last_error();
-  kvc_codec_destroy(codec);
-  const auto* p = reinterpret_cast<const uint8_t*>(words.data());
-  return std::vector<uint8_t>(p, p + n);
+  return encode_with(codec, sh, dtype, dense);
 }
 
 kvc_block_encoding encoding_of(const std::vector<uint8_t>& block) {
@@ -357,19 +363,7 @@ std::vector<uint8_t> encode_tile(const Shape& sh, int32_t kind, kvc_dtype dtype,
   c.tile_split_widths = split;
   kvc_codec_t codec = nullptr;
   EXPECT_EQ(kvc_codec_create(&c, nullptr, &codec), KVC_SUCCESS) << kvc_last_error();
-  const Block in = make_block(dtype, uint32_t(sh.tokens), uint32_t(sh.dim), sh.dim, dense);
-  size_t max_bytes = 0;
-  EXPECT_EQ(kvc_codec_max_block_bytes(codec, dtype, &max_bytes), KVC_SUCCESS);
-  std::vector<uint32_t> words((max_bytes + 3) / 4);
-  const void* src[1] = {in.data()};
-  void* dst[1] = {words.data()};
-  uint32_t n = 0;
-  EXPECT_EQ(kvc_codec_encode(codec, 1, src, sh.dim, dtype, dst, max_bytes, &n, nullptr),
-            KVC_SUCCESS)
-      << kvc_last_error();
-  kvc_codec_destroy(codec);
-  const auto* p = reinterpret_cast<const uint8_t*>(words.data());
-  return std::vector<uint8_t>(p, p + n);
+  return encode_with(codec, sh, dtype, dense);
 }
 
 tiles::TileLayout tile_layout(const std::vector<uint8_t>& block) {
