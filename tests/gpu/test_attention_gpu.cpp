@@ -6,7 +6,7 @@
 #include <random>
 
 #include "attention_reference.hpp"
-#include "cpu/codec_cpu.hpp"
+#include "compressed_attention_case.hpp"
 #include "cuda/cuda_attention.hpp"
 #include "gpu_test.hpp"
 #include "test_support.hpp"
@@ -51,48 +51,8 @@ TEST_F(AttentionGpu, CompressedKernelMatchesTheCpuReference) {
 
     // Host image of the store: one pool, per-sequence block tables and tails; and the fp32
     // reconstruction of every token for the reference.
-    std::vector<uint8_t> pool;
-    std::vector<std::vector<cuda::BlockLocation>> tables(c.batch);
-    std::vector<std::vector<uint16_t>> tails_k(c.batch), tails_v(c.batch);
-    std::vector<std::vector<std::vector<float>>> ref_k(c.batch), ref_v(c.batch);  // [b][h]
-    std::vector<uint8_t> scratch(key.max_block_bytes(c.dtype) + value.max_block_bytes(c.dtype));
-    for (uint32_t b = 0; b < c.batch; ++b) {
-      const uint32_t len = c.lengths[b], blocks = len / T;
-      ref_k[b].assign(H, {});
-      ref_v[b].assign(H, {});
-      std::vector<float> xk = bench::synthetic_kv(false, std::max(len, 1u), H * D, 100 + b);
-      std::vector<float> xv = bench::synthetic_kv(true, std::max(len, 1u), H * D, 200 + b);
-      const Block bk = make_block(c.dtype, std::max(len, 1u), H * D, H * D, xk);
-      const Block bv = make_block(c.dtype, std::max(len, 1u), H * D, H * D, xv);
-      for (uint32_t blk = 0; blk < blocks; ++blk) {
-        for (uint32_t h = 0; h < H; ++h) {
-          for (uint32_t kind = 0; kind < 2; ++kind) {
-            const Block& src = kind ? bv : bk;
-            const CodecParams& cp = kind ? value : key;
-            const uint8_t* at = src.bytes.data() + (size_t(blk) * T * H * D + h * D) * 2;
-            const uint32_t n =
-                cpu::encode_block(cp, books[kind], at, H * D, c.dtype, scratch.data());
-            tables[b].push_back({0, uint32_t(pool.size()), n});
-            std::vector<float> dec(size_t(T) * D);
-            cpu::decode_block(cp, books[kind], scratch.data(), n, KVC_DTYPE_FP32, dec.data(), D);
-            auto& ref = kind ? ref_v[b][h] : ref_k[b][h];
-            ref.insert(ref.end(), dec.begin(), dec.end());
-            pool.insert(pool.end(), scratch.begin(), scratch.begin() + n);
-          }
-        }
-      }
-      for (uint32_t t = blocks * T; t < len; ++t) {
-        for (uint32_t h = 0; h < H; ++h) {
-          for (uint32_t d = 0; d < D; ++d) {
-            const size_t i = (size_t(t) * H + h) * D + d;
-            tails_k[b].push_back(to_bits(c.dtype, bk.values[i]));
-            tails_v[b].push_back(to_bits(c.dtype, bv.values[i]));
-            ref_k[b][h].push_back(bk.values[i]);
-            ref_v[b][h].push_back(bv.values[i]);
-          }
-        }
-      }
-    }
+    auto [pool, tables, tails_k, tails_v, ref_k, ref_v] =
+        build_compressed_cache(c.dtype, H, D, T, c.lengths, key, value, books);
     pool.resize(std::max<size_t>(pool.size(), 4));
 
     DeviceBuffer d_pool(pool.size());
