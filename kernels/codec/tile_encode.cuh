@@ -199,6 +199,16 @@ __device__ inline bool all_raw(const uint32_t* widths, uint32_t n) {
 }
 
 // ---- The tile words ---------------------------------------------------------------------------
+// The lane and lane word of tile word `word` where each lane's words come in runs of up to four
+// (tiles::pair_location): planes of 16- or 32-bit elements, and narrower planes whose lanes fill
+// at least a word.
+__device__ inline void lane_word_of(uint32_t word, uint32_t bits, uint32_t pairs, uint32_t& lane,
+                                    uint32_t& w) {
+  const uint32_t lw = tl::lane_words(bits, pairs), u = lw < 4u ? lw : 4u;
+  lane = (word % (32u * u)) / u;
+  w = (word / (32u * u)) * u + word % u;
+}
+
 // Calls f(lane, pair, shift) for each pair a `bits`-bit (<= 8) plane word holds (tile word
 // `word`, `pairs` pairs per lane): the inverse of tiles::pair_location.
 template <class F>
@@ -211,17 +221,9 @@ __device__ void pairs_of_word(uint32_t word, uint32_t bits, uint32_t pairs, F f)
     }
     return;
   }
-  const uint32_t lw = tl::lane_words(bits, pairs), u = lw < 4u ? lw : 4u;
-  const uint32_t lane = (word % (32u * u)) / u, w = (word / (32u * u)) * u + word % u;
+  uint32_t lane, w;
+  lane_word_of(word, bits, pairs, lane, w);
   for (uint32_t s = 0; s < per_word; ++s) f(lane, w * per_word + s, s * bits);
-}
-
-// The lane and lane word of tile word `word` in a plane of 16- or 32-bit elements.
-__device__ inline void lane_word_of(uint32_t word, uint32_t bits, uint32_t pairs, uint32_t& lane,
-                                    uint32_t& w) {
-  const uint32_t lw = tl::lane_words(bits, pairs), u = lw < 4u ? lw : 4u;
-  lane = (word % (32u * u)) / u;
-  w = (word / (32u * u)) * u + word % u;
 }
 
 template <kvc_dtype DT>
