@@ -339,8 +339,8 @@ int main(int argc, char** argv) {
       std::vector<kvc::cuda::SequenceView> views(batch), tile_views(batch);
       std::vector<uint32_t> lengths(batch, len);
       for (uint32_t b = 0; b < batch; ++b) {
-        views[b] = {d_table + size_t(b) * blocks * kHeads * 2, blocks, 0, d_k, d_v};
-        tile_views[b] = {d_tile_table + size_t(b) * blocks * kHeads * 2, blocks, 0, d_k, d_v};
+        views[b] = {d_table + size_t(b) * blocks * kHeads * 2, blocks, 0, 0, d_k, d_v};
+        tile_views[b] = {d_tile_table + size_t(b) * blocks * kHeads * 2, blocks, 0, 0, d_k, d_v};
       }
       kvc::cuda::SequenceView *d_views, *d_tile_views;
       CHECK_CUDA(cudaMalloc(&d_tile_views, batch * sizeof(views[0])));
@@ -359,7 +359,7 @@ int main(int argc, char** argv) {
       CHECK_CUDA(cudaMemcpy(d_q, d_k, q_bytes, cudaMemcpyDeviceToDevice));  // realistic values
       const kvc::cuda::AttentionShape shape{batch, kHeads,         kGroup,
                                             kDim,  KVC_DTYPE_FP16, 1.0f / std::sqrt(float(kDim))};
-      const auto plan = kvc::cuda::plan_attention(shape, blocks);
+      const auto plan = kvc::cuda::plan_attention(shape, blocks);  // no sinks or tail: units
       const auto dense_plan = kvc::cuda::plan_dense_attention(shape, len);
       void* d_ws;
       CHECK_CUDA(cudaMalloc(&d_ws, std::max(plan.workspace_bytes, dense_plan.workspace_bytes)));

@@ -173,17 +173,19 @@ class CodecVariant:
 
 class KvcompCache:
     """kvcomp through its C ABI. eb_k / eb_v: error bounds (None: keep that tensor fp16).
-    path: "store" | "codec" | None (the store where the setting allows it, else the codec).
-    device: "cpu" | "cuda" (the store's backend; the codec path is CPU only).
+    path: "store" | "codec" | None (the store for v1 settings without sinks where it allows
+    them, else the codec, as the earlier tables were measured). device: "cpu" | "cuda" (the
+    store's backend; the codec path is CPU only).
 
-    Codec path only (harness-side prototypes and formats the store does not hold):
-    block_format "v1" | "tiles" (tile_permute, tile_split: the tile encoder's options);
-    rotate: each head's K and V multiplied by the normalized Hadamard matrix over head_dim
+    Either path: block_format "v1" | "tiles" (tile_permute, tile_split: the tile encoder's
+    options); sinks: the first `sinks` tokens of each window (the attention sinks) are also
+    kept in fp16, and attention reads them from there once their block is compressed (the
+    blocks are unchanged; the fp16 rows are counted on top): through the store, its
+    sink_tokens option (docs/api.md, "Attention sinks"); through the codec, the harness keeps
+    the copy. Codec path only (harness-side prototypes): rotate: each head's K and V multiplied by the normalized Hadamard matrix over head_dim
     before they are encoded, and the decoded blocks multiplied by it again (H H = I): the same
     as rotating the query and the attention output in a kernel; the error bound then holds in
-    the rotated space. sinks: the first `sinks` tokens of each window (the attention sinks) are
-    also kept in fp16, and attention reads them from there once their block is compressed (the
-    blocks are unchanged; the fp16 rows are counted on top). variants: (name, CodecVariant)
+    the rotated space. variants: (name, CodecVariant)
     pairs whose blocks are written from the same input beside the primary's, to count their
     bytes; each variant's decoded values are compared with the primary's element by element
     (`variant_mismatch`), so that one forward pass serves every variant that decodes to the
@@ -212,14 +214,13 @@ class KvcompCache:
         self.sinks = int(sinks)
         self.variants = list(variants)
         storable = (eb_k is not None and eb_v is not None and not self.fp16_layers
-                    and num_substreams == 0 and block_format == "v1" and not self.rotate
-                    and not self.sinks and not self.variants)
+                    and num_substreams == 0 and not self.rotate and not self.variants)
         if path is None:
-            path = "store" if storable else "codec"
+            path = "store" if storable and block_format == "v1" and not self.sinks else "codec"
         if path == "store" and not storable:
-            raise ValueError("the store compresses K and V of every layer as v1 blocks with the "
-                             "library's sub-stream count: ns, fp16layers, k/v=none, fmt, rot, "
-                             "sinks and also need path=codec")
+            raise ValueError("the store compresses K and V of every layer with the library's "
+                             "sub-stream count: ns, fp16layers, k/v=none, rot and also need "
+                             "path=codec")
         if path not in ("store", "codec"):
             raise ValueError(f"path {path!r}: expected 'store' or 'codec'")
         if path == "codec" and device != "cpu":
@@ -283,7 +284,10 @@ class KvcompCache:
                 key_error_bound=self.eb["key"], value_bound_mode=self.bound_mode["value"],
                 value_error_bound=self.eb["value"], value_group_size=self.vgs,
                 entropy=self.entropy, capacity_bytes=256 << 20,
-                page_bytes=self._smallest_page(head_dim))
+                page_bytes=self._smallest_page(head_dim),
+                block_format=self.variant.block_format,
+                tile_permute_channels=int(self.variant.permute),
+                tile_split_widths=int(self.variant.split), sink_tokens=self.sinks)
             self.store = self.kvcomp.Store(**cfg)
         if self.seq is None:
             self.seq = self.store.add_sequence()
@@ -294,7 +298,8 @@ class KvcompCache:
         small ones keep the slack at page ends small)."""
         largest = max(self.kvcomp.Codec(kind=kind, num_tokens=self.T, head_dim=head_dim,
                                         value_group_size=self.vgs if kind == "value" else 0,
-                                        entropy="fixed").max_block_bytes()
+                                        entropy="fixed",
+                                        block_format=self.variant.block_format).max_block_bytes()
                       for kind in ("key", "value"))
         return (largest + 255) // 256 * 256
 
@@ -335,17 +340,23 @@ class KvcompCache:
         sizes, enc = sizes[layer], enc[layer]     # [blocks, Hk, K|V]
         t = np.arange(1, n + 1)
         done = t // self.T
+        S = self.sinks  # sink rows, held once the first block is compressed
         for i, kind in enumerate(("key", "value")):
             cb = self.codebook_bytes(layer, kind) if len(sizes) else 0
             per_block = sizes[:, :, i].sum(1, dtype=np.int64)
             n_full = len(per_block) * self.T
-            self.bytes += int(per_block.sum()) + cb + (n - n_full) * row
+            self.bytes += int(per_block.sum()) + cb + (n - n_full + (S if n_full else 0)) * row
             cum = np.concatenate([[0], np.cumsum(per_block)])
             self.bytes_time += int(((t - done * self.T) * row).sum())
-            self.bytes_time += int(cum[done].sum()) + int((done > 0).sum()) * cb
+            self.bytes_time += int(cum[done].sum()) + int((done > 0).sum()) * (cb + S * row)
             self.stats["blocks"] += per_block.size * Hk
-            for e, nm in ((2, "huffman"), (1, "fixed"), (0, "raw")):
-                self.stats[nm] += int((enc[:, :, i] == e).sum())
+            if self.variant.block_format == "tiles":  # flags bit 3: quantized (format.md §17.2)
+                quantized = (enc[:, :, i] & 0x8) != 0
+                self.stats["tiles"] += int(quantized.sum())
+                self.stats["raw"] += int((~quantized).sum())
+            else:
+                for e, nm in ((2, "huffman"), (1, "fixed"), (0, "raw")):
+                    self.stats[nm] += int((enc[:, :, i] == e).sum())
         self.fp16_bytes += k.nbytes + v.nbytes
         self.fp16_time += _prefix_sums(n) * (k.nbytes + v.nbytes) // n
         self.store_stats = st.stats()

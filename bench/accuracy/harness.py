@@ -16,12 +16,13 @@ where EB is an error bound, relative to each quantization group's range (rel, th
 absolute (abs), or "none" to keep that tensor fp16; t: tokens per block; vg: V channels per
 group; ns: Huffman sub-streams per block (0 = the library's choice); fp16layers: layers whose
 cache stays fp16; path: through the paged store (kvc_store_prefill, kvc_store_read; the default
-where the setting allows it) or the codec API (kvc_codec_encode/decode; needed for ns, fp16layers
-and k/v=none). Both give the same decoded values (tests/test_harness.py).
-Codec path only: fmt: block format v1 or tiles (t1, docs/format.md §17; perm and split: the
-tile encoder's channel permutation and 3/6-bit widths); rot: a normalized Hadamard rotation of
-each head's K and V (1), K only (k) or V only (v) before encoding, undone after decoding (the
-bound then holds in the rotated space); sinks: the first tokens of each window also kept fp16;
+for v1 settings without sinks) or the codec API (kvc_codec_encode/decode; the default otherwise,
+needed for ns, fp16layers, k/v=none, rot and also). Both give the same decoded values
+(tests/test_harness.py). fmt: block format v1 or tiles (t1, docs/format.md §17; perm and split:
+the tile encoder's channel permutation and 3/6-bit widths); sinks: the first tokens of each window
+also kept fp16 (through the store: its sink_tokens option).
+Codec path only: rot: a normalized Hadamard rotation of each head's K and V (1), K only (k) or V
+only (v) before encoding, undone after decoding (the bound then holds in the rotated space);
 also: more block formats written from the same input in the same pass, one row each (v1: v1
 with the setting's ns; tPS: tiles with perm=P, split=S), their decoded values checked equal to
 the setting's element by element (`mismatched_elements` in the results: 0 means the row's PPL,

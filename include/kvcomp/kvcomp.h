@@ -43,13 +43,13 @@ extern "C" {
 /* ---- Versions ---------------------------------------------------------------------------- */
 
 #define KVC_VERSION_MAJOR 0
-#define KVC_VERSION_MINOR 3
+#define KVC_VERSION_MINOR 4
 #define KVC_VERSION_PATCH 0
 #define KVC_VERSION_NUMBER (KVC_VERSION_MAJOR * 10000 + KVC_VERSION_MINOR * 100 + KVC_VERSION_PATCH)
 
 /* Version of the config-struct ABI. Every config struct carries the value its caller was
  * compiled with; the library rejects another value with KVC_ERROR_ABI_MISMATCH. */
-#define KVC_ABI_VERSION 3
+#define KVC_ABI_VERSION 4
 
 /* Version of the compressed block format written by this library (docs/format.md). */
 #define KVC_FORMAT_VERSION 1
@@ -430,12 +430,17 @@ typedef struct kvc_store_config {
                                     (per token and kv-head, over head_dim) before it is stored;
                                     HADAMARD needs head_dim a power of two. The error bounds
                                     then hold in the rotated space (docs/api.md, "Rotation") */
+  int32_t sink_tokens;           /* 0..block_tokens - 1: the first sink_tokens tokens of every
+                                    (sequence, layer), the "attention sinks", are also kept
+                                    uncompressed once their block is compressed; attention and
+                                    reads take them from there (exact), and the first block is
+                                    still compressed whole (docs/api.md, "Attention sinks") */
 } kvc_store_config;
 #define KVC_STORE_CONFIG_INIT                                                                  \
   {                                                                                            \
     sizeof(kvc_store_config), KVC_ABI_VERSION, KVC_BACKEND_CPU, 1, 1, 128, KVC_DTYPE_FP16, 64, \
         KVC_BOUND_RELATIVE, 0.05f, KVC_BOUND_RELATIVE, 0.05f, 0, KVC_ENTROPY_AUTO, 0,          \
-        (int64_t)1 << 30, 0, 0, KVC_BLOCK_FORMAT_AUTO, 1, 1, 0, KVC_ROTATION_NONE              \
+        (int64_t)1 << 30, 0, 0, KVC_BLOCK_FORMAT_AUTO, 1, 1, 0, KVC_ROTATION_NONE, 0           \
   }
 
 /* What the store holds, all of it counted. */
@@ -447,7 +452,7 @@ typedef struct kvc_store_stats {
   int64_t num_blocks;     /* compressed blocks (K and V, all heads) */
   int64_t block_bytes;    /* their bytes */
   int64_t page_bytes;     /* bytes of pages in use (blocks + slack at page ends) */
-  int64_t tail_bytes;     /* uncompressed tails */
+  int64_t tail_bytes;     /* uncompressed rows: tails and attention sinks */
   int64_t table_bytes;    /* block tables */
   int64_t codebook_bytes; /* serialized codebooks */
   int64_t dense_bytes;    /* the same tokens as a dense cache of the store's dtype */

@@ -4,8 +4,10 @@
 // tensor-core structure.
 //
 // Grid: (split, kv-head, sequence); kWarps warps per thread block, each warp an independent
-// partial softmax over every kWarps-th unit (a T-token block; the tail counts as one) of its
-// split, written to the workspace; a combine kernel merges the partials per query head.
+// partial softmax over every kWarps-th unit (a T-token block, or up to T of the uncompressed
+// sink and tail rows: attention_units) of its split, written to the workspace; a combine kernel
+// merges the partials per query head. Block 0's first sink_tokens tokens are skipped: their
+// uncompressed copies (the sinks) are read instead.
 //
 // Inside a warp of the compressed kernel, lane s owns the tokens of K sub-stream s (tokens [s*TK,
 // (s+1)*TK) of a block) and the channels of V sub-stream s, so a block is decoded with no exchange
@@ -86,12 +88,17 @@ struct WarpState {
     }
   }
 
-  // Folds in a unit's scores (tokens below `valid`): new max, rescaled sums, and p turned into
-  // probabilities for the V pass. Lanes rescale the accumulators of their own channels.
-  __device__ void absorb(uint32_t tpl, uint32_t valid, uint32_t group, uint32_t head_dim,
-                         uint32_t group_size) {
+  // Folds in a unit's scores (tokens in [skip, valid)): new max, rescaled sums, and p turned
+  // into probabilities for the V pass (0 below skip). Lanes rescale the accumulators of their
+  // own channels. A unit has a token in range (skip < T only skips sinks, fewer than T).
+  __device__ void absorb(uint32_t tpl, uint32_t skip, uint32_t valid, uint32_t group,
+                         uint32_t head_dim, uint32_t group_size) {
     const uint32_t lane = threadIdx.x % kLanes;
-    const uint32_t first = lane * tpl, last = min((lane + 1) * tpl, valid);
+    const uint32_t last = min((lane + 1) * tpl, valid);
+    for (uint32_t t = lane * tpl; t < min(skip, last); ++t) {
+      for (uint32_t g = 0; g < group; ++g) p[t * GMAX + g] = 0.0f;
+    }
+    const uint32_t first = max(lane * tpl, skip);
     __syncwarp();
     for (uint32_t g = 0; g < group; ++g) {
       float top = -FLT_MAX;
@@ -244,7 +251,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
 
   load_queries<DT, D, GMAX>(P, seq, head, q);
   const SequenceView sv = sequences[seq];
-  const uint32_t units = sv.num_blocks + (sv.tail_tokens > 0 ? 1u : 0u);
+  const uint32_t units = attention_units(sv, T);
   st.init(D);
   const uint32_t begin = split * P.units_per_split;
   const uint32_t end = min(units, begin + P.units_per_split);
@@ -259,7 +266,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
       decode_lane_elements(bp, key_book, step, center, [&](uint32_t c, uint32_t t, float x) {
         for (uint32_t g = 0; g < group; ++g) st.p[t * GMAX + g] += q[c * GMAX + g] * x;
       });
-      st.absorb(tpl, T, group, D, value_group_size);
+      st.absorb(tpl, u == 0 ? sv.sink_tokens : 0u, T, group, D, value_group_size);
       // V: lane owns the channels of its sub-stream; element (group = token segment, position).
       load_block_params(pool + size_t(loc[1].page) * page_bytes + loc[1].offset, loc[1].bytes, bp,
                         step, center);
@@ -269,22 +276,22 @@ __global__ void __launch_bounds__(kWarps* kLanes)
         for (uint32_t h = 0; h < group; ++h) st.acc[c * GMAX + h] += st.p[t * GMAX + h] * x;
       });
     } else {
-      // The tail: fewer than T dense tokens; lane owns tokens lane * tpl + i as above.
-      const uint32_t n = sv.tail_tokens;
+      // Up to T uncompressed rows (sinks, tail) from row r0; lane owns tokens lane * tpl + i.
+      const uint32_t r0 = (u - sv.num_blocks) * T, n = min(T, dense_tokens(sv) - r0);
       st.clear_scores(tpl, n, group);
       for (uint32_t t = lane * tpl; t < (lane + 1) * tpl && t < n; ++t) {
-        const size_t row = (size_t(t) * P.kv_heads + head) * D;
+        const size_t row = (size_t(r0 + t) * P.kv_heads + head) * D;
         for (uint32_t c = 0; c < D; ++c) {
-          const float x = load_elem<DT>(sv.tail_keys, row + c);
+          const float x = load_elem<DT>(sv.dense_keys, row + c);
           for (uint32_t g = 0; g < group; ++g) st.p[t * GMAX + g] += q[c * GMAX + g] * x;
         }
       }
-      st.absorb(tpl, n, group, D, value_group_size);
+      st.absorb(tpl, 0, n, group, D, value_group_size);
       for (uint32_t t = 0; t < n; ++t) {
-        const size_t row = (size_t(t) * P.kv_heads + head) * D;
+        const size_t row = (size_t(r0 + t) * P.kv_heads + head) * D;
         for (uint32_t k = 0; k < D / kLanes; ++k) {
           const uint32_t c = v_channel(lane, k, value_group_size);
-          const float x = load_elem<DT>(sv.tail_values, row + c);
+          const float x = load_elem<DT>(sv.dense_values, row + c);
           for (uint32_t h = 0; h < group; ++h) st.acc[c * GMAX + h] += st.p[t * GMAX + h] * x;
         }
       }
@@ -353,17 +360,18 @@ struct MmaSoftmax {
   float bias[2] = {0.0f, 0.0f};
 
   // Folds in a unit's scores sc (element i of an n-tile is row i / 2): (sc + offset) * scale,
-  // tokens at or past `valid` masked; sc becomes the unnormalised probabilities.
+  // tokens outside [skip, valid) masked (the range is never empty); sc becomes the unnormalised
+  // probabilities.
   template <uint32_t NS>
   __device__ __forceinline__ void absorb(float (&sc)[NS][4], const float (&offset)[2], float scale,
-                                         uint32_t valid, uint32_t quad) {
+                                         uint32_t skip, uint32_t valid, uint32_t quad) {
     float top[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (uint32_t n = 0; n < NS; ++n) {
 #pragma unroll
       for (uint32_t i = 0; i < 4; ++i) {
         const uint32_t token = 8 * n + 2 * quad + i % 2;
-        sc[n][i] = token < valid ? (sc[n][i] + offset[i / 2]) * scale : -INFINITY;
+        sc[n][i] = token >= skip && token < valid ? (sc[n][i] + offset[i / 2]) * scale : -INFINITY;
         top[i / 2] = fmaxf(top[i / 2], sc[n][i]);
       }
     }
@@ -491,7 +499,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
     }
 
     // [sass softmax] Online softmax, base 2.
-    st.absorb(sc, {0.0f, 0.0f}, P.scale * kLog2e, valid, quad);
+    st.absorb(sc, {0.0f, 0.0f}, P.scale * kLog2e, 0, valid, quad);
 
     // [sass V] O += P V: the accumulators of n-tiles 2kk and 2kk + 1 are the A fragment of k-step
     // kk. ldmatrix.trans matrix j of lane 8j + r is token 8 (j % 2) + r of the k-step, channels of

@@ -3,8 +3,10 @@
 // tensor cores: the dense kernel's structure (attention.cuh) with B fragments converted in
 // registers from fixed-width codes instead of loaded as halves.
 //
-// A warp owns every kWarps-th unit (one K and one V tile block of T tokens, or the fp16 tail)
-// of its split. Per unit, with the group's query heads as the 16 rows of the MMA:
+// A warp owns every kWarps-th unit (one K and one V tile block of T tokens, or up to T of the
+// fp16/bf16 sink and tail rows) of its split; block 0's first sink_tokens tokens are masked, their
+// uncompressed copies read instead. Per unit, with the group's query heads as the 16 rows of the
+// MMA:
 //   K: the block's per-channel steps and its permutation fold into the query, once per block
 //      (q'[h][j] = q[h][perm[j]] * step[j], in shared memory as A fragments), and its centres
 //      into one score offset per head (sum_j q'[h][j] * centre[j]); each 16-channel tile is one
@@ -251,7 +253,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   __syncthreads();
 
   const SequenceView sv = sequences[seq];
-  const uint32_t units = sv.num_blocks + (sv.tail_tokens > 0 ? 1u : 0u);
+  const uint32_t units = attention_units(sv, T);
   const uint32_t end = min(units, (split + 1) * P.units_per_split);
   const float scale = P.scale * kLog2e;
 
@@ -297,8 +299,9 @@ __global__ void __launch_bounds__(kWarps* kLanes)
     __syncwarp();
     float sc[T / 8][4] = {};
     float s_offset[2] = {0.0f, 0.0f};  // sum of q' * centre, this lane's positions
-    uint32_t valid = T;
-    const uint8_t* vb = nullptr;
+    uint32_t skip = u == 0 ? sv.sink_tokens : 0u, valid = T;  // block 0: its sinks are read
+    const uint8_t* vb = nullptr;                              // as uncompressed rows
+    const uint32_t r0 = (u - sv.num_blocks) * T;              // an uncompressed unit's rows
     tiles::TileLayout vl{};
     if (u < sv.num_blocks) {
       const uint8_t* kb = block_of(u, 0);
@@ -343,11 +346,13 @@ __global__ void __launch_bounds__(kWarps* kLanes)
                               tiles::entry_width(entry), lane);
       }
     } else {
-      // [sass tail] The fp16/bf16 tail, fewer than T tokens [tail_tokens, kv_heads, D]: B
-      // fragments loaded straight from global memory (one unit per sequence).
-      valid = sv.tail_tokens;
-      const uint16_t* keys = static_cast<const uint16_t*>(sv.tail_keys) + size_t(head) * D;
+      // [sass tail] Up to T fp16/bf16 rows of the sinks and tail [tokens, kv_heads, D] from row
+      // r0: B fragments loaded straight from global memory (one or two units per sequence).
+      skip = 0;
+      valid = min(T, dense_tokens(sv) - r0);
       const size_t stride = size_t(P.kv_heads) * D;
+      const uint16_t* keys =
+          static_cast<const uint16_t*>(sv.dense_keys) + r0 * stride + size_t(head) * D;
       for (uint32_t ks = 0; ks < Tr::kKSteps; ++ks) {
         float q[8];
 #pragma unroll
@@ -376,7 +381,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
       s_off[r] = s_offset[r] + __shfl_xor_sync(~0u, s_offset[r], 1);
       s_off[r] += __shfl_xor_sync(~0u, s_off[r], 2);
     }
-    st.absorb(sc, s_off, scale, valid, quad);
+    st.absorb(sc, s_off, scale, skip, valid, quad);
 
     if (vb != nullptr) {
       // [sass Vprep] P' = P * step[t] for coded tiles as A fragments (n-tiles 2 kk, 2 kk + 1
@@ -409,9 +414,10 @@ __global__ void __launch_bounds__(kWarps* kLanes)
                               tiles::entry_width(entry), lane);
       }
     } else {
-      // [sass tail] P V over the tail, B fragments from global memory, tokens past it zero.
-      const uint16_t* values = static_cast<const uint16_t*>(sv.tail_values) + size_t(head) * D;
+      // [sass tail] P V over those rows, B fragments from global memory, tokens past them zero.
       const size_t stride = size_t(P.kv_heads) * D;
+      const uint16_t* values =
+          static_cast<const uint16_t*>(sv.dense_values) + r0 * stride + size_t(head) * D;
 #pragma unroll
       for (uint32_t kk = 0; kk < Tr::kVSteps; ++kk) {
         const uint4 a = make_uint4(device::pack2<kBf16>(sc[2 * kk][0], sc[2 * kk][1]),

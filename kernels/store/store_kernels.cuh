@@ -8,6 +8,10 @@
 //   copy    scratch -> pages
 //   finish  only if nothing failed: the last rows into the tails and the new lengths; the live
 //           state changes here and nowhere else, so a failure anywhere changes nothing.
+// A layer's uncompressed rows (SequenceView::dense_keys/values, sink_tokens + T rows each) hold
+// its tail from row 0 until its first block is compressed, from row sink_tokens after: the
+// first block is assembled in rows [0, T), so its first sink_tokens rows, the sinks, are
+// already in place when it is compressed.
 // A store that rotates its rows (kvc_store_config.rotation) first runs rotate_rows_kernel over
 // the call's K and V into scratch, and the chain reads the rotated rows from there: a row that
 // leaves the dtype's range becomes inf, which stage reports as non-finite input. Attention
@@ -26,7 +30,8 @@
 
 namespace kvc::kernels::store {
 
-// One (sequence slot, layer). `view` is what attention reads; its tail buffers hold T rows.
+// One (sequence slot, layer). `view` is what attention reads; its dense buffers hold
+// StoreView::sink_tokens + T rows.
 struct LayerState {
   SequenceView view;
   uint32_t open_page;  // the page of the last block (when view.num_blocks > 0)
@@ -52,6 +57,7 @@ struct StoreView {
   uint32_t page_bytes, num_layers, num_heads, head_dim, block_tokens, max_sequences, max_tokens;
   uint32_t nonfinite_bits;  // exponent bits of the 16-bit dtype: all set is inf or NaN
   uint32_t block_align;     // block_alignment(): 16 for tile blocks, 4 for format v1
+  uint32_t sink_tokens;     // kvc_store_config.sink_tokens
 };
 
 // The sequences of one call, by value: a captured graph carries its own batch.
@@ -122,8 +128,10 @@ __global__ void __launch_bounds__(kStoreThreads)
   }
   __syncthreads();
   const LayerState& st = state_of(S, e.slot, e.layer);
-  uint16_t* tail_k = static_cast<uint16_t*>(const_cast<void*>(st.view.tail_keys));
-  uint16_t* tail_v = static_cast<uint16_t*>(const_cast<void*>(st.view.tail_values));
+  // The tail starts after the sinks the layer holds (none before its first block).
+  const size_t tail_at = size_t(st.view.sink_tokens) * row;
+  uint16_t* tail_k = static_cast<uint16_t*>(const_cast<void*>(st.view.dense_keys)) + tail_at;
+  uint16_t* tail_v = static_cast<uint16_t*>(const_cast<void*>(st.view.dense_values)) + tail_at;
   const size_t base = (size_t(li) * num_sequences + b) * n * row;
   if (e.status == KVC_SUCCESS) {
     // The first new rows complete the tail (rows past its length: invisible until finish).
@@ -295,17 +303,22 @@ __global__ void __launch_bounds__(kStoreThreads)
   const Entry& e = entries[blockIdx.x];
   LayerState& st = state_of(S, e.slot, e.layer);
   const uint32_t row = S.num_heads * S.head_dim;
+  // With a block the layer holds its sinks: rows [0, sink_tokens) (in place since its first
+  // block was assembled), the tail after them.
+  const uint32_t sinks = st.view.num_blocks + e.blocks > 0 ? S.sink_tokens : 0u;
   if (e.blocks > 0) {  // the new tail: the input's last rows
     const size_t base = size_t(blockIdx.x) * n * row + size_t(n - e.new_tail) * row;
-    auto* tail_k = static_cast<uint16_t*>(const_cast<void*>(st.view.tail_keys));
-    auto* tail_v = static_cast<uint16_t*>(const_cast<void*>(st.view.tail_values));
+    auto* tail_k = static_cast<uint16_t*>(const_cast<void*>(st.view.dense_keys)) + sinks * row;
+    auto* tail_v = static_cast<uint16_t*>(const_cast<void*>(st.view.dense_values)) + sinks * row;
     for (uint32_t i = tid; i < e.new_tail * row; i += blockDim.x) {
       tail_k[i] = keys[base + i];
       tail_v[i] = values[base + i];
     }
   }
+  __syncthreads();  // every thread has read the old block count
   if (tid == 0) {
     st.view.num_blocks += e.blocks;
+    st.view.sink_tokens = sinks;
     st.view.tail_tokens = e.new_tail;
     if (e.blocks > 0) {
       st.open_page = e.open_page;
@@ -376,6 +389,7 @@ __global__ void __launch_bounds__(kStoreThreads) free_kernel(StoreView S, int32_
     for (uint32_t layer = 0; layer < S.num_layers; ++layer) {
       LayerState& st = state_of(S, slot, layer);
       st.view.num_blocks = 0;
+      st.view.sink_tokens = 0;
       st.view.tail_tokens = 0;
       st.open_used = 0;
     }

@@ -44,7 +44,7 @@ BACKEND_CPU, BACKEND_CUDA = 0, 1
 ENCODING_RAW, ENCODING_FIXED, ENCODING_HUFFMAN, ENCODING_TILES = 0, 1, 2, 3
 BLOCK_FORMAT_V1, BLOCK_FORMAT_TILES, BLOCK_FORMAT_AUTO = 0, 1, 2
 ROTATION_NONE, ROTATION_HADAMARD = 0, 1
-ABI_VERSION = 3
+ABI_VERSION = 4
 SUCCESS = 0
 
 _KINDS = {"key": KIND_KEY, "k": KIND_KEY, "value": KIND_VALUE, "v": KIND_VALUE}
@@ -97,7 +97,7 @@ class _StoreConfig(ctypes.Structure):
                 ("max_sequences", ctypes.c_int32), ("max_sequence_tokens", ctypes.c_int32),
                 ("block_format", ctypes.c_int32), ("tile_permute_channels", ctypes.c_int32),
                 ("tile_split_widths", ctypes.c_int32), ("num_substreams", ctypes.c_int32),
-                ("rotation", ctypes.c_int32)]
+                ("rotation", ctypes.c_int32), ("sink_tokens", ctypes.c_int32)]
 
 
 class _StoreStats(ctypes.Structure):
@@ -473,7 +473,9 @@ class StoreConfig:
     Huffman sub-streams of v1 blocks, 0 = automatic (32 where the group size allows);
     rotation: "none" | "hadamard" (K and V rows stored rotated by H / sqrt(head_dim), head_dim a
     power of two; queries and outputs rotated inside attention, reads rotated back; the bounds
-    then hold for the rotated rows: docs/api.md, "Rotation").
+    then hold for the rotated rows: docs/api.md, "Rotation"); sink_tokens: 0 .. block_tokens - 1,
+    the first tokens of every sequence and layer also kept uncompressed once their block is
+    compressed, and read and attended from there (docs/api.md, "Attention sinks").
     """
     num_layers: int = 1
     num_kv_heads: int = 1
@@ -496,6 +498,7 @@ class StoreConfig:
     tile_split_widths: int = 1
     num_substreams: int = 0
     rotation: str = "none"
+    sink_tokens: int = 0
 
     def _struct(self) -> _StoreConfig:
         def enum(table, v, what):
@@ -515,7 +518,8 @@ class StoreConfig:
             int(self.capacity_bytes), int(self.max_sequences), int(self.max_sequence_tokens),
             enum(_BLOCK_FORMATS, self.block_format, "block_format"),
             int(self.tile_permute_channels), int(self.tile_split_widths),
-            int(self.num_substreams), enum(_ROTATIONS, self.rotation, "rotation"))
+            int(self.num_substreams), enum(_ROTATIONS, self.rotation, "rotation"),
+            int(self.sink_tokens))
 
 
 def _cuda_pointer(x, shape, typestrs, name):
@@ -744,12 +748,16 @@ class Store(_Handle):
     def block_sizes(self, sequence_id: int, encodings: bool = False):
         """Per layer, the exact length of each compressed block, [num_blocks, kv_heads, 2 (K,
         V)] uint32, read from the serialized sequence (docs/format.md, "Serialized
-        sequence"). With encodings=True, also each block's encoding (ENCODING_*), same shape."""
+        sequence"). With encodings=True, also each block's encoding (ENCODING_*; for tile
+        blocks their flags byte instead), same shape."""
         data = self.serialize(sequence_id)
         words = np.frombuffer(data, dtype="<u4")
         raw = np.frombuffer(data, dtype=np.uint8)
-        at = 14 + 4 * self.num_layers  # magic, version, fingerprint, codebook table (words)
-        tail_row = self.num_kv_heads * self.head_dim * 2
+        version = int(words[1])
+        fingerprint = {1: 12, 2: 13, 3: 14, 4: 15}[version]  # words (format.md §16.2)
+        at = 2 + fingerprint + 4 * self.num_layers  # magic, version, fingerprint, codebooks
+        row = self.num_kv_heads * self.head_dim * 2
+        sinks = int(words[2 + 14]) if version == 4 else 0  # fingerprint word 14
         sizes_out, enc_out = [], []
         for _ in range(self.num_layers):
             num_blocks, tail = int(words[at]), int(words[at + 1])
@@ -758,9 +766,11 @@ class Store(_Handle):
             enc = np.empty(len(sizes), np.uint8)
             for i in range(len(sizes)):
                 sizes[i] = words[at]
-                enc[i] = raw[4 * (at + 1) + 5]  # block header byte 5: the encoding
+                # Block header byte 5: a v1 block's encoding, a tile block's flags (§17.2).
+                enc[i] = raw[4 * (at + 1) + 5]
                 at += 1 + (int(sizes[i]) + 3) // 4
-            at += 2 * ((tail * tail_row + 3) // 4)
+            held = sinks if num_blocks else 0  # the sink rows, then the tail (format.md §16.4)
+            at += 2 * ((held * row + 3) // 4) + 2 * ((tail * row + 3) // 4)
             shape = (num_blocks, self.num_kv_heads, 2)
             sizes_out.append(sizes.reshape(shape))
             enc_out.append(enc.reshape(shape))

@@ -94,15 +94,15 @@ void require_attention_support(const AttentionShape& s, const CodecParams& key,
   dispatch_shape(s, [](auto, auto, auto) {});  // dtype, head_dim and group have kernels
 }
 
-AttentionPlan plan_attention(const AttentionShape& s, uint32_t max_blocks_per_sequence) {
-  return make_plan(s, max_blocks_per_sequence + 1);  // + the tail
+AttentionPlan plan_attention(const AttentionShape& s, uint32_t max_units) {
+  return make_plan(s, max_units);
 }
 
-size_t attention_workspace_bound(const AttentionShape& s, uint32_t max_blocks_per_sequence) {
+size_t attention_workspace_bound(const AttentionShape& s, uint32_t max_units) {
   const int sms = multiprocessors();
   size_t bytes = 0;
   for (AttentionShape b = s; b.num_sequences >= 1; --b.num_sequences) {
-    bytes = std::max(bytes, make_plan(b, max_blocks_per_sequence + 1, sms).workspace_bytes);
+    bytes = std::max(bytes, make_plan(b, max_units, sms).workspace_bytes);
   }
   return bytes;
 }

@@ -47,13 +47,15 @@ void require_attention_support(const AttentionShape& shape, const CodecParams& k
 // the longest sequence and the GPU's multiprocessor count; and the workspace it needs.
 struct AttentionPlan {
   uint32_t num_splits;
-  uint32_t units_per_split;  // blocks (the tail counts as one) per split
+  uint32_t units_per_split;  // attention units (kernels::attention_units) per split
   size_t workspace_bytes;
 };
-AttentionPlan plan_attention(const AttentionShape& shape, uint32_t max_blocks_per_sequence);
+// max_units: the units of the longest sequence, at most kernels::max_attention_units(its
+// blocks, the store's sink_tokens).
+AttentionPlan plan_attention(const AttentionShape& shape, uint32_t max_units);
 // The workspace of every batch of at most shape.num_sequences sequences: fewer sequences may
 // split into more parts, so a smaller batch does not always need less.
-size_t attention_workspace_bound(const AttentionShape& shape, uint32_t max_blocks_per_sequence);
+size_t attention_workspace_bound(const AttentionShape& shape, uint32_t max_units);
 
 // out = softmax(scale q K^T) V for every sequence and query head. d_queries, d_out:
 // [num_sequences, kv_heads * group, head_dim]; d_sequences: [num_sequences]. Enqueue only.

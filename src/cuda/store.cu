@@ -101,7 +101,7 @@ struct CudaStore::Impl {
   DeviceArray<ks::LayerState> states;
   DeviceArray<int32_t> d_slot_ids;
   DeviceArray<BlockLocation> tables;
-  DeviceArray<uint8_t> tails;
+  DeviceArray<uint8_t> dense;  // the uncompressed rows: sinks and tails
   DeviceArray<uint32_t> layer_compressed;
   ks::Counters* mirror = nullptr;  // pinned: the counters as last copied out
 
@@ -143,15 +143,22 @@ struct CudaStore::Impl {
             p.max_sequences,
             p.max_sequence_tokens,
             p.dtype == KVC_DTYPE_BF16 ? 0x7F80u : 0x7C00u,
-            block_alignment(p.tiles())};
+            block_alignment(p.tiles()),
+            p.sink_tokens};
   }
   uint32_t slot_of(int32_t id) const { return uint32_t(id) % p.max_sequences; }
   size_t live() const { return p.max_sequences - free_slots.size(); }
-  // Where (slot, layer)'s block table and tail buffers are: fixed at creation.
+  // Rows of a (slot, layer)'s uncompressed K (or V) buffer: sinks, then a tail.
+  size_t dense_rows() const { return size_t(p.sink_tokens) + p.block_tokens; }
+  // Where (slot, layer)'s block table and uncompressed rows are: fixed at creation.
   SequenceView layout(uint32_t slot, uint32_t layer) const {
-    const size_t i = size_t(slot) * p.num_layers + layer, tail = p.block_tokens * p.token_bytes();
-    return {tables.get() + i * table_blocks * p.num_heads * 2, 0, 0, tails.get() + 2 * i * tail,
-            tails.get() + (2 * i + 1) * tail};
+    const size_t i = size_t(slot) * p.num_layers + layer, rows = dense_rows() * p.token_bytes();
+    return {tables.get() + i * table_blocks * p.num_heads * 2,
+            0,
+            0,
+            0,
+            dense.get() + 2 * i * rows,
+            dense.get() + (2 * i + 1) * rows};
   }
   // The states of all a slot's layers.
   std::vector<ks::LayerState> download_states(uint32_t slot) const {
@@ -223,7 +230,7 @@ CudaStore::Impl::Impl(const StoreParams& params) : p(params) {
   const size_t layers = size_t(p.max_sequences) * p.num_layers;
   pool.reset(size_t(p.num_pages) * p.page_bytes);
   tables.reset(layers * table_blocks * p.num_heads * 2);
-  tails.reset(layers * 2 * p.block_tokens * p.token_bytes());
+  dense.reset(layers * 2 * dense_rows() * p.token_bytes());
   std::vector<ks::LayerState> init(layers);
   for (size_t i = 0; i < layers; ++i) {
     init[i].view = layout(uint32_t(i / p.num_layers), uint32_t(i % p.num_layers));
@@ -546,16 +553,21 @@ void CudaStore::read(int32_t id, uint32_t layer, kvc_dtype dtype, uint32_t lengt
       }
     }
   }
-  if (tail > 0) {
-    std::vector<uint8_t> rows(tail * m.p.token_bytes()), converted(tail * row * es);
+  // count uncompressed rows from row `first` of the buffers to token `token` of the output:
+  // the sinks over block 0's first rows, the tail after the blocks.
+  auto put_rows = [&](uint32_t first, uint32_t count, uint32_t token) {
+    std::vector<uint8_t> rows(count * m.p.token_bytes()), converted(count * row * es);
     for (uint32_t kind = 0; kind < 2; ++kind) {
-      copy_to_host(rows.data(), kind == 0 ? st.tail_keys : st.tail_values, rows.size());
-      convert_elements(rows.data(), m.p.dtype, converted.data(), dtype, tail * row);
-      auto* dst = static_cast<uint8_t*>(kind == 0 ? keys : values) +
-                  size_t(nb) * m.p.block_tokens * row * es;
+      const auto* src = static_cast<const uint8_t*>(kind == 0 ? st.dense_keys : st.dense_values);
+      copy_to_host(rows.data(), src + first * m.p.token_bytes(), rows.size());
+      convert_elements(rows.data(), m.p.dtype, converted.data(), dtype, count * row);
+      auto* dst = static_cast<uint8_t*>(kind == 0 ? keys : values) + token * row * es;
       copy_to_device(dst, converted.data(), converted.size(), "cudaMemcpy (store upload)");
     }
-  }
+  };
+  const uint32_t sinks = m.p.sinks_held(nb);
+  if (sinks > 0) put_rows(0, sinks, 0);
+  if (tail > 0) put_rows(sinks, tail, nb * m.p.block_tokens);
   if (!m.p.rotated) return;
   m.rotate(keys, KVC_DTYPE_FP32, out_keys, out_dtype, true, size_t(length) * H, s);
   m.rotate(values, KVC_DTYPE_FP32, out_values, out_dtype, true, size_t(length) * H, s);
@@ -574,7 +586,8 @@ void CudaStore::attention(uint32_t layer, const std::vector<int32_t>& ids, uint3
   // store's shape was checked against the tile kernel at creation; plan_attention checks the
   // group.)
   if (!m.p.tiles()) require_attention_support(shape, m.p.key, m.p.value);
-  const AttentionPlan plan = plan_attention(shape, m.table_blocks);
+  const uint32_t max_units = k::max_attention_units(m.table_blocks, m.p.sink_tokens);
+  const AttentionPlan plan = plan_attention(shape, max_units);
   const bool captured = capturing(s);
   require(!captured || !(m.needs_book(layer, 0) || m.needs_book(layer, 1)),
           KVC_ERROR_INVALID_ARGUMENT, "layer ", layer,
@@ -582,7 +595,7 @@ void CudaStore::attention(uint32_t layer, const std::vector<int32_t>& ids, uint3
           "prefill the layer (or set its codebooks) before capturing");
   if (plan.workspace_bytes > m.scratch.workspace.size()) {
     // Sized for every smaller batch too, so that a later (captured) call of one fits.
-    m.ensure_workspace(attention_workspace_bound(shape, m.table_blocks), captured);
+    m.ensure_workspace(attention_workspace_bound(shape, max_units), captured);
   }
   // A rotated store attends in the rotated space: q' = R q into scratch, o' from the kernel into
   // scratch, o = R o' into out (both rounded to the dtype, saturating).
@@ -617,9 +630,10 @@ StoreStats CudaStore::stats() const {
   st.block_bytes = int64_t(c.block_bytes);
   st.pages_in_use = int64_t(m.p.num_pages) - c.free_top;
   st.page_bytes = st.pages_in_use * m.p.page_bytes;
-  // Tails and tables are reserved in full for every live sequence: count what is reserved.
+  // Uncompressed rows and tables are reserved in full for every live sequence: count what is
+  // reserved.
   const int64_t layers = int64_t(m.live()) * m.p.num_layers;
-  st.tail_bytes = layers * 2 * int64_t(m.p.block_tokens * m.p.token_bytes());
+  st.tail_bytes = layers * 2 * int64_t(m.dense_rows() * m.p.token_bytes());
   st.table_bytes =
       layers * int64_t(m.table_blocks) * m.p.num_heads * 2 * int64_t(sizeof(BlockLocation));
   st.dense_bytes = int64_t(c.tokens) * 2 * int64_t(m.p.token_bytes());
@@ -652,11 +666,18 @@ std::vector<uint8_t> CudaStore::serialize(int32_t id) {
       const uint8_t* block = page.data() + table[i].offset;
       out.blocks.emplace_back(block, block + table[i].bytes);
     }
+    const size_t sinks = size_t(st.view.sink_tokens) * m.p.token_bytes();
     const size_t tail = size_t(out.tail_tokens) * m.p.token_bytes();
-    out.tail_k.resize(tail);
-    out.tail_v.resize(tail);
-    copy_to_host(out.tail_k.data(), st.view.tail_keys, tail);
-    copy_to_host(out.tail_v.data(), st.view.tail_values, tail);
+    for (uint32_t kind = 0; kind < 2; ++kind) {
+      const auto* src =
+          static_cast<const uint8_t*>(kind == 0 ? st.view.dense_keys : st.view.dense_values);
+      std::vector<uint8_t>& sink_rows = kind == 0 ? out.sink_k : out.sink_v;
+      std::vector<uint8_t>& tail_rows = kind == 0 ? out.tail_k : out.tail_v;
+      sink_rows.resize(sinks);
+      tail_rows.resize(tail);
+      copy_to_host(sink_rows.data(), src, sinks);
+      copy_to_host(tail_rows.data(), src + sinks, tail);
+    }
   }
   return serialize_image(m.p, m.books, image);
 }
@@ -668,7 +689,7 @@ size_t CudaStore::serialized_size(int32_t id) {
   wait_for_device();
   SerializedSize size(m.p, m.books.size());
   for (const ks::LayerState& st : m.download_states(m.slot_of(id))) {
-    size.add_layer(st.view.tail_tokens);
+    size.add_layer(st.view.sink_tokens, st.view.tail_tokens);
     std::vector<BlockLocation> table(size_t(st.view.num_blocks) * m.p.num_heads * 2);
     copy_to_host(table.data(), st.view.blocks, table.size());
     for (const BlockLocation& b : table) size.add_block(b.bytes);
@@ -730,12 +751,17 @@ int32_t CudaStore::restore(const uint8_t* data, size_t size) {
     ks::LayerState st{m.layout(slot, l), 0, 0};
     copy_to_device(const_cast<BlockLocation*>(st.view.blocks), tables[l].data(),
                    tables[l].size() * sizeof(BlockLocation), "cudaMemcpy (store upload)");
-    copy_to_device(const_cast<void*>(st.view.tail_keys), in.tail_k.data(), in.tail_k.size(),
-                   "cudaMemcpy (store upload)");
-    copy_to_device(const_cast<void*>(st.view.tail_values), in.tail_v.data(), in.tail_v.size(),
-                   "cudaMemcpy (store upload)");
     st.view.num_blocks = in.num_blocks;
+    st.view.sink_tokens = m.p.sinks_held(in.num_blocks);
     st.view.tail_tokens = in.tail_tokens;
+    for (uint32_t kind = 0; kind < 2; ++kind) {  // the sinks, then the tail
+      auto* dst = static_cast<uint8_t*>(
+          const_cast<void*>(kind == 0 ? st.view.dense_keys : st.view.dense_values));
+      const std::vector<uint8_t>& sinks = kind == 0 ? in.sink_k : in.sink_v;
+      const std::vector<uint8_t>& tail = kind == 0 ? in.tail_k : in.tail_v;
+      copy_to_device(dst, sinks.data(), sinks.size(), "cudaMemcpy (store upload)");
+      copy_to_device(dst + sinks.size(), tail.data(), tail.size(), "cudaMemcpy (store upload)");
+    }
     if (in.num_blocks > 0) {
       st.open_page = pages[open[l].first];
       st.open_used = open[l].second;

@@ -24,10 +24,13 @@ constexpr uint32_t kSerialMagic = 0x7363766Bu;  // bytes "kvcs"
 // Version 1: stores of format v1 blocks. Version 2: the fingerprint gains a word for the block
 // format (a tiles store writes 2; a v1 store keeps writing 1, which every reader takes).
 // Version 3: a store that rotates its rows (kvc_store_config.rotation), of either block format;
-// the fingerprint always has the block format word, then a word for the rotation.
+// the fingerprint always has the block format word, then a word for the rotation. Version 4: a
+// store that keeps attention sinks (kvc_store_config.sink_tokens), rotating or not: the
+// fingerprint gains a word for the sink count, each layer record the sink rows.
 constexpr uint32_t kSerialVersion = 1;
 constexpr uint32_t kSerialVersionTiles = 2;
 constexpr uint32_t kSerialVersionRotated = 3;
+constexpr uint32_t kSerialVersionSinks = 4;
 
 // Whether the tile attention kernel covers a store shape (cuda::tile_attention_covers), V
 // quantized per whole token.
@@ -120,6 +123,11 @@ StoreParams StoreParams::from_config(const kvc_store_config& c) {
           KVC_ERROR_NOT_SUPPORTED, "config->rotation = KVC_ROTATION_HADAMARD needs head_dim a ",
           "power of two (the Sylvester Hadamard matrix), but head_dim = ", c.head_dim);
   p.rotated = c.rotation == KVC_ROTATION_HADAMARD;
+  // block_tokens is valid here (the codec checked it).
+  require(c.sink_tokens >= 0 && c.sink_tokens < c.block_tokens, KVC_ERROR_INVALID_ARGUMENT,
+          "config->sink_tokens = ", c.sink_tokens,
+          " is out of range [0, block_tokens - 1 = ", c.block_tokens - 1, "]");
+  p.sink_tokens = uint32_t(c.sink_tokens);
   p.num_layers = uint32_t(c.num_layers);
   p.num_heads = uint32_t(c.num_kv_heads);
   p.head_dim = uint32_t(c.head_dim);
@@ -198,6 +206,7 @@ struct Store::Update {
   std::vector<std::vector<uint8_t>> blocks;  // [full_blocks, heads, 2 (K, V)] encoded
   uint32_t tail_tokens;                      // tokens left in the tail afterwards
   std::vector<uint8_t> tail_k, tail_v;       // and their rows
+  std::vector<uint8_t> sink_k, sink_v;       // the sink rows, if the layer's first block is new
   bool freezes_books = true;                 // whether its blocks freeze the layer's codebooks
 };
 
@@ -264,7 +273,7 @@ Store::Update Store::plan_update(int32_t id, uint32_t layer, uint32_t num_tokens
           "sequence ", id, " layer ", layer, " would hold ", length(id, layer) + num_tokens,
           " tokens, more than ", p_.token_limit(), " (config->max_sequence_tokens, or 2^31 - 1)");
   const size_t row = p_.token_bytes();
-  Update u{id, layer, 0, cache.tail_k, cache.tail_v, {}, 0, {}, {}};
+  Update u{id, layer, 0, cache.tail_k, cache.tail_v, {}, 0, {}, {}, {}, {}};
   for (uint32_t t = 0; t < num_tokens; ++t) {
     const uint8_t* k = keys + t * row_stride;
     const uint8_t* v = values + t * row_stride;
@@ -288,6 +297,11 @@ Store::Update Store::plan_update(int32_t id, uint32_t layer, uint32_t num_tokens
   const size_t kept = size_t(u.full_blocks) * p_.block_tokens * row;
   u.tail_k.assign(u.rows_k.begin() + long(kept), u.rows_k.end());
   u.tail_v.assign(u.rows_v.begin() + long(kept), u.rows_v.end());
+  if (cache.num_blocks == 0 && u.full_blocks > 0) {  // the rows start at token 0
+    const size_t sinks = size_t(p_.sink_tokens) * row;
+    u.sink_k.assign(u.rows_k.begin(), u.rows_k.begin() + long(sinks));
+    u.sink_v.assign(u.rows_v.begin(), u.rows_v.begin() + long(sinks));
+  }
   return u;
 }
 
@@ -385,6 +399,10 @@ void Store::commit(Transaction& tx) {
     c.tail_k.swap(u.tail_k);
     c.tail_v.swap(u.tail_v);
     c.tail_tokens = u.tail_tokens;
+    if (!u.sink_k.empty()) {  // the layer's first block is new: its sinks come with it
+      c.sink_k.swap(u.sink_k);
+      c.sink_v.swap(u.sink_v);
+    }
   }
   for (const auto& [layer, books] : tx.books) {
     books_[layer * 2] = books[0];
@@ -449,15 +467,29 @@ void Store::append_one_token(uint32_t layer, const std::vector<int32_t>& ids, co
 
 // ---- Reading -------------------------------------------------------------------------------
 
+void Store::decode_block_rows(const LayerCache& c, uint32_t layer, uint32_t block, uint32_t head,
+                              uint32_t kind, float* dst) const {
+  const uint32_t dim = p_.head_dim;
+  const BlockRef& r = c.blocks[(size_t(block) * p_.num_heads + head) * 2 + kind];
+  decode_store_block(p_.codec(kind), books_[layer * 2 + kind].get(),
+                     &pool_[size_t(r.page) * p_.page_bytes + r.offset], r.bytes, KVC_DTYPE_FP32,
+                     dst, dim);
+  if (block != 0) return;
+  const auto& sinks = kind == KVC_KIND_KEY ? c.sink_k : c.sink_v;
+  for (uint32_t t = 0; t < p_.sinks_held(c.num_blocks); ++t) {
+    for (uint32_t d = 0; d < dim; ++d) {
+      dst[size_t(t) * dim + d] =
+          cpu::load_element(sinks.data(), p_.dtype, (size_t(t) * p_.num_heads + head) * dim + d);
+    }
+  }
+}
+
 std::vector<float> Store::decode_head(const LayerCache& c, uint32_t layer, uint32_t head,
                                       uint32_t kind) const {
   const uint32_t dim = p_.head_dim, T = p_.block_tokens;
   std::vector<float> out(size_t(c.num_blocks * T + c.tail_tokens) * dim);
-  const Codebook* book = books_[layer * 2 + kind].get();
   for (uint32_t b = 0; b < c.num_blocks; ++b) {
-    const BlockRef& r = c.blocks[(size_t(b) * p_.num_heads + head) * 2 + kind];
-    decode_store_block(p_.codec(kind), book, &pool_[size_t(r.page) * p_.page_bytes + r.offset],
-                       r.bytes, KVC_DTYPE_FP32, &out[size_t(b) * T * dim], dim);
+    decode_block_rows(c, layer, b, head, kind, &out[size_t(b) * T * dim]);
   }
   const auto& tail = kind == KVC_KIND_KEY ? c.tail_k : c.tail_v;
   for (uint32_t t = 0; t < c.tail_tokens; ++t) {
@@ -504,11 +536,8 @@ const Store::DecodedLayer& Store::decoded_layer(int32_t id, uint32_t layer) cons
     v[h].resize(size_t(added) * T * dim);
     for (uint32_t b = 0; b < added; ++b) {
       for (uint32_t kind = 0; kind < 2; ++kind) {
-        const BlockRef& r = c.blocks[(size_t(dec.num_blocks + b) * heads + h) * 2 + kind];
         float* dst = kind == KVC_KIND_KEY ? rows.data() : &v[h][size_t(b) * T * dim];
-        decode_store_block(p_.codec(kind), books_[layer * 2 + kind].get(),
-                           &pool_[size_t(r.page) * p_.page_bytes + r.offset], r.bytes,
-                           KVC_DTYPE_FP32, dst, dim);
+        decode_block_rows(c, layer, dec.num_blocks + b, h, kind, dst);
       }
       float* kt = &k[h][size_t(b) * T * dim];
       for (uint32_t t = 0; t < T; ++t) {
@@ -611,7 +640,8 @@ StoreStats Store::stats() const {
       st.num_blocks += int64_t(c.blocks.size());
       for (const BlockRef& r : c.blocks) st.block_bytes += r.bytes;
       st.pages_in_use += int64_t(c.pages.size());
-      st.tail_bytes += int64_t(c.tail_k.size() + c.tail_v.size());
+      st.tail_bytes +=
+          int64_t(c.tail_k.size() + c.tail_v.size() + c.sink_k.size() + c.sink_v.size());
       st.table_bytes +=
           int64_t(c.blocks.size() * sizeof(BlockRef) + c.pages.size() * sizeof(uint32_t));
       st.dense_bytes += int64_t(2 * row * (size_t(c.num_blocks) * p_.block_tokens + c.tail_tokens));
@@ -636,12 +666,14 @@ StoreStats Store::stats() const {
 // Layout (little-endian u32 words unless said): magic "kvcs", version, the store fingerprint
 // (kFingerprintWords words), per (layer, K|V) a present flag and a codebook id, then per layer:
 // num_blocks, tail_tokens, the blocks ([num_blocks, heads, K|V]: byte count, then the block),
-// the tail's K then V bytes (padded to 4); last, an FNV-1a-32 of everything before it.
+// in version 4 the sinks' K then V bytes, the tail's K then V bytes (each padded to 4); last, an
+// FNV-1a-32 of everything before it.
 
 namespace {
 
 // The serialized version a store writes (v1 stores keep version 1, which older readers take).
 uint32_t serial_version(const StoreParams& p) {
+  if (p.sink_tokens > 0) return kSerialVersionSinks;
   if (p.rotated) return kSerialVersionRotated;
   return p.tiles() ? kSerialVersionTiles : kSerialVersion;
 }
@@ -653,15 +685,18 @@ const char* serial_contents(uint32_t version) {
       return "format v1 blocks";
     case kSerialVersionTiles:
       return "tile blocks";
-    default:
+    case kSerialVersionRotated:
       return "rotated rows (config->rotation)";
+    default:
+      return "attention sinks (config->sink_tokens)";
   }
 }
 
 // What must match between the writing and the restoring store: 12 words in version 1, 13 in
 // version 2 (the block format word last), 14 in version 3 (the block format word, 0 for format
-// v1 blocks, then the rotation). A tiles store ignores entropy
-// and sub-streams: they count as 0, so that stores differing only there exchange sequences.
+// v1 blocks, then the rotation), 15 in version 4 (those, then the sink count). A tiles store
+// ignores entropy and sub-streams: they count as 0, so that stores differing only there
+// exchange sequences.
 std::vector<uint32_t> fingerprint(const StoreParams& p) {
   const kvc_store_config& c = p.config;
   uint32_t key_bound, value_bound;
@@ -681,12 +716,14 @@ std::vector<uint32_t> fingerprint(const StoreParams& p) {
                                  t ? 0u : uint32_t(c.entropy),
                                  t ? 0u : p.key.num_substreams | (p.value.num_substreams << 16)};
   // The block format word: bit 0 tiles, bit 1 K channels may be permuted, bit 2 split widths.
+  const bool extended = p.rotated || p.sink_tokens > 0;  // versions 3 and 4
   if (t) {
     words.push_back(1u | (p.key.permute_channels ? 2u : 0u) | (p.key.split_widths ? 4u : 0u));
-  } else if (p.rotated) {
+  } else if (extended) {
     words.push_back(0u);  // format v1 blocks
   }
-  if (p.rotated) words.push_back(uint32_t(c.rotation));
+  if (extended) words.push_back(uint32_t(c.rotation));
+  if (p.sink_tokens > 0) words.push_back(p.sink_tokens);
   return words;
 }
 
@@ -799,8 +836,9 @@ SerializedSize::SerializedSize(const StoreParams& p, size_t num_books)
     : token_bytes_(p.token_bytes()),
       bytes_(4 * (2 + fingerprint(p).size()) + 8 * num_books + 4) {}  // + the checksum
 
-void SerializedSize::add_layer(uint32_t tail_tokens) {
-  bytes_ += 8 + 2 * size_t(f::align4(uint32_t(tail_tokens * token_bytes_)));
+void SerializedSize::add_layer(uint32_t sink_tokens, uint32_t tail_tokens) {
+  bytes_ += 8 + 2 * size_t(f::align4(uint32_t(sink_tokens * token_bytes_))) +
+            2 * size_t(f::align4(uint32_t(tail_tokens * token_bytes_)));
 }
 
 void SerializedSize::add_block(uint32_t bytes) { bytes_ += 4 + size_t(f::align4(bytes)); }
@@ -822,6 +860,8 @@ std::vector<uint8_t> serialize_image(const StoreParams& p, const StoreBooks& boo
       w.u32(uint32_t(block.size()));
       w.bytes(block.data(), block.size());
     }
+    w.bytes(l.sink_k.data(), l.sink_k.size());  // empty without sinks
+    w.bytes(l.sink_v.data(), l.sink_v.size());
     w.bytes(l.tail_k.data(), l.tail_k.size());
     w.bytes(l.tail_v.data(), l.tail_v.size());
   }
@@ -837,14 +877,13 @@ SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const u
   require(r.u32() == kSerialMagic, KVC_ERROR_CORRUPT_DATA,
           "serialized sequence: bad magic (not a kvcomp sequence)");
   const uint32_t version = r.u32();
-  require(version == kSerialVersion || version == kSerialVersionTiles ||
-              version == kSerialVersionRotated,
-          KVC_ERROR_FORMAT_VERSION, "serialized sequence: version ", version,
-          " is not supported (this library reads versions 1 to ", kSerialVersionRotated, ")");
+  require(version >= kSerialVersion && version <= kSerialVersionSinks, KVC_ERROR_FORMAT_VERSION,
+          "serialized sequence: version ", version,
+          " is not supported (this library reads versions 1 to ", kSerialVersionSinks, ")");
   require(fnv1a32(data, size - 4) == f::load_u32(data + size - 4), KVC_ERROR_CORRUPT_DATA,
           "serialized sequence: checksum mismatch");
   // A store of the other block format wrote it (version 1: format v1 blocks; 2: tiles), or one
-  // that rotates or does not (version 3: rotated rows).
+  // that rotates or does not (version 3: rotated rows), or keeps sinks or does not (version 4).
   require(version == serial_version(p), KVC_ERROR_CONFIG_MISMATCH,
           "serialized sequence: a store of ", serial_contents(version),
           " wrote it, but this store holds ", serial_contents(serial_version(p)));
@@ -897,14 +936,19 @@ SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const u
       layer.blocks.emplace_back(block, block + bytes);
       layer.has_huffman = layer.has_huffman || huffman;
     }
-    const size_t tail = size_t(layer.tail_tokens) * row;
-    const uint8_t* k = r.bytes(tail);
-    const uint8_t* v = r.bytes(tail);
-    require(finite_rows(p, k, layer.tail_tokens) && finite_rows(p, v, layer.tail_tokens),
-            KVC_ERROR_CORRUPT_DATA, "serialized sequence: layer ", l,
-            " has inf or NaN in its tail");
-    layer.tail_k.assign(k, k + tail);
-    layer.tail_v.assign(v, v + tail);
+    // The uncompressed rows: the sinks (none before the first block), then the tail.
+    auto read_rows = [&](uint32_t tokens, const char* what, std::vector<uint8_t>& k_rows,
+                         std::vector<uint8_t>& v_rows) {
+      const size_t bytes = size_t(tokens) * row;
+      const uint8_t* k = r.bytes(bytes);
+      const uint8_t* v = r.bytes(bytes);
+      require(finite_rows(p, k, tokens) && finite_rows(p, v, tokens), KVC_ERROR_CORRUPT_DATA,
+              "serialized sequence: layer ", l, " has inf or NaN in its ", what);
+      k_rows.assign(k, k + bytes);
+      v_rows.assign(v, v + bytes);
+    };
+    read_rows(p.sinks_held(layer.num_blocks), "sinks", layer.sink_k, layer.sink_v);
+    read_rows(layer.tail_tokens, "tail", layer.tail_k, layer.tail_v);
   }
   require(r.at == r.size, KVC_ERROR_CORRUPT_DATA, "serialized sequence: trailing bytes");
   return image;
@@ -920,6 +964,8 @@ std::vector<uint8_t> Store::serialize(int32_t id) const {
       const uint8_t* block = &pool_[size_t(r.page) * p_.page_bytes + r.offset];
       l.blocks.emplace_back(block, block + r.bytes);
     }
+    l.sink_k = c.sink_k;
+    l.sink_v = c.sink_v;
     l.tail_k = c.tail_k;
     l.tail_v = c.tail_v;
   }
@@ -929,7 +975,7 @@ std::vector<uint8_t> Store::serialize(int32_t id) const {
 size_t Store::serialized_size(int32_t id) const {
   SerializedSize size(p_, books_.size());
   for (const LayerCache& c : sequence(id)) {
-    size.add_layer(c.tail_tokens);
+    size.add_layer(p_.sinks_held(c.num_blocks), c.tail_tokens);
     for (const BlockRef& r : c.blocks) size.add_block(r.bytes);
   }
   return size.bytes();
@@ -948,7 +994,9 @@ int32_t Store::restore(const uint8_t* data, size_t size) {
                           std::move(in.blocks),
                           in.tail_tokens,
                           std::move(in.tail_k),
-                          std::move(in.tail_v)});
+                          std::move(in.tail_v),
+                          std::move(in.sink_k),
+                          std::move(in.sink_v)});
     // Fixed-width and raw blocks need no codebook: only a Huffman block, which names the layer's
     // current codebook, freezes it.
     tx.updates.back().freezes_books = in.has_huffman;

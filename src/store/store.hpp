@@ -36,6 +36,11 @@ struct StoreParams {
   bool tiles() const { return key.tiles; }
   // Whether rows are stored rotated (kvc_store_config.rotation = KVC_ROTATION_HADAMARD).
   bool rotated = false;
+  // kvc_store_config.sink_tokens: rows of a layer's first block also kept uncompressed.
+  uint32_t sink_tokens = 0;
+  // The sink rows a layer of num_blocks compressed blocks holds: all of them once its first
+  // block is compressed, none before (its first tokens are then still in the tail).
+  uint32_t sinks_held(uint32_t num_blocks) const { return num_blocks > 0 ? sink_tokens : 0; }
 };
 
 // The rotation of store rows (kvc_store_config.rotation), on the host: every (token, head) row of
@@ -53,13 +58,16 @@ struct BlockRef {
   uint32_t bytes;
 };
 
-// One (sequence, layer): compressed token blocks, then an uncompressed tail.
+// One (sequence, layer): compressed token blocks, then an uncompressed tail; and the sinks, an
+// uncompressed copy of the first block's first rows, read instead of them.
 struct LayerCache {
   uint32_t num_blocks = 0;       // token blocks
   std::vector<BlockRef> blocks;  // [num_blocks, num_heads, 2 (K, V)]
   uint32_t tail_tokens = 0;      // < block_tokens
   std::vector<uint8_t> tail_k;   // [tail_tokens, num_heads, head_dim] of dtype
   std::vector<uint8_t> tail_v;
+  std::vector<uint8_t> sink_k;  // [sinks_held(num_blocks), num_heads, head_dim] of dtype
+  std::vector<uint8_t> sink_v;
   std::vector<uint32_t> pages;  // owned, in allocation order; the last one is open
   uint32_t open_used = 0;       // bytes used in the last page
 };
@@ -75,12 +83,12 @@ struct StoreStats {
 using StoreBooks = std::vector<std::shared_ptr<const Codebook>>;  // [layer * 2 + kind]
 
 // One sequence as it travels between stores: per layer the encoded blocks ([num_blocks, heads,
-// K|V]) and the tail rows.
+// K|V]), the sink rows (sinks_held(num_blocks) of them) and the tail rows.
 struct SequenceImage {
   struct Layer {
     uint32_t num_blocks = 0, tail_tokens = 0;
     std::vector<std::vector<uint8_t>> blocks;
-    std::vector<uint8_t> tail_k, tail_v;
+    std::vector<uint8_t> sink_k, sink_v, tail_k, tail_v;
     bool has_huffman = false;  // a block needs the layer's codebooks (so restoring freezes them)
   };
   std::vector<Layer> layers;
@@ -95,11 +103,11 @@ std::vector<uint8_t> serialize_image(const StoreParams& p, const StoreBooks& boo
 SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const uint8_t* data,
                           size_t size);
 // The size serialize_image gives, from the lengths alone: for each layer in order,
-// add_layer(its tail tokens), then add_block(bytes) for each of its blocks.
+// add_layer(its sink and tail tokens), then add_block(bytes) for each of its blocks.
 class SerializedSize {
  public:
   SerializedSize(const StoreParams& p, size_t num_books);
-  void add_layer(uint32_t tail_tokens);
+  void add_layer(uint32_t sink_tokens, uint32_t tail_tokens);  // sinks_held, tail tokens
   void add_block(uint32_t bytes);
   size_t bytes() const { return bytes_; }
 
@@ -181,6 +189,10 @@ class Store {
   // fp32 reconstruction of one head's K or V for (sequence, layer): [length, dim].
   std::vector<float> decode_head(const LayerCache& cache, uint32_t layer, uint32_t head,
                                  uint32_t kind) const;
+  // Block b of one head's K or V as fp32 rows [T, dim] (stride dim) into dst; block 0's first
+  // rows are the sinks, where the store keeps them. Throws the data status of a damaged block.
+  void decode_block_rows(const LayerCache& cache, uint32_t layer, uint32_t block, uint32_t head,
+                         uint32_t kind, float* dst) const;
 
   // The fp32 reconstruction of a (sequence, layer)'s compressed blocks, kept by attention so
   // that each block is decoded once, not on every call: blocks never change once written and a

@@ -60,10 +60,10 @@ void run_tiles(TileCase c, uint32_t splits, std::mt19937& rng) {
   const TileCacheImage im = build_tile_cache(c, rng);
   std::vector<kernels::SequenceView> views(c.batch);
   for (uint32_t b = 0; b < c.batch; ++b) {
-    views[b] = {im.tables[b].data(), c.lengths[b] / T, c.lengths[b] % T, im.tails_k[b].data(),
-                im.tails_v[b].data()};
+    views[b] = {im.tables[b].data(), c.lengths[b] / T,     im.sinks[b],
+                c.lengths[b] % T,    im.dense_k[b].data(), im.dense_v[b].data()};
   }
-  const uint32_t units = im.max_blocks + 1;
+  const uint32_t units = kernels::max_attention_units(im.max_blocks, c.sinks);
   Launch l = make_launch(c, (units + splits - 1) / splits, splits, T, im.q.data());
   using Tr = k::TileAttentionTraits<D, T>;
   const auto r =
@@ -93,6 +93,16 @@ TEST(AttentionEmulation, TileKernelMatchesTheReference) {
   // fp16, D 64: coarse bounds (0-, 2- and 3-bit tiles), empty and 1-token sequences.
   run_tiles<KVC_DTYPE_FP16, 64, 64>(
       {3, 1, 3, 64, 64, KVC_DTYPE_FP16, 1.0f, 0.3f, 1.0f, {0, 1, 150}}, 1, rng);
+}
+
+// Attention sinks: block 0's first tokens masked and read from the uncompressed rows, which span
+// two units where sinks and tail together pass T; before the first block there are none.
+TEST(AttentionEmulation, TileKernelReadsSinksInsteadOfTheirBlockRows) {
+  std::mt19937 rng(7);
+  run_tiles<KVC_DTYPE_FP16, 64, 64>(
+      {4, 1, 4, 64, 64, KVC_DTYPE_FP16, 0.25f, 0.07f, 1.0f, {30, 64, 127, 64 * 5 + 10}, 4}, 2, rng);
+  run_tiles<KVC_DTYPE_BF16, 64, 128>(
+      {1, 2, 16, 64, 128, KVC_DTYPE_BF16, 0.25f, 0.07f, 40.0f, {255}, 127}, 1, rng);
 }
 
 template <kvc_dtype DT, uint32_t D>

@@ -23,7 +23,8 @@ struct Case {
   uint32_t batch, kv_heads, group, dim, tokens;
   kvc_dtype dtype;
   std::vector<uint32_t> lengths;
-  uint32_t sms;  // the multiprocessor count the split schedule is made for
+  uint32_t sms;        // the multiprocessor count the split schedule is made for
+  uint32_t sinks = 0;  // sink_tokens
 };
 
 // attention.cu's make_plan and params_for, for `sms` multiprocessors.
@@ -84,13 +85,14 @@ void run_case(const Case& c) {
   const Codebook key_book = parse(train(kc, c.dtype, 5)), value_book = parse(train(vc, c.dtype, 6));
   const Codebook* books[2] = {&key_book, &value_book};
 
-  auto [pool, tables, tails_k, tails_v, ref_k, ref_v] =
-      build_compressed_cache(c.dtype, H, D, T, c.lengths, key, value, books);
+  auto [pool, tables, dense_k, dense_v, ref_k, ref_v] =
+      build_compressed_cache(c.dtype, H, D, T, c.lengths, key, value, books, c.sinks);
   std::vector<kernels::SequenceView> views(c.batch);
   uint32_t max_blocks = 0;
   for (uint32_t b = 0; b < c.batch; ++b) {
-    views[b] = {tables[b].data(), c.lengths[b] / T, c.lengths[b] % T, tails_k[b].data(),
-                tails_v[b].data()};
+    const uint32_t blocks = c.lengths[b] / T;
+    views[b] = {tables[b].data(),  blocks,           blocks > 0 ? c.sinks : 0u, c.lengths[b] % T,
+                dense_k[b].data(), dense_v[b].data()};
     max_blocks = std::max(max_blocks, views[b].num_blocks);
   }
   std::vector<uint16_t> q(size_t(c.batch) * Hq * D), out(q.size(), 0xFFFF);
@@ -101,7 +103,8 @@ void run_case(const Case& c) {
     q[i] = to_bits(c.dtype, normal(rng));
     qf[i] = from_bits(c.dtype, q[i]);
   }
-  const Plan plan = make_plan(c.batch, H, c.group, D, max_blocks + 1, c.sms);
+  const Plan plan =
+      make_plan(c.batch, H, c.group, D, kernels::max_attention_units(max_blocks, c.sinks), c.sms);
   std::vector<float> workspace(plan.workspace_floats, 1e30f);  // poisoned
   const EmulatedBook kdev(&key_book), vdev(&value_book);
   emu::LaunchResult r;
@@ -135,7 +138,8 @@ void run_case(const Case& c) {
                                  1.0f / std::sqrt(float(D)));
       ASSERT_LE(row_error(&out[row], ref, c.dtype), row_tolerance(ref, c.dtype))
           << "B=" << c.batch << " H=" << H << " group=" << c.group << " T=" << T
-          << " dtype=" << c.dtype << " seq " << b << " (length " << c.lengths[b] << ") head " << qh;
+          << " dtype=" << c.dtype << " sinks=" << c.sinks << " seq " << b << " (length "
+          << c.lengths[b] << ") head " << qh;
     }
   }
 }
@@ -147,6 +151,14 @@ TEST(AttentionEmulation, CompressedKernelMatchesTheCpuReference) {
   run_case({2, 1, 6, 64, 64, KVC_DTYPE_BF16, {129, 40}, 1});
   run_case({4, 1, 16, 64, 32, KVC_DTYPE_FP16, {31, 32, 33, 300}, 3});
   run_case({2, 2, 8, 128, 64, KVC_DTYPE_BF16, {200, 64}, 4});
+}
+
+// Attention sinks: block 0's first tokens read from the uncompressed rows, which then span two
+// units where sinks and tail together pass T (lengths 32k + 31); before the first block the
+// sinks are still tail rows.
+TEST(AttentionEmulation, CompressedKernelReadsSinksInsteadOfTheirBlockRows) {
+  run_case({4, 1, 4, 64, 32, KVC_DTYPE_FP16, {20, 32, 63, 95}, 2, 4});
+  run_case({2, 2, 16, 64, 64, KVC_DTYPE_BF16, {127, 300}, 1, 63});
 }
 
 }  // namespace

@@ -36,7 +36,9 @@ using kernels::SequenceView;
 struct StoreShape {
   uint32_t layers = 2, heads = 2, dim = 16, block_tokens = 4;
   uint32_t page_bytes = 512, num_pages = 20, max_sequences = 4, max_tokens = 24;
+  uint32_t sink_tokens = 0;
   uint32_t row() const { return heads * dim; }
+  uint32_t dense_rows() const { return sink_tokens + block_tokens; }  // per buffer
 };
 
 // A tiles store: format t1 needs T and D powers of two from 16; blocks of up to 48 + 512 bytes.
@@ -87,12 +89,15 @@ class EmulatedStore {
     const size_t layers = size_t(s.max_sequences) * s.layers;
     pool_.assign(size_t(s.num_pages) * s.page_bytes, 0xCC);
     tables_.assign(layers * table_blocks_ * s.heads * 2, BlockLocation{0xFFFFFFFFu, 0, 0});
-    tails_.assign(layers * 2 * s.block_tokens * s.row(), 0);
+    dense_.assign(layers * 2 * s.dense_rows() * s.row(), 0);
     states_.resize(layers);
     for (size_t i = 0; i < layers; ++i) {
-      states_[i].view = {tables_.data() + i * table_blocks_ * s.heads * 2, 0, 0,
-                         tails_.data() + 2 * i * s.block_tokens * s.row(),
-                         tails_.data() + (2 * i + 1) * s.block_tokens * s.row()};
+      states_[i].view = {tables_.data() + i * table_blocks_ * s.heads * 2,
+                         0,
+                         0,
+                         0,
+                         dense_.data() + 2 * i * s.dense_rows() * s.row(),
+                         dense_.data() + (2 * i + 1) * s.dense_rows() * s.row()};
     }
     for (uint32_t i = 0; i < s.num_pages; ++i) free_pages_.push_back(s.num_pages - 1 - i);
     slot_ids_.assign(s.max_sequences, -1);
@@ -116,7 +121,8 @@ class EmulatedStore {
             s_.max_sequences,
             s_.max_tokens,
             0x7C00u,
-            block_alignment(params_[0].tiles)};
+            block_alignment(params_[0].tiles),
+            s_.sink_tokens};
   }
 
   // -1 when every slot is taken.
@@ -236,7 +242,7 @@ class EmulatedStore {
   uint32_t table_blocks_ = 0;
   std::vector<uint8_t> pool_;
   std::vector<BlockLocation> tables_;
-  std::vector<uint16_t> tails_;
+  std::vector<uint16_t> dense_;  // sinks and tails
   std::vector<ks::LayerState> states_;
   std::vector<uint32_t> free_pages_;
   std::vector<int32_t> slot_ids_;
@@ -297,6 +303,7 @@ class StoreChecker {
     ASSERT_EQ(now.states.size(), before.states.size()) << where;
     for (size_t i = 0; i < now.states.size(); ++i) {
       EXPECT_EQ(now.states[i].view.num_blocks, before.states[i].view.num_blocks) << where;
+      EXPECT_EQ(now.states[i].view.sink_tokens, before.states[i].view.sink_tokens) << where;
       EXPECT_EQ(now.states[i].view.tail_tokens, before.states[i].view.tail_tokens) << where;
       EXPECT_EQ(now.states[i].open_page, before.states[i].open_page) << where;
       EXPECT_EQ(now.states[i].open_used, before.states[i].open_used) << where;
@@ -327,11 +334,17 @@ class StoreChecker {
         const ks::LayerState& ls = st_.state(id, l);
         ASSERT_EQ(ls.view.num_blocks, len / T) << where << " id " << id << " layer " << l;
         ASSERT_EQ(ls.view.tail_tokens, len % T) << where << " id " << id << " layer " << l;
+        // The sinks (the first rows, once there is a block), then the tail.
+        const uint32_t sinks = len >= T ? s.sink_tokens : 0;
+        ASSERT_EQ(ls.view.sink_tokens, sinks) << where << " id " << id << " layer " << l;
         for (int kind = 0; kind < 2; ++kind) {
-          const auto* tail =
-              static_cast<const uint16_t*>(kind == 0 ? ls.view.tail_keys : ls.view.tail_values);
+          const auto* dense =
+              static_cast<const uint16_t*>(kind == 0 ? ls.view.dense_keys : ls.view.dense_values);
+          ASSERT_TRUE(std::equal(rows[kind]->begin(), rows[kind]->begin() + sinks * s.row(), dense))
+              << where << " sinks of id " << id << " layer " << l << " kind " << kind;
           const size_t first = size_t(len / T) * T * s.row();
-          ASSERT_TRUE(std::equal(rows[kind]->begin() + long(first), rows[kind]->end(), tail))
+          ASSERT_TRUE(std::equal(rows[kind]->begin() + long(first), rows[kind]->end(),
+                                 dense + sinks * s.row()))
               << where << " tail of id " << id << " layer " << l << " kind " << kind;
         }
         // Blocks: CPU bytes, next-fit offsets, pages of their own.
@@ -450,8 +463,10 @@ std::vector<uint16_t> cpu_rotated(const std::vector<uint16_t>& rows, uint32_t di
   return out;
 }
 
-void run_store_model(uint32_t seed, int steps, bool tiles = false, bool rotated = false) {
-  const StoreShape s = tiles ? tile_store_shape() : StoreShape{};
+void run_store_model(uint32_t seed, int steps, bool tiles = false, bool rotated = false,
+                     uint32_t sinks = 0) {
+  StoreShape s = tiles ? tile_store_shape() : StoreShape{};
+  s.sink_tokens = sinks;
   kvc_codec_config kc = make_config(KVC_KIND_KEY, s.block_tokens, s.dim, KVC_BOUND_RELATIVE, 0.05f);
   kvc_codec_config vc =
       make_config(KVC_KIND_VALUE, s.block_tokens, s.dim, KVC_BOUND_RELATIVE, 0.05f);
@@ -574,6 +589,10 @@ TEST(StoreEmulation, TileBlocksAgainstAShadowModelSeed5) { run_store_model(5, 60
 TEST(StoreEmulation, RotatedRowsAgainstAShadowModelSeed6) { run_store_model(6, 45, false, true); }
 TEST(StoreEmulation, RotatedTileBlocksAgainstAShadowModelSeed7) {
   run_store_model(7, 60, true, true);
+}
+TEST(StoreEmulation, SinksAgainstAShadowModelSeed9) { run_store_model(9, 45, false, false, 3); }
+TEST(StoreEmulation, SinksWithTileBlocksAgainstAShadowModelSeed10) {
+  run_store_model(10, 60, true, false, 4);
 }
 
 // rotate_rows_kernel against hadamard::rotate, bit for bit, for every dtype pair it serves: the

@@ -1,9 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // Shared by the store fuzzers and the seed generator: small store configurations (so that each
 // iteration is fast) that between them cover both dtypes, absolute and relative bounds, grouped
-// values, every entropy mode, tile blocks (format t1), rotated rows and both store limits; the
-// codebooks they
-// hold; their input rows; and a snapshot of a store (stats and every live sequence's bytes) to
+// values, every entropy mode, tile blocks (format t1), rotated rows, attention sinks and both
+// store limits; the codebooks they hold; their input rows; and a snapshot of a store (stats and every live sequence's bytes) to
 // compare before and after a call. Public API only.
 #pragma once
 
@@ -17,10 +16,11 @@
 
 namespace kvc_fuzz {
 
-inline constexpr int kNumStoreConfigs = 5;
+inline constexpr int kNumStoreConfigs = 6;
 
-// The configuration a fuzzer input's first byte selects: bits 0-1, and bit 3 for the fifth
-// (bit 2 and bits 4-7 are the fuzzers' own flags); and the byte (flags clear) that selects one.
+// The configuration a fuzzer input's first byte selects: bits 0-1, and bit 3 for the fifth and
+// sixth (bit 2 and bits 4-7 are the fuzzers' own flags); and the byte (flags clear) that selects
+// one.
 inline int config_of_selector(uint8_t b) { return ((b & 3) | ((b & 8) >> 1)) % kNumStoreConfigs; }
 inline uint8_t selector_of_config(int which) { return uint8_t((which & 3) | ((which & 4) << 1)); }
 
@@ -91,6 +91,10 @@ inline kvc_store_config store_config(int which) {
              // rotated rows, serialized version 3
       c = store_config(0);
       c.rotation = KVC_ROTATION_HADAMARD;
+      break;
+    case 5:  // attention sinks: config 3's tile blocks with 5 sink tokens, serialized version 4
+      c = store_config(3);
+      c.sink_tokens = 5;
       break;
   }
   return c;

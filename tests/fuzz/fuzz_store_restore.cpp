@@ -150,7 +150,7 @@ bool mutate_records(SerialSequence& s, std::minstd_rand& rng, size_t max_block) 
     const bool tile = b.size() >= 4 && kvc_fuzz::load_word(b.data()) == 0x7463766Bu;
     if (b.size() >= 20) kvc_fuzz::store_word(&b[tile ? 12 : 16], uint32_t(b.size()));
   };
-  switch (rng() % 8) {
+  switch (rng() % 9) {
     case 0: {  // bytes of one block mutated, its stated length kept equal to its record
       if (blocks.empty()) return false;
       std::vector<uint8_t>& b = *blocks[pick(blocks.size())];
@@ -224,6 +224,18 @@ bool mutate_records(SerialSequence& s, std::minstd_rand& rng, size_t max_block) 
         l.tail_k.resize(l.tail_k.size() + row, fill);
         l.tail_v.resize(l.tail_v.size() + row, fill);
         ++l.tail_tokens;
+      }
+      return true;
+    }
+    case 7: {  // a sink element changed (non-finite now and then), or the sinks dropped
+      SerialSequence::Layer& l = s.layers[pick(s.layers.size())];
+      if (l.sink_k.empty()) return false;
+      if (rng() % 4 == 0) {
+        l.sink_k.clear();
+        l.sink_v.clear();
+      } else {
+        std::vector<uint8_t>& rows = rng() % 2 ? l.sink_k : l.sink_v;
+        rows[pick(rows.size()) | 1] = rng() % 4 ? uint8_t(rng() % 0x40) : 0x7C;
       }
       return true;
     }

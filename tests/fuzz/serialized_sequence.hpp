@@ -30,11 +30,13 @@ inline void reseal(std::vector<uint8_t>& bytes) {
 
 struct SerialSequence {
   // magic, version, the fingerprint (12 words in version 1, 13 in version 2: stores of tile
-  // blocks, 14 in version 3: stores that rotate their rows) and the codebook table: kept as bytes.
+  // blocks, 14 in version 3: stores that rotate their rows, 15 in version 4: stores that keep
+  // attention sinks) and the codebook table: kept as bytes.
   std::vector<uint8_t> head;
   struct Layer {
     uint32_t num_blocks = 0, tail_tokens = 0;
     std::vector<std::vector<uint8_t>> blocks;  // [num_blocks, H, K|V], each without padding
+    std::vector<uint8_t> sink_k, sink_v;       // version 4, a layer with blocks; unpadded
     std::vector<uint8_t> tail_k, tail_v;       // unpadded
   };
   std::vector<Layer> layers;
@@ -45,18 +47,24 @@ struct SerialSequence {
   uint32_t num_layers() const { return fingerprint(0); }
   uint32_t num_heads() const { return fingerprint(1); }
   uint32_t head_dim() const { return fingerprint(2); }
+  uint32_t version() const { return load_word(&head[4]); }
+  uint32_t sink_tokens() const { return version() == 4 ? fingerprint(14) : 0; }
   size_t row_bytes() const { return size_t(num_heads()) * head_dim() * 2; }  // fp16 or bf16
 
   // Takes apart a well-formed sequence (the checksum is not checked); nothing if the bytes are
   // not one. Sizes are limited so that a fuzzer's input cannot ask for huge allocations.
   static std::optional<SerialSequence> parse(const uint8_t* data, size_t size) {
-    if (size < 8 + 56 + 4 || size % 4 != 0) return std::nullopt;
+    if (size < 8 + 60 + 4 || size % 4 != 0) return std::nullopt;
     const uint32_t version = load_word(data + 4);
-    const size_t fingerprint_bytes = version == 3 ? 56 : version == 2 ? 52 : 48;
+    const size_t fingerprint_bytes = version == 4   ? 60
+                                     : version == 3 ? 56
+                                     : version == 2 ? 52
+                                                    : 48;
     SerialSequence s;
     s.head.assign(data, data + 8 + fingerprint_bytes);
     const uint32_t L = s.num_layers(), H = s.num_heads(), D = s.head_dim();
     if (L == 0 || L > 64 || H == 0 || H > 64 || D == 0 || D > 1024) return std::nullopt;
+    if (s.sink_tokens() > 1024) return std::nullopt;
     size_t at = 8 + fingerprint_bytes;
     const size_t end = size - 4;
     auto need = [&](size_t n) { return n <= end - at; };
@@ -80,13 +88,20 @@ struct SerialSequence {
         layer.blocks.emplace_back(data + at, data + at + n);
         at += padded;
       }
-      const uint64_t tail = uint64_t(layer.tail_tokens) * s.row_bytes();
-      const uint64_t padded = (tail + 3) / 4 * 4;
-      if (padded > (end - at) / 2) return std::nullopt;
-      layer.tail_k.assign(data + at, data + at + tail);
-      at += size_t(padded);
-      layer.tail_v.assign(data + at, data + at + tail);
-      at += size_t(padded);
+      // The uncompressed rows, K then V: the sinks (a layer with blocks), then the tail.
+      auto rows = [&](uint64_t tokens, std::vector<uint8_t>& k, std::vector<uint8_t>& v) {
+        const uint64_t bytes = tokens * s.row_bytes(), padded = (bytes + 3) / 4 * 4;
+        if (padded > (end - at) / 2) return false;
+        k.assign(data + at, data + at + bytes);
+        at += size_t(padded);
+        v.assign(data + at, data + at + bytes);
+        at += size_t(padded);
+        return true;
+      };
+      if (!rows(layer.num_blocks ? s.sink_tokens() : 0, layer.sink_k, layer.sink_v) ||
+          !rows(layer.tail_tokens, layer.tail_k, layer.tail_v)) {
+        return std::nullopt;
+      }
       s.layers.push_back(std::move(layer));
     }
     if (at != end) return std::nullopt;
@@ -112,6 +127,8 @@ struct SerialSequence {
         word(uint32_t(b.size()));
         padded(b);
       }
+      padded(l.sink_k);
+      padded(l.sink_v);
       padded(l.tail_k);
       padded(l.tail_v);
     }

@@ -18,6 +18,7 @@ struct Case {
   uint32_t batch, kv_heads, group, dim;
   kvc_dtype dtype;
   std::vector<uint32_t> lengths;
+  uint32_t sinks = 0;  // sink_tokens
 };
 
 class AttentionGpu : public GpuTest {};
@@ -32,6 +33,8 @@ TEST_F(AttentionGpu, CompressedKernelMatchesTheCpuReference) {
       {17, 2, 2, 128, KVC_DTYPE_BF16, {}},
       {1, 2, 4, 128, KVC_DTYPE_FP16, {131072}},
       {64, 1, 4, 128, KVC_DTYPE_FP16, {}},
+      {4, 2, 4, 128, KVC_DTYPE_FP16, {20, 64, 127, 1000}, 4},  // sinks
+      {2, 1, 8, 64, KVC_DTYPE_BF16, {127, 500}, 63},           // sinks + tail: two units
   };
   for (Case c : cases) {
     while (c.lengths.size() < c.batch) c.lengths.push_back(rng() % 1500);
@@ -49,10 +52,10 @@ TEST_F(AttentionGpu, CompressedKernelMatchesTheCpuReference) {
     books[0] = &key_book;
     books[1] = &value_book;
 
-    // Host image of the store: one pool, per-sequence block tables and tails; and the fp32
-    // reconstruction of every token for the reference.
-    auto [pool, tables, tails_k, tails_v, ref_k, ref_v] =
-        build_compressed_cache(c.dtype, H, D, T, c.lengths, key, value, books);
+    // Host image of the store: one pool, per-sequence block tables, sinks and tails; and the
+    // fp32 reconstruction of every token for the reference.
+    auto [pool, tables, dense_k, dense_v, ref_k, ref_v] =
+        build_compressed_cache(c.dtype, H, D, T, c.lengths, key, value, books, c.sinks);
     pool.resize(std::max<size_t>(pool.size(), 4));
 
     DeviceBuffer d_pool(pool.size());
@@ -69,9 +72,10 @@ TEST_F(AttentionGpu, CompressedKernelMatchesTheCpuReference) {
       views[b].blocks = static_cast<const cuda::BlockLocation*>(
           upload(tables[b].data(), tables[b].size() * sizeof(cuda::BlockLocation)));
       views[b].num_blocks = c.lengths[b] / T;
+      views[b].sink_tokens = views[b].num_blocks > 0 ? c.sinks : 0;
       views[b].tail_tokens = c.lengths[b] % T;
-      views[b].tail_keys = upload(tails_k[b].data(), tails_k[b].size() * 2);
-      views[b].tail_values = upload(tails_v[b].data(), tails_v[b].size() * 2);
+      views[b].dense_keys = upload(dense_k[b].data(), dense_k[b].size() * 2);
+      views[b].dense_values = upload(dense_v[b].data(), dense_v[b].size() * 2);
       max_blocks = std::max(max_blocks, views[b].num_blocks);
     }
     DeviceBuffer d_views(views.size() * sizeof(cuda::SequenceView));
@@ -90,7 +94,8 @@ TEST_F(AttentionGpu, CompressedKernelMatchesTheCpuReference) {
 
     const float scale = 1.0f / std::sqrt(float(D));
     const cuda::AttentionShape shape{c.batch, H, c.group, D, c.dtype, scale};
-    const cuda::AttentionPlan plan = cuda::plan_attention(shape, max_blocks);
+    const cuda::AttentionPlan plan =
+        cuda::plan_attention(shape, kernels::max_attention_units(max_blocks, c.sinks));
     DeviceBuffer d_ws(plan.workspace_bytes);
     KVC_CUDA_CHECK(cudaMemset(d_ws.get(), 0x7F, d_ws.bytes()));  // poisoned workspace
     const auto device_books = cuda::upload_codebooks(&key_book, &value_book);

@@ -231,14 +231,17 @@ TEST_F(StoreGpu, ModelBasedRandomOperations) {
 AttentionTolerance rotated_gpu_tolerance() { return {0.0, 1e-2}; }
 
 // With rotation = KVC_ROTATION_HADAMARD the CUDA store rotates the rows on the device with the
-// arithmetic of the CPU store: the blocks, tails and so the bytes are the same.
-void serializes_like_the_cpu_store(int32_t rotation) {
+// arithmetic of the CPU store: the blocks, tails and so the bytes are the same. With sink_tokens,
+// both keep the same sinks.
+void serializes_like_the_cpu_store(int32_t rotation, int32_t sinks = 0) {
   const Shape sh = gpu_shape();
   kvc_store_config on_cpu = cuda_config(sh, 8 << 20, 0, 8, 1024);
   on_cpu.backend = KVC_BACKEND_CPU;
   on_cpu.rotation = rotation;
+  on_cpu.sink_tokens = sinks;
   kvc_store_config on_gpu = cuda_config(sh, 8 << 20, 0, 8, 1024);
   on_gpu.rotation = rotation;
+  on_gpu.sink_tokens = sinks;
   StoreHandle host(on_cpu), device(on_gpu);
   ASSERT_NE(host.s, nullptr);
   ASSERT_NE(device.s, nullptr);
@@ -316,6 +319,10 @@ TEST_F(StoreGpu, SerializesToTheSameBytesAsTheCpuStore) {
 
 TEST_F(StoreGpu, RotatedStoreSerializesAndReadsAsTheCpuStore) {
   serializes_like_the_cpu_store(KVC_ROTATION_HADAMARD);
+}
+
+TEST_F(StoreGpu, StoreWithSinksSerializesAndReadsAsTheCpuStore) {
+  serializes_like_the_cpu_store(KVC_ROTATION_NONE, 5);
 }
 
 void decode_step_and_attention_graphs(int32_t rotation) {
@@ -704,6 +711,25 @@ TEST_F(StoreGpu, TileStoreModelBasedRandomOperations) {
   mp.seed = 2026;
   mp.tolerance = tile_gpu_tolerance();
   mp.block_format = KVC_BLOCK_FORMAT_TILES;
+  CudaStoreBackend cuda(mp.shape);
+  run_model(cuda, mp);
+}
+
+// Attention sinks: the first block's first rows read back exactly and attended from the
+// uncompressed rows (masked in the block), sinks and tail then spanning two attention units.
+TEST_F(StoreGpu, TileStoreWithSinksModelBasedRandomOperations) {
+  ModelParams mp;
+  mp.shape = tile_gpu_shape();
+  mp.page_bytes = 2 * kTilePage;
+  mp.capacity_bytes = 32 * int64_t(mp.page_bytes);
+  mp.max_sequences = 24;
+  mp.max_sequence_tokens = 320;
+  mp.max_prefill_tokens = 160;
+  mp.steps = 200;
+  mp.seed = 2028;
+  mp.tolerance = tile_gpu_tolerance();
+  mp.block_format = KVC_BLOCK_FORMAT_TILES;
+  mp.sink_tokens = 40;
   CudaStoreBackend cuda(mp.shape);
   run_model(cuda, mp);
 }

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // The tensor-core tile attention kernel against a double-precision CPU reference over the same
 // tile blocks (format t1) decoded by the CPU oracle: blocks placed in a pool as the store
-// places them (16-byte aligned), fp16/bf16 tails, every width (0, 2, 3, 4, 6, 8 bits and raw
-// tiles, blocks too large to stage), GQA groups 1..16, head_dim 64/128/256, 64- and 128-token
+// places them (16-byte aligned), fp16/bf16 sinks and tails, every width (0, 2, 3, 4, 6, 8 bits and
+// raw tiles, blocks too large to stage), GQA groups 1..16, head_dim 64/128/256, 64- and 128-token
 // blocks. Outputs are poisoned first and must all be written.
 #include "core/error.hpp"
 #include "gpu_test.hpp"
@@ -23,6 +23,8 @@ TEST_F(TileAttentionGpu, MatchesTheCpuReferenceOverTheOraclesBlocks) {
       {2, 2, 2, 128, 128, KVC_DTYPE_BF16, 0.25f, 0.07f, 40.0f, {640, 1000}},  // 8-bit, raw
       {1, 1, 4, 128, 128, KVC_DTYPE_FP16, 0.25f, 0.0005f, 400.0f, {512}},     // unstageable
       {8, 2, 3, 64, 64, KVC_DTYPE_FP16, 1.0f, 0.3f, 1.0f, {}},                // 2-3 bits, zeros
+      {4, 2, 4, 128, 128, KVC_DTYPE_FP16, 0.3f, 0.072f, 1.0f, {20, 128, 255, 1000}, 4},  // sinks
+      {2, 1, 8, 128, 64, KVC_DTYPE_BF16, 0.25f, 0.07f, 1.0f, {127, 640}, 63},  // two units
   };
   for (TileCase c : cases) {
     const TileCacheImage im = build_tile_cache(c, rng);
@@ -39,9 +41,10 @@ TEST_F(TileAttentionGpu, MatchesTheCpuReferenceOverTheOraclesBlocks) {
       views[b].blocks = static_cast<const cuda::BlockLocation*>(
           upload(im.tables[b].data(), im.tables[b].size() * sizeof(cuda::BlockLocation)));
       views[b].num_blocks = c.lengths[b] / c.tokens;
+      views[b].sink_tokens = im.sinks[b];
       views[b].tail_tokens = c.lengths[b] % c.tokens;
-      views[b].tail_keys = upload(im.tails_k[b].data(), im.tails_k[b].size() * 2);
-      views[b].tail_values = upload(im.tails_v[b].data(), im.tails_v[b].size() * 2);
+      views[b].dense_keys = upload(im.dense_k[b].data(), im.dense_k[b].size() * 2);
+      views[b].dense_values = upload(im.dense_v[b].data(), im.dense_v[b].size() * 2);
     }
     DeviceBuffer d_views(views.size() * sizeof(cuda::SequenceView));
     d_views.upload(views.data(), views.size() * sizeof(cuda::SequenceView));
@@ -51,7 +54,8 @@ TEST_F(TileAttentionGpu, MatchesTheCpuReferenceOverTheOraclesBlocks) {
 
     const float scale = 1.0f / std::sqrt(float(c.dim));
     const cuda::AttentionShape shape{c.batch, c.kv_heads, c.group, c.dim, c.dtype, scale};
-    const cuda::AttentionPlan plan = cuda::plan_attention(shape, im.max_blocks);
+    const cuda::AttentionPlan plan =
+        cuda::plan_attention(shape, kernels::max_attention_units(im.max_blocks, c.sinks));
     DeviceBuffer d_ws(plan.workspace_bytes);
     KVC_CUDA_CHECK(cudaMemset(d_ws.get(), 0x7F, d_ws.bytes()));  // poisoned workspace
     cuda::attention_tiles(shape, plan, c.tokens, d_pool.get<uint8_t>(), im.pool.size(),

@@ -22,6 +22,37 @@ inline float from_bits(kvc_dtype dt, uint16_t h) {
   return dt == KVC_DTYPE_BF16 ? format::bf16_to_float(h) : format::half_to_float(h);
 }
 
+// A sequence's uncompressed rows as the store keeps them: its first `sinks` tokens (block 0's,
+// which attention reads from here instead; none without a block), then the tokens past its
+// `blocks` T-token blocks. xk, xv: the sequence's values [len, heads, dim]; dense_k, dense_v get
+// their bits, and ref_k, ref_v ([head][token, dim], the blocks' reconstruction so far) the
+// values attention should see.
+inline void keep_uncompressed_rows(kvc_dtype dt, uint32_t heads, uint32_t dim, uint32_t T,
+                                   uint32_t len, uint32_t blocks, uint32_t sinks,
+                                   const std::vector<float>& xk, const std::vector<float>& xv,
+                                   std::vector<uint16_t>& dense_k, std::vector<uint16_t>& dense_v,
+                                   std::vector<std::vector<float>>& ref_k,
+                                   std::vector<std::vector<float>>& ref_v) {
+  auto keep = [&](uint32_t t) {
+    for (uint32_t h = 0; h < heads; ++h) {
+      for (uint32_t d = 0; d < dim; ++d) {
+        const size_t i = (size_t(t) * heads + h) * dim + d;
+        dense_k.push_back(to_bits(dt, xk[i]));
+        dense_v.push_back(to_bits(dt, xv[i]));
+        if (t < blocks * T) {  // a sink: replaces block 0's row
+          ref_k[h][size_t(t) * dim + d] = xk[i];
+          ref_v[h][size_t(t) * dim + d] = xv[i];
+        } else {
+          ref_k[h].push_back(xk[i]);
+          ref_v[h].push_back(xv[i]);
+        }
+      }
+    }
+  };
+  for (uint32_t t = 0; t < (blocks > 0 ? sinks : 0); ++t) keep(t);
+  for (uint32_t t = blocks * T; t < len; ++t) keep(t);
+}
+
 // softmax(scale q.K^T) V in double for one query row; k, v: [len, dim] floats.
 inline std::vector<double> reference(const float* q, const std::vector<float>& k,
                                      const std::vector<float>& v, uint32_t dim, float scale) {

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // A decode-attention problem over format v1 blocks, built on the host as the store keeps it: one
-// pool of K/V blocks encoded by the CPU oracle with the given codebooks, a block table and an
-// fp16/bf16 tail per sequence, and the fp32 reconstruction of every token for the reference.
+// pool of K/V blocks encoded by the CPU oracle with the given codebooks, a block table and the
+// fp16/bf16 sinks and tail per sequence, and the fp32 reconstruction of every token for the
+// reference.
 // Shared by the GPU test and the kernel emulation test, which run the same kernel on the same
 // bytes.
 #pragma once
@@ -9,6 +10,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "attention_reference.hpp"
 #include "cpu/codec_cpu.hpp"
 #include "kernels/common/sequence_view.cuh"
 #include "test_support.hpp"
@@ -18,19 +20,21 @@ namespace kvc::test {
 struct CompressedCacheImage {
   std::vector<uint8_t> pool;
   std::vector<std::vector<kernels::BlockLocation>> tables;    // [b][block, head, K|V]
-  std::vector<std::vector<uint16_t>> tails_k, tails_v;        // [b][tail, head, dim]
+  std::vector<std::vector<uint16_t>> dense_k, dense_v;        // [b][sinks + tail, head, dim]
   std::vector<std::vector<std::vector<float>>> ref_k, ref_v;  // [b][head][token, dim]
 };
 
-// Sequences of `lengths` tokens of synthetic K/V ([token, kv_heads, dim]), T-token blocks.
+// Sequences of `lengths` tokens of synthetic K/V ([token, kv_heads, dim]), T-token blocks, the
+// first `sinks` tokens also kept uncompressed where a sequence has a block.
 inline CompressedCacheImage build_compressed_cache(kvc_dtype dtype, uint32_t H, uint32_t D,
                                                    uint32_t T, const std::vector<uint32_t>& lengths,
                                                    const CodecParams& key, const CodecParams& value,
-                                                   const Codebook* const books[2]) {
+                                                   const Codebook* const books[2],
+                                                   uint32_t sinks = 0) {
   const uint32_t batch = uint32_t(lengths.size());
   std::vector<uint8_t> pool;
   std::vector<std::vector<kernels::BlockLocation>> tables(batch);
-  std::vector<std::vector<uint16_t>> tails_k(batch), tails_v(batch);
+  std::vector<std::vector<uint16_t>> dense_k(batch), dense_v(batch);
   std::vector<std::vector<std::vector<float>>> ref_k(batch), ref_v(batch);  // [b][h]
   std::vector<uint8_t> scratch(key.max_block_bytes(dtype) + value.max_block_bytes(dtype));
   for (uint32_t b = 0; b < batch; ++b) {
@@ -57,20 +61,11 @@ inline CompressedCacheImage build_compressed_cache(kvc_dtype dtype, uint32_t H, 
         }
       }
     }
-    for (uint32_t t = blocks * T; t < len; ++t) {
-      for (uint32_t h = 0; h < H; ++h) {
-        for (uint32_t d = 0; d < D; ++d) {
-          const size_t i = (size_t(t) * H + h) * D + d;
-          tails_k[b].push_back(to_bits(dtype, bk.values[i]));
-          tails_v[b].push_back(to_bits(dtype, bv.values[i]));
-          ref_k[b][h].push_back(bk.values[i]);
-          ref_v[b][h].push_back(bv.values[i]);
-        }
-      }
-    }
+    keep_uncompressed_rows(dtype, H, D, T, len, blocks, sinks, bk.values, bv.values, dense_k[b],
+                           dense_v[b], ref_k[b], ref_v[b]);
   }
-  return {std::move(pool),    std::move(tables), std::move(tails_k),
-          std::move(tails_v), std::move(ref_k),  std::move(ref_v)};
+  return {std::move(pool),    std::move(tables), std::move(dense_k),
+          std::move(dense_v), std::move(ref_k),  std::move(ref_v)};
 }
 
 }  // namespace kvc::test

@@ -266,9 +266,11 @@ inline void check_rotated_rows(const Shape& sh, const std::vector<float>& got,
   }
 }
 
+// sinks: the store's sink_tokens, read back exactly once a sequence has a block.
 inline void check_against_shadow(StoreBackend& be, kvc_store_t s, const Shadow& shadow,
                                  std::mt19937& rng, const std::string& where,
-                                 const AttentionTolerance& tol = {}, bool rotated = false) {
+                                 const AttentionTolerance& tol = {}, bool rotated = false,
+                                 uint32_t sinks = 0) {
   const Shape& sh = shadow.shape;
   const size_t row = sh.row();
   for (int layer = 0; layer < sh.layers; ++layer) {
@@ -283,6 +285,7 @@ inline void check_against_shadow(StoreBackend& be, kvc_store_t s, const Shadow& 
       ASSERT_EQ(be.read(s, id, layer, int32_t(len), r.k.data(), r.v.data()), KVC_SUCCESS)
           << where << ": " << kvc_last_error();
       const size_t compressed = len / size_t(sh.tokens) * size_t(sh.tokens) * row;
+      const size_t exact_sinks = compressed > 0 ? sinks * row : 0;  // elements
       const auto& xk = shadow.k.at(id)[size_t(layer)];
       const auto& xv = shadow.v.at(id)[size_t(layer)];
       if (rotated) {
@@ -293,8 +296,9 @@ inline void check_against_shadow(StoreBackend& be, kvc_store_t s, const Shadow& 
         ASSERT_NO_FATAL_FAILURE(check_rotated_rows(sh, r.v, xv, rows, sh.value_bound, what + " V"));
       }
       for (size_t i = 0; i < len * row && !rotated; ++i) {
-        const float bk = i < compressed ? sh.key_bound : 0.0f;
-        const float bv = i < compressed ? sh.value_bound : 0.0f;
+        const bool bounded = i >= exact_sinks && i < compressed;
+        const float bk = bounded ? sh.key_bound : 0.0f;
+        const float bv = bounded ? sh.value_bound : 0.0f;
         ASSERT_LE(std::fabs(r.k[i] - xk[i]), bk)
             << where << " seq " << id << " layer " << layer << " K elem " << i;
         ASSERT_LE(std::fabs(r.v[i] - xv[i]), bv)
@@ -329,6 +333,7 @@ struct ModelParams {
   AttentionTolerance tolerance;
   int32_t block_format = KVC_BLOCK_FORMAT_AUTO;  // TILES: a store of tile blocks (format t1)
   int32_t rotation = KVC_ROTATION_NONE;  // HADAMARD: bounds checked as check_rotated_rows says
+  int32_t sink_tokens = 0;               // kvc_store_config.sink_tokens: read back exactly
 };
 
 // Random operations against the store and its shadow, checked after every step. With limits set,
@@ -344,6 +349,7 @@ inline void run_model(StoreBackend& be, const ModelParams& mp) {
   config.max_sequence_tokens = mp.max_sequence_tokens;
   config.block_format = mp.block_format;
   config.rotation = mp.rotation;
+  config.sink_tokens = mp.sink_tokens;
   const bool rotated = mp.rotation == KVC_ROTATION_HADAMARD;
   StoreHandle store(config);
   ASSERT_NE(store.s, nullptr);
@@ -455,8 +461,8 @@ inline void run_model(StoreBackend& be, const ModelParams& mp) {
         shadow.v[copy] = v;
       }
     }
-    ASSERT_NO_FATAL_FAILURE(
-        check_against_shadow(be, store.s, shadow, rng, where, mp.tolerance, rotated));
+    ASSERT_NO_FATAL_FAILURE(check_against_shadow(be, store.s, shadow, rng, where, mp.tolerance,
+                                                 rotated, uint32_t(mp.sink_tokens)));
   }
   EXPECT_GT(out_of_pages, 0) << "the pool never filled: the test did not reach exhaustion";
   EXPECT_GT(restored, 0);

@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // A decode-attention problem over tile blocks (format t1), built on the host as the store keeps
-// it: one pool of 16-byte aligned K/V blocks encoded by the CPU oracle, a block table and an
-// fp16/bf16 tail per sequence, queries; and the check of the kernel's output against softmax
-// attention in double over the oracle's reconstruction. Shared by the GPU test and the kernel
-// emulation test, which run the same kernel on the same bytes.
+// it: one pool of 16-byte aligned K/V blocks encoded by the CPU oracle, a block table and the
+// fp16/bf16 sinks and tail per sequence, queries; and the check of the kernel's output against
+// softmax attention in double over the oracle's reconstruction. Shared by the GPU test and the
+// kernel emulation test, which run the same kernel on the same bytes.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -26,12 +26,14 @@ struct TileCase {
   float k_bound, v_bound;  // K absolute, V relative
   float outlier;           // scale of K channel 5 (wide codes, raw tiles)
   std::vector<uint32_t> lengths;
+  uint32_t sinks = 0;  // sink_tokens: block 0's first rows also kept uncompressed
 };
 
 struct TileCacheImage {
   std::vector<uint8_t> pool;
   std::vector<std::vector<kernels::BlockLocation>> tables;    // [b][block, head, K|V]
-  std::vector<std::vector<uint16_t>> tails_k, tails_v;        // [b][tail, head, dim]
+  std::vector<std::vector<uint16_t>> dense_k, dense_v;        // [b][sinks + tail, head, dim]
+  std::vector<uint32_t> sinks;                                // [b]: sink rows held
   std::vector<std::vector<std::vector<float>>> ref_k, ref_v;  // [b][head][token, dim]
   std::vector<uint16_t> q;                                    // [b, q_heads, dim]
   uint32_t max_blocks = 0;
@@ -49,8 +51,9 @@ inline TileCacheImage build_tile_cache(TileCase& c, std::mt19937& rng) {
 
   TileCacheImage im;
   im.tables.resize(c.batch);
-  im.tails_k.resize(c.batch);
-  im.tails_v.resize(c.batch);
+  im.dense_k.resize(c.batch);
+  im.dense_v.resize(c.batch);
+  im.sinks.resize(c.batch);
   im.ref_k.assign(c.batch, std::vector<std::vector<float>>(H));
   im.ref_v.assign(c.batch, std::vector<std::vector<float>>(H));
   std::vector<uint8_t> scratch(key.max_block_bytes(c.dtype) + value.max_block_bytes(c.dtype));
@@ -80,17 +83,9 @@ inline TileCacheImage build_tile_cache(TileCase& c, std::mt19937& rng) {
         }
       }
     }
-    for (uint32_t t = blocks * T; t < len; ++t) {
-      for (uint32_t h = 0; h < H; ++h) {
-        for (uint32_t d = 0; d < D; ++d) {
-          const size_t i = (size_t(t) * H + h) * D + d;
-          im.tails_k[b].push_back(to_bits(c.dtype, bk.values[i]));
-          im.tails_v[b].push_back(to_bits(c.dtype, bv.values[i]));
-          im.ref_k[b][h].push_back(bk.values[i]);
-          im.ref_v[b][h].push_back(bv.values[i]);
-        }
-      }
-    }
+    im.sinks[b] = blocks > 0 ? c.sinks : 0;
+    keep_uncompressed_rows(c.dtype, H, D, T, len, blocks, c.sinks, bk.values, bv.values,
+                           im.dense_k[b], im.dense_v[b], im.ref_k[b], im.ref_v[b]);
     im.max_blocks = std::max(im.max_blocks, blocks);
   }
   im.pool.resize(std::max<size_t>(im.pool.size(), 16));
@@ -127,8 +122,8 @@ inline ::testing::AssertionResult outputs_match(const TileCase& c, const TileCac
         return ::testing::AssertionFailure()
                << "relative error " << err << " > " << tolerance << ": B=" << c.batch
                << " H=" << c.kv_heads << " group=" << c.group << " D=" << D << " T=" << c.tokens
-               << " dtype=" << c.dtype << " seq " << b << " (length " << c.lengths[b] << ") head "
-               << qh;
+               << " dtype=" << c.dtype << " sinks=" << c.sinks << " seq " << b << " (length "
+               << c.lengths[b] << ") head " << qh;
       }
     }
   }

@@ -3,6 +3,7 @@
 share one forward pass, attention sinks kept in fp16 and the per-head Hadamard rotation. No
 model needed: synthetic K/V with outlier channels, and a stand-in model for the harness."""
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -189,7 +190,7 @@ def test_settings_parse_variants_and_refuse_the_store():
     with pytest.raises(ValueError):
         harness.make_policy("kvcomp:k=0.2,v=0.05,also=t2")
     with pytest.raises(ValueError):
-        harness.make_policy("kvcomp:k=0.2,v=0.05,fmt=tiles,path=store")
+        harness.make_policy("kvcomp:k=0.2,v=0.05,fmt=tiles,rot=v,path=store")
     with pytest.raises(ValueError):
         C.GenerationCache(2, harness.make_policy("kvcomp:k=0.2,v=0.05,sinks=4"))
 
@@ -290,3 +291,26 @@ def test_paired_table_puts_a_pass_on_one_line_and_refuses_mismatches():
     res[2]["mismatched_elements"] = 1
     with pytest.raises(ValueError):
         plot.paired_table(res)
+
+
+@pytest.mark.parametrize("fmt", ["v1", "tiles"])
+def test_sinks_through_the_store_equal_the_codec_prototype(fmt):
+    """The store's sink_tokens (docs/api.md, "Attention sinks") gives what the harness's sink
+    prototype on the codec path gives: the same attention outputs, the same bytes (at the
+    window's end and over its steps) and block counts; and the sinks change the outputs."""
+    k, v = _kv(n=3 * T + 5, seed=3)
+    q = np.random.default_rng(4).standard_normal((len(k), 2 * HK, D)).astype(np.float32)
+    runs = {}
+    for path, sinks in (("codec", 4), ("store", 4), ("store", 0)):
+        kv = _cache(block_format=fmt, sinks=sinks, path=path)
+        kv.bind_model(types.SimpleNamespace(n_layer=1))
+        kv.begin_window(len(k))
+        out = kv.attend(0, q, k, v)
+        runs[path, sinks] = (out, kv.bytes, kv.bytes_time,
+                             {x: kv.stats[x] for x in ("blocks", "huffman", "fixed", "raw",
+                                                       "tiles")})
+    (a, *ca), (b, *cb), (c, *cc) = runs["codec", 4], runs["store", 4], runs["store", 0]
+    np.testing.assert_array_equal(b, a)
+    assert cb == ca
+    assert not np.array_equal(b, c)  # the sinks are read, not block 0's first rows
+    assert cb[0] == cc[0] + 2 * 4 * ROW  # 4 rows of K and of V, once a block exists
