@@ -182,10 +182,12 @@ class KvcompCache:
     kept in fp16, and attention reads them from there once their block is compressed (the
     blocks are unchanged; the fp16 rows are counted on top): through the store, its
     sink_tokens option (docs/api.md, "Attention sinks"); through the codec, the harness keeps
-    the copy. Codec path only (harness-side prototypes): rotate: each head's K and V multiplied by the normalized Hadamard matrix over head_dim
-    before they are encoded, and the decoded blocks multiplied by it again (H H = I): the same
-    as rotating the query and the attention output in a kernel; the error bound then holds in
-    the rotated space. variants: (name, CodecVariant)
+    the copy. rotate: each head's K and V (or one of them) multiplied by the normalized
+    Hadamard matrix over head_dim before they are encoded, and the decoded blocks multiplied by
+    it again (H H = I), the error bound then holding in the rotated space: through the store,
+    its rotation option for K and V or V alone (which also rotates the fp16 sinks and tail,
+    rounded to fp16); through the codec, a prototype that keeps them unrotated. Codec path only:
+    variants: (name, CodecVariant)
     pairs whose blocks are written from the same input beside the primary's, to count their
     bytes; each variant's decoded values are compared with the primary's element by element
     (`variant_mismatch`), so that one forward pass serves every variant that decodes to the
@@ -214,13 +216,14 @@ class KvcompCache:
         self.sinks = int(sinks)
         self.variants = list(variants)
         storable = (eb_k is not None and eb_v is not None and not self.fp16_layers
-                    and num_substreams == 0 and not self.rotate and not self.variants)
+                    and num_substreams == 0 and self.rotate != {"key"} and not self.variants)
         if path is None:
-            path = "store" if storable and block_format == "v1" and not self.sinks else "codec"
+            path = ("store" if storable and block_format == "v1" and not self.sinks
+                    and not self.rotate else "codec")
         if path == "store" and not storable:
             raise ValueError("the store compresses K and V of every layer with the library's "
-                             "sub-stream count: ns, fp16layers, k/v=none, rot and also need "
-                             "path=codec")
+                             "sub-stream count, and rotates K and V or V alone: ns=, "
+                             "fp16layers=, k/v=none, rot=k and also= need path=codec")
         if path not in ("store", "codec"):
             raise ValueError(f"path {path!r}: expected 'store' or 'codec'")
         if path == "codec" and device != "cpu":
@@ -287,7 +290,9 @@ class KvcompCache:
                 page_bytes=self._smallest_page(head_dim),
                 block_format=self.variant.block_format,
                 tile_permute_channels=int(self.variant.permute),
-                tile_split_widths=int(self.variant.split), sink_tokens=self.sinks)
+                tile_split_widths=int(self.variant.split), sink_tokens=self.sinks,
+                rotation=("hadamard" if self.rotate == {"key", "value"} else
+                          "hadamard_values" if self.rotate else "none"))
             self.store = self.kvcomp.Store(**cfg)
         if self.seq is None:
             self.seq = self.store.add_sequence()

@@ -16,14 +16,15 @@ where EB is an error bound, relative to each quantization group's range (rel, th
 absolute (abs), or "none" to keep that tensor fp16; t: tokens per block; vg: V channels per
 group; ns: Huffman sub-streams per block (0 = the library's choice); fp16layers: layers whose
 cache stays fp16; path: through the paged store (kvc_store_prefill, kvc_store_read; the default
-for v1 settings without sinks) or the codec API (kvc_codec_encode/decode; the default otherwise,
-needed for ns, fp16layers, k/v=none, rot and also). Both give the same decoded values
-(tests/test_harness.py). fmt: block format v1 or tiles (t1, docs/format.md §17; perm and split:
-the tile encoder's channel permutation and 3/6-bit widths); sinks: the first tokens of each window
-also kept fp16 (through the store: its sink_tokens option).
-Codec path only: rot: a normalized Hadamard rotation of each head's K and V (1), K only (k) or V
-only (v) before encoding, undone after decoding (the bound then holds in the rotated space);
-also: more block formats written from the same input in the same pass, one row each (v1: v1
+for v1 settings without sinks or rotation) or the codec API (kvc_codec_encode/decode; the default
+otherwise, needed for ns=, fp16layers=, k/v=none, rot=k and also=). Both give the same decoded
+values (tests/test_harness.py, tests/test_tiles_rotation.py). fmt: block format v1 or tiles (t1,
+docs/format.md §17; perm and split: the tile encoder's channel permutation and 3/6-bit widths);
+sinks: the first tokens of each window also kept fp16 (through the store: its sink_tokens option);
+rot: a normalized Hadamard rotation of each head's K and V (1), K only (k) or V only (v) before
+encoding, undone after decoding (the bound then holds in the rotated space; through the store:
+its rotation option, which holds the fp16 sinks and tail rotated too).
+Codec path only: also: more block formats written from the same input in the same pass, one row each (v1: v1
 with the setting's ns; tPS: tiles with perm=P, split=S), their decoded values checked equal to
 the setting's element by element (`mismatched_elements` in the results: 0 means the row's PPL,
 KL and top-1 are exactly its own).

@@ -380,12 +380,14 @@ typedef struct kvc_store_s* kvc_store_t;
 
 /* How the store rotates K and V rows before compressing them (kvc_store_config.rotation). */
 typedef enum kvc_rotation {
-  KVC_ROTATION_NONE = 0,     /* rows stored as given */
-  KVC_ROTATION_HADAMARD = 1, /* x' = H x / sqrt(head_dim), H the Sylvester Hadamard matrix:
-                                orthonormal and its own inverse. Queries are rotated the same
-                                way and attention outputs rotated back (q'.k' = q.k); reads
-                                return rows rotated back. Spreads outlier channels over the
-                                row, which suits a uniform quantizer */
+  KVC_ROTATION_NONE = 0,            /* rows stored as given */
+  KVC_ROTATION_HADAMARD = 1,        /* K and V: x' = H x / sqrt(head_dim), H the Sylvester Hadamard
+                                       matrix: orthonormal and its own inverse. Queries are rotated
+                                       the same way and attention outputs rotated back (q'.k' = q.k);
+                                       reads return rows rotated back. Spreads outlier channels over
+                                       the row, which suits a uniform quantizer */
+  KVC_ROTATION_HADAMARD_VALUES = 2, /* V rows only (K stored as given, queries not rotated):
+                                       what measured best on the models of docs/accuracy.md */
   KVC_ROTATION_MAX_ENUM = 0x7FFFFFFF
 } kvc_rotation;
 
@@ -427,9 +429,10 @@ typedef struct kvc_store_config {
                                     size allows: what the CUDA attention kernel reads). Fewer
                                     give a slightly better ratio */
   int32_t rotation;              /* kvc_rotation: an orthonormal rotation of every K and V row
-                                    (per token and kv-head, over head_dim) before it is stored;
-                                    HADAMARD needs head_dim a power of two. The error bounds
-                                    then hold in the rotated space (docs/api.md, "Rotation") */
+                                    (or V row only) per token and kv-head, over head_dim, before
+                                    it is stored; needs head_dim a power of two. The error
+                                    bounds then hold in the rotated space (docs/api.md,
+                                    "Rotation") */
   int32_t sink_tokens;           /* 0..block_tokens - 1: the first sink_tokens tokens of every
                                     (sequence, layer), the "attention sinks", are also kept
                                     uncompressed once their block is compressed; attention and

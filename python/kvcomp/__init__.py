@@ -32,7 +32,7 @@ __all__ = [
     "ENTROPY_AUTO", "ENTROPY_FIXED", "ENTROPY_HUFFMAN",
     "ENCODING_RAW", "ENCODING_FIXED", "ENCODING_HUFFMAN", "ENCODING_TILES",
     "BLOCK_FORMAT_V1", "BLOCK_FORMAT_TILES", "BLOCK_FORMAT_AUTO",
-    "ROTATION_NONE", "ROTATION_HADAMARD",
+    "ROTATION_NONE", "ROTATION_HADAMARD", "ROTATION_HADAMARD_VALUES",
 ]
 
 # Enumerations of include/kvcomp/kvcomp.h (values never renumbered).
@@ -43,7 +43,7 @@ ENTROPY_AUTO, ENTROPY_FIXED, ENTROPY_HUFFMAN = 0, 1, 2
 BACKEND_CPU, BACKEND_CUDA = 0, 1
 ENCODING_RAW, ENCODING_FIXED, ENCODING_HUFFMAN, ENCODING_TILES = 0, 1, 2, 3
 BLOCK_FORMAT_V1, BLOCK_FORMAT_TILES, BLOCK_FORMAT_AUTO = 0, 1, 2
-ROTATION_NONE, ROTATION_HADAMARD = 0, 1
+ROTATION_NONE, ROTATION_HADAMARD, ROTATION_HADAMARD_VALUES = 0, 1, 2
 ABI_VERSION = 4
 SUCCESS = 0
 
@@ -53,7 +53,8 @@ _ENTROPIES = {"auto": ENTROPY_AUTO, "fixed": ENTROPY_FIXED, "huffman": ENTROPY_H
 _NP_DTYPES = {np.dtype(np.float16): DTYPE_FP16, np.dtype(np.float32): DTYPE_FP32}
 _BACKENDS = {"cpu": BACKEND_CPU, "cuda": BACKEND_CUDA}
 _BLOCK_FORMATS = {"v1": BLOCK_FORMAT_V1, "tiles": BLOCK_FORMAT_TILES, "auto": BLOCK_FORMAT_AUTO}
-_ROTATIONS = {"none": ROTATION_NONE, "hadamard": ROTATION_HADAMARD}
+_ROTATIONS = {"none": ROTATION_NONE, "hadamard": ROTATION_HADAMARD,
+              "hadamard_values": ROTATION_HADAMARD_VALUES}
 _STORE_DTYPES = {"float16": DTYPE_FP16, "fp16": DTYPE_FP16, "bfloat16": DTYPE_BF16,
                  "bf16": DTYPE_BF16}
 STATUS_OUT_OF_PAGES = 301
@@ -473,7 +474,7 @@ class StoreConfig:
     Huffman sub-streams of v1 blocks, 0 = automatic (32 where the group size allows);
     rotation: "none" | "hadamard" (K and V rows stored rotated by H / sqrt(head_dim), head_dim a
     power of two; queries and outputs rotated inside attention, reads rotated back; the bounds
-    then hold for the rotated rows: docs/api.md, "Rotation"); sink_tokens: 0 .. block_tokens - 1,
+    then hold for the rotated rows: docs/api.md, "Rotation") | "hadamard_values" (V rows only); sink_tokens: 0 .. block_tokens - 1,
     the first tokens of every sequence and layer also kept uncompressed once their block is
     compressed, and read and attended from there (docs/api.md, "Attention sinks").
     """

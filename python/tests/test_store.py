@@ -373,3 +373,53 @@ def test_rotated_store_reads_attends_and_serializes_in_the_original_space():
         _store(head_dim=48, rotation="hadamard")
     with pytest.raises(ValueError):
         _store(rotation="givens")
+
+
+@pytest.mark.parametrize("block_format", ["v1", "tiles"])
+@pytest.mark.parametrize("rotation", ["none", "hadamard", "hadamard_values"])
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_block_sizes_read_every_serialized_version(block_format, rotation, sinks):
+    """Store.block_sizes walks the serialized sequence of every version a store writes (1 and
+    2: v1 and tile blocks, 3: rotated rows, 4: sinks): its sizes add up to the store's block
+    bytes, and reads give the sinks exactly."""
+    s = _store(entropy="fixed", block_format=block_format, rotation=rotation, sink_tokens=sinks)
+    k, v = _kv(2 * T + 5, seed=7)
+    seq = s.add_sequence()
+    s.prefill(seq, k, v)
+    version = int(np.frombuffer(s.serialize(seq)[4:8], "<u4")[0])
+    assert version == (4 if sinks else 3 if rotation != "none" else
+                       2 if block_format == "tiles" else 1)
+    sizes = s.block_sizes(seq)
+    assert [x.shape for x in sizes] == [(2, H, 2)] * L
+    assert sum(int(x.sum()) for x in sizes) == s.stats()["block_bytes"]
+    if sinks and rotation == "none":
+        kk, vv = s.read(seq, 1)
+        np.testing.assert_array_equal(kk[:sinks], k[1, :sinks])
+        np.testing.assert_array_equal(vv[:sinks], v[1, :sinks])
+
+
+def test_rotating_values_only_keeps_keys_as_given():
+    """rotation="hadamard_values": K rows stored as given (the K bound per element, as without
+    rotation), V rows rotated (its bound holds in the rotated space), attention as the
+    reference over the rows read back."""
+    k, v = _kv(70, seed=9)
+    s, plain = _store(entropy="fixed", rotation="hadamard_values"), _store(entropy="fixed")
+    seq = s.add_sequence()
+    s.prefill(seq, k, v)
+    plain.prefill(plain.add_sequence(), k, v)
+    kk, vv = s.read(seq, 0, dtype=np.float32)
+    k_plain, v_plain = plain.read(0, 0, dtype=np.float32)
+    np.testing.assert_array_equal(kk, k_plain)  # K: the same blocks as without rotation
+    assert np.abs(kk[:64] - k[0, :64].astype(np.float32)).max() <= 0.1
+    # V: compressed in the rotated space, so not the plain store's values; within what the
+    # bound implies after rotating back (L2 per row; relative 0.05 of each group's range).
+    assert not np.array_equal(vv, v_plain)
+    exact = v[0].astype(np.float64)
+    r = _hadamard(D)
+    spread = np.ptp(exact @ r, axis=0).max()
+    row_err = np.sqrt(((vv - exact) ** 2).sum(-1))
+    assert np.all(row_err[:64] <= math.sqrt(D) * 0.05 * spread + 1e-3)
+    q = np.random.default_rng(3).standard_normal((1, 2 * H, D)).astype(np.float16)
+    out = s.attention(0, [seq], q, scale=0.125)
+    ref = _reference_attention(q[0], kk, vv, 0.125).astype(np.float32)
+    np.testing.assert_allclose(out[0].astype(np.float32), ref, rtol=2e-3, atol=2e-3)

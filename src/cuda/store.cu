@@ -116,8 +116,8 @@ struct CudaStore::Impl {
     DeviceArray<ks::CallState> call;
     DeviceArray<SequenceView> views;  // [KVC_STORE_MAX_BATCH]
     DeviceArray<uint8_t> workspace;
-    // A rotating store (p.rotated): an append's rotated K then V rows, and an attention's
-    // rotated queries then its outputs in the rotated space.
+    // A rotating store (p.rotated()): an append's rotated K then V rows (of the kinds it
+    // rotates), and an attention's rotated queries then its outputs in the rotated space.
     DeviceArray<uint8_t> rotated_rows, rotated_queries;
   } scratch;
   size_t stride_k = 0, stride_v = 0;  // encoded slot sizes
@@ -353,18 +353,20 @@ void CudaStore::Impl::run_append(uint32_t first_layer, uint32_t num_layers,
   Scratch& S = scratch;
   const size_t rows = size_t(num_layers) * B * n * H;  // of K, and of V
   const size_t rotated_bytes = round256(rows * p.head_dim * format::dtype_bytes(p.dtype));
-  if (p.rotated) ensure_rotation_scratch(S.rotated_rows, 2 * rotated_bytes, captured);
+  if (p.rotated()) ensure_rotation_scratch(S.rotated_rows, 2 * rotated_bytes, captured);
   const ks::StoreView V = view();
-  const auto* k16 = static_cast<const uint16_t*>(keys);
-  const auto* v16 = static_cast<const uint16_t*>(values);
-  if (p.rotated) {  // the chain reads the rotated rows (rounded to the dtype, not saturated)
-    uint8_t* rotated_k = S.rotated_rows.get();
-    uint8_t* rotated_v = rotated_k + rotated_bytes;  // aligned as an allocation
-    rotate(keys, p.dtype, rotated_k, p.dtype, false, rows, s);
-    rotate(values, p.dtype, rotated_v, p.dtype, false, rows, s);
-    k16 = reinterpret_cast<const uint16_t*>(rotated_k);
-    v16 = reinterpret_cast<const uint16_t*>(rotated_v);
+  // The chain reads the rotated rows of the kinds the store rotates (rounded to the dtype, not
+  // saturated), the others as given.
+  const void* given[2] = {keys, values};
+  const uint16_t* rows16[2];
+  for (uint32_t kind = 0; kind < 2; ++kind) {
+    rows16[kind] = static_cast<const uint16_t*>(given[kind]);
+    if (!p.rotates[kind]) continue;
+    uint8_t* rotated = S.rotated_rows.get() + kind * rotated_bytes;  // aligned as an allocation
+    rotate(given[kind], p.dtype, rotated, p.dtype, false, rows, s);
+    rows16[kind] = reinterpret_cast<const uint16_t*>(rotated);
   }
+  const uint16_t *k16 = rows16[0], *v16 = rows16[1];
   check_cuda(cudaMemsetAsync(S.call.get(), 0xFF, sizeof(ks::CallState), s), "cudaMemsetAsync");
   launch(ks::stage_kernel, dim3(B, num_layers), ks::kStoreThreads, 0, s, V, batch_of(ids), B,
          first_layer, n, k16, v16, max_blocks, S.entries.get(), S.src_k.get(), S.src_v.get(),
@@ -507,45 +509,44 @@ void CudaStore::read(int32_t id, uint32_t layer, kvc_dtype dtype, uint32_t lengt
   const uint32_t nb = length / m.p.block_tokens, tail = length % m.p.block_tokens;
   const uint32_t H = m.p.num_heads;
   const size_t row = size_t(H) * m.p.head_dim;
-  // A rotated store decodes to fp32 scratch and rotates that back into keys and values, as the
-  // CPU store does (one rounding, to dtype, saturating).
-  DeviceArray<float> rotated_k, rotated_v;
-  const kvc_dtype out_dtype = dtype;
-  void* const out_keys = keys;
-  void* const out_values = values;
-  if (m.p.rotated) {
-    rotated_k.reset(size_t(length) * row);
-    rotated_v.reset(size_t(length) * row);
-    keys = rotated_k.get();
-    values = rotated_v.get();
-    dtype = KVC_DTYPE_FP32;
+  // Where each kind's rows go: a kind the store rotates decodes to fp32 scratch, rotated back
+  // into the output at the end (one rounding, to dtype, saturating), as the CPU store does.
+  void* const out[2] = {keys, values};
+  DeviceArray<float> rotated[2];
+  void* dst[2] = {keys, values};
+  kvc_dtype dst_dtype[2] = {dtype, dtype};
+  for (uint32_t kind = 0; kind < 2; ++kind) {
+    if (!m.p.rotates[kind]) continue;
+    rotated[kind].reset(size_t(length) * row);
+    dst[kind] = rotated[kind].get();
+    dst_dtype[kind] = KVC_DTYPE_FP32;
   }
-  const size_t es = format::dtype_bytes(dtype);
   const size_t count = size_t(nb) * H;
   if (count > 0) {
     std::vector<BlockLocation> table(count * 2);
     copy_to_host(table.data(), st.blocks, table.size());
     for (uint32_t kind = 0; kind < 2; ++kind) {
-      auto* dst = static_cast<uint8_t*>(kind == 0 ? keys : values);
+      const size_t es = format::dtype_bytes(dst_dtype[kind]);
       std::vector<const void*> src(count);
-      std::vector<void*> out(count);
+      std::vector<void*> at(count);
       std::vector<uint32_t> bytes(count);
       for (size_t i = 0; i < count; ++i) {
         const BlockLocation& b = table[i * 2 + kind];
         src[i] = m.pool.get() + size_t(b.page) * m.p.page_bytes + b.offset;
         bytes[i] = b.bytes;
         const size_t block = i / H, h = i % H;
-        out[i] = dst + (block * m.p.block_tokens * row + h * m.p.head_dim) * es;
+        at[i] = static_cast<uint8_t*>(dst[kind]) +
+                (block * m.p.block_tokens * row + h * m.p.head_dim) * es;
       }
       DeviceArray<const void*> d_src(count);
       DeviceArray<void*> d_out(count);
       DeviceArray<uint32_t> d_bytes(count);
       DeviceArray<kvc_status_t> d_status(count);
       d_src.upload(src.data(), count);
-      d_out.upload(out.data(), count);
+      d_out.upload(at.data(), count);
       d_bytes.upload(bytes.data(), count);
-      decode(*m.codecs[layer * 2 + kind], int32_t(count), d_src.get(), d_bytes.get(), dtype,
-             d_out.get(), int64_t(row), d_status.get(), s);
+      decode(*m.codecs[layer * 2 + kind], int32_t(count), d_src.get(), d_bytes.get(),
+             dst_dtype[kind], d_out.get(), int64_t(row), d_status.get(), s);
       check_cuda(cudaStreamSynchronize(s), "cudaStreamSynchronize (read)");
       for (kvc_status_t status : d_status.download(count)) {
         require(status == KVC_SUCCESS, status, "a block of sequence ", id, " layer ", layer,
@@ -556,21 +557,26 @@ void CudaStore::read(int32_t id, uint32_t layer, kvc_dtype dtype, uint32_t lengt
   // count uncompressed rows from row `first` of the buffers to token `token` of the output:
   // the sinks over block 0's first rows, the tail after the blocks.
   auto put_rows = [&](uint32_t first, uint32_t count, uint32_t token) {
-    std::vector<uint8_t> rows(count * m.p.token_bytes()), converted(count * row * es);
+    std::vector<uint8_t> rows(count * m.p.token_bytes());
     for (uint32_t kind = 0; kind < 2; ++kind) {
+      const size_t es = format::dtype_bytes(dst_dtype[kind]);
+      std::vector<uint8_t> converted(count * row * es);
       const auto* src = static_cast<const uint8_t*>(kind == 0 ? st.dense_keys : st.dense_values);
       copy_to_host(rows.data(), src + first * m.p.token_bytes(), rows.size());
-      convert_elements(rows.data(), m.p.dtype, converted.data(), dtype, count * row);
-      auto* dst = static_cast<uint8_t*>(kind == 0 ? keys : values) + token * row * es;
-      copy_to_device(dst, converted.data(), converted.size(), "cudaMemcpy (store upload)");
+      convert_elements(rows.data(), m.p.dtype, converted.data(), dst_dtype[kind], count * row);
+      copy_to_device(static_cast<uint8_t*>(dst[kind]) + token * row * es, converted.data(),
+                     converted.size(), "cudaMemcpy (store upload)");
     }
   };
   const uint32_t sinks = m.p.sinks_held(nb);
   if (sinks > 0) put_rows(0, sinks, 0);
   if (tail > 0) put_rows(sinks, tail, nb * m.p.block_tokens);
-  if (!m.p.rotated) return;
-  m.rotate(keys, KVC_DTYPE_FP32, out_keys, out_dtype, true, size_t(length) * H, s);
-  m.rotate(values, KVC_DTYPE_FP32, out_values, out_dtype, true, size_t(length) * H, s);
+  if (!m.p.rotated()) return;
+  for (uint32_t kind = 0; kind < 2; ++kind) {
+    if (m.p.rotates[kind]) {
+      m.rotate(dst[kind], KVC_DTYPE_FP32, out[kind], dtype, true, size_t(length) * H, s);
+    }
+  }
   check_cuda(cudaStreamSynchronize(s), "cudaStreamSynchronize (read)");
 }
 
@@ -597,20 +603,25 @@ void CudaStore::attention(uint32_t layer, const std::vector<int32_t>& ids, uint3
     // Sized for every smaller batch too, so that a later (captured) call of one fits.
     m.ensure_workspace(attention_workspace_bound(shape, max_units), captured);
   }
-  // A rotated store attends in the rotated space: q' = R q into scratch, o' from the kernel into
-  // scratch, o = R o' into out (both rounded to the dtype, saturating).
+  // A rotated store attends in the rotated space: q' = R q into scratch where K is rotated, o'
+  // from the kernel into scratch where V is, o = R o' into out (each rounded to the dtype,
+  // saturating).
   const size_t rows = size_t(B) * q_heads;
   const size_t rotated_bytes = round256(rows * m.p.head_dim * format::dtype_bytes(m.p.dtype));
   const void* q = queries;
   void* o = out;
-  if (m.p.rotated) {
+  if (m.p.rotated()) {
     m.ensure_rotation_scratch(m.scratch.rotated_queries, 2 * rotated_bytes, captured);
-    q = m.scratch.rotated_queries.get();
-    o = m.scratch.rotated_queries.get() + rotated_bytes;  // aligned as an allocation
+    if (m.p.rotates[KVC_KIND_KEY]) q = m.scratch.rotated_queries.get();
+    if (m.p.rotates[KVC_KIND_VALUE]) {
+      o = m.scratch.rotated_queries.get() + rotated_bytes;  // aligned as an allocation
+    }
   }
   launch(ks::gather_views_kernel, dim3(1), ks::kStoreThreads, 0, s, m.view(), m.batch_of(ids), B,
          layer, m.scratch.views.get());
-  if (m.p.rotated) m.rotate(queries, m.p.dtype, const_cast<void*>(q), m.p.dtype, true, rows, s);
+  if (m.p.rotates[KVC_KIND_KEY]) {
+    m.rotate(queries, m.p.dtype, const_cast<void*>(q), m.p.dtype, true, rows, s);
+  }
   if (m.p.tiles()) {  // the tensor-core kernel over tile blocks (16-byte aligned in the pool)
     attention_tiles(shape, plan, m.p.block_tokens, m.pool.get(), m.p.page_bytes,
                     m.scratch.views.get(), q, o, m.scratch.workspace.get(), stream);
@@ -619,7 +630,7 @@ void CudaStore::attention(uint32_t layer, const std::vector<int32_t>& ids, uint3
                          m.p.page_bytes, m.scratch.views.get(), q, o, m.scratch.workspace.get(),
                          stream);
   }
-  if (m.p.rotated) m.rotate(o, m.p.dtype, out, m.p.dtype, true, rows, s);
+  if (m.p.rotates[KVC_KIND_VALUE]) m.rotate(o, m.p.dtype, out, m.p.dtype, true, rows, s);
 }
 
 StoreStats CudaStore::stats() const {

@@ -116,13 +116,16 @@ StoreParams StoreParams::from_config(const kvc_store_config& c) {
           "attention kernel reads: block_tokens 64 or 128, head_dim 64, 128 or 256 with "
           "block_tokens * head_dim <= 16384, value_group_size 0 or head_dim; but block_tokens = ",
           c.block_tokens, ", head_dim = ", c.head_dim, ", value_group_size = ", c.value_group_size);
-  require(c.rotation == KVC_ROTATION_NONE || c.rotation == KVC_ROTATION_HADAMARD,
+  require(c.rotation == KVC_ROTATION_NONE || c.rotation == KVC_ROTATION_HADAMARD ||
+              c.rotation == KVC_ROTATION_HADAMARD_VALUES,
           KVC_ERROR_INVALID_ARGUMENT, "config->rotation = ", c.rotation,
-          " is not a kvc_rotation (KVC_ROTATION_NONE = 0, KVC_ROTATION_HADAMARD = 1)");
-  require(c.rotation != KVC_ROTATION_HADAMARD || hadamard::valid_dim(uint32_t(c.head_dim)),
-          KVC_ERROR_NOT_SUPPORTED, "config->rotation = KVC_ROTATION_HADAMARD needs head_dim a ",
-          "power of two (the Sylvester Hadamard matrix), but head_dim = ", c.head_dim);
-  p.rotated = c.rotation == KVC_ROTATION_HADAMARD;
+          " is not a kvc_rotation (KVC_ROTATION_NONE = 0, KVC_ROTATION_HADAMARD = 1, ",
+          "KVC_ROTATION_HADAMARD_VALUES = 2)");
+  require(c.rotation == KVC_ROTATION_NONE || hadamard::valid_dim(uint32_t(c.head_dim)),
+          KVC_ERROR_NOT_SUPPORTED, "config->rotation = ", c.rotation,
+          " (a Hadamard rotation) needs head_dim a power of two (the Sylvester Hadamard ",
+          "matrix), but head_dim = ", c.head_dim);
+  p.rotates = {c.rotation == KVC_ROTATION_HADAMARD, c.rotation != KVC_ROTATION_NONE};
   // block_tokens is valid here (the codec checked it).
   require(c.sink_tokens >= 0 && c.sink_tokens < c.block_tokens, KVC_ERROR_INVALID_ARGUMENT,
           "config->sink_tokens = ", c.sink_tokens,
@@ -281,14 +284,14 @@ Store::Update Store::plan_update(int32_t id, uint32_t layer, uint32_t num_tokens
             id, " layer ", layer, " token ", t, " holds inf or NaN (inputs must be finite)");
     u.rows_k.insert(u.rows_k.end(), k, k + row);
     u.rows_v.insert(u.rows_v.end(), v, v + row);
-    if (p_.rotated) {  // the store holds rotated rows, tails included
-      uint8_t* rk = u.rows_k.data() + u.rows_k.size() - row;
-      uint8_t* rv = u.rows_v.data() + u.rows_v.size() - row;
-      rotate_rows(p_, rk, 1);
-      rotate_rows(p_, rv, 1);
-      require(finite_rows(p_, rk, 1) && finite_rows(p_, rv, 1), KVC_ERROR_NONFINITE_INPUT,
-              "sequence ", id, " layer ", layer, " token ", t,
-              ": its rotated row (config->rotation) leaves the range of the store's dtype");
+    for (uint32_t kind = 0; kind < 2; ++kind) {  // the store holds rotated rows, tails too
+      if (!p_.rotates[kind]) continue;
+      std::vector<uint8_t>& rows = kind == KVC_KIND_KEY ? u.rows_k : u.rows_v;
+      uint8_t* r = rows.data() + rows.size() - row;
+      rotate_rows(p_, r, 1);
+      require(finite_rows(p_, r, 1), KVC_ERROR_NONFINITE_INPUT, "sequence ", id, " layer ", layer,
+              " token ", t, ": its rotated ", kind == KVC_KIND_KEY ? "K" : "V",
+              " row (config->rotation) leaves the range of the store's dtype");
     }
   }
   const uint32_t total = cache.tail_tokens + num_tokens;
@@ -498,7 +501,7 @@ std::vector<float> Store::decode_head(const LayerCache& c, uint32_t layer, uint3
           cpu::load_element(tail.data(), p_.dtype, (size_t(t) * p_.num_heads + head) * dim + d);
     }
   }
-  if (p_.rotated) rotate_floats(p_, out.data(), out.size() / dim);  // back to the caller's space
+  if (p_.rotates[kind]) rotate_floats(p_, out.data(), out.size() / dim);  // to the caller's space
   return out;
 }
 
@@ -585,7 +588,7 @@ void Store::attend_head(const LayerCache& c, const DecodedLayer& dec, uint32_t h
       continue;
     }
     for (uint32_t d = 0; d < dim; ++d) qf[d] = cpu::load_element(q + qh * dim * es, p_.dtype, d);
-    if (p_.rotated) rotate_floats(p_, qf.data(), 1);  // q'.k' = q.k: attend in the rotated space
+    if (p_.rotates[KVC_KIND_KEY]) rotate_floats(p_, qf.data(), 1);  // q'.k' = q.k
     for (uint32_t d = 0; d < dim; ++d) qd[d] = double(qf[d]);
     std::fill(score.begin(), score.end(), 0.0);
     for (uint32_t b = 0; b < dec.num_blocks; ++b) {
@@ -615,7 +618,7 @@ void Store::attend_head(const LayerCache& c, const DecodedLayer& dec, uint32_t h
       for (uint32_t d = 0; d < dim; ++d) acc[d] += w * vt[d];
     }
     for (uint32_t d = 0; d < dim; ++d) qf[d] = float(acc[d] / sum);
-    if (p_.rotated) rotate_floats(p_, qf.data(), 1);  // o' = H o / sqrt(D): rotated back
+    if (p_.rotates[KVC_KIND_VALUE]) rotate_floats(p_, qf.data(), 1);  // o = R o': rotated back
     for (uint32_t d = 0; d < dim; ++d) cpu::store_element(ov, p_.dtype, d, qf[d]);
   }
 }
@@ -674,7 +677,7 @@ namespace {
 // The serialized version a store writes (v1 stores keep version 1, which older readers take).
 uint32_t serial_version(const StoreParams& p) {
   if (p.sink_tokens > 0) return kSerialVersionSinks;
-  if (p.rotated) return kSerialVersionRotated;
+  if (p.rotated()) return kSerialVersionRotated;
   return p.tiles() ? kSerialVersionTiles : kSerialVersion;
 }
 
@@ -716,7 +719,7 @@ std::vector<uint32_t> fingerprint(const StoreParams& p) {
                                  t ? 0u : uint32_t(c.entropy),
                                  t ? 0u : p.key.num_substreams | (p.value.num_substreams << 16)};
   // The block format word: bit 0 tiles, bit 1 K channels may be permuted, bit 2 split widths.
-  const bool extended = p.rotated || p.sink_tokens > 0;  // versions 3 and 4
+  const bool extended = p.rotated() || p.sink_tokens > 0;  // versions 3 and 4
   if (t) {
     words.push_back(1u | (p.key.permute_channels ? 2u : 0u) | (p.key.split_widths ? 4u : 0u));
   } else if (extended) {

@@ -34,8 +34,9 @@ struct StoreParams {
   uint64_t token_limit() const { return max_sequence_tokens ? max_sequence_tokens : INT32_MAX; }
   // Whether the store's blocks are tile blocks (format t1, no codebooks) rather than format v1.
   bool tiles() const { return key.tiles; }
-  // Whether rows are stored rotated (kvc_store_config.rotation = KVC_ROTATION_HADAMARD).
-  bool rotated = false;
+  // Which rows are stored rotated (kvc_store_config.rotation), by kind: K, V.
+  std::array<bool, 2> rotates = {false, false};
+  bool rotated() const { return rotates[0] || rotates[1]; }
   // kvc_store_config.sink_tokens: rows of a layer's first block also kept uncompressed.
   uint32_t sink_tokens = 0;
   // The sink rows a layer of num_blocks compressed blocks holds: all of them once its first

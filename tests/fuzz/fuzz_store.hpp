@@ -2,8 +2,8 @@
 // Shared by the store fuzzers and the seed generator: small store configurations (so that each
 // iteration is fast) that between them cover both dtypes, absolute and relative bounds, grouped
 // values, every entropy mode, tile blocks (format t1), rotated rows, attention sinks and both
-// store limits; the codebooks they hold; their input rows; and a snapshot of a store (stats and every live sequence's bytes) to
-// compare before and after a call. Public API only.
+// store limits; the codebooks they hold; their input rows; and a snapshot of a store (stats and
+// every live sequence's bytes) to compare before and after a call. Public API only.
 #pragma once
 
 #include <kvcomp/kvcomp.h>

@@ -215,8 +215,8 @@ class Driver {
     // A tiles store refuses shapes format t1 lacks (NOT_SUPPORTED).
     if (m_.c.block_format == KVC_BLOCK_FORMAT_TILES) e.possible.insert(KVC_ERROR_NOT_SUPPORTED);
     // A rotated store refuses a head_dim that is not a power of two (NOT_SUPPORTED).
-    if (m_.c.rotation == KVC_ROTATION_HADAMARD) e.possible.insert(KVC_ERROR_NOT_SUPPORTED);
-    switch (in_.ConsumeIntegralInRange<int>(0, 14)) {
+    if (m_.c.rotation != KVC_ROTATION_NONE) e.possible.insert(KVC_ERROR_NOT_SUPPORTED);
+    switch (in_.ConsumeIntegralInRange<int>(0, 15)) {
       case 0:
         c.struct_size = in_.ConsumeIntegral<uint32_t>();
         if (c.struct_size != sizeof c) e.error(KVC_ERROR_ABI_MISMATCH);
@@ -296,16 +296,17 @@ class Driver {
         KVC_FUZZ_CHECK(kvc_store_destroy(nullptr) == KVC_SUCCESS);
         return;
       }
-      case 12: {  // the rotation: NONE or HADAMARD (every config's head_dim is a power of two)
+      case 12: {  // the rotation: NONE, HADAMARD or HADAMARD_VALUES (every config's head_dim is
+                  // a power of two)
         c.rotation = in_.ConsumeBool() ? in_.ConsumeIntegralInRange<int32_t>(-1, 3)
                                        : in_.ConsumeIntegral<int32_t>();
-        if (c.rotation != KVC_ROTATION_NONE && c.rotation != KVC_ROTATION_HADAMARD) {
+        if (c.rotation < KVC_ROTATION_NONE || c.rotation > KVC_ROTATION_HADAMARD_VALUES) {
           e.error(KVC_ERROR_INVALID_ARGUMENT);
         } else if (in_.ConsumeBool()) {
           c.head_dim = in_.ConsumeIntegralInRange<int32_t>(1, 1024);
           e.possible.insert(KVC_ERROR_INVALID_ARGUMENT);  // the head_dim for other fields
           e.possible.insert(KVC_ERROR_NOT_SUPPORTED);     // tiles' shapes
-          if (c.rotation == KVC_ROTATION_HADAMARD && (c.head_dim & (c.head_dim - 1)) != 0) {
+          if (c.rotation != KVC_ROTATION_NONE && (c.head_dim & (c.head_dim - 1)) != 0) {
             e.error(KVC_ERROR_NOT_SUPPORTED);  // or, checked first, the codec's field checks
             e.error(KVC_ERROR_INVALID_ARGUMENT);
           }
@@ -340,6 +341,13 @@ class Driver {
         }
         break;
       }
+      case 14:  // the attention sinks: 0 .. block_tokens - 1
+        c.sink_tokens = in_.ConsumeBool() ? in_.ConsumeIntegralInRange<int32_t>(-1, 70)
+                                          : in_.ConsumeIntegral<int32_t>();
+        if (c.sink_tokens < 0 || c.sink_tokens >= c.block_tokens) {
+          e.error(KVC_ERROR_INVALID_ARGUMENT);
+        }
+        break;
       default:
         c.value_group_size = in_.ConsumeIntegral<int32_t>();
         e.possible.insert(KVC_ERROR_INVALID_ARGUMENT);

@@ -56,10 +56,7 @@ struct SerialSequence {
   static std::optional<SerialSequence> parse(const uint8_t* data, size_t size) {
     if (size < 8 + 60 + 4 || size % 4 != 0) return std::nullopt;
     const uint32_t version = load_word(data + 4);
-    const size_t fingerprint_bytes = version == 4   ? 60
-                                     : version == 3 ? 56
-                                     : version == 2 ? 52
-                                                    : 48;
+    const size_t fingerprint_bytes = version == 4 ? 60 : version == 3 ? 56 : version == 2 ? 52 : 48;
     SerialSequence s;
     s.head.assign(data, data + 8 + fingerprint_bytes);
     const uint32_t L = s.num_layers(), H = s.num_heads(), D = s.head_dim();

@@ -321,13 +321,51 @@ TEST_F(StoreGpu, RotatedStoreSerializesAndReadsAsTheCpuStore) {
   serializes_like_the_cpu_store(KVC_ROTATION_HADAMARD);
 }
 
+TEST_F(StoreGpu, StoreRotatingValuesSerializesAndReadsAsTheCpuStore) {
+  serializes_like_the_cpu_store(KVC_ROTATION_HADAMARD_VALUES);
+}
+
+TEST_F(StoreGpu, StoreRotatingValuesModelBasedRandomOperations) {
+  ModelParams mp;
+  mp.shape = gpu_shape();
+  mp.page_bytes = 2 * kSmallestPage;
+  mp.capacity_bytes = 32 * int64_t(mp.page_bytes);
+  mp.max_sequences = 24;
+  mp.max_sequence_tokens = 160;
+  mp.max_prefill_tokens = 80;
+  mp.steps = 150;
+  mp.seed = 2029;
+  mp.tolerance = rotated_gpu_tolerance();
+  mp.block_format = KVC_BLOCK_FORMAT_V1;
+  mp.rotation = KVC_ROTATION_HADAMARD_VALUES;
+  CudaStoreBackend cuda(mp.shape);
+  run_model(cuda, mp);
+}
+
+TEST_F(StoreGpu, StoreWithSinksModelBasedRandomOperations) {
+  ModelParams mp;
+  mp.shape = gpu_shape();
+  mp.page_bytes = 2 * kSmallestPage;
+  mp.capacity_bytes = 32 * int64_t(mp.page_bytes);
+  mp.max_sequences = 24;
+  mp.max_sequence_tokens = 160;
+  mp.max_prefill_tokens = 80;
+  mp.steps = 150;
+  mp.seed = 2030;
+  mp.tolerance = gpu_tolerance();
+  mp.block_format = KVC_BLOCK_FORMAT_V1;
+  mp.sink_tokens = 7;
+  CudaStoreBackend cuda(mp.shape);
+  run_model(cuda, mp);
+}
+
 TEST_F(StoreGpu, StoreWithSinksSerializesAndReadsAsTheCpuStore) {
   serializes_like_the_cpu_store(KVC_ROTATION_NONE, 5);
 }
 
 void decode_step_and_attention_graphs(int32_t rotation) {
   const Shape sh = gpu_shape();
-  const bool rotated = rotation == KVC_ROTATION_HADAMARD;
+  const bool rotated = rotation != KVC_ROTATION_NONE;
   const AttentionTolerance tol = rotated ? rotated_gpu_tolerance() : gpu_tolerance();
   kvc_store_config config = cuda_config(sh, 16 << 20, 0, 8, 1024);
   config.rotation = rotation;
@@ -412,7 +450,7 @@ void decode_step_and_attention_graphs(int32_t rotation) {
     }
   }
   ASSERT_NO_FATAL_FAILURE(
-      check_against_shadow(be, store.s, shadow, rng, "after the replays", tol, rotated));
+      check_against_shadow(be, store.s, shadow, rng, "after the replays", tol, rotation));
 
   // Attention of the last layer, captured, then replayed before and after more decode steps:
   // the graph reads the sequences as they are when it runs.

@@ -243,7 +243,7 @@ inline void check_attention(const Shape& sh, const std::vector<ReadBack>& kv, co
 
 // Reads every sequence back and checks lengths, the bound (compressed tokens) and exactness
 // (tail tokens); then checks attention against a dense reference over the read-back values.
-// With rotated = true (kvc_store_config.rotation = KVC_ROTATION_HADAMARD) the bounds hold in the
+// For a kind a store rotates (kvc_store_config.rotation) the bounds hold in the
 // rotated space; what they imply for a row read back (per token and head, D elements) is checked
 // instead: its L2 error is at most sqrt(D) * bound (the rotation preserves L2 norms) plus the
 // rounding of the rotated row to fp16 (half an ulp per element: <= 2^-11 |x|_2, checked with
@@ -266,11 +266,14 @@ inline void check_rotated_rows(const Shape& sh, const std::vector<float>& got,
   }
 }
 
+// rotation: the store's kvc_rotation (its rotated kinds are checked as check_rotated_rows says);
 // sinks: the store's sink_tokens, read back exactly once a sequence has a block.
 inline void check_against_shadow(StoreBackend& be, kvc_store_t s, const Shadow& shadow,
                                  std::mt19937& rng, const std::string& where,
-                                 const AttentionTolerance& tol = {}, bool rotated = false,
-                                 uint32_t sinks = 0) {
+                                 const AttentionTolerance& tol = {},
+                                 int32_t rotation = KVC_ROTATION_NONE, uint32_t sinks = 0) {
+  const bool rotated_k = rotation == KVC_ROTATION_HADAMARD;
+  const bool rotated_v = rotation != KVC_ROTATION_NONE;
   const Shape& sh = shadow.shape;
   const size_t row = sh.row();
   for (int layer = 0; layer < sh.layers; ++layer) {
@@ -288,21 +291,25 @@ inline void check_against_shadow(StoreBackend& be, kvc_store_t s, const Shadow& 
       const size_t exact_sinks = compressed > 0 ? sinks * row : 0;  // elements
       const auto& xk = shadow.k.at(id)[size_t(layer)];
       const auto& xv = shadow.v.at(id)[size_t(layer)];
-      if (rotated) {
-        const std::string what =
-            where + " seq " + std::to_string(id) + " layer " + std::to_string(layer);
-        const size_t rows = compressed / size_t(sh.dim);
+      const std::string what =
+          where + " seq " + std::to_string(id) + " layer " + std::to_string(layer);
+      const size_t rows = compressed / size_t(sh.dim);
+      if (rotated_k) {
         ASSERT_NO_FATAL_FAILURE(check_rotated_rows(sh, r.k, xk, rows, sh.key_bound, what + " K"));
+      }
+      if (rotated_v) {
         ASSERT_NO_FATAL_FAILURE(check_rotated_rows(sh, r.v, xv, rows, sh.value_bound, what + " V"));
       }
-      for (size_t i = 0; i < len * row && !rotated; ++i) {
+      for (size_t i = 0; i < len * row; ++i) {
         const bool bounded = i >= exact_sinks && i < compressed;
-        const float bk = bounded ? sh.key_bound : 0.0f;
-        const float bv = bounded ? sh.value_bound : 0.0f;
-        ASSERT_LE(std::fabs(r.k[i] - xk[i]), bk)
-            << where << " seq " << id << " layer " << layer << " K elem " << i;
-        ASSERT_LE(std::fabs(r.v[i] - xv[i]), bv)
-            << where << " seq " << id << " layer " << layer << " V elem " << i;
+        if (!rotated_k) {
+          ASSERT_LE(std::fabs(r.k[i] - xk[i]), bounded ? sh.key_bound : 0.0f)
+              << what << " K elem " << i;
+        }
+        if (!rotated_v) {
+          ASSERT_LE(std::fabs(r.v[i] - xv[i]), bounded ? sh.value_bound : 0.0f)
+              << what << " V elem " << i;
+        }
       }
       ids.push_back(id);
       read.push_back(std::move(r));
@@ -332,8 +339,8 @@ struct ModelParams {
   uint32_t seed = 2024;
   AttentionTolerance tolerance;
   int32_t block_format = KVC_BLOCK_FORMAT_AUTO;  // TILES: a store of tile blocks (format t1)
-  int32_t rotation = KVC_ROTATION_NONE;  // HADAMARD: bounds checked as check_rotated_rows says
-  int32_t sink_tokens = 0;               // kvc_store_config.sink_tokens: read back exactly
+  int32_t rotation = KVC_ROTATION_NONE;          // rotated kinds checked as check_rotated_rows says
+  int32_t sink_tokens = 0;                       // kvc_store_config.sink_tokens: read back exactly
 };
 
 // Random operations against the store and its shadow, checked after every step. With limits set,
@@ -350,7 +357,6 @@ inline void run_model(StoreBackend& be, const ModelParams& mp) {
   config.block_format = mp.block_format;
   config.rotation = mp.rotation;
   config.sink_tokens = mp.sink_tokens;
-  const bool rotated = mp.rotation == KVC_ROTATION_HADAMARD;
   StoreHandle store(config);
   ASSERT_NE(store.s, nullptr);
   Shadow shadow{sh, {}, {}};
@@ -462,7 +468,7 @@ inline void run_model(StoreBackend& be, const ModelParams& mp) {
       }
     }
     ASSERT_NO_FATAL_FAILURE(check_against_shadow(be, store.s, shadow, rng, where, mp.tolerance,
-                                                 rotated, uint32_t(mp.sink_tokens)));
+                                                 mp.rotation, uint32_t(mp.sink_tokens)));
   }
   EXPECT_GT(out_of_pages, 0) << "the pool never filled: the test did not reach exhaustion";
   EXPECT_GT(restored, 0);

@@ -81,7 +81,7 @@ TEST(StoreRotation, ConfigIsChecked) {
   Shape sh = rotation_shape();
   kvc_store_config c = rotated_config(sh);
   kvc_store_t s = nullptr;
-  c.rotation = 2;
+  c.rotation = 3;
   EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_INVALID_ARGUMENT);
   EXPECT_NE(std::string(kvc_last_error()).find("rotation"), std::string::npos) << kvc_last_error();
   c.rotation = -1;
@@ -90,6 +90,8 @@ TEST(StoreRotation, ConfigIsChecked) {
   c.head_dim = 48;  // the codec takes it; the Hadamard matrix needs a power of two
   EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_NOT_SUPPORTED);
   EXPECT_NE(std::string(kvc_last_error()).find("power of two"), std::string::npos);
+  c.rotation = KVC_ROTATION_HADAMARD_VALUES;
+  EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_NOT_SUPPORTED);
   c.rotation = KVC_ROTATION_NONE;
   ASSERT_EQ(kvc_store_create(&c, &s), KVC_SUCCESS) << kvc_last_error();
   kvc_store_destroy(s);
@@ -196,33 +198,38 @@ TEST(StoreRotation, AttentionEqualsTheUnrotatedReference) {
   std::mt19937 rng(3);
   const size_t n = 2 * size_t(sh.tokens) + 7;
   const Rows k = outlier_rows(rng, n, sh), v = outlier_rows(rng, n, sh);
-  StoreHandle store(rotated_config(sh));
-  int32_t id = -1;
-  ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
-  ASSERT_EQ(kvc_store_prefill(store.s, id, 0, 1, int32_t(n), k.bits.data(), v.bits.data(), nullptr),
-            KVC_SUCCESS)
-      << kvc_last_error();
   const float scale = 0.05f;
   const Rows q = random_rows(rng, size_t(sh.group), sh);
-  std::vector<uint16_t> out(q.bits.size());
-  ASSERT_EQ(kvc_store_attention(store.s, 0, 1, &id, sh.heads * sh.group, scale, q.bits.data(),
-                                out.data(), nullptr),
-            KVC_SUCCESS)
-      << kvc_last_error();
-  // Against the exact rows: the compression error (a few bounds' worth) and fp16 rounding.
-  const std::vector<double> exact = dense_attention(sh, k.values, v.values, q.values, scale);
-  double worst = 0;
-  for (size_t i = 0; i < out.size(); ++i) {
-    const double got = format::half_to_float(out[i]);
-    worst = std::max(worst, std::fabs(got - exact[i]));
-    ASSERT_NEAR(got, exact[i], 0.05 + 2e-3 * std::fabs(exact[i])) << "element " << i;
+  for (int32_t rotation : {KVC_ROTATION_HADAMARD, KVC_ROTATION_HADAMARD_VALUES}) {
+    kvc_store_config c = rotated_config(sh);
+    c.rotation = rotation;
+    StoreHandle store(c);
+    int32_t id = -1;
+    ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
+    ASSERT_EQ(
+        kvc_store_prefill(store.s, id, 0, 1, int32_t(n), k.bits.data(), v.bits.data(), nullptr),
+        KVC_SUCCESS)
+        << kvc_last_error();
+    std::vector<uint16_t> out(q.bits.size());
+    ASSERT_EQ(kvc_store_attention(store.s, 0, 1, &id, sh.heads * sh.group, scale, q.bits.data(),
+                                  out.data(), nullptr),
+              KVC_SUCCESS)
+        << kvc_last_error();
+    // Against the exact rows: the compression error (a few bounds' worth) and fp16 rounding.
+    const std::vector<double> exact = dense_attention(sh, k.values, v.values, q.values, scale);
+    double worst = 0;
+    for (size_t i = 0; i < out.size(); ++i) {
+      const double got = format::half_to_float(out[i]);
+      worst = std::max(worst, std::fabs(got - exact[i]));
+      ASSERT_NEAR(got, exact[i], 0.05 + 2e-3 * std::fabs(exact[i])) << "element " << i;
+    }
+    // Against the rows it reads back: the same values up to fp32 rounding of the rotations.
+    const ReadBack r = read_back(store.s, id, n, sh);
+    AttentionTolerance tol;
+    tol.relative = 1e-5;
+    ASSERT_NO_FATAL_FAILURE(check_attention(sh, {r}, q, out, scale, tol, "rotated", {id}));
+    std::printf("rotation %d: worst |attention - exact| %.5f\n", rotation, worst);
   }
-  // Against the rows it reads back: the same values up to fp32 rounding of the rotations.
-  const ReadBack r = read_back(store.s, id, n, sh);
-  AttentionTolerance tol;
-  tol.relative = 1e-5;
-  ASSERT_NO_FATAL_FAILURE(check_attention(sh, {r}, q, out, scale, tol, "rotated", {id}));
-  std::printf("worst |attention - exact| %.5f\n", worst);
 }
 
 TEST(StoreRotation, ModelBasedRandomOperations) {
@@ -231,6 +238,15 @@ TEST(StoreRotation, ModelBasedRandomOperations) {
   mp.rotation = KVC_ROTATION_HADAMARD;
   mp.tolerance.relative = 1e-5;  // the rotations' fp32 rounding (check_attention)
   mp.seed = 31;
+  run_model(cpu, mp);
+}
+
+TEST(StoreRotation, ModelBasedRandomOperationsRotatingValuesOnly) {
+  CpuStoreBackend cpu;
+  ModelParams mp;
+  mp.rotation = KVC_ROTATION_HADAMARD_VALUES;
+  mp.tolerance.relative = 1e-5;
+  mp.seed = 33;
   run_model(cpu, mp);
 }
 
@@ -273,6 +289,11 @@ TEST(StoreRotation, SequencesMoveOnlyBetweenStoresThatRotateAlike) {
               KVC_ERROR_CONFIG_MISMATCH);
     EXPECT_NE(std::string(kvc_last_error()).find("rotated"), std::string::npos) << kvc_last_error();
     EXPECT_EQ(kvc_store_restore(a.s, from_plain.data(), from_plain.size(), &id),
+              KVC_ERROR_CONFIG_MISMATCH);
+    kvc_store_config values_only = rotated;  // the rotation word differs
+    values_only.rotation = KVC_ROTATION_HADAMARD_VALUES;
+    StoreHandle e(values_only);
+    EXPECT_EQ(kvc_store_restore(e.s, from_rotated.data(), from_rotated.size(), &id),
               KVC_ERROR_CONFIG_MISMATCH);
     // A rotated store of the other block format: the fingerprint's block format word differs.
     kvc_store_config other = rotated;

@@ -190,7 +190,7 @@ def test_settings_parse_variants_and_refuse_the_store():
     with pytest.raises(ValueError):
         harness.make_policy("kvcomp:k=0.2,v=0.05,also=t2")
     with pytest.raises(ValueError):
-        harness.make_policy("kvcomp:k=0.2,v=0.05,fmt=tiles,rot=v,path=store")
+        harness.make_policy("kvcomp:k=0.2,v=0.05,fmt=tiles,rot=k,path=store")
     with pytest.raises(ValueError):
         C.GenerationCache(2, harness.make_policy("kvcomp:k=0.2,v=0.05,sinks=4"))
 
