@@ -24,15 +24,18 @@ must be straight-line code (no nested loop) so that its static count is what one
 executes (predicated-off instructions included: an upper bound). Per element divides the body
 by the K and V elements one iteration of a warp consumes, times 32 lanes.
 
-The split between K and V is by source line (nvdisasm -gi): the kernel source marks its regions
-with comment lines `// [sass stage]`, `// [sass K]`, `// [sass softmax]`, `// [sass V]`, each
-running to the next marker. Instructions of inlined helpers take the region of the kernel line
+The split between K and V is by source line (nvdisasm -gi): the kernel source (attention.cuh,
+and tile_attention.cuh beside it for the tile kernel) marks its regions with comment lines
+`// [sass stage]`, `// [sass K]`, `// [sass softmax]`, `// [sass V]`, each running to the next
+marker. The tile kernel's feeding blocks are also named by the tile width whose
+tile_products_any call their HMMA were inlined from. Instructions of inlined helpers take the region of the kernel line
 before them, and the compiler interleaves regions, so the split is approximate; the total is
 exact. Staging and softmax/bookkeeping are shared half and half between K and V.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -57,7 +60,8 @@ class Insn:
     addr: int
     op: str
     text: str
-    src_line: int | None
+    src_line: tuple[str, int] | None  # (file name, line) of the kernel's own source line
+    frames: tuple[tuple[str, int], ...] = ()  # the whole inline chain, innermost first
 
 
 @dataclass
@@ -75,24 +79,29 @@ def demangle(name: str) -> str:
         return name
 
 
-def parse_disassembly(text: str, source: str) -> dict[str, Kernel]:
+def parse_disassembly(text: str, sources: list[str]) -> dict[str, Kernel]:
+    """Instructions per kernel, each with the line of one of `sources` (file names) it comes
+    from (the outermost frame in them: the kernel's own line) and its inline chain."""
     kernels: dict[str, Kernel] = {}
     cur: Kernel | None = None
-    line = None
+    line, chain, fresh = None, [], True
     for raw in text.splitlines():
         if raw.startswith(".text."):
             name = raw[len(".text."):].rstrip(":")
             cur = kernels.setdefault(name, Kernel(name))
-            line = None
+            line, chain, fresh = None, [], True
             continue
         if cur is None:
             continue
         m = LINE.search(raw)
         if m:  # the kernel source's own line, or the line a helper was inlined at
-            if m.group(3) and m.group(3).endswith(source):
-                line = int(m.group(4))
-            elif m.group(1).endswith(source):
-                line = int(m.group(2))
+            if fresh:
+                chain, fresh = [], False
+            chain.append((m.group(1).split("/")[-1], int(m.group(2))))
+            for f, n in ((m.group(3), m.group(4)), (m.group(1), m.group(2))):
+                if f and f.split("/")[-1] in sources:
+                    line = (f.split("/")[-1], int(n))
+                    break
             continue
         m = LABEL.match(raw)
         if m:
@@ -100,8 +109,30 @@ def parse_disassembly(text: str, source: str) -> dict[str, Kernel]:
             continue
         m = INSN.search(raw)
         if m:
-            cur.insns.append(Insn(int(m.group(1), 16), m.group(3), raw.strip(), line))
+            fresh = True
+            cur.insns.append(Insn(int(m.group(1), 16), m.group(3), raw.strip(), line,
+                                  tuple(chain)))
     return kernels
+
+
+# A tile width's call in tile_products_any (tile_attention.cuh): `tile_products<DT, 4>` is 4
+# bits (16: raw), `plane_products<DT, 2, 1>` the two-plane 3 bits.
+WIDTH_CALL = re.compile(r"\b(?:tile|plane)_products<DT,\s*(\d+)(?:,\s*(\d+))?>\s*\(")
+
+
+def width_calls(path: str) -> dict[tuple[str, int], str]:
+    """(file name, line) -> tile width label of the calls in tile_products_any."""
+    out = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, text in enumerate(f, 1):
+                m = WIDTH_CALL.search(text)
+                if m:
+                    bits = int(m.group(1)) + int(m.group(2) or 0)
+                    out[(path.split("/")[-1], n)] = "raw" if bits == 16 else f"{bits}-bit"
+    except OSError:
+        pass
+    return out
 
 
 def main_loop(k: Kernel) -> tuple[int, int, bool] | None:
@@ -136,18 +167,25 @@ def basic_blocks(k: Kernel) -> list[list[Insn]]:
     return blocks
 
 
-def feeding_blocks(k: Kernel, region_of: dict[int, str]) -> list[dict]:
+def feeding_blocks(k: Kernel, region_of: dict[tuple[str, int], str],
+                   widths: dict[tuple[str, int], str]) -> list[dict]:
     """The straight-line blocks that feed the tensor cores, each with its SASS per element: one
     m16n8k16 consumes a 16 x 8 B operand, 128 K or V elements, so a block of N instructions and
     H HMMA costs 32 N / (128 H) instructions per element (loads, conversion and MMA; not the
-    per-block work outside it)."""
+    per-block work outside it). A tile kernel's block is named by its region and the tile width
+    its HMMA come from (the tile_products_any call in their inline chain)."""
     out = []
     for b in basic_blocks(k):
         body = [x for x in b if x.op != "NOP"]
         hmma = sum(x.op == "HMMA" for x in body)
         if not hmma:
             continue
-        names = [region_of.get(x.src_line) or "other" for x in body if x.op == "HMMA"]
+        names = []
+        for x in body:
+            if x.op == "HMMA":
+                name = region_of.get(x.src_line) or "other"
+                width = next((widths[f] for f in x.frames if f in widths), None)
+                names.append(f"{name} {width}" if width else name)
         conv = sum(x.op in ("LOP3", "PRMT", "HADD2", "HFMA2", "HMUL2", "SHF", "F2FP", "I2F", "I2FP")
                    for x in body)
         out.append(dict(region=max(set(names), key=names.count), sass=len(body), hmma=hmma,
@@ -155,15 +193,15 @@ def feeding_blocks(k: Kernel, region_of: dict[int, str]) -> list[dict]:
     return out
 
 
-def regions(source_path: str) -> dict[int, str]:
-    """Source line -> region name, from the [sass ...] markers."""
-    out, cur = {}, None
+def regions(source_path: str) -> dict[tuple[str, int], str]:
+    """(file name, source line) -> region name, from the [sass ...] markers."""
+    out, cur, name = {}, None, source_path.split("/")[-1]
     with open(source_path, encoding="utf-8") as f:
         for n, text in enumerate(f, 1):
             m = MARKER.search(text)
             if m:
                 cur = m.group(1)
-            out[n] = cur
+            out[(name, n)] = cur
     return out
 
 
@@ -328,9 +366,15 @@ def codec_report(cubin, nvdisasm, cuobjdump, markdown):
 def report(cubin, nvdisasm, cuobjdump, source, markdown):
     dis = subprocess.run([nvdisasm, "-gi", "-c", cubin], capture_output=True, text=True,
                          check=True).stdout
-    kernels = parse_disassembly(dis, source.split("/")[-1])
+    # The tile kernel's source (with its own markers) lies beside the dense kernel's.
+    tile_source = os.path.join(os.path.dirname(source), "tile_attention.cuh")
+    sources = [source] + ([tile_source] if os.path.exists(tile_source) else [])
+    kernels = parse_disassembly(dis, [s.split("/")[-1] for s in sources])
     usage = res_usage(cuobjdump, cubin)
-    region_of = regions(source)
+    region_of = {}
+    for s in sources:
+        region_of.update(regions(s))
+    widths = width_calls(tile_source)
     rows = []
     for mangled, k in sorted(kernels.items()):
         pretty = demangle(mangled)
@@ -365,7 +409,7 @@ def report(cubin, nvdisasm, cuobjdump, source, markdown):
         else:
             row.update(loop_sass=None, note="no straight-line HMMA loop" if per_iter
                        else "data-dependent inner loops: no static per-element count")
-        row["feeding"] = feeding_blocks(k, region_of)
+        row["feeding"] = feeding_blocks(k, region_of, widths)
         rows.append(row)
     print_rows(rows, markdown)
     return rows

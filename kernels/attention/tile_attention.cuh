@@ -152,51 +152,55 @@ __device__ __forceinline__ void tile_products(float (&acc)[NT][4], const uint4& 
   }
 }
 
-// A lane's words of one plane of BITS-bit elements, all loaded (runs as in tile_products).
-template <uint32_t BITS, uint32_t Pairs>
-struct PlaneWords {
-  static constexpr uint32_t kPerWord = 16 / BITS;
-  static constexpr uint32_t kWords = Pairs / kPerWord;
-  static constexpr uint32_t kUnit = kWords < 4 ? kWords : 4;
-  static_assert(kWords * kPerWord == Pairs, "a lane's pairs fill whole words");
-  uint32_t w[kWords];
-
-  __device__ __forceinline__ void load(const uint8_t* plane, uint32_t lane) {
-#pragma unroll
-    for (uint32_t u = 0; u < kWords / kUnit; ++u) {
-      const uint32_t* at = reinterpret_cast<const uint32_t*>(plane) +
-                           tiles::pair_location(lane, u * kUnit * kPerWord, BITS, Pairs).word;
-#pragma unroll
-      for (uint32_t i = 0; i < kUnit; ++i) w[u * kUnit + i] = at[i];
-    }
+// N consecutive words (N = 1, 2 or 4) at `at` in one load: the format aligns a lane's runs.
+template <uint32_t N>
+__device__ __forceinline__ void load_words(uint32_t (&w)[N], const uint32_t* at) {
+  if constexpr (N == 4) {
+    const uint4 v = *reinterpret_cast<const uint4*>(at);
+    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+  } else if constexpr (N == 2) {
+    const uint2 v = *reinterpret_cast<const uint2*>(at);
+    w[0] = v.x, w[1] = v.y;
+  } else {
+    static_assert(N == 1, "runs of 1, 2 or 4 words");
+    w[0] = at[0];
   }
-  template <kvc_dtype DT>
-  __device__ __forceinline__ uint32_t pair(uint32_t p) const {
-    return codes_to_pair<DT, BITS>(w[p / kPerWord], p % kPerWord);
-  }
-};
+}
 
-// The same for a two-plane tile (3 = 2 + 1 or 6 = 4 + 2 bits): plane 0 holds the low LOW bits
-// of every element, plane 1 (right after it) the high bits; each converts as a plain tile and
-// the pair is low + 2^LOW * high (one more HFMA2, exact: integers below 2^8).
+// tile_products for a two-plane tile (3 = 2 + 1 or 6 = 4 + 2 bits): plane 0 holds the low LOW
+// bits of every element, plane 1 (right after it) the high bits; a pair is lo + 2^LOW * hi, merged
+// from the two planes' slots in two LOP3 and one HFMA2 (tile_convert::plane_pair, exact). A run
+// of the low plane's words (as in tile_products) and the high plane's words of the same pairs
+// (half as many, consecutive in its runs) are loaded and used up before the next run.
 template <kvc_dtype DT, uint32_t LOW, uint32_t HIGH, uint32_t NT>
 __device__ __forceinline__ void plane_products(float (&acc)[NT][4], const uint4& a,
                                                const uint8_t* tile, uint32_t lane) {
-  PlaneWords<LOW, 2 * NT> low;
-  PlaneWords<HIGH, 2 * NT> high;
-  low.load(tile, lane);
-  high.load(tile + tiles::tile_bytes(LOW, NT), lane);
   constexpr bool kBf16 = DT == KVC_DTYPE_BF16;
-  constexpr uint32_t kScale = kBf16 ? (127u + LOW) << 7 : (15u + LOW) << 10;  // 2^LOW
+  constexpr uint32_t kPairs = 2 * NT, kLowPerWord = 16 / LOW, kHighPerWord = 16 / HIGH;
+  constexpr uint32_t kLowWords = kPairs / kLowPerWord;
+  constexpr uint32_t kLowUnit = kLowWords < 4 ? kLowWords : 4;
+  constexpr uint32_t kRunPairs = kLowUnit * kLowPerWord;
+  constexpr uint32_t kHighUnit = kRunPairs / kHighPerWord;
+  static_assert(kLowWords * kLowPerWord == kPairs && kHighUnit * kHighPerWord == kRunPairs,
+                "a lane's pairs fill whole words of both planes");
+  const uint32_t* low_plane = reinterpret_cast<const uint32_t*>(tile);
+  const uint32_t* high_plane = reinterpret_cast<const uint32_t*>(tile + tiles::tile_bytes(LOW, NT));
 #pragma unroll
-  for (uint32_t n = 0; n < NT; ++n) {
-    uint32_t b[2];
+  for (uint32_t u = 0; u < kPairs / kRunPairs; ++u) {
+    uint32_t lo[kLowUnit], hi[kHighUnit];
+    load_words(lo, low_plane + tiles::pair_location(lane, u * kRunPairs, LOW, kPairs).word);
+    load_words(hi, high_plane + tiles::pair_location(lane, u * kRunPairs, HIGH, kPairs).word);
 #pragma unroll
-    for (uint32_t r = 0; r < 2; ++r) {
-      const uint32_t lo = low.template pair<DT>(2 * n + r), hi = high.template pair<DT>(2 * n + r);
-      b[r] = device::fma2<kBf16>(hi, kScale * 0x10001u, lo);
+    for (uint32_t j = 0; j < kRunPairs / 2; ++j) {
+      uint32_t b[2];
+#pragma unroll
+      for (uint32_t r = 0; r < 2; ++r) {
+        const uint32_t p = 2 * j + r;  // pair within the run
+        b[r] = tile_convert::plane_pair<kBf16, LOW, HIGH>(lo[p / kLowPerWord], p % kLowPerWord,
+                                                          hi[p / kHighPerWord], p % kHighPerWord);
+      }
+      device::mma_16816<kBf16>(acc[u * kRunPairs / 2 + j], a, b[0], b[1]);
     }
-    device::mma_16816<kBf16>(acc[n], a, b[0], b[1]);
   }
 }
 

@@ -58,6 +58,41 @@ KVC_HD constexpr uint32_t fma_addend(uint32_t in_place, bool bf16) {
   return h | h << 16;
 }
 
+// ---- Two-plane codes: 3 = 2 + 1 and 6 = 4 + 2 bits --------------------------------------------
+// A 3- or 6-bit tile is two planes (tile_format.cuh), each laid out as a tile of its own width:
+// the low LOW bits of every element, then the high HIGH bits. The two merge in the integer
+// domain: the low plane's word shifted (once per window of slots) so that lo lies at l, with
+// l + LOW + HIGH <= mantissa bits; the high plane's word shifted so that hi lies just above it,
+// at l + LOW (a shift per pair: the planes' slots step by different widths); one LOP3 puts lo and
+// the magic number in place, a second ORs hi above it, and the (LOW + HIGH)-bit code lo + 2^LOW *
+// hi converts with one HFMA2 as a plain tile's code at l does (exact, as above). 2 LOP3 + 1 HFMA2
+// + about one shift per pair; biasing each plane on its own and removing both magic numbers with
+// two HFMA2 (one folded addend) measured slower (docs/performance.md).
+
+// Where a plane's slot is converted: shift the word right by `base` (left by -base); the code is
+// then at bit in_place.
+struct PlaneSlot {
+  int32_t base;
+  uint32_t in_place;
+};
+KVC_HD constexpr uint32_t shift_by(uint32_t w, int32_t base) {
+  return base >= 0 ? w >> base : w << -base;
+}
+
+// Slot low_slot of a low-plane word and slot high_slot of a high-plane word (the same pair): the
+// low code at l, in windows that leave room for the high bits above it, and the high code at
+// l + LOW.
+struct PlanePlan {
+  PlaneSlot low, high;
+};
+KVC_HD constexpr PlanePlan plane_plan(uint32_t low, uint32_t high, uint32_t low_slot,
+                                      uint32_t high_slot, bool bf16) {
+  const uint32_t per_window = (mantissa_bits(bf16) - low - high) / low + 1;
+  const uint32_t l = low_slot % per_window * low;
+  return {{int32_t(low_slot * low) - int32_t(l), l},
+          {int32_t(high_slot * high) - int32_t(l + low), l + low}};
+}
+
 #if defined(__CUDACC__) || defined(KVC_DEVICE_EMULATION)
 
 // The pair in slot `slot` of word w as halves of the MMA input type; exact. Called with a slot
@@ -71,6 +106,23 @@ __device__ __forceinline__ uint32_t pair(uint32_t w, uint32_t slot) {
       device::lop3_and_or(w >> plan.base, mask, BF16 ? 0x43004300u : 0x64006400u);
   return device::fma2<BF16>(biased, fma_scale(plan.in_place, BF16),
                             fma_addend(plan.in_place, BF16));
+}
+
+// The pair of a two-plane tile: slot lo_slot of low-plane word lo_w and slot hi_slot of
+// high-plane word hi_w, as halves of the MMA input type; exact. Called with slots that unrolling
+// makes constant, so the plan and the constants fold away.
+template <bool BF16, uint32_t LOW, uint32_t HIGH>
+__device__ __forceinline__ uint32_t plane_pair(uint32_t lo_w, uint32_t lo_slot, uint32_t hi_w,
+                                               uint32_t hi_slot) {
+  static_assert(magic_fits(LOW + HIGH, BF16), "the merged code must fit the mantissa");
+  const PlanePlan p = plane_plan(LOW, HIGH, lo_slot, hi_slot, BF16);
+  const uint32_t lo_mask = ((1u << LOW) - 1u) * 0x00010001u << p.low.in_place;
+  const uint32_t hi_mask = ((1u << HIGH) - 1u) * 0x00010001u << p.high.in_place;
+  const uint32_t lo =
+      device::lop3_and_or(shift_by(lo_w, p.low.base), lo_mask, BF16 ? 0x43004300u : 0x64006400u);
+  const uint32_t both = device::lop3_and_or(shift_by(hi_w, p.high.base), hi_mask, lo);
+  return device::fma2<BF16>(both, fma_scale(p.low.in_place, BF16),
+                            fma_addend(p.low.in_place, BF16));
 }
 
 #endif
