@@ -256,7 +256,8 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   }
   __syncthreads();
 
-  const SequenceView sv = sequences[seq];
+  // Read where used (L1 hits), not held: at D = 256 every register counts.
+  const SequenceView& sv = sequences[seq];
   const uint32_t units = attention_units(sv, T);
   const uint32_t end = min(units, (split + 1) * P.units_per_split);
   const float scale = P.scale * kLog2e;
@@ -303,9 +304,8 @@ __global__ void __launch_bounds__(kWarps* kLanes)
     __syncwarp();
     float sc[T / 8][4] = {};
     float s_offset[2] = {0.0f, 0.0f};  // sum of q' * centre, this lane's positions
-    uint32_t skip = u == 0 ? sv.sink_tokens : 0u, valid = T;  // block 0: its sinks are read
-    const uint8_t* vb = nullptr;                              // as uncompressed rows
-    const uint32_t r0 = (u - sv.num_blocks) * T;              // an uncompressed unit's rows
+    uint32_t valid = T;
+    const uint8_t* vb = nullptr;
     tiles::TileLayout vl{};
     if (u < sv.num_blocks) {
       const uint8_t* kb = block_of(u, 0);
@@ -352,7 +352,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
     } else {
       // [sass tail] Up to T fp16/bf16 rows of the sinks and tail [tokens, kv_heads, D] from row
       // r0: B fragments loaded straight from global memory (one or two units per sequence).
-      skip = 0;
+      const uint32_t r0 = (u - sv.num_blocks) * T;
       valid = min(T, dense_tokens(sv) - r0);
       const size_t stride = size_t(P.kv_heads) * D;
       const uint16_t* keys =
@@ -385,7 +385,9 @@ __global__ void __launch_bounds__(kWarps* kLanes)
       s_off[r] = s_offset[r] + __shfl_xor_sync(~0u, s_offset[r], 1);
       s_off[r] += __shfl_xor_sync(~0u, s_off[r], 2);
     }
-    st.absorb(sc, s_off, scale, skip, valid, quad);
+    // Block 0 skips its first sink_tokens tokens, read as uncompressed rows (a sequence without
+    // blocks has no sinks: unit 0 is then uncompressed rows, sink_tokens 0).
+    st.absorb(sc, s_off, scale, u == 0 ? sv.sink_tokens : 0u, valid, quad);
 
     if (vb != nullptr) {
       // [sass Vprep] P' = P * step[t] for coded tiles as A fragments (n-tiles 2 kk, 2 kk + 1
@@ -420,8 +422,8 @@ __global__ void __launch_bounds__(kWarps* kLanes)
     } else {
       // [sass tail] P V over those rows, B fragments from global memory, tokens past them zero.
       const size_t stride = size_t(P.kv_heads) * D;
-      const uint16_t* values =
-          static_cast<const uint16_t*>(sv.dense_values) + r0 * stride + size_t(head) * D;
+      const uint16_t* values = static_cast<const uint16_t*>(sv.dense_values) +
+                               (u - sv.num_blocks) * T * stride + size_t(head) * D;
 #pragma unroll
       for (uint32_t kk = 0; kk < Tr::kVSteps; ++kk) {
         const uint4 a = make_uint4(device::pack2<kBf16>(sc[2 * kk][0], sc[2 * kk][1]),
