@@ -24,10 +24,10 @@ sinks: the first tokens of each window also kept fp16 (through the store: its si
 rot: a normalized Hadamard rotation of each head's K and V (1), K only (k) or V only (v) before
 encoding, undone after decoding (the bound then holds in the rotated space; through the store:
 its rotation option, which holds the fp16 sinks and tail rotated too).
-Codec path only: also: more block formats written from the same input in the same pass, one row each (v1: v1
-with the setting's ns; tPS: tiles with perm=P, split=S), their decoded values checked equal to
-the setting's element by element (`mismatched_elements` in the results: 0 means the row's PPL,
-KL and top-1 are exactly its own).
+Codec path only: also: more block formats written from the same input in the same pass, one
+row each (v1: v1 with the setting's ns; tPS: tiles with perm=P, split=S), their decoded values
+checked equal to the setting's element by element (`mismatched_elements` in the results: 0 means
+the row's PPL, KL and top-1 are exactly its own).
 """
 from __future__ import annotations
 

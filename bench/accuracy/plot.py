@@ -3,7 +3,9 @@
 
     python bench/accuracy/plot.py --sweep bench/accuracy/results/sweep.json \
         --headline bench/accuracy/results/headline_t128.json \
-        --tiles bench/accuracy/results/tiles_t128.json --figure docs/accuracy_pareto.png
+        --tiles bench/accuracy/results/tiles_t128.json \
+        --gemma bench/accuracy/results/gemma3_t128.json bench/accuracy/results/gemma3_sinks.json \
+        --figure docs/accuracy_pareto.png
 """
 from __future__ import annotations
 
@@ -181,14 +183,18 @@ def _panel(ax, results, title, targets=((5.0, 1.0), (8.0, 3.0))):
 
 
 def figure(panels, path: Path, suptitle: str):
-    """panels: [(results, title)], side by side."""
+    """panels: [(results, title)], two to a row."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(7.2 * len(panels), 5.4), squeeze=False)
-    for ax, (results, title, *targets) in zip(axes[0], panels):
+    cols = min(2, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(7.2 * cols, 5.4 * rows), squeeze=False)
+    for ax, (results, title, *targets) in zip(axes.flat, panels):
         _panel(ax, results, title, *targets)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -213,16 +219,19 @@ def main(argv=None):
                     help="JSON files of the long run (same windows)")
     ap.add_argument("--tiles", nargs="*", default=[],
                     help="JSON files of the tile/sink run over the headline's windows")
+    ap.add_argument("--gemma", nargs="*", default=[],
+                    help="JSON files of the second model's run (same windows)")
     ap.add_argument("--figure", default="docs/accuracy_pareto.png")
     a = ap.parse_args(argv)
     sm, sweep = _load(a.sweep)
-    panels = [(sweep, f"sweep: {sm['windows_done']} windows x {sm['window_tokens']} tokens "
+    panels = [(sweep, f"SmolLM2 sweep: {sm['windows_done']} windows x {sm['window_tokens']} tokens "
                       f"({sweep[0]['tokens']} predictions)")]
     print(f"## sweep ({sweep[0]['tokens']} predictions)\n")
     print(table(sweep))
     if a.headline:
         hm, head = _load(a.headline)
-        panels.append((head, f"{hm['windows_done']} windows x {hm['window_tokens']} tokens "
+        panels.append((head, f"SmolLM2: {hm['windows_done']} windows x "
+                             f"{hm['window_tokens']} tokens "
                              f"({head[0]['tokens']} predictions)"))
         print(f"\n## headline ({head[0]['tokens']} predictions)\n")
         print(table(head))
@@ -246,16 +255,24 @@ def main(argv=None):
                     or group(r["setting"]) == "kvcomp K+V T=128"]
         panels.append((tiles + [r for r in base if r["setting"] not in
                                 {t["setting"] for t in tiles}],
-                       f"tiles: {tm['windows_done']} windows x {tm['window_tokens']} tokens "
+                       f"SmolLM2 tiles: {tm['windows_done']} windows x "
+                       f"{tm['window_tokens']} tokens "
                        f"({n} predictions); lines: the 4x / 1.5% target",
                        ((4.0, 1.5),)))
         print(f"\n## tiles, sinks ({n} predictions)\n")
         print(table(tiles))
         print("\n## the same, one line per pass\n")
         print(paired_table(tiles))
+    if a.gemma:
+        gm, gemma = _load(a.gemma)
+        n = gemma[0]["tokens"]
+        panels.append((gemma, f"Gemma 3 270M (GGUF Q4_K_M): {gm['windows_done']} windows x "
+                              f"{gm['window_tokens']} tokens ({n} predictions)"))
+        print(f"\n## Gemma 3 270M ({n} predictions)\n")
+        print(table(gemma))
     figure(panels, Path(a.figure),
-           "SmolLM2-135M-Instruct (GGUF Q4_1), WikiText-2 test, KV cache through kvcomp vs "
-           "KIVI vs fp16")
+           "WikiText-2 test, KV cache through kvcomp vs KIVI vs fp16: SmolLM2-135M-Instruct "
+           "(GGUF Q4_1)" + (" and Gemma 3 270M" if a.gemma else ""))
 
 
 if __name__ == "__main__":

@@ -474,9 +474,10 @@ class StoreConfig:
     Huffman sub-streams of v1 blocks, 0 = automatic (32 where the group size allows);
     rotation: "none" | "hadamard" (K and V rows stored rotated by H / sqrt(head_dim), head_dim a
     power of two; queries and outputs rotated inside attention, reads rotated back; the bounds
-    then hold for the rotated rows: docs/api.md, "Rotation") | "hadamard_values" (V rows only); sink_tokens: 0 .. block_tokens - 1,
-    the first tokens of every sequence and layer also kept uncompressed once their block is
-    compressed, and read and attended from there (docs/api.md, "Attention sinks").
+    then hold for the rotated rows: docs/api.md, "Rotation") | "hadamard_values" (V rows only);
+    sink_tokens: 0 .. block_tokens - 1, the first tokens of every sequence and layer also kept
+    uncompressed once their block is compressed, and read and attended from there (docs/api.md,
+    "Attention sinks").
     """
     num_layers: int = 1
     num_kv_heads: int = 1
