@@ -102,6 +102,18 @@ def _prefix_sums(n):
     return n * (n + 1) // 2
 
 
+def _fp16_rows_held(n, T, sinks, row):
+    """Bytes of the fp16 rows a cache of T-token blocks holds for a window of n tokens: the tail
+    (< T tokens) and, once the first block is compressed, the sinks; at the window's end and
+    summed over the steps t = 1..n (a block is compressed as soon as it is full). row: the bytes
+    of one token."""
+    n_full = n // T * T
+    t = np.arange(1, n + 1)
+    done = t // T  # blocks complete after step t
+    held = (n - n_full + (sinks if n_full else 0)) * row
+    return held, int(((t - done * T) * row).sum()) + int((done > 0).sum()) * sinks * row
+
+
 class FP16Cache:
     name = "fp16"
 
@@ -343,17 +355,14 @@ class KvcompCache:
         row = Hk * d * F16
         sizes, enc = st.block_sizes(self.seq, encodings=True)
         sizes, enc = sizes[layer], enc[layer]     # [blocks, Hk, K|V]
-        t = np.arange(1, n + 1)
-        done = t // self.T
-        S = self.sinks  # sink rows, held once the first block is compressed
+        done = np.arange(1, n + 1) // self.T  # blocks complete after step t
+        fp16_held, fp16_time = _fp16_rows_held(n, self.T, self.sinks, row)
         for i, kind in enumerate(("key", "value")):
             cb = self.codebook_bytes(layer, kind) if len(sizes) else 0
             per_block = sizes[:, :, i].sum(1, dtype=np.int64)
-            n_full = len(per_block) * self.T
-            self.bytes += int(per_block.sum()) + cb + (n - n_full + (S if n_full else 0)) * row
+            self.bytes += int(per_block.sum()) + cb + fp16_held
             cum = np.concatenate([[0], np.cumsum(per_block)])
-            self.bytes_time += int(((t - done * self.T) * row).sum())
-            self.bytes_time += int(cum[done].sum()) + int((done > 0).sum()) * (cb + S * row)
+            self.bytes_time += fp16_time + int(cum[done].sum()) + int((done > 0).sum()) * cb
             self.stats["blocks"] += per_block.size * Hk
             if self.variant.block_format == "tiles":  # flags bit 3: quantized (format.md §17.2)
                 quantized = (enc[:, :, i] & 0x8) != 0
@@ -411,10 +420,8 @@ class KvcompCache:
         nb = n // self.T
         n_full = nb * self.T
         S = min(self.sinks, n_full)              # sinks: an fp16 copy once their block is full
-        held_fp16 = (n - n_full + S) * row       # the tail (< T tokens) and the sinks in fp16
-        t = np.arange(1, n + 1)
-        done = t // self.T                       # blocks complete after step t
-        fp16_time = int(((t - done * self.T) * row).sum()) + int((done > 0).sum()) * S * row
+        held_fp16, fp16_time = _fp16_rows_held(n, self.T, self.sinks, row)
+        done = np.arange(1, n + 1) // self.T     # blocks complete after step t
         self.bytes_time += fp16_time
         for acc in self.variant_bytes.values():
             acc["bytes"] += held_fp16

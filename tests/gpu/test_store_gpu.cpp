@@ -207,22 +207,29 @@ ReadBack read_back(StoreBackend& be, kvc_store_t s, const Shape& sh, int32_t id,
 
 class StoreGpu : public GpuTest {};
 
-TEST_F(StoreGpu, ModelBasedRandomOperations) {
+// The model-based run of a v1 store: about 36 block steps of one layer fit in the pool, so
+// exhaustion comes early and often; prefills complete a few blocks at once.
+ModelParams gpu_model_params(uint32_t seed, int steps) {
   ModelParams mp;
   mp.shape = gpu_shape();
-  // About 36 block steps of one layer fit in the pool: exhaustion comes early and often.
   mp.page_bytes = 2 * kSmallestPage;
   mp.capacity_bytes = 32 * int64_t(mp.page_bytes);
   mp.max_sequences = 24;
   mp.max_sequence_tokens = 160;
-  mp.max_prefill_tokens = 80;  // prefills that complete a few blocks at once
-  mp.steps = 400;
-  mp.seed = 2025;
+  mp.max_prefill_tokens = 80;
+  mp.steps = steps;
+  mp.seed = seed;
   mp.tolerance = gpu_tolerance();
   mp.block_format = KVC_BLOCK_FORMAT_V1;
+  return mp;
+}
+
+void run_gpu_model(const ModelParams& mp) {
   CudaStoreBackend cuda(mp.shape);
   run_model(cuda, mp);
 }
+
+TEST_F(StoreGpu, ModelBasedRandomOperations) { run_gpu_model(gpu_model_params(2025, 400)); }
 
 // A rotating store (kvc_store_config.rotation): the GPU rounds the rotated queries and the
 // rotated outputs to fp16 (the CPU keeps them in fp32): about 2^-11 of each, which the scores
@@ -326,37 +333,16 @@ TEST_F(StoreGpu, StoreRotatingValuesSerializesAndReadsAsTheCpuStore) {
 }
 
 TEST_F(StoreGpu, StoreRotatingValuesModelBasedRandomOperations) {
-  ModelParams mp;
-  mp.shape = gpu_shape();
-  mp.page_bytes = 2 * kSmallestPage;
-  mp.capacity_bytes = 32 * int64_t(mp.page_bytes);
-  mp.max_sequences = 24;
-  mp.max_sequence_tokens = 160;
-  mp.max_prefill_tokens = 80;
-  mp.steps = 150;
-  mp.seed = 2029;
+  ModelParams mp = gpu_model_params(2029, 150);
   mp.tolerance = rotated_gpu_tolerance();
-  mp.block_format = KVC_BLOCK_FORMAT_V1;
   mp.rotation = KVC_ROTATION_HADAMARD_VALUES;
-  CudaStoreBackend cuda(mp.shape);
-  run_model(cuda, mp);
+  run_gpu_model(mp);
 }
 
 TEST_F(StoreGpu, StoreWithSinksModelBasedRandomOperations) {
-  ModelParams mp;
-  mp.shape = gpu_shape();
-  mp.page_bytes = 2 * kSmallestPage;
-  mp.capacity_bytes = 32 * int64_t(mp.page_bytes);
-  mp.max_sequences = 24;
-  mp.max_sequence_tokens = 160;
-  mp.max_prefill_tokens = 80;
-  mp.steps = 150;
-  mp.seed = 2030;
-  mp.tolerance = gpu_tolerance();
-  mp.block_format = KVC_BLOCK_FORMAT_V1;
+  ModelParams mp = gpu_model_params(2030, 150);
   mp.sink_tokens = 7;
-  CudaStoreBackend cuda(mp.shape);
-  run_model(cuda, mp);
+  run_gpu_model(mp);
 }
 
 TEST_F(StoreGpu, StoreWithSinksSerializesAndReadsAsTheCpuStore) {
@@ -493,20 +479,10 @@ TEST_F(StoreGpu, RotatedStoreDecodeStepAndAttentionReplayFromCudaGraphs) {
 }
 
 TEST_F(StoreGpu, RotatedStoreModelBasedRandomOperations) {
-  ModelParams mp;
-  mp.shape = gpu_shape();
-  mp.page_bytes = 2 * kSmallestPage;
-  mp.capacity_bytes = 32 * int64_t(mp.page_bytes);
-  mp.max_sequences = 24;
-  mp.max_sequence_tokens = 160;
-  mp.max_prefill_tokens = 80;
-  mp.steps = 200;
-  mp.seed = 2027;
+  ModelParams mp = gpu_model_params(2027, 200);
   mp.tolerance = rotated_gpu_tolerance();
-  mp.block_format = KVC_BLOCK_FORMAT_V1;
   mp.rotation = KVC_ROTATION_HADAMARD;
-  CudaStoreBackend cuda(mp.shape);
-  run_model(cuda, mp);
+  run_gpu_model(mp);
 }
 
 TEST_F(StoreGpu, RotatedStoreRejectsARowPastFp16AndChangesNothing) {
@@ -737,39 +713,29 @@ TEST_F(StoreGpu, TileStoreShapesAndAuto) {
   }
 }
 
-TEST_F(StoreGpu, TileStoreModelBasedRandomOperations) {
-  ModelParams mp;
+// The model-based run of a tiles store: the v1 run's pool and limits scaled to its blocks.
+ModelParams tile_gpu_model_params(uint32_t seed, int steps) {
+  ModelParams mp = gpu_model_params(seed, steps);
   mp.shape = tile_gpu_shape();
   mp.page_bytes = 2 * kTilePage;
   mp.capacity_bytes = 32 * int64_t(mp.page_bytes);
-  mp.max_sequences = 24;
   mp.max_sequence_tokens = 320;
   mp.max_prefill_tokens = 160;
-  mp.steps = 300;
-  mp.seed = 2026;
   mp.tolerance = tile_gpu_tolerance();
   mp.block_format = KVC_BLOCK_FORMAT_TILES;
-  CudaStoreBackend cuda(mp.shape);
-  run_model(cuda, mp);
+  return mp;
+}
+
+TEST_F(StoreGpu, TileStoreModelBasedRandomOperations) {
+  run_gpu_model(tile_gpu_model_params(2026, 300));
 }
 
 // Attention sinks: the first block's first rows read back exactly and attended from the
 // uncompressed rows (masked in the block), sinks and tail then spanning two attention units.
 TEST_F(StoreGpu, TileStoreWithSinksModelBasedRandomOperations) {
-  ModelParams mp;
-  mp.shape = tile_gpu_shape();
-  mp.page_bytes = 2 * kTilePage;
-  mp.capacity_bytes = 32 * int64_t(mp.page_bytes);
-  mp.max_sequences = 24;
-  mp.max_sequence_tokens = 320;
-  mp.max_prefill_tokens = 160;
-  mp.steps = 200;
-  mp.seed = 2028;
-  mp.tolerance = tile_gpu_tolerance();
-  mp.block_format = KVC_BLOCK_FORMAT_TILES;
+  ModelParams mp = tile_gpu_model_params(2028, 200);
   mp.sink_tokens = 40;
-  CudaStoreBackend cuda(mp.shape);
-  run_model(cuda, mp);
+  run_gpu_model(mp);
 }
 
 TEST_F(StoreGpu, TileStoreAppendsAndAttendsInCudaGraphsFromTheFirstToken) {

@@ -10,6 +10,7 @@
 #include <random>
 #include <sstream>
 
+#include "codec_graph_case.hpp"
 #include "gpu_test.hpp"
 #include "test_support.hpp"
 
@@ -262,52 +263,8 @@ TEST_F(TileCodecGpu, EncodeAndDecodeReplayFromACapturedGraph) {
     const kvc_codec_config c = tiles_config(kind, tokens, dim, true, 0.05f, true, true);
     const kvcomp::Codec cpu(c), gpu(on_gpu(c));
     const Batch batch = make_batch(c, KVC_DTYPE_FP16, heads, 32, true);
-    const size_t cap = gpu.max_block_bytes(KVC_DTYPE_FP16), out_bytes = tokens * dim * 2;
-    DeviceBuffer d_tensor(batch.tensor.bytes.size()), d_blocks(cap * heads), d_sizes(4 * heads);
-    DeviceBuffer d_out(out_bytes * heads), d_status(4 * heads), d_src(8 * heads);
-    DeviceBuffer d_dst(8 * heads), d_bdst(8 * heads);
-    d_tensor.upload(batch.tensor.bytes.data(), batch.tensor.bytes.size());
-    const auto src = strided_pointers(d_tensor.get(), heads, dim * 2);
-    const auto blocks = strided_pointers(d_blocks.get(), heads, cap);
-    const auto outs = strided_pointers(d_out.get(), heads, out_bytes);
-    d_src.upload(src.data(), 8 * heads);
-    d_dst.upload(blocks.data(), 8 * heads);
-    d_bdst.upload(outs.data(), 8 * heads);
-
-    Graph graph;
-    KVC_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-    ASSERT_EQ(
-        kvc_codec_encode(gpu.get(), int32_t(heads), d_src.get<const void*>(), batch.tensor.stride,
-                         KVC_DTYPE_FP16, d_dst.get<void*>(), cap, d_sizes.get<uint32_t>(), stream_),
-        KVC_SUCCESS)
-        << kvc_last_error();
-    ASSERT_EQ(kvc_codec_decode(gpu.get(), int32_t(heads), d_dst.get<const void*>(),
-                               d_sizes.get<uint32_t>(), KVC_DTYPE_FP16, d_bdst.get<void*>(), dim,
-                               d_status.get<kvc_status_t>(), stream_),
-              KVC_SUCCESS)
-        << kvc_last_error();
-    KVC_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph.graph));
-    KVC_CUDA_CHECK(cudaGraphInstantiate(&graph.exec, graph.graph, 0));
-    for (int replay = 0; replay < 2; ++replay) {
-      KVC_CUDA_CHECK(cudaMemsetAsync(d_out.get(), 0xFF, d_out.bytes(), stream_));
-      KVC_CUDA_CHECK(cudaGraphLaunch(graph.exec, stream_));
-      KVC_CUDA_CHECK(cudaStreamSynchronize(stream_));
-      const auto sizes = d_sizes.download<uint32_t>(heads);
-      const auto status = d_status.download<kvc_status_t>(heads);
-      const auto all_blocks = d_blocks.download<uint8_t>(cap * heads);
-      const auto all_out = d_out.download<uint8_t>(out_bytes * heads);
-      for (uint32_t h = 0; h < heads; ++h) {
-        const auto expected = cpu.encode(batch.host_head(h), KVC_DTYPE_FP16, batch.tensor.stride);
-        ASSERT_EQ(sizes[h], expected.size());
-        ASSERT_TRUE(
-            std::equal(expected.begin(), expected.end(), all_blocks.begin() + long(h * cap)));
-        ASSERT_EQ(status[h], KVC_SUCCESS);
-        kvc_status_t s;
-        const auto want = cpu_decode(cpu, expected, sizes[h], KVC_DTYPE_FP16, tokens, dim, s);
-        ASSERT_TRUE(std::equal(want.begin(), want.end(), all_out.begin() + long(h * out_bytes)))
-            << "kind " << kind << " replay " << replay << " head " << h;
-      }
-    }
+    ASSERT_NO_FATAL_FAILURE(expect_graph_replays_match_the_cpu(
+        stream_, cpu, gpu, batch.tensor, heads, tokens, dim, "kind " + std::to_string(kind)));
   }
   const kvc_codec_config huge = tiles_config(KVC_KIND_KEY, 1024, 256, false, 0.03f, true, true);
   const kvc_codec_config g = on_gpu(huge);

@@ -156,6 +156,22 @@ inline kvc_store_stats store_stats(kvc_store_t s) {
   return st;
 }
 
+// A new sequence of `s` holding n tokens of layers [0, layers) (keys, values: [layers, n, heads,
+// dim] fp16) into `id` (call under ASSERT_NO_FATAL_FAILURE).
+inline void add_prefilled(kvc_store_t s, int32_t layers, size_t n, const uint16_t* keys,
+                          const uint16_t* values, int32_t& id) {
+  ASSERT_EQ(kvc_store_add_sequence(s, &id), KVC_SUCCESS) << kvc_last_error();
+  ASSERT_EQ(kvc_store_prefill(s, id, 0, layers, int32_t(n), keys, values, nullptr), KVC_SUCCESS)
+      << kvc_last_error();
+}
+// The same with n random tokens in every layer (sh.layers of them); their rows in k, v.
+inline void add_prefilled(kvc_store_t s, std::mt19937& rng, const Shape& sh, size_t n, int32_t& id,
+                          Rows& k, Rows& v) {
+  k = random_rows(rng, n * size_t(sh.layers), sh);
+  v = random_rows(rng, n * size_t(sh.layers), sh);
+  add_prefilled(s, sh.layers, n, k.bits.data(), v.bits.data(), id);
+}
+
 // One sequence's serialized bytes into `bytes` (call under ASSERT_NO_FATAL_FAILURE).
 inline void serialize_sequence(kvc_store_t s, int32_t id, std::vector<uint8_t>& bytes) {
   size_t n = 0;
@@ -197,6 +213,16 @@ struct AttentionTolerance {
 struct ReadBack {
   std::vector<float> k, v;
 };
+
+// Reads (id, layer) of a CPU store back as fp32 [n, heads, dim].
+inline ReadBack read_back(kvc_store_t s, int32_t id, size_t n, const Shape& sh, int32_t layer = 0) {
+  ReadBack r{std::vector<float>(n * sh.row()), std::vector<float>(n * sh.row())};
+  EXPECT_EQ(
+      kvc_store_read(s, id, layer, KVC_DTYPE_FP32, int32_t(n), r.k.data(), r.v.data(), nullptr),
+      KVC_SUCCESS)
+      << kvc_last_error();
+  return r;
+}
 
 // out (fp16 bits) against softmax(scale q K^T) V in double over kv[b], for each batch entry b;
 // q and out: [kv.size(), heads * group, dim].

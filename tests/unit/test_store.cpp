@@ -15,18 +15,6 @@
 namespace kvc::test {
 namespace {
 
-// A new sequence holding n random tokens in every layer (sh.layers of them); its rows in k, v.
-void add_prefilled(kvc_store_t s, std::mt19937& rng, const Shape& sh, size_t n, int32_t& id,
-                   Rows& k, Rows& v) {
-  ASSERT_EQ(kvc_store_add_sequence(s, &id), KVC_SUCCESS);
-  k = random_rows(rng, n * size_t(sh.layers), sh);
-  v = random_rows(rng, n * size_t(sh.layers), sh);
-  ASSERT_EQ(
-      kvc_store_prefill(s, id, 0, sh.layers, int32_t(n), k.bits.data(), v.bits.data(), nullptr),
-      KVC_SUCCESS)
-      << kvc_last_error();
-}
-
 TEST(Store, ModelBasedRandomOperations) {
   // The oracle for every backend: 400 steps over a pool of a few hundred blocks (page exhaustion
   // happens along the way), no sequence limits: ModelParams' defaults.

@@ -55,9 +55,22 @@ SerialSequence parsed(const std::vector<uint8_t>& bytes) {
   return s.value_or(SerialSequence{});
 }
 
-// One block [T, D] of `dtype` from dense values through `codec`, which it destroys.
-std::vector<uint8_t> encode_with(kvc_codec_t codec, const Shape& sh, kvc_dtype dtype,
-                                 const std::vector<float>& dense) {
+// A codec config for [T, D] blocks of the shape, of one kind and bound.
+kvc_codec_config block_config(const Shape& sh, int32_t kind, int32_t bound_mode, float bound) {
+  kvc_codec_config c = KVC_CODEC_CONFIG_INIT;
+  c.kind = kind;
+  c.num_tokens = sh.tokens;
+  c.head_dim = sh.dim;
+  c.bound_mode = bound_mode;
+  c.error_bound = bound;
+  return c;
+}
+
+// One block [T, D] of `dtype` from dense values through a codec of config c and codebook book.
+std::vector<uint8_t> encode_with(const kvc_codec_config& c, kvc_codebook_t book, const Shape& sh,
+                                 kvc_dtype dtype, const std::vector<float>& dense) {
+  kvc_codec_t codec = nullptr;
+  EXPECT_EQ(kvc_codec_create(&c, book, &codec), KVC_SUCCESS) << kvc_last_error();
   const Block in = make_block(dtype, uint32_t(sh.tokens), uint32_t(sh.dim), sh.dim, dense);
   size_t max_bytes = 0;
   EXPECT_EQ(kvc_codec_max_block_bytes(codec, dtype, &max_bytes), KVC_SUCCESS);
@@ -77,21 +90,14 @@ std::vector<uint8_t> encode_with(kvc_codec_t codec, const Shape& sh, kvc_dtype d
 std::vector<uint8_t> encode_one(const Shape& sh, int32_t kind, kvc_dtype dtype, int32_t bound_mode,
                                 float bound, int32_t entropy, kvc_codebook_t book,
                                 int32_t substreams, uint32_t seed) {
-  kvc_codec_config c = KVC_CODEC_CONFIG_INIT;
-  c.kind = kind;
-  c.num_tokens = sh.tokens;
-  c.head_dim = sh.dim;
-  c.bound_mode = bound_mode;
-  c.error_bound = bound;
+  kvc_codec_config c = block_config(sh, kind, bound_mode, bound);
   c.entropy = entropy;
   c.num_substreams = substreams;
-  kvc_codec_t codec = nullptr;
-  EXPECT_EQ(kvc_codec_create(&c, book, &codec), KVC_SUCCESS) << kvc_last_error();
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<float> dense(size_t(sh.tokens) * size_t(sh.dim));
   for (float& x : dense) x = normal(rng);
-  return encode_with(codec, sh, dtype, dense);
+  return encode_with(c, book, sh, dtype, dense);
 }
 
 kvc_block_encoding encoding_of(const std::vector<uint8_t>& block) {
@@ -352,18 +358,11 @@ kvc_store_config tile_config(const Shape& sh, int32_t permute = 1, int32_t split
 std::vector<uint8_t> encode_tile(const Shape& sh, int32_t kind, kvc_dtype dtype, int32_t bound_mode,
                                  float bound, int32_t permute, int32_t split,
                                  const std::vector<float>& dense) {
-  kvc_codec_config c = KVC_CODEC_CONFIG_INIT;
-  c.kind = kind;
-  c.num_tokens = sh.tokens;
-  c.head_dim = sh.dim;
-  c.bound_mode = bound_mode;
-  c.error_bound = bound;
+  kvc_codec_config c = block_config(sh, kind, bound_mode, bound);
   c.block_format = KVC_BLOCK_FORMAT_TILES;
   c.tile_permute_channels = permute;
   c.tile_split_widths = split;
-  kvc_codec_t codec = nullptr;
-  EXPECT_EQ(kvc_codec_create(&c, nullptr, &codec), KVC_SUCCESS) << kvc_last_error();
-  return encode_with(codec, sh, dtype, dense);
+  return encode_with(c, nullptr, sh, dtype, dense);
 }
 
 tiles::TileLayout tile_layout(const std::vector<uint8_t>& block) {

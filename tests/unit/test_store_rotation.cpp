@@ -112,15 +112,6 @@ Rows outlier_rows(std::mt19937& rng, size_t n, const Shape& s) {
   return r;
 }
 
-// Reads (id, layer 0) back as fp32 [n, heads, dim].
-ReadBack read_back(kvc_store_t s, int32_t id, size_t n, const Shape& sh) {
-  ReadBack r{std::vector<float>(n * sh.row()), std::vector<float>(n * sh.row())};
-  EXPECT_EQ(kvc_store_read(s, id, 0, KVC_DTYPE_FP32, int32_t(n), r.k.data(), r.v.data(), nullptr),
-            KVC_SUCCESS)
-      << kvc_last_error();
-  return r;
-}
-
 TEST(StoreRotation, ReadsBackWithinWhatTheBoundImplies) {
   Shape sh = rotation_shape();
   sh.layers = 1;
@@ -132,11 +123,7 @@ TEST(StoreRotation, ReadsBackWithinWhatTheBoundImplies) {
     c.rotation = rotation;
     StoreHandle store(c);
     int32_t id = -1;
-    ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
-    ASSERT_EQ(
-        kvc_store_prefill(store.s, id, 0, 1, int32_t(n), k.bits.data(), v.bits.data(), nullptr),
-        KVC_SUCCESS)
-        << kvc_last_error();
+    ASSERT_NO_FATAL_FAILURE(add_prefilled(store.s, 1, n, k.bits.data(), v.bits.data(), id));
     const ReadBack r = read_back(store.s, id, n, sh);
     const size_t compressed_rows = 3 * size_t(sh.tokens) * size_t(sh.heads);
     if (rotation == KVC_ROTATION_HADAMARD) {
@@ -205,11 +192,7 @@ TEST(StoreRotation, AttentionEqualsTheUnrotatedReference) {
     c.rotation = rotation;
     StoreHandle store(c);
     int32_t id = -1;
-    ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
-    ASSERT_EQ(
-        kvc_store_prefill(store.s, id, 0, 1, int32_t(n), k.bits.data(), v.bits.data(), nullptr),
-        KVC_SUCCESS)
-        << kvc_last_error();
+    ASSERT_NO_FATAL_FAILURE(add_prefilled(store.s, 1, n, k.bits.data(), v.bits.data(), id));
     std::vector<uint16_t> out(q.bits.size());
     ASSERT_EQ(kvc_store_attention(store.s, 0, 1, &id, sh.heads * sh.group, scale, q.bits.data(),
                                   out.data(), nullptr),
@@ -274,13 +257,8 @@ TEST(StoreRotation, SequencesMoveOnlyBetweenStoresThatRotateAlike) {
     std::vector<uint8_t> from_rotated, from_plain;
     for (auto [s, bytes] : {std::pair{a.s, &from_rotated}, std::pair{b.s, &from_plain}}) {
       int32_t id = -1;
-      const Rows k = random_rows(rng, n * size_t(sh.layers), sh);
-      const Rows v = random_rows(rng, n * size_t(sh.layers), sh);
-      ASSERT_EQ(kvc_store_add_sequence(s, &id), KVC_SUCCESS);
-      ASSERT_EQ(
-          kvc_store_prefill(s, id, 0, sh.layers, int32_t(n), k.bits.data(), v.bits.data(), nullptr),
-          KVC_SUCCESS)
-          << kvc_last_error();
+      Rows k, v;
+      ASSERT_NO_FATAL_FAILURE(add_prefilled(s, rng, sh, n, id, k, v));
       ASSERT_NO_FATAL_FAILURE(serialize_sequence(s, id, *bytes));
     }
     EXPECT_EQ(format::load_u32(&from_rotated[4]), 3u) << "a rotated store writes version 3";
@@ -399,11 +377,8 @@ TEST(StoreRotation, RealKvRatioWithAndWithoutRotation) {
       c.capacity_bytes = int64_t(64) << 20;
       StoreHandle store(c);
       int32_t id = -1;
-      ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
-      ASSERT_EQ(kvc_store_prefill(store.s, id, 0, int32_t(kLayers), int32_t(kTokens), keys.data(),
-                                  values.data(), nullptr),
-                KVC_SUCCESS)
-          << kvc_last_error();
+      ASSERT_NO_FATAL_FAILURE(
+          add_prefilled(store.s, int32_t(kLayers), kTokens, keys.data(), values.data(), id));
       const kvc_store_stats s = store_stats(store.s);
       ASSERT_EQ(s.tail_bytes, 0);
       // K: the row L2 error within sqrt(D) * 0.25 plus the rotated row's fp16 rounding.

@@ -48,14 +48,6 @@ TEST(StoreSinks, ConfigIsChecked) {
   kvc_store_destroy(s);
 }
 
-ReadBack read_back(kvc_store_t s, int32_t id, size_t n, const Shape& sh) {
-  ReadBack r{std::vector<float>(n * sh.row()), std::vector<float>(n * sh.row())};
-  EXPECT_EQ(kvc_store_read(s, id, 0, KVC_DTYPE_FP32, int32_t(n), r.k.data(), r.v.data(), nullptr),
-            KVC_SUCCESS)
-      << kvc_last_error();
-  return r;
-}
-
 // A store with sinks and one without, fed the same rows (by prefill, or token by token): the
 // first `sinks` rows read back exactly once there is a block (before, every row is a tail row),
 // every other row as the store without sinks reads it, and attention agrees with the rows read.
@@ -156,13 +148,8 @@ TEST(StoreSinks, SequencesCarryTheirSinksAndMoveOnlyBetweenStoresWithTheSameCoun
     three.sink_tokens = 3;
     StoreHandle a(four), b(none), c(three), d(four);
     int32_t id = -1;
-    const Rows k = random_rows(rng, n * size_t(sh.layers), sh);
-    const Rows v = random_rows(rng, n * size_t(sh.layers), sh);
-    ASSERT_EQ(kvc_store_add_sequence(a.s, &id), KVC_SUCCESS);
-    ASSERT_EQ(
-        kvc_store_prefill(a.s, id, 0, sh.layers, int32_t(n), k.bits.data(), v.bits.data(), nullptr),
-        KVC_SUCCESS)
-        << kvc_last_error();
+    Rows k, v;
+    ASSERT_NO_FATAL_FAILURE(add_prefilled(a.s, rng, sh, n, id, k, v));
     std::vector<uint8_t> bytes;
     ASSERT_NO_FATAL_FAILURE(serialize_sequence(a.s, id, bytes));
     EXPECT_EQ(format::load_u32(&bytes[4]), 4u) << "a store with sinks writes version 4";
@@ -173,13 +160,7 @@ TEST(StoreSinks, SequencesCarryTheirSinksAndMoveOnlyBetweenStoresWithTheSameCoun
     ASSERT_EQ(kvc_store_restore(d.s, bytes.data(), bytes.size(), &copy), KVC_SUCCESS)
         << kvc_last_error();
     for (int32_t layer = 0; layer < sh.layers; ++layer) {
-      ReadBack x{std::vector<float>(n * sh.row()), std::vector<float>(n * sh.row())}, y = x;
-      ASSERT_EQ(kvc_store_read(a.s, id, layer, KVC_DTYPE_FP32, int32_t(n), x.k.data(), x.v.data(),
-                               nullptr),
-                KVC_SUCCESS);
-      ASSERT_EQ(kvc_store_read(d.s, copy, layer, KVC_DTYPE_FP32, int32_t(n), y.k.data(), y.v.data(),
-                               nullptr),
-                KVC_SUCCESS);
+      const ReadBack x = read_back(a.s, id, n, sh, layer), y = read_back(d.s, copy, n, sh, layer);
       EXPECT_EQ(x.k, y.k) << "layer " << layer;
       EXPECT_EQ(x.v, y.v) << "layer " << layer;
     }
