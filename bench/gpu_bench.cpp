@@ -1,13 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0
-// gpu_bench: throughput of the CUDA codec on 1 GiB of synthetic fp16 KV (T = 64, head_dim 128),
-// against a device-to-device copy of the same bytes in the same run; then decode attention
-// (Hq = 32, Hkv = 8, head_dim 128, fp16) over format v1 blocks (the scalar Huffman kernel) and
-// over tile blocks (the tensor-core kernel; tiles encoded by the CPU codec) against the dense
-// fp16 tensor-core kernel of the same structure, for batch x context shapes up to 2M tokens. Timed
-// with CUDA events on one non-default stream: median of the repetitions after a warm-up. Each
-// result is verified once against the CPU reference before timing (first blocks byte-identical,
-// decode error within the bound). Prints a table; --json FILE also writes the numbers; --quick
-// measures attention at one shape (B = 8, L = 32K) only.
+// gpu_bench: throughput of the CUDA codec (format v1 Huffman and fixed width, and tiles) on 1 GiB
+// of synthetic fp16 KV (T = 64, head_dim 128), against a device-to-device copy of the same bytes
+// in the same run; then decode attention (Hq = 32, Hkv = 8, head_dim 128, fp16) over format v1
+// blocks (the scalar Huffman kernel) and over tile blocks (the tensor-core kernel), both encoded
+// by the CUDA codec, against the dense fp16 tensor-core kernel of the same structure, for
+// batch x context shapes up to 2M tokens. Timed with CUDA events on one non-default stream:
+// median of the repetitions after a warm-up. Each codec result is verified once against the CPU
+// reference before timing (first blocks byte-identical, decode error within the bound), and so
+// are the first attention blocks of each format. Prints a table; --json FILE also writes the
+// numbers; --quick measures attention at one shape (B = 8, L = 32K) only.
 //
 // A plain program rather than Google Benchmark: it must build on GPU machines that have only the
 // CUDA toolkit. The CPU benchmarks (bench_codec) use Google Benchmark.
@@ -16,8 +17,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <kvcomp/kvcomp.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -64,9 +67,10 @@ double median_ms(cudaStream_t s, Launch launch) {
 }
 
 struct Case {
-  const char* name;
+  const char* name;  // the rows' names: "<name> encode", "<name> decode"
   kvc_kind kind;
   kvc_entropy entropy;
+  kvc_block_format format;
 };
 
 }  // namespace
@@ -93,10 +97,12 @@ int main(int argc, char** argv) {
   }
 
   // Cases of one kind run together: their data are made and uploaded once.
-  const Case cases[] = {{"K encode+decode, huffman", KVC_KIND_KEY, KVC_ENTROPY_AUTO},
-                        {"K encode+decode, fixed", KVC_KIND_KEY, KVC_ENTROPY_FIXED},
-                        {"V encode+decode, huffman", KVC_KIND_VALUE, KVC_ENTROPY_AUTO},
-                        {"V encode+decode, fixed", KVC_KIND_VALUE, KVC_ENTROPY_FIXED}};
+  const Case cases[] = {{"K huffman", KVC_KIND_KEY, KVC_ENTROPY_AUTO, KVC_BLOCK_FORMAT_V1},
+                        {"K fixed", KVC_KIND_KEY, KVC_ENTROPY_FIXED, KVC_BLOCK_FORMAT_V1},
+                        {"K tiles", KVC_KIND_KEY, KVC_ENTROPY_AUTO, KVC_BLOCK_FORMAT_TILES},
+                        {"V huffman", KVC_KIND_VALUE, KVC_ENTROPY_AUTO, KVC_BLOCK_FORMAT_V1},
+                        {"V fixed", KVC_KIND_VALUE, KVC_ENTROPY_FIXED, KVC_BLOCK_FORMAT_V1},
+                        {"V tiles", KVC_KIND_VALUE, KVC_ENTROPY_AUTO, KVC_BLOCK_FORMAT_TILES}};
   std::vector<uint16_t> host;
   kvc_kind loaded = KVC_KIND_MAX_ENUM;
   for (const Case& c : cases) {
@@ -113,15 +119,21 @@ int main(int argc, char** argv) {
     kvc_codec_config config = KVC_CODEC_CONFIG_INIT;
     config.kind = c.kind;
     config.entropy = c.entropy;
-    const kvcomp::Codec cpu(config);
-    kvcomp::Histogram histogram;
-    for (size_t b = 0; b < 64; ++b) {
-      cpu.add_to_histogram(host.data() + b * kBlockElems, KVC_DTYPE_FP16, kDim, histogram);
+    config.block_format = c.format;
+    // Format v1: a codebook from the first 64 blocks (tiles have none).
+    std::optional<kvcomp::Codebook> book;
+    if (c.format == KVC_BLOCK_FORMAT_V1) {
+      const kvcomp::Codec cpu(config);
+      kvcomp::Histogram histogram;
+      for (size_t b = 0; b < 64; ++b) {
+        cpu.add_to_histogram(host.data() + b * kBlockElems, KVC_DTYPE_FP16, kDim, histogram);
+      }
+      book = kvcomp::Codebook::build(histogram);
     }
-    const kvcomp::Codebook book = kvcomp::Codebook::build(histogram);
-    const kvcomp::Codec cpu_book(config, &book);
+    const kvcomp::Codebook* book_ptr = book ? &*book : nullptr;
+    const kvcomp::Codec cpu(config, book_ptr);
     config.backend = KVC_BACKEND_CUDA;
-    const kvcomp::Codec gpu(config, &book);
+    const kvcomp::Codec gpu(config, book_ptr);
     const size_t cap = gpu.max_block_bytes(KVC_DTYPE_FP16);
 
     void *d_blocks, *d_out, *d_ptrs;
@@ -163,7 +175,7 @@ int main(int argc, char** argv) {
     CHECK_CUDA(cudaMemcpy(decoded.data(), d_out, decoded.size() * 2, cudaMemcpyDeviceToHost));
     bool ok = std::all_of(status.begin(), status.end(), [](kvc_status_t s) { return s == 0; });
     for (size_t b = 0; b < 8 && ok; ++b) {
-      const auto want = cpu_book.encode(host.data() + b * kBlockElems, KVC_DTYPE_FP16, kDim);
+      const auto want = cpu.encode(host.data() + b * kBlockElems, KVC_DTYPE_FP16, kDim);
       ok = sizes[b] == want.size() && std::equal(want.begin(), want.end(), &first[b * cap]);
     }
     const double worst =
@@ -177,10 +189,10 @@ int main(int argc, char** argv) {
     double compressed = 0;
     for (uint32_t s : sizes) compressed += s;
     const double ratio = double(fp16_bytes) / compressed;
-    const std::string base =
-        std::string(c.name).substr(0, 1) + (c.entropy == KVC_ENTROPY_FIXED ? " fixed" : " huffman");
-    rows.push_back({base + " encode", encode_ms, fp16_bytes / encode_ms / 1e6, ratio});
-    rows.push_back({base + " decode", decode_ms, fp16_bytes / decode_ms / 1e6, ratio});
+    rows.push_back(
+        {std::string(c.name) + " encode", encode_ms, fp16_bytes / encode_ms / 1e6, ratio});
+    rows.push_back(
+        {std::string(c.name) + " decode", decode_ms, fp16_bytes / decode_ms / 1e6, ratio});
     for (void* d :
          {d_blocks, d_out, d_ptrs, static_cast<void*>(d_sizes), static_cast<void*>(d_status)}) {
       CHECK_CUDA(cudaFree(d));
@@ -211,45 +223,10 @@ int main(int argc, char** argv) {
                               host.size() * 2, cudaMemcpyHostToDevice));
       }
     }
-    // Tile blocks (format t1) of the same 32K tokens, encoded by the CPU codec (the CUDA codec
-    // has no tile encoder yet) at the same bounds, then replicated to distinct device memory
-    // for every 32K tokens up to kTokensMax, so that no shape reads from L2 alone.
-    kvc_codec_config tk = KVC_CODEC_CONFIG_INIT, tv = KVC_CODEC_CONFIG_INIT;
-    tv.kind = KVC_KIND_VALUE;
-    tk.block_format = tv.block_format = KVC_BLOCK_FORMAT_TILES;
-    const kvcomp::Codec tile_k(tk), tile_v(tv);
-    constexpr uint32_t kDistinctBlocks = kChunk / kTokens;
-    std::vector<uint8_t> tile_pool;
-    std::vector<kvc::cuda::BlockLocation> tile_slots(size_t(kDistinctBlocks) * kHeads * 2);
-    {
-      const size_t cap = tile_k.max_block_bytes(KVC_DTYPE_FP16);
-      std::vector<uint8_t> block(cap);
-      for (int kind = 0; kind < 2; ++kind) {
-        const std::vector<uint16_t> host = kvc::bench::synthetic_fp16_blocks(
-            kind == 1, kDistinctBlocks, kTokens, uint32_t(row_elems), 77 + kind);
-        for (uint32_t tb = 0; tb < kDistinctBlocks; ++tb) {
-          for (uint32_t h = 0; h < kHeads; ++h) {
-            const void* src = host.data() + (size_t(tb) * kTokens * kHeads + h) * kDim;
-            void* dst = block.data();
-            uint32_t n = 0;
-            kvcomp::check(kvc_codec_encode((kind ? tile_v : tile_k).get(), 1, &src,
-                                           int64_t(row_elems), KVC_DTYPE_FP16, &dst, cap, &n,
-                                           nullptr));
-            tile_slots[(size_t(tb) * kHeads + h) * 2 + kind] = {0, uint32_t(tile_pool.size()), n};
-            tile_pool.insert(tile_pool.end(), block.begin(), block.begin() + n);
-          }
-        }
-      }
-    }
-    const size_t tile_replicas = kTokensMax / kChunk;
-    uint8_t* d_tiles;
-    CHECK_CUDA(cudaMalloc(&d_tiles, tile_replicas * tile_pool.size()));
-    for (size_t r = 0; r < tile_replicas; ++r) {
-      CHECK_CUDA(cudaMemcpy(d_tiles + r * tile_pool.size(), tile_pool.data(), tile_pool.size(),
-                            cudaMemcpyHostToDevice));
-    }
-    // Codebooks from a "prefill" sample, then every block encoded on the GPU into fixed slots
-    // (slot (token_block * heads + head) * 2 + kind).
+    // Every block of both caches encoded on the GPU into fixed slots, once as format v1 (with
+    // codebooks from a "prefill" sample) and once as tiles: slot (token_block * heads + head) * 2
+    // + kind of a pool of slots `cap` bytes apart, the cap rounded up to the 16 bytes the tile
+    // kernel's staging needs. The first blocks are checked against the CPU codec byte for byte.
     kvc_codec_config kc = KVC_CODEC_CONFIG_INIT, vc = KVC_CODEC_CONFIG_INIT;
     vc.kind = KVC_KIND_VALUE;
     const std::vector<uint16_t> sample_k =
@@ -264,37 +241,90 @@ int main(int argc, char** argv) {
                                          hv);
     }
     const kvcomp::Codebook kbook = kvcomp::Codebook::build(hk), vbook = kvcomp::Codebook::build(hv);
-    kc.backend = vc.backend = KVC_BACKEND_CUDA;
-    const kvcomp::Codec gk(kc, &kbook), gv(vc, &vbook);
-    const size_t cap = gk.max_block_bytes(KVC_DTYPE_FP16);
+    kvc_codec_config tk = kc, tv = vc;
+    tk.block_format = tv.block_format = KVC_BLOCK_FORMAT_TILES;
     const size_t token_blocks = kTokensMax / kTokens, slots = token_blocks * kHeads * 2;
-    void *d_slots, *d_ptrs;
-    uint32_t* d_sizes;
-    CHECK_CUDA(cudaMalloc(&d_slots, slots * cap));
-    CHECK_CUDA(cudaMalloc(&d_sizes, slots * 4));
-    CHECK_CUDA(cudaMalloc(&d_ptrs, 8 * slots));  // sources, then slots, per kind
+    const uint16_t* first_rows[2] = {nullptr, nullptr};  // the first 8 blocks' rows, per kind
+    std::vector<uint16_t> first_host[2];
     for (int kind = 0; kind < 2; ++kind) {
-      std::vector<void*> ptrs(slots);  // [0, slots/2): sources, [slots/2, slots): slots
+      first_host[kind].resize(size_t(8) * kTokens * row_elems);
+      CHECK_CUDA(cudaMemcpy(first_host[kind].data(), kind ? d_v : d_k, first_host[kind].size() * 2,
+                            cudaMemcpyDeviceToHost));
+      first_rows[kind] = first_host[kind].data();
+    }
+    struct Slots {
+      uint8_t* pool = nullptr;
+      size_t cap = 0;
+      std::vector<uint32_t> sizes;  // [kind][token_block * heads + head]
+      uint32_t bytes(size_t tb, uint32_t h, int kind) const {
+        return sizes[size_t(kind) * (sizes.size() / 2) + tb * kHeads + h];
+      }
+    };
+    auto encode_slots = [&](const kvc_codec_config& key_config,
+                            const kvc_codec_config& value_config, const kvcomp::Codebook* key_book,
+                            const kvcomp::Codebook* value_book) {
+      kvc_codec_config gpu_k = key_config, gpu_v = value_config;
+      gpu_k.backend = gpu_v.backend = KVC_BACKEND_CUDA;
+      const kvcomp::Codec cpu[2] = {kvcomp::Codec(key_config, key_book),
+                                    kvcomp::Codec(value_config, value_book)};
+      const kvcomp::Codec gpu[2] = {kvcomp::Codec(gpu_k, key_book),
+                                    kvcomp::Codec(gpu_v, value_book)};
+      Slots out;
+      out.cap = (std::max(gpu[0].max_block_bytes(KVC_DTYPE_FP16),
+                          gpu[1].max_block_bytes(KVC_DTYPE_FP16)) +
+                 15) /
+                16 * 16;
+      out.sizes.resize(slots);
+      void* d_ptrs;
+      uint32_t* d_sizes;
+      CHECK_CUDA(cudaMalloc(&out.pool, slots * out.cap));
+      CHECK_CUDA(cudaMalloc(&d_sizes, slots * 4));
+      CHECK_CUDA(cudaMalloc(&d_ptrs, 8 * slots));  // sources, then slots, per kind
       const size_t n = slots / 2;
-      for (size_t tb = 0; tb < token_blocks; ++tb) {
-        for (uint32_t h = 0; h < kHeads; ++h) {
-          const size_t i = tb * kHeads + h;
-          ptrs[i] = static_cast<uint16_t*>(kind ? d_v : d_k) + (tb * kTokens * kHeads + h) * kDim;
-          ptrs[n + i] = static_cast<uint8_t*>(d_slots) + (i * 2 + kind) * cap;
+      for (int kind = 0; kind < 2; ++kind) {
+        std::vector<void*> ptrs(slots);  // [0, n): sources, [n, 2n): slots
+        for (size_t tb = 0; tb < token_blocks; ++tb) {
+          for (uint32_t h = 0; h < kHeads; ++h) {
+            const size_t i = tb * kHeads + h;
+            ptrs[i] = static_cast<uint16_t*>(kind ? d_v : d_k) + (tb * kTokens * kHeads + h) * kDim;
+            ptrs[n + i] = out.pool + (i * 2 + kind) * out.cap;
+          }
+        }
+        CHECK_CUDA(cudaMemcpy(d_ptrs, ptrs.data(), slots * 8, cudaMemcpyHostToDevice));
+        auto** p = static_cast<void**>(d_ptrs);
+        kvcomp::check(kvc_codec_encode(gpu[kind].get(), int32_t(n), p, int64_t(row_elems),
+                                       KVC_DTYPE_FP16, p + n, out.cap, d_sizes + kind * n, stream));
+        CHECK_CUDA(cudaStreamSynchronize(stream));
+      }
+      CHECK_CUDA(cudaMemcpy(out.sizes.data(), d_sizes, slots * 4, cudaMemcpyDeviceToHost));
+      CHECK_CUDA(cudaFree(d_sizes));
+      CHECK_CUDA(cudaFree(d_ptrs));
+      // Token blocks 0..7 of head 0 and head 7, both kinds, against the CPU codec.
+      std::vector<uint8_t> got(out.cap);
+      for (int kind = 0; kind < 2; ++kind) {
+        for (size_t tb = 0; tb < 8; ++tb) {
+          for (uint32_t h : {0u, kHeads - 1}) {
+            const auto want =
+                cpu[kind].encode(first_rows[kind] + (tb * kTokens * kHeads + h) * kDim,
+                                 KVC_DTYPE_FP16, int64_t(row_elems));
+            CHECK_CUDA(cudaMemcpy(got.data(), out.pool + ((tb * kHeads + h) * 2 + kind) * out.cap,
+                                  out.cap, cudaMemcpyDeviceToHost));
+            if (out.bytes(tb, h, kind) != want.size() ||
+                !std::equal(want.begin(), want.end(), got.begin())) {
+              std::fprintf(stderr,
+                           "gpu_bench: attention %s blocks: GPU encode differs from the CPU "
+                           "codec (kind %d, token block %zu, head %u)\n",
+                           key_config.block_format == KVC_BLOCK_FORMAT_TILES ? "tile" : "v1", kind,
+                           tb, h);
+              std::exit(1);
+            }
+          }
         }
       }
-      CHECK_CUDA(cudaMemcpy(d_ptrs, ptrs.data(), slots * 8, cudaMemcpyHostToDevice));
-      auto** p = static_cast<void**>(d_ptrs);
-      // Sizes land in a scratch half of d_sizes, then move to slot order on the host below.
-      kvcomp::check(kvc_codec_encode((kind ? gv : gk).get(), int32_t(n), p, int64_t(row_elems),
-                                     KVC_DTYPE_FP16, p + n, cap, d_sizes + kind * n, stream));
-    }
-    CHECK_CUDA(cudaStreamSynchronize(stream));
-    std::vector<uint32_t> sizes(slots);
-    CHECK_CUDA(cudaMemcpy(sizes.data(), d_sizes, slots * 4, cudaMemcpyDeviceToHost));
-    auto slot_bytes = [&](size_t tb, uint32_t h, int kind) {
-      return sizes[size_t(kind) * (slots / 2) + tb * kHeads + h];
+      return out;
     };
+    const Slots v1 = encode_slots(kc, vc, &kbook, &vbook);
+    const Slots tiles = encode_slots(tk, tv, nullptr, nullptr);
     // The kernels take the library's internal codebooks: parse the serialized ones.
     const auto kbytes = kbook.serialize(), vbytes = vbook.serialize();
     const kvc::Codebook key_book = kvc::Codebook::parse(kbytes.data(), kbytes.size());
@@ -316,15 +346,12 @@ int main(int argc, char** argv) {
           const size_t tb = size_t(b) * blocks + j;
           for (uint32_t h = 0; h < kHeads; ++h) {
             for (int kind = 0; kind < 2; ++kind) {
-              const uint32_t n = slot_bytes(tb, h, kind);
+              const uint32_t slot = uint32_t((tb * kHeads + h) * 2 + kind);
               const size_t at = ((size_t(b) * blocks + j) * kHeads + h) * 2 + kind;
-              table[at] = {uint32_t((tb * kHeads + h) * 2 + kind), 0, n};
-              compressed += n;
-              kvc::cuda::BlockLocation t =
-                  tile_slots[((tb % kDistinctBlocks) * kHeads + h) * 2 + kind];
-              t.page = uint32_t(tb / kDistinctBlocks);  // the replica: distinct memory
-              tile_table[at] = t;
-              tiled += t.bytes;
+              table[at] = {slot, 0, v1.bytes(tb, h, kind)};
+              tile_table[at] = {slot, 0, tiles.bytes(tb, h, kind)};
+              compressed += table[at].bytes;
+              tiled += tile_table[at].bytes;
             }
           }
         }
@@ -364,17 +391,16 @@ int main(int argc, char** argv) {
       void* d_ws;
       CHECK_CUDA(cudaMalloc(&d_ws, std::max(plan.workspace_bytes, dense_plan.workspace_bytes)));
       const double c_ms = median_ms(stream, [&] {
-        kvc::cuda::attention_compressed(shape, plan, key, value, *books,
-                                        static_cast<const uint8_t*>(d_slots), cap, d_views, d_q,
-                                        d_out, d_ws, stream);
+        kvc::cuda::attention_compressed(shape, plan, key, value, *books, v1.pool, v1.cap, d_views,
+                                        d_q, d_out, d_ws, stream);
       });
       const double d_ms = median_ms(stream, [&] {
         kvc::cuda::attention_dense(shape, dense_plan, len, d_lengths, d_k, d_v, d_q, d_out, d_ws,
                                    stream);
       });
       const double t_ms = median_ms(stream, [&] {
-        kvc::cuda::attention_tiles(shape, plan, kTokens, d_tiles, tile_pool.size(), d_tile_views,
-                                   d_q, d_out, d_ws, stream);
+        kvc::cuda::attention_tiles(shape, plan, kTokens, tiles.pool, tiles.cap, d_tile_views, d_q,
+                                   d_out, d_ws, stream);
       });
       attn.push_back({batch, len, c_ms, d_ms, t_ms, compressed / 1e9,
                       double(batch) * len * row_elems * 2 * 2 / 1e9, tiled / 1e9});
@@ -386,10 +412,8 @@ int main(int argc, char** argv) {
     }
     CHECK_CUDA(cudaFree(d_k));
     CHECK_CUDA(cudaFree(d_v));
-    CHECK_CUDA(cudaFree(d_slots));
-    CHECK_CUDA(cudaFree(d_tiles));
-    CHECK_CUDA(cudaFree(d_sizes));
-    CHECK_CUDA(cudaFree(d_ptrs));
+    CHECK_CUDA(cudaFree(v1.pool));
+    CHECK_CUDA(cudaFree(tiles.pool));
   }
 
   const double copy_gbps = rows[0].gbps;
