@@ -44,36 +44,23 @@ struct TileShape {
 constexpr uint32_t kMaxTiles = 64;  // 1024 tokens / 16 (V) or 256 channels / 16 (K)
 
 // ---- Group range accumulators ----------------------------------------------------------------
-// The float range of a group as std::minmax_element finds it: the first of equal minima and the
-// last of equal maxima (element index `at` breaks ties, so merging is order-free).
+// The float range of a group. Which of equal values is kept (-0 or +0) does not change the step
+// or the bound (relative_group_step), so, unlike the CPU's std::minmax_element, no order needs
+// tracking (as in the v1 encoder).
 struct FloatRange {
   float lo;
-  uint32_t lo_at;
   float hi;
-  uint32_t hi_at;
   __device__ static FloatRange empty() {
-    return {f::bits_float(0x7F800000u), 0xFFFFFFFFu, f::bits_float(0xFF800000u), 0u};
+    return {f::bits_float(0x7F800000u), f::bits_float(0xFF800000u)};
   }
-  __device__ void add(float x, uint32_t at) { merge({x, at, x, at}); }
+  __device__ void add(float x) { merge({x, x}); }
   __device__ void merge(const FloatRange& o) {
-    if (o.lo < lo || (!(lo < o.lo) && o.lo_at < lo_at)) {
-      lo = o.lo;
-      lo_at = o.lo_at;
-    }
-    if (hi < o.hi || (!(o.hi < hi) && o.hi_at > hi_at)) {
-      hi = o.hi;
-      hi_at = o.hi_at;
-    }
+    lo = o.lo < lo ? o.lo : lo;
+    hi = hi < o.hi ? o.hi : hi;
   }
   __device__ FloatRange shfl_xor(int lane_mask) const {
-    const unsigned long long a = (unsigned long long)f::float_bits(lo) | (unsigned long long)lo_at
-                                                                             << 32;
-    const unsigned long long b = (unsigned long long)f::float_bits(hi) | (unsigned long long)hi_at
-                                                                             << 32;
-    const unsigned long long oa = __shfl_xor_sync(0xFFFFFFFFu, a, lane_mask);
-    const unsigned long long ob = __shfl_xor_sync(0xFFFFFFFFu, b, lane_mask);
-    return {f::bits_float(uint32_t(oa)), uint32_t(oa >> 32), f::bits_float(uint32_t(ob)),
-            uint32_t(ob >> 32)};
+    return {__shfl_xor_sync(0xFFFFFFFFu, lo, lane_mask),
+            __shfl_xor_sync(0xFFFFFFFFu, hi, lane_mask)};
   }
 };
 
@@ -261,16 +248,16 @@ __global__ void __launch_bounds__(kThreads)
     st.center_hi = INT_MIN;
   }
 
-  // 1. Load (coalesced rows), finite check, largest magnitude.
+  // 1. Load (coalesced rows), finite check, largest magnitude. D divides kThreads: a thread
+  // keeps its channel and steps kThreads / D rows at a time.
   uint32_t local_max = 0;
   bool bad = false;
-  for (uint32_t i = tid; i < n; i += kThreads) {
-    const uint32_t t = i / D, c = i % D;
+  for (uint32_t t = tid / D, c = tid % D; t < T; t += kThreads / D) {
     const float x = load_input<DT>(src, size_t(t) * size_t(stride) + c);
     const uint32_t a = f::float_bits(x) & 0x7FFFFFFFu;
     bad |= a >= 0x7F800000u;
     local_max = a > local_max ? a : local_max;
-    q.vals[i] = int32_t(f::float_bits(x));
+    q.vals[t * D + c] = int32_t(f::float_bits(x));
   }
   for (uint32_t m = 16; m > 0; m /= 2) {
     const uint32_t o = __shfl_xor_sync(0xFFFFFFFFu, local_max, int(m));
@@ -292,7 +279,7 @@ __global__ void __launch_bounds__(kThreads)
     reduce_groups<FloatRange>(
         sh, scratch.f,
         [&](FloatRange& a, uint32_t t, uint32_t c) {
-          a.add(f::bits_float(uint32_t(q.vals[t * D + c])), is_value ? c : t);
+          a.add(f::bits_float(uint32_t(q.vals[t * D + c])));
         },
         [&](uint32_t g, const FloatRange& a) {
           const f::GroupStep gs = f::relative_group_step(sh.error_bound, a.lo, a.hi);

@@ -158,6 +158,11 @@ std::vector<float> input_for(const Case& k) {
       for (uint32_t r = 0; r < tokens; ++r) {  // head 2: constant (every group's range is 0)
         for (uint32_t c = 0; c < d; ++c) at(r, 2, c) = 0.375f;
       }
+      // Head 1: zeros of both signs only, so a group's minimum and maximum are equal zeros
+      // whichever of them a reduction keeps.
+      for (uint32_t r = 0; r < tokens; ++r) {
+        for (uint32_t c = 0; c < d; ++c) at(r, 1, c) = rng() % 2 ? 0.0f : -0.0f;
+      }
       break;
     case Data::kLarge:
       // Magnitudes up to 3e4 (fp16-representable): wide codes, raw tiles at tight bounds.
