@@ -82,10 +82,11 @@ __global__ void __launch_bounds__(kThreads)
     return (tile_word(plane + 4 * loc.word, aligned) >> (loc.shift + 16 * h)) &
            (bits == 16 ? 0xFFFFu : (1u << bits) - 1u);
   };
-  for (uint32_t i = tid; i < T * D; i += kThreads) {
-    const uint32_t t = i / D, c = i % D;
+  // D divides kThreads: a thread keeps channel c (its position j: K's tile and B-operand row, V's
+  // n-block and column) and steps kThreads / D tokens at a time.
+  const uint32_t c = tid % D, j = is_value ? c : position_of[c];
+  for (uint32_t t = tid / D; t < T; t += kThreads / D) {
     // The element's tile, B-operand row k and column n, then its lane, pair and half.
-    const uint32_t j = is_value ? c : position_of[c];
     const uint32_t tile = is_value ? t / 16 : j / 16, k = is_value ? t % 16 : j % 16;
     const uint32_t nblock = is_value ? c / 8 : t / 8, n = is_value ? c % 8 : t % 8;
     const uint32_t lane = 4 * n + (k & 7u) / 2, p = 2 * nblock + (k >= 8 ? 1u : 0u), h = k & 1u;

@@ -142,30 +142,40 @@ struct PairLocation {
   uint32_t word;
   uint32_t shift;
 };
+// log2 of a power of two. Bits, pairs per lane and run lengths are all powers of two, so the
+// layout's divisions are shifts: a decoder with runtime widths pays no integer division. Plain
+// bit tests (not an intrinsic), so that constant arguments fold before the optimizer's
+// inlining and unrolling decisions.
+KVC_HD uint32_t log2_pow2(uint32_t v) {
+  return ((v & 0xAAAAAAAAu) != 0 ? 1u : 0u) | ((v & 0xCCCCCCCCu) != 0 ? 2u : 0u) |
+         ((v & 0xF0F0F0F0u) != 0 ? 4u : 0u) | ((v & 0xFF00FF00u) != 0 ? 8u : 0u) |
+         ((v & 0xFFFF0000u) != 0 ? 16u : 0u);
+}
 KVC_HD uint32_t lane_words(uint32_t bits, uint32_t pairs) {
-  return bits <= 16 ? (pairs * bits + 15u) / 16u : 2u * pairs;
+  return bits <= 16 ? (pairs * bits + 15u) >> 4 : 2u * pairs;
+}
+// The tile word of lane word w: runs of U = min(4, lane words) words, lanes side by side.
+KVC_HD uint32_t interleaved_word(uint32_t lane, uint32_t w, uint32_t lane_words) {
+  const uint32_t log_u = lane_words < 4u ? log2_pow2(lane_words) : 2u;
+  return ((w >> log_u) << (5u + log_u)) + (lane << log_u) + (w & ((1u << log_u) - 1u));
 }
 KVC_HD PairLocation pair_location(uint32_t lane, uint32_t p, uint32_t bits, uint32_t pairs) {
   if (bits <= 8) {
-    const uint32_t per_word = 16u / bits;
-    if (pairs < per_word) {
-      const uint32_t sharing = per_word / pairs;
-      return {lane / sharing, ((lane % sharing) * pairs + p) * bits};
+    const uint32_t log_per_word = 4u - log2_pow2(bits);  // 16 / bits pairs per word
+    if (pairs < (1u << log_per_word)) {
+      const uint32_t log_pairs = log2_pow2(pairs), log_sharing = log_per_word - log_pairs;
+      return {lane >> log_sharing, (((lane & ((1u << log_sharing) - 1u)) << log_pairs) + p) * bits};
     }
-    const uint32_t w = p / per_word;
-    const uint32_t u = lane_words(bits, pairs) < 4u ? lane_words(bits, pairs) : 4u;
-    return {(w / u) * 32u * u + lane * u + w % u, (p % per_word) * bits};
+    return {interleaved_word(lane, p >> log_per_word, lane_words(bits, pairs)),
+            (p & ((1u << log_per_word) - 1u)) * bits};
   }
-  const uint32_t words = lane_words(bits, pairs);
-  const uint32_t u = words < 4u ? words : 4u;
-  const uint32_t w = bits == 16 ? p : 2u * p;
-  return {(w / u) * 32u * u + lane * u + w % u, 0u};
+  return {interleaved_word(lane, bits == 16 ? p : 2u * p, lane_words(bits, pairs)), 0u};
 }
 // The word after `word` in the same lane's sequence (the high element of a 32-bit pair).
 KVC_HD uint32_t next_lane_word(uint32_t word, uint32_t bits, uint32_t pairs) {
   const uint32_t words = lane_words(bits, pairs);
   const uint32_t u = words < 4u ? words : 4u;
-  return word % u + 1u < u ? word + 1u : word - (u - 1u) + 32u * u;
+  return (word & (u - 1u)) + 1u < u ? word + 1u : word - (u - 1u) + 32u * u;
 }
 
 // ---- Integer fields and their conversion to half2 ---------------------------------------------

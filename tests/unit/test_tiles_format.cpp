@@ -61,6 +61,38 @@ TEST(TileStorage, EveryElementOnceAndCoalesced) {
   }
 }
 
+// pair_location computes with shifts; it must equal the layout as docs/format.md states it, in
+// divisions, for every width, lane count and pair.
+TEST(TileStorage, PairLocationIsTheFormatsDefinition) {
+  auto defined = [](uint32_t lane, uint32_t p, uint32_t bits, uint32_t pairs) {
+    const uint32_t lane_words = bits <= 16 ? (pairs * bits + 15) / 16 : 2 * pairs;
+    const uint32_t u = std::min(4u, lane_words);
+    if (bits <= 8) {
+      const uint32_t per_word = 16 / bits;
+      if (pairs < per_word) {
+        const uint32_t sharing = per_word / pairs;
+        return t::PairLocation{lane / sharing, ((lane % sharing) * pairs + p) * bits};
+      }
+      const uint32_t w = p / per_word;
+      return t::PairLocation{(w / u) * 32 * u + lane * u + w % u, (p % per_word) * bits};
+    }
+    const uint32_t w = bits == 16 ? p : 2 * p;
+    return t::PairLocation{(w / u) * 32 * u + lane * u + w % u, 0};
+  };
+  for (uint32_t bits : {1u, 2u, 4u, 8u, 16u, 32u}) {
+    for (uint32_t pairs = 2; pairs <= 256; pairs *= 2) {  // 2 * n-blocks: T or D from 8 to 1024
+      for (uint32_t lane = 0; lane < 32; ++lane) {
+        for (uint32_t p = 0; p < pairs; ++p) {
+          const t::PairLocation got = t::pair_location(lane, p, bits, pairs);
+          const t::PairLocation want = defined(lane, p, bits, pairs);
+          ASSERT_EQ(got.word, want.word) << bits << " bits, " << pairs << " pairs, lane " << lane;
+          ASSERT_EQ(got.shift, want.shift) << bits << " bits, " << pairs << " pairs, lane " << lane;
+        }
+      }
+    }
+  }
+}
+
 TEST(TileStorage, ElementCoordinatesCoverTheTile) {
   for (bool is_value : {false, true}) {
     const uint32_t nblocks = 8;  // K: T = 64; V: D = 64
