@@ -154,22 +154,43 @@ KVC_HD uint32_t log2_pow2(uint32_t v) {
 KVC_HD uint32_t lane_words(uint32_t bits, uint32_t pairs) {
   return bits <= 16 ? (pairs * bits + 15u) >> 4 : 2u * pairs;
 }
-// The tile word of lane word w: runs of U = min(4, lane words) words, lanes side by side.
-KVC_HD uint32_t interleaved_word(uint32_t lane, uint32_t w, uint32_t lane_words) {
-  const uint32_t log_u = lane_words < 4u ? log2_pow2(lane_words) : 2u;
-  return ((w >> log_u) << (5u + log_u)) + (lane << log_u) + (w & ((1u << log_u) - 1u));
+// What pair_location needs of a plane of `bits` bits with `pairs` pairs per lane, as shifts
+// and masks: worked out once per tile, so that locating a pair costs a few integer operations.
+struct PlaneGeometry {
+  uint32_t bits;
+  bool shared;            // lanes share a word: P / pairs of them (P = 16 / bits pairs per word)
+  uint32_t log_sharing;   // shared: log2 of the lanes per word
+  uint32_t log_pairs;     // shared: log2 of pairs
+  uint32_t pre;           // 1 for 32-bit elements (two lane words per pair), else 0
+  uint32_t log_per_word;  // log2 P for bits <= 8, else 0
+  uint32_t log_u;         // log2 of the run length U = min(4, lane words)
+};
+KVC_HD PlaneGeometry plane_geometry(uint32_t bits, uint32_t pairs) {
+  PlaneGeometry g{};
+  g.bits = bits;
+  g.log_per_word = bits <= 8 ? 4u - log2_pow2(bits) : 0u;
+  g.log_pairs = log2_pow2(pairs);
+  g.shared = bits <= 8 && pairs < (1u << g.log_per_word);
+  g.log_sharing = g.shared ? g.log_per_word - g.log_pairs : 0u;
+  g.pre = bits == 32 ? 1u : 0u;
+  const uint32_t words = lane_words(bits, pairs);
+  g.log_u = words < 4u ? log2_pow2(words) : 2u;
+  return g;
+}
+// Storage of pair p of `lane`: lane word w = p / P (bits <= 8), p (16) or 2p (32) sits in run
+// w / U at the lane's slot, word (w / U) * 32U + lane * U + w % U; its slot p % P at bit
+// (p % P) * bits.
+KVC_HD PairLocation locate_pair(const PlaneGeometry& g, uint32_t lane, uint32_t p) {
+  if (g.shared) {
+    return {lane >> g.log_sharing,
+            (((lane & ((1u << g.log_sharing) - 1u)) << g.log_pairs) + p) * g.bits};
+  }
+  const uint32_t w = (p << g.pre) >> g.log_per_word;
+  return {((w >> g.log_u) << (5u + g.log_u)) + (lane << g.log_u) + (w & ((1u << g.log_u) - 1u)),
+          (p & ((1u << g.log_per_word) - 1u)) * g.bits};
 }
 KVC_HD PairLocation pair_location(uint32_t lane, uint32_t p, uint32_t bits, uint32_t pairs) {
-  if (bits <= 8) {
-    const uint32_t log_per_word = 4u - log2_pow2(bits);  // 16 / bits pairs per word
-    if (pairs < (1u << log_per_word)) {
-      const uint32_t log_pairs = log2_pow2(pairs), log_sharing = log_per_word - log_pairs;
-      return {lane >> log_sharing, (((lane & ((1u << log_sharing) - 1u)) << log_pairs) + p) * bits};
-    }
-    return {interleaved_word(lane, p >> log_per_word, lane_words(bits, pairs)),
-            (p & ((1u << log_per_word) - 1u)) * bits};
-  }
-  return {interleaved_word(lane, bits == 16 ? p : 2u * p, lane_words(bits, pairs)), 0u};
+  return locate_pair(plane_geometry(bits, pairs), lane, p);
 }
 // The word after `word` in the same lane's sequence (the high element of a 32-bit pair).
 KVC_HD uint32_t next_lane_word(uint32_t word, uint32_t bits, uint32_t pairs) {
