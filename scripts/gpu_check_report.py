@@ -208,12 +208,14 @@ def table(result):
             lines.append(f"{r['name']:<30} {r['ms']:>9.3f} {r['gbps']:>9.1f} {r['ratio']:>7.2f}")
         if b.get("attention"):
             lines.append(f"{'attention B x L':<18} {'v1 ms':>10} {'tiles ms':>10} "
-                         f"{'dense ms':>10}")
+                         f"{'compact ms':>10} {'dense ms':>10}")
+
+            def ms(v):
+                return f"{v:>10.4f}" if isinstance(v, (int, float)) else f"{'n/a':>10}"
             for a in b["attention"]:
-                tiles = a.get("tiles_ms")
-                tiles = f"{tiles:>10.4f}" if isinstance(tiles, (int, float)) else f"{'n/a':>10}"
                 lines.append(f"{a['batch']:>4} x {a['len']:<10} {a['compressed_ms']:>10.4f} "
-                             f"{tiles} {a['dense_ms']:>10.4f}")
+                             f"{ms(a.get('tiles_ms'))} {ms(a.get('tiles_compact_ms'))} "
+                             f"{a['dense_ms']:>10.4f}")
     for name in ("gpu_store_bench", "gpu_store_bench_v1"):
         s = result["benchmarks"].get(name)
         if not (isinstance(s, dict) and "rows" in s):

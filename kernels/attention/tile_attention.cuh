@@ -27,20 +27,30 @@
 
 namespace kvc::kernels {
 
-template <uint32_t D, uint32_t T>
+// Stage sizes. Two 16 KiB stages per warp take units (a K and a V block) of up to 16 KiB, i.e.
+// up to 8 bits per element at T = 64, D = 128, but hold one thread block (4 warps) per
+// multiprocessor (152 KiB of shared memory at D = 128). Compact stages of 10 KiB take units of
+// up to about 4.5 bits per element there, metadata included (3.5x and beyond), and let two
+// blocks share a multiprocessor (104 KiB): twice the warps to hide latency with. Which is faster is
+// for a GPU to say (bench/gpu_bench times both); a unit that does not fit is read from global
+// memory where it lies.
+constexpr size_t kWideStageBytes = 16 * 1024;
+constexpr size_t kCompactStageBytes = 10 * 1024;
+
+template <uint32_t D, uint32_t T, size_t STAGE = kWideStageBytes>
 struct TileAttentionTraits {
   static constexpr uint32_t kKSteps = D / 16;                            // K tiles
   static constexpr uint32_t kVSteps = T / 16;                            // V tiles
   static constexpr size_t kQueryBytes = size_t(16) * D * sizeof(float);  // [16][D]
   static constexpr uint32_t kSteps = kKSteps > kVSteps ? kKSteps : kVSteps;
   static constexpr size_t kWarpBytes = size_t(kSteps) * kLanes * sizeof(uint4);  // A frags
-  // A unit's K and V blocks, staged with cp.async into one of two stages per warp; a unit that
-  // does not fit (wide codes, raw tiles) is read from global memory where it lies.
-  static constexpr size_t kStageBytes = 16 * 1024;
+  // A unit's K and V blocks, staged with cp.async into one of two stages per warp.
+  static constexpr size_t kStageBytes = STAGE;
   static constexpr size_t kStages = 2;
   static constexpr size_t smem_bytes() {
     return kQueryBytes + size_t(kWarps) * (kWarpBytes + kStages * kStageBytes);
   }
+  static_assert(STAGE % 16 == 0, "stages of whole cp.async chunks");
   static_assert(T % 16 == 0 && T >= 32 && D % 16 == 0 && D >= 64, "whole k-steps and n-tiles");
 };
 
@@ -233,11 +243,11 @@ __device__ __forceinline__ void tile_products_any(float (&acc)[NT][4], const uin
   }
 }
 
-template <kvc_dtype DT, uint32_t D, uint32_t T>
+template <kvc_dtype DT, uint32_t D, uint32_t T, size_t STAGE = kWideStageBytes>
 __global__ void __launch_bounds__(kWarps* kLanes)
     attention_tiles_kernel(AttentionParams P, const SequenceView* sequences, const uint8_t* pool,
                            size_t page_bytes) {
-  using Tr = TileAttentionTraits<D, T>;
+  using Tr = TileAttentionTraits<D, T, STAGE>;
   constexpr bool kBf16 = DT == KVC_DTYPE_BF16;
   KVC_DYNAMIC_SHARED(uint8_t, smem);
   const uint32_t split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;

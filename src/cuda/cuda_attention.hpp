@@ -74,13 +74,20 @@ constexpr bool tile_attention_covers(uint32_t tokens_per_block, uint32_t head_di
          tokens_per_block * head_dim <= 128 * 128;
 }
 
+// How the tile kernel stages units in shared memory (kernels/attention/tile_attention.cuh):
+// wide stages fit every coded unit but leave one thread block per multiprocessor; compact ones
+// (T = 64, head_dim 128 only) fit units of up to about 4.5 bits per element and two blocks.
+enum class TileStaging { kWide, kCompact };
+// The largest unit (a K and a V block, in bytes) a stage holds; larger ones are read in place.
+size_t tile_stage_bytes(TileStaging staging);
+
 // The same over tile blocks (format t1) of tokens_per_block tokens (64 or 128; 64 at head_dim
 // 256), as the store writes them: 16-byte aligned in the pool, raw tiles in the cache dtype.
 // plan from plan_attention. Enqueue only.
 void attention_tiles(const AttentionShape& shape, const AttentionPlan& plan,
                      uint32_t tokens_per_block, const uint8_t* d_pool, size_t page_bytes,
                      const SequenceView* d_sequences, const void* d_queries, void* d_out,
-                     void* d_workspace, void* stream);
+                     void* d_workspace, void* stream, TileStaging staging = TileStaging::kWide);
 
 // The baseline: a dense cache, d_keys/d_values [num_sequences, max_tokens, kv_heads, head_dim],
 // d_lengths [num_sequences]. plan from plan_dense_attention. Enqueue only.

@@ -83,6 +83,12 @@ inline void allow_shared_memory(const void* kernel, size_t dynamic_bytes) {
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   optin - int(it->static_bytes)),
              "raising the kernel's shared-memory limit");
+  // Kernels this large stage their data in shared memory rather than lean on L1: ask for the
+  // largest shared-memory split, so that as many of their blocks as fit share a multiprocessor
+  // (the carve-out is otherwise the driver's choice, which may fit only one).
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                  int(cudaSharedmemCarveoutMaxShared)),
+             "preferring the largest shared-memory carve-out");
   it->raised = true;
 }
 

@@ -55,9 +55,17 @@ std::vector<uint16_t> combine(const TileCase& c, const k::AttentionParams& P) {
   return out;
 }
 
-template <kvc_dtype DT, uint32_t D, uint32_t T>
-void run_tiles(TileCase c, uint32_t splits, std::mt19937& rng) {
+// Runs the tile kernel on a case against the reference; returns how many of the cache's units
+// (a K and a V block of one head) fit one stage.
+template <kvc_dtype DT, uint32_t D, uint32_t T, size_t STAGE = k::kWideStageBytes>
+size_t run_tiles(TileCase c, uint32_t splits, std::mt19937& rng) {
   const TileCacheImage im = build_tile_cache(c, rng);
+  size_t stageable = 0;
+  for (const auto& table : im.tables) {
+    for (size_t i = 0; i + 1 < table.size(); i += 2) {
+      stageable += table[i].bytes + table[i + 1].bytes <= STAGE ? 1 : 0;
+    }
+  }
   std::vector<kernels::SequenceView> views(c.batch);
   for (uint32_t b = 0; b < c.batch; ++b) {
     views[b] = {im.tables[b].data(), c.lengths[b] / T,     im.sinks[b],
@@ -65,15 +73,16 @@ void run_tiles(TileCase c, uint32_t splits, std::mt19937& rng) {
   }
   const uint32_t units = kernels::max_attention_units(im.max_blocks, c.sinks);
   Launch l = make_launch(c, (units + splits - 1) / splits, splits, T, im.q.data());
-  using Tr = k::TileAttentionTraits<D, T>;
-  const auto r =
-      emu::launch(k::attention_tiles_kernel<DT, D, T>, emu::Dim3(splits, c.kv_heads, c.batch),
-                  emu::Dim3(k::kWarps * 32), Tr::smem_bytes(), l.params,
-                  static_cast<const kernels::SequenceView*>(views.data()),
-                  static_cast<const uint8_t*>(im.pool.data()), im.pool.size());
-  ASSERT_TRUE(r.errors.empty()) << r.errors.front();
+  using Tr = k::TileAttentionTraits<D, T, STAGE>;
+  const auto r = emu::launch(k::attention_tiles_kernel<DT, D, T, STAGE>,
+                             emu::Dim3(splits, c.kv_heads, c.batch), emu::Dim3(k::kWarps * 32),
+                             Tr::smem_bytes(), l.params,
+                             static_cast<const kernels::SequenceView*>(views.data()),
+                             static_cast<const uint8_t*>(im.pool.data()), im.pool.size());
+  EXPECT_TRUE(r.errors.empty()) << r.errors.front();
   const auto out = combine<DT>(c, l.params);
   EXPECT_TRUE(outputs_match(c, im, out, l.params.scale, tile_tolerance(DT)));
+  return stageable;
 }
 
 TEST(AttentionEmulation, TileKernelMatchesTheReference) {
@@ -93,6 +102,19 @@ TEST(AttentionEmulation, TileKernelMatchesTheReference) {
   // fp16, D 64: coarse bounds (0-, 2- and 3-bit tiles), empty and 1-token sequences.
   run_tiles<KVC_DTYPE_FP16, 64, 64>(
       {3, 1, 3, 64, 64, KVC_DTYPE_FP16, 1.0f, 0.3f, 1.0f, {0, 1, 150}}, 1, rng);
+}
+
+// Compact stages (10 KiB, two thread blocks per multiprocessor): units of narrow codes are
+// staged, units past 10 KiB (V bound below 8 bits: raw V tiles) read where they lie.
+TEST(AttentionEmulation, TileKernelWithCompactStages) {
+  std::mt19937 rng(9);
+  EXPECT_EQ(
+      (run_tiles<KVC_DTYPE_FP16, 128, 64, k::kCompactStageBytes>(
+          {2, 1, 4, 128, 64, KVC_DTYPE_FP16, 0.25f, 0.07f, 1.0f, {64 * 6 + 9, 130}, 4}, 2, rng)),
+      8u);  // every block: 6 + 2
+  EXPECT_EQ((run_tiles<KVC_DTYPE_BF16, 128, 64, k::kCompactStageBytes>(
+                {1, 1, 2, 128, 64, KVC_DTYPE_BF16, 0.25f, 0.0005f, 1.0f, {64 * 3 + 1}}, 1, rng)),
+            0u);
 }
 
 // Attention sinks: block 0's first tokens masked and read from the uncompressed rows, which span

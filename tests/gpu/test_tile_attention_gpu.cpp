@@ -3,7 +3,7 @@
 // tile blocks (format t1) decoded by the CPU oracle: blocks placed in a pool as the store
 // places them (16-byte aligned), fp16/bf16 sinks and tails, every width (0, 2, 3, 4, 6, 8 bits and
 // raw tiles, blocks too large to stage), GQA groups 1..16, head_dim 64/128/256, 64- and 128-token
-// blocks. Outputs are poisoned first and must all be written.
+// blocks; wide and compact stages. Outputs are poisoned first and must all be written.
 #include "core/error.hpp"
 #include "gpu_test.hpp"
 #include "tile_attention_case.hpp"
@@ -50,20 +50,26 @@ TEST_F(TileAttentionGpu, MatchesTheCpuReferenceOverTheOraclesBlocks) {
     d_views.upload(views.data(), views.size() * sizeof(cuda::SequenceView));
     DeviceBuffer d_q(im.q.size() * 2), d_out(im.q.size() * 2);
     d_q.upload(im.q.data(), im.q.size() * 2);
-    KVC_CUDA_CHECK(cudaMemset(d_out.get(), 0xFF, d_out.bytes()));
 
     const float scale = 1.0f / std::sqrt(float(c.dim));
     const cuda::AttentionShape shape{c.batch, c.kv_heads, c.group, c.dim, c.dtype, scale};
     const cuda::AttentionPlan plan =
         cuda::plan_attention(shape, kernels::max_attention_units(im.max_blocks, c.sinks));
     DeviceBuffer d_ws(plan.workspace_bytes);
-    KVC_CUDA_CHECK(cudaMemset(d_ws.get(), 0x7F, d_ws.bytes()));  // poisoned workspace
-    cuda::attention_tiles(shape, plan, c.tokens, d_pool.get<uint8_t>(), im.pool.size(),
-                          d_views.get<cuda::SequenceView>(), d_q.get(), d_out.get(), d_ws.get(),
-                          nullptr);
-    KVC_CUDA_CHECK(cudaDeviceSynchronize());
-    EXPECT_TRUE(outputs_match(c, im, d_out.download<uint16_t>(im.q.size()), scale,
-                              tile_tolerance(c.dtype)));
+    // Compact stages where they exist (64-token blocks at head_dim 128), wide ones everywhere.
+    std::vector<cuda::TileStaging> stagings = {cuda::TileStaging::kWide};
+    if (c.tokens == 64 && c.dim == 128) stagings.push_back(cuda::TileStaging::kCompact);
+    for (cuda::TileStaging staging : stagings) {
+      KVC_CUDA_CHECK(cudaMemset(d_out.get(), 0xFF, d_out.bytes()));
+      KVC_CUDA_CHECK(cudaMemset(d_ws.get(), 0x7F, d_ws.bytes()));  // poisoned workspace
+      cuda::attention_tiles(shape, plan, c.tokens, d_pool.get<uint8_t>(), im.pool.size(),
+                            d_views.get<cuda::SequenceView>(), d_q.get(), d_out.get(), d_ws.get(),
+                            nullptr, staging);
+      KVC_CUDA_CHECK(cudaDeviceSynchronize());
+      EXPECT_TRUE(outputs_match(c, im, d_out.download<uint16_t>(im.q.size()), scale,
+                                tile_tolerance(c.dtype)))
+          << (staging == cuda::TileStaging::kCompact ? "compact" : "wide") << " stages";
+    }
   }
 }
 
@@ -75,6 +81,14 @@ TEST_F(TileAttentionGpu, UnsupportedShapesAreRefused) {
     cuda::attention_tiles(shape, plan, 128, nullptr, 0, nullptr, nullptr, nullptr, nullptr,
                           nullptr);
     FAIL() << "head_dim 256 with 128-token blocks was accepted";
+  } catch (const kvc::Error& e) {
+    EXPECT_EQ(e.status(), KVC_ERROR_NOT_SUPPORTED);
+  }
+  const cuda::AttentionShape d64{1, 1, 4, 64, KVC_DTYPE_FP16, 0.125f};
+  try {
+    cuda::attention_tiles(d64, cuda::plan_attention(d64, 1), 64, nullptr, 0, nullptr, nullptr,
+                          nullptr, nullptr, nullptr, cuda::TileStaging::kCompact);
+    FAIL() << "compact stages at head_dim 64 were accepted";
   } catch (const kvc::Error& e) {
     EXPECT_EQ(e.status(), KVC_ERROR_NOT_SUPPORTED);
   }
