@@ -112,7 +112,6 @@ __global__ void __launch_bounds__(kStoreThreads)
                  const uint16_t* keys, const uint16_t* values, uint32_t max_blocks, Entry* entries,
                  const void** src_k, const void** src_v, CallState* call) {
   __shared__ Entry e;
-  __shared__ int nonfinite;
   const uint32_t b = blockIdx.x, li = blockIdx.y, tid = threadIdx.x;
   const uint32_t T = S.block_tokens, D = S.head_dim, row = S.num_heads * D;
   if (tid == 0) {
@@ -124,7 +123,6 @@ __global__ void __launch_bounds__(kStoreThreads)
     if (status == KVC_SUCCESS && length + n > S.max_tokens) status = KVC_ERROR_INVALID_ARGUMENT;
     const uint32_t total = v.tail_tokens + n;
     e = {slot, layer, status, v.tail_tokens, status ? 0u : total / T, total % T, 0, 0, 0, 0};
-    nonfinite = 0;
   }
   __syncthreads();
   const LayerState& st = state_of(S, e.slot, e.layer);
@@ -133,6 +131,7 @@ __global__ void __launch_bounds__(kStoreThreads)
   uint16_t* tail_k = static_cast<uint16_t*>(const_cast<void*>(st.view.dense_keys)) + tail_at;
   uint16_t* tail_v = static_cast<uint16_t*>(const_cast<void*>(st.view.dense_values)) + tail_at;
   const size_t base = (size_t(li) * num_sequences + b) * n * row;
+  bool bad = false;
   if (e.status == KVC_SUCCESS) {
     // The first new rows complete the tail (rows past its length: invisible until finish).
     const uint32_t into_tail = min(n, T - e.old_tail);
@@ -142,15 +141,14 @@ __global__ void __launch_bounds__(kStoreThreads)
     }
     // Every row is checked here, before any layer's pages are counted, so that a call with
     // inf or NaN reports it whatever else fails (as the CPU store does).
-    bool bad = false;
     for (size_t i = tid; i < size_t(n) * row; i += blockDim.x) {
       bad = bad || !finite16(keys[base + i], S.nonfinite_bits) ||
             !finite16(values[base + i], S.nonfinite_bits);
     }
-    if (bad) nonfinite = 1;
   }
-  __syncthreads();
-  const bool ok = e.status == KVC_SUCCESS && nonfinite == 0;
+  // One barrier that also ORs the threads' verdicts (a shared flag set by every thread that
+  // saw one would be a write-write race, however benign).
+  const bool ok = !__syncthreads_or(bad) && e.status == KVC_SUCCESS;
   if (tid == 0) {
     Entry out = e;
     if (!ok) out.status = e.status ? e.status : KVC_ERROR_NONFINITE_INPUT;
