@@ -205,7 +205,9 @@ def table(result):
     if isinstance(b, dict) and "rows" in b:
         lines.append(f"{'codec (gpu_bench)':<30} {'ms':>9} {'GB/s':>9} {'ratio':>7}")
         for r in b["rows"]:
-            lines.append(f"{r['name']:<30} {r['ms']:>9.3f} {r['gbps']:>9.1f} {r['ratio']:>7.2f}")
+            check = "" if r.get("verified", True) else "  FAILED its check"
+            lines.append(f"{r['name']:<30} {r['ms']:>9.3f} {r['gbps']:>9.1f} {r['ratio']:>7.2f}"
+                         f"{check}")
         if b.get("attention"):
             lines.append(f"{'attention B x L':<18} {'v1 ms':>10} {'tiles ms':>10} "
                          f"{'compact ms':>10} {'dense ms':>10}")
@@ -213,7 +215,7 @@ def table(result):
             def ms(v):
                 return f"{v:>10.4f}" if isinstance(v, (int, float)) else f"{'n/a':>10}"
             for a in b["attention"]:
-                lines.append(f"{a['batch']:>4} x {a['len']:<10} {a['compressed_ms']:>10.4f} "
+                lines.append(f"{a['batch']:>4} x {a['len']:<10} {ms(a.get('compressed_ms'))} "
                              f"{ms(a.get('tiles_ms'))} {ms(a.get('tiles_compact_ms'))} "
                              f"{a['dense_ms']:>10.4f}")
     for name in ("gpu_store_bench", "gpu_store_bench_v1"):

@@ -10,8 +10,7 @@
 //
 // Passes, each over shared memory after one coalesced load of the input:
 //   1. load + finite check + |x| maximum (absolute mode's step);
-//   2. relative mode only: each group's first minimum and last maximum (the CPU's
-//      std::minmax_element), then its step;
+//   2. relative mode only: each group's float range, then its step;
 //   3. quantize every element, and each group's code range (centre and width class);
 //   4. plan: tile widths (natural order and, for K, channels stably sorted by width class with
 //      ballots), the CPU's choice between them and the all-raw block, tile offsets;
