@@ -356,13 +356,23 @@ __device__ void quantize_block(const Shape& sh, const void* src, int64_t stride,
 
   bool failed = false;
   {
-    ElementWalk at(sh, tid, blockDim.x);
-    for (uint32_t i = tid; i < n; i += blockDim.x, at.advance()) {
-      const uint32_t g = at.group(is_value);
+    // Element i's group: i / G for values (a value group is G consecutive elements of a row),
+    // i % head_dim for keys, kept as quotient and remainder of one unit.
+    const uint32_t unit = is_value ? G : sh.head_dim;
+    const uint32_t dq = blockDim.x / unit, dr = blockDim.x % unit;
+    uint32_t quot = tid / unit, rem = tid % unit;
+    for (uint32_t i = tid; i < n; i += blockDim.x) {
+      const uint32_t g = is_value ? quot : rem;
       int32_t code = 0;
       failed |=
           !f::quantize_element(f::bits_float(uint32_t(q.vals[i])), q.step[g], q.bound[g], code);
       q.vals[i] = code;
+      quot += dq;
+      rem += dr;
+      if (rem >= unit) {
+        rem -= unit;
+        ++quot;
+      }
     }
   }
   const bool quantized = !__syncthreads_or(failed);
