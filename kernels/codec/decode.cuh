@@ -4,6 +4,8 @@
 // that stay inside the block (read_bits and BitReader bound every access).
 #pragma once
 
+#include <type_traits>
+
 #include "kernels/codec/device_common.cuh"
 
 namespace kvc::kernels {
@@ -108,7 +110,7 @@ __device__ __forceinline__ uint32_t read_field(const uint8_t* payload, uint32_t 
   const uint32_t w = pos >> 5;
   const uint32_t lo = load_word(payload, w);
   const uint32_t hi = w + 1 < num_words ? load_word(payload, w + 1) : 0u;
-  const uint32_t v = uint32_t(((uint64_t(hi) << 32) | lo) >> (pos & 31u));
+  const uint32_t v = funnel_right(lo, hi, pos & 31u);
   return bits >= 32 ? v : v & ((1u << bits) - 1u);
 }
 
@@ -289,42 +291,76 @@ __device__ void decode_streams(const Shape& sh, const BookView& book, const f::B
 
 // The fixed-width payload: rows in order, lanes along the channels (coalesced stores); each
 // element's bits found at its position-major index (bit positions fit 32 bits: at most 2^20
-// fields of 26 bits). Aligned payloads read two words per field; others byte-wise.
-template <kvc_dtype OUT, bool kAligned>
-__device__ void decode_fixed(const Shape& sh, const f::BlockLayout& L, const uint8_t* payload,
-                             void* dst, int64_t stride, const StepCenter* groups_sc, bool finite,
-                             uint32_t lane) {
+// fields of 26 bits). Aligned payloads read two words per field; others byte-wise. The block's
+// constants (kind, width, whether every step is finite) are template arguments and locals, so
+// that the loop holds neither their branches nor reloads of the shared-memory layout.
+template <kvc_dtype OUT, bool kAligned, bool kFinite, bool kValue, bool kBits>
+__device__ void decode_fixed_rows(const Shape& sh, uint32_t bits, uint32_t payload_bytes,
+                                  const uint8_t* payload, void* dst, int64_t stride,
+                                  const StepCenter* groups_sc, uint32_t lane) {
   const uint32_t D = sh.head_dim, G = sh.group_size, groups = sh.num_groups;
-  const uint32_t segments = L.is_value ? D / G : 1;
+  const uint32_t segments = kValue ? D / G : 1;
   const uint32_t seg0 = lane / G, pos0 = lane % G;  // value blocks: lane's channel
   const uint32_t seg_step = kDecodeLanes / G, pos_step = kDecodeLanes % G;
-  const uint32_t bits = L.code_bits, num_words = L.payload_bytes / 4;
+  const uint32_t num_words = payload_bytes / 4;
   for (uint32_t t = 0; t < sh.num_tokens; ++t) {
     uint32_t seg = seg0, pos = pos0;
     size_t at_out = size_t(t) * size_t(stride) + lane;
     for (uint32_t c = lane; c < D; c += kDecodeLanes, at_out += kDecodeLanes) {
-      const uint32_t g = L.is_value ? t * segments + seg : c;
-      const uint32_t e = L.is_value ? pos : t;
-      const uint32_t at = (e * groups + g) * bits;
+      const uint32_t g = kValue ? t * segments + seg : c;
+      const uint32_t e = kValue ? pos : t;
       uint32_t u = 0;
-      if (bits != 0) {
+      if constexpr (kBits) {
+        const uint32_t at = (e * groups + g) * bits;
         u = kAligned ? read_field(payload, num_words, at, bits)
-                     : read_bits(payload, L.payload_bytes, at, bits);
+                     : read_bits(payload, payload_bytes, at, bits);
       }
       const StepCenter p = groups_sc[g];
       const float v = f::dequantize(int32_t(p.center + u), p.step);
-      if (finite) {
+      if constexpr (kFinite) {
         store_output_finite<OUT>(dst, at_out, v);
       } else {
         store_output<OUT>(dst, at_out, v);
       }
-      seg += seg_step;
-      pos += pos_step;
-      if (pos >= G) {
-        pos -= G;
-        ++seg;
+      if constexpr (kValue) {
+        seg += seg_step;
+        pos += pos_step;
+        if (pos >= G) {
+          pos -= G;
+          ++seg;
+        }
       }
     }
+  }
+}
+
+template <kvc_dtype OUT, bool kAligned>
+__device__ void decode_fixed(const Shape& sh, const f::BlockLayout& L, const uint8_t* payload,
+                             void* dst, int64_t stride, const StepCenter* groups_sc, bool finite,
+                             uint32_t lane) {
+  const uint32_t bits = L.code_bits, bytes = L.payload_bytes;
+  auto rows = [&](auto finite_c, auto value_c) {
+    constexpr bool kFinite = decltype(finite_c)::value, kValue = decltype(value_c)::value;
+    if (bits == 0) {
+      decode_fixed_rows<OUT, kAligned, kFinite, kValue, false>(sh, bits, bytes, payload, dst,
+                                                               stride, groups_sc, lane);
+    } else {
+      decode_fixed_rows<OUT, kAligned, kFinite, kValue, true>(sh, bits, bytes, payload, dst, stride,
+                                                              groups_sc, lane);
+    }
+  };
+  using T = std::true_type;
+  using F = std::false_type;
+  if (finite) {
+    if (L.is_value)
+      rows(T{}, T{});
+    else
+      rows(T{}, F{});
+  } else {
+    if (L.is_value)
+      rows(F{}, T{});
+    else
+      rows(F{}, F{});
   }
 }
 
