@@ -59,15 +59,16 @@ __device__ void gather_bits(uint32_t* words, uint32_t count, uint32_t bits, Valu
 }
 
 // One thread's run of consecutive bits of a zeroed block, written a word at a time from a
-// 64-bit accumulator. Words that lie wholly inside the run belong to this thread alone and get
+// 32-bit accumulator. Words that lie wholly inside the run belong to this thread alone and get
 // a plain store; the run's first word (where it starts inside one) and its last, partial word
 // may hold a neighbour's bits and are ORed in atomically. So the bytes never depend on the
 // order in which threads write, and there is one atomic per run end instead of one per field.
+static_assert(KVC_MAX_CODE_LENGTH < 32 && f::kMaxEscapeBits < 32 && f::kMaxCodeBits < 32);
 struct WordWriter {
   uint32_t* words;
   uint32_t word;  // index of the word the accumulator's bit 0 is
-  uint32_t fill;  // bits in the accumulator
-  uint64_t acc;
+  uint32_t fill;  // bits in the accumulator, < 32
+  uint32_t acc;
   bool shared;  // the current word may hold bits of another run
 
   __device__ void start(uint32_t* w, uint32_t bit) {
@@ -77,24 +78,29 @@ struct WordWriter {
     acc = 0;
     shared = fill != 0;
   }
-  // value < 2^bits, bits <= 32.
+  // value < 2^bits, bits < 32: codes take at most KVC_MAX_CODE_LENGTH (15) bits, escape
+  // payloads f::kMaxEscapeBits (27), fixed fields f::kMaxCodeBits (26).
+  // A field that completes the word leaves its upper bits, value >> (32 - fill), behind: fill
+  // is at least 1 there, since fill + bits >= 32 with bits < 32.
   __device__ __forceinline__ void put(uint32_t value, uint32_t bits) {
-    acc |= uint64_t(value) << fill;
-    fill += bits;
-    if (fill >= 32) {
+    acc |= value << fill;
+    const uint32_t end = fill + bits;
+    if (end >= 32) {
       if (shared) {
-        atomicOr(&words[word], uint32_t(acc));
+        atomicOr(&words[word], acc);
       } else {
-        words[word] = uint32_t(acc);
+        words[word] = acc;
       }
       shared = false;
       ++word;
-      acc >>= 32;
-      fill -= 32;
+      acc = value >> (32 - fill);
+      fill = end - 32;
+    } else {
+      fill = end;
     }
   }
   __device__ void finish() {
-    if (fill > 0) atomicOr(&words[word], uint32_t(acc));
+    if (fill > 0) atomicOr(&words[word], acc);
     fill = 0;
   }
 };
