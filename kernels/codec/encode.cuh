@@ -135,13 +135,11 @@ struct ChunkWalk {
   }
 };
 
-// A codebook entry (reversed code | length << 24) of a symbol, or the escape's entry.
-__device__ __forceinline__ uint32_t entry_of(const BookView& book, uint32_t escape_entry,
-                                             int32_t symbol, bool& escape) {
+// A symbol's codebook entry (reversed code | length << 24); length 0: the symbol is escaped.
+// The callers handle escapes in a rarely taken branch of their own.
+__device__ __forceinline__ uint32_t entry_of(const BookView& book, int32_t symbol) {
   const uint32_t i = uint32_t(symbol) - uint32_t(book.first_symbol);  // wraps below the first
-  const uint32_t e = i < book.num_symbols ? book.codes[i] : 0u;
-  escape = (e >> 24) == 0;
-  return escape ? escape_entry : e;
+  return i < book.num_symbols ? book.codes[i] : 0u;
 }
 
 template <kvc_dtype DT>
@@ -204,15 +202,15 @@ __global__ void __launch_bounds__(kThreads)
         uint32_t bits = 0, escapes = 0;
         for (; j < stop; ++j, at.advance()) {
           const int32_t s = q.vals[at.index] - q.cmean[at.g];
-          bool is_escape;
-          bits += entry_of(book, escape_entry, s, is_escape) >> 24;
-          if (is_escape) {
+          const uint32_t length = entry_of(book, s) >> 24;
+          bits += length;
+          if (length == 0) {
             ++escapes;
             const uint32_t w = f::signed_bit_width(s);
             escape = w > escape ? w : escape;
           }
         }
-        mine.bits += bits;
+        mine.bits += bits + escapes * (escape_entry >> 24);  // escapes' codes
         mine.escapes += escapes;
         if (stop == stream_end) {
           if (started) {
@@ -341,10 +339,14 @@ __global__ void __launch_bounds__(kThreads)
     out.start(words, bit);
     for (; j < stop; ++j, at.advance()) {
       const int32_t s = q.vals[at.index] - q.cmean[at.g];
-      bool is_escape;
-      const uint32_t entry = entry_of(book, escape_entry, s, is_escape);
-      out.put(entry & 0xFFFFFFu, entry >> 24);
-      if (is_escape) out.put(low_bits(uint32_t(s), L.code_bits), L.code_bits);
+      const uint32_t entry = entry_of(book, s);
+      uint32_t value = entry & 0xFFFFFFu, bits = entry >> 24;
+      if (bits == 0) {  // the escape's code, then the symbol's own bits
+        out.put(escape_entry & 0xFFFFFFu, escape_entry >> 24);
+        value = low_bits(uint32_t(s), L.code_bits);
+        bits = L.code_bits;
+      }
+      out.put(value, bits);
     }
     out.finish();
     if (++stream < sh.num_substreams) bit = stream_start(stream);
