@@ -147,6 +147,119 @@ __device__ void store_output(void* base, size_t i, float v) {
   }
 }
 
+// 16 bytes of global memory at a 16-byte-aligned address.
+__device__ __forceinline__ uint4 load_16(const void* p) {
+#if defined(__CUDA_ARCH__)
+  return *static_cast<const uint4*>(p);
+#else
+  uint4 v;
+  __builtin_memcpy(&v, p, 16);  // the host emulation: no aliasing through casts
+  return v;
+#endif
+}
+
+// 16 bytes of shared memory at a 16-byte-aligned address.
+__device__ __forceinline__ void store_16(void* p, uint32_t x, uint32_t y, uint32_t z, uint32_t w) {
+#if defined(__CUDA_ARCH__)
+  *static_cast<uint4*>(p) = make_uint4(x, y, z, w);
+#else
+  const uint32_t v[4] = {x, y, z, w};
+  __builtin_memcpy(p, v, 16);
+#endif
+}
+
+// A 16-bit input element's float (load_input's conversion).
+template <kvc_dtype DT>
+__device__ __forceinline__ float half_bits_to_float(uint16_t h) {
+  if constexpr (DT == KVC_DTYPE_BF16) {
+    return f::bf16_to_float(h);
+  } else {
+    return device::half_to_float(h);
+  }
+}
+
+// Two 16-bit lanes' unsigned maxima (__vmaxu2).
+__device__ __forceinline__ uint32_t max_u16x2(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __vmaxu2(a, b);
+#else
+  const uint32_t lo = (a & 0xFFFFu) > (b & 0xFFFFu) ? a & 0xFFFFu : b & 0xFFFFu;
+  const uint32_t hi = (a >> 16) > (b >> 16) ? a >> 16 : b >> 16;
+  return lo | hi << 16;
+#endif
+}
+
+// Loads a block's elements (rows `stride` elements apart) as float bits into vals (row-major)
+// and returns the float bits of the largest |x| (0x7F800000 or above: an inf or a NaN). Where
+// rows, the stride and the source allow, 16-byte loads of 8 (fp32: 4) consecutive elements of a
+// row; 16-bit inputs take their maximum on the |x| bits of the input type (its order is the
+// order of the values, and the conversion to float keeps it), two lanes per instruction. Else
+// one element at a time. All threads of the block call it; it does not synchronize.
+template <kvc_dtype DT>
+__device__ uint32_t load_block(const Shape& sh, const void* src, int64_t stride, int32_t* vals) {
+  const uint32_t n = sh.num_elements(), tid = threadIdx.x;
+  constexpr uint32_t V = DT == KVC_DTYPE_FP32 ? 4 : 8;  // elements per 16 bytes
+  constexpr uint32_t kBytes = DT == KVC_DTYPE_FP32 ? 4 : 2;
+  const bool vector =
+      sh.head_dim % V == 0 && stride % V == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
+  if (!vector) {
+    uint32_t local_max = 0;
+    ElementWalk at(sh, tid, blockDim.x);
+    for (uint32_t i = tid; i < n; i += blockDim.x, at.advance()) {
+      const float x = load_input<DT>(src, size_t(at.t) * size_t(stride) + at.channel());
+      const uint32_t a = f::float_bits(x) & 0x7FFFFFFFu;
+      local_max = a > local_max ? a : local_max;
+      vals[i] = int32_t(f::float_bits(x));
+    }
+    return local_max;
+  }
+  // Units of V elements: unit u is element u * V, row t = u / row_units, column cu.
+  const uint32_t units = n / V, row_units = sh.head_dim / V;
+  const uint32_t dt = blockDim.x / row_units, dcu = blockDim.x % row_units;
+  uint32_t cu = tid % row_units;
+  uint64_t off = uint64_t(tid / row_units) * uint64_t(stride) + cu * V;  // input element
+  const uint64_t inc = uint64_t(dt) * uint64_t(stride) + dcu * V;
+  const uint64_t wrap = uint64_t(stride) - sh.head_dim;  // to the next row's start
+  const uint8_t* base = static_cast<const uint8_t*>(src);
+  uint32_t m = 0;  // fp32: |x| bits; 16-bit inputs: two lanes of |x| bits of the input type
+  for (uint32_t u = tid; u < units; u += blockDim.x) {
+    const uint4 w = load_16(base + off * kBytes);
+    const uint32_t in[4] = {w.x, w.y, w.z, w.w};
+    uint32_t out[8];
+    if constexpr (DT == KVC_DTYPE_FP32) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        out[k] = in[k];
+        const uint32_t a = in[k] & 0x7FFFFFFFu;
+        m = a > m ? a : m;
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        m = max_u16x2(m, in[k] & 0x7FFF7FFFu);
+        out[2 * k] = f::float_bits(half_bits_to_float<DT>(uint16_t(in[k] & 0xFFFFu)));
+        out[2 * k + 1] = f::float_bits(half_bits_to_float<DT>(uint16_t(in[k] >> 16)));
+      }
+    }
+    int32_t* to = vals + size_t(u) * V;
+#pragma unroll
+    for (uint32_t k = 0; k < V; k += 4)
+      store_16(to + k, out[k], out[k + 1], out[k + 2], out[k + 3]);
+    off += inc;
+    cu += dcu;
+    if (cu >= row_units) {
+      cu -= row_units;
+      off += wrap;
+    }
+  }
+  if constexpr (DT == KVC_DTYPE_FP32) {
+    return m;
+  } else {
+    const uint32_t h = (m & 0xFFFFu) > (m >> 16) ? m & 0xFFFFu : m >> 16;
+    return f::float_bits(half_bits_to_float<DT>(uint16_t(h)));
+  }
+}
+
 // Shared-memory arrays of one block's quantization, carved from dynamic shared memory.
 struct QuantSmem {
   int32_t* vals;   // [N]: input float bits, then codes (row-major)
@@ -196,18 +309,8 @@ __device__ void quantize_block(const Shape& sh, const void* src, int64_t stride,
     sum.min_lo = sum.mean_lo = INT_MAX;
     sum.min_hi = sum.mean_hi = INT_MIN;
   }
-  uint32_t local_max = 0;
-  bool bad = false;
-  {
-    ElementWalk at(sh, tid, blockDim.x);
-    for (uint32_t i = tid; i < n; i += blockDim.x, at.advance()) {
-      const float x = load_input<DT>(src, size_t(at.t) * size_t(stride) + at.channel());
-      const uint32_t a = f::float_bits(x) & 0x7FFFFFFFu;
-      bad |= a >= 0x7F800000u;
-      local_max = a > local_max ? a : local_max;
-      q.vals[i] = int32_t(f::float_bits(x));
-    }
-  }
+  const uint32_t local_max = load_block<DT>(sh, src, stride, q.vals);
+  const bool bad = local_max >= 0x7F800000u;  // an inf or a NaN: |x|'s bits are the largest
   const bool nonfinite = __syncthreads_or(bad);
   if (tid == 0) sum.nonfinite = nonfinite;
   if (nonfinite) {
@@ -253,13 +356,23 @@ __device__ void quantize_block(const Shape& sh, const void* src, int64_t stride,
 
   bool failed = false;
   {
-    ElementWalk at(sh, tid, blockDim.x);
-    for (uint32_t i = tid; i < n; i += blockDim.x, at.advance()) {
-      const uint32_t g = at.group(is_value);
+    // Element i's group: i / G for values (a value group is G consecutive elements of a row),
+    // i % head_dim for keys, kept as quotient and remainder of one unit.
+    const uint32_t unit = is_value ? G : sh.head_dim;
+    const uint32_t dq = blockDim.x / unit, dr = blockDim.x % unit;
+    uint32_t quot = tid / unit, rem = tid % unit;
+    for (uint32_t i = tid; i < n; i += blockDim.x) {
+      const uint32_t g = is_value ? quot : rem;
       int32_t code = 0;
       failed |=
           !f::quantize_element(f::bits_float(uint32_t(q.vals[i])), q.step[g], q.bound[g], code);
       q.vals[i] = code;
+      quot += dq;
+      rem += dr;
+      if (rem >= unit) {
+        rem -= unit;
+        ++quot;
+      }
     }
   }
   const bool quantized = !__syncthreads_or(failed);

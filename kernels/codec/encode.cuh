@@ -59,15 +59,16 @@ __device__ void gather_bits(uint32_t* words, uint32_t count, uint32_t bits, Valu
 }
 
 // One thread's run of consecutive bits of a zeroed block, written a word at a time from a
-// 64-bit accumulator. Words that lie wholly inside the run belong to this thread alone and get
+// 32-bit accumulator. Words that lie wholly inside the run belong to this thread alone and get
 // a plain store; the run's first word (where it starts inside one) and its last, partial word
 // may hold a neighbour's bits and are ORed in atomically. So the bytes never depend on the
 // order in which threads write, and there is one atomic per run end instead of one per field.
+static_assert(KVC_MAX_CODE_LENGTH < 32 && f::kMaxEscapeBits < 32 && f::kMaxCodeBits < 32);
 struct WordWriter {
   uint32_t* words;
   uint32_t word;  // index of the word the accumulator's bit 0 is
-  uint32_t fill;  // bits in the accumulator
-  uint64_t acc;
+  uint32_t fill;  // bits in the accumulator, < 32
+  uint32_t acc;
   bool shared;  // the current word may hold bits of another run
 
   __device__ void start(uint32_t* w, uint32_t bit) {
@@ -77,24 +78,29 @@ struct WordWriter {
     acc = 0;
     shared = fill != 0;
   }
-  // value < 2^bits, bits <= 32.
+  // value < 2^bits, bits < 32: codes take at most KVC_MAX_CODE_LENGTH (15) bits, escape
+  // payloads f::kMaxEscapeBits (27), fixed fields f::kMaxCodeBits (26).
+  // A field that completes the word leaves its upper bits, value >> (32 - fill), behind: fill
+  // is at least 1 there, since fill + bits >= 32 with bits < 32.
   __device__ __forceinline__ void put(uint32_t value, uint32_t bits) {
-    acc |= uint64_t(value) << fill;
-    fill += bits;
-    if (fill >= 32) {
+    acc |= value << fill;
+    const uint32_t end = fill + bits;
+    if (end >= 32) {
       if (shared) {
-        atomicOr(&words[word], uint32_t(acc));
+        atomicOr(&words[word], acc);
       } else {
-        words[word] = uint32_t(acc);
+        words[word] = acc;
       }
       shared = false;
       ++word;
-      acc >>= 32;
-      fill -= 32;
+      acc = value >> (32 - fill);
+      fill = end - 32;
+    } else {
+      fill = end;
     }
   }
   __device__ void finish() {
-    if (fill > 0) atomicOr(&words[word], uint32_t(acc));
+    if (fill > 0) atomicOr(&words[word], acc);
     fill = 0;
   }
 };
@@ -129,13 +135,11 @@ struct ChunkWalk {
   }
 };
 
-// A codebook entry (reversed code | length << 24) of a symbol, or the escape's entry.
-__device__ __forceinline__ uint32_t entry_of(const BookView& book, uint32_t escape_entry,
-                                             int32_t symbol, bool& escape) {
+// A symbol's codebook entry (reversed code | length << 24); length 0: the symbol is escaped.
+// The callers handle escapes in a rarely taken branch of their own.
+__device__ __forceinline__ uint32_t entry_of(const BookView& book, int32_t symbol) {
   const uint32_t i = uint32_t(symbol) - uint32_t(book.first_symbol);  // wraps below the first
-  const uint32_t e = i < book.num_symbols ? book.codes[i] : 0u;
-  escape = (e >> 24) == 0;
-  return escape ? escape_entry : e;
+  return i < book.num_symbols ? book.codes[i] : 0u;
 }
 
 template <kvc_dtype DT>
@@ -198,15 +202,15 @@ __global__ void __launch_bounds__(kThreads)
         uint32_t bits = 0, escapes = 0;
         for (; j < stop; ++j, at.advance()) {
           const int32_t s = q.vals[at.index] - q.cmean[at.g];
-          bool is_escape;
-          bits += entry_of(book, escape_entry, s, is_escape) >> 24;
-          if (is_escape) {
+          const uint32_t length = entry_of(book, s) >> 24;
+          bits += length;
+          if (length == 0) {
             ++escapes;
             const uint32_t w = f::signed_bit_width(s);
             escape = w > escape ? w : escape;
           }
         }
-        mine.bits += bits;
+        mine.bits += bits + escapes * (escape_entry >> 24);  // escapes' codes
         mine.escapes += escapes;
         if (stop == stream_end) {
           if (started) {
@@ -335,10 +339,14 @@ __global__ void __launch_bounds__(kThreads)
     out.start(words, bit);
     for (; j < stop; ++j, at.advance()) {
       const int32_t s = q.vals[at.index] - q.cmean[at.g];
-      bool is_escape;
-      const uint32_t entry = entry_of(book, escape_entry, s, is_escape);
-      out.put(entry & 0xFFFFFFu, entry >> 24);
-      if (is_escape) out.put(low_bits(uint32_t(s), L.code_bits), L.code_bits);
+      const uint32_t entry = entry_of(book, s);
+      uint32_t value = entry & 0xFFFFFFu, bits = entry >> 24;
+      if (bits == 0) {  // the escape's code, then the symbol's own bits
+        out.put(escape_entry & 0xFFFFFFu, escape_entry >> 24);
+        value = low_bits(uint32_t(s), L.code_bits);
+        bits = L.code_bits;
+      }
+      out.put(value, bits);
     }
     out.finish();
     if (++stream < sh.num_substreams) bit = stream_start(stream);

@@ -171,7 +171,11 @@ KVC_HD float dequantize(int32_t code, float step) {
 // Nearest code to x / step (ties to even); the caller checks the bound with within_bound.
 KVC_HD float quantize_ratio(float x, float step) {
 #if defined(__CUDA_ARCH__)
-  return rintf(__fdiv_rn(x, step));
+  // __fdiv_rn's instruction, written out: the compiler takes the intrinsic as free to recompute
+  // and divided again at later uses of the code (10 divisions in the v1 encoder's PTX, not 2).
+  float r;
+  asm("div.rn.f32 %0, %1, %2;\n" : "=f"(r) : "f"(x), "f"(step));
+  return rintf(r);
 #else
   return __builtin_rintf(x / step);
 #endif
@@ -179,9 +183,33 @@ KVC_HD float quantize_ratio(float x, float step) {
 
 // |x - x_hat| <= bound, decided exactly: doubles hold the difference of two floats exactly
 // whenever it is close enough to the bound to matter.
-KVC_HD bool within_bound(float x, float x_hat, float bound) {
+KVC_HD bool within_bound_double(float x, float x_hat, float bound) {
   const double d = double(x) - double(x_hat);
   return (d < 0 ? -d : d) <= double(bound);
+}
+
+// fl(|x - y|): the float difference, rounded once.
+KVC_HD float abs_difference(float x, float y) {
+#if defined(__CUDA_ARCH__)
+  return fabsf(__fsub_rn(x, y));
+#else
+  const float d = x - y;
+  return d < 0 ? -d : d;
+#endif
+}
+
+// within_bound_double's verdict, mostly from floats. a = fl(|x - x_hat|) decides wherever it
+// differs from the bound: rounding to nearest is monotone and fixes every float, bound included,
+// and fl(-v) = -fl(v), so |x - x_hat| <= bound (exactly) gives a <= bound, and |x - x_hat| >
+// bound gives a >= bound (an overflow to inf included). Hence a < bound means within and
+// a > bound means not; only a == bound (or a NaN, where both verdicts are false) takes the
+// doubles. This needs IEEE subtraction with subnormals kept: the build sets -ftz=false and no
+// fast-math (src/CMakeLists.txt), and the device uses __fsub_rn, which is never contracted.
+KVC_HD bool within_bound(float x, float x_hat, float bound) {
+  const float a = abs_difference(x, x_hat);
+  if (a < bound) return true;
+  if (a > bound) return false;
+  return within_bound_double(x, x_hat, bound);  // a == bound, or a NaN
 }
 
 // Spacing of floats at |x| (a power of two; the smallest subnormal for 0).
@@ -209,11 +237,11 @@ KVC_HD float step_for_bound(float bound, float max_abs) {
 
 // Nearest code to x / step (ties to even), or a neighbour when float rounding of the product
 // pushes that one past the bound. False when no code within kMaxAbsCode meets the bound: the
-// encoder then stores the block verbatim.
-KVC_HD bool quantize_element(float x, float step, float bound, int32_t& code) {
-  const float r = quantize_ratio(x, step);
-  if (!(r > -float(kMaxAbsCode) && r < float(kMaxAbsCode))) return false;  // NaN too
-  const int32_t q = int32_t(r);
+// encoder then stores the block verbatim. quantize_element_slow tries q (the nearest code) with
+// the exact comparison, then q - 1 and q + 1 while inside (-kMaxAbsCode, kMaxAbsCode);
+// quantize_element first takes q where its float difference alone says it is within the bound
+// (within_bound's first test), which leaves the same code.
+KVC_HD bool quantize_element_slow(float x, float step, float bound, int32_t q, int32_t& code) {
   if (within_bound(x, dequantize(q, step), bound)) {
     code = q;
     return true;
@@ -225,6 +253,16 @@ KVC_HD bool quantize_element(float x, float step, float bound, int32_t& code) {
     }
   }
   return false;
+}
+KVC_HD bool quantize_element(float x, float step, float bound, int32_t& code) {
+  const float r = quantize_ratio(x, step);
+  if (!(r > -float(kMaxAbsCode) && r < float(kMaxAbsCode))) return false;  // NaN too
+  const int32_t q = int32_t(r);
+  if (abs_difference(x, dequantize(q, step)) < bound) {
+    code = q;
+    return true;
+  }
+  return quantize_element_slow(x, step, bound, q, code);
 }
 
 // Step and bound of a group in relative mode: the bound is rel * (hi - lo); the step, from

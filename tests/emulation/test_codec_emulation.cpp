@@ -310,5 +310,37 @@ TEST(CodecEmulationEdges, BadPointersAndNonFiniteInputAreMarkedPerBlock) {
   EXPECT_EQ(counts->nonfinite, 1u);
 }
 
+// Inf and NaN in every input type, through the encoder's 16-byte loads (an aligned block whose
+// rows are a multiple of 16 bytes) and its element-wise loads (the same rows one element
+// further on): size 0; the largest finite value of the type: the CPU's bytes.
+TEST(CodecEmulationEdges, NonFiniteInputIsFoundByBothLoadPaths) {
+  const kvc_codec_config c = make_config(KVC_KIND_KEY, 16, 64, KVC_BOUND_ABSOLUTE, 0.01f);
+  const CodecParams p = CodecParams::from_config(c, false);
+  const EmulatedBook none(nullptr);
+  const float inf = std::numeric_limits<float>::infinity();
+  for (kvc_dtype dt : {KVC_DTYPE_FP16, KVC_DTYPE_BF16, KVC_DTYPE_FP32}) {
+    const float largest = dt == KVC_DTYPE_FP16   ? 65504.0f
+                          : dt == KVC_DTYPE_BF16 ? 3.38953139e38f
+                                                 : 3.4028235e38f;
+    for (float special : {inf, -inf, std::numeric_limits<float>::quiet_NaN(), largest, -largest}) {
+      for (uint32_t shift : {0u, 1u}) {
+        std::vector<float> x = bench::synthetic_kv(false, 17, 72, 5);
+        x[size_t(5) * 72 + 7 + shift] = special;
+        const Block b = make_block(dt, 17, 72, 72, x);
+        const void* src = b.bytes.data() + shift * format::dtype_bytes(dt);
+        std::vector<uint8_t> out(p.max_block_bytes(dt), 0xEE), want(out.size(), 0xEE);
+        std::vector<uint32_t> sizes;
+        ASSERT_TRUE(emulated_encode(p, none.view(), {src}, 72, dt, {out.data()}, sizes).ok());
+        const bool finite = std::isfinite(special);
+        EXPECT_EQ(sizes[0] != 0, finite) << dt << " " << special << " shift " << shift;
+        if (finite) {
+          EXPECT_EQ(sizes[0], cpu::encode_block(p, nullptr, src, 72, dt, want.data()));
+          EXPECT_EQ(out, want) << dt << " " << special << " shift " << shift;
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace kvc::test

@@ -152,6 +152,70 @@ TEST(Format, QuantizeElementMeetsTheBoundOrRefuses) {
   }
 }
 
+// within_bound decides with a float difference first and falls back to doubles only where the
+// rounded difference equals the bound: its verdict must be the exact one in every case. Pairs
+// one ulp or a few apart, bounds equal to the rounded difference (the fallback) and just beside
+// it, subnormals, overflow to inf, and random magnitudes.
+TEST(Format, WithinBoundEqualsTheExactComparison) {
+  std::mt19937 rng(11);
+  // The double difference rounds monotonically and bound is a double: its verdict is exact.
+  auto exact = [](float x, float y, float bound) {
+    return std::fabs(double(x) - double(y)) <= double(bound);
+  };
+  auto next = [](float v, int k) {
+    for (; k > 0; --k) v = std::nextafter(v, INFINITY);
+    for (; k < 0; ++k) v = std::nextafter(v, -INFINITY);
+    return v;
+  };
+  long fallbacks = 0;
+  for (int i = 0; i < 2000000; ++i) {
+    const int e = int(rng() % 300) - 150;
+    const float x =
+        std::ldexp(float(rng() % (1u << 24)) / float(1u << 24), e) * ((rng() & 1) ? 1 : -1);
+    float y;
+    switch (rng() % 4) {
+      case 0:
+        y = next(x, int(rng() % 9) - 4);
+        break;
+      case 1:
+        y = std::ldexp(float(rng() % (1u << 24)) / float(1u << 24), e - int(rng() % 30));
+        break;
+      case 2:
+        y = -x;
+        break;
+      default:
+        y = x * (1.0f + std::ldexp(float(rng() % 1000), -int(rng() % 40)));
+        break;
+    }
+    const float a = std::fabs(x - y);
+    float bound;
+    switch (rng() % 4) {
+      case 0:
+        bound = a;
+        break;  // the fallback
+      case 1:
+        bound = next(a, int(rng() % 5) - 2);
+        break;
+      case 2:
+        bound = std::ldexp(1.0f, int(rng() % 280) - 149);
+        break;
+      default:
+        bound = a * float(rng() % 1000) / 500.0f;
+        break;
+    }
+    if (!(bound >= 0.0f)) bound = 0.0f;
+    fallbacks += a == bound;
+    ASSERT_EQ(within_bound(x, y, bound), exact(x, y, bound)) << x << " " << y << " " << bound;
+  }
+  EXPECT_GT(fallbacks, 100000);  // the tie path is exercised
+  const float big = 3.4028235e38f, inf = INFINITY;
+  EXPECT_FALSE(within_bound(big, -big, big));  // the float difference overflows
+  EXPECT_TRUE(within_bound(big, -big, inf));
+  EXPECT_FALSE(within_bound(1.0f, 0.0f, std::nanf("")));
+  EXPECT_TRUE(within_bound(1e-45f, 0.0f, 1e-45f));  // subnormal difference equal to the bound
+  EXPECT_FALSE(within_bound(3e-45f, 0.0f, 1e-45f));
+}
+
 TEST(Format, MeanCenterIsTheRoundedMean) {
   for (int64_t sum = -1000; sum <= 1000; ++sum) {
     for (uint32_t n : {1u, 2u, 3u, 7u, 64u}) {
