@@ -185,31 +185,33 @@ __device__ inline bool all_raw(const uint32_t* widths, uint32_t n) {
 }
 
 // ---- The tile words ---------------------------------------------------------------------------
-// The lane and lane word of tile word `word` where each lane's words come in runs of up to four
-// (tiles::pair_location): planes of 16- or 32-bit elements, and narrower planes whose lanes fill
-// at least a word.
-__device__ inline void lane_word_of(uint32_t word, uint32_t bits, uint32_t pairs, uint32_t& lane,
+// The lane and lane word of tile word `word` where lanes do not share words (the inverse of
+// tiles::locate_pair's word): runs of U = 2^log_u words, the 32 lanes side by side in each.
+__device__ inline void lane_word_of(uint32_t word, const tl::PlaneGeometry& g, uint32_t& lane,
                                     uint32_t& w) {
-  const uint32_t lw = tl::lane_words(bits, pairs), u = lw < 4u ? lw : 4u;
-  lane = (word % (32u * u)) / u;
-  w = (word / (32u * u)) * u + word % u;
+  const uint32_t log_run = 5u + g.log_u;  // a run: 32 lanes x U words
+  lane = (word & ((1u << log_run) - 1u)) >> g.log_u;
+  w = ((word >> log_run) << g.log_u) + (word & ((1u << g.log_u) - 1u));
 }
 
-// Calls f(lane, pair, shift) for each pair a `bits`-bit (<= 8) plane word holds (tile word
-// `word`, `pairs` pairs per lane): the inverse of tiles::pair_location.
+// Calls f(lane, pair, shift) for each pair a plane word of at most 8 bits holds (tile word
+// `word`): the inverse of tiles::locate_pair.
 template <class F>
-__device__ void pairs_of_word(uint32_t word, uint32_t bits, uint32_t pairs, F f) {
-  const uint32_t per_word = 16u / bits;
-  if (pairs < per_word) {
-    const uint32_t sharing = per_word / pairs;
+__device__ void pairs_of_word(uint32_t word, const tl::PlaneGeometry& g, F f) {
+  if (g.shared) {
+    const uint32_t sharing = 1u << g.log_sharing, pairs = 1u << g.log_pairs;
     for (uint32_t k = 0; k < sharing; ++k) {
-      for (uint32_t p = 0; p < pairs; ++p) f(word * sharing + k, p, (k * pairs + p) * bits);
+      for (uint32_t p = 0; p < pairs; ++p) {
+        f((word << g.log_sharing) + k, p, ((k << g.log_pairs) + p) * g.bits);
+      }
     }
     return;
   }
   uint32_t lane, w;
-  lane_word_of(word, bits, pairs, lane, w);
-  for (uint32_t s = 0; s < per_word; ++s) f(lane, w * per_word + s, s * bits);
+  lane_word_of(word, g, lane, w);
+  for (uint32_t s = 0; s < (1u << g.log_per_word); ++s) {
+    f(lane, (w << g.log_per_word) + s, s * g.bits);
+  }
 }
 
 template <kvc_dtype DT>
@@ -445,9 +447,9 @@ __global__ void __launch_bounds__(kThreads)
     const uint32_t wcode = st.widths[i];
     uint32_t local = at - st.tile_offset[i], word = 0;
     if (wcode == tl::kWRaw) {
-      const uint32_t bits = tl::element_bits(wcode, L.raw_dtype), w0 = local / 4;
+      const uint32_t bits = tl::element_bits(wcode, L.raw_dtype);
       uint32_t lane, w;
-      lane_word_of(w0, bits, pairs, lane, w);
+      lane_word_of(local / 4, tl::plane_geometry(bits, pairs), lane, w);
       if (bits == 32) {
         word = raw_bits(i, lane, w / 2, w % 2);
       } else {
@@ -460,11 +462,12 @@ __global__ void __launch_bounds__(kThreads)
       const uint32_t shift = plane == 0 ? 0u : tl::plane_bits(wcode, 0);
       const uint32_t mask = (1u << bits) - 1u;
       local -= plane == 0 ? 0u : p1;
-      pairs_of_word(local / 4, bits, pairs, [&](uint32_t lane, uint32_t p, uint32_t slot) {
-        const uint32_t lo = (code_offset(i, lane, p, 0) >> shift) & mask;
-        const uint32_t hi = (code_offset(i, lane, p, 1) >> shift) & mask;
-        word |= (lo << slot) | (hi << (slot + 16u));
-      });
+      pairs_of_word(local / 4, tl::plane_geometry(bits, pairs),
+                    [&](uint32_t lane, uint32_t p, uint32_t slot) {
+                      const uint32_t lo = (code_offset(i, lane, p, 0) >> shift) & mask;
+                      const uint32_t hi = (code_offset(i, lane, p, 1) >> shift) & mask;
+                      word |= (lo << slot) | (hi << (slot + 16u));
+                    });
     }
     words[at / 4] = word;
   }
