@@ -251,11 +251,10 @@ int main(int argc, char** argv) {
     const std::vector<uint16_t> sample_v =
         kvc::bench::synthetic_fp16_blocks(true, 16, kTokens, kDim, 6);
     kvcomp::Histogram hk, hv;
+    const kvcomp::Codec sample_k_codec(kc), sample_v_codec(vc);
     for (size_t b = 0; b < 16; ++b) {
-      kvcomp::Codec(kc).add_to_histogram(sample_k.data() + b * kBlockElems, KVC_DTYPE_FP16, kDim,
-                                         hk);
-      kvcomp::Codec(vc).add_to_histogram(sample_v.data() + b * kBlockElems, KVC_DTYPE_FP16, kDim,
-                                         hv);
+      sample_k_codec.add_to_histogram(sample_k.data() + b * kBlockElems, KVC_DTYPE_FP16, kDim, hk);
+      sample_v_codec.add_to_histogram(sample_v.data() + b * kBlockElems, KVC_DTYPE_FP16, kDim, hv);
     }
     const kvcomp::Codebook kbook = kvcomp::Codebook::build(hk), vbook = kvcomp::Codebook::build(hv);
     kvc_codec_config tk = kc, tv = vc;

@@ -119,6 +119,21 @@ __device__ __forceinline__ float round_to(float v) {
   return DT == KVC_DTYPE_BF16 ? format::bf16_to_float(h) : format::half_to_float(h);
 }
 
+// N consecutive words (N = 1, 2 or 4) at `at` in one load: the format aligns a lane's runs.
+template <uint32_t N>
+__device__ __forceinline__ void load_words(uint32_t (&w)[N], const uint32_t* at) {
+  if constexpr (N == 4) {
+    const uint4 v = *reinterpret_cast<const uint4*>(at);
+    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+  } else if constexpr (N == 2) {
+    const uint2 v = *reinterpret_cast<const uint2*>(at);
+    w[0] = v.x, w[1] = v.y;
+  } else {
+    static_assert(N == 1, "runs of 1, 2 or 4 words");
+    w[0] = at[0];
+  }
+}
+
 // acc[n] += A * B_n for the n-tiles of one tile of BITS-bit elements (16 = raw halves) with
 // NT n-tiles (2 NT pairs per lane). A lane reads its words in runs of U = min(4, words): pair p
 // = 2 n + r (register r of n-tile n's B fragment) lies where tiles::pair_location says, the
@@ -133,18 +148,9 @@ __device__ __forceinline__ void tile_products(float (&acc)[NT][4], const uint4& 
   static_assert(kWords * kPerWord == 2 * NT, "a lane's pairs fill whole words");
 #pragma unroll
   for (uint32_t u = 0; u < kWords / kUnit; ++u) {
-    const uint32_t* words = reinterpret_cast<const uint32_t*>(tile) +
-                            tiles::pair_location(lane, u * kUnit * kPerWord, BITS, 2 * NT).word;
     uint32_t w[kUnit];
-    if constexpr (kUnit == 4) {
-      const uint4 v = *reinterpret_cast<const uint4*>(words);
-      w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
-    } else if constexpr (kUnit == 2) {
-      const uint2 v = *reinterpret_cast<const uint2*>(words);
-      w[0] = v.x, w[1] = v.y;
-    } else {
-      w[0] = words[0];
-    }
+    load_words(w, reinterpret_cast<const uint32_t*>(tile) +
+                      tiles::pair_location(lane, u * kUnit * kPerWord, BITS, 2 * NT).word);
 #pragma unroll
     for (uint32_t j = 0; j < kTilesPerUnit; ++j) {
       uint32_t b[2];
@@ -159,21 +165,6 @@ __device__ __forceinline__ void tile_products(float (&acc)[NT][4], const uint4& 
       }
       device::mma_16816<DT == KVC_DTYPE_BF16>(acc[u * kTilesPerUnit + j], a, b[0], b[1]);
     }
-  }
-}
-
-// N consecutive words (N = 1, 2 or 4) at `at` in one load: the format aligns a lane's runs.
-template <uint32_t N>
-__device__ __forceinline__ void load_words(uint32_t (&w)[N], const uint32_t* at) {
-  if constexpr (N == 4) {
-    const uint4 v = *reinterpret_cast<const uint4*>(at);
-    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
-  } else if constexpr (N == 2) {
-    const uint2 v = *reinterpret_cast<const uint2*>(at);
-    w[0] = v.x, w[1] = v.y;
-  } else {
-    static_assert(N == 1, "runs of 1, 2 or 4 words");
-    w[0] = at[0];
   }
 }
 

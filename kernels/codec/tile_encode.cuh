@@ -249,17 +249,13 @@ __global__ void __launch_bounds__(kThreads)
     st.center_hi = INT_MIN;
   }
 
-  // 1. Load (coalesced rows), finite check, largest magnitude. D divides kThreads: a thread
-  // keeps its channel and steps kThreads / D rows at a time.
-  uint32_t local_max = 0;
-  bool bad = false;
-  for (uint32_t t = tid / D, c = tid % D; t < T; t += kThreads / D) {
-    const float x = load_input<DT>(src, size_t(t) * size_t(stride) + c);
-    const uint32_t a = f::float_bits(x) & 0x7FFFFFFFu;
-    bad |= a >= 0x7F800000u;
-    local_max = a > local_max ? a : local_max;
-    q.vals[t * D + c] = int32_t(f::float_bits(x));
-  }
+  // 1. Load (the v1 encoder's loader: row-major, 16-byte loads where the rows allow), finite
+  // check, largest magnitude. As keys, its walk is plain row-major order.
+  Shape rows{};
+  rows.num_tokens = T;
+  rows.head_dim = D;
+  uint32_t local_max = load_block<DT>(rows, src, stride, q.vals);
+  const bool bad = local_max >= 0x7F800000u;  // an inf or a NaN: |x|'s bits are the largest
   for (uint32_t m = 16; m > 0; m /= 2) {
     const uint32_t o = __shfl_xor_sync(0xFFFFFFFFu, local_max, int(m));
     local_max = o > local_max ? o : local_max;
