@@ -139,44 +139,6 @@ __device__ __forceinline__ uint32_t decode_symbol(Reader& in, const uint32_t* ta
   return symbol;
 }
 
-// Output conversion where no value can be a NaN: every step of the block is finite, so a
-// dequantized value is finite or an overflow to +-inf, and the clamp of to_half_saturate
-// (fminf/fmaxf, which keep finite values and infinities as that clamp does) and the hardware's
-// round-to-nearest-even give its bits without its NaN test. Pairs of adjacent elements of a row
-// leave in one 4-byte (fp32: 8-byte) store; `i` even, the destination aligned for it.
-template <kvc_dtype OUT>
-__device__ __forceinline__ float clamp_finite(float v) {
-  constexpr float m = OUT == KVC_DTYPE_BF16 ? 3.38953139e38f : 65504.0f;
-  return fminf(fmaxf(v, -m), m);
-}
-template <kvc_dtype OUT>
-__device__ __forceinline__ void store_output_finite(void* base, size_t i, float v) {
-  if constexpr (OUT == KVC_DTYPE_FP32) {
-    static_cast<float*>(base)[i] = v;
-  } else {
-    static_cast<uint16_t*>(base)[i] = device::half_rn<OUT == KVC_DTYPE_BF16>(clamp_finite<OUT>(v));
-  }
-}
-template <kvc_dtype OUT>
-__device__ __forceinline__ void store_pair_finite(void* base, size_t i, float a, float b) {
-  if constexpr (OUT == KVC_DTYPE_FP32) {
-#if defined(__CUDA_ARCH__)
-    *reinterpret_cast<float2*>(static_cast<float*>(base) + i) = make_float2(a, b);
-#else
-    const float v[2] = {a, b};
-    __builtin_memcpy(static_cast<float*>(base) + i, v, 8);
-#endif
-  } else {
-    const uint32_t v =
-        device::pack2<OUT == KVC_DTYPE_BF16>(clamp_finite<OUT>(a), clamp_finite<OUT>(b));
-#if defined(__CUDA_ARCH__)
-    *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(base) + i) = v;
-#else
-    __builtin_memcpy(static_cast<uint16_t*>(base) + i, &v, 4);
-#endif
-  }
-}
-
 __device__ inline kvc_status_t check_block(const Shape& sh, const BookView& book,
                                            const uint8_t* src, uint32_t available,
                                            f::BlockLayout& b) {
@@ -424,7 +386,7 @@ __global__ void __launch_bounds__(kThreads)
     groups_sc[g] = {
         step, uint32_t(L.center_base) + read_bits(src + L.centers_offset, centers_bytes,
                                                   uint64_t(g) * L.center_bits, L.center_bits)};
-    finite &= (f::float_bits(step) & 0x7F800000u) != 0x7F800000u;
+    finite &= f::is_finite(step);
   }
   // Every step finite: no decoded value is a NaN (store_output_finite).
   finite = __ballot_sync(0xFFFFFFFFu, !finite) == 0;

@@ -147,6 +147,44 @@ __device__ void store_output(void* base, size_t i, float v) {
   }
 }
 
+// Output conversion where no value can be a NaN: every step of the block is finite, so a
+// dequantized value is finite or an overflow to +-inf, and the clamp of to_half_saturate
+// (fminf/fmaxf, which keep finite values and infinities as that clamp does) and the hardware's
+// round-to-nearest-even give its bits without its NaN test. Pairs of adjacent elements of a row
+// leave in one 4-byte (fp32: 8-byte) store; `i` even, the destination aligned for it.
+template <kvc_dtype OUT>
+__device__ __forceinline__ float clamp_finite(float v) {
+  constexpr float m = OUT == KVC_DTYPE_BF16 ? 3.38953139e38f : 65504.0f;
+  return fminf(fmaxf(v, -m), m);
+}
+template <kvc_dtype OUT>
+__device__ __forceinline__ void store_output_finite(void* base, size_t i, float v) {
+  if constexpr (OUT == KVC_DTYPE_FP32) {
+    static_cast<float*>(base)[i] = v;
+  } else {
+    static_cast<uint16_t*>(base)[i] = device::half_rn<OUT == KVC_DTYPE_BF16>(clamp_finite<OUT>(v));
+  }
+}
+template <kvc_dtype OUT>
+__device__ __forceinline__ void store_pair_finite(void* base, size_t i, float a, float b) {
+  if constexpr (OUT == KVC_DTYPE_FP32) {
+#if defined(__CUDA_ARCH__)
+    *reinterpret_cast<float2*>(static_cast<float*>(base) + i) = make_float2(a, b);
+#else
+    const float v[2] = {a, b};
+    __builtin_memcpy(static_cast<float*>(base) + i, v, 8);
+#endif
+  } else {
+    const uint32_t v =
+        device::pack2<OUT == KVC_DTYPE_BF16>(clamp_finite<OUT>(a), clamp_finite<OUT>(b));
+#if defined(__CUDA_ARCH__)
+    *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(base) + i) = v;
+#else
+    __builtin_memcpy(static_cast<uint16_t*>(base) + i, &v, 4);
+#endif
+  }
+}
+
 // 16 bytes of global memory at a 16-byte-aligned address.
 __device__ __forceinline__ uint4 load_16(const void* p) {
 #if defined(__CUDA_ARCH__)
@@ -158,7 +196,7 @@ __device__ __forceinline__ uint4 load_16(const void* p) {
 #endif
 }
 
-// 16 bytes of shared memory at a 16-byte-aligned address.
+// Stores 16 bytes at a 16-byte-aligned address.
 __device__ __forceinline__ void store_16(void* p, uint32_t x, uint32_t y, uint32_t z, uint32_t w) {
 #if defined(__CUDA_ARCH__)
   *static_cast<uint4*>(p) = make_uint4(x, y, z, w);

@@ -93,6 +93,8 @@ KVC_HD float bits_float(uint32_t u) {
   return __builtin_bit_cast(float, u);
 #endif
 }
+// Neither an infinity nor a NaN, read from the bits (no dependence on fast-math flags).
+KVC_HD bool is_finite(float v) { return (float_bits(v) & 0x7F800000u) != 0x7F800000u; }
 
 KVC_HD float half_to_float(uint16_t h) {
   const uint32_t sign = uint32_t(h & 0x8000u) << 16;

@@ -186,42 +186,47 @@ std::vector<float> input_for(const Case& k) {
 }
 
 kvc_status_t cpu_decode(const CodecParams& p, const std::vector<uint8_t>& src, uint32_t available,
-                        kvc_dtype out, std::vector<uint8_t>& dst) {
+                        kvc_dtype out, std::vector<uint8_t>& dst, int64_t stride) {
   try {
-    cpu::decode_tile_block(p, src.data(), available, out, dst.data(), p.head_dim);
+    cpu::decode_tile_block(p, src.data(), available, out, dst.data(), stride);
     return KVC_SUCCESS;
   } catch (const Error& e) {
     return e.status();
   }
 }
 
-// Decodes `blocks` (each in an allocation of exactly `available` bytes) under emulation and on
-// the CPU into poisoned outputs of each dtype; expects equal statuses, and equal elements where
+// Decodes `blocks` (each `misalign` bytes into an allocation that ends after `available`
+// bytes) under emulation and on the CPU into poisoned outputs of each dtype, rows `stride`
+// elements apart (the gaps must stay poisoned); expects equal statuses, and equal elements where
 // both succeed. Returns how many the CPU rejected.
 int expect_same_decode(const std::string& name, const CodecParams& p,
                        const std::vector<std::vector<uint8_t>>& blocks,
                        const std::vector<uint32_t>& available,
-                       const std::vector<kvc_dtype>& outputs_of) {
+                       const std::vector<kvc_dtype>& outputs_of, int64_t stride,
+                       uint32_t misalign = 0) {
   int rejected = 0;
   for (kvc_dtype out : outputs_of) {
-    const size_t out_bytes = size_t(p.num_elements()) * format::dtype_bytes(out);
+    const size_t out_bytes = size_t(p.num_tokens) * size_t(stride) * format::dtype_bytes(out);
     std::vector<std::vector<uint8_t>> inputs, outputs;
     std::vector<const void*> src;
     std::vector<void*> dst;
     for (size_t i = 0; i < blocks.size(); ++i) {
-      inputs.emplace_back(blocks[i].begin(), blocks[i].begin() + available[i]);
+      inputs.emplace_back(misalign, uint8_t(0));
+      inputs.back().insert(inputs.back().end(), blocks[i].begin(),
+                           blocks[i].begin() + available[i]);
       outputs.emplace_back(out_bytes, uint8_t(0xFF));
     }
     for (size_t i = 0; i < blocks.size(); ++i) {
-      src.push_back(inputs[i].empty() ? static_cast<const void*>(&available[i]) : inputs[i].data());
+      src.push_back(inputs[i].empty() ? static_cast<const void*>(&available[i])
+                                      : inputs[i].data() + misalign);
       dst.push_back(outputs[i].data());
     }
     std::vector<kvc_status_t> status;
-    const auto r = emulated_tile_decode(p, src, available, out, dst, p.head_dim, status);
+    const auto r = emulated_tile_decode(p, src, available, out, dst, stride, status);
     EXPECT_TRUE(r.ok()) << name << "\n" << r.message();
     for (size_t i = 0; i < blocks.size(); ++i) {
       std::vector<uint8_t> want(out_bytes, 0xFF);
-      const kvc_status_t s = cpu_decode(p, blocks[i], available[i], out, want);
+      const kvc_status_t s = cpu_decode(p, blocks[i], available[i], out, want, stride);
       EXPECT_EQ(status[i], s) << name << " block " << i << " out " << out;
       if (s == KVC_SUCCESS) EXPECT_EQ(outputs[i], want) << name << " block " << i << " out " << out;
       rejected += s != KVC_SUCCESS;
@@ -262,7 +267,12 @@ TEST_P(TileCodecEmulation, EncodeIsByteIdenticalAndDecodeEqualsTheCpu) {
     blocks.emplace_back(want.begin(), want.begin() + n);
   }
 
-  expect_same_decode(k.name(), p, blocks, sizes, {KVC_DTYPE_FP16, KVC_DTYPE_BF16, KVC_DTYPE_FP32});
+  // Contiguous rows (the kernel's 16-byte stores) or rows 1 or 2 elements longer (stores by
+  // element); blocks at 4-byte-aligned addresses (word loads) or not (byte loads).
+  const int64_t stride = d + k.seed % 3;
+  const uint32_t misalign = k.seed % 4 == 1 ? 1u : 0u;
+  expect_same_decode(k.name(), p, blocks, sizes, {KVC_DTYPE_FP16, KVC_DTYPE_BF16, KVC_DTYPE_FP32},
+                     stride, misalign);
   if (!k.corrupt) return;
   // Damaged copies: truncation, and bit flips in the header, table and metadata (the first
   // bytes) or anywhere.
@@ -284,8 +294,8 @@ TEST_P(TileCodecEmulation, EncodeIsByteIdenticalAndDecodeEqualsTheCpu) {
     bad.push_back(b);
     available.push_back(n);
   }
-  const int rejected =
-      expect_same_decode(k.name() + " damaged", p, bad, available, {kvc_dtype(1 + k.seed / 2 % 3)});
+  const int rejected = expect_same_decode(k.name() + " damaged", p, bad, available,
+                                          {kvc_dtype(1 + k.seed / 2 % 3)}, stride);
   EXPECT_GE(rejected, 3) << k.name();  // at least the truncated copies
 }
 
@@ -383,8 +393,43 @@ TEST(TileCodecEmulationEdges, BadPointersNonFiniteInputAndForeignBlocks) {
     const int rejected = expect_same_decode(
         "foreign", q, blocks,
         {uint32_t(block.size()), uint32_t(v1_block.size()), uint32_t(newer.size())},
-        {KVC_DTYPE_BF16});
+        {KVC_DTYPE_BF16}, q.head_dim);
     EXPECT_EQ(rejected, o == 0 ? 2 : 3);
+  }
+}
+
+// Steps that are not finite, which only a damaged block holds (parsing does not read steps): a
+// group's elements become NaN or saturate, with the CPU's bits. A step so large that every
+// product overflows is finite and takes the fast path, whose clamp must saturate as well.
+TEST(TileCodecEmulationEdges, NonFiniteAndHugeStepsDecodeAsOnTheCpu) {
+  for (const bool is_value : {false, true}) {
+    kvc_codec_config c = make_config(is_value ? KVC_KIND_VALUE : KVC_KIND_KEY, 64, 64,
+                                     is_value ? KVC_BOUND_RELATIVE : KVC_BOUND_ABSOLUTE, 0.05f);
+    c.block_format = KVC_BLOCK_FORMAT_TILES;
+    const CodecParams p = CodecParams::from_config(c, false);
+    const Block b =
+        make_block(KVC_DTYPE_FP16, 64, 64, 64, bench::synthetic_kv(is_value, 64, 64, 11));
+    std::vector<uint8_t> block(p.max_block_bytes(KVC_DTYPE_FP16));
+    block.resize(cpu::encode_tile_block(p, b.data(), 64, KVC_DTYPE_FP16, block.data()));
+    t::TileLayout L{};
+    ASSERT_EQ(t::parse_block(block.data(), block.size(), L), t::ParseError::kNone);
+    ASSERT_EQ(L.per_group_step, is_value);
+    std::vector<std::vector<uint8_t>> damaged;
+    if (is_value) {  // group 5's bf16 step: +inf, a NaN, the largest finite bf16
+      for (const uint16_t bits : {uint16_t(0x7F80), uint16_t(0x7FC1), uint16_t(0x7F7F)}) {
+        damaged.push_back(block);
+        format::store_u16(damaged.back().data() + L.steps_offset + 2 * 5, bits);
+      }
+    } else {  // the block's fp32 step: +inf, a NaN, 3e38
+      for (const uint32_t bits : {0x7F800000u, 0x7FC00001u, format::float_bits(3e38f)}) {
+        damaged.push_back(block);
+        format::store_u32(damaged.back().data() + t::offset::kStep, bits);
+      }
+    }
+    const std::vector<uint32_t> sizes(damaged.size(), uint32_t(block.size()));
+    EXPECT_EQ(expect_same_decode(is_value ? "V steps" : "K step", p, damaged, sizes,
+                                 {KVC_DTYPE_FP16, KVC_DTYPE_BF16, KVC_DTYPE_FP32}, 64),
+              0);
   }
 }
 
