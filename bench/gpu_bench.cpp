@@ -218,8 +218,8 @@ int main(int argc, char** argv) {
   struct AttnRow {
     uint32_t batch, len;
     double compressed_ms, dense_ms, tiles_ms, compressed_gb, dense_gb, tiles_gb;
-    double compact_ms;    // the tile kernel with compact stages (two blocks per multiprocessor)
-    double compact_fits;  // the share of tile units (K + V block) that fit a compact stage
+    double compact_ms;  // the tile kernel with compact stages (two blocks per multiprocessor)
+    double wide_fits, compact_fits;  // the shares of tile units (K + V block) a stage holds
   };
   std::vector<AttnRow> attn;
   {
@@ -353,14 +353,17 @@ int main(int argc, char** argv) {
     const std::pair<uint32_t, uint32_t> shapes[] = {
         {1, 4096},   {1, 32768}, {1, 131072}, {8, 4096},  {8, 32768},
         {8, 131072}, {32, 4096}, {32, 32768}, {64, 4096}, {64, 32768}};
-    const size_t compact_stage = kvc::cuda::tile_stage_bytes(kvc::cuda::TileStaging::kCompact);
+    const uint32_t wide_stage =
+        kvc::cuda::tile_stage_bytes(kvc::cuda::TileStaging::kWide, kTokens, kDim);
+    const uint32_t compact_stage =
+        kvc::cuda::tile_stage_bytes(kvc::cuda::TileStaging::kCompact, kTokens, kDim);
     for (const auto& [batch, len] : shapes) {
       if (quick && !(batch == 8 && len == 32768)) continue;
       const uint32_t blocks = len / kTokens;
       std::vector<kvc::cuda::BlockLocation> table(size_t(batch) * blocks * kHeads * 2);
       std::vector<kvc::cuda::BlockLocation> tile_table(table.size());
       double compressed = 0, tiled = 0;
-      size_t fits = 0;
+      size_t wide_fits = 0, compact_fits = 0;
       for (uint32_t b = 0; b < batch; ++b) {
         for (uint32_t j = 0; j < blocks; ++j) {
           const size_t tb = size_t(b) * blocks + j;
@@ -373,7 +376,9 @@ int main(int argc, char** argv) {
               compressed += table[at].bytes;
               tiled += tile_table[at].bytes;
               if (kind == 1) {
-                fits += tile_table[at - 1].bytes + tile_table[at].bytes <= compact_stage ? 1 : 0;
+                const size_t unit = size_t(tile_table[at - 1].bytes) + tile_table[at].bytes;
+                wide_fits += unit <= wide_stage ? 1 : 0;
+                compact_fits += unit <= compact_stage ? 1 : 0;
               }
             }
           }
@@ -431,9 +436,10 @@ int main(int argc, char** argv) {
         kvc::cuda::attention_tiles(shape, plan, kTokens, tiles.pool, tiles.cap, d_tile_views, d_q,
                                    d_out, d_ws, stream, kvc::cuda::TileStaging::kCompact);
       });
+      const double units = double(batch) * blocks * kHeads;
       attn.push_back({batch, len, c_ms, d_ms, t_ms, compressed / 1e9,
                       double(batch) * len * row_elems * 2 * 2 / 1e9, tiled / 1e9, tc_ms,
-                      double(fits) / (double(batch) * blocks * kHeads)});
+                      double(wide_fits) / units, double(compact_fits) / units});
       for (void* d : {static_cast<void*>(d_table), static_cast<void*>(d_views),
                       static_cast<void*>(d_tile_table), static_cast<void*>(d_tile_views),
                       static_cast<void*>(d_lengths), d_q, d_out, d_ws}) {
@@ -466,17 +472,22 @@ int main(int argc, char** argv) {
     if (t > 0) std::printf(" %7.0f %6s", t, r.gbps >= t ? "met" : "missed");
     std::printf("%s\n", r.verified ? "" : "  FAILED its check");
   }
-  std::printf("\ndecode attention, Hq=32 Hkv=8 head_dim 128 fp16, median of %d\n", kReps);
-  std::printf("%-14s %11s %11s %11s %11s %8s %8s %8s %13s %7s %7s %6s\n", "B x L", "huffman ms",
+  std::printf(
+      "\ndecode attention, Hq=32 Hkv=8 head_dim 128 fp16, median of %d; tile stages: wide %u "
+      "bytes, compact %u (fit: the share of units a stage holds)\n",
+      kReps, kvc::cuda::tile_stage_bytes(kvc::cuda::TileStaging::kWide, kTokens, kDim),
+      kvc::cuda::tile_stage_bytes(kvc::cuda::TileStaging::kCompact, kTokens, kDim));
+  std::printf("%-14s %11s %11s %11s %11s %8s %8s %8s %13s %7s %7s %6s %6s\n", "B x L", "huffman ms",
               "tiles ms", "compact ms", "dense ms", "huff. x", "tiles x", "comp. x", "dense GB/s",
-              "huff. r", "tiles r", "fit");
+              "huff. r", "tiles r", "w fit", "c fit");
   for (const AttnRow& a : attn) {
     std::printf(
-        "%3u x %-8u %11.4f %11.4f %11.4f %11.4f %8.2f %8.2f %8.2f %13.1f %7.2f %7.2f %6.2f\n",
+        "%3u x %-8u %11.4f %11.4f %11.4f %11.4f %8.2f %8.2f %8.2f %13.1f %7.2f %7.2f %6.2f "
+        "%6.2f\n",
         a.batch, a.len, a.compressed_ms, a.tiles_ms, a.compact_ms, a.dense_ms,
         a.dense_ms / a.compressed_ms, a.dense_ms / a.tiles_ms, a.dense_ms / a.compact_ms,
         a.dense_gb / a.dense_ms * 1e3, a.dense_gb / a.compressed_gb, a.dense_gb / a.tiles_gb,
-        a.compact_fits);
+        a.wide_fits, a.compact_fits);
   }
   if (json) {
     FILE* f = std::fopen(json, "w");
@@ -496,10 +507,10 @@ int main(int argc, char** argv) {
                      "  {\"batch\": %u, \"len\": %u, \"compressed_ms\": %s, "
                      "\"tiles_ms\": %s, \"tiles_compact_ms\": %s, \"dense_ms\": %.5f, "
                      "\"compressed_gb\": %.4f, \"tiles_gb\": %.4f, \"dense_gb\": %.4f, "
-                     "\"compact_fits\": %.4f}%s\n",
+                     "\"wide_fits\": %.4f, \"compact_fits\": %.4f}%s\n",
                      a.batch, a.len, json_number(a.compressed_ms).c_str(),
                      json_number(a.tiles_ms).c_str(), json_number(a.compact_ms).c_str(), a.dense_ms,
-                     a.compressed_gb, a.tiles_gb, a.dense_gb, a.compact_fits,
+                     a.compressed_gb, a.tiles_gb, a.dense_gb, a.wide_fits, a.compact_fits,
                      i + 1 < attn.size() ? "," : "");
       }
       std::fprintf(f, "]}\n");

@@ -378,16 +378,13 @@ def report(cubin, nvdisasm, cuobjdump, source, markdown):
     rows = []
     for mangled, k in sorted(kernels.items()):
         pretty = demangle(mangled)
-        m = re.search(r"kvc::kernels::(\w+)<\(kvc_dtype\)(\d), (\d+)u(?:, (\d+)u)?(?:, (\d+)ul)?",
-                      pretty)
+        m = re.search(r"kvc::kernels::(\w+)<\(kvc_dtype\)(\d), (\d+)u(?:, (\d+)u)?", pretty)
         if not m or "attention" not in m.group(1):
             continue
         kind, dt, d = m.group(1), int(m.group(2)), int(m.group(3))
         extra = int(m.group(4)) if m.group(4) else None
         if extra is not None:  # the compressed kernel's group bucket, the tile kernel's T
             kind += f"<T{extra}>" if "tiles" in kind else f"<G{extra}>"
-        if m.group(5) and int(m.group(5)) != 16384:  # the tile kernel's compact stages
-            kind = kind[:-1] + f",S{int(m.group(5)) // 1024}K>"
         u = usage.get(mangled, {})
         row = dict(kernel=kind, dtype={1: "fp16", 2: "bf16"}.get(dt, str(dt)), head_dim=d,
                    regs=u.get("REG"), stack=u.get("STACK"), local=u.get("LOCAL"),

@@ -27,30 +27,38 @@
 
 namespace kvc::kernels {
 
-// Stage sizes. Two 16 KiB stages per warp take units (a K and a V block) of up to 16 KiB, i.e.
-// up to 8 bits per element at T = 64, D = 128, but hold one thread block (4 warps) per
-// multiprocessor (152 KiB of shared memory at D = 128). Compact stages of 10 KiB take units of
-// up to about 4.5 bits per element there, metadata included (3.5x and beyond), and let two
-// blocks share a multiprocessor (104 KiB): twice the warps to hide latency with. Which is faster is
-// for a GPU to say (bench/gpu_bench times both); a unit that does not fit is read from global
-// memory where it lies.
-constexpr size_t kWideStageBytes = 16 * 1024;
-constexpr size_t kCompactStageBytes = 10 * 1024;
+// Stages. A warp stages its next unit (a K and a V block) with cp.async into one of two stages
+// while it computes on the other; a unit larger than a stage is read from global memory where
+// it lies. The stage size is a launch argument (a multiple of 16 bytes), chosen by the host
+// (cuda::tile_stage_bytes): wide stages hold every unit of codes of at most 8 bits where the
+// device's shared memory allows (kLargestCodedUnit below; one thread block per multiprocessor
+// at D = 128), compact ones of kCompactStageBytes (T = 64, D = 128) hold units of up to about
+// 4.5 bits per element, metadata included (3.5x and beyond), and let two thread blocks share a
+// multiprocessor: twice the warps to hide latency with. Which is faster is for a GPU to say
+// (bench/gpu_bench times both).
+constexpr uint32_t kCompactStageBytes = 10 * 1024;
 
-template <uint32_t D, uint32_t T, size_t STAGE = kWideStageBytes>
+template <uint32_t D, uint32_t T>
 struct TileAttentionTraits {
-  static constexpr uint32_t kKSteps = D / 16;                            // K tiles
-  static constexpr uint32_t kVSteps = T / 16;                            // V tiles
-  static constexpr size_t kQueryBytes = size_t(16) * D * sizeof(float);  // [16][D]
+  static constexpr uint32_t kKSteps = D / 16;  // K tiles
+  static constexpr uint32_t kVSteps = T / 16;  // V tiles
+  // The group's queries channel-major, [D][kQueryPitch] floats: a warp's reads for an A
+  // fragment (8 rows x 4 channels 2 apart) fall in 32 distinct banks (20 = 8 * 4 + 4 banks per
+  // channel pair; at a pitch of 16, 8 lanes of a quad would share one bank).
+  static constexpr uint32_t kQueryPitch = 20;
+  static constexpr size_t kQueryBytes = size_t(D) * kQueryPitch * sizeof(float);
   static constexpr uint32_t kSteps = kKSteps > kVSteps ? kKSteps : kVSteps;
   static constexpr size_t kWarpBytes = size_t(kSteps) * kLanes * sizeof(uint4);  // A frags
-  // A unit's K and V blocks, staged with cp.async into one of two stages per warp.
-  static constexpr size_t kStageBytes = STAGE;
   static constexpr size_t kStages = 2;
-  static constexpr size_t smem_bytes() {
-    return kQueryBytes + size_t(kWarps) * (kWarpBytes + kStages * kStageBytes);
+  // The largest unit of codes of at most 8 bits: both blocks with every section at its largest
+  // (a permutation, a bf16 step and a 4-byte centre per group; docs/format.md, section 17.3)
+  // and 8 bits per element.
+  static constexpr size_t kLargestCodedUnit = (32 + 4 * (D / 16) + D + 6 * D + 15) / 16 * 16 +
+                                              (32 + 4 * (T / 16) + 6 * T + 15) / 16 * 16 +
+                                              2 * size_t(T) * D;
+  static constexpr size_t smem_bytes(size_t stage_bytes) {
+    return kQueryBytes + size_t(kWarps) * (kWarpBytes + kStages * stage_bytes);
   }
-  static_assert(STAGE % 16 == 0, "stages of whole cp.async chunks");
   static_assert(T % 16 == 0 && T >= 32 && D % 16 == 0 && D >= 64, "whole k-steps and n-tiles");
 };
 
@@ -234,26 +242,29 @@ __device__ __forceinline__ void tile_products_any(float (&acc)[NT][4], const uin
   }
 }
 
-template <kvc_dtype DT, uint32_t D, uint32_t T, size_t STAGE = kWideStageBytes>
+// stage_bytes: each of a warp's two stages, a multiple of 16; dynamic shared memory
+// TileAttentionTraits<D, T>::smem_bytes(stage_bytes).
+template <kvc_dtype DT, uint32_t D, uint32_t T>
 __global__ void __launch_bounds__(kWarps* kLanes)
     attention_tiles_kernel(AttentionParams P, const SequenceView* sequences, const uint8_t* pool,
-                           size_t page_bytes) {
-  using Tr = TileAttentionTraits<D, T, STAGE>;
+                           size_t page_bytes, uint32_t stage_bytes) {
+  using Tr = TileAttentionTraits<D, T>;
   constexpr bool kBf16 = DT == KVC_DTYPE_BF16;
   KVC_DYNAMIC_SHARED(uint8_t, smem);
   const uint32_t split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
   const uint32_t warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes, quad = lane % 4;
-  float* qf = reinterpret_cast<float*>(smem);  // [16][D]: the group's queries, zero rows after
-  uint8_t* mine = smem + Tr::kQueryBytes + warp * (Tr::kWarpBytes + Tr::kStages * Tr::kStageBytes);
+  float* qf = reinterpret_cast<float*>(smem);  // [D][kQueryPitch]: rows past the group zero
+  uint8_t* mine = smem + Tr::kQueryBytes + warp * (Tr::kWarpBytes + Tr::kStages * stage_bytes);
   uint4* qfrag = reinterpret_cast<uint4*>(mine);
   uint8_t* stages = mine + Tr::kWarpBytes;
 
   const uint32_t q_heads = P.kv_heads * P.group;
   for (uint32_t i = threadIdx.x; i < 16 * D; i += blockDim.x) {
     const uint32_t row = i / D, c = i % D;
-    qf[i] = row < P.group
-                ? load_elem<DT>(P.queries, (size_t(seq) * q_heads + head * P.group + row) * D + c)
-                : 0.0f;
+    qf[c * Tr::kQueryPitch + row] =
+        row < P.group
+            ? load_elem<DT>(P.queries, (size_t(seq) * q_heads + head * P.group + row) * D + c)
+            : 0.0f;
   }
   __syncthreads();
 
@@ -274,14 +285,14 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   auto stageable = [&](uint32_t u) {
     if (u >= sv.num_blocks) return false;
     const BlockLocation* loc = &sv.blocks[(size_t(u) * P.kv_heads + head) * 2];
-    return size_t(loc[0].bytes) + loc[1].bytes <= Tr::kStageBytes;
+    return size_t(loc[0].bytes) + loc[1].bytes <= stage_bytes;
   };
   // [sass stage] cp.async of unit u's K then V block into stage s (a group, committed even when
   // empty so that the wait counts stay uniform).
   auto stage_unit = [&](uint32_t u, uint32_t s) {
     if (stageable(u)) {
       const BlockLocation* loc = &sv.blocks[(size_t(u) * P.kv_heads + head) * 2];
-      uint8_t* dst = stages + s * Tr::kStageBytes;
+      uint8_t* dst = stages + s * stage_bytes;
       for (uint32_t kind = 0; kind < 2; ++kind) {
         const uint8_t* src = block_of(u, kind);
         for (uint32_t c = lane; c < loc[kind].bytes / 16; c += kLanes) {
@@ -313,7 +324,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
       vb = block_of(u, 1);
       if (stageable(u)) {
         const uint32_t k_bytes = sv.blocks[(size_t(u) * P.kv_heads + head) * 2].bytes;
-        kb = stages + s * Tr::kStageBytes;
+        kb = stages + s * stage_bytes;
         vb = kb + k_bytes;
       }
       const tiles::TileLayout kl = tile_layout(kb, T, D);
@@ -335,7 +346,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
 #pragma unroll
           for (uint32_t r = 0; r < 2; ++r) {  // A element i = 4 (e / 2) + 2 r + e % 2
             const uint32_t row = lane / 4 + 8 * r, i = 4 * (e / 2) + 2 * r + e % 2;
-            q[i] = row < P.group ? round_to<DT>(qf[row * D + ch] * step) : 0.0f;
+            q[i] = row < P.group ? round_to<DT>(qf[ch * Tr::kQueryPitch + row] * step) : 0.0f;
             s_offset[r] += q[i] * centre;
           }
         }
@@ -363,7 +374,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
 #pragma unroll
         for (uint32_t i = 0; i < 8; ++i) {
           const mma::Coord c = mma::a_coord(lane, i);
-          q[i] = qf[c.row * D + 16 * ks + c.col];
+          q[i] = qf[(16 * ks + c.col) * Tr::kQueryPitch + c.row];
         }
         const uint4 a =
             make_uint4(device::pack2<kBf16>(q[0], q[1]), device::pack2<kBf16>(q[2], q[3]),

@@ -129,42 +129,63 @@ void attention_compressed(const AttentionShape& s, const AttentionPlan& plan,
   combine(s, P, d_out, st);
 }
 
-size_t tile_stage_bytes(TileStaging staging) {
-  return staging == TileStaging::kCompact ? k::kCompactStageBytes : k::kWideStageBytes;
+namespace {
+
+// Calls f(D, T) (integral constants) for the tile kernel's shape.
+template <class F>
+void dispatch_tile_shape(uint32_t tokens_per_block, uint32_t head_dim, F&& f) {
+  require(tile_attention_covers(tokens_per_block, head_dim), KVC_ERROR_NOT_SUPPORTED,
+          "tile attention has kernels for blocks of 64 or 128 tokens at head_dim 64, 128 or 256, "
+          "at most 128 * 128 elements; not ",
+          tokens_per_block, " tokens at head_dim ", head_dim);
+  dispatch<uint32_t, 64u, 128u, 256u>(head_dim, "head_dim", [&](auto d) {
+    constexpr uint32_t D = decltype(d)::value;
+    dispatch<uint32_t, 64u, 128u>(tokens_per_block, "tokens per tile block", [&](auto t) {
+      if constexpr (D * decltype(t)::value <= 128 * 128) f(d, t);
+    });
+  });
+}
+
+// Wide: the largest coded unit, or as much as the device's shared memory leaves two stages per
+// warp. Compact: kCompactStageBytes.
+template <uint32_t D, uint32_t T>
+uint32_t stage_bytes_for(TileStaging staging) {
+  using Tr = k::TileAttentionTraits<D, T>;
+  if (staging == TileStaging::kCompact) {
+    require(D == 128 && T == 64, KVC_ERROR_NOT_SUPPORTED,
+            "compact tile staging exists for 64-token blocks at head_dim 128 only; not ", T,
+            " tokens at head_dim ", D);
+    return k::kCompactStageBytes;
+  }
+  const size_t fixed = Tr::smem_bytes(0), optin = shared_memory_optin();
+  const size_t room = optin > fixed ? (optin - fixed) / (k::kWarps * Tr::kStages) / 16 * 16 : 0;
+  return uint32_t(std::min(Tr::kLargestCodedUnit, room));
+}
+
+}  // namespace
+
+uint32_t tile_stage_bytes(TileStaging staging, uint32_t tokens_per_block, uint32_t head_dim) {
+  uint32_t bytes = 0;
+  dispatch_tile_shape(tokens_per_block, head_dim, [&](auto d, auto t) {
+    bytes = stage_bytes_for<decltype(d)::value, decltype(t)::value>(staging);
+  });
+  return bytes;
 }
 
 void attention_tiles(const AttentionShape& s, const AttentionPlan& plan, uint32_t tokens_per_block,
                      const uint8_t* d_pool, size_t page_bytes, const SequenceView* d_sequences,
                      const void* d_queries, void* d_out, void* d_workspace, void* stream,
                      TileStaging staging) {
-  require(tile_attention_covers(tokens_per_block, s.head_dim), KVC_ERROR_NOT_SUPPORTED,
-          "tile attention has kernels for blocks of 64 or 128 tokens at head_dim 64, 128 or 256, "
-          "at most 128 * 128 elements; not ",
-          tokens_per_block, " tokens at head_dim ", s.head_dim);
-  const bool compact = staging == TileStaging::kCompact;
-  require(!compact || (tokens_per_block == 64 && s.head_dim == 128), KVC_ERROR_NOT_SUPPORTED,
-          "compact tile staging exists for 64-token blocks at head_dim 128 only; not ",
-          tokens_per_block, " tokens at head_dim ", s.head_dim);
   const k::AttentionParams P = params_for(s, plan, tokens_per_block, d_queries, d_workspace);
   const auto st = static_cast<cudaStream_t>(stream);
   const dim3 grid(plan.num_splits, s.kv_heads, s.num_sequences);
   dispatch<kvc_dtype, KVC_DTYPE_FP16, KVC_DTYPE_BF16>(s.dtype, "dtype", [&](auto dt) {
-    constexpr kvc_dtype DT = decltype(dt)::value;
-    if (compact) {
-      using Tr = k::TileAttentionTraits<128, 64, k::kCompactStageBytes>;
-      launch(k::attention_tiles_kernel<DT, 128, 64, k::kCompactStageBytes>, grid,
-             k::kWarps * k::kLanes, Tr::smem_bytes(), st, P, d_sequences, d_pool, page_bytes);
-      return;
-    }
-    dispatch<uint32_t, 64u, 128u, 256u>(s.head_dim, "head_dim", [&](auto d) {
-      dispatch<uint32_t, 64u, 128u>(tokens_per_block, "tokens per tile block", [&](auto t) {
-        constexpr uint32_t D = decltype(d)::value, T = decltype(t)::value;
-        if constexpr (D * T <= 128 * 128) {
-          launch(k::attention_tiles_kernel<DT, D, T>, grid, k::kWarps * k::kLanes,
-                 k::TileAttentionTraits<D, T>::smem_bytes(), st, P, d_sequences, d_pool,
-                 page_bytes);
-        }
-      });
+    dispatch_tile_shape(tokens_per_block, s.head_dim, [&](auto d, auto t) {
+      constexpr uint32_t D = decltype(d)::value, T = decltype(t)::value;
+      const uint32_t stage = stage_bytes_for<D, T>(staging);
+      launch(k::attention_tiles_kernel<decltype(dt)::value, D, T>, grid, k::kWarps * k::kLanes,
+             k::TileAttentionTraits<D, T>::smem_bytes(stage), st, P, d_sequences, d_pool,
+             page_bytes, stage);
     });
   });
   combine(s, P, d_out, st);

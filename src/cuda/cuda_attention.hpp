@@ -75,11 +75,13 @@ constexpr bool tile_attention_covers(uint32_t tokens_per_block, uint32_t head_di
 }
 
 // How the tile kernel stages units in shared memory (kernels/attention/tile_attention.cuh):
-// wide stages fit every coded unit but leave one thread block per multiprocessor; compact ones
-// (T = 64, head_dim 128 only) fit units of up to about 4.5 bits per element and two blocks.
+// wide stages fit every unit of codes of at most 8 bits where the device's shared memory
+// allows, with one thread block per multiprocessor at head_dim 128; compact ones (T = 64,
+// head_dim 128 only) fit units of up to about 4.5 bits per element, and two blocks.
 enum class TileStaging { kWide, kCompact };
-// The largest unit (a K and a V block, in bytes) a stage holds; larger ones are read in place.
-size_t tile_stage_bytes(TileStaging staging);
+// The largest unit (a K and a V block, in bytes) a stage holds on the current device; larger
+// ones are read in place.
+uint32_t tile_stage_bytes(TileStaging staging, uint32_t tokens_per_block, uint32_t head_dim);
 
 // The same over tile blocks (format t1) of tokens_per_block tokens (64 or 128; 64 at head_dim
 // 256), as the store writes them: 16-byte aligned in the pool, raw tiles in the cache dtype.

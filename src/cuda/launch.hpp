@@ -57,6 +57,15 @@ constexpr bool needs_shared_memory_opt_in(size_t dynamic_bytes, size_t static_by
 // ever raised (lowering it for one codec could break another's launch or captured graph). The
 // cache is keyed by the function's address: every template instantiation is its own kernel with
 // its own limit. Failures are not cached. Calls made here are legal during stream capture.
+// The most shared memory (static and dynamic) a thread block of the current device may opt in to.
+inline size_t shared_memory_optin() {
+  int optin = 0;
+  check_cuda(
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, current_device()),
+      "cudaDeviceGetAttribute");
+  return size_t(optin);
+}
+
 inline void allow_shared_memory(const void* kernel, size_t dynamic_bytes) {
   struct Known {
     int device;
@@ -77,11 +86,8 @@ inline void allow_shared_memory(const void* kernel, size_t dynamic_bytes) {
     it = known.end() - 1;
   }
   if (it->raised || !needs_shared_memory_opt_in(dynamic_bytes, it->static_bytes)) return;
-  int optin = 0;
-  check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-             "cudaDeviceGetAttribute");
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  optin - int(it->static_bytes)),
+                                  int(shared_memory_optin() - it->static_bytes)),
              "raising the kernel's shared-memory limit");
   // Kernels this large stage their data in shared memory rather than lean on L1: ask for the
   // largest shared-memory split, so that as many of their blocks as fit share a multiprocessor

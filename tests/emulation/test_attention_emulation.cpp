@@ -57,13 +57,14 @@ std::vector<uint16_t> combine(const TileCase& c, const k::AttentionParams& P) {
 
 // Runs the tile kernel on a case against the reference; returns how many of the cache's units
 // (a K and a V block of one head) fit one stage.
-template <kvc_dtype DT, uint32_t D, uint32_t T, size_t STAGE = k::kWideStageBytes>
-size_t run_tiles(TileCase c, uint32_t splits, std::mt19937& rng) {
+template <kvc_dtype DT, uint32_t D, uint32_t T>
+size_t run_tiles(TileCase c, uint32_t splits, std::mt19937& rng,
+                 uint32_t stage = k::TileAttentionTraits<D, T>::kLargestCodedUnit) {
   const TileCacheImage im = build_tile_cache(c, rng);
   size_t stageable = 0;
   for (const auto& table : im.tables) {
     for (size_t i = 0; i + 1 < table.size(); i += 2) {
-      stageable += table[i].bytes + table[i + 1].bytes <= STAGE ? 1 : 0;
+      stageable += table[i].bytes + table[i + 1].bytes <= stage ? 1 : 0;
     }
   }
   std::vector<kernels::SequenceView> views(c.batch);
@@ -73,12 +74,12 @@ size_t run_tiles(TileCase c, uint32_t splits, std::mt19937& rng) {
   }
   const uint32_t units = kernels::max_attention_units(im.max_blocks, c.sinks);
   Launch l = make_launch(c, (units + splits - 1) / splits, splits, T, im.q.data());
-  using Tr = k::TileAttentionTraits<D, T, STAGE>;
-  const auto r = emu::launch(k::attention_tiles_kernel<DT, D, T, STAGE>,
-                             emu::Dim3(splits, c.kv_heads, c.batch), emu::Dim3(k::kWarps * 32),
-                             Tr::smem_bytes(), l.params,
-                             static_cast<const kernels::SequenceView*>(views.data()),
-                             static_cast<const uint8_t*>(im.pool.data()), im.pool.size());
+  using Tr = k::TileAttentionTraits<D, T>;
+  const auto r =
+      emu::launch(k::attention_tiles_kernel<DT, D, T>, emu::Dim3(splits, c.kv_heads, c.batch),
+                  emu::Dim3(k::kWarps * 32), Tr::smem_bytes(stage), l.params,
+                  static_cast<const kernels::SequenceView*>(views.data()),
+                  static_cast<const uint8_t*>(im.pool.data()), im.pool.size(), stage);
   EXPECT_TRUE(r.errors.empty()) << r.errors.front();
   const auto out = combine<DT>(c, l.params);
   EXPECT_TRUE(outputs_match(c, im, out, l.params.scale, tile_tolerance(DT)));
@@ -108,12 +109,13 @@ TEST(AttentionEmulation, TileKernelMatchesTheReference) {
 // staged, units past 10 KiB (V bound below 8 bits: raw V tiles) read where they lie.
 TEST(AttentionEmulation, TileKernelWithCompactStages) {
   std::mt19937 rng(9);
-  EXPECT_EQ(
-      (run_tiles<KVC_DTYPE_FP16, 128, 64, k::kCompactStageBytes>(
-          {2, 1, 4, 128, 64, KVC_DTYPE_FP16, 0.25f, 0.07f, 1.0f, {64 * 6 + 9, 130}, 4}, 2, rng)),
-      8u);  // every block: 6 + 2
-  EXPECT_EQ((run_tiles<KVC_DTYPE_BF16, 128, 64, k::kCompactStageBytes>(
-                {1, 1, 2, 128, 64, KVC_DTYPE_BF16, 0.25f, 0.0005f, 1.0f, {64 * 3 + 1}}, 1, rng)),
+  EXPECT_EQ((run_tiles<KVC_DTYPE_FP16, 128, 64>(
+                {2, 1, 4, 128, 64, KVC_DTYPE_FP16, 0.25f, 0.07f, 1.0f, {64 * 6 + 9, 130}, 4}, 2,
+                rng, k::kCompactStageBytes)),
+            8u);  // every block: 6 + 2
+  EXPECT_EQ((run_tiles<KVC_DTYPE_BF16, 128, 64>(
+                {1, 1, 2, 128, 64, KVC_DTYPE_BF16, 0.25f, 0.0005f, 1.0f, {64 * 3 + 1}}, 1, rng,
+                k::kCompactStageBytes)),
             0u);
 }
 
