@@ -72,11 +72,12 @@ struct LaneRows {
 // both words already shifted to the run's first slot; steps finite, so that no element is a NaN
 // (store_output_finite). Widths are template arguments, so every shift and mask is a constant.
 // Pair 2m + r of the run is register r of the run's n-block m, `nblock_bytes` further on in the
-// stage.
+// stage. A run is at most run_slots(kBits0) pairs: a plane-0 word's (width 0: 8).
+KVC_HD constexpr uint32_t run_slots(uint32_t bits0) { return bits0 == 0 ? 8u : 16u / bits0; }
 template <uint32_t kBits0, bool kSplit, kvc_dtype OUT>
 __device__ __forceinline__ void decode_run(uint32_t w0, uint32_t w1, uint32_t run_pairs,
                                            const LaneRows& rows, uint32_t nblock_bytes) {
-  constexpr uint32_t kBits1 = kSplit ? kBits0 / 2 : 0u, kSlots = kBits0 == 0 ? 8u : 16u / kBits0;
+  constexpr uint32_t kBits1 = kSplit ? kBits0 / 2 : 0u, kSlots = run_slots(kBits0);
   constexpr uint32_t kMask0 = (1u << kBits0) - 1u, kMask1 = (1u << kBits1) - 1u;
   // A lane has at least 4 pairs, so only a run of 8 slots can be cut short (to 4).
   const bool whole = run_pairs == kSlots;
@@ -117,7 +118,11 @@ __device__ void write_tile_elements(const tl::TileLayout& L, const uint8_t* src,
   // The lane's pairs of a tile in the chunk: from 2 * (first n-block), 2 * (n-blocks) of them.
   const uint32_t chunk_tiles = kValue ? chunk / 16 : L.num_tiles;
   const uint32_t chunk_nblocks = kValue ? L.nblocks : chunk / 8;
-  const uint32_t warps_per_tile = chunk_tiles >= kWarps ? 1u : kWarps / chunk_tiles;
+  // Warps per tile and their stride over the chunk's tiles, powers of two (as shifts).
+  const uint32_t log_warps_per_tile =
+      chunk_tiles >= kWarps ? 0u : tl::log2_pow2(kWarps) - tl::log2_pow2(chunk_tiles);
+  const uint32_t warps_per_tile = 1u << log_warps_per_tile,
+                 warp_in_tile = warp & (warps_per_tile - 1);
   // The stage's step from one n-block to the next: K 8 rows, V 8 columns.
   const uint32_t nblock_bytes = kValue ? 8 * es : 8 * pitch;
   // Row-wise copy-out: 16 bytes at a time where the output's rows allow, else by element.
@@ -127,7 +132,8 @@ __device__ void write_tile_elements(const tl::TileLayout& L, const uint8_t* src,
 
   for (uint32_t t0 = 0; t0 < T; t0 += chunk) {
     const uint32_t first_nblock = kValue ? 0u : t0 / 8;
-    for (uint32_t ct = warp / warps_per_tile; ct < chunk_tiles; ct += kWarps / warps_per_tile) {
+    for (uint32_t ct = warp >> log_warps_per_tile; ct < chunk_tiles;
+         ct += kWarps >> log_warps_per_tile) {
       const uint32_t tile = kValue ? t0 / 16 + ct : ct;
       const uint32_t w = tb.width[tile];
       const uint8_t* at = src + tb.tile_at[tile];
@@ -151,11 +157,11 @@ __device__ void write_tile_elements(const tl::TileLayout& L, const uint8_t* src,
       if (fast && !raw) {
         // Runs of as many pairs as a plane-0 word holds (width 0: 8), or all of a lane's pairs
         // where lanes share a word; a warp's runs are spread over the warps sharing the tile.
-        const uint32_t slots = bits0 == 0 ? 8u : 16u / bits0;
-        const uint32_t run_pairs = slots < pairs ? slots : pairs;
-        const uint32_t runs = 2 * chunk_nblocks / run_pairs;
         auto decode_runs = [&](auto bits0_c, auto split_c) {
-          for (uint32_t run = warp % warps_per_tile; run < runs; run += warps_per_tile) {
+          constexpr uint32_t kSlots = run_slots(decltype(bits0_c)::value);
+          const uint32_t run_pairs = kSlots < pairs ? kSlots : pairs;
+          const uint32_t runs = (2 * chunk_nblocks) >> tl::log2_pow2(run_pairs);
+          for (uint32_t run = warp_in_tile; run < runs; run += warps_per_tile) {
             const uint32_t p = 2 * first_nblock + run * run_pairs;
             const tl::PairLocation l0 = tl::locate_pair(g0, lane, p);
             const tl::PairLocation l1 = tl::locate_pair(g1, lane, p);
@@ -193,7 +199,7 @@ __device__ void write_tile_elements(const tl::TileLayout& L, const uint8_t* src,
         }
         continue;
       }
-      for (uint32_t cn = warp % warps_per_tile; cn < chunk_nblocks; cn += warps_per_tile) {
+      for (uint32_t cn = warp_in_tile; cn < chunk_nblocks; cn += warps_per_tile) {
         // n-block nb: the lane's pairs 2 nb (r = 0) and 2 nb + 1 (r = 1).
         const uint32_t p = 2 * (first_nblock + cn), offset = cn * nblock_bytes;
 #pragma unroll
