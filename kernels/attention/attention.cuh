@@ -29,12 +29,24 @@ constexpr uint32_t kMaxTokensPerLane = 4;      // T <= 128
 constexpr float kLog2e = 1.4426950408889634f;  // scores in base 2: exp2 is one MUFU
 
 struct AttentionParams {
-  uint32_t kv_heads, group, block_tokens, units_per_split, num_parts;
+  uint32_t kv_heads, group, block_tokens, num_parts;
   float scale;
   const void* queries;  // [B, kv_heads * group, D]
   float* part_acc;      // [B, kv_heads * group, num_parts, D]
   float* part_ml;       // [B, kv_heads * group, num_parts, 2]: running max and sum
 };
+
+// The units split `split` of `splits` covers: an equal share of this sequence's own units, not
+// of the longest one's, so that a short sequence of a batch (or of a store planned for its
+// capacity, as graph capture needs) still spreads over every split.
+struct UnitRange {
+  uint32_t begin, end;
+};
+__device__ __forceinline__ UnitRange split_units(uint32_t units, uint32_t split, uint32_t splits) {
+  const uint32_t per = (units + splits - 1) / splits;
+  const uint32_t begin = min(units, split * per);
+  return {begin, min(units, begin + per)};
+}
 
 // ---- Element access -------------------------------------------------------------------------
 
@@ -253,9 +265,8 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   const SequenceView sv = sequences[seq];
   const uint32_t units = attention_units(sv, T);
   st.init(D);
-  const uint32_t begin = split * P.units_per_split;
-  const uint32_t end = min(units, begin + P.units_per_split);
-  for (uint32_t u = begin + warp; u < end; u += kWarps) {
+  const UnitRange range = split_units(units, split, gridDim.x);
+  for (uint32_t u = range.begin + warp; u < range.end; u += kWarps) {
     if (u < sv.num_blocks) {
       const BlockLocation* loc = &sv.blocks[(size_t(u) * P.kv_heads + head) * 2];
       BlockParams bp;
@@ -443,7 +454,8 @@ __global__ void __launch_bounds__(kWarps* kLanes)
 
   const uint32_t len = lengths[seq];
   const uint32_t units = (len + U - 1) / U;
-  const uint32_t end = min(units, (split + 1) * P.units_per_split);
+  const UnitRange range = split_units(units, split, gridDim.x);
+  const uint32_t end = range.end;
   const size_t row_stride = size_t(P.kv_heads) * D;  // elements between tokens
   const size_t first = (size_t(seq) * max_tokens * P.kv_heads + head) * D;
   const uint16_t* k_rows = static_cast<const uint16_t*>(keys) + first;
@@ -467,7 +479,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   };
 
   MmaSoftmax<D> st;
-  uint32_t u = split * P.units_per_split + warp;
+  uint32_t u = range.begin + warp;
   if (u < end) stage_unit(u, 0);
   for (uint32_t s = 0; u < end; u += kWarps, s ^= 1) {
     if (u + kWarps < end) {

@@ -271,7 +271,8 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   // Read where used (L1 hits), not held: at D = 256 every register counts.
   const SequenceView& sv = sequences[seq];
   const uint32_t units = attention_units(sv, T);
-  const uint32_t end = min(units, (split + 1) * P.units_per_split);
+  const UnitRange range = split_units(units, split, gridDim.x);
+  const uint32_t end = range.end;
   const float scale = P.scale * kLog2e;
 
   MmaSoftmax<D> st;  // its bias: the sum of p' * centre
@@ -304,7 +305,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
     device::cp_async_commit();
   };
 
-  uint32_t u = split * P.units_per_split + warp;
+  uint32_t u = range.begin + warp;
   if (u < end) stage_unit(u, 0);
   for (uint32_t s = 0; u < end; u += kWarps, s ^= 1) {
     if (u + kWarps < end) {

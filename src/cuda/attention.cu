@@ -43,11 +43,12 @@ AttentionPlan make_plan(const AttentionShape& s, uint32_t max_units, int sms = m
   const uint64_t per_split_grid = uint64_t(s.kv_heads) * s.num_sequences;
   uint32_t splits = uint32_t(std::clamp<uint64_t>((want + per_split_grid - 1) / per_split_grid, 1,
                                                   std::max(1u, max_units)));
+  // No split of the longest sequence empty.
   const uint32_t per = std::max(1u, (max_units + splits - 1) / splits);
   splits = std::max(1u, (max_units + per - 1) / per);
   const uint64_t parts = uint64_t(splits) * k::kWarps;
   const uint64_t rows = uint64_t(s.num_sequences) * s.kv_heads * s.group * parts;
-  return {splits, per, size_t(rows * (s.head_dim + 2) * sizeof(float))};
+  return {splits, size_t(rows * (s.head_dim + 2) * sizeof(float))};
 }
 
 k::AttentionParams params_for(const AttentionShape& s, const AttentionPlan& plan,
@@ -55,8 +56,7 @@ k::AttentionParams params_for(const AttentionShape& s, const AttentionPlan& plan
   const uint32_t parts = plan.num_splits * k::kWarps;
   const size_t rows = size_t(s.num_sequences) * s.kv_heads * s.group * parts;
   float* acc = static_cast<float*>(workspace);
-  return {s.kv_heads, s.group, block_tokens, plan.units_per_split,   parts,
-          s.scale,    queries, acc,          acc + rows * s.head_dim};
+  return {s.kv_heads, s.group, block_tokens, parts, s.scale, queries, acc, acc + rows * s.head_dim};
 }
 
 void combine(const AttentionShape& s, const k::AttentionParams& P, void* out, cudaStream_t stream) {

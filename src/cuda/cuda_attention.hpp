@@ -43,11 +43,11 @@ DeviceCodebooksPtr upload_codebooks(const Codebook* key_book, const Codebook* va
 void require_attention_support(const AttentionShape& shape, const CodecParams& key,
                                const CodecParams& value);
 
-// The split schedule: how many chunks each sequence's tokens are cut into (flash-decoding), from
-// the longest sequence and the GPU's multiprocessor count; and the workspace it needs.
+// The split schedule: how many chunks each sequence's own units are cut into (flash-decoding;
+// kernels::split_units), from the longest sequence and the GPU's multiprocessor count; and the
+// workspace it needs.
 struct AttentionPlan {
   uint32_t num_splits;
-  uint32_t units_per_split;  // attention units (kernels::attention_units) per split
   size_t workspace_bytes;
 };
 // max_units: the units of the longest sequence, at most kernels::max_attention_units(its

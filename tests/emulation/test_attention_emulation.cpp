@@ -21,14 +21,13 @@ namespace {
 
 namespace k = kvc::kernels;
 
-// The workspace and parameters attention.cu's params_for makes, for `splits` splits of
-// `units_per_split` units each.
+// The workspace and parameters attention.cu's params_for makes, for `splits` splits (each
+// sequence's units shared among them).
 struct Launch {
   k::AttentionParams params;
   std::vector<float> workspace;
 };
-Launch make_launch(const TileCase& c, uint32_t units_per_split, uint32_t splits,
-                   uint32_t block_tokens, const void* queries) {
+Launch make_launch(const TileCase& c, uint32_t splits, uint32_t block_tokens, const void* queries) {
   const uint32_t parts = splits * k::kWarps;
   const size_t rows = size_t(c.batch) * c.kv_heads * c.group * parts;
   Launch l;
@@ -36,7 +35,6 @@ Launch make_launch(const TileCase& c, uint32_t units_per_split, uint32_t splits,
   l.params = {c.kv_heads,
               c.group,
               block_tokens,
-              units_per_split,
               parts,
               1.0f / std::sqrt(float(c.dim)),
               queries,
@@ -72,8 +70,7 @@ size_t run_tiles(TileCase c, uint32_t splits, std::mt19937& rng,
     views[b] = {im.tables[b].data(), c.lengths[b] / T,     im.sinks[b],
                 c.lengths[b] % T,    im.dense_k[b].data(), im.dense_v[b].data()};
   }
-  const uint32_t units = kernels::max_attention_units(im.max_blocks, c.sinks);
-  Launch l = make_launch(c, (units + splits - 1) / splits, splits, T, im.q.data());
+  Launch l = make_launch(c, splits, T, im.q.data());
   using Tr = k::TileAttentionTraits<D, T>;
   const auto r =
       emu::launch(k::attention_tiles_kernel<DT, D, T>, emu::Dim3(splits, c.kv_heads, c.batch),
@@ -155,8 +152,7 @@ void run_dense(TileCase c, uint32_t splits, std::mt19937& rng) {
   im.q.resize(size_t(c.batch) * Hq * D);
   for (auto& x : im.q) x = to_bits(DT, normal(rng));
   constexpr uint32_t U = k::DenseMmaTraits<D>::kUnit;
-  const uint32_t units = (max_len + U - 1) / U;
-  Launch l = make_launch(c, (units + 1) / 2, 2, U, im.q.data());
+  Launch l = make_launch(c, 2, U, im.q.data());
   const auto r =
       emu::launch(k::attention_dense_kernel<DT, D>, emu::Dim3(2, H, c.batch),
                   emu::Dim3(k::kWarps * 32), k::DenseMmaTraits<D>::smem_bytes(), l.params, max_len,

@@ -29,7 +29,7 @@ struct Case {
 
 // attention.cu's make_plan and params_for, for `sms` multiprocessors.
 struct Plan {
-  uint32_t splits, per_split;
+  uint32_t splits;
   size_t workspace_floats;
 };
 Plan make_plan(uint32_t batch, uint32_t kv_heads, uint32_t group, uint32_t dim, uint32_t units,
@@ -40,7 +40,7 @@ Plan make_plan(uint32_t batch, uint32_t kv_heads, uint32_t group, uint32_t dim, 
   const uint32_t per = std::max(1u, (units + splits - 1) / splits);
   splits = std::max(1u, (units + per - 1) / per);
   const uint64_t rows = uint64_t(batch) * kv_heads * group * splits * kernels::kWarps;
-  return {splits, per, size_t(rows * (dim + 2))};
+  return {splits, size_t(rows * (dim + 2))};
 }
 
 template <kvc_dtype DT, uint32_t D, uint32_t G>
@@ -54,7 +54,6 @@ emu::LaunchResult emulated_attention(const Case& c, const Plan& plan, const Code
   const kernels::AttentionParams P{c.kv_heads,
                                    c.group,
                                    T,
-                                   plan.per_split,
                                    parts,
                                    1.0f / std::sqrt(float(D)),
                                    queries,
