@@ -50,10 +50,12 @@ __device__ __forceinline__ UnitRange split_units(uint32_t units, uint32_t split,
 
 // ---- Element access -------------------------------------------------------------------------
 
+// An fp16/bf16 element as a float, with the hardware's conversion (attention does not carry
+// NaN payloads, which is all the format's portable conversion would add).
 template <kvc_dtype DT>
 __device__ __forceinline__ float load_elem(const void* base, size_t i) {
   const uint16_t h = static_cast<const uint16_t*>(base)[i];
-  return DT == KVC_DTYPE_BF16 ? f::bf16_to_float(h) : f::half_to_float(h);
+  return DT == KVC_DTYPE_BF16 ? f::bf16_to_float(h) : device::half_to_float(h);
 }
 
 // The channel that V sub-stream `lane` holds in its k-th slot (slots: D / 32 per lane).

@@ -120,11 +120,13 @@ __device__ __forceinline__ uint32_t codes_to_pair(uint32_t w, uint32_t slot) {
   }
 }
 
-// v rounded to the cache dtype (what a fragment holds), as a float.
+// v rounded to the cache dtype (what a fragment holds), as a float: two conversions (the
+// format's portable half_to_float would cost a dozen instructions and a loop).
 template <kvc_dtype DT>
 __device__ __forceinline__ float round_to(float v) {
-  const uint16_t h = uint16_t(device::pack2<DT == KVC_DTYPE_BF16>(v, 0.0f));
-  return DT == KVC_DTYPE_BF16 ? format::bf16_to_float(h) : format::half_to_float(h);
+  constexpr bool kBf16 = DT == KVC_DTYPE_BF16;
+  const uint16_t h = device::half_rn<kBf16>(v);
+  return kBf16 ? format::bf16_to_float(h) : device::half_to_float(h);
 }
 
 // N consecutive words (N = 1, 2 or 4) at `at` in one load: the format aligns a lane's runs.
