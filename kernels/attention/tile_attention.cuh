@@ -97,12 +97,15 @@ __device__ __forceinline__ float tile_step(const uint8_t* p, const tiles::TileLa
              ? format::bf16_to_float(reinterpret_cast<const uint16_t*>(p + b.steps_offset)[g])
              : format::bits_float(b.step_bits);
 }
+// A centre offset (1, 2 or 4 bytes at a multiple of its size, from a 4-byte-aligned section)
+// lies in one aligned word: one load, a shift and a mask, no branch on the width. The word
+// ends within the section's last aligned word, so inside the block.
 __device__ __forceinline__ float tile_center(const uint8_t* p, const tiles::TileLayout& b,
                                              uint32_t g) {
-  const uint8_t* at = p + b.centers_offset;
-  const uint32_t off = b.center_bytes == 1   ? uint32_t(at[g])
-                       : b.center_bytes == 2 ? uint32_t(reinterpret_cast<const uint16_t*>(at)[g])
-                                             : reinterpret_cast<const uint32_t*>(at)[g];
+  const uint32_t at = b.centers_offset + g * b.center_bytes;
+  const uint32_t word = *reinterpret_cast<const uint32_t*>(p + (at & ~3u));
+  const uint32_t mask = b.center_bytes == 4 ? ~0u : (1u << (8 * b.center_bytes)) - 1u;
+  const uint32_t off = (word >> (8 * (at & 3u))) & mask;
   return float(int32_t(uint32_t(b.center_base) + off));
 }
 

@@ -6,14 +6,20 @@
 // it must equal the code the tile's bytes hold for that element (tiles::pair_location, the
 // format's placement, docs/format.md §17). Over 2^bits launches every element position (every
 // lane, pair, half and so every slot of every word of both planes) holds every code once, the
-// other slots of its words holding other codes.
+// other slots of its words holding other codes. And the kernel's readers of a block's metadata
+// (tile_layout, tile_step, tile_center) against the format's (tiles::parse_block, group_step,
+// group_center), over centres of 1, 2 and 4 bytes.
 #include "tests/emulation/device_emulation.hpp"  // first: the kernels compile against it
 //
 #include <gtest/gtest.h>
 
+#include <set>
 #include <vector>
 
+#include "codec/codec_params.hpp"
+#include "cpu/tile_codec_cpu.hpp"
 #include "kernels/attention/tile_attention.cuh"
+#include "test_support.hpp"
 
 namespace kvc::test {
 namespace {
@@ -110,6 +116,53 @@ TEST(TileProductsEmulation, EveryCodeOfEveryWidthReachesTheMma) {
   check_all_widths<KVC_DTYPE_BF16, 16>();
   check_all_widths<KVC_DTYPE_FP16, 32>();
   check_all_widths<KVC_DTYPE_BF16, 32>();
+}
+
+// K blocks (a step for the block) and V blocks (a bf16 step per token) whose groups are shifted
+// by offsets of up to `reach` codes, so that the centres need 1, 2 or 4 bytes: the kernel's
+// readers give the format's steps and centres for every group.
+TEST(TileProductsEmulation, MetadataReadersEqualTheFormats) {
+  std::set<uint32_t> center_bytes;
+  for (const bool is_value : {false, true}) {
+    for (const float reach : {60.0f, 3000.0f, 200000.0f}) {
+      constexpr uint32_t T = 64, D = 64;
+      const kvc_codec_config c =
+          make_config(is_value ? KVC_KIND_VALUE : KVC_KIND_KEY, T, D,
+                      is_value ? KVC_BOUND_RELATIVE : KVC_BOUND_ABSOLUTE, is_value ? 0.3f : 0.5f);
+      kvc_codec_config tiles_config = c;
+      tiles_config.block_format = KVC_BLOCK_FORMAT_TILES;
+      const CodecParams p = CodecParams::from_config(tiles_config, false);
+      // Group g (K channel, V token) around g * reach / groups codes (K: step 1; V: the
+      // token's step is about 0.3 * 2 / 255 of its range, 2 here).
+      std::vector<float> x(size_t(T) * D);
+      for (uint32_t t = 0; t < T; ++t) {
+        for (uint32_t ch = 0; ch < D; ++ch) {
+          const uint32_t g = is_value ? t : ch;
+          const float spread = is_value ? reach * 0.3f * 2.0f / 255.0f * 2.0f : reach;
+          x[size_t(t) * D + ch] =
+              float(g) / float(D) * spread + float((t * 7 + ch * 3) % 5) * 0.25f;
+        }
+      }
+      const Block b = make_block(KVC_DTYPE_FP32, T, D, D, x);
+      std::vector<uint8_t> block(p.max_block_bytes(KVC_DTYPE_FP32) + 4);
+      block.resize(cpu::encode_tile_block(p, b.data(), D, KVC_DTYPE_FP32, block.data()));
+      t::TileLayout want{};
+      ASSERT_EQ(t::parse_block(block.data(), block.size(), want), t::ParseError::kNone);
+      ASSERT_TRUE(want.quantized);
+      center_bytes.insert(want.center_bytes);
+      const t::TileLayout got = k::tile_layout(block.data(), T, D);
+      EXPECT_EQ(got.centers_offset, want.centers_offset);
+      EXPECT_EQ(got.steps_offset, want.steps_offset);
+      for (uint32_t g = 0; g < want.num_groups; ++g) {
+        ASSERT_EQ(k::tile_step(block.data(), got, g), t::group_step(block.data(), want, g))
+            << is_value << " " << reach << " group " << g;
+        ASSERT_EQ(k::tile_center(block.data(), got, g),
+                  float(int32_t(t::group_center(block.data(), want, g))))
+            << is_value << " " << reach << " group " << g << " centre bytes " << want.center_bytes;
+      }
+    }
+  }
+  EXPECT_EQ(center_bytes, (std::set<uint32_t>{1, 2, 4}));
 }
 
 }  // namespace
