@@ -372,27 +372,30 @@ struct MmaSoftmax {
   float l[2] = {0.0f, 0.0f};
   float bias[2] = {0.0f, 0.0f};
 
-  // Folds in a unit's scores sc (element i of an n-tile is row i / 2): (sc + offset) * scale,
-  // tokens outside [skip, valid) masked (the range is never empty); sc becomes the unnormalised
-  // probabilities.
+  // Folds in a unit's scores sc (element i of an n-tile is the lane's row half i / 2: row
+  // lane / 4 + 8 (i / 2)): (sc + offset) * scale, tokens outside [skip, valid) masked (the range
+  // is never empty); sc becomes the unnormalised probabilities. The upper half (rows 8-15) only
+  // where `upper`, i.e. a group of more than 8 query heads: else those rows hold no query and
+  // the warp skips them (their sc stays as the MMA left it, and write() never reads them).
   template <uint32_t NS>
   __device__ __forceinline__ void absorb(float (&sc)[NS][4], const float (&offset)[2], float scale,
-                                         uint32_t skip, uint32_t valid, uint32_t quad) {
-    float top[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (uint32_t n = 0; n < NS; ++n) {
-#pragma unroll
-      for (uint32_t i = 0; i < 4; ++i) {
-        const uint32_t token = 8 * n + 2 * quad + i % 2;
-        sc[n][i] = token >= skip && token < valid ? (sc[n][i] + offset[i / 2]) * scale : -INFINITY;
-        top[i / 2] = fmaxf(top[i / 2], sc[n][i]);
-      }
-    }
+                                         uint32_t skip, uint32_t valid, uint32_t quad, bool upper) {
 #pragma unroll
     for (uint32_t r = 0; r < 2; ++r) {
-      top[r] = fmaxf(top[r], __shfl_xor_sync(~0u, top[r], 1));
-      top[r] = fmaxf(top[r], __shfl_xor_sync(~0u, top[r], 2));
-      const float m_new = fmaxf(m[r], top[r]);
+      if (r == 1 && !upper) break;
+      float top = -INFINITY;
+#pragma unroll
+      for (uint32_t n = 0; n < NS; ++n) {
+#pragma unroll
+        for (uint32_t h = 0; h < 2; ++h) {
+          const uint32_t i = 2 * r + h, token = 8 * n + 2 * quad + h;
+          sc[n][i] = token >= skip && token < valid ? (sc[n][i] + offset[r]) * scale : -INFINITY;
+          top = fmaxf(top, sc[n][i]);
+        }
+      }
+      top = fmaxf(top, __shfl_xor_sync(~0u, top, 1));
+      top = fmaxf(top, __shfl_xor_sync(~0u, top, 2));
+      const float m_new = fmaxf(m[r], top);
       const float alpha = exp2f(m[r] - m_new);
       m[r] = m_new;
       l[r] *= alpha;
@@ -402,13 +405,13 @@ struct MmaSoftmax {
         o[n][2 * r] *= alpha;
         o[n][2 * r + 1] *= alpha;
       }
-    }
 #pragma unroll
-    for (uint32_t n = 0; n < NS; ++n) {
+      for (uint32_t n = 0; n < NS; ++n) {
 #pragma unroll
-      for (uint32_t i = 0; i < 4; ++i) {
-        sc[n][i] = exp2f(sc[n][i] - m[i / 2]);
-        l[i / 2] += sc[n][i];
+        for (uint32_t h = 0; h < 2; ++h) {
+          sc[n][2 * r + h] = exp2f(sc[n][2 * r + h] - m[r]);
+          l[r] += sc[n][2 * r + h];
+        }
       }
     }
   }
@@ -513,7 +516,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
     }
 
     // [sass softmax] Online softmax, base 2.
-    st.absorb(sc, {0.0f, 0.0f}, P.scale * kLog2e, 0, valid, quad);
+    st.absorb(sc, {0.0f, 0.0f}, P.scale * kLog2e, 0, valid, quad, P.group > 8);
 
     // [sass V] O += P V: the accumulators of n-tiles 2kk and 2kk + 1 are the A fragment of k-step
     // kk. ldmatrix.trans matrix j of lane 8j + r is token 8 (j % 2) + r of the k-step, channels of

@@ -279,6 +279,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   const UnitRange range = split_units(units, split, gridDim.x);
   const uint32_t end = range.end;
   const float scale = P.scale * kLog2e;
+  const bool upper = P.group > 8;  // rows 8-15 of the MMA hold queries
 
   MmaSoftmax<D> st;  // its bias: the sum of p' * centre
 
@@ -338,22 +339,30 @@ __global__ void __launch_bounds__(kWarps* kLanes)
 
       // [sass Kprep] q' = q * step as A fragments, and the score offsets sum q' * centre.
       // A lane's A elements of a k-step are rows lane / 4 and lane / 4 + 8 at positions
-      // 2 quad + {0, 1, 8, 9}; each lane writes and reads only its own fragments.
+      // 2 quad + {0, 1, 8, 9}; each lane writes and reads only its own fragments. Rows 8-15
+      // only for a group of more than 8 heads (else they stay zero).
       for (uint32_t ks = 0; ks < Tr::kKSteps; ++ks) {
         const bool coded =
             kl.quantized && tiles::entry_width(tile_entry(kb, kl, ks)) != tiles::kWRaw;
-        float q[8];
+        uint32_t ch[4];
+        float step[4], centre[4];
 #pragma unroll
         for (uint32_t e = 0; e < 4; ++e) {  // position 16 ks + 2 quad + e % 2 + 8 (e / 2)
           const uint32_t pos = 16 * ks + 2 * quad + e % 2 + 8 * (e / 2);
-          const uint32_t ch = tiles::channel_of(kb, kl, pos);
-          const float step = coded ? tile_step(kb, kl, pos) : 1.0f;
-          const float centre = coded ? tile_center(kb, kl, pos) : 0.0f;
+          ch[e] = tiles::channel_of(kb, kl, pos);
+          step[e] = coded ? tile_step(kb, kl, pos) : 1.0f;
+          centre[e] = coded ? tile_center(kb, kl, pos) : 0.0f;
+        }
+        float q[8] = {};
 #pragma unroll
-          for (uint32_t r = 0; r < 2; ++r) {  // A element i = 4 (e / 2) + 2 r + e % 2
-            const uint32_t row = lane / 4 + 8 * r, i = 4 * (e / 2) + 2 * r + e % 2;
-            q[i] = row < P.group ? round_to<DT>(qf[ch * Tr::kQueryPitch + row] * step) : 0.0f;
-            s_offset[r] += q[i] * centre;
+        for (uint32_t r = 0; r < 2; ++r) {
+          if (r == 1 && !upper) break;
+          const uint32_t row = lane / 4 + 8 * r;
+#pragma unroll
+          for (uint32_t e = 0; e < 4; ++e) {  // A element i = 4 (e / 2) + 2 r + e % 2
+            const uint32_t i = 4 * (e / 2) + 2 * r + e % 2;
+            q[i] = row < P.group ? round_to<DT>(qf[ch[e] * Tr::kQueryPitch + row] * step[e]) : 0.0f;
+            s_offset[r] += q[i] * centre[e];
           }
         }
         qfrag[ks * kLanes + lane] =
@@ -405,7 +414,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
     }
     // Block 0 skips its first sink_tokens tokens, read as uncompressed rows (a sequence without
     // blocks has no sinks: unit 0 is then uncompressed rows, sink_tokens 0).
-    st.absorb(sc, s_off, scale, u == 0 ? sv.sink_tokens : 0u, valid, quad);
+    st.absorb(sc, s_off, scale, u == 0 ? sv.sink_tokens : 0u, valid, quad, upper);
 
     if (vb != nullptr) {
       // [sass Vprep] P' = P * step[t] for coded tiles as A fragments (n-tiles 2 kk, 2 kk + 1
@@ -414,17 +423,22 @@ __global__ void __launch_bounds__(kWarps* kLanes)
       for (uint32_t kk = 0; kk < Tr::kVSteps; ++kk) {
         const bool coded =
             vl.quantized && tiles::entry_width(tile_entry(vb, vl, kk)) != tiles::kWRaw;
-        float p[8];
+        float step[4], centre[4];
 #pragma unroll
         for (uint32_t e = 0; e < 4; ++e) {  // token 16 kk + 2 quad + e % 2 + 8 (e / 2)
           const uint32_t t = 16 * kk + 2 * quad + e % 2 + 8 * (e / 2);
-          const float step = coded ? tile_step(vb, vl, t) : 1.0f;
-          const float centre = coded ? tile_center(vb, vl, t) : 0.0f;
+          step[e] = coded ? tile_step(vb, vl, t) : 1.0f;
+          centre[e] = coded ? tile_center(vb, vl, t) : 0.0f;
+        }
+        float p[8] = {};
 #pragma unroll
-          for (uint32_t r = 0; r < 2; ++r) {
+        for (uint32_t r = 0; r < 2; ++r) {
+          if (r == 1 && !upper) break;
+#pragma unroll
+          for (uint32_t e = 0; e < 4; ++e) {
             const uint32_t i = 4 * (e / 2) + 2 * r + e % 2;
-            p[i] = round_to<DT>(sc[2 * kk + i / 4][i % 4] * step);
-            st.bias[r] += p[i] * centre;
+            p[i] = round_to<DT>(sc[2 * kk + i / 4][i % 4] * step[e]);
+            st.bias[r] += p[i] * centre[e];
           }
         }
         qfrag[kk * kLanes + lane] =
