@@ -185,7 +185,7 @@ __device__ __forceinline__ void store_pair_finite(void* base, size_t i, float a,
   }
 }
 
-// 16 bytes of global memory at a 16-byte-aligned address.
+// Loads 16 bytes (global or shared memory) at a 16-byte-aligned address.
 __device__ __forceinline__ uint4 load_16(const void* p) {
 #if defined(__CUDA_ARCH__)
   return *static_cast<const uint4*>(p);

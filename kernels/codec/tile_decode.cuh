@@ -49,6 +49,7 @@ struct TileTables {
 constexpr uint32_t kDecodeStageBytes = 32768, kDecodeStageMaxTokens = 128, kDecodeStagePad = 16;
 constexpr uint32_t kDecodeStageBufferBytes =
     kDecodeStageBytes + kDecodeStageMaxTokens * kDecodeStagePad;
+static_assert(kDecodeStageBytes / (256 * 4) >= 32, "chunks of at least 32 tokens at D 256, fp32");
 
 // The tokens of one chunk: a power of two, and since D * element bytes <= 1024, at least 32 or
 // the whole block: every run below (at most 4 n-blocks, 32 tokens of a K tile) and every V tile
@@ -59,8 +60,8 @@ KVC_HD uint32_t stage_tokens(uint32_t num_tokens, uint32_t head_dim, uint32_t el
   return num_tokens < most ? num_tokens : most;
 }
 
-// A lane's four rows of a tile (i = 2r + h: B-operand row k = 2t + 8r + h): their steps and
-// centres, and where their elements of the chunk's first n-block go in the stage.
+// A lane's four rows of a tile (i = 2r + h: B-operand row k = 2 (lane % 4) + 8r + h): their
+// steps and centres, and where their elements of the chunk's first n-block go in the stage.
 struct LaneRows {
   float step[4];
   uint32_t center[4];

@@ -147,19 +147,26 @@ void dispatch_tile_shape(uint32_t tokens_per_block, uint32_t head_dim, F&& f) {
 }
 
 // Wide: the largest coded unit, or as much as the device's shared memory leaves two stages per
-// warp. Compact: kCompactStageBytes.
+// warp. Compact: kCompactStageBytes. NOT_SUPPORTED where the device cannot hold the block's
+// queries, fragments and two stages per warp of at least 16 bytes.
 template <uint32_t D, uint32_t T>
 uint32_t stage_bytes_for(TileStaging staging) {
   using Tr = k::TileAttentionTraits<D, T>;
+  const size_t optin = shared_memory_optin();
+  size_t stage = Tr::kLargestCodedUnit;
   if (staging == TileStaging::kCompact) {
     require(D == 128 && T == 64, KVC_ERROR_NOT_SUPPORTED,
             "compact tile staging exists for 64-token blocks at head_dim 128 only; not ", T,
             " tokens at head_dim ", D);
-    return k::kCompactStageBytes;
+    stage = k::kCompactStageBytes;
+  } else if (optin > Tr::smem_bytes(0)) {
+    stage = std::min(stage, (optin - Tr::smem_bytes(0)) / (k::kWarps * Tr::kStages) / 16 * 16);
   }
-  const size_t fixed = Tr::smem_bytes(0), optin = shared_memory_optin();
-  const size_t room = optin > fixed ? (optin - fixed) / (k::kWarps * Tr::kStages) / 16 * 16 : 0;
-  return uint32_t(std::min(Tr::kLargestCodedUnit, room));
+  require(stage >= 16 && Tr::smem_bytes(stage) <= optin, KVC_ERROR_NOT_SUPPORTED,
+          "tile attention at head_dim ", D, " with ", T, "-token blocks needs ",
+          Tr::smem_bytes(std::max<size_t>(stage, 16)),
+          " bytes of shared memory per thread block; this device allows ", optin);
+  return uint32_t(stage);
 }
 
 }  // namespace

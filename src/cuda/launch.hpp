@@ -46,6 +46,15 @@ inline void require_device(int device, const char* what) {
 // (__shared__ variables) included.
 constexpr size_t kDefaultSharedMemoryBytes = 48 * 1024;
 
+// The most shared memory (static and dynamic) a thread block of the current device may opt in to.
+inline size_t shared_memory_optin() {
+  int optin = 0;
+  check_cuda(
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, current_device()),
+      "cudaDeviceGetAttribute");
+  return size_t(optin);
+}
+
 // Whether a launch with `dynamic_bytes` of dynamic shared memory needs the kernel's limit raised.
 constexpr bool needs_shared_memory_opt_in(size_t dynamic_bytes, size_t static_bytes) {
   return dynamic_bytes + static_bytes > kDefaultSharedMemoryBytes;
@@ -57,15 +66,6 @@ constexpr bool needs_shared_memory_opt_in(size_t dynamic_bytes, size_t static_by
 // ever raised (lowering it for one codec could break another's launch or captured graph). The
 // cache is keyed by the function's address: every template instantiation is its own kernel with
 // its own limit. Failures are not cached. Calls made here are legal during stream capture.
-// The most shared memory (static and dynamic) a thread block of the current device may opt in to.
-inline size_t shared_memory_optin() {
-  int optin = 0;
-  check_cuda(
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, current_device()),
-      "cudaDeviceGetAttribute");
-  return size_t(optin);
-}
-
 inline void allow_shared_memory(const void* kernel, size_t dynamic_bytes) {
   struct Known {
     int device;

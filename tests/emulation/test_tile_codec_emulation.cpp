@@ -16,6 +16,7 @@
 #include <random>
 #include <set>
 #include <sstream>
+#include <tuple>
 
 #include "codec/codec_params.hpp"
 #include "core/error.hpp"
@@ -120,6 +121,17 @@ std::vector<Case> cases() {
   add(KVC_KIND_KEY, 32, 256);     // 16 tiles, 256 channels to sort
   add(KVC_KIND_KEY, 256, 128);    // 32K elements: the largest an H100 takes (128 KiB of codes)
   add(KVC_KIND_VALUE, 128, 256);
+  // Coded blocks that the decoder takes in several chunks of tokens (K: a tile's later n-blocks;
+  // V: later tiles), on realistic data with moderate bounds, so that its fast path runs past the
+  // first chunk.
+  for (const auto& [kind, tokens, dim, dtype] :
+       {std::tuple{KVC_KIND_KEY, 1024u, 16u, KVC_DTYPE_FP16},
+        std::tuple{KVC_KIND_KEY, 256u, 128u, KVC_DTYPE_BF16},
+        std::tuple{KVC_KIND_VALUE, 1024u, 16u, KVC_DTYPE_FP32}}) {
+    kvc_codec_config c = make_config(kind, tokens, dim, KVC_BOUND_RELATIVE, 0.05f);
+    c.block_format = KVC_BLOCK_FORMAT_TILES;
+    out.push_back({c, dtype, Data::kSynthetic, false, ++seed});
+  }
   return out;
 }
 
@@ -267,12 +279,14 @@ TEST_P(TileCodecEmulation, EncodeIsByteIdenticalAndDecodeEqualsTheCpu) {
     blocks.emplace_back(want.begin(), want.begin() + n);
   }
 
-  // Contiguous rows (the kernel's 16-byte stores) or rows 1 or 2 elements longer (stores by
-  // element); blocks at 4-byte-aligned addresses (word loads) or not (byte loads).
-  const int64_t stride = d + k.seed % 3;
-  const uint32_t misalign = k.seed % 4 == 1 ? 1u : 0u;
+  // Contiguous rows from 4-byte-aligned blocks (the kernel's word loads and 16-byte stores), in
+  // every output dtype; then rows 1 or 2 elements longer (stores by element), from a block at an
+  // odd address for a quarter of the cases (byte loads).
   expect_same_decode(k.name(), p, blocks, sizes, {KVC_DTYPE_FP16, KVC_DTYPE_BF16, KVC_DTYPE_FP32},
-                     stride, misalign);
+                     d);
+  const int64_t stride = d + 1 + k.seed % 2;
+  expect_same_decode(k.name() + " strided", p, blocks, sizes, {kvc_dtype(1 + k.seed / 3 % 3)},
+                     stride, k.seed % 4 == 1 ? 1u : 0u);
   if (!k.corrupt) return;
   // Damaged copies: truncation, and bit flips in the header, table and metadata (the first
   // bytes) or anywhere.
