@@ -385,6 +385,8 @@ def report(cubin, nvdisasm, cuobjdump, source, markdown):
         extra = int(m.group(4)) if m.group(4) else None
         if extra is not None:  # the compressed kernel's group bucket, the tile kernel's T
             kind += f"<T{extra}>" if "tiles" in kind else f"<G{extra}>"
+        if re.search(r", true>\(", pretty):  # the MMA kernels' variant for groups above 8
+            kind = (kind[:-1] + ",G9+>") if kind.endswith(">") else kind + "<G9+>"
         u = usage.get(mangled, {})
         row = dict(kernel=kind, dtype={1: "fp16", 2: "bf16"}.get(dt, str(dt)), head_dim=d,
                    regs=u.get("REG"), stack=u.get("STACK"), local=u.get("LOCAL"),

@@ -442,7 +442,8 @@ struct MmaSoftmax {
   }
 };
 
-template <kvc_dtype DT, uint32_t D>
+// UPPER: a group of more than 8 query heads (rows 8-15 of the MMA), as for the tile kernel.
+template <kvc_dtype DT, uint32_t D, bool UPPER>
 __global__ void __launch_bounds__(kWarps* kLanes)
     attention_dense_kernel(AttentionParams P, uint32_t max_tokens, const uint32_t* lengths,
                            const void* keys, const void* values) {
@@ -516,7 +517,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
     }
 
     // [sass softmax] Online softmax, base 2.
-    st.absorb(sc, {0.0f, 0.0f}, P.scale * kLog2e, 0, valid, quad, P.group > 8);
+    st.absorb(sc, {0.0f, 0.0f}, P.scale * kLog2e, 0, valid, quad, UPPER);
 
     // [sass V] O += P V: the accumulators of n-tiles 2kk and 2kk + 1 are the A fragment of k-step
     // kk. ldmatrix.trans matrix j of lane 8j + r is token 8 (j % 2) + r of the k-step, channels of

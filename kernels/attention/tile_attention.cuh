@@ -248,8 +248,9 @@ __device__ __forceinline__ void tile_products_any(float (&acc)[NT][4], const uin
 }
 
 // stage_bytes: each of a warp's two stages, a multiple of 16; dynamic shared memory
-// TileAttentionTraits<D, T>::smem_bytes(stage_bytes).
-template <kvc_dtype DT, uint32_t D, uint32_t T>
+// TileAttentionTraits<D, T>::smem_bytes(stage_bytes). UPPER: a group of more than 8 query heads,
+// whose heads 9-16 are rows 8-15 of the MMA; below that the kernel never touches those rows.
+template <kvc_dtype DT, uint32_t D, uint32_t T, bool UPPER>
 __global__ void __launch_bounds__(kWarps* kLanes)
     attention_tiles_kernel(AttentionParams P, const SequenceView* sequences, const uint8_t* pool,
                            size_t page_bytes, uint32_t stage_bytes) {
@@ -279,7 +280,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   const UnitRange range = split_units(units, split, gridDim.x);
   const uint32_t end = range.end;
   const float scale = P.scale * kLog2e;
-  const bool upper = P.group > 8;  // rows 8-15 of the MMA hold queries
+  constexpr bool upper = UPPER;
 
   MmaSoftmax<D> st;  // its bias: the sum of p' * centre
 

@@ -72,11 +72,12 @@ size_t run_tiles(TileCase c, uint32_t splits, std::mt19937& rng,
   }
   Launch l = make_launch(c, splits, T, im.q.data());
   using Tr = k::TileAttentionTraits<D, T>;
-  const auto r =
-      emu::launch(k::attention_tiles_kernel<DT, D, T>, emu::Dim3(splits, c.kv_heads, c.batch),
-                  emu::Dim3(k::kWarps * 32), Tr::smem_bytes(stage), l.params,
-                  static_cast<const kernels::SequenceView*>(views.data()),
-                  static_cast<const uint8_t*>(im.pool.data()), im.pool.size(), stage);
+  const auto r = emu::launch(c.group > 8 ? k::attention_tiles_kernel<DT, D, T, true>
+                                         : k::attention_tiles_kernel<DT, D, T, false>,
+                             emu::Dim3(splits, c.kv_heads, c.batch), emu::Dim3(k::kWarps * 32),
+                             Tr::smem_bytes(stage), l.params,
+                             static_cast<const kernels::SequenceView*>(views.data()),
+                             static_cast<const uint8_t*>(im.pool.data()), im.pool.size(), stage);
   EXPECT_TRUE(r.errors.empty()) << r.errors.front();
   const auto out = combine<DT>(c, l.params);
   EXPECT_TRUE(outputs_match(c, im, out, l.params.scale, tile_tolerance(DT)));
@@ -153,11 +154,12 @@ void run_dense(TileCase c, uint32_t splits, std::mt19937& rng) {
   for (auto& x : im.q) x = to_bits(DT, normal(rng));
   constexpr uint32_t U = k::DenseMmaTraits<D>::kUnit;
   Launch l = make_launch(c, 2, U, im.q.data());
-  const auto r =
-      emu::launch(k::attention_dense_kernel<DT, D>, emu::Dim3(2, H, c.batch),
-                  emu::Dim3(k::kWarps * 32), k::DenseMmaTraits<D>::smem_bytes(), l.params, max_len,
-                  static_cast<const uint32_t*>(c.lengths.data()),
-                  static_cast<const void*>(kc.data()), static_cast<const void*>(vc.data()));
+  const auto r = emu::launch(
+      c.group > 8 ? k::attention_dense_kernel<DT, D, true>
+                  : k::attention_dense_kernel<DT, D, false>,
+      emu::Dim3(2, H, c.batch), emu::Dim3(k::kWarps * 32), k::DenseMmaTraits<D>::smem_bytes(),
+      l.params, max_len, static_cast<const uint32_t*>(c.lengths.data()),
+      static_cast<const void*>(kc.data()), static_cast<const void*>(vc.data()));
   ASSERT_TRUE(r.errors.empty()) << r.errors.front();
   EXPECT_TRUE(outputs_match(c, im, combine<DT>(c, l.params), l.params.scale,
                             DT == KVC_DTYPE_BF16 ? 4e-3 : 1e-3));
