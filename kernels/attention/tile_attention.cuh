@@ -265,6 +265,8 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   uint8_t* stages = mine + Tr::kWarpBytes;
 
   const uint32_t q_heads = P.kv_heads * P.group;
+  // The A fragments' rows past the group are never written by the query fold: start them at 0.
+  for (uint32_t ks = 0; ks < Tr::kSteps; ++ks) qfrag[ks * kLanes + lane] = make_uint4(0, 0, 0, 0);
   for (uint32_t i = threadIdx.x; i < 16 * D; i += blockDim.x) {
     const uint32_t row = i / D, c = i % D;
     qf[c * Tr::kQueryPitch + row] =
@@ -281,6 +283,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   const uint32_t end = range.end;
   const float scale = P.scale * kLog2e;
   constexpr bool upper = UPPER;
+  constexpr uint32_t kRows = UPPER ? 16 : 8;  // MMA rows that can hold a query head
 
   MmaSoftmax<D> st;  // its bias: the sum of p' * centre
 
@@ -323,7 +326,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
     }
     __syncwarp();
     float sc[T / 8][4] = {};
-    float s_offset[2] = {0.0f, 0.0f};  // sum of q' * centre, this lane's positions
+    float s_off[2] = {0.0f, 0.0f};  // sum of q' * centre for the lane's rows
     uint32_t valid = T;
     const uint8_t* vb = nullptr;
     tiles::TileLayout vl{};
@@ -338,38 +341,46 @@ __global__ void __launch_bounds__(kWarps* kLanes)
       const tiles::TileLayout kl = tile_layout(kb, T, D);
       vl = tile_layout(vb, T, D);
 
-      // [sass Kprep] q' = q * step as A fragments, and the score offsets sum q' * centre.
-      // A lane's A elements of a k-step are rows lane / 4 and lane / 4 + 8 at positions
-      // 2 quad + {0, 1, 8, 9}; each lane writes and reads only its own fragments. Rows 8-15
-      // only for a group of more than 8 heads (else they stay zero).
-      for (uint32_t ks = 0; ks < Tr::kKSteps; ++ks) {
-        const bool coded =
-            kl.quantized && tiles::entry_width(tile_entry(kb, kl, ks)) != tiles::kWRaw;
-        uint32_t ch[4];
-        float step[4], centre[4];
+      // [sass Kprep] q' = q * step as A fragments of the warp's own (qfrag), and the score
+      // offsets sum q' * centre per head. The warp shares the work: a lane takes pairs of
+      // positions (2 pp, 2 pp + 1), reads their channels, steps and centres once, and for every
+      // head of the group stores the pair's two elements as the register of the A fragment that
+      // holds them (row, columns c and c + 1 of k-step ks: lane 4 (row % 8) + (c % 8) / 2,
+      // register 2 (c / 8) + row / 8). Rows past the group are left as they are: their products
+      // are never read.
+      {
+        uint32_t* frag = reinterpret_cast<uint32_t*>(qfrag);
+        float part[kRows] = {};  // this lane's share of sum q' * centre, per head
+        for (uint32_t pp = lane; pp < D / 2; pp += kLanes) {
+          const uint32_t pos = 2 * pp, ks = pos / 16, c = pos % 16;
+          const bool coded =
+              kl.quantized && tiles::entry_width(tile_entry(kb, kl, ks)) != tiles::kWRaw;
+          const uint32_t ch0 = tiles::channel_of(kb, kl, pos);
+          const uint32_t ch1 = tiles::channel_of(kb, kl, pos + 1);
+          const float step0 = coded ? tile_step(kb, kl, pos) : 1.0f;
+          const float step1 = coded ? tile_step(kb, kl, pos + 1) : 1.0f;
+          const float centre0 = coded ? tile_center(kb, kl, pos) : 0.0f;
+          const float centre1 = coded ? tile_center(kb, kl, pos + 1) : 0.0f;
+          uint32_t* at = frag + (ks * kLanes + (c % 8) / 2) * 4 + 2 * (c / 8);
 #pragma unroll
-        for (uint32_t e = 0; e < 4; ++e) {  // position 16 ks + 2 quad + e % 2 + 8 (e / 2)
-          const uint32_t pos = 16 * ks + 2 * quad + e % 2 + 8 * (e / 2);
-          ch[e] = tiles::channel_of(kb, kl, pos);
-          step[e] = coded ? tile_step(kb, kl, pos) : 1.0f;
-          centre[e] = coded ? tile_center(kb, kl, pos) : 0.0f;
-        }
-        float q[8] = {};
-#pragma unroll
-        for (uint32_t r = 0; r < 2; ++r) {
-          if (r == 1 && !upper) break;
-          const uint32_t row = lane / 4 + 8 * r;
-#pragma unroll
-          for (uint32_t e = 0; e < 4; ++e) {  // A element i = 4 (e / 2) + 2 r + e % 2
-            const uint32_t i = 4 * (e / 2) + 2 * r + e % 2;
-            q[i] = row < P.group ? round_to<DT>(qf[ch[e] * Tr::kQueryPitch + row] * step[e]) : 0.0f;
-            s_offset[r] += q[i] * centre[e];
+          for (uint32_t row = 0; row < kRows; ++row) {
+            if (row >= P.group) break;
+            const float a = round_to<DT>(qf[ch0 * Tr::kQueryPitch + row] * step0);
+            const float b = round_to<DT>(qf[ch1 * Tr::kQueryPitch + row] * step1);
+            part[row] += a * centre0 + b * centre1;
+            at[16 * (row % 8) + row / 8] = device::pack2<kBf16>(a, b);
           }
         }
-        qfrag[ks * kLanes + lane] =
-            make_uint4(device::pack2<kBf16>(q[0], q[1]), device::pack2<kBf16>(q[2], q[3]),
-                       device::pack2<kBf16>(q[4], q[5]), device::pack2<kBf16>(q[6], q[7]));
+        // Every lane gets every head's sum, keeps its rows' (lane / 4 and lane / 4 + 8).
+#pragma unroll
+        for (uint32_t row = 0; row < kRows; ++row) {
+          if (row >= P.group) break;
+#pragma unroll
+          for (uint32_t m = 1; m < kLanes; m *= 2) part[row] += __shfl_xor_sync(~0u, part[row], m);
+          if (row % 8 == lane / 4) s_off[row / 8] = part[row];
+        }
       }
+      __syncwarp();  // the fragments hold other lanes' stores
 
       // [sass K] S = Q' C^T, one k-step per 16-channel tile.
       for (uint32_t ks = 0; ks < Tr::kKSteps; ++ks) {
@@ -407,12 +418,6 @@ __global__ void __launch_bounds__(kWarps* kLanes)
     }
 
     // [sass softmax] Online softmax, base 2, over this unit's scores plus the block's offsets.
-    float s_off[2];
-#pragma unroll
-    for (uint32_t r = 0; r < 2; ++r) {
-      s_off[r] = s_offset[r] + __shfl_xor_sync(~0u, s_offset[r], 1);
-      s_off[r] += __shfl_xor_sync(~0u, s_off[r], 2);
-    }
     // Block 0 skips its first sink_tokens tokens, read as uncompressed rows (a sequence without
     // blocks has no sinks: unit 0 is then uncompressed rows, sink_tokens 0).
     st.absorb(sc, s_off, scale, u == 0 ? sv.sink_tokens : 0u, valid, quad, upper);
