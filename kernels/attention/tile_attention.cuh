@@ -49,6 +49,7 @@ struct TileAttentionTraits {
   static constexpr size_t kQueryBytes = size_t(D) * kQueryPitch * sizeof(float);
   static constexpr uint32_t kSteps = kKSteps > kVSteps ? kKSteps : kVSteps;
   static constexpr size_t kWarpBytes = size_t(kSteps) * kLanes * sizeof(uint4);  // A frags
+  static constexpr size_t kTokenBytes = size_t(T) * 2 * sizeof(float);           // V step, centre
   static constexpr size_t kStages = 2;
   // The largest unit of codes of at most 8 bits: both blocks with every section at its largest
   // (a permutation, a bf16 step and a 4-byte centre per group; docs/format.md, section 17.3)
@@ -57,7 +58,7 @@ struct TileAttentionTraits {
                                               (32 + 4 * (T / 16) + 6 * T + 15) / 16 * 16 +
                                               2 * size_t(T) * D;
   static constexpr size_t smem_bytes(size_t stage_bytes) {
-    return kQueryBytes + size_t(kWarps) * (kWarpBytes + kStages * stage_bytes);
+    return kQueryBytes + size_t(kWarps) * (kWarpBytes + kTokenBytes + kStages * stage_bytes);
   }
   static_assert(T % 16 == 0 && T >= 32 && D % 16 == 0 && D >= 64, "whole k-steps and n-tiles");
 };
@@ -260,9 +261,11 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   const uint32_t split = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
   const uint32_t warp = threadIdx.x / kLanes, lane = threadIdx.x % kLanes, quad = lane % 4;
   float* qf = reinterpret_cast<float*>(smem);  // [D][kQueryPitch]: rows past the group zero
-  uint8_t* mine = smem + Tr::kQueryBytes + warp * (Tr::kWarpBytes + Tr::kStages * stage_bytes);
+  uint8_t* mine = smem + Tr::kQueryBytes +
+                  warp * (Tr::kWarpBytes + Tr::kTokenBytes + Tr::kStages * stage_bytes);
   uint4* qfrag = reinterpret_cast<uint4*>(mine);
-  uint8_t* stages = mine + Tr::kWarpBytes;
+  float2* token_meta = reinterpret_cast<float2*>(mine + Tr::kWarpBytes);  // [T]: step, centre
+  uint8_t* stages = mine + Tr::kWarpBytes + Tr::kTokenBytes;
 
   const uint32_t q_heads = P.kv_heads * P.group;
   // The A fragments' rows past the group are never written by the query fold: start them at 0.
@@ -424,17 +427,23 @@ __global__ void __launch_bounds__(kWarps* kLanes)
 
     if (vb != nullptr) {
       // [sass Vprep] P' = P * step[t] for coded tiles as A fragments (n-tiles 2 kk, 2 kk + 1
-      // of S are k-step kk), and the output offsets sum p' * centre.
+      // of S are k-step kk), and the output offsets sum p' * centre. Each token's step and
+      // centre are read once by the warp (raw tiles: 1 and 0), not by the 8 lanes that hold it.
+      for (uint32_t t = lane; t < T; t += kLanes) {
+        const bool coded =
+            vl.quantized && tiles::entry_width(tile_entry(vb, vl, t / 16)) != tiles::kWRaw;
+        token_meta[t] = coded ? make_float2(tile_step(vb, vl, t), tile_center(vb, vl, t))
+                              : make_float2(1.0f, 0.0f);
+      }
+      __syncwarp();
 #pragma unroll
       for (uint32_t kk = 0; kk < Tr::kVSteps; ++kk) {
-        const bool coded =
-            vl.quantized && tiles::entry_width(tile_entry(vb, vl, kk)) != tiles::kWRaw;
         float step[4], centre[4];
 #pragma unroll
         for (uint32_t e = 0; e < 4; ++e) {  // token 16 kk + 2 quad + e % 2 + 8 (e / 2)
-          const uint32_t t = 16 * kk + 2 * quad + e % 2 + 8 * (e / 2);
-          step[e] = coded ? tile_step(vb, vl, t) : 1.0f;
-          centre[e] = coded ? tile_center(vb, vl, t) : 0.0f;
+          const float2 m = token_meta[16 * kk + 2 * quad + e % 2 + 8 * (e / 2)];
+          step[e] = m.x;
+          centre[e] = m.y;
         }
         float p[8] = {};
 #pragma unroll
