@@ -36,6 +36,11 @@ struct AttentionParams {
   float* part_ml;       // [B, kv_heads * group, num_parts, 2]: running max and sum
 };
 
+// Whether a GQA group of `group` query heads reaches rows 8-15 of the MMA (the A operand's 16
+// rows are the group's heads): the kernels' UPPER variant. Rows past the group may hold any
+// finite values; MMA rows are independent and nothing reads their products.
+constexpr bool upper_rows(uint32_t group) { return group > 8; }
+
 // The units split `split` of `splits` covers: an equal share of this sequence's own units, not
 // of the longest one's, so that a short sequence of a batch (or of a store planned for its
 // capacity, as graph capture needs) still spreads over every split.

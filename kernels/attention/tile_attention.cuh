@@ -42,10 +42,12 @@ template <uint32_t D, uint32_t T>
 struct TileAttentionTraits {
   static constexpr uint32_t kKSteps = D / 16;  // K tiles
   static constexpr uint32_t kVSteps = T / 16;  // V tiles
-  // The group's queries channel-major, [D][kQueryPitch] floats: a warp's reads for an A
-  // fragment (8 rows x 4 channels 2 apart) fall in 32 distinct banks (20 = 8 * 4 + 4 banks per
-  // channel pair; at a pitch of 16, 8 lanes of a quad would share one bank).
-  static constexpr uint32_t kQueryPitch = 20;
+  // The group's queries channel-major, [D][kQueryPitch] floats. The query fold reads one head
+  // of 32 channels 2 apart per instruction (lane l: channel 2 l, unpermuted), at most 2 to a bank
+  // at a pitch of 21 (42 l mod 32 takes 16 values; at 16 or 20, 8 lanes share a bank); the
+  // tail's A fragments (8 heads x 4 channel pairs) are at most 2-way too, and filling it by
+  // consecutive channels is conflict-free (21 is odd).
+  static constexpr uint32_t kQueryPitch = 21;
   static constexpr size_t kQueryBytes = size_t(D) * kQueryPitch * sizeof(float);
   static constexpr uint32_t kSteps = kKSteps > kVSteps ? kKSteps : kVSteps;
   static constexpr size_t kWarpBytes = size_t(kSteps) * kLanes * sizeof(uint4);  // A frags
@@ -268,7 +270,8 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   uint8_t* stages = mine + Tr::kWarpBytes + Tr::kTokenBytes;
 
   const uint32_t q_heads = P.kv_heads * P.group;
-  // The A fragments' rows past the group are never written by the query fold: start them at 0.
+  // The A fragments start at 0. The query fold writes only the group's rows; past them a row
+  // holds 0 or the last probability fold's finite values, and nothing reads its products.
   for (uint32_t ks = 0; ks < Tr::kSteps; ++ks) qfrag[ks * kLanes + lane] = make_uint4(0, 0, 0, 0);
   for (uint32_t i = threadIdx.x; i < 16 * D; i += blockDim.x) {
     const uint32_t row = i / D, c = i % D;
@@ -285,7 +288,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   const UnitRange range = split_units(units, split, gridDim.x);
   const uint32_t end = range.end;
   const float scale = P.scale * kLog2e;
-  constexpr bool upper = UPPER;
+  constexpr bool upper = UPPER;               // upper_rows(P.group), as the launch chose
   constexpr uint32_t kRows = UPPER ? 16 : 8;  // MMA rows that can hold a query head
 
   MmaSoftmax<D> st;  // its bias: the sum of p' * centre
@@ -349,8 +352,8 @@ __global__ void __launch_bounds__(kWarps* kLanes)
       // positions (2 pp, 2 pp + 1), reads their channels, steps and centres once, and for every
       // head of the group stores the pair's two elements as the register of the A fragment that
       // holds them (row, columns c and c + 1 of k-step ks: lane 4 (row % 8) + (c % 8) / 2,
-      // register 2 (c / 8) + row / 8). Rows past the group are left as they are: their products
-      // are never read.
+      // register 2 (c / 8) + row / 8). Rows past the group keep what they hold (0, or the last
+      // probability fold's P'): their products are never read.
       {
         uint32_t* frag = reinterpret_cast<uint32_t*>(qfrag);
         float part[kRows] = {};  // this lane's share of sum q' * centre, per head

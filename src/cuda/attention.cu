@@ -190,7 +190,7 @@ void attention_tiles(const AttentionShape& s, const AttentionPlan& plan, uint32_
     dispatch_tile_shape(tokens_per_block, s.head_dim, [&](auto d, auto t) {
       constexpr uint32_t D = decltype(d)::value, T = decltype(t)::value;
       const uint32_t stage = stage_bytes_for<D, T>(staging);
-      dispatch<bool, false, true>(s.group > 8, "group above 8", [&](auto upper) {
+      dispatch<bool, false, true>(k::upper_rows(s.group), "group above 8", [&](auto upper) {
         launch(k::attention_tiles_kernel<decltype(dt)::value, D, T, decltype(upper)::value>, grid,
                k::kWarps * k::kLanes, k::TileAttentionTraits<D, T>::smem_bytes(stage), st, P,
                d_sequences, d_pool, page_bytes, stage);
@@ -226,7 +226,7 @@ void attention_dense(const AttentionShape& s, const AttentionPlan& plan, uint32_
   dispatch<kvc_dtype, KVC_DTYPE_FP16, KVC_DTYPE_BF16>(s.dtype, "dtype", [&](auto dt) {
     dispatch<uint32_t, 64u, 128u, 256u>(s.head_dim, "head_dim", [&](auto d) {
       constexpr uint32_t D = decltype(d)::value;
-      dispatch<bool, false, true>(s.group > 8, "group above 8", [&](auto upper) {
+      dispatch<bool, false, true>(k::upper_rows(s.group), "group above 8", [&](auto upper) {
         launch(k::attention_dense_kernel<decltype(dt)::value, D, decltype(upper)::value>,
                dim3(plan.num_splits, s.kv_heads, s.num_sequences), k::kWarps * k::kLanes,
                k::DenseMmaTraits<D>::smem_bytes(), st, P, max_tokens, d_lengths, d_keys, d_values);

@@ -72,8 +72,8 @@ size_t run_tiles(TileCase c, uint32_t splits, std::mt19937& rng,
   }
   Launch l = make_launch(c, splits, T, im.q.data());
   using Tr = k::TileAttentionTraits<D, T>;
-  const auto r = emu::launch(c.group > 8 ? k::attention_tiles_kernel<DT, D, T, true>
-                                         : k::attention_tiles_kernel<DT, D, T, false>,
+  const auto r = emu::launch(k::upper_rows(c.group) ? k::attention_tiles_kernel<DT, D, T, true>
+                                                    : k::attention_tiles_kernel<DT, D, T, false>,
                              emu::Dim3(splits, c.kv_heads, c.batch), emu::Dim3(k::kWarps * 32),
                              Tr::smem_bytes(stage), l.params,
                              static_cast<const kernels::SequenceView*>(views.data()),
@@ -101,6 +101,15 @@ TEST(AttentionEmulation, TileKernelMatchesTheReference) {
   // fp16, D 64: coarse bounds (0-, 2- and 3-bit tiles), empty and 1-token sequences.
   run_tiles<KVC_DTYPE_FP16, 64, 64>(
       {3, 1, 3, 64, 64, KVC_DTYPE_FP16, 1.0f, 0.3f, 1.0f, {0, 1, 150}}, 1, rng);
+  // Groups at the edges of the two variants (8: every row of the lower half; 12 and 16: the
+  // upper half, partly and wholly), with warps that take several block units each, so that a
+  // unit's query fold follows the last one's probability fold in the same fragments.
+  for (const uint32_t group : {8u, 12u, 16u}) {
+    run_tiles<KVC_DTYPE_FP16, 64, 64>(
+        {1, 1, group, 64, 64, KVC_DTYPE_FP16, 0.25f, 0.07f, 1.0f, {64 * 9 + 5}}, 1, rng);
+  }
+  run_tiles<KVC_DTYPE_BF16, 128, 64>(
+      {1, 2, 12, 128, 64, KVC_DTYPE_BF16, 0.25f, 0.07f, 1.0f, {64 * 9 + 5}, 3}, 1, rng);
 }
 
 // Compact stages (10 KiB, two thread blocks per multiprocessor): units of narrow codes are
@@ -153,11 +162,11 @@ void run_dense(TileCase c, uint32_t splits, std::mt19937& rng) {
   im.q.resize(size_t(c.batch) * Hq * D);
   for (auto& x : im.q) x = to_bits(DT, normal(rng));
   constexpr uint32_t U = k::DenseMmaTraits<D>::kUnit;
-  Launch l = make_launch(c, 2, U, im.q.data());
+  Launch l = make_launch(c, splits, U, im.q.data());
   const auto r = emu::launch(
-      c.group > 8 ? k::attention_dense_kernel<DT, D, true>
-                  : k::attention_dense_kernel<DT, D, false>,
-      emu::Dim3(2, H, c.batch), emu::Dim3(k::kWarps * 32), k::DenseMmaTraits<D>::smem_bytes(),
+      k::upper_rows(c.group) ? k::attention_dense_kernel<DT, D, true>
+                             : k::attention_dense_kernel<DT, D, false>,
+      emu::Dim3(splits, H, c.batch), emu::Dim3(k::kWarps * 32), k::DenseMmaTraits<D>::smem_bytes(),
       l.params, max_len, static_cast<const uint32_t*>(c.lengths.data()),
       static_cast<const void*>(kc.data()), static_cast<const void*>(vc.data()));
   ASSERT_TRUE(r.errors.empty()) << r.errors.front();
@@ -171,6 +180,10 @@ TEST(AttentionEmulation, DenseKernelMatchesTheReference) {
   run_dense<KVC_DTYPE_BF16, 128>({1, 1, 9, 128, 0, KVC_DTYPE_BF16, 0, 0, 0, {70}}, 2, rng);
   // One split of 13 units: every warp stages the next unit while it computes one.
   run_dense<KVC_DTYPE_FP16, 64>({1, 1, 2, 64, 0, KVC_DTYPE_FP16, 0, 0, 0, {64 * 13}}, 1, rng);
+  // Groups at the edges of the two variants.
+  for (const uint32_t group : {8u, 12u, 16u}) {
+    run_dense<KVC_DTYPE_FP16, 64>({1, 1, group, 64, 0, KVC_DTYPE_FP16, 0, 0, 0, {64 * 9}}, 1, rng);
+  }
 }
 
 }  // namespace
