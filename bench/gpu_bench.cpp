@@ -50,10 +50,10 @@ struct Row {
 };
 
 // A JSON number, or null for a figure not measured (NaN).
-std::string json_number(double v, const char* format = "%.5f") {
+std::string json_number(double v) {
   if (std::isnan(v)) return "null";
   char buf[64];
-  std::snprintf(buf, sizeof buf, format, v);
+  std::snprintf(buf, sizeof buf, "%.5f", v);
   return buf;
 }
 
@@ -222,6 +222,11 @@ int main(int argc, char** argv) {
     double wide_fits, compact_fits;  // the shares of tile units (K + V block) a stage holds
   };
   std::vector<AttnRow> attn;
+  // The tile kernel's stage sizes on this GPU, and the shares of units they hold below.
+  const uint32_t wide_stage =
+      kvc::cuda::tile_stage_bytes(kvc::cuda::TileStaging::kWide, kTokens, kDim);
+  const uint32_t compact_stage =
+      kvc::cuda::tile_stage_bytes(kvc::cuda::TileStaging::kCompact, kTokens, kDim);
   {
     constexpr uint32_t kHeads = 8, kGroup = 4, kTokensMax = 1u << 21;
     const size_t row_elems = size_t(kHeads) * kDim;
@@ -353,10 +358,6 @@ int main(int argc, char** argv) {
     const std::pair<uint32_t, uint32_t> shapes[] = {
         {1, 4096},   {1, 32768}, {1, 131072}, {8, 4096},  {8, 32768},
         {8, 131072}, {32, 4096}, {32, 32768}, {64, 4096}, {64, 32768}};
-    const uint32_t wide_stage =
-        kvc::cuda::tile_stage_bytes(kvc::cuda::TileStaging::kWide, kTokens, kDim);
-    const uint32_t compact_stage =
-        kvc::cuda::tile_stage_bytes(kvc::cuda::TileStaging::kCompact, kTokens, kDim);
     for (const auto& [batch, len] : shapes) {
       if (quick && !(batch == 8 && len == 32768)) continue;
       const uint32_t blocks = len / kTokens;
@@ -475,8 +476,7 @@ int main(int argc, char** argv) {
   std::printf(
       "\ndecode attention, Hq=32 Hkv=8 head_dim 128 fp16, median of %d; tile stages: wide %u "
       "bytes, compact %u (fit: the share of units a stage holds)\n",
-      kReps, kvc::cuda::tile_stage_bytes(kvc::cuda::TileStaging::kWide, kTokens, kDim),
-      kvc::cuda::tile_stage_bytes(kvc::cuda::TileStaging::kCompact, kTokens, kDim));
+      kReps, wide_stage, compact_stage);
   std::printf("%-14s %11s %11s %11s %11s %8s %8s %8s %13s %7s %7s %6s %6s\n", "B x L", "huffman ms",
               "tiles ms", "compact ms", "dense ms", "huff. x", "tiles x", "comp. x", "dense GB/s",
               "huff. r", "tiles r", "w fit", "c fit");

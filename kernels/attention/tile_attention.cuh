@@ -288,7 +288,6 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   const UnitRange range = split_units(units, split, gridDim.x);
   const uint32_t end = range.end;
   const float scale = P.scale * kLog2e;
-  constexpr bool upper = UPPER;               // upper_rows(P.group), as the launch chose
   constexpr uint32_t kRows = UPPER ? 16 : 8;  // MMA rows that can hold a query head
 
   MmaSoftmax<D> st;  // its bias: the sum of p' * centre
@@ -426,7 +425,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
     // [sass softmax] Online softmax, base 2, over this unit's scores plus the block's offsets.
     // Block 0 skips its first sink_tokens tokens, read as uncompressed rows (a sequence without
     // blocks has no sinks: unit 0 is then uncompressed rows, sink_tokens 0).
-    st.absorb(sc, s_off, scale, u == 0 ? sv.sink_tokens : 0u, valid, quad, upper);
+    st.absorb(sc, s_off, scale, u == 0 ? sv.sink_tokens : 0u, valid, quad, UPPER);
 
     if (vb != nullptr) {
       // [sass Vprep] P' = P * step[t] for coded tiles as A fragments (n-tiles 2 kk, 2 kk + 1
@@ -451,7 +450,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
         float p[8] = {};
 #pragma unroll
         for (uint32_t r = 0; r < 2; ++r) {
-          if (r == 1 && !upper) break;
+          if (r == 1 && !UPPER) break;
 #pragma unroll
           for (uint32_t e = 0; e < 4; ++e) {
             const uint32_t i = 4 * (e / 2) + 2 * r + e % 2;

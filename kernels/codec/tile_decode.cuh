@@ -9,8 +9,6 @@
 // it.
 #pragma once
 
-#include <type_traits>
-
 #include "kernels/codec/tile_encode.cuh"
 
 namespace kvc::kernels {
@@ -158,8 +156,10 @@ __device__ void write_tile_elements(const tl::TileLayout& L, const uint8_t* src,
       if (fast && !raw) {
         // Runs of as many pairs as a plane-0 word holds (width 0: 8), or all of a lane's pairs
         // where lanes share a word; a warp's runs are spread over the warps sharing the tile.
-        auto decode_runs = [&](auto bits0_c, auto split_c) {
-          constexpr uint32_t kSlots = run_slots(decltype(bits0_c)::value);
+        tl::with_coded_width(w, [&](auto width) {
+          constexpr uint32_t kBits0 = tl::plane_bits(decltype(width)::value, 0);
+          constexpr bool kSplit = tl::plane_bits(decltype(width)::value, 1) != 0;
+          constexpr uint32_t kSlots = run_slots(kBits0);
           const uint32_t run_pairs = kSlots < pairs ? kSlots : pairs;
           const uint32_t runs = (2 * chunk_nblocks) >> tl::log2_pow2(run_pairs);
           for (uint32_t run = warp_in_tile; run < runs; run += warps_per_tile) {
@@ -171,33 +171,9 @@ __device__ void write_tile_elements(const tl::TileLayout& L, const uint8_t* src,
             LaneRows here = rows;
 #pragma unroll
             for (uint32_t i = 0; i < 4; ++i) here.at[i] += (run * run_pairs / 2) * nblock_bytes;
-            decode_run<decltype(bits0_c)::value, decltype(split_c)::value, OUT>(w0, w1, run_pairs,
-                                                                                here, nblock_bytes);
+            decode_run<kBits0, kSplit, OUT>(w0, w1, run_pairs, here, nblock_bytes);
           }
-        };
-        using std::integral_constant;
-        using Split = integral_constant<bool, true>;
-        using Single = integral_constant<bool, false>;
-        switch (w) {
-          case tl::kW0:
-            decode_runs(integral_constant<uint32_t, 0>{}, Single{});
-            break;
-          case tl::kW2:
-            decode_runs(integral_constant<uint32_t, 2>{}, Single{});
-            break;
-          case tl::kW3:
-            decode_runs(integral_constant<uint32_t, 2>{}, Split{});
-            break;
-          case tl::kW4:
-            decode_runs(integral_constant<uint32_t, 4>{}, Single{});
-            break;
-          case tl::kW6:
-            decode_runs(integral_constant<uint32_t, 4>{}, Split{});
-            break;
-          default:
-            decode_runs(integral_constant<uint32_t, 8>{}, Single{});
-            break;
-        }
+        });
         continue;
       }
       for (uint32_t cn = warp_in_tile; cn < chunk_nblocks; cn += warps_per_tile) {

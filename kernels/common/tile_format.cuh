@@ -7,6 +7,8 @@
 
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "kernels/common/format.cuh"
 #include "kernels/common/mma.cuh"
 
@@ -50,10 +52,22 @@ constexpr uint32_t kNumWidthCodes = 7;
 
 // Bits of plane 0 (the low bits) and plane 1 (the high bits) of a coded tile's elements: one
 // nibble per width code of a constant, so that a kernel looks them up without local memory.
-KVC_HD uint32_t plane_bits(uint32_t wcode, uint32_t plane) {
+KVC_HD constexpr uint32_t plane_bits(uint32_t wcode, uint32_t plane) {
   constexpr uint32_t kLow = 0x0844220u;   // codes 0..6: 0, 2, 2, 4, 4, 8, 0
   constexpr uint32_t kHigh = 0x0020100u;  // codes 0..6: 0, 0, 1, 0, 2, 0, 0
   return wcode < kNumWidthCodes ? ((plane == 0 ? kLow : kHigh) >> (4u * wcode)) & 15u : 0u;
+}
+
+// Calls f(std::integral_constant<uint32_t, W>{}) for a coded width code W (kW0 to kW8), so that
+// its planes' bits are constants of f (plane_bits is constexpr); raw and unknown codes call
+// nothing.
+template <class F>
+KVC_HD void with_coded_width(uint32_t wcode, F&& f) {
+  auto one = [&](auto w) { return wcode == decltype(w)::value ? (f(w), true) : false; };
+  using std::integral_constant;
+  one(integral_constant<uint32_t, kW0>{}) || one(integral_constant<uint32_t, kW2>{}) ||
+      one(integral_constant<uint32_t, kW3>{}) || one(integral_constant<uint32_t, kW4>{}) ||
+      one(integral_constant<uint32_t, kW6>{}) || one(integral_constant<uint32_t, kW8>{});
 }
 
 // Bits per element of a tile: 0, 2, 3, 4, 6, 8, or the raw dtype's 16 / 32.

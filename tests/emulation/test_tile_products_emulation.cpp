@@ -126,12 +126,11 @@ TEST(TileProductsEmulation, MetadataReadersEqualTheFormats) {
   for (const bool is_value : {false, true}) {
     for (const float reach : {60.0f, 3000.0f, 200000.0f}) {
       constexpr uint32_t T = 64, D = 64;
-      const kvc_codec_config c =
+      kvc_codec_config c =
           make_config(is_value ? KVC_KIND_VALUE : KVC_KIND_KEY, T, D,
                       is_value ? KVC_BOUND_RELATIVE : KVC_BOUND_ABSOLUTE, is_value ? 0.3f : 0.5f);
-      kvc_codec_config tiles_config = c;
-      tiles_config.block_format = KVC_BLOCK_FORMAT_TILES;
-      const CodecParams p = CodecParams::from_config(tiles_config, false);
+      c.block_format = KVC_BLOCK_FORMAT_TILES;
+      const CodecParams p = CodecParams::from_config(c, false);
       // Group g (K channel, V token) around g * reach / groups codes (K: step 1; V: the
       // token's step is about 0.3 * 2 / 255 of its range, 2 here).
       std::vector<float> x(size_t(T) * D);
