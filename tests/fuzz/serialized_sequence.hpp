@@ -49,7 +49,7 @@ struct SerialSequence {
   uint32_t num_heads() const { return fingerprint(1); }
   uint32_t head_dim() const { return fingerprint(2); }
   uint32_t version() const { return load_word(&head[4]); }
-  uint32_t sink_tokens() const { return version() >= 4 ? fingerprint(14) : 0; }
+  uint32_t sink_tokens() const { return version() == 4 || version() == 5 ? fingerprint(14) : 0; }
   size_t row_bytes() const { return size_t(num_heads()) * head_dim() * 2; }  // fp16 or bf16
 
   // Takes apart a well-formed sequence (the checksum is not checked); nothing if the bytes are
