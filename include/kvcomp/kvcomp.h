@@ -43,13 +43,13 @@ extern "C" {
 /* ---- Versions ---------------------------------------------------------------------------- */
 
 #define KVC_VERSION_MAJOR 0
-#define KVC_VERSION_MINOR 4
+#define KVC_VERSION_MINOR 5
 #define KVC_VERSION_PATCH 0
 #define KVC_VERSION_NUMBER (KVC_VERSION_MAJOR * 10000 + KVC_VERSION_MINOR * 100 + KVC_VERSION_PATCH)
 
 /* Version of the config-struct ABI. Every config struct carries the value its caller was
  * compiled with; the library rejects another value with KVC_ERROR_ABI_MISMATCH. */
-#define KVC_ABI_VERSION 4
+#define KVC_ABI_VERSION 5
 
 /* Version of the compressed block format written by this library (docs/format.md). */
 #define KVC_FORMAT_VERSION 1
@@ -438,12 +438,20 @@ typedef struct kvc_store_config {
                                     uncompressed once their block is compressed; attention and
                                     reads take them from there (exact), and the first block is
                                     still compressed whole (docs/api.md, "Attention sinks") */
+
+  /* Per-layer bounds (ABI 5; docs/api.md, "Per-layer bounds"). */
+  const float* key_layer_scales;   /* NULL, or num_layers factors: layer l's K blocks use the
+                                      bound key_error_bound * key_layer_scales[l] (same mode, a
+                                      float multiply); each finite and > 0, and each such bound
+                                      one the codec takes (as key_error_bound itself must be).
+                                      Read during kvc_store_create (copied) */
+  const float* value_layer_scales; /* likewise for V (value_error_bound) */
 } kvc_store_config;
-#define KVC_STORE_CONFIG_INIT                                                                  \
-  {                                                                                            \
-    sizeof(kvc_store_config), KVC_ABI_VERSION, KVC_BACKEND_CPU, 1, 1, 128, KVC_DTYPE_FP16, 64, \
-        KVC_BOUND_RELATIVE, 0.05f, KVC_BOUND_RELATIVE, 0.05f, 0, KVC_ENTROPY_AUTO, 0,          \
-        (int64_t)1 << 30, 0, 0, KVC_BLOCK_FORMAT_AUTO, 1, 1, 0, KVC_ROTATION_NONE, 0           \
+#define KVC_STORE_CONFIG_INIT                                                                    \
+  {                                                                                              \
+    sizeof(kvc_store_config), KVC_ABI_VERSION, KVC_BACKEND_CPU, 1, 1, 128, KVC_DTYPE_FP16, 64,   \
+        KVC_BOUND_RELATIVE, 0.05f, KVC_BOUND_RELATIVE, 0.05f, 0, KVC_ENTROPY_AUTO, 0,            \
+        (int64_t)1 << 30, 0, 0, KVC_BLOCK_FORMAT_AUTO, 1, 1, 0, KVC_ROTATION_NONE, 0, NULL, NULL \
   }
 
 /* What the store holds, all of it counted. */

@@ -44,7 +44,7 @@ BACKEND_CPU, BACKEND_CUDA = 0, 1
 ENCODING_RAW, ENCODING_FIXED, ENCODING_HUFFMAN, ENCODING_TILES = 0, 1, 2, 3
 BLOCK_FORMAT_V1, BLOCK_FORMAT_TILES, BLOCK_FORMAT_AUTO = 0, 1, 2
 ROTATION_NONE, ROTATION_HADAMARD, ROTATION_HADAMARD_VALUES = 0, 1, 2
-ABI_VERSION = 4
+ABI_VERSION = 5
 SUCCESS = 0
 
 _KINDS = {"key": KIND_KEY, "k": KIND_KEY, "value": KIND_VALUE, "v": KIND_VALUE}
@@ -98,7 +98,9 @@ class _StoreConfig(ctypes.Structure):
                 ("max_sequences", ctypes.c_int32), ("max_sequence_tokens", ctypes.c_int32),
                 ("block_format", ctypes.c_int32), ("tile_permute_channels", ctypes.c_int32),
                 ("tile_split_widths", ctypes.c_int32), ("num_substreams", ctypes.c_int32),
-                ("rotation", ctypes.c_int32), ("sink_tokens", ctypes.c_int32)]
+                ("rotation", ctypes.c_int32), ("sink_tokens", ctypes.c_int32),
+                ("key_layer_scales", ctypes.POINTER(ctypes.c_float)),
+                ("value_layer_scales", ctypes.POINTER(ctypes.c_float))]
 
 
 class _StoreStats(ctypes.Structure):
@@ -477,7 +479,9 @@ class StoreConfig:
     then hold for the rotated rows: docs/api.md, "Rotation") | "hadamard_values" (V rows only);
     sink_tokens: 0 .. block_tokens - 1, the first tokens of every sequence and layer also kept
     uncompressed once their block is compressed, and read and attended from there (docs/api.md,
-    "Attention sinks").
+    "Attention sinks"); key_layer_scales, value_layer_scales: None, or num_layers floats: layer
+    l's K (V) bound is key_error_bound * key_layer_scales[l] in fp32 (docs/api.md, "Per-layer
+    bounds"); each finite and > 0.
     """
     num_layers: int = 1
     num_kv_heads: int = 1
@@ -501,15 +505,30 @@ class StoreConfig:
     num_substreams: int = 0
     rotation: str = "none"
     sink_tokens: int = 0
+    key_layer_scales: Optional[Sequence[float]] = None
+    value_layer_scales: Optional[Sequence[float]] = None
+
+    def _scales(self, name):
+        """The ctypes float array of a layer-scales field (None: NULL), its length checked."""
+        scales = getattr(self, name)
+        if scales is None:
+            return None
+        values = [float(x) for x in np.asarray(scales, dtype=np.float64).reshape(-1)]
+        if np.ndim(scales) != 1 or len(values) != int(self.num_layers):
+            raise ValueError(f"{name}: expected a sequence of num_layers = {int(self.num_layers)}"
+                             f" floats, got shape {np.shape(scales)}")
+        return (ctypes.c_float * len(values))(*values)
 
     def _struct(self) -> _StoreConfig:
+        """The C struct; its scale arrays (kept alive by the struct's _keep) are read by
+        kvc_store_create only."""
         def enum(table, v, what):
             if isinstance(v, str):
                 if v not in table:
                     raise ValueError(f"{what} = {v!r}: expected one of {sorted(table)}")
                 return table[v]
             return int(v)
-        return _StoreConfig(
+        cfg = _StoreConfig(
             ctypes.sizeof(_StoreConfig), ABI_VERSION, enum(_BACKENDS, self.backend, "backend"),
             int(self.num_layers), int(self.num_kv_heads), int(self.head_dim),
             enum(_STORE_DTYPES, self.dtype, "dtype"), int(self.block_tokens),
@@ -522,6 +541,12 @@ class StoreConfig:
             int(self.tile_permute_channels), int(self.tile_split_widths),
             int(self.num_substreams), enum(_ROTATIONS, self.rotation, "rotation"),
             int(self.sink_tokens))
+        keep = (self._scales("key_layer_scales"), self._scales("value_layer_scales"))
+        for field, array in zip(("key_layer_scales", "value_layer_scales"), keep):
+            if array is not None:
+                setattr(cfg, field, ctypes.cast(array, ctypes.POINTER(ctypes.c_float)))
+        cfg._keep = keep
+        return cfg
 
 
 def _cuda_pointer(x, shape, typestrs, name):
@@ -756,10 +781,11 @@ class Store(_Handle):
         words = np.frombuffer(data, dtype="<u4")
         raw = np.frombuffer(data, dtype=np.uint8)
         version = int(words[1])
-        fingerprint = {1: 12, 2: 13, 3: 14, 4: 15}[version]  # words (format.md §16.2)
+        fingerprint = {1: 12, 2: 13, 3: 14, 4: 15, 5: 15 + 2 * self.num_layers}[version]  # words
+        # (format.md §16.2)
         at = 2 + fingerprint + 4 * self.num_layers  # magic, version, fingerprint, codebooks
         row = self.num_kv_heads * self.head_dim * 2
-        sinks = int(words[2 + 14]) if version == 4 else 0  # fingerprint word 14
+        sinks = int(words[2 + 14]) if version >= 4 else 0  # fingerprint word 14
         sizes_out, enc_out = [], []
         for _ in range(self.num_layers):
             num_blocks, tail = int(words[at]), int(words[at + 1])

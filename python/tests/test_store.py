@@ -423,3 +423,52 @@ def test_rotating_values_only_keeps_keys_as_given():
     out = s.attention(0, [seq], q, scale=0.125)
     ref = _reference_attention(q[0], kk, vv, 0.125).astype(np.float32)
     np.testing.assert_allclose(out[0].astype(np.float32), ref, rtol=2e-3, atol=2e-3)
+
+
+def test_layer_scales_give_each_layer_its_bound():
+    """key_layer_scales / value_layer_scales: a wrong length is a ValueError naming the field
+    (before the library is called); valid scales give each layer the bound scalar * scale (fp32
+    multiply), hold within it, change the bytes in the expected direction, and the sequence
+    round-trips (serialized version 5) into a store of the same scales only."""
+    for field in ("key_layer_scales", "value_layer_scales"):
+        for bad in ([1.0] * (L + 1), [1.0] * (L - 1), [], 2.0, [[1.0] * L]):
+            with pytest.raises(ValueError, match=field):
+                _store(**{field: bad})
+    with pytest.raises(kvcomp.KvcompError, match=r"key_layer_scales\[1\]"):
+        _store(key_layer_scales=[1.0, 0.0])
+    assert kvcomp.StoreConfig().key_layer_scales is None
+    ks, vs = [0.5, 2.0], (3.0, 0.25)
+    k, v = _kv(2 * T + 5, seed=11)
+    k[1], v[1] = k[0], v[0]  # the same rows in both layers: only the bound differs
+    s = _store(entropy="fixed", key_layer_scales=ks, value_layer_scales=np.array(vs))
+    plain = _store(entropy="fixed")
+    seq = s.add_sequence()
+    s.prefill(seq, k, v)
+    plain.prefill(plain.add_sequence(), k, v)
+    for layer in range(L):
+        kk, vv = s.read(seq, layer, dtype=np.float32)
+        kb = np.float32(0.1) * np.float32(ks[layer])
+        vb = np.float32(0.05) * np.float32(vs[layer])  # relative: of each group's range
+        assert np.abs(kk - k[layer].astype(np.float32)).max() <= kb
+        exact = v[layer].astype(np.float32)
+        spread = np.ptp(exact[:2 * T], axis=-1, keepdims=True)
+        assert np.all(np.abs(vv[:2 * T] - exact[:2 * T]) <= vb * spread + 1e-6)
+    sizes = s.block_sizes(seq)
+    k_bytes = [int(x[..., 0].sum()) for x in sizes]
+    v_bytes = [int(x[..., 1].sum()) for x in sizes]
+    assert k_bytes[0] > k_bytes[1] and v_bytes[0] < v_bytes[1]
+    data = s.serialize(seq)
+    assert int(np.frombuffer(data[4:8], "<u4")[0]) == 5
+    same = _store(entropy="fixed", key_layer_scales=list(ks), value_layer_scales=list(vs))
+    back = same.restore(data)
+    for layer in range(L):
+        for x, y in zip(same.read(back, layer), s.read(seq, layer)):
+            np.testing.assert_array_equal(x, y)
+    for other in (plain, _store(entropy="fixed", key_layer_scales=ks)):
+        with pytest.raises(kvcomp.KvcompError, match="layer_scales"):
+            other.restore(data)
+    # Scales of 1: the store without scales, byte for byte.
+    ones = _store(entropy="fixed", key_layer_scales=[1.0] * L, value_layer_scales=[1.0] * L)
+    one_seq = ones.add_sequence()
+    ones.prefill(one_seq, k, v)
+    assert ones.serialize(one_seq) == plain.serialize(0)

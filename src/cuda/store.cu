@@ -192,7 +192,8 @@ struct CudaStore::Impl {
   // Whether (layer, kind) still has to build its codebook, which synchronizes. Tile blocks
   // use none: a tiles store never synchronizes to build one.
   bool needs_book(uint32_t layer, uint32_t kind) const {
-    return !books[layer * 2 + kind] && !p.tiles() && p.codec(kind).entropy != KVC_ENTROPY_FIXED;
+    return !books[layer * 2 + kind] && !p.tiles() &&
+           p.codec(layer, kind).entropy != KVC_ENTROPY_FIXED;
   }
   void record_host_failure(const Error& e, cudaStream_t s) {
     launch(ks::record_outcome_kernel, dim3(1), 1, 0, s, view(), int32_t(e.status()));
@@ -213,9 +214,10 @@ struct CudaStore::Impl {
 };
 
 CudaStore::Impl::Impl(const StoreParams& params) : p(params) {
-  // The codecs check that a GPU is usable and the block shapes fit its shared memory.
+  // The codecs check that a GPU is usable and the block shapes fit its shared memory. Each has
+  // its layer's bound (kvc_store_config.key_/value_layer_scales).
   for (uint32_t i = 0; i < 2 * p.num_layers; ++i) {
-    codecs.push_back(create_device_codec(p.codec(i % 2), nullptr));
+    codecs.push_back(create_device_codec(p.codec(i / 2, i % 2), nullptr));
   }
   device = current_device();
   scratch.call.reset(1);
@@ -330,7 +332,7 @@ DeviceCodecPtr CudaStore::Impl::build_book(uint32_t layer, uint32_t kind, const 
             p.dtype, counts, s);
   if (counts.total() == 0) return nullptr;
   book = build_layer_codebook(counts);
-  return create_device_codec(p.codec(kind), book.get());
+  return create_device_codec(p.codec(layer, kind), book.get());
 }
 
 void CudaStore::Impl::run_append(uint32_t first_layer, uint32_t num_layers,
@@ -480,7 +482,7 @@ void CudaStore::set_codebook(uint32_t layer, uint32_t kind, std::shared_ptr<cons
   wait_for_device();
   require(m.layer_compressed.download(1, layer)[0] == 0, KVC_ERROR_INVALID_ARGUMENT, "layer ",
           layer, " has compressed blocks already: its codebooks are frozen");
-  DeviceCodecPtr codec = create_device_codec(m.p.codec(kind), book.get());
+  DeviceCodecPtr codec = create_device_codec(m.p.codec(layer, kind), book.get());
   m.use_book(layer * 2 + kind, std::move(book), std::move(codec));
   m.refresh_attention_books(layer);
 }
@@ -591,7 +593,9 @@ void CudaStore::attention(uint32_t layer, const std::vector<int32_t>& ids, uint3
   // Everything that can fail comes before the first launch: nothing half-captured. (A tiles
   // store's shape was checked against the tile kernel at creation; plan_attention checks the
   // group.)
-  if (!m.p.tiles()) require_attention_support(shape, m.p.key, m.p.value);
+  const CodecParams &key = m.p.codec(layer, KVC_KIND_KEY),
+                    &value = m.p.codec(layer, KVC_KIND_VALUE);
+  if (!m.p.tiles()) require_attention_support(shape, key, value);
   const uint32_t max_units = k::max_attention_units(m.table_blocks, m.p.sink_tokens);
   const AttentionPlan plan = plan_attention(shape, max_units);
   const bool captured = capturing(s);
@@ -626,7 +630,7 @@ void CudaStore::attention(uint32_t layer, const std::vector<int32_t>& ids, uint3
     attention_tiles(shape, plan, m.p.block_tokens, m.pool.get(), m.p.page_bytes,
                     m.scratch.views.get(), q, o, m.scratch.workspace.get(), stream);
   } else {
-    attention_compressed(shape, plan, m.p.key, m.p.value, *m.attention_books[layer], m.pool.get(),
+    attention_compressed(shape, plan, key, value, *m.attention_books[layer], m.pool.get(),
                          m.p.page_bytes, m.scratch.views.get(), q, o, m.scratch.workspace.get(),
                          stream);
   }

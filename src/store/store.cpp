@@ -26,11 +26,16 @@ constexpr uint32_t kSerialMagic = 0x7363766Bu;  // bytes "kvcs"
 // Version 3: a store that rotates its rows (kvc_store_config.rotation), of either block format;
 // the fingerprint always has the block format word, then a word for the rotation. Version 4: a
 // store that keeps attention sinks (kvc_store_config.sink_tokens), rotating or not: the
-// fingerprint gains a word for the sink count, each layer record the sink rows.
+// fingerprint gains a word for the sink count, each layer record the sink rows. Version 5: a
+// store with per-layer bounds (kvc_store_config.key_/value_layer_scales, some scale not 1): the
+// fingerprint has all of version 4's words (the sink count even if 0), then the K scales and the
+// V scales; the layer records are as in version 4.
 constexpr uint32_t kSerialVersion = 1;
 constexpr uint32_t kSerialVersionTiles = 2;
 constexpr uint32_t kSerialVersionRotated = 3;
 constexpr uint32_t kSerialVersionSinks = 4;
+constexpr uint32_t kSerialVersionLayerScales = 5;
+constexpr size_t kSinksFingerprintWords = 15;  // version 4's, which version 5 starts with
 
 // Whether the tile attention kernel covers a store shape (cuda::tile_attention_covers), V
 // quantized per whole token.
@@ -56,7 +61,8 @@ bool wants_tiles(const kvc_store_config& c) {
   return c.block_format == KVC_BLOCK_FORMAT_TILES;
 }
 
-CodecParams kind_params(const kvc_store_config& c, bool is_value, bool tiles) {
+// bound: the kind's error bound (the scalar bound, or a layer's).
+CodecParams kind_params(const kvc_store_config& c, bool is_value, bool tiles, float bound) {
   kvc_codec_config k = KVC_CODEC_CONFIG_INIT;
   k.backend = KVC_BACKEND_CPU;
   k.kind = is_value ? KVC_KIND_VALUE : KVC_KIND_KEY;
@@ -64,7 +70,7 @@ CodecParams kind_params(const kvc_store_config& c, bool is_value, bool tiles) {
   k.head_dim = c.head_dim;
   k.value_group_size = is_value ? c.value_group_size : 0;
   k.bound_mode = is_value ? c.value_bound_mode : c.key_bound_mode;
-  k.error_bound = is_value ? c.value_error_bound : c.key_error_bound;
+  k.error_bound = bound;
   k.entropy = c.entropy;  // checked, and ignored by tiles
   // Tiles have no sub-streams: the field is ignored, not checked against the group size.
   k.num_substreams = tiles ? 0 : c.num_substreams;
@@ -103,12 +109,42 @@ StoreParams StoreParams::from_config(const kvc_store_config& c) {
   // field; say which store fields those are.
   const bool tiles = wants_tiles(c);
   try {
-    p.key = kind_params(c, false, tiles);
-    p.value = kind_params(c, true, tiles);
+    p.key = kind_params(c, false, tiles, c.key_error_bound);
+    p.value = kind_params(c, true, tiles, c.value_error_bound);
   } catch (const Error& e) {
     fail(e.status(), e.what(), " (store fields: head_dim, block_tokens, key_/value_bound_mode, ",
          "key_/value_error_bound, value_group_size, entropy, num_substreams, block_format, ",
          "tile_permute_channels, tile_split_widths)");
+  }
+  // Per-layer bounds: the scalar bound times the layer's scale, each checked as the codec
+  // checks a bound. The arrays are read here only (the stored config must not keep them).
+  p.config.key_layer_scales = p.config.value_layer_scales = nullptr;
+  p.layer_codecs.resize(size_t(c.num_layers) * 2);
+  for (uint32_t kind = 0; kind < 2; ++kind) {
+    const bool is_value = kind == KVC_KIND_VALUE;
+    const float* given = is_value ? c.value_layer_scales : c.key_layer_scales;
+    const char* field = is_value ? "value" : "key";
+    const float scalar = is_value ? c.value_error_bound : c.key_error_bound;
+    std::vector<float>& scales = p.layer_scales[kind];
+    scales.assign(size_t(c.num_layers), 1.0f);
+    if (given) std::copy(given, given + c.num_layers, scales.begin());
+    for (int32_t l = 0; l < c.num_layers; ++l) {
+      const float scale = scales[size_t(l)];
+      require(std::isfinite(scale) && scale > 0.0f, KVC_ERROR_INVALID_ARGUMENT, "config->", field,
+              "_layer_scales[", l, "] = ", scale, " must be finite and > 0");
+      CodecParams& cp = p.layer_codecs[size_t(l) * 2 + kind];
+      cp = is_value ? p.value : p.key;
+      if (scale == 1.0f) continue;  // the scalar bound, checked above
+      const float bound = scalar * scale;
+      try {
+        cp = kind_params(c, is_value, tiles, bound);
+      } catch (const Error& e) {
+        fail(e.status(), "layer ", l, "'s ", is_value ? "V" : "K", " bound ", field,
+             "_error_bound * ", field, "_layer_scales[", l, "] = ", scalar, " * ", scale, " = ",
+             bound, ": ", e.what(), " (store fields: ", field, "_bound_mode, ", field,
+             "_error_bound, ", field, "_layer_scales)");
+      }
+    }
   }
   // Fields valid (the codec checked them): a CUDA store of tiles also needs the tile kernel.
   require(!tiles || c.backend != KVC_BACKEND_CUDA || tile_kernel_shape(c), KVC_ERROR_NOT_SUPPORTED,
@@ -150,6 +186,13 @@ StoreParams StoreParams::from_config(const kvc_store_config& c) {
           "config->capacity_bytes = ", c.capacity_bytes, " makes more than 2^32 - 1 pages");
   p.num_pages = uint32_t(pages);
   return p;
+}
+
+bool StoreParams::layer_scaled() const {
+  for (const auto& scales : layer_scales) {
+    if (std::any_of(scales.begin(), scales.end(), [](float s) { return s != 1.0f; })) return true;
+  }
+  return false;
 }
 
 Store::Store(const StoreParams& params)
@@ -324,7 +367,7 @@ Store::LayerBooks Store::encode_updates(uint32_t layer, std::vector<Update>& upd
   const bool compresses = std::any_of(updates.begin(), updates.end(),
                                       [](const Update& u) { return u.full_blocks > 0; });
   for (uint32_t kind = 0; kind < 2; ++kind) {
-    const CodecParams& cp = p_.codec(kind);
+    const CodecParams& cp = p_.codec(layer, kind);
     // Tiles have no Huffman symbols: a tiles store builds no codebooks.
     if (books[kind] || cp.tiles || cp.entropy == KVC_ENTROPY_FIXED || !compresses) continue;
     Histogram histogram;
@@ -346,7 +389,7 @@ Store::LayerBooks Store::encode_updates(uint32_t layer, std::vector<Update>& upd
       for (uint32_t h = 0; h < p_.num_heads; ++h) {
         for (uint32_t kind = 0; kind < 2; ++kind) {
           const uint32_t n =
-              encode_store_block(p_.codec(kind), books[kind].get(), block_src(u, b, h, kind),
+              encode_store_block(p_.codec(layer, kind), books[kind].get(), block_src(u, b, h, kind),
                                  stride, p_.dtype, scratch.data());
           u.blocks.emplace_back(scratch.begin(), scratch.begin() + n);
         }
@@ -474,7 +517,7 @@ void Store::decode_block_rows(const LayerCache& c, uint32_t layer, uint32_t bloc
                               uint32_t kind, float* dst) const {
   const uint32_t dim = p_.head_dim;
   const BlockRef& r = c.blocks[(size_t(block) * p_.num_heads + head) * 2 + kind];
-  decode_store_block(p_.codec(kind), books_[layer * 2 + kind].get(),
+  decode_store_block(p_.codec(layer, kind), books_[layer * 2 + kind].get(),
                      &pool_[size_t(r.page) * p_.page_bytes + r.offset], r.bytes, KVC_DTYPE_FP32,
                      dst, dim);
   if (block != 0) return;
@@ -669,13 +712,14 @@ StoreStats Store::stats() const {
 // Layout (little-endian u32 words unless said): magic "kvcs", version, the store fingerprint
 // (kFingerprintWords words), per (layer, K|V) a present flag and a codebook id, then per layer:
 // num_blocks, tail_tokens, the blocks ([num_blocks, heads, K|V]: byte count, then the block),
-// in version 4 the sinks' K then V bytes, the tail's K then V bytes (each padded to 4); last, an
-// FNV-1a-32 of everything before it.
+// in versions 4 and 5 the sinks' K then V bytes, the tail's K then V bytes (each padded to 4);
+// last, an FNV-1a-32 of everything before it.
 
 namespace {
 
 // The serialized version a store writes (v1 stores keep version 1, which older readers take).
 uint32_t serial_version(const StoreParams& p) {
+  if (p.layer_scaled()) return kSerialVersionLayerScales;
   if (p.sink_tokens > 0) return kSerialVersionSinks;
   if (p.rotated()) return kSerialVersionRotated;
   return p.tiles() ? kSerialVersionTiles : kSerialVersion;
@@ -690,14 +734,17 @@ const char* serial_contents(uint32_t version) {
       return "tile blocks";
     case kSerialVersionRotated:
       return "rotated rows (config->rotation)";
-    default:
+    case kSerialVersionSinks:
       return "attention sinks (config->sink_tokens)";
+    default:
+      return "per-layer bounds (config->key_/value_layer_scales)";
   }
 }
 
 // What must match between the writing and the restoring store: 12 words in version 1, 13 in
 // version 2 (the block format word last), 14 in version 3 (the block format word, 0 for format
-// v1 blocks, then the rotation), 15 in version 4 (those, then the sink count). A tiles store
+// v1 blocks, then the rotation), 15 in version 4 (those, then the sink count), 15 + 2 *
+// num_layers in version 5 (those, then the K scales and the V scales as float bits). A tiles store
 // ignores entropy and sub-streams: they count as 0, so that stores differing only there
 // exchange sequences.
 std::vector<uint32_t> fingerprint(const StoreParams& p) {
@@ -719,14 +766,24 @@ std::vector<uint32_t> fingerprint(const StoreParams& p) {
                                  t ? 0u : uint32_t(c.entropy),
                                  t ? 0u : p.key.num_substreams | (p.value.num_substreams << 16)};
   // The block format word: bit 0 tiles, bit 1 K channels may be permuted, bit 2 split widths.
-  const bool extended = p.rotated() || p.sink_tokens > 0;  // versions 3 and 4
+  const bool scaled = p.layer_scaled();                              // version 5
+  const bool extended = p.rotated() || p.sink_tokens > 0 || scaled;  // versions 3 to 5
   if (t) {
     words.push_back(1u | (p.key.permute_channels ? 2u : 0u) | (p.key.split_widths ? 4u : 0u));
   } else if (extended) {
     words.push_back(0u);  // format v1 blocks
   }
   if (extended) words.push_back(uint32_t(c.rotation));
-  if (p.sink_tokens > 0) words.push_back(p.sink_tokens);
+  if (p.sink_tokens > 0 || scaled) words.push_back(p.sink_tokens);
+  if (scaled) {
+    for (const auto& scales : p.layer_scales) {
+      for (float scale : scales) {
+        uint32_t bits;
+        std::memcpy(&bits, &scale, 4);
+        words.push_back(bits);
+      }
+    }
+  }
   return words;
 }
 
@@ -880,19 +937,34 @@ SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const u
   require(r.u32() == kSerialMagic, KVC_ERROR_CORRUPT_DATA,
           "serialized sequence: bad magic (not a kvcomp sequence)");
   const uint32_t version = r.u32();
-  require(version >= kSerialVersion && version <= kSerialVersionSinks, KVC_ERROR_FORMAT_VERSION,
-          "serialized sequence: version ", version,
-          " is not supported (this library reads versions 1 to ", kSerialVersionSinks, ")");
+  require(version >= kSerialVersion && version <= kSerialVersionLayerScales,
+          KVC_ERROR_FORMAT_VERSION, "serialized sequence: version ", version,
+          " is not supported (this library reads versions 1 to ", kSerialVersionLayerScales, ")");
   require(fnv1a32(data, size - 4) == f::load_u32(data + size - 4), KVC_ERROR_CORRUPT_DATA,
           "serialized sequence: checksum mismatch");
   // A store of the other block format wrote it (version 1: format v1 blocks; 2: tiles), or one
-  // that rotates or does not (version 3: rotated rows), or keeps sinks or does not (version 4).
+  // that rotates or does not (version 3: rotated rows), or keeps sinks or does not (version 4),
+  // or has per-layer bounds or does not (version 5).
   require(version == serial_version(p), KVC_ERROR_CONFIG_MISMATCH,
           "serialized sequence: a store of ", serial_contents(version),
           " wrote it, but this store holds ", serial_contents(serial_version(p)));
-  for (uint32_t v : fingerprint(p)) {
-    require(r.u32() == v, KVC_ERROR_CONFIG_MISMATCH,
-            "serialized sequence: written by a store of another configuration");
+  const std::vector<uint32_t> words = fingerprint(p);
+  for (size_t i = 0; i < words.size(); ++i) {
+    const uint32_t word = r.u32();
+    if (word == words[i]) continue;
+    if (i >= kSinksFingerprintWords) {  // version 5: a layer scale
+      const size_t j = i - kSinksFingerprintWords;
+      float theirs, ours;
+      std::memcpy(&theirs, &word, 4);
+      std::memcpy(&ours, &words[i], 4);
+      const bool is_value = j >= p.num_layers;
+      fail(KVC_ERROR_CONFIG_MISMATCH,
+           "serialized sequence: written by a store of another configuration: its ",
+           is_value ? "value" : "key", "_layer_scales[", j % p.num_layers, "] = ", theirs,
+           ", this store's ", ours, " (per-layer bounds)");
+    }
+    fail(KVC_ERROR_CONFIG_MISMATCH,
+         "serialized sequence: written by a store of another configuration");
   }
   // The writer's codebooks: informative; each Huffman block names the one it needs.
   for (size_t i = 0; i < books.size() * 2; ++i) r.u32();
@@ -912,7 +984,7 @@ SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const u
       const uint32_t bytes = r.u32();
       const uint8_t* block = r.bytes(bytes);
       const uint32_t kind = uint32_t(i % 2);
-      const CodecParams& cp = p.codec(kind);
+      const CodecParams& cp = p.codec(l, kind);
       const Codebook* book = books[l * 2 + kind].get();
       bool huffman = false;
       if (cp.tiles) {

@@ -22,15 +22,28 @@ struct StoreParams {
   kvc_backend backend;
   uint32_t num_layers, num_heads, head_dim, block_tokens;
   kvc_dtype dtype;
-  CodecParams key, value;  // codec parameters of K and V blocks
+  // The codec parameters of K and V blocks with the scalar bounds (key_/value_error_bound):
+  // what every layer shares (shape, groups, entropy, format, largest block). Blocks are encoded
+  // and decoded with codec(layer, kind), which has the layer's bound.
+  CodecParams key, value;
   uint32_t page_bytes;
   uint32_t num_pages;
   uint32_t max_sequences, max_sequence_tokens;  // 0: no limit
-  kvc_store_config config;                      // as given, for serialization fingerprints
+  kvc_store_config config;  // as given (the scale pointers cleared), for fingerprints
+  // kvc_store_config.key_/value_layer_scales, copied: [kind][layer], 1.0f where none given.
+  std::array<std::vector<float>, 2> layer_scales;
+  // [layer * 2 + kind]: key or value with the layer's bound, scalar bound * layer scale.
+  std::vector<CodecParams> layer_codecs;
 
   static StoreParams from_config(const kvc_store_config& c);
   size_t token_bytes() const { return size_t(num_heads) * head_dim * format::dtype_bytes(dtype); }
-  const CodecParams& codec(uint32_t kind) const { return kind == KVC_KIND_KEY ? key : value; }
+  // The codec parameters of (layer, kind)'s blocks: the one answer, for encoding, codebook
+  // building and decoding alike.
+  const CodecParams& codec(uint32_t layer, uint32_t kind) const {
+    return layer_codecs[size_t(layer) * 2 + kind];
+  }
+  // Whether some layer's bound is not the scalar bound (a scale other than 1): serial version 5.
+  bool layer_scaled() const;
   uint64_t token_limit() const { return max_sequence_tokens ? max_sequence_tokens : INT32_MAX; }
   // Whether the store's blocks are tile blocks (format t1, no codebooks) rather than format v1.
   bool tiles() const { return key.tiles; }

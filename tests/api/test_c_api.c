@@ -483,12 +483,65 @@ static void test_errors(void) {
   CHECK(kvc_codec_destroy(NULL) == KVC_SUCCESS);
 }
 
+/* The store's per-layer bounds from C: NULL by default; a bad scale refused naming it; a store of
+ * valid scales holds each layer within its own bound (layer 0's K bound 0.5 * 0.02, layer 1's
+ * 4 * 0.02), and the looser layer's blocks are smaller. */
+static void test_store_layer_scales(void) {
+  enum { L = 2, T = 16, D = 32, N = 2 * T };
+  static const float bad[L] = {1.0f, -1.0f};
+  static const float scales[L] = {0.5f, 4.0f};
+  kvc_store_config config = KVC_STORE_CONFIG_INIT;
+  kvc_store_t store = NULL;
+  kvc_store_stats stats[L];
+  uint16_t keys[L * N * D], values[L * N * D];
+  float back_k[N * D], back_v[N * D];
+  int32_t id = -1, l, i;
+  CHECK(config.key_layer_scales == NULL && config.value_layer_scales == NULL);
+  config.num_layers = L;
+  config.head_dim = D;
+  config.block_tokens = T;
+  config.key_bound_mode = KVC_BOUND_ABSOLUTE;
+  config.key_error_bound = 0.02f;
+  config.entropy = KVC_ENTROPY_FIXED;
+  config.block_format = KVC_BLOCK_FORMAT_V1;
+  config.key_layer_scales = bad;
+  CHECK(kvc_store_create(&config, &store) == KVC_ERROR_INVALID_ARGUMENT && store == NULL);
+  CHECK(strstr(kvc_last_error(), "key_layer_scales[1]") != NULL);
+  config.key_layer_scales = scales;
+  CHECK_OK(kvc_store_create(&config, &store));
+  if (store == NULL) return;
+  for (i = 0; i < L * N * D; ++i) {
+    /* the same rows in both layers */
+    keys[i] = float_to_half(4.0f * next_uniform() - 2.0f);
+    values[i] = float_to_half(next_uniform());
+    if (i >= N * D) {
+      keys[i] = keys[i - N * D];
+      values[i] = values[i - N * D];
+    }
+  }
+  CHECK_OK(kvc_store_add_sequence(store, &id));
+  for (l = 0; l < L; ++l) {
+    kvc_store_stats st = KVC_STORE_STATS_INIT;
+    CHECK_OK(kvc_store_prefill(store, id, l, 1, N, keys + l * N * D, values + l * N * D, NULL));
+    CHECK_OK(kvc_store_get_stats(store, &st));
+    stats[l] = st;
+    CHECK_OK(kvc_store_read(store, id, l, KVC_DTYPE_FP32, N, back_k, back_v, NULL));
+    for (i = 0; i < N * D; ++i) {
+      CHECK(fabsf(back_k[i] - half_to_float(keys[l * N * D + i])) <= 0.02f * scales[l]);
+    }
+  }
+  /* block_bytes after layer 0, then after both: the tighter layer 0 took more */
+  CHECK(stats[0].block_bytes > stats[1].block_bytes - stats[0].block_bytes);
+  kvc_store_destroy(store);
+}
+
 int main(void) {
   static const int kinds[2] = {KVC_KIND_KEY, KVC_KIND_VALUE};
   int k, m, d, cb;
   test_versions();
   test_status_strings();
   test_errors();
+  test_store_layer_scales();
   for (k = 0; k < 2; ++k) {
     for (m = 0; m < 2; ++m) {
       for (d = 0; d < 2; ++d) {

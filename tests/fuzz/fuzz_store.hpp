@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 // Shared by the store fuzzers and the seed generator: small store configurations (so that each
 // iteration is fast) that between them cover both dtypes, absolute and relative bounds, grouped
-// values, every entropy mode, tile blocks (format t1), rotated rows, attention sinks and both
-// store limits; the codebooks they hold; their input rows; and a snapshot of a store (stats and
-// every live sequence's bytes) to compare before and after a call. Public API only.
+// values, every entropy mode, tile blocks (format t1), rotated rows, attention sinks, per-layer
+// bounds and both store limits; the codebooks they hold; their input rows; and a snapshot of a
+// store (stats and every live sequence's bytes) to compare before and after a call. Public API
+// only.
 #pragma once
 
 #include <kvcomp/kvcomp.h>
@@ -16,10 +17,10 @@
 
 namespace kvc_fuzz {
 
-inline constexpr int kNumStoreConfigs = 6;
+inline constexpr int kNumStoreConfigs = 7;
 
-// The configuration a fuzzer input's first byte selects: bits 0-1, and bit 3 for the fifth and
-// sixth (bit 2 and bits 4-7 are the fuzzers' own flags); and the byte (flags clear) that selects
+// The configuration a fuzzer input's first byte selects: bits 0-1, and bit 3 for the fifth to
+// seventh (bit 2 and bits 4-7 are the fuzzers' own flags); and the byte (flags clear) that selects
 // one.
 inline int config_of_selector(uint8_t b) { return ((b & 3) | ((b & 8) >> 1)) % kNumStoreConfigs; }
 inline uint8_t selector_of_config(int which) { return uint8_t((which & 3) | ((which & 4) << 1)); }
@@ -96,6 +97,13 @@ inline kvc_store_config store_config(int which) {
       c = store_config(3);
       c.sink_tokens = 5;
       break;
+    case 6: {  // per-layer bounds: config 0 with layer scales, serialized version 5
+      static const float key_scales[2] = {0.5f, 2.0f}, value_scales[2] = {1.0f, 0.25f};
+      c = store_config(0);
+      c.key_layer_scales = key_scales;
+      c.value_layer_scales = value_scales;
+      break;
+    }
   }
   return c;
 }

@@ -216,7 +216,8 @@ class Driver {
     if (m_.c.block_format == KVC_BLOCK_FORMAT_TILES) e.possible.insert(KVC_ERROR_NOT_SUPPORTED);
     // A rotated store refuses a head_dim that is not a power of two (NOT_SUPPORTED).
     if (m_.c.rotation != KVC_ROTATION_NONE) e.possible.insert(KVC_ERROR_NOT_SUPPORTED);
-    switch (in_.ConsumeIntegralInRange<int>(0, 15)) {
+    std::vector<float> scales;  // case 15's, read by kvc_store_create below
+    switch (in_.ConsumeIntegralInRange<int>(0, 16)) {
       case 0:
         c.struct_size = in_.ConsumeIntegral<uint32_t>();
         if (c.struct_size != sizeof c) e.error(KVC_ERROR_ABI_MISMATCH);
@@ -237,6 +238,8 @@ class Driver {
       case 3:
         c.num_layers = in_.ConsumeIntegralInRange<int32_t>(-2, 5000);
         if (c.num_layers < 1 || c.num_layers > 4096) e.error(KVC_ERROR_INVALID_ARGUMENT);
+        // Layer scales are num_layers floats: another count cannot keep this store's arrays.
+        if (c.num_layers != m_.c.num_layers) c.key_layer_scales = c.value_layer_scales = nullptr;
         break;
       case 4:
         c.capacity_bytes = in_.ConsumeBool()
@@ -348,6 +351,18 @@ class Driver {
           e.error(KVC_ERROR_INVALID_ARGUMENT);
         }
         break;
+      case 15: {  // per-layer bounds: num_layers scales of K or V, any floats
+        for (int32_t l = 0; l < c.num_layers; ++l) {
+          scales.push_back(in_.ConsumeBool() ? in_.ConsumeFloatingPointInRange<float>(0.0f, 4.0f)
+                                             : in_.ConsumeFloatingPoint<float>());
+        }
+        (in_.ConsumeBool() ? c.key_layer_scales : c.value_layer_scales) = scales.data();
+        const bool valid = std::all_of(scales.begin(), scales.end(),
+                                       [](float x) { return std::isfinite(x) && x > 0.0f; });
+        if (!valid) e.error(KVC_ERROR_INVALID_ARGUMENT);
+        e.possible.insert(KVC_ERROR_INVALID_ARGUMENT);  // a layer's bound the codec refuses
+        break;
+      }
       default:
         c.value_group_size = in_.ConsumeIntegral<int32_t>();
         e.possible.insert(KVC_ERROR_INVALID_ARGUMENT);

@@ -31,12 +31,13 @@ inline void reseal(std::vector<uint8_t>& bytes) {
 struct SerialSequence {
   // magic, version, the fingerprint (12 words in version 1, 13 in version 2: stores of tile
   // blocks, 14 in version 3: stores that rotate their rows, 15 in version 4: stores that keep
-  // attention sinks) and the codebook table: kept as bytes.
+  // attention sinks, 15 + 2 * num_layers in version 5: stores with per-layer bounds) and the
+  // codebook table: kept as bytes.
   std::vector<uint8_t> head;
   struct Layer {
     uint32_t num_blocks = 0, tail_tokens = 0;
     std::vector<std::vector<uint8_t>> blocks;  // [num_blocks, H, K|V], each without padding
-    std::vector<uint8_t> sink_k, sink_v;       // version 4, a layer with blocks; unpadded
+    std::vector<uint8_t> sink_k, sink_v;       // versions 4-5, a layer with blocks; unpadded
     std::vector<uint8_t> tail_k, tail_v;       // unpadded
   };
   std::vector<Layer> layers;
@@ -48,7 +49,7 @@ struct SerialSequence {
   uint32_t num_heads() const { return fingerprint(1); }
   uint32_t head_dim() const { return fingerprint(2); }
   uint32_t version() const { return load_word(&head[4]); }
-  uint32_t sink_tokens() const { return version() == 4 ? fingerprint(14) : 0; }
+  uint32_t sink_tokens() const { return version() == 4 || version() == 5 ? fingerprint(14) : 0; }
   size_t row_bytes() const { return size_t(num_heads()) * head_dim() * 2; }  // fp16 or bf16
 
   // Takes apart a well-formed sequence (the checksum is not checked); nothing if the bytes are
@@ -56,7 +57,14 @@ struct SerialSequence {
   static std::optional<SerialSequence> parse(const uint8_t* data, size_t size) {
     if (size < 8 + 60 + 4 || size % 4 != 0) return std::nullopt;
     const uint32_t version = load_word(data + 4);
-    const size_t fingerprint_bytes = version == 4 ? 60 : version == 3 ? 56 : version == 2 ? 52 : 48;
+    const uint32_t layers = load_word(data + 8);  // fingerprint word 0
+    if (version == 5 && (layers == 0 || layers > 64)) return std::nullopt;
+    const size_t fingerprint_bytes = version == 5   ? 60 + 8 * size_t(layers)
+                                     : version == 4 ? 60
+                                     : version == 3 ? 56
+                                     : version == 2 ? 52
+                                                    : 48;
+    if (size < 8 + fingerprint_bytes + 4) return std::nullopt;
     SerialSequence s;
     s.head.assign(data, data + 8 + fingerprint_bytes);
     const uint32_t L = s.num_layers(), H = s.num_heads(), D = s.head_dim();
