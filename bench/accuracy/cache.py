@@ -194,7 +194,9 @@ class KvcompCache:
     kept in fp16, and attention reads them from there once their block is compressed (the
     blocks are unchanged; the fp16 rows are counted on top): through the store, its
     sink_tokens option (docs/api.md, "Attention sinks"); through the codec, the harness keeps
-    the copy. rotate: each head's K and V (or one of them) multiplied by the normalized
+    the copy. layer_scales: {"key": [...], "value": [...]} (either may be absent), one factor
+    per layer: layer l's bound is eb * factor (through the store, its key_layer_scales and
+    value_layer_scales; calibrate.py measures them). rotate: each head's K and V (or one of them) multiplied by the normalized
     Hadamard matrix over head_dim before they are encoded, and the decoded blocks multiplied by
     it again (H H = I), the error bound then holding in the rotated space: through the store,
     its rotation option for K and V or V alone (which also rotates the fp16 sinks and tail,
@@ -208,7 +210,7 @@ class KvcompCache:
     def __init__(self, eb_k, eb_v, block_tokens=64, value_group_size=0, bound_mode="relative",
                  entropy="auto", name=None, num_substreams=0, fp16_layers=(), path=None,
                  device="cpu", block_format="v1", tile_permute=True, tile_split=True,
-                 rotate=False, sinks=0, variants=()):
+                 rotate=False, sinks=0, variants=(), layer_scales=None):
         import kvcomp
 
         self.kvcomp = kvcomp
@@ -226,6 +228,7 @@ class KvcompCache:
         self.rotate = ({"key", "value"} if rotate is True else
                        {rotate} if isinstance(rotate, str) else set())
         self.sinks = int(sinks)
+        self.layer_scales = {k: list(map(float, v)) for k, v in (layer_scales or {}).items() if v}
         self.variants = list(variants)
         storable = (eb_k is not None and eb_v is not None and not self.fp16_layers
                     and num_substreams == 0 and self.rotate != {"key"} and not self.variants)
@@ -263,8 +266,20 @@ class KvcompCache:
         return {"blocks": 0, "huffman": 0, "fixed": 0, "raw": 0, "tiles": 0,
                 "tile_widths": [0] * 7}
 
+    def bound(self, layer, kind):
+        """The error bound of (layer, kind): the setting's, times the layer's scale if any,
+        multiplied in float32 as the store does."""
+        scales = self.layer_scales.get(kind)
+        if scales is None:
+            return self.eb[kind]
+        return float(np.float32(self.eb[kind]) * np.float32(scales[layer]))
+
     def bind_model(self, hp):
         """The model whose cache this is (the store needs its layer count)."""
+        for kind, scales in self.layer_scales.items():
+            if len(scales) != hp.n_layer:
+                raise ValueError(f"{len(scales)} {kind} layer scales for a model of "
+                                 f"{hp.n_layer} layers")
         self.n_layer = hp.n_layer
 
     def _codec(self, layer, kind, x, variant: CodecVariant | None = None):
@@ -273,7 +288,7 @@ class KvcompCache:
         if key not in self.codecs:
             kv = self.kvcomp
             args = dict(kind=kind, num_tokens=self.T, head_dim=x.shape[2],
-                        error_bound=self.eb[kind], bound_mode=self.bound_mode[kind],
+                        error_bound=self.bound(layer, kind), bound_mode=self.bound_mode[kind],
                         value_group_size=self.vgs if kind == "value" else 0)
             args.update(variant.codec_args())
             cb = None
@@ -303,6 +318,8 @@ class KvcompCache:
                 block_format=self.variant.block_format,
                 tile_permute_channels=int(self.variant.permute),
                 tile_split_widths=int(self.variant.split), sink_tokens=self.sinks,
+                key_layer_scales=self.layer_scales.get("key"),
+                value_layer_scales=self.layer_scales.get("value"),
                 rotation=("hadamard" if self.rotate == {"key", "value"} else
                           "hadamard_values" if self.rotate else "none"))
             self.store = self.kvcomp.Store(**cfg)

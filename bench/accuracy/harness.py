@@ -11,6 +11,7 @@ evaluated on all its next-token predictions. Settings are given as
   fp16 | kvcomp:k=EB,v=EB[,kmode=rel|abs][,vmode=rel|abs][,t=64][,vg=0][,ns=0]
                   [,entropy=auto][,fp16layers=0+1][,path=store|codec]
                   [,fmt=v1|tiles][,perm=1][,split=1][,rot=0|1|k|v][,sinks=0][,also=v1+t11+...]
+                  [,scales=FILE]
        | kivi:BITS[,g=32][,r=128] | int8
 where EB is an error bound, relative to each quantization group's range (rel, the default) or
 absolute (abs), or "none" to keep that tensor fp16; t: tokens per block; vg: V channels per
@@ -21,6 +22,8 @@ otherwise, needed for ns=, fp16layers=, k/v=none, rot=k and also=). Both give th
 values (tests/test_harness.py, tests/test_tiles_rotation.py). fmt: block format v1 or tiles (t1,
 docs/format.md §17; perm and split: the tile encoder's channel permutation and 3/6-bit widths);
 sinks: the first tokens of each window also kept fp16 (through the store: its sink_tokens option);
+scales: per-layer bound factors from calibrate.py (a JSON file; through the store: its
+key_layer_scales and value_layer_scales);
 rot: a normalized Hadamard rotation of each head's K and V (1), K only (k) or V only (v) before
 encoding, undone after decoding (the bound then holds in the rotated space; through the store:
 its rotation option, which holds the fp16 sinks and tail rotated too).
@@ -80,7 +83,7 @@ def make_policy(spec: str, device: str = "cpu"):
                            tile_split=opts.get("split", "1") == "1",
                            rotate=ROTATIONS[opts.get("rot", "0")],
                            sinks=int(opts.get("sinks", 0)),
-                           variants=variants)
+                           variants=variants, layer_scales=load_scales(opts.get("scales")))
     if kind == "kivi":
         bits = int(rest.split(",")[0])
         return KiviCache(bits, group=int(opts.get("g", 32)), residual=int(opts.get("r", 128)),
@@ -88,6 +91,18 @@ def make_policy(spec: str, device: str = "cpu"):
     if kind == "int8":
         return Int8TokenCache()
     raise ValueError(f"unknown setting {spec!r}")
+
+
+def load_scales(name: str | None):
+    """The per-layer bound scales of `scales=FILE` (calibrate.py's output: key_layer_scales,
+    value_layer_scales), FILE as given or under bench/accuracy/; None without the option."""
+    if not name:
+        return None
+    path = Path(name)
+    if not path.exists() and (HERE / name).exists():
+        path = HERE / name
+    cal = json.loads(path.read_text())
+    return {"key": cal.get("key_layer_scales"), "value": cal.get("value_layer_scales")}
 
 
 def parse_variant(tok: str, opts: dict):

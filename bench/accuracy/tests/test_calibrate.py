@@ -1,0 +1,111 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Per-layer bound scales: calibrate.py's allocation and the harness cache's per-layer bounds,
+through the codec API and through the store (key_layer_scales, value_layer_scales). No model."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE.parents[2] / "python")]
+
+import cache as C  # noqa: E402
+import calibrate  # noqa: E402
+
+T, HK, D = 32, 2, 64
+
+
+class Hp:
+    n_layer = 3
+
+
+def test_allocation_equalizes_the_layers_shares():
+    s = np.array([1.0, 4.0, 0.25, 1.0])
+    scale = calibrate.allocate(s, floor=0.0, lo=0.1, hi=10.0)
+    assert abs(np.log(scale).mean()) < 1e-12  # geometric mean 1: about the same bytes
+    share = s * scale ** 2                    # each layer's modelled KL
+    np.testing.assert_allclose(share, share[0], rtol=1e-12)
+    np.testing.assert_allclose(calibrate.allocate(np.full(5, 3.0), 0.02, 0.5, 2.0), 1.0)
+
+
+def test_allocation_clamps_and_floors_noise():
+    s = np.array([400.0, 10.0, 10.0, -3.0, 0.0])  # a negative probe: noise
+    scale = calibrate.allocate(s, floor=0.02, lo=0.5, hi=2.0)
+    assert scale.min() >= 0.5 - 1e-12 and scale.max() <= 2.0 + 1e-12
+    assert scale[0] == pytest.approx(0.5)                     # the sensitive layer, clamped
+    assert scale[3] == scale[4] == pytest.approx(np.sqrt(10 / 8) * scale[1])  # floored: 8
+    assert abs(np.log(scale).mean()) < 1e-9
+    assert np.all(np.diff(calibrate.allocate(np.array([4.0, 2.0, 1.0]), 0, 0.1, 10)) > 0)
+
+
+def _kv(n=96, seed=1):
+    rng = np.random.default_rng(seed)
+    k = (rng.standard_normal((n, HK, D)) * np.linspace(0.5, 4.0, D)).astype(np.float16)
+    v = rng.standard_normal((n, HK, D)).astype(np.float16)
+    return k, v
+
+
+def _cache(scales=None, **kw):
+    c = C.KvcompCache(kw.pop("k", 0.3), kw.pop("v", 0.1), block_tokens=T,
+                      bound_mode={"key": "absolute", "value": "relative"},
+                      layer_scales=scales, **kw)
+    c.bind_model(Hp)
+    return c
+
+
+def test_a_layers_scale_is_its_bound():
+    """Layer l of a scaled cache decodes exactly as an unscaled cache with bound eb * scale[l]
+    (float32 product), holds the bound, and a looser layer takes fewer bytes."""
+    k, v = _kv()
+    scales = {"key": [1.0, 2.0, 0.5], "value": [0.5, 1.0, 2.0]}
+    scaled = _cache(scales, path="codec", num_substreams=4)
+    scaled.begin_window(len(k))
+    held = {}
+    for layer in range(3):
+        for kind, x in (("key", k), ("value", v)):
+            got, held[layer, kind] = scaled._roundtrip(layer, kind, x)
+            eb = float(np.float32(scaled.eb[kind]) * np.float32(scales[kind][layer]))
+            assert scaled.bound(layer, kind) == eb
+            one = _cache(path="codec", num_substreams=4,
+                         **{kind[0]: eb, ("v" if kind == "key" else "k"): 0.2})
+            one.begin_window(len(k))
+            want, _ = one._roundtrip(0, kind, x)
+            np.testing.assert_array_equal(got, want)
+            if kind == "key":  # absolute: within eb, plus the fp16 rounding of the read-back
+                err = np.abs(got.astype(np.float32) - x.astype(np.float32))
+                assert np.all(err <= eb * (1 + 1e-6) + np.spacing(np.abs(got)).astype(np.float32))
+    assert held[1, "key"] < held[0, "key"] < held[2, "key"]
+    assert held[2, "value"] < held[1, "value"] < held[0, "value"]
+
+
+def test_scales_must_cover_every_layer():
+    with pytest.raises(ValueError, match="2 key layer scales for a model of 3 layers"):
+        _cache({"key": [1.0, 1.0]})
+
+
+@pytest.mark.parametrize("fmt", ["v1", "tiles"])
+def test_store_scales_equal_the_codec_paths(fmt):
+    """Through the store (key_layer_scales, value_layer_scales) every layer decodes to what the
+    codec path gives with the same per-layer bounds, and takes the same block bytes."""
+    k, v = _kv(n=100)
+    scales = {"key": [0.5, 1.0, 1.75], "value": [1.5, 0.75, 1.0]}
+    store = _cache(scales, path="store", block_format=fmt)
+    codec = _cache(scales, path="codec", block_format=fmt)
+    unscaled = _cache(path="store", block_format=fmt)
+    for kv in (store, codec, unscaled):
+        kv.begin_window(len(k))
+    for layer in range(3):
+        kl, vl = k * (layer + 1), v  # layers that differ
+        for kv in (store, unscaled):
+            kv.open_store(HK, D).prefill(kv.seq, kl, vl, first_layer=layer)
+        got = store.read(layer)
+        sizes = store.store.block_sizes(store.seq)[layer]  # [blocks, heads, K|V]
+        for i, (kind, x) in enumerate((("key", kl), ("value", vl))):
+            want, _ = codec._roundtrip(layer, kind, x)
+            np.testing.assert_array_equal(got[i], want, err_msg=f"layer {layer} {kind}")
+            blocks = codec.codecs[layer, kind, codec.variant.key][0].encode(x[:len(x) // T * T])
+            assert sizes[:, :, i].sum() == blocks.sizes.sum()
+        if layer == 2:  # K 1.75x looser: smaller K blocks than the unscaled store's
+            base = unscaled.store.block_sizes(unscaled.seq)[layer]
+            assert sizes[:, :, 0].sum() < base[:, :, 0].sum()
