@@ -57,41 +57,65 @@ def probe_policies(setting: str, n_layer: int, factors: dict):
     return policies
 
 
-def run_probe(model, ids, policies, windows, window_tokens, start):
-    """Per policy, the mean KL over the windows' predictions and the bytes held at their ends."""
-    from tqdm import tqdm
+def probe(model, ids, setting: str, factors: dict, start: int, windows: int,
+          window_tokens: int, progress: bool = True) -> dict:
+    """The probe's record: the setting's mean KL and bytes over the windows, and per kind and
+    layer the KL and bytes it adds when that layer alone is loosened by factors[kind]."""
+    n_layer = model.hp.n_layer
+    policies = probe_policies(setting, n_layer, factors)
     kl = np.zeros(len(policies))
     held = np.zeros(len(policies))
     n = 0
-    with tqdm(total=windows * (len(policies) + 1), unit="pass", desc="probe passes",
-              file=sys.stderr) as bar:
-        for w in range(start, start + windows):
-            x = np.asarray(ids[w * window_tokens:(w + 1) * window_tokens], dtype=np.int64)
-            lp_ref = harness.log_softmax(model.forward(x, FP16Cache())[:-1])
-            p_ref = np.exp(lp_ref)
-            bar.update(1)
-            for i, pol in enumerate(policies):
-                lp = harness.log_softmax(model.forward(x, pol)[:-1])
-                kl[i] += float((p_ref * (lp_ref - lp)).sum(dtype=np.float64))
-                held[i] += pol.bytes
+    t0 = time.time()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=windows * (len(policies) + 1), unit="pass", desc="probe passes",
+                   file=sys.stderr)
+    for w in range(start, start + windows):
+        x = np.asarray(ids[w * window_tokens:(w + 1) * window_tokens], dtype=np.int64)
+        lp_ref = harness.log_softmax(model.forward(x, FP16Cache())[:-1])
+        p_ref = np.exp(lp_ref)
+        for i, pol in enumerate(policies):
+            lp = harness.log_softmax(model.forward(x, pol)[:-1])
+            kl[i] += float((p_ref * (lp_ref - lp)).sum(dtype=np.float64))
+            held[i] += pol.bytes
+            if bar:
                 bar.update(1)
-            n += len(x) - 1
-    return kl / n, held
+        n += len(x) - 1
+    if bar:
+        bar.close()
+    kl /= n
+    record = dict(setting=setting, factors=factors, start_window=start, windows=windows,
+                  window_tokens=window_tokens, n_layer=n_layer, kl=float(kl[0]),
+                  bytes=float(held[0]), seconds=round(time.time() - t0), layers={})
+    for pol, k, b in zip(policies[1:], kl[1:], held[1:]):
+        kind, layer = pol.name.split()
+        record["layers"].setdefault(kind, [None] * n_layer)[int(layer)] = dict(
+            dkl=float(k - kl[0]), dbytes=float(b - held[0]))
+    return record
 
 
 def allocate(sensitivity: np.ndarray, floor: float, lo: float, hi: float) -> np.ndarray:
-    """Scales proportional to 1 / sqrt(sensitivity), geometric mean 1, within [lo, hi]."""
+    """Scales c / sqrt(sensitivity) clamped to [lo, hi], c such that their geometric mean is 1
+    (bisection: the clamped mean grows with c), so that unclamped layers keep their ratios."""
     s = np.maximum(sensitivity, floor * max(sensitivity.max(), 0.0) + 1e-12)
-    scale = 1.0 / np.sqrt(s)
-    for _ in range(50):  # renormalize and clamp until the clamped set settles
-        scale = np.clip(scale / np.exp(np.log(scale).mean()), lo, hi)
-    return scale
+    raw = -0.5 * np.log(s)
+
+    def mean_log(c):
+        return np.clip(raw + c, np.log(lo), np.log(hi)).mean()
+
+    a, b = np.log(lo) - raw.max(), np.log(hi) - raw.min()  # all at lo .. all at hi
+    for _ in range(200):
+        m = 0.5 * (a + b)
+        a, b = (m, b) if mean_log(m) < 0 else (a, m)
+    return np.exp(np.clip(raw + 0.5 * (a + b), np.log(lo), np.log(hi)))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2", choices=sorted(modelfile.MODELS))
-    ap.add_argument("--setting", required=True, help="the kvcomp setting to calibrate")
+    ap.add_argument("--setting", help="the kvcomp setting to calibrate (unless --probe)")
     ap.add_argument("--start-window", type=int, default=40,
                     help="first calibration window (default 40: past the tables' 32)")
     ap.add_argument("--windows", type=int, default=4)
@@ -102,33 +126,30 @@ def main(argv=None):
                     help="least sensitivity counted, as a share of the kind's largest")
     ap.add_argument("--min-scale", type=float, default=0.5)
     ap.add_argument("--max-scale", type=float, default=2.0)
+    ap.add_argument("--kinds", default="key,value",
+                    help="which kinds get scales (e.g. key: tiles' V widths step at fixed bounds)")
     ap.add_argument("--probe", default=None,
                     help="reuse a probe from this earlier output instead of running one")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
+    if not a.probe and not a.setting:
+        ap.error("--setting is needed to run a probe")
 
     if a.probe:
-        probe = json.loads(Path(a.probe).read_text())["probe"]
+        record = json.loads(Path(a.probe).read_text())["probe"]
     else:
         from model import load
         model = load(modelfile.model_path(model=a.model))
         ids = harness.load_text_ids(model.tokenizer())
-        factors = {"key": a.key_factor, "value": a.value_factor}
-        policies = probe_policies(a.setting, model.hp.n_layer, factors)
-        t0 = time.time()
-        kl, held = run_probe(model, ids, policies, a.windows, a.window_tokens, a.start_window)
-        probe = dict(setting=a.setting, factors=factors, start_window=a.start_window,
-                     windows=a.windows, window_tokens=a.window_tokens, n_layer=model.hp.n_layer,
-                     kl=float(kl[0]), bytes=float(held[0]), seconds=round(time.time() - t0),
-                     machine=harness.machine_info(), layers={})
-        for pol, k, b in zip(policies[1:], kl[1:], held[1:]):
-            kind, layer = pol.name.split()
-            probe["layers"].setdefault(kind, [None] * model.hp.n_layer)[int(layer)] = dict(
-                dkl=float(k - kl[0]), dbytes=float(b - held[0]))
-    out = dict(probe=probe, floor=a.floor, min_scale=a.min_scale, max_scale=a.max_scale)
-    for kind, layers in probe["layers"].items():
+        record = probe(model, ids, a.setting, {"key": a.key_factor, "value": a.value_factor},
+                       a.start_window, a.windows, a.window_tokens)
+        record["machine"] = harness.machine_info()
+    out = dict(probe=record, floor=a.floor, min_scale=a.min_scale, max_scale=a.max_scale)
+    for kind, layers in record["layers"].items():
+        if kind not in a.kinds.split(","):
+            continue
         dkl = np.array([x["dkl"] for x in layers])
-        sensitivity = dkl / (probe["factors"][kind] ** 2 - 1.0)
+        sensitivity = dkl / (record["factors"][kind] ** 2 - 1.0)
         scales = allocate(sensitivity, a.floor, a.min_scale, a.max_scale)
         out[f"{kind}_layer_scales"] = [round(float(x), 4) for x in scales]
         print(f"{kind}: probe KL increase x1e4 " + " ".join(f"{x * 1e4:.1f}" for x in dkl))

@@ -109,3 +109,40 @@ def test_store_scales_equal_the_codec_paths(fmt):
         if layer == 2:  # K 1.75x looser: smaller K blocks than the unscaled store's
             base = unscaled.store.block_sizes(unscaled.seq)[layer]
             assert sizes[:, :, 0].sum() < base[:, :, 0].sum()
+
+
+class _Layered:
+    """A stand-in model of 3 attention layers whose outputs weigh 4, 1 and 1/4 in the logits:
+    the same error costs layer 0 the most."""
+
+    class hp:
+        n_layer = 3
+        name = "stand-in"
+
+    def forward(self, x, policy):
+        n = len(x)
+        if hasattr(policy, "bind_model"):
+            policy.bind_model(self.hp)
+        policy.begin_window(n)
+        rng = np.random.default_rng(7)
+        w = rng.standard_normal((HK * 2 * D, 40)).astype(np.float32) / 4
+        out = 0
+        for layer, weight in enumerate((4.0, 1.0, 0.25)):
+            k, v = _kv(n, seed=layer)
+            q = rng.standard_normal((n, 2 * HK, D)).astype(np.float32)
+            out = out + weight * policy.attend(layer, q, k, v).reshape(n, -1) @ w
+        return out
+
+
+def test_probe_finds_the_sensitive_layer():
+    ids = list(range(1, 200))
+    setting = "kvcomp:k=0.3,v=0.1,kmode=abs,t=32,ns=4,path=codec"
+    rec = calibrate.probe(_Layered(), ids, setting, {"key": 2.0, "value": 1.5}, start=0,
+                          windows=1, window_tokens=160, progress=False)
+    assert rec["kl"] > 0 and rec["bytes"] > 0 and rec["n_layer"] == 3
+    for kind in ("key", "value"):
+        dkl = [x["dkl"] for x in rec["layers"][kind]]
+        assert dkl[0] > 4 * max(dkl[1:]), (kind, dkl)  # layers 1, 2: small, maybe noise
+        assert all(x["dbytes"] < 0 for x in rec["layers"][kind])  # looser: fewer bytes
+        s = calibrate.allocate(np.array(dkl), 0.02, 0.25, 4.0)
+        assert s[0] < min(s[1:]) and abs(np.log(s).mean()) < 1e-9
