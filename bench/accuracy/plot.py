@@ -3,7 +3,8 @@
 
     python bench/accuracy/plot.py --sweep bench/accuracy/results/sweep.json \
         --headline bench/accuracy/results/headline_t128.json \
-        --tiles bench/accuracy/results/tiles_t128.json \
+        --tiles bench/accuracy/results/tiles_t128.json bench/accuracy/results/layer_scales_t128.json \
+            bench/accuracy/results/layer_scales_t128_b.json \
         --gemma bench/accuracy/results/gemma3_t128.json bench/accuracy/results/gemma3_sinks.json \
         --figure docs/accuracy_pareto.png
 """
@@ -32,6 +33,8 @@ def label(setting: str) -> str:
             extra += f", {o['sinks']} sinks fp16"
         if o.get("rot", "0") != "0":
             extra += ", Hadamard " + {"1": "K+V", "k": "K", "v": "V"}[o["rot"]]
+        if "scales" in o:
+            extra += f", per-layer {'+'.join(scaled_kinds(o['scales']))} ({Path(o['scales']).name})"
         if tiles:
             opts = [nm for nm, x in (("perm", "perm"), ("split", "split"))
                     if o.get(x, "1") == "1"]
@@ -43,10 +46,21 @@ def label(setting: str) -> str:
             "fp16": "fp16"}.get(setting, setting)
 
 
+def scaled_kinds(name: str) -> list:
+    """K and/or V: the kinds a scales= file (under bench/accuracy/) gives scales for."""
+    cal = json.loads((Path(__file__).resolve().parent / name).read_text())
+    return [k for k, kind in (("K", "key"), ("V", "value")) if cal.get(f"{kind}_layer_scales")]
+
+
 def group(setting: str) -> str:
     if not setting.startswith("kvcomp:"):
         return setting
     o = dict(kv.split("=") for kv in setting.split(":", 1)[1].split(","))
+    if "scales" in o:
+        fmt, kinds = o.get("fmt", "v1"), scaled_kinds(o["scales"])
+        if o.get("sinks", "0") != "0" and (fmt, kinds) in (("v1", ["K", "V"]), ("tiles", ["K"])):
+            return f"kvcomp {fmt}, sinks, per-layer"
+        return "kvcomp per-layer, other"
     if o.get("k", "none") == "none":
         return "kvcomp V only"
     if o.get("v", "none") == "none":
@@ -134,6 +148,9 @@ STYLES = {
     "kvcomp tiles ablation": dict(color="tab:brown", marker="<", ls="none"),
     "kvcomp tiles rotated": dict(color="tab:pink", marker="d", ls="none", ms=8),
     "kvcomp v1 rotated": dict(color="tab:pink", marker="d", ls="none", ms=8),
+    "kvcomp v1, sinks, per-layer": dict(color="black", marker="*", ls="-", ms=11),
+    "kvcomp tiles, sinks, per-layer": dict(color="darkgreen", marker="P", ls="-", ms=10),
+    "kvcomp per-layer, other": dict(color="tab:gray", marker=".", ls="none", ms=9),
     "kivi:2": dict(color="tab:red", marker="X", ls="none", ms=11),
     "kivi:4": dict(color="tab:orange", marker="X", ls="none", ms=11),
     "int8": dict(color="tab:green", marker="D", ls="none", ms=8),
@@ -148,6 +165,9 @@ NAMES = {"kvcomp K+V T=64": "kvcomp, T=64 (K abs, V rel bound)",
          "kvcomp tiles ablation": "tiles without perm and/or split",
          "kvcomp tiles rotated": "tiles with a Hadamard rotation (K+V, K or V)",
          "kvcomp v1 rotated": "v1 with a Hadamard rotation (K+V, K or V)",
+         "kvcomp v1, sinks, per-layer": "v1, 4 sinks, per-layer K and V bounds",
+         "kvcomp tiles, sinks, per-layer": "tiles, 4 sinks, per-layer K bounds",
+         "kvcomp per-layer, other": "other per-layer bound rows",
          "kivi:2": "KIVI-2", "kivi:4": "KIVI-4",
          "int8": "int8 per-token"}
 
@@ -162,7 +182,8 @@ def _panel(ax, results, title, targets=((5.0, 1.0), (8.0, 3.0))):
         rs = sorted(rs, key=lambda r: r["ratio"])
         ax.plot([r["ratio"] for r in rs], [r["dppl_pct"] for r in rs], label=NAMES.get(g, g),
                 **STYLES.get(g, dict(marker="o")))
-        if g.startswith("kvcomp K+V") or g.startswith("kvcomp tiles,") or g == "kvcomp tiles":
+        if g.startswith("kvcomp K+V") or g.startswith("kvcomp tiles,") or g == "kvcomp tiles" \
+                or g == "kvcomp v1, sinks, per-layer":
             for r in rs:
                 o = dict(kv.split("=") for kv in r["setting"].split(":", 1)[1].split(","))
                 ax.annotate(f"K{o['k']}/V{o['v']}", (r["ratio"], r["dppl_pct"]),
