@@ -40,9 +40,13 @@ from cache import FP16Cache, generation_cache  # noqa: E402
 DEFAULT = "kvcomp:k=0.25,v=0.07,kmode=abs,t=128,sinks=4,path=store"
 CONSERVATIVE = "kvcomp:k=0.1,v=0.02,kmode=abs,t=128"
 NO_SINKS = "kvcomp:k=0.25,v=0.07,kmode=abs,t=128"
-DEMO_SETTINGS = [CONSERVATIVE, NO_SINKS, DEFAULT, "kivi:2", "kivi:4"]
+# Per-layer bounds (kvc_store_config.key_/value_layer_scales) calibrated for this model by
+# calibrate.py from each layer's measured sensitivity, on windows the table does not use.
+PER_LAYER = ("kvcomp:k=0.36,v=0.086,kmode=abs,t=128,sinks=4,path=store,"
+             "scales=results/layer_scales_smollm2.json")
+DEMO_SETTINGS = [CONSERVATIVE, NO_SINKS, DEFAULT, PER_LAYER, "kivi:2", "kivi:4"]
 FULL_SETTINGS = [CONSERVATIVE, "kvcomp:k=0.15,v=0.03,kmode=abs,t=128", NO_SINKS, DEFAULT,
-                 "kvcomp:k=0.5,v=0.15,kmode=abs,t=128",
+                 PER_LAYER, "kvcomp:k=0.5,v=0.15,kmode=abs,t=128",
                  "kvcomp:k=0.8,v=0.2,kmode=abs,t=128", "kivi:2", "kivi:4", "int8"]
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
