@@ -59,8 +59,9 @@ def probe_policies(setting: str, n_layer: int, factors: dict):
 
 def probe(model, ids, setting: str, factors: dict, start: int, windows: int,
           window_tokens: int, progress: bool = True) -> dict:
-    """The probe's record: the setting's mean KL and bytes over the windows, and per kind and
-    layer the KL and bytes it adds when that layer alone is loosened by factors[kind]."""
+    """The probe's record: the setting's mean KL over the windows' predictions and its bytes
+    summed over the windows, and per kind and layer the KL and bytes it adds when that layer
+    alone is loosened by factors[kind]."""
     n_layer = model.hp.n_layer
     policies = probe_policies(setting, n_layer, factors)
     kl = np.zeros(len(policies))
@@ -134,6 +135,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if not a.probe and not a.setting:
         ap.error("--setting is needed to run a probe")
+    if not a.min_scale <= 1.0 <= a.max_scale:
+        ap.error("--min-scale <= 1 <= --max-scale, or no geometric mean of 1 (the same bytes)")
 
     if a.probe:
         record = json.loads(Path(a.probe).read_text())["probe"]

@@ -239,16 +239,26 @@ AttentionTolerance rotated_gpu_tolerance() { return {0.0, 1e-2}; }
 
 // With rotation = KVC_ROTATION_HADAMARD the CUDA store rotates the rows on the device with the
 // arithmetic of the CPU store: the blocks, tails and so the bytes are the same. With sink_tokens,
-// both keep the same sinks.
-void serializes_like_the_cpu_store(int32_t rotation, int32_t sinks = 0) {
+// both keep the same sinks; with layer_scales, both encode each layer with its own bounds (the
+// CUDA store's per-layer device codecs, the codebooks it takes per layer).
+void serializes_like_the_cpu_store(int32_t rotation, int32_t sinks = 0, bool layer_scales = false) {
   const Shape sh = gpu_shape();
+  std::vector<float> key_scales(size_t(sh.layers)), value_scales(size_t(sh.layers));
+  for (size_t l = 0; l < key_scales.size(); ++l) {
+    key_scales[l] = 0.5f + 0.75f * float(l);
+    value_scales[l] = 2.0f - 0.5f * float(l);
+  }
   kvc_store_config on_cpu = cuda_config(sh, 8 << 20, 0, 8, 1024);
-  on_cpu.backend = KVC_BACKEND_CPU;
-  on_cpu.rotation = rotation;
-  on_cpu.sink_tokens = sinks;
   kvc_store_config on_gpu = cuda_config(sh, 8 << 20, 0, 8, 1024);
-  on_gpu.rotation = rotation;
-  on_gpu.sink_tokens = sinks;
+  on_cpu.backend = KVC_BACKEND_CPU;
+  for (kvc_store_config* c : {&on_cpu, &on_gpu}) {
+    c->rotation = rotation;
+    c->sink_tokens = sinks;
+    if (layer_scales) {
+      c->key_layer_scales = key_scales.data();
+      c->value_layer_scales = value_scales.data();
+    }
+  }
   StoreHandle host(on_cpu), device(on_gpu);
   ASSERT_NE(host.s, nullptr);
   ASSERT_NE(device.s, nullptr);
@@ -347,6 +357,10 @@ TEST_F(StoreGpu, StoreWithSinksModelBasedRandomOperations) {
 
 TEST_F(StoreGpu, StoreWithSinksSerializesAndReadsAsTheCpuStore) {
   serializes_like_the_cpu_store(KVC_ROTATION_NONE, 5);
+}
+
+TEST_F(StoreGpu, StoreWithLayerScalesSerializesAndReadsAsTheCpuStore) {
+  serializes_like_the_cpu_store(KVC_ROTATION_NONE, 0, true);
 }
 
 void decode_step_and_attention_graphs(int32_t rotation) {

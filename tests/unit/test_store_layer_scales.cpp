@@ -209,12 +209,14 @@ TEST(StoreLayerScales, SequencesCarryTheirScalesOnlyWhereTheyMatter) {
   std::mt19937 rng(37);
   const size_t n = 2 * size_t(sh.tokens) + 3;
   for (int32_t format : {KVC_BLOCK_FORMAT_V1, KVC_BLOCK_FORMAT_TILES}) {
-    for (int32_t sinks : {0, 2}) {
-      const std::string where =
-          std::string(format ? "tiles" : "v1") + ", sinks " + std::to_string(sinks);
+    for (auto [sinks, rotation] : {std::pair{0, KVC_ROTATION_NONE}, std::pair{2, KVC_ROTATION_NONE},
+                                   std::pair{0, KVC_ROTATION_HADAMARD}}) {
+      const std::string where = std::string(format ? "tiles" : "v1") + ", sinks " +
+                                std::to_string(sinks) + ", rotation " + std::to_string(rotation);
       auto config = [&](const float* ks, const float* vs) {
         kvc_store_config c = scales_config(sh, format, ks, vs);
         c.sink_tokens = sinks;
+        c.rotation = rotation;
         return c;
       };
       Rows k, v;
@@ -227,7 +229,7 @@ TEST(StoreLayerScales, SequencesCarryTheirScalesOnlyWhereTheyMatter) {
       ASSERT_NO_FATAL_FAILURE(serialize_sequence(unit.s, a, unit_bytes));
       ASSERT_NO_FATAL_FAILURE(serialize_sequence(none.s, b, none_bytes));
       EXPECT_EQ(unit_bytes, none_bytes) << where;
-      const uint32_t plain_version = sinks ? 4u : format ? 2u : 1u;
+      const uint32_t plain_version = sinks ? 4u : rotation ? 3u : format ? 2u : 1u;
       EXPECT_EQ(format::load_u32(&unit_bytes[4]), plain_version) << where;
       int32_t copy = -1;
       EXPECT_EQ(kvc_store_restore(none.s, unit_bytes.data(), unit_bytes.size(), &copy), KVC_SUCCESS)
@@ -247,7 +249,7 @@ TEST(StoreLayerScales, SequencesCarryTheirScalesOnlyWhereTheyMatter) {
       const auto seq = kvc_fuzz::SerialSequence::parse(bytes.data(), bytes.size());
       ASSERT_TRUE(seq.has_value()) << where;
       EXPECT_EQ(seq->fingerprint(12) & 1u, format ? 1u : 0u) << where;  // the block format word
-      EXPECT_EQ(seq->fingerprint(13), uint32_t(KVC_ROTATION_NONE)) << where;
+      EXPECT_EQ(seq->fingerprint(13), uint32_t(rotation)) << where;
       EXPECT_EQ(seq->fingerprint(14), uint32_t(sinks)) << where;
       for (int32_t l = 0; l < sh.layers; ++l) {
         uint32_t kb, vb;

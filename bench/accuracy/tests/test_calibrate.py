@@ -146,3 +146,17 @@ def test_probe_finds_the_sensitive_layer():
         assert all(x["dbytes"] < 0 for x in rec["layers"][kind])  # looser: fewer bytes
         s = calibrate.allocate(np.array(dkl), 0.02, 0.25, 4.0)
         assert s[0] < min(s[1:]) and abs(np.log(s).mean()) < 1e-9
+
+
+def test_settings_read_their_scales_file(tmp_path):
+    """scales=FILE in a harness setting: calibrate.py's output (a kind may be absent, as with
+    --kinds key); the probe refuses a setting that already has scales."""
+    import harness
+    f = tmp_path / "s.json"
+    f.write_text('{"key_layer_scales": [0.5, 1.0, 2.0], "floor": 0.02}')
+    pol = harness.make_policy(f"kvcomp:k=0.3,v=0.1,kmode=abs,t=32,scales={f}")
+    pol.bind_model(Hp)
+    assert pol.bound(2, "key") == float(np.float32(0.3) * np.float32(2.0))
+    assert pol.bound(2, "value") == 0.1 and pol.path == "store"
+    with pytest.raises(SystemExit, match="without scales"):
+        calibrate.probe_policies(f"kvcomp:k=0.3,v=0.1,scales={f}", 3, {"key": 2, "value": 2})
