@@ -196,7 +196,8 @@ class KvcompCache:
     sink_tokens option (docs/api.md, "Attention sinks"); through the codec, the harness keeps
     the copy. layer_scales: {"key": [...], "value": [...]} (either may be absent), one factor
     per layer: layer l's bound is eb * factor (through the store, its key_layer_scales and
-    value_layer_scales; calibrate.py measures them). rotate: each head's K and V (or one of them) multiplied by the normalized
+    value_layer_scales; calibrate.py measures them). rotate: each head's K and V (or one of
+    them) multiplied by the normalized
     Hadamard matrix over head_dim before they are encoded, and the decoded blocks multiplied by
     it again (H H = I), the error bound then holding in the rotated space: through the store,
     its rotation option for K and V or V alone (which also rotates the fp16 sinks and tail,

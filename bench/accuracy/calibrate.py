@@ -2,13 +2,14 @@
 """Per-layer error-bound scales from measured sensitivity (the store's key_layer_scales and
 value_layer_scales).
 
-    python bench/accuracy/calibrate.py --setting kvcomp:k=0.3,v=0.072,kmode=abs,t=128,ns=4,sinks=4 \
+    python bench/accuracy/calibrate.py \
+        --setting kvcomp:k=0.3,v=0.072,kmode=abs,t=128,ns=4,sinks=4 \
         --start-window 40 --windows 4 --out results/scales.json
 
 Probe: on calibration windows (by default outside the 32 windows the tables are measured on),
 one forward pass with the setting as given, then one per (layer, K|V) with only that layer's
-bound loosened (by --key-factor or --value-factor). Each pass's KL divergence from the fp16 cache's next-token
-distributions, less the setting's, is that (layer, kind)'s marginal cost.
+bound loosened (by --key-factor or --value-factor). Each pass's KL divergence from the fp16
+cache's next-token distributions, less the setting's, is that (layer, kind)'s marginal cost.
 
 Allocation: with a quantization error of variance proportional to the bound squared, the KL a
 layer adds is about s_l * eb_l^2 (s_l = its probe's KL increase / (factor^2 - 1)), and its bits

@@ -3,7 +3,8 @@
 
     python bench/accuracy/plot.py --sweep bench/accuracy/results/sweep.json \
         --headline bench/accuracy/results/headline_t128.json \
-        --tiles bench/accuracy/results/tiles_t128.json bench/accuracy/results/layer_scales_t128.json \
+        --tiles bench/accuracy/results/tiles_t128.json \
+            bench/accuracy/results/layer_scales_t128.json \
             bench/accuracy/results/layer_scales_t128_b.json \
         --gemma bench/accuracy/results/gemma3_t128.json bench/accuracy/results/gemma3_sinks.json \
         --figure docs/accuracy_pareto.png
