@@ -40,11 +40,12 @@ KINDS = ("key", "value")
 
 
 def probe_policies(setting: str, n_layer: int, factors: dict):
-    """The setting itself, then one copy per (kind, layer) with that layer's bound loosened."""
+    """[(None, the setting)], then per (kind, layer) ((kind, layer), a copy of the setting with
+    that layer's bound loosened by factors[kind])."""
     base = harness.make_policy(setting)
     if not isinstance(base, KvcompCache) or base.layer_scales:
         raise SystemExit(f"--setting {setting!r}: expected a kvcomp setting without scales=")
-    policies = [base]
+    policies = [(None, base)]
     for kind in KINDS:
         if base.eb[kind] is None:
             continue
@@ -53,8 +54,7 @@ def probe_policies(setting: str, n_layer: int, factors: dict):
             scales = [1.0] * n_layer
             scales[layer] = factors[kind]
             pol.layer_scales = {kind: scales}
-            pol.name = f"{kind} {layer}"
-            policies.append(pol)
+            policies.append(((kind, layer), pol))
     return policies
 
 
@@ -65,9 +65,8 @@ def probe(model, ids, setting: str, factors: dict, start: int, windows: int,
     alone is loosened by factors[kind]."""
     n_layer = model.hp.n_layer
     policies = probe_policies(setting, n_layer, factors)
-    kl = np.zeros(len(policies))
-    held = np.zeros(len(policies))
-    n = 0
+    ref = harness.Accumulator("fp16")
+    accs = [harness.Accumulator(str(label)) for label, _ in policies]
     t0 = time.time()
     bar = None
     if progress:
@@ -76,25 +75,26 @@ def probe(model, ids, setting: str, factors: dict, start: int, windows: int,
                    file=sys.stderr)
     for w in range(start, start + windows):
         x = np.asarray(ids[w * window_tokens:(w + 1) * window_tokens], dtype=np.int64)
-        lp_ref = harness.log_softmax(model.forward(x, FP16Cache())[:-1])
+        fp16 = FP16Cache()
+        lp_ref = harness.log_softmax(model.forward(x, fp16)[:-1])
+        ref.add(lp_ref, None, x[1:], fp16, 0.0)
         p_ref = np.exp(lp_ref)
-        for i, pol in enumerate(policies):
-            lp = harness.log_softmax(model.forward(x, pol)[:-1])
-            kl[i] += float((p_ref * (lp_ref - lp)).sum(dtype=np.float64))
-            held[i] += pol.bytes
+        if bar:
+            bar.update(1)
+        for (_, pol), acc in zip(policies, accs):
+            acc.add(harness.log_softmax(model.forward(x, pol)[:-1]), lp_ref, x[1:], pol, 0.0,
+                    p_ref)
             if bar:
                 bar.update(1)
-        n += len(x) - 1
     if bar:
         bar.close()
-    kl /= n
+    base, *loosened = [acc.result(ref) for acc in accs]
     record = dict(setting=setting, factors=factors, start_window=start, windows=windows,
-                  window_tokens=window_tokens, n_layer=n_layer, kl=float(kl[0]),
-                  bytes=float(held[0]), seconds=round(time.time() - t0), layers={})
-    for pol, k, b in zip(policies[1:], kl[1:], held[1:]):
-        kind, layer = pol.name.split()
-        record["layers"].setdefault(kind, [None] * n_layer)[int(layer)] = dict(
-            dkl=float(k - kl[0]), dbytes=float(b - held[0]))
+                  window_tokens=window_tokens, n_layer=n_layer, kl=base["kl"],
+                  bytes=base["bytes"], seconds=round(time.time() - t0), layers={})
+    for ((kind, layer), _), r in zip(policies[1:], loosened):
+        record["layers"].setdefault(kind, [None] * n_layer)[layer] = dict(
+            dkl=r["kl"] - base["kl"], dbytes=r["bytes"] - base["bytes"])
     return record
 
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -47,10 +48,11 @@ def label(setting: str) -> str:
             "fp16": "fp16"}.get(setting, setting)
 
 
-def scaled_kinds(name: str) -> list:
+@functools.lru_cache
+def scaled_kinds(name: str) -> tuple:
     """K and/or V: the kinds a scales= file (under bench/accuracy/) gives scales for."""
     cal = json.loads((Path(__file__).resolve().parent / name).read_text())
-    return [k for k, kind in (("K", "key"), ("V", "value")) if cal.get(f"{kind}_layer_scales")]
+    return tuple(k for k, kind in (("K", "key"), ("V", "value")) if cal.get(f"{kind}_layer_scales"))
 
 
 def group(setting: str) -> str:
@@ -59,7 +61,7 @@ def group(setting: str) -> str:
     o = dict(kv.split("=") for kv in setting.split(":", 1)[1].split(","))
     if "scales" in o:
         fmt, kinds = o.get("fmt", "v1"), scaled_kinds(o["scales"])
-        if o.get("sinks", "0") != "0" and (fmt, kinds) in (("v1", ["K", "V"]), ("tiles", ["K"])):
+        if o.get("sinks", "0") != "0" and (fmt, kinds) in (("v1", ("K", "V")), ("tiles", ("K",))):
             return f"kvcomp {fmt}, sinks, per-layer"
         return "kvcomp per-layer, other"
     if o.get("k", "none") == "none":

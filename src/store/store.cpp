@@ -777,11 +777,7 @@ std::vector<uint32_t> fingerprint(const StoreParams& p) {
   if (p.sink_tokens > 0 || scaled) words.push_back(p.sink_tokens);
   if (scaled) {
     for (const auto& scales : p.layer_scales) {
-      for (float scale : scales) {
-        uint32_t bits;
-        std::memcpy(&bits, &scale, 4);
-        words.push_back(bits);
-      }
+      for (float scale : scales) words.push_back(f::float_bits(scale));
     }
   }
   return words;
@@ -954,14 +950,12 @@ SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const u
     if (word == words[i]) continue;
     if (i >= kSinksFingerprintWords) {  // version 5: a layer scale
       const size_t j = i - kSinksFingerprintWords;
-      float theirs, ours;
-      std::memcpy(&theirs, &word, 4);
-      std::memcpy(&ours, &words[i], 4);
       const bool is_value = j >= p.num_layers;
       fail(KVC_ERROR_CONFIG_MISMATCH,
            "serialized sequence: written by a store of another configuration: its ",
-           is_value ? "value" : "key", "_layer_scales[", j % p.num_layers, "] = ", theirs,
-           ", this store's ", ours, " (per-layer bounds)");
+           is_value ? "value" : "key", "_layer_scales[", j % p.num_layers,
+           "] = ", f::bits_float(word), ", this store's ", f::bits_float(words[i]),
+           " (per-layer bounds)");
     }
     fail(KVC_ERROR_CONFIG_MISMATCH,
          "serialized sequence: written by a store of another configuration");
