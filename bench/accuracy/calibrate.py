@@ -18,6 +18,16 @@ log2(eb_l) (the same bytes) gives every layer the same share: eb_l proportional 
 1 / sqrt(s_l). The scales are that, normalized to a geometric mean of 1 per kind (so that the
 bytes stay about the setting's), clamped to [--min-scale, --max-scale]; a probe increase below
 --floor of the kind's largest (noise, or a layer that does not care) counts as that floor.
+
+Tile widths (--value-widths, for tiles with a relative V bound): a V tile's width follows from
+its relative bound alone, in steps, so V scales around a setting only cost bytes unless they
+land on the tightest bound of another width. With --value-widths 2,3,4 each layer's V gets one
+of those widths at its tightest bound; the choice minimizes the summed modelled KL at no more
+bits than the setting's width in every layer (a knapsack over layers, solved exactly). A
+width other than the setting's is taken at the tightest of the probes' bounds that give it (a
+probe with --probe-kinds value --value-factor F), at that probe's measured cost; a width no
+probe reached, at its tightest bound, its cost s_l * (scale^2 - 1) from the nearest probe.
+Probes at one factor on different windows are pooled, weighted by their windows.
 """
 from __future__ import annotations
 
@@ -37,17 +47,18 @@ import modelfile  # noqa: E402
 from cache import FP16Cache, KvcompCache  # noqa: E402
 
 KINDS = ("key", "value")
+TILE_WIDTHS = (2, 3, 4, 6, 8)  # the coded widths of format t1 with split widths
 
 
 def probe_policies(setting: str, n_layer: int, factors: dict):
-    """[(None, the setting)], then per (kind, layer) ((kind, layer), a copy of the setting with
-    that layer's bound loosened by factors[kind])."""
+    """[(None, the setting)], then per kind in factors and layer ((kind, layer), a copy of the
+    setting with that layer's bound scaled by factors[kind])."""
     base = harness.make_policy(setting)
     if not isinstance(base, KvcompCache) or base.layer_scales:
         raise SystemExit(f"--setting {setting!r}: expected a kvcomp setting without scales=")
     policies = [(None, base)]
     for kind in KINDS:
-        if base.eb[kind] is None:
+        if kind not in factors or base.eb[kind] is None:
             continue
         for layer in range(n_layer):
             pol = harness.make_policy(setting)
@@ -114,6 +125,58 @@ def allocate(sensitivity: np.ndarray, floor: float, lo: float, hi: float) -> np.
     return np.exp(np.clip(raw + 0.5 * (a + b), np.log(lo), np.log(hi)))
 
 
+def tile_width_bits(rel: float) -> int:
+    """Bits of a V tile at relative bound rel, at most: the step is 2 * rel * (hi - lo)
+    rounded down to bf16 (by less than 2^-7), so a token's codes span r = (hi - lo) / step
+    below 1 / (2 * rel * (1 - 2^-7)), and its rounded codes take at most floor(r) + 2 values;
+    the tile takes the narrowest width (2, 3, 4, 6, 8 bits) that holds them."""
+    levels = int(np.floor(1.0 / (2.0 * rel * (1.0 - 2.0 ** -7)))) + 2
+    bits = int(np.ceil(np.log2(levels)))
+    return next(w for w in TILE_WIDTHS + (bits,) if w >= bits)
+
+
+def tightest_rel_bound(bits: int) -> float:
+    """The tightest relative bound whose V tiles are `bits` wide (a hair above the edge)."""
+    return 1.001 / (2.0 * (2 ** bits - 1) * (1.0 - 2.0 ** -7))
+
+
+def pooled_costs(records: list, kind: str) -> dict:
+    """{probe factor: per-layer KL increase} over the records that probed `kind`, probes at
+    one factor on different windows averaged by their window counts."""
+    sums = {}
+    for rec in records:
+        if kind not in rec["layers"]:
+            continue
+        f = rec["factors"][kind]
+        dkl = np.array([x["dkl"] for x in rec["layers"][kind]]) * rec["windows"]
+        total, n = sums.get(f, (0.0, 0))
+        sums[f] = (total + dkl, n + rec["windows"])
+    return {f: total / n for f, (total, n) in sums.items()}
+
+
+def modelled_cost(costs: dict, scale: float) -> np.ndarray:
+    """Per-layer KL increase at `scale`, s_l * (scale^2 - 1), from the probe at the nearest
+    factor f (s_l = its dkl / (f^2 - 1))."""
+    f = min(costs, key=lambda f: abs(np.log(f / scale)))
+    return costs[f] / (f * f - 1.0) * (scale * scale - 1.0)
+
+
+def allocate_widths(cost: np.ndarray, bits: list, budget: int) -> np.ndarray:
+    """Per layer an index into bits, minimizing the sum of cost[layer, choice] with the chosen
+    bits summing to at most budget (dynamic programming over layers and bits spent)."""
+    n_layer = cost.shape[0]
+    best = {0: (0.0, [])}  # bits spent -> (least cost, choices)
+    for layer in range(n_layer):
+        nxt = {}
+        for spent, (c, picks) in best.items():
+            for i, b in enumerate(bits):
+                key = spent + b
+                if key <= budget and (key not in nxt or c + cost[layer, i] < nxt[key][0]):
+                    nxt[key] = (c + cost[layer, i], picks + [i])
+        best = nxt
+    return np.array(min(best.values(), key=lambda x: x[0])[1])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2", choices=sorted(modelfile.MODELS))
@@ -124,14 +187,18 @@ def main(argv=None):
     ap.add_argument("--window-tokens", type=int, default=1024)
     ap.add_argument("--key-factor", type=float, default=2.0, help="the probe's K loosening")
     ap.add_argument("--value-factor", type=float, default=1.5, help="the probe's V loosening")
+    ap.add_argument("--probe-kinds", default="key,value", help="which kinds the probe loosens")
     ap.add_argument("--floor", type=float, default=0.02,
                     help="least sensitivity counted, as a share of the kind's largest")
     ap.add_argument("--min-scale", type=float, default=0.5)
     ap.add_argument("--max-scale", type=float, default=2.0)
     ap.add_argument("--kinds", default="key,value",
                     help="which kinds get scales (e.g. key: tiles' V widths step at fixed bounds)")
-    ap.add_argument("--probe", default=None,
-                    help="reuse a probe from this earlier output instead of running one")
+    ap.add_argument("--value-widths", default=None,
+                    help="tiles: V tile widths to choose from per layer (e.g. 2,3,4)")
+    ap.add_argument("--probe", action="append", default=[],
+                    help="reuse the probe of an earlier output instead of running one (repeat: "
+                         "probes at other factors or on other windows of the same setting)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     if not a.probe and not a.setting:
@@ -140,25 +207,71 @@ def main(argv=None):
         ap.error("--min-scale <= 1 <= --max-scale, or no geometric mean of 1 (the same bytes)")
 
     if a.probe:
-        record = json.loads(Path(a.probe).read_text())["probe"]
+        records = [json.loads(Path(p).read_text())["probe"] for p in a.probe]
+        records = [r for rec in records for r in (rec if isinstance(rec, list) else [rec])]
+        if len({r["setting"] for r in records}) != 1:
+            ap.error("--probe: the probes are of different settings")
     else:
         from model import load
         model = load(modelfile.model_path(model=a.model))
         ids = harness.load_text_ids(model.tokenizer())
-        record = probe(model, ids, a.setting, {"key": a.key_factor, "value": a.value_factor},
-                       a.start_window, a.windows, a.window_tokens)
-        record["machine"] = harness.machine_info()
-    out = dict(probe=record, floor=a.floor, min_scale=a.min_scale, max_scale=a.max_scale)
-    for kind, layers in record["layers"].items():
-        if kind not in a.kinds.split(","):
+        factors = {"key": a.key_factor, "value": a.value_factor}
+        factors = {k: f for k, f in factors.items() if k in a.probe_kinds.split(",")}
+        records = [probe(model, ids, a.setting, factors, a.start_window, a.windows,
+                         a.window_tokens)]
+        records[0]["machine"] = harness.machine_info()
+    out = dict(probe=records[0] if len(records) == 1 else records, floor=a.floor,
+               min_scale=a.min_scale, max_scale=a.max_scale)
+    for kind in KINDS:
+        costs = pooled_costs(records, kind)
+        if not costs or kind not in a.kinds.split(",") or (kind == "value" and a.value_widths):
             continue
-        dkl = np.array([x["dkl"] for x in layers])
-        sensitivity = dkl / (record["factors"][kind] ** 2 - 1.0)
-        scales = allocate(sensitivity, a.floor, a.min_scale, a.max_scale)
+        if len(costs) != 1:
+            ap.error(f"--probe: {kind} probed at factors {sorted(costs)}; scales need one")
+        (factor, dkl), = costs.items()
+        scales = allocate(dkl / (factor ** 2 - 1.0), a.floor, a.min_scale, a.max_scale)
         out[f"{kind}_layer_scales"] = [round(float(x), 4) for x in scales]
         print(f"{kind}: probe KL increase x1e4 " + " ".join(f"{x * 1e4:.1f}" for x in dkl))
         print(f"{kind}: scales " + " ".join(f"{x:.2f}" for x in scales))
+    if a.value_widths:
+        out.update(value_width_scales(records, a.value_widths, ap.error))
     Path(a.out).write_text(json.dumps(out, indent=1))
+
+
+def value_width_scales(records: list, widths: str, error) -> dict:
+    """--value-widths: per layer the V scale of the chosen tile width, and the widths."""
+    widths = sorted({int(w) for w in widths.split(",")})
+    if not set(widths) <= set(TILE_WIDTHS):
+        error(f"--value-widths {widths}: tile widths are {TILE_WIDTHS}")
+    pol = harness.make_policy(records[0]["setting"])
+    eb = pol.eb["value"]
+    if eb is None or pol.bound_mode["value"] != "relative":
+        error("--value-widths needs a setting with a relative V bound")
+    base = tile_width_bits(eb)
+    if base not in widths:
+        error(f"--value-widths {widths}: the setting's V tiles are {base} bits")
+    costs = pooled_costs(records, "value")
+    if not costs:
+        error("--value-widths needs a probe of V")
+    scales, cost = [], []
+    for w in widths:  # a probe at a bound of that width, measured; else the tightest, modelled
+        probed = [f for f in costs if tile_width_bits(eb * f) == w]
+        if w == base:
+            scales.append(1.0)
+            cost.append(np.zeros(records[0]["n_layer"]))
+        elif probed:
+            scales.append(min(probed))
+            cost.append(costs[min(probed)])
+        else:
+            scales.append(tightest_rel_bound(w) / eb)
+            cost.append(modelled_cost(costs, scales[-1]))
+    cost = np.stack(cost, axis=1)
+    pick = allocate_widths(cost, widths, base * len(cost))
+    print("value: tile scales " + ", ".join(f"{w} bits {sc:.4f}" for w, sc in zip(widths, scales)))
+    print("value: widths " + " ".join(str(widths[i]) for i in pick)
+          + f" (modelled KL change x1e4 {cost[np.arange(len(cost)), pick].sum() * 1e4:+.1f})")
+    return dict(value_layer_scales=[scales[i] for i in pick],
+                value_layer_widths=[widths[i] for i in pick])
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
         --tiles bench/accuracy/results/tiles_t128.json \
             bench/accuracy/results/layer_scales_t128.json \
             bench/accuracy/results/layer_scales_t128_b.json \
+            bench/accuracy/results/layer_widths_t128.json \
         --gemma bench/accuracy/results/gemma3_t128.json bench/accuracy/results/gemma3_sinks.json \
         --figure docs/accuracy_pareto.png
 """
@@ -50,9 +51,11 @@ def label(setting: str) -> str:
 
 @functools.lru_cache
 def scaled_kinds(name: str) -> tuple:
-    """K and/or V: the kinds a scales= file (under bench/accuracy/) gives scales for."""
+    """K and/or V: the kinds a scales= file (under bench/accuracy/) gives scales for ("V
+    widths" where V's are per-layer tile widths, calibrate.py --value-widths)."""
     cal = json.loads((Path(__file__).resolve().parent / name).read_text())
-    return tuple(k for k, kind in (("K", "key"), ("V", "value")) if cal.get(f"{kind}_layer_scales"))
+    v = "V widths" if cal.get("value_layer_widths") else "V"
+    return tuple(k for k, kind in (("K", "key"), (v, "value")) if cal.get(f"{kind}_layer_scales"))
 
 
 def group(setting: str) -> str:
@@ -63,6 +66,8 @@ def group(setting: str) -> str:
         fmt, kinds = o.get("fmt", "v1"), scaled_kinds(o["scales"])
         if o.get("sinks", "0") != "0" and (fmt, kinds) in (("v1", ("K", "V")), ("tiles", ("K",))):
             return f"kvcomp {fmt}, sinks, per-layer"
+        if o.get("sinks", "0") != "0" and (fmt, kinds) == ("tiles", ("K", "V widths")):
+            return "kvcomp tiles, sinks, per-layer, V widths"
         return "kvcomp per-layer, other"
     if o.get("k", "none") == "none":
         return "kvcomp V only"
@@ -122,6 +127,8 @@ def paired_table(results) -> str:
             name += f", {o['sinks']} sinks fp16"
         if o.get("rot", "0") != "0":
             name += ", Hadamard " + {"1": "K+V", "k": "K", "v": "V"}[o["rot"]]
+        if "scales" in o:
+            name += f", per-layer {'+'.join(scaled_kinds(o['scales']))} ({Path(o['scales']).name})"
         ratio = {}
         for r in rs:
             p = dict(kv.split("=") for kv in r["setting"].split(":", 1)[1].split(",")
@@ -153,6 +160,8 @@ STYLES = {
     "kvcomp v1 rotated": dict(color="tab:pink", marker="d", ls="none", ms=8),
     "kvcomp v1, sinks, per-layer": dict(color="black", marker="*", ls="-", ms=11),
     "kvcomp tiles, sinks, per-layer": dict(color="darkgreen", marker="P", ls="-", ms=10),
+    "kvcomp tiles, sinks, per-layer, V widths": dict(color="lime", marker="P", ls="-", ms=9,
+                                                     mec="darkgreen"),
     "kvcomp per-layer, other": dict(color="tab:gray", marker=".", ls="none", ms=9),
     "kivi:2": dict(color="tab:red", marker="X", ls="none", ms=11),
     "kivi:4": dict(color="tab:orange", marker="X", ls="none", ms=11),
@@ -170,6 +179,7 @@ NAMES = {"kvcomp K+V T=64": "kvcomp, T=64 (K abs, V rel bound)",
          "kvcomp v1 rotated": "v1 with a Hadamard rotation (K+V, K or V)",
          "kvcomp v1, sinks, per-layer": "v1, 4 sinks, per-layer K and V bounds",
          "kvcomp tiles, sinks, per-layer": "tiles, 4 sinks, per-layer K bounds",
+         "kvcomp tiles, sinks, per-layer, V widths": "the same, and per-layer V tile widths",
          "kvcomp per-layer, other": "other per-layer bound rows",
          "kivi:2": "KIVI-2", "kivi:4": "KIVI-4",
          "int8": "int8 per-token"}

@@ -160,3 +160,62 @@ def test_settings_read_their_scales_file(tmp_path):
     assert pol.bound(2, "value") == 0.1 and pol.path == "store"
     with pytest.raises(SystemExit, match="without scales"):
         calibrate.probe_policies(f"kvcomp:k=0.3,v=0.1,scales={f}", 3, {"key": 2, "value": 2})
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6])
+def test_tile_width_bits_is_the_encoders(bits):
+    """V tiles at the tightest relative bound of a width are that wide (tokens of every range
+    and offset), and a bound 1% tighter needs more bits somewhere."""
+    rng = np.random.default_rng(bits)
+    v = (rng.standard_normal((128, HK, D)) * rng.lognormal(0, 2, (128, HK, 1))
+         + rng.standard_normal((128, HK, 1)) * 3).astype(np.float16)
+    widest = {}
+    for rel in (calibrate.tightest_rel_bound(bits), 0.99 * calibrate.tightest_rel_bound(bits)):
+        c = _cache(v=rel, block_format="tiles", path="codec")
+        c.begin_window(len(v))
+        counts = C.tile_width_counts(c._codec(0, "value", v)[0].encode(v))
+        widest[rel] = (0, 2, 3, 4, 6, 8, 99)[np.flatnonzero(counts).max()]
+        assert calibrate.tile_width_bits(rel) >= widest[rel]
+    tight, looser = sorted(widest)
+    assert widest[looser] == bits and widest[tight] > bits
+    assert calibrate.tile_width_bits(0.072) == 3  # the tables' setting
+
+
+def test_width_allocation_is_the_best_within_the_budget():
+    import itertools
+    rng = np.random.default_rng(3)
+    bits = [2, 3, 4]
+    for _ in range(20):
+        cost = rng.standard_normal((6, 3))
+        budget = int(rng.integers(12, 25))
+        pick = calibrate.allocate_widths(cost, bits, budget)
+        best = min((sum(cost[l, i] for l, i in enumerate(p)), p)
+                   for p in itertools.product(range(3), repeat=6)
+                   if sum(bits[i] for i in p) <= budget)
+        assert sum(bits[i] for i in pick) <= budget
+        assert cost[np.arange(6), pick].sum() == pytest.approx(best[0])
+
+
+def test_value_widths_trade_insensitive_layers_for_sensitive_ones():
+    """Two probes of V at a 2-bit factor on different windows (pooled by windows) and one of
+    K and V at 1.5: the sensitive layer goes to 4 bits, the cheapest to 2, within the bits of
+    3 everywhere; 2 bits is used at the probed scale, 4 bits at its tightest bound."""
+    setting = "kvcomp:k=0.3,v=0.072,kmode=abs,t=128"
+    layer = lambda dkl: [dict(dkl=x, dbytes=-1.0) for x in dkl]  # noqa: E731
+    wide = dict(setting=setting, factors={"key": 2.0, "value": 1.5}, windows=4, n_layer=4,
+                layers={"key": layer([1e-4] * 4), "value": layer([8e-4, 1e-4, 1e-5, 1e-4])})
+    down = [dict(setting=setting, factors={"value": 2.3611}, windows=w, n_layer=4,
+                 layers={"value": layer(dkl)})
+            for w, dkl in ((1, [9e-3, 2e-3, 0.0, 1e-3]), (3, [9e-3, 2e-3, 4e-4, 1e-3]))]
+    costs = calibrate.pooled_costs([wide] + down, "value")
+    np.testing.assert_allclose(costs[2.3611], [9e-3, 2e-3, 3e-4, 1e-3])
+    out = calibrate.value_width_scales([wide] + down, "2,3,4", pytest.fail)
+    assert out["value_layer_widths"] == [4, 3, 2, 3]
+    sc = out["value_layer_scales"]
+    assert sc[1] == sc[3] == 1.0 and sc[2] == 2.3611
+    assert sc[0] == pytest.approx(calibrate.tightest_rel_bound(4) / 0.072)
+    # No 2-bit layer is worth it where every layer costs as much as layer 0 to loosen.
+    down[1]["layers"]["value"] = layer([9e-3] * 4)
+    down[0]["layers"]["value"] = layer([9e-3] * 4)
+    assert calibrate.value_width_scales([wide] + down, "2,3,4", pytest.fail)[
+        "value_layer_widths"] == [3] * 4
