@@ -43,13 +43,13 @@ extern "C" {
 /* ---- Versions ---------------------------------------------------------------------------- */
 
 #define KVC_VERSION_MAJOR 0
-#define KVC_VERSION_MINOR 5
+#define KVC_VERSION_MINOR 6
 #define KVC_VERSION_PATCH 0
 #define KVC_VERSION_NUMBER (KVC_VERSION_MAJOR * 10000 + KVC_VERSION_MINOR * 100 + KVC_VERSION_PATCH)
 
 /* Version of the config-struct ABI. Every config struct carries the value its caller was
  * compiled with; the library rejects another value with KVC_ERROR_ABI_MISMATCH. */
-#define KVC_ABI_VERSION 5
+#define KVC_ABI_VERSION 6
 
 /* Version of the compressed block format written by this library (docs/format.md). */
 #define KVC_FORMAT_VERSION 1
@@ -446,12 +446,22 @@ typedef struct kvc_store_config {
                                       one the codec takes (as key_error_bound itself must be).
                                       Read during kvc_store_create (copied) */
   const float* value_layer_scales; /* likewise for V (value_error_bound) */
+
+  /* Serialization (ABI 6; docs/api.md, "Serialization"). */
+  int32_t serialized_block_format; /* kvc_block_format of the blocks kvc_store_serialize writes:
+                                      AUTO or the store's own format = its blocks as held (a
+                                      copy); KVC_BLOCK_FORMAT_V1 on a tiles store = each tile
+                                      block entropy-coded as format v1 where that is smaller
+                                      and restores to the same bytes (about a fifth smaller;
+                                      serializing then costs a CPU encode of every block).
+                                      TILES on a format v1 store: KVC_ERROR_NOT_SUPPORTED */
 } kvc_store_config;
-#define KVC_STORE_CONFIG_INIT                                                                    \
-  {                                                                                              \
-    sizeof(kvc_store_config), KVC_ABI_VERSION, KVC_BACKEND_CPU, 1, 1, 128, KVC_DTYPE_FP16, 64,   \
-        KVC_BOUND_RELATIVE, 0.05f, KVC_BOUND_RELATIVE, 0.05f, 0, KVC_ENTROPY_AUTO, 0,            \
-        (int64_t)1 << 30, 0, 0, KVC_BLOCK_FORMAT_AUTO, 1, 1, 0, KVC_ROTATION_NONE, 0, NULL, NULL \
+#define KVC_STORE_CONFIG_INIT                                                                     \
+  {                                                                                               \
+    sizeof(kvc_store_config), KVC_ABI_VERSION, KVC_BACKEND_CPU, 1, 1, 128, KVC_DTYPE_FP16, 64,    \
+        KVC_BOUND_RELATIVE, 0.05f, KVC_BOUND_RELATIVE, 0.05f, 0, KVC_ENTROPY_AUTO, 0,             \
+        (int64_t)1 << 30, 0, 0, KVC_BLOCK_FORMAT_AUTO, 1, 1, 0, KVC_ROTATION_NONE, 0, NULL, NULL, \
+        KVC_BLOCK_FORMAT_AUTO                                                                     \
   }
 
 /* What the store holds, all of it counted. */

@@ -44,7 +44,7 @@ BACKEND_CPU, BACKEND_CUDA = 0, 1
 ENCODING_RAW, ENCODING_FIXED, ENCODING_HUFFMAN, ENCODING_TILES = 0, 1, 2, 3
 BLOCK_FORMAT_V1, BLOCK_FORMAT_TILES, BLOCK_FORMAT_AUTO = 0, 1, 2
 ROTATION_NONE, ROTATION_HADAMARD, ROTATION_HADAMARD_VALUES = 0, 1, 2
-ABI_VERSION = 5
+ABI_VERSION = 6
 SUCCESS = 0
 
 _KINDS = {"key": KIND_KEY, "k": KIND_KEY, "value": KIND_VALUE, "v": KIND_VALUE}
@@ -100,7 +100,8 @@ class _StoreConfig(ctypes.Structure):
                 ("tile_split_widths", ctypes.c_int32), ("num_substreams", ctypes.c_int32),
                 ("rotation", ctypes.c_int32), ("sink_tokens", ctypes.c_int32),
                 ("key_layer_scales", ctypes.POINTER(ctypes.c_float)),
-                ("value_layer_scales", ctypes.POINTER(ctypes.c_float))]
+                ("value_layer_scales", ctypes.POINTER(ctypes.c_float)),
+                ("serialized_block_format", ctypes.c_int32)]
 
 
 class _StoreStats(ctypes.Structure):
@@ -481,7 +482,9 @@ class StoreConfig:
     uncompressed once their block is compressed, and read and attended from there (docs/api.md,
     "Attention sinks"); key_layer_scales, value_layer_scales: None, or num_layers floats: layer
     l's K (V) bound is key_error_bound * key_layer_scales[l] in fp32 (docs/api.md, "Per-layer
-    bounds"); each finite and > 0.
+    bounds"); each finite and > 0; serialized_block_format: "auto" (blocks as held) | "v1" (a
+    tiles store serializes each tile block as format v1 where that is smaller, restoring to the
+    same bytes: docs/api.md, "Serialization") | "tiles".
     """
     num_layers: int = 1
     num_kv_heads: int = 1
@@ -507,6 +510,7 @@ class StoreConfig:
     sink_tokens: int = 0
     key_layer_scales: Optional[Sequence[float]] = None
     value_layer_scales: Optional[Sequence[float]] = None
+    serialized_block_format: str = "auto"
 
     def _scales(self, name):
         """The ctypes float array of a layer-scales field (None: NULL), its length checked."""
@@ -545,6 +549,8 @@ class StoreConfig:
         for field, array in zip(("key_layer_scales", "value_layer_scales"), keep):
             if array is not None:
                 setattr(cfg, field, ctypes.cast(array, ctypes.POINTER(ctypes.c_float)))
+        cfg.serialized_block_format = enum(_BLOCK_FORMATS, self.serialized_block_format,
+                                           "serialized_block_format")
         cfg._keep = keep
         return cfg
 
@@ -781,6 +787,10 @@ class Store(_Handle):
         words = np.frombuffer(data, dtype="<u4")
         raw = np.frombuffer(data, dtype=np.uint8)
         version = int(words[1])
+        if version == 6:
+            raise ValueError("block_sizes reads the held blocks from the serialized sequence, "
+                             "but this store writes them as format v1 "
+                             "(serialized_block_format='v1')")
         fingerprint = {1: 12, 2: 13, 3: 14, 4: 15, 5: 15 + 2 * self.num_layers}[version]  # words
         # (format.md §16.2)
         at = 2 + fingerprint + 4 * self.num_layers  # magic, version, fingerprint, codebooks

@@ -472,3 +472,29 @@ def test_layer_scales_give_each_layer_its_bound():
     one_seq = ones.add_sequence()
     ones.prefill(one_seq, k, v)
     assert ones.serialize(one_seq) == plain.serialize(0)
+
+
+def test_tiles_store_serializes_as_format_v1_on_request():
+    """serialized_block_format="v1": a tiles store writes version 6, smaller than its blocks as
+    held, which restores into a store of either setting to the same blocks (serialized the same
+    as the writer's own) and the same reads; block_sizes says it cannot read such a sequence."""
+    k, v = _kv(3 * T + 7, seed=4)
+    small = _store(block_format="tiles", serialized_block_format="v1")
+    held = _store(block_format="tiles")
+    a, b = small.add_sequence(), held.add_sequence()
+    small.prefill(a, k, v)
+    held.prefill(b, k, v)
+    data, as_held = small.serialize(a), held.serialize(b)
+    assert int(np.frombuffer(data[4:8], "<u4")[0]) == 6
+    assert len(data) < len(as_held)
+    back = held.restore(data)
+    assert held.serialize(back) == as_held
+    for layer in range(L):
+        for x, y in zip(held.read(back, layer), held.read(b, layer)):
+            np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="serialized_block_format"):
+        small.block_sizes(a)
+    with pytest.raises(ValueError, match="serialized_block_format"):
+        _store(serialized_block_format="huffman")
+    with pytest.raises(kvcomp.KvcompError, match="serialized_block_format"):
+        _store(block_format="v1", serialized_block_format="tiles")

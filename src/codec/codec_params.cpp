@@ -111,6 +111,14 @@ CodecParams CodecParams::from_config(const kvc_codec_config& c, bool has_codeboo
   return p;
 }
 
+CodecParams CodecParams::transcoded() const {
+  CodecParams v = *this;
+  v.tiles = v.permute_channels = v.split_widths = false;
+  v.num_substreams = 1;
+  v.entropy = KVC_ENTROPY_AUTO;
+  return v;
+}
+
 size_t CodecParams::max_block_bytes(kvc_dtype dtype) const {
   if (tiles) {
     // All tiles raw and no metadata: the encoder never writes more (docs/format.md, t1).

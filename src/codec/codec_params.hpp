@@ -28,6 +28,9 @@ struct CodecParams {
   static CodecParams from_config(const kvc_codec_config& config, bool has_codebook);
 
   uint32_t num_elements() const { return num_tokens * head_dim; }
+  // Format v1 with this (tile) codec's groups, bound and mode, so the same codes, in one Huffman
+  // sub-stream: the form a tiles store's serialization writes its blocks in.
+  CodecParams transcoded() const;
   // Largest block for this input dtype: the verbatim encoding, which the encoder always weighs.
   size_t max_block_bytes(kvc_dtype dtype) const;
 };

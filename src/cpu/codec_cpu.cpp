@@ -289,6 +289,20 @@ uint32_t encode_block(const CodecParams& p, const Codebook* book, const void* sr
   return c.plan.layout.block_bytes;
 }
 
+std::vector<uint8_t> encode_codes(const CodecParams& p, const Codebook* book, const Quantized& q) {
+  require(q.ok, KVC_ERROR_INTERNAL, "encode_codes needs quantized codes");
+  Plan plan = plan_fixed(p, q);
+  if (book != nullptr && p.entropy != KVC_ENTROPY_FIXED) {
+    Plan huffman = plan_huffman(p, *book, q);
+    if (huffman.eligible && huffman.layout.block_bytes < plan.layout.block_bytes) {
+      plan = std::move(huffman);
+    }
+  }
+  std::vector<uint8_t> out(plan.layout.block_bytes);
+  write_block(p, book, q, nullptr, 0, KVC_DTYPE_FP32, plan, out.data());
+  return out;
+}
+
 namespace {
 
 [[noreturn]] void corrupt(const char* what) {
@@ -325,8 +339,11 @@ f::BlockLayout parse_header(const uint8_t* src, uint64_t available) {
   return b;
 }
 
-void decode_block(const CodecParams& p, const Codebook* book, const uint8_t* src,
-                  uint64_t available, kvc_dtype dtype, void* dst, int64_t stride) {
+namespace {
+
+// The header of a block for codec p, parsed and checked against it (shape, codebook).
+f::BlockLayout parse_for(const CodecParams& p, const Codebook* book, const uint8_t* src,
+                         uint64_t available) {
   const f::BlockLayout b = parse_header(src, available);
   require(b.is_value == p.is_value && b.num_tokens == p.num_tokens && b.head_dim == p.head_dim &&
               b.group_size == p.group_size,
@@ -338,44 +355,36 @@ void decode_block(const CodecParams& p, const Codebook* book, const uint8_t* src
             "block was encoded with codebook ", b.codebook_id, " but the codec has ",
             book ? "codebook " + std::to_string(book->id()) : std::string("none"));
   }
+  return b;
+}
 
-  auto out = [&](uint32_t g, uint32_t e, float v) {
-    const f::Coord c = f::element_coord(b.is_value, b.head_dim, b.group_size, g, e);
-    store_element(dst, dtype, size_t(c.token * stride) + c.channel, v);
-  };
-  const uint8_t* payload = src + b.payload_offset;
-  if (b.encoding == f::kRaw) {
-    const uint32_t es = f::dtype_bytes(b.raw_dtype);
-    for (uint32_t t = 0; t < b.num_tokens; ++t) {
-      for (uint32_t c = 0; c < b.head_dim; ++c) {
-        const uint8_t* at = payload + (size_t(t) * b.head_dim + c) * es;
-        const float v = b.raw_dtype == KVC_DTYPE_FP32   ? f::bits_float(f::load_u32(at))
-                        : b.raw_dtype == KVC_DTYPE_BF16 ? f::bf16_to_float(f::load_u16(at))
-                                                        : f::half_to_float(f::load_u16(at));
-        store_element(dst, dtype, size_t(t * stride) + c, v);
-      }
-    }
-    return;
-  }
-
+// Each group's step of a fixed-width or Huffman block.
+std::vector<float> read_steps(const f::BlockLayout& b, const uint8_t* src) {
   std::vector<float> steps(b.num_groups);
   for (uint32_t g = 0; g < b.num_groups; ++g) {
     steps[g] = b.per_group_step ? f::bf16_to_float(f::load_u16(src + b.steps_offset + 2 * g))
                                 : f::bits_float(f::load_u32(src + b.steps_offset));
   }
+  return steps;
+}
+
+// Calls code(g, e, c) with the code c of element e of group g, for every element of a
+// fixed-width or Huffman block; throws on corrupt streams.
+template <class Code>
+void walk_codes(const f::BlockLayout& b, const Codebook* book, const uint8_t* src, Code code) {
   std::vector<uint32_t> centers(b.num_groups);  // uint32: corrupt values wrap, never overflow
   f::BitReader center_bits(src + b.centers_offset, b.stream_ends_offset - b.centers_offset);
   for (uint32_t g = 0; g < b.num_groups; ++g) {
     centers[g] = uint32_t(b.center_base) + center_bits.read(b.center_bits);
   }
-  auto value = [&](uint32_t g, uint32_t symbol) {
-    return f::dequantize(int32_t(centers[g] + symbol), steps[g]);
+  auto emit = [&](uint32_t g, uint32_t e, uint32_t symbol) {
+    code(g, e, int32_t(centers[g] + symbol));
   };
-
+  const uint8_t* payload = src + b.payload_offset;
   if (b.encoding == f::kFixed) {
     f::BitReader in(payload, b.payload_bytes);
     for (uint32_t e = 0; e < b.group_size; ++e) {
-      for (uint32_t g = 0; g < b.num_groups; ++g) out(g, e, value(g, in.read(b.code_bits)));
+      for (uint32_t g = 0; g < b.num_groups; ++g) emit(g, e, in.read(b.code_bits));
     }
     return;
   }
@@ -398,7 +407,7 @@ void decode_block(const CodecParams& p, const Codebook* book, const uint8_t* src
           if (b.code_bits == 0) corrupt("an escape in a block without escape bits");
           symbol = uint32_t(f::sign_extend(in.read(b.code_bits), b.code_bits));
         }
-        out(g, e, value(g, symbol));
+        emit(g, e, symbol);
       }
     }
     if (in.overrun()) corrupt("a sub-stream is shorter than its symbols");
@@ -406,10 +415,55 @@ void decode_block(const CodecParams& p, const Codebook* book, const uint8_t* src
   }
 }
 
+}  // namespace
+
+void decode_block(const CodecParams& p, const Codebook* book, const uint8_t* src,
+                  uint64_t available, kvc_dtype dtype, void* dst, int64_t stride) {
+  const f::BlockLayout b = parse_for(p, book, src, available);
+  if (b.encoding == f::kRaw) {
+    const uint8_t* payload = src + b.payload_offset;
+    const uint32_t es = f::dtype_bytes(b.raw_dtype);
+    for (uint32_t t = 0; t < b.num_tokens; ++t) {
+      for (uint32_t c = 0; c < b.head_dim; ++c) {
+        const uint8_t* at = payload + (size_t(t) * b.head_dim + c) * es;
+        const float v = b.raw_dtype == KVC_DTYPE_FP32   ? f::bits_float(f::load_u32(at))
+                        : b.raw_dtype == KVC_DTYPE_BF16 ? f::bf16_to_float(f::load_u16(at))
+                                                        : f::half_to_float(f::load_u16(at));
+        store_element(dst, dtype, size_t(t * stride) + c, v);
+      }
+    }
+    return;
+  }
+  const std::vector<float> steps = read_steps(b, src);
+  walk_codes(b, book, src, [&](uint32_t g, uint32_t e, int32_t code) {
+    const f::Coord c = f::element_coord(b.is_value, b.head_dim, b.group_size, g, e);
+    store_element(dst, dtype, size_t(c.token * stride) + c.channel, f::dequantize(code, steps[g]));
+  });
+}
+
+Quantized decode_codes(const CodecParams& p, const Codebook* book, const uint8_t* src,
+                       uint64_t available) {
+  const f::BlockLayout b = parse_for(p, book, src, available);
+  Quantized q;
+  if (b.encoding == f::kRaw) {
+    q.ok = false;
+    return q;
+  }
+  q.steps = read_steps(b, src);
+  q.codes.resize(p.num_elements());
+  walk_codes(b, book, src, [&](uint32_t g, uint32_t e, int32_t code) {
+    q.codes[size_t(g) * b.group_size + e] = code;
+  });
+  return q;
+}
+
 void histogram_block(const CodecParams& p, const void* src, int64_t stride, kvc_dtype dtype,
                      Histogram& histogram) {
   const Quantized q = quantize(p, gather_groups(p, src, stride, dtype));
-  if (!q.ok) return;
+  if (q.ok) histogram_codes(p, q, histogram);
+}
+
+void histogram_codes(const CodecParams& p, const Quantized& q, Histogram& histogram) {
   const std::vector<int32_t> centers = group_centers(p, q, /*mean=*/true);
   for (uint32_t g = 0; g < p.num_groups; ++g) {
     for (uint32_t e = 0; e < p.group_size; ++e) {

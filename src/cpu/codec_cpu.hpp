@@ -46,6 +46,12 @@ uint32_t encoded_size(const CodecParams& p, const Codebook* codebook, const void
 uint32_t encode_block(const CodecParams& p, const Codebook* codebook, const void* src,
                       int64_t token_stride, kvc_dtype dtype, uint8_t* dst);
 
+// Format v1 from codes already quantized (q.ok): the smaller of fixed width and, with a
+// codebook, Huffman, never verbatim (the codes are all there is). What a tiles store's
+// serialization writes in place of a tile block (docs/format.md, "Serialized sequence").
+std::vector<uint8_t> encode_codes(const CodecParams& p, const Codebook* codebook,
+                                  const Quantized& q);
+
 // Parses and checks a block header against the bytes available (any decoder's first step);
 // throws KVC_ERROR_CORRUPT_DATA or KVC_ERROR_FORMAT_VERSION.
 format::BlockLayout parse_header(const uint8_t* src, uint64_t available);
@@ -55,8 +61,15 @@ format::BlockLayout parse_header(const uint8_t* src, uint64_t available);
 void decode_block(const CodecParams& p, const Codebook* codebook, const uint8_t* src,
                   uint64_t available, kvc_dtype dtype, void* dst, int64_t token_stride);
 
+// The codes and steps of a fixed-width or Huffman block, as quantize() gave them (decode_block
+// before dequantization), with the same checks; !ok for a verbatim block.
+Quantized decode_codes(const CodecParams& p, const Codebook* codebook, const uint8_t* src,
+                       uint64_t available);
+
 // Adds the block's Huffman symbols to a histogram (blocks stored verbatim add nothing).
 void histogram_block(const CodecParams& p, const void* src, int64_t token_stride, kvc_dtype dtype,
                      Histogram& histogram);
+// The same from codes already quantized (q.ok).
+void histogram_codes(const CodecParams& p, const Quantized& q, Histogram& histogram);
 
 }  // namespace kvc::cpu

@@ -29,9 +29,9 @@ uint32_t tiles_end(const t::TileLayout& b, const std::vector<uint32_t>& widths) 
   return uint32_t(at);
 }
 
-Encoding plan_block(const CodecParams& p, const void* src, int64_t stride, kvc_dtype dtype) {
+Encoding plan_codes(const CodecParams& p, Quantized q, kvc_dtype dtype) {
   Encoding e;
-  e.q = quantize(p, gather_groups(p, src, stride, dtype));
+  e.q = std::move(q);
   const uint32_t groups = p.num_groups;
   const uint32_t tiles = t::num_tiles(p.is_value, p.num_tokens, p.head_dim);
   e.order.resize(groups);
@@ -97,6 +97,10 @@ Encoding plan_block(const CodecParams& p, const void* src, int64_t stride, kvc_d
   return e;
 }
 
+Encoding plan_block(const CodecParams& p, const void* src, int64_t stride, kvc_dtype dtype) {
+  return plan_codes(p, quantize(p, gather_groups(p, src, stride, dtype)), dtype);
+}
+
 // The stored bits of element (token, channel) of the input, for raw tiles.
 uint32_t input_bits(const void* src, kvc_dtype dtype, size_t i) {
   if (dtype == KVC_DTYPE_FP32) {
@@ -115,9 +119,11 @@ TilePlan plan_tile_block(const CodecParams& p, const void* src, int64_t stride, 
   return plan_block(p, src, stride, dtype).plan;
 }
 
-uint32_t encode_tile_block(const CodecParams& p, const void* src, int64_t stride, kvc_dtype dtype,
-                           uint8_t* dst) {
-  const Encoding e = plan_block(p, src, stride, dtype);
+namespace {
+
+// Writes the block of encoding e; src (the input) is read for raw tiles only.
+uint32_t write_tile_block(const CodecParams& p, const Encoding& e, const void* src, int64_t stride,
+                          kvc_dtype dtype, uint8_t* dst) {
   const t::TileLayout& b = e.plan.layout;
   std::memset(dst, 0, b.block_bytes);
   t::write_header(b, dst);
@@ -182,6 +188,25 @@ uint32_t encode_tile_block(const CodecParams& p, const void* src, int64_t stride
   return b.block_bytes;
 }
 
+}  // namespace
+
+uint32_t encode_tile_block(const CodecParams& p, const void* src, int64_t stride, kvc_dtype dtype,
+                           uint8_t* dst) {
+  return write_tile_block(p, plan_block(p, src, stride, dtype), src, stride, dtype, dst);
+}
+
+uint32_t encode_tile_codes(const CodecParams& p, const Quantized& q, kvc_dtype dtype,
+                           uint8_t* dst) {
+  require(q.ok, KVC_ERROR_INTERNAL, "encode_tile_codes needs quantized codes");
+  const Encoding e = plan_codes(p, q, dtype);
+  const std::vector<uint32_t>& w = e.plan.widths;
+  require(e.plan.layout.quantized && std::find(w.begin(), w.end(), t::kWRaw) == w.end(),
+          KVC_ERROR_CORRUPT_DATA, "codes that need a ",
+          e.plan.layout.quantized ? "raw tile" : "verbatim tile block",
+          " (the input they came from is not there)");
+  return write_tile_block(p, e, nullptr, 0, dtype, dst);
+}
+
 namespace {
 
 const char* parse_error_text(t::ParseError e) {
@@ -220,13 +245,12 @@ t::TileLayout parse_tile_header(const uint8_t* src, uint64_t available) {
   return b;
 }
 
-void decode_tile_block(const CodecParams& p, const uint8_t* src, uint64_t available,
-                       kvc_dtype dtype, void* dst, int64_t stride) {
-  const t::TileLayout b = parse_tile_header(src, available);
-  require(b.is_value == p.is_value && b.num_tokens == p.num_tokens && b.head_dim == p.head_dim,
-          KVC_ERROR_CONFIG_MISMATCH, "tile block is ", b.is_value ? "V" : "K", " ", b.num_tokens,
-          "x", b.head_dim, " but the codec is ", p.is_value ? "V" : "K", " ", p.num_tokens, "x",
-          p.head_dim);
+namespace {
+
+// Calls element(token, channel, raw, bits, g) for every element of a parsed tile block: its raw
+// bits (raw tiles) or its unsigned offset from its group's centre, and its metadata position g.
+template <class Element>
+void walk_tiles(const t::TileLayout& b, const uint8_t* src, Element element) {
   for (uint32_t i = 0; i < b.num_tiles; ++i) {
     const uint32_t entry = t::table_entry(src, b, i);
     const uint32_t w = t::entry_width(entry);
@@ -252,22 +276,61 @@ void decode_tile_block(const CodecParams& p, const uint8_t* src, uint64_t availa
           const t::BlockCoord c = t::tile_element(b.is_value, i, t::pair_element(lane, pair, h));
           const uint32_t g = b.is_value ? c.token : c.position;  // metadata position
           const uint32_t channel = b.is_value ? c.position : t::channel_of(src, b, c.position);
-          float v;
-          if (w == t::kWRaw) {
-            const uint32_t x = field(tile, bits0, lane, pair, h);
-            v = bits0 == 32                     ? f::bits_float(x)
-                : b.raw_dtype == KVC_DTYPE_BF16 ? f::bf16_to_float(uint16_t(x))
-                                                : f::half_to_float(uint16_t(x));
-          } else {
-            const uint32_t u =
-                field(tile, bits0, lane, pair, h) | (field(plane1, bits1, lane, pair, h) << bits0);
-            v = f::dequantize(int32_t(t::group_center(src, b, g) + u), t::group_step(src, b, g));
-          }
-          store_element(dst, dtype, size_t(c.token) * size_t(stride) + channel, v);
+          const bool raw = w == t::kWRaw;
+          const uint32_t x = raw ? field(tile, bits0, lane, pair, h)
+                                 : field(tile, bits0, lane, pair, h) |
+                                       (field(plane1, bits1, lane, pair, h) << bits0);
+          element(c.token, channel, raw, x, g);
         }
       }
     }
   }
+}
+
+t::TileLayout parse_for(const CodecParams& p, const uint8_t* src, uint64_t available) {
+  const t::TileLayout b = parse_tile_header(src, available);
+  require(b.is_value == p.is_value && b.num_tokens == p.num_tokens && b.head_dim == p.head_dim,
+          KVC_ERROR_CONFIG_MISMATCH, "tile block is ", b.is_value ? "V" : "K", " ", b.num_tokens,
+          "x", b.head_dim, " but the codec is ", p.is_value ? "V" : "K", " ", p.num_tokens, "x",
+          p.head_dim);
+  return b;
+}
+
+}  // namespace
+
+void decode_tile_block(const CodecParams& p, const uint8_t* src, uint64_t available,
+                       kvc_dtype dtype, void* dst, int64_t stride) {
+  const t::TileLayout b = parse_for(p, src, available);
+  walk_tiles(b, src, [&](uint32_t token, uint32_t channel, bool raw, uint32_t x, uint32_t g) {
+    float v;
+    if (!raw) {
+      v = f::dequantize(int32_t(t::group_center(src, b, g) + x), t::group_step(src, b, g));
+    } else {
+      v = b.raw_dtype == KVC_DTYPE_FP32   ? f::bits_float(x)
+          : b.raw_dtype == KVC_DTYPE_BF16 ? f::bf16_to_float(uint16_t(x))
+                                          : f::half_to_float(uint16_t(x));
+    }
+    store_element(dst, dtype, size_t(token) * size_t(stride) + channel, v);
+  });
+}
+
+Quantized tile_block_codes(const CodecParams& p, const uint8_t* src, uint64_t available) {
+  const t::TileLayout b = parse_for(p, src, available);
+  Quantized q;
+  q.ok = b.quantized;
+  for (uint32_t i = 0; i < b.num_tiles && q.ok; ++i) {
+    q.ok = t::entry_width(t::table_entry(src, b, i)) != t::kWRaw;
+  }
+  if (!q.ok) return q;
+  q.steps.resize(p.num_groups);
+  q.codes.resize(p.num_elements());
+  walk_tiles(b, src, [&](uint32_t token, uint32_t channel, bool, uint32_t x, uint32_t g) {
+    const uint32_t group = p.is_value ? token : channel;  // g is the group's position
+    q.steps[group] = t::group_step(src, b, g);
+    q.codes[size_t(group) * p.group_size + (p.is_value ? channel : token)] =
+        int32_t(t::group_center(src, b, g) + x);
+  });
+  return q;
 }
 
 }  // namespace kvc::cpu

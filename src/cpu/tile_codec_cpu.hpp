@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "codec/codec_params.hpp"
+#include "cpu/codec_cpu.hpp"
 #include "kernels/common/tile_format.cuh"
 
 namespace kvc::cpu {
@@ -28,6 +29,15 @@ TilePlan plan_tile_block(const CodecParams& p, const void* src, int64_t token_st
 // layout.block_bytes of the plan; returns the bytes written.
 uint32_t encode_tile_block(const CodecParams& p, const void* src, int64_t token_stride,
                            kvc_dtype dtype, uint8_t* dst);
+
+// The tile block of codes already quantized (q.ok, as quantize() gives them for p), without an
+// input: throws KVC_ERROR_CORRUPT_DATA where the encoder would store a tile, or the block,
+// verbatim. Byte-identical to encode_tile_block of an input with those codes otherwise.
+uint32_t encode_tile_codes(const CodecParams& p, const Quantized& q, kvc_dtype dtype, uint8_t* dst);
+
+// The codes and steps of a tile block without raw tiles, in group order as quantize() gave
+// them, after the checks of decode_tile_block; !ok for a block with raw tiles.
+Quantized tile_block_codes(const CodecParams& p, const uint8_t* src, uint64_t available);
 
 // Parses and checks a tile block (header, table, permutation) against the bytes available;
 // throws KVC_ERROR_CORRUPT_DATA or KVC_ERROR_FORMAT_VERSION.

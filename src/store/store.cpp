@@ -35,6 +35,12 @@ constexpr uint32_t kSerialVersionTiles = 2;
 constexpr uint32_t kSerialVersionRotated = 3;
 constexpr uint32_t kSerialVersionSinks = 4;
 constexpr uint32_t kSerialVersionLayerScales = 5;
+// Version 6: a tiles store's sequence with its blocks entropy-coded (serialized_block_format =
+// V1): version 5's fingerprint words whatever the store (sink count and scales included), each
+// (layer, K|V)'s serialized transcoding codebook instead of a codebook id, and block records
+// whose top bit says "format v1 of the tile block's codes".
+constexpr uint32_t kSerialVersionTranscoded = 6;
+constexpr uint32_t kTranscodedBlock = 1u << 31;
 constexpr size_t kSinksFingerprintWords = 15;  // version 4's, which version 5 starts with
 
 // Whether the tile attention kernel covers a store shape (cuda::tile_attention_covers), V
@@ -167,6 +173,17 @@ StoreParams StoreParams::from_config(const kvc_store_config& c) {
           "config->sink_tokens = ", c.sink_tokens,
           " is out of range [0, block_tokens - 1 = ", c.block_tokens - 1, "]");
   p.sink_tokens = uint32_t(c.sink_tokens);
+  require(c.serialized_block_format == KVC_BLOCK_FORMAT_V1 ||
+              c.serialized_block_format == KVC_BLOCK_FORMAT_TILES ||
+              c.serialized_block_format == KVC_BLOCK_FORMAT_AUTO,
+          KVC_ERROR_INVALID_ARGUMENT,
+          "config->serialized_block_format = ", c.serialized_block_format,
+          " is not a kvc_block_format (KVC_BLOCK_FORMAT_V1 = 0, KVC_BLOCK_FORMAT_TILES = 1, ",
+          "KVC_BLOCK_FORMAT_AUTO = 2)");
+  require(tiles || c.serialized_block_format != KVC_BLOCK_FORMAT_TILES, KVC_ERROR_NOT_SUPPORTED,
+          "config->serialized_block_format = KVC_BLOCK_FORMAT_TILES: a store of format v1 ",
+          "blocks serializes them as they are (set it to KVC_BLOCK_FORMAT_AUTO)");
+  p.transcodes = tiles && c.serialized_block_format == KVC_BLOCK_FORMAT_V1;
   p.num_layers = uint32_t(c.num_layers);
   p.num_heads = uint32_t(c.num_kv_heads);
   p.head_dim = uint32_t(c.head_dim);
@@ -717,7 +734,8 @@ StoreStats Store::stats() const {
 
 namespace {
 
-// The serialized version a store writes (v1 stores keep version 1, which older readers take).
+// The serialized version of a store's blocks as held (v1 stores keep version 1, which older
+// readers take); a transcoding store writes version 6 instead.
 uint32_t serial_version(const StoreParams& p) {
   if (p.layer_scaled()) return kSerialVersionLayerScales;
   if (p.sink_tokens > 0) return kSerialVersionSinks;
@@ -736,6 +754,8 @@ const char* serial_contents(uint32_t version) {
       return "rotated rows (config->rotation)";
     case kSerialVersionSinks:
       return "attention sinks (config->sink_tokens)";
+    case kSerialVersionTranscoded:
+      return "tile blocks, written as format v1 (config->serialized_block_format)";
     default:
       return "per-layer bounds (config->key_/value_layer_scales)";
   }
@@ -744,10 +764,10 @@ const char* serial_contents(uint32_t version) {
 // What must match between the writing and the restoring store: 12 words in version 1, 13 in
 // version 2 (the block format word last), 14 in version 3 (the block format word, 0 for format
 // v1 blocks, then the rotation), 15 in version 4 (those, then the sink count), 15 + 2 *
-// num_layers in version 5 (those, then the K scales and the V scales as float bits). A tiles store
-// ignores entropy and sub-streams: they count as 0, so that stores differing only there
-// exchange sequences.
-std::vector<uint32_t> fingerprint(const StoreParams& p) {
+// num_layers in version 5 (those, then the K scales and the V scales as float bits) and, with
+// full, in version 6. A tiles store ignores entropy and sub-streams: they count as 0, so that
+// stores differing only there exchange sequences.
+std::vector<uint32_t> fingerprint(const StoreParams& p, bool full = false) {
   const kvc_store_config& c = p.config;
   uint32_t key_bound, value_bound;
   std::memcpy(&key_bound, &c.key_error_bound, 4);
@@ -766,8 +786,8 @@ std::vector<uint32_t> fingerprint(const StoreParams& p) {
                                  t ? 0u : uint32_t(c.entropy),
                                  t ? 0u : p.key.num_substreams | (p.value.num_substreams << 16)};
   // The block format word: bit 0 tiles, bit 1 K channels may be permuted, bit 2 split widths.
-  const bool scaled = p.layer_scaled();                              // version 5
-  const bool extended = p.rotated() || p.sink_tokens > 0 || scaled;  // versions 3 to 5
+  const bool scaled = full || p.layer_scaled();                      // versions 5, 6
+  const bool extended = p.rotated() || p.sink_tokens > 0 || scaled;  // versions 3 to 6
   if (t) {
     words.push_back(1u | (p.key.permute_channels ? 2u : 0u) | (p.key.split_widths ? 4u : 0u));
   } else if (extended) {
@@ -899,27 +919,84 @@ void SerializedSize::add_layer(uint32_t sink_tokens, uint32_t tail_tokens) {
 
 void SerializedSize::add_block(uint32_t bytes) { bytes_ += 4 + size_t(f::align4(bytes)); }
 
+namespace {
+
+// Per (layer, K|V) the codebook of the image's tile codes (none where no block has codes): a
+// transcoding store has no codebooks of its own.
+StoreBooks transcoding_books(const StoreParams& p, const SequenceImage& image) {
+  StoreBooks books(size_t(p.num_layers) * 2);
+  for (uint32_t l = 0; l < p.num_layers; ++l) {
+    for (uint32_t kind = 0; kind < 2; ++kind) {
+      const CodecParams& cp = p.codec(l, kind);
+      Histogram h;
+      for (size_t i = kind; i < image.layers[l].blocks.size(); i += 2) {
+        const std::vector<uint8_t>& block = image.layers[l].blocks[i];
+        const cpu::Quantized q = cpu::tile_block_codes(cp, block.data(), block.size());
+        if (q.ok) cpu::histogram_codes(cp.transcoded(), q, h);
+      }
+      if (h.total() > 0) books[l * 2 + kind] = build_layer_codebook(h);
+    }
+  }
+  return books;
+}
+
+// The tile block of codes q (q.ok), or an error naming the serialized block.
+std::vector<uint8_t> tile_block_of(const StoreParams& p, const CodecParams& cp,
+                                   const cpu::Quantized& q) {
+  std::vector<uint8_t> tile(cp.max_block_bytes(p.dtype));
+  tile.resize(cpu::encode_tile_codes(cp, q, p.dtype, tile.data()));
+  return tile;
+}
+
+// Format v1 of a tile block's codes where that is smaller and rebuilds the same bytes (the tile
+// encoder is a function of the codes; checked, not assumed); empty where the block stays as is.
+std::vector<uint8_t> transcode_block(const StoreParams& p, const CodecParams& cp,
+                                     const Codebook* book, const std::vector<uint8_t>& block) {
+  const cpu::Quantized q = cpu::tile_block_codes(cp, block.data(), block.size());
+  if (!q.ok) return {};  // raw tiles: the input they hold is not in the codes
+  std::vector<uint8_t> v1 = cpu::encode_codes(cp.transcoded(), book, q);
+  if (v1.size() >= block.size()) return {};
+  const cpu::Quantized back = cpu::decode_codes(cp.transcoded(), book, v1.data(), v1.size());
+  return back.ok && tile_block_of(p, cp, back) == block ? v1 : std::vector<uint8_t>{};
+}
+
+}  // namespace
+
 std::vector<uint8_t> serialize_image(const StoreParams& p, const StoreBooks& books,
                                      const SequenceImage& image) {
   Writer w;
   w.u32(kSerialMagic);
-  w.u32(serial_version(p));
-  for (uint32_t v : fingerprint(p)) w.u32(v);
-  for (const auto& b : books) {
-    w.u32(b ? 1u : 0u);
-    w.u32(b ? b->id() : 0u);
-  }
-  for (const SequenceImage::Layer& l : image.layers) {
-    w.u32(l.num_blocks);
-    w.u32(l.tail_tokens);
-    for (const auto& block : l.blocks) {
-      w.u32(uint32_t(block.size()));
-      w.bytes(block.data(), block.size());
+  w.u32(p.transcodes ? kSerialVersionTranscoded : serial_version(p));
+  for (uint32_t v : fingerprint(p, p.transcodes)) w.u32(v);
+  const StoreBooks transcoding = p.transcodes ? transcoding_books(p, image) : StoreBooks{};
+  for (const auto& b : p.transcodes ? transcoding : books) {
+    if (p.transcodes) {
+      w.u32(b ? uint32_t(b->serialized().size()) : 0u);
+      if (b) w.bytes(b->serialized().data(), b->serialized().size());
+    } else {
+      w.u32(b ? 1u : 0u);
+      w.u32(b ? b->id() : 0u);
     }
-    w.bytes(l.sink_k.data(), l.sink_k.size());  // empty without sinks
-    w.bytes(l.sink_v.data(), l.sink_v.size());
-    w.bytes(l.tail_k.data(), l.tail_k.size());
-    w.bytes(l.tail_v.data(), l.tail_v.size());
+  }
+  for (uint32_t l = 0; l < image.layers.size(); ++l) {
+    const SequenceImage::Layer& layer = image.layers[l];
+    w.u32(layer.num_blocks);
+    w.u32(layer.tail_tokens);
+    for (size_t i = 0; i < layer.blocks.size(); ++i) {
+      const std::vector<uint8_t>& block = layer.blocks[i];
+      const uint32_t kind = uint32_t(i % 2);
+      const std::vector<uint8_t> v1 =
+          p.transcodes
+              ? transcode_block(p, p.codec(l, kind), transcoding[l * 2 + kind].get(), block)
+              : std::vector<uint8_t>{};
+      const std::vector<uint8_t>& out = v1.empty() ? block : v1;
+      w.u32(uint32_t(out.size()) | (v1.empty() ? 0u : kTranscodedBlock));
+      w.bytes(out.data(), out.size());
+    }
+    w.bytes(layer.sink_k.data(), layer.sink_k.size());  // empty without sinks
+    w.bytes(layer.sink_v.data(), layer.sink_v.size());
+    w.bytes(layer.tail_k.data(), layer.tail_k.size());
+    w.bytes(layer.tail_v.data(), layer.tail_v.size());
   }
   w.u32(fnv1a32(w.out.data(), w.out.size()));
   return std::move(w.out);
@@ -933,18 +1010,20 @@ SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const u
   require(r.u32() == kSerialMagic, KVC_ERROR_CORRUPT_DATA,
           "serialized sequence: bad magic (not a kvcomp sequence)");
   const uint32_t version = r.u32();
-  require(version >= kSerialVersion && version <= kSerialVersionLayerScales,
+  require(version >= kSerialVersion && version <= kSerialVersionTranscoded,
           KVC_ERROR_FORMAT_VERSION, "serialized sequence: version ", version,
-          " is not supported (this library reads versions 1 to ", kSerialVersionLayerScales, ")");
+          " is not supported (this library reads versions 1 to ", kSerialVersionTranscoded, ")");
   require(fnv1a32(data, size - 4) == f::load_u32(data + size - 4), KVC_ERROR_CORRUPT_DATA,
           "serialized sequence: checksum mismatch");
   // A store of the other block format wrote it (version 1: format v1 blocks; 2: tiles), or one
   // that rotates or does not (version 3: rotated rows), or keeps sinks or does not (version 4),
-  // or has per-layer bounds or does not (version 5).
-  require(version == serial_version(p), KVC_ERROR_CONFIG_MISMATCH,
+  // or has per-layer bounds or does not (version 5). A tiles store also reads version 6, its
+  // blocks as format v1, whatever it writes itself.
+  const bool transcoded = version == kSerialVersionTranscoded;
+  require(version == serial_version(p) || (transcoded && p.tiles()), KVC_ERROR_CONFIG_MISMATCH,
           "serialized sequence: a store of ", serial_contents(version),
           " wrote it, but this store holds ", serial_contents(serial_version(p)));
-  const std::vector<uint32_t> words = fingerprint(p);
+  const std::vector<uint32_t> words = fingerprint(p, transcoded);
   for (size_t i = 0; i < words.size(); ++i) {
     const uint32_t word = r.u32();
     if (word == words[i]) continue;
@@ -960,8 +1039,21 @@ SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const u
     fail(KVC_ERROR_CONFIG_MISMATCH,
          "serialized sequence: written by a store of another configuration");
   }
-  // The writer's codebooks: informative; each Huffman block names the one it needs.
-  for (size_t i = 0; i < books.size() * 2; ++i) r.u32();
+  // The writer's codebooks: informative, each Huffman block names the one it needs; in version
+  // 6, the transcoding codebooks themselves.
+  StoreBooks transcoding(transcoded ? size_t(p.num_layers) * 2 : 0);
+  for (size_t i = 0; i < transcoding.size(); ++i) {
+    const uint32_t bytes = r.u32();
+    if (bytes == 0) continue;
+    const uint8_t* book = r.bytes(bytes);
+    try {
+      transcoding[i] = std::make_shared<const Codebook>(Codebook::parse(book, bytes));
+    } catch (const Error& e) {
+      fail(KVC_ERROR_CORRUPT_DATA, "serialized sequence: the transcoding codebook of layer ", i / 2,
+           " ", i % 2 ? "V" : "K", ": ", e.what());
+    }
+  }
+  for (size_t i = 0; i < (transcoded ? 0 : books.size() * 2); ++i) r.u32();
   SequenceImage image;
   std::vector<float> scratch(size_t(p.block_tokens) * p.head_dim);
   const size_t row = p.token_bytes();
@@ -975,11 +1067,29 @@ SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const u
             KVC_ERROR_INVALID_ARGUMENT, "serialized sequence: layer ", l, " holds more than ",
             p.token_limit(), " tokens (config->max_sequence_tokens)");
     for (size_t i = 0; i < size_t(layer.num_blocks) * p.num_heads * 2; ++i) {
-      const uint32_t bytes = r.u32();
+      const uint32_t word = r.u32();
+      const bool v1_of_tiles = transcoded && (word & kTranscodedBlock) != 0;
+      uint32_t bytes = v1_of_tiles ? word & ~kTranscodedBlock : word;
       const uint8_t* block = r.bytes(bytes);
       const uint32_t kind = uint32_t(i % 2);
       const CodecParams& cp = p.codec(l, kind);
       const Codebook* book = books[l * 2 + kind].get();
+      std::vector<uint8_t> rebuilt;  // the tile block of a transcoded record
+      if (v1_of_tiles) {
+        try {
+          require(cpu::parse_header(block, bytes).block_bytes == bytes, KVC_ERROR_CORRUPT_DATA,
+                  "its length is not its record's");
+          const cpu::Quantized q =
+              cpu::decode_codes(cp.transcoded(), transcoding[l * 2 + kind].get(), block, bytes);
+          require(q.ok, KVC_ERROR_CORRUPT_DATA, "it is stored verbatim, not as codes");
+          rebuilt = tile_block_of(p, cp, q);
+        } catch (const Error& e) {
+          fail(e.status(), "serialized sequence: layer ", l, " block ", i,
+               " (format v1 of a tile block): ", e.what());
+        }
+        block = rebuilt.data();
+        bytes = uint32_t(rebuilt.size());
+      }
       bool huffman = false;
       if (cp.tiles) {
         check_store_tile_block(p, cp, cpu::parse_tile_header(block, bytes), block, bytes, l, i);
@@ -1042,6 +1152,7 @@ std::vector<uint8_t> Store::serialize(int32_t id) const {
 }
 
 size_t Store::serialized_size(int32_t id) const {
+  if (p_.transcodes) return serialize(id).size();  // the v1 blocks' sizes are known by writing
   SerializedSize size(p_, books_.size());
   for (const LayerCache& c : sequence(id)) {
     size.add_layer(p_.sinks_held(c.num_blocks), c.tail_tokens);

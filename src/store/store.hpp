@@ -55,6 +55,9 @@ struct StoreParams {
   // The sink rows a layer of num_blocks compressed blocks holds: all of them once its first
   // block is compressed, none before (its first tokens are then still in the tail).
   uint32_t sinks_held(uint32_t num_blocks) const { return num_blocks > 0 ? sink_tokens : 0; }
+  // kvc_store_config.serialized_block_format = V1 on a tiles store: serialization writes each
+  // tile block as format v1 where that is smaller (serial version 6).
+  bool transcodes = false;
 };
 
 // The rotation of store rows (kvc_store_config.rotation), on the host: every (token, head) row of
@@ -116,7 +119,8 @@ std::vector<uint8_t> serialize_image(const StoreParams& p, const StoreBooks& boo
                                      const SequenceImage& image);
 SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const uint8_t* data,
                           size_t size);
-// The size serialize_image gives, from the lengths alone: for each layer in order,
+// The size serialize_image gives, from the lengths alone (not for a store that transcodes): for
+// each layer in order,
 // add_layer(its sink and tail tokens), then add_block(bytes) for each of its blocks.
 class SerializedSize {
  public:

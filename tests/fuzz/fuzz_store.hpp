@@ -2,9 +2,9 @@
 // Shared by the store fuzzers and the seed generator: small store configurations (so that each
 // iteration is fast) that between them cover both dtypes, absolute and relative bounds, grouped
 // values, every entropy mode, tile blocks (format t1), rotated rows, attention sinks, per-layer
-// bounds and both store limits; the codebooks they hold; their input rows; and a snapshot of a
-// store (stats and every live sequence's bytes) to compare before and after a call. Public API
-// only.
+// bounds, tiles serialized as format v1 and both store limits; the codebooks they hold; their input
+// rows; and a snapshot of a store (stats and every live sequence's bytes) to compare before and
+// after a call. Public API only.
 #pragma once
 
 #include <kvcomp/kvcomp.h>
@@ -17,10 +17,10 @@
 
 namespace kvc_fuzz {
 
-inline constexpr int kNumStoreConfigs = 7;
+inline constexpr int kNumStoreConfigs = 8;
 
 // The configuration a fuzzer input's first byte selects: bits 0-1, and bit 3 for the fifth to
-// seventh (bit 2 and bits 4-7 are the fuzzers' own flags); and the byte (flags clear) that selects
+// eighth (bit 2 and bits 4-7 are the fuzzers' own flags); and the byte (flags clear) that selects
 // one.
 inline int config_of_selector(uint8_t b) { return ((b & 3) | ((b & 8) >> 1)) % kNumStoreConfigs; }
 inline uint8_t selector_of_config(int which) { return uint8_t((which & 3) | ((which & 4) << 1)); }
@@ -104,6 +104,10 @@ inline kvc_store_config store_config(int which) {
       c.value_layer_scales = value_scales;
       break;
     }
+    case 7:  // config 3's tile blocks serialized as format v1 (serialized version 6)
+      c = store_config(3);
+      c.serialized_block_format = KVC_BLOCK_FORMAT_V1;
+      break;
   }
   return c;
 }

@@ -31,12 +31,14 @@ inline void reseal(std::vector<uint8_t>& bytes) {
 struct SerialSequence {
   // magic, version, the fingerprint (12 words in version 1, 13 in version 2: stores of tile
   // blocks, 14 in version 3: stores that rotate their rows, 15 in version 4: stores that keep
-  // attention sinks, 15 + 2 * num_layers in version 5: stores with per-layer bounds) and the
-  // codebook table: kept as bytes.
+  // attention sinks, 15 + 2 * num_layers in versions 5 and 6: stores with per-layer bounds,
+  // tiles stores writing format v1) and the codebook table (version 6: the codebooks
+  // themselves): kept as bytes.
   std::vector<uint8_t> head;
   struct Layer {
     uint32_t num_blocks = 0, tail_tokens = 0;
     std::vector<std::vector<uint8_t>> blocks;  // [num_blocks, H, K|V], each without padding
+    std::vector<uint8_t> transcoded;           // per block: version 6's record flag (bit 31)
     std::vector<uint8_t> sink_k, sink_v;       // versions 4-5, a layer with blocks; unpadded
     std::vector<uint8_t> tail_k, tail_v;       // unpadded
   };
@@ -49,7 +51,7 @@ struct SerialSequence {
   uint32_t num_heads() const { return fingerprint(1); }
   uint32_t head_dim() const { return fingerprint(2); }
   uint32_t version() const { return load_word(&head[4]); }
-  uint32_t sink_tokens() const { return version() == 4 || version() == 5 ? fingerprint(14) : 0; }
+  uint32_t sink_tokens() const { return version() >= 4 ? fingerprint(14) : 0; }
   size_t row_bytes() const { return size_t(num_heads()) * head_dim() * 2; }  // fp16 or bf16
 
   // Takes apart a well-formed sequence (the checksum is not checked); nothing if the bytes are
@@ -58,8 +60,8 @@ struct SerialSequence {
     if (size < 8 + 60 + 4 || size % 4 != 0) return std::nullopt;
     const uint32_t version = load_word(data + 4);
     const uint32_t layers = load_word(data + 8);  // fingerprint word 0
-    if (version == 5 && (layers == 0 || layers > 64)) return std::nullopt;
-    const size_t fingerprint_bytes = version == 5   ? 60 + 8 * size_t(layers)
+    if (version >= 5 && (layers == 0 || layers > 64)) return std::nullopt;
+    const size_t fingerprint_bytes = version >= 5   ? 60 + 8 * size_t(layers)
                                      : version == 4 ? 60
                                      : version == 3 ? 56
                                      : version == 2 ? 52
@@ -73,9 +75,20 @@ struct SerialSequence {
     size_t at = 8 + fingerprint_bytes;
     const size_t end = size - 4;
     auto need = [&](size_t n) { return n <= end - at; };
-    if (!need(16 * size_t(L))) return std::nullopt;
-    s.head.insert(s.head.end(), data + at, data + at + 16 * L);
-    at += 16 * size_t(L);
+    const size_t table_at = at;
+    if (version == 6) {  // per (layer, K|V): a byte count, then that many bytes (padded)
+      for (uint32_t i = 0; i < 2 * L; ++i) {
+        if (!need(4)) return std::nullopt;
+        const size_t padded = (size_t(load_word(data + at)) + 3) / 4 * 4;
+        at += 4;
+        if (!need(padded)) return std::nullopt;
+        at += padded;
+      }
+    } else {
+      if (!need(16 * size_t(L))) return std::nullopt;
+      at += 16 * size_t(L);
+    }
+    s.head.insert(s.head.end(), data + table_at, data + at);
     for (uint32_t l = 0; l < L; ++l) {
       Layer layer;
       if (!need(8)) return std::nullopt;
@@ -86,11 +99,13 @@ struct SerialSequence {
       if (count > (end - at) / 4) return std::nullopt;
       for (uint64_t i = 0; i < count; ++i) {
         if (!need(4)) return std::nullopt;
-        const uint32_t n = load_word(data + at);
+        const uint32_t word = load_word(data + at), flag = version == 6 ? word >> 31 : 0u;
+        const uint32_t n = word & ~(flag << 31);
         at += 4;
         const size_t padded = (size_t(n) + 3) / 4 * 4;
         if (!need(padded)) return std::nullopt;
         layer.blocks.emplace_back(data + at, data + at + n);
+        layer.transcoded.push_back(uint8_t(flag));
         at += padded;
       }
       // The uncompressed rows, K then V: the sinks (a layer with blocks), then the tail.
@@ -128,9 +143,10 @@ struct SerialSequence {
     for (const Layer& l : layers) {
       word(l.num_blocks);
       word(l.tail_tokens);
-      for (const auto& b : l.blocks) {
-        word(uint32_t(b.size()));
-        padded(b);
+      for (size_t i = 0; i < l.blocks.size(); ++i) {
+        const bool flag = i < l.transcoded.size() && l.transcoded[i];
+        word(uint32_t(l.blocks[i].size()) | (flag ? 1u << 31 : 0u));
+        padded(l.blocks[i]);
       }
       padded(l.sink_k);
       padded(l.sink_v);

@@ -838,36 +838,47 @@ TEST_F(StoreGpu, TileStoreAppendsAndAttendsInCudaGraphsFromTheFirstToken) {
                                           tile_gpu_tolerance(), "tile attention graph", ids));
 }
 
+// serialized_block_format: the tile blocks as held (AUTO), or as format v1 (V1, version 6:
+// transcoded on the host, so the same bytes again).
 TEST_F(StoreGpu, TileStoreSerializesToTheSameBytesAsTheCpuTileStore) {
-  const Shape sh = tile_gpu_shape();
-  kvc_store_config on_cpu = tile_cuda_config(sh, 8 << 20, 0, 8, 1024);
-  on_cpu.backend = KVC_BACKEND_CPU;
-  StoreHandle host(on_cpu), device(tile_cuda_config(sh, 8 << 20, 0, 8, 1024));
-  ASSERT_NE(host.s, nullptr);
-  ASSERT_NE(device.s, nullptr);
-  CpuStoreBackend cpu;
-  CudaStoreBackend gpu(sh);
-  std::mt19937 rng(43);
-  for (int32_t n : {200, 63, 64, 1, 0}) {
-    int32_t h = -1, d = -1;
-    ASSERT_EQ(kvc_store_add_sequence(host.s, &h), KVC_SUCCESS);
-    ASSERT_EQ(kvc_store_add_sequence(device.s, &d), KVC_SUCCESS);
-    const Rows k = random_rows(rng, size_t(n) * size_t(sh.layers), sh);
-    const Rows v = random_rows(rng, size_t(n) * size_t(sh.layers), sh);
-    ASSERT_EQ(cpu.prefill(host.s, h, 0, sh.layers, n, k.bits.data(), v.bits.data()), KVC_SUCCESS);
-    ASSERT_EQ(gpu.prefill(device.s, d, 0, sh.layers, n, k.bits.data(), v.bits.data()), KVC_SUCCESS);
-    std::vector<uint8_t> a, b;
-    ASSERT_NO_FATAL_FAILURE(serialize_sequence(host.s, h, a));
-    ASSERT_NO_FATAL_FAILURE(serialize_sequence(device.s, d, b));
-    EXPECT_EQ(a, b) << n << " tokens: the CUDA and CPU tile stores wrote different bytes";
-    // And each restores into the other backend.
-    int32_t r = -1;
-    EXPECT_EQ(kvc_store_restore(device.s, a.data(), a.size(), &r), KVC_SUCCESS) << kvc_last_error();
-    EXPECT_EQ(kvc_store_restore(host.s, b.data(), b.size(), &r), KVC_SUCCESS) << kvc_last_error();
+  for (int32_t format : {KVC_BLOCK_FORMAT_AUTO, KVC_BLOCK_FORMAT_V1}) {
+    SCOPED_TRACE(format);
+    const Shape sh = tile_gpu_shape();
+    kvc_store_config on_cpu = tile_cuda_config(sh, 8 << 20, 0, 8, 1024);
+    kvc_store_config on_gpu = on_cpu;
+    on_cpu.backend = KVC_BACKEND_CPU;
+    on_cpu.serialized_block_format = on_gpu.serialized_block_format = format;
+    StoreHandle host(on_cpu), device(on_gpu);
+    ASSERT_NE(host.s, nullptr);
+    ASSERT_NE(device.s, nullptr);
+    CpuStoreBackend cpu;
+    CudaStoreBackend gpu(sh);
+    std::mt19937 rng(43);
+    for (int32_t n : {200, 63, 64, 1, 0}) {
+      int32_t h = -1, d = -1;
+      ASSERT_EQ(kvc_store_add_sequence(host.s, &h), KVC_SUCCESS);
+      ASSERT_EQ(kvc_store_add_sequence(device.s, &d), KVC_SUCCESS);
+      const Rows k = random_rows(rng, size_t(n) * size_t(sh.layers), sh);
+      const Rows v = random_rows(rng, size_t(n) * size_t(sh.layers), sh);
+      ASSERT_EQ(cpu.prefill(host.s, h, 0, sh.layers, n, k.bits.data(), v.bits.data()), KVC_SUCCESS);
+      ASSERT_EQ(gpu.prefill(device.s, d, 0, sh.layers, n, k.bits.data(), v.bits.data()),
+                KVC_SUCCESS);
+      std::vector<uint8_t> a, b, c;
+      ASSERT_NO_FATAL_FAILURE(serialize_sequence(host.s, h, a));
+      ASSERT_NO_FATAL_FAILURE(serialize_sequence(device.s, d, b));
+      EXPECT_EQ(a, b) << n << " tokens: the CUDA and CPU tile stores wrote different bytes";
+      // And each restores into the other backend, to the same blocks.
+      int32_t r = -1;
+      EXPECT_EQ(kvc_store_restore(device.s, a.data(), a.size(), &r), KVC_SUCCESS)
+          << kvc_last_error();
+      ASSERT_NO_FATAL_FAILURE(serialize_sequence(device.s, r, c));
+      EXPECT_EQ(c, a);
+      EXPECT_EQ(kvc_store_restore(host.s, b.data(), b.size(), &r), KVC_SUCCESS) << kvc_last_error();
+    }
+    const kvc_store_stats sh_stats = store_stats(host.s), sd_stats = store_stats(device.s);
+    EXPECT_EQ(sh_stats.block_bytes, sd_stats.block_bytes);
+    EXPECT_EQ(sd_stats.codebook_bytes, 0);
   }
-  const kvc_store_stats sh_stats = store_stats(host.s), sd_stats = store_stats(device.s);
-  EXPECT_EQ(sh_stats.block_bytes, sd_stats.block_bytes);
-  EXPECT_EQ(sd_stats.codebook_bytes, 0);
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 // edge data, corruption, and the API's tile-specific answers.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <set>
@@ -82,6 +83,49 @@ std::vector<uint32_t> width_map(const std::vector<uint8_t>& bytes) {
 // Checks one block: every element within its bound (fp32 output, no slack), and equal to v1's
 // reconstruction of the same codes (coded tiles) or to the input (raw tiles); fp16/bf16 output
 // is the saturating rounding of the fp32 value.
+// A tiles store's serialization (docs/format.md, "Serialized sequence", version 6): a tile block
+// without raw tiles gives back the quantizer's codes q; format v1 of them, with and without a
+// codebook, decodes to those codes and to the tile block's values y; and the tile block of those
+// codes is the block itself, byte for byte.
+void check_transcoding(const CodecParams& p, const cpu::Quantized& q,
+                       const std::vector<uint8_t>& bytes, const std::vector<float>& y,
+                       kvc_dtype dtype, const std::string& what) {
+  const std::vector<uint32_t> widths = width_map(bytes);
+  const bool coded = (bytes[t::offset::kFlags] & t::flag::kQuantized) != 0 &&
+                     std::find(widths.begin(), widths.end(), t::kWRaw) == widths.end();
+  const cpu::Quantized codes = cpu::tile_block_codes(p, bytes.data(), bytes.size());
+  ASSERT_EQ(codes.ok, coded) << what;
+  if (!coded) return;
+  ASSERT_EQ(codes.codes, q.codes) << what;
+  for (uint32_t g = 0; g < p.num_groups; ++g) {
+    ASSERT_EQ(f::float_bits(codes.steps[g]), f::float_bits(q.steps[g])) << what << " group " << g;
+  }
+  std::vector<uint8_t> again(bytes.size() + 64, 0xCD);
+  ASSERT_EQ(cpu::encode_tile_codes(p, codes, dtype, again.data()), bytes.size()) << what;
+  again.resize(bytes.size());
+  ASSERT_EQ(again, bytes) << what;
+
+  const CodecParams v = p.transcoded();
+  Histogram h;
+  cpu::histogram_codes(v, codes, h);
+  const Codebook book = Codebook::build(h, 12, 255);
+  for (const Codebook* cb : {static_cast<const Codebook*>(nullptr), &book}) {
+    const std::vector<uint8_t> v1 = cpu::encode_codes(v, cb, codes);
+    const f::BlockLayout layout = cpu::parse_header(v1.data(), v1.size());
+    ASSERT_NE(layout.encoding, f::kRaw) << what;
+    const cpu::Quantized back = cpu::decode_codes(v, cb, v1.data(), v1.size());
+    ASSERT_TRUE(back.ok && back.codes == codes.codes) << what;
+    for (uint32_t g = 0; g < p.num_groups; ++g) {
+      ASSERT_EQ(f::float_bits(back.steps[g]), f::float_bits(codes.steps[g])) << what;
+    }
+    std::vector<float> z(y.size(), NAN);
+    cpu::decode_block(v, cb, v1.data(), v1.size(), KVC_DTYPE_FP32, z.data(), p.head_dim);
+    for (size_t i = 0; i < y.size(); ++i) {
+      ASSERT_EQ(f::float_bits(z[i]), f::float_bits(y[i])) << what << " element " << i;
+    }
+  }
+}
+
 void check_block(const kvc_codec_config& c, const Block& b, const std::string& what) {
   Codec codec(c);
   const std::vector<uint8_t> bytes = codec.encode(b);
@@ -112,6 +156,7 @@ void check_block(const kvc_codec_config& c, const Block& b, const std::string& w
       }
     }
   }
+  check_transcoding(p, q, bytes, y, b.dtype, what);
   for (kvc_dtype out : {KVC_DTYPE_FP16, KVC_DTYPE_BF16}) {
     std::vector<uint16_t> h(size_t(b.tokens) * b.dim);
     ASSERT_EQ(codec.decode(bytes, out, h.data(), b.dim), KVC_SUCCESS);

@@ -1,0 +1,237 @@
+// SPDX-License-Identifier: Apache-2.0
+// A tiles store that serializes its blocks as format v1 (kvc_store_config.serialized_block_format
+// = KVC_BLOCK_FORMAT_V1, serial version 6): smaller sequences that restore, into a store of
+// either setting, to the very blocks the writer held; blocks with raw tiles stay as they are;
+// damaged transcoded records are refused and change nothing.
+#include <gtest/gtest.h>
+
+#include <random>
+#include <string>
+#include <vector>
+
+#include "codec/codec_params.hpp"
+#include "cpu/codec_cpu.hpp"
+#include "cpu/tile_codec_cpu.hpp"
+#include "store_model.hpp"
+#include "tests/fuzz/serialized_sequence.hpp"
+
+namespace kvc::test {
+namespace {
+
+using kvc_fuzz::SerialSequence;
+
+Shape transcode_shape() {
+  Shape sh;
+  sh.layers = 3;
+  sh.heads = 2;
+  sh.dim = 64;
+  sh.tokens = 16;
+  sh.key_bound = 0.1f;
+  sh.value_bound = 0.072f;  // relative: 3-bit V tiles
+  return sh;
+}
+
+kvc_store_config tiles_config(const Shape& sh, int32_t serialized_format) {
+  kvc_store_config c = store_config(sh, 1 << 22);
+  c.block_format = KVC_BLOCK_FORMAT_TILES;
+  c.value_bound_mode = KVC_BOUND_RELATIVE;
+  c.serialized_block_format = serialized_format;
+  return c;
+}
+
+std::vector<uint8_t> serialized(kvc_store_t s, int32_t id) {
+  std::vector<uint8_t> bytes;
+  serialize_sequence(s, id, bytes);
+  return bytes;
+}
+
+int32_t restored(kvc_store_t s, const std::vector<uint8_t>& bytes) {
+  int32_t id = -1;
+  EXPECT_EQ(kvc_store_restore(s, bytes.data(), bytes.size(), &id), KVC_SUCCESS) << kvc_last_error();
+  return id;
+}
+
+size_t transcoded_records(const std::vector<uint8_t>& bytes, size_t* records = nullptr) {
+  const auto seq = SerialSequence::parse(bytes.data(), bytes.size());
+  EXPECT_TRUE(seq.has_value());
+  size_t n = 0, all = 0;
+  for (const auto& l : seq->layers) {
+    for (uint8_t t : l.transcoded) n += t, ++all;
+  }
+  if (records) *records = all;
+  return n;
+}
+
+// The same 53 tokens (3 blocks and a tail) in a transcoding store and in one that writes its
+// tiles as held, for each store option that changes the serialized form.
+TEST(StoreTranscode, RestoresTheBlocksTheWriterHeld) {
+  const Shape sh = transcode_shape();
+  const float scales[3] = {0.5f, 1.0f, 2.0f};
+  for (int variant = 0; variant < 4; ++variant) {
+    SCOPED_TRACE(variant);
+    kvc_store_config ct = tiles_config(sh, KVC_BLOCK_FORMAT_V1);
+    kvc_store_config ch = tiles_config(sh, KVC_BLOCK_FORMAT_AUTO);
+    for (kvc_store_config* c : {&ct, &ch}) {
+      if (variant == 1) c->sink_tokens = 3;
+      if (variant == 2) c->key_layer_scales = c->value_layer_scales = scales;
+      if (variant == 3) c->rotation = KVC_ROTATION_HADAMARD_VALUES;
+    }
+    StoreHandle transcoding(ct), held(ch);
+    std::mt19937 rng(11 + variant);
+    const size_t n = 3 * size_t(sh.tokens) + 5;
+    const Rows k = random_rows(rng, n * sh.layers, sh), v = random_rows(rng, n * sh.layers, sh);
+    int32_t a = -1, b = -1;
+    ASSERT_NO_FATAL_FAILURE(
+        add_prefilled(transcoding.s, sh.layers, n, k.bits.data(), v.bits.data(), a));
+    ASSERT_NO_FATAL_FAILURE(add_prefilled(held.s, sh.layers, n, k.bits.data(), v.bits.data(), b));
+    const std::vector<uint8_t> small = serialized(transcoding.s, a);
+    const std::vector<uint8_t> as_held = serialized(held.s, b);
+    ASSERT_EQ(kvc_fuzz::load_word(&small[4]), 6u);
+    ASSERT_NE(kvc_fuzz::load_word(&as_held[4]), 6u);
+    size_t records = 0;
+    EXPECT_EQ(transcoded_records(small, &records), records);  // no raw tiles in these data
+    EXPECT_EQ(records, size_t(sh.layers) * 3 * sh.heads * 2);
+    EXPECT_LT(small.size(), as_held.size());
+    std::printf("variant %d: %zu bytes transcoded, %zu as held (%.3f)\n", variant, small.size(),
+                as_held.size(), double(small.size()) / double(as_held.size()));
+
+    // Either form into either store: the blocks the writer held, byte for byte.
+    for (const std::vector<uint8_t>* bytes : {&small, &as_held}) {
+      EXPECT_EQ(serialized(held.s, restored(held.s, *bytes)), as_held);
+      EXPECT_EQ(serialized(transcoding.s, restored(transcoding.s, *bytes)), small);
+    }
+    // And reads the same values as the original.
+    const int32_t back = restored(held.s, small);
+    for (int32_t l = 0; l < sh.layers; ++l) {
+      const ReadBack want = read_back(held.s, b, n, sh, l), got = read_back(held.s, back, n, sh, l);
+      EXPECT_EQ(got.k, want.k);
+      EXPECT_EQ(got.v, want.v);
+    }
+  }
+}
+
+TEST(StoreTranscode, BlocksWithRawTilesStayAsTheyAre) {
+  const Shape sh = transcode_shape();
+  StoreHandle transcoding(tiles_config(sh, KVC_BLOCK_FORMAT_V1));
+  StoreHandle held(tiles_config(sh, KVC_BLOCK_FORMAT_AUTO));
+  std::mt19937 rng(5);
+  const size_t n = 2 * size_t(sh.tokens);
+  Rows k = random_rows(rng, n * sh.layers, sh);
+  const Rows v = random_rows(rng, n * sh.layers, sh);
+  // Layer 0, token 3, head 1, channel 7: 60 away from its channel's other values, 600 codes of
+  // the absolute bound 0.1: past 8 bits, so that tile of K block 0 of head 1 is raw.
+  k.bits[3 * sh.row() + sh.dim + 7] = format::float_to_half(60.0f);
+  int32_t a = -1, b = -1;
+  ASSERT_NO_FATAL_FAILURE(
+      add_prefilled(transcoding.s, sh.layers, n, k.bits.data(), v.bits.data(), a));
+  ASSERT_NO_FATAL_FAILURE(add_prefilled(held.s, sh.layers, n, k.bits.data(), v.bits.data(), b));
+  const std::vector<uint8_t> small = serialized(transcoding.s, a);
+  const auto seq = SerialSequence::parse(small.data(), small.size());
+  ASSERT_TRUE(seq.has_value());
+  // Records [block, head, K|V]: block 0, head 1, K is record 2.
+  EXPECT_EQ(seq->layers[0].transcoded[2], 0u);
+  EXPECT_EQ(transcoded_records(small), size_t(sh.layers) * 2 * sh.heads * 2 - 1);
+  EXPECT_EQ(serialized(held.s, restored(held.s, small)), serialized(held.s, b));
+}
+
+TEST(StoreTranscode, ConfigIsChecked) {
+  const kvc_store_config defaults = KVC_STORE_CONFIG_INIT;
+  EXPECT_EQ(defaults.serialized_block_format, KVC_BLOCK_FORMAT_AUTO);
+  const Shape sh = transcode_shape();
+  kvc_store_config c = tiles_config(sh, 7);
+  kvc_store_t s = nullptr;
+  EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(kvc_last_error()).find("serialized_block_format = 7"), std::string::npos)
+      << kvc_last_error();
+  c = tiles_config(sh, KVC_BLOCK_FORMAT_TILES);
+  c.block_format = KVC_BLOCK_FORMAT_V1;
+  EXPECT_EQ(kvc_store_create(&c, &s), KVC_ERROR_NOT_SUPPORTED);
+  EXPECT_EQ(s, nullptr);
+
+  // V1 on a format v1 store: its blocks as held, as with AUTO.
+  std::vector<uint8_t> bytes[2];
+  for (int32_t i = 0; i < 2; ++i) {
+    kvc_store_config v1 = tiles_config(sh, i ? KVC_BLOCK_FORMAT_V1 : KVC_BLOCK_FORMAT_AUTO);
+    v1.block_format = KVC_BLOCK_FORMAT_V1;
+    v1.entropy = KVC_ENTROPY_FIXED;
+    StoreHandle st(v1);
+    std::mt19937 rng(3);
+    Rows k, v;
+    int32_t id = -1;
+    ASSERT_NO_FATAL_FAILURE(add_prefilled(st.s, rng, sh, 40, id, k, v));
+    bytes[i] = serialized(st.s, id);
+  }
+  EXPECT_EQ(bytes[0], bytes[1]);
+}
+
+// A transcoding store's sequence of 2 blocks per layer, and the store that wrote it.
+struct Written {
+  std::vector<uint8_t> bytes;
+  SerialSequence seq;
+};
+Written written(kvc_store_t s) {
+  const Shape sh = transcode_shape();
+  std::mt19937 rng(9);
+  Rows k, v;
+  int32_t id = -1;
+  add_prefilled(s, rng, sh, 2 * size_t(sh.tokens), id, k, v);
+  Written w{serialized(s, id), {}};
+  w.seq = *SerialSequence::parse(w.bytes.data(), w.bytes.size());
+  return w;
+}
+
+void expect_refused(kvc_store_t s, const std::vector<uint8_t>& bytes, const std::string& what) {
+  const int32_t before = store_stats(s).num_sequences;
+  int32_t id = -1;
+  EXPECT_NE(kvc_store_restore(s, bytes.data(), bytes.size(), &id), KVC_SUCCESS) << what;
+  EXPECT_NE(std::string(kvc_last_error()).find(what), std::string::npos) << kvc_last_error();
+  EXPECT_EQ(store_stats(s).num_sequences, before);
+}
+
+TEST(StoreTranscode, DamagedRecordsAreRefused) {
+  const Shape sh = transcode_shape();
+  StoreHandle st(tiles_config(sh, KVC_BLOCK_FORMAT_V1));
+  const Written w = written(st.s);
+  ASSERT_EQ(w.seq.layers[1].transcoded[0], 1u);
+  {  // A transcoded record read as a tile block.
+    SerialSequence bad = w.seq;
+    bad.layers[1].transcoded[0] = 0;
+    expect_refused(st.s, bad.bytes(), "bad magic (not a kvcomp tile block)");
+  }
+  {  // A tile block read as format v1.
+    SerialSequence bad = w.seq;
+    kvc_store_config c = tiles_config(sh, KVC_BLOCK_FORMAT_AUTO);
+    StoreHandle held(c);
+    const Written h = written(held.s);
+    bad.layers[1].blocks[0] = h.seq.layers[1].blocks[0];
+    expect_refused(st.s, bad.bytes(), "(format v1 of a tile block): corrupt block: bad magic");
+  }
+  {  // Codes that need a raw tile: one K code 1000 steps from its channel's others.
+    kvc_codec_config cc = KVC_CODEC_CONFIG_INIT;
+    cc.kind = KVC_KIND_KEY;
+    cc.num_tokens = sh.tokens;
+    cc.head_dim = sh.dim;
+    cc.bound_mode = KVC_BOUND_ABSOLUTE;
+    cc.error_bound = sh.key_bound;
+    cc.block_format = KVC_BLOCK_FORMAT_TILES;
+    const CodecParams p = CodecParams::from_config(cc, false);
+    StoreHandle held(tiles_config(sh, KVC_BLOCK_FORMAT_AUTO));
+    const Written h = written(held.s);
+    const std::vector<uint8_t>& tile = h.seq.layers[1].blocks[0];
+    cpu::Quantized q = cpu::tile_block_codes(p, tile.data(), tile.size());
+    ASSERT_TRUE(q.ok);
+    q.codes[5] += 1000;
+    SerialSequence bad = w.seq;
+    bad.layers[1].blocks[0] = cpu::encode_codes(p.transcoded(), nullptr, q);
+    expect_refused(st.s, bad.bytes(), "codes that need a raw tile");
+  }
+  {  // A format v1 store does not read version 6.
+    kvc_store_config c = tiles_config(sh, KVC_BLOCK_FORMAT_AUTO);
+    c.block_format = KVC_BLOCK_FORMAT_V1;
+    StoreHandle v1(c);
+    expect_refused(v1.s, w.bytes, "written as format v1 (config->serialized_block_format)");
+  }
+}
+
+}  // namespace
+}  // namespace kvc::test
