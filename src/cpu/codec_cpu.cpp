@@ -73,6 +73,11 @@ Quantized quantize(const CodecParams& p, const std::vector<float>& x) {
   return q;
 }
 
+bool codes_in_range(const Quantized& q) {
+  return std::all_of(q.codes.begin(), q.codes.end(),
+                     [](int32_t c) { return c > -f::kMaxAbsCode && c < f::kMaxAbsCode; });
+}
+
 namespace {
 
 // Each group's centre: its smallest code (fixed width) or its mean code (Huffman).

@@ -32,6 +32,9 @@ struct Quantized {
   std::vector<int32_t> codes;  // [num_groups, group_size]
 };
 Quantized quantize(const CodecParams& p, const std::vector<float>& x);
+// Whether every code lies in the quantizer's range, (-kMaxAbsCode, kMaxAbsCode): true for what
+// quantize() gives, false only for codes read from crafted blocks.
+bool codes_in_range(const Quantized& q);
 
 // Throws KVC_ERROR_NONFINITE_INPUT naming the block, token and channel of the first inf/NaN.
 void check_finite(const CodecParams& p, int32_t block, const void* src, int64_t token_stride,

@@ -330,6 +330,7 @@ Quantized tile_block_codes(const CodecParams& p, const uint8_t* src, uint64_t av
     q.codes[size_t(group) * p.group_size + (p.is_value ? channel : token)] =
         int32_t(t::group_center(src, b, g) + x);
   });
+  q.ok = codes_in_range(q);
   return q;
 }
 

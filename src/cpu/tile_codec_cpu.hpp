@@ -36,7 +36,8 @@ uint32_t encode_tile_block(const CodecParams& p, const void* src, int64_t token_
 uint32_t encode_tile_codes(const CodecParams& p, const Quantized& q, kvc_dtype dtype, uint8_t* dst);
 
 // The codes and steps of a tile block without raw tiles, in group order as quantize() gave
-// them, after the checks of decode_tile_block; !ok for a block with raw tiles.
+// them, after the checks of decode_tile_block; !ok for a block with raw tiles, or with a code
+// outside the quantizer's range (codes_in_range: only a crafted block has one).
 Quantized tile_block_codes(const CodecParams& p, const uint8_t* src, uint64_t available);
 
 // Parses and checks a tile block (header, table, permutation) against the bytes available;

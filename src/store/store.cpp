@@ -921,25 +921,6 @@ void SerializedSize::add_block(uint32_t bytes) { bytes_ += 4 + size_t(f::align4(
 
 namespace {
 
-// Per (layer, K|V) the codebook of the image's tile codes (none where no block has codes): a
-// transcoding store has no codebooks of its own.
-StoreBooks transcoding_books(const StoreParams& p, const SequenceImage& image) {
-  StoreBooks books(size_t(p.num_layers) * 2);
-  for (uint32_t l = 0; l < p.num_layers; ++l) {
-    for (uint32_t kind = 0; kind < 2; ++kind) {
-      const CodecParams& cp = p.codec(l, kind);
-      Histogram h;
-      for (size_t i = kind; i < image.layers[l].blocks.size(); i += 2) {
-        const std::vector<uint8_t>& block = image.layers[l].blocks[i];
-        const cpu::Quantized q = cpu::tile_block_codes(cp, block.data(), block.size());
-        if (q.ok) cpu::histogram_codes(cp.transcoded(), q, h);
-      }
-      if (h.total() > 0) books[l * 2 + kind] = build_layer_codebook(h);
-    }
-  }
-  return books;
-}
-
 // The tile block of codes q (q.ok), or an error naming the serialized block.
 std::vector<uint8_t> tile_block_of(const StoreParams& p, const CodecParams& cp,
                                    const cpu::Quantized& q) {
@@ -948,16 +929,39 @@ std::vector<uint8_t> tile_block_of(const StoreParams& p, const CodecParams& cp,
   return tile;
 }
 
-// Format v1 of a tile block's codes where that is smaller and rebuilds the same bytes (the tile
-// encoder is a function of the codes; checked, not assumed); empty where the block stays as is.
-std::vector<uint8_t> transcode_block(const StoreParams& p, const CodecParams& cp,
-                                     const Codebook* book, const std::vector<uint8_t>& block) {
-  const cpu::Quantized q = cpu::tile_block_codes(cp, block.data(), block.size());
-  if (!q.ok) return {};  // raw tiles: the input they hold is not in the codes
-  std::vector<uint8_t> v1 = cpu::encode_codes(cp.transcoded(), book, q);
-  if (v1.size() >= block.size()) return {};
-  const cpu::Quantized back = cpu::decode_codes(cp.transcoded(), book, v1.data(), v1.size());
-  return back.ok && tile_block_of(p, cp, back) == block ? v1 : std::vector<uint8_t>{};
+// Version 6's records of one (layer, K|V): the blocks (every second one of the layer's, from
+// `kind`) as format v1 of their codes where that is smaller and rebuilds the same bytes (the
+// tile encoder is a function of the codes; checked, not assumed), else as held; and the codebook
+// of the codes (none where no record is a Huffman block).
+struct TranscodedKind {
+  std::vector<std::vector<uint8_t>> records;  // empty: the block as held
+  std::shared_ptr<const Codebook> book;
+};
+TranscodedKind transcode_kind(const StoreParams& p, const CodecParams& cp,
+                              const std::vector<std::vector<uint8_t>>& blocks, uint32_t kind) {
+  TranscodedKind out;
+  std::vector<cpu::Quantized> codes;  // one (layer, kind) at a time: memory of one layer's codes
+  Histogram h;
+  for (size_t i = kind; i < blocks.size(); i += 2) {
+    codes.push_back(cpu::tile_block_codes(cp, blocks[i].data(), blocks[i].size()));
+    if (codes.back().ok) cpu::histogram_codes(cp.transcoded(), codes.back(), h);
+  }
+  if (h.total() > 0) out.book = build_layer_codebook(h);
+  bool huffman = false;
+  for (size_t j = 0; j < codes.size(); ++j) {
+    const std::vector<uint8_t>& block = blocks[kind + 2 * j];
+    std::vector<uint8_t>& record = out.records.emplace_back();
+    if (!codes[j].ok) continue;  // raw tiles hold inputs, which the codes do not
+    std::vector<uint8_t> v1 = cpu::encode_codes(cp.transcoded(), out.book.get(), codes[j]);
+    if (v1.size() >= block.size()) continue;
+    const cpu::Quantized back =
+        cpu::decode_codes(cp.transcoded(), out.book.get(), v1.data(), v1.size());
+    if (!back.ok || tile_block_of(p, cp, back) != block) continue;
+    huffman = huffman || cpu::parse_header(v1.data(), v1.size()).encoding == f::kHuffman;
+    record = std::move(v1);
+  }
+  if (!huffman) out.book.reset();
+  return out;
 }
 
 }  // namespace
@@ -968,29 +972,30 @@ std::vector<uint8_t> serialize_image(const StoreParams& p, const StoreBooks& boo
   w.u32(kSerialMagic);
   w.u32(p.transcodes ? kSerialVersionTranscoded : serial_version(p));
   for (uint32_t v : fingerprint(p, p.transcodes)) w.u32(v);
-  const StoreBooks transcoding = p.transcodes ? transcoding_books(p, image) : StoreBooks{};
-  for (const auto& b : p.transcodes ? transcoding : books) {
-    if (p.transcodes) {
-      w.u32(b ? uint32_t(b->serialized().size()) : 0u);
-      if (b) w.bytes(b->serialized().data(), b->serialized().size());
-    } else {
-      w.u32(b ? 1u : 0u);
-      w.u32(b ? b->id() : 0u);
+  std::vector<TranscodedKind> transcoded;  // [layer * 2 + kind], version 6
+  for (uint32_t l = 0; l < image.layers.size() && p.transcodes; ++l) {
+    for (uint32_t kind = 0; kind < 2; ++kind) {
+      transcoded.push_back(transcode_kind(p, p.codec(l, kind), image.layers[l].blocks, kind));
     }
+  }
+  for (const TranscodedKind& t : transcoded) {
+    w.u32(t.book ? uint32_t(t.book->serialized().size()) : 0u);
+    if (t.book) w.bytes(t.book->serialized().data(), t.book->serialized().size());
+  }
+  for (size_t i = 0; i < (p.transcodes ? 0 : books.size()); ++i) {
+    w.u32(books[i] ? 1u : 0u);
+    w.u32(books[i] ? books[i]->id() : 0u);
   }
   for (uint32_t l = 0; l < image.layers.size(); ++l) {
     const SequenceImage::Layer& layer = image.layers[l];
     w.u32(layer.num_blocks);
     w.u32(layer.tail_tokens);
     for (size_t i = 0; i < layer.blocks.size(); ++i) {
-      const std::vector<uint8_t>& block = layer.blocks[i];
-      const uint32_t kind = uint32_t(i % 2);
-      const std::vector<uint8_t> v1 =
-          p.transcodes
-              ? transcode_block(p, p.codec(l, kind), transcoding[l * 2 + kind].get(), block)
-              : std::vector<uint8_t>{};
-      const std::vector<uint8_t>& out = v1.empty() ? block : v1;
-      w.u32(uint32_t(out.size()) | (v1.empty() ? 0u : kTranscodedBlock));
+      const std::vector<uint8_t>* v1 =
+          p.transcodes ? &transcoded[l * 2 + i % 2].records[i / 2] : nullptr;
+      const bool as_v1 = v1 != nullptr && !v1->empty();
+      const std::vector<uint8_t>& out = as_v1 ? *v1 : layer.blocks[i];
+      w.u32(uint32_t(out.size()) | (as_v1 ? kTranscodedBlock : 0u));
       w.bytes(out.data(), out.size());
     }
     w.bytes(layer.sink_k.data(), layer.sink_k.size());  // empty without sinks
@@ -1076,15 +1081,25 @@ SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const u
       const Codebook* book = books[l * 2 + kind].get();
       std::vector<uint8_t> rebuilt;  // the tile block of a transcoded record
       if (v1_of_tiles) {
+        // Any failure is corrupt data (a block version other than 1 aside): version 6 carries
+        // the codebooks it needs, and its writer's configuration is this store's.
         try {
-          require(cpu::parse_header(block, bytes).block_bytes == bytes, KVC_ERROR_CORRUPT_DATA,
-                  "its length is not its record's");
+          const CodecParams v = cp.transcoded();
+          const f::BlockLayout b = cpu::parse_header(block, bytes);
+          require(b.block_bytes == bytes && b.encoding != f::kRaw &&
+                      b.per_group_step == v.relative &&
+                      (b.encoding != f::kHuffman || b.num_substreams == v.num_substreams),
+                  KVC_ERROR_CORRUPT_DATA,
+                  "it is not a block the writer makes: its length, encoding, step layout or "
+                  "sub-stream count");
           const cpu::Quantized q =
-              cpu::decode_codes(cp.transcoded(), transcoding[l * 2 + kind].get(), block, bytes);
-          require(q.ok, KVC_ERROR_CORRUPT_DATA, "it is stored verbatim, not as codes");
+              cpu::decode_codes(v, transcoding[l * 2 + kind].get(), block, bytes);
+          require(cpu::codes_in_range(q), KVC_ERROR_CORRUPT_DATA,
+                  "a code outside the quantizer's range");
           rebuilt = tile_block_of(p, cp, q);
         } catch (const Error& e) {
-          fail(e.status(), "serialized sequence: layer ", l, " block ", i,
+          fail(e.status() == KVC_ERROR_FORMAT_VERSION ? e.status() : KVC_ERROR_CORRUPT_DATA,
+               "serialized sequence: layer ", l, " block ", i,
                " (format v1 of a tile block): ", e.what());
         }
         block = rebuilt.data();

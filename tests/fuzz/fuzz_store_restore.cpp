@@ -150,7 +150,7 @@ bool mutate_records(SerialSequence& s, std::minstd_rand& rng, size_t max_block) 
     const bool tile = b.size() >= 4 && kvc_fuzz::load_word(b.data()) == 0x7463766Bu;
     if (b.size() >= 20) kvc_fuzz::store_word(&b[tile ? 12 : 16], uint32_t(b.size()));
   };
-  switch (rng() % 9) {
+  switch (rng() % 10) {
     case 0: {  // bytes of one block mutated, its stated length kept equal to its record
       if (blocks.empty()) return false;
       std::vector<uint8_t>& b = *blocks[pick(blocks.size())];
@@ -183,8 +183,9 @@ bool mutate_records(SerialSequence& s, std::minstd_rand& rng, size_t max_block) 
       if (blocks.empty()) return false;
       std::vector<uint8_t>& b = *blocks[pick(blocks.size())];
       if (b.size() < 32) return false;
-      static constexpr size_t kFields[] = {5, 6, 7, 8, 10, 12, 14, 20, 24, 28};
-      const size_t at = kFields[pick(10)];
+      // (v1: 16 block_bytes, 24 centre base; tiles: 16 and 19 the centre base)
+      static constexpr size_t kFields[] = {5, 6, 7, 8, 10, 12, 14, 16, 19, 20, 24, 27, 28};
+      const size_t at = kFields[pick(13)];
       b[at] = rng() % 2 ? uint8_t(rng()) : uint8_t(rng() % 4);
       return true;
     }
@@ -237,6 +238,13 @@ bool mutate_records(SerialSequence& s, std::minstd_rand& rng, size_t max_block) 
         std::vector<uint8_t>& rows = rng() % 2 ? l.sink_k : l.sink_v;
         rows[pick(rows.size()) | 1] = rng() % 4 ? uint8_t(rng() % 0x40) : 0x7C;
       }
+      return true;
+    }
+    case 8: {  // version 6: a record's flag (format v1 of a tile block, or a tile block) flipped
+      SerialSequence::Layer& l = s.layers[pick(s.layers.size())];
+      if (l.transcoded.empty()) return false;
+      uint8_t& flag = l.transcoded[pick(l.transcoded.size())];
+      flag ^= 1u;
       return true;
     }
     default: {  // a fingerprint or codebook-table word changed

@@ -67,7 +67,7 @@ size_t transcoded_records(const std::vector<uint8_t>& bytes, size_t* records = n
 TEST(StoreTranscode, RestoresTheBlocksTheWriterHeld) {
   const Shape sh = transcode_shape();
   const float scales[3] = {0.5f, 1.0f, 2.0f};
-  for (int variant = 0; variant < 4; ++variant) {
+  for (int variant = 0; variant < 7; ++variant) {
     SCOPED_TRACE(variant);
     kvc_store_config ct = tiles_config(sh, KVC_BLOCK_FORMAT_V1);
     kvc_store_config ch = tiles_config(sh, KVC_BLOCK_FORMAT_AUTO);
@@ -75,11 +75,26 @@ TEST(StoreTranscode, RestoresTheBlocksTheWriterHeld) {
       if (variant == 1) c->sink_tokens = 3;
       if (variant == 2) c->key_layer_scales = c->value_layer_scales = scales;
       if (variant == 3) c->rotation = KVC_ROTATION_HADAMARD_VALUES;
+      if (variant == 4) c->dtype = KVC_DTYPE_BF16;
+      if (variant == 5) {  // relative K (per-channel steps), absolute V (one step per block)
+        c->key_bound_mode = KVC_BOUND_RELATIVE;
+        c->key_error_bound = 0.05f;
+        c->value_bound_mode = KVC_BOUND_ABSOLUTE;
+        c->value_error_bound = 0.05f;
+      }
+      if (variant == 6) c->tile_permute_channels = c->tile_split_widths = 0;
     }
     StoreHandle transcoding(ct), held(ch);
     std::mt19937 rng(11 + variant);
     const size_t n = 3 * size_t(sh.tokens) + 5;
-    const Rows k = random_rows(rng, n * sh.layers, sh), v = random_rows(rng, n * sh.layers, sh);
+    Rows k = random_rows(rng, n * sh.layers, sh), v = random_rows(rng, n * sh.layers, sh);
+    if (variant == 4) {  // the same values as bf16
+      for (Rows* r : {&k, &v}) {
+        for (size_t i = 0; i < r->bits.size(); ++i) {
+          r->bits[i] = format::float_to_bf16(r->values[i]);
+        }
+      }
+    }
     int32_t a = -1, b = -1;
     ASSERT_NO_FATAL_FAILURE(
         add_prefilled(transcoding.s, sh.layers, n, k.bits.data(), v.bits.data(), a));
@@ -132,6 +147,33 @@ TEST(StoreTranscode, BlocksWithRawTilesStayAsTheyAre) {
   EXPECT_EQ(seq->layers[0].transcoded[2], 0u);
   EXPECT_EQ(transcoded_records(small), size_t(sh.layers) * 2 * sh.heads * 2 - 1);
   EXPECT_EQ(serialized(held.s, restored(held.s, small)), serialized(held.s, b));
+}
+
+// A block a store could not have written, with codes far outside the quantizer's range (its
+// centre base moved to 2^30; the values stay finite): restored as it is, and a transcoding store
+// then keeps it as a tile block instead of failing to serialize.
+TEST(StoreTranscode, CodesOutsideTheQuantizersRangeStayTileBlocks) {
+  const Shape sh = transcode_shape();
+  StoreHandle transcoding(tiles_config(sh, KVC_BLOCK_FORMAT_V1));
+  StoreHandle held(tiles_config(sh, KVC_BLOCK_FORMAT_AUTO));
+  std::mt19937 rng(21);
+  Rows k, v;
+  int32_t id = -1;
+  ASSERT_NO_FATAL_FAILURE(add_prefilled(held.s, rng, sh, 2 * size_t(sh.tokens), id, k, v));
+  const std::vector<uint8_t> bytes = serialized(held.s, id);
+  auto seq = SerialSequence::parse(bytes.data(), bytes.size());
+  ASSERT_TRUE(seq.has_value());
+  std::vector<uint8_t>& block = seq->layers[0].blocks[0];  // block 0, head 0, K
+  ASSERT_NE(block[tiles::offset::kFlags] & tiles::flag::kQuantized, 0);
+  kvc_fuzz::store_word(&block[tiles::offset::kCenterBase], 1u << 30);
+  const int32_t crafted = restored(transcoding.s, seq->bytes());
+  const std::vector<uint8_t> again = serialized(transcoding.s, crafted);
+  const auto out = SerialSequence::parse(again.data(), again.size());
+  ASSERT_TRUE(out.has_value());
+  EXPECT_EQ(out->layers[0].transcoded[0], 0u);
+  EXPECT_EQ(out->layers[0].blocks[0], block);
+  EXPECT_EQ(out->layers[0].transcoded[1], 1u);
+  EXPECT_EQ(serialized(transcoding.s, restored(transcoding.s, again)), again);
 }
 
 TEST(StoreTranscode, ConfigIsChecked) {
@@ -224,6 +266,46 @@ TEST(StoreTranscode, DamagedRecordsAreRefused) {
     SerialSequence bad = w.seq;
     bad.layers[1].blocks[0] = cpu::encode_codes(p.transcoded(), nullptr, q);
     expect_refused(st.s, bad.bytes(), "codes that need a raw tile");
+  }
+  {  // A record whose step layout is not its kind's: per-group steps in an absolute-K store.
+    kvc_codec_config cc = KVC_CODEC_CONFIG_INIT;
+    cc.kind = KVC_KIND_KEY;
+    cc.num_tokens = sh.tokens;
+    cc.head_dim = sh.dim;
+    cc.bound_mode = KVC_BOUND_RELATIVE;
+    cc.error_bound = 0.05f;
+    const CodecParams relative = CodecParams::from_config(cc, false).transcoded();
+    cpu::Quantized q;
+    q.steps.assign(relative.num_groups, 0.125f);
+    q.codes.assign(relative.num_elements(), 3);
+    SerialSequence bad = w.seq;
+    bad.layers[1].blocks[0] = cpu::encode_codes(relative, nullptr, q);
+    expect_refused(st.s, bad.bytes(), "step layout");
+  }
+  {                      // A Huffman record without its codebook: the table entry emptied.
+    size_t huffman = 0;  // a Huffman record of layer 0's K
+    for (size_t i = 0; i < w.seq.layers[0].blocks.size(); i += 2) {
+      const auto& b = w.seq.layers[0].blocks[i];
+      if (w.seq.layers[0].transcoded[i] &&
+          cpu::parse_header(b.data(), b.size()).encoding == format::kHuffman) {
+        huffman = i + 1;
+      }
+    }
+    ASSERT_NE(huffman, 0u) << "no Huffman record in layer 0's K";
+    SerialSequence bad = w.seq;
+    const size_t table = 8 + 4 * (15 + 2 * size_t(sh.layers));  // layer 0 K's entry
+    const uint32_t m = kvc_fuzz::load_word(&bad.head[table]);
+    ASSERT_GT(m, 0u);
+    bad.head.erase(bad.head.begin() + long(table) + 4, bad.head.begin() + long(table + 4 + m));
+    kvc_fuzz::store_word(&bad.head[table], 0);
+    expect_refused(st.s, bad.bytes(), "codebook");
+  }
+  {  // A flagged record in a version that has no flags: a length past the end.
+    StoreHandle held(tiles_config(sh, KVC_BLOCK_FORMAT_AUTO));
+    SerialSequence bad = written(held.s).seq;
+    bad.layers[0].transcoded.assign(bad.layers[0].blocks.size(), 0);
+    bad.layers[0].transcoded[0] = 1;
+    expect_refused(held.s, bad.bytes(), "truncated");
   }
   {  // A format v1 store does not read version 6.
     kvc_store_config c = tiles_config(sh, KVC_BLOCK_FORMAT_AUTO);

@@ -80,9 +80,6 @@ std::vector<uint32_t> width_map(const std::vector<uint8_t>& bytes) {
   return w;
 }
 
-// Checks one block: every element within its bound (fp32 output, no slack), and equal to v1's
-// reconstruction of the same codes (coded tiles) or to the input (raw tiles); fp16/bf16 output
-// is the saturating rounding of the fp32 value.
 // A tiles store's serialization (docs/format.md, "Serialized sequence", version 6): a tile block
 // without raw tiles gives back the quantizer's codes q; format v1 of them, with and without a
 // codebook, decodes to those codes and to the tile block's values y; and the tile block of those
@@ -126,6 +123,10 @@ void check_transcoding(const CodecParams& p, const cpu::Quantized& q,
   }
 }
 
+// Checks one block: every element within its bound (fp32 output, no slack), and equal to v1's
+// reconstruction of the same codes (coded tiles) or to the input (raw tiles); fp16/bf16 output
+// is the saturating rounding of the fp32 value; and the block through format v1
+// (check_transcoding).
 void check_block(const kvc_codec_config& c, const Block& b, const std::string& what) {
   Codec codec(c);
   const std::vector<uint8_t> bytes = codec.encode(b);
