@@ -44,7 +44,8 @@ class CudaStore {
 
   StoreStats stats() const;  // no synchronization: the device's last copy-out
   std::vector<uint8_t> serialize(int32_t id);
-  size_t serialized_size(int32_t id);  // from the block tables: no block is copied
+  // From the block tables, no block copied (a store that transcodes serializes).
+  size_t serialized_size(int32_t id);
   int32_t restore(const uint8_t* data, size_t size);
 
  private:

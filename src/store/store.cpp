@@ -940,19 +940,21 @@ struct TranscodedKind {
 TranscodedKind transcode_kind(const StoreParams& p, const CodecParams& cp,
                               const std::vector<std::vector<uint8_t>>& blocks, uint32_t kind) {
   TranscodedKind out;
-  std::vector<cpu::Quantized> codes;  // one (layer, kind) at a time: memory of one layer's codes
+  // Each block's codes are taken twice (histogram, then encoding) rather than kept: one block's
+  // at a time, not a layer's (4 bytes per element).
   Histogram h;
   for (size_t i = kind; i < blocks.size(); i += 2) {
-    codes.push_back(cpu::tile_block_codes(cp, blocks[i].data(), blocks[i].size()));
-    if (codes.back().ok) cpu::histogram_codes(cp.transcoded(), codes.back(), h);
+    const cpu::Quantized q = cpu::tile_block_codes(cp, blocks[i].data(), blocks[i].size());
+    if (q.ok) cpu::histogram_codes(cp.transcoded(), q, h);
   }
   if (h.total() > 0) out.book = build_layer_codebook(h);
   bool huffman = false;
-  for (size_t j = 0; j < codes.size(); ++j) {
-    const std::vector<uint8_t>& block = blocks[kind + 2 * j];
+  for (size_t i = kind; i < blocks.size(); i += 2) {
+    const std::vector<uint8_t>& block = blocks[i];
     std::vector<uint8_t>& record = out.records.emplace_back();
-    if (!codes[j].ok) continue;  // raw tiles hold inputs, which the codes do not
-    std::vector<uint8_t> v1 = cpu::encode_codes(cp.transcoded(), out.book.get(), codes[j]);
+    const cpu::Quantized q = cpu::tile_block_codes(cp, block.data(), block.size());
+    if (!q.ok) continue;  // raw tiles hold inputs, which the codes do not
+    std::vector<uint8_t> v1 = cpu::encode_codes(cp.transcoded(), out.book.get(), q);
     if (v1.size() >= block.size()) continue;
     const cpu::Quantized back =
         cpu::decode_codes(cp.transcoded(), out.book.get(), v1.data(), v1.size());

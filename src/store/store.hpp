@@ -120,8 +120,8 @@ std::vector<uint8_t> serialize_image(const StoreParams& p, const StoreBooks& boo
 SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const uint8_t* data,
                           size_t size);
 // The size serialize_image gives, from the lengths alone (not for a store that transcodes): for
-// each layer in order,
-// add_layer(its sink and tail tokens), then add_block(bytes) for each of its blocks.
+// each layer in order, add_layer(its sink and tail tokens), then add_block(bytes) for each of
+// its blocks.
 class SerializedSize {
  public:
   SerializedSize(const StoreParams& p, size_t num_books);

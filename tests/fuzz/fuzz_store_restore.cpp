@@ -183,7 +183,7 @@ bool mutate_records(SerialSequence& s, std::minstd_rand& rng, size_t max_block) 
       if (blocks.empty()) return false;
       std::vector<uint8_t>& b = *blocks[pick(blocks.size())];
       if (b.size() < 32) return false;
-      // (v1: 16 block_bytes, 24 centre base; tiles: 16 and 19 the centre base)
+      // (v1: 16 block_bytes, 24 and 27 the centre base; tiles: 16 and 19 the centre base)
       static constexpr size_t kFields[] = {5, 6, 7, 8, 10, 12, 14, 16, 19, 20, 24, 27, 28};
       const size_t at = kFields[pick(13)];
       b[at] = rng() % 2 ? uint8_t(rng()) : uint8_t(rng() % 4);
@@ -242,7 +242,7 @@ bool mutate_records(SerialSequence& s, std::minstd_rand& rng, size_t max_block) 
     }
     case 8: {  // version 6: a record's flag (format v1 of a tile block, or a tile block) flipped
       SerialSequence::Layer& l = s.layers[pick(s.layers.size())];
-      if (l.transcoded.empty()) return false;
+      if (s.version() != 6 || l.transcoded.empty()) return false;
       uint8_t& flag = l.transcoded[pick(l.transcoded.size())];
       flag ^= 1u;
       return true;

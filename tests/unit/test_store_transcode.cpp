@@ -51,6 +51,36 @@ int32_t restored(kvc_store_t s, const std::vector<uint8_t>& bytes) {
   return id;
 }
 
+// Version 6's codebook table (docs/format.md §16.3): per (layer, K|V) the codebook's bytes.
+std::vector<std::vector<uint8_t>> codebook_table(const SerialSequence& seq) {
+  std::vector<std::vector<uint8_t>> books;
+  size_t at = 8 + 4 * (15 + 2 * size_t(seq.num_layers()));
+  for (uint32_t i = 0; i < 2 * seq.num_layers(); ++i) {
+    const uint32_t m = kvc_fuzz::load_word(&seq.head[at]);
+    books.emplace_back(seq.head.begin() + long(at) + 4, seq.head.begin() + long(at + 4 + m));
+    at += 4 + (size_t(m) + 3) / 4 * 4;
+  }
+  return books;
+}
+
+// A codebook is in the table exactly where a record of its layer and kind is a Huffman block.
+void expect_books_where_used(const std::vector<uint8_t>& bytes) {
+  const auto seq = SerialSequence::parse(bytes.data(), bytes.size());
+  ASSERT_TRUE(seq.has_value());
+  const auto books = codebook_table(*seq);
+  for (size_t l = 0; l < seq->layers.size(); ++l) {
+    for (size_t kind = 0; kind < 2; ++kind) {
+      bool huffman = false;
+      for (size_t i = kind; i < seq->layers[l].blocks.size(); i += 2) {
+        const auto& b = seq->layers[l].blocks[i];
+        huffman = huffman || (seq->layers[l].transcoded[i] &&
+                              cpu::parse_header(b.data(), b.size()).encoding == format::kHuffman);
+      }
+      EXPECT_EQ(!books[l * 2 + kind].empty(), huffman) << "layer " << l << " kind " << kind;
+    }
+  }
+}
+
 size_t transcoded_records(const std::vector<uint8_t>& bytes, size_t* records = nullptr) {
   const auto seq = SerialSequence::parse(bytes.data(), bytes.size());
   EXPECT_TRUE(seq.has_value());
@@ -107,6 +137,7 @@ TEST(StoreTranscode, RestoresTheBlocksTheWriterHeld) {
     EXPECT_EQ(transcoded_records(small, &records), records);  // no raw tiles in these data
     EXPECT_EQ(records, size_t(sh.layers) * 3 * sh.heads * 2);
     EXPECT_LT(small.size(), as_held.size());
+    ASSERT_NO_FATAL_FAILURE(expect_books_where_used(small));
     std::printf("variant %d: %zu bytes transcoded, %zu as held (%.3f)\n", variant, small.size(),
                 as_held.size(), double(small.size()) / double(as_held.size()));
 
@@ -123,6 +154,22 @@ TEST(StoreTranscode, RestoresTheBlocksTheWriterHeld) {
       EXPECT_EQ(got.v, want.v);
     }
   }
+}
+
+// Constant rows: every record a fixed-width block of width 0, so no codebook is carried.
+TEST(StoreTranscode, NoCodebookWhereNoRecordIsHuffman) {
+  const Shape sh = transcode_shape();
+  StoreHandle st(tiles_config(sh, KVC_BLOCK_FORMAT_V1));
+  const size_t n = 2 * size_t(sh.tokens);
+  const std::vector<uint16_t> rows(n * sh.layers * sh.row(), format::float_to_half(0.5f));
+  int32_t id = -1;
+  ASSERT_NO_FATAL_FAILURE(add_prefilled(st.s, sh.layers, n, rows.data(), rows.data(), id));
+  const std::vector<uint8_t> bytes = serialized(st.s, id);
+  size_t records = 0;
+  EXPECT_EQ(transcoded_records(bytes, &records), records);
+  const auto seq = SerialSequence::parse(bytes.data(), bytes.size());
+  for (const auto& book : codebook_table(*seq)) EXPECT_TRUE(book.empty());
+  ASSERT_NO_FATAL_FAILURE(expect_books_where_used(bytes));
 }
 
 TEST(StoreTranscode, BlocksWithRawTilesStayAsTheyAre) {
@@ -163,17 +210,22 @@ TEST(StoreTranscode, CodesOutsideTheQuantizersRangeStayTileBlocks) {
   const std::vector<uint8_t> bytes = serialized(held.s, id);
   auto seq = SerialSequence::parse(bytes.data(), bytes.size());
   ASSERT_TRUE(seq.has_value());
-  std::vector<uint8_t>& block = seq->layers[0].blocks[0];  // block 0, head 0, K
-  ASSERT_NE(block[tiles::offset::kFlags] & tiles::flag::kQuantized, 0);
-  kvc_fuzz::store_word(&block[tiles::offset::kCenterBase], 1u << 30);
-  const int32_t crafted = restored(transcoding.s, seq->bytes());
-  const std::vector<uint8_t> again = serialized(transcoding.s, crafted);
-  const auto out = SerialSequence::parse(again.data(), again.size());
-  ASSERT_TRUE(out.has_value());
-  EXPECT_EQ(out->layers[0].transcoded[0], 0u);
-  EXPECT_EQ(out->layers[0].blocks[0], block);
-  EXPECT_EQ(out->layers[0].transcoded[1], 1u);
-  EXPECT_EQ(serialized(transcoding.s, restored(transcoding.s, again)), again);
+  // Codes near 2^30, and codes that wrap past INT32_MAX (a centre base of 2^31 - 128).
+  for (uint32_t base : {1u << 30, 0x7FFFFF80u}) {
+    SCOPED_TRACE(base);
+    SerialSequence edited = *seq;
+    std::vector<uint8_t>& block = edited.layers[0].blocks[0];  // block 0, head 0, K
+    ASSERT_NE(block[tiles::offset::kFlags] & tiles::flag::kQuantized, 0);
+    kvc_fuzz::store_word(&block[tiles::offset::kCenterBase], base);
+    const int32_t crafted = restored(transcoding.s, edited.bytes());
+    const std::vector<uint8_t> again = serialized(transcoding.s, crafted);
+    const auto out = SerialSequence::parse(again.data(), again.size());
+    ASSERT_TRUE(out.has_value());
+    EXPECT_EQ(out->layers[0].transcoded[0], 0u);
+    EXPECT_EQ(out->layers[0].blocks[0], block);
+    EXPECT_EQ(out->layers[0].transcoded[1], 1u);
+    EXPECT_EQ(serialized(transcoding.s, restored(transcoding.s, again)), again);
+  }
 }
 
 TEST(StoreTranscode, ConfigIsChecked) {
@@ -222,10 +274,11 @@ Written written(kvc_store_t s) {
   return w;
 }
 
-void expect_refused(kvc_store_t s, const std::vector<uint8_t>& bytes, const std::string& what) {
+void expect_refused(kvc_store_t s, const std::vector<uint8_t>& bytes, const std::string& what,
+                    kvc_status_t status = KVC_ERROR_CORRUPT_DATA) {
   const int32_t before = store_stats(s).num_sequences;
   int32_t id = -1;
-  EXPECT_NE(kvc_store_restore(s, bytes.data(), bytes.size(), &id), KVC_SUCCESS) << what;
+  EXPECT_EQ(kvc_store_restore(s, bytes.data(), bytes.size(), &id), status) << what;
   EXPECT_NE(std::string(kvc_last_error()).find(what), std::string::npos) << kvc_last_error();
   EXPECT_EQ(store_stats(s).num_sequences, before);
 }
@@ -299,6 +352,25 @@ TEST(StoreTranscode, DamagedRecordsAreRefused) {
     bad.head.erase(bad.head.begin() + long(table) + 4, bad.head.begin() + long(table + 4 + m));
     kvc_fuzz::store_word(&bad.head[table], 0);
     expect_refused(st.s, bad.bytes(), "codebook");
+
+    // The same record as a Huffman block of two sub-streams (the writer makes one).
+    const auto& record = w.seq.layers[0].blocks[huffman - 1];
+    const Codebook book = Codebook::parse(&w.seq.head[table + 4], m);
+    kvc_codec_config cc = KVC_CODEC_CONFIG_INIT;
+    cc.kind = KVC_KIND_KEY;
+    cc.num_tokens = sh.tokens;
+    cc.head_dim = sh.dim;
+    cc.bound_mode = KVC_BOUND_ABSOLUTE;
+    cc.error_bound = sh.key_bound;
+    cc.block_format = KVC_BLOCK_FORMAT_TILES;
+    CodecParams two = CodecParams::from_config(cc, false).transcoded();
+    const cpu::Quantized q = cpu::decode_codes(two, &book, record.data(), record.size());
+    two.num_substreams = 2;
+    SerialSequence split = w.seq;
+    split.layers[0].blocks[huffman - 1] = cpu::encode_codes(two, &book, q);
+    const auto& b = split.layers[0].blocks[huffman - 1];
+    ASSERT_EQ(cpu::parse_header(b.data(), b.size()).encoding, format::kHuffman);
+    expect_refused(st.s, split.bytes(), "sub-stream count");
   }
   {  // A flagged record in a version that has no flags: a length past the end.
     StoreHandle held(tiles_config(sh, KVC_BLOCK_FORMAT_AUTO));
@@ -311,7 +383,8 @@ TEST(StoreTranscode, DamagedRecordsAreRefused) {
     kvc_store_config c = tiles_config(sh, KVC_BLOCK_FORMAT_AUTO);
     c.block_format = KVC_BLOCK_FORMAT_V1;
     StoreHandle v1(c);
-    expect_refused(v1.s, w.bytes, "written as format v1 (config->serialized_block_format)");
+    expect_refused(v1.s, w.bytes, "written as format v1 (config->serialized_block_format)",
+                   KVC_ERROR_CONFIG_MISMATCH);
   }
 }
 
