@@ -39,7 +39,7 @@ struct SerialSequence {
     uint32_t num_blocks = 0, tail_tokens = 0;
     std::vector<std::vector<uint8_t>> blocks;  // [num_blocks, H, K|V], each without padding
     std::vector<uint8_t> transcoded;           // per block: version 6's record flag (bit 31)
-    std::vector<uint8_t> sink_k, sink_v;       // versions 4-5, a layer with blocks; unpadded
+    std::vector<uint8_t> sink_k, sink_v;       // versions 4-6, a layer with blocks; unpadded
     std::vector<uint8_t> tail_k, tail_v;       // unpadded
   };
   std::vector<Layer> layers;
