@@ -37,7 +37,7 @@ def label(setting: str) -> str:
         if o.get("rot", "0") != "0":
             extra += ", Hadamard " + {"1": "K+V", "k": "K", "v": "V"}[o["rot"]]
         if "scales" in o:
-            extra += f", per-layer {'+'.join(scaled_kinds(o['scales']))} ({Path(o['scales']).name})"
+            extra += scales_label(o["scales"])
         if tiles:
             opts = [nm for nm, x in (("perm", "perm"), ("split", "split"))
                     if o.get(x, "1") == "1"]
@@ -56,6 +56,11 @@ def scaled_kinds(name: str) -> tuple:
     cal = json.loads((Path(__file__).resolve().parent / name).read_text())
     v = "V widths" if cal.get("value_layer_widths") else "V"
     return tuple(k for k, kind in (("K", "key"), (v, "value")) if cal.get(f"{kind}_layer_scales"))
+
+
+def scales_label(name: str) -> str:
+    """A row label's mention of a scales= file: the kinds it scales and its name."""
+    return f", per-layer {'+'.join(scaled_kinds(name))} ({Path(name).name})"
 
 
 def group(setting: str) -> str:
@@ -128,7 +133,7 @@ def paired_table(results) -> str:
         if o.get("rot", "0") != "0":
             name += ", Hadamard " + {"1": "K+V", "k": "K", "v": "V"}[o["rot"]]
         if "scales" in o:
-            name += f", per-layer {'+'.join(scaled_kinds(o['scales']))} ({Path(o['scales']).name})"
+            name += scales_label(o["scales"])
         ratio = {}
         for r in rs:
             p = dict(kv.split("=") for kv in r["setting"].split(":", 1)[1].split(",")

@@ -261,22 +261,32 @@ struct Choice {
   Plan plan;
 };
 
-Choice choose(const CodecParams& p, const Codebook* book, const void* src, int64_t stride,
-              kvc_dtype dtype) {
-  Choice c{quantize(p, gather_groups(p, src, stride, dtype)), {}};
+// The encodings of quantized codes (q.ok) that the codec's entropy allows, in the order ties
+// go: fixed width, then Huffman (with a codebook).
+std::vector<Plan> coded_plans(const CodecParams& p, const Codebook* book, const Quantized& q) {
   std::vector<Plan> plans;
-  if (c.q.ok && p.entropy != KVC_ENTROPY_HUFFMAN) plans.push_back(plan_fixed(p, c.q));
-  if (c.q.ok && book != nullptr && p.entropy != KVC_ENTROPY_FIXED) {
-    plans.push_back(plan_huffman(p, *book, c.q));
-  }
-  plans.push_back(plan_raw(p, dtype));
+  if (p.entropy != KVC_ENTROPY_HUFFMAN) plans.push_back(plan_fixed(p, q));
+  if (book != nullptr && p.entropy != KVC_ENTROPY_FIXED) plans.push_back(plan_huffman(p, *book, q));
+  return plans;
+}
+
+// The smallest eligible plan, the first of equal sizes; none if no plan is eligible.
+const Plan* smallest(const std::vector<Plan>& plans) {
   const Plan* best = nullptr;
   for (const Plan& plan : plans) {
     if (plan.eligible && (best == nullptr || plan.layout.block_bytes < best->layout.block_bytes)) {
       best = &plan;
     }
   }
-  c.plan = *best;
+  return best;
+}
+
+Choice choose(const CodecParams& p, const Codebook* book, const void* src, int64_t stride,
+              kvc_dtype dtype) {
+  Choice c{quantize(p, gather_groups(p, src, stride, dtype)), {}};
+  std::vector<Plan> plans = c.q.ok ? coded_plans(p, book, c.q) : std::vector<Plan>{};
+  plans.push_back(plan_raw(p, dtype));  // always eligible
+  c.plan = *smallest(plans);
   return c;
 }
 
@@ -296,15 +306,12 @@ uint32_t encode_block(const CodecParams& p, const Codebook* book, const void* sr
 
 std::vector<uint8_t> encode_codes(const CodecParams& p, const Codebook* book, const Quantized& q) {
   require(q.ok, KVC_ERROR_INTERNAL, "encode_codes needs quantized codes");
-  Plan plan = plan_fixed(p, q);
-  if (book != nullptr && p.entropy != KVC_ENTROPY_FIXED) {
-    Plan huffman = plan_huffman(p, *book, q);
-    if (huffman.eligible && huffman.layout.block_bytes < plan.layout.block_bytes) {
-      plan = std::move(huffman);
-    }
-  }
-  std::vector<uint8_t> out(plan.layout.block_bytes);
-  write_block(p, book, q, nullptr, 0, KVC_DTYPE_FP32, plan, out.data());
+  const std::vector<Plan> plans = coded_plans(p, book, q);
+  const Plan* plan = smallest(plans);
+  require(plan != nullptr, KVC_ERROR_INTERNAL, "encode_codes: entropy ", int32_t(p.entropy),
+          " without a codebook leaves no encoding but verbatim");
+  std::vector<uint8_t> out(plan->layout.block_bytes);
+  write_block(p, book, q, nullptr, 0, KVC_DTYPE_FP32, *plan, out.data());
   return out;
 }
 

@@ -51,10 +51,14 @@ int32_t restored(kvc_store_t s, const std::vector<uint8_t>& bytes) {
   return id;
 }
 
+// Where version 6's codebook table starts in SerialSequence::head: after the magic, the version
+// and 15 + 2L fingerprint words (docs/format.md §16.1).
+size_t codebook_table_at(uint32_t layers) { return 8 + 4 * (15 + 2 * size_t(layers)); }
+
 // Version 6's codebook table (docs/format.md §16.3): per (layer, K|V) the codebook's bytes.
 std::vector<std::vector<uint8_t>> codebook_table(const SerialSequence& seq) {
   std::vector<std::vector<uint8_t>> books;
-  size_t at = 8 + 4 * (15 + 2 * size_t(seq.num_layers()));
+  size_t at = codebook_table_at(seq.num_layers());
   for (uint32_t i = 0; i < 2 * seq.num_layers(); ++i) {
     const uint32_t m = kvc_fuzz::load_word(&seq.head[at]);
     books.emplace_back(seq.head.begin() + long(at) + 4, seq.head.begin() + long(at + 4 + m));
@@ -274,6 +278,18 @@ Written written(kvc_store_t s) {
   return w;
 }
 
+// The codec parameters of the shape's K tile blocks, with a bound of the given mode.
+CodecParams key_tile_params(const Shape& sh, kvc_bound_mode mode, float bound) {
+  kvc_codec_config cc = KVC_CODEC_CONFIG_INIT;
+  cc.kind = KVC_KIND_KEY;
+  cc.num_tokens = sh.tokens;
+  cc.head_dim = sh.dim;
+  cc.bound_mode = mode;
+  cc.error_bound = bound;
+  cc.block_format = KVC_BLOCK_FORMAT_TILES;
+  return CodecParams::from_config(cc, false);
+}
+
 void expect_refused(kvc_store_t s, const std::vector<uint8_t>& bytes, const std::string& what,
                     kvc_status_t status = KVC_ERROR_CORRUPT_DATA) {
   const int32_t before = store_stats(s).num_sequences;
@@ -288,6 +304,8 @@ TEST(StoreTranscode, DamagedRecordsAreRefused) {
   StoreHandle st(tiles_config(sh, KVC_BLOCK_FORMAT_V1));
   const Written w = written(st.s);
   ASSERT_EQ(w.seq.layers[1].transcoded[0], 1u);
+  StoreHandle held(tiles_config(sh, KVC_BLOCK_FORMAT_AUTO));  // the same rows, as held
+  const Written h = written(held.s);
   {  // A transcoded record read as a tile block.
     SerialSequence bad = w.seq;
     bad.layers[1].transcoded[0] = 0;
@@ -295,23 +313,11 @@ TEST(StoreTranscode, DamagedRecordsAreRefused) {
   }
   {  // A tile block read as format v1.
     SerialSequence bad = w.seq;
-    kvc_store_config c = tiles_config(sh, KVC_BLOCK_FORMAT_AUTO);
-    StoreHandle held(c);
-    const Written h = written(held.s);
     bad.layers[1].blocks[0] = h.seq.layers[1].blocks[0];
     expect_refused(st.s, bad.bytes(), "(format v1 of a tile block): corrupt block: bad magic");
   }
   {  // Codes that need a raw tile: one K code 1000 steps from its channel's others.
-    kvc_codec_config cc = KVC_CODEC_CONFIG_INIT;
-    cc.kind = KVC_KIND_KEY;
-    cc.num_tokens = sh.tokens;
-    cc.head_dim = sh.dim;
-    cc.bound_mode = KVC_BOUND_ABSOLUTE;
-    cc.error_bound = sh.key_bound;
-    cc.block_format = KVC_BLOCK_FORMAT_TILES;
-    const CodecParams p = CodecParams::from_config(cc, false);
-    StoreHandle held(tiles_config(sh, KVC_BLOCK_FORMAT_AUTO));
-    const Written h = written(held.s);
+    const CodecParams p = key_tile_params(sh, KVC_BOUND_ABSOLUTE, sh.key_bound);
     const std::vector<uint8_t>& tile = h.seq.layers[1].blocks[0];
     cpu::Quantized q = cpu::tile_block_codes(p, tile.data(), tile.size());
     ASSERT_TRUE(q.ok);
@@ -321,13 +327,7 @@ TEST(StoreTranscode, DamagedRecordsAreRefused) {
     expect_refused(st.s, bad.bytes(), "codes that need a raw tile");
   }
   {  // A record whose step layout is not its kind's: per-group steps in an absolute-K store.
-    kvc_codec_config cc = KVC_CODEC_CONFIG_INIT;
-    cc.kind = KVC_KIND_KEY;
-    cc.num_tokens = sh.tokens;
-    cc.head_dim = sh.dim;
-    cc.bound_mode = KVC_BOUND_RELATIVE;
-    cc.error_bound = 0.05f;
-    const CodecParams relative = CodecParams::from_config(cc, false).transcoded();
+    const CodecParams relative = key_tile_params(sh, KVC_BOUND_RELATIVE, 0.05f).transcoded();
     cpu::Quantized q;
     q.steps.assign(relative.num_groups, 0.125f);
     q.codes.assign(relative.num_elements(), 3);
@@ -346,7 +346,7 @@ TEST(StoreTranscode, DamagedRecordsAreRefused) {
     }
     ASSERT_NE(huffman, 0u) << "no Huffman record in layer 0's K";
     SerialSequence bad = w.seq;
-    const size_t table = 8 + 4 * (15 + 2 * size_t(sh.layers));  // layer 0 K's entry
+    const size_t table = codebook_table_at(uint32_t(sh.layers));  // layer 0 K's entry
     const uint32_t m = kvc_fuzz::load_word(&bad.head[table]);
     ASSERT_GT(m, 0u);
     bad.head.erase(bad.head.begin() + long(table) + 4, bad.head.begin() + long(table + 4 + m));
@@ -356,14 +356,7 @@ TEST(StoreTranscode, DamagedRecordsAreRefused) {
     // The same record as a Huffman block of two sub-streams (the writer makes one).
     const auto& record = w.seq.layers[0].blocks[huffman - 1];
     const Codebook book = Codebook::parse(&w.seq.head[table + 4], m);
-    kvc_codec_config cc = KVC_CODEC_CONFIG_INIT;
-    cc.kind = KVC_KIND_KEY;
-    cc.num_tokens = sh.tokens;
-    cc.head_dim = sh.dim;
-    cc.bound_mode = KVC_BOUND_ABSOLUTE;
-    cc.error_bound = sh.key_bound;
-    cc.block_format = KVC_BLOCK_FORMAT_TILES;
-    CodecParams two = CodecParams::from_config(cc, false).transcoded();
+    CodecParams two = key_tile_params(sh, KVC_BOUND_ABSOLUTE, sh.key_bound).transcoded();
     const cpu::Quantized q = cpu::decode_codes(two, &book, record.data(), record.size());
     two.num_substreams = 2;
     SerialSequence split = w.seq;
@@ -373,8 +366,7 @@ TEST(StoreTranscode, DamagedRecordsAreRefused) {
     expect_refused(st.s, split.bytes(), "sub-stream count");
   }
   {  // A flagged record in a version that has no flags: a length past the end.
-    StoreHandle held(tiles_config(sh, KVC_BLOCK_FORMAT_AUTO));
-    SerialSequence bad = written(held.s).seq;
+    SerialSequence bad = h.seq;
     bad.layers[0].transcoded.assign(bad.layers[0].blocks.size(), 0);
     bad.layers[0].transcoded[0] = 1;
     expect_refused(held.s, bad.bytes(), "truncated");

@@ -85,9 +85,8 @@ std::vector<uint32_t> width_map(const std::vector<uint8_t>& bytes) {
 // codebook, decodes to those codes and to the tile block's values y; and the tile block of those
 // codes is the block itself, byte for byte.
 void check_transcoding(const CodecParams& p, const cpu::Quantized& q,
-                       const std::vector<uint8_t>& bytes, const std::vector<float>& y,
-                       kvc_dtype dtype, const std::string& what) {
-  const std::vector<uint32_t> widths = width_map(bytes);
+                       const std::vector<uint8_t>& bytes, const std::vector<uint32_t>& widths,
+                       const std::vector<float>& y, kvc_dtype dtype, const std::string& what) {
   const bool coded = (bytes[t::offset::kFlags] & t::flag::kQuantized) != 0 &&
                      std::find(widths.begin(), widths.end(), t::kWRaw) == widths.end();
   const cpu::Quantized codes = cpu::tile_block_codes(p, bytes.data(), bytes.size());
@@ -157,7 +156,7 @@ void check_block(const kvc_codec_config& c, const Block& b, const std::string& w
       }
     }
   }
-  check_transcoding(p, q, bytes, y, b.dtype, what);
+  check_transcoding(p, q, bytes, widths, y, b.dtype, what);
   for (kvc_dtype out : {KVC_DTYPE_FP16, KVC_DTYPE_BF16}) {
     std::vector<uint16_t> h(size_t(b.tokens) * b.dim);
     ASSERT_EQ(codec.decode(bytes, out, h.data(), b.dim), KVC_SUCCESS);
