@@ -20,9 +20,13 @@ about their addresses.
 
 Per kernel instantiation: registers, stack and local memory (cuobjdump -res-usage), HMMA and
 LDSM counts, and the SASS of the main loop: the outermost loop that contains HMMA, whose body
-must be straight-line code (no nested loop) so that its static count is what one iteration
-executes (predicated-off instructions included: an upper bound). Per element divides the body
-by the K and V elements one iteration of a warp consumes, times 32 lanes.
+must hold no nested loop. "loop SASS" counts its whole body, every branch included; "steady"
+the iteration of a unit in the middle of a long sequence: the path through the body that issues
+every cp.async (LDGSTS) it can, so that the next unit is staged, and otherwise the fewest
+instructions, so that the blocks only some units take (a unit that ends the sequence, masked
+tokens, a running max that grew, divergent fallbacks of the warp collectives) are skipped.
+Predicated-off instructions count as executed. Per element divides the steady path by the K and
+V elements one iteration of a warp consumes, times 32 lanes.
 
 The split between K and V is by source line (nvdisasm -gi): the kernel source (attention.cuh,
 and tile_attention.cuh beside it for the tile kernel) marks its regions with comment lines
@@ -148,6 +152,36 @@ def main_loop(k: Kernel) -> tuple[int, int, bool] | None:
     a, b = max(with_mma, key=lambda r: r[1] - r[0])
     nested = any(a <= x < y < b or a < x < y <= b for x, y in loops if (x, y) != (a, b))
     return a, b, nested
+
+
+def steady_path(k: Kernel, a: int, b: int) -> list[Insn]:
+    """The instructions of the loop body [a, b] on the path from its head to its backward
+    branch that holds the most LDGSTS and, among those, the fewest instructions (forward
+    branches and fall-throughs only: the body holds no nested loop)."""
+    best: list[tuple[int, int, tuple] | None] = [None] * (b - a + 2)
+    best[0] = (0, 0, ())  # (-LDGSTS, instructions, path) on reaching index a + i
+    for i in range(a, b + 1):
+        cur = best[i - a]
+        if cur is None:
+            continue
+        ins = k.insns[i]
+        real = ins.op != "NOP"
+        here = (cur[0] - (ins.op == "LDGSTS"), cur[1] + real, cur[2] + ((ins,) if real else ()))
+        if i == b:
+            return list(here[2])
+        m = BRANCH.search(ins.text)
+        targets = []
+        if m and m.group(1) in k.labels and i < k.labels[m.group(1)] <= b:
+            targets.append(k.labels[m.group(1)])
+        unconditional = ins.op in ("BRA", "EXIT", "RET", "JMP") and not \
+            re.search(r"@!?U?P\w+\s+" + ins.op, ins.text)
+        if not unconditional:
+            targets.append(i + 1)
+        for t in targets:
+            old = best[t - a]
+            if old is None or here[:2] < old[:2]:
+                best[t - a] = here
+    return []
 
 
 def basic_blocks(k: Kernel) -> list[list[Insn]]:
@@ -397,14 +431,15 @@ def report(cubin, nvdisasm, cuobjdump, source, markdown):
         if loop and per_iter and not loop[2]:
             a, b, _ = loop
             body = [x for x in k.insns[a:b + 1] if x.op != "NOP"]
+            steady = steady_path(k, a, b)
             count = {}
-            for x in body:
+            for x in steady:
                 r = region_of.get(x.src_line) or "other"
                 count[r] = count.get(r, 0) + 1
             elems = per_iter(dt, d, extra)
             shared = count.get("stage", 0) + count.get("softmax", 0) + count.get("other", 0)
-            row.update(loop_sass=len(body), elems=elems,
-                       per_elem=32 * len(body) / (2 * elems),
+            row.update(loop_sass=len(body), steady_sass=len(steady), elems=elems,
+                       per_elem=32 * len(steady) / (2 * elems),
                        per_k=32 * (count.get("K", 0) + shared / 2) / elems,
                        per_v=32 * (count.get("V", 0) + shared / 2) / elems,
                        regions=count)
@@ -419,7 +454,7 @@ def report(cubin, nvdisasm, cuobjdump, source, markdown):
 
 def print_rows(rows, markdown):
     head = ["kernel", "dtype", "D", "regs", "stack", "local", "HMMA", "LDSM", "loop SASS",
-            "per elem", "per K elem*", "per V elem*"]
+            "steady", "per elem", "per K elem*", "per V elem*"]
     fmt = (lambda cells: "| " + " | ".join(cells) + " |") if markdown else \
         (lambda cells: "  ".join(f"{c:>9}" if i else f"{c:<33}" for i, c in enumerate(cells)))
     print(fmt(head))
@@ -430,13 +465,15 @@ def print_rows(rows, markdown):
             return "-" if v is None else f.format(v)
         print(fmt([r["kernel"], r["dtype"], str(r["head_dim"]), str(r["regs"]), str(r["stack"]),
                    str(r["local"]), str(r["hmma"]), str(r["ldsm"]),
-                   num(r.get("loop_sass"), "{}"), num(r.get("per_elem")), num(r.get("per_k")),
+                   num(r.get("loop_sass"), "{}"), num(r.get("steady_sass"), "{}"),
+                   num(r.get("per_elem")), num(r.get("per_k")),
                    num(r.get("per_v"))]))
     print("\n* K/V split by source region, approximate (staging and softmax shared half and "
-          "half); per elem = main-loop SASS x 32 lanes / (K + V elements per iteration).")
+          "half); per elem = steady-path SASS x 32 lanes / (K + V elements per iteration).")
     for r in rows:
         if r.get("regions"):
-            print(f"  {r['kernel']} {r['dtype']} D={r['head_dim']}: loop regions {r['regions']}")
+            print(f"  {r['kernel']} {r['dtype']} D={r['head_dim']}: steady-path regions "
+                  f"{r['regions']}")
         elif r.get("note"):
             print(f"  {r['kernel']} {r['dtype']} D={r['head_dim']}: {r['note']}")
     print("\nStraight-line blocks that feed the tensor cores (region, SASS, HMMA, conversion ops, "

@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cfloat>
+#include <type_traits>
 
 #include "kernels/codec/device_common.cuh"
 #include "kernels/common/mma.cuh"
@@ -378,43 +379,57 @@ struct MmaSoftmax {
   float bias[2] = {0.0f, 0.0f};
 
   // Folds in a unit's scores sc (element i of an n-tile is the lane's row half i / 2: row
-  // lane / 4 + 8 (i / 2)): (sc + offset) * scale, tokens outside [skip, valid) masked (the range
-  // is never empty); sc becomes the unnormalised probabilities. The upper half (rows 8-15) only
-  // where `upper`, i.e. a group of more than 8 query heads: else those rows hold no query and
-  // the warp skips them (their sc stays as the MMA left it, and write() never reads them).
+  // lane / 4 + 8 (i / 2)): sc * scale + offset * scale, tokens outside [skip, valid) masked (the
+  // range is never empty); sc becomes the unnormalised probabilities. The upper half (rows 8-15)
+  // only where `upper`, i.e. a group of more than 8 query heads: else those rows hold no query
+  // and the warp skips them (their sc stays as the MMA left it, and write() never reads them).
+  // The branches are uniform over the warp: skip and valid are the warp's own, and a vote asks
+  // whether any lane's running max grew (when none did, every rescale would be by exactly 1).
   template <uint32_t NS>
   __device__ __forceinline__ void absorb(float (&sc)[NS][4], const float (&offset)[2], float scale,
                                          uint32_t skip, uint32_t valid, uint32_t quad, bool upper) {
+    const bool masked = skip > 0 || valid < 8 * NS;
 #pragma unroll
     for (uint32_t r = 0; r < 2; ++r) {
       if (r == 1 && !upper) break;
-      float top = -INFINITY;
+      const float shift = offset[r] * scale;
 #pragma unroll
       for (uint32_t n = 0; n < NS; ++n) {
+        sc[n][2 * r] = fmaf(sc[n][2 * r], scale, shift);
+        sc[n][2 * r + 1] = fmaf(sc[n][2 * r + 1], scale, shift);
+      }
+      if (masked) {
 #pragma unroll
-        for (uint32_t h = 0; h < 2; ++h) {
-          const uint32_t i = 2 * r + h, token = 8 * n + 2 * quad + h;
-          sc[n][i] = token >= skip && token < valid ? (sc[n][i] + offset[r]) * scale : -INFINITY;
-          top = fmaxf(top, sc[n][i]);
+        for (uint32_t n = 0; n < NS; ++n) {
+#pragma unroll
+          for (uint32_t h = 0; h < 2; ++h) {
+            const uint32_t token = 8 * n + 2 * quad + h;
+            if (token < skip || token >= valid) sc[n][2 * r + h] = -INFINITY;
+          }
         }
       }
+      float top = -INFINITY;
+#pragma unroll
+      for (uint32_t n = 0; n < NS; ++n) top = fmaxf(top, fmaxf(sc[n][2 * r], sc[n][2 * r + 1]));
       top = fmaxf(top, __shfl_xor_sync(~0u, top, 1));
       top = fmaxf(top, __shfl_xor_sync(~0u, top, 2));
       const float m_new = fmaxf(m[r], top);
-      const float alpha = exp2f(m[r] - m_new);
-      m[r] = m_new;
-      l[r] *= alpha;
-      bias[r] *= alpha;
+      if (__ballot_sync(~0u, m_new != m[r]) != 0) {
+        const float alpha = device::exp2_approx(m[r] - m_new);
+        m[r] = m_new;
+        l[r] *= alpha;
+        bias[r] *= alpha;
 #pragma unroll
-      for (uint32_t n = 0; n < D / 8; ++n) {
-        o[n][2 * r] *= alpha;
-        o[n][2 * r + 1] *= alpha;
+        for (uint32_t n = 0; n < D / 8; ++n) {
+          o[n][2 * r] *= alpha;
+          o[n][2 * r + 1] *= alpha;
+        }
       }
 #pragma unroll
       for (uint32_t n = 0; n < NS; ++n) {
 #pragma unroll
         for (uint32_t h = 0; h < 2; ++h) {
-          sc[n][2 * r + h] = exp2f(sc[n][2 * r + h] - m[r]);
+          sc[n][2 * r + h] = device::exp2_approx(sc[n][2 * r + h] - m[r]);
           l[r] += sc[n][2 * r + h];
         }
       }
@@ -472,21 +487,37 @@ __global__ void __launch_bounds__(kWarps* kLanes)
   const uint16_t* k_rows = static_cast<const uint16_t*>(keys) + first;
   const uint16_t* v_rows = static_cast<const uint16_t*>(values) + first;
 
-  // [sass stage] K then V of unit u into stage s; rows beyond the sequence are zeros.
-  auto stage_unit = [&](uint32_t u, uint32_t s) {
+  // [sass stage] K then V of unit u into stage s; rows beyond the sequence are zeros. A lane
+  // copies chunk `chunk` of rows r0, r0 + R, ... (R = rows per warp instruction); row R i + r0
+  // swizzles as row r0 XOR a constant (R i % 8 is a multiple of R, r0 < R), so past the first
+  // row each copy is an address add. A unit wholly inside the sequence needs no row checks.
+  constexpr uint32_t R = kLanes / kChunks;
+  const uint32_t r0 = lane / kChunks, chunk = lane % kChunks;
+  const uint32_t lane_offset = mma::swizzled_offset(r0, chunk, Tr::kRowBytes);
+  auto stage_rows = [&](uint32_t u, uint32_t s, auto whole) {
     uint8_t* k_dst = stages + s * Tr::kStageBytes;
     uint8_t* v_dst = k_dst + U * Tr::kRowBytes;
+    const uint32_t token0 = u * U + r0;
+    const size_t first = size_t(token0) * row_stride + chunk * 8;
+    const uint16_t *k_src = k_rows + first, *v_src = v_rows + first;
 #pragma unroll
-    for (uint32_t i = 0; i < U * kChunks / kLanes; ++i) {
-      const uint32_t c = i * kLanes + lane;
-      const uint32_t row = c / kChunks, chunk = c % kChunks, token = u * U + row;
-      const bool valid = token < len;
-      const size_t at = (valid ? size_t(token) * row_stride : 0) + chunk * 8;
-      const uint32_t off = mma::swizzled_offset(row, chunk, Tr::kRowBytes);
-      device::cp_async_16(k_dst + off, k_rows + at, valid);
-      device::cp_async_16(v_dst + off, v_rows + at, valid);
+    for (uint32_t i = 0; i < U / R; ++i) {
+      const uint32_t row = R * i;
+      const bool valid = decltype(whole)::value || token0 + row < len;
+      const uint32_t off = (lane_offset ^ (row % 8 * 16)) + row * Tr::kRowBytes;
+      device::cp_async_16(k_dst + off, valid ? k_src : k_rows, valid);
+      device::cp_async_16(v_dst + off, valid ? v_src : v_rows, valid);
+      k_src += R * row_stride;
+      v_src += R * row_stride;
     }
     device::cp_async_commit();
+  };
+  auto stage_unit = [&](uint32_t u, uint32_t s) {
+    if ((u + 1) * U <= len) {
+      stage_rows(u, s, std::true_type{});
+    } else {
+      stage_rows(u, s, std::false_type{});
+    }
   };
 
   MmaSoftmax<D> st;

@@ -18,6 +18,8 @@
 //                                    CPU's NaN bits test for NaN themselves)
 //   kvc::device::half_to_float       fp16 bits to float (cvt.f32.f16), exact for every
 //                                    non-NaN value
+//   kvc::device::exp2_approx         2^x by the hardware's approximation (ex2.approx.ftz.f32:
+//                                    one MUFU, a few ulp, results below 2^-126 flushed to 0)
 //
 // Adding a facility: name it here, with the CUDA definition below and the emulation's in the
 // test header; see docs/emulation.md.
@@ -136,6 +138,14 @@ __device__ __forceinline__ uint16_t half_rn(float v) {
 __device__ __forceinline__ float half_to_float(uint16_t h) {
   float r;
   asm("cvt.f32.f16 %0, %1;\n" : "=f"(r) : "h"(h));
+  return r;
+}
+
+// The softmax's exponential: exp2f adds a range check and two multiplies around the MUFU to keep
+// subnormal results, which a probability next to one of at least 1 never needs.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
   return r;
 }
 

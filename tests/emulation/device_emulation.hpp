@@ -657,6 +657,9 @@ uint16_t half_rn(float v) {
   if (std::isnan(v)) return 0x7FFF;
   return uint16_t(BF16 ? format::float_to_bf16(v) : format::float_to_half(v));
 }
+// ex2.approx.ftz.f32: the exact value stands in for the approximation (a few ulp), which the
+// attention tests' tolerance covers.
+inline float exp2_approx(float x) { return std::exp2(x); }
 // cvt.f32.f16: exact for every non-NaN half; a NaN stays a NaN (its payload is not relied on).
 inline float half_to_float(uint16_t h) { return format::half_to_float(h); }
 template <bool BF16>
