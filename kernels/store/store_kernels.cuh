@@ -215,11 +215,12 @@ __global__ void __launch_bounds__(kStoreThreads)
   if (status != KVC_SUCCESS) return;
   // Staging checked every row, so the encoder refuses nothing (a block of 0 bytes); if it
   // ever did, failing here keeps the store intact.
-  for (uint32_t b = tid; b < num_sequences; b += blockDim.x) {
-    for (uint32_t i = 0; i < entries[b].blocks * S.num_heads; ++i) {
-      const size_t s = size_t(b) * max_blocks * S.num_heads + i;
-      if (bytes_k[s] == 0 || bytes_v[s] == 0) atomicCAS(&status, 0, KVC_ERROR_INTERNAL);
-    }
+  // Every thread checks its share of all slots (a prefill's thousands of blocks are one
+  // sequence's: a thread per sequence would walk them alone).
+  const uint32_t slots = max_blocks * S.num_heads;
+  for (size_t s = tid; s < size_t(num_sequences) * slots; s += blockDim.x) {
+    const bool used = s % slots < entries[s / slots].blocks * S.num_heads;
+    if (used && (bytes_k[s] == 0 || bytes_v[s] == 0)) atomicCAS(&status, 0, KVC_ERROR_INTERNAL);
   }
   __syncthreads();
   const auto count_only = [](uint32_t, uint32_t, uint32_t, size_t, uint32_t, bool, uint32_t) {};
