@@ -167,7 +167,7 @@ memcheck_filter+=':TileCodecGpu.DamagedBlocks*:StoreGpu.TileStoreSerializes*'
 race_filter='CodecGpu.LargeBlocks*:CodecGpu.Corrupt*:CodecGpu.DeviceHistogram*'
 race_filter+=':StoreGpu.OutOfPages*:AttentionGpu.CompressedKernel*'
 race_filter+=':TileCodecGpu.EncodeAndDecodeReplay*:TileCodecGpu.DamagedBlocks*'
-race_filter+=':TileAttentionGpu.Matches*'
+race_filter+=':TileAttentionGpu.Matches*:AttentionGpu.DenseBaseline*'
 [[ $mode == quick ]] &&
   memcheck_filter='CodecGpu.LargeBlocks*:CodecGpu.Corrupt*:StoreGpu.OutOfPages*:TileCodecGpu.Damaged*'
 sanitizer_ok=0

@@ -214,15 +214,19 @@ __global__ void __launch_bounds__(kStoreThreads)
   __syncthreads();
   if (status != KVC_SUCCESS) return;
   // Staging checked every row, so the encoder refuses nothing (a block of 0 bytes); if it
-  // ever did, failing here keeps the store intact.
-  // Every thread checks its share of all slots (a prefill's thousands of blocks are one
-  // sequence's: a thread per sequence would walk them alone).
+  // ever did, failing here keeps the store intact. Every thread checks its share of all slots
+  // (a prefill's thousands of blocks are one sequence's: a thread per sequence would walk them
+  // alone), and the block fails as one: no thread may leave before the others' barriers.
   const uint32_t slots = max_blocks * S.num_heads;
+  bool empty = false;
   for (size_t s = tid; s < size_t(num_sequences) * slots; s += blockDim.x) {
     const bool used = s % slots < entries[s / slots].blocks * S.num_heads;
-    if (used && (bytes_k[s] == 0 || bytes_v[s] == 0)) atomicCAS(&status, 0, KVC_ERROR_INTERNAL);
+    empty |= used && (bytes_k[s] == 0 || bytes_v[s] == 0);
   }
-  __syncthreads();
+  if (__syncthreads_or(empty)) {
+    if (tid == 0) record_failure(call, 0, KVC_ERROR_INTERNAL);
+    return;
+  }
   const auto count_only = [](uint32_t, uint32_t, uint32_t, size_t, uint32_t, bool, uint32_t) {};
   for (uint32_t at = 0; at < num_sequences && status == KVC_SUCCESS; at += blockDim.x) {
     const uint32_t b = at + tid;

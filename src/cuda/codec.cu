@@ -73,7 +73,8 @@ DeviceCodecPtr create_device_codec(const CodecParams& p, const Codebook* codeboo
   check_cuda(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
              "cudaDeviceGetAttribute");
   // Each kernel's dynamic shared memory and its static shared memory beside it (the tile
-  // decoder has only static shared memory, a few KiB).
+  // decoder has only static shared memory: its stage, close to the 48 KiB a kernel may declare
+  // statically).
   size_t need = 0;
   if (p.tiles) {
     need = k::tile_encode_smem_bytes(p.num_elements(), p.num_groups) +
