@@ -173,22 +173,34 @@ __global__ void __launch_bounds__(kStoreThreads)
 
 // Next-fit over an entry's new blocks in table order (block, head, K|V), as the CPU store
 // places them; visit(j, h, kind, slot, bytes, opens_page, offset) for each. Returns the pages
-// opened; used_out: the bytes used in the last page.
+// opened; used_out: the bytes used in the last page. The sizes are loaded kBatch at a time, so
+// that a prefill's thousands of placements, walked by one thread, wait on memory once per batch
+// rather than once per block.
 template <class Visit>
 __device__ uint32_t next_fit(const StoreView& S, const Entry& e, const LayerState& st,
                              uint32_t max_blocks, uint32_t b, const uint32_t* bytes_k,
                              const uint32_t* bytes_v, Visit&& visit, uint32_t& used_out) {
+  constexpr uint32_t kBatch = 16;
   uint32_t used = st.view.num_blocks > 0 ? st.open_used : S.page_bytes, opened = 0;
-  for (uint32_t j = 0; j < e.blocks; ++j) {
-    for (uint32_t h = 0; h < S.num_heads; ++h) {
-      const size_t s = (size_t(b) * max_blocks + j) * S.num_heads + h;
-      for (uint32_t kind = 0; kind < 2; ++kind) {
-        const uint32_t bytes = kind == 0 ? bytes_k[s] : bytes_v[s];
-        uint32_t offset;
-        const bool fresh = place_next_fit(used, bytes, S.page_bytes, S.block_align, offset);
-        opened += fresh;
-        visit(j, h, kind, s, bytes, fresh, offset);
-      }
+  const size_t first = size_t(b) * max_blocks * S.num_heads;
+  const uint32_t n = e.blocks * S.num_heads * 2;  // placements: (block, head) slots x K|V
+  uint32_t j = 0, h = 0;                          // of the next placement
+  for (uint32_t i0 = 0; i0 < n; i0 += kBatch) {
+    uint32_t bytes[kBatch];
+#pragma unroll
+    for (uint32_t k = 0; k < kBatch; ++k) {
+      const uint32_t i = i0 + k;
+      bytes[k] = i < n ? (i % 2 == 0 ? bytes_k : bytes_v)[first + i / 2] : 0u;
+    }
+#pragma unroll
+    for (uint32_t k = 0; k < kBatch; ++k) {
+      const uint32_t i = i0 + k;
+      if (i >= n) break;
+      uint32_t offset;
+      const bool fresh = place_next_fit(used, bytes[k], S.page_bytes, S.block_align, offset);
+      opened += fresh;
+      visit(j, h, i % 2, first + i / 2, bytes[k], fresh, offset);
+      if (i % 2 == 1 && ++h == S.num_heads) h = 0, ++j;
     }
   }
   used_out = used;
@@ -251,15 +263,16 @@ __global__ void __launch_bounds__(kStoreThreads)
   for (uint32_t b = tid; b < num_sequences; b += blockDim.x) {
     Entry& e = entries[b];
     const LayerState& st = state_of(S, e.slot, e.layer);
-    auto* table = const_cast<BlockLocation*>(st.view.blocks);
+    // The table rows past the live ones, taken once: the walk's stores could alias st.
+    auto* rows =
+        const_cast<BlockLocation*>(st.view.blocks) + size_t(st.view.num_blocks) * S.num_heads * 2;
     uint32_t page = st.open_page, rank = e.first_page, added = 0, used = 0;
     next_fit(
         S, e, st, max_blocks, b, bytes_k, bytes_v,
         [&](uint32_t j, uint32_t h, uint32_t kind, size_t s, uint32_t bytes, bool fresh,
             uint32_t offset) {
           if (fresh) page = S.free_pages[free_top - 1 - rank++];
-          table[(size_t(st.view.num_blocks + j) * S.num_heads + h) * 2 + kind] = {page, offset,
-                                                                                  bytes};
+          rows[(size_t(j) * S.num_heads + h) * 2 + kind] = {page, offset, bytes};
           copy_dst[s * 2 + kind] = S.pool + size_t(page) * S.page_bytes + offset;
           added += bytes;
         },
