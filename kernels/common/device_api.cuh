@@ -142,7 +142,7 @@ __device__ __forceinline__ float half_to_float(uint16_t h) {
 }
 
 // The softmax's exponential: exp2f adds a range check and two multiplies around the MUFU to keep
-// subnormal results, which a probability next to one of at least 1 never needs.
+// subnormal results, and a probability under 2^-126 adds nothing to a sum that holds a 1.
 __device__ __forceinline__ float exp2_approx(float x) {
   float r;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
