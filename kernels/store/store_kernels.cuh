@@ -172,10 +172,12 @@ __global__ void __launch_bounds__(kStoreThreads)
 }
 
 // Next-fit over an entry's new blocks in table order (block, head, K|V), as the CPU store
-// places them; visit(j, h, kind, slot, bytes, opens_page, offset) for each. Returns the pages
-// opened; used_out: the bytes used in the last page. The sizes are loaded kBatch at a time, so
-// that a prefill's thousands of placements, walked by one thread, wait on memory once per batch
-// rather than once per block.
+// places them; visit(i, bytes, opens_page, offset) for placement i, which is slot
+// b * max_blocks * num_heads + i / 2 of the call's sizes, K where i is even: it is also the
+// i-th new row of the block table and, past 2 (b * max_blocks * num_heads), the i-th copy
+// destination. Returns the pages opened; used_out: the bytes used in the last page. The sizes
+// are loaded kBatch at a time, so that a prefill's thousands of placements, walked by one
+// thread, wait on memory once per batch rather than once per block.
 template <class Visit>
 __device__ uint32_t next_fit(const StoreView& S, const Entry& e, const LayerState& st,
                              uint32_t max_blocks, uint32_t b, const uint32_t* bytes_k,
@@ -184,7 +186,6 @@ __device__ uint32_t next_fit(const StoreView& S, const Entry& e, const LayerStat
   uint32_t used = st.view.num_blocks > 0 ? st.open_used : S.page_bytes, opened = 0;
   const size_t first = size_t(b) * max_blocks * S.num_heads;
   const uint32_t n = e.blocks * S.num_heads * 2;  // placements: (block, head) slots x K|V
-  uint32_t j = 0, h = 0;                          // of the next placement
   for (uint32_t i0 = 0; i0 < n; i0 += kBatch) {
     uint32_t bytes[kBatch];
 #pragma unroll
@@ -199,8 +200,7 @@ __device__ uint32_t next_fit(const StoreView& S, const Entry& e, const LayerStat
       uint32_t offset;
       const bool fresh = place_next_fit(used, bytes[k], S.page_bytes, S.block_align, offset);
       opened += fresh;
-      visit(j, h, i % 2, first + i / 2, bytes[k], fresh, offset);
-      if (i % 2 == 1 && ++h == S.num_heads) h = 0, ++j;
+      visit(i, bytes[k], fresh, offset);
     }
   }
   used_out = used;
@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(kStoreThreads)
     if (tid == 0) record_failure(call, 0, KVC_ERROR_INTERNAL);
     return;
   }
-  const auto count_only = [](uint32_t, uint32_t, uint32_t, size_t, uint32_t, bool, uint32_t) {};
+  const auto count_only = [](uint32_t, uint32_t, bool, uint32_t) {};
   for (uint32_t at = 0; at < num_sequences && status == KVC_SUCCESS; at += blockDim.x) {
     const uint32_t b = at + tid;
     uint32_t need = 0, used = 0, rank = 0, total = 0;
@@ -263,23 +263,23 @@ __global__ void __launch_bounds__(kStoreThreads)
   for (uint32_t b = tid; b < num_sequences; b += blockDim.x) {
     Entry& e = entries[b];
     const LayerState& st = state_of(S, e.slot, e.layer);
-    // The table rows past the live ones, taken once: the walk's stores could alias st.
+    // The table rows past the live ones and this sequence's copy destinations, in placement
+    // order, taken once (the walk's stores could alias st).
     auto* rows =
         const_cast<BlockLocation*>(st.view.blocks) + size_t(st.view.num_blocks) * S.num_heads * 2;
+    void** dst = copy_dst + size_t(b) * max_blocks * S.num_heads * 2;
     uint32_t page = st.open_page, rank = e.first_page, added = 0, used = 0;
     next_fit(
         S, e, st, max_blocks, b, bytes_k, bytes_v,
-        [&](uint32_t j, uint32_t h, uint32_t kind, size_t s, uint32_t bytes, bool fresh,
-            uint32_t offset) {
+        [&](uint32_t i, uint32_t bytes, bool fresh, uint32_t offset) {
           if (fresh) page = S.free_pages[free_top - 1 - rank++];
-          rows[(size_t(j) * S.num_heads + h) * 2 + kind] = {page, offset, bytes};
-          copy_dst[s * 2 + kind] = S.pool + size_t(page) * S.page_bytes + offset;
+          rows[i] = {page, offset, bytes};
+          dst[i] = S.pool + size_t(page) * S.page_bytes + offset;
           added += bytes;
         },
         used);
-    for (uint32_t i = e.blocks * S.num_heads; i < max_blocks * S.num_heads; ++i) {
-      const size_t s = size_t(b) * max_blocks * S.num_heads + i;
-      copy_dst[s * 2] = copy_dst[s * 2 + 1] = nullptr;
+    for (uint32_t i = e.blocks * S.num_heads * 2; i < max_blocks * S.num_heads * 2; ++i) {
+      dst[i] = nullptr;
     }
     e.open_page = page;
     e.open_used = used;
