@@ -92,13 +92,14 @@ log "$(grep '^gpu=' "$work/env.txt") | commit $commit | $mode, budget ${budget}s
 report() { python3 "$root/scripts/gpu_check_report.py" "$work" "$out" "$@"; }
 
 # run_step NAME LIMIT CMD...: runs CMD under `timeout`, its output in $work/NAME.log; the limit
-# shrinks to the budget left (keeping 20 s for the report), and a step with no time left is
-# skipped. Records the outcome in steps.tsv and rewrites the result file.
+# shrinks to the budget left (keeping 20 s for the report), and a step with under step_min
+# seconds left (default 10; `step_min=60 run_step ...` for one that needs more) is skipped.
+# Records the outcome in steps.tsv and rewrites the result file.
 run_step() {
   local name=$1 limit=$2
   shift 2
   local left=$((deadline - SECONDS - 20))
-  if ((left < 10)); then
+  if ((left < ${step_min:-10})); then
     printf '%s\tskipped\t0\t%s\t-\n' "$name" "$limit" >> "$work/steps.tsv"
     log "$name: skipped, out of time"
     return 125
@@ -213,8 +214,9 @@ replay_args=${KVC_REPLAY_ARGS:-}
 if [[ $mode == full || ${KVC_REPLAY_QUICK:-0} == 1 ]] &&
   python3 -c "import numpy, torch; assert torch.cuda.is_available()" 2> /dev/null; then
   # shellcheck disable=SC2086  # the arguments are meant to split
-  run_step extra-replay 150 env KVCOMP_LIBRARY="$build/src/libkvcomp.so" PYTHONUNBUFFERED=1 \
-    python3 bench/accuracy/replay_kv.py --device cuda $replay_args
+  step_min=60 run_step extra-replay 150 env KVCOMP_LIBRARY="$build/src/libkvcomp.so" \
+    PYTHONUNBUFFERED=1 python3 bench/accuracy/replay_kv.py --device cuda \
+    --json "$work/replay.json" $replay_args
 fi
 # <<< end of the optional steps
 

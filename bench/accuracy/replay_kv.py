@@ -16,11 +16,14 @@ so their block bytes must be equal too.
 
 Exit status 1 if an output differs by more than the tolerance (0 for CPU against CPU; for CUDA,
 its fp32 accumulation against the CPU's double: --tolerance, relative to the largest |output| of
-the layer and step).
+the layer and step), if the block bytes or the sequences' lengths differ, if an append failed
+(a CUDA store records it in its stats, kvc_store_get_stats), or if the K and V read back at the
+end differ (the same blocks decode to the same values). --json writes every figure to a file.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -100,6 +103,7 @@ def main(argv=None):
                     help="relative tolerance (default: 0 on the CPU, 1e-2 on CUDA)")
     ap.add_argument("--formats", default="v1,tiles",
                     help="comma-separated block formats to replay (v1, tiles)")
+    ap.add_argument("--json", default=None, help="write the figures of every format here")
     a = ap.parse_args(argv)
     rec = load(a.file)
     tol = a.tolerance if a.tolerance is not None else (0.0 if a.device == "cpu" else 1e-2)
@@ -108,19 +112,40 @@ def main(argv=None):
           f"{rec['prompt_k'].shape[1]} and {SHORT_PROMPT} tokens, {steps} decode steps, "
           f"{steps * L} batched attention calls per format")
     ok = True
+    figures = dict(file=a.file, device=a.device, tolerance=tol, formats={})
     for name in a.formats.split(","):
         if name not in FORMATS:
             ap.error(f"--formats: unknown block format {name!r} (known: {', '.join(FORMATS)})")
         ref = replay(rec, "cpu", **FORMATS[name])
         got = replay(rec, a.device, **FORMATS[name])
         err = compare(ref["out"], got["out"])
-        same = got["stats"]["block_bytes"] == ref["stats"]["block_bytes"]
+        readback = max(float(np.abs(x - y).max()) if x.size else 0.0
+                       for rl, gl in zip(ref["readback"], got["readback"])
+                       for rs, gs in zip(rl, gl) for x, y in zip(rs, gs))
+        checks = dict(outputs=err <= tol,
+                      block_bytes=got["stats"]["block_bytes"] == ref["stats"]["block_bytes"],
+                      lengths=got["lengths"] == ref["lengths"],
+                      appends=got["stats"]["failed_appends"] == 0,
+                      readback=readback == 0.0)
+        passed = all(checks.values())
         print(f"{name} (T = {FORMATS[name]['block_tokens']}): {a.device} store vs CPU store: "
               f"worst |difference| / max |output| per (step, layer) = {err:.3e} (tolerance "
               f"{tol:g}); blocks {got['stats']['num_blocks']}, {got['stats']['block_bytes']} "
               f"bytes (CPU: {ref['stats']['block_bytes']}); sequences end at {got['lengths']} "
-              f"tokens: {'PASS' if err <= tol and same else 'FAIL'}")
-        ok = ok and err <= tol and same
+              f"tokens (CPU: {ref['lengths']}); failed appends "
+              f"{got['stats']['failed_appends']}; largest |difference| of the K and V read back "
+              f"{readback:g}: {'PASS' if passed else 'FAIL'}"
+              + ("" if passed else f" ({', '.join(k for k, v in checks.items() if not v)})"))
+        figures["formats"][name] = dict(
+            block_tokens=FORMATS[name]["block_tokens"], output_error=err,
+            blocks=got["stats"]["num_blocks"], block_bytes=got["stats"]["block_bytes"],
+            cpu_block_bytes=ref["stats"]["block_bytes"], lengths=got["lengths"],
+            cpu_lengths=ref["lengths"], failed_appends=got["stats"]["failed_appends"],
+            readback_error=readback, checks=checks, passed=passed)
+        ok = ok and passed
+    figures["passed"] = ok
+    if a.json:
+        Path(a.json).write_text(json.dumps(figures, indent=1) + "\n")
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

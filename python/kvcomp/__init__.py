@@ -592,7 +592,11 @@ class Store(_Handle):
     Configuration: a StoreConfig or its fields as keyword arguments. Tensors are of the store's
     dtype: numpy float16, or uint16 holding bfloat16 bits for a bfloat16 store (CPU backend);
     on the CUDA backend, device arrays exposing __cuda_array_interface__ (torch.Tensor; view a
-    bfloat16 tensor as int16) and an optional stream (a cudaStream_t as an int).
+    bfloat16 tensor as int16) and an optional stream: a cudaStream_t as an int, or an object
+    with one in .cuda_stream (torch.cuda.Stream); without one, the legacy default stream. The
+    calls queue their work on that stream and return: keep their inputs alive, unchanged,
+    until it has run (on another stream than the tensors' own, torch may reuse the memory of a
+    tensor that was freed in the meantime: see torch's Tensor.record_stream).
     Failures raise KvcompError with .status and the library's message; a failed call changes
     nothing (out of pages included).
     """
@@ -651,7 +655,8 @@ class Store(_Handle):
     def _stream(self, stream):
         if stream is not None and not self.cuda:
             raise ValueError("stream: the CPU store takes none")
-        return ctypes.c_void_p(int(stream)) if stream else None
+        handle = getattr(stream, "cuda_stream", stream)  # torch.cuda.Stream holds its handle
+        return ctypes.c_void_p(int(handle)) if handle else None
 
     def _shape(self, x):
         if self.cuda and hasattr(x, "__cuda_array_interface__"):

@@ -4,6 +4,7 @@ attention against the reference arithmetic, accounting, serialization, and failu
 change nothing."""
 import math
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -265,6 +266,19 @@ def test_bad_arguments_raise_with_status():
         s.free_sequence(seq)
     assert e.value.status == 204
     assert s.stats()["num_sequences"] == 0
+
+
+def test_cuda_stream_argument_forms():
+    """A CUDA store takes a stream as a handle or as an object holding one in .cuda_stream
+    (torch.cuda.Stream); checked on the conversion itself, which needs no GPU."""
+    cuda = types.SimpleNamespace(cuda=True)
+    assert kvcomp.Store._stream(cuda, None) is None
+    assert kvcomp.Store._stream(cuda, 0x1234).value == 0x1234
+    assert kvcomp.Store._stream(cuda, types.SimpleNamespace(cuda_stream=0x5678)).value == 0x5678
+    assert kvcomp.Store._stream(cuda, types.SimpleNamespace(cuda_stream=0)) is None  # default
+    with pytest.raises(ValueError):
+        kvcomp.Store._stream(types.SimpleNamespace(cuda=False),
+                             types.SimpleNamespace(cuda_stream=1))
 
 
 def test_tiles_store_round_trip_attention_and_serialization():
