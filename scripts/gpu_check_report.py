@@ -233,8 +233,15 @@ def table(result):
         lines.append("torch SDPA ms: " + ", ".join(
             f"{r['batch']}x{r['len']}={r['ms']:.4f}" if r.get("ms") is not None else
             f"{r['batch']}x{r['len']}=n/a" for r in sdpa))
-    if result["extra"]:
-        lines.append("extra steps: " + ", ".join(result["extra"]))
+    replay = result["extra"].get("replay")
+    if replay:
+        lines.append("real-model replay: " + ("PASS" if replay.get("passed") else "FAIL") + "; " +
+                     ", ".join(f"{name}: output error {f['output_error']:.2e}, read-back "
+                               f"{f['readback_error']:g}, block bytes {f['block_bytes']} "
+                               f"(CPU {f['cpu_block_bytes']})"
+                               + ("" if f["passed"] else " FAILED: " + ", ".join(
+                                   k for k, ok in f["checks"].items() if not ok))
+                               for name, f in replay.get("formats", {}).items()))
     lines.append(f"result: gpu-check.json; failure logs: {result['failure_logs'] or 'none'}")
     return "\n".join(lines)
 
