@@ -555,6 +555,11 @@ class StoreConfig:
         return cfg
 
 
+# Element types a bfloat16 CUDA store takes: torch exports bfloat16 as "<V2" (2 opaque bytes),
+# and a tensor viewed as int16 or uint16 as those.
+_BF16_TYPESTRS = ("V2", "i2", "u2")
+
+
 def _cuda_pointer(x, shape, typestrs, name):
     """Device pointer of an array exposing __cuda_array_interface__ (torch, cupy, ...), after
     checking its shape, element type and contiguity."""
@@ -591,8 +596,8 @@ class Store(_Handle):
 
     Configuration: a StoreConfig or its fields as keyword arguments. Tensors are of the store's
     dtype: numpy float16, or uint16 holding bfloat16 bits for a bfloat16 store (CPU backend);
-    on the CUDA backend, device arrays exposing __cuda_array_interface__ (torch.Tensor; view a
-    bfloat16 tensor as int16) and an optional stream: a cudaStream_t as an int, or an object
+    on the CUDA backend, device arrays exposing __cuda_array_interface__ (torch.Tensor,
+    bfloat16 ones included) and an optional stream: a cudaStream_t as an int, or an object
     with one in .cuda_stream (torch.cuda.Stream); without one, the legacy default stream. The
     calls queue their work on that stream and return: keep their inputs alive, unchanged,
     until it has run (on another stream than the tensors' own, torch may reuse the memory of a
@@ -625,7 +630,7 @@ class Store(_Handle):
     def _in(self, x, shape, name):
         """(pointer, keep-alive) of an input tensor of the store's dtype."""
         if self.cuda:
-            types = ("f2",) if self.dtype_code == DTYPE_FP16 else ("u2", "i2")
+            types = ("f2",) if self.dtype_code == DTYPE_FP16 else _BF16_TYPESTRS
             return _cuda_pointer(x, shape, types, name), x
         x = np.asarray(x)
         if x.dtype != self._np_dtype():
@@ -640,7 +645,7 @@ class Store(_Handle):
         if self.cuda:
             if out is None:
                 raise ValueError(f"{name}: the CUDA store needs a device output array")
-            types = {DTYPE_FP16: ("f2",), DTYPE_BF16: ("u2", "i2"), DTYPE_FP32: ("f4",)}
+            types = {DTYPE_FP16: ("f2",), DTYPE_BF16: _BF16_TYPESTRS, DTYPE_FP32: ("f4",)}
             return _cuda_pointer(out, shape, types[dtype_code], name), out
         np_dtype = {DTYPE_FP16: np.float16, DTYPE_BF16: np.uint16, DTYPE_FP32: np.float32}
         if out is None:

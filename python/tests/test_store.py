@@ -281,6 +281,21 @@ def test_cuda_stream_argument_forms():
                              types.SimpleNamespace(cuda_stream=1))
 
 
+def test_cuda_arrays_of_a_bfloat16_store():
+    """A bfloat16 CUDA store takes torch's bfloat16 export ("<V2") and int16/uint16 views, and
+    nothing else of two bytes; checked on the pointer extraction, which needs no GPU."""
+    def device_array(typestr, shape=(2, 3)):
+        return types.SimpleNamespace(__cuda_array_interface__=dict(
+            shape=shape, typestr=typestr, data=(0xABC0, False), strides=None, version=3))
+    for typestr in ("<V2", "<i2", "<u2"):
+        assert kvcomp._cuda_pointer(device_array(typestr), (2, 3), kvcomp._BF16_TYPESTRS,
+                                    "keys") == 0xABC0
+    with pytest.raises(TypeError):
+        kvcomp._cuda_pointer(device_array("<f2"), (2, 3), kvcomp._BF16_TYPESTRS, "keys")
+    with pytest.raises(ValueError):
+        kvcomp._cuda_pointer(device_array("<V2", (3, 2)), (2, 3), kvcomp._BF16_TYPESTRS, "keys")
+
+
 def test_tiles_store_round_trip_attention_and_serialization():
     # Format t1 blocks (T = 32 and D = 64 are tile shapes): no codebooks, the same bound, the
     # same attention arithmetic, serialization exact; a v1 store refuses its sequences.
