@@ -921,7 +921,7 @@ void SerializedSize::add_block(uint32_t bytes) { bytes_ += 4 + size_t(f::align4(
 
 namespace {
 
-// The tile block of codes q (q.ok), or an error naming the serialized block.
+// The tile block of codes q (q.ok); encode_tile_codes refuses codes that would need a raw tile.
 std::vector<uint8_t> tile_block_of(const StoreParams& p, const CodecParams& cp,
                                    const cpu::Quantized& q) {
   std::vector<uint8_t> tile(cp.max_block_bytes(p.dtype));

@@ -13,6 +13,7 @@
 #include "cpu/codec_cpu.hpp"
 #include "cpu/tile_codec_cpu.hpp"
 #include "store_model.hpp"
+#include "tests/fuzz/fuzz_common.hpp"
 #include "tests/fuzz/serialized_sequence.hpp"
 
 namespace kvc::test {
@@ -280,14 +281,8 @@ Written written(kvc_store_t s) {
 
 // The codec parameters of the shape's K tile blocks, with a bound of the given mode.
 CodecParams key_tile_params(const Shape& sh, kvc_bound_mode mode, float bound) {
-  kvc_codec_config cc = KVC_CODEC_CONFIG_INIT;
-  cc.kind = KVC_KIND_KEY;
-  cc.num_tokens = sh.tokens;
-  cc.head_dim = sh.dim;
-  cc.bound_mode = mode;
-  cc.error_bound = bound;
-  cc.block_format = KVC_BLOCK_FORMAT_TILES;
-  return CodecParams::from_config(cc, false);
+  return CodecParams::from_config(
+      kvc_fuzz::tile_codec_config({sh.tokens, sh.dim, 0, 0}, KVC_KIND_KEY, mode, bound), false);
 }
 
 void expect_refused(kvc_store_t s, const std::vector<uint8_t>& bytes, const std::string& what,
