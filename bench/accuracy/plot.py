@@ -7,6 +7,7 @@
             bench/accuracy/results/layer_scales_t128.json \
             bench/accuracy/results/layer_scales_t128_b.json \
             bench/accuracy/results/layer_widths_t128.json \
+            bench/accuracy/results/tiles_t64_w32.json \
         --gemma bench/accuracy/results/gemma3_t128.json bench/accuracy/results/gemma3_sinks.json \
         --figure docs/accuracy_pareto.png
 """
@@ -67,6 +68,8 @@ def group(setting: str) -> str:
     if not setting.startswith("kvcomp:"):
         return setting
     o = dict(kv.split("=") for kv in setting.split(":", 1)[1].split(","))
+    if o.get("t") == "64" and o.get("sinks", "0") != "0":  # the tiles run at T = 64
+        return f"kvcomp {o.get('fmt', 'v1')} T=64, sinks"
     if "scales" in o:
         fmt, kinds = o.get("fmt", "v1"), scaled_kinds(o["scales"])
         if o.get("sinks", "0") != "0" and (fmt, kinds) in (("v1", ("K", "V")), ("tiles", ("K",))):
@@ -128,6 +131,8 @@ def paired_table(results) -> str:
     for key, rs in passes.items():
         o = dict(kv.split("=") for kv in key.split(","))
         name = f"K {o['k']}, V {o['v']}"
+        if o.get("t", "64") != "128":
+            name += f", T = {o.get('t', '64')}"
         if o.get("sinks", "0") != "0":
             name += f", {o['sinks']} sinks fp16"
         if o.get("rot", "0") != "0":
@@ -168,6 +173,8 @@ STYLES = {
     "kvcomp tiles, sinks, per-layer, V widths": dict(color="lime", marker="P", ls="-", ms=9,
                                                      mec="darkgreen"),
     "kvcomp per-layer, other": dict(color="tab:gray", marker=".", ls="none", ms=9),
+    "kvcomp tiles T=64, sinks": dict(color="teal", marker="h", ls="-", ms=9),
+    "kvcomp v1 T=64, sinks": dict(color="tab:blue", marker="h", ls="-", ms=9, mfc="white"),
     "kivi:2": dict(color="tab:red", marker="X", ls="none", ms=11),
     "kivi:4": dict(color="tab:orange", marker="X", ls="none", ms=11),
     "int8": dict(color="tab:green", marker="D", ls="none", ms=8),
@@ -180,6 +187,8 @@ NAMES = {"kvcomp K+V T=64": "kvcomp, T=64 (K abs, V rel bound)",
          "kvcomp tiles": "kvcomp tiles (t1, perm + split), T=128",
          "kvcomp tiles, sinks": "kvcomp tiles, T=128, 4 sinks in fp16",
          "kvcomp tiles ablation": "tiles without perm and/or split",
+         "kvcomp tiles T=64, sinks": "tiles, T=64, 4 sinks (with, without per-layer scales)",
+         "kvcomp v1 T=64, sinks": "v1, T=64, 4 sinks (with, without per-layer scales)",
          "kvcomp tiles rotated": "tiles with a Hadamard rotation (K+V, K or V)",
          "kvcomp v1 rotated": "v1 with a Hadamard rotation (K+V, K or V)",
          "kvcomp v1, sinks, per-layer": "v1, 4 sinks, per-layer K and V bounds",
