@@ -112,6 +112,37 @@ __device__ __forceinline__ float tile_center(const uint8_t* p, const tiles::Tile
   return float(int32_t(uint32_t(b.center_base) + off));
 }
 
+// The channels, steps and centres of K positions pos and pos + 1 (pos even): a pair of
+// channels, of bf16 steps and of 1- or 2-byte centres lies in one aligned word of its section
+// (4-byte centres: two), so a section costs one load instead of two.
+struct PairMeta {
+  uint32_t channel[2];
+  float step[2], centre[2];
+};
+__device__ __forceinline__ PairMeta tile_pair_meta(const uint8_t* p, const tiles::TileLayout& b,
+                                                   uint32_t pos) {
+  PairMeta m;
+  const uint32_t chs = b.permuted ? *reinterpret_cast<const uint16_t*>(p + b.perm_offset + pos)
+                                  : pos | (pos + 1) << 8;
+  m.channel[0] = chs & 0xFFu;
+  m.channel[1] = chs >> 8;
+  if (b.per_group_step) {
+    const uint32_t w = *reinterpret_cast<const uint32_t*>(p + b.steps_offset + 2 * pos);
+    m.step[0] = format::bits_float(w << 16);
+    m.step[1] = format::bits_float(w & 0xFFFF0000u);
+  } else {
+    m.step[0] = m.step[1] = format::bits_float(b.step_bits);
+  }
+  const uint32_t at = b.centers_offset + pos * b.center_bytes;
+  const uint32_t mask = b.center_bytes == 4 ? ~0u : (1u << (8 * b.center_bytes)) - 1u;
+  const uint32_t w0 = *reinterpret_cast<const uint32_t*>(p + (at & ~3u));
+  const uint32_t w1 = b.center_bytes == 4 ? *reinterpret_cast<const uint32_t*>(p + at + 4)
+                                          : w0 >> (8 * b.center_bytes);
+  m.centre[0] = float(int32_t(uint32_t(b.center_base) + ((w0 >> (8 * (at & 3u))) & mask)));
+  m.centre[1] = float(int32_t(uint32_t(b.center_base) + ((w1 >> (8 * (at & 3u))) & mask)));
+  return m;
+}
+
 // Two integers (bits <= 8) in slot `slot` of w as the cache dtype's pair of halves, exactly:
 // through the magic number (tile_convert.cuh), or for 8-bit codes in bf16, whose mantissa is
 // too short, through fp32.
@@ -126,13 +157,39 @@ __device__ __forceinline__ uint32_t codes_to_pair(uint32_t w, uint32_t slot) {
   }
 }
 
-// v rounded to the cache dtype (what a fragment holds), as a float: two conversions (the
-// format's portable half_to_float would cost a dozen instructions and a loop).
+// lo and hi rounded to the cache dtype as one fragment register (returned), and set to the
+// rounded values as floats: one conversion for the pair and two back (rounding each on its own,
+// then packing, takes two more).
 template <kvc_dtype DT>
-__device__ __forceinline__ float round_to(float v) {
+__device__ __forceinline__ uint32_t round_pair(float& lo, float& hi) {
   constexpr bool kBf16 = DT == KVC_DTYPE_BF16;
-  const uint16_t h = device::half_rn<kBf16>(v);
-  return kBf16 ? format::bf16_to_float(h) : device::half_to_float(h);
+  const uint32_t pair = device::pack2<kBf16>(lo, hi);
+  const auto back = [](uint16_t h) {
+    return kBf16 ? format::bf16_to_float(h) : device::half_to_float(h);
+  };
+  lo = back(uint16_t(pair));
+  hi = back(uint16_t(pair >> 16));
+  return pair;
+}
+
+// v[0..7]: a lane's shares of the sums of MMA rows 0-7 -> the warp's sum for row lane / 4, the
+// row the lane's C fragments hold (equal in the four lanes of a quad). The first three exchanges
+// halve the values a lane carries (over lane bits 4, 3, 2, i.e. row bits 2, 1, 0): 16 shuffles
+// for the 8 rows instead of 5 per row.
+__device__ __forceinline__ float row_sums(const float* v, uint32_t lane) {
+  float w4[4], w2[2];
+  const bool b4 = (lane & 16) != 0, b3 = (lane & 8) != 0, b2 = (lane & 4) != 0;
+#pragma unroll
+  for (uint32_t j = 0; j < 4; ++j) {
+    w4[j] = (b4 ? v[j + 4] : v[j]) + __shfl_xor_sync(~0u, b4 ? v[j] : v[j + 4], 16);
+  }
+#pragma unroll
+  for (uint32_t j = 0; j < 2; ++j) {
+    w2[j] = (b3 ? w4[j + 2] : w4[j]) + __shfl_xor_sync(~0u, b3 ? w4[j] : w4[j + 2], 8);
+  }
+  float s = (b2 ? w2[1] : w2[0]) + __shfl_xor_sync(~0u, b2 ? w2[0] : w2[1], 4);
+  s += __shfl_xor_sync(~0u, s, 2);
+  return s + __shfl_xor_sync(~0u, s, 1);
 }
 
 // N consecutive words (N = 1, 2 or 4) at `at` in one load: the format aligns a lane's runs.
@@ -360,30 +417,23 @@ __global__ void __launch_bounds__(kWarps* kLanes)
           const uint32_t pos = 2 * pp, ks = pos / 16, c = pos % 16;
           const bool coded =
               kl.quantized && tiles::entry_width(tile_entry(kb, kl, ks)) != tiles::kWRaw;
-          const uint32_t ch0 = tiles::channel_of(kb, kl, pos);
-          const uint32_t ch1 = tiles::channel_of(kb, kl, pos + 1);
-          const float step0 = coded ? tile_step(kb, kl, pos) : 1.0f;
-          const float step1 = coded ? tile_step(kb, kl, pos + 1) : 1.0f;
-          const float centre0 = coded ? tile_center(kb, kl, pos) : 0.0f;
-          const float centre1 = coded ? tile_center(kb, kl, pos + 1) : 0.0f;
+          const PairMeta m = tile_pair_meta(kb, kl, pos);
+          const uint32_t ch0 = m.channel[0], ch1 = m.channel[1];
+          const float step0 = coded ? m.step[0] : 1.0f, step1 = coded ? m.step[1] : 1.0f;
+          const float centre0 = coded ? m.centre[0] : 0.0f, centre1 = coded ? m.centre[1] : 0.0f;
           uint32_t* at = frag + (ks * kLanes + (c % 8) / 2) * 4 + 2 * (c / 8);
 #pragma unroll
           for (uint32_t row = 0; row < kRows; ++row) {
             if (row >= P.group) break;
-            const float a = round_to<DT>(qf[ch0 * Tr::kQueryPitch + row] * step0);
-            const float b = round_to<DT>(qf[ch1 * Tr::kQueryPitch + row] * step1);
-            part[row] += a * centre0 + b * centre1;
-            at[16 * (row % 8) + row / 8] = device::pack2<kBf16>(a, b);
+            float a = qf[ch0 * Tr::kQueryPitch + row] * step0;
+            float b = qf[ch1 * Tr::kQueryPitch + row] * step1;
+            at[16 * (row % 8) + row / 8] = round_pair<DT>(a, b);
+            part[row] = fmaf(b, centre1, fmaf(a, centre0, part[row]));
           }
         }
-        // Every lane gets every head's sum, keeps its rows' (lane / 4 and lane / 4 + 8).
-#pragma unroll
-        for (uint32_t row = 0; row < kRows; ++row) {
-          if (row >= P.group) break;
-#pragma unroll
-          for (uint32_t m = 1; m < kLanes; m *= 2) part[row] += __shfl_xor_sync(~0u, part[row], m);
-          if (row % 8 == lane / 4) s_off[row / 8] = part[row];
-        }
+        // The lane's rows' sums (rows lane / 4 and lane / 4 + 8); rows past the group sum zeros.
+        s_off[0] = row_sums(part, lane);
+        if constexpr (UPPER) s_off[1] = row_sums(part + 8, lane);
       }
       __syncwarp();  // the fragments hold other lanes' stores
 
@@ -447,20 +497,20 @@ __global__ void __launch_bounds__(kWarps* kLanes)
           step[e] = m.x;
           centre[e] = m.y;
         }
-        float p[8] = {};
+        uint32_t a[4] = {};  // register 2 (e / 2) + r: tokens e, e + 1 of row r's pair
 #pragma unroll
         for (uint32_t r = 0; r < 2; ++r) {
           if (r == 1 && !UPPER) break;
 #pragma unroll
-          for (uint32_t e = 0; e < 4; ++e) {
-            const uint32_t i = 4 * (e / 2) + 2 * r + e % 2;
-            p[i] = round_to<DT>(sc[2 * kk + i / 4][i % 4] * step[e]);
-            st.bias[r] += p[i] * centre[e];
+          for (uint32_t e = 0; e < 4; e += 2) {
+            const uint32_t i = 4 * (e / 2) + 2 * r;
+            float lo = sc[2 * kk + i / 4][i % 4] * step[e];
+            float hi = sc[2 * kk + i / 4][i % 4 + 1] * step[e + 1];
+            a[2 * (e / 2) + r] = round_pair<DT>(lo, hi);
+            st.bias[r] = fmaf(hi, centre[e + 1], fmaf(lo, centre[e], st.bias[r]));
           }
         }
-        qfrag[kk * kLanes + lane] =
-            make_uint4(device::pack2<kBf16>(p[0], p[1]), device::pack2<kBf16>(p[2], p[3]),
-                       device::pack2<kBf16>(p[4], p[5]), device::pack2<kBf16>(p[6], p[7]));
+        qfrag[kk * kLanes + lane] = make_uint4(a[0], a[1], a[2], a[3]);
       }
       // [sass V] O += P' C_V, one k-step per 16-token tile.
       for (uint32_t kk = 0; kk < Tr::kVSteps; ++kk) {

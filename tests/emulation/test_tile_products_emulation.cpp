@@ -123,45 +123,73 @@ TEST(TileProductsEmulation, EveryCodeOfEveryWidthReachesTheMma) {
 // readers give the format's steps and centres for every group.
 TEST(TileProductsEmulation, MetadataReadersEqualTheFormats) {
   std::set<uint32_t> center_bytes;
-  for (const bool is_value : {false, true}) {
+  std::set<std::pair<bool, bool>> key_layouts;  // (permuted, a step per channel) of K blocks
+  struct Kind {
+    bool is_value;
+    kvc_bound_mode mode;
+    float bound;
+  };
+  for (const Kind kind :
+       {Kind{false, KVC_BOUND_ABSOLUTE, 0.5f}, Kind{false, KVC_BOUND_RELATIVE, 0.05f},
+        Kind{true, KVC_BOUND_RELATIVE, 0.3f}}) {
+    const bool is_value = kind.is_value;
     for (const float reach : {60.0f, 3000.0f, 200000.0f}) {
-      constexpr uint32_t T = 64, D = 64;
-      kvc_codec_config c =
-          make_config(is_value ? KVC_KIND_VALUE : KVC_KIND_KEY, T, D,
-                      is_value ? KVC_BOUND_RELATIVE : KVC_BOUND_ABSOLUTE, is_value ? 0.3f : 0.5f);
-      c.block_format = KVC_BLOCK_FORMAT_TILES;
-      const CodecParams p = CodecParams::from_config(c, false);
-      // Group g (K channel, V token) around g * reach / groups codes (K: step 1; V: the
-      // token's step is about 0.3 * 2 / 255 of its range, 2 here).
-      std::vector<float> x(size_t(T) * D);
-      for (uint32_t t = 0; t < T; ++t) {
-        for (uint32_t ch = 0; ch < D; ++ch) {
-          const uint32_t g = is_value ? t : ch;
-          const float spread = is_value ? reach * 0.3f * 2.0f / 255.0f * 2.0f : reach;
-          x[size_t(t) * D + ch] =
-              float(g) / float(D) * spread + float((t * 7 + ch * 3) % 5) * 0.25f;
+      for (const bool wide_channels : {false, true}) {
+        constexpr uint32_t T = 64, D = 64;
+        kvc_codec_config c =
+            make_config(is_value ? KVC_KIND_VALUE : KVC_KIND_KEY, T, D, kind.mode, kind.bound);
+        c.block_format = KVC_BLOCK_FORMAT_TILES;
+        const CodecParams p = CodecParams::from_config(c, false);
+        // Group g (K channel, V token) around g * reach / groups codes (K: step 1; V: the
+        // token's step is about 0.3 * 2 / 255 of its range, 2 here). wide_channels: every
+        // third K channel spans many more codes and the others none, so sorting channels by
+        // width pays (a permuted block) under either bound.
+        std::vector<float> x(size_t(T) * D);
+        for (uint32_t t = 0; t < T; ++t) {
+          for (uint32_t ch = 0; ch < D; ++ch) {
+            const uint32_t g = is_value ? t : ch;
+            const float spread = is_value ? reach * 0.3f * 2.0f / 255.0f * 2.0f : reach;
+            const bool narrow = wide_channels && ch % 3 != 0;  // constant: width 0
+            const float wide = wide_channels && ch % 3 == 0 ? float(t % 16) * 8.0f : 0.0f;
+            x[size_t(t) * D + ch] = float(g) / float(D) * spread +
+                                    (narrow ? 0.0f : float((t * 7 + ch * 3) % 5) * 0.25f) + wide;
+          }
         }
-      }
-      const Block b = make_block(KVC_DTYPE_FP32, T, D, D, x);
-      std::vector<uint8_t> block(p.max_block_bytes(KVC_DTYPE_FP32) + 4);
-      block.resize(cpu::encode_tile_block(p, b.data(), D, KVC_DTYPE_FP32, block.data()));
-      t::TileLayout want{};
-      ASSERT_EQ(t::parse_block(block.data(), block.size(), want), t::ParseError::kNone);
-      ASSERT_TRUE(want.quantized);
-      center_bytes.insert(want.center_bytes);
-      const t::TileLayout got = k::tile_layout(block.data(), T, D);
-      EXPECT_EQ(got.centers_offset, want.centers_offset);
-      EXPECT_EQ(got.steps_offset, want.steps_offset);
-      for (uint32_t g = 0; g < want.num_groups; ++g) {
-        ASSERT_EQ(k::tile_step(block.data(), got, g), t::group_step(block.data(), want, g))
-            << is_value << " " << reach << " group " << g;
-        ASSERT_EQ(k::tile_center(block.data(), got, g),
-                  float(int32_t(t::group_center(block.data(), want, g))))
-            << is_value << " " << reach << " group " << g << " centre bytes " << want.center_bytes;
+        const Block b = make_block(KVC_DTYPE_FP32, T, D, D, x);
+        std::vector<uint8_t> block(p.max_block_bytes(KVC_DTYPE_FP32) + 4);
+        block.resize(cpu::encode_tile_block(p, b.data(), D, KVC_DTYPE_FP32, block.data()));
+        t::TileLayout want{};
+        ASSERT_EQ(t::parse_block(block.data(), block.size(), want), t::ParseError::kNone);
+        ASSERT_TRUE(want.quantized);
+        center_bytes.insert(want.center_bytes);
+        const t::TileLayout got = k::tile_layout(block.data(), T, D);
+        EXPECT_EQ(got.centers_offset, want.centers_offset);
+        EXPECT_EQ(got.steps_offset, want.steps_offset);
+        for (uint32_t g = 0; g < want.num_groups; ++g) {
+          ASSERT_EQ(k::tile_step(block.data(), got, g), t::group_step(block.data(), want, g))
+              << is_value << " " << reach << " group " << g;
+          ASSERT_EQ(k::tile_center(block.data(), got, g),
+                    float(int32_t(t::group_center(block.data(), want, g))))
+              << is_value << " " << reach << " group " << g << " centre bytes "
+              << want.center_bytes;
+        }
+        if (is_value) continue;
+        key_layouts.insert({want.permuted, want.per_group_step});
+        for (uint32_t pos = 0; pos < D; pos += 2) {  // the query fold's pair reader
+          const k::PairMeta m = k::tile_pair_meta(block.data(), got, pos);
+          for (uint32_t i = 0; i < 2; ++i) {
+            const uint32_t j = pos + i;
+            ASSERT_EQ(m.channel[i], t::channel_of(block.data(), want, j)) << "position " << j;
+            ASSERT_EQ(m.step[i], t::group_step(block.data(), want, j)) << "position " << j;
+            ASSERT_EQ(m.centre[i], float(int32_t(t::group_center(block.data(), want, j))))
+                << "position " << j << " centre bytes " << want.center_bytes;
+          }
+        }
       }
     }
   }
   EXPECT_EQ(center_bytes, (std::set<uint32_t>{1, 2, 4}));
+  EXPECT_EQ(key_layouts.size(), 4u) << "K blocks permuted or not, with one step or a step each";
 }
 
 }  // namespace
