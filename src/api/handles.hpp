@@ -4,7 +4,10 @@
 
 #include <kvcomp/kvcomp.h>
 
+#include <cstdint>
 #include <memory>
+#include <optional>
+#include <vector>
 
 #include "codec/codebook.hpp"
 #include "codec/codec_params.hpp"
@@ -50,4 +53,12 @@ struct kvc_store_s {
 #if defined(KVC_WITH_CUDA)
   std::unique_ptr<kvc::cuda::CudaStore> cuda;
 #endif
+  // A store that transcodes its tiles to format v1 on serialize learns a sequence's size only
+  // by writing it: kvc_store_serialized_size keeps what it wrote for a kvc_store_serialize of
+  // the same sequence that directly follows, and every other call on the store drops it.
+  struct Written {
+    int32_t sequence_id;
+    std::vector<uint8_t> bytes;
+  };
+  std::optional<Written> last_written;
 };

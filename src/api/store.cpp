@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
+#include <utility>
 #include <vector>
 
 #include "api/handles.hpp"
@@ -16,7 +18,13 @@ namespace {
 using kvc::require;
 using kvc::require_not_null;
 
-kvc_store_s& checked(kvc_store_t store) { return *require_not_null(store, "store"); }
+// The store of a call that is not kvc_store_serialized_size or kvc_store_serialize: whatever
+// the call, the bytes kvc_store_serialized_size kept may no longer be the sequence's.
+kvc_store_s& checked(kvc_store_t store) {
+  kvc_store_s& s = *require_not_null(store, "store");
+  s.last_written.reset();
+  return s;
+}
 
 // Calls f with the store's backend (kvc::Store or kvc::cuda::CudaStore), where the two share a
 // signature.
@@ -251,18 +259,28 @@ kvc_status_t kvc_store_serialized_size(kvc_store_t store, int32_t sequence_id, s
   return kvc::api_call(__func__, [&] {
     kvc_store_s& s = checked(store);
     require_not_null(size_bytes, "size_bytes");
-    *size_bytes = with_backend(s, [&](auto& b) { return b.serialized_size(sequence_id); });
+    if (!s.params.transcodes) {
+      *size_bytes = with_backend(s, [&](auto& b) { return b.serialized_size(sequence_id); });
+      return;
+    }
+    std::vector<uint8_t> bytes = with_backend(s, [&](auto& b) { return b.serialize(sequence_id); });
+    *size_bytes = bytes.size();
+    s.last_written = kvc_store_s::Written{sequence_id, std::move(bytes)};
   });
 }
 
 kvc_status_t kvc_store_serialize(kvc_store_t store, int32_t sequence_id, void* h_dst,
                                  size_t dst_capacity_bytes, size_t* written_bytes) {
   return kvc::api_call(__func__, [&] {
+    std::optional<kvc_store_s::Written> kept;
+    if (store != nullptr) kept = std::move(store->last_written);
     kvc_store_s& s = checked(store);
     require_not_null(h_dst, "h_dst");
     require_not_null(written_bytes, "written_bytes");
     const std::vector<uint8_t> bytes =
-        with_backend(s, [&](auto& b) { return b.serialize(sequence_id); });
+        kept && kept->sequence_id == sequence_id
+            ? std::move(kept->bytes)
+            : with_backend(s, [&](auto& b) { return b.serialize(sequence_id); });
     require(dst_capacity_bytes >= bytes.size(), KVC_ERROR_BUFFER_TOO_SMALL,
             "dst_capacity_bytes = ", dst_capacity_bytes, " but the sequence needs ", bytes.size(),
             " bytes (kvc_store_serialized_size)");

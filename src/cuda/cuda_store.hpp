@@ -44,7 +44,8 @@ class CudaStore {
 
   StoreStats stats() const;  // no synchronization: the device's last copy-out
   std::vector<uint8_t> serialize(int32_t id);
-  // From the block tables, no block copied (a store that transcodes serializes).
+  // From the block tables, no block copied: not for a store that transcodes (the caller
+  // serializes).
   size_t serialized_size(int32_t id);
   int32_t restore(const uint8_t* data, size_t size);
 

@@ -701,7 +701,7 @@ size_t CudaStore::serialized_size(int32_t id) {
   Impl& m = *impl_;
   require_device(m.device, "the CUDA store");
   require_live(id);
-  if (m.p.transcodes) return serialize(id).size();  // the v1 blocks' sizes are known by writing
+  require(!m.p.transcodes, KVC_ERROR_INTERNAL, "a store that transcodes knows a size by writing");
   wait_for_device();
   SerializedSize size(m.p, m.books.size());
   for (const ks::LayerState& st : m.download_states(m.slot_of(id))) {

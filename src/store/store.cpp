@@ -1169,7 +1169,7 @@ std::vector<uint8_t> Store::serialize(int32_t id) const {
 }
 
 size_t Store::serialized_size(int32_t id) const {
-  if (p_.transcodes) return serialize(id).size();  // the v1 blocks' sizes are known by writing
+  require(!p_.transcodes, KVC_ERROR_INTERNAL, "a store that transcodes knows a size by writing");
   SerializedSize size(p_, books_.size());
   for (const LayerCache& c : sequence(id)) {
     size.add_layer(p_.sinks_held(c.num_blocks), c.tail_tokens);

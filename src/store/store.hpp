@@ -177,6 +177,7 @@ class Store {
 
   StoreStats stats() const;
   std::vector<uint8_t> serialize(int32_t id) const;
+  // From the block lengths: not for a store that transcodes (the caller serializes).
   size_t serialized_size(int32_t id) const;
   int32_t restore(const uint8_t* data, size_t size);
 

@@ -161,6 +161,63 @@ TEST(StoreTranscode, RestoresTheBlocksTheWriterHeld) {
   }
 }
 
+// kvc_store_serialized_size writes a transcoding store's sequence to learn its size and keeps
+// the bytes for the kvc_store_serialize that directly follows: what that call writes is still
+// the sequence as the store holds it then, whichever calls came between.
+TEST(StoreTranscode, SerializeAfterTheSizeWritesTheSequenceAsHeldThen) {
+  const Shape sh = transcode_shape();
+  StoreHandle st(tiles_config(sh, KVC_BLOCK_FORMAT_V1));
+  std::mt19937 rng(31);
+  Rows k, v;
+  int32_t a = -1, b = -1;
+  ASSERT_NO_FATAL_FAILURE(add_prefilled(st.s, rng, sh, 2 * size_t(sh.tokens), a, k, v));
+  ASSERT_NO_FATAL_FAILURE(add_prefilled(st.s, rng, sh, 2 * size_t(sh.tokens) + 3, b, k, v));
+  std::vector<uint8_t> buffer(1 << 20);
+  const auto size_of = [&](int32_t id) {
+    size_t n = 0;
+    EXPECT_EQ(kvc_store_serialized_size(st.s, id, &n), KVC_SUCCESS) << kvc_last_error();
+    return n;
+  };
+  const auto write = [&](int32_t id) {
+    size_t written = 0;
+    EXPECT_EQ(kvc_store_serialize(st.s, id, buffer.data(), buffer.size(), &written), KVC_SUCCESS)
+        << kvc_last_error();
+    return std::vector<uint8_t>(buffer.begin(), buffer.begin() + long(written));
+  };
+  // A serialization with nothing kept: a call in between drops what the size call kept.
+  const auto fresh = [&](int32_t id) {
+    store_stats(st.s);
+    return write(id);
+  };
+  const std::vector<uint8_t> a0 = fresh(a), b0 = fresh(b);
+  ASSERT_NE(a0, b0);
+
+  EXPECT_EQ(size_of(a), a0.size());
+  EXPECT_EQ(write(a), a0);
+  EXPECT_EQ(size_of(a), a0.size());
+  EXPECT_EQ(write(b), b0) << "the size of another sequence was kept";
+  // Too small a buffer, then a retry: the retry writes the sequence again.
+  EXPECT_EQ(size_of(a), a0.size());
+  size_t written = 0;
+  EXPECT_EQ(kvc_store_serialize(st.s, a, buffer.data(), a0.size() - 1, &written),
+            KVC_ERROR_BUFFER_TOO_SMALL);
+  EXPECT_EQ(write(a), a0);
+
+  // A token appended between the size and the serialization.
+  EXPECT_EQ(size_of(a), a0.size());
+  const size_t row = size_t(sh.heads) * sh.dim;
+  for (int32_t l = 0; l < sh.layers; ++l) {
+    ASSERT_EQ(kvc_store_append(st.s, l, 1, &a, &k.bits[l * row], &v.bits[l * row], nullptr),
+              KVC_SUCCESS)
+        << kvc_last_error();
+  }
+  const std::vector<uint8_t> a1 = write(a);
+  EXPECT_NE(a1, a0) << "the bytes kept before the append were written";
+  EXPECT_EQ(a1, fresh(a));
+  EXPECT_EQ(size_of(a), a1.size());
+  EXPECT_EQ(write(a), a1);
+}
+
 // Constant rows: every record a fixed-width block of width 0, so no codebook is carried.
 TEST(StoreTranscode, NoCodebookWhereNoRecordIsHuffman) {
   const Shape sh = transcode_shape();
