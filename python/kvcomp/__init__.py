@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import operator
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,43 @@ _STORE_DTYPES = {"float16": DTYPE_FP16, "fp16": DTYPE_FP16, "bfloat16": DTYPE_BF
                  "bf16": DTYPE_BF16}
 STATUS_OUT_OF_PAGES = 301
 STORE_MAX_BATCH = 1024
+
+# ctypes converts a Python int to a C integer argument or struct field by wrapping it (2**32 + 1
+# becomes 1): every integer that reaches C goes through these checks first.
+_INT_TYPES = (ctypes.c_int32, ctypes.c_uint32, ctypes.c_int64, ctypes.c_uint64, ctypes.c_size_t)
+
+
+def _int(v, what: str, ctype=ctypes.c_int32) -> int:
+    """v as an integer that the C type holds: no float, no wrap-around."""
+    try:
+        i = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{what} = {v!r}: expected an integer") from None
+    if ctype(i).value != i:
+        raise ValueError(f"{what} = {i} is out of range for the C type {ctype.__name__}")
+    return i
+
+
+def _make(struct_type, *values):
+    """struct_type(*values), each integer checked against its field's C type."""
+    for (name, ctype), v in zip(struct_type._fields_, values):
+        if ctype in _INT_TYPES:
+            _int(v, name, ctype)
+    return struct_type(*values)
+
+
+def _checked_call(name, fn, argtypes):
+    """fn, checking its integer arguments against their C types: a last line of defence
+    behind the call sites' own checks, which name the argument."""
+    ints = [(i, t) for i, t in enumerate(argtypes) if t in _INT_TYPES]
+    if not ints:
+        return fn
+
+    def call(*args):
+        for i, t in ints:
+            _int(args[i], f"{name} argument {i + 1}", t)
+        return fn(*args)
+    return call
 
 
 class _CodebookConfig(ctypes.Structure):
@@ -122,6 +160,14 @@ class KvcompError(RuntimeError):
     def __init__(self, status: int, name: str, message: str):
         super().__init__(f"{name}: {message}" if message else name)
         self.status = status
+
+
+def _dtype_code(dtype) -> int:
+    """The kvc_dtype of a numpy float16 or float32 dtype."""
+    try:
+        return _NP_DTYPES[np.dtype(dtype)]
+    except (KeyError, TypeError):
+        raise TypeError(f"dtype {dtype!r}: expected float16 or float32") from None
 
 
 def _candidates() -> list[Path]:
@@ -198,12 +244,14 @@ def _load():
         "kvc_store_restore": ([P, P, SZ, ctypes.POINTER(I32)], I32),
         "kvc_store_attention": ([P, I32, I32, P, I32, ctypes.c_float, P, P, P], I32),
     }
+    checked = {}
     for name, (args, res) in sigs.items():
         fn = getattr(lib, name)
         fn.argtypes = args
         fn.restype = res
-    _lib = lib
-    return lib
+        checked[name] = _checked_call(name, fn, args)
+    _lib = type("_Library", (), checked)
+    return _lib
 
 
 def _check(status: int) -> None:
@@ -243,9 +291,13 @@ class Histogram(_Handle):
         self._h = h
 
     def add_counts(self, first_symbol: int, counts) -> None:
-        c = np.ascontiguousarray(counts, dtype=np.uint64)
+        c = np.atleast_1d(np.asarray(counts))
+        if c.size and (c.dtype.kind not in "iu" or c.min() < 0):
+            raise ValueError(f"counts: expected non-negative integers, got {c.dtype}")
+        c = np.ascontiguousarray(c, dtype=np.uint64)
         _check(_load().kvc_histogram_add_counts(
-            self._h, first_symbol, c.size, c.ctypes.data_as(ctypes.POINTER(ctypes.c_uint64))))
+            self._h, _int(first_symbol, "first_symbol"), c.size,
+            c.ctypes.data_as(ctypes.POINTER(ctypes.c_uint64))))
 
     @property
     def total(self) -> int:
@@ -266,8 +318,8 @@ class Codebook(_Handle):
     @classmethod
     def build(cls, histogram: Histogram, max_code_length: int = 12,
               max_symbols: int = 255) -> "Codebook":
-        cfg = _CodebookConfig(ctypes.sizeof(_CodebookConfig), ABI_VERSION, max_code_length,
-                              max_symbols)
+        cfg = _make(_CodebookConfig, ctypes.sizeof(_CodebookConfig), ABI_VERSION,
+                    _int(max_code_length, "max_code_length"), _int(max_symbols, "max_symbols"))
         h = ctypes.c_void_p()
         _check(_load().kvc_codebook_build(histogram._h, ctypes.byref(cfg), ctypes.byref(h)))
         return cls(h)
@@ -300,7 +352,7 @@ class Codebook(_Handle):
 
     def code_length(self, symbol: int) -> int:
         v = ctypes.c_int32()
-        _check(_load().kvc_codebook_code_length(self._h, symbol, ctypes.byref(v)))
+        _check(_load().kvc_codebook_code_length(self._h, _int(symbol, "symbol"), ctypes.byref(v)))
         return v.value
 
 
@@ -355,18 +407,21 @@ class Codec(_Handle):
                  codebook: Optional[Codebook] = None, block_format="v1",
                  tile_permute_channels: bool = True, tile_split_widths: bool = True):
         lib = _load()
-        self.kind = _KINDS[kind] if isinstance(kind, str) else int(kind)
-        self.num_tokens, self.head_dim = int(num_tokens), int(head_dim)
+        self.kind = _KINDS[kind] if isinstance(kind, str) else _int(kind, "kind")
+        self.num_tokens = _int(num_tokens, "num_tokens")
+        self.head_dim = _int(head_dim, "head_dim")
         self.error_bound = float(error_bound)
-        self.bound_mode = _BOUNDS[bound_mode] if isinstance(bound_mode, str) else int(bound_mode)
-        self.entropy = _ENTROPIES[entropy] if isinstance(entropy, str) else int(entropy)
-        self.value_group_size = int(value_group_size)
-        cfg = _CodecConfig(ctypes.sizeof(_CodecConfig), ABI_VERSION, BACKEND_CPU, self.kind,
-                           self.num_tokens, self.head_dim, self.value_group_size,
-                           self.bound_mode, self.error_bound, self.entropy, int(num_substreams),
-                           _BLOCK_FORMATS[block_format] if isinstance(block_format, str)
-                           else int(block_format), int(bool(tile_permute_channels)),
-                           int(bool(tile_split_widths)))
+        self.bound_mode = (_BOUNDS[bound_mode] if isinstance(bound_mode, str)
+                           else _int(bound_mode, "bound_mode"))
+        self.entropy = _ENTROPIES[entropy] if isinstance(entropy, str) else _int(entropy, "entropy")
+        self.value_group_size = _int(value_group_size, "value_group_size")
+        cfg = _make(_CodecConfig, ctypes.sizeof(_CodecConfig), ABI_VERSION, BACKEND_CPU,
+                    self.kind, self.num_tokens, self.head_dim, self.value_group_size,
+                    self.bound_mode, self.error_bound, self.entropy,
+                    _int(num_substreams, "num_substreams"),
+                    _BLOCK_FORMATS[block_format] if isinstance(block_format, str)
+                    else _int(block_format, "block_format"), int(bool(tile_permute_channels)),
+                    int(bool(tile_split_widths)))
         self.block_format = cfg.block_format
         h = ctypes.c_void_p()
         _check(lib.kvc_codec_create(ctypes.byref(cfg), codebook._h if codebook else None,
@@ -376,7 +431,7 @@ class Codec(_Handle):
 
     def max_block_bytes(self, dtype=np.float16) -> int:
         v = ctypes.c_size_t()
-        _check(_load().kvc_codec_max_block_bytes(self._h, _NP_DTYPES[np.dtype(dtype)],
+        _check(_load().kvc_codec_max_block_bytes(self._h, _dtype_code(dtype),
                                                  ctypes.byref(v)))
         return v.value
 
@@ -418,16 +473,36 @@ class Codec(_Handle):
     def decode(self, blocks: EncodedBlocks, out: Optional[np.ndarray] = None,
                dtype=np.float16) -> np.ndarray:
         """Decodes blocks into out (or a new array) of the encoded [tokens, heads, head_dim]."""
-        t, h, d = blocks.shape
+        t, h, d = (_int(n, "blocks.shape") for n in blocks.shape)
+        nb = (t // self.num_tokens) * h
+        data = blocks.data
+        offsets = np.asarray(blocks.offsets)
+        sizes = np.asarray(blocks.sizes)
+        # An EncodedBlocks may be put together by the caller: the C call trusts its pointers.
+        if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 1
+                or not data.flags.c_contiguous):
+            raise ValueError("blocks.data must be a 1-D C-contiguous uint8 array")
+        if t % self.num_tokens or d != self.head_dim:
+            raise ValueError(f"blocks.shape {blocks.shape} is not [a multiple of "
+                             f"{self.num_tokens} tokens, heads, {self.head_dim}]")
+        if offsets.shape != (nb,) or sizes.shape != (nb,) or offsets.dtype.kind not in "iu" \
+                or sizes.dtype.kind not in "iu":
+            raise ValueError(f"blocks.offsets and blocks.sizes must be integer arrays of the "
+                             f"{nb} blocks of shape {blocks.shape}")
+        ends = offsets.astype(np.int64) + sizes.astype(np.int64)
+        if nb and (offsets.min() < 0 or sizes.min() < 0 or sizes.max() > 0xFFFFFFFF
+                   or ends.max() > data.nbytes):
+            raise ValueError("blocks.offsets and blocks.sizes must lie inside blocks.data")
         if out is None:
             out = np.empty((t, h, d), dtype=dtype)
         o3 = _as_3d(out)
-        if o3.shape != (t, h, d) or not o3.flags.c_contiguous or o3.dtype not in _NP_DTYPES:
-            raise ValueError("out must be a C-contiguous float16/float32 array of the encoded shape")
-        nb = len(blocks)
+        if (o3.shape != (t, h, d) or not o3.flags.c_contiguous or not o3.flags.writeable
+                or o3.dtype not in _NP_DTYPES):
+            raise ValueError("out must be a writeable C-contiguous float16/float32 array of the "
+                             "encoded shape")
         _, dst, _, stride = self._src_pointers(o3)
-        src = (blocks.data.ctypes.data + blocks.offsets).astype(np.uint64)
-        sizes = np.ascontiguousarray(blocks.sizes, dtype=np.uint32)
+        src = (data.ctypes.data + offsets.astype(np.int64)).astype(np.uint64)
+        sizes = np.ascontiguousarray(sizes, dtype=np.uint32)
         if nb:
             _check(_load().kvc_codec_decode(
                 self._h, nb, src.ctypes.data, sizes.ctypes.data, _NP_DTYPES[o3.dtype],
@@ -518,8 +593,8 @@ class StoreConfig:
         if scales is None:
             return None
         values = [float(x) for x in np.asarray(scales, dtype=np.float64).reshape(-1)]
-        if np.ndim(scales) != 1 or len(values) != int(self.num_layers):
-            raise ValueError(f"{name}: expected a sequence of num_layers = {int(self.num_layers)}"
+        if np.ndim(scales) != 1 or len(values) != _int(self.num_layers, "num_layers"):
+            raise ValueError(f"{name}: expected a sequence of num_layers = {self.num_layers}"
                              f" floats, got shape {np.shape(scales)}")
         return (ctypes.c_float * len(values))(*values)
 
@@ -531,20 +606,24 @@ class StoreConfig:
                 if v not in table:
                     raise ValueError(f"{what} = {v!r}: expected one of {sorted(table)}")
                 return table[v]
-            return int(v)
-        cfg = _StoreConfig(
+            return _int(v, what)
+
+        def field(name, ctype=ctypes.c_int32):
+            return _int(getattr(self, name), name, ctype)
+        cfg = _make(
+            _StoreConfig,
             ctypes.sizeof(_StoreConfig), ABI_VERSION, enum(_BACKENDS, self.backend, "backend"),
-            int(self.num_layers), int(self.num_kv_heads), int(self.head_dim),
-            enum(_STORE_DTYPES, self.dtype, "dtype"), int(self.block_tokens),
+            field("num_layers"), field("num_kv_heads"), field("head_dim"),
+            enum(_STORE_DTYPES, self.dtype, "dtype"), field("block_tokens"),
             enum(_BOUNDS, self.key_bound_mode, "key_bound_mode"), float(self.key_error_bound),
             enum(_BOUNDS, self.value_bound_mode, "value_bound_mode"),
-            float(self.value_error_bound), int(self.value_group_size),
-            enum(_ENTROPIES, self.entropy, "entropy"), int(self.page_bytes),
-            int(self.capacity_bytes), int(self.max_sequences), int(self.max_sequence_tokens),
-            enum(_BLOCK_FORMATS, self.block_format, "block_format"),
-            int(self.tile_permute_channels), int(self.tile_split_widths),
-            int(self.num_substreams), enum(_ROTATIONS, self.rotation, "rotation"),
-            int(self.sink_tokens))
+            float(self.value_error_bound), field("value_group_size"),
+            enum(_ENTROPIES, self.entropy, "entropy"), field("page_bytes"),
+            field("capacity_bytes", ctypes.c_int64), field("max_sequences"),
+            field("max_sequence_tokens"), enum(_BLOCK_FORMATS, self.block_format, "block_format"),
+            field("tile_permute_channels"), field("tile_split_widths"),
+            field("num_substreams"), enum(_ROTATIONS, self.rotation, "rotation"),
+            field("sink_tokens"))
         keep = (self._scales("key_layer_scales"), self._scales("value_layer_scales"))
         for field, array in zip(("key_layer_scales", "value_layer_scales"), keep):
             if array is not None:
@@ -560,9 +639,10 @@ class StoreConfig:
 _BF16_TYPESTRS = ("V2", "i2", "u2")
 
 
-def _cuda_pointer(x, shape, typestrs, name):
+def _cuda_pointer(x, shape, typestrs, name, written=False):
     """Device pointer of an array exposing __cuda_array_interface__ (torch, cupy, ...), after
-    checking its shape, element type and contiguity."""
+    checking its shape, element type and contiguity, and that it is not read-only if the call
+    writes it."""
     cai = getattr(x, "__cuda_array_interface__", None)
     if cai is None:
         raise TypeError(f"{name}: the CUDA store takes device arrays with "
@@ -580,6 +660,8 @@ def _cuda_pointer(x, shape, typestrs, name):
             acc *= n
         if tuple(strides) != tuple(reversed(want)) and int(np.prod(shape)) > 1:
             raise ValueError(f"{name}: must be C-contiguous")
+    if written and cai["data"][1]:
+        raise ValueError(f"{name}: the array is read-only")
     return int(cai["data"][0])
 
 
@@ -646,15 +728,15 @@ class Store(_Handle):
             if out is None:
                 raise ValueError(f"{name}: the CUDA store needs a device output array")
             types = {DTYPE_FP16: ("f2",), DTYPE_BF16: _BF16_TYPESTRS, DTYPE_FP32: ("f4",)}
-            return _cuda_pointer(out, shape, types[dtype_code], name), out
+            return _cuda_pointer(out, shape, types[dtype_code], name, written=True), out
         np_dtype = {DTYPE_FP16: np.float16, DTYPE_BF16: np.uint16, DTYPE_FP32: np.float32}
         if out is None:
             out = np.empty(shape, dtype=np_dtype[dtype_code])
         if (not isinstance(out, np.ndarray) or out.shape != tuple(shape)
                 or out.dtype != np_dtype[dtype_code] or not out.flags.c_contiguous
                 or not out.flags.writeable):
-            raise ValueError(f"{name}: must be a writeable C-contiguous {np.dtype(np_dtype[dtype_code])}"
-                             f" array of shape {tuple(shape)}")
+            raise ValueError(f"{name}: must be a writeable C-contiguous "
+                             f"{np.dtype(np_dtype[dtype_code])} array of shape {tuple(shape)}")
         return out.ctypes.data, out
 
     def _stream(self, stream):
@@ -670,21 +752,24 @@ class Store(_Handle):
 
     @staticmethod
     def _ids(ids):
-        a = np.ascontiguousarray(np.atleast_1d(np.asarray(ids)), dtype=np.int32)
+        a = np.atleast_1d(np.asarray(ids))
         if a.ndim != 1:
             raise ValueError("sequence ids: expected a 1-D list")
-        return a
+        if a.size and (a.dtype.kind not in "iu" or a.min() < -2**31 or a.max() >= 2**31):
+            raise ValueError(f"sequence ids: expected int32 integers, got {a.dtype} "
+                             f"{a.tolist() if a.size <= 8 else ''}".rstrip())
+        return np.ascontiguousarray(a, dtype=np.int32)
 
     # -- codebooks and sequences -----------------------------------------------------------------
     def set_codebook(self, layer: int, kind, codebook: Codebook) -> None:
-        k = _KINDS[kind] if isinstance(kind, str) else int(kind)
-        _check(_load().kvc_store_set_codebook(self._h, int(layer), k, codebook._h))
+        k = _KINDS[kind] if isinstance(kind, str) else _int(kind, "kind")
+        _check(_load().kvc_store_set_codebook(self._h, _int(layer, "layer"), k, codebook._h))
 
     def get_codebook(self, layer: int, kind) -> Optional[Codebook]:
         """The codebook of (layer, kind), or None while the layer has built none."""
-        k = _KINDS[kind] if isinstance(kind, str) else int(kind)
+        k = _KINDS[kind] if isinstance(kind, str) else _int(kind, "kind")
         h = ctypes.c_void_p()
-        _check(_load().kvc_store_get_codebook(self._h, int(layer), k, ctypes.byref(h)))
+        _check(_load().kvc_store_get_codebook(self._h, _int(layer, "layer"), k, ctypes.byref(h)))
         return Codebook(h) if h.value else None
 
     def add_sequence(self) -> int:
@@ -693,12 +778,13 @@ class Store(_Handle):
         return v.value
 
     def free_sequence(self, sequence_id: int, stream=None) -> None:
-        _check(_load().kvc_store_free_sequence(self._h, int(sequence_id), self._stream(stream)))
+        _check(_load().kvc_store_free_sequence(self._h, _int(sequence_id, "sequence_id"),
+                                               self._stream(stream)))
 
     def sequence_length(self, sequence_id: int, layer: int = 0) -> int:
         v = ctypes.c_int32()
-        _check(_load().kvc_store_sequence_length(self._h, int(sequence_id), int(layer),
-                                                 ctypes.byref(v)))
+        _check(_load().kvc_store_sequence_length(self._h, _int(sequence_id, "sequence_id"),
+                                                 _int(layer, "layer"), ctypes.byref(v)))
         return v.value
 
     # -- appending -------------------------------------------------------------------------------
@@ -716,7 +802,8 @@ class Store(_Handle):
         want = self._shape(keys)
         pk, k = self._in(keys, want, "keys")
         pv, v = self._in(values, want, "values")
-        _check(_load().kvc_store_prefill(self._h, int(sequence_id), int(first_layer), layers,
+        _check(_load().kvc_store_prefill(self._h, _int(sequence_id, "sequence_id"),
+                                         _int(first_layer, "first_layer"), layers,
                                          tokens, pk, pv, self._stream(stream)))
 
     def append(self, layer: int, sequence_ids, keys, values, stream=None) -> None:
@@ -725,7 +812,8 @@ class Store(_Handle):
         shape = (len(ids), self.num_kv_heads, self.head_dim)
         pk, k = self._in(keys, shape, "keys")
         pv, v = self._in(values, shape, "values")
-        _check(_load().kvc_store_append(self._h, int(layer), len(ids), ids.ctypes.data, pk, pv,
+        _check(_load().kvc_store_append(self._h, _int(layer, "layer"), len(ids), ids.ctypes.data,
+                                        pk, pv,
                                         self._stream(stream)))
 
     # -- reading ---------------------------------------------------------------------------------
@@ -734,9 +822,8 @@ class Store(_Handle):
         """(keys, values) of (sequence, layer), decompressed: [length, kv_heads, head_dim] of
         dtype (np.float16, np.float32, or "bfloat16" as uint16 bits). On CUDA, pass device
         arrays of at least that length (their first dimension is the capacity)."""
-        codes = {np.dtype(np.float16): DTYPE_FP16, np.dtype(np.float32): DTYPE_FP32}
         code = DTYPE_BF16 if isinstance(dtype, str) and dtype in ("bfloat16", "bf16") \
-            else codes[np.dtype(dtype)]
+            else _dtype_code(dtype)
         n = self.sequence_length(sequence_id, layer)
         cap = n
         if keys is not None:
@@ -744,7 +831,8 @@ class Store(_Handle):
         shape = (cap, self.num_kv_heads, self.head_dim)
         pk, k = self._out(keys, shape, code, "keys")
         pv, v = self._out(values, shape, code, "values")
-        _check(_load().kvc_store_read(self._h, int(sequence_id), int(layer), code, cap, pk, pv,
+        _check(_load().kvc_store_read(self._h, _int(sequence_id, "sequence_id"),
+                                      _int(layer, "layer"), code, cap, pk, pv,
                                       self._stream(stream)))
         return k, v
 
@@ -762,7 +850,7 @@ class Store(_Handle):
             scale = 1.0 / float(np.sqrt(self.head_dim))
         pq, q = self._in(queries, shape, "queries")
         po, o = self._out(out, shape, self.dtype_code, "out")
-        _check(_load().kvc_store_attention(self._h, int(layer), len(ids), ids.ctypes.data,
+        _check(_load().kvc_store_attention(self._h, _int(layer, "layer"), len(ids), ids.ctypes.data,
                                            shape[1], float(scale), pq, po,
                                            self._stream(stream)))
         return o
@@ -778,14 +866,16 @@ class Store(_Handle):
 
     def serialized_size(self, sequence_id: int) -> int:
         v = ctypes.c_size_t()
-        _check(_load().kvc_store_serialized_size(self._h, int(sequence_id), ctypes.byref(v)))
+        _check(_load().kvc_store_serialized_size(self._h, _int(sequence_id, "sequence_id"),
+                                                 ctypes.byref(v)))
         return v.value
 
     def serialize(self, sequence_id: int) -> bytes:
         n = self.serialized_size(sequence_id)
         buf = ctypes.create_string_buffer(max(n, 1))
         w = ctypes.c_size_t()
-        _check(_load().kvc_store_serialize(self._h, int(sequence_id), buf, n, ctypes.byref(w)))
+        _check(_load().kvc_store_serialize(self._h, _int(sequence_id, "sequence_id"), buf, n,
+                                           ctypes.byref(w)))
         return buf.raw[: w.value]
 
     def block_sizes(self, sequence_id: int, encodings: bool = False):

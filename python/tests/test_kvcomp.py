@@ -149,3 +149,48 @@ def test_shape_checks():
         codec.encode(np.zeros((64, H, 32), np.float16))  # head_dim
     with pytest.raises(TypeError):
         codec.encode(np.zeros((64, H, D), np.float64))
+
+
+def test_decode_refuses_blocks_that_do_not_fit_together():
+    """An EncodedBlocks the caller put together is checked before its pointers reach C."""
+    codec = kvcomp.Codec(kind="key", num_tokens=T, head_dim=D)
+    k = _cache(tokens=4 * T)
+    blocks = codec.encode(k)
+    assert np.array_equal(codec.decode(blocks), codec.decode(kvcomp.EncodedBlocks(
+        blocks.data, blocks.offsets, blocks.sizes, blocks.shape)))
+    bad = [
+        kvcomp.EncodedBlocks(blocks.data, blocks.offsets, blocks.sizes, (T, 1, D)),  # one block
+        kvcomp.EncodedBlocks(blocks.data, blocks.offsets[:1], blocks.sizes, blocks.shape),
+        kvcomp.EncodedBlocks(blocks.data, blocks.offsets + blocks.data.nbytes, blocks.sizes,
+                             blocks.shape),
+        kvcomp.EncodedBlocks(blocks.data, blocks.offsets, blocks.sizes.astype(np.int64) + 2**32,
+                             blocks.shape),
+        kvcomp.EncodedBlocks(blocks.data.view(np.int8), blocks.offsets, blocks.sizes,
+                             blocks.shape),
+        kvcomp.EncodedBlocks(blocks.data, blocks.offsets.astype(np.float64), blocks.sizes,
+                             blocks.shape),
+    ]
+    for b in bad:
+        with pytest.raises(ValueError):
+            codec.decode(b)
+    frozen = np.frombuffer(bytes(k.nbytes), np.float16).reshape(k.shape)  # read-only
+    with pytest.raises(ValueError, match="writeable"):
+        codec.decode(blocks, out=frozen)
+    assert not frozen.any()
+
+
+def test_integers_that_c_cannot_hold_are_refused():
+    """ctypes would wrap them (2**32 + 1 -> 1) or truncate floats: the binding refuses both."""
+    with pytest.raises(ValueError, match="num_tokens"):
+        kvcomp.Codec(kind="key", num_tokens=2**32 + T, head_dim=D)
+    with pytest.raises(TypeError, match="head_dim"):
+        kvcomp.Codec(kind="key", num_tokens=T, head_dim=64.0)
+    h = kvcomp.Histogram()
+    with pytest.raises(ValueError, match="counts"):
+        h.add_counts(0, [3, -1])
+    with pytest.raises(ValueError, match="first_symbol"):
+        h.add_counts(2**31, [1])
+    with pytest.raises(ValueError, match="max_code_length"):
+        kvcomp.Codebook.build(h, max_code_length=2**32 + 12)
+    with pytest.raises(TypeError, match="float16 or float32"):
+        kvcomp.Codec(kind="key", num_tokens=T, head_dim=D).max_block_bytes(np.int8)

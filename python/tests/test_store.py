@@ -527,3 +527,38 @@ def test_tiles_store_serializes_as_format_v1_on_request():
         _store(serialized_block_format="huffman")
     with pytest.raises(kvcomp.KvcompError, match="serialized_block_format"):
         _store(block_format="v1", serialized_block_format="tiles")
+
+
+def test_integers_that_c_cannot_hold_are_refused():
+    """Ids, layers and configuration fields that ctypes would wrap (2**32 + 1 -> 1) or truncate
+    (0.9 -> 0) are refused before the call: nothing else changes."""
+    with pytest.raises(ValueError, match="num_layers"):
+        kvcomp.Store(num_layers=2**32 + 2, num_kv_heads=2, head_dim=64)
+    store = kvcomp.Store(num_layers=2, num_kv_heads=2, head_dim=64, block_tokens=64)
+    a, b = store.add_sequence(), store.add_sequence()
+    kv = np.zeros((1, 2, 64), np.float16)
+    for call, error in [
+            (lambda: store.free_sequence(2**32 + b), ValueError),
+            (lambda: store.free_sequence(float(b)), TypeError),
+            (lambda: store.append(2**32 + 1, [a], kv, kv), ValueError),
+            (lambda: store.append(1.0, [a], kv, kv), TypeError),
+            (lambda: store.append(0, [2**32 + a], kv, kv), ValueError),
+            (lambda: store.append(0, [0.9], kv, kv), ValueError),
+            (lambda: store.sequence_length(a, 2**32), ValueError),
+            (lambda: store.read(a, 0, dtype=np.int8), TypeError)]:
+        with pytest.raises(error):
+            call()
+    assert store.stats()["num_sequences"] == 2
+    assert store.sequence_length(a) == store.sequence_length(b) == 0
+
+
+def test_read_only_device_outputs_are_refused():
+    """A CUDA output array flagged read-only in __cuda_array_interface__ (data[1]) is refused;
+    checked on the pointer extraction, which needs no GPU."""
+    def device_array(read_only):
+        return types.SimpleNamespace(__cuda_array_interface__=dict(
+            shape=(2, 3), typestr="<f2", data=(0xABC0, read_only), strides=None, version=3))
+    assert kvcomp._cuda_pointer(device_array(True), (2, 3), ("f2",), "keys") == 0xABC0
+    assert kvcomp._cuda_pointer(device_array(False), (2, 3), ("f2",), "out", written=True)
+    with pytest.raises(ValueError, match="read-only"):
+        kvcomp._cuda_pointer(device_array(True), (2, 3), ("f2",), "out", written=True)
