@@ -562,8 +562,10 @@ KVC_API kvc_status_t kvc_store_serialize(kvc_store_t store, int32_t sequence_id,
                                          size_t dst_capacity_bytes, size_t* written_bytes);
 /* Restores a serialized sequence as a new sequence of a store with the same configuration and
  * codebooks; no re-encoding. Corrupt or mismatched input is rejected (KVC_ERROR_CORRUPT_DATA,
- * KVC_ERROR_CONFIG_MISMATCH, KVC_ERROR_CODEBOOK_MISMATCH) and changes nothing; so does a store
- * already at max_sequences (KVC_ERROR_OUT_OF_MEMORY) or a sequence past max_sequence_tokens. */
+ * KVC_ERROR_FORMAT_VERSION, KVC_ERROR_CONFIG_MISMATCH, KVC_ERROR_CODEBOOK_MISMATCH) and changes
+ * nothing; so does a store already at max_sequences (KVC_ERROR_OUT_OF_MEMORY), without the
+ * pages it needs (KVC_ERROR_OUT_OF_PAGES), or a sequence past max_sequence_tokens
+ * (KVC_ERROR_INVALID_ARGUMENT). */
 KVC_API kvc_status_t kvc_store_restore(kvc_store_t store, const void* h_src, size_t src_bytes,
                                        int32_t* sequence_id);
 

@@ -5,6 +5,7 @@
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <iterator>
 #include <new>
 
 #include "core/error.hpp"
@@ -434,7 +435,7 @@ void Store::commit(Transaction& tx) {
   uint64_t needed = 0;
   for (const Update& u : tx.updates) needed += pages_needed(layer_cache(u.id, u.layer), u.blocks);
   require(needed <= free_pages_.size(), KVC_ERROR_OUT_OF_PAGES, "needs ", needed, " more pages of ",
-          p_.page_bytes, " bytes but ", free_pages_.size(), " are free (nothing was appended)");
+          p_.page_bytes, " bytes but ", free_pages_.size(), " are free (nothing was changed)");
   // Everything that can throw (allocation) happens before the first change.
   std::vector<LayerCache*> caches;
   for (const Update& u : tx.updates) {
@@ -812,7 +813,7 @@ struct Writer {
   }
   void bytes(const uint8_t* p, size_t n) {
     out.insert(out.end(), p, p + n);
-    out.resize(f::align4(uint32_t(out.size())));
+    out.resize(pad4(out.size()));
   }
 };
 
@@ -913,11 +914,10 @@ SerializedSize::SerializedSize(const StoreParams& p, size_t num_books)
       bytes_(4 * (2 + fingerprint(p).size()) + 8 * num_books + 4) {}  // + the checksum
 
 void SerializedSize::add_layer(uint32_t sink_tokens, uint32_t tail_tokens) {
-  bytes_ += 8 + 2 * size_t(f::align4(uint32_t(sink_tokens * token_bytes_))) +
-            2 * size_t(f::align4(uint32_t(tail_tokens * token_bytes_)));
+  bytes_ += 8 + 2 * pad4(sink_tokens * token_bytes_) + 2 * pad4(tail_tokens * token_bytes_);
 }
 
-void SerializedSize::add_block(uint32_t bytes) { bytes_ += 4 + size_t(f::align4(bytes)); }
+void SerializedSize::add_block(uint32_t bytes) { bytes_ += 4 + pad4(bytes); }
 
 namespace {
 
@@ -1043,23 +1043,63 @@ SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const u
            "] = ", f::bits_float(word), ", this store's ", f::bits_float(words[i]),
            " (per-layer bounds)");
     }
-    fail(KVC_ERROR_CONFIG_MISMATCH,
-         "serialized sequence: written by a store of another configuration");
+    // The fingerprint's words in order (fingerprint()), for the message.
+    static constexpr const char* kField[] = {
+        "num_layers",
+        "num_kv_heads",
+        "head_dim",
+        "block_tokens",
+        "dtype",
+        "key_bound_mode",
+        "key_error_bound",
+        "value_bound_mode",
+        "value_error_bound",
+        "value_group_size",
+        "entropy",
+        "num_substreams (K, V << 16)",
+        "block format (bit 0 tiles, 1 tile_permute_channels, 2 tile_split_widths)",
+        "rotation",
+        "sink_tokens"};
+    static_assert(std::size(kField) == kSinksFingerprintWords);
+    const char* what = "serialized sequence: written by a store of another configuration: its ";
+    if (i == 6 || i == 8) {  // the error bounds
+      fail(KVC_ERROR_CONFIG_MISMATCH, what, kField[i], " = ", f::bits_float(word),
+           ", this store's ", f::bits_float(words[i]));
+    }
+    fail(KVC_ERROR_CONFIG_MISMATCH, what, kField[i], " = ", word, ", this store's ", words[i]);
   }
   // The writer's codebooks: informative, each Huffman block names the one it needs; in version
-  // 6, the transcoding codebooks themselves.
-  StoreBooks transcoding(transcoded ? size_t(p.num_layers) * 2 : 0);
-  for (size_t i = 0; i < transcoding.size(); ++i) {
-    const uint32_t bytes = r.u32();
-    if (bytes == 0) continue;
-    const uint8_t* book = r.bytes(bytes);
-    try {
-      transcoding[i] = std::make_shared<const Codebook>(Codebook::parse(book, bytes));
-    } catch (const Error& e) {
-      fail(KVC_ERROR_CORRUPT_DATA, "serialized sequence: the transcoding codebook of layer ", i / 2,
-           " ", i % 2 ? "V" : "K", ": ", e.what());
-    }
+  // 6, the transcoding codebooks themselves, parsed when a record first needs one (a parsed
+  // codebook holds a decode table of up to 128 KiB: one per (layer, K|V) up front would let a
+  // short string claim a store's worth of them). The writer stores one only where a record of
+  // its layer and kind is a Huffman block, so one that none uses is corrupt data.
+  struct TranscodingBook {
+    const uint8_t* bytes = nullptr;
+    uint32_t size = 0;
+    std::shared_ptr<const Codebook> book;
+    bool used = false;
+  };
+  std::vector<TranscodingBook> transcoding(transcoded ? size_t(p.num_layers) * 2 : 0);
+  for (TranscodingBook& t : transcoding) {
+    t.size = r.u32();
+    if (t.size > 0) t.bytes = r.bytes(t.size);
   }
+  const auto book_name = [](size_t i) {
+    return "the transcoding codebook of layer " + std::to_string(i / 2) + (i % 2 ? " V" : " K");
+  };
+  const auto transcoding_book = [&](size_t i) -> const Codebook* {
+    TranscodingBook& t = transcoding[i];
+    if (t.bytes == nullptr) return nullptr;
+    t.used = true;
+    if (!t.book) {
+      try {
+        t.book = std::make_shared<const Codebook>(Codebook::parse(t.bytes, t.size));
+      } catch (const Error& e) {
+        fail(KVC_ERROR_CORRUPT_DATA, book_name(i), ": ", e.what());  // in a record's message
+      }
+    }
+    return t.book.get();
+  };
   for (size_t i = 0; i < (transcoded ? 0 : books.size() * 2); ++i) r.u32();
   SequenceImage image;
   std::vector<float> scratch(size_t(p.block_tokens) * p.head_dim);
@@ -1094,8 +1134,8 @@ SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const u
                   KVC_ERROR_CORRUPT_DATA,
                   "it is not a block the writer makes: its length, encoding, step layout or "
                   "sub-stream count");
-          const cpu::Quantized q =
-              cpu::decode_codes(v, transcoding[l * 2 + kind].get(), block, bytes);
+          const Codebook* tb = b.encoding == f::kHuffman ? transcoding_book(l * 2 + kind) : nullptr;
+          const cpu::Quantized q = cpu::decode_codes(v, tb, block, bytes);
           require(cpu::codes_in_range(q), KVC_ERROR_CORRUPT_DATA,
                   "a code outside the quantizer's range");
           rebuilt = tile_block_of(p, cp, q);
@@ -1145,6 +1185,11 @@ SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const u
     };
     read_rows(p.sinks_held(layer.num_blocks), "sinks", layer.sink_k, layer.sink_v);
     read_rows(layer.tail_tokens, "tail", layer.tail_k, layer.tail_v);
+  }
+  for (size_t i = 0; i < transcoding.size(); ++i) {
+    require(transcoding[i].bytes == nullptr || transcoding[i].used, KVC_ERROR_CORRUPT_DATA,
+            "serialized sequence: ", book_name(i),
+            " is not used by any Huffman record of that layer and kind (a writer stores none)");
   }
   require(r.at == r.size, KVC_ERROR_CORRUPT_DATA, "serialized sequence: trailing bytes");
   return image;

@@ -119,6 +119,10 @@ std::vector<uint8_t> serialize_image(const StoreParams& p, const StoreBooks& boo
                                      const SequenceImage& image);
 SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const uint8_t* data,
                           size_t size);
+// n rounded up to a multiple of 4, the padding of the serialized form's byte fields: in size_t,
+// since a sequence's serialized form may pass 4 GiB.
+constexpr size_t pad4(size_t n) { return (n + 3) & ~size_t(3); }
+
 // The size serialize_image gives, from the lengths alone (not for a store that transcodes): for
 // each layer in order, add_layer(its sink and tail tokens), then add_block(bytes) for each of
 // its blocks.

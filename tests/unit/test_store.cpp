@@ -10,6 +10,7 @@
 #include "codec/codebook.hpp"  // fnv1a32
 #include "kernels/common/tile_format.cuh"
 #include "kernels/store/next_fit.cuh"
+#include "store/store.hpp"  // pad4
 #include "store_model.hpp"
 
 namespace kvc::test {
@@ -232,6 +233,16 @@ TEST(Store, PagesReturnExactlyAfterManyOperations) {
   EXPECT_EQ(st.pages_in_use, st.pages_total);
 }
 
+// The serialized form pads its byte fields to 4 bytes in size_t: a sequence past 4 GiB (a 70B
+// model's at about 52K tokens) keeps every byte (32-bit arithmetic wrapped and cut it to a stub).
+TEST(Store, SerializedPaddingHoldsPast4GiB) {
+  EXPECT_EQ(pad4(0), 0u);
+  EXPECT_EQ(pad4(5), 8u);
+  EXPECT_EQ(pad4(0xFFFFFFFDull), 0x100000000ull);
+  EXPECT_EQ(pad4((1ull << 32) + 1), (1ull << 32) + 4);
+  EXPECT_EQ(pad4((5ull << 32) + 8), (5ull << 32) + 8);
+}
+
 TEST(Store, SerializedSequencesRejectDamageAndMismatchAndChangeNothing) {
   const Shape sh;
   StoreHandle store(store_config(sh, 1 << 20));
@@ -264,6 +275,15 @@ TEST(Store, SerializedSequencesRejectDamageAndMismatchAndChangeNothing) {
   StoreHandle different(store_config(other, 1 << 20));
   EXPECT_EQ(kvc_store_restore(different.s, good.data(), good.size(), &copy),
             KVC_ERROR_CONFIG_MISMATCH);
+  // The field that differs, and both values.
+  EXPECT_TRUE(last_error_names("its key_error_bound = 0.05")) << kvc_last_error();
+  EXPECT_TRUE(last_error_names("this store's 0.1")) << kvc_last_error();
+  Shape heads = sh;
+  heads.heads = sh.heads + 1;
+  StoreHandle more_heads(store_config(heads, 1 << 20));
+  EXPECT_EQ(kvc_store_restore(more_heads.s, good.data(), good.size(), &copy),
+            KVC_ERROR_CONFIG_MISMATCH);
+  EXPECT_TRUE(last_error_names("its num_kv_heads = 2, this store's 3")) << kvc_last_error();
   StoreHandle fresh(store_config(sh, 1 << 20));
   EXPECT_EQ(kvc_store_restore(fresh.s, good.data(), good.size(), &copy),
             KVC_ERROR_CODEBOOK_MISMATCH);

@@ -234,6 +234,48 @@ TEST(StoreTranscode, NoCodebookWhereNoRecordIsHuffman) {
   ASSERT_NO_FATAL_FAILURE(expect_books_where_used(bytes));
 }
 
+// A codebook in the table where no record of its layer and kind is a Huffman block: the writer
+// never stores one, and the reader, which parses a codebook only when a record needs it,
+// refuses it rather than accept what it never read.
+TEST(StoreTranscode, ACodebookNoRecordUsesIsRefused) {
+  const Shape sh = transcode_shape();
+  StoreHandle st(tiles_config(sh, KVC_BLOCK_FORMAT_V1));
+  std::mt19937 rng(41);
+  Rows k, v;
+  int32_t donor = -1, id = -1;
+  ASSERT_NO_FATAL_FAILURE(add_prefilled(st.s, rng, sh, 2 * size_t(sh.tokens), donor, k, v));
+  const std::vector<uint16_t> rows(2 * size_t(sh.tokens) * sh.layers * sh.row(),
+                                   format::float_to_half(0.5f));
+  ASSERT_NO_FATAL_FAILURE(
+      add_prefilled(st.s, sh.layers, 2 * size_t(sh.tokens), rows.data(), rows.data(), id));
+  const std::vector<uint8_t> with_books = serialized(st.s, donor), without = serialized(st.s, id);
+  const auto books = codebook_table(*SerialSequence::parse(with_books.data(), with_books.size()));
+  auto seq = SerialSequence::parse(without.data(), without.size());
+  ASSERT_TRUE(seq.has_value());
+  ASSERT_TRUE(books[0].size() > 0);
+  // The table with layer 0 K's slot holding the donor's codebook (every slot was empty).
+  std::vector<uint8_t> head(seq->head.begin(),
+                            seq->head.begin() + long(codebook_table_at(sh.layers)));
+  for (uint32_t i = 0; i < 2 * uint32_t(sh.layers); ++i) {
+    const std::vector<uint8_t> book = i == 0 ? books[0] : std::vector<uint8_t>{};
+    const size_t at = head.size();
+    head.resize(at + 4 + (book.size() + 3) / 4 * 4);
+    kvc_fuzz::store_word(&head[at], uint32_t(book.size()));
+    std::copy(book.begin(), book.end(), head.begin() + long(at) + 4);
+  }
+  seq->head = head;
+  const std::vector<uint8_t> edited = seq->bytes();
+  const kvc_store_stats before = store_stats(st.s);
+  int32_t out = -1;
+  EXPECT_EQ(kvc_store_restore(st.s, edited.data(), edited.size(), &out), KVC_ERROR_CORRUPT_DATA);
+  EXPECT_TRUE(last_error_names("is not used by any Huffman record")) << kvc_last_error();
+  EXPECT_EQ(out, -1);
+  const kvc_store_stats after = store_stats(st.s);
+  EXPECT_EQ(std::memcmp(&before, &after, sizeof(before)), 0);
+  EXPECT_EQ(kvc_store_restore(st.s, without.data(), without.size(), &out), KVC_SUCCESS)
+      << kvc_last_error();  // the same sequence with its own, empty table
+}
+
 TEST(StoreTranscode, BlocksWithRawTilesStayAsTheyAre) {
   const Shape sh = transcode_shape();
   StoreHandle transcoding(tiles_config(sh, KVC_BLOCK_FORMAT_V1));

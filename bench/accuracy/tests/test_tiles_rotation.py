@@ -281,7 +281,7 @@ def test_paired_table_puts_a_pass_on_one_line_and_refuses_mismatches():
                            ["kvcomp:k=0.3,v=0.1,kmode=abs,t=32,ns=4,fmt=tiles,also=v1+t01"],
                            windows=1, window_tokens=128, progress=False)
     lines = plot.paired_table(res).splitlines()
-    assert len(lines) == 3 and lines[2].startswith("| K 0.3, V 0.1 |")
+    assert len(lines) == 3 and lines[2].startswith("| K 0.3, V 0.1, T = 32 |")  # T not 128
     cells = [c.strip() for c in lines[2].split("|")[1:-1]]
     by = {r["setting"]: r for r in res}
     assert cells[1] == f"**{by[res[1]['setting']]['ratio']:.2f}**" and cells[2] == "—"
