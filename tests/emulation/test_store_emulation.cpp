@@ -257,6 +257,9 @@ struct Shadow {
   std::map<int32_t, std::vector<std::vector<uint16_t>>> keys, values;  // [layer] -> rows
 };
 
+// The table rows a call adds per (layer, sequence): the first new row's index, the rows.
+using NewRows = std::vector<std::pair<uint32_t, std::vector<BlockLocation>>>;
+
 // A snapshot of everything a failed call must leave as it was.
 struct Snapshot {
   std::vector<ks::LayerState> states;
@@ -438,6 +441,69 @@ class StoreChecker {
     return need > st_.counters().free_top ? KVC_ERROR_OUT_OF_PAGES : KVC_SUCCESS;
   }
 
+  // The table rows a successful call adds, laid out as the CPU store's commit lays them out
+  // (Store::commit in src/store/store.cpp: place_next_fit after the open page, a page off the
+  // free stack's top for each placement that opens one), (layer, sequence) by (layer, sequence)
+  // in the order the CUDA store commits them. [layer * ids + b]: the first new row, the rows.
+  NewRows expected_rows(const std::vector<int32_t>& ids, uint32_t n,
+                        const std::vector<uint16_t>& keys,
+                        const std::vector<uint16_t>& values) const {
+    const StoreShape& s = st_.shape();
+    const size_t per_entry = size_t(n) * s.row();
+    std::vector<uint32_t> free(st_.free_pages().begin(),
+                               st_.free_pages().begin() + st_.counters().free_top);
+    NewRows out;
+    for (uint32_t l = 0; l < s.layers; ++l) {
+      for (size_t b = 0; b < ids.size(); ++b) {
+        std::vector<uint16_t> rows[2] = {sh_.keys.at(ids[b])[l], sh_.values.at(ids[b])[l]};
+        const size_t at = (size_t(l) * ids.size() + b) * per_entry;
+        rows[0].insert(rows[0].end(), keys.begin() + long(at), keys.begin() + long(at + per_entry));
+        rows[1].insert(rows[1].end(), values.begin() + long(at),
+                       values.begin() + long(at + per_entry));
+        const ks::LayerState& ls = st_.state(ids[b], l);
+        uint32_t used = ls.view.num_blocks > 0 ? ls.open_used : s.page_bytes, offset = 0;
+        uint32_t page = ls.open_page;
+        out.emplace_back(ls.view.num_blocks * s.heads * 2, std::vector<BlockLocation>{});
+        const uint32_t total = uint32_t(rows[0].size() / s.row()) / s.block_tokens;
+        for (uint32_t j = ls.view.num_blocks; j < total; ++j) {
+          for (uint32_t h = 0; h < s.heads; ++h) {
+            for (int kind = 0; kind < 2; ++kind) {
+              const uint32_t size = uint32_t(cpu_block(kind, rows[kind], j, h).size());
+              if (place_next_fit(used, size, s.page_bytes, block_alignment(st_.params(kind).tiles),
+                                 offset)) {
+                page = free.back();
+                free.pop_back();
+              }
+              out.back().second.push_back({page, offset, size});
+            }
+          }
+        }
+      }
+    }
+    return out;
+  }
+
+  void expect_rows(const std::vector<int32_t>& ids, const NewRows& want,
+                   const std::string& where) const {
+    const StoreShape& s = st_.shape();
+    for (uint32_t l = 0; l < s.layers; ++l) {
+      for (size_t b = 0; b < ids.size(); ++b) {
+        const auto& [first, rows] = want[l * ids.size() + b];
+        const ks::LayerState& ls = st_.state(ids[b], l);
+        ASSERT_EQ(ls.view.num_blocks * s.heads * 2, first + rows.size()) << where;
+        for (size_t i = 0; i < rows.size(); ++i) {
+          const BlockLocation& got = ls.view.blocks[first + i];
+          ASSERT_TRUE(got.page == rows[i].page && got.offset == rows[i].offset &&
+                      got.bytes == rows[i].bytes)
+              << where << " layer " << l << " id " << ids[b] << " new row " << i << " of "
+              << rows.size() << ": got (" << got.page << ", " << got.offset << ", " << got.bytes
+              << ") want (" << rows[i].page << ", " << rows[i].offset << ", " << rows[i].bytes
+              << ")";
+        }
+      }
+    }
+  }
+
  private:
   EmulatedStore& st_;
   Shadow& sh_;
@@ -547,6 +613,8 @@ void run_store_model(uint32_t seed, int steps, bool tiles = false, bool rotated 
       }
       const kvc_status_t want = checker.expected(ids, live, n, keys, values);
       const Snapshot before = checker.snapshot();
+      NewRows rows;
+      if (want == KVC_SUCCESS) rows = checker.expected_rows(ids, n, keys, values);
       const kvc_status_t got = store.append(ids, n, given_keys, given_values);
       ASSERT_EQ(got, want) << where;
       ++appends;
@@ -555,6 +623,7 @@ void run_store_model(uint32_t seed, int steps, bool tiles = false, bool rotated 
         ++failures;
         checker.expect_unchanged(before, where);
       } else {
+        checker.expect_rows(ids, rows, where);
         const size_t per_entry = size_t(n) * s.row();
         for (uint32_t l = 0; l < s.layers; ++l) {
           for (size_t b = 0; b < ids.size(); ++b) {
@@ -781,6 +850,75 @@ TEST(StoreEmulation, CommitPlacesManyBlocksPerPageAsTheCpuStore) {
 }
 TEST(StoreEmulation, CommitShortOfPagesChangesNothing) {
   run_commit_case({20, 8, 4096, 4, {3}, 60, 1, true}, 15);
+}
+
+// A long prefill and batches of several sequences through the whole append chain (stage,
+// encode, commit, copy, finish) of a tiles store, every block byte for byte and every new table
+// row against the CPU store's layout: a prefill of 2,800 tokens x 8 heads (175 blocks: 2,800
+// placements per layer, three chunks of the thread block's placement) going on in a page an
+// earlier call opened; batches whose sequences fall on either side of the threshold (16 blocks,
+// 256 placements: one thread; 17: the thread block) or all past it, after a free put pages back
+// on the free stack; and a decode step.
+TEST(StoreEmulation, LongPrefillAndMixedBatchesLayOutPagesAsTheCpuStore) {
+  StoreShape s = tile_store_shape();
+  s.heads = 8;
+  s.page_bytes = 4096;
+  s.num_pages = 900;
+  s.max_sequences = 5;
+  s.max_tokens = 4096;
+  kvc_codec_config kc = make_config(KVC_KIND_KEY, s.block_tokens, s.dim, KVC_BOUND_RELATIVE, 0.05f);
+  kvc_codec_config vc =
+      make_config(KVC_KIND_VALUE, s.block_tokens, s.dim, KVC_BOUND_RELATIVE, 0.05f);
+  kc.block_format = vc.block_format = KVC_BLOCK_FORMAT_TILES;
+  kc.num_substreams = vc.num_substreams = 0;
+  EmulatedStore store(s, CodecParams::from_config(kc, true), CodecParams::from_config(vc, true),
+                      nullptr, nullptr);
+  Shadow shadow;
+  StoreChecker checker(store, shadow);
+  std::mt19937 rng(17);
+  std::vector<int32_t> ids;
+  for (int i = 0; i < 5; ++i) {
+    ids.push_back(store.add_sequence());
+    shadow.keys[ids.back()].assign(s.layers, {});
+    shadow.values[ids.back()].assign(s.layers, {});
+  }
+  const auto append = [&](const std::vector<int32_t>& call, uint32_t n, const std::string& where) {
+    const size_t count = size_t(s.layers) * call.size() * n;
+    const std::vector<uint16_t> keys = random_rows(rng, false, uint32_t(count), s.row());
+    const std::vector<uint16_t> values = random_rows(rng, true, uint32_t(count), s.row());
+    const std::vector<bool> live(call.size(), true);
+    ASSERT_EQ(checker.expected(call, live, n, keys, values), KVC_SUCCESS) << where;
+    const NewRows rows = checker.expected_rows(call, n, keys, values);
+    ASSERT_EQ(store.append(call, n, keys, values), KVC_SUCCESS) << where;
+    checker.expect_rows(call, rows, where);
+    const size_t per_entry = size_t(n) * s.row();
+    for (uint32_t l = 0; l < s.layers; ++l) {
+      for (size_t b = 0; b < call.size(); ++b) {
+        const size_t at = (size_t(l) * call.size() + b) * per_entry;
+        auto& k = shadow.keys[call[b]][l];
+        auto& v = shadow.values[call[b]][l];
+        k.insert(k.end(), keys.begin() + long(at), keys.begin() + long(at + per_entry));
+        v.insert(v.end(), values.begin() + long(at), values.begin() + long(at + per_entry));
+      }
+    }
+    checker.check(where);
+  };
+  append(ids, 7, "tails");
+  append({ids[0], ids[1], ids[2]}, 10, "a block each");  // tails of 1 past one block
+  ASSERT_LT(store.state(ids[0], 0).open_used, s.page_bytes);
+  append({ids[0]}, 2800, "long prefill");
+  ASSERT_EQ(store.state(ids[0], 1).view.num_blocks, 176u);
+  append({ids[1], ids[3], ids[2], ids[4]}, 270, "16 and 17 blocks");  // tails 1, 7, 1, 7
+  ASSERT_EQ(store.state(ids[1], 0).view.num_blocks, 17u);
+  ASSERT_EQ(store.state(ids[3], 0).view.num_blocks, 17u);
+  store.free_sequence(ids[1]);
+  shadow.keys.erase(ids[1]);
+  shadow.values.erase(ids[1]);
+  append({ids[3], ids[0], ids[4]}, 600, "all past the threshold");
+  append({ids[0], ids[2], ids[3], ids[4]}, 1, "decode step");
+  std::printf("%llu blocks, %u of %u pages free at the end\n",
+              (unsigned long long)store.counters().num_blocks, store.counters().free_top,
+              s.num_pages);
 }
 
 // rotate_rows_kernel against hadamard::rotate, bit for bit, for every dtype pair it serves: the
