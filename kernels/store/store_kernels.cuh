@@ -213,10 +213,10 @@ __device__ inline uint32_t placements(const StoreView& S, const Entry& e) {
   return e.blocks * S.num_heads * 2;
 }
 
-// Which sequences the whole thread block places (place_by_block), one after another: those
-// with more placements than the block has threads. The others are walked by one thread each
-// (next_fit), side by side. A decode step compresses at most one block per sequence, so it
-// never takes the block's path, whatever its head count.
+// Which sequences the whole thread block may place (place_by_block), one after another: those
+// with more placements than the block has threads (block_takes decides). The others are walked
+// by one thread each (next_fit), side by side. A decode step compresses at most one block per
+// sequence, so it never takes the block's path, whatever its head count.
 __device__ inline bool placed_by_block(const StoreView& S, const Entry& e) {
   return e.blocks > 1 && placements(S, e) > kStoreThreads;
 }
@@ -235,7 +235,34 @@ struct PlaceScratch {
   uint32_t runs, base;           // runs; the offset of the first run's first placement
   uint32_t fresh;                // whether the first run opens its page
   uint32_t list[kStoreThreads];  // the sequences of a group that place_by_block places
+  uint32_t chunks, longest;      // block_takes' sums
 };
+
+// What one chunk of place_by_block costs (both passes), in placements of one thread's next_fit
+// walk (both passes, about 21 + 42 SASS per placement at one thread's issue rate): a static
+// estimate, not a measurement. Per warp a chunk is about 1,700 SASS of the two passes, eight
+// warps sharing four schedulers, plus ten barriers and one shared-memory load per page opened on
+// one thread: some 8-10 K cycles, where one thread walks a placement in 60-250 cycles; taken at
+// the low end of that range, so that a tie stays with the walk of before.
+constexpr uint32_t kChunkWalk = 128;
+
+// Whether this group's candidates (placed_by_block: `candidate` for this thread's sequence, of
+// n placements) go to the whole thread block, one after another, or stay with their threads,
+// side by side: the block's chunks cost their sum, the walks their longest. So a prefill alone
+// (or with a few) goes to the block, and a batch of many long prompts stays with the walk,
+// which takes them all at once. The same answer for every thread; false where none is a
+// candidate.
+__device__ inline bool block_takes(bool candidate, uint32_t n, PlaceScratch& w) {
+  if (!__syncthreads_or(candidate)) return false;
+  if (threadIdx.x == 0) w.chunks = w.longest = 0;
+  __syncthreads();
+  if (candidate) {
+    atomicAdd(&w.chunks, (n + kPlaceChunk - 1) / kPlaceChunk);
+    atomicMax(&w.longest, n);
+  }
+  __syncthreads();
+  return candidate && uint64_t(w.chunks) * kChunkWalk < w.longest;
+}
 
 // The first of a chunk's placements [from, m) that does not fit a page on which placement c
 // starts at offset base (every one in (c, from) does), or m. Next fit puts a placement at its
@@ -434,7 +461,9 @@ __global__ void __launch_bounds__(kStoreThreads)
   const auto count_only = [](uint32_t, uint32_t, bool, uint32_t) {};
   for (uint32_t at = 0; at < num_sequences && status == KVC_SUCCESS; at += blockDim.x) {
     const uint32_t b = at + tid;
-    const bool by_block = b < num_sequences && placed_by_block(S, entries[b]);
+    const bool candidate = b < num_sequences && placed_by_block(S, entries[b]);
+    const bool by_block =
+        block_takes(candidate, candidate ? placements(S, entries[b]) : 0u, scratch);
     uint32_t need = 0, used = 0, rank = 0, total = 0;
     if (b < num_sequences && !by_block) {
       const Entry& e = entries[b];
@@ -460,7 +489,9 @@ __global__ void __launch_bounds__(kStoreThreads)
   }
   for (uint32_t at = 0; at < num_sequences; at += blockDim.x) {
     const uint32_t b = at + tid;
-    const bool by_block = b < num_sequences && placed_by_block(S, entries[b]);
+    const bool candidate = b < num_sequences && placed_by_block(S, entries[b]);
+    const bool by_block =
+        block_takes(candidate, candidate ? placements(S, entries[b]) : 0u, scratch);
     if (b < num_sequences && !by_block) {
       Entry& e = entries[b];
       const LayerState& st = state_of(S, e.slot, e.layer);

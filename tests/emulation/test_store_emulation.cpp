@@ -795,10 +795,21 @@ void run_commit_case(const CommitCase& c, uint32_t seed) {
   }
   ASSERT_EQ(call.failure, ks::kNoFailure) << int32_t(uint32_t(call.failure));
   EXPECT_EQ(call.free_top, free_top - pages);
+  // The sequences the kernel's rule (placed_by_block, block_takes) gives the thread block.
   uint32_t by_block = 0;
+  for (uint32_t at = 0; at < B; at += ks::kStoreThreads) {
+    uint64_t chunks = 0, longest = 0, candidates = 0;
+    for (uint32_t b = at; b < std::min(B, at + ks::kStoreThreads); ++b) {
+      const uint32_t n = blocks[b] * H * 2;
+      if (blocks[b] < 2 || n <= ks::kStoreThreads) continue;
+      ++candidates;
+      chunks += (n + ks::kPlaceChunk - 1) / ks::kPlaceChunk;
+      longest = std::max<uint64_t>(longest, n);
+    }
+    if (chunks * ks::kChunkWalk < longest) by_block += uint32_t(candidates);
+  }
   for (uint32_t b = 0; b < B; ++b) {
     const uint32_t n = blocks[b] * H * 2;
-    by_block += blocks[b] > 1 && n > ks::kStoreThreads;
     const std::string where = "sequence " + std::to_string(b) + " of " + std::to_string(n);
     ASSERT_EQ(entries[b].first_page, want_first[b]) << where;
     if (n > 0) {
@@ -842,6 +853,14 @@ TEST(StoreEmulation, CommitPlacesTileAlignedBlocksAsTheCpuStore) {
 TEST(StoreEmulation, CommitPlacesASequenceAtTheThresholdAsTheCpuStore) {
   run_commit_case({1, 8, 2048, 16, {0}, 17, 1}, 13);
   run_commit_case({3, 8, 2048, 4, {1}, 16, 0}, 14);
+}
+// A batch of many long prompts (40 of 17 blocks: 272 placements each) stays with one thread per
+// sequence (block_takes), beside a group whose one long sequence goes to the thread block.
+TEST(StoreEmulation, CommitPlacesABatchOfLongPromptsAsTheCpuStore) {
+  std::vector<uint32_t> many;
+  for (uint32_t b = 0; b < 40; ++b) many.push_back(b * 3);
+  many.push_back(300);
+  run_commit_case({301, 8, 4096, 16, many, 17, 1}, 17);
 }
 // Pages of hundreds of small blocks: chunks of place_by_block that open one page or none, so
 // that the next chunk goes on in the page an earlier one opened.
