@@ -239,11 +239,12 @@ struct PlaceScratch {
 };
 
 // What one chunk of place_by_block costs (both passes), in placements of one thread's next_fit
-// walk (both passes, about 21 + 42 SASS per placement at one thread's issue rate): a static
-// estimate, not a measurement. Per warp a chunk is about 1,700 SASS of the two passes, eight
-// warps sharing four schedulers, plus ten barriers and one shared-memory load per page opened on
-// one thread: some 8-10 K cycles, where one thread walks a placement in 60-250 cycles; taken at
-// the low end of that range, so that a tie stays with the walk of before.
+// walk (both passes: 21 + 42 SASS per placement, one thread issuing them): a static estimate,
+// not a measurement (docs/performance.md, "GPU"). A chunk executes some 1,800 SASS per warp,
+// eight warps sharing four schedulers, about ten barriers, and one dependent shared-memory load
+// per page opened on one thread: 8-10 K cycles; one thread walks a placement in 60-250 cycles.
+// So a chunk is worth 40-160 placements of the walk; taken near the top, so that a close call
+// stays with the walk of before.
 constexpr uint32_t kChunkWalk = 128;
 
 // Whether this group's candidates (placed_by_block: `candidate` for this thread's sequence, of
