@@ -214,7 +214,7 @@ __device__ inline uint32_t placements(const StoreView& S, const Entry& e) {
 }
 
 // Which sequences the whole thread block may place (place_by_block), one after another: those
-// with more placements than the block has threads (block_takes decides). The others are walked
+// with more placements than the block has threads (place_group decides). The others are walked
 // by one thread each (next_fit), side by side. A decode step compresses at most one block per
 // sequence, so it never takes the block's path, whatever its head count.
 __device__ inline bool placed_by_block(const StoreView& S, const Entry& e) {
@@ -235,7 +235,7 @@ struct PlaceScratch {
   uint32_t runs, base;           // runs; the offset of the first run's first placement
   uint32_t fresh;                // whether the first run opens its page
   uint32_t list[kStoreThreads];  // the sequences of a group that place_by_block places
-  uint32_t chunks, longest;      // block_takes' sums
+  uint32_t chunks, longest;      // place_group's sums
 };
 
 // What one chunk of place_by_block costs (both passes), in placements of one thread's next_fit
@@ -246,24 +246,6 @@ struct PlaceScratch {
 // So a chunk is worth 40-160 placements of the walk; taken near the top, so that a close call
 // stays with the walk of before.
 constexpr uint32_t kChunkWalk = 128;
-
-// Whether this group's candidates (placed_by_block: `candidate` for this thread's sequence, of
-// n placements) go to the whole thread block, one after another, or stay with their threads,
-// side by side: the block's chunks cost their sum, the walks their longest. So a prefill alone
-// (or with a few) goes to the block, and a batch of many long prompts stays with the walk,
-// which takes them all at once. The same answer for every thread; false where none is a
-// candidate.
-__device__ inline bool block_takes(bool candidate, uint32_t n, PlaceScratch& w) {
-  if (!__syncthreads_or(candidate)) return false;
-  if (threadIdx.x == 0) w.chunks = w.longest = 0;
-  __syncthreads();
-  if (candidate) {
-    atomicAdd(&w.chunks, (n + kPlaceChunk - 1) / kPlaceChunk);
-    atomicMax(&w.longest, n);
-  }
-  __syncthreads();
-  return candidate && uint64_t(w.chunks) * kChunkWalk < w.longest;
-}
 
 // The first of a chunk's placements [from, m) that does not fit a page on which placement c
 // starts at offset base (every one in (c, from) does), or m. Next fit puts a placement at its
@@ -302,18 +284,18 @@ __device__ inline uint32_t page_end(const PlaceScratch& w, uint32_t c, uint32_t 
 // placement), and then, with kPlace, every thread writes its placements' table rows and copy
 // destinations: offset = the run's first offset + before[c] - before[run start], page = the
 // free stack's next page for each run that opens one. Returns the pages opened; with kPlace,
-// writes entries[b]'s open page, bytes used in it and bytes added. rank: the sequence's first
-// page's rank among the layer's new pages (unused without kPlace).
+// writes entries[b]'s open page, bytes used in it and bytes added (its first_page, the rank of
+// its first new page among the layer's, from the count pass).
 template <bool kPlace>
 __device__ uint32_t place_by_block(const StoreView& S, Entry* entries, uint32_t b,
                                    uint32_t max_blocks, const uint32_t* bytes_k,
                                    const uint32_t* bytes_v, void** copy_dst, uint32_t free_top,
-                                   uint32_t rank, PlaceScratch& w) {
+                                   PlaceScratch& w) {
   using Scan = device::BlockScan<unsigned long long, kStoreThreads>;
   const uint32_t tid = threadIdx.x, P = S.page_bytes, align = S.block_align;
   const Entry e = entries[b];
   const LayerState& st = state_of(S, e.slot, e.layer);
-  const uint32_t n = placements(S, e);
+  const uint32_t n = placements(S, e), rank = e.first_page;
   const size_t first = size_t(b) * max_blocks * S.num_heads;
   // The table rows past the live ones and this sequence's copy destinations, in placement order.
   auto* rows =
@@ -410,18 +392,42 @@ __device__ uint32_t place_by_block(const StoreView& S, Entry* entries, uint32_t 
   return opened;
 }
 
-// The sequences of group [at, at + kStoreThreads) for which `mine` (this thread's, for sequence
-// at + threadIdx.x) is true, one after another: visit(b, k) with b = at + k, by every thread.
-template <class Visit>
-__device__ void each_placed_by_block(
-    bool mine, uint32_t at, PlaceScratch& w,
-    typename device::BlockScan<uint32_t, kStoreThreads>::TempStorage& scan, Visit&& visit) {
-  if (!__syncthreads_or(mine)) return;
+// Group [at, at + kStoreThreads) of a call's sequences, by every thread: walk(b) by this
+// thread for its sequence b = at + threadIdx.x, unless the whole block takes it; then
+// by_block(b, k) for each sequence b = at + k the block takes, one after another. The block
+// takes the group's candidates (placed_by_block) when their chunks, costed kChunkWalk each and
+// summed (the block takes them one after another), cost less than the longest of their walks
+// (the threads walk them side by side): a prefill alone or with a few goes to the block, a batch
+// of many long prompts stays with the walks. A group without candidates (every decode step)
+// costs one barrier.
+template <class Walk, class ByBlock>
+__device__ void place_group(const StoreView& S, const Entry* entries, uint32_t num_sequences,
+                            uint32_t at, PlaceScratch& w,
+                            typename device::BlockScan<uint32_t, kStoreThreads>::TempStorage& scan,
+                            Walk&& walk, ByBlock&& by_block) {
+  const uint32_t b = at + threadIdx.x;
+  const bool candidate = b < num_sequences && placed_by_block(S, entries[b]);
+  bool taken = false;  // the same in every thread
+  if (__syncthreads_or(candidate)) {
+    if (threadIdx.x == 0) w.chunks = w.longest = 0;
+    __syncthreads();
+    if (candidate) {
+      const uint32_t n = placements(S, entries[b]);
+      atomicAdd(&w.chunks, (n + kPlaceChunk - 1) / kPlaceChunk);
+      atomicMax(&w.longest, n);
+    }
+    __syncthreads();
+    taken = uint64_t(w.chunks) * kChunkWalk < w.longest;
+  }
+  if (b < num_sequences && !(taken && candidate)) walk(b);
+  if (!taken) return;
+  // (candidate again: kept in a register across the walk, it was spilled)
+  const bool mine = b < num_sequences && placed_by_block(S, entries[b]);
   uint32_t pos, count;
   device::BlockScan<uint32_t, kStoreThreads>(scan).ExclusiveSum(mine ? 1u : 0u, pos, count);
   if (mine) w.list[pos] = threadIdx.x;
   __syncthreads();  // (also before the scan storage's next use)
-  for (uint32_t q = 0; q < count; ++q) visit(at + w.list[q], w.list[q]);
+  for (uint32_t q = 0; q < count; ++q) by_block(at + w.list[q], w.list[q]);
 }
 
 // One thread block, for one layer of a call.
@@ -462,20 +468,20 @@ __global__ void __launch_bounds__(kStoreThreads)
   const auto count_only = [](uint32_t, uint32_t, bool, uint32_t) {};
   for (uint32_t at = 0; at < num_sequences && status == KVC_SUCCESS; at += blockDim.x) {
     const uint32_t b = at + tid;
-    const bool candidate = b < num_sequences && placed_by_block(S, entries[b]);
-    const bool by_block =
-        block_takes(candidate, candidate ? placements(S, entries[b]) : 0u, scratch);
-    uint32_t need = 0, used = 0, rank = 0, total = 0;
-    if (b < num_sequences && !by_block) {
-      const Entry& e = entries[b];
-      need = next_fit(S, e, state_of(S, e.slot, e.layer), max_blocks, b, bytes_k, bytes_v,
-                      count_only, used);
-    }
-    each_placed_by_block(by_block, at, scratch, scan, [&](uint32_t sequence, uint32_t k) {
-      const uint32_t pages = place_by_block<false>(S, entries, sequence, max_blocks, bytes_k,
-                                                   bytes_v, copy_dst, 0, 0, scratch);
-      if (tid == k) need = pages;
-    });
+    uint32_t need = 0, rank = 0, total = 0;
+    place_group(
+        S, entries, num_sequences, at, scratch, scan,
+        [&](uint32_t) {
+          const Entry& e = entries[b];
+          uint32_t used;
+          need = next_fit(S, e, state_of(S, e.slot, e.layer), max_blocks, b, bytes_k, bytes_v,
+                          count_only, used);
+        },
+        [&](uint32_t sequence, uint32_t k) {
+          const uint32_t pages = place_by_block<false>(S, entries, sequence, max_blocks, bytes_k,
+                                                       bytes_v, copy_dst, 0, scratch);
+          if (tid == k) need = pages;
+        });
     Scan(scan).ExclusiveSum(need, rank, total);
     if (b < num_sequences) entries[b].first_page = opened + rank;
     __syncthreads();  // every thread has read `opened` before it grows
@@ -489,11 +495,7 @@ __global__ void __launch_bounds__(kStoreThreads)
     return;
   }
   for (uint32_t at = 0; at < num_sequences; at += blockDim.x) {
-    const uint32_t b = at + tid;
-    const bool candidate = b < num_sequences && placed_by_block(S, entries[b]);
-    const bool by_block =
-        block_takes(candidate, candidate ? placements(S, entries[b]) : 0u, scratch);
-    if (b < num_sequences && !by_block) {
+    const auto walk = [&](uint32_t b) {
       Entry& e = entries[b];
       const LayerState& st = state_of(S, e.slot, e.layer);
       // The table rows past the live ones and this sequence's copy destinations, in placement
@@ -514,11 +516,12 @@ __global__ void __launch_bounds__(kStoreThreads)
       e.open_page = page;
       e.open_used = used;
       e.added_bytes = added;
-    }
-    each_placed_by_block(by_block, at, scratch, scan, [&](uint32_t sequence, uint32_t) {
-      place_by_block<true>(S, entries, sequence, max_blocks, bytes_k, bytes_v, copy_dst, free_top,
-                           entries[sequence].first_page, scratch);
-    });
+    };
+    place_group(S, entries, num_sequences, at, scratch, scan, walk,
+                [&](uint32_t sequence, uint32_t) {
+                  place_by_block<true>(S, entries, sequence, max_blocks, bytes_k, bytes_v, copy_dst,
+                                       free_top, scratch);
+                });
   }
   if (tid == 0) call->free_top = free_top - opened;
 }

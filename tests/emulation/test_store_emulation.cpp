@@ -795,7 +795,7 @@ void run_commit_case(const CommitCase& c, uint32_t seed) {
   }
   ASSERT_EQ(call.failure, ks::kNoFailure) << int32_t(uint32_t(call.failure));
   EXPECT_EQ(call.free_top, free_top - pages);
-  // The sequences the kernel's rule (placed_by_block, block_takes) gives the thread block.
+  // The sequences the kernel's rule (placed_by_block, place_group) gives the thread block.
   uint32_t by_block = 0;
   for (uint32_t at = 0; at < B; at += ks::kStoreThreads) {
     uint64_t chunks = 0, longest = 0, candidates = 0;
@@ -855,7 +855,7 @@ TEST(StoreEmulation, CommitPlacesASequenceAtTheThresholdAsTheCpuStore) {
   run_commit_case({3, 8, 2048, 4, {1}, 16, 0}, 14);
 }
 // A batch of many long prompts (40 of 17 blocks: 272 placements each) stays with one thread per
-// sequence (block_takes), beside a group whose one long sequence goes to the thread block.
+// sequence (place_group), beside a group whose one long sequence goes to the thread block.
 TEST(StoreEmulation, CommitPlacesABatchOfLongPromptsAsTheCpuStore) {
   std::vector<uint32_t> many;
   for (uint32_t b = 0; b < 40; ++b) many.push_back(b * 3);
