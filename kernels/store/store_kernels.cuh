@@ -471,11 +471,11 @@ __global__ void __launch_bounds__(kStoreThreads)
     uint32_t need = 0, rank = 0, total = 0;
     place_group(
         S, entries, num_sequences, at, scratch, scan,
-        [&](uint32_t) {
-          const Entry& e = entries[b];
+        [&](uint32_t sequence) {
+          const Entry& e = entries[sequence];
           uint32_t used;
-          need = next_fit(S, e, state_of(S, e.slot, e.layer), max_blocks, b, bytes_k, bytes_v,
-                          count_only, used);
+          need = next_fit(S, e, state_of(S, e.slot, e.layer), max_blocks, sequence, bytes_k,
+                          bytes_v, count_only, used);
         },
         [&](uint32_t sequence, uint32_t k) {
           const uint32_t pages = place_by_block<false>(S, entries, sequence, max_blocks, bytes_k,
