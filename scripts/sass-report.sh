@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
-# Static figures of the attention or codec kernels, no GPU needed: builds
-# src/cuda/attention.cu (or, with --codec, src/cuda/codec.cu) for sm_90 with line
-# info (build-sass/), extracts its cubin, and prints per kernel instantiation the registers,
-# stack and local memory, and for attention the HMMA/LDSM counts and the SASS per K and V element
-# of the main loop, for the codec the slow-pattern instructions and every innermost loop
-# (scripts/sass_report.py says how they are counted). cuobjdump and nvdisasm come from NVIDIA's
+# Static figures of the attention, codec or store kernels, no GPU needed: builds
+# src/cuda/attention.cu (or, with --codec, src/cuda/codec.cu; with --store, src/cuda/store.cu)
+# for sm_90 with line info (build-sass/), extracts its cubin, and prints per kernel
+# instantiation the registers, stack and local memory, and for attention the HMMA/LDSM counts
+# and the SASS per K and V element of the main loop, for the codec and the store the
+# slow-pattern instructions and every innermost loop (scripts/sass_report.py says how they are
+# counted). cuobjdump and nvdisasm come from NVIDIA's
 # PyPI wheels (pinned below), fetched once into ${KVCOMP_CACHE:-~/.cache/kvcomp}/nvtools.
 # Needs the CUDA toolkit (nvcc).
-#   ./scripts/sass-report.sh [--codec] [--markdown]
+#   ./scripts/sass-report.sh [--codec | --store] [--markdown]
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -36,11 +37,18 @@ kvc_configure "$root" "$build" -DCMAKE_BUILD_TYPE=Release -DKVC_ENABLE_CUDA=ON \
   -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_FLAGS=-lineinfo -DKVC_BUILD_TESTS=OFF \
   -DKVC_BUILD_BENCH=OFF -DKVC_BUILD_EXAMPLES=OFF -DKVC_INSTALL=OFF >/dev/null
 codec=0
+store=0
 args=()
 for a in "$@"; do
-  if [[ "$a" == --codec ]]; then codec=1; else args+=("$a"); fi
+  if [[ "$a" == --codec ]]; then
+    codec=1
+  elif [[ "$a" == --store ]]; then
+    store=1
+  else
+    args+=("$a")
+  fi
 done
-if ((codec)); then stem=codec; else stem=attention; fi
+if ((codec)); then stem=codec; elif ((store)); then stem=store; else stem=attention; fi
 unit="src/cuda/$stem.cu"
 object="src/CMakeFiles/kvcomp_objects.dir/cuda/$stem.cu.o"
 cmake --build "$build" --target "$object" >&2
@@ -48,8 +56,8 @@ rm -f "$build/$stem".*.cubin
 (cd "$build" && "$bin/cuobjdump" -xelf all "$object" >/dev/null)
 cubin="$(ls "$build/$stem".sm_90*.cubin | head -n 1)"
 echo "sm_90 machine code of $unit at $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u +%Y-%m-%d), $("$bin/nvdisasm" --version | tail -n 1)"
-if ((codec)); then
-  python3 "$root/scripts/sass_report.py" --codec --cubin "$cubin" --nvdisasm "$bin/nvdisasm" \
+if ((codec || store)); then
+  python3 "$root/scripts/sass_report.py" "--$stem" --cubin "$cubin" --nvdisasm "$bin/nvdisasm" \
     --cuobjdump "$bin/cuobjdump" ${args[@]+"${args[@]}"}
 else
   python3 "$root/scripts/sass_report.py" --cubin "$cubin" --nvdisasm "$bin/nvdisasm" \

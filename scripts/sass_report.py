@@ -5,6 +5,11 @@
         --source kernels/attention/attention.cuh [--markdown]
     python3 scripts/sass_report.py --codec --cubin codec.cubin --nvdisasm BIN --cuobjdump BIN \
         [--markdown]
+    python3 scripts/sass_report.py --store --cubin store.cubin --nvdisasm BIN --cuobjdump BIN \
+        [--markdown]
+
+Store kernels (--store, the cubin of src/cuda/store.cu): as the codec's, loops named by the
+store's source lines (kernels/store/).
 
 Codec kernels (--codec): per instantiation the registers, stack, local and static shared
 memory, the whole kernel's SASS, the instructions that mark slow patterns anywhere in it (byte
@@ -271,8 +276,9 @@ CODEC_MARKERS = {
 }
 
 
-def parse_codec(text: str) -> dict[str, list[dict]]:
-    """Kernel name -> instructions with op, modifiers, text and innermost source (file:line)."""
+def parse_codec(text: str, frames: str = "/codec/") -> dict[str, list[dict]]:
+    """Kernel name -> instructions with op, modifiers, text and innermost source (file:line):
+    the innermost frame in a `frames` folder, else the innermost."""
     kernels, cur, where, chain = {}, None, None, []
     for raw in text.splitlines():
         if raw.startswith(".text."):
@@ -287,7 +293,7 @@ def parse_codec(text: str) -> dict[str, list[dict]]:
             chain.append((m.group(1), m.group(2)))
             continue
         if chain:
-            f, n = next((c for c in chain if "/codec/" in c[0]), chain[0])
+            f, n = next((c for c in chain if frames in c[0]), chain[0])
             where, chain = f"{f.split('/')[-1]}:{n}", []
         m = LABEL.match(raw)
         if m:
@@ -338,20 +344,24 @@ def shortest_path(k: dict, a: int, b: int) -> int:
     return -1
 
 
-def codec_report(cubin, nvdisasm, cuobjdump, markdown):
+def codec_report(cubin, nvdisasm, cuobjdump, markdown, store=False):
     dis = subprocess.run([nvdisasm, "-gi", "-c", cubin], capture_output=True, text=True,
                          check=True).stdout
-    kernels = parse_codec(dis)
+    kernels = parse_codec(dis, "/store/" if store else "/codec/")
     usage = res_usage(cuobjdump, cubin)
     dtypes = {1: "fp16", 2: "bf16", 3: "fp32"}
     rows = []
     for mangled, k in sorted(kernels.items()):
-        m = re.search(r"kvc::kernels::(\w+_kernel)<\(kvc_dtype\)(\d)>", demangle(mangled))
+        if store:  # the store's kernels: no dtype parameter
+            m = re.search(r"kvc::kernels::store::(\w+_kernel)\(", demangle(mangled))
+        else:
+            m = re.search(r"kvc::kernels::(\w+_kernel)<\(kvc_dtype\)(\d)>", demangle(mangled))
         if not m:
             continue
         insns = [x for x in k["insns"] if x["op"] != "NOP"]
         u = usage.get(mangled, {})
-        row = dict(kernel=m.group(1), dtype=dtypes.get(int(m.group(2)), m.group(2)),
+        row = dict(kernel=m.group(1),
+                   dtype="-" if store else dtypes.get(int(m.group(2)), m.group(2)),
                    regs=u.get("REG"), stack=u.get("STACK"), local=u.get("LOCAL"),
                    shared=u.get("SHARED"), sass=len(insns),
                    markers={n: sum(f(x["op"], x["mods"]) for x in insns)
@@ -493,14 +503,16 @@ def main(argv=None):
     ap.add_argument("--cuobjdump", required=True)
     ap.add_argument("--source", help="the attention kernel source with [sass ...] markers")
     ap.add_argument("--codec", action="store_true", help="report the codec kernels instead")
+    ap.add_argument("--store", action="store_true",
+                    help="report the store kernels (src/cuda/store.cu) as the codec's")
     ap.add_argument("--markdown", action="store_true")
     a = ap.parse_args(argv)
-    if a.codec:
-        codec_report(a.cubin, a.nvdisasm, a.cuobjdump, a.markdown)
+    if a.codec or a.store:
+        codec_report(a.cubin, a.nvdisasm, a.cuobjdump, a.markdown, store=a.store)
     elif a.source:
         report(a.cubin, a.nvdisasm, a.cuobjdump, a.source, a.markdown)
     else:
-        ap.error("--source is required without --codec")
+        ap.error("--source is required without --codec or --store")
 
 
 if __name__ == "__main__":

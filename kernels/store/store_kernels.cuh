@@ -175,9 +175,10 @@ __global__ void __launch_bounds__(kStoreThreads)
 // places them; visit(i, bytes, opens_page, offset) for placement i, which is slot
 // b * max_blocks * num_heads + i / 2 of the call's sizes, K where i is even: it is also the
 // i-th new row of the block table and, past 2 (b * max_blocks * num_heads), the i-th copy
-// destination. Returns the pages opened; used_out: the bytes used in the last page. The sizes
-// are loaded kBatch at a time, so that a prefill's thousands of placements, walked by one
-// thread, wait on memory once per batch rather than once per block.
+// destination. Returns the pages opened; used_out: the bytes used in the last page. One thread
+// walks a sequence this way only when it has few placements (placed_by_block); the sizes are
+// loaded kBatch at a time, so that its walk waits on memory once per batch rather than once
+// per block.
 template <class Visit>
 __device__ uint32_t next_fit(const StoreView& S, const Entry& e, const LayerState& st,
                              uint32_t max_blocks, uint32_t b, const uint32_t* bytes_k,
@@ -207,6 +208,228 @@ __device__ uint32_t next_fit(const StoreView& S, const Entry& e, const LayerStat
   return opened;
 }
 
+// A sequence's placements: (block, head) slots x K|V.
+__device__ inline uint32_t placements(const StoreView& S, const Entry& e) {
+  return e.blocks * S.num_heads * 2;
+}
+
+// Which sequences the whole thread block may place (place_by_block), one after another: those
+// with more placements than the block has threads (place_group decides). The others are walked
+// by one thread each (next_fit), side by side. A decode step compresses at most one block per
+// sequence, so it never takes the block's path, whatever its head count.
+__device__ inline bool placed_by_block(const StoreView& S, const Entry& e) {
+  return e.blocks > 1 && placements(S, e) > kStoreThreads;
+}
+
+// place_by_block takes a sequence's placements kPlaceChunk at a time, kPlaceItems consecutive
+// ones per thread.
+constexpr uint32_t kPlaceItems = 4;
+constexpr uint32_t kPlaceChunk = kStoreThreads * kPlaceItems;
+
+struct PlaceScratch {
+  typename device::BlockScan<unsigned long long, kStoreThreads>::TempStorage scan;
+  unsigned long long before[kPlaceChunk];  // the chunk's earlier placements' rounded bytes
+  uint32_t bytes[kPlaceChunk];
+  uint32_t next[kPlaceChunk];    // next[c]: the first placement a page opened by c cannot hold
+  uint32_t start[kPlaceChunk];   // the chunk's runs (placements sharing a page): where each starts
+  uint32_t runs, base;           // runs; the offset of the first run's first placement
+  uint32_t fresh;                // whether the first run opens its page
+  uint32_t list[kStoreThreads];  // the sequences of a group that place_by_block places
+  uint32_t chunks, longest;      // place_group's sums
+};
+
+// What one chunk of place_by_block costs (both passes), in placements of one thread's next_fit
+// walk (both passes: 21 + 42 SASS per placement, one thread issuing them): a static estimate,
+// not a measurement (docs/performance.md, "GPU"). A chunk executes some 1,800 SASS per warp,
+// eight warps sharing four schedulers, about ten barriers, and one dependent shared-memory load
+// per page opened on one thread: 8-10 K cycles; one thread walks a placement in 60-250 cycles.
+// So a chunk is worth 40-160 placements of the walk; taken near the top, so that a close call
+// stays with the walk of before.
+constexpr uint32_t kChunkWalk = 128;
+
+// The first of a chunk's placements [from, m) that does not fit a page on which placement c
+// starts at offset base (every one in (c, from) does), or m. Next fit puts a placement at its
+// predecessor's offset plus its predecessor's bytes rounded up to the alignment (offsets stay
+// aligned), so c + k sits at base + before[c + k] - before[c] and fits while that plus its
+// bytes is at most page_bytes: a condition that, once false, stays false (before[k] + bytes[k]
+// <= before[k + 1]). Galloping from `from`: a page's placements are found in about 2 log2 of
+// their count probes, and a thread's next placement, whose answer is the same or close, in one
+// or two.
+__device__ inline uint32_t page_end(const PlaceScratch& w, uint32_t c, uint32_t from, uint32_t m,
+                                    uint32_t base, uint32_t page_bytes) {
+  const unsigned long long room = w.before[c] + (page_bytes - base);  // base <= page_bytes
+  const auto fails = [&](uint32_t k) { return w.before[k] + w.bytes[k] > room; };
+  uint32_t lo = from, hi = from, step = 1;  // [from, lo) fit
+  while (hi < m && !fails(hi)) {
+    lo = hi + 1;
+    hi = min(m, hi + step);
+    step *= 2;
+  }
+  while (lo < hi) {  // the first that fails is in [lo, hi], hi when none of [lo, hi) does
+    const uint32_t mid = (lo + hi) / 2;
+    if (fails(mid)) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return hi;
+}
+
+// Next fit over sequence b's placements (as next_fit, the same rule bit for bit), by the whole
+// thread block; every thread calls it with the same arguments. Per chunk: a block scan of the
+// placements' bytes rounded up to the alignment, then every placement's page end if a page
+// opened there (next), in parallel; then one thread follows next from page to page (one
+// shared-memory load per page opened, where next_fit spends tens of instructions per
+// placement), and then, with kPlace, every thread writes its placements' table rows and copy
+// destinations: offset = the run's first offset + before[c] - before[run start], page = the
+// free stack's next page for each run that opens one. Returns the pages opened; with kPlace,
+// writes entries[b]'s open page, bytes used in it and bytes added (its first_page, the rank of
+// its first new page among the layer's, from the count pass).
+template <bool kPlace>
+__device__ uint32_t place_by_block(const StoreView& S, Entry* entries, uint32_t b,
+                                   uint32_t max_blocks, const uint32_t* bytes_k,
+                                   const uint32_t* bytes_v, void** copy_dst, uint32_t free_top,
+                                   PlaceScratch& w) {
+  using Scan = device::BlockScan<unsigned long long, kStoreThreads>;
+  const uint32_t tid = threadIdx.x, P = S.page_bytes, align = S.block_align;
+  const Entry e = entries[b];
+  const LayerState& st = state_of(S, e.slot, e.layer);
+  const uint32_t n = placements(S, e), rank = e.first_page;
+  const size_t first = size_t(b) * max_blocks * S.num_heads;
+  // The table rows past the live ones and this sequence's copy destinations, in placement order.
+  auto* rows =
+      const_cast<BlockLocation*>(st.view.blocks) + size_t(st.view.num_blocks) * S.num_heads * 2;
+  void** dst = copy_dst + first * 2;
+  // The state between chunks, the same in every thread: bytes used in the open page (page_bytes
+  // when none is open), the open page, the pages opened so far.
+  uint32_t used = st.view.num_blocks > 0 ? st.open_used : P, page = st.open_page, opened = 0;
+  unsigned long long added = 0;
+  for (uint32_t c0 = 0; c0 < n; c0 += kPlaceChunk) {
+    const uint32_t m = min(n - c0, kPlaceChunk), mine = tid * kPlaceItems;
+    uint32_t bytes[kPlaceItems];
+    unsigned long long rounded = 0;
+#pragma unroll
+    for (uint32_t k = 0; k < kPlaceItems; ++k) {
+      const uint32_t i = c0 + mine + k;
+      bytes[k] = mine + k < m ? (i % 2 == 0 ? bytes_k : bytes_v)[first + i / 2] : 0u;
+      rounded += (bytes[k] + (align - 1ull)) & ~(align - 1ull);
+    }
+    unsigned long long before;
+    Scan(w.scan).ExclusiveSum(rounded, before);
+#pragma unroll
+    for (uint32_t k = 0; k < kPlaceItems; ++k) {
+      w.before[mine + k] = before;
+      w.bytes[mine + k] = bytes[k];
+      before += (bytes[k] + (align - 1ull)) & ~(align - 1ull);
+    }
+    __syncthreads();
+    uint32_t end = 0;
+#pragma unroll
+    for (uint32_t k = 0; k < kPlaceItems; ++k) {
+      const uint32_t c = mine + k;
+      if (c < m) w.next[c] = end = page_end(w, c, max(c + 1, end), m, 0, P);
+    }
+    __syncthreads();
+    if (tid == 0) {
+      // The chunk's first placement goes into the open page if it fits there (used rounded up
+      // to the alignment, as next fit does), else opens a page; every later run opens one.
+      const uint32_t at = uint32_t((used + (align - 1ull)) & ~(align - 1ull));
+      const bool fresh = uint64_t(at) + w.bytes[0] > P;
+      uint32_t runs = 1, c = fresh ? w.next[0] : page_end(w, 0, 1, m, at, P);
+      w.start[0] = 0;
+      while (c < m) {
+        w.start[runs++] = c;
+        c = w.next[c];
+      }
+      w.runs = runs;
+      w.base = fresh ? 0u : at;
+      w.fresh = fresh;
+    }
+    __syncthreads();
+    const uint32_t runs = w.runs, base = w.base, kept = w.fresh ? 0u : 1u;  // kept: run 0 on `page`
+    if constexpr (kPlace) {
+      // The run of this thread's first placement (the last to start at or before it), then of
+      // each next one.
+      uint32_t q = 0, hi = runs;
+      while (hi - q > 1) {
+        const uint32_t mid = (q + hi) / 2;
+        if (w.start[mid] <= mine) {
+          q = mid;
+        } else {
+          hi = mid;
+        }
+      }
+#pragma unroll
+      for (uint32_t k = 0; k < kPlaceItems; ++k) {
+        const uint32_t c = mine + k;
+        if (c >= m) break;
+        while (q + 1 < runs && w.start[q + 1] <= c) ++q;
+        const uint32_t at = (q == 0 ? base : 0u) + uint32_t(w.before[c] - w.before[w.start[q]]);
+        const uint32_t on =
+            q < kept ? page : S.free_pages[free_top - 1 - (rank + opened + q - kept)];
+        rows[c0 + c] = {on, at, w.bytes[c]};
+        dst[c0 + c] = S.pool + size_t(on) * P + at;
+        added += w.bytes[c];
+      }
+      if (runs > kept) page = S.free_pages[free_top - 1 - (rank + opened + runs - 1 - kept)];
+    }
+    const uint32_t last = w.start[runs - 1];
+    used = (runs == 1 ? base : 0u) + uint32_t(w.before[m - 1] - w.before[last]) + w.bytes[m - 1];
+    opened += runs - kept;
+    __syncthreads();  // the chunk's scratch is read before the next chunk's writes
+  }
+  if constexpr (kPlace) {
+    unsigned long long ignored, total;
+    Scan(w.scan).ExclusiveSum(added, ignored, total);
+    if (tid == 0) {
+      entries[b].open_page = page;
+      entries[b].open_used = used;
+      entries[b].added_bytes = uint32_t(total);  // modulo 2^32, as next_fit's sum
+    }
+    __syncthreads();  // the scan storage is reused
+  }
+  return opened;
+}
+
+// Group [at, at + kStoreThreads) of a call's sequences, by every thread: walk(b) by this
+// thread for its sequence b = at + threadIdx.x, unless the whole block takes it; then
+// by_block(b, k) for each sequence b = at + k the block takes, one after another. The block
+// takes the group's candidates (placed_by_block) when their chunks, costed kChunkWalk each and
+// summed (the block takes them one after another), cost less than the longest of their walks
+// (the threads walk them side by side): a prefill alone or with a few goes to the block, a batch
+// of many long prompts stays with the walks. A group without candidates (every decode step)
+// costs one barrier.
+template <class Walk, class ByBlock>
+__device__ void place_group(const StoreView& S, const Entry* entries, uint32_t num_sequences,
+                            uint32_t at, PlaceScratch& w,
+                            typename device::BlockScan<uint32_t, kStoreThreads>::TempStorage& scan,
+                            Walk&& walk, ByBlock&& by_block) {
+  const uint32_t b = at + threadIdx.x;
+  const bool candidate = b < num_sequences && placed_by_block(S, entries[b]);
+  bool taken = false;  // the same in every thread
+  if (__syncthreads_or(candidate)) {
+    if (threadIdx.x == 0) w.chunks = w.longest = 0;
+    __syncthreads();
+    if (candidate) {
+      const uint32_t n = placements(S, entries[b]);
+      atomicAdd(&w.chunks, (n + kPlaceChunk - 1) / kPlaceChunk);
+      atomicMax(&w.longest, n);
+    }
+    __syncthreads();
+    taken = uint64_t(w.chunks) * kChunkWalk < w.longest;
+  }
+  if (b < num_sequences && !(taken && candidate)) walk(b);
+  if (!taken) return;
+  // (candidate again: kept in a register across the walk, it was spilled)
+  const bool mine = b < num_sequences && placed_by_block(S, entries[b]);
+  uint32_t pos, count;
+  device::BlockScan<uint32_t, kStoreThreads>(scan).ExclusiveSum(mine ? 1u : 0u, pos, count);
+  if (mine) w.list[pos] = threadIdx.x;
+  __syncthreads();  // (also before the scan storage's next use)
+  for (uint32_t q = 0; q < count; ++q) by_block(at + w.list[q], w.list[q]);
+}
+
 // One thread block, for one layer of a call.
 __global__ void __launch_bounds__(kStoreThreads)
     commit_kernel(StoreView S, uint32_t num_sequences, uint32_t max_blocks, bool first_layer,
@@ -214,6 +437,7 @@ __global__ void __launch_bounds__(kStoreThreads)
                   CallState* call) {
   using Scan = device::BlockScan<uint32_t, kStoreThreads>;
   __shared__ typename Scan::TempStorage scan;
+  __shared__ PlaceScratch scratch;
   __shared__ int32_t status;
   __shared__ uint32_t free_top, opened;
   const uint32_t tid = threadIdx.x;
@@ -228,12 +452,14 @@ __global__ void __launch_bounds__(kStoreThreads)
   // Staging checked every row, so the encoder refuses nothing (a block of 0 bytes); if it
   // ever did, failing here keeps the store intact. Every thread checks its share of all slots
   // (a prefill's thousands of blocks are one sequence's: a thread per sequence would walk them
-  // alone), and the block fails as one: no thread may leave before the others' barriers.
+  // alone), and the block fails as one: no thread may leave before the others' barriers. The
+  // copy destinations of slots past a sequence's blocks are cleared on the way.
   const uint32_t slots = max_blocks * S.num_heads;
   bool empty = false;
   for (size_t s = tid; s < size_t(num_sequences) * slots; s += blockDim.x) {
     const bool used = s % slots < entries[s / slots].blocks * S.num_heads;
     empty |= used && (bytes_k[s] == 0 || bytes_v[s] == 0);
+    if (!used) copy_dst[2 * s] = copy_dst[2 * s + 1] = nullptr;
   }
   if (__syncthreads_or(empty)) {
     if (tid == 0) record_failure(call, 0, KVC_ERROR_INTERNAL);
@@ -242,12 +468,20 @@ __global__ void __launch_bounds__(kStoreThreads)
   const auto count_only = [](uint32_t, uint32_t, bool, uint32_t) {};
   for (uint32_t at = 0; at < num_sequences && status == KVC_SUCCESS; at += blockDim.x) {
     const uint32_t b = at + tid;
-    uint32_t need = 0, used = 0, rank = 0, total = 0;
-    if (b < num_sequences) {
-      const Entry& e = entries[b];
-      need = next_fit(S, e, state_of(S, e.slot, e.layer), max_blocks, b, bytes_k, bytes_v,
-                      count_only, used);
-    }
+    uint32_t need = 0, rank = 0, total = 0;
+    place_group(
+        S, entries, num_sequences, at, scratch, scan,
+        [&](uint32_t sequence) {
+          const Entry& e = entries[sequence];
+          uint32_t used;
+          need = next_fit(S, e, state_of(S, e.slot, e.layer), max_blocks, sequence, bytes_k,
+                          bytes_v, count_only, used);
+        },
+        [&](uint32_t sequence, uint32_t k) {
+          const uint32_t pages = place_by_block<false>(S, entries, sequence, max_blocks, bytes_k,
+                                                       bytes_v, copy_dst, 0, scratch);
+          if (tid == k) need = pages;
+        });
     Scan(scan).ExclusiveSum(need, rank, total);
     if (b < num_sequences) entries[b].first_page = opened + rank;
     __syncthreads();  // every thread has read `opened` before it grows
@@ -260,30 +494,34 @@ __global__ void __launch_bounds__(kStoreThreads)
     if (tid == 0) record_failure(call, 0, status);
     return;
   }
-  for (uint32_t b = tid; b < num_sequences; b += blockDim.x) {
-    Entry& e = entries[b];
-    const LayerState& st = state_of(S, e.slot, e.layer);
-    // The table rows past the live ones and this sequence's copy destinations, in placement
-    // order, taken once (the walk's stores could alias st).
-    auto* rows =
-        const_cast<BlockLocation*>(st.view.blocks) + size_t(st.view.num_blocks) * S.num_heads * 2;
-    void** dst = copy_dst + size_t(b) * max_blocks * S.num_heads * 2;
-    uint32_t page = st.open_page, rank = e.first_page, added = 0, used = 0;
-    next_fit(
-        S, e, st, max_blocks, b, bytes_k, bytes_v,
-        [&](uint32_t i, uint32_t bytes, bool fresh, uint32_t offset) {
-          if (fresh) page = S.free_pages[free_top - 1 - rank++];
-          rows[i] = {page, offset, bytes};
-          dst[i] = S.pool + size_t(page) * S.page_bytes + offset;
-          added += bytes;
-        },
-        used);
-    for (uint32_t i = e.blocks * S.num_heads * 2; i < max_blocks * S.num_heads * 2; ++i) {
-      dst[i] = nullptr;
-    }
-    e.open_page = page;
-    e.open_used = used;
-    e.added_bytes = added;
+  for (uint32_t at = 0; at < num_sequences; at += blockDim.x) {
+    const auto walk = [&](uint32_t b) {
+      Entry& e = entries[b];
+      const LayerState& st = state_of(S, e.slot, e.layer);
+      // The table rows past the live ones and this sequence's copy destinations, in placement
+      // order, taken once (the walk's stores could alias st).
+      auto* rows =
+          const_cast<BlockLocation*>(st.view.blocks) + size_t(st.view.num_blocks) * S.num_heads * 2;
+      void** dst = copy_dst + size_t(b) * max_blocks * S.num_heads * 2;
+      uint32_t page = st.open_page, rank = e.first_page, added = 0, used = 0;
+      next_fit(
+          S, e, st, max_blocks, b, bytes_k, bytes_v,
+          [&](uint32_t i, uint32_t bytes, bool fresh, uint32_t offset) {
+            if (fresh) page = S.free_pages[free_top - 1 - rank++];
+            rows[i] = {page, offset, bytes};
+            dst[i] = S.pool + size_t(page) * S.page_bytes + offset;
+            added += bytes;
+          },
+          used);
+      e.open_page = page;
+      e.open_used = used;
+      e.added_bytes = added;
+    };
+    place_group(S, entries, num_sequences, at, scratch, scan, walk,
+                [&](uint32_t sequence, uint32_t) {
+                  place_by_block<true>(S, entries, sequence, max_blocks, bytes_k, bytes_v, copy_dst,
+                                       free_top, scratch);
+                });
   }
   if (tid == 0) call->free_top = free_top - opened;
 }

@@ -257,6 +257,9 @@ struct Shadow {
   std::map<int32_t, std::vector<std::vector<uint16_t>>> keys, values;  // [layer] -> rows
 };
 
+// The table rows a call adds per (layer, sequence): the first new row's index, the rows.
+using NewRows = std::vector<std::pair<uint32_t, std::vector<BlockLocation>>>;
+
 // A snapshot of everything a failed call must leave as it was.
 struct Snapshot {
   std::vector<ks::LayerState> states;
@@ -438,6 +441,69 @@ class StoreChecker {
     return need > st_.counters().free_top ? KVC_ERROR_OUT_OF_PAGES : KVC_SUCCESS;
   }
 
+  // The table rows a successful call adds, laid out as the CPU store's commit lays them out
+  // (Store::commit in src/store/store.cpp: place_next_fit after the open page, a page off the
+  // free stack's top for each placement that opens one), (layer, sequence) by (layer, sequence)
+  // in the order the CUDA store commits them. [layer * ids + b]: the first new row, the rows.
+  NewRows expected_rows(const std::vector<int32_t>& ids, uint32_t n,
+                        const std::vector<uint16_t>& keys,
+                        const std::vector<uint16_t>& values) const {
+    const StoreShape& s = st_.shape();
+    const size_t per_entry = size_t(n) * s.row();
+    std::vector<uint32_t> free(st_.free_pages().begin(),
+                               st_.free_pages().begin() + st_.counters().free_top);
+    NewRows out;
+    for (uint32_t l = 0; l < s.layers; ++l) {
+      for (size_t b = 0; b < ids.size(); ++b) {
+        std::vector<uint16_t> rows[2] = {sh_.keys.at(ids[b])[l], sh_.values.at(ids[b])[l]};
+        const size_t at = (size_t(l) * ids.size() + b) * per_entry;
+        rows[0].insert(rows[0].end(), keys.begin() + long(at), keys.begin() + long(at + per_entry));
+        rows[1].insert(rows[1].end(), values.begin() + long(at),
+                       values.begin() + long(at + per_entry));
+        const ks::LayerState& ls = st_.state(ids[b], l);
+        uint32_t used = ls.view.num_blocks > 0 ? ls.open_used : s.page_bytes, offset = 0;
+        uint32_t page = ls.open_page;
+        out.emplace_back(ls.view.num_blocks * s.heads * 2, std::vector<BlockLocation>{});
+        const uint32_t total = uint32_t(rows[0].size() / s.row()) / s.block_tokens;
+        for (uint32_t j = ls.view.num_blocks; j < total; ++j) {
+          for (uint32_t h = 0; h < s.heads; ++h) {
+            for (int kind = 0; kind < 2; ++kind) {
+              const uint32_t size = uint32_t(cpu_block(kind, rows[kind], j, h).size());
+              if (place_next_fit(used, size, s.page_bytes, block_alignment(st_.params(kind).tiles),
+                                 offset)) {
+                page = free.back();
+                free.pop_back();
+              }
+              out.back().second.push_back({page, offset, size});
+            }
+          }
+        }
+      }
+    }
+    return out;
+  }
+
+  void expect_rows(const std::vector<int32_t>& ids, const NewRows& want,
+                   const std::string& where) const {
+    const StoreShape& s = st_.shape();
+    for (uint32_t l = 0; l < s.layers; ++l) {
+      for (size_t b = 0; b < ids.size(); ++b) {
+        const auto& [first, rows] = want[l * ids.size() + b];
+        const ks::LayerState& ls = st_.state(ids[b], l);
+        ASSERT_EQ(ls.view.num_blocks * s.heads * 2, first + rows.size()) << where;
+        for (size_t i = 0; i < rows.size(); ++i) {
+          const BlockLocation& got = ls.view.blocks[first + i];
+          ASSERT_TRUE(got.page == rows[i].page && got.offset == rows[i].offset &&
+                      got.bytes == rows[i].bytes)
+              << where << " layer " << l << " id " << ids[b] << " new row " << i << " of "
+              << rows.size() << ": got (" << got.page << ", " << got.offset << ", " << got.bytes
+              << ") want (" << rows[i].page << ", " << rows[i].offset << ", " << rows[i].bytes
+              << ")";
+        }
+      }
+    }
+  }
+
  private:
   EmulatedStore& st_;
   Shadow& sh_;
@@ -547,6 +613,8 @@ void run_store_model(uint32_t seed, int steps, bool tiles = false, bool rotated 
       }
       const kvc_status_t want = checker.expected(ids, live, n, keys, values);
       const Snapshot before = checker.snapshot();
+      NewRows rows;
+      if (want == KVC_SUCCESS) rows = checker.expected_rows(ids, n, keys, values);
       const kvc_status_t got = store.append(ids, n, given_keys, given_values);
       ASSERT_EQ(got, want) << where;
       ++appends;
@@ -555,6 +623,7 @@ void run_store_model(uint32_t seed, int steps, bool tiles = false, bool rotated 
         ++failures;
         checker.expect_unchanged(before, where);
       } else {
+        checker.expect_rows(ids, rows, where);
         const size_t per_entry = size_t(n) * s.row();
         for (uint32_t l = 0; l < s.layers; ++l) {
           for (size_t b = 0; b < ids.size(); ++b) {
@@ -593,6 +662,282 @@ TEST(StoreEmulation, RotatedTileBlocksAgainstAShadowModelSeed7) {
 TEST(StoreEmulation, SinksAgainstAShadowModelSeed9) { run_store_model(9, 45, false, false, 3); }
 TEST(StoreEmulation, SinksWithTileBlocksAgainstAShadowModelSeed10) {
   run_store_model(10, 60, true, false, 4);
+}
+
+// ---- commit_kernel alone ------------------------------------------------------------------
+
+// One layer's commit over made-up block sizes, against the CPU store's placement (Store::commit
+// in src/store/store.cpp: per sequence in order, place_next_fit from its open page, a page off
+// the free stack's top for each placement that opens one). Sizes are any from 1 byte to a whole
+// page, most not multiples of the alignment, and open pages hold any number of bytes (aligned or
+// not), so the rule is checked beyond the blocks the encoders write. long_blocks: the new blocks
+// of the sequences at `long_at` (placed by the whole thread block when that is more than
+// kStoreThreads placements); the others get 0 to 2.
+struct CommitCase {
+  uint32_t sequences, heads, page_bytes, align;
+  std::vector<uint32_t> long_at;
+  uint32_t long_blocks;
+  uint32_t by_block;            // of them, placed by the whole thread block
+  bool short_of_pages = false;  // one page fewer than the call needs: nothing may change
+  uint32_t largest = 0;         // when not 0: every size from 1 to this
+};
+
+void run_commit_case(const CommitCase& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  const uint32_t B = c.sequences, H = c.heads, P = c.page_bytes;
+  std::vector<uint32_t> blocks(B), live(B);
+  for (uint32_t b = 0; b < B; ++b) {
+    blocks[b] = rng() % 3;
+    live[b] = rng() % 4 == 0 ? 0 : 1 + rng() % 3;
+  }
+  for (uint32_t b : c.long_at) blocks[b] = c.long_blocks;
+  const uint32_t max_blocks = *std::max_element(blocks.begin(), blocks.end());
+  const uint32_t slots = max_blocks * H, row_capacity = (3 + max_blocks) * H * 2;
+  const auto random_size = [&]() -> uint32_t {
+    if (c.largest != 0) return 1 + rng() % c.largest;
+    switch (rng() % 10) {
+      case 0:
+        return P - rng() % 3 * c.align;  // a whole page, or nearly
+      case 1:
+        return P / 2 + rng() % (P / 2);  // more than half a page
+      case 2:
+        return (1 + rng() % (P / 4 / c.align)) * c.align;  // aligned
+      default:
+        return 1 + rng() % (P / 8);  // small, unaligned
+    }
+  };
+  std::vector<uint32_t> bytes_k(size_t(B) * slots, 0), bytes_v(size_t(B) * slots, 0);
+  for (uint32_t b = 0; b < B; ++b) {
+    for (uint32_t s = 0; s < blocks[b] * H; ++s) {
+      bytes_k[size_t(b) * slots + s] = random_size();
+      bytes_v[size_t(b) * slots + s] = random_size();
+    }
+  }
+  // Sequence b lives in slot b (layer 0); pages [0, B) are the open pages, the free stack holds
+  // the others shuffled (so a page taken out of order shows).
+  std::vector<BlockLocation> tables(size_t(B) * row_capacity, BlockLocation{0xFFFFFFFFu, 7, 7});
+  std::vector<ks::LayerState> states(B);
+  std::vector<ks::Entry> entries(B);
+  for (uint32_t b = 0; b < B; ++b) {
+    ks::LayerState& st = states[b];
+    st.view = SequenceView{};
+    st.view.blocks = tables.data() + size_t(b) * row_capacity;
+    st.view.num_blocks = live[b];
+    st.open_page = b;
+    const uint32_t r = rng() % 4;
+    st.open_used = r == 0 ? P : r == 1 ? P - rng() % 7 : uint32_t(rng() % (P + 1));
+    entries[b] = {b, 0, KVC_SUCCESS, 0, blocks[b], 0, 0xEEEEEEEEu, 0, 0, 0};
+  }
+  // The reference, and the pages it needs.
+  std::vector<std::vector<BlockLocation>> want(B);
+  std::vector<uint32_t> want_first(B), want_open(B), want_used(B), want_added(B);
+  uint32_t pages = 0;
+  std::vector<uint32_t> opened_by;  // the rank of every page opened, by sequence
+  for (uint32_t b = 0; b < B; ++b) {
+    uint32_t used = live[b] > 0 ? states[b].open_used : P, page = b, added = 0, offset = 0;
+    want_first[b] = pages;
+    for (uint32_t i = 0; i < blocks[b] * H * 2; ++i) {
+      const uint32_t size = (i % 2 == 0 ? bytes_k : bytes_v)[size_t(b) * slots + i / 2];
+      if (place_next_fit(used, size, P, c.align, offset)) page = 0x80000000u | pages++;
+      want[b].push_back({page, offset, size});
+      added += size;
+    }
+    want_open[b] = page;
+    want_used[b] = used;
+    want_added[b] = added;
+  }
+  const uint32_t free_top = c.short_of_pages ? pages - 1 : pages + 3;
+  const uint32_t num_pages = B + free_top;
+  std::vector<uint32_t> free_pages(free_top);
+  for (uint32_t i = 0; i < free_top; ++i) free_pages[i] = B + i;
+  std::shuffle(free_pages.begin(), free_pages.end(), rng);
+  const auto resolve = [&](uint32_t page) {  // rank r: the free stack's (r + 1)-th page from top
+    return page & 0x80000000u ? free_pages[free_top - 1 - (page & 0x7FFFFFFFu)] : page;
+  };
+  std::vector<uint8_t> pool(size_t(num_pages) * P);
+  std::vector<int32_t> slot_ids(B);
+  std::vector<uint32_t> layer_compressed(1, 1);
+  ks::Counters counters{free_top, KVC_SUCCESS, 0, 0, 0, 0, 0};
+  const ks::StoreView V{states.data(),
+                        slot_ids.data(),
+                        free_pages.data(),
+                        &counters,
+                        layer_compressed.data(),
+                        pool.data(),
+                        P,
+                        1,
+                        H,
+                        16,
+                        16,
+                        B,
+                        1u << 20,
+                        0x7C00u,
+                        c.align,
+                        0};
+  void* const poison = reinterpret_cast<void*>(uintptr_t(0x5A5A5A50));
+  std::vector<void*> copy_dst(size_t(B) * slots * 2, poison);
+  ks::CallState call;
+  std::memset(&call, 0xFF, sizeof(call));
+  const std::vector<BlockLocation> tables_before = tables;
+  const auto r =
+      emu::launch(ks::commit_kernel, 1, ks::kStoreThreads, 0, V, B, max_blocks, true,
+                  entries.data(), bytes_k.data(), bytes_v.data(), copy_dst.data(), &call);
+  ASSERT_TRUE(r.ok()) << r.message();
+  if (c.short_of_pages) {
+    ASSERT_NE(call.failure, ks::kNoFailure);
+    EXPECT_EQ(int32_t(uint32_t(call.failure)), KVC_ERROR_OUT_OF_PAGES);
+    EXPECT_EQ(call.free_top, free_top);
+    for (size_t i = 0; i < tables.size(); ++i) {
+      ASSERT_EQ(tables[i].page, tables_before[i].page) << "row " << i << " written";
+      ASSERT_EQ(tables[i].offset, tables_before[i].offset) << "row " << i << " written";
+    }
+    return;
+  }
+  ASSERT_EQ(call.failure, ks::kNoFailure) << int32_t(uint32_t(call.failure));
+  EXPECT_EQ(call.free_top, free_top - pages);
+  // The sequences the kernel's rule (placed_by_block, place_group) gives the thread block.
+  uint32_t by_block = 0;
+  for (uint32_t at = 0; at < B; at += ks::kStoreThreads) {
+    uint64_t chunks = 0, longest = 0, candidates = 0;
+    for (uint32_t b = at; b < std::min(B, at + ks::kStoreThreads); ++b) {
+      const uint32_t n = blocks[b] * H * 2;
+      if (blocks[b] < 2 || n <= ks::kStoreThreads) continue;
+      ++candidates;
+      chunks += (n + ks::kPlaceChunk - 1) / ks::kPlaceChunk;
+      longest = std::max<uint64_t>(longest, n);
+    }
+    if (chunks * ks::kChunkWalk < longest) by_block += uint32_t(candidates);
+  }
+  for (uint32_t b = 0; b < B; ++b) {
+    const uint32_t n = blocks[b] * H * 2;
+    const std::string where = "sequence " + std::to_string(b) + " of " + std::to_string(n);
+    ASSERT_EQ(entries[b].first_page, want_first[b]) << where;
+    if (n > 0) {
+      ASSERT_EQ(entries[b].open_page, resolve(want_open[b])) << where;
+      ASSERT_EQ(entries[b].open_used, want_used[b]) << where;
+      ASSERT_EQ(entries[b].added_bytes, want_added[b]) << where;
+    }
+    const BlockLocation* rows = tables.data() + size_t(b) * row_capacity;
+    for (uint32_t i = 0; i < row_capacity; ++i) {
+      const bool placed = i >= live[b] * H * 2 && i < live[b] * H * 2 + n;
+      const BlockLocation got = rows[i];
+      const BlockLocation w =
+          placed ? want[b][i - live[b] * H * 2] : tables_before[size_t(b) * row_capacity + i];
+      const uint32_t page = placed ? resolve(w.page) : w.page;
+      ASSERT_TRUE(got.page == page && got.offset == w.offset && got.bytes == w.bytes)
+          << where << " row " << i << ": got (" << got.page << ", " << got.offset << ", "
+          << got.bytes << ") want (" << page << ", " << w.offset << ", " << w.bytes << ")";
+    }
+    for (uint32_t i = 0; i < slots * 2; ++i) {
+      void* const got = copy_dst[(size_t(b) * slots) * 2 + i];
+      void* const w =
+          i < n ? pool.data() + size_t(resolve(want[b][i].page)) * P + want[b][i].offset : nullptr;
+      ASSERT_EQ(got, w) << where << " copy destination " << i;
+    }
+  }
+  EXPECT_EQ(by_block, c.by_block);
+}
+
+// A prefill's thousands of placements (3,200: four chunks of place_by_block) beside short
+// sequences, over three groups of kStoreThreads sequences with long ones in two of them; format
+// v1's alignment.
+TEST(StoreEmulation, CommitPlacesLongAndShortSequencesAsTheCpuStore) {
+  run_commit_case({600, 8, 4096, 4, {5, 299, 300}, 200, 3}, 11);
+}
+// Tile blocks' alignment, small pages (a page per one to a few placements), an odd head count.
+TEST(StoreEmulation, CommitPlacesTileAlignedBlocksAsTheCpuStore) {
+  run_commit_case({40, 3, 1280, 16, {0, 17, 39}, 180, 3}, 12);
+}
+// One prefill alone, just past the threshold (17 blocks x 8 heads: 272 placements), and at it
+// (16 blocks: 256, walked by one thread).
+TEST(StoreEmulation, CommitPlacesASequenceAtTheThresholdAsTheCpuStore) {
+  run_commit_case({1, 8, 2048, 16, {0}, 17, 1}, 13);
+  run_commit_case({3, 8, 2048, 4, {1}, 16, 0}, 14);
+}
+// A batch of many long prompts (40 of 17 blocks: 272 placements each) stays with one thread per
+// sequence (place_group), beside a group whose one long sequence goes to the thread block.
+TEST(StoreEmulation, CommitPlacesABatchOfLongPromptsAsTheCpuStore) {
+  std::vector<uint32_t> many;
+  for (uint32_t b = 0; b < 40; ++b) many.push_back(b * 3);
+  many.push_back(300);
+  run_commit_case({301, 8, 4096, 16, many, 17, 1}, 17);
+}
+// Pages of hundreds of small blocks: chunks of place_by_block that open one page or none, so
+// that the next chunk goes on in the page an earlier one opened.
+TEST(StoreEmulation, CommitPlacesManyBlocksPerPageAsTheCpuStore) {
+  run_commit_case({4, 8, 65536, 4, {0, 2}, 300, 2, false, 64}, 16);
+}
+TEST(StoreEmulation, CommitShortOfPagesChangesNothing) {
+  run_commit_case({20, 8, 4096, 4, {3}, 60, 1, true}, 15);
+}
+
+// A long prefill and batches of several sequences through the whole append chain (stage,
+// encode, commit, copy, finish) of a tiles store, every block byte for byte and every new table
+// row against the CPU store's layout: a prefill of 2,800 tokens x 8 heads (175 blocks: 2,800
+// placements per layer, three chunks of the thread block's placement) going on in a page an
+// earlier call opened; batches whose sequences fall on either side of the threshold (16 blocks,
+// 256 placements: one thread; 17: the thread block) or all past it, after a free put pages back
+// on the free stack; and a decode step.
+TEST(StoreEmulation, LongPrefillAndMixedBatchesLayOutPagesAsTheCpuStore) {
+  StoreShape s = tile_store_shape();
+  s.heads = 8;
+  s.page_bytes = 4096;
+  s.num_pages = 900;
+  s.max_sequences = 5;
+  s.max_tokens = 4096;
+  kvc_codec_config kc = make_config(KVC_KIND_KEY, s.block_tokens, s.dim, KVC_BOUND_RELATIVE, 0.05f);
+  kvc_codec_config vc =
+      make_config(KVC_KIND_VALUE, s.block_tokens, s.dim, KVC_BOUND_RELATIVE, 0.05f);
+  kc.block_format = vc.block_format = KVC_BLOCK_FORMAT_TILES;
+  kc.num_substreams = vc.num_substreams = 0;
+  EmulatedStore store(s, CodecParams::from_config(kc, true), CodecParams::from_config(vc, true),
+                      nullptr, nullptr);
+  Shadow shadow;
+  StoreChecker checker(store, shadow);
+  std::mt19937 rng(17);
+  std::vector<int32_t> ids;
+  for (int i = 0; i < 5; ++i) {
+    ids.push_back(store.add_sequence());
+    shadow.keys[ids.back()].assign(s.layers, {});
+    shadow.values[ids.back()].assign(s.layers, {});
+  }
+  const auto append = [&](const std::vector<int32_t>& call, uint32_t n, const std::string& where) {
+    const size_t count = size_t(s.layers) * call.size() * n;
+    const std::vector<uint16_t> keys = random_rows(rng, false, uint32_t(count), s.row());
+    const std::vector<uint16_t> values = random_rows(rng, true, uint32_t(count), s.row());
+    const std::vector<bool> live(call.size(), true);
+    ASSERT_EQ(checker.expected(call, live, n, keys, values), KVC_SUCCESS) << where;
+    const NewRows rows = checker.expected_rows(call, n, keys, values);
+    ASSERT_EQ(store.append(call, n, keys, values), KVC_SUCCESS) << where;
+    checker.expect_rows(call, rows, where);
+    const size_t per_entry = size_t(n) * s.row();
+    for (uint32_t l = 0; l < s.layers; ++l) {
+      for (size_t b = 0; b < call.size(); ++b) {
+        const size_t at = (size_t(l) * call.size() + b) * per_entry;
+        auto& k = shadow.keys[call[b]][l];
+        auto& v = shadow.values[call[b]][l];
+        k.insert(k.end(), keys.begin() + long(at), keys.begin() + long(at + per_entry));
+        v.insert(v.end(), values.begin() + long(at), values.begin() + long(at + per_entry));
+      }
+    }
+    checker.check(where);
+  };
+  append(ids, 7, "tails");
+  append({ids[0], ids[1], ids[2]}, 10, "a block each");  // tails of 1 past one block
+  ASSERT_LT(store.state(ids[0], 0).open_used, s.page_bytes);
+  append({ids[0]}, 2800, "long prefill");
+  ASSERT_EQ(store.state(ids[0], 1).view.num_blocks, 176u);
+  append({ids[1], ids[3], ids[2], ids[4]}, 270, "16 and 17 blocks");  // tails 1, 7, 1, 7
+  ASSERT_EQ(store.state(ids[1], 0).view.num_blocks, 17u);
+  ASSERT_EQ(store.state(ids[3], 0).view.num_blocks, 17u);
+  store.free_sequence(ids[1]);
+  shadow.keys.erase(ids[1]);
+  shadow.values.erase(ids[1]);
+  append({ids[3], ids[0], ids[4]}, 600, "all past the threshold");
+  append({ids[0], ids[2], ids[3], ids[4]}, 1, "decode step");
+  std::printf("%llu blocks, %u of %u pages free at the end\n",
+              (unsigned long long)store.counters().num_blocks, store.counters().free_top,
+              s.num_pages);
 }
 
 // rotate_rows_kernel against hadamard::rotate, bit for bit, for every dtype pair it serves: the

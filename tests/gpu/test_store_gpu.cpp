@@ -240,16 +240,19 @@ AttentionTolerance rotated_gpu_tolerance() { return {0.0, 1e-2}; }
 // With rotation = KVC_ROTATION_HADAMARD the CUDA store rotates the rows on the device with the
 // arithmetic of the CPU store: the blocks, tails and so the bytes are the same. With sink_tokens,
 // both keep the same sinks; with layer_scales, both encode each layer with its own bounds (the
-// CUDA store's per-layer device codecs, the codebooks it takes per layer).
-void serializes_like_the_cpu_store(int32_t rotation, int32_t sinks = 0, bool layer_scales = false) {
+// CUDA store's per-layer device codecs, the codebooks it takes per layer). long_prefill: a second
+// sequence prefilled with that many tokens, and the pages in use compared too.
+void serializes_like_the_cpu_store(int32_t rotation, int32_t sinks = 0, bool layer_scales = false,
+                                   int32_t long_prefill = 0) {
   const Shape sh = gpu_shape();
   std::vector<float> key_scales(size_t(sh.layers)), value_scales(size_t(sh.layers));
   for (size_t l = 0; l < key_scales.size(); ++l) {
     key_scales[l] = 0.5f + 0.75f * float(l);
     value_scales[l] = 2.0f - 0.5f * float(l);
   }
-  kvc_store_config on_cpu = cuda_config(sh, 8 << 20, 0, 8, 1024);
-  kvc_store_config on_gpu = cuda_config(sh, 8 << 20, 0, 8, 1024);
+  const int32_t max_tokens = long_prefill > 0 ? long_prefill + 64 : 1024;
+  kvc_store_config on_cpu = cuda_config(sh, 8 << 20, 0, 8, max_tokens);
+  kvc_store_config on_gpu = cuda_config(sh, 8 << 20, 0, 8, max_tokens);
   on_cpu.backend = KVC_BACKEND_CPU;
   for (kvc_store_config* c : {&on_cpu, &on_gpu}) {
     c->rotation = rotation;
@@ -265,7 +268,8 @@ void serializes_like_the_cpu_store(int32_t rotation, int32_t sinks = 0, bool lay
   CpuStoreBackend cpu;
   CudaStoreBackend gpu(sh);
   std::mt19937 rng(41);
-  const std::vector<int32_t> lengths = {100, 31, 64, 1, 0};
+  std::vector<int32_t> lengths = {100, 31, 64, 1, 0};
+  if (long_prefill > 0) lengths.insert(lengths.begin() + 1, long_prefill);
   std::vector<int32_t> host_ids(lengths.size()), device_ids(lengths.size());
   for (size_t i = 0; i < lengths.size(); ++i) {
     ASSERT_EQ(kvc_store_add_sequence(host.s, &host_ids[i]), KVC_SUCCESS);
@@ -318,6 +322,7 @@ void serializes_like_the_cpu_store(int32_t rotation, int32_t sinks = 0, bool lay
   EXPECT_EQ(b.num_blocks, a.num_blocks);
   EXPECT_EQ(b.block_bytes, a.block_bytes);
   EXPECT_EQ(b.dense_bytes, a.dense_bytes);
+  if (long_prefill > 0) EXPECT_EQ(b.pages_in_use, a.pages_in_use);
   EXPECT_EQ(b.failed_appends, 0);
   // The reads agree too (fp32: decoded, rotated back, with the same arithmetic).
   for (size_t i = 0; i < lengths.size(); ++i) {
@@ -332,6 +337,12 @@ void serializes_like_the_cpu_store(int32_t rotation, int32_t sinks = 0, bool lay
 
 TEST_F(StoreGpu, SerializesToTheSameBytesAsTheCpuStore) {
   serializes_like_the_cpu_store(KVC_ROTATION_NONE);
+}
+
+// A prefill of 2,600 tokens: 81 blocks x 2 heads x K|V, 324 placements per layer, which the
+// commit kernel places with the whole thread block (place_by_block) rather than one thread.
+TEST_F(StoreGpu, LongPrefillSerializesAndReadsAsTheCpuStore) {
+  serializes_like_the_cpu_store(KVC_ROTATION_NONE, 0, false, 2600);
 }
 
 TEST_F(StoreGpu, RotatedStoreSerializesAndReadsAsTheCpuStore) {
