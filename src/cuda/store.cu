@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "core/error.hpp"
@@ -40,6 +41,17 @@ class DeviceArray {
     count_ = 0;
     check_cuda(cudaMalloc(&ptr_, std::max<size_t>(count, 1) * sizeof(T)), "cudaMalloc (store)");
     count_ = count;
+  }
+  // Takes fresh's allocation (fresh is left empty); the old one is retired or freed as by reset.
+  // Does not throw once `retired` has room.
+  void adopt(DeviceArray& fresh, std::vector<void*>* retired) {
+    if (retired != nullptr && ptr_ != nullptr) {
+      retired->push_back(ptr_);
+    } else {
+      cudaFree(ptr_);
+    }
+    ptr_ = std::exchange(fresh.ptr_, nullptr);
+    count_ = std::exchange(fresh.count_, 0);
   }
   T* get() const { return ptr_; }
   size_t size() const { return count_; }
@@ -273,22 +285,30 @@ void CudaStore::Impl::ensure_scratch(size_t entries, size_t layer_slots, size_t 
   entries = std::max(entries, 2 * S.entries.size());
   layer_slots = std::max(layer_slots, 2 * S.bytes_k.size());
   all_slots = std::max(all_slots, 2 * S.src_k.size());
-  std::vector<void*>* keep = &retired;
-  S.entries.reset(entries, keep);
-  S.src_k.reset(all_slots, keep);
-  S.src_v.reset(all_slots, keep);
-  S.encoded_k.reset(layer_slots * stride_k, keep);
-  S.encoded_v.reset(layer_slots * stride_v, keep);
-  S.bytes_k.reset(layer_slots, keep);
-  S.bytes_v.reset(layer_slots, keep);
-  S.copy_dst.reset(layer_slots * 2, keep);
+  // Every new buffer is allocated and filled before the first replaces its predecessor: a
+  // failure (out of device memory) frees them and leaves the scratch as it was, every buffer
+  // sized as its callers expect.
+  DeviceArray<ks::Entry> new_entries(entries);
+  DeviceArray<const void*> src_k(all_slots), src_v(all_slots);
+  DeviceArray<uint8_t> encoded_k(layer_slots * stride_k), encoded_v(layer_slots * stride_v);
+  DeviceArray<uint32_t> bytes_k(layer_slots), bytes_v(layer_slots);
+  DeviceArray<void*> copy_dst(layer_slots * 2), dst_k(layer_slots), dst_v(layer_slots);
   std::vector<void*> dst(layer_slots);
-  for (size_t i = 0; i < layer_slots; ++i) dst[i] = S.encoded_k.get() + i * stride_k;
-  S.dst_k.reset(layer_slots, keep);
-  S.dst_k.upload(dst.data(), layer_slots);
-  for (size_t i = 0; i < layer_slots; ++i) dst[i] = S.encoded_v.get() + i * stride_v;
-  S.dst_v.reset(layer_slots, keep);
-  S.dst_v.upload(dst.data(), layer_slots);
+  for (size_t i = 0; i < layer_slots; ++i) dst[i] = encoded_k.get() + i * stride_k;
+  dst_k.upload(dst.data(), layer_slots);
+  for (size_t i = 0; i < layer_slots; ++i) dst[i] = encoded_v.get() + i * stride_v;
+  dst_v.upload(dst.data(), layer_slots);
+  retired.reserve(retired.size() + 10);
+  S.entries.adopt(new_entries, &retired);
+  S.src_k.adopt(src_k, &retired);
+  S.src_v.adopt(src_v, &retired);
+  S.encoded_k.adopt(encoded_k, &retired);
+  S.encoded_v.adopt(encoded_v, &retired);
+  S.bytes_k.adopt(bytes_k, &retired);
+  S.bytes_v.adopt(bytes_v, &retired);
+  S.copy_dst.adopt(copy_dst, &retired);
+  S.dst_k.adopt(dst_k, &retired);
+  S.dst_v.adopt(dst_v, &retired);
 }
 
 void CudaStore::Impl::ensure_workspace(size_t bytes, bool captured) {
@@ -493,6 +513,12 @@ std::shared_ptr<const Codebook> CudaStore::codebook(uint32_t layer, uint32_t kin
 
 void CudaStore::prefill(int32_t id, uint32_t first_layer, uint32_t num_layers, uint32_t num_tokens,
                         const void* keys, const void* values, void* stream) {
+  // The device checks the sequence's length with the new tokens; more tokens than any sequence
+  // may hold are refused here, before the scratch is sized for them.
+  require(num_tokens <= impl_->p.token_limit(), KVC_ERROR_INVALID_ARGUMENT,
+          "num_tokens = ", num_tokens,
+          " is more than a sequence holds (config->max_sequence_tokens = ", impl_->p.token_limit(),
+          ")");
   impl_->run_append(first_layer, num_layers, {id}, num_tokens, keys, values,
                     static_cast<cudaStream_t>(stream));
 }

@@ -674,6 +674,36 @@ TEST_F(StoreGpu, TheCudaStoreNeedsSequenceLimits) {
   kvc_store_destroy(s);
 }
 
+// A prefill of more tokens than a sequence may hold is refused on the host, before the store
+// sizes its scratch memory for it (the device checks the length with the sequence's tokens; a
+// scratch sized for 2^30 tokens fails to allocate, which must not leave the scratch half
+// replaced either); the store then works as before.
+TEST_F(StoreGpu, APrefillPastTheSequenceLimitIsRefusedBeforeAnyAllocation) {
+  const Shape sh = gpu_shape();
+  StoreHandle store(cuda_config(sh, 1 << 20, 0, 8, 1024));
+  ASSERT_NE(store.s, nullptr);
+  std::mt19937 rng(83);
+  const Rows rows = random_rows(rng, size_t(sh.layers) * sh.tokens, sh);
+  DeviceBuffer d_rows(rows.bits.size() * 2);
+  d_rows.upload(rows.bits.data(), d_rows.bytes());
+  int32_t id = -1;
+  ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS) << kvc_last_error();
+  for (int32_t n : {1025, 1 << 30}) {
+    EXPECT_EQ(kvc_store_prefill(store.s, id, 0, sh.layers, n, d_rows.get<char>(),
+                                d_rows.get<char>(), nullptr),
+              KVC_ERROR_INVALID_ARGUMENT);
+    EXPECT_TRUE(last_error_names("max_sequence_tokens = 1024")) << kvc_last_error();
+  }
+  ASSERT_EQ(kvc_store_prefill(store.s, id, 0, sh.layers, sh.tokens, d_rows.get<char>(),
+                              d_rows.get<char>(), nullptr),
+            KVC_SUCCESS)
+      << kvc_last_error();
+  int32_t length = -1;
+  ASSERT_EQ(kvc_store_sequence_length(store.s, id, 1, &length), KVC_SUCCESS) << kvc_last_error();
+  EXPECT_EQ(length, sh.tokens);
+  EXPECT_EQ(store_stats(store.s).failed_appends, 0);
+}
+
 // ---- Tile blocks (format t1) -------------------------------------------------------------------
 
 // A shape the tile attention kernel takes: 64-token blocks of head_dim 64 (largest tile block
