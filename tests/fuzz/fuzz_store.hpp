@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 // Shared by the store fuzzers and the seed generator: small store configurations (so that each
 // iteration is fast) that between them cover both dtypes, absolute and relative bounds, grouped
-// values, every entropy mode, tile blocks (format t1), rotated rows, attention sinks, per-layer
-// bounds, tiles serialized as format v1 and both store limits; the codebooks they hold; their input
+// values, every entropy mode, tile blocks (format t1) in both dtypes, with and without permuted
+// channels and 3/6-bit tiles, rotated rows, attention sinks, per-layer bounds (of either block
+// format), tiles serialized as format v1 (with sinks, in bf16) and both store limits, several
+// of these together; the codebooks they hold; their input
 // rows; and a snapshot of a store (stats and every live sequence's bytes) to compare before and
 // after a call. Public API only.
 #pragma once
@@ -88,25 +90,42 @@ inline kvc_store_config store_config(int which) {
       c.page_bytes = 1280;
       c.capacity_bytes = 14 * 1280;
       break;
-    case 4:  // rotated rows (KVC_ROTATION_HADAMARD): config 0's shape, fp16, AUTO; blocks of
-             // rotated rows, serialized version 3
+    case 4: {  // rotated rows (KVC_ROTATION_HADAMARD) with per-layer bounds: config 0's shape,
+               // fp16, AUTO; blocks of rotated rows, serialized version 5
+      static const float key_scales[2] = {2.0f, 0.5f}, value_scales[2] = {0.25f, 1.0f};
       c = store_config(0);
       c.rotation = KVC_ROTATION_HADAMARD;
-      break;
-    case 5:  // attention sinks: config 3's tile blocks with 5 sink tokens, serialized version 4
-      c = store_config(3);
-      c.sink_tokens = 5;
-      break;
-    case 6: {  // per-layer bounds: config 0 with layer scales, serialized version 5
-      static const float key_scales[2] = {0.5f, 2.0f}, value_scales[2] = {1.0f, 0.25f};
-      c = store_config(0);
       c.key_layer_scales = key_scales;
       c.value_layer_scales = value_scales;
       break;
     }
-    case 7:  // config 3's tile blocks serialized as format v1 (serialized version 6)
+    case 5:  // attention sinks: config 3's tile blocks with 5 sink tokens, of rotated rows, K
+             // channels never permuted; serialized version 4
+      c = store_config(3);
+      c.sink_tokens = 5;
+      c.rotation = KVC_ROTATION_HADAMARD;
+      c.tile_permute_channels = 0;
+      break;
+    case 6: {  // per-layer bounds on tile blocks: config 3 in bf16, no 3- or 6-bit tiles,
+               // serialized version 5
+      static const float key_scales[2] = {0.5f, 2.0f}, value_scales[2] = {1.0f, 0.25f};
+      c = store_config(3);
+      c.dtype = KVC_DTYPE_BF16;
+      c.tile_split_widths = 0;
+      c.key_layer_scales = key_scales;
+      c.value_layer_scales = value_scales;
+      break;
+    }
+    case 7:  // config 3's tile blocks serialized as format v1 (serialized version 6), in bf16,
+             // absolute K and relative V bounds, 3 sink tokens
       c = store_config(3);
       c.serialized_block_format = KVC_BLOCK_FORMAT_V1;
+      c.dtype = KVC_DTYPE_BF16;
+      c.key_bound_mode = KVC_BOUND_ABSOLUTE;
+      c.key_error_bound = 0.05f;
+      c.value_bound_mode = KVC_BOUND_RELATIVE;
+      c.value_error_bound = 0.05f;
+      c.sink_tokens = 3;
       break;
   }
   return c;
