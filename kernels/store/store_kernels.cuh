@@ -430,8 +430,8 @@ __device__ void place_group(const StoreView& S, const Entry* entries, uint32_t n
   for (uint32_t q = 0; q < count; ++q) by_block(at + w.list[q], w.list[q]);
 }
 
-// One thread block, for one layer of a call.
-__global__ void __launch_bounds__(kStoreThreads)
+// One thread block, for one layer of a call (so one resident block: all registers are its).
+__global__ void __launch_bounds__(kStoreThreads, 1)
     commit_kernel(StoreView S, uint32_t num_sequences, uint32_t max_blocks, bool first_layer,
                   Entry* entries, const uint32_t* bytes_k, const uint32_t* bytes_v, void** copy_dst,
                   CallState* call) {
@@ -449,19 +449,21 @@ __global__ void __launch_bounds__(kStoreThreads)
   }
   __syncthreads();
   if (status != KVC_SUCCESS) return;
-  // Staging checked every row, so the encoder refuses nothing (a block of 0 bytes); if it
-  // ever did, failing here keeps the store intact. Every thread checks its share of all slots
+  // Staging checked every row, so the encoder refuses nothing (a block of 0 bytes) and writes
+  // no block larger than a page (the placement's arithmetic assumes it); if it ever did,
+  // failing here keeps the store intact. Every thread checks its share of all slots
   // (a prefill's thousands of blocks are one sequence's: a thread per sequence would walk them
   // alone), and the block fails as one: no thread may leave before the others' barriers. The
   // copy destinations of slots past a sequence's blocks are cleared on the way.
   const uint32_t slots = max_blocks * S.num_heads;
-  bool empty = false;
+  bool unplaceable = false;
   for (size_t s = tid; s < size_t(num_sequences) * slots; s += blockDim.x) {
     const bool used = s % slots < entries[s / slots].blocks * S.num_heads;
-    empty |= used && (bytes_k[s] == 0 || bytes_v[s] == 0);
+    unplaceable |= used && (bytes_k[s] == 0 || bytes_v[s] == 0 || bytes_k[s] > S.page_bytes ||
+                            bytes_v[s] > S.page_bytes);
     if (!used) copy_dst[2 * s] = copy_dst[2 * s + 1] = nullptr;
   }
-  if (__syncthreads_or(empty)) {
+  if (__syncthreads_or(unplaceable)) {
     if (tid == 0) record_failure(call, 0, KVC_ERROR_INTERNAL);
     return;
   }

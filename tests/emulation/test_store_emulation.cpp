@@ -16,7 +16,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <functional>
 #include <map>
+#include <optional>
 #include <random>
 #include <set>
 
@@ -680,7 +682,16 @@ struct CommitCase {
   uint32_t by_block;            // of them, placed by the whole thread block
   bool short_of_pages = false;  // one page fewer than the call needs: nothing may change
   uint32_t largest = 0;         // when not 0: every size from 1 to this
+  // When set, for the long sequences: the size of placement i of sequence b, the bytes used in
+  // their open page, their live blocks (else random).
+  std::function<uint32_t(uint32_t b, uint32_t i)> size_of = nullptr;
+  int64_t open_used = -1;
+  int32_t live = -1;
+  // When set: the size of the first long sequence's fifth K block, 0 or past a page, which no
+  // encoder writes and the kernel refuses (KVC_ERROR_INTERNAL), changing nothing.
+  std::optional<uint32_t> bad_size;
 };
+constexpr uint32_t kEitherPath = ~0u;  // CommitCase::by_block: not checked
 
 void run_commit_case(const CommitCase& c, uint32_t seed) {
   std::mt19937 rng(seed);
@@ -691,6 +702,10 @@ void run_commit_case(const CommitCase& c, uint32_t seed) {
     live[b] = rng() % 4 == 0 ? 0 : 1 + rng() % 3;
   }
   for (uint32_t b : c.long_at) blocks[b] = c.long_blocks;
+  if (c.live >= 0)
+    for (uint32_t b : c.long_at) live[b] = uint32_t(c.live);
+  std::vector<bool> is_long(B, false);
+  for (uint32_t b : c.long_at) is_long[b] = true;
   const uint32_t max_blocks = *std::max_element(blocks.begin(), blocks.end());
   const uint32_t slots = max_blocks * H, row_capacity = (3 + max_blocks) * H * 2;
   const auto random_size = [&]() -> uint32_t {
@@ -709,10 +724,13 @@ void run_commit_case(const CommitCase& c, uint32_t seed) {
   std::vector<uint32_t> bytes_k(size_t(B) * slots, 0), bytes_v(size_t(B) * slots, 0);
   for (uint32_t b = 0; b < B; ++b) {
     for (uint32_t s = 0; s < blocks[b] * H; ++s) {
-      bytes_k[size_t(b) * slots + s] = random_size();
-      bytes_v[size_t(b) * slots + s] = random_size();
+      bytes_k[size_t(b) * slots + s] =
+          c.size_of && is_long[b] ? c.size_of(b, 2 * s) : random_size();
+      bytes_v[size_t(b) * slots + s] =
+          c.size_of && is_long[b] ? c.size_of(b, 2 * s + 1) : random_size();
     }
   }
+  if (c.bad_size) bytes_k[size_t(c.long_at.at(0)) * slots + 4] = *c.bad_size;
   // Sequence b lives in slot b (layer 0); pages [0, B) are the open pages, the free stack holds
   // the others shuffled (so a page taken out of order shows).
   std::vector<BlockLocation> tables(size_t(B) * row_capacity, BlockLocation{0xFFFFFFFFu, 7, 7});
@@ -726,6 +744,7 @@ void run_commit_case(const CommitCase& c, uint32_t seed) {
     st.open_page = b;
     const uint32_t r = rng() % 4;
     st.open_used = r == 0 ? P : r == 1 ? P - rng() % 7 : uint32_t(rng() % (P + 1));
+    if (c.open_used >= 0 && is_long[b]) st.open_used = uint32_t(c.open_used);
     entries[b] = {b, 0, KVC_SUCCESS, 0, blocks[b], 0, 0xEEEEEEEEu, 0, 0, 0};
   }
   // The reference, and the pages it needs.
@@ -754,7 +773,11 @@ void run_commit_case(const CommitCase& c, uint32_t seed) {
   const auto resolve = [&](uint32_t page) {  // rank r: the free stack's (r + 1)-th page from top
     return page & 0x80000000u ? free_pages[free_top - 1 - (page & 0x7FFFFFFFu)] : page;
   };
-  std::vector<uint8_t> pool(size_t(num_pages) * P);
+  // The commit only computes addresses in the pool: pages of up to 2^30 bytes get a made-up base.
+  const bool made_up = size_t(num_pages) * P > (size_t(1) << 28);
+  std::vector<uint8_t> pool_bytes(made_up ? 0 : size_t(num_pages) * P);
+  uint8_t* const pool =
+      made_up ? reinterpret_cast<uint8_t*>(uintptr_t(1) << 44) : pool_bytes.data();
   std::vector<int32_t> slot_ids(B);
   std::vector<uint32_t> layer_compressed(1, 1);
   ks::Counters counters{free_top, KVC_SUCCESS, 0, 0, 0, 0, 0};
@@ -763,7 +786,7 @@ void run_commit_case(const CommitCase& c, uint32_t seed) {
                         free_pages.data(),
                         &counters,
                         layer_compressed.data(),
-                        pool.data(),
+                        pool,
                         P,
                         1,
                         H,
@@ -783,9 +806,10 @@ void run_commit_case(const CommitCase& c, uint32_t seed) {
       emu::launch(ks::commit_kernel, 1, ks::kStoreThreads, 0, V, B, max_blocks, true,
                   entries.data(), bytes_k.data(), bytes_v.data(), copy_dst.data(), &call);
   ASSERT_TRUE(r.ok()) << r.message();
-  if (c.short_of_pages) {
+  if (c.short_of_pages || c.bad_size) {
     ASSERT_NE(call.failure, ks::kNoFailure);
-    EXPECT_EQ(int32_t(uint32_t(call.failure)), KVC_ERROR_OUT_OF_PAGES);
+    EXPECT_EQ(int32_t(uint32_t(call.failure)),
+              c.bad_size ? KVC_ERROR_INTERNAL : KVC_ERROR_OUT_OF_PAGES);
     EXPECT_EQ(call.free_top, free_top);
     for (size_t i = 0; i < tables.size(); ++i) {
       ASSERT_EQ(tables[i].page, tables_before[i].page) << "row " << i << " written";
@@ -831,11 +855,11 @@ void run_commit_case(const CommitCase& c, uint32_t seed) {
     for (uint32_t i = 0; i < slots * 2; ++i) {
       void* const got = copy_dst[(size_t(b) * slots) * 2 + i];
       void* const w =
-          i < n ? pool.data() + size_t(resolve(want[b][i].page)) * P + want[b][i].offset : nullptr;
+          i < n ? pool + size_t(resolve(want[b][i].page)) * P + want[b][i].offset : nullptr;
       ASSERT_EQ(got, w) << where << " copy destination " << i;
     }
   }
-  EXPECT_EQ(by_block, c.by_block);
+  if (c.by_block != kEitherPath) EXPECT_EQ(by_block, c.by_block);
 }
 
 // A prefill's thousands of placements (3,200: four chunks of place_by_block) beside short
@@ -869,6 +893,122 @@ TEST(StoreEmulation, CommitPlacesManyBlocksPerPageAsTheCpuStore) {
 }
 TEST(StoreEmulation, CommitShortOfPagesChangesNothing) {
   run_commit_case({20, 8, 4096, 4, {3}, 60, 1, true}, 15);
+}
+
+// Edge cases of place_by_block (from a review): one long sequence of fixed or patterned sizes,
+// placed by the thread block, against next fit.
+CommitCase one_long(uint32_t heads, uint32_t P, uint32_t align, uint32_t blocks,
+                    std::function<uint32_t(uint32_t, uint32_t)> size_of, int64_t open_used,
+                    int32_t live) {
+  CommitCase c{1, heads, P, align, {0}, blocks, 1};
+  c.size_of = std::move(size_of);
+  c.open_used = open_used;
+  c.live = live;
+  return c;
+}
+uint32_t fixed(uint32_t bytes, uint32_t) { return bytes; }
+
+TEST(StoreEmulation, CommitPagesEndingAtChunkEnds) {  // 256 16-byte blocks a page, 1,024 a chunk
+  using namespace std::placeholders;
+  run_commit_case(one_long(8, 4096, 4, 300, std::bind(fixed, 16, _2), 4096, 2), 1);
+  run_commit_case(one_long(8, 4096, 16, 300, std::bind(fixed, 16, _2), 0, 0), 2);
+  run_commit_case(one_long(8, 4096, 16, 300, std::bind(fixed, 13, _2), 4095, 1), 3);
+}
+
+TEST(StoreEmulation, CommitPagesSpanningChunks) {
+  using namespace std::placeholders;
+  run_commit_case(one_long(8, 4096, 4, 300, std::bind(fixed, 12, _2), 100, 1), 4);
+  run_commit_case(one_long(8, 65536, 4, 300, std::bind(fixed, 4, _2), 7, 1), 5);  // none opened
+  run_commit_case(one_long(
+                      8, 65536, 16, 300, [](uint32_t, uint32_t i) { return 1 + i % 17; }, 65535, 1),
+                  6);
+}
+
+TEST(StoreEmulation, CommitWholePageBlocks) {  // a page per placement: 1,024 runs in a chunk
+  using namespace std::placeholders;
+  run_commit_case(one_long(8, 1024, 16, 128, std::bind(fixed, 1024, _2), 1024, 3), 7);
+  run_commit_case(one_long(8, 1024, 16, 128, std::bind(fixed, 1024, _2), 0, 3), 8);
+  run_commit_case(
+      one_long(
+          8, 1024, 4, 129, [](uint32_t, uint32_t i) { return i % 2 ? 1024u : 1020u; }, 4, 3),
+      9);
+}
+
+TEST(StoreEmulation, CommitFirstBlockThatJustFitsOrDoesNotFitTheOpenPage) {
+  const auto first = [](uint32_t bytes, uint32_t rest) {
+    return [=](uint32_t, uint32_t i) { return i == 0 ? bytes : rest; };
+  };
+  run_commit_case(one_long(8, 4096, 16, 40, first(32, 48), 4096 - 17, 1), 10);
+  run_commit_case(one_long(8, 4096, 16, 40, first(16, 48), 4096 - 17, 1), 11);  // fills it
+  run_commit_case(one_long(8, 4096, 16, 40, first(17, 48), 4096 - 32, 1), 12);
+  run_commit_case(one_long(8, 4096, 4, 40, first(4096, 3), 1, 1), 13);
+}
+
+TEST(StoreEmulation, CommitRefusesABlockOfNoBytesOrPastAPage) {
+  for (uint32_t bad : {0u, 4097u, 0xFFFFFFF0u}) {
+    CommitCase c = one_long(
+        8, 4096, 16, 40, [](uint32_t, uint32_t) { return 48u; }, 100, 1);
+    c.bad_size = bad;
+    SCOPED_TRACE(bad);
+    run_commit_case(c, 18);
+  }
+}
+
+TEST(StoreEmulation, CommitLastChunkOfTwoPlacements) {  // 27 blocks x 19 heads x 2 = 1,026
+  run_commit_case(one_long(
+                      19, 2048, 16, 27, [](uint32_t, uint32_t i) { return 100 + i % 97; }, 2000, 2),
+                  14);
+  run_commit_case(
+      one_long(
+          19, 2048, 16, 27, [](uint32_t, uint32_t i) { return i >= 1024 ? 2048u : 7u; }, 2000, 2),
+      15);
+}
+
+TEST(StoreEmulation, CommitPagesOf1GiBSumPast32Bits) {  // a chunk's scan reaches 2^39
+  const uint32_t P = 1u << 30;
+  run_commit_case(
+      one_long(
+          8, P, 16, 70,
+          [](uint32_t, uint32_t i) { return i % 3 == 0 ? (1u << 30) : (1u << 29) - 16 * (i % 5); },
+          P - 48, 1),
+      16);
+  run_commit_case(
+      one_long(
+          8, P, 4, 70, [](uint32_t, uint32_t i) { return (1u << 28) + 4 * (i % 7) + 1; }, 0, 1),
+      17);
+}
+
+// Random batches: 1 to 6 sequences, up to 3 of them long, sizes random, up to a page, or drawn
+// from page-sized, alignment-sized and 1-byte blocks.
+TEST(StoreEmulation, CommitRandomBatches) {
+  std::mt19937 rng(2026);
+  const uint32_t pages[] = {256, 512, 1280, 4096, 65536};
+  for (int it = 0; it < 60; ++it) {
+    CommitCase c{};
+    c.sequences = 1 + rng() % 6;
+    c.heads = 1 + rng() % 12;
+    c.page_bytes = pages[rng() % 5];
+    c.align = rng() % 2 ? 4 : 16;
+    const uint32_t longs = 1 + rng() % std::min(3u, c.sequences);
+    for (uint32_t k = 0; k < longs; ++k) c.long_at.push_back(rng() % c.sequences);
+    std::sort(c.long_at.begin(), c.long_at.end());
+    c.long_at.erase(std::unique(c.long_at.begin(), c.long_at.end()), c.long_at.end());
+    c.long_blocks = 2 + rng() % (5000 / (2 * c.heads));
+    c.by_block = kEitherPath;
+    const uint32_t kind = rng() % 4;
+    if (kind == 0) c.largest = 1 + rng() % 64;
+    if (kind == 1) c.largest = 1 + rng() % c.page_bytes;
+    if (kind == 2) {
+      c.size_of = [P = c.page_bytes, a = c.align, seed = uint32_t(rng())](uint32_t b, uint32_t i) {
+        const uint32_t h = (i * 2654435761u) ^ (b * 40503u) ^ seed;
+        const uint32_t choice[] = {P, P - a, a, 1u, 1 + h % (P / 16 + 1)};
+        return choice[h % 5];
+      };
+    }
+    SCOPED_TRACE("batch " + std::to_string(it));
+    run_commit_case(c, uint32_t(rng()));
+    if (HasFatalFailure()) return;
+  }
 }
 
 // A long prefill and batches of several sequences through the whole append chain (stage,
