@@ -251,8 +251,9 @@ void serializes_like_the_cpu_store(int32_t rotation, int32_t sinks = 0, bool lay
     value_scales[l] = 2.0f - 0.5f * float(l);
   }
   const int32_t max_tokens = long_prefill > 0 ? long_prefill + 64 : 1024;
-  kvc_store_config on_cpu = cuda_config(sh, 8 << 20, 0, 8, max_tokens);
-  kvc_store_config on_gpu = cuda_config(sh, 8 << 20, 0, 8, max_tokens);
+  const int64_t capacity = long_prefill > 0 ? 24 << 20 : 8 << 20;
+  kvc_store_config on_cpu = cuda_config(sh, capacity, 0, 8, max_tokens);
+  kvc_store_config on_gpu = cuda_config(sh, capacity, 0, 8, max_tokens);
   on_cpu.backend = KVC_BACKEND_CPU;
   for (kvc_store_config* c : {&on_cpu, &on_gpu}) {
     c->rotation = rotation;
@@ -341,8 +342,10 @@ TEST_F(StoreGpu, SerializesToTheSameBytesAsTheCpuStore) {
 
 // A prefill of 2,600 tokens: 81 blocks x 2 heads x K|V, 324 placements per layer, which the
 // commit kernel places with the whole thread block (place_by_block) rather than one thread.
+// 9,000 tokens: 281 blocks x 2 heads x K|V = 1,124 placements, two chunks of the commit kernel's
+// block-wide placement.
 TEST_F(StoreGpu, LongPrefillSerializesAndReadsAsTheCpuStore) {
-  serializes_like_the_cpu_store(KVC_ROTATION_NONE, 0, false, 2600);
+  serializes_like_the_cpu_store(KVC_ROTATION_NONE, 0, false, 9000);
 }
 
 TEST_F(StoreGpu, RotatedStoreSerializesAndReadsAsTheCpuStore) {
