@@ -845,9 +845,13 @@ def _fp16_mask(n, block, recent):
 
 
 class _BaselineCache:
-    """Shared bookkeeping of the KVComp and PackKV policies."""
+    """Shared bookkeeping of the KVComp and PackKV policies. parts: the bytes held at the
+    window's end split into codes (the entropy-coded or bit-packed payload), metadata (steps,
+    minimums, pack headers, offsets, codebooks) and the fp16 buffer."""
 
-    begin_window = FP16Cache.begin_window
+    def begin_window(self, n):
+        FP16Cache.begin_window(self, n)
+        self.parts = dict(codes=0.0, metadata=0.0, fp16=0.0)
 
     def _account(self, k, v, held):
         """held: [(bytes at the end, bytes over the steps)] of K and V."""
@@ -899,6 +903,7 @@ class KVCompPaperCache(_BaselineCache):
         lengths = huffman_lengths(counts)
         bits = lengths[codes].reshape(nt // T, -1).sum(1)
         per_block = (bits + 7) // 8 + groups * META_BYTES + 4
+        self.code_bytes = int(((bits + 7) // 8).sum())
         return out, per_block, len(counts), np.broadcast_to(step, xb.shape).reshape(nt, Hk, d)
 
     def attend(self, layer, q, k, v, window=0):
@@ -911,9 +916,15 @@ class KVCompPaperCache(_BaselineCache):
                 held.append((x.nbytes, _prefix_sums(n) * row))
                 dec.append(x)
                 masks.append(np.ones((n, n), dtype=bool))
+                self.parts["fp16"] += x.nbytes
                 continue
+            self.code_bytes = 0
             out, per_block, book, _ = self.encode(kind, x)
             held.append(_held_bytes(n, T, R, per_block, book, row))
+            fp16 = (n - int(compressed_tokens(n, T, R))) * row
+            self.parts["fp16"] += fp16
+            self.parts["codes"] += self.code_bytes
+            self.parts["metadata"] += held[-1][0] - fp16 - self.code_bytes
             dec.append(out)
             masks.append(_fp16_mask(n, T, R))
         self._account(k, v, held)
@@ -986,6 +997,13 @@ def bitpack_bytes(codes: np.ndarray, pack: int, raw_bits: int, heads: int) -> np
     return (bits + 7) // 8 + 2 * (N // pack) * heads
 
 
+def bitpack_payload_bits(codes: np.ndarray, pack: int) -> int:
+    """The payload part of bitpack_bytes (pack * width bits per pack, no pack headers)."""
+    nb, N, F = codes.shape
+    p = codes.reshape(nb, N // pack, pack, F)
+    return int((pack * width_bits(p.max(2) - p.min(2))).sum())
+
+
 class PackKVCache(_BaselineCache):
     """PackKV (Jiang et al., arXiv 2512.24449): K and V quantized per token (one group per token
     over every kv-head's channels by default) with a step relative to the group's range, in
@@ -1020,6 +1038,7 @@ class PackKVCache(_BaselineCache):
         T = self.T
         nt = int(compressed_tokens(n, T, self.R))
         outs, codes = [k.copy(), v.copy()], [None, None]
+        self.code_bytes = 0.0
         if not nt:
             return outs[0], outs[1], [np.zeros(0, np.int64)] * 2
         groups = [0, 0]
@@ -1043,6 +1062,7 @@ class PackKVCache(_BaselineCache):
                 per_block.append(None)
                 continue
             c = np.take_along_axis(c, order[..., None], axis=1)
+            self.code_bytes += bitpack_payload_bits(c, self.P) / 8
             raw = max(1, int(width_bits(np.array(int(c.max())))))
             per_block.append(bitpack_bytes(c, self.P, raw, Hk) + g * META_BYTES)
         return outs[0], outs[1], per_block
@@ -1053,12 +1073,18 @@ class PackKVCache(_BaselineCache):
         k_hat, v_hat, per_block = self.encode(k, v)
         held, masks = [], []
         mask = _fp16_mask(n, self.T, self.R)
+        fp16 = (n - int(compressed_tokens(n, self.T, self.R))) * row
         for x, pb in zip((k, v), per_block):
             if pb is None:
                 held.append((x.nbytes, _prefix_sums(n) * row))
                 masks.append(np.ones((n, n), dtype=bool))
+                self.parts["fp16"] += x.nbytes
             else:
                 held.append(_held_bytes(n, self.T, self.R, pb, 0, row))
                 masks.append(mask)
+                self.parts["fp16"] += fp16
+                self.parts["metadata"] += held[-1][0] - fp16
+        self.parts["codes"] += self.code_bytes
+        self.parts["metadata"] -= self.code_bytes
         self._account(k, v, held)
         return masked_attention(q, k, v, k_hat, v_hat, masks[0], masks[1], window)

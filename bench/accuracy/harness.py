@@ -201,6 +201,9 @@ class Accumulator:
         self.fp16_time += policy.fp16_time
         self.seconds += seconds
         self.windows += 1
+        parts = getattr(policy, "parts", None)  # the published compressors' byte split
+        if parts is not None:
+            self.parts = {k: getattr(self, "parts", {}).get(k, 0) + v for k, v in parts.items()}
         st = getattr(policy, "store_stats", None)
         if st is not None:
             self.store_tokens += m + 1
@@ -218,6 +221,8 @@ class Accumulator:
                  seconds=round(self.seconds, 1))
         if self.store is not None:
             r.update(store=dict(self.store), store_tokens=self.store_tokens, windows=self.windows)
+        if getattr(self, "parts", None):
+            r["parts"] = dict(self.parts)
         if ref is not None:
             r.update(ppl_fp16=ref.result()["ppl"], kl=self.kl / self.n, top1=self.top1 / self.n)
             r["dppl_pct"] = 100.0 * (ppl / r["ppl_fp16"] - 1.0)

@@ -117,6 +117,7 @@ def test_kvcomp_paper_bytes_by_hand():
     # Steps t = 1..4: K holds 1 fp16 row (4 B), block 0 + book, + 1 row, both blocks + book.
     assert pol.bytes_time == (4 + 14 + 18 + 23) + 4 * (1 + 2 + 3 + 4)
     assert pol.fp16_bytes == 32
+    assert pol.parts == dict(codes=3, metadata=8 + 8 + 4, fp16=16)
 
 
 @pytest.mark.parametrize("repack,want", [("greedy", 22), ("none", 23)])
@@ -132,6 +133,7 @@ def test_packkv_bytes_by_hand(repack, want):
     pol.begin_window(4)
     pol.attend(0, np.zeros((4, 1, 2), np.float32), k, v)
     assert pol.bytes == want + 16
+    assert pol.parts == dict(codes=want - 22, metadata=22, fp16=16)
     assert pol.bytes_time == (4 + 8 + 12 + want) + 4 * (1 + 2 + 3 + 4)
 
 
@@ -153,6 +155,8 @@ def test_constant_tensors_compress_to_metadata_only():
     # bytes of row offsets, 64 tokens x 4 bytes (step, min).
     per_block = 32 + 16 + 64 * 4
     assert pk.bytes == 2 * (6 * per_block + (n - 384) * row)
+    assert pk.parts["codes"] == 0 and pol.parts["codes"] == 0
+    assert sum(pk.parts.values()) == pk.bytes and sum(pol.parts.values()) == pol.bytes
 
 
 def test_masked_attention_matches_a_per_query_loop():
@@ -197,3 +201,23 @@ def test_setting_strings():
                 "kvcomp-paper:k=0.1,v=0.1,kg=row", "kvcomp-paper:k=0.1,v=0.1,kr=100"):
         with pytest.raises(ValueError):
             harness.make_policy(bad)
+
+
+def test_byte_split_is_summed_over_windows_and_merged():
+    import merge
+    k, v = _kv(n=256)
+    q = np.zeros((256, 4, 16), np.float32)
+    pol = harness.make_policy("packkv:k=0.1,v=0.1")
+    lp = np.log(np.full((3, 5), 0.2))
+    parts = []
+    for _ in range(2):
+        acc = harness.Accumulator(pol.name)
+        for _ in range(2):
+            pol.begin_window(256)
+            pol.attend(0, q, k, v)
+            acc.add(lp, lp, np.zeros(3, np.int64), pol, 0.0)
+        r = acc.result(acc)
+        assert np.isclose(sum(r["parts"].values()), r["bytes"])
+        parts.append(dict(meta=dict(start_window=len(parts) * 2, windows_done=2), results=[r]))
+    m = merge.merge(merge.combine_same_windows(parts))[0]
+    assert np.isclose(sum(m["parts"].values()), m["bytes"]) and m["bytes"] == 2 * r["bytes"]
