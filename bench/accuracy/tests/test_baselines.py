@@ -221,3 +221,14 @@ def test_byte_split_is_summed_over_windows_and_merged():
         parts.append(dict(meta=dict(start_window=len(parts) * 2, windows_done=2), results=[r]))
     m = merge.merge(merge.combine_same_windows(parts))[0]
     assert np.isclose(sum(m["parts"].values()), m["bytes"]) and m["bytes"] == 2 * r["bytes"]
+
+
+def test_plot_labels_and_groups():
+    import plot
+    assert plot.label("kvcomp-paper:k=0.02,v=0.05") == "KVComp (paper) K step 0.02, V step 0.05"
+    assert plot.label("packkv:k=0.04,v=none,repack=none") == \
+        "PackKV (paper) K step 0.04, V fp16, repack=none"
+    assert plot.group("packkv:k=0.04,v=0.08") == "packkv"
+    assert plot.group("kvcomp-paper:k=0.1,v=0.05,kg=channel") == "kvcomp-paper other"
+    assert all(g in plot.STYLES and g in plot.NAMES for g in
+               ("kvcomp-paper", "kvcomp-paper other", "packkv", "packkv other"))
