@@ -8,6 +8,7 @@
             bench/accuracy/results/layer_scales_t128_b.json \
             bench/accuracy/results/layer_widths_t128.json \
             bench/accuracy/results/tiles_t64_w32.json \
+            bench/accuracy/results/baselines_w32.json \
         --gemma bench/accuracy/results/gemma3_t128.json bench/accuracy/results/gemma3_sinks.json \
         --figure docs/accuracy_pareto.png
 """
