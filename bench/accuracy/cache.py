@@ -18,6 +18,11 @@ Every policy reproduces what generation would see, for a whole window at once:
   Asymmetric min/max quantization with an fp16 scale and zero point per group.
 - Int8TokenCache: 8-bit asymmetric per token (one group per head's channels), fp16 scale and
   zero point, every token quantized as it is appended.
+- KVCompPaperCache, PackKVCache: the published compressors KVComp and PackKV (Jiang et al.),
+  re-implemented from their papers and their authors' code (docs/accuracy.md, "Other
+  compressors"): error-bounded quantization with a step relative to each group's range, then a
+  Huffman code (KVComp) or token repacking and per-pack bit-packing (PackKV); the most recent
+  tokens in an fp16 buffer flushed a block at a time (masked_attention).
 
 Each policy also reports the bytes its cache holds at the end of the window (compressed
 blocks, metadata, codebooks, fp16 tails), to compare with fp16 K+V.
