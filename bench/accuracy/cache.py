@@ -18,6 +18,11 @@ Every policy reproduces what generation would see, for a whole window at once:
   Asymmetric min/max quantization with an fp16 scale and zero point per group.
 - Int8TokenCache: 8-bit asymmetric per token (one group per head's channels), fp16 scale and
   zero point, every token quantized as it is appended.
+- KVCompPaperCache, PackKVCache: the published compressors KVComp and PackKV (Jiang et al.),
+  re-implemented from their papers and their authors' code (docs/accuracy.md, "Other
+  compressors"): error-bounded quantization with a step relative to each group's range, then a
+  Huffman code (KVComp) or token repacking and per-pack bit-packing (PackKV); the most recent
+  tokens in an fp16 buffer flushed a block at a time (masked_attention).
 
 Each policy also reports the bytes its cache holds at the end of the window (compressed
 blocks, metadata, codebooks, fp16 tails), to compare with fp16 K+V.
@@ -719,3 +724,372 @@ def generation_cache(n_layer, kv: KvcompCache | None, block_tokens=64):
     if kv is not None and kv.path == "store":
         return StoreGenerationCache(n_layer, kv)
     return GenerationCache(n_layer, kv, block_tokens)
+
+
+# ---- Published baselines: KVComp (Jiang et al. 2025) and PackKV (Jiang et al. 2025) -----------
+# Implemented from the papers' descriptions (docs/accuracy.md, "Other compressors: KVComp and
+# PackKV"); every byte a real store would hold is counted.
+
+# Quantization groups over a block laid out [blocks, tokens, kv_heads, head_dim]: the axes reduced
+# to one (min, step) pair. "token": one token over every kv-head's channels; "vector": one token of
+# one head; "channel": one channel of one head over the block's tokens; "block": the whole block.
+GROUP_AXES = {"block": (1, 2, 3), "channel": (1,), "token": (2, 3), "vector": (3,)}
+META_BYTES = 2 * F16  # per group: the step and the minimum, fp16 each
+
+
+def compressed_tokens(L, block, recent):
+    """Tokens in compressed blocks once a cache of block-token blocks with a `recent`-token fp16
+    buffer holds L tokens (L may be an array): whole blocks leave the buffer as long as at least
+    recent - block + (L mod block) tokens stay, i.e. max(0, floor(L / block) + 1 - recent / block)
+    blocks (recent a multiple of block; recent = block: every full block is compressed)."""
+    L = np.asarray(L)
+    nb = np.maximum(0, (L - L % block + block - recent) // block)
+    return nb * block
+
+
+def fp16_step_down(s: np.ndarray) -> np.ndarray:
+    """s (float32 >= 0) rounded down to an fp16 value (so the stored step never exceeds the one
+    the bound asks for), at least the smallest fp16 subnormal where s > 0. float32."""
+    h = s.astype(np.float16)
+    over = h.astype(np.float32) > s
+    h[over] = np.nextafter(h[over], np.float16(0))
+    h = h.astype(np.float32)
+    return np.where((s > 0) & (h == 0), np.float32(2.0 ** -24), h)
+
+
+def quantize_groups(x: np.ndarray, rel: float, group: str):
+    """Uniform quantization with a step relative to each group's range, as KVComp and PackKV
+    define it: step = rel * (max - min), codes q = round((x - min) / step) >= 0, decoded
+    q * step + min, so |x - x_hat| <= step / 2 (before the final rounding to fp16). The step
+    (rounded down to fp16) and the minimum (an fp16 element of the group, exact) are stored per
+    group. x: float32 [blocks, tokens, kv_heads, head_dim]. Returns (decoded float32, codes int64,
+    step float32 broadcastable to x, groups per block)."""
+    axes = GROUP_AXES[group]
+    lo = x.min(axis=axes, keepdims=True)
+    hi = x.max(axis=axes, keepdims=True)
+    step = fp16_step_down(np.float32(rel) * (hi - lo))
+    safe = np.where(step > 0, step, np.float32(1.0))
+    q = np.where(step > 0, np.rint((x - lo) / safe), 0.0)
+    dec = q * step + lo
+    groups = int(np.prod([x.shape[a] for a in range(1, 4) if a not in axes]))
+    return dec, q.astype(np.int64), step, groups
+
+
+def huffman_lengths(counts: np.ndarray) -> np.ndarray:
+    """Code lengths (bits) of a Huffman code for symbol counts (0 for absent symbols). A single
+    present symbol gets length 0: its count is known from the block shape, no bit is stored."""
+    import heapq
+    lengths = np.zeros(len(counts), dtype=np.int64)
+    present = [int(i) for i in np.nonzero(counts)[0]]
+    if len(present) <= 1:
+        return lengths
+    heap = [(int(counts[i]), i, [i]) for i in present]
+    heapq.heapify(heap)
+    tie = len(counts)
+    while len(heap) > 1:
+        c1, _, s1 = heapq.heappop(heap)
+        c2, _, s2 = heapq.heappop(heap)
+        lengths[s1] += 1
+        lengths[s2] += 1
+        heapq.heappush(heap, (c1 + c2, tie, s1 + s2))
+        tie += 1
+    return lengths
+
+
+def _held_bytes(n, block, recent, block_bytes, fixed, row):
+    """Bytes a cache holds for one tensor: the compressed blocks so far, `fixed` bytes once one
+    exists (a codebook) and the fp16 rows (row bytes each) of the buffer; at the window's end and
+    summed over the steps t = 1..n."""
+    t = np.arange(1, n + 1)
+    ct = compressed_tokens(t, block, recent)
+    nb = ct // block
+    cum = np.concatenate([[0], np.cumsum(np.asarray(block_bytes, dtype=np.int64))])
+    held = cum[nb] + (nb > 0) * int(fixed) + (t - ct) * int(row)
+    return int(held[-1]), int(held.sum())
+
+
+def masked_attention(q, k_fp, v_fp, k_q, v_q, k_fp_mask, v_fp_mask, window=0, chunk=64):
+    """Causal attention of q [n, H, d] over n keys where query t reads key s from its fp16 copy
+    where k_fp_mask[t, s] (v_fp_mask for V) and from its quantized copy elsewhere. masks: bool
+    [n, n], each row's True entries a suffix of its causal part (the fp16 buffer), so the fp16
+    corrections are computed `chunk` query rows at a time over the columns from the chunk's first
+    fp16 key on. Returns [n, H, d] float32."""
+    n, H, d = q.shape
+    Hk = k_fp.shape[1]
+    g = H // Hk
+    qh = (q.transpose(1, 0, 2).reshape(Hk, g, n, d) * np.float32(1.0 / np.sqrt(d)))
+
+    def heads(x):
+        return x.transpose(1, 0, 2)[:, None].astype(np.float32)
+
+    def spans(mask):
+        """(r0, r1, c0) per chunk of rows with an fp16 key: the rows' first fp16 column."""
+        first = np.where(mask.any(1), mask.argmax(1), n)
+        return [(r0, min(n, r0 + chunk), int(first[r0:r0 + chunk].min()))
+                for r0 in range(0, n, chunk) if first[r0:r0 + chunk].min() < n]
+
+    kq, vq = heads(k_q), heads(v_q)
+    s = qh @ kq.swapaxes(-1, -2)
+    dk = heads(k_fp) - kq
+    for r0, r1, c0 in spans(k_fp_mask):
+        s[..., r0:r1, c0:r1] += ((qh[..., r0:r1, :] @ dk[..., c0:r1, :].swapaxes(-1, -2))
+                                 * k_fp_mask[r0:r1, c0:r1])
+    p = _softmax_causal(s, window)
+    out = p @ vq
+    dv = heads(v_fp) - vq
+    for r0, r1, c0 in spans(v_fp_mask):
+        out[..., r0:r1, :] += (p[..., r0:r1, c0:r1] * v_fp_mask[r0:r1, c0:r1]) @ dv[..., c0:r1, :]
+    return out.reshape(H, n, d).transpose(1, 0, 2)
+
+
+def _fp16_mask(n, block, recent):
+    """[n, n] bool: query t reads key s in fp16 (s not yet in a compressed block when the cache
+    holds t + 1 tokens)."""
+    ct = compressed_tokens(np.arange(1, n + 1), block, recent)
+    return np.arange(n)[None, :] >= ct[:, None]
+
+
+class _BaselineCache:
+    """Shared bookkeeping of the KVComp and PackKV policies. parts: the bytes held at the
+    window's end split into codes (the entropy-coded or bit-packed payload), metadata (steps,
+    minimums, pack headers, offsets, codebooks) and the fp16 buffer."""
+
+    def begin_window(self, n):
+        FP16Cache.begin_window(self, n)
+        self.parts = dict(codes=0.0, metadata=0.0, fp16=0.0)
+
+    def _account(self, k, v, held):
+        """held: [(bytes at the end, bytes over the steps)] of K and V."""
+        self.bytes += sum(h[0] for h in held)
+        self.bytes_time += sum(h[1] for h in held)
+        self.fp16_bytes += k.nbytes + v.nbytes
+        self.fp16_time += _prefix_sums(k.shape[0]) * (k.nbytes + v.nbytes) // k.shape[0]
+
+
+class KVCompPaperCache(_BaselineCache):
+    """KVComp (Jiang et al., arXiv 2509.00579): error-bounded quantization of blocks (K: blocks of
+    kt tokens, one group per block over every kv-head and channel by default; V: blocks of vt
+    tokens, one group per token over every kv-head's channels), then Huffman coding of the codes
+    with one code per (layer, K|V) built from the window's own blocks. The most recent tokens stay
+    fp16 (kr for K, vr for V, as buffers flushed a block at a time).
+
+    Bytes per compressed block: its Huffman bits (rounded up to a byte), 4 bytes per group (step and
+    minimum, fp16) and a 4-byte block offset; per (layer, K|V): the canonical codebook, one byte
+    (a code length) per symbol from 0 to the largest code; plus the fp16 buffer."""
+
+    def __init__(self, rel_k, rel_v, kt=64, vt=128, kr=128, vr=256, kgroup="block",
+                 vgroup="token", name=None):
+        self.rel = {"key": rel_k, "value": rel_v}
+        self.block = {"key": kt, "value": vt}
+        self.recent = {"key": kr, "value": vr}
+        self.group = {"key": kgroup, "value": vgroup}
+        for kind in ("key", "value"):
+            if self.recent[kind] % self.block[kind] or self.recent[kind] < self.block[kind]:
+                raise ValueError("the fp16 buffer must be a positive multiple of the block")
+            if self.group[kind] not in GROUP_AXES:
+                raise ValueError(f"group {self.group[kind]!r}: expected one of "
+                                 f"{sorted(GROUP_AXES)}")
+        self.name = name or f"KVComp K{rel_k} V{rel_v}"
+
+    def encode(self, kind, x):
+        """x [n, Hk, d] fp16 -> (decoded fp16 copy, per-block bytes, codebook bytes, step
+        broadcast over the compressed rows or None). Rows past the compressed blocks stay as they
+        are."""
+        n, Hk, d = x.shape
+        T = self.block[kind]
+        nt = int(compressed_tokens(n, T, self.recent[kind]))
+        out = x.copy()
+        if self.rel[kind] is None or not nt:
+            return out, np.zeros(0, np.int64), 0, None
+        xb = x[:nt].astype(np.float32).reshape(nt // T, T, Hk, d)
+        dec, codes, step, groups = quantize_groups(xb, self.rel[kind], self.group[kind])
+        out[:nt] = dec.reshape(nt, Hk, d).astype(np.float16)
+        counts = np.bincount(codes.ravel())
+        lengths = huffman_lengths(counts)
+        bits = lengths[codes].reshape(nt // T, -1).sum(1)
+        per_block = (bits + 7) // 8 + groups * META_BYTES + 4
+        self.code_bytes = int(((bits + 7) // 8).sum())
+        return out, per_block, len(counts), np.broadcast_to(step, xb.shape).reshape(nt, Hk, d)
+
+    def attend(self, layer, q, k, v, window=0):
+        n, Hk, d = k.shape
+        row = Hk * d * F16
+        held, dec, masks = [], [], []
+        for kind, x in (("key", k), ("value", v)):
+            T, R = self.block[kind], self.recent[kind]
+            if self.rel[kind] is None:  # that tensor stays fp16
+                held.append((x.nbytes, _prefix_sums(n) * row))
+                dec.append(x)
+                masks.append(np.ones((n, n), dtype=bool))
+                self.parts["fp16"] += x.nbytes
+                continue
+            self.code_bytes = 0
+            out, per_block, book, _ = self.encode(kind, x)
+            held.append(_held_bytes(n, T, R, per_block, book, row))
+            fp16 = (n - int(compressed_tokens(n, T, R))) * row
+            self.parts["fp16"] += fp16
+            self.parts["codes"] += self.code_bytes
+            self.parts["metadata"] += held[-1][0] - fp16 - self.code_bytes
+            dec.append(out)
+            masks.append(_fp16_mask(n, T, R))
+        self._account(k, v, held)
+        return masked_attention(q, k, v, dec[0], dec[1], masks[0], masks[1], window)
+
+
+def width_bits(r) -> np.ndarray:
+    """Bits of a non-negative integer range r: ceil(log2(r + 1)), i.e. r's bit length (0 for
+    r = 0). Exact through frexp's exponent for r < 2**53."""
+    return np.frexp(np.asarray(r, dtype=np.float64))[1].astype(np.int64)
+
+
+def greedy_repack(codes: np.ndarray, pack: int) -> np.ndarray:
+    """PackKV's encode-aware repacking: a permutation of each block's tokens, shared by K and V,
+    that groups tokens of similar codes into packs of `pack` consecutive tokens. Per pack: the
+    seed is the remaining token most similar (cosine) to the mean of the remaining tokens; then,
+    pack - 1 times, the remaining token whose addition increases the pack's summed widths
+    (over every K and V channel) least. codes: int64 [blocks, tokens, features]. Returns the
+    token order, int64 [blocks, tokens]."""
+    nb, N, F = codes.shape
+    x = codes.astype(np.float32)
+    used = np.zeros((nb, N), dtype=bool)
+    order = np.empty((nb, N), dtype=np.int64)
+    rows = np.arange(nb)
+    pos = 0
+    for _ in range(N // pack):
+        rem = ~used
+        mean = np.rint((x * rem[..., None]).sum(1) / rem.sum(1, keepdims=True))  # [nb, F]
+        num = (x * mean[:, None]).sum(-1)
+        den = np.linalg.norm(x, axis=-1) * np.linalg.norm(mean, axis=-1)[:, None]
+        cos = num / np.maximum(den, 1e-8)
+        cos[used] = -np.inf
+        seed = cos.argmax(1)
+        used[rows, seed] = True
+        order[:, pos] = seed
+        pos += 1
+        lo = codes[rows, seed].copy()
+        hi = lo.copy()
+        for _ in range(pack - 1):
+            cur = width_bits(hi - lo).sum(-1)  # [nb]
+            cand = width_bits(np.maximum(hi[:, None], codes) - np.minimum(lo[:, None], codes))
+            inc = cand.sum(-1) - cur[:, None]
+            inc = np.where(used, np.iinfo(np.int64).max, inc)
+            pick = inc.argmin(1)
+            used[rows, pick] = True
+            order[:, pos] = pick
+            pos += 1
+            lo = np.minimum(lo, codes[rows, pick])
+            hi = np.maximum(hi, codes[rows, pick])
+    return order
+
+
+def median_repack(codes_v: np.ndarray) -> np.ndarray:
+    """PackKV's cheaper repacking: the block's tokens sorted by the median of their V codes
+    (descending). codes_v: [blocks, tokens, features]. Returns the token order."""
+    return np.argsort(-np.median(codes_v, axis=-1), axis=1, kind="stable")
+
+
+def bitpack_bytes(codes: np.ndarray, pack: int, raw_bits: int, heads: int) -> np.ndarray:
+    """Bytes of PackKV's bit-packing of blocks of codes [blocks, tokens, features] (tokens already
+    in packing order): each pack (pack consecutive tokens of one channel) stores its minimum
+    (raw_bits), its width w (ceil(log2(raw_bits + 1)) bits) and pack * w bits of offsets from the
+    minimum; per block, the bits are rounded up to a byte and a 2-byte offset is kept per (row of
+    packs, kv-head). Returns int64 [blocks]."""
+    nb, N, F = codes.shape
+    p = codes.reshape(nb, N // pack, pack, F)
+    w = width_bits(p.max(2) - p.min(2))  # [nb, rows, F]
+    meta = raw_bits + int(width_bits(np.array(raw_bits)))
+    bits = (pack * w + meta).sum((1, 2))
+    return (bits + 7) // 8 + 2 * (N // pack) * heads
+
+
+def bitpack_payload_bits(codes: np.ndarray, pack: int) -> int:
+    """The payload part of bitpack_bytes (pack * width bits per pack, no pack headers)."""
+    nb, N, F = codes.shape
+    p = codes.reshape(nb, N // pack, pack, F)
+    return int((pack * width_bits(p.max(2) - p.min(2))).sum())
+
+
+class PackKVCache(_BaselineCache):
+    """PackKV (Jiang et al., arXiv 2512.24449): K and V quantized per token (one group per token
+    over every kv-head's channels by default) with a step relative to the group's range, in
+    blocks of t tokens; the tokens of a block permuted (one permutation for K and V, which
+    attention does not see: RoPE is already in K) so that similar codes share packs of `pack`
+    tokens; each pack bit-packed at its own width. The most recent tokens stay fp16 (a buffer of
+    buf tokens flushed a block at a time).
+
+    Bytes per block and tensor: bitpack_bytes, plus 4 bytes per group (step and minimum, fp16);
+    plus the fp16 buffer. Repacking changes bytes only, never the decoded values."""
+
+    def __init__(self, rel_k, rel_v, block=64, buffer=192, pack=16, repack="greedy",
+                 kgroup="token", vgroup="token", name=None):
+        if block % pack:
+            raise ValueError("the block must hold whole packs")
+        if buffer % block or buffer < block:
+            raise ValueError("the fp16 buffer must be a positive multiple of the block")
+        if repack not in ("greedy", "median", "none"):
+            raise ValueError(f"repack {repack!r}: expected greedy, median or none")
+        self.rel = {"key": rel_k, "value": rel_v}
+        self.group = {"key": kgroup, "value": vgroup}
+        for gname in self.group.values():
+            if gname not in GROUP_AXES:
+                raise ValueError(f"group {gname!r}: expected one of {sorted(GROUP_AXES)}")
+        self.T, self.R, self.P, self.repack = block, buffer, pack, repack
+        self.name = name or f"PackKV K{rel_k} V{rel_v}"
+
+    def encode(self, k, v):
+        """k, v [n, Hk, d] fp16 -> (decoded K, decoded V, [(per-block bytes) of K, of V]);
+        None per-block bytes for a tensor kept fp16."""
+        n, Hk, d = k.shape
+        T = self.T
+        nt = int(compressed_tokens(n, T, self.R))
+        outs, codes = [k.copy(), v.copy()], [None, None]
+        self.code_bytes = 0.0
+        if not nt:
+            return outs[0], outs[1], [np.zeros(0, np.int64)] * 2
+        groups = [0, 0]
+        for i, (kind, x) in enumerate((("key", k), ("value", v))):
+            if self.rel[kind] is None:
+                continue
+            xb = x[:nt].astype(np.float32).reshape(nt // T, T, Hk, d)
+            dec, c, _, groups[i] = quantize_groups(xb, self.rel[kind], self.group[kind])
+            outs[i][:nt] = dec.reshape(nt, Hk, d).astype(np.float16)
+            codes[i] = c.reshape(nt // T, T, Hk * d)
+        present = [c for c in codes if c is not None]
+        if self.repack == "greedy" and present:
+            order = greedy_repack(np.concatenate(present, -1), self.P)
+        elif self.repack == "median" and present:
+            order = median_repack(present[-1])
+        else:
+            order = np.broadcast_to(np.arange(T), (nt // T, T))
+        per_block = []
+        for c, g in zip(codes, groups):
+            if c is None:
+                per_block.append(None)
+                continue
+            c = np.take_along_axis(c, order[..., None], axis=1)
+            self.code_bytes += bitpack_payload_bits(c, self.P) / 8
+            raw = max(1, int(width_bits(np.array(int(c.max())))))
+            per_block.append(bitpack_bytes(c, self.P, raw, Hk) + g * META_BYTES)
+        return outs[0], outs[1], per_block
+
+    def attend(self, layer, q, k, v, window=0):
+        n, Hk, d = k.shape
+        row = Hk * d * F16
+        k_hat, v_hat, per_block = self.encode(k, v)
+        held, masks = [], []
+        mask = _fp16_mask(n, self.T, self.R)
+        fp16 = (n - int(compressed_tokens(n, self.T, self.R))) * row
+        for x, pb in zip((k, v), per_block):
+            if pb is None:
+                held.append((x.nbytes, _prefix_sums(n) * row))
+                masks.append(np.ones((n, n), dtype=bool))
+                self.parts["fp16"] += x.nbytes
+            else:
+                held.append(_held_bytes(n, self.T, self.R, pb, 0, row))
+                masks.append(mask)
+                self.parts["fp16"] += fp16
+                self.parts["metadata"] += held[-1][0] - fp16
+        self.parts["codes"] += self.code_bytes
+        self.parts["metadata"] -= self.code_bytes
+        self._account(k, v, held)
+        return masked_attention(q, k, v, k_hat, v_hat, masks[0], masks[1], window)

@@ -13,6 +13,9 @@ evaluated on all its next-token predictions. Settings are given as
                   [,fmt=v1|tiles][,perm=1][,split=1][,rot=0|1|k|v][,sinks=0][,also=v1+t11+...]
                   [,scales=FILE]
        | kivi:BITS[,g=32][,r=128] | int8
+       | kvcomp-paper:k=STEP,v=STEP[,kt=64][,vt=128][,kr=128][,vr=256][,kg=block][,vg=token]
+       | packkv:k=STEP,v=STEP[,t=64][,buf=192][,pack=16][,repack=greedy|median|none]
+                [,kg=token][,vg=token]
 where EB is an error bound, relative to each quantization group's range (rel, the default) or
 absolute (abs), or "none" to keep that tensor fp16; t: tokens per block; vg: V channels per
 group; ns: Huffman sub-streams per block (0 = the library's choice); fp16layers: layers whose
@@ -31,6 +34,17 @@ Codec path only: also: more block formats written from the same input in the sam
 row each (v1: v1 with the setting's ns; tPS: tiles with perm=P, split=S), their decoded values
 checked equal to the setting's element by element (`mismatched_elements` in the results: 0 means
 the row's PPL, KL and top-1 are exactly its own).
+
+kvcomp-paper and packkv are the published compressors KVComp (arXiv 2509.00579) and PackKV
+(arXiv 2512.24449) as cache.py re-implements them from the papers (docs/accuracy.md, "Other
+compressors: KVComp and PackKV"). STEP is the papers' quantization scale: the step relative to
+each group's range (max - min), so the error bound is STEP / 2 of the range (kvcomp's rel bound
+0.05 is STEP 0.1), or "none" to keep that tensor fp16. kg, vg: the quantization group of K and V
+(block: a block over every kv-head and channel; channel: one channel of one head over the block;
+token: one token over every kv-head's channels; vector: one token of one head). kvcomp-paper: kt,
+vt tokens per K and V block, kr, vr the fp16 buffers of the most recent tokens; the codes are
+Huffman-coded with one code per (layer, K|V) per window. packkv: t tokens per block, buf the fp16
+buffer, pack tokens per bit-packed pack, repack the token permutation that fills the packs.
 """
 from __future__ import annotations
 
@@ -48,7 +62,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(REPO / "python")]
 
-from cache import FP16Cache, Int8TokenCache, KiviCache, KvcompCache  # noqa: E402
+from cache import (FP16Cache, Int8TokenCache, KiviCache, KvcompCache,  # noqa: E402
+                   KVCompPaperCache, PackKVCache)
 import modelfile  # noqa: E402
 import wikitext  # noqa: E402
 
@@ -90,6 +105,26 @@ def make_policy(spec: str, device: str = "cpu"):
                          name=spec)
     if kind == "int8":
         return Int8TokenCache()
+    if kind in ("kvcomp-paper", "packkv"):
+        def rel(x):
+            if x is None:
+                raise ValueError(f"{spec!r}: k= and v= are required")
+            return None if x == "none" else float(x)
+        known = {"kvcomp-paper": {"k", "v", "kt", "vt", "kr", "vr", "kg", "vg"},
+                 "packkv": {"k", "v", "t", "buf", "pack", "repack", "kg", "vg"}}[kind]
+        unknown = set(opts) - known
+        if unknown:
+            raise ValueError(f"{spec!r}: unknown option(s) {sorted(unknown)}")
+        if kind == "kvcomp-paper":
+            return KVCompPaperCache(rel(opts.get("k")), rel(opts.get("v")),
+                                    kt=int(opts.get("kt", 64)), vt=int(opts.get("vt", 128)),
+                                    kr=int(opts.get("kr", 128)), vr=int(opts.get("vr", 256)),
+                                    kgroup=opts.get("kg", "block"),
+                                    vgroup=opts.get("vg", "token"), name=spec)
+        return PackKVCache(rel(opts.get("k")), rel(opts.get("v")), block=int(opts.get("t", 64)),
+                           buffer=int(opts.get("buf", 192)), pack=int(opts.get("pack", 16)),
+                           repack=opts.get("repack", "greedy"), kgroup=opts.get("kg", "token"),
+                           vgroup=opts.get("vg", "token"), name=spec)
     raise ValueError(f"unknown setting {spec!r}")
 
 
@@ -166,6 +201,9 @@ class Accumulator:
         self.fp16_time += policy.fp16_time
         self.seconds += seconds
         self.windows += 1
+        parts = getattr(policy, "parts", None)  # the published compressors' byte split
+        if parts is not None:
+            self.parts = {k: getattr(self, "parts", {}).get(k, 0) + v for k, v in parts.items()}
         st = getattr(policy, "store_stats", None)
         if st is not None:
             self.store_tokens += m + 1
@@ -183,6 +221,8 @@ class Accumulator:
                  seconds=round(self.seconds, 1))
         if self.store is not None:
             r.update(store=dict(self.store), store_tokens=self.store_tokens, windows=self.windows)
+        if getattr(self, "parts", None):
+            r["parts"] = dict(self.parts)
         if ref is not None:
             r.update(ppl_fp16=ref.result()["ppl"], kl=self.kl / self.n, top1=self.top1 / self.n)
             r["dppl_pct"] = 100.0 * (ppl / r["ppl_fp16"] - 1.0)
@@ -343,7 +383,11 @@ def main(argv=None):
     ap.add_argument("--settings", nargs="+",
                     default=["kvcomp:k=0.1,v=0.02,kmode=abs,t=128,ns=4",
                              "kvcomp:k=0.25,v=0.07,kmode=abs,t=128,ns=4", "kivi:2", "kivi:4",
-                             "int8"])
+                             "int8"],
+                    help="settings: fp16, kvcomp:..., kivi:BITS, int8, and the published "
+                    "compressors kvcomp-paper:k=STEP,v=STEP[,...] (KVComp) and "
+                    "packkv:k=STEP,v=STEP[,...] (PackKV), STEP the quantization step relative "
+                    "to each group's range; the module docstring gives every option")
     ap.add_argument("--out", default=None, help="write results as JSON here")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",

@@ -45,8 +45,9 @@ def merge(parts):
             if "mismatched_elements" in r:
                 m["mismatched_elements"] = m.get("mismatched_elements", 0) + \
                     r["mismatched_elements"]
-            if "blocks" in r:
-                m["blocks"] = _add_counts(m.get("blocks"), r["blocks"])
+            for key in ("blocks", "parts"):
+                if key in r:
+                    m[key] = _add_counts(m.get(key), r[key])
             n = r["tokens"]
             m["tokens"] += n
             m["nll"] += math.log(r["ppl"]) * n
@@ -66,8 +67,8 @@ def merge(parts):
         r = dict(setting=s, tokens=n, ppl=math.exp(m["nll"] / n),
                  ratio=m["fp16_bytes"] / m["bytes"], bytes=m["bytes"],
                  fp16_bytes=m["fp16_bytes"], seconds=round(m["seconds"], 1))
-        r.update({key: m[key] for key in ("blocks", "path", "pass_of", "mismatched_elements")
-                  if key in m})
+        r.update({key: m[key] for key in ("blocks", "parts", "path", "pass_of",
+                                          "mismatched_elements") if key in m})
         if not math.isnan(m["bytes_time"]):
             r.update(ratio_avg=m["fp16_time"] / m["bytes_time"], bytes_time=m["bytes_time"],
                      fp16_time=m["fp16_time"])

@@ -8,6 +8,7 @@
             bench/accuracy/results/layer_scales_t128_b.json \
             bench/accuracy/results/layer_widths_t128.json \
             bench/accuracy/results/tiles_t64_w32.json \
+            bench/accuracy/results/baselines_w32.json \
         --gemma bench/accuracy/results/gemma3_t128.json bench/accuracy/results/gemma3_sinks.json \
         --figure docs/accuracy_pareto.png
 """
@@ -46,8 +47,30 @@ def label(setting: str) -> str:
         else:
             fmt = "v1"
         return f"kvcomp {fmt} K {k}, V {v}{extra}"
+    if setting.startswith(("kvcomp-paper:", "packkv:")):
+        return paper_label(setting)
     return {"kivi:2": "KIVI-2", "kivi:4": "KIVI-4", "int8": "int8 per-token",
             "fp16": "fp16"}.get(setting, setting)
+
+
+# The published compressors' defaults (harness.make_policy), left out of their labels.
+PAPER_DEFAULTS = {"kvcomp-paper": dict(kt="64", vt="128", kr="128", vr="256", kg="block",
+                                       vg="token"),
+                  "packkv": dict(t="64", buf="192", pack="16", repack="greedy", kg="token",
+                                 vg="token")}
+
+
+def paper_label(setting: str) -> str:
+    """KVComp (paper) K step 0.02, V step 0.05 [, options that differ from the defaults]: the
+    steps relative to each group's range (the bound is half of them)."""
+    kind, rest = setting.split(":", 1)
+    o = dict(kv.split("=") for kv in rest.split(","))
+    name = {"kvcomp-paper": "KVComp (paper)", "packkv": "PackKV (paper)"}[kind]
+    k = "fp16" if o.get("k") == "none" else f"step {o.get('k')}"
+    v = "fp16" if o.get("v") == "none" else f"step {o.get('v')}"
+    extra = "".join(f", {x}={y}" for x, y in o.items()
+                    if x not in ("k", "v") and PAPER_DEFAULTS[kind].get(x) != y)
+    return f"{name} K {k}, V {v}{extra}"
 
 
 @functools.lru_cache
@@ -65,6 +88,11 @@ def scales_label(name: str) -> str:
 
 
 def group(setting: str) -> str:
+    if setting.startswith(("kvcomp-paper:", "packkv:")):
+        kind, rest = setting.split(":", 1)
+        o = dict(kv.split("=") for kv in rest.split(","))
+        other = any(PAPER_DEFAULTS[kind].get(x) != y for x, y in o.items() if x not in ("k", "v"))
+        return kind + (" other" if other else "")
     if not setting.startswith("kvcomp:"):
         return setting
     o = dict(kv.split("=") for kv in setting.split(":", 1)[1].split(","))
@@ -175,6 +203,10 @@ STYLES = {
     "kvcomp per-layer, other": dict(color="tab:gray", marker=".", ls="none", ms=9),
     "kvcomp tiles T=64, sinks": dict(color="teal", marker="h", ls="-", ms=9),
     "kvcomp v1 T=64, sinks": dict(color="tab:blue", marker="h", ls="-", ms=9, mfc="white"),
+    "kvcomp-paper": dict(color="tab:red", marker="o", ls="-.", mfc="white"),
+    "kvcomp-paper other": dict(color="tab:red", marker=".", ls="none"),
+    "packkv": dict(color="darkorange", marker="s", ls="-.", mfc="white"),
+    "packkv other": dict(color="darkorange", marker=".", ls="none"),
     "kivi:2": dict(color="tab:red", marker="X", ls="none", ms=11),
     "kivi:4": dict(color="tab:orange", marker="X", ls="none", ms=11),
     "int8": dict(color="tab:green", marker="D", ls="none", ms=8),
@@ -196,7 +228,11 @@ NAMES = {"kvcomp K+V T=64": "kvcomp, T=64 (K abs, V rel bound)",
          "kvcomp tiles, sinks, per-layer, V widths": "the same, and per-layer V tile widths",
          "kvcomp per-layer, other": "other per-layer bound rows",
          "kivi:2": "KIVI-2", "kivi:4": "KIVI-4",
-         "int8": "int8 per-token"}
+         "int8": "int8 per-token",
+         "kvcomp-paper": "KVComp (Jiang et al. 2025), re-implemented",
+         "kvcomp-paper other": "KVComp, other options",
+         "packkv": "PackKV (Jiang et al. 2025), re-implemented",
+         "packkv other": "PackKV, other options"}
 
 
 def _panel(ax, results, title, targets=((5.0, 1.0), (8.0, 3.0))):
