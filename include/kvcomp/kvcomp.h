@@ -552,8 +552,8 @@ KVC_API kvc_status_t kvc_store_read(kvc_store_t store, int32_t sequence_id, int3
 KVC_API kvc_status_t kvc_store_get_stats(kvc_store_t store, kvc_store_stats* stats);
 
 /* Exact size of a sequence serialized by kvc_store_serialize (from the block lengths; a store
- * writing tile blocks as format v1, serialized_block_format, serializes to know it and keeps
- * the bytes for a kvc_store_serialize of the same sequence that directly follows). */
+ * writing tile blocks as format v1, serialized_block_format, serializes to know it, and on the
+ * CPU keeps the bytes for a kvc_store_serialize of the same sequence that directly follows). */
 KVC_API kvc_status_t kvc_store_serialized_size(kvc_store_t store, int32_t sequence_id,
                                                size_t* size_bytes);
 /* Writes one sequence (all layers: compressed blocks as they are, tails, codebook ids) as a

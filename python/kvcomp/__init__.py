@@ -63,24 +63,30 @@ STORE_MAX_BATCH = 1024
 
 # ctypes converts a Python int to a C integer argument or struct field by wrapping it (2**32 + 1
 # becomes 1): every integer that reaches C goes through these checks first.
-_INT_TYPES = (ctypes.c_int32, ctypes.c_uint32, ctypes.c_int64, ctypes.c_uint64, ctypes.c_size_t)
+_INT_RANGES = {ctypes.c_int32: (-2**31, 2**31 - 1), ctypes.c_uint32: (0, 2**32 - 1),
+               ctypes.c_int64: (-2**63, 2**63 - 1), ctypes.c_uint64: (0, 2**64 - 1),
+               ctypes.c_size_t: (0, 2**(8 * ctypes.sizeof(ctypes.c_size_t)) - 1)}
 
 
-def _int(v, what: str, ctype=ctypes.c_int32) -> int:
-    """v as an integer that the C type holds: no float, no wrap-around."""
+def _int(v, what, ctype=ctypes.c_int32) -> int:
+    """v as an integer that the C type holds: no float, no wrap-around. what: the name for the
+    message (a callable giving it, so that a passing check builds no string)."""
     try:
         i = operator.index(v)
     except TypeError:
-        raise TypeError(f"{what} = {v!r}: expected an integer") from None
-    if ctype(i).value != i:
-        raise ValueError(f"{what} = {i} is out of range for the C type {ctype.__name__}")
+        raise TypeError(f"{what() if callable(what) else what} = {v!r}: expected an "
+                        "integer") from None
+    lo, hi = _INT_RANGES[ctype]
+    if not lo <= i <= hi:
+        raise ValueError(f"{what() if callable(what) else what} = {i} is out of range for the C "
+                         f"type {ctype.__name__}")
     return i
 
 
 def _make(struct_type, *values):
     """struct_type(*values), each integer checked against its field's C type."""
     for (name, ctype), v in zip(struct_type._fields_, values):
-        if ctype in _INT_TYPES:
+        if ctype in _INT_RANGES:
             _int(v, name, ctype)
     return struct_type(*values)
 
@@ -88,13 +94,13 @@ def _make(struct_type, *values):
 def _checked_call(name, fn, argtypes):
     """fn, checking its integer arguments against their C types: a last line of defence
     behind the call sites' own checks, which name the argument."""
-    ints = [(i, t) for i, t in enumerate(argtypes) if t in _INT_TYPES]
+    ints = [(i, t) for i, t in enumerate(argtypes) if t in _INT_RANGES]
     if not ints:
         return fn
 
     def call(*args):
         for i, t in ints:
-            _int(args[i], f"{name} argument {i + 1}", t)
+            _int(args[i], lambda: f"{name} argument {i + 1}", t)
         return fn(*args)
     return call
 
@@ -489,9 +495,12 @@ class Codec(_Handle):
                 or sizes.dtype.kind not in "iu":
             raise ValueError(f"blocks.offsets and blocks.sizes must be integer arrays of the "
                              f"{nb} blocks of shape {blocks.shape}")
-        ends = offsets.astype(np.int64) + sizes.astype(np.int64)
-        if nb and (offsets.min() < 0 or sizes.min() < 0 or sizes.max() > 0xFFFFFFFF
-                   or ends.max() > data.nbytes):
+        # Bounds compared as Python integers, before any cast could wrap (uint64 2**64 - 8 is
+        # -8 as int64).
+        if nb and not (0 <= int(offsets.min()) and int(offsets.max()) <= data.nbytes
+                       and 0 <= int(sizes.min()) and int(sizes.max()) <= data.nbytes
+                       and int((offsets.astype(np.int64) + sizes.astype(np.int64)).max())
+                       <= data.nbytes):
             raise ValueError("blocks.offsets and blocks.sizes must lie inside blocks.data")
         if out is None:
             out = np.empty((t, h, d), dtype=dtype)

@@ -170,6 +170,9 @@ def test_decode_refuses_blocks_that_do_not_fit_together():
         kvcomp.EncodedBlocks(blocks.data, blocks.offsets.astype(np.float64), blocks.sizes,
                              blocks.shape),
     ]
+    wrapped = blocks.offsets.astype(np.uint64)
+    wrapped[0] = np.uint64(2**64 - 8)  # -8 once cast to int64: before data
+    bad.append(kvcomp.EncodedBlocks(blocks.data, wrapped, blocks.sizes, blocks.shape))
     for b in bad:
         with pytest.raises(ValueError):
             codec.decode(b)

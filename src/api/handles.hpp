@@ -53,9 +53,9 @@ struct kvc_store_s {
 #if defined(KVC_WITH_CUDA)
   std::unique_ptr<kvc::cuda::CudaStore> cuda;
 #endif
-  // A store that transcodes its tiles to format v1 on serialize learns a sequence's size only
-  // by writing it: kvc_store_serialized_size keeps what it wrote for a kvc_store_serialize of
-  // the same sequence that directly follows, and every other call on the store drops it.
+  // A CPU store that transcodes its tiles to format v1 on serialize learns a sequence's size
+  // only by writing it: kvc_store_serialized_size keeps what it wrote for a kvc_store_serialize
+  // of the same sequence that directly follows, and every other call on the store drops it.
   struct Written {
     int32_t sequence_id;
     std::vector<uint8_t> bytes;

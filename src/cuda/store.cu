@@ -39,7 +39,9 @@ class DeviceArray {
     }
     ptr_ = nullptr;
     count_ = 0;
-    check_cuda(cudaMalloc(&ptr_, std::max<size_t>(count, 1) * sizeof(T)), "cudaMalloc (store)");
+    const cudaError_t e = cudaMalloc(&ptr_, std::max<size_t>(count, 1) * sizeof(T));
+    if (e != cudaSuccess) cudaGetLastError();  // reported here, not at the caller's next check
+    check_cuda(e, "cudaMalloc (store)");
     count_ = count;
   }
   // Takes fresh's allocation (fresh is left empty); the old one is retired or freed as by reset.

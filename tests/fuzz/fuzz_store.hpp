@@ -60,7 +60,11 @@ inline kvc_store_config store_config(int which) {
       c.page_bytes = 512;
       c.capacity_bytes = 10 * 512;
       break;
-    case 2:  // FIXED (no codebooks), 16-token blocks, at most 3 live sequences
+    case 2: {  // FIXED (no codebooks), 16-token blocks, at most 3 live sequences, a per-layer
+               // bound (serialized version 5)
+      static const float key_scale = 2.0f, value_scale = 0.5f;
+      c.key_layer_scales = &key_scale;
+      c.value_layer_scales = &value_scale;
       c.num_layers = 1;
       c.num_kv_heads = 1;
       c.head_dim = 16;
@@ -75,6 +79,7 @@ inline kvc_store_config store_config(int which) {
       c.page_bytes = 768;
       c.capacity_bytes = 6 * 768;
       break;
+    }
     case 3:  // tile blocks: two layers, 16 x 32 (two K tiles: permutations pay), relative K
              // bound (per-group steps), absolute V bound; blocks <= 48 + 1024 bytes
       c.num_layers = 2;
@@ -90,15 +95,11 @@ inline kvc_store_config store_config(int which) {
       c.page_bytes = 1280;
       c.capacity_bytes = 14 * 1280;
       break;
-    case 4: {  // rotated rows (KVC_ROTATION_HADAMARD) with per-layer bounds: config 0's shape,
-               // fp16, AUTO; blocks of rotated rows, serialized version 5
-      static const float key_scales[2] = {2.0f, 0.5f}, value_scales[2] = {0.25f, 1.0f};
+    case 4:  // rotated rows (KVC_ROTATION_HADAMARD): config 0's shape, fp16, AUTO; blocks of
+             // rotated rows, serialized version 3
       c = store_config(0);
       c.rotation = KVC_ROTATION_HADAMARD;
-      c.key_layer_scales = key_scales;
-      c.value_layer_scales = value_scales;
       break;
-    }
     case 5:  // attention sinks: config 3's tile blocks with 5 sink tokens, of rotated rows, K
              // channels never permuted; serialized version 4
       c = store_config(3);
