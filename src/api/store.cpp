@@ -263,15 +263,13 @@ kvc_status_t kvc_store_serialized_size(kvc_store_t store, int32_t sequence_id, s
       *size_bytes = with_backend(s, [&](auto& b) { return b.serialized_size(sequence_id); });
       return;
     }
-    // A CUDA store can change with no call on it (a captured graph of appends, replayed): it
-    // keeps nothing, and kvc_store_serialize writes the sequence again.
-    if (s.params.backend == KVC_BACKEND_CUDA) {
-      *size_bytes = with_backend(s, [&](auto& b) { return b.serialize(sequence_id).size(); });
-      return;
-    }
     std::vector<uint8_t> bytes = with_backend(s, [&](auto& b) { return b.serialize(sequence_id); });
     *size_bytes = bytes.size();
-    s.last_written = kvc_store_s::Written{sequence_id, std::move(bytes)};
+    // A CUDA store can change with no call on it (a captured graph of appends, replayed): it
+    // keeps nothing, and kvc_store_serialize writes the sequence again.
+    if (s.params.backend == KVC_BACKEND_CPU) {
+      s.last_written = kvc_store_s::Written{sequence_id, std::move(bytes)};
+    }
   });
 }
 

@@ -32,13 +32,7 @@ class DeviceArray {
   DeviceArray& operator=(const DeviceArray&) = delete;
 
   void reset(size_t count, std::vector<void*>* retired = nullptr) {
-    if (retired != nullptr && ptr_ != nullptr) {
-      retired->push_back(ptr_);
-    } else {
-      cudaFree(ptr_);
-    }
-    ptr_ = nullptr;
-    count_ = 0;
+    release(retired);
     const cudaError_t e = cudaMalloc(&ptr_, std::max<size_t>(count, 1) * sizeof(T));
     if (e != cudaSuccess) cudaGetLastError();  // reported here, not at the caller's next check
     check_cuda(e, "cudaMalloc (store)");
@@ -47,11 +41,7 @@ class DeviceArray {
   // Takes fresh's allocation (fresh is left empty); the old one is retired or freed as by reset.
   // Does not throw once `retired` has room.
   void adopt(DeviceArray& fresh, std::vector<void*>* retired) {
-    if (retired != nullptr && ptr_ != nullptr) {
-      retired->push_back(ptr_);
-    } else {
-      cudaFree(ptr_);
-    }
+    release(retired);
     ptr_ = std::exchange(fresh.ptr_, nullptr);
     count_ = std::exchange(fresh.count_, 0);
   }
@@ -68,6 +58,17 @@ class DeviceArray {
   }
 
  private:
+  // Gives up the allocation: kept alive in `retired` (graphs captured earlier may point at it)
+  // or freed.
+  void release(std::vector<void*>* retired) {
+    if (retired != nullptr && ptr_ != nullptr) {
+      retired->push_back(ptr_);
+    } else {
+      cudaFree(ptr_);
+    }
+    ptr_ = nullptr;
+    count_ = 0;
+  }
   T* ptr_ = nullptr;
   size_t count_ = 0;
 };

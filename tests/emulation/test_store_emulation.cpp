@@ -257,6 +257,20 @@ class EmulatedStore {
 // The shadow: every live sequence's rows per layer, [tokens, heads * dim] of fp16 (K and V).
 struct Shadow {
   std::map<int32_t, std::vector<std::vector<uint16_t>>> keys, values;  // [layer] -> rows
+  // An append's rows: keys, values [layers, ids.size(), n, row], in call order.
+  void append(const std::vector<int32_t>& ids, uint32_t n, uint32_t layers, size_t row,
+              const std::vector<uint16_t>& k_rows, const std::vector<uint16_t>& v_rows) {
+    const size_t per_entry = size_t(n) * row;
+    for (uint32_t l = 0; l < layers; ++l) {
+      for (size_t b = 0; b < ids.size(); ++b) {
+        const size_t at = (size_t(l) * ids.size() + b) * per_entry;
+        auto& k = keys[ids[b]][l];
+        auto& v = values[ids[b]][l];
+        k.insert(k.end(), k_rows.begin() + long(at), k_rows.begin() + long(at + per_entry));
+        v.insert(v.end(), v_rows.begin() + long(at), v_rows.begin() + long(at + per_entry));
+      }
+    }
+  }
 };
 
 // The table rows a call adds per (layer, sequence): the first new row's index, the rows.
@@ -626,16 +640,7 @@ void run_store_model(uint32_t seed, int steps, bool tiles = false, bool rotated 
         checker.expect_unchanged(before, where);
       } else {
         checker.expect_rows(ids, rows, where);
-        const size_t per_entry = size_t(n) * s.row();
-        for (uint32_t l = 0; l < s.layers; ++l) {
-          for (size_t b = 0; b < ids.size(); ++b) {
-            const size_t at = (size_t(l) * ids.size() + b) * per_entry;
-            auto& k = shadow.keys[ids[b]][l];
-            auto& v = shadow.values[ids[b]][l];
-            k.insert(k.end(), keys.begin() + long(at), keys.begin() + long(at + per_entry));
-            v.insert(v.end(), values.begin() + long(at), values.begin() + long(at + per_entry));
-          }
-        }
+        shadow.append(ids, n, s.layers, s.row(), keys, values);
       }
     }
     checker.check(where);
@@ -1050,16 +1055,7 @@ TEST(StoreEmulation, LongPrefillAndMixedBatchesLayOutPagesAsTheCpuStore) {
     const NewRows rows = checker.expected_rows(call, n, keys, values);
     ASSERT_EQ(store.append(call, n, keys, values), KVC_SUCCESS) << where;
     checker.expect_rows(call, rows, where);
-    const size_t per_entry = size_t(n) * s.row();
-    for (uint32_t l = 0; l < s.layers; ++l) {
-      for (size_t b = 0; b < call.size(); ++b) {
-        const size_t at = (size_t(l) * call.size() + b) * per_entry;
-        auto& k = shadow.keys[call[b]][l];
-        auto& v = shadow.values[call[b]][l];
-        k.insert(k.end(), keys.begin() + long(at), keys.begin() + long(at + per_entry));
-        v.insert(v.end(), values.begin() + long(at), values.begin() + long(at + per_entry));
-      }
-    }
+    shadow.append(call, n, s.layers, s.row(), keys, values);
     checker.check(where);
   };
   append(ids, 7, "tails");
