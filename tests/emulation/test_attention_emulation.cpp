@@ -110,6 +110,14 @@ TEST(AttentionEmulation, TileKernelMatchesTheReference) {
   }
   run_tiles<KVC_DTYPE_BF16, 128, 64>(
       {1, 2, 12, 128, 64, KVC_DTYPE_BF16, 0.25f, 0.07f, 1.0f, {64 * 9 + 5}, 3}, 1, rng);
+  // The store's default K bound, relative to each channel's range (a step per channel), with an
+  // outlier channel: sharp softmax, where bf16's rounding shows most.
+  run_tiles<KVC_DTYPE_BF16, 128, 64>(
+      {1, 2, 4, 128, 64, KVC_DTYPE_BF16, 0.05f, 0.05f, 40.0f, {64 * 6 + 9}, 0, KVC_BOUND_RELATIVE},
+      1, rng);
+  run_tiles<KVC_DTYPE_FP16, 128, 64>(
+      {1, 2, 4, 128, 64, KVC_DTYPE_FP16, 0.05f, 0.05f, 10.0f, {64 * 6 + 9}, 0, KVC_BOUND_RELATIVE},
+      1, rng);
 }
 
 // Compact stages (10 KiB, two thread blocks per multiprocessor): units of narrow codes are

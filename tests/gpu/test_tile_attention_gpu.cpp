@@ -25,6 +25,9 @@ TEST_F(TileAttentionGpu, MatchesTheCpuReferenceOverTheOraclesBlocks) {
       {8, 2, 3, 64, 64, KVC_DTYPE_FP16, 1.0f, 0.3f, 1.0f, {}},                // 2-3 bits, zeros
       {4, 2, 4, 128, 128, KVC_DTYPE_FP16, 0.3f, 0.072f, 1.0f, {20, 128, 255, 1000}, 4},  // sinks
       {2, 1, 8, 128, 64, KVC_DTYPE_BF16, 0.25f, 0.07f, 1.0f, {127, 640}, 63},  // two units
+      // The store's default K bound (a step per channel), outlier channels: sharp softmax.
+      {2, 2, 4, 128, 64, KVC_DTYPE_BF16, 0.05f, 0.05f, 40.0f, {300, 1000}, 0, KVC_BOUND_RELATIVE},
+      {2, 2, 4, 128, 128, KVC_DTYPE_FP16, 0.05f, 0.05f, 10.0f, {300, 1000}, 4, KVC_BOUND_RELATIVE},
   };
   for (TileCase c : cases) {
     const TileCacheImage im = build_tile_cache(c, rng);

@@ -23,10 +23,11 @@ namespace kvc::test {
 struct TileCase {
   uint32_t batch, kv_heads, group, dim, tokens;
   kvc_dtype dtype;
-  float k_bound, v_bound;  // K absolute, V relative
+  float k_bound, v_bound;  // K in k_mode, V relative
   float outlier;           // scale of K channel 5 (wide codes, raw tiles)
   std::vector<uint32_t> lengths;
   uint32_t sinks = 0;  // sink_tokens: block 0's first rows also kept uncompressed
+  kvc_bound_mode k_mode = KVC_BOUND_ABSOLUTE;  // the store's default is relative
 };
 
 struct TileCacheImage {
@@ -43,7 +44,7 @@ struct TileCacheImage {
 inline TileCacheImage build_tile_cache(TileCase& c, std::mt19937& rng) {
   while (c.lengths.size() < c.batch) c.lengths.push_back(rng() % 1500);
   const uint32_t T = c.tokens, H = c.kv_heads, D = c.dim;
-  kvc_codec_config kc = make_config(KVC_KIND_KEY, T, D, KVC_BOUND_ABSOLUTE, c.k_bound);
+  kvc_codec_config kc = make_config(KVC_KIND_KEY, T, D, c.k_mode, c.k_bound);
   kvc_codec_config vc = make_config(KVC_KIND_VALUE, T, D, KVC_BOUND_RELATIVE, c.v_bound);
   kc.block_format = vc.block_format = KVC_BLOCK_FORMAT_TILES;
   const CodecParams key = CodecParams::from_config(kc, true);
@@ -95,8 +96,20 @@ inline TileCacheImage build_tile_cache(TileCase& c, std::mt19937& rng) {
   return im;
 }
 
-// Every output row [b, q_head, dim] written (the caller poisons with 0xFFFF) and within
-// `tolerance` of the reference in relative L2 norm.
+// softmax attention over the cache rounded to `dtype` (what a dense cache of that dtype holds).
+inline std::vector<double> rounded_reference(kvc_dtype dtype, const float* q, std::vector<float> k,
+                                             std::vector<float> v, uint32_t dim, float scale) {
+  for (auto* rows : {&k, &v}) {
+    for (float& x : *rows) x = from_bits(dtype, to_bits(dtype, x));
+  }
+  return reference(q, k, v, dim, scale);
+}
+
+// Every output row [b, q_head, dim] written (the caller poisons with 0xFFFF) and, in relative L2
+// norm, within `tolerance` of the reference or within 3x the error of the same attention over
+// the cache rounded to the dtype, whichever is larger: where softmax is sharp (large scores,
+// as outlier channels with a relative K bound give) rounding the K fold's products to bf16 moves
+// the output as rounding the keys themselves would (by 1.1-2x that, measured).
 inline ::testing::AssertionResult outputs_match(const TileCase& c, const TileCacheImage& im,
                                                 const std::vector<uint16_t>& out, float scale,
                                                 double tolerance) {
@@ -106,24 +119,28 @@ inline ::testing::AssertionResult outputs_match(const TileCase& c, const TileCac
       const size_t row = (size_t(b) * Hq + qh) * D;
       std::vector<float> q(D);
       for (uint32_t d = 0; d < D; ++d) q[d] = from_bits(c.dtype, im.q[row + d]);
-      const auto ref =
-          reference(q.data(), im.ref_k[b][qh / c.group], im.ref_v[b][qh / c.group], D, scale);
-      double num = 0, den = 0;
+      const auto& k = im.ref_k[b][qh / c.group];
+      const auto& v = im.ref_v[b][qh / c.group];
+      const auto ref = reference(q.data(), k, v, D, scale);
+      const auto rounded = rounded_reference(c.dtype, q.data(), k, v, D, scale);
+      double num = 0, rounding = 0, den = 0;
       for (uint32_t d = 0; d < D; ++d) {
         if (out[row + d] == 0xFFFF) {
           return ::testing::AssertionFailure() << "output not written: seq " << b << " head " << qh;
         }
         const double e = from_bits(c.dtype, out[row + d]) - ref[d];
         num += e * e;
+        rounding += (rounded[d] - ref[d]) * (rounded[d] - ref[d]);
         den += ref[d] * ref[d];
       }
       const double err = std::sqrt(num / std::max(den, 1e-30));
-      if (!(err <= tolerance)) {
+      const double allowed = std::max(tolerance, 3 * std::sqrt(rounding / std::max(den, 1e-30)));
+      if (!(err <= allowed)) {
         return ::testing::AssertionFailure()
-               << "relative error " << err << " > " << tolerance << ": B=" << c.batch
+               << "relative error " << err << " > " << allowed << ": B=" << c.batch
                << " H=" << c.kv_heads << " group=" << c.group << " D=" << D << " T=" << c.tokens
-               << " dtype=" << c.dtype << " sinks=" << c.sinks << " seq " << b << " (length "
-               << c.lengths[b] << ") head " << qh;
+               << " dtype=" << c.dtype << " K bound mode=" << c.k_mode << " sinks=" << c.sinks
+               << " seq " << b << " (length " << c.lengths[b] << ") head " << qh;
       }
     }
   }
