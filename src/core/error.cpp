@@ -6,9 +6,9 @@ namespace {
 thread_local std::string t_last_error;
 }
 
-void set_last_error(const std::string& message) noexcept {
+void set_last_error(const char* function, const char* prefix, const char* message) noexcept {
   try {
-    t_last_error = message;
+    t_last_error.assign(function).append(": ").append(prefix).append(message);
   } catch (...) {
     t_last_error.clear();  // no memory for the message: an empty one beats none
   }

@@ -44,7 +44,9 @@ T* require_not_null(T* p, const char* name) {
   return p;
 }
 
-void set_last_error(const std::string& message) noexcept;
+// Keeps "function: prefix message" as this thread's last error. It allocates, and memory may be
+// what just ran out: then the message is left empty, as nothing may escape a handler.
+void set_last_error(const char* function, const char* prefix, const char* message) noexcept;
 const char* last_error() noexcept;
 void clear_last_error() noexcept;
 
@@ -56,16 +58,16 @@ kvc_status_t api_call(const char* function, Body&& body) noexcept {
     body();
     return KVC_SUCCESS;
   } catch (const Error& e) {
-    set_last_error(std::string(function) + ": " + e.what());
+    set_last_error(function, "", e.what());
     return e.status();
   } catch (const std::bad_alloc&) {
-    set_last_error(std::string(function) + ": out of host memory");
+    set_last_error(function, "out of host memory", "");
     return KVC_ERROR_OUT_OF_MEMORY;
   } catch (const std::exception& e) {
-    set_last_error(std::string(function) + ": internal error: " + e.what());
+    set_last_error(function, "internal error: ", e.what());
     return KVC_ERROR_INTERNAL;
   } catch (...) {
-    set_last_error(std::string(function) + ": internal error: unknown exception");
+    set_last_error(function, "internal error: unknown exception", "");
     return KVC_ERROR_INTERNAL;
   }
 }

@@ -584,14 +584,18 @@ void Store::read(int32_t id, uint32_t layer, kvc_dtype dtype, void* keys, void* 
 
 const Store::DecodedLayer& Store::decoded_layer(int32_t id, uint32_t layer) const {
   const LayerCache& c = layer_cache(id, layer);
-  DecodedLayer& dec = decoded_[{id, layer}];
   const uint32_t dim = p_.head_dim, T = p_.block_tokens, heads = p_.num_heads;
-  if (dec.k.empty()) {
-    dec.k.resize(heads);
-    dec.v.resize(heads);
+  auto entry = decoded_.find({id, layer});
+  if (entry == decoded_.end()) {  // a new entry enters whole or not at all
+    DecodedLayer fresh;
+    fresh.k.resize(heads);
+    fresh.v.resize(heads);
+    entry = decoded_.emplace(std::pair{id, layer}, std::move(fresh)).first;
   }
+  DecodedLayer& dec = entry->second;
   if (dec.num_blocks == c.num_blocks) return dec;
-  // Decode the new blocks into scratch first: a block that fails leaves the entry as it was.
+  // Decode the new blocks into scratch, and make room in every row vector, before changing
+  // any: a block that fails to decode, or memory that runs out, leaves the entry as it was.
   const uint32_t added = c.num_blocks - dec.num_blocks;
   std::vector<std::vector<float>> k(heads), v(heads);
   std::vector<float> rows(size_t(T) * dim);
@@ -609,9 +613,20 @@ const Store::DecodedLayer& Store::decoded_layer(int32_t id, uint32_t layer) cons
       }
     }
   }
-  for (uint32_t h = 0; h < heads; ++h) {
-    dec.k[h].insert(dec.k[h].end(), k[h].begin(), k[h].end());
-    dec.v[h].insert(dec.v[h].end(), v[h].begin(), v[h].end());
+  std::vector<std::vector<float>> grown(2 * size_t(heads));  // copies with room, where needed
+  for (uint32_t i = 0; i < 2 * heads; ++i) {
+    const std::vector<float>& have = i < heads ? dec.k[i] : dec.v[i - heads];
+    const size_t need = have.size() + size_t(added) * T * dim;
+    if (need > have.capacity()) {
+      grown[i].reserve(std::max(need, 2 * have.capacity()));
+      grown[i].assign(have.begin(), have.end());
+    }
+  }
+  for (uint32_t i = 0; i < 2 * heads; ++i) {  // nothing below allocates
+    std::vector<float>& have = i < heads ? dec.k[i] : dec.v[i - heads];
+    const std::vector<float>& rows = i < heads ? k[i] : v[i - heads];
+    if (grown[i].capacity() > 0) have.swap(grown[i]);
+    have.insert(have.end(), rows.begin(), rows.end());
   }
   dec.num_blocks = c.num_blocks;
   return dec;
