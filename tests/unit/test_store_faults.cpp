@@ -405,5 +405,115 @@ TEST(StoreFaults, EveryAllocationOfTheOtherCallsFailsCleanly) {
   }
 }
 
+// Calls that make a handle or fill caller memory (no store state): each allocation fails in turn,
+// alone and with the rest; the call returns KVC_ERROR_OUT_OF_MEMORY and leaves its out-handle
+// NULL (the sanitizer builds also see that nothing leaks).
+long inject_into_call(const char* what, const std::function<kvc_status_t(void**)>& call,
+                      const std::function<void(void*)>& destroy) {
+  void* handle = nullptr;
+  const long n = count_allocations([&] { return call(&handle); });
+  destroy(handle);
+  for (const bool persists : {false, true}) {
+    for (long i = 0; i < n; ++i) {
+      handle = nullptr;
+      const kvc_status_t st = with_failing_allocation(i, persists, [&] { return call(&handle); });
+      EXPECT_EQ(st, KVC_ERROR_OUT_OF_MEMORY)
+          << what << ", allocation " << i << " of " << n << (persists ? " and later" : "");
+      EXPECT_EQ(handle, nullptr) << what << ", allocation " << i;
+      destroy(handle);
+    }
+  }
+  return n;
+}
+
+TEST(StoreFaults, EveryAllocationOfTheHandlesAndTheCodecFailsCleanly) {
+  std::mt19937 rng(4);
+  const Shape sh;
+  for (Variant variant : kVariants) {
+    const kvc_store_config config = config_of(variant);
+    std::printf(
+        "store create (%s): %ld allocations\n", name(variant),
+        inject_into_call(
+            "kvc_store_create",
+            [&](void** h) { return kvc_store_create(&config, reinterpret_cast<kvc_store_t*>(h)); },
+            [](void* h) { kvc_store_destroy(static_cast<kvc_store_t>(h)); }));
+  }
+  // A codebook from a real block's histogram, then a codec over it; encode and decode.
+  kvc_codec_config cc = make_config(KVC_KIND_KEY, 64, 64, KVC_BOUND_RELATIVE, 0.05f);
+  const Rows rows = random_rows(rng, 64 * 64 / sh.row(), sh);  // one 64 x 64 block
+  const void* src = rows.bits.data();
+  kvc_codec_t plain = nullptr;
+  ASSERT_EQ(kvc_codec_create(&cc, nullptr, &plain), KVC_SUCCESS);
+  kvc_histogram_t hist = nullptr;
+  ASSERT_EQ(kvc_histogram_create(&hist), KVC_SUCCESS);
+  ASSERT_EQ(kvc_codec_histogram(plain, 1, &src, 64, KVC_DTYPE_FP16, hist, nullptr), KVC_SUCCESS);
+  kvc_codec_destroy(plain);
+  auto destroy_book = [](void* h) { kvc_codebook_destroy(static_cast<kvc_codebook_t>(h)); };
+  std::printf("codebook build: %ld allocations\n",
+              inject_into_call(
+                  "kvc_codebook_build",
+                  [&](void** h) {
+                    return kvc_codebook_build(hist, nullptr, reinterpret_cast<kvc_codebook_t*>(h));
+                  },
+                  destroy_book));
+  kvc_codebook_t book = nullptr;
+  ASSERT_EQ(kvc_codebook_build(hist, nullptr, &book), KVC_SUCCESS);
+  kvc_histogram_destroy(hist);
+  size_t book_bytes = 0;
+  ASSERT_EQ(kvc_codebook_serialized_size(book, &book_bytes), KVC_SUCCESS);
+  std::vector<uint8_t> serialized(book_bytes);
+  ASSERT_EQ(kvc_codebook_serialize(book, serialized.data(), book_bytes, &book_bytes), KVC_SUCCESS);
+  std::printf("codebook deserialize: %ld allocations\n",
+              inject_into_call(
+                  "kvc_codebook_deserialize",
+                  [&](void** h) {
+                    return kvc_codebook_deserialize(serialized.data(), serialized.size(),
+                                                    reinterpret_cast<kvc_codebook_t*>(h));
+                  },
+                  destroy_book));
+  for (const int32_t format : {KVC_BLOCK_FORMAT_V1, KVC_BLOCK_FORMAT_TILES}) {
+    cc.block_format = format;
+    kvc_codebook_t with = format == KVC_BLOCK_FORMAT_V1 ? book : nullptr;
+    std::printf("codec create (format %d): %ld allocations\n", format,
+                inject_into_call(
+                    "kvc_codec_create",
+                    [&](void** h) {
+                      return kvc_codec_create(&cc, with, reinterpret_cast<kvc_codec_t*>(h));
+                    },
+                    [](void* h) { kvc_codec_destroy(static_cast<kvc_codec_t>(h)); }));
+    // Encode and decode write only the caller's buffers: they must still fail cleanly.
+    kvc_codec_t codec = nullptr;
+    ASSERT_EQ(kvc_codec_create(&cc, with, &codec), KVC_SUCCESS);
+    size_t cap = 0;
+    ASSERT_EQ(kvc_codec_max_block_bytes(codec, KVC_DTYPE_FP16, &cap), KVC_SUCCESS);
+    std::vector<uint8_t> block(cap);
+    void* dst = block.data();
+    uint32_t written = 0;
+    auto encode = [&] {
+      return kvc_codec_encode(codec, 1, &src, 64, KVC_DTYPE_FP16, &dst, cap, &written, nullptr);
+    };
+    const long encodes = count_allocations(encode);
+    std::vector<float> out(64 * 64);
+    void* out_ptr = out.data();
+    const void* block_ptr = block.data();
+    auto decode = [&] {
+      return kvc_codec_decode(codec, 1, &block_ptr, &written, KVC_DTYPE_FP32, &out_ptr, 64, nullptr,
+                              nullptr);
+    };
+    const long decodes = count_allocations(decode);
+    for (const bool persists : {false, true}) {
+      for (long i = 0; i < encodes; ++i) {
+        EXPECT_EQ(with_failing_allocation(i, persists, encode), KVC_ERROR_OUT_OF_MEMORY) << i;
+      }
+      for (long i = 0; i < decodes; ++i) {
+        EXPECT_EQ(with_failing_allocation(i, persists, decode), KVC_ERROR_OUT_OF_MEMORY) << i;
+      }
+    }
+    std::printf("encode, decode (format %d): %ld, %ld allocations\n", format, encodes, decodes);
+    kvc_codec_destroy(codec);
+  }
+  kvc_codebook_destroy(book);
+}
+
 }  // namespace
 }  // namespace kvc::test
