@@ -35,6 +35,33 @@ inline int current_device() {
   return device;
 }
 
+// Whether `stream` is being captured into a graph.
+inline bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  check_cuda(cudaStreamIsCapturing(stream, &status), "cudaStreamIsCapturing");
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// A pointer the caller passes as memory that kernels on `device` read or write. Refused where
+// the runtime knows it as memory they cannot reach: host memory it has not registered (or has
+// mapped at another address), or another device's memory (reachable only through peer access,
+// which this library does not use). A kernel faulting on it would end the process's CUDA
+// context. Pointers the runtime does not classify (NULL among them) are left to the other
+// checks. A host-side check, so not made while capturing: a graph replays without it.
+inline void require_device_memory(const void* p, int device, const char* name) {
+  cudaPointerAttributes a{};
+  if (p == nullptr || cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+    (void)cudaGetLastError();  // an unclassified pointer is no sticky error: clear it
+    return;
+  }
+  require(a.type != cudaMemoryTypeDevice || a.device == device, KVC_ERROR_INVALID_ARGUMENT, name,
+          " is memory of device ", a.device, ", not of device ", device, " where this runs");
+  require(a.type != cudaMemoryTypeUnregistered, KVC_ERROR_INVALID_ARGUMENT, name,
+          " is host memory: the CUDA backend takes device pointers");
+  require(a.type != cudaMemoryTypeHost || a.devicePointer == p, KVC_ERROR_INVALID_ARGUMENT, name,
+          " is registered host memory mapped at another device address (pass that address)");
+}
+
 // Objects holding device memory belong to the device that was current at their creation.
 inline void require_device(int device, const char* what) {
   const int now = current_device();

@@ -79,12 +79,6 @@ void copy_to_host(T* host, const void* device, size_t count) {
              "cudaMemcpy (store download)");
 }
 
-bool capturing(cudaStream_t stream) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  check_cuda(cudaStreamIsCapturing(stream, &status), "cudaStreamIsCapturing");
-  return status != cudaStreamCaptureStatusNone;
-}
-
 void wait_for_device() { check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize"); }
 
 size_t round16(size_t bytes) { return (bytes + 15) / 16 * 16; }
@@ -366,6 +360,10 @@ void CudaStore::Impl::run_append(uint32_t first_layer, uint32_t num_layers,
   const uint32_t max_blocks = (T - 1 + n) / T;  // complete blocks one sequence can reach
   const size_t layer_slots = size_t(B) * max_blocks * H;
   const bool captured = capturing(s);
+  if (!captured) {
+    require_device_memory(keys, device, "keys");
+    require_device_memory(values, device, "values");
+  }
   // Layers without codebooks build them from this call's blocks: a synchronous step.
   bool any_book = false;
   for (uint32_t layer = first_layer; layer < first_layer + num_layers; ++layer) {
@@ -536,6 +534,8 @@ void CudaStore::read(int32_t id, uint32_t layer, kvc_dtype dtype, uint32_t lengt
   Impl& m = *impl_;
   const auto s = static_cast<cudaStream_t>(stream);
   require_device(m.device, "the CUDA store");
+  require_device_memory(keys, m.device, "keys");
+  require_device_memory(values, m.device, "values");
   const SequenceView st = m.layout(m.slot_of(id), layer);
   const uint32_t nb = length / m.p.block_tokens, tail = length % m.p.block_tokens;
   const uint32_t H = m.p.num_heads;
@@ -628,6 +628,10 @@ void CudaStore::attention(uint32_t layer, const std::vector<int32_t>& ids, uint3
   const uint32_t max_units = k::max_attention_units(m.table_blocks, m.p.sink_tokens);
   const AttentionPlan plan = plan_attention(shape, max_units);
   const bool captured = capturing(s);
+  if (!captured) {
+    require_device_memory(queries, m.device, "queries");
+    require_device_memory(out, m.device, "out");
+  }
   require(!captured || !(m.needs_book(layer, 0) || m.needs_book(layer, 1)),
           KVC_ERROR_INVALID_ARGUMENT, "layer ", layer,
           " has no codebooks yet, and a captured graph would keep reading without them: "

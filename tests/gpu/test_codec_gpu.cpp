@@ -316,5 +316,34 @@ TEST_F(CodecGpu, UndersizedCapacityAndMissingStatusAreRejected) {
             KVC_ERROR_NULL_POINTER);
 }
 
+// Host arrays where the codec takes device ones are refused before any launch (a kernel faulting
+// on them would end the process's CUDA context).
+TEST_F(CodecGpu, HostArraysAreRefused) {
+  const kvc_codec_config c = make_config(KVC_KIND_KEY, 16, 64, KVC_BOUND_ABSOLUTE, 0.01f);
+  const kvcomp::Codec gpu(on_gpu(c));
+  size_t cap = 0;
+  ASSERT_EQ(kvc_codec_max_block_bytes(gpu.get(), KVC_DTYPE_FP16, &cap), KVC_SUCCESS);
+  DeviceBuffer d(cap), ptrs(8), sizes(4), status(4);
+  const void* p = d.get();
+  ptrs.upload(&p, 8);
+  const void* host_ptrs[1] = {p};
+  uint32_t host_sizes[1] = {0};
+  EXPECT_EQ(kvc_codec_encode(gpu.get(), 1, host_ptrs, 64, KVC_DTYPE_FP16, ptrs.get<void*>(), cap,
+                             sizes.get<uint32_t>(), stream_),
+            KVC_ERROR_INVALID_ARGUMENT);
+  EXPECT_TRUE(last_error_names("src_blocks is host memory")) << kvc_last_error();
+  EXPECT_EQ(kvc_codec_encode(gpu.get(), 1, ptrs.get<const void*>(), 64, KVC_DTYPE_FP16,
+                             ptrs.get<void*>(), cap, host_sizes, stream_),
+            KVC_ERROR_INVALID_ARGUMENT);
+  EXPECT_TRUE(last_error_names("block_bytes is host memory")) << kvc_last_error();
+  kvc_status_t host_status[1];
+  EXPECT_EQ(kvc_codec_decode(gpu.get(), 1, ptrs.get<const void*>(), sizes.get<uint32_t>(),
+                             KVC_DTYPE_FP16, ptrs.get<void*>(), 64, host_status, stream_),
+            KVC_ERROR_INVALID_ARGUMENT);
+  EXPECT_TRUE(last_error_names("block_status is host memory")) << kvc_last_error();
+  EXPECT_EQ(cudaStreamSynchronize(stream_), cudaSuccess);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}
+
 }  // namespace
 }  // namespace kvc::test

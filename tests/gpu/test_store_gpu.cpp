@@ -707,6 +707,59 @@ TEST_F(StoreGpu, APrefillPastTheSequenceLimitIsRefusedBeforeAnyAllocation) {
   EXPECT_EQ(store_stats(store.s).failed_appends, 0);
 }
 
+// Host memory where the store takes device pointers is refused before any launch (a kernel
+// faulting on it would end the process's CUDA context), and the store goes on working.
+TEST_F(StoreGpu, HostPointersAreRefusedAndTheStoreGoesOn) {
+  const Shape sh = gpu_shape();
+  StoreHandle store(cuda_config(sh, 1 << 20, 0, 8, 1024));
+  ASSERT_NE(store.s, nullptr);
+  std::mt19937 rng(84);
+  const Rows rows = random_rows(rng, size_t(sh.layers) * sh.tokens, sh);
+  std::vector<uint16_t> host(rows.bits);
+  DeviceBuffer d_rows(rows.bits.size() * 2);
+  d_rows.upload(rows.bits.data(), d_rows.bytes());
+  int32_t id = -1;
+  ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS) << kvc_last_error();
+  EXPECT_EQ(kvc_store_prefill(store.s, id, 0, sh.layers, sh.tokens, host.data(), d_rows.get<char>(),
+                              nullptr),
+            KVC_ERROR_INVALID_ARGUMENT);
+  EXPECT_TRUE(last_error_names("keys is host memory")) << kvc_last_error();
+  EXPECT_EQ(kvc_store_append(store.s, 0, 1, &id, d_rows.get<char>(), host.data(), nullptr),
+            KVC_ERROR_INVALID_ARGUMENT);
+  EXPECT_TRUE(last_error_names("values is host memory")) << kvc_last_error();
+  ASSERT_EQ(kvc_store_prefill(store.s, id, 0, sh.layers, sh.tokens, d_rows.get<char>(),
+                              d_rows.get<char>(), nullptr),
+            KVC_SUCCESS)
+      << kvc_last_error();
+  const int32_t q_heads = sh.heads * sh.group;
+  std::vector<uint16_t> host_out(size_t(q_heads) * sh.dim);
+  DeviceBuffer d_q(host_out.size() * 2), d_out(host_out.size() * 2);
+  EXPECT_EQ(kvc_store_attention(store.s, 0, 1, &id, q_heads, 0.25f, d_q.get<char>(),
+                                host_out.data(), nullptr),
+            KVC_ERROR_INVALID_ARGUMENT);
+  EXPECT_TRUE(last_error_names("out is host memory")) << kvc_last_error();
+  std::vector<float> host_rows(size_t(sh.tokens) * sh.row());
+  DeviceBuffer d_read(host_rows.size() * 4);
+  EXPECT_EQ(kvc_store_read(store.s, id, 0, KVC_DTYPE_FP32, sh.tokens, d_read.get<char>(),
+                           host_rows.data(), nullptr),
+            KVC_ERROR_INVALID_ARGUMENT);
+  EXPECT_TRUE(last_error_names("values is host memory")) << kvc_last_error();
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  // Nothing was changed, and the store still works.
+  int32_t length = -1;
+  ASSERT_EQ(kvc_store_sequence_length(store.s, id, 1, &length), KVC_SUCCESS) << kvc_last_error();
+  EXPECT_EQ(length, sh.tokens);
+  EXPECT_EQ(kvc_store_attention(store.s, 0, 1, &id, q_heads, 0.25f, d_q.get<char>(),
+                                d_out.get<char>(), nullptr),
+            KVC_SUCCESS)
+      << kvc_last_error();
+  EXPECT_EQ(kvc_store_read(store.s, id, 0, KVC_DTYPE_FP32, sh.tokens, d_read.get<char>(),
+                           d_read.get<char>(), nullptr),
+            KVC_SUCCESS)
+      << kvc_last_error();
+  EXPECT_EQ(store_stats(store.s).failed_appends, 0);
+}
+
 // ---- Tile blocks (format t1) -------------------------------------------------------------------
 
 // A shape the tile attention kernel takes: 64-token blocks of head_dim 64 (largest tile block
