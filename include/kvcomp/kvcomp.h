@@ -499,6 +499,7 @@ KVC_API kvc_status_t kvc_store_create(const kvc_store_config* config, kvc_store_
 KVC_API kvc_status_t kvc_store_destroy(kvc_store_t store);
 
 /* Uses a codebook for (layer, kind) from now on. Only before that layer has compressed a block
+ * and (CUDA) before an append or attention of it was captured into a graph
  * (KVC_ERROR_INVALID_ARGUMENT after). The store keeps its own reference. */
 KVC_API kvc_status_t kvc_store_set_codebook(kvc_store_t store, int32_t layer, kvc_kind kind,
                                             kvc_codebook_t codebook);

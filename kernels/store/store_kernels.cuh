@@ -639,6 +639,7 @@ __global__ void __launch_bounds__(kStoreThreads) free_kernel(StoreView S, int32_
   atomicAdd(&c.block_bytes, 0ull - bytes);
   __syncthreads();  // every thread has read the layer states and the old top
   if (tid == 0) {
+    S.slot_ids[slot] = -1;  // a graph that still names the id fails
     c.free_top = top;
     atomicAdd(&c.num_blocks, 0ull - blocks);
     atomicAdd(&c.tokens, 0ull - tokens);

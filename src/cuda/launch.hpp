@@ -35,6 +35,14 @@ inline int current_device() {
   return device;
 }
 
+// An allocation's status. A failure is no sticky error (memory may come back): it is reported
+// here and cleared from the runtime's last error, where the application's next check would
+// find it.
+inline void check_allocation(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) (void)cudaGetLastError();
+  check_cuda(e, what);
+}
+
 // Whether `stream` is being captured into a graph.
 inline bool capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;

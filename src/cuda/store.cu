@@ -31,12 +31,15 @@ class DeviceArray {
   DeviceArray(const DeviceArray&) = delete;
   DeviceArray& operator=(const DeviceArray&) = delete;
 
+  // A new allocation of `count` elements; the old one is retired or freed only once it exists,
+  // so a failed growth leaves the array as it was.
   void reset(size_t count, std::vector<void*>* retired = nullptr) {
-    release(retired);
-    const cudaError_t e = cudaMalloc(&ptr_, std::max<size_t>(count, 1) * sizeof(T));
-    if (e != cudaSuccess) cudaGetLastError();  // reported here, not at the caller's next check
-    check_cuda(e, "cudaMalloc (store)");
-    count_ = count;
+    DeviceArray fresh;
+    check_allocation(cudaMalloc(&fresh.ptr_, std::max<size_t>(count, 1) * sizeof(T)),
+                     "cudaMalloc (store)");
+    fresh.count_ = count;
+    if (retired != nullptr) retired->reserve(retired->size() + 1);
+    adopt(fresh, retired);
   }
   // Takes fresh's allocation (fresh is left empty); the old one is retired or freed as by reset.
   // Does not throw once `retired` has room.
@@ -99,9 +102,10 @@ struct CudaStore::Impl {
   std::vector<void*> retired;
   std::vector<DeviceCodecPtr> retired_codecs;
   std::vector<DeviceCodebooksPtr> retired_books;
-  std::vector<int32_t> slot_ids;      // live id per slot, -1 if free
-  std::vector<uint32_t> free_slots;   // a stack
-  std::vector<uint32_t> generations;  // per slot: ids issued there so far
+  std::vector<int32_t> slot_ids;        // live id per slot, -1 if free
+  std::vector<uint32_t> free_slots;     // a stack
+  std::vector<uint32_t> generations;    // per slot: ids issued there so far
+  std::vector<uint8_t> layer_captured;  // per layer: an append or attention of it was captured
 
   // Device state.
   DeviceArray<uint8_t> pool;
@@ -187,16 +191,35 @@ struct CudaStore::Impl {
         cudaMemcpyAsync(mirror, counters.get(), sizeof(ks::Counters), cudaMemcpyDeviceToHost, s),
         "cudaMemcpyAsync (store counters)");
   }
-  // Makes a codebook (and the codec using it) current for (layer, kind); attention sees it
-  // after refresh_attention_books(layer).
-  void use_book(uint32_t index, std::shared_ptr<const Codebook> book, DeviceCodecPtr codec) {
-    retired_codecs.push_back(std::move(codecs[index]));
-    codecs[index] = std::move(codec);
-    books[index] = std::move(book);
+  // New codebooks go in two steps, so that a failure changes nothing: everything that can fail
+  // first (the codecs, the attention kernel's tables of the layer's K and V books with the new
+  // ones, room among the retired), then install_books, which moves only. Replaced codecs and
+  // tables are retired, not freed: captured graphs may point at them.
+  struct NewBooks {
+    uint32_t layer;
+    std::shared_ptr<const Codebook> books[2];  // K, V; null: the layer's keeps its own
+    DeviceCodecPtr codecs[2];
+    DeviceCodebooksPtr attention;
+  };
+  void prepare_books(NewBooks& n) const {
+    const Codebook* k = n.books[0] ? n.books[0].get() : books[n.layer * 2].get();
+    const Codebook* v = n.books[1] ? n.books[1].get() : books[n.layer * 2 + 1].get();
+    n.attention = upload_codebooks(k, v);
   }
-  void refresh_attention_books(uint32_t layer) {
-    retired_books.push_back(std::move(attention_books[layer]));
-    attention_books[layer] = upload_codebooks(books[layer * 2].get(), books[layer * 2 + 1].get());
+  // Room among the retired for installing the new books of `layers` layers.
+  void make_room(size_t layers) {
+    retired_codecs.reserve(retired_codecs.size() + 2 * layers);
+    retired_books.reserve(retired_books.size() + layers);
+  }
+  void install_books(NewBooks& n) noexcept {
+    for (uint32_t kind = 0; kind < 2; ++kind) {
+      if (!n.books[kind]) continue;
+      retired_codecs.push_back(std::move(codecs[n.layer * 2 + kind]));
+      codecs[n.layer * 2 + kind] = std::move(n.codecs[kind]);
+      books[n.layer * 2 + kind] = std::move(n.books[kind]);
+    }
+    retired_books.push_back(std::move(attention_books[n.layer]));
+    attention_books[n.layer] = std::move(n.attention);
   }
   // Whether (layer, kind) still has to build its codebook, which synchronizes. Tile blocks
   // use none: a tiles store never synchronizes to build one.
@@ -232,6 +255,7 @@ CudaStore::Impl::Impl(const StoreParams& params) : p(params) {
   scratch.call.reset(1);
   scratch.views.reset(KVC_STORE_MAX_BATCH);
   books.resize(size_t(p.num_layers) * 2);
+  layer_captured.assign(p.num_layers, 0);
   for (uint32_t l = 0; l < p.num_layers; ++l)
     attention_books.push_back(upload_codebooks(nullptr, nullptr));
   table_blocks = (p.max_sequence_tokens + p.block_tokens - 1) / p.block_tokens;
@@ -263,7 +287,8 @@ CudaStore::Impl::Impl(const StoreParams& params) : p(params) {
   const ks::Counters start{p.num_pages, KVC_SUCCESS, 0, 0, 0, 0, 0};
   counters.reset(1);
   counters.upload(&start, 1);
-  check_cuda(cudaMallocHost(&mirror, sizeof(ks::Counters)), "cudaMallocHost (store counters)");
+  check_allocation(cudaMallocHost(&mirror, sizeof(ks::Counters)),
+                   "cudaMallocHost (store counters)");
   *mirror = start;
 }
 
@@ -377,6 +402,9 @@ void CudaStore::Impl::run_append(uint32_t first_layer, uint32_t num_layers,
   const size_t rows = size_t(num_layers) * B * n * H;  // of K, and of V
   const size_t rotated_bytes = round256(rows * p.head_dim * format::dtype_bytes(p.dtype));
   if (p.rotated()) ensure_rotation_scratch(S.rotated_rows, 2 * rotated_bytes, captured);
+  if (captured) {
+    std::fill_n(layer_captured.begin() + first_layer, num_layers, uint8_t(1));
+  }
   const ks::StoreView V = view();
   // The chain reads the rotated rows of the kinds the store rotates (rounded to the dtype, not
   // saturated), the others as given.
@@ -394,12 +422,8 @@ void CudaStore::Impl::run_append(uint32_t first_layer, uint32_t num_layers,
   launch(ks::stage_kernel, dim3(B, num_layers), ks::kStoreThreads, 0, s, V, batch_of(ids), B,
          first_layer, n, k16, v16, max_blocks, S.entries.get(), S.src_k.get(), S.src_v.get(),
          S.call.get());
-  struct Tentative {
-    uint32_t index;
-    std::shared_ptr<const Codebook> book;
-    DeviceCodecPtr codec;
-  };
-  std::vector<Tentative> tentative;
+  // The codebooks this call builds, per layer that builds any (in layer order).
+  std::vector<NewBooks> built_books;
   const int64_t stride = int64_t(H) * p.head_dim;
   for (uint32_t li = 0; li < num_layers; ++li) {
     const uint32_t layer = first_layer + li;
@@ -417,7 +441,11 @@ void CudaStore::Impl::run_append(uint32_t first_layer, uint32_t num_layers,
         }
         if (built) {
           codec = built.get();
-          tentative.push_back({layer * 2 + kind, std::move(book), std::move(built)});
+          if (built_books.empty() || built_books.back().layer != layer) {
+            built_books.push_back({layer, {}, {}, {}});
+          }
+          built_books.back().books[kind] = std::move(book);
+          built_books.back().codecs[kind] = std::move(built);
         }
       }
       encode(*codec, int32_t(layer_slots), src, stride, p.dtype,
@@ -430,24 +458,27 @@ void CudaStore::Impl::run_append(uint32_t first_layer, uint32_t num_layers,
            S.encoded_k.get(), S.encoded_v.get(), stride_k, stride_v, S.bytes_k.get(),
            S.bytes_v.get(), S.call.get());
   }
+  // Everything that can fail for the new codebooks comes before the call commits (finish_kernel
+  // is the kernel that does): a host failure from here on would leave the layers' blocks naming
+  // books the store never kept.
+  try {
+    for (NewBooks& b : built_books) prepare_books(b);
+    make_room(built_books.size());
+  } catch (const Error& e) {
+    record_host_failure(e, s);
+    throw;
+  }
   launch(ks::finish_kernel, dim3(num_layers * B), ks::kStoreThreads, 0, s, V, B, n, k16, v16,
          S.entries.get(), S.call.get());
   copy_out_counters(s);
-  if (tentative.empty()) return;
+  if (built_books.empty()) return;
   // The new codebooks freeze only if the call committed.
   ks::CallState call{};
   check_cuda(cudaMemcpyAsync(&call, S.call.get(), sizeof(call), cudaMemcpyDeviceToHost, s),
              "cudaMemcpyAsync (call status)");
   check_cuda(cudaStreamSynchronize(s), "cudaStreamSynchronize (codebook)");
   if (call.failure != ks::kNoFailure) return;
-  for (size_t i = 0; i < tentative.size(); ++i) {
-    const uint32_t layer = tentative[i].index / 2;
-    use_book(tentative[i].index, std::move(tentative[i].book), std::move(tentative[i].codec));
-    // Tentative books come in layer order: one upload per layer, after its K and V.
-    if (i + 1 == tentative.size() || tentative[i + 1].index / 2 != layer) {
-      refresh_attention_books(layer);
-    }
-  }
+  for (NewBooks& b : built_books) install_books(b);
 }
 
 CudaStore::CudaStore(const StoreParams& params) : impl_(std::make_unique<Impl>(params)) {}
@@ -479,12 +510,13 @@ void CudaStore::free_sequence(int32_t id, void* stream) {
   require_live(id);
   const auto s = static_cast<cudaStream_t>(stream);
   const uint32_t slot = m.slot_of(id);
+  // The kernel also marks the slot free on the device (a graph that still names the id
+  // fails). Once it is queued the sequence is gone: the host follows at once (free_slots has
+  // room for every slot), before the counters' copy, which could fail.
   launch(ks::free_kernel, dim3(1), ks::kStoreThreads, 0, s, m.view(), id);
-  check_cuda(cudaMemsetAsync(m.d_slot_ids.get() + slot, 0xFF, sizeof(int32_t), s),
-             "cudaMemsetAsync (free)");  // -1: a graph that still names the id fails
-  m.copy_out_counters(s);
   m.slot_ids[slot] = -1;
   m.free_slots.push_back(slot);
+  m.copy_out_counters(s);
 }
 
 uint32_t CudaStore::length(int32_t id, uint32_t layer) {
@@ -503,9 +535,15 @@ void CudaStore::set_codebook(uint32_t layer, uint32_t kind, std::shared_ptr<cons
   wait_for_device();
   require(m.layer_compressed.download(1, layer)[0] == 0, KVC_ERROR_INVALID_ARGUMENT, "layer ",
           layer, " has compressed blocks already: its codebooks are frozen");
-  DeviceCodecPtr codec = create_device_codec(m.p.codec(layer, kind), book.get());
-  m.use_book(layer * 2 + kind, std::move(book), std::move(codec));
-  m.refresh_attention_books(layer);
+  require(!m.layer_captured[layer], KVC_ERROR_INVALID_ARGUMENT, "layer ", layer,
+          " has been captured into a CUDA graph, which keeps the codebooks it was captured with: "
+          "set codebooks before capturing");
+  Impl::NewBooks n{layer, {}, {}, {}};
+  n.codecs[kind] = create_device_codec(m.p.codec(layer, kind), book.get());
+  n.books[kind] = std::move(book);
+  m.prepare_books(n);
+  m.make_room(1);
+  m.install_books(n);
 }
 
 std::shared_ptr<const Codebook> CudaStore::codebook(uint32_t layer, uint32_t kind) const {
@@ -654,6 +692,7 @@ void CudaStore::attention(uint32_t layer, const std::vector<int32_t>& ids, uint3
       o = m.scratch.rotated_queries.get() + rotated_bytes;  // aligned as an allocation
     }
   }
+  if (captured) m.layer_captured[layer] = 1;
   launch(ks::gather_views_kernel, dim3(1), ks::kStoreThreads, 0, s, m.view(), m.batch_of(ids), B,
          layer, m.scratch.views.get());
   if (m.p.rotates[KVC_KIND_KEY]) {
@@ -750,7 +789,7 @@ int32_t CudaStore::restore(const uint8_t* data, size_t size) {
   Impl& m = *impl_;
   require_device(m.device, "the CUDA store");
   SequenceImage image = parse_image(m.p, m.books, data, size);
-  const uint32_t slot = m.next_sequence().first;
+  const auto [slot, sid] = m.next_sequence();
   wait_for_device();
   ks::Counters c = m.counters.download(1)[0];
   // Next-fit on the host, over pages taken from the top of the free stack.
@@ -791,42 +830,71 @@ int32_t CudaStore::restore(const uint8_t* data, size_t size) {
       c.block_bytes += at.bytes;
     }
   }
-  for (uint32_t r = 0; r < opened; ++r) {
-    copy_to_device(m.pool.get() + size_t(pages[r]) * m.p.page_bytes, contents[r].data(),
-                   m.p.page_bytes, "cudaMemcpy (store upload)");
-  }
-  for (uint32_t l = 0; l < m.p.num_layers; ++l) {
+  // What the slot's states, the layers' flags and the counters become, and were; then the
+  // uploads, each a single copy, the slot's id last: a failure part-way puts back what it can
+  // (a copy that fails here most likely found the CUDA context lost).
+  const uint32_t L = m.p.num_layers;
+  std::vector<ks::LayerState> states, empty;
+  std::vector<uint32_t> compressed = m.layer_compressed.download(L);
+  const std::vector<uint32_t> compressed_before = compressed;
+  const ks::Counters counters_before = c;
+  for (uint32_t l = 0; l < L; ++l) {
     const SequenceImage::Layer& in = image.layers[l];
-    ks::LayerState st{m.layout(slot, l), 0, 0};
-    copy_to_device(const_cast<BlockLocation*>(st.view.blocks), tables[l].data(),
-                   tables[l].size() * sizeof(BlockLocation), "cudaMemcpy (store upload)");
+    ks::LayerState& st = states.emplace_back(ks::LayerState{m.layout(slot, l), 0, 0});
+    empty.push_back(st);
     st.view.num_blocks = in.num_blocks;
     st.view.sink_tokens = m.p.sinks_held(in.num_blocks);
     st.view.tail_tokens = in.tail_tokens;
-    for (uint32_t kind = 0; kind < 2; ++kind) {  // the sinks, then the tail
-      auto* dst = static_cast<uint8_t*>(
-          const_cast<void*>(kind == 0 ? st.view.dense_keys : st.view.dense_values));
-      const std::vector<uint8_t>& sinks = kind == 0 ? in.sink_k : in.sink_v;
-      const std::vector<uint8_t>& tail = kind == 0 ? in.tail_k : in.tail_v;
-      copy_to_device(dst, sinks.data(), sinks.size(), "cudaMemcpy (store upload)");
-      copy_to_device(dst + sinks.size(), tail.data(), tail.size(), "cudaMemcpy (store upload)");
-    }
     if (in.num_blocks > 0) {
       st.open_page = pages[open[l].first];
       st.open_used = open[l].second;
     }
-    if (in.has_huffman) {  // only blocks that name the layer's codebooks freeze them
-      const uint32_t one = 1;
-      m.layer_compressed.upload(&one, 1, l);
-    }
-    m.states.upload(&st, 1, size_t(slot) * m.p.num_layers + l);
+    if (in.has_huffman) compressed[l] = 1;  // only blocks that name the codebooks freeze them
     c.num_blocks += tables[l].size();
     c.tokens += uint64_t(in.num_blocks) * m.p.block_tokens + in.tail_tokens;
   }
   c.free_top -= opened;
-  m.counters.upload(&c, 1);
+  try {
+    for (uint32_t r = 0; r < opened; ++r) {
+      copy_to_device(m.pool.get() + size_t(pages[r]) * m.p.page_bytes, contents[r].data(),
+                     m.p.page_bytes, "cudaMemcpy (store upload)");
+    }
+    for (uint32_t l = 0; l < L; ++l) {  // the slot's own table and uncompressed rows
+      const SequenceImage::Layer& in = image.layers[l];
+      const SequenceView& v = states[l].view;
+      copy_to_device(const_cast<BlockLocation*>(v.blocks), tables[l].data(),
+                     tables[l].size() * sizeof(BlockLocation), "cudaMemcpy (store upload)");
+      for (uint32_t kind = 0; kind < 2; ++kind) {  // the sinks, then the tail
+        auto* dst =
+            static_cast<uint8_t*>(const_cast<void*>(kind == 0 ? v.dense_keys : v.dense_values));
+        const std::vector<uint8_t>& sinks = kind == 0 ? in.sink_k : in.sink_v;
+        const std::vector<uint8_t>& tail = kind == 0 ? in.tail_k : in.tail_v;
+        copy_to_device(dst, sinks.data(), sinks.size(), "cudaMemcpy (store upload)");
+        copy_to_device(dst + sinks.size(), tail.data(), tail.size(), "cudaMemcpy (store upload)");
+      }
+    }
+    m.states.upload(states.data(), L, size_t(slot) * L);
+    m.layer_compressed.upload(compressed.data(), L);
+    m.counters.upload(&c, 1);
+    m.d_slot_ids.upload(&sid, 1, slot);
+  } catch (...) {
+    try {
+      m.states.upload(empty.data(), L, size_t(slot) * L);
+      m.layer_compressed.upload(compressed_before.data(), L);
+      m.counters.upload(&counters_before, 1);
+      const int32_t none = -1;
+      m.d_slot_ids.upload(&none, 1, slot);
+    } catch (...) {
+    }
+    (void)cudaGetLastError();
+    throw;
+  }
+  // Nothing below throws (free_slots is not empty: next_sequence said so).
   *m.mirror = c;
-  return add_sequence();
+  m.free_slots.pop_back();
+  m.slot_ids[slot] = sid;
+  ++m.generations[slot];
+  return sid;
 }
 
 }  // namespace kvc::cuda

@@ -141,7 +141,7 @@ class EmulatedStore {
   void free_sequence(int32_t id) {
     const auto r = emu::launch(ks::free_kernel, 1, ks::kStoreThreads, 0, view(), id);
     ASSERT_TRUE(r.ok()) << r.message();
-    slot_ids_[uint32_t(id) % s_.max_sequences] = -1;
+    EXPECT_EQ(slot_ids_[uint32_t(id) % s_.max_sequences], -1) << "the kernel frees the slot";
   }
 
   // kvc_store_append over every layer: keys/values [layers, ids, n, heads, dim] of fp16.
