@@ -34,9 +34,10 @@ class DeviceArray {
   // A new allocation of `count` elements; the old one is retired or freed only once it exists,
   // so a failed growth leaves the array as it was.
   void reset(size_t count, std::vector<void*>* retired = nullptr) {
+    T* p = nullptr;
+    check_allocation(cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T)), "cudaMalloc (store)");
     DeviceArray fresh;
-    check_allocation(cudaMalloc(&fresh.ptr_, std::max<size_t>(count, 1) * sizeof(T)),
-                     "cudaMalloc (store)");
+    fresh.ptr_ = p;
     fresh.count_ = count;
     if (retired != nullptr) retired->reserve(retired->size() + 1);
     adopt(fresh, retired);
