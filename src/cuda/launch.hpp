@@ -51,23 +51,40 @@ inline bool capturing(cudaStream_t stream) {
 }
 
 // A pointer the caller passes as memory that kernels on `device` read or write. Refused where
-// the runtime knows it as memory they cannot reach: host memory it has not registered (or has
-// mapped at another address), or another device's memory (reachable only through peer access,
-// which this library does not use). A kernel faulting on it would end the process's CUDA
-// context. Pointers the runtime does not classify (NULL among them) are left to the other
-// checks. A host-side check, so not made while capturing: a graph replays without it.
+// the runtime says they cannot reach it: pageable host memory on a GPU that cannot read it
+// (cudaDevAttrPageableMemoryAccess: HMM or ATS systems such as Grace Hopper can), registered
+// host memory mapped at another device address, or another device's memory (reachable only
+// through peer access, which this library does not use). A kernel faulting on it would end
+// the process's CUDA context. Pointers the runtime does not classify (NULL among them) are
+// left to the other checks. A host-side check, so not made while capturing: a graph replays
+// without it.
 inline void require_device_memory(const void* p, int device, const char* name) {
   cudaPointerAttributes a{};
   if (p == nullptr || cudaPointerGetAttributes(&a, p) != cudaSuccess) {
     (void)cudaGetLastError();  // an unclassified pointer is no sticky error: clear it
     return;
   }
-  require(a.type != cudaMemoryTypeDevice || a.device == device, KVC_ERROR_INVALID_ARGUMENT, name,
-          " is memory of device ", a.device, ", not of device ", device, " where this runs");
-  require(a.type != cudaMemoryTypeUnregistered, KVC_ERROR_INVALID_ARGUMENT, name,
-          " is host memory: the CUDA backend takes device pointers");
-  require(a.type != cudaMemoryTypeHost || a.devicePointer == p, KVC_ERROR_INVALID_ARGUMENT, name,
-          " is registered host memory mapped at another device address (pass that address)");
+  switch (a.type) {
+    case cudaMemoryTypeDevice:
+      require(a.device == device, KVC_ERROR_INVALID_ARGUMENT, name, " is memory of device ",
+              a.device, ", not of device ", device, " where this runs");
+      return;
+    case cudaMemoryTypeHost:  // registered (pinned): read through its device address
+      require(a.devicePointer == p, KVC_ERROR_INVALID_ARGUMENT, name,
+              " is registered host memory mapped at another device address (pass that address)");
+      return;
+    case cudaMemoryTypeUnregistered: {
+      int pageable = 0;
+      check_cuda(cudaDeviceGetAttribute(&pageable, cudaDevAttrPageableMemoryAccess, device),
+                 "cudaDeviceGetAttribute");
+      require(pageable != 0, KVC_ERROR_INVALID_ARGUMENT, name,
+              " is host memory, which this GPU cannot read: the CUDA backend takes device "
+              "pointers");
+      return;
+    }
+    default:  // managed
+      return;
+  }
 }
 
 // Objects holding device memory belong to the device that was current at their creation.

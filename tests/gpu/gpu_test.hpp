@@ -25,6 +25,16 @@ class GpuTest : public ::testing::Test {
   }
 };
 
+// Whether the current GPU reads pageable host memory (HMM, or ATS as on Grace Hopper): there
+// host pointers are valid device arguments.
+inline bool reads_pageable_memory() {
+  int device = 0, pageable = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&pageable, cudaDevAttrPageableMemoryAccess, device) ==
+             cudaSuccess &&
+         pageable != 0;
+}
+
 // A device allocation of n bytes, freed on scope exit.
 class DeviceBuffer {
  public:
