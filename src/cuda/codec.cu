@@ -104,15 +104,16 @@ DeviceCodecPtr create_device_codec(const CodecParams& p, const Codebook* codeboo
   return d;
 }
 
+void require_device_arrays(const DeviceCodec& d, void* stream,
+                           std::initializer_list<std::pair<const void*, const char*>> arrays) {
+  if (capturing(static_cast<cudaStream_t>(stream))) return;
+  for (const auto& [array, name] : arrays) require_device_memory(array, d.device, name);
+}
+
 void encode(const DeviceCodec& d, int32_t num_blocks, const void* const* d_src_blocks,
             int64_t src_token_stride, kvc_dtype src_dtype, void* const* d_dst_blocks,
             uint32_t* d_block_bytes, void* stream) {
   require_device(d.device, "the CUDA codec");
-  if (!capturing(static_cast<cudaStream_t>(stream))) {
-    require_device_memory(d_src_blocks, d.device, "src_blocks");
-    require_device_memory(d_dst_blocks, d.device, "dst_blocks");
-    require_device_memory(d_block_bytes, d.device, "block_bytes");
-  }
   const k::Shape& sh = d.shape;
   if (d.tiles) {
     // One thread block per KV block (kernels/codec/tile_encode.cuh).
@@ -137,12 +138,6 @@ void decode(const DeviceCodec& d, int32_t num_blocks, const void* const* d_src_b
             const uint32_t* d_src_bytes, kvc_dtype dst_dtype, void* const* d_dst_blocks,
             int64_t dst_token_stride, kvc_status_t* d_block_status, void* stream) {
   require_device(d.device, "the CUDA codec");
-  if (!capturing(static_cast<cudaStream_t>(stream))) {
-    require_device_memory(d_src_blocks, d.device, "src_blocks");
-    require_device_memory(d_src_bytes, d.device, "src_bytes");
-    require_device_memory(d_dst_blocks, d.device, "dst_blocks");
-    require_device_memory(d_block_status, d.device, "block_status");
-  }
   const k::Shape& sh = d.shape;
   if (d.tiles) {
     // One thread block per compressed block (kernels/codec/tile_decode.cuh).
@@ -165,7 +160,6 @@ void decode(const DeviceCodec& d, int32_t num_blocks, const void* const* d_src_b
 void histogram(const DeviceCodec& d, int32_t num_blocks, const void* const* d_src_blocks,
                int64_t src_token_stride, kvc_dtype src_dtype, Histogram& histogram, void* stream) {
   require_device(d.device, "the CUDA codec");
-  require_device_memory(d_src_blocks, d.device, "src_blocks");  // (never captured: it waits)
   const auto s = static_cast<cudaStream_t>(stream);
   const k::Shape& sh = d.shape;
   if (d.d_counts == nullptr) {

@@ -7,7 +7,9 @@
 #include <kvcomp/kvcomp.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
+#include <utility>
 
 #include "codec/codebook.hpp"
 #include "codec/codec_params.hpp"
@@ -25,6 +27,12 @@ using DeviceCodecPtr = std::unique_ptr<DeviceCodec, DeviceCodecDeleter>;
 // Checks that a GPU is usable and the block shape fits the kernels, then uploads the tables
 // (cudaMalloc + cudaMemcpy: creation time, never on the encode/decode path).
 DeviceCodecPtr create_device_codec(const CodecParams& p, const Codebook* codebook);
+
+// The public calls' arrays (pointer, argument name), which must be memory the codec's device
+// reaches: require_device_memory for each, unless `stream` is capturing. The store's own
+// buffers need no check.
+void require_device_arrays(const DeviceCodec& d, void* stream,
+                           std::initializer_list<std::pair<const void*, const char*>> arrays);
 
 // Enqueue only: no host synchronisation. d_block_bytes[i] = 0 marks a block whose input was
 // not finite (no block written). dst_capacity_bytes must be >= max_block_bytes(dtype).

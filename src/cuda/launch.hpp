@@ -21,11 +21,13 @@ inline void check_cuda(cudaError_t e, const char* what) {
   }
 }
 
-// A host-to-device copy that has landed when it returns, for every stream: a synchronous copy
+// A copy from host memory that has landed when it returns, for every stream: a synchronous copy
 // from pageable memory may return before the data arrive, and the legacy stream it runs on does
-// not order non-blocking streams.
+// not order non-blocking streams. `device`: memory the GPU reaches, which for a caller's output
+// may be host memory too (pinned, or pageable where the GPU reads it): the runtime tells the
+// direction from the addresses.
 inline void copy_to_device(void* device, const void* host, size_t bytes, const char* what) {
-  check_cuda(cudaMemcpy(device, host, bytes, cudaMemcpyHostToDevice), what);
+  check_cuda(cudaMemcpy(device, host, bytes, cudaMemcpyDefault), what);
   check_cuda(cudaStreamSynchronize(nullptr), what);
 }
 
@@ -44,9 +46,13 @@ inline void check_allocation(cudaError_t e, const char* what) {
 }
 
 // Whether `stream` is being captured into a graph.
+// (The legacy stream, while another stream captures, fails with an error of its own, reported
+// here and cleared from the runtime's last error.)
 inline bool capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  check_cuda(cudaStreamIsCapturing(stream, &status), "cudaStreamIsCapturing");
+  const cudaError_t e = cudaStreamIsCapturing(stream, &status);
+  if (e != cudaSuccess) (void)cudaGetLastError();
+  check_cuda(e, "cudaStreamIsCapturing");
   return status != cudaStreamCaptureStatusNone;
 }
 
@@ -60,7 +66,8 @@ inline bool capturing(cudaStream_t stream) {
 // without it.
 inline void require_device_memory(const void* p, int device, const char* name) {
   cudaPointerAttributes a{};
-  if (p == nullptr || cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+  if (p == nullptr) return;
+  if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
     (void)cudaGetLastError();  // an unclassified pointer is no sticky error: clear it
     return;
   }

@@ -793,6 +793,7 @@ int32_t CudaStore::restore(const uint8_t* data, size_t size) {
   const auto [slot, sid] = m.next_sequence();
   wait_for_device();
   ks::Counters c = m.counters.download(1)[0];
+  const ks::Counters counters_before = c;
   // Next-fit on the host, over pages taken from the top of the free stack.
   struct Placed {
     uint32_t layer, rank, offset, bytes;
@@ -838,7 +839,6 @@ int32_t CudaStore::restore(const uint8_t* data, size_t size) {
   std::vector<ks::LayerState> states, empty;
   std::vector<uint32_t> compressed = m.layer_compressed.download(L);
   const std::vector<uint32_t> compressed_before = compressed;
-  const ks::Counters counters_before = c;
   for (uint32_t l = 0; l < L; ++l) {
     const SequenceImage::Layer& in = image.layers[l];
     ks::LayerState& st = states.emplace_back(ks::LayerState{m.layout(slot, l), 0, 0});

@@ -80,7 +80,7 @@ size_t run_tiles(TileCase c, uint32_t splits, std::mt19937& rng,
                              static_cast<const uint8_t*>(im.pool.data()), im.pool.size(), stage);
   EXPECT_TRUE(r.errors.empty()) << r.errors.front();
   const auto out = combine<DT>(c, l.params);
-  EXPECT_TRUE(outputs_match(c, im, out, l.params.scale, tile_tolerance(DT)));
+  EXPECT_TRUE(outputs_match(c, im, out, l.params.scale, tile_tolerance(c)));
   return stageable;
 }
 

@@ -316,8 +316,8 @@ TEST_F(CodecGpu, UndersizedCapacityAndMissingStatusAreRejected) {
             KVC_ERROR_NULL_POINTER);
 }
 
-// Host arrays where the codec takes device ones are refused before any launch (a kernel faulting
-// on them would end the process's CUDA context).
+// Pageable host arrays where the codec takes device ones are refused before any launch on a GPU
+// that cannot read them (a kernel faulting on them would end the process's CUDA context).
 TEST_F(CodecGpu, HostArraysAreRefused) {
   if (reads_pageable_memory()) GTEST_SKIP() << "this GPU reads pageable host memory";
   const kvc_codec_config c = make_config(KVC_KIND_KEY, 16, 64, KVC_BOUND_ABSOLUTE, 0.01f);

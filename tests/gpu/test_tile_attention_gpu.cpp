@@ -69,8 +69,8 @@ TEST_F(TileAttentionGpu, MatchesTheCpuReferenceOverTheOraclesBlocks) {
                             d_views.get<cuda::SequenceView>(), d_q.get(), d_out.get(), d_ws.get(),
                             nullptr, staging);
       KVC_CUDA_CHECK(cudaDeviceSynchronize());
-      EXPECT_TRUE(outputs_match(c, im, d_out.download<uint16_t>(im.q.size()), scale,
-                                tile_tolerance(c.dtype)))
+      EXPECT_TRUE(
+          outputs_match(c, im, d_out.download<uint16_t>(im.q.size()), scale, tile_tolerance(c)))
           << (staging == cuda::TileStaging::kCompact ? "compact" : "wide") << " stages";
     }
   }
