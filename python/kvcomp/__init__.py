@@ -91,6 +91,25 @@ def _make(struct_type, *values):
     return struct_type(*values)
 
 
+def _enum(table, v, what) -> int:
+    """The value of an enumeration given by name (a key of table) or as an integer."""
+    if isinstance(v, str):
+        if v not in table:
+            raise ValueError(f"{what} = {v!r}: expected one of {sorted(table)}")
+        return table[v]
+    return _int(v, what)
+
+
+def _handle(obj, cls, what):
+    """obj's library handle, after checking that obj is a live cls: the C functions cannot tell
+    one kind of handle from another, and a closed one is NULL."""
+    if not isinstance(obj, cls):
+        raise TypeError(f"{what}: expected a kvcomp.{cls.__name__}, got {type(obj).__name__}")
+    if not obj._h:
+        raise ValueError(f"{what}: the {cls.__name__} is closed")
+    return obj._h
+
+
 def _checked_call(name, fn, argtypes):
     """fn, checking its integer arguments against their C types: a last line of defence
     behind the call sites' own checks, which name the argument."""
@@ -327,7 +346,8 @@ class Codebook(_Handle):
         cfg = _make(_CodebookConfig, ctypes.sizeof(_CodebookConfig), ABI_VERSION,
                     _int(max_code_length, "max_code_length"), _int(max_symbols, "max_symbols"))
         h = ctypes.c_void_p()
-        _check(_load().kvc_codebook_build(histogram._h, ctypes.byref(cfg), ctypes.byref(h)))
+        _check(_load().kvc_codebook_build(_handle(histogram, Histogram, "histogram"),
+                                          ctypes.byref(cfg), ctypes.byref(h)))
         return cls(h)
 
     @classmethod
@@ -413,24 +433,24 @@ class Codec(_Handle):
                  codebook: Optional[Codebook] = None, block_format="v1",
                  tile_permute_channels: bool = True, tile_split_widths: bool = True):
         lib = _load()
-        self.kind = _KINDS[kind] if isinstance(kind, str) else _int(kind, "kind")
+        self.kind = _enum(_KINDS, kind, "kind")
         self.num_tokens = _int(num_tokens, "num_tokens")
         self.head_dim = _int(head_dim, "head_dim")
         self.error_bound = float(error_bound)
-        self.bound_mode = (_BOUNDS[bound_mode] if isinstance(bound_mode, str)
-                           else _int(bound_mode, "bound_mode"))
-        self.entropy = _ENTROPIES[entropy] if isinstance(entropy, str) else _int(entropy, "entropy")
+        self.bound_mode = _enum(_BOUNDS, bound_mode, "bound_mode")
+        self.entropy = _enum(_ENTROPIES, entropy, "entropy")
         self.value_group_size = _int(value_group_size, "value_group_size")
         cfg = _make(_CodecConfig, ctypes.sizeof(_CodecConfig), ABI_VERSION, BACKEND_CPU,
                     self.kind, self.num_tokens, self.head_dim, self.value_group_size,
                     self.bound_mode, self.error_bound, self.entropy,
                     _int(num_substreams, "num_substreams"),
-                    _BLOCK_FORMATS[block_format] if isinstance(block_format, str)
-                    else _int(block_format, "block_format"), int(bool(tile_permute_channels)),
+                    _enum(_BLOCK_FORMATS, block_format, "block_format"),
+                    int(bool(tile_permute_channels)),
                     int(bool(tile_split_widths)))
         self.block_format = cfg.block_format
         h = ctypes.c_void_p()
-        _check(lib.kvc_codec_create(ctypes.byref(cfg), codebook._h if codebook else None,
+        book = None if codebook is None else _handle(codebook, Codebook, "codebook")
+        _check(lib.kvc_codec_create(ctypes.byref(cfg), book,
                                     ctypes.byref(h)))
         self._h = h
         self.codebook = codebook
@@ -443,7 +463,7 @@ class Codec(_Handle):
 
     def _src_pointers(self, x: np.ndarray):
         """Block pointers of a [tokens, heads, head_dim] array, (block, head) order."""
-        x = _as_3d(x)
+        x = _as_3d(np.asarray(x))
         if x.dtype not in _NP_DTYPES:
             raise TypeError(f"dtype {x.dtype} not supported (float16, float32)")
         t, h, d = x.shape
@@ -504,9 +524,9 @@ class Codec(_Handle):
             raise ValueError("blocks.offsets and blocks.sizes must lie inside blocks.data")
         if out is None:
             out = np.empty((t, h, d), dtype=dtype)
-        o3 = _as_3d(out)
-        if (o3.shape != (t, h, d) or not o3.flags.c_contiguous or not o3.flags.writeable
-                or o3.dtype not in _NP_DTYPES):
+        o3 = _as_3d(out) if isinstance(out, np.ndarray) else None
+        if (o3 is None or o3.shape != (t, h, d) or not o3.flags.c_contiguous
+                or not o3.flags.writeable or o3.dtype not in _NP_DTYPES):
             raise ValueError("out must be a writeable C-contiguous float16/float32 array of the "
                              "encoded shape")
         _, dst, _, stride = self._src_pointers(o3)
@@ -520,11 +540,12 @@ class Codec(_Handle):
 
     def histogram(self, x: np.ndarray, histogram: Optional[Histogram] = None) -> Histogram:
         """Adds the symbols of x's blocks (as encode would cut them) to a histogram."""
-        histogram = histogram or Histogram()
+        histogram = Histogram() if histogram is None else histogram
         x, src, nb, stride = self._src_pointers(x)
         if nb:
             _check(_load().kvc_codec_histogram(self._h, nb, src.ctypes.data, stride,
-                                               _NP_DTYPES[x.dtype], histogram._h, None))
+                                               _NP_DTYPES[x.dtype],
+                                               _handle(histogram, Histogram, "histogram"), None))
         return histogram
 
 
@@ -610,34 +631,28 @@ class StoreConfig:
     def _struct(self) -> _StoreConfig:
         """The C struct; its scale arrays (kept alive by the struct's _keep) are read by
         kvc_store_create only."""
-        def enum(table, v, what):
-            if isinstance(v, str):
-                if v not in table:
-                    raise ValueError(f"{what} = {v!r}: expected one of {sorted(table)}")
-                return table[v]
-            return _int(v, what)
-
         def field(name, ctype=ctypes.c_int32):
             return _int(getattr(self, name), name, ctype)
         cfg = _make(
             _StoreConfig,
-            ctypes.sizeof(_StoreConfig), ABI_VERSION, enum(_BACKENDS, self.backend, "backend"),
+            ctypes.sizeof(_StoreConfig), ABI_VERSION, _enum(_BACKENDS, self.backend, "backend"),
             field("num_layers"), field("num_kv_heads"), field("head_dim"),
-            enum(_STORE_DTYPES, self.dtype, "dtype"), field("block_tokens"),
-            enum(_BOUNDS, self.key_bound_mode, "key_bound_mode"), float(self.key_error_bound),
-            enum(_BOUNDS, self.value_bound_mode, "value_bound_mode"),
+            _enum(_STORE_DTYPES, self.dtype, "dtype"), field("block_tokens"),
+            _enum(_BOUNDS, self.key_bound_mode, "key_bound_mode"), float(self.key_error_bound),
+            _enum(_BOUNDS, self.value_bound_mode, "value_bound_mode"),
             float(self.value_error_bound), field("value_group_size"),
-            enum(_ENTROPIES, self.entropy, "entropy"), field("page_bytes"),
+            _enum(_ENTROPIES, self.entropy, "entropy"), field("page_bytes"),
             field("capacity_bytes", ctypes.c_int64), field("max_sequences"),
-            field("max_sequence_tokens"), enum(_BLOCK_FORMATS, self.block_format, "block_format"),
+            field("max_sequence_tokens"),
+            _enum(_BLOCK_FORMATS, self.block_format, "block_format"),
             field("tile_permute_channels"), field("tile_split_widths"),
-            field("num_substreams"), enum(_ROTATIONS, self.rotation, "rotation"),
+            field("num_substreams"), _enum(_ROTATIONS, self.rotation, "rotation"),
             field("sink_tokens"))
         keep = (self._scales("key_layer_scales"), self._scales("value_layer_scales"))
         for field, array in zip(("key_layer_scales", "value_layer_scales"), keep):
             if array is not None:
                 setattr(cfg, field, ctypes.cast(array, ctypes.POINTER(ctypes.c_float)))
-        cfg.serialized_block_format = enum(_BLOCK_FORMATS, self.serialized_block_format,
+        cfg.serialized_block_format = _enum(_BLOCK_FORMATS, self.serialized_block_format,
                                            "serialized_block_format")
         cfg._keep = keep
         return cfg
@@ -702,6 +717,8 @@ class Store(_Handle):
     def __init__(self, config: Optional[StoreConfig] = None, **kwargs):
         if config is None:
             config = StoreConfig(**kwargs)
+        elif not isinstance(config, StoreConfig):
+            raise TypeError(f"config: expected a kvcomp.StoreConfig, got {type(config).__name__}")
         elif kwargs:
             raise TypeError("give a StoreConfig or keyword arguments, not both")
         self.config = config
@@ -771,12 +788,13 @@ class Store(_Handle):
 
     # -- codebooks and sequences -----------------------------------------------------------------
     def set_codebook(self, layer: int, kind, codebook: Codebook) -> None:
-        k = _KINDS[kind] if isinstance(kind, str) else _int(kind, "kind")
-        _check(_load().kvc_store_set_codebook(self._h, _int(layer, "layer"), k, codebook._h))
+        _check(_load().kvc_store_set_codebook(self._h, _int(layer, "layer"),
+                                              _enum(_KINDS, kind, "kind"),
+                                              _handle(codebook, Codebook, "codebook")))
 
     def get_codebook(self, layer: int, kind) -> Optional[Codebook]:
         """The codebook of (layer, kind), or None while the layer has built none."""
-        k = _KINDS[kind] if isinstance(kind, str) else _int(kind, "kind")
+        k = _enum(_KINDS, kind, "kind")
         h = ctypes.c_void_p()
         _check(_load().kvc_store_get_codebook(self._h, _int(layer, "layer"), k, ctypes.byref(h)))
         return Codebook(h) if h.value else None
@@ -836,6 +854,9 @@ class Store(_Handle):
         n = self.sequence_length(sequence_id, layer)
         cap = n
         if keys is not None:
+            if not self._shape(keys):
+                raise ValueError(f"keys: expected an array of [capacity, {self.num_kv_heads}, "
+                                 f"{self.head_dim}], got a scalar")
             cap = int(self._shape(keys)[0])
         shape = (cap, self.num_kv_heads, self.head_dim)
         pk, k = self._out(keys, shape, code, "keys")

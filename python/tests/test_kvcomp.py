@@ -197,3 +197,44 @@ def test_integers_that_c_cannot_hold_are_refused():
         kvcomp.Codebook.build(h, max_code_length=2**32 + 12)
     with pytest.raises(TypeError, match="float16 or float32"):
         kvcomp.Codec(kind="key", num_tokens=T, head_dim=D).max_block_bytes(np.int8)
+
+
+def test_handles_of_the_wrong_kind_are_refused():
+    """The C functions cannot tell one handle type from another: a Histogram given as a codebook
+    (or a Codebook as a histogram) was read as the other's struct, a segfault or worse. The
+    binding checks the type, and that the handle is not closed."""
+    h = kvcomp.Histogram()
+    h.add_counts(-2, [1, 2, 3, 2, 1])
+    cb = kvcomp.Codebook.build(h)
+    codec = kvcomp.Codec(kind="key", num_tokens=T, head_dim=D)
+    x = _cache(T)
+    for bad in (h, codec, "codebook"):
+        with pytest.raises(TypeError, match="codebook"):
+            kvcomp.Codec(kind="key", num_tokens=T, head_dim=D, codebook=bad)
+    for bad in (cb, codec, 0):
+        with pytest.raises(TypeError, match="histogram"):
+            kvcomp.Codebook.build(bad)
+        with pytest.raises(TypeError, match="histogram"):
+            codec.histogram(x, histogram=bad)
+    closed = kvcomp.Codebook.deserialize(cb.serialize())
+    closed.close()
+    with pytest.raises(ValueError, match="closed"):  # not silently a codec without codebook
+        kvcomp.Codec(kind="key", num_tokens=T, head_dim=D, codebook=closed)
+    assert h.total == 9
+
+
+def test_arguments_of_the_wrong_form_raise_documented_errors():
+    """Unknown enumeration names raise ValueError (were KeyError); a list to encode is taken as
+    an array and an output that is not an array is refused (were AttributeError)."""
+    for field in ("kind", "bound_mode", "entropy", "block_format"):
+        with pytest.raises(ValueError, match=field):
+            kvcomp.Codec(**{field: "bogus"}, num_tokens=T, head_dim=D)
+    codec = kvcomp.Codec(kind="key", num_tokens=T, head_dim=D, error_bound=0.5,
+                         bound_mode="absolute")
+    x = _cache(T, dtype=np.float32)
+    with pytest.raises(TypeError, match="float64"):  # a list: float64, as an array
+        codec.encode(x.tolist())
+    blocks = codec.encode(x)
+    assert codec.histogram(x.astype(np.float16)).total == T * H * D
+    with pytest.raises(ValueError, match="out"):
+        codec.decode(blocks, out=np.zeros(x.shape).tolist())

@@ -562,3 +562,26 @@ def test_read_only_device_outputs_are_refused():
     assert kvcomp._cuda_pointer(device_array(False), (2, 3), ("f2",), "out", written=True)
     with pytest.raises(ValueError, match="read-only"):
         kvcomp._cuda_pointer(device_array(True), (2, 3), ("f2",), "out", written=True)
+
+
+def test_arguments_of_the_wrong_kind_are_refused():
+    """set_codebook took any object with a handle: a Codec given as the codebook was read as
+    one by the library (a segfault). Wrong kinds of codebook, enumeration names, configuration
+    and read buffers raise TypeError or ValueError, and change nothing."""
+    store = _store()
+    codec = kvcomp.Codec(kind="key", num_tokens=T, head_dim=D)
+    for bad in (codec, kvcomp.Histogram(), store, None):
+        with pytest.raises(TypeError, match="codebook"):
+            store.set_codebook(0, "key", bad)
+    with pytest.raises(ValueError, match="kind"):  # was KeyError
+        store.set_codebook(0, "keys", kvcomp.Codebook.build(kvcomp.Histogram()))
+    with pytest.raises(ValueError, match="kind"):
+        store.get_codebook(0, "keys")
+    assert store.get_codebook(0, "key") is None
+    with pytest.raises(TypeError, match="StoreConfig"):  # was AttributeError
+        kvcomp.Store(dict(num_layers=L))
+    seq = store.add_sequence()
+    store.prefill(seq, *_kv(5))
+    with pytest.raises(ValueError, match="keys"):  # a 0-d buffer: was IndexError
+        store.read(seq, 0, keys=np.float16(0))
+    assert store.sequence_length(seq, 0) == 5
