@@ -475,6 +475,8 @@ class Codec(_Handle):
                 and x.strides[0] == h * d * x.itemsize):
             x = np.ascontiguousarray(x)
         nb = (t // self.num_tokens) * h
+        if not nb:  # (an empty array may still have 2**31 - 1 heads or token blocks)
+            return x, np.zeros(0, np.uint64), 0, h * d
         base = x.ctypes.data
         b = np.arange(t // self.num_tokens, dtype=np.uint64)[:, None]
         hh = np.arange(h, dtype=np.uint64)[None, :]
