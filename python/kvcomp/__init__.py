@@ -501,6 +501,8 @@ class Codec(_Handle):
     def decode(self, blocks: EncodedBlocks, out: Optional[np.ndarray] = None,
                dtype=np.float16) -> np.ndarray:
         """Decodes blocks into out (or a new array) of the encoded [tokens, heads, head_dim]."""
+        if not isinstance(blocks, EncodedBlocks):
+            raise TypeError(f"blocks: expected a kvcomp.EncodedBlocks, got {type(blocks).__name__}")
         t, h, d = (_int(n, "blocks.shape") for n in blocks.shape)
         nb = (t // self.num_tokens) * h
         data = blocks.data

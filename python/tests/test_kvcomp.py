@@ -225,7 +225,8 @@ def test_handles_of_the_wrong_kind_are_refused():
 
 def test_arguments_of_the_wrong_form_raise_documented_errors():
     """Unknown enumeration names raise ValueError (were KeyError); a list to encode is taken as
-    an array and an output that is not an array is refused (were AttributeError)."""
+    an array, an output that is not an array and blocks that are not an EncodedBlocks are
+    refused (were AttributeError)."""
     for field in ("kind", "bound_mode", "entropy", "block_format"):
         with pytest.raises(ValueError, match=field):
             kvcomp.Codec(**{field: "bogus"}, num_tokens=T, head_dim=D)
@@ -238,6 +239,8 @@ def test_arguments_of_the_wrong_form_raise_documented_errors():
     assert codec.histogram(x.astype(np.float16)).total == T * H * D
     with pytest.raises(ValueError, match="out"):
         codec.decode(blocks, out=np.zeros(x.shape).tolist())
+    with pytest.raises(TypeError, match="EncodedBlocks"):  # was AttributeError
+        codec.decode((blocks.data, blocks.offsets, blocks.sizes, blocks.shape))
 
 
 def test_empty_arrays_allocate_nothing_per_head():
