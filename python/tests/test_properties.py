@@ -470,9 +470,10 @@ def _store_config(draw, junk=True):
     return cfg
 
 
-def _attention(q, k, v, scale):
+def _attention(q, k, v, scale, limit):
     """softmax(scale * q K^T) V per query head (grouped over the kv-heads), in float64, rounded
-    as the store rounds its outputs; zeros for no tokens. q [Hq, D], k and v [n, H, D]."""
+    to fp32 and saturated at limit (the largest value of the store's dtype) as the store does;
+    zeros for no tokens. q [Hq, D], k and v [n, H, D]."""
     hq, (n, h, _) = q.shape[0], k.shape
     if n == 0:
         return np.zeros(q.shape)
@@ -481,7 +482,7 @@ def _attention(q, k, v, scale):
         np.float64))
     w = np.exp(logits - logits.max(axis=1, keepdims=True))
     out = np.einsum("qn,nqd->qd", w, v[:, kv].astype(np.float64)) / w.sum(axis=1)[:, None]
-    return out.astype(np.float32).astype(np.float64)
+    return np.clip(out.astype(np.float32), -limit, limit).astype(np.float64)
 
 
 def _state(store, live):
@@ -602,7 +603,8 @@ class _Run:
             scale = 1 / np.sqrt(self.D) if scale is None else float(scale)
             for i, sid in enumerate(ids):  # the documented arithmetic over what read returns
                 k, v = self.store.read(sid, layer, dtype=np.float32)
-                want = _attention(self._float(q[i]), k, v, scale)
+                limit = 65504.0 if self.dtype == np.float16 else 3.3895e38
+                want = _attention(self._float(q[i]), k, v, scale, limit)
                 got = self._float(out[i])
                 hypothesis.event(f"attention checked over {'no' if len(k) == 0 else 'some'} "
                                  "tokens")
@@ -646,12 +648,21 @@ class _Run:
             book = kvcomp.Codec(num_tokens=16, head_dim=16)
         self.store.set_codebook(layer, kind, book)
 
+    def op_serialize(self):
+        s = self.seq_id()
+        data = self.store.serialize(s)
+        assert len(data) == self.store.serialized_size(s)
+        sizes = self.store.block_sizes(s, encodings=self.draw(st.booleans()))
+        sizes = sizes[0] if isinstance(sizes, tuple) else sizes
+        assert [x.shape for x in sizes] == [(n // self.store.block_tokens, self.H, 2)
+                                            for n in self.live[s]]
+
     def op_length(self):
         s, layer = self.seq_id(), self.layer()
         assert self.store.sequence_length(s, layer) == self.live[s][layer]
 
     OPS = ["add", "add", "free", "prefill", "prefill", "prefill", "append", "append", "read",
-           "attention", "attention", "restore", "restore", "codebook", "length"]
+           "attention", "attention", "restore", "restore", "codebook", "length", "serialize"]
 
     def step(self):
         op = self.draw(st.sampled_from(self.OPS))
