@@ -298,6 +298,11 @@ class _Handle:
 
     __del__ = close
 
+    def __reduce_ex__(self, protocol):
+        # copy.copy would give two objects that destroy the same handle (a double free).
+        raise TypeError(f"a kvcomp.{type(self).__name__} owns a library handle: it cannot be "
+                        "copied or pickled (Codebook.serialize and Store.serialize give bytes)")
+
 
 def version() -> str:
     """Version string of the loaded library ("MAJOR.MINOR.PATCH")."""

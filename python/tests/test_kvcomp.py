@@ -261,3 +261,26 @@ def test_empty_arrays_allocate_nothing_per_head():
         assert tracemalloc.get_traced_memory()[1] < 1 << 20
     finally:
         tracemalloc.stop()
+
+
+def test_objects_that_own_a_handle_cannot_be_copied():
+    """copy.copy(codebook) gave two objects that each destroyed the same handle when collected
+    (a double free: segfault or bus error in the next calls). Copying, deep copying and
+    pickling raise TypeError; the original keeps working."""
+    import copy
+    import gc
+    import pickle
+    h = kvcomp.Histogram()
+    h.add_counts(-2, [1, 2, 3, 2, 1])
+    cb = kvcomp.Codebook.build(h)
+    codec = kvcomp.Codec(kind="key", num_tokens=T, head_dim=D, codebook=cb)
+    store = kvcomp.Store(num_layers=1, num_kv_heads=1, head_dim=D, block_tokens=T)
+    for obj in (h, cb, codec, store):
+        for dup in (copy.copy, copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match="cannot be copied"):
+                dup(obj)
+    gc.collect()
+    x = _cache(T)
+    assert codec.decode(codec.encode(x)).shape == x.shape
+    assert kvcomp.Codebook.deserialize(cb.serialize()).id == cb.id
+    assert h.total == 9 and store.add_sequence() == 0
