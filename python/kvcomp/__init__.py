@@ -455,8 +455,7 @@ class Codec(_Handle):
         self.block_format = cfg.block_format
         h = ctypes.c_void_p()
         book = None if codebook is None else _handle(codebook, Codebook, "codebook")
-        _check(lib.kvc_codec_create(ctypes.byref(cfg), book,
-                                    ctypes.byref(h)))
+        _check(lib.kvc_codec_create(ctypes.byref(cfg), book, ctypes.byref(h)))
         self._h = h
         self.codebook = codebook
 
@@ -550,11 +549,11 @@ class Codec(_Handle):
     def histogram(self, x: np.ndarray, histogram: Optional[Histogram] = None) -> Histogram:
         """Adds the symbols of x's blocks (as encode would cut them) to a histogram."""
         histogram = Histogram() if histogram is None else histogram
+        h = _handle(histogram, Histogram, "histogram")
         x, src, nb, stride = self._src_pointers(x)
         if nb:
             _check(_load().kvc_codec_histogram(self._h, nb, src.ctypes.data, stride,
-                                               _NP_DTYPES[x.dtype],
-                                               _handle(histogram, Histogram, "histogram"), None))
+                                               _NP_DTYPES[x.dtype], h, None))
         return histogram
 
 
@@ -662,7 +661,7 @@ class StoreConfig:
             if array is not None:
                 setattr(cfg, field, ctypes.cast(array, ctypes.POINTER(ctypes.c_float)))
         cfg.serialized_block_format = _enum(_BLOCK_FORMATS, self.serialized_block_format,
-                                           "serialized_block_format")
+                                            "serialized_block_format")
         cfg._keep = keep
         return cfg
 
