@@ -597,7 +597,7 @@ class _Run:
                                           if self.bad() else [None, 0.125, 1.0]))
         layer = self.layer()
         out = self.store.attention(layer, ids, q, scale=scale)
-        assert out.shape == tuple(shape)
+        assert out.shape == q.shape  # (rows() may have changed the shape it was given)
         rotation = kvcomp._ROTATIONS.get(self.cfg["rotation"], self.cfg["rotation"])
         if rotation != kvcomp.ROTATION_HADAMARD:  # (rotated keys: logits rounded otherwise)
             scale = 1 / np.sqrt(self.D) if scale is None else float(scale)
