@@ -321,6 +321,19 @@ void rotate_floats(const StoreParams& p, float* x, size_t count) {
   for (size_t r = 0; r < count; ++r) hadamard::rotate(x + r * p.head_dim, p.head_dim);
 }
 
+// Whether `count` rows of head_dim floats of `kind` read back finite: they are finite and, for a
+// kind the store rotates, so is their rotation back, in floats as a read does it (sums of values
+// near the float limit overflow). x is left rotated.
+bool read_back_finite(const StoreParams& p, uint32_t kind, float* x, size_t count) {
+  const auto finite = [&] {
+    return std::all_of(x, x + count * p.head_dim, [](float v) { return std::isfinite(v); });
+  };
+  if (!finite()) return false;
+  if (!p.rotates[kind]) return true;
+  rotate_floats(p, x, count);
+  return finite();
+}
+
 bool finite_rows(const StoreParams& p, const uint8_t* rows, size_t tokens) {
   const size_t bytes = tokens * p.token_bytes();
   for (size_t i = 0; i < bytes; i += 2) {
@@ -1179,22 +1192,30 @@ SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const u
       } catch (const Error& e) {
         fail(e.status(), "serialized sequence: layer ", l, ": ", e.what());
       }
-      // The store holds finite values only (its inputs are checked): so must a restored block
-      // (a raw block of inf or NaN, a step of inf, a code that overflows its step).
-      require(std::all_of(scratch.begin(), scratch.end(), [](float x) { return std::isfinite(x); }),
-              KVC_ERROR_CORRUPT_DATA, "serialized sequence: layer ", l, " block ", i,
-              " decodes to inf or NaN");
+      // The store holds values that read back finite only (its inputs are checked): so must a
+      // restored block (not a raw block of inf or NaN, a step of inf, a code that overflows its
+      // step, nor values whose rotation back overflows).
+      require(read_back_finite(p, kind, scratch.data(), p.block_tokens), KVC_ERROR_CORRUPT_DATA,
+              "serialized sequence: layer ", l, " block ", i,
+              " decodes to inf or NaN, or to rows that read back so");
       layer.blocks.emplace_back(block, block + bytes);
       layer.has_huffman = layer.has_huffman || huffman;
     }
     // The uncompressed rows: the sinks (none before the first block), then the tail.
+    std::vector<float> floats;
+    auto read_back = [&](const uint8_t* rows, uint32_t tokens, uint32_t kind) {
+      floats.resize(size_t(tokens) * p.num_heads * p.head_dim);
+      for (size_t e = 0; e < floats.size(); ++e) floats[e] = cpu::load_element(rows, p.dtype, e);
+      return read_back_finite(p, kind, floats.data(), size_t(tokens) * p.num_heads);
+    };
     auto read_rows = [&](uint32_t tokens, const char* what, std::vector<uint8_t>& k_rows,
                          std::vector<uint8_t>& v_rows) {
       const size_t bytes = size_t(tokens) * row;
       const uint8_t* k = r.bytes(bytes);
       const uint8_t* v = r.bytes(bytes);
-      require(finite_rows(p, k, tokens) && finite_rows(p, v, tokens), KVC_ERROR_CORRUPT_DATA,
-              "serialized sequence: layer ", l, " has inf or NaN in its ", what);
+      require(read_back(k, tokens, KVC_KIND_KEY) && read_back(v, tokens, KVC_KIND_VALUE),
+              KVC_ERROR_CORRUPT_DATA, "serialized sequence: layer ", l, " has inf or NaN in its ",
+              what, ", or rows that read back so");
       k_rows.assign(k, k + bytes);
       v_rows.assign(v, v + bytes);
     };

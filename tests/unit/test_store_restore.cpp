@@ -191,6 +191,55 @@ TEST(StoreRestore, RawBlocksMustHoldTheStoresDtype) {
   }
 }
 
+// A store that rotates its rows reads them back rotated in floats: values that are finite but
+// near the float limit (bf16 reaches it) sum to inf, and inf - inf to NaN. A restored block or
+// uncompressed row must read back finite, not only be finite.
+TEST(StoreRestore, RotatedRowsMustReadBackFinite) {
+  Shape sh = small_shape();
+  sh.tokens = 8;
+  kvc_store_config c = fixed_config(sh, 1 << 20, 1024);
+  c.dtype = KVC_DTYPE_BF16;
+  c.rotation = KVC_ROTATION_HADAMARD;
+  StoreHandle writer(c);
+  std::mt19937 rng(5);
+  Rows k = random_rows(rng, 11, sh), v = random_rows(rng, 11, sh);
+  for (Rows* rows : {&k, &v}) {  // the store holds bf16: the same values as bf16 bits
+    for (size_t i = 0; i < rows->bits.size(); ++i) {
+      rows->bits[i] = format::float_to_bf16(rows->values[i]);
+    }
+  }
+  const SerialSequence genuine = parsed(sequence_bytes(writer.s, sh, k, v, 11));
+  ASSERT_EQ(genuine.layers[0].blocks.size(), 2u);
+  ASSERT_EQ(genuine.layers[0].tail_k.size(), 3 * sh.row() * 2);
+  StoreHandle store(c);
+  Shadow shadow{sh, {}, {}};
+  {  // the genuine sequence restores
+    int32_t id = -1;
+    const std::vector<uint8_t> bytes = genuine.bytes();
+    ASSERT_EQ(kvc_store_restore(store.s, bytes.data(), bytes.size(), &id), KVC_SUCCESS)
+        << kvc_last_error();
+    shadow.add_sequence(id);
+  }
+  // A raw V block of bf16 values near the limit (finite: the check before this one passed it):
+  // an absolute bound below float resolution there makes the codec write it verbatim.
+  std::vector<float> huge(size_t(sh.tokens) * sh.dim, 3.0e38f);
+  SerialSequence edit = genuine;
+  edit.layers[0].blocks[1] =
+      encode_with(block_config(sh, KVC_KIND_VALUE, KVC_BOUND_ABSOLUTE, 0.02f), nullptr, sh,
+                  KVC_DTYPE_BF16, huge);
+  ASSERT_EQ(encoding_of(edit.layers[0].blocks[1]), KVC_ENCODING_RAW);
+  expect_rejected(store.s, shadow, edit.bytes(), KVC_ERROR_CORRUPT_DATA,
+                  "raw block near the limit");
+  // A tail row of the same values.
+  edit = genuine;
+  for (size_t i = 0; i + 1 < edit.layers[0].tail_k.size(); i += 2) {
+    const uint16_t bits = format::float_to_bf16(3.0e38f);
+    edit.layers[0].tail_k[i] = uint8_t(bits);
+    edit.layers[0].tail_k[i + 1] = uint8_t(bits >> 8);
+  }
+  expect_rejected(store.s, shadow, edit.bytes(), KVC_ERROR_CORRUPT_DATA, "tail near the limit");
+}
+
 TEST(StoreRestore, BlocksMustBeOfAnEncodingAndLayoutTheStoreWrites) {
   Shape sh = small_shape();
   std::mt19937 rng(3);
