@@ -679,6 +679,9 @@ __device__ inline void store_element(void* p, size_t i, float x, uint32_t dtype,
 // Rows of head_dim elements: dst row r = R (src row r), R = H / sqrt(head_dim) (its own inverse,
 // so the same kernel rotates back), in fp32 in shared memory, the arithmetic of
 // hadamard::rotate. src and dst may be the same buffer. Grid-stride: any grid covers every row.
+// Not saturating (the rows an append stores), a row whose stored values do not rotate back
+// within fp32 (bf16 values above about FLT_MAX / sqrt(head_dim)) gets an inf in its first
+// element, so that the append refuses it as non-finite, as the CPU store does.
 __global__ void __launch_bounds__(kRotateThreads)
     rotate_rows_kernel(const void* src, uint32_t src_dtype, void* dst, uint32_t dst_dtype,
                        bool saturate, size_t rows, uint32_t head_dim) {
@@ -693,6 +696,18 @@ __global__ void __launch_bounds__(kRotateThreads)
     hadamard::rotate_block(x, head_dim);
     for (uint32_t i = threadIdx.x; i < head_dim; i += blockDim.x) {
       store_element(dst, base + i, x[i], dst_dtype, saturate);
+    }
+    if (saturate) continue;
+    bool lost = false;
+    for (uint32_t i = threadIdx.x; i < head_dim; i += blockDim.x) {
+      x[i] = load_element(dst, base + i, dst_dtype);  // as stored: rounded to the dtype
+    }
+    hadamard::rotate_block(x, head_dim);
+    for (uint32_t i = threadIdx.x; i < head_dim; i += blockDim.x) {
+      lost = lost || (format::float_bits(x[i]) & 0x7F800000u) == 0x7F800000u;  // inf or NaN
+    }
+    if (__syncthreads_or(lost) && threadIdx.x == 0) {
+      store_element(dst, base, INFINITY, dst_dtype, false);
     }
   }
 }

@@ -9,7 +9,9 @@ store's sequences (their serialized bytes) or statistics (docs/api.md: "Every st
 changes the store is all or nothing"); corrupt blocks, codebooks and serialized sequences are
 refused with KvcompError, and a restored sequence reads and attends without errors.
 
-Deterministic (derandomized, no example database) and sized for CI. To hunt with more examples,
+Deterministic (derandomized, no example database) and sized for CI; hypothesis also draws
+constants from the local modules a pytest session has imported, so the examples of this file run
+alone differ from those of the whole suite, each reproducible. To hunt with more examples,
 or with fresh random ones, run it on its own, with faulthandler so a crash names its call:
 
     KVCOMP_HYPOTHESIS_EXAMPLES=5000 KVCOMP_HYPOTHESIS_RANDOM=1 \

@@ -178,6 +178,12 @@ struct CudaStore::Impl {
   std::vector<ks::LayerState> download_states(uint32_t slot) const {
     return states.download(p.num_layers, size_t(slot) * p.num_layers);
   }
+  // Makes the slot next_sequence() gave the live home of sid (host side; cannot throw).
+  void take_slot(uint32_t slot, int32_t sid) noexcept {
+    free_slots.pop_back();
+    slot_ids[slot] = sid;
+    ++generations[slot];
+  }
   // The slot the next sequence gets, and its id; throws if there is none.
   std::pair<uint32_t, int32_t> next_sequence() const {
     require(!free_slots.empty(), KVC_ERROR_OUT_OF_MEMORY,
@@ -499,9 +505,7 @@ int32_t CudaStore::add_sequence() {
   const auto [slot, sid] = m.next_sequence();
   wait_for_device();  // a free of this slot may still be queued
   m.d_slot_ids.upload(&sid, 1, slot);
-  m.free_slots.pop_back();
-  m.slot_ids[slot] = sid;
-  ++m.generations[slot];
+  m.take_slot(slot, sid);
   return sid;
 }
 
@@ -890,11 +894,8 @@ int32_t CudaStore::restore(const uint8_t* data, size_t size) {
     (void)cudaGetLastError();
     throw;
   }
-  // Nothing below throws (free_slots is not empty: next_sequence said so).
   *m.mirror = c;
-  m.free_slots.pop_back();
-  m.slot_ids[slot] = sid;
-  ++m.generations[slot];
+  m.take_slot(slot, sid);
   return sid;
 }
 

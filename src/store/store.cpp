@@ -333,6 +333,13 @@ bool read_back_finite(const StoreParams& p, uint32_t kind, float* x, size_t coun
   rotate_floats(p, x, count);
   return finite();
 }
+// The same for rows [tokens, heads, dim] of the store's dtype.
+bool rows_read_back_finite(const StoreParams& p, uint32_t kind, const uint8_t* rows,
+                           size_t tokens) {
+  std::vector<float> x(tokens * p.num_heads * p.head_dim);
+  for (size_t e = 0; e < x.size(); ++e) x[e] = cpu::load_element(rows, p.dtype, e);
+  return read_back_finite(p, kind, x.data(), tokens * p.num_heads);
+}
 
 bool finite_rows(const StoreParams& p, const uint8_t* rows, size_t tokens) {
   const size_t bytes = tokens * p.token_bytes();
@@ -363,9 +370,12 @@ Store::Update Store::plan_update(int32_t id, uint32_t layer, uint32_t num_tokens
       std::vector<uint8_t>& rows = kind == KVC_KIND_KEY ? u.rows_k : u.rows_v;
       uint8_t* r = rows.data() + rows.size() - row;
       rotate_rows(p_, r, 1);
-      require(finite_rows(p_, r, 1), KVC_ERROR_NONFINITE_INPUT, "sequence ", id, " layer ", layer,
-              " token ", t, ": its rotated ", kind == KVC_KIND_KEY ? "K" : "V",
-              " row (config->rotation) leaves the range of the store's dtype");
+      // Rotated back in fp32 when read, it must stay finite too (bf16 values above about
+      // FLT_MAX / sqrt(head_dim) sum past the fp32 range).
+      require(rows_read_back_finite(p_, kind, r, 1), KVC_ERROR_NONFINITE_INPUT, "sequence ", id,
+              " layer ", layer, " token ", t, ": its rotated ", kind == KVC_KIND_KEY ? "K" : "V",
+              " row (config->rotation) leaves the range of the store's dtype, or does not rotate "
+              "back within fp32");
     }
   }
   const uint32_t total = cache.tail_tokens + num_tokens;
@@ -1202,18 +1212,13 @@ SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const u
       layer.has_huffman = layer.has_huffman || huffman;
     }
     // The uncompressed rows: the sinks (none before the first block), then the tail.
-    std::vector<float> floats;
-    auto read_back = [&](const uint8_t* rows, uint32_t tokens, uint32_t kind) {
-      floats.resize(size_t(tokens) * p.num_heads * p.head_dim);
-      for (size_t e = 0; e < floats.size(); ++e) floats[e] = cpu::load_element(rows, p.dtype, e);
-      return read_back_finite(p, kind, floats.data(), size_t(tokens) * p.num_heads);
-    };
     auto read_rows = [&](uint32_t tokens, const char* what, std::vector<uint8_t>& k_rows,
                          std::vector<uint8_t>& v_rows) {
       const size_t bytes = size_t(tokens) * row;
       const uint8_t* k = r.bytes(bytes);
       const uint8_t* v = r.bytes(bytes);
-      require(read_back(k, tokens, KVC_KIND_KEY) && read_back(v, tokens, KVC_KIND_VALUE),
+      require(rows_read_back_finite(p, KVC_KIND_KEY, k, tokens) &&
+                  rows_read_back_finite(p, KVC_KIND_VALUE, v, tokens),
               KVC_ERROR_CORRUPT_DATA, "serialized sequence: layer ", l, " has inf or NaN in its ",
               what, ", or rows that read back so");
       k_rows.assign(k, k + bytes);

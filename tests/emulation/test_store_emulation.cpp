@@ -1125,5 +1125,29 @@ TEST(StoreEmulation, RotateRowsKernelIsTheCpuRotation) {
   }
 }
 
+// Rows an append stores (rotated, not saturated) that would not rotate back within fp32 get an
+// inf, which the append then refuses, as the CPU store refuses them: bf16 values above about
+// FLT_MAX / sqrt(head_dim) rotate into the dtype but sum past fp32 on the way back.
+TEST(StoreEmulation, RotateRowsKernelMarksARowThatDoesNotRotateBack) {
+  const uint32_t dim = 128;
+  std::vector<uint16_t> src(2 * dim, format::float_to_bf16(0.0f)), dst(src.size());
+  src[0] = format::float_to_bf16(1e38f);    // rotates to 128 values of 8.8e36: back, inf
+  src[dim] = format::float_to_bf16(1e36f);  // fine both ways
+  for (bool saturate : {false, true}) {
+    const auto r = emu::launch(ks::rotate_rows_kernel, emu::Dim3(1), ks::kRotateThreads, 0,
+                               static_cast<const void*>(src.data()), uint32_t(KVC_DTYPE_BF16),
+                               static_cast<void*>(dst.data()), uint32_t(KVC_DTYPE_BF16), saturate,
+                               size_t(2), dim);
+    ASSERT_TRUE(r.ok()) << r.message();
+    std::vector<float> row(dim);
+    for (uint32_t d = 0; d < dim; ++d) row[d] = format::bf16_to_float(src[d]);
+    hadamard::rotate(row.data(), dim);
+    EXPECT_EQ(std::isinf(format::bf16_to_float(dst[0])), !saturate) << "saturate " << saturate;
+    for (uint32_t d = 1; d < dim; ++d) EXPECT_EQ(dst[d], format::float_to_bf16(row[d]));
+    for (uint32_t d = 0; d < dim; ++d)
+      EXPECT_TRUE(std::isfinite(format::bf16_to_float(dst[dim + d])));
+  }
+}
+
 }  // namespace
 }  // namespace kvc::test

@@ -758,13 +758,14 @@ TEST_F(StoreGpu, HostMemoryIsRefusedWhereTheGpuCannotReadIt) {
   int32_t length = -1;
   ASSERT_EQ(kvc_store_sequence_length(store.s, id, 1, &length), KVC_SUCCESS) << kvc_last_error();
   EXPECT_EQ(length, sh.tokens);
-  // Device outputs, then pinned host ones: the same bytes.
+  // Device outputs, then pinned host ones (attention's output, read's values): the same bytes.
+  DeviceBuffer d_read_v(row_elems * 4);
   ASSERT_EQ(kvc_store_attention(store.s, 0, 1, &id, q_heads, 0.25f, d_q.get<char>(),
                                 d_out.get<char>(), nullptr),
             KVC_SUCCESS)
       << kvc_last_error();
   ASSERT_EQ(kvc_store_read(store.s, id, 0, KVC_DTYPE_FP32, sh.tokens, d_read.get<char>(),
-                           d_read.get<char>(), nullptr),
+                           d_read_v.get<char>(), nullptr),
             KVC_SUCCESS)
       << kvc_last_error();
   KVC_CUDA_CHECK(cudaDeviceSynchronize());
@@ -781,9 +782,9 @@ TEST_F(StoreGpu, HostMemoryIsRefusedWhereTheGpuCannotReadIt) {
       << kvc_last_error();
   KVC_CUDA_CHECK(cudaDeviceSynchronize());
   const auto out = d_out.download<uint16_t>(q_elems);
-  const auto read = d_read.download<float>(row_elems);
+  const auto values = d_read_v.download<float>(row_elems);
   EXPECT_EQ(std::memcmp(out.data(), pinned_out, q_elems * 2), 0) << "attention into pinned memory";
-  EXPECT_EQ(std::memcmp(read.data(), pinned_read, row_elems * 4), 0) << "read into pinned memory";
+  EXPECT_EQ(std::memcmp(values.data(), pinned_read, row_elems * 4), 0) << "read into pinned memory";
   cudaFreeHost(pinned_out);
   cudaFreeHost(pinned_read);
   EXPECT_EQ(store_stats(store.s).failed_appends, 0);

@@ -311,6 +311,16 @@ TEST(StoreRotation, ARotatedRowPastTheDtypesRangeIsRejected) {
   std::vector<uint16_t> big16(sh.row(), format::float_to_bf16(60000.0f));
   EXPECT_EQ(kvc_store_append(wide.s, 0, 1, &id, big16.data(), zero.data(), nullptr), KVC_SUCCESS)
       << kvc_last_error();
+  // A bf16 row that rotates into range but not back within fp32, as a read does it: one
+  // element of 1e38 becomes 32 of 1.8e37, which sum to inf on the way back.
+  std::vector<uint16_t> spike(sh.row(), format::float_to_bf16(0.0f));
+  spike[0] = format::float_to_bf16(1e38f);
+  EXPECT_EQ(kvc_store_append(wide.s, 0, 1, &id, spike.data(), zero.data(), nullptr),
+            KVC_ERROR_NONFINITE_INPUT);
+  EXPECT_NE(std::string(kvc_last_error()).find("rotate back"), std::string::npos)
+      << kvc_last_error();
+  ASSERT_EQ(kvc_store_sequence_length(wide.s, id, 0, &len), KVC_SUCCESS);
+  EXPECT_EQ(len, 1);
 }
 
 #ifdef KVC_TEST_DATA_DIR
