@@ -74,13 +74,16 @@ def _int(v, what, ctype=ctypes.c_int32) -> int:
     try:
         i = operator.index(v)
     except TypeError:
-        raise TypeError(f"{what() if callable(what) else what} = {v!r}: expected an "
-                        "integer") from None
+        raise TypeError(f"{_name(what)} = {v!r}: expected an integer") from None
     lo, hi = _INT_RANGES[ctype]
     if not lo <= i <= hi:
-        raise ValueError(f"{what() if callable(what) else what} = {i} is out of range for the C "
-                         f"type {ctype.__name__}")
+        raise ValueError(f"{_name(what)} = {i} is out of range for the C type {ctype.__name__}")
     return i
+
+
+def _name(what) -> str:
+    """An argument's name for a message: given, or made by a callable (built only on failure)."""
+    return what() if callable(what) else what
 
 
 def _make(struct_type, *values):

@@ -289,10 +289,11 @@ kvc_status_t kvc_codec_encode(kvc_codec_t codec, int32_t num_blocks, const void*
               " but the CUDA backend needs ", p.max_block_bytes(dtype),
               " (kvc_codec_max_block_bytes)");
 #if defined(KVC_WITH_CUDA)
-      if (num_blocks == 0) return;
-      kvc::cuda::require_device_arrays(
-          *codec->device, stream,
-          {{src_blocks, "src_blocks"}, {dst_blocks, "dst_blocks"}, {block_bytes, "block_bytes"}});
+      if (num_blocks > 0) {
+        kvc::cuda::require_device_arrays(
+            *codec->device, stream,
+            {{src_blocks, "src_blocks"}, {dst_blocks, "dst_blocks"}, {block_bytes, "block_bytes"}});
+      }
       kvc::cuda::encode(*codec->device, num_blocks, src_blocks, src_token_stride, dtype, dst_blocks,
                         block_bytes, stream);
       return;
@@ -344,12 +345,13 @@ kvc_status_t kvc_codec_decode(kvc_codec_t codec, int32_t num_blocks, const void*
       require(num_blocks == 0 || block_status != nullptr, KVC_ERROR_NULL_POINTER,
               "block_status is NULL (the CUDA backend reports corrupt blocks only there)");
 #if defined(KVC_WITH_CUDA)
-      if (num_blocks == 0) return;
-      kvc::cuda::require_device_arrays(*codec->device, stream,
-                                       {{src_blocks, "src_blocks"},
-                                        {src_bytes, "src_bytes"},
-                                        {dst_blocks, "dst_blocks"},
-                                        {block_status, "block_status"}});
+      if (num_blocks > 0) {
+        kvc::cuda::require_device_arrays(*codec->device, stream,
+                                         {{src_blocks, "src_blocks"},
+                                          {src_bytes, "src_bytes"},
+                                          {dst_blocks, "dst_blocks"},
+                                          {block_status, "block_status"}});
+      }
       kvc::cuda::decode(*codec->device, num_blocks, src_blocks, src_bytes, dtype, dst_blocks,
                         dst_token_stride, block_status, stream);
       return;

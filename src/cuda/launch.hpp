@@ -37,22 +37,19 @@ inline int current_device() {
   return device;
 }
 
-// An allocation's status. A failure is no sticky error (memory may come back): it is reported
-// here and cleared from the runtime's last error, where the application's next check would
-// find it.
-inline void check_allocation(cudaError_t e, const char* what) {
+// The status of a call whose failure leaves the context usable (an allocation, a launch, a
+// query): reported here and cleared from the runtime's last error, where the application's
+// next cudaGetLastError() would otherwise find it against its own work.
+inline void check_cuda_cleared(cudaError_t e, const char* what) {
   if (e != cudaSuccess) (void)cudaGetLastError();
   check_cuda(e, what);
 }
 
-// Whether `stream` is being captured into a graph.
-// (The legacy stream, while another stream captures, fails with an error of its own, reported
-// here and cleared from the runtime's last error.)
+// Whether `stream` is being captured into a graph. (Queried on the legacy stream while another
+// stream captures, the runtime fails with an error of its own.)
 inline bool capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  const cudaError_t e = cudaStreamIsCapturing(stream, &status);
-  if (e != cudaSuccess) (void)cudaGetLastError();
-  check_cuda(e, "cudaStreamIsCapturing");
+  check_cuda_cleared(cudaStreamIsCapturing(stream, &status), "cudaStreamIsCapturing");
   return status != cudaStreamCaptureStatusNone;
 }
 
@@ -180,11 +177,8 @@ void launch(void (*kernel)(Params...), dim3 grid, uint32_t threads, size_t smem,
   const void* function = reinterpret_cast<const void*>(kernel);
   if (smem > 0) allow_shared_memory(function, smem);
   void* params[] = {&args...};
-  const cudaError_t e = cudaLaunchKernel(function, grid, dim3(threads), params, smem, stream);
-  // A failed launch also sets the runtime's last error, which the host application's next
-  // cudaGetLastError() would otherwise report against its own kernel.
-  if (e != cudaSuccess) cudaGetLastError();
-  check_cuda(e, "kernel launch");
+  check_cuda_cleared(cudaLaunchKernel(function, grid, dim3(threads), params, smem, stream),
+                     "kernel launch");
 }
 
 }  // namespace kvc::cuda

@@ -35,7 +35,8 @@ class DeviceArray {
   // so a failed growth leaves the array as it was.
   void reset(size_t count, std::vector<void*>* retired = nullptr) {
     T* p = nullptr;
-    check_allocation(cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T)), "cudaMalloc (store)");
+    check_cuda_cleared(cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T)),
+                       "cudaMalloc (store)");
     DeviceArray fresh;
     fresh.ptr_ = p;
     fresh.count_ = count;
@@ -294,8 +295,8 @@ CudaStore::Impl::Impl(const StoreParams& params) : p(params) {
   const ks::Counters start{p.num_pages, KVC_SUCCESS, 0, 0, 0, 0, 0};
   counters.reset(1);
   counters.upload(&start, 1);
-  check_allocation(cudaMallocHost(&mirror, sizeof(ks::Counters)),
-                   "cudaMallocHost (store counters)");
+  check_cuda_cleared(cudaMallocHost(&mirror, sizeof(ks::Counters)),
+                     "cudaMallocHost (store counters)");
   *mirror = start;
 }
 
