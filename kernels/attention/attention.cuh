@@ -54,6 +54,12 @@ __device__ __forceinline__ UnitRange split_units(uint32_t units, uint32_t split,
   return {begin, min(units, begin + per)};
 }
 
+// The warp's largest x, in every lane.
+__device__ __forceinline__ float warp_max(float x) {
+  for (uint32_t off = 16; off > 0; off /= 2) x = fmaxf(x, __shfl_xor_sync(~0u, x, off));
+  return x;
+}
+
 // ---- Element access -------------------------------------------------------------------------
 
 // An fp16/bf16 element as a float, with the hardware's conversion (attention does not carry
@@ -123,7 +129,7 @@ struct WarpState {
     for (uint32_t g = 0; g < group; ++g) {
       float top = -FLT_MAX;
       for (uint32_t t = first; t < last; ++t) top = fmaxf(top, p[t * GMAX + g]);
-      for (uint32_t off = 16; off > 0; off /= 2) top = fmaxf(top, __shfl_xor_sync(~0u, top, off));
+      top = warp_max(top);
       const float m_old = m[g];
       const float m_new = fmaxf(m_old, top);
       const float alpha = __expf(m_old - m_new);
@@ -433,6 +439,18 @@ struct MmaSoftmax {
           l[r] += sc[n][2 * r + h];
         }
       }
+    }
+  }
+
+  // The output accumulator and its offset times f (a power of two: exact). A unit whose
+  // probability fold was scaled by f adds its products at that scale between two such calls.
+  __device__ __forceinline__ void scale_output(float f) {
+#pragma unroll
+    for (uint32_t r = 0; r < 2; ++r) bias[r] *= f;
+#pragma unroll
+    for (uint32_t n = 0; n < D / 8; ++n) {
+#pragma unroll
+      for (uint32_t i = 0; i < 4; ++i) o[n][i] *= f;
     }
   }
 

@@ -143,6 +143,31 @@ __device__ __forceinline__ PairMeta tile_pair_meta(const uint8_t* p, const tiles
   return m;
 }
 
+// The largest of a K block's steps at the positions a lane folds (pairs lane, lane + 32, ...;
+// raw tiles included, which only overstates it): one load per pair of bf16 steps.
+__device__ __forceinline__ float lane_step_max(const uint8_t* p, const tiles::TileLayout& b,
+                                               uint32_t lane) {
+  if (!b.per_group_step) return format::bits_float(b.step_bits);
+  float m = 0.0f;
+  for (uint32_t pos = 2 * lane; pos < b.head_dim; pos += 2 * kLanes) {
+    const uint32_t w = *reinterpret_cast<const uint32_t*>(p + b.steps_offset + 2 * pos);
+    m = fmaxf(m, fmaxf(format::bits_float(w << 16), format::bits_float(w & 0xFFFF0000u)));
+  }
+  return m;
+}
+
+// A unit's scores and score offsets times f (a power of two: exact).
+template <uint32_t NS>
+__device__ __forceinline__ void scale_scores(float (&sc)[NS][4], float (&offset)[2], float f) {
+#pragma unroll
+  for (uint32_t n = 0; n < NS; ++n) {
+#pragma unroll
+    for (uint32_t i = 0; i < 4; ++i) sc[n][i] *= f;
+  }
+  offset[0] *= f;
+  offset[1] *= f;
+}
+
 // Two integers (bits <= 8) in slot `slot` of w as the cache dtype's pair of halves, exactly:
 // through the magic number (tile_convert.cuh), or for 8-bit codes in bf16, whose mantissa is
 // too short, through fp32.
@@ -338,6 +363,20 @@ __global__ void __launch_bounds__(kWarps* kLanes)
             : 0.0f;
   }
   __syncthreads();
+  // fp16: the group's largest |q|, which bounds each K fold's products with the block's largest
+  // step (tile_convert::fold_shift). Kept in the warp's own word of the queries' padding (row 16
+  // of channel `warp`), not in a register across the loop.
+  if constexpr (!kBf16) {
+    float q_max = 0.0f;
+    for (uint32_t c = lane; c < D; c += kLanes) {
+      for (uint32_t row = 0; row < P.group; ++row) {
+        q_max = fmaxf(q_max, fabsf(qf[c * Tr::kQueryPitch + row]));
+      }
+    }
+    q_max = warp_max(q_max);
+    if (lane == 0) qf[warp * Tr::kQueryPitch + 16] = q_max;
+    __syncwarp();
+  }
 
   // Read where used (L1 hits), not held: at D = 256 every register counts.
   const SequenceView& sv = sequences[seq];
@@ -410,7 +449,20 @@ __global__ void __launch_bounds__(kWarps* kLanes)
       // holds them (row, columns c and c + 1 of k-step ks: lane 4 (row % 8) + (c % 8) / 2,
       // register 2 (c / 8) + row / 8). Rows past the group keep what they hold (0, or the last
       // probability fold's P'): their products are never read.
+      // fp16: q_max times the block's largest step bounds every product q * step; where that
+      // reaches fp16's limit, every step is taken times 2^-e and the scores (products and
+      // offsets alike) are scaled back by 2^e after the products, both exact. Rare: |q| x step
+      // of 65504 or more.
+      int32_t k_shift = 0;
+      if constexpr (!kBf16) {
+        const float q_max = qf[warp * Tr::kQueryPitch + 16];
+        const float bound = q_max * lane_step_max(kb, kl, lane);
+        if (__ballot_sync(~0u, bound >= tile_convert::kFp16FoldLimit) != 0) {
+          k_shift = tile_convert::fold_shift(warp_max(bound));
+        }
+      }
       {
+        const float factor = tile_convert::pow2(-k_shift);
         uint32_t* frag = reinterpret_cast<uint32_t*>(qfrag);
         float part[kRows] = {};  // this lane's share of sum q' * centre, per head
         for (uint32_t pp = lane; pp < D / 2; pp += kLanes) {
@@ -419,7 +471,8 @@ __global__ void __launch_bounds__(kWarps* kLanes)
               kl.quantized && tiles::entry_width(tile_entry(kb, kl, ks)) != tiles::kWRaw;
           const PairMeta m = tile_pair_meta(kb, kl, pos);
           const uint32_t ch0 = m.channel[0], ch1 = m.channel[1];
-          const float step0 = coded ? m.step[0] : 1.0f, step1 = coded ? m.step[1] : 1.0f;
+          const float step0 = (coded ? m.step[0] : 1.0f) * factor;
+          const float step1 = (coded ? m.step[1] : 1.0f) * factor;
           const float centre0 = coded ? m.centre[0] : 0.0f, centre1 = coded ? m.centre[1] : 0.0f;
           uint32_t* at = frag + (ks * kLanes + (c % 8) / 2) * 4 + 2 * (c / 8);
 #pragma unroll
@@ -442,6 +495,9 @@ __global__ void __launch_bounds__(kWarps* kLanes)
         const uint32_t entry = tile_entry(kb, kl, ks);
         tile_products_any<DT>(sc, qfrag[ks * kLanes + lane], kb + tiles::entry_offset(entry),
                               tiles::entry_width(entry), lane);
+      }
+      if constexpr (!kBf16) {
+        if (k_shift != 0) scale_scores(sc, s_off, tile_convert::pow2(k_shift));
       }
     } else {
       // [sass tail] Up to T fp16/bf16 rows of the sinks and tail [tokens, kv_heads, D] from row
@@ -481,11 +537,27 @@ __global__ void __launch_bounds__(kWarps* kLanes)
       // [sass Vprep] P' = P * step[t] for coded tiles as A fragments (n-tiles 2 kk, 2 kk + 1
       // of S are k-step kk), and the output offsets sum p' * centre. Each token's step and
       // centre are read once by the warp (raw tiles: 1 and 0), not by the 8 lanes that hold it.
+      float step_max = 0.0f;
       for (uint32_t t = lane; t < T; t += kLanes) {
         const bool coded =
             vl.quantized && tiles::entry_width(tile_entry(vb, vl, t / 16)) != tiles::kWRaw;
-        token_meta[t] = coded ? make_float2(tile_step(vb, vl, t), tile_center(vb, vl, t))
-                              : make_float2(1.0f, 0.0f);
+        const float2 m = coded ? make_float2(tile_step(vb, vl, t), tile_center(vb, vl, t))
+                               : make_float2(1.0f, 0.0f);
+        token_meta[t] = m;
+        step_max = fmaxf(step_max, m.x);
+      }
+      // fp16: p <= 1, so a step of 65504 or more may put p' past fp16's range. Rare; the unit's
+      // steps are then scaled by 2^-e and the output state with them, and the state is scaled
+      // back after the unit's products (exact: powers of two).
+      int32_t v_shift = 0;
+      if constexpr (!kBf16) {
+        if (__ballot_sync(~0u, step_max >= tile_convert::kFp16FoldLimit) != 0) {
+          v_shift = tile_convert::fold_shift(warp_max(step_max));
+          for (uint32_t t = lane; t < T; t += kLanes) {
+            token_meta[t].x *= tile_convert::pow2(-v_shift);
+          }
+          st.scale_output(tile_convert::pow2(-v_shift));
+        }
       }
       __syncwarp();
 #pragma unroll
@@ -517,6 +589,9 @@ __global__ void __launch_bounds__(kWarps* kLanes)
         const uint32_t entry = tile_entry(vb, vl, kk);
         tile_products_any<DT>(st.o, qfrag[kk * kLanes + lane], vb + tiles::entry_offset(entry),
                               tiles::entry_width(entry), lane);
+      }
+      if constexpr (!kBf16) {
+        if (v_shift != 0) st.scale_output(tile_convert::pow2(v_shift));
       }
     } else {
       // [sass tail] P V over those rows, B fragments from global memory, tokens past them zero.

@@ -93,6 +93,20 @@ KVC_HD constexpr PlanePlan plane_plan(uint32_t low, uint32_t high, uint32_t low_
           {int32_t(high_slot * high) - int32_t(l + low), l + low}};
 }
 
+// ---- The folds' range in fp16 -----------------------------------------------------------------
+// The A operands q * step (K) and p * step (V, p <= 1) are rounded to fp16, whose largest finite
+// value is 65504. Where a bound on them reaches it, the kernel folds them scaled by 2^-e (exact)
+// and scales the products back in fp32. fold_shift gives the e that puts the bound in
+// [2^14, 2^15): the largest product keeps fp16's 11 bits, the others lose only what falls below
+// fp16's normal range. For any bound >= 65504, inf and NaN included: 1 <= e <= 114, so 2^e and
+// 2^-e are normal floats.
+constexpr float kFp16FoldLimit = 65504.0f;
+KVC_HD uint32_t fold_shift(float bound) {
+  return ((format::float_bits(bound) >> 23) & 0xFFu) - 127u - 14u;
+}
+// 2^e as a float, for -126 <= e <= 127.
+KVC_HD float pow2(int32_t e) { return format::bits_float(uint32_t(127 + e) << 23); }
+
 #if defined(__CUDACC__) || defined(KVC_DEVICE_EMULATION)
 
 // The pair in slot `slot` of word w as halves of the MMA input type; exact. Called with a slot

@@ -120,6 +120,28 @@ TEST(AttentionEmulation, TileKernelMatchesTheReference) {
       1, rng);
 }
 
+// fp16 folds past fp16's range: products |q| x step (K) and p x step (V) of 65504 or more, which
+// the kernel folds scaled by a power of two and scales back in fp32 (without: NaN outputs).
+TEST(AttentionEmulation, TileKernelFoldsLargeQueryStepProductsInFp16) {
+  std::mt19937 rng(11);
+  // Queries up to about 8000, an absolute K bound of 8 (steps near 16).
+  TileCase c{1, 2, 4, 64, 64, KVC_DTYPE_FP16, 8.0f, 0.07f, 40.0f, {64 * 3 + 7}};
+  c.query_scale = 2000.0f;
+  run_tiles<KVC_DTYPE_FP16, 64, 64>(c, 1, rng);
+  // The store's default, a step per channel (relative K bound): the outlier channel's steps.
+  TileCase relative{1, 2, 4, 64, 64, KVC_DTYPE_FP16, 0.05f, 0.07f, 400.0f, {64 * 3 + 7}};
+  relative.k_mode = KVC_BOUND_RELATIVE;
+  relative.query_scale = 2000.0f;
+  run_tiles<KVC_DTYPE_FP16, 64, 64>(relative, 1, rng);
+}
+TEST(AttentionEmulation, TileKernelFoldsLargeValueStepsInFp16) {
+  std::mt19937 rng(12);
+  // Values near +-65000, a relative V bound of 0.4 (steps of 0.8 x the token's range).
+  TileCase c{1, 2, 4, 64, 64, KVC_DTYPE_FP16, 0.25f, 0.4f, 1.0f, {64 * 3 + 7}};
+  c.value_scale = 20000.0f;
+  run_tiles<KVC_DTYPE_FP16, 64, 64>(c, 1, rng);
+}
+
 // Compact stages (10 KiB, two thread blocks per multiprocessor): units of narrow codes are
 // staged, units past 10 KiB (V bound below 8 bits: raw V tiles) read where they lie.
 TEST(AttentionEmulation, TileKernelWithCompactStages) {

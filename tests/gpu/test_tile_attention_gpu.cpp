@@ -3,7 +3,8 @@
 // tile blocks (format t1) decoded by the CPU oracle: blocks placed in a pool as the store
 // places them (16-byte aligned), fp16/bf16 sinks and tails, every width (0, 2, 3, 4, 6, 8 bits and
 // raw tiles, blocks too large to stage), GQA groups 1..16, head_dim 64/128/256, 64- and 128-token
-// blocks; wide and compact stages. Outputs are poisoned first and must all be written.
+// blocks; wide and compact stages; fp16 folds past fp16's range. Outputs are poisoned first and
+// must all be written.
 #include "core/error.hpp"
 #include "gpu_test.hpp"
 #include "tile_attention_case.hpp"
@@ -15,7 +16,7 @@ class TileAttentionGpu : public GpuTest {};
 
 TEST_F(TileAttentionGpu, MatchesTheCpuReferenceOverTheOraclesBlocks) {
   std::mt19937 rng(91);
-  const std::vector<TileCase> cases = {
+  std::vector<TileCase> cases = {
       {1, 2, 1, 128, 64, KVC_DTYPE_FP16, 0.25f, 0.07f, 1.0f, {1}},
       {3, 2, 4, 128, 64, KVC_DTYPE_FP16, 0.25f, 0.07f, 1.0f, {0, 63, 1000}},
       {4, 1, 16, 64, 128, KVC_DTYPE_BF16, 0.1f, 0.02f, 1.0f, {128, 129, 300, 777}},
@@ -29,6 +30,14 @@ TEST_F(TileAttentionGpu, MatchesTheCpuReferenceOverTheOraclesBlocks) {
       {2, 2, 4, 128, 64, KVC_DTYPE_BF16, 0.05f, 0.05f, 40.0f, {300, 1000}, 0, KVC_BOUND_RELATIVE},
       {2, 2, 4, 128, 128, KVC_DTYPE_FP16, 0.05f, 0.05f, 10.0f, {300, 1000}, 4, KVC_BOUND_RELATIVE},
   };
+  // fp16 folds past fp16's range (|q| x step, p x step of 65504 or more), scaled back.
+  TileCase large_q{2,     2,     4,      128,         64, KVC_DTYPE_FP16,
+                   0.05f, 0.07f, 400.0f, {300, 1000}, 0,  KVC_BOUND_RELATIVE};
+  large_q.query_scale = 2000.0f;
+  TileCase large_v{2, 2, 4, 128, 64, KVC_DTYPE_FP16, 0.25f, 0.4f, 1.0f, {300, 1000}};
+  large_v.value_scale = 20000.0f;
+  cases.push_back(large_q);
+  cases.push_back(large_v);
   for (TileCase c : cases) {
     const TileCacheImage im = build_tile_cache(c, rng);
     DeviceBuffer d_pool(im.pool.size());

@@ -4,11 +4,12 @@
 // a word and every code in both halves, LOP3 ((w >> base) & mask | magic) then one FMA by
 // 2^-in_place with addend -magic * 2^-in_place gives the code exactly, in fp16 and in bf16; and
 // for the two-plane 3- and 6-bit tiles, every code of both planes merged through plane_pair's
-// plan.
+// plan; and the power of two by which fp16 folds past fp16's range are scaled (fold_shift).
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <utility>
+#include <vector>
 
 #include "kernels/attention/tile_convert.cuh"
 
@@ -141,6 +142,28 @@ TEST(TileConvert, SlotPlans) {
   EXPECT_EQ(slot_plan(2, 5, false).base, 10u);
   EXPECT_TRUE(magic_fits(8, false));
   EXPECT_FALSE(magic_fits(8, true));
+}
+
+// fold_shift puts every bound from fp16's limit up (inf and NaN included) into [2^14, 2^15),
+// below the limit after rounding to fp16, with 2^e and 2^-e normal floats.
+TEST(TileConvert, FoldShiftsBringBoundsBelowTheFp16Limit) {
+  std::vector<float> bounds = {kFp16FoldLimit, 65519.0f, 65536.0f,
+                               1e5f,           3.0e38f,  std::nextafter(131072.0f, 0.0f),
+                               131072.0f,      INFINITY, NAN};
+  for (float b = kFp16FoldLimit; b < 3e38f; b *= 1.37f) bounds.push_back(b);
+  for (float b : bounds) {
+    const uint32_t e = fold_shift(b);
+    EXPECT_GE(e, 1u) << b;
+    EXPECT_LE(e, 114u) << b;
+    EXPECT_EQ(pow2(int32_t(e)), std::ldexp(1.0f, int(e))) << b;
+    EXPECT_EQ(pow2(-int32_t(e)), std::ldexp(1.0f, -int(e))) << b;
+    if (std::isfinite(b)) {
+      const float scaled = b * pow2(-int32_t(e));
+      EXPECT_GE(scaled, 16384.0f) << b;
+      EXPECT_LT(scaled, 32768.0f) << b;
+      EXPECT_TRUE(std::isfinite(f::half_to_float(f::float_to_half(scaled)))) << b;
+    }
+  }
 }
 
 }  // namespace

@@ -28,6 +28,8 @@ struct TileCase {
   std::vector<uint32_t> lengths;
   uint32_t sinks = 0;  // sink_tokens: block 0's first rows also kept uncompressed
   kvc_bound_mode k_mode = KVC_BOUND_ABSOLUTE;  // the store's default is relative
+  float query_scale = 1.0f;                    // queries: normal times this
+  float value_scale = 1.0f;  // values times this (clamped to +-65000, finite in fp16)
 };
 
 struct TileCacheImage {
@@ -65,6 +67,7 @@ inline TileCacheImage build_tile_cache(TileCase& c, std::mt19937& rng) {
     for (uint32_t t = 0; t < rows; ++t) {
       for (uint32_t h = 0; h < H; ++h) xk[(size_t(t) * H + h) * D + 5] *= c.outlier;
     }
+    for (float& x : xv) x = std::clamp(x * c.value_scale, -65000.0f, 65000.0f);
     const Block bk = make_block(c.dtype, rows, H * D, H * D, xk);
     const Block bv = make_block(c.dtype, rows, H * D, H * D, xv);
     for (uint32_t blk = 0; blk < blocks; ++blk) {
@@ -92,7 +95,7 @@ inline TileCacheImage build_tile_cache(TileCase& c, std::mt19937& rng) {
   im.pool.resize(std::max<size_t>(im.pool.size(), 16));
   std::normal_distribution<float> normal(0.0f, 1.0f);
   im.q.resize(size_t(c.batch) * H * c.group * D);
-  for (auto& x : im.q) x = to_bits(c.dtype, normal(rng));
+  for (auto& x : im.q) x = to_bits(c.dtype, normal(rng) * c.query_scale);
   return im;
 }
 
