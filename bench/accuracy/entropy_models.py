@@ -208,6 +208,11 @@ class Codebook:
         self.lengths[values[lo:hi] - self.first] = lengths[:-1]
         self.escape = lengths[-1]
 
+    @property
+    def serialized_bytes(self):
+        """§9.1: header, 4-bit lengths, checksum."""
+        return 20 + align4((self.lengths.size + 1) // 2)
+
     def cost(self, symbols):
         """(bits of each symbol's code, whether it is escaped); an escaped symbol also costs its
         block's escape width, added by the caller."""
@@ -286,19 +291,24 @@ def measured(a, blocks):
 
 # ------------------------------------------------------------------------- coding costs
 
-def huffman_bits(symbols, context, blocks):
-    """Per-element bits on the measured blocks, one codebook per context built from the
-    calibration blocks; escapes pay their block's escape width (the largest sbits escaped)."""
+def codebooks(symbols, context, blocks):
+    """{context: its codebook, built from the calibration blocks}."""
     split = blocks.calibration_blocks
     context = np.broadcast_to(context, symbols.shape)
     fit_symbols, fit_context = symbols[:, :split], context[:, :split]
-    test_symbols, test_context = symbols[:, split:], context[:, split:]
+    return {c: Codebook(fit_symbols[fit_context == c]) for c in np.unique(context)}
+
+
+def huffman_bits(symbols, context, blocks, books):
+    """Per-element bits on the measured blocks, each coded with its context's codebook; escapes
+    pay their block's escape width (the largest sbits escaped)."""
+    test_symbols = measured(symbols, blocks)
+    test_context = measured(np.broadcast_to(context, symbols.shape), blocks)
     bits = np.zeros(test_symbols.shape, np.int64)
     escaped = np.zeros(test_symbols.shape, bool)
     for c in np.unique(test_context):
         where = test_context == c
-        bits[where], escaped[where] = Codebook(fit_symbols[fit_context == c]).cost(
-            test_symbols[where])
+        bits[where], escaped[where] = books[c].cost(test_symbols[where])
     width = np.where(escaped, signed_bits(test_symbols), 0).max(axis=(2, 3), keepdims=True)
     return bits + np.where(escaped, width, 0)
 
@@ -306,9 +316,8 @@ def huffman_bits(symbols, context, blocks):
 def ideal_bits(symbols, context, blocks):
     """Per-element -log2 p of each measured symbol under its context's histogram of the
     measured symbols themselves."""
-    split = blocks.calibration_blocks
-    test_symbols = symbols[:, split:]
-    test_context = np.broadcast_to(context, symbols.shape)[:, split:]
+    test_symbols = measured(symbols, blocks)
+    test_context = measured(np.broadcast_to(context, symbols.shape), blocks)
     bits = np.zeros(test_symbols.shape)
     for c in np.unique(test_context):
         where = test_context == c
@@ -448,7 +457,8 @@ def library_block_bytes(tokens, kind, block_tokens, error_bound):
 def check_today(blocks, tokens, error_bound):
     """Stops unless the today model's block sizes are the library's, block for block."""
     symbols, context, side = today(blocks)
-    mine = block_bytes(huffman_bits(symbols, context, blocks), blocks, side)
+    books = codebooks(symbols, context, blocks)
+    mine = block_bytes(huffman_bits(symbols, context, blocks, books), blocks, side)
     library = library_block_bytes(tokens, blocks.kind, blocks.code.shape[2], error_bound)
     if not np.array_equal(mine, library):
         raise SystemExit(f"today model != library ({KIND_NAMES[blocks.kind]}, "
@@ -460,8 +470,9 @@ def check_today(blocks, tokens, error_bound):
 # ---------------------------------------------------------------------------------- run
 
 def measure(raw, block_tokens, kind, error_bound):
-    """{model: {huffman, ideal, huffman_per_layer}} bits per element, and blocks checked."""
-    totals = {}
+    """Per model, averaged over the layers: bits per element (huffman: codebooks from the
+    calibration half; ideal), side bytes per block and codebook bytes; and the blocks checked."""
+    per_layer = {}
     checked = 0
     for layer in range(len(LAYERS)):
         tokens = raw[layer, kind]
@@ -472,12 +483,19 @@ def measure(raw, block_tokens, kind, error_bound):
             if kind not in kinds:
                 continue
             symbols, context, side = model(blocks)
-            for cost, bits in (("huffman", huffman_bits), ("ideal", ideal_bits)):
-                total = block_bytes(bits(symbols, context, blocks), blocks, side).sum()
-                totals.setdefault(name, {}).setdefault(cost, []).append(8 * total / elements)
-    result = {name: dict(huffman=float(np.mean(c["huffman"])), ideal=float(np.mean(c["ideal"])),
-                         huffman_per_layer=[round(float(v), 4) for v in c["huffman"]])
-              for name, c in totals.items()}
+            books = codebooks(symbols, context, blocks)
+            bits = dict(huffman=huffman_bits(symbols, context, blocks, books),
+                        ideal=ideal_bits(symbols, context, blocks))
+            found = {cost: 8 * block_bytes(b, blocks, side).sum() / elements
+                     for cost, b in bits.items()}
+            found["side_bytes_per_block"] = measured(side, blocks).mean()
+            found["codebook_bytes"] = sum(book.serialized_bytes for book in books.values())
+            for key, value in found.items():
+                per_layer.setdefault(name, {}).setdefault(key, []).append(float(value))
+    result = {name: {key: float(np.mean(v)) for key, v in found.items()}
+              for name, found in per_layer.items()}
+    for name, found in per_layer.items():
+        result[name]["huffman_per_layer"] = [round(v, 4) for v in found["huffman"]]
     return result, checked
 
 

@@ -23,7 +23,8 @@ def raw():
 
 def today_bytes(blocks):
     symbols, context, side = em.today(blocks)
-    return em.block_bytes(em.huffman_bits(symbols, context, blocks), blocks, side)
+    books = em.codebooks(symbols, context, blocks)
+    return em.block_bytes(em.huffman_bits(symbols, context, blocks, books), blocks, side)
 
 
 @pytest.mark.parametrize("kind, bound", [(KEY, 0.25), (VALUE, 0.07), (KEY, 0.15)])
@@ -55,7 +56,8 @@ def test_ideal_entropy_is_below_the_huffman_cost(raw, model):
     """The measured half's own entropy bounds any code fixed beforehand, but not by much."""
     blocks = em.quantize(raw[2, KEY], KEY, 64, 0.25)
     symbols, context, _ = em.MODELS[model][1](blocks)
-    huffman = em.huffman_bits(symbols, context, blocks).mean()
+    books = em.codebooks(symbols, context, blocks)
+    huffman = em.huffman_bits(symbols, context, blocks, books).mean()
     ideal = em.ideal_bits(symbols, context, blocks).mean()
     assert 0 < ideal < huffman < ideal + 1
 
