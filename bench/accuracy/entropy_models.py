@@ -369,10 +369,15 @@ def previous_token(a, first):
     return np.concatenate([np.full_like(a[:, :, :1], first), a[:, :, :-1]], axis=2)
 
 
+def first_token(code):
+    """True at each block's first token, broadcastable to code."""
+    return np.arange(code.shape[2]).reshape(1, 1, -1, 1) == 0
+
+
 def delta(blocks):
     step = np.broadcast_to(blocks.step, blocks.code.shape)
     predicted = np.rint(previous_token(blocks.code, 0) * (previous_token(step, 1) / step))
-    first = np.arange(blocks.code.shape[2]).reshape(1, 1, -1, 1) == 0
+    first = first_token(blocks.code)
     symbols = np.where(first, blocks.symbols, blocks.code - predicted.astype(np.int64))
     return symbols, first.astype(np.int64), centres_bytes(blocks)
 
@@ -406,15 +411,15 @@ def rope_centre_classes8(blocks):
 
 
 def value_bias_context(blocks):
-    """V's channels sit off their token's centre by a steady amount: subtract it, then code with
-    a codebook per (channel class, previous token's symbol clipped to 0..3, or 4 at the first)."""
+    """Today's symbols less each V channel's calibrated offset from its token's centre, coded
+    with a codebook per (channel class, |previous token's symbol| clipped to 3, or 4 at a
+    block's first token)."""
     split = blocks.calibration_blocks
     offset = blocks.x - blocks.centre * blocks.step          # value units
     bias = offset[:, :split].mean(axis=(1, 2), keepdims=True)  # per (head, channel)
     symbols = blocks.symbols - np.rint(bias / blocks.step).astype(np.int64)
     before = np.minimum(np.abs(previous_token(symbols, 0)), 3)
-    first = np.arange(symbols.shape[2]).reshape(1, 1, -1, 1) == 0
-    context = channel_classes(symbols, blocks, 4) * 5 + np.where(first, 4, before)
+    context = channel_classes(symbols, blocks, 4) * 5 + np.where(first_token(symbols), 4, before)
     return symbols, context, centres_bytes(blocks)
 
 
