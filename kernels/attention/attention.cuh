@@ -442,8 +442,9 @@ struct MmaSoftmax {
     }
   }
 
-  // The output accumulator and its offset times f (a power of two: exact). A unit whose
-  // probability fold was scaled by f adds its products at that scale between two such calls.
+  // The output accumulator and its offset times f (a power of two: exact but for values that
+  // fall below fp32's normal range, about 1e-38). A unit whose probability fold was scaled by f
+  // adds its products at that scale between two such calls.
   __device__ __forceinline__ void scale_output(float f) {
 #pragma unroll
     for (uint32_t r = 0; r < 2; ++r) bias[r] *= f;

@@ -156,7 +156,7 @@ __device__ __forceinline__ float lane_step_max(const uint8_t* p, const tiles::Ti
   return m;
 }
 
-// A unit's scores and score offsets times f (a power of two: exact).
+// A unit's scores and score offsets times f (a power of two: exact above fp32's normal range).
 template <uint32_t NS>
 __device__ __forceinline__ void scale_scores(float (&sc)[NS][4], float (&offset)[2], float f) {
 #pragma unroll
@@ -363,14 +363,16 @@ __global__ void __launch_bounds__(kWarps* kLanes)
             : 0.0f;
   }
   __syncthreads();
-  // fp16: the group's largest |q|, which bounds each K fold's products with the block's largest
-  // step (tile_convert::fold_shift). Kept in the warp's own word of the queries' padding (row 16
-  // of channel `warp`), not in a register across the loop.
+  // fp16: the group's largest finite |q|, which bounds each K fold's products with the block's
+  // largest step (tile_convert::fold_shift); an inf or NaN in one head's query spoils that
+  // head's row only, not the others' scaling. Kept in the warp's own word of the queries'
+  // padding (row 16 of channel `warp`), not in a register across the loop.
   if constexpr (!kBf16) {
     float q_max = 0.0f;
     for (uint32_t c = lane; c < D; c += kLanes) {
       for (uint32_t row = 0; row < P.group; ++row) {
-        q_max = fmaxf(q_max, fabsf(qf[c * Tr::kQueryPitch + row]));
+        const float a = fabsf(qf[c * Tr::kQueryPitch + row]);
+        if (a <= FLT_MAX) q_max = fmaxf(q_max, a);
       }
     }
     q_max = warp_max(q_max);
@@ -451,8 +453,8 @@ __global__ void __launch_bounds__(kWarps* kLanes)
       // probability fold's P'): their products are never read.
       // fp16: q_max times the block's largest step bounds every product q * step; where that
       // reaches fp16's limit, every step is taken times 2^-e and the scores (products and
-      // offsets alike) are scaled back by 2^e after the products, both exact. Rare: |q| x step
-      // of 65504 or more.
+      // offsets alike) are scaled back by 2^e after the products: powers of two, exact above
+      // fp32's normal range. Rare: |q| x step of 65504 or more.
       int32_t k_shift = 0;
       if constexpr (!kBf16) {
         const float q_max = qf[warp * Tr::kQueryPitch + 16];
@@ -548,7 +550,7 @@ __global__ void __launch_bounds__(kWarps* kLanes)
       }
       // fp16: p <= 1, so a step of 65504 or more may put p' past fp16's range. Rare; the unit's
       // steps are then scaled by 2^-e and the output state with them, and the state is scaled
-      // back after the unit's products (exact: powers of two).
+      // back after the unit's products (powers of two: exact above fp32's normal range).
       int32_t v_shift = 0;
       if constexpr (!kBf16) {
         if (__ballot_sync(~0u, step_max >= tile_convert::kFp16FoldLimit) != 0) {

@@ -32,14 +32,8 @@ Launch make_launch(const TileCase& c, uint32_t splits, uint32_t block_tokens, co
   const size_t rows = size_t(c.batch) * c.kv_heads * c.group * parts;
   Launch l;
   l.workspace.assign(rows * (c.dim + 2), std::nanf(""));  // poisoned
-  l.params = {c.kv_heads,
-              c.group,
-              block_tokens,
-              parts,
-              1.0f / std::sqrt(float(c.dim)),
-              queries,
-              l.workspace.data(),
-              l.workspace.data() + rows * c.dim};
+  l.params = {c.kv_heads,       c.group, block_tokens,       parts,
+              softmax_scale(c), queries, l.workspace.data(), l.workspace.data() + rows * c.dim};
   return l;
 }
 
@@ -121,23 +115,30 @@ TEST(AttentionEmulation, TileKernelMatchesTheReference) {
 }
 
 // fp16 folds past fp16's range: products |q| x step (K) and p x step (V) of 65504 or more, which
-// the kernel folds scaled by a power of two and scales back in fp32 (without: NaN outputs).
+// the kernel folds scaled by a power of two and scales back in fp32 (without: wrong or NaN
+// outputs). One head of each group has the large query (the bound must take every row), a
+// softmax scale keeps its scores of order 1 (a wrong scale-back shows), and each warp takes
+// several units (a scaled unit must leave nothing behind for the next).
 TEST(AttentionEmulation, TileKernelFoldsLargeQueryStepProductsInFp16) {
   std::mt19937 rng(11);
-  // Queries up to about 8000, an absolute K bound of 8 (steps near 16).
-  TileCase c{1, 2, 4, 64, 64, KVC_DTYPE_FP16, 8.0f, 0.07f, 40.0f, {64 * 3 + 7}};
+  for (const uint32_t group : {4u, 12u}) {
+    // Queries up to about 8000, an absolute K bound of 8 (steps near 16).
+    TileCase c{1, 2, group, 64, 64, KVC_DTYPE_FP16, 8.0f, 0.07f, 40.0f, {64 * 9 + 7}};
+    c.query_scale = 2000.0f;
+    c.softmax_scale = 1e-5f;
+    run_tiles<KVC_DTYPE_FP16, 64, 64>(c, 1, rng);
+  }
+  // A step per channel (the store's default relative K bound): the outlier channel's steps.
+  TileCase c{1, 2, 4, 64, 64, KVC_DTYPE_FP16, 0.05f, 0.07f, 400.0f, {64 * 9 + 7}};
+  c.k_mode = KVC_BOUND_RELATIVE;
   c.query_scale = 2000.0f;
+  c.softmax_scale = 1e-6f;
   run_tiles<KVC_DTYPE_FP16, 64, 64>(c, 1, rng);
-  // The store's default, a step per channel (relative K bound): the outlier channel's steps.
-  TileCase relative{1, 2, 4, 64, 64, KVC_DTYPE_FP16, 0.05f, 0.07f, 400.0f, {64 * 3 + 7}};
-  relative.k_mode = KVC_BOUND_RELATIVE;
-  relative.query_scale = 2000.0f;
-  run_tiles<KVC_DTYPE_FP16, 64, 64>(relative, 1, rng);
 }
 TEST(AttentionEmulation, TileKernelFoldsLargeValueStepsInFp16) {
   std::mt19937 rng(12);
   // Values near +-65000, a relative V bound of 0.4 (steps of 0.8 x the token's range).
-  TileCase c{1, 2, 4, 64, 64, KVC_DTYPE_FP16, 0.25f, 0.4f, 1.0f, {64 * 3 + 7}};
+  TileCase c{1, 2, 4, 64, 64, KVC_DTYPE_FP16, 0.25f, 0.4f, 1.0f, {64 * 9 + 7}};
   c.value_scale = 20000.0f;
   run_tiles<KVC_DTYPE_FP16, 64, 64>(c, 1, rng);
 }

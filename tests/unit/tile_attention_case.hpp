@@ -28,9 +28,14 @@ struct TileCase {
   std::vector<uint32_t> lengths;
   uint32_t sinks = 0;  // sink_tokens: block 0's first rows also kept uncompressed
   kvc_bound_mode k_mode = KVC_BOUND_ABSOLUTE;  // the store's default is relative
-  float query_scale = 1.0f;                    // queries: normal times this
-  float value_scale = 1.0f;  // values times this (clamped to +-65000, finite in fp16)
+  float query_scale = 1.0f;    // the last query head of each group: normal times this
+  float value_scale = 1.0f;    // values times this (clamped to +-65000, finite in fp16)
+  float softmax_scale = 0.0f;  // 0: 1 / sqrt(dim)
 };
+
+inline float softmax_scale(const TileCase& c) {
+  return c.softmax_scale > 0.0f ? c.softmax_scale : 1.0f / std::sqrt(float(c.dim));
+}
 
 struct TileCacheImage {
   std::vector<uint8_t> pool;
@@ -95,7 +100,10 @@ inline TileCacheImage build_tile_cache(TileCase& c, std::mt19937& rng) {
   im.pool.resize(std::max<size_t>(im.pool.size(), 16));
   std::normal_distribution<float> normal(0.0f, 1.0f);
   im.q.resize(size_t(c.batch) * H * c.group * D);
-  for (auto& x : im.q) x = to_bits(c.dtype, normal(rng) * c.query_scale);
+  for (size_t i = 0; i < im.q.size(); ++i) {
+    const bool last_of_group = i / D % c.group == c.group - 1;
+    im.q[i] = to_bits(c.dtype, normal(rng) * (last_of_group ? c.query_scale : 1.0f));
+  }
   return im;
 }
 
