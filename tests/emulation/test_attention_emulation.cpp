@@ -135,6 +135,14 @@ TEST(AttentionEmulation, TileKernelFoldsLargeQueryStepProductsInFp16) {
   c.softmax_scale = 1e-6f;
   run_tiles<KVC_DTYPE_FP16, 64, 64>(c, 1, rng);
 }
+// An inf in one head's query leaves the other heads of its group as they were (the fold's bound
+// takes finite queries only; an inf bound would scale every head's products to zero).
+TEST(AttentionEmulation, TileKernelIsolatesAnInfQueryHeadInFp16) {
+  std::mt19937 rng(13);
+  TileCase c{2, 1, 4, 64, 64, KVC_DTYPE_FP16, 0.25f, 0.07f, 1.0f, {64 * 5 + 7, 200}};
+  c.inf_query = true;
+  run_tiles<KVC_DTYPE_FP16, 64, 64>(c, 1, rng);
+}
 TEST(AttentionEmulation, TileKernelFoldsLargeValueStepsInFp16) {
   std::mt19937 rng(12);
   // Values near +-65000, a relative V bound of 0.4 (steps of 0.8 x the token's range).
