@@ -112,6 +112,18 @@ __device__ __forceinline__ float tile_center(const uint8_t* p, const tiles::Tile
   return float(int32_t(uint32_t(b.center_base) + off));
 }
 
+// The steps of K positions pos and pos + 1 (pos even): a pair of bf16 steps in one aligned word,
+// or the block's one step.
+__device__ __forceinline__ float2 tile_step_pair(const uint8_t* p, const tiles::TileLayout& b,
+                                                 uint32_t pos) {
+  if (!b.per_group_step) {
+    const float step = format::bits_float(b.step_bits);
+    return make_float2(step, step);
+  }
+  const uint32_t w = *reinterpret_cast<const uint32_t*>(p + b.steps_offset + 2 * pos);
+  return make_float2(format::bits_float(w << 16), format::bits_float(w & 0xFFFF0000u));
+}
+
 // The channels, steps and centres of K positions pos and pos + 1 (pos even): a pair of
 // channels, of bf16 steps and of 1- or 2-byte centres lies in one aligned word of its section
 // (4-byte centres: two), so a section costs one load instead of two.
@@ -126,13 +138,9 @@ __device__ __forceinline__ PairMeta tile_pair_meta(const uint8_t* p, const tiles
                                   : pos | (pos + 1) << 8;
   m.channel[0] = chs & 0xFFu;
   m.channel[1] = chs >> 8;
-  if (b.per_group_step) {
-    const uint32_t w = *reinterpret_cast<const uint32_t*>(p + b.steps_offset + 2 * pos);
-    m.step[0] = format::bits_float(w << 16);
-    m.step[1] = format::bits_float(w & 0xFFFF0000u);
-  } else {
-    m.step[0] = m.step[1] = format::bits_float(b.step_bits);
-  }
+  const float2 steps = tile_step_pair(p, b, pos);
+  m.step[0] = steps.x;
+  m.step[1] = steps.y;
   const uint32_t at = b.centers_offset + pos * b.center_bytes;
   const uint32_t mask = b.center_bytes == 4 ? ~0u : (1u << (8 * b.center_bytes)) - 1u;
   const uint32_t w0 = *reinterpret_cast<const uint32_t*>(p + (at & ~3u));
@@ -150,8 +158,8 @@ __device__ __forceinline__ float lane_step_max(const uint8_t* p, const tiles::Ti
   if (!b.per_group_step) return format::bits_float(b.step_bits);
   float m = 0.0f;
   for (uint32_t pos = 2 * lane; pos < b.head_dim; pos += 2 * kLanes) {
-    const uint32_t w = *reinterpret_cast<const uint32_t*>(p + b.steps_offset + 2 * pos);
-    m = fmaxf(m, fmaxf(format::bits_float(w << 16), format::bits_float(w & 0xFFFF0000u)));
+    const float2 steps = tile_step_pair(p, b, pos);
+    m = fmaxf(m, fmaxf(steps.x, steps.y));
   }
   return m;
 }

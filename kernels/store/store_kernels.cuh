@@ -704,7 +704,7 @@ __global__ void __launch_bounds__(kRotateThreads)
     }
     hadamard::rotate_block(x, head_dim);
     for (uint32_t i = threadIdx.x; i < head_dim; i += blockDim.x) {
-      lost = lost || (format::float_bits(x[i]) & 0x7F800000u) == 0x7F800000u;  // inf or NaN
+      lost = lost || !format::is_finite(x[i]);
     }
     if (__syncthreads_or(lost) && threadIdx.x == 0) {
       store_element(dst, base, INFINITY, dst_dtype, false);

@@ -336,6 +336,7 @@ bool read_back_finite(const StoreParams& p, uint32_t kind, float* x, size_t coun
 // The same for rows [tokens, heads, dim] of the store's dtype.
 bool rows_read_back_finite(const StoreParams& p, uint32_t kind, const uint8_t* rows,
                            size_t tokens) {
+  if (!p.rotates[kind]) return finite_rows(p, rows, tokens);
   std::vector<float> x(tokens * p.num_heads * p.head_dim);
   for (size_t e = 0; e < x.size(); ++e) x[e] = cpu::load_element(rows, p.dtype, e);
   return read_back_finite(p, kind, x.data(), tokens * p.num_heads);
