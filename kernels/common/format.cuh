@@ -97,19 +97,19 @@ KVC_HD float bits_float(uint32_t u) {
 KVC_HD bool is_finite(float v) { return (float_bits(v) & 0x7F800000u) != 0x7F800000u; }
 
 KVC_HD float half_to_float(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1Fu;
-  uint32_t mant = h & 0x3FFu;
-  if (exp == 0x1Fu) return bits_float(sign | 0x7F800000u | (mant << 13));
-  if (exp != 0) return bits_float(sign | ((exp + 112u) << 23) | (mant << 13));
-  if (mant == 0) return bits_float(sign);
-  // Subnormal half: normalise into a float.
-  uint32_t e = 113;
-  while ((mant & 0x400u) == 0) {
-    mant <<= 1;
-    --e;
-  }
-  return bits_float(sign | (e << 23) | ((mant & 0x3FFu) << 13));
+  // Exponent and mantissa move into a float's fields, rebiased by 127 - 15 = 112; inf and NaN
+  // (exponent 31) by 112 more, to 255. A subnormal half m * 2^-24 is read as the normal
+  // 2^-14 * (1 + m / 1024) and 2^-14 taken off, exactly (zero included). No branch: host loops
+  // over halves vectorize.
+  const uint32_t fields = uint32_t(h & 0x7FFFu) << 13;
+  const uint32_t exp = fields & 0x0F800000u;
+  const uint32_t normal = fields + (112u << 23);
+  const uint32_t subnormal = float_bits(bits_float(normal + (1u << 23)) - bits_float(113u << 23));
+  const uint32_t is_special = 0u - uint32_t(exp == 0x0F800000u);
+  const uint32_t is_subnormal = 0u - uint32_t(exp == 0);
+  const uint32_t magnitude =
+      ((normal + (is_special & (112u << 23))) & ~is_subnormal) | (subnormal & is_subnormal);
+  return bits_float(magnitude | (uint32_t(h & 0x8000u) << 16));
 }
 
 // Round to nearest even; overflow gives inf, NaN stays NaN.
@@ -350,13 +350,13 @@ struct BitReader {
   KVC_HD bool overrun() const { return consumed > uint64_t(size_bytes) * 8u; }
 };
 
-// Writer into a zeroed or overwritable buffer sized for the bits it gets; flush() writes the
-// last partial byte.
+// Writer into a zeroed or overwritable buffer sized for the bits it gets; bits leave in whole
+// 32-bit words, and flush() writes the bytes of the last partial word.
 struct BitWriter {
   uint8_t* data;
   uint32_t next_byte;
   uint64_t acc;
-  uint32_t pending;  // bits in acc
+  uint32_t pending;  // bits in acc, fewer than 32 between calls
 
   KVC_HD explicit BitWriter(uint8_t* d) : data(d), next_byte(0), acc(0), pending(0) {}
   KVC_HD void write(uint32_t value, uint32_t bits) {
@@ -364,16 +364,19 @@ struct BitWriter {
     const uint64_t v = bits >= 32 ? value : (value & ((1u << bits) - 1u));
     acc |= v << pending;
     pending += bits;
-    while (pending >= 8) {
-      data[next_byte++] = uint8_t(acc);
-      acc >>= 8;
-      pending -= 8;
+    if (pending >= 32) {
+      store_u32(data + next_byte, uint32_t(acc));
+      next_byte += 4;
+      acc >>= 32;
+      pending -= 32;
     }
   }
   KVC_HD void flush() {
-    if (pending > 0) data[next_byte++] = uint8_t(acc);
+    for (; pending > 0; pending = pending > 8 ? pending - 8 : 0) {
+      data[next_byte++] = uint8_t(acc);
+      acc >>= 8;
+    }
     acc = 0;
-    pending = 0;
   }
 };
 

@@ -12,15 +12,27 @@
 namespace kvc::cpu {
 namespace f = format;
 
-float load_element(const void* src, kvc_dtype dtype, size_t i) {
+namespace {
+
+// run(load), where load(i) reads element i of src as a float: the dtype is looked at once, not
+// per element, so that loops inside run vectorize.
+template <class Run>
+auto with_loader(const void* src, kvc_dtype dtype, Run run) {
+  const auto* bits = static_cast<const uint16_t*>(src);
   switch (dtype) {
     case KVC_DTYPE_FP16:
-      return f::half_to_float(static_cast<const uint16_t*>(src)[i]);
+      return run([bits](size_t i) { return f::half_to_float(bits[i]); });
     case KVC_DTYPE_BF16:
-      return f::bf16_to_float(static_cast<const uint16_t*>(src)[i]);
+      return run([bits](size_t i) { return f::bf16_to_float(bits[i]); });
     default:
-      return static_cast<const float*>(src)[i];
+      return run([x = static_cast<const float*>(src)](size_t i) { return x[i]; });
   }
+}
+
+}  // namespace
+
+float load_element(const void* src, kvc_dtype dtype, size_t i) {
+  return with_loader(src, dtype, [i](auto load) { return load(i); });
 }
 
 void store_element(void* dst, kvc_dtype dtype, size_t i, float v) {
@@ -37,38 +49,99 @@ void store_element(void* dst, kvc_dtype dtype, size_t i, float v) {
   }
 }
 
+bool all_finite(const void* src, kvc_dtype dtype, size_t first, size_t count) {
+  // One flag for the run, no exit inside it: the loops vectorize.
+  const auto none_set = [&](const uint16_t* x, uint16_t exponent) {
+    uint32_t set = 0;
+    for (size_t i = first; i < first + count; ++i) set |= uint32_t((x[i] & exponent) == exponent);
+    return set == 0;
+  };
+  switch (dtype) {
+    case KVC_DTYPE_FP16:
+      return none_set(static_cast<const uint16_t*>(src), 0x7C00u);
+    case KVC_DTYPE_BF16:
+      return none_set(static_cast<const uint16_t*>(src), 0x7F80u);
+    default: {
+      const float* x = static_cast<const float*>(src);
+      uint32_t nonfinite = 0;
+      for (size_t i = first; i < first + count; ++i) nonfinite |= uint32_t(!f::is_finite(x[i]));
+      return nonfinite == 0;
+    }
+  }
+}
+
 std::vector<float> gather_groups(const CodecParams& p, const void* src, int64_t stride,
                                  kvc_dtype dtype) {
   std::vector<float> x(p.num_elements());
-  for (uint32_t g = 0; g < p.num_groups; ++g) {
-    for (uint32_t e = 0; e < p.group_size; ++e) {
-      const f::Coord c = f::element_coord(p.is_value, p.head_dim, p.group_size, g, e);
-      x[size_t(g) * p.group_size + e] =
-          load_element(src, dtype, size_t(c.token * stride) + c.channel);
+  // f::element_coord, inverted: K's group c holds channel c's tokens; V's groups cut each token
+  // row into whole segments, so group-major order is the rows' order.
+  with_loader(src, dtype, [&](auto load) {
+    for (uint32_t t = 0; t < p.num_tokens; ++t) {
+      for (uint32_t c = 0; c < p.head_dim; ++c) {
+        x[p.is_value ? size_t(t) * p.head_dim + c : size_t(c) * p.num_tokens + t] =
+            load(size_t(t * stride) + c);
+      }
     }
-  }
+  });
   return x;
 }
+
+namespace {
+
+// The codes of one group, as f::quantize_element gives them; false if an element has none.
+// Almost every element is decided by quantize_element's first test (the nearest code, accepted
+// by the float difference alone): this loop takes that test without a branch, so the compiler
+// vectorizes it, and a group where it leaves an element undecided goes element by element.
+bool quantize_group(const float* x, uint32_t n, f::GroupStep gs, int32_t* codes) {
+  // Adding 1.5 * 2^23 rounds |r| < 2^22 to an integer (ties to even) held in the sum's low
+  // mantissa bits: rint(r) without a branch or a float-to-int conversion.
+  constexpr float kRounder = 0x1.8p23f;
+  uint32_t undecided = 0;
+  for (uint32_t e = 0; e < n; ++e) {
+    const float ratio = x[e] / gs.step;
+    const int32_t code = int32_t(f::float_bits(ratio + kRounder) - f::float_bits(kRounder));
+    codes[e] = code;
+    undecided |= uint32_t(!(std::fabs(ratio) < 0x1p22f)) |
+                 uint32_t(!(f::abs_difference(x[e], f::dequantize(code, gs.step)) < gs.bound));
+  }
+  for (uint32_t e = 0; undecided != 0 && e < n; ++e) {
+    if (!f::quantize_element(x[e], gs.step, gs.bound, codes[e])) return false;
+  }
+  return true;
+}
+
+// Read as integers after this flip (its own inverse), the bits of finite floats sort as the
+// floats do, -0 just below +0: integer minima and maxima vectorize where float ones, held to
+// IEEE's NaN and signed-zero rules, do not.
+uint32_t order_flip(uint32_t bits) { return bits ^ (uint32_t(int32_t(bits) >> 31) >> 1); }
+
+}  // namespace
 
 Quantized quantize(const CodecParams& p, const std::vector<float>& x) {
   Quantized q;
   q.steps.resize(p.num_groups);
   q.codes.resize(x.size());
   // Absolute mode: one step for the block, sized for its largest magnitude.
-  float max_abs = 0.0f;
-  for (float v : x) max_abs = std::max(max_abs, std::fabs(v));
-  const f::GroupStep block_step{f::step_for_bound(p.error_bound, max_abs), p.error_bound};
+  uint32_t max_abs_bits = 0;
+  for (float v : x) max_abs_bits = std::max(max_abs_bits, f::float_bits(v) & 0x7FFFFFFFu);
+  const f::GroupStep block_step{f::step_for_bound(p.error_bound, f::bits_float(max_abs_bits)),
+                                p.error_bound};
   for (uint32_t g = 0; g < p.num_groups && q.ok; ++g) {
     const float* xs = &x[size_t(g) * p.group_size];
     f::GroupStep gs = block_step;
     if (p.relative) {
-      const auto [lo, hi] = std::minmax_element(xs, xs + p.group_size);
-      gs = f::relative_group_step(p.error_bound, *lo, *hi);
+      // -0 and +0 both give a zero range and the same largest magnitude: either may be the end.
+      int32_t lo = INT32_MAX, hi = INT32_MIN;
+      for (uint32_t e = 0; e < p.group_size; ++e) {
+        const int32_t k = int32_t(order_flip(f::float_bits(xs[e])));
+        lo = std::min(lo, k);
+        hi = std::max(hi, k);
+      }
+      gs = f::relative_group_step(p.error_bound, f::bits_float(order_flip(uint32_t(lo))),
+                                  f::bits_float(order_flip(uint32_t(hi))));
     }
     q.steps[g] = gs.step;
-    for (uint32_t e = 0; e < p.group_size && q.ok; ++e) {
-      q.ok = f::quantize_element(xs[e], gs.step, gs.bound, q.codes[size_t(g) * p.group_size + e]);
-    }
+    q.ok = quantize_group(xs, p.group_size, gs, &q.codes[size_t(g) * p.group_size]);
   }
   return q;
 }
@@ -101,6 +174,7 @@ struct Plan {
   f::BlockLayout layout{};
   std::vector<int32_t> centers;
   std::vector<uint32_t> stream_ends;  // Huffman
+  std::vector<uint32_t> indices;      // Huffman: each symbol's index in the code, group order
   bool eligible = false;
 };
 
@@ -142,26 +216,27 @@ int32_t symbol_of(const Quantized& q, const Plan& plan, uint32_t group_size, uin
 Plan plan_huffman(const CodecParams& p, const Codebook& book, const Quantized& q) {
   Plan plan;
   plan.centers = group_centers(p, q, /*mean=*/true);
+  plan.indices.resize(q.codes.size());
+  // Stream s holds positions [s * per, (s + 1) * per) of every group, position-major; its size
+  // is a sum, taken here in group order.
+  const uint32_t per = p.group_size / p.num_substreams;
+  std::vector<uint64_t> code_bits(p.num_substreams), escapes(p.num_substreams);
   uint32_t escape_bits = 0;
   for (uint32_t g = 0; g < p.num_groups; ++g) {
     for (uint32_t e = 0; e < p.group_size; ++e) {
       const int32_t s = symbol_of(q, plan, p.group_size, g, e);
-      if (book.index_of(s) == book.escape_index()) {
+      const uint32_t index = book.index_of(s);
+      plan.indices[size_t(g) * p.group_size + e] = index;
+      code_bits[e / per] += book.length(index);
+      if (index == book.escape_index()) {
         escape_bits = std::max(escape_bits, f::signed_bit_width(s));
+        ++escapes[e / per];
       }
     }
   }
-  // Stream s holds positions [s * per, (s + 1) * per) of every group, position-major.
-  const uint32_t per = p.group_size / p.num_substreams;
   uint64_t end = 0;
   for (uint32_t s = 0; s < p.num_substreams; ++s) {
-    uint64_t bits = 0;
-    for (uint32_t e = s * per; e < (s + 1) * per; ++e) {
-      for (uint32_t g = 0; g < p.num_groups; ++g) {
-        const uint32_t index = book.index_of(symbol_of(q, plan, p.group_size, g, e));
-        bits += book.length(index) + (index == book.escape_index() ? escape_bits : 0);
-      }
-    }
+    const uint64_t bits = code_bits[s] + escapes[s] * escape_bits;
     end += (bits + 7) / 8;
     plan.stream_ends.push_back(uint32_t(std::min<uint64_t>(end, UINT32_MAX)));
   }
@@ -229,10 +304,11 @@ void write_block(const CodecParams& p, const Codebook* book, const Quantized& q,
     f::BitWriter out(payload + (s == 0 ? 0 : plan.stream_ends[s - 1]));
     for (uint32_t e = s * per; e < (s + 1) * per; ++e) {
       for (uint32_t g = 0; g < p.num_groups; ++g) {
-        const int32_t sym = symbol_of(q, plan, p.group_size, g, e);
-        const uint32_t index = book->index_of(sym);
+        const uint32_t index = plan.indices[size_t(g) * p.group_size + e];
         out.write(book->reversed_code(index), book->length(index));
-        if (index == book->escape_index()) out.write(uint32_t(sym), b.code_bits);
+        if (index == book->escape_index()) {
+          out.write(uint32_t(symbol_of(q, plan, p.group_size, g, e)), b.code_bits);
+        }
       }
     }
     out.flush();
@@ -244,6 +320,7 @@ void write_block(const CodecParams& p, const Codebook* book, const Quantized& q,
 void check_finite(const CodecParams& p, int32_t block, const void* src, int64_t stride,
                   kvc_dtype dtype) {
   for (uint32_t t = 0; t < p.num_tokens; ++t) {
+    if (all_finite(src, dtype, size_t(t * stride), p.head_dim)) continue;
     for (uint32_t c = 0; c < p.head_dim; ++c) {
       const float v = load_element(src, dtype, size_t(t * stride) + c);
       require(std::isfinite(v), KVC_ERROR_NONFINITE_INPUT, "src_blocks[", block, "] token ", t,

@@ -18,6 +18,8 @@ namespace kvc::cpu {
 // even, saturating: as the decoder writes it).
 float load_element(const void* src, kvc_dtype dtype, size_t i);
 void store_element(void* dst, kvc_dtype dtype, size_t i, float v);
+// Whether elements [first, first + count) of an array of dtype are all finite.
+bool all_finite(const void* src, kvc_dtype dtype, size_t first, size_t count);
 
 // The block as floats in group order: element p of group g at [g * group_size + p].
 std::vector<float> gather_groups(const CodecParams& p, const void* src, int64_t token_stride,

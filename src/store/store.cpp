@@ -343,11 +343,7 @@ bool rows_read_back_finite(const StoreParams& p, uint32_t kind, const uint8_t* r
 }
 
 bool finite_rows(const StoreParams& p, const uint8_t* rows, size_t tokens) {
-  const size_t bytes = tokens * p.token_bytes();
-  for (size_t i = 0; i < bytes; i += 2) {
-    if (!std::isfinite(cpu::load_element(rows, p.dtype, i / 2))) return false;
-  }
-  return true;
+  return cpu::all_finite(rows, p.dtype, 0, tokens * p.num_heads * p.head_dim);
 }
 
 Store::Update Store::plan_update(int32_t id, uint32_t layer, uint32_t num_tokens,
