@@ -112,28 +112,21 @@ KVC_HD float half_to_float(uint16_t h) {
   return bits_float(magnitude | (uint32_t(h & 0x8000u) << 16));
 }
 
-// Round to nearest even; overflow gives inf, NaN stays NaN.
+// Round to nearest even; overflow gives inf, NaN stays NaN (quiet, payload dropped). Normal
+// halves round by adding 0xFFF plus the kept mantissa's last bit; a subnormal half is the sum
+// 0.5 + |f| rounded to a multiple of 2^-24, which is 0.5's ulp. Every case is computed and the
+// result chosen by masks, without a branch: host loops vectorize.
 KVC_HD uint16_t float_to_half(float f) {
   const uint32_t u = float_bits(f);
-  const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t abs = u & 0x7FFFFFFFu;
-  if (abs >= 0x7F800000u) return uint16_t(sign | 0x7C00u | (abs > 0x7F800000u ? 0x200u : 0u));
-  if (abs >= 0x477FF000u) return uint16_t(sign | 0x7C00u);  // rounds to >= 65520: inf
-  if (abs < 0x38800000u) {                                  // below the smallest normal half
-    if (abs < 0x33000000u) return uint16_t(sign);           // below half the smallest subnormal
-    const uint32_t exp = abs >> 23;
-    const uint32_t mant = (abs & 0x7FFFFFu) | 0x800000u;
-    const uint32_t shift = 126u - exp;  // 14..24: to units of 2^-24
-    uint32_t q = mant >> shift;
-    const uint32_t rem = mant & ((1u << shift) - 1u);
-    const uint32_t half = 1u << (shift - 1u);
-    if (rem > half || (rem == half && (q & 1u))) ++q;
-    return uint16_t(sign | q);
-  }
-  uint32_t q = (abs - 0x38000000u) >> 13;  // rebias exponent, drop 13 mantissa bits
-  const uint32_t rem = abs & 0x1FFFu;
-  if (rem > 0x1000u || (rem == 0x1000u && (q & 1u))) ++q;
-  return uint16_t(sign | q);
+  const uint32_t normal = (abs - 0x38000000u + 0xFFFu + ((abs >> 13) & 1u)) >> 13;
+  const uint32_t subnormal = float_bits(bits_float(abs) + 0.5f) - 0x3F000000u;
+  const uint32_t is_subnormal = 0u - uint32_t(abs < 0x38800000u);  // below 2^-14
+  const uint32_t is_inf = 0u - uint32_t(abs >= 0x477FF000u);        // rounds to 65520 or more
+  const uint32_t is_nan = 0u - uint32_t(abs > 0x7F800000u);
+  const uint32_t finite = (subnormal & is_subnormal) | (normal & ~is_subnormal);
+  const uint32_t h = (((finite & ~is_inf) | (0x7C00u & is_inf)) & ~is_nan) | (0x7E00u & is_nan);
+  return uint16_t(((u >> 16) & 0x8000u) | h);
 }
 
 KVC_HD float bf16_to_float(uint16_t b) { return bits_float(uint32_t(b) << 16); }
@@ -325,6 +318,20 @@ struct BitReader {
       : data(d), size_bytes(n), next_byte(0), buffer(0), buffered(0), consumed(0) {}
 
   KVC_HD void refill() {
+#if !defined(__CUDA_ARCH__)
+    // The host takes the next 8 bytes in one load where the stream has them, and counts the
+    // whole bytes that fit. The bits above those are the stream's next bits, so the refill that
+    // counts them ORs in the same values.
+    if (uint64_t(next_byte) + 8u <= size_bytes) {
+      buffer |= (uint64_t(load_u32(data + next_byte)) |
+                 (uint64_t(load_u32(data + next_byte + 4)) << 32))
+                << buffered;
+      const uint32_t bytes = (63u - buffered) / 8u;
+      next_byte += bytes;
+      buffered += 8u * bytes;
+      return;
+    }
+#endif
     while (buffered <= 56) {
       const uint64_t byte = next_byte < size_bytes ? data[next_byte] : 0u;
       buffer |= byte << buffered;

@@ -29,6 +29,32 @@ auto with_loader(const void* src, kvc_dtype dtype, Run run) {
   }
 }
 
+// The same for run(store), where store(i, v) writes v as element i of dst.
+template <class Run>
+void with_storer(void* dst, kvc_dtype dtype, Run run) {
+  auto* bits = static_cast<uint16_t*>(dst);
+  switch (dtype) {
+    case KVC_DTYPE_FP16:
+      return run([bits](size_t i, float v) { bits[i] = f::float_to_half_saturate(v); });
+    case KVC_DTYPE_BF16:
+      return run([bits](size_t i, float v) { bits[i] = f::float_to_bf16_saturate(v); });
+    default:
+      return run([x = static_cast<float*>(dst)](size_t i, float v) { x[i] = v; });
+  }
+}
+
+// Element e of group g lies at at + e * apart in a [tokens, head_dim] array whose tokens are
+// `stride` elements apart: a K group is a channel's tokens, a V group a segment of a token.
+struct GroupPlace {
+  size_t at;
+  size_t apart;
+};
+GroupPlace group_place(bool is_value, uint32_t head_dim, uint32_t group_size, uint32_t g,
+                       int64_t stride) {
+  const f::Coord c = f::element_coord(is_value, head_dim, group_size, g, 0);
+  return {size_t(c.token * stride) + c.channel, is_value ? 1 : size_t(stride)};
+}
+
 }  // namespace
 
 float load_element(const void* src, kvc_dtype dtype, size_t i) {
@@ -36,17 +62,7 @@ float load_element(const void* src, kvc_dtype dtype, size_t i) {
 }
 
 void store_element(void* dst, kvc_dtype dtype, size_t i, float v) {
-  switch (dtype) {
-    case KVC_DTYPE_FP16:
-      static_cast<uint16_t*>(dst)[i] = f::float_to_half_saturate(v);
-      break;
-    case KVC_DTYPE_BF16:
-      static_cast<uint16_t*>(dst)[i] = f::float_to_bf16_saturate(v);
-      break;
-    default:
-      static_cast<float*>(dst)[i] = v;
-      break;
-  }
+  with_storer(dst, dtype, [i, v](auto store) { store(i, v); });
 }
 
 bool all_finite(const void* src, kvc_dtype dtype, size_t first, size_t count) {
@@ -73,13 +89,11 @@ bool all_finite(const void* src, kvc_dtype dtype, size_t first, size_t count) {
 std::vector<float> gather_groups(const CodecParams& p, const void* src, int64_t stride,
                                  kvc_dtype dtype) {
   std::vector<float> x(p.num_elements());
-  // f::element_coord, inverted: K's group c holds channel c's tokens; V's groups cut each token
-  // row into whole segments, so group-major order is the rows' order.
   with_loader(src, dtype, [&](auto load) {
-    for (uint32_t t = 0; t < p.num_tokens; ++t) {
-      for (uint32_t c = 0; c < p.head_dim; ++c) {
-        x[p.is_value ? size_t(t) * p.head_dim + c : size_t(c) * p.num_tokens + t] =
-            load(size_t(t * stride) + c);
+    for (uint32_t g = 0; g < p.num_groups; ++g) {
+      const GroupPlace place = group_place(p.is_value, p.head_dim, p.group_size, g, stride);
+      for (uint32_t e = 0; e < p.group_size; ++e) {
+        x[size_t(g) * p.group_size + e] = load(place.at + e * place.apart);
       }
     }
   });
@@ -504,6 +518,17 @@ void walk_codes(const f::BlockLayout& b, const Codebook* book, const uint8_t* sr
   }
 }
 
+// The codes and steps of a fixed-width or Huffman block, parsed into b.
+Quantized codes_of(const f::BlockLayout& b, const Codebook* book, const uint8_t* src) {
+  Quantized q;
+  q.steps = read_steps(b, src);
+  q.codes.resize(size_t(b.num_groups) * b.group_size);
+  walk_codes(b, book, src, [&](uint32_t g, uint32_t e, int32_t code) {
+    q.codes[size_t(g) * b.group_size + e] = code;
+  });
+  return q;
+}
+
 }  // namespace
 
 void decode_block(const CodecParams& p, const Codebook* book, const uint8_t* src,
@@ -523,27 +548,28 @@ void decode_block(const CodecParams& p, const Codebook* book, const uint8_t* src
     }
     return;
   }
-  const std::vector<float> steps = read_steps(b, src);
-  walk_codes(b, book, src, [&](uint32_t g, uint32_t e, int32_t code) {
-    const f::Coord c = f::element_coord(b.is_value, b.head_dim, b.group_size, g, e);
-    store_element(dst, dtype, size_t(c.token * stride) + c.channel, f::dequantize(code, steps[g]));
+  // The codes first, then the values: the store loop has no stream to follow.
+  const Quantized q = codes_of(b, book, src);
+  with_storer(dst, dtype, [&](auto store) {
+    for (uint32_t g = 0; g < b.num_groups; ++g) {
+      const GroupPlace place = group_place(b.is_value, b.head_dim, b.group_size, g, stride);
+      for (uint32_t e = 0; e < b.group_size; ++e) {
+        store(place.at + e * place.apart,
+              f::dequantize(q.codes[size_t(g) * b.group_size + e], q.steps[g]));
+      }
+    }
   });
 }
 
 Quantized decode_codes(const CodecParams& p, const Codebook* book, const uint8_t* src,
                        uint64_t available) {
   const f::BlockLayout b = parse_for(p, book, src, available);
-  Quantized q;
   if (b.encoding == f::kRaw) {
+    Quantized q;
     q.ok = false;
     return q;
   }
-  q.steps = read_steps(b, src);
-  q.codes.resize(p.num_elements());
-  walk_codes(b, book, src, [&](uint32_t g, uint32_t e, int32_t code) {
-    q.codes[size_t(g) * b.group_size + e] = code;
-  });
-  return q;
+  return codes_of(b, book, src);
 }
 
 void histogram_block(const CodecParams& p, const void* src, int64_t stride, kvc_dtype dtype,

@@ -88,6 +88,11 @@ TEST(Format, FloatToHalfRoundsLikeTheCompiler) {
     EXPECT_EQ(float_to_half(v), compiler_half_bits(v)) << std::hexfloat << v;
     EXPECT_EQ(float_to_half(-v), compiler_half_bits(-v)) << std::hexfloat << v;
   }
+  // inf stays inf; NaN becomes the quiet NaN of its sign.
+  EXPECT_EQ(float_to_half(INFINITY), 0x7C00);
+  EXPECT_EQ(float_to_half(-INFINITY), 0xFC00);
+  EXPECT_EQ(float_to_half(bits_float(0x7F800001u)), 0x7E00);
+  EXPECT_EQ(float_to_half(bits_float(0xFFC12345u)), 0xFE00);
 }
 
 TEST(Format, Bf16RoundsToNearestEven) {
