@@ -5,7 +5,8 @@
 // Data: one layer's cache [tokens, kv_heads, head_dim] = [2048, 8, 128] fp16, cut into 256
 // blocks of 64 tokens (4 MiB of fp16 per call, so call overhead does not dominate). Keys have
 // per-channel offsets and a few outlier channels; values have per-token scales spread
-// log-normally. The Huffman codebook is built from the first 512 tokens (the "prefill").
+// log-normally. The Huffman codebook is built from the first 512 tokens (the "prefill"). The
+// tiles rows encode the same blocks in format t1 (fixed-width tensor-core tiles, no codebook).
 //
 // Counters: bytes_per_second on uncompressed fp16 bytes; ratio = fp16 bytes / compressed block
 // bytes (codebook excluded); vs_memcpy = this benchmark's throughput / memcpy's (both in bytes of
@@ -85,6 +86,7 @@ struct Setting {
   const char* name;
   int32_t kind, bound_mode, entropy;
   float bound;
+  int32_t block_format = KVC_BLOCK_FORMAT_V1;
 };
 
 // A codec for the setting (with its codebook for AUTO), the encoded blocks, and the buffers both
@@ -117,12 +119,13 @@ struct Fixture {
     cfg.bound_mode = s.bound_mode;
     cfg.error_bound = s.bound;
     cfg.entropy = s.entropy;
+    cfg.block_format = s.block_format;
     src.resize(kNumBlocks);
     for (int b = 0; b < kNumBlocks; ++b) src[b] = &x[block_offset(b)];
 
     kvc_codebook_t codebook = nullptr;
     kvc_status_t st;
-    if (s.entropy != KVC_ENTROPY_FIXED) {
+    if (s.block_format == KVC_BLOCK_FORMAT_V1 && s.entropy != KVC_ENTROPY_FIXED) {
       kvc_codec_config probe_cfg = cfg;
       probe_cfg.entropy = KVC_ENTROPY_FIXED;
       kvc_codec_t probe = nullptr;
@@ -289,6 +292,14 @@ int main(int argc, char** argv) {
       {"V/fixed/rel0.05", KVC_KIND_VALUE, KVC_BOUND_RELATIVE, KVC_ENTROPY_FIXED, 0.05f},
       {"V/huffman/abs0.03", KVC_KIND_VALUE, KVC_BOUND_ABSOLUTE, KVC_ENTROPY_AUTO, 0.03f},
       {"V/fixed/abs0.03", KVC_KIND_VALUE, KVC_BOUND_ABSOLUTE, KVC_ENTROPY_FIXED, 0.03f},
+      {"K/tiles/rel0.05", KVC_KIND_KEY, KVC_BOUND_RELATIVE, KVC_ENTROPY_FIXED, 0.05f,
+       KVC_BLOCK_FORMAT_TILES},
+      {"K/tiles/abs0.03", KVC_KIND_KEY, KVC_BOUND_ABSOLUTE, KVC_ENTROPY_FIXED, 0.03f,
+       KVC_BLOCK_FORMAT_TILES},
+      {"V/tiles/rel0.05", KVC_KIND_VALUE, KVC_BOUND_RELATIVE, KVC_ENTROPY_FIXED, 0.05f,
+       KVC_BLOCK_FORMAT_TILES},
+      {"V/tiles/abs0.03", KVC_KIND_VALUE, KVC_BOUND_ABSOLUTE, KVC_ENTROPY_FIXED, 0.03f,
+       KVC_BLOCK_FORMAT_TILES},
   };
   benchmark::RegisterBenchmark("BM_Memcpy", BM_Memcpy)
       ->Unit(benchmark::kMillisecond)

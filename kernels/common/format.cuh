@@ -122,7 +122,7 @@ KVC_HD uint16_t float_to_half(float f) {
   const uint32_t normal = (abs - 0x38000000u + 0xFFFu + ((abs >> 13) & 1u)) >> 13;
   const uint32_t subnormal = float_bits(bits_float(abs) + 0.5f) - 0x3F000000u;
   const uint32_t is_subnormal = 0u - uint32_t(abs < 0x38800000u);  // below 2^-14
-  const uint32_t is_inf = 0u - uint32_t(abs >= 0x477FF000u);        // rounds to 65520 or more
+  const uint32_t is_inf = 0u - uint32_t(abs >= 0x477FF000u);       // rounds to 65520 or more
   const uint32_t is_nan = 0u - uint32_t(abs > 0x7F800000u);
   const uint32_t finite = (subnormal & is_subnormal) | (normal & ~is_subnormal);
   const uint32_t h = (((finite & ~is_inf) | (0x7C00u & is_inf)) & ~is_nan) | (0x7E00u & is_nan);
@@ -323,9 +323,9 @@ struct BitReader {
     // whole bytes that fit. The bits above those are the stream's next bits, so the refill that
     // counts them ORs in the same values.
     if (uint64_t(next_byte) + 8u <= size_bytes) {
-      buffer |= (uint64_t(load_u32(data + next_byte)) |
-                 (uint64_t(load_u32(data + next_byte + 4)) << 32))
-                << buffered;
+      buffer |=
+          (uint64_t(load_u32(data + next_byte)) | (uint64_t(load_u32(data + next_byte + 4)) << 32))
+          << buffered;
       const uint32_t bytes = (63u - buffered) / 8u;
       next_byte += bytes;
       buffered += 8u * bytes;

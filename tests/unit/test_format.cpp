@@ -9,6 +9,7 @@
 #include <cstring>
 #include <random>
 
+#include "cpu/codec_cpu.hpp"
 #include "kernels/common/format.cuh"
 
 namespace kvc::format {
@@ -155,6 +156,69 @@ TEST(Format, QuantizeElementMeetsTheBoundOrRefuses) {
           << x << " " << bound << " " << step;
     }
   }
+}
+
+// The quantizer as docs/format.md §6 states it, element by element: the oracle of
+// cpu::quantize, which decides most elements in a branch-free pass.
+cpu::Quantized quantize_by_element(const CodecParams& p, const std::vector<float>& x) {
+  cpu::Quantized q;
+  q.steps.resize(p.num_groups);
+  q.codes.resize(x.size());
+  float max_abs = 0.0f;
+  for (float v : x) max_abs = std::max(max_abs, std::fabs(v));
+  for (uint32_t g = 0; g < p.num_groups && q.ok; ++g) {
+    const float* xs = &x[size_t(g) * p.group_size];
+    GroupStep gs{step_for_bound(p.error_bound, max_abs), p.error_bound};
+    if (p.relative) {
+      const auto [lo, hi] = std::minmax_element(xs, xs + p.group_size);
+      gs = relative_group_step(p.error_bound, *lo, *hi);
+    }
+    q.steps[g] = gs.step;
+    for (uint32_t e = 0; e < p.group_size && q.ok; ++e) {
+      q.ok = quantize_element(xs[e], gs.step, gs.bound, q.codes[size_t(g) * p.group_size + e]);
+    }
+  }
+  return q;
+}
+
+TEST(Format, CpuQuantizerGivesTheCodesOfQuantizeElement) {
+  std::mt19937 rng(9);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  int refused = 0, past_fast_range = 0;
+  for (int trial = 0; trial < 600; ++trial) {
+    kvc_codec_config c = KVC_CODEC_CONFIG_INIT;
+    c.kind = trial % 2 ? KVC_KIND_VALUE : KVC_KIND_KEY;
+    c.head_dim = 64;
+    c.bound_mode = trial % 4 < 2 ? KVC_BOUND_RELATIVE : KVC_BOUND_ABSOLUTE;
+    const int regime = (trial / 4) % 5;
+    // Ordinary bounds; bounds so small that codes pass 2^22 (past the branch-free rounding) or
+    // 2^24 (refused); bounds near a ratio's ulp, where the float test meets ties.
+    const float bounds[] = {0.05f, 3e-7f, 1e-8f, 1e-4f, 0.3f};
+    c.error_bound = bounds[regime];
+    const CodecParams p = CodecParams::from_config(c, false);
+    std::vector<float> x(p.num_elements());
+    const float scale = std::ldexp(1.0f, int(rng() % 20) - 10);
+    for (float& v : x) v = normal(rng) * scale;
+    if (regime == 4) {  // halfway between codes: the rounding's ties, at steps the bound gives
+      const float step = step_for_bound(c.error_bound, 64.0f);
+      for (float& v : x) v = (float(int(rng() % 256) - 128) + 0.5f) * step;
+      x[0] = 64.0f;
+    }
+    if (trial % 7 == 0) {  // zeros of both signs, and a constant group
+      for (size_t i = 0; i < x.size(); i += 3) x[i] = i % 2 ? -0.0f : 0.0f;
+      std::fill(x.begin(), x.begin() + p.group_size, x[1]);
+    }
+    const cpu::Quantized want = quantize_by_element(p, x), got = cpu::quantize(p, x);
+    ASSERT_EQ(got.ok, want.ok) << trial;
+    refused += !want.ok;
+    if (!want.ok) continue;
+    ASSERT_EQ(got.steps, want.steps) << trial;
+    ASSERT_EQ(got.codes, want.codes) << trial;
+    past_fast_range += std::any_of(want.codes.begin(), want.codes.end(),
+                                   [](int32_t v) { return std::abs(v) >= (1 << 22); });
+  }
+  EXPECT_GT(refused, 0);  // the cases the data were made for all occurred
+  EXPECT_GT(past_fast_range, 0);
 }
 
 // within_bound decides with a float difference first and falls back to doubles only where the
