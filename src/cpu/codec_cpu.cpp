@@ -14,35 +14,6 @@ namespace f = format;
 
 namespace {
 
-// run(load), where load(i) reads element i of src as a float: the dtype is looked at once, not
-// per element, so that loops inside run vectorize.
-template <class Run>
-auto with_loader(const void* src, kvc_dtype dtype, Run run) {
-  const auto* bits = static_cast<const uint16_t*>(src);
-  switch (dtype) {
-    case KVC_DTYPE_FP16:
-      return run([bits](size_t i) { return f::half_to_float(bits[i]); });
-    case KVC_DTYPE_BF16:
-      return run([bits](size_t i) { return f::bf16_to_float(bits[i]); });
-    default:
-      return run([x = static_cast<const float*>(src)](size_t i) { return x[i]; });
-  }
-}
-
-// The same for run(store), where store(i, v) writes v as element i of dst.
-template <class Run>
-void with_storer(void* dst, kvc_dtype dtype, Run run) {
-  auto* bits = static_cast<uint16_t*>(dst);
-  switch (dtype) {
-    case KVC_DTYPE_FP16:
-      return run([bits](size_t i, float v) { bits[i] = f::float_to_half_saturate(v); });
-    case KVC_DTYPE_BF16:
-      return run([bits](size_t i, float v) { bits[i] = f::float_to_bf16_saturate(v); });
-    default:
-      return run([x = static_cast<float*>(dst)](size_t i, float v) { x[i] = v; });
-  }
-}
-
 // Element e of group g lies at at + e * apart in a [tokens, head_dim] array whose tokens are
 // `stride` elements apart: a K group is a channel's tokens, a V group a segment of a token.
 struct GroupPlace {
@@ -56,14 +27,6 @@ GroupPlace group_place(bool is_value, uint32_t head_dim, uint32_t group_size, ui
 }
 
 }  // namespace
-
-float load_element(const void* src, kvc_dtype dtype, size_t i) {
-  return with_loader(src, dtype, [i](auto load) { return load(i); });
-}
-
-void store_element(void* dst, kvc_dtype dtype, size_t i, float v) {
-  with_storer(dst, dtype, [i, v](auto store) { store(i, v); });
-}
 
 bool all_finite(const void* src, kvc_dtype dtype, size_t first, size_t count) {
   // One flag for the run, no exit inside it: the loops vectorize.

@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // The CPU codec: the reference implementation of docs/format.md and the oracle of the tests.
-// Deliberately plain: one block at a time, each step in the order the format describes.
+// Deliberately plain: one block at a time, each step in the order the format describes; the
+// per-element passes are written without branches or per-element dispatch where that lets the
+// compiler vectorize them (docs/performance.md), and give the same bytes.
 #pragma once
 
 #include <kvcomp/kvcomp.h>
@@ -14,10 +16,41 @@
 
 namespace kvc::cpu {
 
-// Element i of an array of dtype, as a float; and a float stored as dtype (rounded to nearest
-// even, saturating: as the decoder writes it).
-float load_element(const void* src, kvc_dtype dtype, size_t i);
-void store_element(void* dst, kvc_dtype dtype, size_t i, float v);
+// run(load), where load(i) reads element i of an array of dtype as a float: the dtype is looked
+// at once, not per element, so that loops inside run vectorize.
+template <class Run>
+auto with_loader(const void* src, kvc_dtype dtype, Run run) {
+  const auto* bits = static_cast<const uint16_t*>(src);
+  switch (dtype) {
+    case KVC_DTYPE_FP16:
+      return run([bits](size_t i) { return format::half_to_float(bits[i]); });
+    case KVC_DTYPE_BF16:
+      return run([bits](size_t i) { return format::bf16_to_float(bits[i]); });
+    default:
+      return run([x = static_cast<const float*>(src)](size_t i) { return x[i]; });
+  }
+}
+// run(store), where store(i, v) writes v as element i of an array of dtype, rounded to nearest
+// even and saturating (as decoders write).
+template <class Run>
+void with_storer(void* dst, kvc_dtype dtype, Run run) {
+  auto* bits = static_cast<uint16_t*>(dst);
+  switch (dtype) {
+    case KVC_DTYPE_FP16:
+      return run([bits](size_t i, float v) { bits[i] = format::float_to_half_saturate(v); });
+    case KVC_DTYPE_BF16:
+      return run([bits](size_t i, float v) { bits[i] = format::float_to_bf16_saturate(v); });
+    default:
+      return run([x = static_cast<float*>(dst)](size_t i, float v) { x[i] = v; });
+  }
+}
+// One element of each.
+inline float load_element(const void* src, kvc_dtype dtype, size_t i) {
+  return with_loader(src, dtype, [i](auto load) { return load(i); });
+}
+inline void store_element(void* dst, kvc_dtype dtype, size_t i, float v) {
+  with_storer(dst, dtype, [i, v](auto store) { store(i, v); });
+}
 // Whether elements [first, first + count) of an array of dtype are all finite.
 bool all_finite(const void* src, kvc_dtype dtype, size_t first, size_t count);
 

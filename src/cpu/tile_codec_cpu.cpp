@@ -301,16 +301,18 @@ t::TileLayout parse_for(const CodecParams& p, const uint8_t* src, uint64_t avail
 void decode_tile_block(const CodecParams& p, const uint8_t* src, uint64_t available,
                        kvc_dtype dtype, void* dst, int64_t stride) {
   const t::TileLayout b = parse_for(p, src, available);
-  walk_tiles(b, src, [&](uint32_t token, uint32_t channel, bool raw, uint32_t x, uint32_t g) {
-    float v;
-    if (!raw) {
-      v = f::dequantize(int32_t(t::group_center(src, b, g) + x), t::group_step(src, b, g));
-    } else {
-      v = b.raw_dtype == KVC_DTYPE_FP32   ? f::bits_float(x)
-          : b.raw_dtype == KVC_DTYPE_BF16 ? f::bf16_to_float(uint16_t(x))
-                                          : f::half_to_float(uint16_t(x));
-    }
-    store_element(dst, dtype, size_t(token) * size_t(stride) + channel, v);
+  with_storer(dst, dtype, [&](auto store) {
+    walk_tiles(b, src, [&](uint32_t token, uint32_t channel, bool raw, uint32_t x, uint32_t g) {
+      float v;
+      if (!raw) {
+        v = f::dequantize(int32_t(t::group_center(src, b, g) + x), t::group_step(src, b, g));
+      } else {
+        v = b.raw_dtype == KVC_DTYPE_FP32   ? f::bits_float(x)
+            : b.raw_dtype == KVC_DTYPE_BF16 ? f::bf16_to_float(uint16_t(x))
+                                            : f::half_to_float(uint16_t(x));
+      }
+      store(size_t(token) * size_t(stride) + channel, v);
+    });
   });
 }
 
