@@ -52,9 +52,9 @@ __device__ __forceinline__ uint32_t funnel_right(uint32_t lo, uint32_t hi, uint3
 }
 
 // A Huffman sub-stream of a 4-byte-aligned payload, read a word at a time: the same bits, zeros
-// past the stream's end and overrun() as f::BitReader (the byte-wise reader, kept for payloads
-// that are not aligned), from two cached words. One load per 32 bits consumed; peek and read
-// take at most 32 bits, and skip at most 32, so the window moves by at most one word. The
+// past the stream's end and overrun() as f::BitReader (byte-wise on the device, kept for
+// payloads that are not aligned), from two cached words. One load per 32 bits consumed; peek and
+// read take at most 32 bits, and skip at most 32, so the window moves by at most one word. The
 // position is word * 32 + off, so that a peek is one funnel shift and a skip one add and compare.
 struct WordReader {
   const uint8_t* payload;

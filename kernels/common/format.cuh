@@ -115,7 +115,8 @@ KVC_HD float half_to_float(uint16_t h) {
 // Round to nearest even; overflow gives inf, NaN stays NaN (quiet, payload dropped). Normal
 // halves round by adding 0xFFF plus the kept mantissa's last bit; a subnormal half is the sum
 // 0.5 + |f| rounded to a multiple of 2^-24, which is 0.5's ulp. Every case is computed and the
-// result chosen by masks, without a branch: host loops vectorize.
+// result chosen by masks, without a branch: host loops vectorize. The sum assumes rounding to
+// nearest, which the device always does and every CPU entry point sets (src/core/float_env.hpp).
 KVC_HD uint16_t float_to_half(float f) {
   const uint32_t u = float_bits(f);
   const uint32_t abs = u & 0x7FFFFFFFu;
@@ -142,14 +143,16 @@ KVC_HD uint16_t float_to_bf16(float f) {
 KVC_HD uint16_t float_to_bf16_down(float f) { return uint16_t(float_bits(f) >> 16); }
 
 // Decoders convert with saturation: a reconstruction within the bound of a representable input
-// may lie past the type's largest finite value, and clamping only brings it closer.
+// may lie past the type's largest finite value, and clamping only brings it closer. Every value
+// that rounds to an infinity becomes the largest finite value of its sign (the infinity's bits
+// less one); NaN stays NaN.
 KVC_HD uint16_t float_to_half_saturate(float f) {
-  const float m = 65504.0f;
-  return float_to_half(f > m ? m : (f < -m ? -m : f));
+  const uint16_t h = float_to_half(f);
+  return uint16_t(h - ((h & 0x7FFFu) == 0x7C00u ? 1u : 0u));
 }
 KVC_HD uint16_t float_to_bf16_saturate(float f) {
-  const float m = 3.38953139e38f;  // 0x1.fep127, bf16's largest finite value
-  return float_to_bf16(f > m ? m : (f < -m ? -m : f));
+  const uint16_t b = float_to_bf16(f);
+  return uint16_t(b - ((b & 0x7FFFu) == 0x7F80u ? 1u : 0u));
 }
 
 // ---- Quantization ----------------------------------------------------------------------------
@@ -332,6 +335,10 @@ struct BitReader {
       return;
     }
 #endif
+    refill_bytes();
+  }
+  // The refill a byte at a time: the device's, and the host's at a stream's end.
+  KVC_HD void refill_bytes() {
     while (buffered <= 56) {
       const uint64_t byte = next_byte < size_bytes ? data[next_byte] : 0u;
       buffer |= byte << buffered;

@@ -60,7 +60,7 @@ std::vector<float> gather_groups(const CodecParams& p, const void* src, int64_t 
 
 // Quantization of one block (docs/format.md §6), shared by format v1 and the tile format:
 // codes in group order and each group's step, or !ok when some element cannot meet its bound
-// with a code (the block is then stored verbatim).
+// with a code (the block is then stored verbatim; codes and steps then mean nothing).
 struct Quantized {
   bool ok = true;
   std::vector<float> steps;    // [num_groups]

@@ -158,9 +158,10 @@ uint32_t write_tile_block(const CodecParams& p, const Encoding& e, const void* s
       if (bits == 0) continue;
       const uint32_t shift = plane == 0 ? 0u : t::plane_bits(w, 0);
       std::vector<uint32_t> words(t::tile_bytes(bits, b.nblocks) / 4, 0u);
+      const t::PlaneGeometry geometry = t::plane_geometry(bits, b.pairs_per_lane);
       for (uint32_t lane = 0; lane < 32; ++lane) {
         for (uint32_t pair = 0; pair < b.pairs_per_lane; ++pair) {
-          const t::PairLocation loc = t::pair_location(lane, pair, bits, b.pairs_per_lane);
+          const t::PairLocation loc = t::locate_pair(geometry, lane, pair);
           for (uint32_t h = 0; h < 2; ++h) {
             const t::BlockCoord c = t::tile_element(b.is_value, i, t::pair_element(lane, pair, h));
             const uint32_t g = b.is_value ? c.token : e.order[c.position];
@@ -258,11 +259,13 @@ void walk_tiles(const t::TileLayout& b, const uint8_t* src, Element element) {
     const uint32_t bits0 = w == t::kWRaw ? t::element_bits(w, b.raw_dtype) : t::plane_bits(w, 0);
     const uint32_t bits1 = w == t::kWRaw ? 0u : t::plane_bits(w, 1);
     const uint8_t* plane1 = tile + t::plane1_offset(w, b.nblocks);
-    // The h-th element of a pair of one plane.
-    auto field = [&](const uint8_t* plane, uint32_t bits, uint32_t lane, uint32_t pair,
+    // Each plane's geometry once per tile, each pair's place once per pair.
+    const t::PlaneGeometry geometry0 = t::plane_geometry(bits0, b.pairs_per_lane);
+    const t::PlaneGeometry geometry1 = t::plane_geometry(bits1, b.pairs_per_lane);
+    // Element h of the pair at loc of one plane.
+    auto field = [&](const uint8_t* plane, uint32_t bits, t::PairLocation loc,
                      uint32_t h) -> uint32_t {
       if (bits == 0) return 0u;
-      const t::PairLocation loc = t::pair_location(lane, pair, bits, b.pairs_per_lane);
       if (bits == 32) {
         return f::load_u32(
             plane + 4 * (h == 0 ? loc.word : t::next_lane_word(loc.word, bits, b.pairs_per_lane)));
@@ -272,14 +275,16 @@ void walk_tiles(const t::TileLayout& b, const uint8_t* src, Element element) {
     };
     for (uint32_t lane = 0; lane < 32; ++lane) {
       for (uint32_t pair = 0; pair < b.pairs_per_lane; ++pair) {
+        const t::PairLocation loc0 = t::locate_pair(geometry0, lane, pair);
+        const t::PairLocation loc1 = t::locate_pair(geometry1, lane, pair);
         for (uint32_t h = 0; h < 2; ++h) {
           const t::BlockCoord c = t::tile_element(b.is_value, i, t::pair_element(lane, pair, h));
           const uint32_t g = b.is_value ? c.token : c.position;  // metadata position
           const uint32_t channel = b.is_value ? c.position : t::channel_of(src, b, c.position);
           const bool raw = w == t::kWRaw;
-          const uint32_t x = raw ? field(tile, bits0, lane, pair, h)
-                                 : field(tile, bits0, lane, pair, h) |
-                                       (field(plane1, bits1, lane, pair, h) << bits0);
+          const uint32_t x =
+              raw ? field(tile, bits0, loc0, h)
+                  : field(tile, bits0, loc0, h) | (field(plane1, bits1, loc1, h) << bits0);
           element(c.token, channel, raw, x, g);
         }
       }

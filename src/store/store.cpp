@@ -276,9 +276,11 @@ struct Store::Update {
 
 void convert_elements(const uint8_t* src, kvc_dtype from, uint8_t* dst, kvc_dtype to,
                       size_t count) {
-  for (size_t i = 0; i < count; ++i) {
-    cpu::store_element(dst, to, i, cpu::load_element(src, from, i));
-  }
+  cpu::with_loader(src, from, [&](auto load) {
+    cpu::with_storer(dst, to, [&](auto store) {
+      for (size_t i = 0; i < count; ++i) store(i, load(i));
+    });
+  });
 }
 
 uint32_t encode_store_block(const CodecParams& cp, const Codebook* book, const uint8_t* src,

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -94,6 +95,26 @@ TEST(Format, FloatToHalfRoundsLikeTheCompiler) {
   EXPECT_EQ(float_to_half(-INFINITY), 0xFC00);
   EXPECT_EQ(float_to_half(bits_float(0x7F800001u)), 0x7E00);
   EXPECT_EQ(float_to_half(bits_float(0xFFC12345u)), 0xFE00);
+}
+
+// Saturating conversions are the conversions of the value clamped to the type's finite range.
+TEST(Format, SaturatingConversionsClampToTheFiniteRange) {
+  const float half_max = 65504.0f, bf16_max = 0x1.fep127f;
+  std::mt19937 rng(3);
+  std::vector<float> values = {INFINITY,    -INFINITY,       65519.99f,    65520.0f, -65520.0f,
+                               0x1.fep127f, 0x1.ff7ffep127f, 0x1.ff8p127f, FLT_MAX,  -FLT_MAX};
+  for (int i = 0; i < 1000000; ++i) values.push_back(bits_float(rng()));
+  for (float v : values) {
+    if (std::isnan(v)) {
+      EXPECT_EQ(float_to_half_saturate(v) & 0x7E00u, 0x7E00u);
+      EXPECT_TRUE(std::isnan(bf16_to_float(float_to_bf16_saturate(v))));
+      continue;
+    }
+    ASSERT_EQ(float_to_half_saturate(v), float_to_half(std::clamp(v, -half_max, half_max)))
+        << std::hexfloat << v;
+    ASSERT_EQ(float_to_bf16_saturate(v), float_to_bf16(std::clamp(v, -bf16_max, bf16_max)))
+        << std::hexfloat << v;
+  }
 }
 
 TEST(Format, Bf16RoundsToNearestEven) {
@@ -190,15 +211,21 @@ TEST(Format, CpuQuantizerGivesTheCodesOfQuantizeElement) {
     c.kind = trial % 2 ? KVC_KIND_VALUE : KVC_KIND_KEY;
     c.head_dim = 64;
     c.bound_mode = trial % 4 < 2 ? KVC_BOUND_RELATIVE : KVC_BOUND_ABSOLUTE;
-    const int regime = (trial / 4) % 5;
+    const int regime = (trial / 4) % 6;
     // Ordinary bounds; bounds so small that codes pass 2^22 (past the branch-free rounding) or
     // 2^24 (refused); bounds near a ratio's ulp, where the float test meets ties.
-    const float bounds[] = {0.05f, 3e-7f, 1e-8f, 1e-4f, 0.3f};
+    const float bounds[] = {0.05f, 3e-7f, 1e-8f, 1e-4f, 0.3f, 0x1p-23f};
     c.error_bound = bounds[regime];
     const CodecParams p = CodecParams::from_config(c, false);
     std::vector<float> x(p.num_elements());
     const float scale = std::ldexp(1.0f, int(rng() % 20) - 10);
     for (float& v : x) v = normal(rng) * scale;
+    if (regime == 5) {
+      // A range of 2^-25 at |x| = 2^-26: codes at 2^22 + 0..4, where a code the branch-free
+      // rounding would get wrong past its range still passes the float test.
+      for (float& v : x)
+        v = rng() % 2 ? -0x1p-26f : 0x1p-26f * (1.0f + float(rng() % 5) * 0x1p-23f);
+    }
     if (regime == 4) {  // halfway between codes: the rounding's ties, at steps the bound gives
       const float step = step_for_bound(c.error_bound, 64.0f);
       for (float& v : x) v = (float(int(rng() % 256) - 128) + 0.5f) * step;
@@ -332,6 +359,26 @@ TEST(Format, BitWriterAndReaderAgree) {
   w1.write(1, 1);
   w1.flush();
   EXPECT_EQ(one[0], 0x05);
+}
+
+// The host's 8-byte refill reads what the byte-wise one (the device's) reads: the same fields,
+// consumed count and overrun, at every alignment and up to and past the stream's end.
+TEST(Format, BitReaderRefillsAlikeByWordsAndByBytes) {
+  std::mt19937 rng(6);
+  for (int trial = 0; trial < 20000; ++trial) {
+    std::vector<uint8_t> bytes(rng() % 40);
+    for (uint8_t& b : bytes) b = uint8_t(rng());
+    BitReader words(bytes.data(), uint32_t(bytes.size())), by_bytes = words;
+    for (int op = 0; op < 40; ++op) {
+      const uint32_t bits = rng() % 33;
+      if (by_bytes.buffered < bits) by_bytes.refill_bytes();  // so that peek does not refill
+      ASSERT_EQ(words.peek(bits), by_bytes.peek(bits)) << trial << " " << op;
+      words.skip(bits);
+      by_bytes.skip(bits);
+      ASSERT_EQ(words.consumed, by_bytes.consumed);
+      ASSERT_EQ(words.overrun(), by_bytes.overrun());
+    }
+  }
 }
 
 TEST(Format, ElementCoordsCoverTheBlockOnce) {
