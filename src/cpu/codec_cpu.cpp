@@ -434,17 +434,19 @@ std::vector<float> read_steps(const f::BlockLayout& b, const uint8_t* src) {
   return steps;
 }
 
-// Calls code(g, e, c) with the code c of element e of group g, for every element of a
-// fixed-width or Huffman block; throws on corrupt streams.
-template <class Code>
-void walk_codes(const f::BlockLayout& b, const Codebook* book, const uint8_t* src, Code code) {
+// The codes and steps of a fixed-width or Huffman block, parsed into b; throws on corrupt
+// streams.
+Quantized codes_of(const f::BlockLayout& b, const Codebook* book, const uint8_t* src) {
+  Quantized q;
+  q.steps = read_steps(b, src);
+  q.codes.resize(size_t(b.num_groups) * b.group_size);
   std::vector<uint32_t> centers(b.num_groups);  // uint32: corrupt values wrap, never overflow
   f::BitReader center_bits(src + b.centers_offset, b.stream_ends_offset - b.centers_offset);
   for (uint32_t g = 0; g < b.num_groups; ++g) {
     centers[g] = uint32_t(b.center_base) + center_bits.read(b.center_bits);
   }
   auto emit = [&](uint32_t g, uint32_t e, uint32_t symbol) {
-    code(g, e, int32_t(centers[g] + symbol));
+    q.codes[size_t(g) * b.group_size + e] = int32_t(centers[g] + symbol);
   };
   const uint8_t* payload = src + b.payload_offset;
   if (b.encoding == f::kFixed) {
@@ -452,7 +454,7 @@ void walk_codes(const f::BlockLayout& b, const Codebook* book, const uint8_t* sr
     for (uint32_t e = 0; e < b.group_size; ++e) {
       for (uint32_t g = 0; g < b.num_groups; ++g) emit(g, e, in.read(b.code_bits));
     }
-    return;
+    return q;
   }
 
   const std::vector<uint32_t>& table = book->decode_table();
@@ -479,16 +481,6 @@ void walk_codes(const f::BlockLayout& b, const Codebook* book, const uint8_t* sr
     if (in.overrun()) corrupt("a sub-stream is shorter than its symbols");
     start = end;
   }
-}
-
-// The codes and steps of a fixed-width or Huffman block, parsed into b.
-Quantized codes_of(const f::BlockLayout& b, const Codebook* book, const uint8_t* src) {
-  Quantized q;
-  q.steps = read_steps(b, src);
-  q.codes.resize(size_t(b.num_groups) * b.group_size);
-  walk_codes(b, book, src, [&](uint32_t g, uint32_t e, int32_t code) {
-    q.codes[size_t(g) * b.group_size + e] = code;
-  });
   return q;
 }
 
