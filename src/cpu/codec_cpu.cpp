@@ -65,6 +65,54 @@ std::vector<float> gather_groups(const CodecParams& p, const void* src, int64_t 
 
 namespace {
 
+// Tokens [0, tokens) of `channels` channels from a channel-major stage: dst[t * stride + c] =
+// stage[c * tokens + t].
+template <class T>
+void place_channels(const T* stage, uint32_t channels, uint32_t tokens, T* dst, size_t stride) {
+  for (uint32_t t = 0; t < tokens; ++t) {
+    for (uint32_t c = 0; c < channels; ++c) dst[t * stride + c] = stage[size_t(c) * tokens + t];
+  }
+}
+
+}  // namespace
+
+void store_values(const CodecParams& p, const Quantized& q, kvc_dtype dtype, void* dst,
+                  int64_t stride) {
+  const uint32_t n = p.group_size;
+  // Group g's values through store at [at, at + n): a loop the compiler vectorizes.
+  const auto store_group = [&](auto store, uint32_t g, size_t at) {
+    const int32_t* codes = &q.codes[size_t(g) * n];
+    for (uint32_t e = 0; e < n; ++e) store(at + e, f::dequantize(codes[e], q.steps[g]));
+  };
+  if (p.is_value) {
+    with_storer(dst, dtype, [&](auto store) {
+      for (uint32_t g = 0; g < p.num_groups; ++g) {
+        store_group(store, g, group_place(true, p.head_dim, n, g, stride).at);
+      }
+    });
+    return;
+  }
+  // A K group is a channel: written alone it would touch a cache line per token, and strides of
+  // a power of two put those lines in one cache set. So 16 channels go to a stage, then to the
+  // output token by token.
+  constexpr uint32_t kChannels = 16;
+  std::vector<uint32_t> stage(size_t(kChannels) * n);  // elements of up to 4 bytes
+  for (uint32_t g0 = 0; g0 < p.num_groups; g0 += kChannels) {
+    const uint32_t channels = std::min(kChannels, p.num_groups - g0);
+    with_storer(stage.data(), dtype, [&](auto store) {
+      for (uint32_t c = 0; c < channels; ++c) store_group(store, g0 + c, size_t(c) * n);
+    });
+    if (dtype == KVC_DTYPE_FP32) {
+      place_channels(stage.data(), channels, n, static_cast<uint32_t*>(dst) + g0, size_t(stride));
+    } else {
+      place_channels(reinterpret_cast<const uint16_t*>(stage.data()), channels, n,
+                     static_cast<uint16_t*>(dst) + g0, size_t(stride));
+    }
+  }
+}
+
+namespace {
+
 // The codes of one group, as f::quantize_element gives them; false if an element has none.
 // Almost every element is decided by quantize_element's first test (the nearest code, accepted
 // by the float difference alone): this loop takes that test without a branch, so the compiler
@@ -504,16 +552,7 @@ void decode_block(const CodecParams& p, const Codebook* book, const uint8_t* src
     return;
   }
   // The codes first, then the values: the store loop has no stream to follow.
-  const Quantized q = codes_of(b, book, src);
-  with_storer(dst, dtype, [&](auto store) {
-    for (uint32_t g = 0; g < b.num_groups; ++g) {
-      const GroupPlace place = group_place(b.is_value, b.head_dim, b.group_size, g, stride);
-      for (uint32_t e = 0; e < b.group_size; ++e) {
-        store(place.at + e * place.apart,
-              f::dequantize(q.codes[size_t(g) * b.group_size + e], q.steps[g]));
-      }
-    }
-  });
+  store_values(p, codes_of(b, book, src), dtype, dst, stride);
 }
 
 Quantized decode_codes(const CodecParams& p, const Codebook* book, const uint8_t* src,

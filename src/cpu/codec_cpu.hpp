@@ -67,6 +67,10 @@ struct Quantized {
   std::vector<int32_t> codes;  // [num_groups, group_size]
 };
 Quantized quantize(const CodecParams& p, const std::vector<float>& x);
+// Writes the values of codes q (group order, as quantize() gives them) into dst, a [tokens,
+// head_dim] array of dtype whose tokens are token_stride elements apart: the decoders' last step.
+void store_values(const CodecParams& p, const Quantized& q, kvc_dtype dtype, void* dst,
+                  int64_t token_stride);
 // Whether every code lies in the quantizer's range, (-kMaxAbsCode, kMaxAbsCode): true for what
 // quantize() gives, false only for codes read from crafted blocks.
 bool codes_in_range(const Quantized& q);

@@ -121,6 +121,71 @@ TilePlan plan_tile_block(const CodecParams& p, const void* src, int64_t stride, 
 
 namespace {
 
+// One plane of a tile: the `bits`-bit fields (0, 2, 4, 8, 16 or 32 bits) of every lane's pairs,
+// placed by the kernels' own functions (t::locate_pair).
+struct Plane {
+  uint32_t bits;
+  uint32_t pairs;  // per lane
+  t::PlaneGeometry geometry;
+  uint32_t mask;
+  Plane(uint32_t bits, uint32_t pairs)
+      : bits(bits),
+        pairs(pairs),
+        geometry(t::plane_geometry(bits, pairs)),
+        mask(bits >= 32 ? ~0u : (1u << bits) - 1u) {}
+  // The fields of halves 0 and 1 of pair p of `lane`.
+  void read(const uint8_t* plane, uint32_t lane, uint32_t p, uint32_t x[2]) const {
+    if (bits == 0) {
+      x[0] = x[1] = 0;
+      return;
+    }
+    const t::PairLocation loc = t::locate_pair(geometry, lane, p);
+    const uint32_t w = f::load_u32(plane + 4 * loc.word);
+    if (bits == 32) {
+      x[0] = w;
+      x[1] = f::load_u32(plane + 4 * t::next_lane_word(loc.word, bits, pairs));
+    } else {
+      x[0] = (w >> loc.shift) & mask;
+      x[1] = (w >> (loc.shift + 16)) & mask;
+    }
+  }
+  // Adds the low `bits` bits of x0 and x1 as pair p of `lane` to a zeroed plane.
+  void write(uint8_t* plane, uint32_t lane, uint32_t p, uint32_t x0, uint32_t x1) const {
+    if (bits == 0) return;
+    const t::PairLocation loc = t::locate_pair(geometry, lane, p);
+    uint8_t* at = plane + 4 * loc.word;
+    if (bits == 32) {
+      f::store_u32(at, x0);
+      f::store_u32(plane + 4 * t::next_lane_word(loc.word, bits, pairs), x1);
+    } else {
+      f::store_u32(at,
+                   f::load_u32(at) | (x0 & mask) << loc.shift | (x1 & mask) << (loc.shift + 16));
+    }
+  }
+};
+
+// Plane 0 and plane 1 of a tile of width code w: a raw tile is one plane of the raw dtype's
+// width, a coded tile the low bits of its elements, then the high bits (3- and 6-bit tiles).
+Plane low_plane(const t::TileLayout& b, uint32_t w) {
+  return {w == t::kWRaw ? t::element_bits(w, b.raw_dtype) : t::plane_bits(w, 0), b.pairs_per_lane};
+}
+Plane high_plane(const t::TileLayout& b, uint32_t w) {
+  return {w == t::kWRaw ? 0u : t::plane_bits(w, 1), b.pairs_per_lane};
+}
+
+// Calls f(lane, p, k, col) for every pair p of every lane of a tile: the pair's halves are rows
+// k and k + 1 of column col of the tile's B operands (t::pair_element), where row k is the
+// tile's group 16 * tile + k by position (K channel position, V token) and col the other index.
+template <class F>
+void for_each_pair(uint32_t pairs, F f) {
+  for (uint32_t lane = 0; lane < 32; ++lane) {
+    for (uint32_t p = 0; p < pairs; ++p) {
+      const t::TileCoord c = t::pair_element(lane, p, 0);
+      f(lane, p, c.k, 8 * c.nblock + c.n);
+    }
+  }
+}
+
 // Writes the block of encoding e; src (the input) is read for raw tiles only.
 uint32_t write_tile_block(const CodecParams& p, const Encoding& e, const void* src, int64_t stride,
                           kvc_dtype dtype, uint8_t* dst) {
@@ -149,42 +214,31 @@ uint32_t write_tile_block(const CodecParams& p, const Encoding& e, const void* s
   for (uint32_t i = 0; i < b.num_tiles; ++i) {
     const uint32_t w = e.plan.widths[i];
     uint8_t* tile = dst + t::entry_offset(t::table_entry(dst, b, i));
-    // A raw tile is one plane of the input's width; a coded tile one or two planes (low bits,
-    // then high bits).
-    const uint32_t planes = w == t::kWRaw ? 1u : (t::plane_bits(w, 1) != 0 ? 2u : 1u);
-    for (uint32_t plane = 0; plane < planes; ++plane) {
-      const uint32_t bits =
-          w == t::kWRaw ? t::element_bits(w, b.raw_dtype) : t::plane_bits(w, plane);
-      if (bits == 0) continue;
-      const uint32_t shift = plane == 0 ? 0u : t::plane_bits(w, 0);
-      std::vector<uint32_t> words(t::tile_bytes(bits, b.nblocks) / 4, 0u);
-      const t::PlaneGeometry geometry = t::plane_geometry(bits, b.pairs_per_lane);
-      for (uint32_t lane = 0; lane < 32; ++lane) {
-        for (uint32_t pair = 0; pair < b.pairs_per_lane; ++pair) {
-          const t::PairLocation loc = t::locate_pair(geometry, lane, pair);
-          for (uint32_t h = 0; h < 2; ++h) {
-            const t::BlockCoord c = t::tile_element(b.is_value, i, t::pair_element(lane, pair, h));
-            const uint32_t g = b.is_value ? c.token : e.order[c.position];
-            const uint32_t channel = b.is_value ? c.position : g;
-            uint32_t v;
-            if (w == t::kWRaw) {
-              v = input_bits(src, dtype, size_t(c.token) * size_t(stride) + channel);
-            } else {
-              const uint32_t pos = b.is_value ? channel : c.token;
-              const uint32_t u = uint32_t(e.q.codes[size_t(g) * p.group_size + pos] - e.centers[g]);
-              v = (u >> shift) & ((1u << bits) - 1u);
-            }
-            if (bits == 32) {
-              words[h == 0 ? loc.word : t::next_lane_word(loc.word, bits, b.pairs_per_lane)] = v;
-            } else {
-              words[loc.word] |= v << (loc.shift + 16 * h);
-            }
-          }
-        }
+    const Plane low = low_plane(b, w), high = high_plane(b, w);
+    uint8_t* plane1 = tile + t::plane1_offset(w, b.nblocks);
+    // Row k of the tile: group g; element (k, col) of a coded tile is codes[row[k] + col] -
+    // center[k], of a raw tile the input's element row[k] + col * col_step.
+    size_t row[16];
+    int32_t center[16] = {};
+    const size_t col_step = w == t::kWRaw && !b.is_value ? size_t(stride) : 1u;
+    for (uint32_t k = 0; k < 16; ++k) {
+      const uint32_t j = 16 * i + k, g = b.is_value ? j : e.order[j];
+      if (w == t::kWRaw) {
+        row[k] = b.is_value ? size_t(j) * size_t(stride) : g;
+      } else {
+        row[k] = size_t(g) * p.group_size;
+        center[k] = e.centers[g];
       }
-      uint8_t* at = tile + (plane == 0 ? 0u : t::plane1_offset(w, b.nblocks));
-      for (size_t k = 0; k < words.size(); ++k) f::store_u32(at + 4 * k, words[k]);
     }
+    auto field = [&](uint32_t k, uint32_t col) -> uint32_t {
+      const size_t at = row[k] + col * col_step;
+      return w == t::kWRaw ? input_bits(src, dtype, at) : uint32_t(e.q.codes[at] - center[k]);
+    };
+    for_each_pair(b.pairs_per_lane, [&](uint32_t lane, uint32_t pair, uint32_t k, uint32_t col) {
+      const uint32_t x0 = field(k, col), x1 = field(k + 1, col);
+      low.write(tile, lane, pair, x0, x1);
+      high.write(plane1, lane, pair, x0 >> (low.bits % 32), x1 >> (low.bits % 32));
+    });
   }
   return b.block_bytes;
 }
@@ -248,48 +302,26 @@ t::TileLayout parse_tile_header(const uint8_t* src, uint64_t available) {
 
 namespace {
 
-// Calls element(token, channel, raw, bits, g) for every element of a parsed tile block: its raw
-// bits (raw tiles) or its unsigned offset from its group's centre, and its metadata position g.
+// Calls element(k, col, x) for every element of a tile of width code w (for_each_pair's rows
+// and columns): its raw bits (a raw tile) or its unsigned offset from its group's centre.
 template <class Element>
-void walk_tiles(const t::TileLayout& b, const uint8_t* src, Element element) {
-  for (uint32_t i = 0; i < b.num_tiles; ++i) {
-    const uint32_t entry = t::table_entry(src, b, i);
-    const uint32_t w = t::entry_width(entry);
-    const uint8_t* tile = src + t::entry_offset(entry);
-    const uint32_t bits0 = w == t::kWRaw ? t::element_bits(w, b.raw_dtype) : t::plane_bits(w, 0);
-    const uint32_t bits1 = w == t::kWRaw ? 0u : t::plane_bits(w, 1);
-    const uint8_t* plane1 = tile + t::plane1_offset(w, b.nblocks);
-    // Each plane's geometry once per tile, each pair's place once per pair.
-    const t::PlaneGeometry geometry0 = t::plane_geometry(bits0, b.pairs_per_lane);
-    const t::PlaneGeometry geometry1 = t::plane_geometry(bits1, b.pairs_per_lane);
-    // Element h of the pair at loc of one plane.
-    auto field = [&](const uint8_t* plane, uint32_t bits, t::PairLocation loc,
-                     uint32_t h) -> uint32_t {
-      if (bits == 0) return 0u;
-      if (bits == 32) {
-        return f::load_u32(
-            plane + 4 * (h == 0 ? loc.word : t::next_lane_word(loc.word, bits, b.pairs_per_lane)));
-      }
-      return (f::load_u32(plane + 4 * loc.word) >> (loc.shift + 16 * h)) &
-             (bits == 16 ? 0xFFFFu : (1u << bits) - 1u);
-    };
-    for (uint32_t lane = 0; lane < 32; ++lane) {
-      for (uint32_t pair = 0; pair < b.pairs_per_lane; ++pair) {
-        const t::PairLocation loc0 = t::locate_pair(geometry0, lane, pair);
-        const t::PairLocation loc1 = t::locate_pair(geometry1, lane, pair);
-        for (uint32_t h = 0; h < 2; ++h) {
-          const t::BlockCoord c = t::tile_element(b.is_value, i, t::pair_element(lane, pair, h));
-          const uint32_t g = b.is_value ? c.token : c.position;  // metadata position
-          const uint32_t channel = b.is_value ? c.position : t::channel_of(src, b, c.position);
-          const bool raw = w == t::kWRaw;
-          const uint32_t x =
-              raw ? field(tile, bits0, loc0, h)
-                  : field(tile, bits0, loc0, h) | (field(plane1, bits1, loc1, h) << bits0);
-          element(c.token, channel, raw, x, g);
-        }
-      }
-    }
-  }
+void walk_tile(const t::TileLayout& b, const uint8_t* tile, uint32_t w, Element element) {
+  const Plane low = low_plane(b, w), high = high_plane(b, w);
+  const uint8_t* plane1 = tile + t::plane1_offset(w, b.nblocks);
+  for_each_pair(b.pairs_per_lane, [&](uint32_t lane, uint32_t pair, uint32_t k, uint32_t col) {
+    uint32_t x[2], y[2];
+    low.read(tile, lane, pair, x);
+    high.read(plane1, lane, pair, y);  // zeros but for 3- and 6-bit tiles (% 32: raw fp32)
+    element(k, col, x[0] | y[0] << (low.bits % 32));
+    element(k + 1, col, x[1] | y[1] << (low.bits % 32));
+  });
+}
+
+// The float of a raw tile's element bits.
+float raw_value(uint32_t raw_dtype, uint32_t x) {
+  return raw_dtype == KVC_DTYPE_FP32   ? f::bits_float(x)
+         : raw_dtype == KVC_DTYPE_BF16 ? f::bf16_to_float(uint16_t(x))
+                                       : f::half_to_float(uint16_t(x));
 }
 
 t::TileLayout parse_for(const CodecParams& p, const uint8_t* src, uint64_t available) {
@@ -301,42 +333,70 @@ t::TileLayout parse_for(const CodecParams& p, const uint8_t* src, uint64_t avail
   return b;
 }
 
+// The codes and steps of a parsed block's coded tiles in group order (as quantize() gives them);
+// the groups of raw tiles keep code 0 and step 0.
+Quantized coded_tiles(const CodecParams& p, const t::TileLayout& b, const uint8_t* src) {
+  Quantized q;
+  q.steps.assign(p.num_groups, 0.0f);
+  q.codes.assign(p.num_elements(), 0);
+  for (uint32_t i = 0; i < b.num_tiles; ++i) {
+    const uint32_t entry = t::table_entry(src, b, i);
+    if (t::entry_width(entry) == t::kWRaw) continue;
+    // Row k of the tile holds the codes of group g at codes[row[k] + col].
+    size_t row[16];
+    uint32_t center[16];
+    for (uint32_t k = 0; k < 16; ++k) {
+      const uint32_t j = 16 * i + k, g = b.is_value ? j : t::channel_of(src, b, j);
+      q.steps[g] = t::group_step(src, b, j);
+      row[k] = size_t(g) * p.group_size;
+      center[k] = t::group_center(src, b, j);
+    }
+    walk_tile(b, src + t::entry_offset(entry), t::entry_width(entry),
+              [&](uint32_t k, uint32_t col, uint32_t x) {
+                q.codes[row[k] + col] = int32_t(center[k] + x);  // modulo 2^32: no overflow
+              });
+  }
+  return q;
+}
+
 }  // namespace
 
 void decode_tile_block(const CodecParams& p, const uint8_t* src, uint64_t available,
                        kvc_dtype dtype, void* dst, int64_t stride) {
   const t::TileLayout b = parse_for(p, src, available);
+  // The codes first, then the values, as format v1 decodes; then the raw tiles' elements.
+  if (b.quantized) store_values(p, coded_tiles(p, b, src), dtype, dst, stride);
+  // Element (k, col) of tile i goes to dst[row[k] + col * col_step].
+  const size_t col_step = b.is_value ? 1u : size_t(stride);
   with_storer(dst, dtype, [&](auto store) {
-    walk_tiles(b, src, [&](uint32_t token, uint32_t channel, bool raw, uint32_t x, uint32_t g) {
-      float v;
-      if (!raw) {
-        v = f::dequantize(int32_t(t::group_center(src, b, g) + x), t::group_step(src, b, g));
-      } else {
-        v = b.raw_dtype == KVC_DTYPE_FP32   ? f::bits_float(x)
-            : b.raw_dtype == KVC_DTYPE_BF16 ? f::bf16_to_float(uint16_t(x))
-                                            : f::half_to_float(uint16_t(x));
+    for (uint32_t i = 0; i < b.num_tiles; ++i) {
+      const uint32_t entry = t::table_entry(src, b, i);
+      if (t::entry_width(entry) != t::kWRaw) continue;
+      size_t row[16];
+      for (uint32_t k = 0; k < 16; ++k) {
+        const uint32_t j = 16 * i + k;  // K: channel position, V: token
+        row[k] = b.is_value ? size_t(j) * size_t(stride) : t::channel_of(src, b, j);
       }
-      store(size_t(token) * size_t(stride) + channel, v);
-    });
+      walk_tile(b, src + t::entry_offset(entry), t::kWRaw,
+                [&](uint32_t k, uint32_t col, uint32_t x) {
+                  store(row[k] + col * col_step, raw_value(b.raw_dtype, x));
+                });
+    }
   });
 }
 
 Quantized tile_block_codes(const CodecParams& p, const uint8_t* src, uint64_t available) {
   const t::TileLayout b = parse_for(p, src, available);
-  Quantized q;
-  q.ok = b.quantized;
-  for (uint32_t i = 0; i < b.num_tiles && q.ok; ++i) {
-    q.ok = t::entry_width(t::table_entry(src, b, i)) != t::kWRaw;
+  bool coded = b.quantized;
+  for (uint32_t i = 0; i < b.num_tiles && coded; ++i) {
+    coded = t::entry_width(t::table_entry(src, b, i)) != t::kWRaw;
   }
-  if (!q.ok) return q;
-  q.steps.resize(p.num_groups);
-  q.codes.resize(p.num_elements());
-  walk_tiles(b, src, [&](uint32_t token, uint32_t channel, bool, uint32_t x, uint32_t g) {
-    const uint32_t group = p.is_value ? token : channel;  // g is the group's position
-    q.steps[group] = t::group_step(src, b, g);
-    q.codes[size_t(group) * p.group_size + (p.is_value ? channel : token)] =
-        int32_t(t::group_center(src, b, g) + x);
-  });
+  if (!coded) {
+    Quantized q;
+    q.ok = false;
+    return q;
+  }
+  Quantized q = coded_tiles(p, b, src);
   q.ok = codes_in_range(q);
   return q;
 }

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // The CPU reference codec of tile format t1 (docs/format.md, "Tile format (t1)"): the oracle of
-// the tensor-core attention kernel's input. Plain and slow on purpose: every element goes
-// through the same host/device functions (kernels/common/tile_format.cuh) the kernel uses.
+// the tensor-core attention kernel's input. Every element is placed by the same host/device
+// functions (kernels/common/tile_format.cuh) the kernels use; group metadata is read once per
+// tile row.
 #pragma once
 
 #include <kvcomp/kvcomp.h>
