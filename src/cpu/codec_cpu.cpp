@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "core/error.hpp"
@@ -14,16 +15,16 @@ namespace f = format;
 
 namespace {
 
-// Element e of group g lies at at + e * apart in a [tokens, head_dim] array whose tokens are
-// `stride` elements apart: a K group is a channel's tokens, a V group a segment of a token.
-struct GroupPlace {
-  size_t at;
-  size_t apart;
-};
-GroupPlace group_place(bool is_value, uint32_t head_dim, uint32_t group_size, uint32_t g,
-                       int64_t stride) {
-  const f::Coord c = f::element_coord(is_value, head_dim, group_size, g, 0);
-  return {size_t(c.token * stride) + c.channel, is_value ? 1 : size_t(stride)};
+// K groups are channels: one at a time, a pass over a block touches a cache line per token, and
+// strides of a power of two put those lines in one cache set. So the passes that read or write
+// the input's layout take 16 channels per token.
+constexpr uint32_t kChannels = 16;
+
+// Where V group g (a segment of a token) starts in a [tokens, head_dim] array whose tokens are
+// `stride` elements apart; its elements follow one another.
+size_t value_group_at(const CodecParams& p, uint32_t g, int64_t stride) {
+  const f::Coord c = f::element_coord(true, p.head_dim, p.group_size, g, 0);
+  return size_t(c.token * stride) + c.channel;
 }
 
 }  // namespace
@@ -49,32 +50,66 @@ bool all_finite(const void* src, kvc_dtype dtype, size_t first, size_t count) {
   }
 }
 
-std::vector<float> gather_groups(const CodecParams& p, const void* src, int64_t stride,
-                                 kvc_dtype dtype) {
-  std::vector<float> x(p.num_elements());
-  with_loader(src, dtype, [&](auto load) {
-    for (uint32_t g = 0; g < p.num_groups; ++g) {
-      const GroupPlace place = group_place(p.is_value, p.head_dim, p.group_size, g, stride);
-      for (uint32_t e = 0; e < p.group_size; ++e) {
-        x[size_t(g) * p.group_size + e] = load(place.at + e * place.apart);
-      }
-    }
-  });
-  return x;
-}
-
 namespace {
 
-// Tokens [0, tokens) of `channels` channels from a channel-major stage: dst[t * stride + c] =
-// stage[c * tokens + t].
+// Between a [tokens, head_dim] array of elements T whose tokens are `stride` apart and a
+// channel-major stage of `channels` channels from channel 0 of `at`: element t of stage channel c
+// is at[t * stride + c].
 template <class T>
-void place_channels(const T* stage, uint32_t channels, uint32_t tokens, T* dst, size_t stride) {
+void channels_to_stage(const T* at, uint32_t channels, uint32_t tokens, size_t stride, T* stage) {
   for (uint32_t t = 0; t < tokens; ++t) {
-    for (uint32_t c = 0; c < channels; ++c) dst[t * stride + c] = stage[size_t(c) * tokens + t];
+    for (uint32_t c = 0; c < channels; ++c) stage[size_t(c) * tokens + t] = at[t * stride + c];
+  }
+}
+template <class T>
+void stage_to_channels(const T* stage, uint32_t channels, uint32_t tokens, size_t stride, T* at) {
+  for (uint32_t t = 0; t < tokens; ++t) {
+    for (uint32_t c = 0; c < channels; ++c) at[t * stride + c] = stage[size_t(c) * tokens + t];
+  }
+}
+
+// run(stage): a stage of kChannels groups of n elements of dtype (float, or the bits of
+// fp16 and bf16).
+template <class Run>
+void with_stage(kvc_dtype dtype, uint32_t n, Run run) {
+  if (dtype == KVC_DTYPE_FP32) {
+    std::vector<float> stage(size_t(kChannels) * n);
+    run(stage.data());
+  } else {
+    std::vector<uint16_t> stage(size_t(kChannels) * n);
+    run(stage.data());
   }
 }
 
 }  // namespace
+
+std::vector<float> gather_groups(const CodecParams& p, const void* src, int64_t stride,
+                                 kvc_dtype dtype) {
+  std::vector<float> x(p.num_elements());
+  const uint32_t n = p.group_size;
+  // Conversions in contiguous loops (the compiler vectorizes them): V groups in place, K groups
+  // (channels) through a stage, kChannels at a time.
+  if (p.is_value) {
+    with_loader(src, dtype, [&](auto load) {
+      for (uint32_t g = 0; g < p.num_groups; ++g) {
+        const size_t at = value_group_at(p, g, stride);
+        for (uint32_t e = 0; e < n; ++e) x[size_t(g) * n + e] = load(at + e);
+      }
+    });
+    return x;
+  }
+  with_stage(dtype, n, [&](auto* stage) {
+    using T = std::remove_pointer_t<decltype(stage)>;
+    for (uint32_t g0 = 0; g0 < p.num_groups; g0 += kChannels) {
+      const uint32_t channels = std::min(kChannels, p.num_groups - g0);
+      channels_to_stage(static_cast<const T*>(src) + g0, channels, n, size_t(stride), stage);
+      with_loader(stage, dtype, [&](auto load) {
+        for (size_t i = 0; i < size_t(channels) * n; ++i) x[size_t(g0) * n + i] = load(i);
+      });
+    }
+  });
+  return x;
+}
 
 void store_values(const CodecParams& p, const Quantized& q, kvc_dtype dtype, void* dst,
                   int64_t stride) {
@@ -87,28 +122,22 @@ void store_values(const CodecParams& p, const Quantized& q, kvc_dtype dtype, voi
   if (p.is_value) {
     with_storer(dst, dtype, [&](auto store) {
       for (uint32_t g = 0; g < p.num_groups; ++g) {
-        store_group(store, g, group_place(true, p.head_dim, n, g, stride).at);
+        store_group(store, g, value_group_at(p, g, stride));
       }
     });
     return;
   }
-  // A K group is a channel: written alone it would touch a cache line per token, and strides of
-  // a power of two put those lines in one cache set. So 16 channels go to a stage, then to the
-  // output token by token.
-  constexpr uint32_t kChannels = 16;
-  std::vector<uint32_t> stage(size_t(kChannels) * n);  // elements of up to 4 bytes
-  for (uint32_t g0 = 0; g0 < p.num_groups; g0 += kChannels) {
-    const uint32_t channels = std::min(kChannels, p.num_groups - g0);
-    with_storer(stage.data(), dtype, [&](auto store) {
-      for (uint32_t c = 0; c < channels; ++c) store_group(store, g0 + c, size_t(c) * n);
-    });
-    if (dtype == KVC_DTYPE_FP32) {
-      place_channels(stage.data(), channels, n, static_cast<uint32_t*>(dst) + g0, size_t(stride));
-    } else {
-      place_channels(reinterpret_cast<const uint16_t*>(stage.data()), channels, n,
-                     static_cast<uint16_t*>(dst) + g0, size_t(stride));
+  // K groups (channels) go to a stage kChannels at a time, then to the output token by token.
+  with_stage(dtype, n, [&](auto* stage) {
+    using T = std::remove_pointer_t<decltype(stage)>;
+    for (uint32_t g0 = 0; g0 < p.num_groups; g0 += kChannels) {
+      const uint32_t channels = std::min(kChannels, p.num_groups - g0);
+      with_storer(stage, dtype, [&](auto store) {
+        for (uint32_t c = 0; c < channels; ++c) store_group(store, g0 + c, size_t(c) * n);
+      });
+      stage_to_channels(stage, channels, n, size_t(stride), static_cast<T*>(dst) + g0);
     }
-  }
+  });
 }
 
 namespace {

@@ -50,9 +50,13 @@ Encoding plan_codes(const CodecParams& p, Quantized q, kvc_dtype dtype) {
   std::vector<uint32_t> cls(groups);
   for (uint32_t g = 0; g < groups; ++g) {
     const int32_t* c = &e.q.codes[size_t(g) * p.group_size];
-    const auto [lo, hi] = std::minmax_element(c, c + p.group_size);
-    e.centers[g] = *lo;
-    cls[g] = t::width_code_for(f::bit_width(uint32_t(int64_t(*hi) - *lo)), p.split_widths);
+    int32_t lo = c[0], hi = c[0];
+    for (uint32_t i = 1; i < p.group_size; ++i) {  // vectorizes (std::minmax_element does not)
+      lo = std::min(lo, c[i]);
+      hi = std::max(hi, c[i]);
+    }
+    e.centers[g] = lo;
+    cls[g] = t::width_code_for(f::bit_width(uint32_t(int64_t(hi) - lo)), p.split_widths);
   }
   const auto range = std::minmax_element(e.centers.begin(), e.centers.end());
   const int32_t center_base = *range.first;
