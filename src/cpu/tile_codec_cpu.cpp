@@ -125,56 +125,61 @@ TilePlan plan_tile_block(const CodecParams& p, const void* src, int64_t stride, 
 
 namespace {
 
-// One plane of a tile: the `bits`-bit fields (0, 2, 4, 8, 16 or 32 bits) of every lane's pairs,
-// placed by the kernels' own functions (t::locate_pair).
+// One plane of a tile: the kBits-bit fields (0, 1, 2, 4, 8, 16 or 32 bits) of every lane's
+// pairs, placed by the kernels' own functions (t::locate_pair).
+template <uint32_t kBits>
 struct Plane {
-  uint32_t bits;
+  static constexpr uint32_t bits = kBits;
+  static constexpr uint32_t mask = kBits >= 32 ? ~0u : (1u << kBits) - 1u;
   uint32_t pairs;  // per lane
   t::PlaneGeometry geometry;
-  uint32_t mask;
-  Plane(uint32_t bits, uint32_t pairs)
-      : bits(bits),
-        pairs(pairs),
-        geometry(t::plane_geometry(bits, pairs)),
-        mask(bits >= 32 ? ~0u : (1u << bits) - 1u) {}
+  explicit Plane(uint32_t pairs) : pairs(pairs), geometry(t::plane_geometry(kBits, pairs)) {}
   // The fields of halves 0 and 1 of pair p of `lane`.
   void read(const uint8_t* plane, uint32_t lane, uint32_t p, uint32_t x[2]) const {
-    if (bits == 0) {
+    if constexpr (kBits == 0) {
       x[0] = x[1] = 0;
-      return;
-    }
-    const t::PairLocation loc = t::locate_pair(geometry, lane, p);
-    const uint32_t w = f::load_u32(plane + 4 * loc.word);
-    if (bits == 32) {
-      x[0] = w;
-      x[1] = f::load_u32(plane + 4 * t::next_lane_word(loc.word, bits, pairs));
     } else {
-      x[0] = (w >> loc.shift) & mask;
-      x[1] = (w >> (loc.shift + 16)) & mask;
+      const t::PairLocation loc = t::locate_pair(geometry, lane, p);
+      const uint32_t w = f::load_u32(plane + 4 * loc.word);
+      if constexpr (kBits == 32) {
+        x[0] = w;
+        x[1] = f::load_u32(plane + 4 * t::next_lane_word(loc.word, kBits, pairs));
+      } else {
+        x[0] = (w >> loc.shift) & mask;
+        x[1] = (w >> (loc.shift + 16)) & mask;
+      }
     }
   }
-  // Adds the low `bits` bits of x0 and x1 as pair p of `lane` to a zeroed plane.
+  // Adds the low kBits bits of x0 and x1 as pair p of `lane` to a zeroed plane.
   void write(uint8_t* plane, uint32_t lane, uint32_t p, uint32_t x0, uint32_t x1) const {
-    if (bits == 0) return;
-    const t::PairLocation loc = t::locate_pair(geometry, lane, p);
-    uint8_t* at = plane + 4 * loc.word;
-    if (bits == 32) {
-      f::store_u32(at, x0);
-      f::store_u32(plane + 4 * t::next_lane_word(loc.word, bits, pairs), x1);
-    } else {
-      f::store_u32(at,
-                   f::load_u32(at) | (x0 & mask) << loc.shift | (x1 & mask) << (loc.shift + 16));
+    if constexpr (kBits != 0) {
+      const t::PairLocation loc = t::locate_pair(geometry, lane, p);
+      uint8_t* at = plane + 4 * loc.word;
+      if constexpr (kBits == 32) {
+        f::store_u32(at, x0);
+        f::store_u32(plane + 4 * t::next_lane_word(loc.word, kBits, pairs), x1);
+      } else {
+        f::store_u32(at,
+                     f::load_u32(at) | (x0 & mask) << loc.shift | (x1 & mask) << (loc.shift + 16));
+      }
     }
   }
 };
 
-// Plane 0 and plane 1 of a tile of width code w: a raw tile is one plane of the raw dtype's
-// width, a coded tile the low bits of its elements, then the high bits (3- and 6-bit tiles).
-Plane low_plane(const t::TileLayout& b, uint32_t w) {
-  return {w == t::kWRaw ? t::element_bits(w, b.raw_dtype) : t::plane_bits(w, 0), b.pairs_per_lane};
-}
-Plane high_plane(const t::TileLayout& b, uint32_t w) {
-  return {w == t::kWRaw ? 0u : t::plane_bits(w, 1), b.pairs_per_lane};
+// Calls f(low, high) with the two planes of a tile of width code w, their widths constants of
+// f: a raw tile is one plane of the raw dtype's width, a coded tile the low bits of its
+// elements, then the high bits (3- and 6-bit tiles).
+template <class F>
+void with_planes(const t::TileLayout& b, uint32_t w, F f) {
+  const uint32_t pairs = b.pairs_per_lane;
+  if (w == t::kWRaw) {
+    if (b.raw_dtype == KVC_DTYPE_FP32) return f(Plane<32>(pairs), Plane<0>(pairs));
+    return f(Plane<16>(pairs), Plane<0>(pairs));
+  }
+  t::with_coded_width(w, [&](auto code) {
+    constexpr uint32_t kCode = decltype(code)::value;
+    f(Plane<t::plane_bits(kCode, 0)>(pairs), Plane<t::plane_bits(kCode, 1)>(pairs));
+  });
 }
 
 // Calls f(lane, p, k, col) for every pair p of every lane of a tile: the pair's halves are rows
@@ -218,7 +223,6 @@ uint32_t write_tile_block(const CodecParams& p, const Encoding& e, const void* s
   for (uint32_t i = 0; i < b.num_tiles; ++i) {
     const uint32_t w = e.plan.widths[i];
     uint8_t* tile = dst + t::entry_offset(t::table_entry(dst, b, i));
-    const Plane low = low_plane(b, w), high = high_plane(b, w);
     uint8_t* plane1 = tile + t::plane1_offset(w, b.nblocks);
     // Row k of the tile: group g; element (k, col) of a coded tile is codes[row[k] + col] -
     // center[k], of a raw tile the input's element row[k] + col * col_step.
@@ -238,10 +242,12 @@ uint32_t write_tile_block(const CodecParams& p, const Encoding& e, const void* s
       const size_t at = row[k] + col * col_step;
       return w == t::kWRaw ? input_bits(src, dtype, at) : uint32_t(e.q.codes[at] - center[k]);
     };
-    for_each_pair(b.pairs_per_lane, [&](uint32_t lane, uint32_t pair, uint32_t k, uint32_t col) {
-      const uint32_t x0 = field(k, col), x1 = field(k + 1, col);
-      low.write(tile, lane, pair, x0, x1);
-      high.write(plane1, lane, pair, x0 >> (low.bits % 32), x1 >> (low.bits % 32));
+    with_planes(b, w, [&](auto low, auto high) {
+      for_each_pair(b.pairs_per_lane, [&](uint32_t lane, uint32_t pair, uint32_t k, uint32_t col) {
+        const uint32_t x0 = field(k, col), x1 = field(k + 1, col);
+        low.write(tile, lane, pair, x0, x1);
+        high.write(plane1, lane, pair, x0 >> (low.bits % 32), x1 >> (low.bits % 32));
+      });
     });
   }
   return b.block_bytes;
@@ -310,14 +316,15 @@ namespace {
 // and columns): its raw bits (a raw tile) or its unsigned offset from its group's centre.
 template <class Element>
 void walk_tile(const t::TileLayout& b, const uint8_t* tile, uint32_t w, Element element) {
-  const Plane low = low_plane(b, w), high = high_plane(b, w);
   const uint8_t* plane1 = tile + t::plane1_offset(w, b.nblocks);
-  for_each_pair(b.pairs_per_lane, [&](uint32_t lane, uint32_t pair, uint32_t k, uint32_t col) {
-    uint32_t x[2], y[2];
-    low.read(tile, lane, pair, x);
-    high.read(plane1, lane, pair, y);  // zeros but for 3- and 6-bit tiles (% 32: raw fp32)
-    element(k, col, x[0] | y[0] << (low.bits % 32));
-    element(k + 1, col, x[1] | y[1] << (low.bits % 32));
+  with_planes(b, w, [&](auto low, auto high) {
+    for_each_pair(b.pairs_per_lane, [&](uint32_t lane, uint32_t pair, uint32_t k, uint32_t col) {
+      uint32_t x[2], y[2];
+      low.read(tile, lane, pair, x);
+      high.read(plane1, lane, pair, y);  // zeros but for 3- and 6-bit tiles (% 32: raw fp32)
+      element(k, col, x[0] | y[0] << (low.bits % 32));
+      element(k + 1, col, x[1] | y[1] << (low.bits % 32));
+    });
   });
 }
 
