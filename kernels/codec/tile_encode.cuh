@@ -44,8 +44,8 @@ constexpr uint32_t kMaxTiles = 64;  // 1024 tokens / 16 (V) or 256 channels / 16
 
 // ---- Group range accumulators ----------------------------------------------------------------
 // The float range of a group. Which of equal values is kept (-0 or +0) does not change the step
-// or the bound (relative_group_step), so, unlike the CPU's std::minmax_element, no order needs
-// tracking (as in the v1 encoder).
+// or the bound (relative_group_step), so no order needs tracking (as in the v1 encoder and the
+// CPU codec).
 struct FloatRange {
   float lo;
   float hi;
