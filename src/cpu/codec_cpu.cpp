@@ -217,7 +217,7 @@ std::vector<int32_t> group_centers(const CodecParams& p, const Quantized& q, boo
       for (uint32_t e = 0; e < p.group_size; ++e) sum += c[e];
       centers[g] = f::mean_center(sum, p.group_size);
     } else {
-      centers[g] = *std::min_element(c, c + p.group_size);
+      centers[g] = code_range(c, p.group_size).lo;
     }
   }
   return centers;
@@ -253,7 +253,7 @@ Plan plan_fixed(const CodecParams& p, const Quantized& q) {
   uint32_t width = 0;
   for (uint32_t g = 0; g < p.num_groups; ++g) {
     const int32_t* c = &q.codes[size_t(g) * p.group_size];
-    const int32_t hi = *std::max_element(c, c + p.group_size);
+    const int32_t hi = code_range(c, p.group_size).hi;
     width = std::max(width, f::bit_width(uint32_t(int64_t(hi) - plan.centers[g])));
   }
   plan.layout = layout_of(p, f::kFixed, width, plan.centers, 0, 0,

@@ -71,6 +71,19 @@ Quantized quantize(const CodecParams& p, const std::vector<float>& x);
 // head_dim] array of dtype whose tokens are token_stride elements apart: the decoders' last step.
 void store_values(const CodecParams& p, const Quantized& q, kvc_dtype dtype, void* dst,
                   int64_t token_stride);
+// The smallest and largest of n >= 1 codes: a loop the compiler vectorizes (std::minmax_element,
+// which tracks positions, is not).
+struct CodeRange {
+  int32_t lo, hi;
+};
+inline CodeRange code_range(const int32_t* c, uint32_t n) {
+  CodeRange r{c[0], c[0]};
+  for (uint32_t i = 1; i < n; ++i) {
+    r.lo = c[i] < r.lo ? c[i] : r.lo;
+    r.hi = c[i] > r.hi ? c[i] : r.hi;
+  }
+  return r;
+}
 // Whether every code lies in the quantizer's range, (-kMaxAbsCode, kMaxAbsCode): true for what
 // quantize() gives, false only for codes read from crafted blocks.
 bool codes_in_range(const Quantized& q);

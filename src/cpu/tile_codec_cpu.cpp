@@ -49,14 +49,9 @@ Encoding plan_codes(const CodecParams& p, Quantized q, kvc_dtype dtype) {
   e.centers.resize(groups);
   std::vector<uint32_t> cls(groups);
   for (uint32_t g = 0; g < groups; ++g) {
-    const int32_t* c = &e.q.codes[size_t(g) * p.group_size];
-    int32_t lo = c[0], hi = c[0];
-    for (uint32_t i = 1; i < p.group_size; ++i) {  // vectorizes (std::minmax_element does not)
-      lo = std::min(lo, c[i]);
-      hi = std::max(hi, c[i]);
-    }
-    e.centers[g] = lo;
-    cls[g] = t::width_code_for(f::bit_width(uint32_t(int64_t(hi) - lo)), p.split_widths);
+    const CodeRange r = code_range(&e.q.codes[size_t(g) * p.group_size], p.group_size);
+    e.centers[g] = r.lo;
+    cls[g] = t::width_code_for(f::bit_width(uint32_t(int64_t(r.hi) - r.lo)), p.split_widths);
   }
   const auto range = std::minmax_element(e.centers.begin(), e.centers.end());
   const int32_t center_base = *range.first;
@@ -246,7 +241,9 @@ uint32_t write_tile_block(const CodecParams& p, const Encoding& e, const void* s
       for_each_pair(b.pairs_per_lane, [&](uint32_t lane, uint32_t pair, uint32_t k, uint32_t col) {
         const uint32_t x0 = field(k, col), x1 = field(k + 1, col);
         low.write(tile, lane, pair, x0, x1);
-        high.write(plane1, lane, pair, x0 >> (low.bits % 32), x1 >> (low.bits % 32));
+        if constexpr (decltype(high)::bits != 0) {  // 3- and 6-bit tiles: the high bits
+          high.write(plane1, lane, pair, x0 >> decltype(low)::bits, x1 >> decltype(low)::bits);
+        }
       });
     });
   }
@@ -319,11 +316,16 @@ void walk_tile(const t::TileLayout& b, const uint8_t* tile, uint32_t w, Element 
   const uint8_t* plane1 = tile + t::plane1_offset(w, b.nblocks);
   with_planes(b, w, [&](auto low, auto high) {
     for_each_pair(b.pairs_per_lane, [&](uint32_t lane, uint32_t pair, uint32_t k, uint32_t col) {
-      uint32_t x[2], y[2];
+      uint32_t x[2];
       low.read(tile, lane, pair, x);
-      high.read(plane1, lane, pair, y);  // zeros but for 3- and 6-bit tiles (% 32: raw fp32)
-      element(k, col, x[0] | y[0] << (low.bits % 32));
-      element(k + 1, col, x[1] | y[1] << (low.bits % 32));
+      if constexpr (decltype(high)::bits != 0) {  // 3- and 6-bit tiles: the high bits
+        uint32_t y[2];
+        high.read(plane1, lane, pair, y);
+        x[0] |= y[0] << decltype(low)::bits;
+        x[1] |= y[1] << decltype(low)::bits;
+      }
+      element(k, col, x[0]);
+      element(k + 1, col, x[1]);
     });
   });
 }

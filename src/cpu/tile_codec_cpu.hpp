@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // The CPU reference codec of tile format t1 (docs/format.md, "Tile format (t1)"): the oracle of
-// the tensor-core attention kernel's input. Every element is placed by the same host/device
-// functions (kernels/common/tile_format.cuh) the kernels use; group metadata is read once per
-// tile row.
+// the tensor-core attention kernel's input. Pairs are located with the kernels' own functions
+// (kernels/common/tile_format.cuh: pair_element, locate_pair; that a pair's second half is the
+// next row of the same column is pinned by test_tiles_format), group metadata once per tile row.
 #pragma once
 
 #include <kvcomp/kvcomp.h>
