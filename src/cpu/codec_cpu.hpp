@@ -71,8 +71,8 @@ Quantized quantize(const CodecParams& p, const std::vector<float>& x);
 // head_dim] array of dtype whose tokens are token_stride elements apart: the decoders' last step.
 void store_values(const CodecParams& p, const Quantized& q, kvc_dtype dtype, void* dst,
                   int64_t token_stride);
-// The smallest and largest of n >= 1 codes: a loop the compiler vectorizes (std::minmax_element,
-// which tracks positions, is not).
+// The smallest and largest of n >= 1 codes, in a loop the compiler vectorizes
+// (std::minmax_element tracks positions and does not vectorize).
 struct CodeRange {
   int32_t lo, hi;
 };
