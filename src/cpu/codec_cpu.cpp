@@ -52,19 +52,16 @@ bool all_finite(const void* src, kvc_dtype dtype, size_t first, size_t count) {
 
 namespace {
 
-// Between a [tokens, head_dim] array of elements T whose tokens are `stride` apart and a
-// channel-major stage of `channels` channels from channel 0 of `at`: element t of stage channel c
-// is at[t * stride + c].
+// Element (t, c) of `channels` channels x `tokens` tokens, from where tokens are from_token
+// apart and channels from_channel apart to the same layout in `to`: between a [tokens,
+// head_dim] array (token stride, channel 1) and a channel-major stage (1, tokens).
 template <class T>
-void channels_to_stage(const T* at, uint32_t channels, uint32_t tokens, size_t stride, T* stage) {
+void copy_channels(uint32_t channels, uint32_t tokens, const T* from, size_t from_token,
+                   size_t from_channel, T* to, size_t to_token, size_t to_channel) {
   for (uint32_t t = 0; t < tokens; ++t) {
-    for (uint32_t c = 0; c < channels; ++c) stage[size_t(c) * tokens + t] = at[t * stride + c];
-  }
-}
-template <class T>
-void stage_to_channels(const T* stage, uint32_t channels, uint32_t tokens, size_t stride, T* at) {
-  for (uint32_t t = 0; t < tokens; ++t) {
-    for (uint32_t c = 0; c < channels; ++c) at[t * stride + c] = stage[size_t(c) * tokens + t];
+    for (uint32_t c = 0; c < channels; ++c) {
+      to[t * to_token + c * to_channel] = from[t * from_token + c * from_channel];
+    }
   }
 }
 
@@ -102,7 +99,7 @@ std::vector<float> gather_groups(const CodecParams& p, const void* src, int64_t 
     using T = std::remove_pointer_t<decltype(stage)>;
     for (uint32_t g0 = 0; g0 < p.num_groups; g0 += kChannels) {
       const uint32_t channels = std::min(kChannels, p.num_groups - g0);
-      channels_to_stage(static_cast<const T*>(src) + g0, channels, n, size_t(stride), stage);
+      copy_channels(channels, n, static_cast<const T*>(src) + g0, size_t(stride), 1, stage, 1, n);
       with_loader(stage, dtype, [&](auto load) {
         for (size_t i = 0; i < size_t(channels) * n; ++i) x[size_t(g0) * n + i] = load(i);
       });
@@ -135,7 +132,7 @@ void store_values(const CodecParams& p, const Quantized& q, kvc_dtype dtype, voi
       with_storer(stage, dtype, [&](auto store) {
         for (uint32_t c = 0; c < channels; ++c) store_group(store, g0 + c, size_t(c) * n);
       });
-      stage_to_channels(stage, channels, n, size_t(stride), static_cast<T*>(dst) + g0);
+      copy_channels(channels, n, stage, 1, n, static_cast<T*>(dst) + g0, size_t(stride), 1);
     }
   });
 }
@@ -572,10 +569,8 @@ void decode_block(const CodecParams& p, const Codebook* book, const uint8_t* src
     for (uint32_t t = 0; t < b.num_tokens; ++t) {
       for (uint32_t c = 0; c < b.head_dim; ++c) {
         const uint8_t* at = payload + (size_t(t) * b.head_dim + c) * es;
-        const float v = b.raw_dtype == KVC_DTYPE_FP32   ? f::bits_float(f::load_u32(at))
-                        : b.raw_dtype == KVC_DTYPE_BF16 ? f::bf16_to_float(f::load_u16(at))
-                                                        : f::half_to_float(f::load_u16(at));
-        store_element(dst, dtype, size_t(t * stride) + c, v);
+        const uint32_t bits = es == 4 ? f::load_u32(at) : f::load_u16(at);
+        store_element(dst, dtype, size_t(t * stride) + c, raw_value(b.raw_dtype, bits));
       }
     }
     return;

@@ -51,6 +51,12 @@ inline float load_element(const void* src, kvc_dtype dtype, size_t i) {
 inline void store_element(void* dst, kvc_dtype dtype, size_t i, float v) {
   with_storer(dst, dtype, [i, v](auto store) { store(i, v); });
 }
+// The float of an element stored verbatim as raw_dtype (a kvc_dtype): its bits, low-aligned.
+inline float raw_value(uint32_t raw_dtype, uint32_t bits) {
+  return raw_dtype == KVC_DTYPE_FP32   ? format::bits_float(bits)
+         : raw_dtype == KVC_DTYPE_BF16 ? format::bf16_to_float(uint16_t(bits))
+                                       : format::half_to_float(uint16_t(bits));
+}
 // Whether elements [first, first + count) of an array of dtype are all finite.
 bool all_finite(const void* src, kvc_dtype dtype, size_t first, size_t count);
 

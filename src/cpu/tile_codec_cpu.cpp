@@ -330,13 +330,6 @@ void walk_tile(const t::TileLayout& b, const uint8_t* tile, uint32_t w, Element 
   });
 }
 
-// The float of a raw tile's element bits.
-float raw_value(uint32_t raw_dtype, uint32_t x) {
-  return raw_dtype == KVC_DTYPE_FP32   ? f::bits_float(x)
-         : raw_dtype == KVC_DTYPE_BF16 ? f::bf16_to_float(uint16_t(x))
-                                       : f::half_to_float(uint16_t(x));
-}
-
 t::TileLayout parse_for(const CodecParams& p, const uint8_t* src, uint64_t available) {
   const t::TileLayout b = parse_tile_header(src, available);
   require(b.is_value == p.is_value && b.num_tokens == p.num_tokens && b.head_dim == p.head_dim,
