@@ -481,7 +481,8 @@ typedef struct kvc_store_stats {
   int64_t pages_total;
   int32_t last_append_status; /* kvc_status of the latest prefill or append (on CUDA: the
                                  latest to have run on the device) */
-  int32_t failed_appends;     /* prefills and appends that failed (changing nothing) */
+  int32_t failed_appends;     /* prefills and appends that failed past their argument checks
+                                 (changing nothing); docs/api.md */
   int32_t reserved2;
   int64_t decoded_cache_bytes; /* CPU: fp32 copies of decoded blocks that kvc_store_attention
                                   keeps per (sequence, layer) so that it decodes each block

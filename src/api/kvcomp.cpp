@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "api/handles.hpp"
 #include "codec/codebook.hpp"
@@ -318,14 +319,22 @@ kvc_status_t kvc_codec_encode(kvc_codec_t codec, int32_t num_blocks, const void*
                 " (kvc_codec_max_block_bytes gives a capacity that always suffices)");
       }
     }
+    // Every block is encoded into one buffer before any is written, so that memory running out
+    // midway leaves the outputs as they were (the copies at the end cannot fail).
+    std::vector<uint8_t> block(p.max_block_bytes(dtype)), encoded;
+    std::vector<uint32_t> sizes(static_cast<size_t>(num_blocks));
     for (int32_t i = 0; i < num_blocks; ++i) {
-      if (p.tiles) {
-        block_bytes[i] = kvc::cpu::encode_tile_block(p, src_blocks[i], src_token_stride, dtype,
-                                                     static_cast<uint8_t*>(dst_blocks[i]));
-        continue;
-      }
-      block_bytes[i] = kvc::cpu::encode_block(p, codec->book.get(), src_blocks[i], src_token_stride,
-                                              dtype, static_cast<uint8_t*>(dst_blocks[i]));
+      sizes[size_t(i)] = p.tiles ? kvc::cpu::encode_tile_block(p, src_blocks[i], src_token_stride,
+                                                               dtype, block.data())
+                                 : kvc::cpu::encode_block(p, codec->book.get(), src_blocks[i],
+                                                          src_token_stride, dtype, block.data());
+      encoded.insert(encoded.end(), block.begin(), block.begin() + sizes[size_t(i)]);
+    }
+    const uint8_t* from = encoded.data();
+    for (int32_t i = 0; i < num_blocks; ++i) {
+      std::copy_n(from, sizes[size_t(i)], static_cast<uint8_t*>(dst_blocks[i]));
+      from += sizes[size_t(i)];
+      block_bytes[i] = sizes[size_t(i)];
     }
   });
 }

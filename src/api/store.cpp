@@ -91,6 +91,7 @@ kvc_status_t kvc_store_create(const kvc_store_config* config, kvc_store_t* store
   return kvc::api_call(__func__, [&] {
     require_not_null(config, "config");
     require_not_null(store, "store");
+    const kvc::DefaultFloatEnvironment ieee;  // the per-layer bounds are float products
     auto made = std::make_unique<kvc_store_s>();
     made->params = kvc::StoreParams::from_config(*config);
     if (made->params.backend == KVC_BACKEND_CPU) {

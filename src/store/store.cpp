@@ -724,13 +724,17 @@ void Store::attend_head(const LayerCache& c, const DecodedLayer& dec, uint32_t h
 void Store::attention(uint32_t layer, const std::vector<int32_t>& ids, uint32_t q_heads,
                       float scale, const uint8_t* q, uint8_t* out) const {
   const size_t row = size_t(q_heads) * p_.head_dim * f::dtype_bytes(p_.dtype);
+  // Every output is computed before any is written: a call that fails (memory, a corrupt
+  // block) leaves out as it was.
+  std::vector<uint8_t> result(ids.size() * row);
   for (size_t s = 0; s < ids.size(); ++s) {
     const LayerCache& c = layer_cache(ids[s], layer);
     const DecodedLayer& dec = decoded_layer(ids[s], layer);
     for (uint32_t h = 0; h < p_.num_heads; ++h) {
-      attend_head(c, dec, h, q_heads, scale, q + s * row, out + s * row);
+      attend_head(c, dec, h, q_heads, scale, q + s * row, result.data() + s * row);
     }
   }
+  std::copy(result.begin(), result.end(), out);
 }
 
 StoreStats Store::stats() const {
@@ -1216,12 +1220,13 @@ SequenceImage parse_image(const StoreParams& p, const StoreBooks& books, const u
       const size_t bytes = size_t(tokens) * row;
       const uint8_t* k = r.bytes(bytes);
       const uint8_t* v = r.bytes(bytes);
-      require(rows_read_back_finite(p, KVC_KIND_KEY, k, tokens) &&
-                  rows_read_back_finite(p, KVC_KIND_VALUE, v, tokens),
-              KVC_ERROR_CORRUPT_DATA, "serialized sequence: layer ", l, " has inf or NaN in its ",
-              what, ", or rows that read back so");
+      // Checked as copied: the caller's bytes may lie at any address, the rows' elements not.
       k_rows.assign(k, k + bytes);
       v_rows.assign(v, v + bytes);
+      require(rows_read_back_finite(p, KVC_KIND_KEY, k_rows.data(), tokens) &&
+                  rows_read_back_finite(p, KVC_KIND_VALUE, v_rows.data(), tokens),
+              KVC_ERROR_CORRUPT_DATA, "serialized sequence: layer ", l, " has inf or NaN in its ",
+              what, ", or rows that read back so");
     };
     read_rows(p.sinks_held(layer.num_blocks), "sinks", layer.sink_k, layer.sink_v);
     read_rows(layer.tail_tokens, "tail", layer.tail_k, layer.tail_v);

@@ -7,7 +7,8 @@
 // append records itself in last_append_status and failed_appends, as documented); the same call
 // then succeeds and gives what it gives on a store that never failed. Failures come one at a time
 // (with a message), or from one allocation on for the rest of the call, as when memory is
-// exhausted (the message may then be empty, but the call must still return).
+// exhausted (the message may then be empty, but the call must still return). The handle-making
+// calls and the codec's encode and decode fail the same way.
 //
 // The hook is this test program's own replacement of the global operator new (the library is
 // linked statically, so its allocations, those of the standard containers included, come here):
@@ -166,6 +167,8 @@ struct Operation {
   bool records = false;  // a failure past the argument checks counts in the stats (api.md)
   std::function<void(Scene&)> prepare = [](Scene&) {};
   bool caches = false;  // may keep decoded copies of the sequences it reached (attention)
+  // After a failed call, whether its outputs hold what it found there (empty: not checked).
+  std::function<bool()> outputs_untouched;
 };
 
 // The store's state as the checks compare it (`snapshot`), less the decoded copies' size where
@@ -207,6 +210,9 @@ long inject_every_failure(bool with_codebooks, const Operation& op,
       EXPECT_EQ(st, KVC_ERROR_OUT_OF_MEMORY) << where;
       if (!persists) EXPECT_STRNE(kvc_last_error(), "") << where;
       EXPECT_EQ(state(scene, op), before) << where << ": the failed call changed the store";
+      if (op.outputs_untouched) {
+        EXPECT_TRUE(op.outputs_untouched()) << where << ": the failed call wrote its outputs";
+      }
       const kvc_store_stats stats_after = store_stats(scene.store->s);
       const bool recorded = stats_after.failed_appends != stats_before.failed_appends;
       recorded_failures += recorded;
@@ -295,7 +301,7 @@ TEST(StoreFaults, EveryAllocationOfARestoreFailsCleanly) {
 // sequences grow: a failed call may leave the copies of the sequences it reached before the
 // failure (a cache, not the store's state: the snapshot leaves its size out), but none half
 // made, or a later call reads the wrong rows. So the result is the output, and the output again
-// after every sequence has grown by a block and more.
+// after every sequence has grown by a block and more; a failed call writes no output.
 TEST(StoreFaults, EveryAllocationOfAttentionFailsCleanly) {
   for (Variant variant : kVariants) {
     std::mt19937 rng(3);
@@ -327,6 +333,9 @@ TEST(StoreFaults, EveryAllocationOfAttentionFailsCleanly) {
                    return result;
                  }};
     op.caches = true;
+    op.outputs_untouched = [&] {
+      return std::all_of(out.begin(), out.end(), [](uint16_t x) { return x == 0xFFFF; });
+    };
     const long n = inject_every_failure(true, op, variant);
     std::printf("attention (%s): %ld allocations, each failed in turn\n", name(variant), n);
   }
@@ -440,8 +449,9 @@ TEST(StoreFaults, EveryAllocationOfTheHandlesAndTheCodecFailsCleanly) {
   }
   // A codebook from a real block's histogram, then a codec over it; encode and decode.
   kvc_codec_config cc = make_config(KVC_KIND_KEY, 64, 64, KVC_BOUND_RELATIVE, 0.05f);
-  const Rows rows = random_rows(rng, 64 * 64 / sh.row(), sh);  // one 64 x 64 block
+  const Rows rows = random_rows(rng, 2 * 64 * 64 / sh.row(), sh);  // two 64 x 64 blocks
   const void* src = rows.bits.data();
+  const void* srcs[2] = {src, rows.bits.data() + 64 * 64};
   kvc_codec_t plain = nullptr;
   ASSERT_EQ(kvc_codec_create(&cc, nullptr, &plain), KVC_SUCCESS);
   kvc_histogram_t hist = nullptr;
@@ -481,30 +491,42 @@ TEST(StoreFaults, EveryAllocationOfTheHandlesAndTheCodecFailsCleanly) {
                       return kvc_codec_create(&cc, with, reinterpret_cast<kvc_codec_t*>(h));
                     },
                     [](void* h) { kvc_codec_destroy(static_cast<kvc_codec_t>(h)); }));
-    // Encode and decode write only the caller's buffers: they must still fail cleanly.
+    // Encode and decode write only the caller's buffers: they must still fail cleanly, and a
+    // failed encode (of two blocks: the second can fail after the first is done) must leave
+    // them as they were.
     kvc_codec_t codec = nullptr;
     ASSERT_EQ(kvc_codec_create(&cc, with, &codec), KVC_SUCCESS);
     size_t cap = 0;
     ASSERT_EQ(kvc_codec_max_block_bytes(codec, KVC_DTYPE_FP16, &cap), KVC_SUCCESS);
-    std::vector<uint8_t> block(cap);
-    void* dst = block.data();
-    uint32_t written = 0;
+    std::vector<uint8_t> blocks(2 * cap, 0xA5);
+    void* dsts[2] = {blocks.data(), blocks.data() + cap};
+    uint32_t written[2] = {7, 7};
     auto encode = [&] {
-      return kvc_codec_encode(codec, 1, &src, 64, KVC_DTYPE_FP16, &dst, cap, &written, nullptr);
+      return kvc_codec_encode(codec, 2, srcs, 64, KVC_DTYPE_FP16, dsts, cap, written, nullptr);
     };
     const long encodes = count_allocations(encode);
+    const std::vector<uint8_t> encoded = blocks;
+    const void* block_ptr = blocks.data();
     std::vector<float> out(64 * 64);
     void* out_ptr = out.data();
-    const void* block_ptr = block.data();
     auto decode = [&] {
-      return kvc_codec_decode(codec, 1, &block_ptr, &written, KVC_DTYPE_FP32, &out_ptr, 64, nullptr,
+      return kvc_codec_decode(codec, 1, &block_ptr, written, KVC_DTYPE_FP32, &out_ptr, 64, nullptr,
                               nullptr);
     };
     const long decodes = count_allocations(decode);
     for (const bool persists : {false, true}) {
       for (long i = 0; i < encodes; ++i) {
+        std::fill(blocks.begin(), blocks.end(), uint8_t(0xA5));
+        written[0] = written[1] = 7;
         EXPECT_EQ(with_failing_allocation(i, persists, encode), KVC_ERROR_OUT_OF_MEMORY) << i;
+        EXPECT_TRUE(std::all_of(blocks.begin(), blocks.end(), [](uint8_t b) { return b == 0xA5; }))
+            << "allocation " << i << ": a failed encode wrote a block";
+        EXPECT_EQ(written[0], 7u) << i;
+        EXPECT_EQ(written[1], 7u) << i;
       }
+      blocks = encoded;
+      ASSERT_EQ(encode(), KVC_SUCCESS) << kvc_last_error();
+      EXPECT_EQ(blocks, encoded) << "the call then writes what it wrote before";
       for (long i = 0; i < decodes; ++i) {
         EXPECT_EQ(with_failing_allocation(i, persists, decode), KVC_ERROR_OUT_OF_MEMORY) << i;
       }

@@ -5,6 +5,7 @@
 // not 1, so that a store of all-1 scales writes what a store without them writes.
 #include <gtest/gtest.h>
 
+#include <cfenv>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -197,6 +198,38 @@ TEST(StoreLayerScales, EachLayerIsEncodedWithItsBound) {
     }
   }
 }
+
+#if defined(FE_UPWARD) && defined(FE_DOWNWARD)
+// A layer's bound is the float product of the bound and its scale, rounded to nearest whatever
+// rounding mode the thread that creates the store is in (api.md, "Floating-point environment").
+TEST(StoreLayerScales, BoundsDoNotDependOnTheCallersRoundingMode) {
+  const Shape sh = scales_shape();
+  const float key_scales[3] = {0.7f, 0.3f, 1.1f}, value_scales[3] = {0.3f, 1.1f, 0.7f};
+  std::mt19937 rng(37);
+  const size_t n = size_t(sh.tokens) + 3;
+  const Rows k = same_rows_per_layer(rng, n, sh), v = same_rows_per_layer(rng, n, sh);
+  auto bytes_of_store_made_in = [&](int mode) {
+    const int saved = std::fegetround();
+    std::fesetround(mode);
+    kvc_store_t s = nullptr;
+    const kvc_store_config c = scales_config(sh, KVC_BLOCK_FORMAT_V1, key_scales, value_scales);
+    const kvc_status_t st = kvc_store_create(&c, &s);
+    std::fesetround(saved);
+    EXPECT_EQ(st, KVC_SUCCESS) << kvc_last_error();
+    std::vector<uint8_t> bytes;
+    if (s == nullptr) return bytes;
+    int32_t id = -1;
+    add_prefilled(s, sh.layers, n, k.bits.data(), v.bits.data(), id);
+    serialize_sequence(s, id, bytes);
+    kvc_store_destroy(s);
+    return bytes;
+  };
+  const std::vector<uint8_t> nearest = bytes_of_store_made_in(FE_TONEAREST);
+  ASSERT_FALSE(nearest.empty());
+  EXPECT_EQ(bytes_of_store_made_in(FE_UPWARD), nearest);
+  EXPECT_EQ(bytes_of_store_made_in(FE_DOWNWARD), nearest);
+}
+#endif
 
 // Serialized sequences: all-1 scales write what no scales write (the same version and bytes, and
 // each restores the other's); other scales write version 5, which restores into a store of the
