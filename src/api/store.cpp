@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -12,6 +13,7 @@
 #include "api/handles.hpp"
 #include "core/error.hpp"
 #include "core/float_env.hpp"
+#include "kernels/common/format.cuh"
 
 namespace {
 
@@ -48,6 +50,15 @@ uint32_t checked_kind(const kvc_kind& kind) {
   require(v == KVC_KIND_KEY || v == KVC_KIND_VALUE, KVC_ERROR_INVALID_ARGUMENT, "kind = ", v,
           " is not a kvc_kind");
   return uint32_t(v);
+}
+
+// A data buffer, not NULL and at a multiple of its elements' size: both backends read and write
+// it element by element (on the GPU a misaligned access would end the CUDA context).
+void require_elements(const void* p, kvc_dtype dtype, const char* name) {
+  require_not_null(p, name);
+  const uint32_t size = kvc::format::dtype_bytes(dtype);
+  require(reinterpret_cast<uintptr_t>(p) % size == 0, KVC_ERROR_INVALID_ARGUMENT, name, " = ", p,
+          " is not aligned to its ", size, "-byte elements");
 }
 
 void check_stream(const kvc_store_s& s, void* stream) {
@@ -177,8 +188,8 @@ kvc_status_t kvc_store_prefill(kvc_store_t store, int32_t sequence_id, int32_t f
             " is negative");
     check_stream(s, stream);
     if (num_tokens == 0) return;
-    require_not_null(keys, "keys");
-    require_not_null(values, "values");
+    require_elements(keys, s.params.dtype, "keys");
+    require_elements(values, s.params.dtype, "values");
     with_backend(s, [&](auto& b) { b.require_live(sequence_id); });
 #if defined(KVC_WITH_CUDA)
     if (s.cuda) {
@@ -201,8 +212,8 @@ kvc_status_t kvc_store_append(kvc_store_t store, int32_t layer, int32_t num_sequ
     check_stream(s, stream);
     const std::vector<int32_t> ids = checked_ids(s, num_sequences, sequence_ids, /*distinct=*/true);
     if (ids.empty()) return;
-    require_not_null(keys, "keys");
-    require_not_null(values, "values");
+    require_elements(keys, s.params.dtype, "keys");
+    require_elements(values, s.params.dtype, "values");
 #if defined(KVC_WITH_CUDA)
     if (s.cuda) return s.cuda->append(l, ids, keys, values, stream);
 #endif
@@ -222,8 +233,8 @@ kvc_status_t kvc_store_read(kvc_store_t store, int32_t sequence_id, int32_t laye
     require(capacity_tokens >= 0 && uint32_t(capacity_tokens) >= length, KVC_ERROR_BUFFER_TOO_SMALL,
             "capacity_tokens = ", capacity_tokens, " but the sequence holds ", length, " tokens");
     if (length == 0) return;
-    require_not_null(keys, "keys");
-    require_not_null(values, "values");
+    require_elements(keys, out_dtype, "keys");
+    require_elements(values, out_dtype, "values");
 #if defined(KVC_WITH_CUDA)
     if (s.cuda) return s.cuda->read(sequence_id, l, out_dtype, length, keys, values, stream);
 #endif
@@ -323,8 +334,8 @@ kvc_status_t kvc_store_attention(kvc_store_t store, int32_t layer, int32_t num_s
     const std::vector<int32_t> ids =
         checked_ids(s, num_sequences, sequence_ids, /*distinct=*/false);
     if (ids.empty()) return;
-    require_not_null(queries, "queries");
-    require_not_null(out, "out");
+    require_elements(queries, s.params.dtype, "queries");
+    require_elements(out, s.params.dtype, "out");
 #if defined(KVC_WITH_CUDA)
     if (s.cuda)
       return s.cuda->attention(l, ids, uint32_t(num_q_heads), scale, queries, out, stream);

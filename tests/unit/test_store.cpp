@@ -5,6 +5,7 @@
 // the append record of the stats, and no page leaks.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <random>
 
 #include "codec/codebook.hpp"  // fnv1a32
@@ -370,6 +371,32 @@ TEST(Store, ArgumentsAreChecked) {
   int32_t len = -1;
   ASSERT_EQ(kvc_store_sequence_length(store.s, id, 0, &len), KVC_SUCCESS);
   EXPECT_EQ(len, 0);
+  // Data buffers at an odd address: refused before anything is read or written.
+  rows[5] = 0x3C00;
+  const auto* odd = reinterpret_cast<const uint8_t*>(rows.data()) + 1;
+  EXPECT_EQ(kvc_store_prefill(store.s, id, 0, 1, 4, odd, rows.data(), nullptr),
+            KVC_ERROR_INVALID_ARGUMENT);
+  EXPECT_TRUE(last_error_names("keys = ")) << kvc_last_error();
+  EXPECT_EQ(kvc_store_append(store.s, 0, 1, &id, rows.data(), odd, nullptr),
+            KVC_ERROR_INVALID_ARGUMENT);
+  EXPECT_TRUE(last_error_names("values = ")) << kvc_last_error();
+  ASSERT_EQ(kvc_store_sequence_length(store.s, id, 0, &len), KVC_SUCCESS);
+  EXPECT_EQ(len, 0) << "a refused call appended";
+  ASSERT_EQ(kvc_store_append(store.s, 0, 1, &id, rows.data(), rows.data(), nullptr), KVC_SUCCESS);
+  std::vector<uint16_t> out(rows.size(), 0xFFFF);
+  auto* odd_out = reinterpret_cast<uint8_t*>(out.data()) + 1;
+  EXPECT_EQ(kvc_store_read(store.s, id, 0, KVC_DTYPE_FP16, 1, odd_out, out.data(), nullptr),
+            KVC_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvc_store_read(store.s, id, 0, KVC_DTYPE_FP32, 1, out.data() + 1, out.data(), nullptr),
+            KVC_ERROR_INVALID_ARGUMENT);  // 2-byte aligned, fp32 elements
+  EXPECT_EQ(kvc_store_attention(store.s, 0, 1, &id, 2, 1.0f, odd, out.data(), nullptr),
+            KVC_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvc_store_attention(store.s, 0, 1, &id, 2, 1.0f, rows.data(), odd_out, nullptr),
+            KVC_ERROR_INVALID_ARGUMENT);
+  EXPECT_TRUE(last_error_names("out = ")) << kvc_last_error();
+  EXPECT_TRUE(std::all_of(out.begin(), out.end(), [](uint16_t x) { return x == 0xFFFF; }));
+  ASSERT_EQ(kvc_store_free_sequence(store.s, id, nullptr), KVC_SUCCESS);
+  ASSERT_EQ(kvc_store_add_sequence(store.s, &id), KVC_SUCCESS);
   EXPECT_EQ(kvc_store_attention(store.s, 0, 1, &id, 3, 1.0f, rows.data(), rows.data(), nullptr),
             KVC_ERROR_INVALID_ARGUMENT);  // 3 query heads for 2 kv-heads
   EXPECT_EQ(kvc_store_read(store.s, id, 0, KVC_DTYPE_FP16, -1, rows.data(), rows.data(), nullptr),
