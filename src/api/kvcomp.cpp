@@ -43,16 +43,20 @@ void require_stride(int64_t stride, const kvc::CodecParams& p, const char* name)
           name, " = ", stride, " is out of range [head_dim = ", p.head_dim, ", 2^40]");
 }
 
-// Host-side checks of each block pointer: only where the arrays are host memory.
+// Host-side checks of each block pointer: only where the arrays are host memory. Each pointer
+// is at a multiple of its alignment (1: any address): the CPU codec reads and writes elements
+// as their type, and blocks a word at a time.
 void require_block_pointers(const kvc_codec_s& codec, int32_t num_blocks, const void* const* src,
-                            void* const* dst, bool check_alignment) {
+                            uint32_t src_alignment, void* const* dst, uint32_t dst_alignment) {
   if (codec.on_cuda()) return;
   for (int32_t i = 0; i < num_blocks; ++i) {
     require(src[i] != nullptr, KVC_ERROR_NULL_POINTER, "src_blocks[", i, "] is NULL");
+    require(reinterpret_cast<uintptr_t>(src[i]) % src_alignment == 0, KVC_ERROR_INVALID_ARGUMENT,
+            "src_blocks[", i, "] is not ", src_alignment, "-byte aligned");
     if (dst == nullptr) continue;
     require(dst[i] != nullptr, KVC_ERROR_NULL_POINTER, "dst_blocks[", i, "] is NULL");
-    require(!check_alignment || reinterpret_cast<uintptr_t>(dst[i]) % 4 == 0,
-            KVC_ERROR_INVALID_ARGUMENT, "dst_blocks[", i, "] is not 4-byte aligned");
+    require(reinterpret_cast<uintptr_t>(dst[i]) % dst_alignment == 0, KVC_ERROR_INVALID_ARGUMENT,
+            "dst_blocks[", i, "] is not ", dst_alignment, "-byte aligned");
   }
 }
 
@@ -282,7 +286,8 @@ kvc_status_t kvc_codec_encode(kvc_codec_t codec, int32_t num_blocks, const void*
             "block_bytes is NULL");
     require_stride(src_token_stride, p, "src_token_stride");
     const kvc_dtype dtype = kvc::checked_dtype(src_dtype, "src_dtype");
-    require_block_pointers(*codec, num_blocks, src_blocks, dst_blocks, /*check_alignment=*/true);
+    require_block_pointers(*codec, num_blocks, src_blocks, kvc::format::dtype_bytes(dtype),
+                           dst_blocks, 4);
     if (codec->on_cuda()) {
       // Sizes are known only on the device: every block must fit whatever it becomes.
       require(num_blocks == 0 || dst_capacity_bytes >= p.max_block_bytes(dtype),
@@ -349,7 +354,8 @@ kvc_status_t kvc_codec_decode(kvc_codec_t codec, int32_t num_blocks, const void*
     require(num_blocks == 0 || dst_blocks != nullptr, KVC_ERROR_NULL_POINTER, "dst_blocks is NULL");
     require_stride(dst_token_stride, p, "dst_token_stride");
     const kvc_dtype dtype = kvc::checked_dtype(dst_dtype, "dst_dtype");
-    require_block_pointers(*codec, num_blocks, src_blocks, dst_blocks, /*check_alignment=*/false);
+    require_block_pointers(*codec, num_blocks, src_blocks, 1, dst_blocks,
+                           kvc::format::dtype_bytes(dtype));
     if (codec->on_cuda()) {
       require(num_blocks == 0 || block_status != nullptr, KVC_ERROR_NULL_POINTER,
               "block_status is NULL (the CUDA backend reports corrupt blocks only there)");
@@ -406,7 +412,8 @@ kvc_status_t kvc_codec_histogram(kvc_codec_t codec, int32_t num_blocks,
             "symbols");
     require_stride(src_token_stride, p, "src_token_stride");
     const kvc_dtype dtype = kvc::checked_dtype(src_dtype, "src_dtype");
-    require_block_pointers(*codec, num_blocks, src_blocks, nullptr, false);
+    require_block_pointers(*codec, num_blocks, src_blocks, kvc::format::dtype_bytes(dtype), nullptr,
+                           1);
     kvc::Histogram updated = histogram->histogram;  // all or nothing
     if (codec->on_cuda()) {
 #if defined(KVC_WITH_CUDA)

@@ -189,7 +189,11 @@ TEST_F(CodecApi, EncodeRejectsBadArguments) {
   void* misaligned = output_.data() + 1;
   EXPECT_FAILS(kvc_codec_encode(codec_, 1, &src_, 64, KVC_DTYPE_FP32, &misaligned, capacity_ - 1,
                                 &written_, nullptr),
-               KVC_ERROR_INVALID_ARGUMENT, "aligned");
+               KVC_ERROR_INVALID_ARGUMENT, "dst_blocks[0] is not 4-byte aligned");
+  const void* odd_src = reinterpret_cast<const uint8_t*>(input_.data()) + 2;  // fp32 elements
+  EXPECT_FAILS(kvc_codec_encode(codec_, 1, &odd_src, 64, KVC_DTYPE_FP32, &dst_, capacity_,
+                                &written_, nullptr),
+               KVC_ERROR_INVALID_ARGUMENT, "src_blocks[0] is not 4-byte aligned");
   EXPECT_EQ(written_, 777u);  // no failed call wrote its output
   EXPECT_EQ(encode(0, 64, KVC_DTYPE_FP32, capacity_), KVC_SUCCESS);  // an empty batch is fine
   EXPECT_EQ(written_, 777u);
@@ -232,6 +236,10 @@ TEST_F(CodecApi, DecodeRejectsBadArguments) {
   EXPECT_FAILS(
       kvc_codec_decode(codec_, 1, &block, &size, kvc_dtype(4), &out_ptr, 64, nullptr, nullptr),
       KVC_ERROR_INVALID_ARGUMENT, "dst_dtype = 4");
+  void* odd_out = reinterpret_cast<uint8_t*>(out.data()) + 1;
+  EXPECT_FAILS(
+      kvc_codec_decode(codec_, 1, &block, &size, KVC_DTYPE_FP16, &odd_out, 64, nullptr, nullptr),
+      KVC_ERROR_INVALID_ARGUMENT, "dst_blocks[0] is not 2-byte aligned");
   const uint32_t short_size = size - 4;
   EXPECT_FAILS(kvc_codec_decode(codec_, 1, &block, &short_size, KVC_DTYPE_FP32, &out_ptr, 64,
                                 nullptr, nullptr),
@@ -247,6 +255,9 @@ TEST_F(CodecApi, HistogramAndCodebookCallsValidate) {
   ASSERT_EQ(kvc_histogram_create(&h), KVC_SUCCESS);
   EXPECT_FAILS(kvc_codec_histogram(codec_, 1, &src_, 64, KVC_DTYPE_FP32, nullptr, nullptr),
                KVC_ERROR_NULL_POINTER, "histogram");
+  const void* odd_src = reinterpret_cast<const uint8_t*>(input_.data()) + 1;
+  EXPECT_FAILS(kvc_codec_histogram(codec_, 1, &odd_src, 64, KVC_DTYPE_FP16, h, nullptr),
+               KVC_ERROR_INVALID_ARGUMENT, "src_blocks[0] is not 2-byte aligned");
   std::vector<float> bad = input_;
   bad[100] = NAN;
   const void* bad_ptr = bad.data();
