@@ -33,7 +33,7 @@ __all__ = [
     "ENTROPY_AUTO", "ENTROPY_FIXED", "ENTROPY_HUFFMAN",
     "ENCODING_RAW", "ENCODING_FIXED", "ENCODING_HUFFMAN", "ENCODING_TILES",
     "BLOCK_FORMAT_V1", "BLOCK_FORMAT_TILES", "BLOCK_FORMAT_AUTO",
-    "ROTATION_NONE", "ROTATION_HADAMARD", "ROTATION_HADAMARD_VALUES",
+    "ROTATION_NONE", "ROTATION_HADAMARD", "ROTATION_HADAMARD_VALUES", "STATUS_OUT_OF_PAGES",
 ]
 
 # Enumerations of include/kvcomp/kvcomp.h (values never renumbered).
@@ -187,7 +187,10 @@ class KvcompError(RuntimeError):
 
     def __init__(self, status: int, name: str, message: str):
         super().__init__(f"{name}: {message}" if message else name)
-        self.status = status
+        self.status, self.name, self.message = status, name, message
+
+    def __reduce__(self):  # so that it crosses processes (multiprocessing pickles it)
+        return type(self), (self.status, self.name, self.message)
 
 
 def _dtype_code(dtype) -> int:
@@ -345,8 +348,17 @@ class Codebook(_Handle):
 
     _destroy = "kvc_codebook_destroy"
 
-    def __init__(self, handle: ctypes.c_void_p):
-        self._h = handle
+    def __init__(self, *args, **kwargs):
+        # A handle is not a Python value a caller could hold: taking one here let any object
+        # (a codebook's serialized bytes, say) pass for a codebook and be freed as one.
+        raise TypeError("make a Codebook with Codebook.build(histogram) or "
+                        "Codebook.deserialize(data)")
+
+    @classmethod
+    def _adopt(cls, handle: ctypes.c_void_p) -> "Codebook":
+        book = cls.__new__(cls)
+        book._h = handle
+        return book
 
     @classmethod
     def build(cls, histogram: Histogram, max_code_length: int = 12,
@@ -356,14 +368,14 @@ class Codebook(_Handle):
         h = ctypes.c_void_p()
         _check(_load().kvc_codebook_build(_handle(histogram, Histogram, "histogram"),
                                           ctypes.byref(cfg), ctypes.byref(h)))
-        return cls(h)
+        return cls._adopt(h)
 
     @classmethod
     def deserialize(cls, data: bytes) -> "Codebook":
         buf = ctypes.create_string_buffer(bytes(data), len(data))
         h = ctypes.c_void_p()
         _check(_load().kvc_codebook_deserialize(buf, len(data), ctypes.byref(h)))
-        return cls(h)
+        return cls._adopt(h)
 
     @property
     def id(self) -> int:
@@ -479,8 +491,8 @@ class Codec(_Handle):
         if t % self.num_tokens:
             raise ValueError(f"tokens {t} not a multiple of the block's {self.num_tokens}")
         if not (x.strides[2] == x.itemsize and x.strides[1] == d * x.itemsize
-                and x.strides[0] == h * d * x.itemsize):
-            x = np.ascontiguousarray(x)
+                and x.strides[0] == h * d * x.itemsize and x.flags.aligned):
+            x = np.require(x, requirements=["C", "A"])
         nb = (t // self.num_tokens) * h
         if not nb:  # (an empty array may still have 2**31 - 1 heads or token blocks)
             return x, np.zeros(0, np.uint64), 0, h * d
@@ -495,14 +507,19 @@ class Codec(_Handle):
         num_tokens, into one block per (token block, head)."""
         x, src, nb, stride = self._src_pointers(x)
         cap = self.max_block_bytes(x.dtype)
-        data = np.empty(nb * cap, dtype=np.uint8)
-        offsets = np.arange(nb, dtype=np.int64) * cap
-        dst = (data.ctypes.data + offsets).astype(np.uint64)
+        room = np.empty(nb * cap, dtype=np.uint8)  # each block at the most it can take
+        dst = (room.ctypes.data + np.arange(nb, dtype=np.uint64) * cap).astype(np.uint64)
         sizes = np.zeros(nb, dtype=np.uint32)
         if nb:
             _check(_load().kvc_codec_encode(
                 self._h, nb, src.ctypes.data, stride, _NP_DTYPES[x.dtype], dst.ctypes.data,
                 cap, sizes.ctypes.data, None))
+        # Packed: each block at the 4-byte boundary after the last, zeros between them.
+        padded = (sizes.astype(np.int64) + 3) & ~3
+        offsets = np.cumsum(padded) - padded
+        data = np.zeros(int(padded.sum()), dtype=np.uint8)
+        for i, (o, n) in enumerate(zip(offsets.tolist(), sizes.tolist())):
+            data[o:o + n] = room[i * cap:i * cap + n]
         return EncodedBlocks(data, offsets, sizes, tuple(_as_3d(x).shape))
 
     def decode(self, blocks: EncodedBlocks, out: Optional[np.ndarray] = None,
@@ -537,9 +554,9 @@ class Codec(_Handle):
             out = np.empty((t, h, d), dtype=dtype)
         o3 = _as_3d(out) if isinstance(out, np.ndarray) else None
         if (o3 is None or o3.shape != (t, h, d) or not o3.flags.c_contiguous
-                or not o3.flags.writeable or o3.dtype not in _NP_DTYPES):
-            raise ValueError("out must be a writeable C-contiguous float16/float32 array of the "
-                             "encoded shape")
+                or not o3.flags.aligned or not o3.flags.writeable or o3.dtype not in _NP_DTYPES):
+            raise ValueError("out must be a writeable, aligned, C-contiguous float16/float32 "
+                             "array of the encoded shape")
         _, dst, _, stride = self._src_pointers(o3)
         src = (data.ctypes.data + offsets.astype(np.int64)).astype(np.uint64)
         sizes = np.ascontiguousarray(sizes, dtype=np.uint32)
@@ -669,23 +686,33 @@ class StoreConfig:
         return cfg
 
 
-# Element types a bfloat16 CUDA store takes: torch exports bfloat16 as "<V2" (2 opaque bytes),
-# and a tensor viewed as int16 or uint16 as those.
-_BF16_TYPESTRS = ("V2", "i2", "u2")
+# The device arrays each dtype takes: typestrs of __cuda_array_interface__, and where the array
+# is a torch tensor, its torch dtype. torch exports bfloat16 as "<V2" (2 opaque bytes), but some
+# versions exported it as "<f2", float16's typestr, so for a tensor the typestr alone does not
+# tell the two apart. A bfloat16 store also takes tensors viewed as int16 or uint16.
+_CUDA_TYPES = {
+    DTYPE_FP16: (("f2",), ("torch.float16",)),
+    DTYPE_BF16: (("V2", "i2", "u2"), ("torch.bfloat16", "torch.int16", "torch.uint16")),
+    DTYPE_FP32: (("f4",), ("torch.float32",)),
+}
 
 
-def _cuda_pointer(x, shape, typestrs, name, written=False):
-    """Device pointer of an array exposing __cuda_array_interface__ (torch, cupy, ...), after
-    checking its shape, element type and contiguity, and that it is not read-only if the call
-    writes it."""
+def _cuda_pointer(x, shape, dtype_code, name, written=False):
+    """Device pointer of an array exposing __cuda_array_interface__ (torch, cupy, ...) of
+    elements of dtype_code, after checking its shape, element type and contiguity, and that
+    it is not read-only if the call writes it."""
     cai = getattr(x, "__cuda_array_interface__", None)
     if cai is None:
         raise TypeError(f"{name}: the CUDA store takes device arrays with "
                         f"__cuda_array_interface__ (e.g. torch.Tensor on cuda), got {type(x)}")
     if tuple(cai["shape"]) != tuple(shape):
         raise ValueError(f"{name}: shape {tuple(cai['shape'])}, expected {tuple(shape)}")
+    typestrs, torch_dtypes = _CUDA_TYPES[dtype_code]
     if cai["typestr"][1:] not in typestrs:
         raise TypeError(f"{name}: element type {cai['typestr']}, expected one of {typestrs}")
+    torch_dtype = str(getattr(x, "dtype", ""))
+    if torch_dtype.startswith("torch.") and torch_dtype not in torch_dtypes:
+        raise TypeError(f"{name}: {torch_dtype}, expected one of {torch_dtypes}")
     strides = cai.get("strides")
     if strides is not None:
         item = int(cai["typestr"][2:])
@@ -720,7 +747,9 @@ class Store(_Handle):
     until it has run (on another stream than the tensors' own, torch may reuse the memory of a
     tensor that was freed in the meantime: see torch's Tensor.record_stream).
     Failures raise KvcompError with .status and the library's message; a failed call changes
-    nothing (out of pages included).
+    nothing (out of pages included). On the CUDA backend, prefill's and append's data errors
+    (out of pages, inf or NaN) are found on the GPU: they show in stats() once the stream has
+    run, not as an exception. One Store must not be used by two threads at once.
     """
 
     _destroy = "kvc_store_destroy"
@@ -749,37 +778,35 @@ class Store(_Handle):
     def _in(self, x, shape, name):
         """(pointer, keep-alive) of an input tensor of the store's dtype."""
         if self.cuda:
-            types = ("f2",) if self.dtype_code == DTYPE_FP16 else _BF16_TYPESTRS
-            return _cuda_pointer(x, shape, types, name), x
+            return _cuda_pointer(x, shape, self.dtype_code, name), x
         x = np.asarray(x)
         if x.dtype != self._np_dtype():
             raise TypeError(f"{name}: dtype {x.dtype}, the store holds {self._np_dtype()}"
                             + (" (bfloat16 bits)" if self.dtype_code == DTYPE_BF16 else ""))
         if x.shape != tuple(shape):
             raise ValueError(f"{name}: shape {x.shape}, expected {tuple(shape)}")
-        x = np.ascontiguousarray(x)
+        x = np.require(x, requirements=["C", "A"])
         return x.ctypes.data, x
 
     def _out(self, out, shape, dtype_code, name):
         if self.cuda:
             if out is None:
                 raise ValueError(f"{name}: the CUDA store needs a device output array")
-            types = {DTYPE_FP16: ("f2",), DTYPE_BF16: _BF16_TYPESTRS, DTYPE_FP32: ("f4",)}
-            return _cuda_pointer(out, shape, types[dtype_code], name, written=True), out
+            return _cuda_pointer(out, shape, dtype_code, name, written=True), out
         np_dtype = {DTYPE_FP16: np.float16, DTYPE_BF16: np.uint16, DTYPE_FP32: np.float32}
         if out is None:
             out = np.empty(shape, dtype=np_dtype[dtype_code])
         if (not isinstance(out, np.ndarray) or out.shape != tuple(shape)
                 or out.dtype != np_dtype[dtype_code] or not out.flags.c_contiguous
-                or not out.flags.writeable):
-            raise ValueError(f"{name}: must be a writeable C-contiguous "
+                or not out.flags.aligned or not out.flags.writeable):
+            raise ValueError(f"{name}: must be a writeable, aligned, C-contiguous "
                              f"{np.dtype(np_dtype[dtype_code])} array of shape {tuple(shape)}")
         return out.ctypes.data, out
 
     def _stream(self, stream):
-        if stream is not None and not self.cuda:
-            raise ValueError("stream: the CPU store takes none")
         handle = getattr(stream, "cuda_stream", stream)  # torch.cuda.Stream holds its handle
+        if handle and not self.cuda:
+            raise ValueError("stream: the CPU store takes none (None or 0)")
         return ctypes.c_void_p(int(handle)) if handle else None
 
     def _shape(self, x):
@@ -808,7 +835,7 @@ class Store(_Handle):
         k = _enum(_KINDS, kind, "kind")
         h = ctypes.c_void_p()
         _check(_load().kvc_store_get_codebook(self._h, _int(layer, "layer"), k, ctypes.byref(h)))
-        return Codebook(h) if h.value else None
+        return Codebook._adopt(h) if h.value else None
 
     def add_sequence(self) -> int:
         v = ctypes.c_int32()

@@ -284,3 +284,70 @@ def test_objects_that_own_a_handle_cannot_be_copied():
     assert codec.decode(codec.encode(x)).shape == x.shape
     assert kvcomp.Codebook.deserialize(cb.serialize()).id == cb.id
     assert h.total == 9 and store.add_sequence() == 0
+
+
+def test_codebooks_are_made_only_by_build_and_deserialize():
+    """Codebook(x) took any object as a library handle: Codebook(cb.serialize()) read the bytes
+    as a codebook and freed them (a segfault)."""
+    cb = kvcomp.Codebook.build(_histogram_of(_cache(T)))
+    for arg in (cb.serialize(), cb._h, None):
+        with pytest.raises(TypeError, match="Codebook.build"):
+            kvcomp.Codebook(arg)
+    assert kvcomp.Codebook.deserialize(cb.serialize()).id == cb.id
+
+
+def _histogram_of(x):
+    probe = kvcomp.Codec(kind="key", num_tokens=T, head_dim=D, error_bound=0.05)
+    return probe.histogram(x)
+
+
+def test_errors_cross_processes():
+    """KvcompError pickles (multiprocessing sends a worker's exceptions so; an error that could
+    not be rebuilt left the pool's result waiting forever)."""
+    import pickle
+    with pytest.raises(kvcomp.KvcompError) as e:
+        kvcomp.Codec(kind="key", num_tokens=0, head_dim=D)
+    again = pickle.loads(pickle.dumps(e.value))
+    assert type(again) is kvcomp.KvcompError
+    assert (again.status, str(again)) == (e.value.status, str(e.value))
+
+
+def test_encoded_blocks_are_packed_and_hold_nothing_else():
+    """Blocks lie back to back at 4-byte boundaries, zeros between them: the buffer is what a
+    caller stores, and held each block at the largest size it could take, with whatever the
+    memory held before in the rest."""
+    codec = kvcomp.Codec(kind="value", num_tokens=T, head_dim=D, error_bound=0.05)
+    x = _cache(4 * T)
+    blocks = codec.encode(x)
+    padded = (blocks.sizes.astype(np.int64) + 3) & ~3
+    np.testing.assert_array_equal(blocks.offsets, np.cumsum(padded) - padded)
+    assert blocks.data.nbytes == padded.sum() < x.nbytes
+    gaps = np.ones(blocks.data.nbytes, bool)
+    for o, n in zip(blocks.offsets, blocks.sizes):
+        gaps[o:o + n] = False
+    assert not blocks.data[gaps].any()
+    np.testing.assert_array_equal(codec.decode(blocks), codec.decode(codec.encode(x.copy())))
+
+
+def test_misaligned_arrays_are_copied_or_refused():
+    """Arrays at an address their elements cannot sit at (a buffer view at an odd offset): an
+    input is copied to aligned memory, an output refused with ValueError; the library refuses
+    them (it reads and writes elements as their type)."""
+    x = _cache(T)
+    raw = np.zeros(x.nbytes + 1, np.uint8)
+    odd = np.frombuffer(raw.data, np.float16, count=x.size, offset=1).reshape(x.shape)
+    odd[...] = x
+    assert not odd.flags.aligned
+    codec = kvcomp.Codec(kind="key", num_tokens=T, head_dim=D, error_bound=0.05)
+    blocks = codec.encode(odd)
+    assert [blocks.block(i) for i in range(len(blocks))] == \
+        [b.block(i) for b in [codec.encode(x)] for i in range(len(b))]
+    with pytest.raises(ValueError, match="aligned"):
+        codec.decode(blocks, out=odd)
+    store = kvcomp.Store(num_layers=1, num_kv_heads=H, head_dim=D, block_tokens=T)
+    seq = store.add_sequence()
+    store.prefill(seq, odd[None], odd[None])
+    keys, _ = store.read(seq, 0)
+    np.testing.assert_array_equal(keys, store.read(seq, 0)[0])
+    with pytest.raises(ValueError, match="aligned"):
+        store.read(seq, 0, keys=odd, values=odd)

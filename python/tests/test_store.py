@@ -284,16 +284,25 @@ def test_cuda_stream_argument_forms():
 def test_cuda_arrays_of_a_bfloat16_store():
     """A bfloat16 CUDA store takes torch's bfloat16 export ("<V2") and int16/uint16 views, and
     nothing else of two bytes; checked on the pointer extraction, which needs no GPU."""
-    def device_array(typestr, shape=(2, 3)):
-        return types.SimpleNamespace(__cuda_array_interface__=dict(
+    def device_array(typestr, shape=(2, 3), dtype=None):
+        a = types.SimpleNamespace(__cuda_array_interface__=dict(
             shape=shape, typestr=typestr, data=(0xABC0, False), strides=None, version=3))
+        if dtype is not None:
+            a.dtype = dtype
+        return a
     for typestr in ("<V2", "<i2", "<u2"):
-        assert kvcomp._cuda_pointer(device_array(typestr), (2, 3), kvcomp._BF16_TYPESTRS,
+        assert kvcomp._cuda_pointer(device_array(typestr), (2, 3), kvcomp.DTYPE_BF16,
                                     "keys") == 0xABC0
     with pytest.raises(TypeError):
-        kvcomp._cuda_pointer(device_array("<f2"), (2, 3), kvcomp._BF16_TYPESTRS, "keys")
+        kvcomp._cuda_pointer(device_array("<f2"), (2, 3), kvcomp.DTYPE_BF16, "keys")
     with pytest.raises(ValueError):
-        kvcomp._cuda_pointer(device_array("<V2", (3, 2)), (2, 3), kvcomp._BF16_TYPESTRS, "keys")
+        kvcomp._cuda_pointer(device_array("<V2", (3, 2)), (2, 3), kvcomp.DTYPE_BF16, "keys")
+    # torch versions that export bfloat16 as "<f2": the tensor's own dtype decides.
+    bf16 = device_array("<f2", dtype="torch.bfloat16")
+    with pytest.raises(TypeError, match="torch.bfloat16"):
+        kvcomp._cuda_pointer(bf16, (2, 3), kvcomp.DTYPE_FP16, "keys")
+    assert kvcomp._cuda_pointer(device_array("<f2", dtype="torch.float16"), (2, 3),
+                                kvcomp.DTYPE_FP16, "keys") == 0xABC0
 
 
 def test_tiles_store_round_trip_attention_and_serialization():
@@ -558,10 +567,11 @@ def test_read_only_device_outputs_are_refused():
     def device_array(read_only):
         return types.SimpleNamespace(__cuda_array_interface__=dict(
             shape=(2, 3), typestr="<f2", data=(0xABC0, read_only), strides=None, version=3))
-    assert kvcomp._cuda_pointer(device_array(True), (2, 3), ("f2",), "keys") == 0xABC0
-    assert kvcomp._cuda_pointer(device_array(False), (2, 3), ("f2",), "out", written=True)
+    fp16 = kvcomp.DTYPE_FP16
+    assert kvcomp._cuda_pointer(device_array(True), (2, 3), fp16, "keys") == 0xABC0
+    assert kvcomp._cuda_pointer(device_array(False), (2, 3), fp16, "out", written=True)
     with pytest.raises(ValueError, match="read-only"):
-        kvcomp._cuda_pointer(device_array(True), (2, 3), ("f2",), "out", written=True)
+        kvcomp._cuda_pointer(device_array(True), (2, 3), fp16, "out", written=True)
 
 
 def test_arguments_of_the_wrong_kind_are_refused():
