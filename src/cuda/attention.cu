@@ -82,6 +82,17 @@ DeviceCodebooksPtr upload_codebooks(const Codebook* key_book, const Codebook* va
   return d;
 }
 
+namespace {
+
+// The dynamic shared memory of attention_compressed_kernel<., D, G> (its only shared memory):
+// the group's queries and each warp's state.
+template <uint32_t D, uint32_t G>
+size_t compressed_smem_bytes(uint32_t T, uint32_t max_groups) {
+  return (D * G + k::kWarps * (k::WarpState<G>::floats(T, D) + 2 * max_groups)) * sizeof(float);
+}
+
+}  // namespace
+
 void require_attention_support(const AttentionShape& s, const CodecParams& key,
                                const CodecParams& value) {
   const uint32_t T = key.num_tokens;
@@ -91,7 +102,17 @@ void require_attention_support(const AttentionShape& s, const CodecParams& key,
           KVC_ERROR_NOT_SUPPORTED,
           "GPU attention needs 32, 64 or 128 tokens per block, 32 sub-streams in K and V "
           "blocks and value groups of a multiple of 32 channels");
-  dispatch_shape(s, [](auto, auto, auto) {});  // dtype, head_dim and group have kernels
+  // dtype, head_dim and group have kernels, and the device the shared memory they take (before
+  // any launch of the call, which a capture would otherwise keep half made).
+  const uint32_t max_groups = std::max(key.num_groups, value.num_groups);
+  dispatch_shape(s, [&](auto, auto d, auto g) {
+    constexpr uint32_t D = decltype(d)::value;
+    const size_t smem = compressed_smem_bytes<D, decltype(g)::value>(T, max_groups);
+    const size_t optin = shared_memory_optin();
+    require(smem <= optin, KVC_ERROR_NOT_SUPPORTED, "GPU attention over format v1 blocks of ", T,
+            " tokens at head_dim ", D, " with GQA group ", s.group, " needs ", smem,
+            " bytes of shared memory per thread block; this GPU allows ", optin);
+  });
 }
 
 AttentionPlan plan_attention(const AttentionShape& s, uint32_t max_units) {
@@ -119,8 +140,7 @@ void attention_compressed(const AttentionShape& s, const AttentionPlan& plan,
   const auto st = static_cast<cudaStream_t>(stream);
   dispatch_shape(s, [&](auto dt, auto d, auto g) {
     constexpr uint32_t D = decltype(d)::value, G = decltype(g)::value;
-    const size_t per_warp = k::WarpState<G>::floats(T, D) + 2 * max_groups;
-    const size_t smem = (D * G + k::kWarps * per_warp) * sizeof(float);
+    const size_t smem = compressed_smem_bytes<D, G>(T, max_groups);
     launch(k::attention_compressed_kernel<decltype(dt)::value, D, G>,
            dim3(plan.num_splits, s.kv_heads, s.num_sequences), k::kWarps * k::kLanes, smem, st, P,
            d_sequences, d_pool, page_bytes, view_of(books.books[0]), view_of(books.books[1]),

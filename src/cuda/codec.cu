@@ -163,8 +163,7 @@ void histogram(const DeviceCodec& d, int32_t num_blocks, const void* const* d_sr
   const auto s = static_cast<cudaStream_t>(stream);
   const k::Shape& sh = d.shape;
   if (d.d_counts == nullptr) {
-    check_cuda_cleared(cudaMalloc(&d.d_counts, sizeof(k::HistogramCounts)),
-                       "cudaMalloc (histogram)");
+    check_cuda(cudaMalloc(&d.d_counts, sizeof(k::HistogramCounts)), "cudaMalloc (histogram)");
   }
   check_cuda(cudaMemsetAsync(d.d_counts, 0, sizeof(k::HistogramCounts), s), "cudaMemsetAsync");
   dispatch_dtype(src_dtype, [&](auto dt) {

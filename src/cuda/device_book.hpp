@@ -22,7 +22,7 @@ class DeviceBook {
     for (uint32_t i = 0; i <= book.num_symbols(); ++i) {
       tables.push_back(book.reversed_code(i) | (book.length(i) << 24));
     }
-    check_cuda_cleared(cudaMalloc(&tables_, tables.size() * 4), "cudaMalloc (codebook tables)");
+    check_cuda(cudaMalloc(&tables_, tables.size() * 4), "cudaMalloc (codebook tables)");
     try {
       copy_to_device(tables_, tables.data(), tables.size() * 4, "cudaMemcpy (codebook tables)");
     } catch (...) {

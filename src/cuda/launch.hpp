@@ -15,8 +15,12 @@
 
 namespace kvc::cuda {
 
+// The status of a CUDA runtime call, reported as KVC_ERROR_CUDA and cleared from the runtime's
+// last error, where the application's next cudaGetLastError() would otherwise find it against
+// its own work (an error that ends the context stays: every later call reports it).
 inline void check_cuda(cudaError_t e, const char* what) {
   if (e != cudaSuccess) {
+    (void)cudaGetLastError();
     fail(KVC_ERROR_CUDA, what, " failed: ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")");
   }
 }
@@ -37,19 +41,11 @@ inline int current_device() {
   return device;
 }
 
-// The status of a call whose failure leaves the context usable (an allocation, a launch, a
-// query): reported here and cleared from the runtime's last error, where the application's
-// next cudaGetLastError() would otherwise find it against its own work.
-inline void check_cuda_cleared(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) (void)cudaGetLastError();
-  check_cuda(e, what);
-}
-
 // Whether `stream` is being captured into a graph. (Queried on the legacy stream while another
 // stream captures, the runtime fails with an error of its own.)
 inline bool capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  check_cuda_cleared(cudaStreamIsCapturing(stream, &status), "cudaStreamIsCapturing");
+  check_cuda(cudaStreamIsCapturing(stream, &status), "cudaStreamIsCapturing");
   return status != cudaStreamCaptureStatusNone;
 }
 
@@ -177,8 +173,8 @@ void launch(void (*kernel)(Params...), dim3 grid, uint32_t threads, size_t smem,
   const void* function = reinterpret_cast<const void*>(kernel);
   if (smem > 0) allow_shared_memory(function, smem);
   void* params[] = {&args...};
-  check_cuda_cleared(cudaLaunchKernel(function, grid, dim3(threads), params, smem, stream),
-                     "kernel launch");
+  check_cuda(cudaLaunchKernel(function, grid, dim3(threads), params, smem, stream),
+             "kernel launch");
 }
 
 }  // namespace kvc::cuda

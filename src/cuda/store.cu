@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <new>
 #include <utility>
 #include <vector>
 
@@ -35,8 +36,7 @@ class DeviceArray {
   // so a failed growth leaves the array as it was.
   void reset(size_t count, std::vector<void*>* retired = nullptr) {
     T* p = nullptr;
-    check_cuda_cleared(cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T)),
-                       "cudaMalloc (store)");
+    check_cuda(cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T)), "cudaMalloc (store)");
     DeviceArray fresh;
     fresh.ptr_ = p;
     fresh.count_ = count;
@@ -235,8 +235,8 @@ struct CudaStore::Impl {
     return !books[layer * 2 + kind] && !p.tiles() &&
            p.codec(layer, kind).entropy != KVC_ENTROPY_FIXED;
   }
-  void record_host_failure(const Error& e, cudaStream_t s) {
-    launch(ks::record_outcome_kernel, dim3(1), 1, 0, s, view(), int32_t(e.status()));
+  void record_host_failure(kvc_status_t status, cudaStream_t s) {
+    launch(ks::record_outcome_kernel, dim3(1), 1, 0, s, view(), int32_t(status));
     copy_out_counters(s);
   }
   void ensure_scratch(size_t entries, size_t layer_slots, size_t all_slots, bool captured);
@@ -295,8 +295,7 @@ CudaStore::Impl::Impl(const StoreParams& params) : p(params) {
   const ks::Counters start{p.num_pages, KVC_SUCCESS, 0, 0, 0, 0, 0};
   counters.reset(1);
   counters.upload(&start, 1);
-  check_cuda_cleared(cudaMallocHost(&mirror, sizeof(ks::Counters)),
-                     "cudaMallocHost (store counters)");
+  check_cuda(cudaMallocHost(&mirror, sizeof(ks::Counters)), "cudaMallocHost (store counters)");
   *mirror = start;
 }
 
@@ -433,51 +432,50 @@ void CudaStore::Impl::run_append(uint32_t first_layer, uint32_t num_layers,
   // The codebooks this call builds, per layer that builds any (in layer order).
   std::vector<NewBooks> built_books;
   const int64_t stride = int64_t(H) * p.head_dim;
-  for (uint32_t li = 0; li < num_layers; ++li) {
-    const uint32_t layer = first_layer + li;
-    for (uint32_t kind = 0; kind < 2; ++kind) {
-      const void* const* src = (kind == 0 ? S.src_k : S.src_v).get() + li * layer_slots;
-      const DeviceCodec* codec = codecs[layer * 2 + kind].get();
-      if (needs_book(layer, kind)) {
-        std::shared_ptr<const Codebook> book;
-        DeviceCodecPtr built;
-        try {  // the call has begun on the device: its failure is recorded there too
-          built = build_book(layer, kind, src, layer_slots, book, s);
-        } catch (const Error& e) {
-          record_host_failure(e, s);
-          throw;
-        }
-        if (built) {
-          codec = built.get();
-          if (built_books.empty() || built_books.back().layer != layer) {
-            built_books.push_back({layer, {}, {}, {}});
-          }
-          built_books.back().books[kind] = std::move(book);
-          built_books.back().codecs[kind] = std::move(built);
-        }
-      }
-      encode(*codec, int32_t(layer_slots), src, stride, p.dtype,
-             (kind == 0 ? S.dst_k : S.dst_v).get(), (kind == 0 ? S.bytes_k : S.bytes_v).get(), s);
-    }
-    launch(ks::commit_kernel, dim3(1), ks::kStoreThreads, 0, s, V, B, max_blocks, li == 0,
-           S.entries.get() + size_t(li) * B, S.bytes_k.get(), S.bytes_v.get(), S.copy_dst.get(),
-           S.call.get());
-    launch(ks::copy_kernel, dim3(uint32_t(layer_slots * 2)), 128, 0, s, S.copy_dst.get(),
-           S.encoded_k.get(), S.encoded_v.get(), stride_k, stride_v, S.bytes_k.get(),
-           S.bytes_v.get(), S.call.get());
-  }
-  // Everything that can fail for the new codebooks comes before the call commits (finish_kernel
-  // is the kernel that does): a host failure from here on would leave the layers' blocks naming
-  // books the store never kept.
+  // The call has begun on the device: a host failure from here until finish_kernel (the kernel
+  // that commits) is recorded there too, as a failed call (api_call's status for each kind).
   try {
+    for (uint32_t li = 0; li < num_layers; ++li) {
+      const uint32_t layer = first_layer + li;
+      for (uint32_t kind = 0; kind < 2; ++kind) {
+        const void* const* src = (kind == 0 ? S.src_k : S.src_v).get() + li * layer_slots;
+        const DeviceCodec* codec = codecs[layer * 2 + kind].get();
+        if (needs_book(layer, kind)) {
+          std::shared_ptr<const Codebook> book;
+          DeviceCodecPtr built = build_book(layer, kind, src, layer_slots, book, s);
+          if (built) {
+            codec = built.get();
+            if (built_books.empty() || built_books.back().layer != layer) {
+              built_books.push_back({layer, {}, {}, {}});
+            }
+            built_books.back().books[kind] = std::move(book);
+            built_books.back().codecs[kind] = std::move(built);
+          }
+        }
+        encode(*codec, int32_t(layer_slots), src, stride, p.dtype,
+               (kind == 0 ? S.dst_k : S.dst_v).get(), (kind == 0 ? S.bytes_k : S.bytes_v).get(), s);
+      }
+      launch(ks::commit_kernel, dim3(1), ks::kStoreThreads, 0, s, V, B, max_blocks, li == 0,
+             S.entries.get() + size_t(li) * B, S.bytes_k.get(), S.bytes_v.get(), S.copy_dst.get(),
+             S.call.get());
+      launch(ks::copy_kernel, dim3(uint32_t(layer_slots * 2)), 128, 0, s, S.copy_dst.get(),
+             S.encoded_k.get(), S.encoded_v.get(), stride_k, stride_v, S.bytes_k.get(),
+             S.bytes_v.get(), S.call.get());
+    }
+    // Everything that can fail for the new codebooks comes before the call commits: a host
+    // failure after finish_kernel would leave the layers' blocks naming books the store never
+    // kept.
     for (NewBooks& b : built_books) prepare_books(b);
     make_room(built_books.size());
+    launch(ks::finish_kernel, dim3(num_layers * B), ks::kStoreThreads, 0, s, V, B, n, k16, v16,
+           S.entries.get(), S.call.get());
   } catch (const Error& e) {
-    record_host_failure(e, s);
+    record_host_failure(e.status(), s);
+    throw;
+  } catch (const std::bad_alloc&) {
+    record_host_failure(KVC_ERROR_OUT_OF_MEMORY, s);
     throw;
   }
-  launch(ks::finish_kernel, dim3(num_layers * B), ks::kStoreThreads, 0, s, V, B, n, k16, v16,
-         S.entries.get(), S.call.get());
   copy_out_counters(s);
   if (built_books.empty()) return;
   // The new codebooks freeze only if the call committed.
