@@ -4,6 +4,10 @@
 // behaviour of its own: each method is one C call.
 #pragma once
 
+#if __cplusplus < 202002L && !(defined(_MSVC_LANG) && _MSVC_LANG >= 202002L)
+#error "kvcomp.hpp needs C++20 (std::span); the C header kvcomp/kvcomp.h needs C99 or C++"
+#endif
+
 #include <kvcomp/kvcomp.h>
 
 #include <algorithm>
@@ -36,6 +40,19 @@ inline void check(kvc_status_t status) {
 }
 
 namespace detail {
+// An error the wrapper finds itself, before any C call, worded as check() words the library's.
+inline Error invalid_argument(const std::string& message) {
+  return Error(KVC_ERROR_INVALID_ARGUMENT,
+               std::string(kvc_status_string(KVC_ERROR_INVALID_ARGUMENT)) + ": kvcomp: " + message);
+}
+// A span's size as the C ABI's int32 count (the C call would see a larger one truncated).
+inline int32_t count(size_t size, const char* what) {
+  if (size > size_t(INT32_MAX)) {
+    throw invalid_argument(std::string(what) + " holds " + std::to_string(size) +
+                           " elements, more than INT32_MAX");
+  }
+  return int32_t(size);
+}
 template <class Handle, kvc_status_t (*Destroy)(Handle)>
 struct Deleter {
   void operator()(Handle h) const noexcept { Destroy(h); }
@@ -52,7 +69,8 @@ class Histogram {
     handle_.reset(h);
   }
   void add_counts(int32_t first_symbol, std::span<const uint64_t> counts) {
-    check(kvc_histogram_add_counts(get(), first_symbol, int32_t(counts.size()), counts.data()));
+    check(kvc_histogram_add_counts(get(), first_symbol, detail::count(counts.size(), "counts"),
+                                   counts.data()));
   }
   uint64_t total() const {
     uint64_t t = 0;
@@ -149,24 +167,25 @@ class Codec {
                     size_t dst_capacity_bytes, uint32_t* block_bytes,
                     void* stream = nullptr) const {
     require_same_size(src_blocks.size(), dst_blocks.size());
-    check(kvc_codec_encode(get(), int32_t(src_blocks.size()), src_blocks.data(), src_token_stride,
-                           src_dtype, dst_blocks.data(), dst_capacity_bytes, block_bytes, stream));
+    check(kvc_codec_encode(get(), detail::count(src_blocks.size(), "src_blocks"), src_blocks.data(),
+                           src_token_stride, src_dtype, dst_blocks.data(), dst_capacity_bytes,
+                           block_bytes, stream));
   }
   void decode_batch(std::span<const void* const> src_blocks, const uint32_t* src_bytes,
                     kvc_dtype dst_dtype, std::span<void* const> dst_blocks,
                     int64_t dst_token_stride, kvc_status_t* block_status = nullptr,
                     void* stream = nullptr) const {
     require_same_size(src_blocks.size(), dst_blocks.size());
-    check(kvc_codec_decode(get(), int32_t(src_blocks.size()), src_blocks.data(), src_bytes,
-                           dst_dtype, dst_blocks.data(), dst_token_stride, block_status, stream));
+    check(kvc_codec_decode(get(), detail::count(src_blocks.size(), "src_blocks"), src_blocks.data(),
+                           src_bytes, dst_dtype, dst_blocks.data(), dst_token_stride, block_status,
+                           stream));
   }
   kvc_codec_t get() const noexcept { return handle_.get(); }
 
  private:
   static void require_same_size(size_t a, size_t b) {
-    if (a != b || a > size_t(INT32_MAX)) {
-      throw Error(KVC_ERROR_INVALID_ARGUMENT,
-                  "kvcomp::Codec: source and destination block spans differ in size");
+    if (a != b) {
+      throw detail::invalid_argument("Codec: source and destination block spans differ in size");
     }
   }
   detail::Owned<kvc_codec_t, kvc_codec_destroy> handle_;
@@ -174,7 +193,9 @@ class Codec {
 
 // The paged store. Tensors are host memory on the CPU backend, device memory on CUDA (with a
 // stream); see kvcomp.h for the contract, including how the CUDA backend reports data errors
-// (stats().last_append_status) instead of throwing.
+// (stats().last_append_status) instead of throwing. No method is const: every store call may
+// change the handle's state (CPU attention's decoded copies, the serialized bytes kept between
+// serialize's two calls), and one store must not be used by two threads at once.
 class Store {
  public:
   explicit Store(const kvc_store_config& config) {
@@ -185,7 +206,7 @@ class Store {
   void set_codebook(int32_t layer, kvc_kind kind, const Codebook& codebook) {
     check(kvc_store_set_codebook(get(), layer, kind, codebook.get()));
   }
-  std::optional<Codebook> codebook(int32_t layer, kvc_kind kind) const {
+  std::optional<Codebook> codebook(int32_t layer, kvc_kind kind) {
     kvc_codebook_t h = nullptr;
     check(kvc_store_get_codebook(get(), layer, kind, &h));
     if (h == nullptr) return std::nullopt;
@@ -199,7 +220,7 @@ class Store {
   void free_sequence(int32_t id, void* stream = nullptr) {
     check(kvc_store_free_sequence(get(), id, stream));
   }
-  int32_t length(int32_t id, int32_t layer) const {
+  int32_t length(int32_t id, int32_t layer) {
     int32_t n = 0;
     check(kvc_store_sequence_length(get(), id, layer, &n));
     return n;
@@ -210,23 +231,24 @@ class Store {
   }
   void append(int32_t layer, std::span<const int32_t> ids, const void* keys, const void* values,
               void* stream = nullptr) {
-    check(kvc_store_append(get(), layer, int32_t(ids.size()), ids.data(), keys, values, stream));
+    check(kvc_store_append(get(), layer, detail::count(ids.size(), "ids"), ids.data(), keys, values,
+                           stream));
   }
   void read(int32_t id, int32_t layer, kvc_dtype dtype, int32_t capacity_tokens, void* keys,
-            void* values, void* stream = nullptr) const {
+            void* values, void* stream = nullptr) {
     check(kvc_store_read(get(), id, layer, dtype, capacity_tokens, keys, values, stream));
   }
   void attention(int32_t layer, std::span<const int32_t> ids, int32_t num_q_heads, float scale,
-                 const void* queries, void* out, void* stream = nullptr) const {
-    check(kvc_store_attention(get(), layer, int32_t(ids.size()), ids.data(), num_q_heads, scale,
-                              queries, out, stream));
+                 const void* queries, void* out, void* stream = nullptr) {
+    check(kvc_store_attention(get(), layer, detail::count(ids.size(), "ids"), ids.data(),
+                              num_q_heads, scale, queries, out, stream));
   }
-  kvc_store_stats stats() const {
+  kvc_store_stats stats() {
     kvc_store_stats s = KVC_STORE_STATS_INIT;
     check(kvc_store_get_stats(get(), &s));
     return s;
   }
-  std::vector<uint8_t> serialize(int32_t id) const {
+  std::vector<uint8_t> serialize(int32_t id) {
     size_t size = 0;
     check(kvc_store_serialized_size(get(), id, &size));
     std::vector<uint8_t> bytes(size);

@@ -345,6 +345,19 @@ TEST(Api, CppWrapperThrowsStatusAndMessage) {
     EXPECT_EQ(e.status(), KVC_ERROR_INVALID_ARGUMENT);
     EXPECT_NE(std::string(e.what()).find("head_dim = 0"), std::string::npos) << e.what();
   }
+  // An error the wrapper finds itself is worded the same way: "<status string>: <message>".
+  const kvcomp::Codec codec(valid_config());
+  const void* src[2] = {nullptr, nullptr};
+  void* dst[1] = {nullptr};
+  uint32_t bytes[2];
+  try {
+    codec.encode_batch(src, 64, KVC_DTYPE_FP32, dst, 1024, bytes);
+    FAIL() << "expected kvcomp::Error";
+  } catch (const kvcomp::Error& e) {
+    EXPECT_EQ(e.status(), KVC_ERROR_INVALID_ARGUMENT);
+    EXPECT_EQ(std::string(e.what()),
+              "invalid argument: kvcomp: Codec: source and destination block spans differ in size");
+  }
 }
 
 TEST(Api, CppStoreWrapsTheStoreCalls) {
