@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 # Installs the build into a fresh prefix, then builds and runs programs against that prefix only:
-#   1. tests/install/consumer through find_package(kvcomp CONFIG) (shared and static targets);
+#   1. tests/install/consumer through find_package(kvcomp CONFIG) (shared and static targets, and
+#      a C++20 program over the wrapper kvcomp.hpp);
 #   2. the same consumer through pkg-config (shared, and static with Libs.private);
 #   3. examples/ as a standalone project, when examples/compress_block.c exists.
 # Run by ctest (tests/install/CMakeLists.txt) with the variables below.
@@ -104,6 +105,7 @@ kvc_build_and_run(find_package "${KVC_SOURCE_DIR}/tests/install/consumer"
                   -DCONSUMER_USE_PKG_CONFIG=OFF "-DCONSUMER_EXPECTED_PREFIX=${_prefix}")
 kvc_run_program(find_package_shared "${kvc_bin}/consumer_shared")
 kvc_run_program(find_package_static "${kvc_bin}/consumer_static")
+kvc_run_program(find_package_cpp "${kvc_bin}/consumer_cpp")
 
 # ---- 3. pkg-config ---------------------------------------------------------------------------
 if(KVC_PKG_CONFIG)
