@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // A C++ consumer of the installed package: the header-only wrapper (kvcomp/kvcomp.hpp, C++20)
-// round-trips one block and a store sequence, checking the error bound on every element.
+// round-trips one block, checking the error bound on every element, and prefills a store.
 #include <cmath>
 #include <cstdio>
 #include <kvcomp/kvcomp.hpp>
